@@ -1,0 +1,1 @@
+"""Evaluation datasets, ROUGE, latency measurement, results and plots."""

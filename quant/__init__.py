@@ -1,0 +1,1 @@
+"""Quantization recipes, TRT-LLM checkpoints, runtimes and the search CLI."""

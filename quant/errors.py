@@ -1,0 +1,47 @@
+"""One place for how the suite reports a user's mistake.
+
+Every CLI wraps its body in :func:`cli_entry`; anything raised as :class:`UserError` becomes a single
+``error: ...`` line on stderr and exit status 2 (the convention of argparse, so a bad flag and a bad file look
+the same to a calling script). Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Bad input from the user: reported in one line, exit status 2."""
+
+
+def cli_entry(fn: Callable[..., int | None]) -> Callable[..., int]:
+    """Decorate a ``main(argv=None)``: UserError → one line + exit 2; Ctrl-C → exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return fn(*args, **kwargs) or 0
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (argparse itself turns the ValueError into exit 2)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
