@@ -1,0 +1,125 @@
+"""Read and validate a TensorRT-LLM LLaMa checkpoint (config.json + rank0.safetensors).
+
+The checkpoint is the suite's contract: ModelOpt writes it, ``trtllm-build`` and our PyTorch runtime read it.
+:func:`load_checkpoint` checks every tensor's name, shape and dtype against what config.json implies (for each
+layer's quantization format, see :mod:`quant.formats`) and reports *all* problems in one line, so a broken
+folder is never half-executed. Tensors are read with safetensors only (no pickle).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from quant.errors import UserError
+from quant import formats
+
+_INT_FIELDS = (
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+    "intermediate_size", "vocab_size",
+)
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    layer_algos: dict[str, str | None] = field(default_factory=dict)  # "layers.{i}.{linear}" → quant_algo
+
+    @property
+    def num_layers(self) -> int:
+        return self.config["num_hidden_layers"]
+
+    @property
+    def head_size(self) -> int:
+        return formats.head_size(self.config)
+
+    @property
+    def kv_cache_algo(self) -> str | None:
+        return (self.config.get("quantization") or {}).get("kv_cache_quant_algo")
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def read_config(folder: Path) -> dict:
+    """Parse and type-check config.json; raise UserError naming the first bad field."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise UserError(f"checkpoint {folder}: no such folder")
+    if not path.is_file():
+        raise UserError(f"checkpoint {folder}: config.json is missing")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"checkpoint {folder}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"checkpoint {folder}: config.json must hold an object")
+    arch = config.get("architecture")
+    if arch != "LlamaForCausalLM":
+        raise UserError(f"checkpoint {folder}: architecture is {arch!r}; only 'LlamaForCausalLM' is supported")
+    for key in _INT_FIELDS:
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"checkpoint {folder}: config.json {key} must be a positive integer, got {value!r}")
+    if config.get("dtype") not in _DTYPES:
+        raise UserError(f"checkpoint {folder}: config.json dtype must be one of {sorted(_DTYPES)}, got {config.get('dtype')!r}")
+    if config["num_attention_heads"] % config["num_key_value_heads"]:
+        raise UserError(f"checkpoint {folder}: num_attention_heads is not a multiple of num_key_value_heads")
+    for key in ("rotary_base", "norm_epsilon"):
+        if key in config and not isinstance(config[key], (int, float)):
+            raise UserError(f"checkpoint {folder}: config.json {key} must be a number, got {config[key]!r}")
+    scaling = config.get("rotary_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise UserError(f"checkpoint {folder}: config.json rotary_scaling must be an object or null")
+    mapping = config.get("mapping") or {}
+    if mapping.get("world_size", 1) != 1:
+        raise UserError(f"checkpoint {folder}: world_size {mapping.get('world_size')} — only single-rank checkpoints are supported")
+    quant = config.get("quantization") or {}
+    if not isinstance(quant, dict):
+        raise UserError(f"checkpoint {folder}: config.json quantization must be an object")
+    return config
+
+
+def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load and validate; UserError lists every missing/unexpected tensor and every shape/dtype mismatch."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    config = read_config(folder)
+    layer_algos = formats.layer_algos(config, folder)
+    weights = folder / "rank0.safetensors"
+    if not weights.is_file():
+        raise UserError(f"checkpoint {folder}: rank0.safetensors is missing")
+    try:
+        with safe_open(str(weights), framework="pt", device=str(device)) as fh:
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise UserError(f"checkpoint {folder}: rank0.safetensors is unreadable ({exc})") from None
+
+    expected = formats.expected_tensors(config, layer_algos)
+    problems: list[str] = []
+    missing = [n for n, spec in expected.items() if n not in tensors and not spec.optional]
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    unexpected = [n for n in tensors if n not in expected]
+    if unexpected:
+        problems.append(f"unexpected tensor(s): {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
+    for name, spec in expected.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            continue
+        if not spec.shape_ok(tuple(tensor.shape)):
+            problems.append(f"{name} has shape {list(tensor.shape)}, expected {spec.describe_shape()}")
+        if tensor.dtype not in spec.dtypes:
+            problems.append(f"{name} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected "
+                            f"{'/'.join(str(d).removeprefix('torch.') for d in spec.dtypes)}")
+    if problems:
+        raise UserError(f"checkpoint {folder} is invalid: " + "; ".join(problems[:6])
+                        + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""))
+    return Checkpoint(path=folder, config=config, tensors=tensors, layer_algos=layer_algos)

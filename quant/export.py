@@ -1,0 +1,79 @@
+"""Recipe + model → TensorRT-LLM checkpoint, through ModelOpt, with ModelOpt 0.47's gaps corrected.
+
+Checkpoints are cached under ``<cache>/checkpoints/<model-hash>-<recipe-hash>/`` and written atomically: the
+folder appears only after ModelOpt finished, config.json was corrected and the validator accepted it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from quant.atomic import atomic_dir, atomic_write_json
+from quant.checkpoint import load_checkpoint
+from quant.model_source import ResolvedModel
+from quant.paths import cache_root
+from quant.recipes import Recipe
+
+EXPORT_DTYPE = torch.float16
+
+
+def checkpoint_dir(model: ResolvedModel, recipe: Recipe) -> Path:
+    return cache_root() / "checkpoints" / f"{model.short_hash}-{recipe.hash}"
+
+
+def rotary_fields(hf_config) -> dict:
+    """``rotary_base``/``rotary_scaling`` as TRT-LLM's LLaMAConfig reads them.
+
+    transformers 5 moved ``rope_theta``/``rope_scaling`` into ``rope_parameters``; ModelOpt 0.47 still reads
+    the old attributes, so it drops both and a built engine would use TRT-LLM's default base 10000.
+    """
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    base = params.pop("rope_theta", None) or getattr(hf_config, "rope_theta", None) or 10000.0
+    legacy = getattr(hf_config, "rope_scaling", None)
+    if not params and isinstance(legacy, dict):
+        params = dict(legacy)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in (None, "default"):
+        scaling = None
+    else:
+        # TRT-LLM accepts HF's dict as is; it reads "type" (older) or "rope_type" (newer), so write both.
+        scaling = {**params, "type": rope_type, "rope_type": rope_type}
+    return {"rotary_base": float(base), "rotary_scaling": scaling}
+
+
+def fix_config(folder: Path, hf_config) -> None:
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config.update(rotary_fields(hf_config))
+    atomic_write_json(path, config)
+
+
+def export_checkpoint(model: torch.nn.Module, out_dir: Path) -> Path:
+    """Export an (optionally ModelOpt-quantized) HF LLaMa to a validated TRT-LLM checkpoint at ``out_dir``."""
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    with atomic_dir(out_dir) as tmp:
+        # inference_tensor_parallel=1: its default 0 divides by zero when tensorrt_llm is not installed.
+        export_tensorrt_llm_checkpoint(
+            model, decoder_type="llama", dtype=EXPORT_DTYPE, export_dir=tmp, inference_tensor_parallel=1
+        )
+        fix_config(tmp, model.config)
+        load_checkpoint(tmp)  # never publish a folder the validator rejects
+    return out_dir
+
+
+def load_hf_model(model: ResolvedModel, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model.hf_dir, dtype=dtype, trust_remote_code=False).eval()
+
+
+def build_checkpoint(model: ResolvedModel, recipe: Recipe) -> Path:
+    """The checkpoint for (model, recipe), exported on first use and read from the cache afterwards."""
+    out = checkpoint_dir(model, recipe)
+    if (out / "config.json").is_file():
+        return out
+    hf = load_hf_model(model, dtype=EXPORT_DTYPE)
+    return export_checkpoint(hf, out)

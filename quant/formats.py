@@ -1,0 +1,139 @@
+"""What a TRT-LLM LLaMa checkpoint must contain, per quantization format — as data.
+
+One table (``_LINEAR_TENSORS``) says, for each ``quant_algo``, which tensors a quantized linear carries and
+their shapes/dtypes (facts from TensorRT-LLM's loaders and ModelOpt 0.47's exporter, see
+``../shared/reference/trtllm-checkpoint.md``). The validator and the runtime both read it, so a new format is
+one row here plus one runtime handler.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quant.errors import UserError
+
+# TRT-LLM linear names inside each decoder layer, and how their [out, in] shapes follow from config.json.
+LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
+QUANT_ALGOS = (None, "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "FP8")
+KV_CACHE_ALGOS = (None, "INT8", "FP8")
+
+F32, F16, BF16, I8 = torch.float32, torch.float16, torch.bfloat16, torch.int8
+FP8 = torch.float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    optional: bool = False
+    padded_rows: bool = False  # lm_head: TRT-LLM pads the vocab up to a multiple of the TP size
+
+    def shape_ok(self, shape: tuple[int, ...]) -> bool:
+        if self.padded_rows:
+            return len(shape) == 2 and shape[0] >= self.shape[0] and shape[1] == self.shape[1]
+        return shape == self.shape
+
+    def describe_shape(self) -> str:
+        return f"[≥{self.shape[0]}, {self.shape[1]}]" if self.padded_rows else str(list(self.shape))
+
+
+def head_size(config: dict) -> int:
+    return config.get("head_size") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    hidden, inter, hd = config["hidden_size"], config["intermediate_size"], head_size(config)
+    qkv_out = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * hd
+    return {
+        "attention.qkv": (qkv_out, hidden),
+        "attention.dense": (hidden, config["num_attention_heads"] * hd),
+        "mlp.fc": (inter, hidden),
+        "mlp.gate": (inter, hidden),
+        "mlp.proj": (hidden, inter),
+    }
+
+
+def _linear_tensors(algo: str | None, out: int, inp: int, group_size: int, act: torch.dtype) -> dict[str, TensorSpec]:
+    if algo is None:
+        return {"weight": TensorSpec((out, inp), (act,))}
+    if algo == "W8A16":
+        return {"weight": TensorSpec((out, inp), (I8,)), "weights_scaling_factor": TensorSpec((out,), (F32, act))}
+    if algo == "W8A8_SQ_PER_CHANNEL":
+        return {
+            "weight": TensorSpec((out, inp), (I8,)),
+            "weights_scaling_factor": TensorSpec((out,), (F32, act)),
+            "activation_scaling_factor": TensorSpec((1,), (F32, act)),
+            "prequant_scaling_factor": TensorSpec((inp,), (act, F32)),
+        }
+    if algo == "W4A16_AWQ":
+        if inp % group_size:
+            raise UserError(f"group_size {group_size} does not divide in-features {inp}")
+        return {
+            "weight": TensorSpec((out // 2, inp), (I8,)),
+            "weights_scaling_factor": TensorSpec((out, inp // group_size), (F32, act)),
+            "prequant_scaling_factor": TensorSpec((inp,), (act, F32)),
+        }
+    if algo == "FP8":
+        return {
+            "weight": TensorSpec((out, inp), (FP8,)),
+            "weights_scaling_factor": TensorSpec((1,), (F32,)),
+            "activation_scaling_factor": TensorSpec((1,), (F32,)),
+        }
+    raise UserError(f"quant_algo {algo!r} is not supported (supported: {', '.join(a for a in QUANT_ALGOS if a)})")
+
+
+def layer_algos(config: dict, folder: Path) -> dict[str, str | None]:
+    """``"layers.{i}.{linear}"`` → quant_algo for every linear; MIXED_PRECISION reads quant_cfg.json."""
+    quant = config.get("quantization") or {}
+    algo = quant.get("quant_algo")
+    names = [f"layers.{i}.{lin}" for i in range(config["num_hidden_layers"]) for lin in LINEARS]
+    if algo != "MIXED_PRECISION":
+        excluded = quant.get("exclude_modules") or []
+        return {n: None if _excluded(n, excluded) else algo for n in names}
+    path = Path(folder) / "quant_cfg.json"
+    try:
+        layers = json.loads(path.read_text())["quantized_layers"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"checkpoint {folder}: MIXED_PRECISION needs a readable quant_cfg.json with "
+                        f"'quantized_layers' ({type(exc).__name__})") from None
+    out = {}
+    for n in names:
+        entry = layers.get(f"transformer.{n}")
+        out[n] = entry.get("quant_algo") if isinstance(entry, dict) else None
+    return out
+
+
+def _excluded(name: str, patterns: list[str]) -> bool:
+    full = f"transformer.{name}"
+    return any(fnmatch.fnmatch(full, p) or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def expected_tensors(config: dict, algos: dict[str, str | None]) -> dict[str, TensorSpec]:
+    act = {"float16": F16, "bfloat16": BF16, "float32": F32}[config["dtype"]]
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    group_size = int((config.get("quantization") or {}).get("group_size") or 128)
+    kv_algo = (config.get("quantization") or {}).get("kv_cache_quant_algo")
+    if kv_algo not in KV_CACHE_ALGOS:
+        raise UserError(f"kv_cache_quant_algo {kv_algo!r} is not supported (supported: INT8, FP8, null)")
+    shapes = linear_shapes(config)
+    spec: dict[str, TensorSpec] = {
+        "transformer.vocab_embedding.weight": TensorSpec((vocab, hidden), (act,)),
+        "transformer.ln_f.weight": TensorSpec((hidden,), (act,)),
+        # Tied models may omit lm_head (share_embedding_table); ModelOpt writes a copy.
+        "lm_head.weight": TensorSpec((vocab, hidden), (act,), optional=bool(config.get("share_embedding_table")),
+                                     padded_rows=True),
+    }
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"transformer.layers.{i}"
+        spec[f"{prefix}.input_layernorm.weight"] = TensorSpec((hidden,), (act,))
+        spec[f"{prefix}.post_layernorm.weight"] = TensorSpec((hidden,), (act,))
+        if kv_algo is not None:
+            spec[f"{prefix}.attention.kv_cache_scaling_factor"] = TensorSpec((1,), (F32,))
+        for lin, (out, inp) in shapes.items():
+            for suffix, tspec in _linear_tensors(algos[f"layers.{i}.{lin}"], out, inp, group_size, act).items():
+                spec[f"{prefix}.{lin}.{suffix}"] = tspec
+    return spec

