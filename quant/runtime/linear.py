@@ -23,6 +23,10 @@ class DenseLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight
 

@@ -94,7 +94,12 @@ class TorchRuntime:
                 layer[lin] = make_linear(ckpt.layer_algos[f"layers.{i}.{lin}"], sub, dtype=self.dtype,
                                          device=self.device, group_size=group_size)
             self.layers.append(layer)
-        self.weight_bytes = ckpt.weight_bytes()
+        # Bytes one decode step must read, as held in memory here (compute dtype / packed format): everything
+        # but the embedding table, of which only the batch's rows are gathered. Basis of implied bandwidth.
+        nbytes = lambda x: x.numel() * x.element_size()  # noqa: E731
+        self.weight_bytes = nbytes(self.lm_head) + nbytes(self.ln_f) + sum(
+            nbytes(layer["input_layernorm"]) + nbytes(layer["post_layernorm"])
+            + sum(layer[lin].nbytes for lin in LINEARS) for layer in self.layers)
 
     @classmethod
     def from_dir(cls, folder: str | Path, **kwargs) -> "TorchRuntime":

@@ -1,0 +1,208 @@
+"""``python -m experiments.evaluate``: one recipe on one model → ROUGE (with CI) and latency, as a table and JSON.
+
+The chain is the product's contract: resolve the model, write the recipe's TRT-LLM checkpoint, load *that
+folder* in a runtime, summarize the dataset, score it, then time the workload. The JSON record carries
+everything needed to reproduce or compare the result (versions, machine, checkpoint path, per-sample output).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from quant.errors import UserError, cli_entry, positive_int
+
+DEFAULTS = dict(dataset="aclsum", split="test", num_samples=50, seed=0, max_input_len=512, max_output_len=100,
+                batch_size=8, input_len=512, output_len=64, latency_repeats=3)
+
+
+@dataclass
+class EvalSettings:
+    model: str | None = None
+    dataset: str = DEFAULTS["dataset"]
+    split: str = DEFAULTS["split"]
+    num_samples: int = DEFAULTS["num_samples"]
+    seed: int = DEFAULTS["seed"]
+    input_column: str | None = None
+    reference_column: str | None = None
+    max_input_len: int = DEFAULTS["max_input_len"]
+    max_output_len: int = DEFAULTS["max_output_len"]
+    batch_size: int = DEFAULTS["batch_size"]
+    input_len: int = DEFAULTS["input_len"]
+    output_len: int = DEFAULTS["output_len"]
+    latency_repeats: int = DEFAULTS["latency_repeats"]
+    device: str = "cpu"
+    compute_dtype: str = "float32"
+    progress: bool = True
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Model, data and workload flags, shared by evaluate and the search."""
+    d = DEFAULTS
+    parser.add_argument("--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF folder")
+    parser.add_argument("--dataset", default=d["dataset"], help="aclsum | cnn_dailymail | a .jsonl/.json/.parquet/.csv file or datasets folder")
+    parser.add_argument("--split", default=d["split"])
+    parser.add_argument("--num-samples", type=positive_int, default=d["num_samples"])
+    parser.add_argument("--seed", type=int, default=d["seed"])
+    parser.add_argument("--input-column", default=None)
+    parser.add_argument("--reference-column", default=None)
+    parser.add_argument("--max-input-len", type=positive_int, default=d["max_input_len"], help="prompt tokens; only the article is truncated")
+    parser.add_argument("--max-output-len", type=positive_int, default=d["max_output_len"], help="summary token budget")
+    parser.add_argument("--batch-size", type=positive_int, default=d["batch_size"], help="batch for summaries and the latency workload")
+    parser.add_argument("--input-len", type=positive_int, default=d["input_len"], help="latency workload: prompt tokens")
+    parser.add_argument("--output-len", type=positive_int, default=d["output_len"], help="latency workload: generated tokens")
+    parser.add_argument("--latency-repeats", type=positive_int, default=d["latency_repeats"])
+    parser.add_argument("--device", default="cpu", help="cpu (cuda: see the GPU issue)")
+    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    return EvalSettings(
+        model=args.model, dataset=args.dataset, split=args.split, num_samples=args.num_samples, seed=args.seed,
+        input_column=args.input_column, reference_column=args.reference_column, max_input_len=args.max_input_len,
+        max_output_len=args.max_output_len, batch_size=args.batch_size, input_len=args.input_len,
+        output_len=args.output_len, latency_repeats=args.latency_repeats, device=args.device,
+        compute_dtype=args.compute_dtype, progress=not args.no_progress,
+    )
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is visible on this machine")
+        return device
+    raise UserError(f"--device {device!r}: expected cpu or cuda[:N]")
+
+
+def summarize(runtime, builder, samples, *, batch_size: int, max_output_len: int, eos_ids, progress: bool):
+    """Greedy summaries in batches of similar prompt length (less padding); returns texts in sample order."""
+    from tqdm import tqdm
+
+    prompts = [builder(s.article) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
+    texts: list[str] = [""] * len(samples)
+    bar = tqdm(total=len(samples), desc="summaries", unit="doc", disable=not progress, file=sys.stderr)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        gen = runtime.generate([prompts[i] for i in idx], max_output_len, eos_ids)
+        for i, tokens in zip(idx, gen.tokens):
+            texts[i] = builder.decode(tokens)
+        bar.update(len(idx))
+    bar.close()
+    return texts, [len(p) for p in prompts]
+
+
+def evaluate(settings: EvalSettings, recipe, *, log=print) -> dict:
+    """Run the whole chain for one recipe; return the JSON-able record."""
+    from transformers import AutoTokenizer
+
+    from experiments import environment, latency, rouge
+    from experiments.datasets import load_samples
+    from experiments.prompts import PromptBuilder
+    from quant.export import build_checkpoint
+    from quant.model_source import load_eos_ids, resolve_model
+    from quant.runtime.torch_runtime import TorchRuntime
+
+    device = check_device(settings.device)
+    # Cheap input checks first, so bad data fails before minutes of model work.
+    samples = load_samples(settings.dataset, split=settings.split, num_samples=settings.num_samples,
+                           seed=settings.seed, input_column=settings.input_column,
+                           reference_column=settings.reference_column)
+    timings = {}
+    t0 = time.perf_counter()
+    model = resolve_model(settings.model)
+    timings["model_s"] = time.perf_counter() - t0
+    tokenizer = AutoTokenizer.from_pretrained(model.hf_dir)
+    builder = PromptBuilder(tokenizer, settings.max_input_len)
+
+    t0 = time.perf_counter()
+    ckpt_dir = build_checkpoint(model, recipe)
+    timings["checkpoint_s"] = time.perf_counter() - t0
+    log(f"checkpoint: {ckpt_dir}")
+
+    runtime = TorchRuntime.from_dir(ckpt_dir, device=device, compute_dtype=settings.compute_dtype)
+    t0 = time.perf_counter()
+    texts, prompt_lens = summarize(runtime, builder, samples, batch_size=settings.batch_size,
+                                   max_output_len=settings.max_output_len, eos_ids=load_eos_ids(model.hf_dir),
+                                   progress=settings.progress)
+    timings["summaries_s"] = time.perf_counter() - t0
+    scores = rouge.score(texts, [s.reference for s in samples], seed=settings.seed)
+
+    t0 = time.perf_counter()
+    lat = latency.measure(runtime, batch_size=settings.batch_size, input_len=settings.input_len,
+                          output_len=settings.output_len, repeats=settings.latency_repeats, seed=settings.seed)
+    timings["latency_s"] = time.perf_counter() - t0
+
+    return {
+        "recipe": recipe.to_dict(),
+        "recipe_label": recipe.label,
+        "recipe_hash": recipe.hash,
+        "model": {"source": model.source, "kind": model.source_kind, "hash": model.content_hash},
+        "checkpoint": {"path": str(ckpt_dir), "size_bytes": sum(f.stat().st_size for f in ckpt_dir.iterdir())},
+        "dataset": {"name": settings.dataset, "split": settings.split, "num_samples": len(samples),
+                    "seed": settings.seed, "max_input_len": settings.max_input_len,
+                    "max_output_len": settings.max_output_len, "chat_template": builder.uses_chat_template,
+                    "mean_prompt_tokens": sum(prompt_lens) / len(prompt_lens)},
+        "rouge": scores.to_dict(),
+        "latency": lat.to_dict(),
+        "runtime": runtime.describe(),
+        "versions": environment.versions(),
+        "machine": environment.machine(),
+        "timings_s": timings,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "samples": [{"id": s.id, "prediction": t, "reference": s.reference, "rouge1": r}
+                    for s, t, r in zip(samples, texts, scores.per_sample_rouge1)],
+    }
+
+
+def format_record(rec: dict) -> str:
+    r, lat = rec["rouge"], rec["latency"]
+    lo, hi = r["rouge1_ci"]
+    rows = [
+        ("recipe", rec["recipe_label"]),
+        ("model", f"{rec['model']['source']} ({rec['model']['hash'][:12]})"),
+        ("dataset", f"{rec['dataset']['name']}/{rec['dataset']['split']} n={rec['dataset']['num_samples']}"),
+        ("ROUGE-1", f"{r['rouge1']:.2f}  [{lo:.2f}, {hi:.2f}] {int(r['confidence'] * 100)}% CI"),
+        ("ROUGE-2 / L / Lsum", f"{r['rouge2']:.2f} / {r['rougeL']:.2f} / {r['rougeLsum']:.2f}"),
+        ("workload", f"batch {lat['batch_size']}, in {lat['input_len']}, out {lat['output_len']}, {lat['device']}"),
+        ("TTFT", f"{lat['ttft_ms']:.1f} ms  (min {lat['ttft_ms_min']:.1f}, max {lat['ttft_ms_max']:.1f})"),
+        ("time per output token", f"{lat['tpot_ms']:.2f} ms  (min {lat['tpot_ms_min']:.2f}, max {lat['tpot_ms_max']:.2f})"),
+        ("throughput", f"{lat['tokens_per_s']:.1f} tok/s end-to-end, {lat['decode_tokens_per_s']:.1f} tok/s decode"),
+        ("peak memory", f"{lat['peak_memory_mb']:.0f} MB ({lat['peak_memory_kind']})" if lat["peak_memory_mb"] else "n/a"),
+        ("weights read / step", f"{lat['weight_bytes'] / 2**20:.1f} MiB → {lat['implied_bandwidth_gbs']:.1f} GB/s implied"),
+        ("kernels", ", ".join(rec["runtime"]["kernels"]) + (" (emulated)" if lat["emulated"] else "")),
+        ("checkpoint", f"{rec['checkpoint']['path']} ({rec['checkpoint']['size_bytes'] / 2**20:.1f} MiB)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    from quant.atomic import atomic_write_json
+    from quant.recipes import Recipe
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--recipe", default="fp16", help="recipe name (fp16)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON record path (default: results/eval-<recipe>-<dataset>.json)")
+    args = parser.parse_args(argv)
+    recipe = Recipe(kind=args.recipe)
+    settings = settings_from_args(args)
+    out = args.out or Path("results") / f"eval-{recipe.label}-{Path(settings.dataset).stem}.json"
+    record = evaluate(settings, recipe, log=lambda m: print(m, file=sys.stderr))
+    atomic_write_json(out, record)
+    print(format_record(record))
+    print(f"record: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
