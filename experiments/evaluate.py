@@ -99,8 +99,8 @@ def summarize(runtime, builder, samples, *, batch_size: int, max_output_len: int
     return texts, [len(p) for p in prompts]
 
 
-def evaluate(settings: EvalSettings, recipe, *, log=print) -> dict:
-    """Run the whole chain for one recipe; return the JSON-able record."""
+def evaluate(settings: EvalSettings, recipe, *, checkpoint: Path | None = None, log=print) -> dict:
+    """Run the whole chain for one recipe (or an existing checkpoint folder); return the JSON-able record."""
     from transformers import AutoTokenizer
 
     from experiments import environment, latency, rouge
@@ -123,11 +123,13 @@ def evaluate(settings: EvalSettings, recipe, *, log=print) -> dict:
     builder = PromptBuilder(tokenizer, settings.max_input_len)
 
     t0 = time.perf_counter()
-    ckpt_dir = build_checkpoint(model, recipe)
+    ckpt_dir = Path(checkpoint) if checkpoint is not None else build_checkpoint(model, recipe)
     timings["checkpoint_s"] = time.perf_counter() - t0
     log(f"checkpoint: {ckpt_dir}")
 
     runtime = TorchRuntime.from_dir(ckpt_dir, device=device, compute_dtype=settings.compute_dtype)
+    if runtime.vocab > len(tokenizer):
+        raise UserError(f"checkpoint vocab {runtime.vocab} does not match the tokenizer of --model ({len(tokenizer)})")
     t0 = time.perf_counter()
     texts, prompt_lens = summarize(runtime, builder, samples, batch_size=settings.batch_size,
                                    max_output_len=settings.max_output_len, eos_ids=load_eos_ids(model.hf_dir),
@@ -141,9 +143,9 @@ def evaluate(settings: EvalSettings, recipe, *, log=print) -> dict:
     timings["latency_s"] = time.perf_counter() - t0
 
     return {
-        "recipe": recipe.to_dict(),
-        "recipe_label": recipe.label,
-        "recipe_hash": recipe.hash,
+        "recipe": recipe.to_dict() if checkpoint is None else None,
+        "recipe_label": recipe.label if checkpoint is None else f"checkpoint:{Path(checkpoint).name}",
+        "recipe_hash": recipe.hash if checkpoint is None else None,
         "model": {"source": model.source, "kind": model.source_kind, "hash": model.content_hash},
         "checkpoint": {"path": str(ckpt_dir), "size_bytes": sum(f.stat().st_size for f in ckpt_dir.iterdir())},
         "dataset": {"name": settings.dataset, "split": settings.split, "num_samples": len(samples),
@@ -187,17 +189,23 @@ def format_record(rec: dict) -> str:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     from quant.atomic import atomic_write_json
+    from quant.checkpoint import load_checkpoint
     from quant.recipes import Recipe
 
     parser = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--recipe", default="fp16", help="recipe name (fp16)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="evaluate this TRT-LLM checkpoint folder instead of building --recipe (tokenizer from --model)")
     parser.add_argument("--out", type=Path, default=None, help="JSON record path (default: results/eval-<recipe>-<dataset>.json)")
     args = parser.parse_args(argv)
     recipe = Recipe(kind=args.recipe)
     settings = settings_from_args(args)
-    out = args.out or Path("results") / f"eval-{recipe.label}-{Path(settings.dataset).stem}.json"
-    record = evaluate(settings, recipe, log=lambda m: print(m, file=sys.stderr))
+    if args.checkpoint is not None:
+        load_checkpoint(args.checkpoint)  # a broken folder fails here, before any model work
+    label = recipe.label if args.checkpoint is None else args.checkpoint.name
+    out = args.out or Path("results") / f"eval-{label}-{Path(settings.dataset).stem}.json"
+    record = evaluate(settings, recipe, checkpoint=args.checkpoint, log=lambda m: print(m, file=sys.stderr))
     atomic_write_json(out, record)
     print(format_record(record))
     print(f"record: {out}")

@@ -123,3 +123,43 @@ def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu") -> Chec
         raise UserError(f"checkpoint {folder} is invalid: " + "; ".join(problems[:6])
                         + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""))
     return Checkpoint(path=folder, config=config, tensors=tensors, layer_algos=layer_algos)
+
+
+def summary(ckpt: Checkpoint) -> str:
+    """A few lines a user reads to know what a checkpoint holds."""
+    from collections import Counter
+
+    algos = Counter(a or "fp16" for a in ckpt.layer_algos.values())
+    cfg = ckpt.config
+    return "\n".join([
+        f"checkpoint   {ckpt.path}",
+        f"model        {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, heads {cfg['num_attention_heads']}"
+        f"/{cfg['num_key_value_heads']} kv, vocab {cfg['vocab_size']}, dtype {cfg['dtype']}",
+        f"rope         base {cfg.get('rotary_base', 'MISSING (TRT-LLM would use 10000)')}, scaling {cfg.get('rotary_scaling')}",
+        f"linears      " + ", ".join(f"{n}× {a}" for a, n in sorted(algos.items())),
+        f"kv cache     {ckpt.kv_cache_algo or 'fp16'}",
+        f"tensors      {len(ckpt.tensors)}, {ckpt.weight_bytes() / 2**20:.1f} MiB",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from quant.errors import cli_entry
+
+    @cli_entry
+    def run() -> int:
+        parser = argparse.ArgumentParser(prog="python -m quant.checkpoint",
+                                         description="Validate a TRT-LLM LLaMa checkpoint folder and summarize it.")
+        parser.add_argument("folder", type=Path)
+        args = parser.parse_args(argv)
+        print(summary(load_checkpoint(args.folder)))
+        print("valid")
+        return 0
+
+    return run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""Shared fixtures: an isolated cache, the real default model, and tiny random LLaMa models.
+
+The cache lives in ``<repo>/.cache/test`` (git-ignored) unless QUANT_SUITE_CACHE is set: xdist workers share it
+(writes are atomic, so two workers converting the same model at once is safe), and a second local run reuses
+the default model's conversion instead of spending ~20 s on it again.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("QUANT_SUITE_CACHE", str(REPO / ".cache" / "test"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from quant.model_source import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def default_fp16_checkpoint(default_model):
+    from quant.export import build_checkpoint
+    from quant.recipes import Recipe
+
+    return build_checkpoint(default_model, Recipe("fp16"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, default_model):
+    from tests.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", tokenizer_from=default_model.hf_dir)
