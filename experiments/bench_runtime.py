@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from experiments import environment
     from experiments.latency import synthetic_prompts
     from quant.atomic import atomic_write_json
-    from quant.export import build_checkpoint, load_hf_model
+    from quant.apply import build_checkpoint
+    from quant.export import load_hf_model
     from quant.model_source import resolve_model
     from quant.recipes import Recipe
     from quant.runtime.torch_runtime import TorchRuntime

@@ -35,6 +35,8 @@ class EvalSettings:
     latency_repeats: int = DEFAULTS["latency_repeats"]
     device: str = "cpu"
     compute_dtype: str = "float32"
+    ppl_docs: int = 20  # aclsum val papers for perplexity (0: skip)
+    ppl_seq_len: int = 512
     progress: bool = True
 
 
@@ -56,6 +58,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-repeats", type=positive_int, default=d["latency_repeats"])
     parser.add_argument("--device", default="cpu", help="cpu (cuda: see the GPU issue)")
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--ppl-docs", type=int, default=20, help="aclsum val papers for perplexity (0 skips it)")
+    parser.add_argument("--ppl-seq-len", type=positive_int, default=512)
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -65,7 +69,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         input_column=args.input_column, reference_column=args.reference_column, max_input_len=args.max_input_len,
         max_output_len=args.max_output_len, batch_size=args.batch_size, input_len=args.input_len,
         output_len=args.output_len, latency_repeats=args.latency_repeats, device=args.device,
-        compute_dtype=args.compute_dtype, progress=not args.no_progress,
+        compute_dtype=args.compute_dtype, ppl_docs=args.ppl_docs, ppl_seq_len=args.ppl_seq_len,
+        progress=not args.no_progress,
     )
 
 
@@ -99,14 +104,15 @@ def summarize(runtime, builder, samples, *, batch_size: int, max_output_len: int
     return texts, [len(p) for p in prompts]
 
 
-def evaluate(settings: EvalSettings, recipe, *, checkpoint: Path | None = None, log=print) -> dict:
+def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | None = None, log=print) -> dict:
     """Run the whole chain for one recipe (or an existing checkpoint folder); return the JSON-able record."""
     from transformers import AutoTokenizer
 
     from experiments import environment, latency, rouge
     from experiments.datasets import load_samples
+    from experiments.perplexity import heldout_texts, perplexity
     from experiments.prompts import PromptBuilder
-    from quant.export import build_checkpoint
+    from quant.apply import build_checkpoint
     from quant.model_source import load_eos_ids, resolve_model
     from quant.runtime.torch_runtime import TorchRuntime
 
@@ -123,7 +129,7 @@ def evaluate(settings: EvalSettings, recipe, *, checkpoint: Path | None = None, 
     builder = PromptBuilder(tokenizer, settings.max_input_len)
 
     t0 = time.perf_counter()
-    ckpt_dir = Path(checkpoint) if checkpoint is not None else build_checkpoint(model, recipe)
+    ckpt_dir = Path(checkpoint) if checkpoint is not None else build_checkpoint(model, recipe, calib, log=log)
     timings["checkpoint_s"] = time.perf_counter() - t0
     log(f"checkpoint: {ckpt_dir}")
 
@@ -136,6 +142,13 @@ def evaluate(settings: EvalSettings, recipe, *, checkpoint: Path | None = None, 
                                    progress=settings.progress)
     timings["summaries_s"] = time.perf_counter() - t0
     scores = rouge.score(texts, [s.reference for s in samples], seed=settings.seed)
+
+    ppl = None
+    if settings.ppl_docs:
+        t0 = time.perf_counter()
+        ppl = perplexity(runtime, tokenizer, heldout_texts(num_docs=settings.ppl_docs, seed=settings.seed),
+                         seq_len=settings.ppl_seq_len)
+        timings["perplexity_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     lat = latency.measure(runtime, batch_size=settings.batch_size, input_len=settings.input_len,
@@ -153,6 +166,8 @@ def evaluate(settings: EvalSettings, recipe, *, checkpoint: Path | None = None, 
                     "max_output_len": settings.max_output_len, "chat_template": builder.uses_chat_template,
                     "mean_prompt_tokens": sum(prompt_lens) / len(prompt_lens)},
         "rouge": scores.to_dict(),
+        "perplexity": ppl,
+        "calibration": calib.__dict__ if calib is not None and checkpoint is None and recipe.needs_calibration else None,
         "latency": lat.to_dict(),
         "runtime": runtime.describe(),
         "versions": environment.versions(),
@@ -173,6 +188,8 @@ def format_record(rec: dict) -> str:
         ("dataset", f"{rec['dataset']['name']}/{rec['dataset']['split']} n={rec['dataset']['num_samples']}"),
         ("ROUGE-1", f"{r['rouge1']:.2f}  [{lo:.2f}, {hi:.2f}] {int(r['confidence'] * 100)}% CI"),
         ("ROUGE-2 / L / Lsum", f"{r['rouge2']:.2f} / {r['rougeL']:.2f} / {r['rougeLsum']:.2f}"),
+        ("perplexity", f"{rec['perplexity']['perplexity']:.2f} (aclsum val, {rec['perplexity']['docs']} docs × "
+                       f"≤{rec['perplexity']['seq_len']} tokens)" if rec.get("perplexity") else "skipped"),
         ("workload", f"batch {lat['batch_size']}, in {lat['input_len']}, out {lat['output_len']}, {lat['device']}"),
         ("TTFT", f"{lat['ttft_ms']:.1f} ms  (min {lat['ttft_ms_min']:.1f}, max {lat['ttft_ms_max']:.1f})"),
         ("time per output token", f"{lat['tpot_ms']:.2f} ms  (min {lat['tpot_ms_min']:.2f}, max {lat['tpot_ms_max']:.2f})"),
@@ -189,23 +206,30 @@ def format_record(rec: dict) -> str:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     from quant.atomic import atomic_write_json
+    from quant.apply import add_calib_args, calib_spec_from_args
     from quant.checkpoint import load_checkpoint
-    from quant.recipes import Recipe
+    from quant.recipes import parse_recipe_arg
 
     parser = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--recipe", default="fp16", help="recipe name (fp16)")
+    parser.add_argument("--recipe", default="fp16",
+                        help="a recipe file (.yaml/.json) or kind[:key=value,...]: fp16, int8_wo, smoothquant:alpha=0.8, "
+                             "int4_awq:group_size=64, fp8; any with kv_cache=int8|fp8 and exclude=PATTERN+PATTERN")
+    add_calib_args(parser)
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="evaluate this TRT-LLM checkpoint folder instead of building --recipe (tokenizer from --model)")
     parser.add_argument("--out", type=Path, default=None, help="JSON record path (default: results/eval-<recipe>-<dataset>.json)")
     args = parser.parse_args(argv)
-    recipe = Recipe(kind=args.recipe)
+    recipe = parse_recipe_arg(args.recipe)
     settings = settings_from_args(args)
+    if settings.ppl_docs < 0:
+        raise UserError("--ppl-docs must be >= 0")
     if args.checkpoint is not None:
         load_checkpoint(args.checkpoint)  # a broken folder fails here, before any model work
     label = recipe.label if args.checkpoint is None else args.checkpoint.name
     out = args.out or Path("results") / f"eval-{label}-{Path(settings.dataset).stem}.json"
-    record = evaluate(settings, recipe, checkpoint=args.checkpoint, log=lambda m: print(m, file=sys.stderr))
+    record = evaluate(settings, recipe, calib=calib_spec_from_args(args), checkpoint=args.checkpoint,
+                      log=lambda m: print(m, file=sys.stderr))
     atomic_write_json(out, record)
     print(format_record(record))
     print(f"record: {out}")

@@ -1,7 +1,7 @@
 """Recipe + model → TensorRT-LLM checkpoint, through ModelOpt, with ModelOpt 0.47's gaps corrected.
 
-Checkpoints are cached under ``<cache>/checkpoints/<model-hash>-<recipe-hash>/`` and written atomically: the
-folder appears only after ModelOpt finished, config.json was corrected and the validator accepted it.
+The folder is written atomically: it appears only after ModelOpt finished, config.json was corrected and the
+validator accepted it. Caching by recipe lives in :mod:`quant.apply`.
 """
 from __future__ import annotations
 
@@ -13,14 +13,8 @@ import torch
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.checkpoint import load_checkpoint
 from quant.model_source import ResolvedModel
-from quant.paths import cache_root
-from quant.recipes import Recipe
 
 EXPORT_DTYPE = torch.float16
-
-
-def checkpoint_dir(model: ResolvedModel, recipe: Recipe) -> Path:
-    return cache_root() / "checkpoints" / f"{model.short_hash}-{recipe.hash}"
 
 
 def rotary_fields(hf_config) -> dict:
@@ -69,11 +63,3 @@ def load_hf_model(model: ResolvedModel, dtype: torch.dtype = torch.float32) -> t
 
     return AutoModelForCausalLM.from_pretrained(model.hf_dir, dtype=dtype, trust_remote_code=False).eval()
 
-
-def build_checkpoint(model: ResolvedModel, recipe: Recipe) -> Path:
-    """The checkpoint for (model, recipe), exported on first use and read from the cache afterwards."""
-    out = checkpoint_dir(model, recipe)
-    if (out / "config.json").is_file():
-        return out
-    hf = load_hf_model(model, dtype=EXPORT_DTYPE)
-    return export_checkpoint(hf, out)

@@ -25,7 +25,7 @@ def default_model():
 
 @pytest.fixture(scope="session")
 def default_fp16_checkpoint(default_model):
-    from quant.export import build_checkpoint
+    from quant.apply import build_checkpoint
     from quant.recipes import Recipe
 
     return build_checkpoint(default_model, Recipe("fp16"))

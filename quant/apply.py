@@ -1,0 +1,149 @@
+"""Recipe → ModelOpt config → calibrated, quantized model → validated TRT-LLM checkpoint (cached).
+
+ModelOpt does the quantization math (SmoothQuant migration, AWQ search, amax calibration); this module only
+translates a :class:`~quant.recipes.Recipe` into its config and owns the cache. A checkpoint's cache key is
+(model content hash, recipe hash, calibration key): the same recipe on the same model and calibration data is
+exported once, by any process, and read back by every later run.
+"""
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from quant.export import EXPORT_DTYPE, export_checkpoint, load_hf_model
+from quant.model_source import ResolvedModel
+from quant.paths import cache_root
+from quant.recipes import Recipe
+
+# TRT-LLM linear name → the HF LLaMa modules it is made of (qkv is q, k and v fused).
+HF_MODULES = {
+    "attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attention.dense": ("self_attn.o_proj",),
+    "mlp.fc": ("mlp.gate_proj",),
+    "mlp.gate": ("mlp.up_proj",),
+    "mlp.proj": ("mlp.down_proj",),
+}
+KV_QUANTIZER = "*[kv]_bmm_quantizer"
+
+
+def modelopt_config(recipe: Recipe, num_layers: int) -> dict | None:
+    """The ModelOpt ``mtq.quantize`` config for a recipe (None for fp16)."""
+    import modelopt.torch.quantization as mtq
+
+    base = {"fp16": None, "int8_wo": mtq.INT8_WEIGHT_ONLY_CFG, "smoothquant": mtq.INT8_SMOOTHQUANT_CFG,
+            "int4_awq": mtq.INT4_AWQ_CFG, "fp8": mtq.FP8_DEFAULT_CFG}[recipe.kind]
+    if base is None:
+        return None
+    cfg = copy.deepcopy(base)
+    entries: list = cfg["quant_cfg"]
+    if recipe.kind == "smoothquant":
+        cfg["algorithm"] = {"method": "smoothquant", "alpha": recipe.alpha}
+    if recipe.kind == "int4_awq":
+        for entry in entries:
+            if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
+                entry["cfg"]["block_sizes"] = {**entry["cfg"]["block_sizes"], -1: recipe.group_size}
+        cfg["algorithm"] = {"method": "awq_full" if recipe.awq_clip else "awq_lite",
+                            "alpha_step": recipe.awq_alpha_step}
+    if recipe.kv_cache != "none":
+        bits = 8 if recipe.kv_cache == "int8" else (4, 3)
+        entries.append({"quantizer_name": KV_QUANTIZER, "cfg": {"num_bits": bits, "axis": None}})
+    for name in recipe.excluded_layers(num_layers):
+        if name == "lm_head":
+            continue  # ModelOpt's configs already keep lm_head unquantized
+        _, idx, linear = name.split(".", 2)
+        for module in HF_MODULES[linear]:
+            entries.append({"quantizer_name": f"*.layers.{idx}.{module}.*", "enable": False})
+    return cfg
+
+
+def checkpoint_dir(model: ResolvedModel, recipe: Recipe, calib=None) -> Path:
+    suffix = f"-{_short(calib.key)}" if recipe.needs_calibration else ""
+    return cache_root() / "checkpoints" / f"{model.short_hash}-{recipe.hash}{suffix}"
+
+
+def _short(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+@contextmanager
+def build_lock(out: Path):
+    """One builder per checkpoint across processes: a second worker waits, then finds the folder built."""
+    lock_path = out.parent / f".{out.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib=None, *, log=None) -> Path:
+    """The TRT-LLM checkpoint for (model, recipe, calibration): from the cache, or quantized and exported."""
+    hf_config = json.loads((model.hf_dir / "config.json").read_text())
+    recipe.validate_for(hf_config)
+    if recipe.needs_calibration and calib is None:
+        from calibration.data import CalibSpec
+
+        calib = CalibSpec()
+    out = checkpoint_dir(model, recipe, calib)
+    if (out / "config.json").is_file():
+        return out
+    with build_lock(out):
+        if (out / "config.json").is_file():  # built by another process while we waited
+            return out
+        t0 = time.perf_counter()
+        if not recipe.needs_calibration:
+            export_checkpoint(load_hf_model(model, dtype=EXPORT_DTYPE), out)
+        else:
+            hf = quantize_model(model, recipe, calib, log=log)
+            export_checkpoint(hf, out)
+        if log:
+            log(f"built {recipe.label} checkpoint in {time.perf_counter() - t0:.1f} s: {out}")
+    return out
+
+
+def quantize_model(model: ResolvedModel, recipe: Recipe, calib, *, log=None) -> torch.nn.Module:
+    """ModelOpt-quantize the HF model in float32 (CPU kernels are fast and exact there), then cast to fp16."""
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoTokenizer
+
+    from calibration.data import calibration_batches, forward_loop
+
+    hf = load_hf_model(model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model.hf_dir)
+    batches = calibration_batches(tokenizer, source=calib.source, num_samples=calib.num_samples,
+                                  seq_len=calib.seq_len, seed=calib.seed)
+    cfg = modelopt_config(recipe, hf.config.num_hidden_layers)
+    if log:
+        log(f"quantizing {recipe.label} with ModelOpt on {calib.num_samples}×{calib.seq_len} calibration tokens")
+    with torch.no_grad():
+        mtq.quantize(hf, cfg, forward_loop(batches))
+    return hf.to(EXPORT_DTYPE)
+
+
+
+def add_calib_args(parser) -> None:
+    """Calibration flags shared by quant.build, experiments.evaluate and quant.search."""
+    from quant.errors import positive_int
+
+    g = parser.add_argument_group("calibration")
+    g.add_argument("--calib-source", default="aclsum", help="aclsum (train split) | cnn_dailymail (train) | a text/jsonl file")
+    g.add_argument("--calib-samples", type=positive_int, default=32)
+    g.add_argument("--calib-seq-len", type=positive_int, default=256)
+    g.add_argument("--calib-seed", type=int, default=0)
+
+
+def calib_spec_from_args(args):
+    from calibration.data import CalibSpec
+
+    return CalibSpec(source=args.calib_source, num_samples=args.calib_samples, seq_len=args.calib_seq_len,
+                     seed=args.calib_seed)

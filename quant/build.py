@@ -1,0 +1,59 @@
+"""``python -m quant.build``: one recipe → its TRT-LLM checkpoint, and its engine where ``trtllm-build`` exists.
+
+Without TensorRT-LLM on the machine it says so and prints the exact ``trtllm-build`` command for the recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from quant.errors import UserError, cli_entry, positive_int
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    from quant.apply import add_calib_args, build_checkpoint, calib_spec_from_args
+    from quant.atomic import atomic_dir
+    from quant.checkpoint import load_checkpoint, summary
+    from quant.model_source import resolve_model
+    from quant.recipes import parse_recipe_arg
+    from quant.trtllm import Workload, build_command, trtllm_build_available
+
+    p = argparse.ArgumentParser(prog="python -m quant.build", description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="fp16",
+                   help="a recipe file (.yaml/.json) or kind[:key=value,...], e.g. smoothquant:alpha=0.6,kv_cache=int8")
+    p.add_argument("--model", default=None)
+    p.add_argument("--output", type=Path, default=None, help="copy the checkpoint here (default: print the cache path)")
+    p.add_argument("--engine-dir", type=Path, default=None, help="where trtllm-build writes the engine")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--input-len", type=positive_int, default=512)
+    p.add_argument("--output-len", type=positive_int, default=100)
+    add_calib_args(p)
+    args = p.parse_args(argv)
+
+    recipe = parse_recipe_arg(args.recipe)
+    if args.output is not None and args.output.exists():
+        raise UserError(f"--output {args.output} already exists; choose a new folder")
+    model = resolve_model(args.model)
+    ckpt = build_checkpoint(model, recipe, calib_spec_from_args(args), log=lambda m: print(m, file=sys.stderr))
+    if args.output is not None:
+        with atomic_dir(args.output) as tmp:
+            for f in ckpt.iterdir():
+                shutil.copy2(f, tmp / f.name)
+        ckpt = args.output
+    print(summary(load_checkpoint(ckpt)))
+    engine_dir = args.engine_dir or Path("engines") / f"{model.short_hash}-{recipe.hash}"
+    cmd = build_command(ckpt, engine_dir, recipe, Workload(args.batch_size, args.input_len, args.output_len))
+    if trtllm_build_available() is None:
+        print("trtllm-build is not on PATH (TensorRT-LLM is not installed here); to build the engine run:")
+    else:
+        print("trtllm-build found; running it from this CLI comes with the TensorRT-LLM backend; for now run:")
+    print("  " + shlex.join(cmd))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
