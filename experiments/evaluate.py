@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from quant.errors import UserError, cli_entry, positive_int
+from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
 
 DEFAULTS = dict(dataset="aclsum", split="test", num_samples=50, seed=0, max_input_len=512, max_output_len=100,
                 batch_size=8, input_len=512, output_len=64, latency_repeats=3)
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from quant.checkpoint import load_checkpoint
     from quant.recipes import parse_recipe_arg
 
-    parser = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--recipe", default="fp16",
                         help="a recipe file (.yaml/.json) or kind[:key=value,...]: fp16, int8_wo, smoothquant:alpha=0.8, "

@@ -61,6 +61,15 @@ def sentence_lines(text: str) -> str:
     return "\n".join(line for line in lines if line)
 
 
+def bootstrap_ci(values, *, confidence: float = 0.95, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Seeded percentile-bootstrap interval of the mean of ``values`` (per-sample scores)."""
+    values = np.asarray(values, dtype=float)
+    resampled_means = np.random.default_rng(seed).choice(values, size=(n_boot, values.size)).mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(resampled_means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def score(
     predictions: list[str],
     references: list[str],
@@ -85,9 +94,7 @@ def score(
         for rouge_type in ROUGE_TYPES:
             per_sample[rouge_type].append(scores[rouge_type].fmeasure * 100)
     rouge1 = np.asarray(per_sample["rouge1"])
-    resampled_means = np.random.default_rng(seed).choice(rouge1, size=(n_boot, rouge1.size)).mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(resampled_means, [tail, 100 - tail])
+    low, high = bootstrap_ci(rouge1, confidence=confidence, n_boot=n_boot, seed=seed)
     return RougeResult(
         rouge1=float(rouge1.mean()),
         rouge2=float(np.mean(per_sample["rouge2"])),

@@ -39,7 +39,10 @@ def modelopt_config(recipe: Recipe, num_layers: int) -> dict | None:
     base = {"fp16": None, "int8_wo": mtq.INT8_WEIGHT_ONLY_CFG, "smoothquant": mtq.INT8_SMOOTHQUANT_CFG,
             "int4_awq": mtq.INT4_AWQ_CFG, "fp8": mtq.FP8_DEFAULT_CFG}[recipe.kind]
     if base is None:
-        return None
+        if recipe.kv_cache == "none":
+            return None
+        # FP16 weights with a quantized KV cache: every quantizer off except the KV ones appended below.
+        base = {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"}
     cfg = copy.deepcopy(base)
     entries: list = cfg["quant_cfg"]
     if recipe.kind == "smoothquant":

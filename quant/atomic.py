@@ -1,7 +1,7 @@
 """Write-then-rename helpers: a reader never sees a half-written file or folder.
 
-A crash (or SIGKILL) leaves at worst a ``.tmp-*`` sibling, which no reader looks at and which the next
-writer of the same target removes.
+A crash (or SIGKILL) leaves at worst a ``.tmp-*`` sibling, which no reader looks at and which a later writer
+of the same target removes once it is stale (see :func:`_remove_stale`).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -27,11 +28,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+STALE_AFTER_S = 6 * 3600
+
+
+def _remove_stale(final: Path) -> None:
+    """Delete leftovers of killed writers of ``final``: untouched for hours, so no live writer owns them.
+
+    Age rather than ownership, because a concurrent writer of the same key may be alive right now.
+    """
+    now = time.time()
+    for leftover in final.parent.glob(f".tmp-{final.name}-*"):
+        try:
+            if now - leftover.stat().st_mtime > STALE_AFTER_S:
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+        except OSError:
+            pass
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``final``; on success it replaces ``final`` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         yield tmp

@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from quant.errors import UserError, cli_entry, positive_int
+from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
 
 
 @cli_entry
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from quant.recipes import parse_recipe_arg
     from quant.trtllm import Workload, build_command, trtllm_build_available
 
-    p = argparse.ArgumentParser(prog="python -m quant.build", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m quant.build", description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="fp16",
                    help="a recipe file (.yaml/.json) or kind[:key=value,...], e.g. smoothquant:alpha=0.6,kv_cache=int8")
     p.add_argument("--model", default=None)

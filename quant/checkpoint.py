@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from quant.errors import UserError
+from quant.errors import ArgumentParser, UserError
 from quant import formats
 
 _INT_FIELDS = (
@@ -77,12 +77,25 @@ def read_config(folder: Path) -> dict:
     scaling = config.get("rotary_scaling")
     if scaling is not None and not isinstance(scaling, dict):
         raise UserError(f"checkpoint {folder}: config.json rotary_scaling must be an object or null")
+    if "head_size" in config and (not isinstance(config["head_size"], int) or config["head_size"] <= 0):
+        raise UserError(f"checkpoint {folder}: config.json head_size must be a positive integer, got {config['head_size']!r}")
     mapping = config.get("mapping") or {}
+    if not isinstance(mapping, dict):
+        raise UserError(f"checkpoint {folder}: config.json mapping must be an object, got {mapping!r}")
     if mapping.get("world_size", 1) != 1:
         raise UserError(f"checkpoint {folder}: world_size {mapping.get('world_size')} — only single-rank checkpoints are supported")
     quant = config.get("quantization") or {}
     if not isinstance(quant, dict):
         raise UserError(f"checkpoint {folder}: config.json quantization must be an object")
+    for key in ("quant_algo", "kv_cache_quant_algo"):
+        if quant.get(key) is not None and not isinstance(quant[key], str):
+            raise UserError(f"checkpoint {folder}: quantization.{key} must be a string or null, got {quant[key]!r}")
+    group = quant.get("group_size")
+    if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group <= 0):
+        raise UserError(f"checkpoint {folder}: quantization.group_size must be a positive integer, got {group!r}")
+    excl = quant.get("exclude_modules")
+    if excl is not None and (not isinstance(excl, list) or not all(isinstance(e, str) for e in excl)):
+        raise UserError(f"checkpoint {folder}: quantization.exclude_modules must be a list of names, got {excl!r}")
     return config
 
 
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     @cli_entry
     def run() -> int:
-        parser = argparse.ArgumentParser(prog="python -m quant.checkpoint",
+        parser = ArgumentParser(prog="python -m quant.checkpoint",
                                          description="Validate a TRT-LLM LLaMa checkpoint folder and summarize it.")
         parser.add_argument("folder", type=Path)
         args = parser.parse_args(argv)

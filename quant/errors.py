@@ -6,6 +6,7 @@ the same to a calling script). Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable
@@ -34,10 +35,15 @@ def cli_entry(fn: Callable[..., int | None]) -> Callable[..., int]:
     return wrapper
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors: one ``error: ...`` line and exit 2, like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(message)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer > 0 (argparse itself turns the ValueError into exit 2)."""
-    import argparse
-
     try:
         value = int(text)
     except ValueError:

