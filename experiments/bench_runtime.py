@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from quant.errors import cli_entry, positive_int
+from quant.errors import ArgumentParser, cli_entry, positive_int
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from quant.recipes import Recipe
     from quant.runtime.torch_runtime import TorchRuntime
 
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_runtime", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m experiments.bench_runtime", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--input-len", type=positive_int, default=256)

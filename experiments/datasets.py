@@ -79,7 +79,7 @@ def load_samples(
             dataset = _load_cnn_dailymail(split)
             source = f"cnn_dailymail {split}"
         elif Path(name_or_path).exists():
-            dataset = _load_local(Path(name_or_path), split)
+            dataset = load_local_table(Path(name_or_path), split)
             source = name_or_path
         else:
             raise UserError(
@@ -252,7 +252,7 @@ def _load_cnn_dailymail(split: str):
         ) from exc
 
 
-def _load_local(path: Path, split: str):
+def load_local_table(path: Path, split: str):
     import datasets  # deferred: importing it takes about a second, and aclsum never needs it
 
     if path.is_dir():

@@ -7,6 +7,7 @@ everything needed to reproduce or compare the result (versions, machine, checkpo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -167,7 +168,7 @@ def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | N
                     "mean_prompt_tokens": sum(prompt_lens) / len(prompt_lens)},
         "rouge": scores.to_dict(),
         "perplexity": ppl,
-        "calibration": calib.__dict__ if calib is not None and checkpoint is None and recipe.needs_calibration else None,
+        "calibration": dataclasses.asdict(calib) if calib is not None and checkpoint is None and recipe.needs_calibration else None,
         "latency": lat.to_dict(),
         "runtime": runtime.describe(),
         "versions": environment.versions(),

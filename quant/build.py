@@ -13,6 +13,30 @@ from pathlib import Path
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
 
 
+def recipe_from_study(name: str, storage: str | None):
+    """(best feasible recipe, model spec, calibration spec) of a finished search study."""
+    import os
+
+    from calibration.data import CalibSpec
+    from experiments.report import summarize_study
+    from quant.recipes import Recipe
+    from quant.search import open_study
+
+    url = storage or os.environ.get("QUANT_SEARCH_STORAGE")
+    if url is None:
+        db = Path("results/search/study.db")
+        if not db.is_file():
+            raise UserError(f"no study database at {db}; pass --storage")
+        url = f"sqlite:///{db.resolve()}"
+    study = open_study(url, name, seed=0, create=False)
+    summary = summarize_study(study)
+    if summary.best is None:
+        raise UserError(f"study {name!r} has no feasible trial to build ({summary.verdict().splitlines()[0]})")
+    calib = CalibSpec(**study.user_attrs["calibration"]) if "calibration" in study.user_attrs else CalibSpec()
+    print(f"study {name!r}: best trial #{summary.best.number}, {summary.best.label}", file=sys.stderr)
+    return Recipe.from_dict(summary.best.recipe), study.user_attrs.get("model"), calib
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     from quant.apply import add_calib_args, build_checkpoint, calib_spec_from_args
@@ -32,13 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=positive_int, default=512)
     p.add_argument("--output-len", type=positive_int, default=100)
     add_calib_args(p)
+    p.add_argument("--from-study", default=None, metavar="NAME",
+                   help="build the best feasible trial of this search study (model and calibration from the study)")
+    p.add_argument("--storage", default=None, help="the study's optuna storage URL (default: results/search/study.db)")
     args = p.parse_args(argv)
 
-    recipe = parse_recipe_arg(args.recipe)
+    calib = calib_spec_from_args(args)
+    if args.from_study:
+        recipe, args.model, calib = recipe_from_study(args.from_study, args.storage)
+    else:
+        recipe = parse_recipe_arg(args.recipe)
     if args.output is not None and args.output.exists():
         raise UserError(f"--output {args.output} already exists; choose a new folder")
     model = resolve_model(args.model)
-    ckpt = build_checkpoint(model, recipe, calib_spec_from_args(args), log=lambda m: print(m, file=sys.stderr))
+    ckpt = build_checkpoint(model, recipe, calib, log=lambda m: print(m, file=sys.stderr))
     if args.output is not None:
         with atomic_dir(args.output) as tmp:
             for f in ckpt.iterdir():
