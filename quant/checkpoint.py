@@ -115,7 +115,7 @@ def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu") -> Chec
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise UserError(f"checkpoint {folder}: rank0.safetensors is unreadable ({exc})") from None
 
-    expected = formats.expected_tensors(config, layer_algos)
+    expected = formats.expected_tensors(config, layer_algos, formats.layer_group_sizes(config, folder))
     problems: list[str] = []
     missing = [n for n, spec in expected.items() if n not in tensors and not spec.optional]
     if missing:

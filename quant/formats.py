@@ -86,24 +86,51 @@ def _linear_tensors(algo: str | None, out: int, inp: int, group_size: int, act: 
     raise UserError(f"quant_algo {algo!r} is not supported (supported: {', '.join(a for a in QUANT_ALGOS if a)})")
 
 
-def layer_algos(config: dict, folder: Path) -> dict[str, str | None]:
-    """``"layers.{i}.{linear}"`` → quant_algo for every linear; MIXED_PRECISION reads quant_cfg.json."""
-    quant = config.get("quantization") or {}
-    algo = quant.get("quant_algo")
-    names = [f"layers.{i}.{lin}" for i in range(config["num_hidden_layers"]) for lin in LINEARS]
-    if algo != "MIXED_PRECISION":
-        excluded = quant.get("exclude_modules") or []
-        return {n: None if _excluded(n, excluded) else algo for n in names}
+def _linear_names(config: dict) -> list[str]:
+    return [f"layers.{i}.{lin}" for i in range(config["num_hidden_layers"]) for lin in LINEARS]
+
+
+def _mixed_layers(config: dict, folder: Path) -> dict[str, dict]:
+    """MIXED_PRECISION: each linear's entry of quant_cfg.json ``quantized_layers`` ({} = unquantized).
+
+    Keys are matched with fnmatch, as TRT-LLM's LayerQuantConfig does, so globs work too.
+    """
     path = Path(folder) / "quant_cfg.json"
     try:
         layers = json.loads(path.read_text())["quantized_layers"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"checkpoint {folder}: MIXED_PRECISION needs a readable quant_cfg.json with "
                         f"'quantized_layers' ({type(exc).__name__})") from None
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise UserError(f"checkpoint {folder}: quant_cfg.json quantized_layers must map layer names to objects")
     out = {}
-    for n in names:
-        entry = layers.get(f"transformer.{n}")
-        out[n] = entry.get("quant_algo") if isinstance(entry, dict) else None
+    for n in _linear_names(config):
+        full = f"transformer.{n}"
+        out[n] = layers.get(full) or next((v for k, v in layers.items() if fnmatch.fnmatch(full, k)), {})
+    return out
+
+
+def layer_algos(config: dict, folder: Path) -> dict[str, str | None]:
+    """``"layers.{i}.{linear}"`` → quant_algo for every linear; MIXED_PRECISION reads quant_cfg.json."""
+    quant = config.get("quantization") or {}
+    algo = quant.get("quant_algo")
+    if algo != "MIXED_PRECISION":
+        excluded = quant.get("exclude_modules") or []
+        return {n: None if _excluded(n, excluded) else algo for n in _linear_names(config)}
+    return {n: entry.get("quant_algo") for n, entry in _mixed_layers(config, folder).items()}
+
+
+def layer_group_sizes(config: dict, folder: Path) -> dict[str, int]:
+    """``"layers.{i}.{linear}"`` → AWQ group size: config's ``group_size`` (default 128), or for MIXED_PRECISION the
+    layer's own ``group_size`` in quant_cfg.json (ModelOpt writes it per layer and drops it from config.json)."""
+    quant = config.get("quantization") or {}
+    default = int(quant.get("group_size") or 128)
+    if quant.get("quant_algo") != "MIXED_PRECISION":
+        return {n: default for n in _linear_names(config)}
+    out = {}
+    for n, entry in _mixed_layers(config, folder).items():
+        size = entry.get("group_size")
+        out[n] = size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else default
     return out
 
 
@@ -112,7 +139,9 @@ def _excluded(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(full, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
-def expected_tensors(config: dict, algos: dict[str, str | None]) -> dict[str, TensorSpec]:
+def expected_tensors(config: dict, algos: dict[str, str | None],
+                     group_sizes: dict[str, int] | None = None) -> dict[str, TensorSpec]:
+    """``group_sizes`` (from :func:`layer_group_sizes`) overrides config's group_size per linear when given."""
     act = {"float16": F16, "bfloat16": BF16, "float32": F32}[config["dtype"]]
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     group_size = int((config.get("quantization") or {}).get("group_size") or 128)
@@ -132,8 +161,13 @@ def expected_tensors(config: dict, algos: dict[str, str | None]) -> dict[str, Te
         spec[f"{prefix}.input_layernorm.weight"] = TensorSpec((hidden,), (act,))
         spec[f"{prefix}.post_layernorm.weight"] = TensorSpec((hidden,), (act,))
         if kv_algo is not None:
+            # TRT-LLM reads one K/V scale; ModelOpt 0.47 also writes the separate K and V scales it took the
+            # max of (kv = max(k, v); FP8 ones clamped to ≥ 1). Accept them, the runtime ignores them.
             spec[f"{prefix}.attention.kv_cache_scaling_factor"] = TensorSpec((1,), (F32,))
+            spec[f"{prefix}.attention.k_cache_scaling_factor"] = TensorSpec((1,), (F32,), optional=True)
+            spec[f"{prefix}.attention.v_cache_scaling_factor"] = TensorSpec((1,), (F32,), optional=True)
         for lin, (out, inp) in shapes.items():
-            for suffix, tspec in _linear_tensors(algos[f"layers.{i}.{lin}"], out, inp, group_size, act).items():
+            layer_group = (group_sizes or {}).get(f"layers.{i}.{lin}", group_size)
+            for suffix, tspec in _linear_tensors(algos[f"layers.{i}.{lin}"], out, inp, layer_group, act).items():
                 spec[f"{prefix}.{lin}.{suffix}"] = tspec
     return spec

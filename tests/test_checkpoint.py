@@ -305,8 +305,6 @@ def test_exclude_modules_of_wrong_type(ckpt):
     _rejected(ckpt, "exclude_modules")
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="BUG: formats.layer_algos calls .get on "
-                   "quant_cfg.json's quantized_layers without checking it is an object")
 def test_mixed_precision_layers_of_wrong_type(ckpt):
     _edit_config(ckpt, lambda c: c.update(quantization={"quant_algo": "MIXED_PRECISION"}))
     (ckpt / "quant_cfg.json").write_text(json.dumps({"quantized_layers": ["transformer.layers.0.mlp.fc"]}))

@@ -5,6 +5,10 @@ own RoPE positions, and a key mask hides the padding. The KV cache is preallocat
 decode steps never reallocate. Everything is expressed with device-agnostic tensor ops; the device and the
 compute dtype are constructor arguments, so a CUDA path only adds kernels and graph capture around the same
 ``_forward``.
+
+Each linear runs its checkpoint format's handler (:mod:`quant.runtime.linear`: int8/int4/FP8 CPU kernels, or an
+exact emulation flagged as such); a checkpoint with ``kv_cache_quant_algo`` INT8/FP8 gets a cache stored in that
+format with the per-layer ``kv_cache_scaling_factor`` (:mod:`quant.runtime.kv_cache`). ``describe()`` reports both.
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ import torch.nn.functional as F
 
 from quant.checkpoint import Checkpoint, load_checkpoint
 from quant.errors import UserError
-from quant.formats import LINEARS
+from quant.formats import LINEARS, layer_group_sizes
 from quant.runtime import rope
+from quant.runtime.kv_cache import KV_STORAGE, KVCache, QuantizedKVCache, kv_cache_mode
 from quant.runtime.linear import make_linear
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,23 +41,6 @@ class Generation:
     @property
     def decode_steps(self) -> int:
         return len(self.step_s)
-
-
-class KVCache:
-    """Preallocated K/V for all layers: [layers, batch, kv_heads, max_len, head_dim]."""
-
-    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (layers, batch, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, H, T, D] at slots start..start+T-1; return all slots up to there."""
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 class TorchRuntime:
@@ -73,7 +61,8 @@ class TorchRuntime:
         self.vocab = cfg["vocab_size"]
         self.eps = float(cfg.get("norm_epsilon", 1e-6))
         self.freq = rope.inv_freq(self.head_dim, float(cfg.get("rotary_base", 10000.0)), cfg.get("rotary_scaling"))
-        group_size = int((cfg.get("quantization") or {}).get("group_size") or 128)
+        # Per linear: config's group_size, or a MIXED_PRECISION layer's own from quant_cfg.json.
+        group_sizes = layer_group_sizes(cfg, ckpt.path)
 
         t = ckpt.tensors
         to = dict(device=self.device, dtype=self.dtype)
@@ -91,9 +80,17 @@ class TorchRuntime:
             }
             for lin in LINEARS:
                 sub = {k[len(p + lin) + 1:]: v for k, v in t.items() if k.startswith(p + lin + ".")}
-                layer[lin] = make_linear(ckpt.layer_algos[f"layers.{i}.{lin}"], sub, dtype=self.dtype,
-                                         device=self.device, group_size=group_size)
+                name = f"layers.{i}.{lin}"
+                layer[lin] = make_linear(ckpt.layer_algos[name], sub, dtype=self.dtype, device=self.device,
+                                         group_size=group_sizes[name])
             self.layers.append(layer)
+        # KV cache format (TRT-LLM: one float32 dequant scale per layer); the scales are not weight bytes.
+        self.kv_algo = ckpt.kv_cache_algo
+        if self.kv_algo is not None and self.kv_algo not in KV_STORAGE:
+            raise UserError(f"the PyTorch runtime has no KV cache for kv_cache_quant_algo {self.kv_algo!r}")
+        self.kv_scales = None if self.kv_algo is None else [
+            t[f"transformer.layers.{i}.attention.kv_cache_scaling_factor"].float().reshape(()).to(self.device)
+            for i in range(self.n_layers)]
         # Bytes one decode step must read, as held in memory here (compute dtype / packed format): everything
         # but the embedding table, of which only the batch's rows are gathered. Basis of implied bandwidth.
         nbytes = lambda x: x.numel() * x.element_size()  # noqa: E731
@@ -142,7 +139,10 @@ class TorchRuntime:
         return F.linear(self._rmsnorm(h, self.ln_f), self.lm_head)
 
     def _new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.n_layers, batch, self.n_kv, max_len, self.head_dim, self.dtype, self.device)
+        dims = (self.n_layers, batch, self.n_kv, max_len, self.head_dim, self.dtype, self.device)
+        if self.kv_algo is None:
+            return KVCache(*dims)
+        return QuantizedKVCache(*dims, algo=self.kv_algo, scales=self.kv_scales)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -215,7 +215,13 @@ class TorchRuntime:
         return Generation(tokens=tokens, prompt_lens=lens, ttft_s=ttft, step_s=steps)
 
     def describe(self) -> dict:
-        kernels = sorted({layer[lin].kernel for layer in self.layers for lin in LINEARS})
-        emulated = any(layer[lin].emulated for layer in self.layers for lin in LINEARS)
+        """Kernels the linears run, whether any part is an emulation (and which), and the KV cache mode."""
+        handlers = [layer[lin] for layer in self.layers for lin in LINEARS]
+        kernels = sorted({h.kernel for h in handlers})
+        emulated_parts = sorted({h.kernel for h in handlers if h.emulated})
+        if self.kv_algo is not None:
+            emulated_parts.append("kv_cache")  # attention reads a dequantized copy, not int8/fp8 directly
         return {"backend": self.name, "version": torch.__version__, "device": str(self.device),
-                "compute_dtype": str(self.dtype).removeprefix("torch."), "kernels": kernels, "emulated": emulated}
+                "compute_dtype": str(self.dtype).removeprefix("torch."), "kernels": kernels,
+                "emulated": bool(emulated_parts), "emulated_parts": emulated_parts,
+                "kv_cache": kv_cache_mode(self.kv_algo, self.dtype)}
