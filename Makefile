@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/python -m experiments.evaluate
+	$(BIN)/python -m quant.search --min-rouge1 14
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

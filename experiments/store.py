@@ -19,8 +19,27 @@ from quant.paths import cache_root
 _NOT_IN_KEY = {"progress", "model"}
 
 
+def code_revision() -> str:
+    """Hash of the code that produces the numbers (runtime, latency, ROUGE, prompts): editing it invalidates
+    cached records instead of silently mixing measurements of two versions in one study."""
+    import experiments
+    import quant.runtime
+
+    roots = [Path(quant.runtime.__file__).parent, Path(experiments.__file__).parent]
+    files = sorted(p for root in roots for p in root.glob("*.py")
+                   if p.name in _MEASURING or root.name == "runtime")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+_MEASURING = {"latency.py", "rouge.py", "prompts.py", "evaluate.py", "perplexity.py", "datasets.py"}
+
+
 def evaluation_key(model_hash: str, recipe, calib, settings) -> str:
     payload = {
+        "code": code_revision(),
         "model": model_hash,
         "recipe": recipe.hash,
         "calib": calib.key if recipe.needs_calibration else None,

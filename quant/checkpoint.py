@@ -132,6 +132,12 @@ def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu") -> Chec
         if tensor.dtype not in spec.dtypes:
             problems.append(f"{name} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected "
                             f"{'/'.join(str(d).removeprefix('torch.') for d in spec.dtypes)}")
+    # Scales are tiny, so checking them all is free; a NaN or non-positive scale silently poisons every output.
+    bad_scales = [n for n, t in tensors.items() if n.endswith("scaling_factor") and n in expected
+                  and not bool((torch.isfinite(t.float()) & (t.float() > 0)).all())]
+    if bad_scales:
+        problems.append(f"non-finite or non-positive scales in {', '.join(bad_scales[:3])}"
+                        f"{' …' if len(bad_scales) > 3 else ''}")
     if problems:
         raise UserError(f"checkpoint {folder} is invalid: " + "; ".join(problems[:6])
                         + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""))
