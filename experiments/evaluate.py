@@ -35,7 +35,8 @@ class EvalSettings:
     output_len: int = DEFAULTS["output_len"]
     latency_repeats: int = DEFAULTS["latency_repeats"]
     device: str = "cpu"
-    compute_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"  # the low-precision CPU kernels (int8/int4) only pay off in bf16
+    backend: str = "torch"  # resolved: "torch" | "trtllm" (quant.backends.resolve_backend turns "auto" into one)
     ppl_docs: int = 20  # aclsum val papers for perplexity (0: skip)
     ppl_seq_len: int = 512
     progress: bool = True
@@ -58,20 +59,37 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=positive_int, default=d["output_len"], help="latency workload: generated tokens")
     parser.add_argument("--latency-repeats", type=positive_int, default=d["latency_repeats"])
     parser.add_argument("--device", default="cpu", help="cpu (cuda: see the GPU issue)")
-    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--ppl-docs", type=int, default=20, help="aclsum val papers for perplexity (0 skips it)")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                        help="activation dtype of the runtime (bfloat16: where PyTorch's int8/int4 CPU kernels are fast)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "trtllm"),
+                        help="runtime: the PyTorch runtime, or a TensorRT-LLM engine built from the checkpoint "
+                             "(auto: trtllm when tensorrt_llm imports and a CUDA GPU is visible)")
+    parser.add_argument("--ppl-docs", type=int, default=None,
+                        help="aclsum val papers for perplexity (0 skips it; default 20, 0 with the trtllm backend)")
     parser.add_argument("--ppl-seq-len", type=positive_int, default=512)
     parser.add_argument("--no-progress", action="store_true")
 
 
-def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+def settings_from_args(args: argparse.Namespace, backend=None) -> EvalSettings:
+    """``backend``: the resolved :class:`~quant.backends.BackendChoice` (None: the PyTorch runtime)."""
+    from quant.backends import backend_device
+
+    name = backend.name if backend is not None else "torch"
+    ppl_docs = args.ppl_docs
+    if ppl_docs is None:
+        ppl_docs = 0 if name == "trtllm" else 20
+    elif ppl_docs > 0 and name == "trtllm":  # a caller's default (the search's 8): TensorRT-LLM exposes no logits
+        print(f"note: perplexity skipped (--ppl-docs {ppl_docs}): the TensorRT-LLM runner exposes no logits",
+              file=sys.stderr)
+        ppl_docs = 0
     return EvalSettings(
         model=args.model, dataset=args.dataset, split=args.split, num_samples=args.num_samples, seed=args.seed,
         input_column=args.input_column, reference_column=args.reference_column, max_input_len=args.max_input_len,
         max_output_len=args.max_output_len, batch_size=args.batch_size, input_len=args.input_len,
-        output_len=args.output_len, latency_repeats=args.latency_repeats, device=args.device,
-        compute_dtype=args.compute_dtype, ppl_docs=args.ppl_docs, ppl_seq_len=args.ppl_seq_len,
-        progress=not args.no_progress,
+        output_len=args.output_len, latency_repeats=args.latency_repeats,
+        device=backend_device(backend, args.device) if backend is not None else args.device,
+        compute_dtype=args.compute_dtype, ppl_docs=ppl_docs, ppl_seq_len=args.ppl_seq_len,
+        progress=not args.no_progress, backend=name,
     )
 
 
@@ -94,28 +112,36 @@ def summarize(runtime, builder, samples, *, batch_size: int, max_output_len: int
     prompts = [builder(s.article) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
     texts: list[str] = [""] * len(samples)
+    generated: list[list[int]] = [[] for _ in samples]
     bar = tqdm(total=len(samples), desc="summaries", unit="doc", disable=not progress, file=sys.stderr)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         gen = runtime.generate([prompts[i] for i in idx], max_output_len, eos_ids)
         for i, tokens in zip(idx, gen.tokens):
             texts[i] = builder.decode(tokens)
+            generated[i] = tokens
         bar.update(len(idx))
     bar.close()
-    return texts, [len(p) for p in prompts]
+    return texts, prompts, generated
 
 
-def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | None = None, log=print) -> dict:
-    """Run the whole chain for one recipe (or an existing checkpoint folder); return the JSON-able record."""
+def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | None = None, log=print,
+             backend=None) -> dict:
+    """Run the whole chain for one recipe (or an existing checkpoint folder); return the JSON-able record.
+
+    ``backend``: the :class:`~quant.backends.BackendChoice` the CLI resolved (its reason goes into the record);
+    None resolves ``settings.backend`` here."""
     from transformers import AutoTokenizer
 
     from experiments import environment, latency, rouge
     from experiments.datasets import load_samples
+    from experiments.health import check as check_health
     from experiments.perplexity import heldout_texts, perplexity
     from experiments.prompts import PromptBuilder
     from quant.apply import build_checkpoint
+    from quant.backends import open_runtime, resolve_backend
     from quant.model_source import load_eos_ids, resolve_model
-    from quant.runtime.torch_runtime import TorchRuntime
+    from quant.trtllm import Workload
 
     device = check_device(settings.device)
     # Cheap input checks first, so bad data fails before minutes of model work.
@@ -134,11 +160,19 @@ def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | N
     timings["checkpoint_s"] = time.perf_counter() - t0
     log(f"checkpoint: {ckpt_dir}")
 
-    runtime = TorchRuntime.from_dir(ckpt_dir, device=device, compute_dtype=settings.compute_dtype)
+    if backend is None or backend.name != settings.backend:
+        backend = resolve_backend(settings.backend, device, announce=False)
+    # A TensorRT-LLM engine is sized for both the summaries (prompts <= max_input_len) and the latency workload.
+    workload = Workload(settings.batch_size, settings.max_input_len, settings.max_output_len).covering(
+        Workload(settings.batch_size, settings.input_len, settings.output_len))
+    t0 = time.perf_counter()
+    runtime = open_runtime(backend, ckpt_dir, model=model, recipe=recipe if checkpoint is None else None,
+                           workload=workload, device=device, compute_dtype=settings.compute_dtype, log=log)
+    timings["runtime_s"] = time.perf_counter() - t0
     if runtime.vocab > len(tokenizer):
         raise UserError(f"checkpoint vocab {runtime.vocab} does not match the tokenizer of --model ({len(tokenizer)})")
     t0 = time.perf_counter()
-    texts, prompt_lens = summarize(runtime, builder, samples, batch_size=settings.batch_size,
+    texts, prompts, generated = summarize(runtime, builder, samples, batch_size=settings.batch_size,
                                    max_output_len=settings.max_output_len, eos_ids=load_eos_ids(model.hf_dir),
                                    progress=settings.progress)
     timings["summaries_s"] = time.perf_counter() - t0
@@ -150,6 +184,11 @@ def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | N
         ppl = perplexity(runtime, tokenizer, heldout_texts(num_docs=settings.ppl_docs, seed=settings.seed),
                          seq_len=settings.ppl_seq_len)
         timings["perplexity_s"] = time.perf_counter() - t0
+
+    health = check_health(runtime, prompts[0], generated, settings.max_output_len,
+                          ppl["perplexity"] if ppl else None)
+    if not health["ok"]:
+        log("unhealthy model: " + "; ".join(health["reasons"]))
 
     t0 = time.perf_counter()
     lat = latency.measure(runtime, batch_size=settings.batch_size, input_len=settings.input_len,
@@ -165,12 +204,14 @@ def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | N
         "dataset": {"name": settings.dataset, "split": settings.split, "num_samples": len(samples),
                     "seed": settings.seed, "max_input_len": settings.max_input_len,
                     "max_output_len": settings.max_output_len, "chat_template": builder.uses_chat_template,
-                    "mean_prompt_tokens": sum(prompt_lens) / len(prompt_lens)},
+                    "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts)},
         "rouge": scores.to_dict(),
         "perplexity": ppl,
+        "health": health,
         "calibration": dataclasses.asdict(calib) if calib is not None and checkpoint is None and recipe.needs_calibration else None,
         "latency": lat.to_dict(),
-        "runtime": runtime.describe(),
+        "runtime": {**runtime.describe(), "backend": backend.name, "version": backend.version,
+                    "backend_reason": backend.reason},
         "versions": environment.versions(),
         "machine": environment.machine(),
         "timings_s": timings,
@@ -208,7 +249,9 @@ def format_record(rec: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from quant.atomic import atomic_write_json
     from quant.apply import add_calib_args, calib_spec_from_args
+    from quant.backends import resolve_backend
     from quant.checkpoint import load_checkpoint
+    from quant.hf_checkpoint import checkpoint_format, load_hf_export
     from quant.recipes import parse_recipe_arg
 
     parser = ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
@@ -218,19 +261,31 @@ def main(argv: list[str] | None = None) -> int:
                              "int4_awq:group_size=64, fp8; any with kv_cache=int8|fp8 and exclude=PATTERN+PATTERN")
     add_calib_args(parser)
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="evaluate this TRT-LLM checkpoint folder instead of building --recipe (tokenizer from --model)")
+                        help="evaluate this TRT-LLM checkpoint folder (or ModelOpt HF export, torch backend) instead "
+                             "of building --recipe (tokenizer from --model)")
     parser.add_argument("--out", type=Path, default=None, help="JSON record path (default: results/eval-<recipe>-<dataset>.json)")
     args = parser.parse_args(argv)
     recipe = parse_recipe_arg(args.recipe)
-    settings = settings_from_args(args)
-    if settings.ppl_docs < 0:
+    if args.ppl_docs is not None and args.ppl_docs < 0:
         raise UserError("--ppl-docs must be >= 0")
+    backend = resolve_backend(args.backend, args.device)  # auto says which one and why, on stderr
+    if backend.name == "trtllm" and args.ppl_docs:
+        raise UserError(f"--ppl-docs {args.ppl_docs}: perplexity needs logits, which the TensorRT-LLM runner does "
+                        "not expose; use --backend torch for perplexity, or --ppl-docs 0")
+    settings = settings_from_args(args, backend)
     if args.checkpoint is not None:
-        load_checkpoint(args.checkpoint)  # a broken folder fails here, before any model work
+        # A broken folder fails here, before any model work.
+        if checkpoint_format(args.checkpoint) == "hf":
+            if backend.name == "trtllm":
+                raise UserError(f"--checkpoint {args.checkpoint} is a Hugging Face export, which TensorRT-LLM runs "
+                                "through tensorrt_llm.LLM, not as an engine; pass its TRT-LLM checkpoint instead")
+            load_hf_export(args.checkpoint)
+        else:
+            load_checkpoint(args.checkpoint)
     label = recipe.label if args.checkpoint is None else args.checkpoint.name
     out = args.out or Path("results") / f"eval-{label}-{Path(settings.dataset).stem}.json"
     record = evaluate(settings, recipe, calib=calib_spec_from_args(args), checkpoint=args.checkpoint,
-                      log=lambda m: print(m, file=sys.stderr))
+                      log=lambda m: print(m, file=sys.stderr), backend=backend)
     atomic_write_json(out, record)
     print(format_record(record))
     print(f"record: {out}")

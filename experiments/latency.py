@@ -74,7 +74,12 @@ def measure(runtime, *, batch_size: int, input_len: int, output_len: int, repeat
     for _ in range(warmup):
         runtime.generate(prompts, min(output_len, 4), ignore_eos=True)
     cuda = runtime.device.type == "cuda"
-    if cuda:
+    # A runtime whose memory PyTorch's allocator never sees (TensorRT-LLM's engine and KV pool) reports its own.
+    own_probe = getattr(runtime, "peak_memory_mb", None)
+    if own_probe is not None:
+        runtime.reset_peak_memory()
+        kind = runtime.memory_kind
+    elif cuda:
         torch.cuda.reset_peak_memory_stats(runtime.device)
         kind = "cuda max_memory_allocated"
     else:
@@ -86,7 +91,10 @@ def measure(runtime, *, batch_size: int, input_len: int, output_len: int, repeat
         steps = gen.step_s or [gen.ttft_s]
         tpot.append(statistics.median(steps) * 1e3)
         e2e.append((gen.ttft_s + sum(gen.step_s)) * 1e3)
-    peak = torch.cuda.max_memory_allocated(runtime.device) / 2**20 if cuda else _peak_rss_mb()
+    if own_probe is not None:
+        peak = own_probe()
+    else:
+        peak = torch.cuda.max_memory_allocated(runtime.device) / 2**20 if cuda else _peak_rss_mb()
     tpot_med = statistics.median(tpot)
     e2e_med = statistics.median(e2e)
     info = runtime.describe()

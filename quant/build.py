@@ -1,6 +1,8 @@
 """``python -m quant.build``: one recipe → its TRT-LLM checkpoint, and its engine where ``trtllm-build`` exists.
 
 Without TensorRT-LLM on the machine it says so and prints the exact ``trtllm-build`` command for the recipe.
+``--format hf`` writes ModelOpt's Hugging Face export instead, which TensorRT-LLM >= 1.0's ``tensorrt_llm.LLM``
+(PyTorch backend) loads directly (no engine build).
 """
 from __future__ import annotations
 
@@ -44,14 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     from quant.checkpoint import load_checkpoint, summary
     from quant.model_source import resolve_model
     from quant.recipes import parse_recipe_arg
-    from quant.trtllm import Workload, build_command, trtllm_build_available
+    from quant.trtllm import Workload, build_command, build_engine, trtllm_build_available
 
     p = ArgumentParser(prog="python -m quant.build", description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="fp16",
                    help="a recipe file (.yaml/.json) or kind[:key=value,...], e.g. smoothquant:alpha=0.6,kv_cache=int8")
     p.add_argument("--model", default=None)
     p.add_argument("--output", type=Path, default=None, help="copy the checkpoint here (default: print the cache path)")
-    p.add_argument("--engine-dir", type=Path, default=None, help="where trtllm-build writes the engine")
+    p.add_argument("--format", default="trtllm", choices=("trtllm", "hf"),
+                   help="trtllm: TRT-LLM checkpoint (+ engine where trtllm-build exists); hf: ModelOpt's Hugging "
+                        "Face export for tensorrt_llm.LLM")
+    p.add_argument("--engine-dir", type=Path, default=None,
+                   help="copy the built engine here (default: print its cache path)")
+    p.add_argument("--no-engine", action="store_true", help="only print the trtllm-build command, even where it exists")
+    p.add_argument("--build-timeout", type=float, default=None,
+                   help="seconds before trtllm-build is killed (default: $QUANT_TRTLLM_BUILD_TIMEOUT or 3600)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--input-len", type=positive_int, default=512)
     p.add_argument("--output-len", type=positive_int, default=100)
@@ -68,21 +77,58 @@ def main(argv: list[str] | None = None) -> int:
         recipe = parse_recipe_arg(args.recipe)
     if args.output is not None and args.output.exists():
         raise UserError(f"--output {args.output} already exists; choose a new folder")
+    if args.engine_dir is not None and args.engine_dir.exists():
+        raise UserError(f"--engine-dir {args.engine_dir} already exists; choose a new folder")
+    if args.build_timeout is not None and args.build_timeout <= 0:
+        raise UserError(f"--build-timeout must be > 0 seconds, got {args.build_timeout:g}")
     model = resolve_model(args.model)
-    ckpt = build_checkpoint(model, recipe, calib, log=lambda m: print(m, file=sys.stderr))
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.format == "hf":
+        return _build_hf(model, recipe, calib, args.output, log)
+    ckpt = cached = build_checkpoint(model, recipe, calib, log=log)
     if args.output is not None:
         with atomic_dir(args.output) as tmp:
             for f in ckpt.iterdir():
                 shutil.copy2(f, tmp / f.name)
         ckpt = args.output
     print(summary(load_checkpoint(ckpt)))
-    engine_dir = args.engine_dir or Path("engines") / f"{model.short_hash}-{recipe.hash}"
-    cmd = build_command(ckpt, engine_dir, recipe, Workload(args.batch_size, args.input_len, args.output_len))
-    if trtllm_build_available() is None:
-        print("trtllm-build is not on PATH (TensorRT-LLM is not installed here); to build the engine run:")
-    else:
-        print("trtllm-build found; running it from this CLI comes with the TensorRT-LLM backend; for now run:")
-    print("  " + shlex.join(cmd))
+    workload = Workload(args.batch_size, args.input_len, args.output_len)
+    if trtllm_build_available() is None or args.no_engine:
+        engine_dir = args.engine_dir or Path("engines") / f"{model.short_hash}-{recipe.hash}"
+        cmd = build_command(ckpt, engine_dir, recipe, workload)
+        print("trtllm-build is not on PATH (TensorRT-LLM is not installed here); to build the engine run:"
+              if not args.no_engine else "to build the engine run:")
+        print("  " + shlex.join(cmd))
+        return 0
+    # Built (or found) in the cache, keyed like the checkpoint plus the build options.
+    engine = build_engine(cached, recipe, workload, source_key=cached.name, timeout_s=args.build_timeout, log=log)
+    if args.engine_dir is not None:
+        with atomic_dir(args.engine_dir) as tmp:
+            for f in engine.iterdir():
+                shutil.copy2(f, tmp / f.name)
+        engine = args.engine_dir
+    print(f"engine       {engine}")
+    return 0
+
+
+def _build_hf(model, recipe, calib, output: Path | None, log) -> int:
+    import json
+
+    from quant.atomic import atomic_dir
+    from quant.hf_checkpoint import build_hf_export, hf_quantization
+
+    out = build_hf_export(model, recipe, calib, log=log)
+    if output is not None:
+        with atomic_dir(output) as tmp:
+            for f in out.iterdir():
+                shutil.copy2(f, tmp / f.name)
+        out = output
+    quant = hf_quantization(out) if (out / "hf_quant_config.json").is_file() else {}
+    print(f"hf export    {out}")
+    print(f"quantization {json.dumps(quant) if quant else 'none (fp16)'}")
+    print("run it with TensorRT-LLM >= 1.0 (PyTorch backend):")
+    print(f"  python -c \"from tensorrt_llm import LLM, SamplingParams; "
+          f"print(LLM(model='{out}').generate(['Hello'], SamplingParams(max_tokens=32))[0].outputs[0].text)\"")
     return 0
 
 

@@ -47,7 +47,6 @@ def parse_args(argv):
     p.add_argument("--storage", default=None, help="optuna storage URL (default: sqlite in --results-dir); "
                    "credentials may come from $QUANT_SEARCH_STORAGE instead of the command line")
     p.add_argument("--study-name", default="quant-search")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "trtllm"))
     p.add_argument("--recipes", default="fp16,int8_wo,smoothquant,int4_awq,fp8", help="comma-separated kinds to search")
     p.add_argument("--results-dir", type=Path, default=Path("results/search"))
     p.set_defaults(**{k: v for k, v in SEARCH_DEFAULTS.items() if k not in ("n_trials", "timeout")})
@@ -63,21 +62,11 @@ def parse_args(argv):
     return args
 
 
-def resolve_backend(name: str) -> str:
-    if name == "torch":
-        return "torch"
-    try:
-        import tensorrt_llm  # noqa: F401
-        have_trt = True
-    except ImportError:
-        have_trt = False
-    if name == "trtllm":
-        raise UserError("--backend trtllm: the tensorrt_llm package is not installed (use an NGC TensorRT-LLM "
-                        "container) — and the TensorRT-LLM runner is not wired into the search yet")
-    if have_trt:
-        print("note: tensorrt_llm imports, but the search's TensorRT-LLM runner is not wired up yet; using torch",
-              file=sys.stderr)
-    return "torch"
+def resolve_backend(name: str, device: str = "cpu"):
+    """``--backend`` → :class:`~quant.backends.BackendChoice` (auto says which and why on stderr)."""
+    from quant.backends import resolve_backend as resolve
+
+    return resolve(name, device)
 
 
 def storage_url(args) -> str:
@@ -163,7 +152,10 @@ class Search:
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds:
             raise UserError(f"--recipes: unknown kind(s) {', '.join(unknown) or '(none given)'} (known: {', '.join(KINDS)})")
-        self.backend = resolve_backend(args.backend)
+        # Trials run on the resolved backend; it (and, for trtllm, the GPU) is part of every evaluation's cache key.
+        self.backend = resolve_backend(args.backend, self.settings.device)
+        self.settings = settings_from_args(args, self.backend)
+        check_device(self.settings.device)
         self.calib = calib_spec_from_args(args)
         from experiments.datasets import load_samples
 
@@ -191,7 +183,7 @@ class Search:
 
         key = evaluation_key(self.model.content_hash, recipe, self.calib, self.settings)
         return cached_evaluate(key, lambda: evaluate(self.settings, recipe, calib=self.calib,
-                                                     log=lambda m: print(m, file=sys.stderr)))
+                                                     log=lambda m: print(m, file=sys.stderr), backend=self.backend))
 
     def rouge_for_constraint(self, record: dict) -> float:
         r = record["rouge"]
@@ -217,7 +209,8 @@ class Search:
         trial.set_user_attr("recipe", recipe.to_dict())
         trial.set_user_attr("recipe_hash", recipe.hash)
         trial.set_user_attr("label", recipe.label)
-        trial.set_user_attr("backend", self.backend)
+        trial.set_user_attr("backend", self.backend.name)
+        trial.set_user_attr("backend_version", self.backend.version)
         t0 = time.perf_counter()
         try:
             recipe.validate_for(json.loads((self.model.hf_dir / "config.json").read_text()), device=self.settings.device)
@@ -225,6 +218,13 @@ class Search:
         except UserError as exc:
             trial.set_user_attr("pruned_reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
+        health = record.get("health") or {"ok": True}
+        if not health["ok"]:
+            # A broken model is never a fast success: record why, keep it out of the feasible set.
+            reason = "garbage model: " + "; ".join(health["reasons"])
+            trial.set_user_attr("pruned_reason", reason)
+            trial.set_user_attr("rouge1", record["rouge"]["rouge1"])
+            raise optuna.TrialPruned(reason)
         lat, rouge = record["latency"], record["rouge"]
         value = self.rouge_for_constraint(record)
         trial.set_user_attr("constraint", self.threshold - value)

@@ -1,0 +1,336 @@
+"""ModelOpt's Hugging Face export: written for TensorRT-LLM's ``LLM`` (PyTorch backend), read back by our runtime.
+
+Export (:func:`build_hf_export`): ``modelopt.torch.export.export_hf_checkpoint(model, dtype, export_dir)`` writes
+``config.json`` (with a ``quantization_config`` block, ``quant_method: "modelopt"``), ``generation_config.json``,
+``hf_quant_config.json`` (``{"producer": …, "quantization": {"quant_algo", "kv_cache_quant_algo", "group_size",
+"exclude_modules"}}``) and ``model.safetensors`` under HF names (``model.layers.{i}.self_attn.q_proj.weight`` …).
+TensorRT-LLM's PyTorch backend reads ``hf_quant_config.json`` for the formats
+(``tensorrt_llm/_torch/model_config.py``, ``ModelConfig.load_modelopt_quant_config``: ``quantization.quant_algo``,
+``kv_cache_quant_algo``, ``group_size``, ``exclude_modules``). What ModelOpt 0.47 writes per format (seen on a
+tiny LLaMa, transformers 5.24): FP16 plain fp16 weights; W8A16 int8 ``weight`` + fp32 ``weight_scale`` [out];
+W8A8_SQ_PER_CHANNEL int8 ``weight``, ``weight_scale`` [out], scalar ``input_scale`` (equal across q/k/v and
+gate/up), fp16 ``pre_quant_scale`` [in]; FP8 float8_e4m3fn ``weight`` with a scalar ``weight_scale`` per module
+(q, k and v each their own) and a scalar ``input_scale``; W4A16_AWQ uint8 ``weight`` [out/2, in] with
+``weight_scale`` [out, in/group], the q/k/v and gate/up pre-quant scales folded into the RMSNorm weights and only
+o_proj/down_proj keeping ``pre_quant_scale``.
+
+Gaps fixed after export (TensorRT-LLM 1.x pins transformers 4.57, the suite runs 5.24): transformers 5 writes
+RoPE only as ``rope_parameters``, which 4.x ignores (it would run the default base 10000 — wrong for the default
+model's 1e5 and Llama-3's 5e5), so ``rope_theta``/``rope_scaling`` are added; the tokenizer files are copied in
+(``LLM(model=dir)`` loads the tokenizer from the same folder) with ``tokenizer_class`` ``TokenizersBackend`` (5.x
+only) renamed ``PreTrainedTokenizerFast`` (both versions); ``torch_dtype`` is written next to ``dtype``.
+
+Reader (:func:`load_hf_export`): FP16, W8A16, W8A8_SQ_PER_CHANNEL and FP8 exports without a quantized KV cache
+become an in-memory TRT-LLM :class:`~quant.checkpoint.Checkpoint`, so the PyTorch runtime evaluates them.
+q/k/v concatenate into ``attention.qkv`` exactly for the per-channel formats. FP8 needs one scale per fused
+linear: each shard is rescaled to the largest of its scales as TensorRT-LLM's PyTorch backend does when it loads
+this format (``tensorrt_llm/_torch/modules/linear.py``, ``FP8QDQLinearMethod.rescale_fused_weights``: FP8 → model
+dtype × own scale ÷ max scale → FP8, for q/k/v and for gate/up), so the runtime computes what that backend
+computes, not what the TRT-LLM-checkpoint export (quantized with the max scale directly) computes. Not read:
+W4A16_AWQ (the folded pre-quant scales and the uint8 packing order were not verified against a reference here)
+and quantized KV caches (ModelOpt's HF KV-scale tensors were not mapped) — both fail with a UserError saying so.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from quant.errors import UserError
+
+HF_QUANT_CONFIG = "hf_quant_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json")
+READABLE_ALGOS = (None, "W8A16", "W8A8_SQ_PER_CHANNEL", "FP8")
+# TRT-LLM linear → the HF modules it is made of, in concatenation order.
+LINEAR_PARTS = {
+    "attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attention.dense": ("self_attn.o_proj",),
+    "mlp.fc": ("mlp.gate_proj",),
+    "mlp.gate": ("mlp.up_proj",),
+    "mlp.proj": ("mlp.down_proj",),
+}
+FP8_FUSED = (("attention.qkv",), ("mlp.fc", "mlp.gate"))  # what TRT-LLM's PyTorch backend fuses (one scale each)
+
+
+# -- format detection ---------------------------------------------------------------------------------------
+def checkpoint_format(folder: Path) -> str:
+    """``"trtllm"`` (config.json with ``architecture``) or ``"hf"`` (``architectures`` + model*.safetensors)."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "trtllm"  # let the TRT-LLM loader report what is wrong
+    if isinstance(config, dict) and "architecture" not in config and "architectures" in config \
+            and any(folder.glob("model*.safetensors")):
+        return "hf"
+    return "trtllm"
+
+
+def hf_quantization(folder: Path) -> dict:
+    """The export's ``quantization`` block: hf_quant_config.json, else config.json's ``quantization_config``."""
+    folder = Path(folder)
+    path = folder / HF_QUANT_CONFIG
+    if path.is_file():
+        try:
+            quant = json.loads(path.read_text())["quantization"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"export {folder}: {HF_QUANT_CONFIG} is unreadable ({type(exc).__name__})") from None
+        if not isinstance(quant, dict):
+            raise UserError(f"export {folder}: {HF_QUANT_CONFIG} quantization must be an object")
+        return quant
+    config = json.loads((folder / "config.json").read_text())
+    block = config.get("quantization_config") or {}
+    if block and block.get("quant_method") != "modelopt":
+        raise UserError(f"export {folder}: quantization_config of quant_method {block.get('quant_method')!r} "
+                        "is not a ModelOpt export")
+    return {"quant_algo": block.get("quant_algo"), "kv_cache_quant_algo": block.get("kv_cache_quant_algo")}
+
+
+# -- export -------------------------------------------------------------------------------------------------
+def fix_hf_config(folder: Path, hf_config) -> None:
+    """Add what transformers 4.x (TensorRT-LLM's) needs to read the export as transformers 5 meant it."""
+    from quant.atomic import atomic_write_json
+    from quant.export import rotary_fields
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    rope = rotary_fields(hf_config)
+    config["rope_theta"] = rope["rotary_base"]
+    if rope["rotary_scaling"] is not None:
+        config["rope_scaling"] = rope["rotary_scaling"]
+    if config.get("dtype") and not config.get("torch_dtype"):
+        config["torch_dtype"] = config["dtype"]
+    if not config.get("architectures"):
+        config["architectures"] = ["LlamaForCausalLM"]
+    atomic_write_json(folder / "config.json", config)
+
+
+def copy_tokenizer(src_dir: Path, folder: Path) -> None:
+    from quant.atomic import atomic_write_json
+
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copy2(Path(src_dir) / name, Path(folder) / name)
+    path = Path(folder) / "tokenizer_config.json"
+    if path.is_file():
+        tok = json.loads(path.read_text())
+        if tok.get("tokenizer_class") == "TokenizersBackend":  # transformers 5 only; 4.x knows the fast class
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+            atomic_write_json(path, tok)
+
+
+def export_hf(model: torch.nn.Module, out_dir: Path, *, tokenizer_from: Path | None = None,
+              expect: tuple[str | None, str | None] | None = None) -> Path:
+    """``export_hf_checkpoint`` into a folder that appears atomically, config gaps fixed, checked when readable.
+
+    ``expect`` = (quant_algo, kv_cache_quant_algo) the recipe should have produced.
+    """
+    from modelopt.torch.export import export_hf_checkpoint
+
+    from quant.atomic import atomic_dir
+    from quant.export import EXPORT_DTYPE
+
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = ["LlamaForCausalLM"]  # export_hf_checkpoint needs it
+    with atomic_dir(Path(out_dir)) as tmp:
+        export_hf_checkpoint(model, dtype=EXPORT_DTYPE, export_dir=tmp)
+        fix_hf_config(tmp, model.config)
+        if tokenizer_from is not None:
+            copy_tokenizer(tokenizer_from, tmp)
+        quant = hf_quantization(tmp) if (tmp / HF_QUANT_CONFIG).is_file() else {}
+        got = (quant.get("quant_algo"), quant.get("kv_cache_quant_algo"))
+        if expect is not None and got != tuple(expect):
+            raise UserError(f"ModelOpt's HF export says quant_algo/kv_cache_quant_algo {got}, expected {expect}")
+        if got[0] in READABLE_ALGOS and got[1] is None:
+            load_hf_export(tmp)  # never publish a folder our own reader rejects
+    return Path(out_dir)
+
+
+def hf_export_dir(model, recipe, calib=None) -> Path:
+    """Cache folder of a recipe's HF export: named like its TRT-LLM checkpoint (model, recipe, calibration)."""
+    from quant.apply import checkpoint_dir
+    from quant.paths import cache_root
+
+    return cache_root() / "hf_exports" / checkpoint_dir(model, recipe, calib).name
+
+
+def build_hf_export(model, recipe, calib=None, *, log=None) -> Path:
+    """The HF export for (model, recipe, calibration): from the cache, or quantized and exported (one builder)."""
+    import time
+
+    from quant.apply import build_lock, quantize_model
+    from quant.export import EXPORT_DTYPE, load_hf_model
+
+    hf_config = json.loads((model.hf_dir / "config.json").read_text())
+    recipe.validate_for(hf_config)
+    if recipe.needs_calibration and calib is None:
+        from calibration.data import CalibSpec
+
+        calib = CalibSpec()
+    out = hf_export_dir(model, recipe, calib)
+    if (out / "config.json").is_file():
+        return out
+    with build_lock(out):
+        if (out / "config.json").is_file():
+            return out
+        t0 = time.perf_counter()
+        hf = quantize_model(model, recipe, calib, log=log) if recipe.needs_calibration \
+            else load_hf_model(model, dtype=EXPORT_DTYPE)
+        export_hf(hf, out, tokenizer_from=model.hf_dir, expect=(recipe.quant_algo, recipe.kv_algo))
+        if log:
+            log(f"exported {recipe.label} (Hugging Face format) in {time.perf_counter() - t0:.1f} s: {out}")
+    return out
+
+
+# -- reader -------------------------------------------------------------------------------------------------
+def _trtllm_config(hf: dict, quant_algo: str | None) -> dict:
+    from quant.export import rotary_fields
+
+    heads = hf["num_attention_heads"]
+    params = {k: v for k, v in hf.items() if k in ("rope_parameters", "rope_theta", "rope_scaling")}
+    return {
+        "architecture": "LlamaForCausalLM",
+        "dtype": hf.get("dtype") or hf.get("torch_dtype") or "float16",
+        "num_hidden_layers": hf["num_hidden_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": hf.get("num_key_value_heads") or heads,
+        "hidden_size": hf["hidden_size"],
+        "intermediate_size": hf["intermediate_size"],
+        "vocab_size": hf["vocab_size"],
+        "head_size": hf.get("head_dim") or hf["hidden_size"] // heads,
+        "max_position_embeddings": hf.get("max_position_embeddings"),
+        "norm_epsilon": hf.get("rms_norm_eps", 1e-6),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        **rotary_fields(SimpleNamespace(**params)),
+        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
+        "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": None, "exclude_modules": []},
+    }
+
+
+def _fp8_rescale(weight: torch.Tensor, scale: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # As FP8QDQLinearMethod.rescale_fused_weights: to the model dtype, × own scale, ÷ shared max, back to FP8.
+    return weight.to(dtype).mul_(scale).div_(target).to(torch.float8_e4m3fn)
+
+
+def load_hf_export(folder: Path):
+    """A ModelOpt HF export (FP16 / W8A16 / W8A8_SQ_PER_CHANNEL / FP8, no KV-cache quantization) as a TRT-LLM
+    :class:`~quant.checkpoint.Checkpoint` the PyTorch runtime can execute; UserError for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    from quant import formats
+    from quant.checkpoint import Checkpoint
+
+    folder = Path(folder)
+    try:
+        hf = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"export {folder}: config.json is unreadable ({exc})") from None
+    if "LlamaForCausalLM" not in (hf.get("architectures") or []):
+        raise UserError(f"export {folder}: architectures {hf.get('architectures')!r}; only LlamaForCausalLM is read")
+    quant = hf_quantization(folder)
+    algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
+    if algo not in READABLE_ALGOS:
+        why = (" (the AWQ pre-quant scales are folded into the RMSNorm weights and the uint8 int4 packing was not "
+               "verified against a reference here)") if algo == "W4A16_AWQ" else ""
+        raise UserError(f"export {folder}: the PyTorch runtime does not read {algo} Hugging Face exports{why}; "
+                        "evaluate the recipe's TRT-LLM checkpoint instead")
+    if kv_algo is not None:
+        raise UserError(f"export {folder}: KV cache {kv_algo} in a Hugging Face export is not read here (its k/v "
+                        "scale tensors are not mapped); evaluate the recipe's TRT-LLM checkpoint instead")
+    files = sorted(folder.glob("model*.safetensors"))
+    raw: dict[str, torch.Tensor] = {}
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                raw.update({k: fh.get_tensor(k) for k in fh.keys()})
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise UserError(f"export {folder}: unreadable safetensors ({exc})") from None
+
+    config = _trtllm_config(hf, algo)
+    act = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(config["dtype"])
+    if act is None:
+        raise UserError(f"export {folder}: dtype {config['dtype']!r} is not float16/bfloat16/float32")
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in raw:
+            raise UserError(f"export {folder} is incomplete: tensor {name} is missing")
+        used.add(name)
+        return raw[name]
+
+    tensors = {"transformer.vocab_embedding.weight": take("model.embed_tokens.weight"),
+               "transformer.ln_f.weight": take("model.norm.weight")}
+    if "lm_head.weight" in raw:
+        tensors["lm_head.weight"] = take("lm_head.weight")
+    else:
+        config["share_embedding_table"] = True
+    layer_algos: dict[str, str | None] = {}
+    excluded = []
+    for i in range(config["num_hidden_layers"]):
+        p, t = f"model.layers.{i}.", f"transformer.layers.{i}."
+        tensors[t + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
+        tensors[t + "post_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+        parts = {lin: [take(p + m + ".weight") for m in mods] for lin, mods in LINEAR_PARTS.items()}
+        for lin, weights in parts.items():
+            quantized = {w.dtype not in (torch.float16, torch.bfloat16, torch.float32) for w in weights}
+            if len(quantized) != 1:
+                raise UserError(f"export {folder}: layer {i} {lin} mixes quantized and unquantized parts")
+            layer_algos[f"layers.{i}.{lin}"] = algo if quantized.pop() else None
+            if layer_algos[f"layers.{i}.{lin}"] is None and algo is not None:
+                excluded.append(f"transformer.layers.{i}.{lin}")
+
+        def extra(lin: str, suffix: str) -> list[torch.Tensor]:
+            return [take(p + m + "." + suffix) for m in LINEAR_PARTS[lin]]
+
+        fp8_target = {}
+        if algo == "FP8":
+            for group in FP8_FUSED:
+                live = [lin for lin in group if layer_algos[f"layers.{i}.{lin}"] == "FP8"]
+                if live:
+                    scales = torch.stack([s.float().reshape(()) for lin in live for s in extra(lin, "weight_scale")])
+                    inputs = torch.stack([s.float().reshape(()) for lin in live for s in extra(lin, "input_scale")])
+                    for lin in live:
+                        fp8_target[lin] = (scales.max(), inputs.max())
+        for lin, weights in parts.items():
+            key = t + lin + "."
+            lin_algo = layer_algos[f"layers.{i}.{lin}"]
+            if lin_algo is None:
+                tensors[key + "weight"] = torch.cat(weights) if len(weights) > 1 else weights[0]
+            elif lin_algo == "W8A16":
+                tensors[key + "weight"] = torch.cat(weights)
+                tensors[key + "weights_scaling_factor"] = torch.cat([s.reshape(-1) for s in extra(lin, "weight_scale")])
+            elif lin_algo == "W8A8_SQ_PER_CHANNEL":
+                tensors[key + "weight"] = torch.cat(weights)
+                tensors[key + "weights_scaling_factor"] = torch.cat([s.reshape(-1) for s in extra(lin, "weight_scale")])
+                pre = extra(lin, "pre_quant_scale")
+                if any(not torch.equal(pre[0], x) for x in pre[1:]):
+                    raise UserError(f"export {folder}: layer {i} {lin} parts have different pre_quant_scale")
+                tensors[key + "prequant_scaling_factor"] = pre[0]
+                tensors[key + "activation_scaling_factor"] = torch.stack(
+                    [s.float().reshape(()) for s in extra(lin, "input_scale")]).max().reshape(1)
+            elif lin in fp8_target:  # FP8, fused in TRT-LLM's PyTorch backend: one rescaled weight, max scales
+                w_max, in_max = fp8_target[lin]
+                tensors[key + "weight"] = torch.cat([_fp8_rescale(w, s.float().reshape(()), w_max, act)
+                                                     for w, s in zip(weights, extra(lin, "weight_scale"))])
+                tensors[key + "weights_scaling_factor"] = w_max.reshape(1)
+                tensors[key + "activation_scaling_factor"] = in_max.reshape(1)
+            else:  # FP8, a plain linear (o_proj, down_proj): loaded as stored
+                tensors[key + "weight"] = weights[0]
+                tensors[key + "weights_scaling_factor"] = extra(lin, "weight_scale")[0].float().reshape(1)
+                tensors[key + "activation_scaling_factor"] = extra(lin, "input_scale")[0].float().reshape(1)
+    config["quantization"]["exclude_modules"] = excluded
+    left = sorted(set(raw) - used)
+    if left:
+        raise UserError(f"export {folder}: tensors this reader does not map: {', '.join(left[:4])}"
+                        f"{' …' if len(left) > 4 else ''}")
+    expected = formats.expected_tensors(config, layer_algos)
+    problems = [n for n in expected if n not in tensors and not expected[n].optional]
+    problems += [f"{n} {list(x.shape)}/{str(x.dtype).removeprefix('torch.')}" for n, x in tensors.items()
+                 if n not in expected or not expected[n].shape_ok(tuple(x.shape)) or x.dtype not in expected[n].dtypes]
+    if problems:
+        raise UserError(f"export {folder} does not convert to a valid checkpoint: {', '.join(problems[:4])}")
+    return Checkpoint(path=folder, config=config, tensors=tensors, layer_algos=layer_algos)
