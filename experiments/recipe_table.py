@@ -29,6 +29,31 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def remeasure(args) -> int:
+    import json
+
+    from experiments import environment, latency
+    from quant.atomic import atomic_write_json
+    from quant.errors import UserError
+    from quant.runtime.torch_runtime import TorchRuntime
+
+    try:
+        data = json.loads(args.out.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--remeasure-latency needs the table's JSON at {args.out} ({exc})") from None
+    for rec in data["records"]:
+        lat = rec["latency"]
+        rt = TorchRuntime.from_dir(Path(rec["checkpoint"]["path"]), compute_dtype=rec["runtime"]["compute_dtype"])
+        rec["latency"] = latency.measure(rt, batch_size=lat["batch_size"], input_len=lat["input_len"],
+                                         output_len=lat["output_len"], repeats=args.latency_repeats).to_dict()
+        print(table([rec]).splitlines()[-1], file=sys.stderr)
+    data["latency_remeasured"] = {"created": time.strftime("%Y-%m-%d %H:%M"), "machine": environment.machine(),
+                                  "repeats": args.latency_repeats}
+    atomic_write_json(args.out, data)
+    print(table(data["records"]))
+    return 0
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     from experiments import environment
@@ -42,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     add_calib_args(p)
     p.add_argument("--recipes", default=";".join(DEFAULT_RECIPES), help="';'-separated recipe specs")
     p.add_argument("--out", type=Path, default=Path("results/recipe_table.json"))
+    p.add_argument("--remeasure-latency", action="store_true",
+                   help="keep the quality columns of --out and measure latency again for each of its checkpoints "
+                        "(for a quiet machine: ROUGE does not depend on load, timings do)")
     args = p.parse_args(argv)
+    if args.remeasure_latency:
+        return remeasure(args)
     recipes = [parse_recipe_arg(r) for r in args.recipes.split(";") if r]
     settings, calib = settings_from_args(args), calib_spec_from_args(args)
     records = []

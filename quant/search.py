@@ -62,13 +62,6 @@ def parse_args(argv):
     return args
 
 
-def resolve_backend(name: str, device: str = "cpu"):
-    """``--backend`` → :class:`~quant.backends.BackendChoice` (auto says which and why on stderr)."""
-    from quant.backends import resolve_backend as resolve
-
-    return resolve(name, device)
-
-
 def storage_url(args) -> str:
     import os
 
@@ -142,18 +135,17 @@ class Search:
     def __init__(self, args):
         from experiments.evaluate import check_device, settings_from_args
         from quant.apply import calib_spec_from_args
+        from quant.backends import resolve_backend
         from quant.model_source import resolve_model
         from quant.recipes import GROUP_SIZES, KINDS
 
         self.args = args
-        self.settings = settings_from_args(args)
-        check_device(self.settings.device)
         self.kinds = [k.strip() for k in args.recipes.split(",") if k.strip()]
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds:
             raise UserError(f"--recipes: unknown kind(s) {', '.join(unknown) or '(none given)'} (known: {', '.join(KINDS)})")
         # Trials run on the resolved backend; it (and, for trtllm, the GPU) is part of every evaluation's cache key.
-        self.backend = resolve_backend(args.backend, self.settings.device)
+        self.backend = resolve_backend(args.backend, args.device)
         self.settings = settings_from_args(args, self.backend)
         check_device(self.settings.device)
         self.calib = calib_spec_from_args(args)
