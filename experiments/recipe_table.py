@@ -11,8 +11,8 @@ from pathlib import Path
 
 from quant.errors import ArgumentParser, cli_entry
 
-DEFAULT_RECIPES = ("fp16", "fp16:kv_cache=int8", "int8_wo", "smoothquant:alpha=0.5", "smoothquant:alpha=0.8",
-                   "int4_awq:group_size=64", "fp8", "int8_wo:kv_cache=int8", "smoothquant:alpha=0.8,exclude=layers.11.mlp.proj+layers.28.mlp.proj")
+DEFAULT_RECIPES = ("fp16", "int8_wo", "smoothquant:alpha=0.5", "smoothquant:alpha=0.8", "int4_awq:group_size=64", "fp8",
+                   "int8_wo:kv_cache=int8", "smoothquant:alpha=0.8,exclude=layers.11.mlp.proj+layers.28.mlp.proj")
 
 
 def table(records: list[dict]) -> str:
@@ -42,10 +42,9 @@ def remeasure(args) -> int:
     except (OSError, ValueError) as exc:
         raise UserError(f"--remeasure-latency needs the table's JSON at {args.out} ({exc})") from None
     for rec in data["records"]:
-        lat = rec["latency"]
         rt = TorchRuntime.from_dir(Path(rec["checkpoint"]["path"]), compute_dtype=rec["runtime"]["compute_dtype"])
-        rec["latency"] = latency.measure(rt, batch_size=lat["batch_size"], input_len=lat["input_len"],
-                                         output_len=lat["output_len"], repeats=args.latency_repeats).to_dict()
+        rec["latency"] = latency.measure(rt, batch_size=args.batch_size, input_len=args.input_len,
+                                         output_len=args.output_len, repeats=args.latency_repeats).to_dict()
         print(table([rec]).splitlines()[-1], file=sys.stderr)
     data["latency_remeasured"] = {"created": time.strftime("%Y-%m-%d %H:%M"), "machine": environment.machine(),
                                   "repeats": args.latency_repeats}
@@ -68,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", default=";".join(DEFAULT_RECIPES), help="';'-separated recipe specs")
     p.add_argument("--out", type=Path, default=Path("results/recipe_table.json"))
     p.add_argument("--remeasure-latency", action="store_true",
-                   help="keep the quality columns of --out and measure latency again for each of its checkpoints "
-                        "(for a quiet machine: ROUGE does not depend on load, timings do)")
+                   help="keep the quality columns of --out and measure latency again for each of its checkpoints at "
+                        "this run's workload (--batch-size/--input-len/--output-len): ROUGE does not depend on machine "
+                        "load, timings do, so they can be taken later on a quiet machine")
     args = p.parse_args(argv)
     if args.remeasure_latency:
         return remeasure(args)
