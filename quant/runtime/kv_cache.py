@@ -9,7 +9,9 @@ stored = convert(x · (1/scale)) — TRT-LLM multiplies by the reciprocal it pre
 (``kv_cache_rcp_scaling_factor``); INT8 rounds half-to-even and saturates to [-128, 127], FP8 E4M3 saturates to
 ±448 then rounds to nearest even; read = float32(stored) · scale, cast to the compute dtype. Storage is real
 int8/float8 (1 byte per element); attention then runs on the dequantized copy in the compute dtype, which
-TRT-LLM's kernels avoid by dequantizing in registers — so this cache is labelled "dequantize on read".
+TRT-LLM's kernels avoid by dequantizing in registers — so this cache is labelled "dequantize on read". On CUDA
+the decode step writes and reads the stored bytes directly in Triton kernels with the same formulas
+(:func:`quant.runtime.cuda_kernels.rope_cache_write`, :class:`~quant.runtime.cuda_kernels.DecodeAttention`).
 """
 from __future__ import annotations
 
@@ -78,8 +80,11 @@ class QuantizedKVCache(KVCache):
                 self.dequantize(layer, self.v[layer, :, :, :end]))
 
 
-def kv_cache_mode(algo: str | None, dtype: torch.dtype) -> str:
+def kv_cache_mode(algo: str | None, dtype: torch.dtype, device: torch.device | None = None) -> str:
     """What ``describe()`` reports: the storage dtype, and how attention reads it."""
     if algo is None:
         return str(dtype).removeprefix("torch.")
+    if device is not None and torch.device(device).type == "cuda":
+        # the decode kernel reads int8/fp8 and dequantizes in registers; prefill attends a dequantized copy
+        return f"{algo.lower()} (read in-kernel at decode)"
     return f"{algo.lower()} (dequantize on read)"

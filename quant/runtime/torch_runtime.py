@@ -9,6 +9,24 @@ compute dtype are constructor arguments, so a CUDA path only adds kernels and gr
 Each linear runs its checkpoint format's handler (:mod:`quant.runtime.linear`: int8/int4/FP8 CPU kernels, or an
 exact emulation flagged as such); a checkpoint with ``kv_cache_quant_algo`` INT8/FP8 gets a cache stored in that
 format with the per-layer ``kv_cache_scaling_factor`` (:mod:`quant.runtime.kv_cache`). ``describe()`` reports both.
+
+On CUDA (``device="cuda"``, compute dtype float16/bfloat16 advised) the same model runs as:
+
+- prefill: one fused RMSNorm/quantize prologue per linear, the format's GEMM (cuBLAS, ``_int_mm``, ``_scaled_mm``,
+  or Triton for few rows), RoPE and the KV write as here, and SDPA — FlashAttention when the batch has no left
+  padding (``is_causal``), the memory-efficient kernel with the key mask otherwise;
+- prefill, with graphs on, is captured as a CUDA graph per (batch, prompt lengths) too and replayed on new
+  token ids (a small batch's prefill is otherwise bound by the CPU launching ~25 kernels per layer);
+- decode: a static KV cache per (batch, prompt + budget) and one step captured as a CUDA graph and replayed:
+  per layer RMSNorm (+ int8/fp8 quantization) and the qkv GEMV, a RoPE + cache-write kernel, split-KV attention
+  reading the int8/fp8 or fp16 cache directly, the dense GEMV with the residual add fused, RMSNorm and fc‖gate
+  as one GEMV, SiLU·gate and the proj GEMV with the residual add fused (at batch 1; larger batches use the
+  ``tl.dot``/library kernels of :mod:`quant.runtime.linear`); argmax, EOS bookkeeping and the position/slot
+  increments are in the graph too, so the host only replays it. fc and gate are stacked into one linear at
+  load when their input side (pre-quant / activation scales) is identical, as ModelOpt exports them.
+
+Per-step times on CUDA come from CUDA events between graph replays (no host sync per step unless EOS is
+checked).
 """
 from __future__ import annotations
 
@@ -24,7 +42,7 @@ from quant.errors import UserError
 from quant.formats import LINEARS, layer_group_sizes
 from quant.runtime import rope
 from quant.runtime.kv_cache import KV_STORAGE, KVCache, QuantizedKVCache, kv_cache_mode
-from quant.runtime.linear import make_linear
+from quant.runtime.linear import DenseLinear, _Handler, concat_linear_tensors, make_linear
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,8 +67,24 @@ class TorchRuntime:
     def __init__(self, ckpt: Checkpoint, *, device: str | torch.device = "cpu", compute_dtype: str = "float32"):
         if compute_dtype not in COMPUTE_DTYPES:
             raise UserError(f"compute dtype {compute_dtype!r} not supported (choose from {', '.join(COMPUTE_DTYPES)})")
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise UserError(f"device {device!r} is not a valid torch device ({exc})") from None
         self.dtype = COMPUTE_DTYPES[compute_dtype]
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            check_cuda(self.device, ckpt)
+            try:
+                self._load(ckpt)
+            except torch.cuda.OutOfMemoryError:
+                raise UserError(f"out of GPU memory loading checkpoint {ckpt.path} "
+                                f"({ckpt.weight_bytes() / 2**30:.1f} GiB as stored) on {self.device} "
+                                f"({_gpu_memory(self.device)})") from None
+        else:
+            self._load(ckpt)
+
+    def _load(self, ckpt: Checkpoint) -> None:
         self.checkpoint_path = ckpt.path
         cfg = ckpt.config
         self.config = cfg
@@ -78,11 +112,19 @@ class TorchRuntime:
                 "input_layernorm": t[p + "input_layernorm.weight"].to(**to),
                 "post_layernorm": t[p + "post_layernorm.weight"].to(**to),
             }
-            for lin in LINEARS:
-                sub = {k[len(p + lin) + 1:]: v for k, v in t.items() if k.startswith(p + lin + ".")}
-                name = f"layers.{i}.{lin}"
-                layer[lin] = make_linear(ckpt.layer_algos[name], sub, dtype=self.dtype, device=self.device,
-                                         group_size=group_sizes[name])
+            subs = {lin: {k[len(p + lin) + 1:]: v for k, v in t.items() if k.startswith(p + lin + ".")}
+                    for lin in LINEARS}
+            names = {lin: f"layers.{i}.{lin}" for lin in LINEARS}
+            linears = list(LINEARS)
+            if self.cuda and ckpt.layer_algos[names["mlp.fc"]] == ckpt.layer_algos[names["mlp.gate"]] \
+                    and group_sizes[names["mlp.fc"]] == group_sizes[names["mlp.gate"]]:
+                both = concat_linear_tensors(ckpt.layer_algos[names["mlp.fc"]], [subs["mlp.fc"], subs["mlp.gate"]])
+                if both is not None:  # one GEMV reads fc and gate (SiLU half first)
+                    subs["mlp.fc_gate"], names["mlp.fc_gate"] = both, names["mlp.fc"]
+                    linears = [lin for lin in LINEARS if lin not in ("mlp.fc", "mlp.gate")] + ["mlp.fc_gate"]
+            for lin in linears:
+                layer[lin] = make_linear(ckpt.layer_algos[names[lin]], subs[lin], dtype=self.dtype,
+                                         device=self.device, group_size=group_sizes[names[lin]])
             self.layers.append(layer)
         # KV cache format (TRT-LLM: one float32 dequant scale per layer); the scales are not weight bytes.
         self.kv_algo = ckpt.kv_cache_algo
@@ -96,7 +138,12 @@ class TorchRuntime:
         nbytes = lambda x: x.numel() * x.element_size()  # noqa: E731
         self.weight_bytes = nbytes(self.lm_head) + nbytes(self.ln_f) + sum(
             nbytes(layer["input_layernorm"]) + nbytes(layer["post_layernorm"])
-            + sum(layer[lin].nbytes for lin in LINEARS) for layer in self.layers)
+            + sum(h.nbytes for h in _linears(layer)) for layer in self.layers)
+        if self.cuda:
+            self.lm_head_linear = DenseLinear({"weight": self.lm_head}, self.dtype, self.device)  # shares the tensor
+            self.freq_dev = self.freq.to(self.device)
+            self.cuda_graphs = True  # False: decode steps run eagerly (same kernels; for tests and profiles)
+            self._state = None  # the decode state (static cache, buffers, graph) of the last (batch, length)
 
     @classmethod
     def from_dir(cls, folder: str | Path, **kwargs) -> "TorchRuntime":
@@ -111,6 +158,8 @@ class TorchRuntime:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
                  key_mask: torch.Tensor, last_only: bool) -> torch.Tensor:
         """ids/positions [B, T] at cache slots start..start+T-1; key_mask [B, start+T] (True = real token)."""
+        if self.cuda:
+            return self._forward_cuda(ids, positions, cache, start, key_mask, last_only)
         B, T = ids.shape
         h = F.embedding(ids, self.embedding)
         cos, sin = rope.cos_sin(positions, self.freq, self.dtype)
@@ -148,15 +197,214 @@ class TorchRuntime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    # -- CUDA path -----------------------------------------------------------------------------------------
+    def _forward_cuda(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
+                      key_mask: torch.Tensor, last_only: bool, causal: bool | None = None) -> torch.Tensor:
+        """The model as ``_forward`` computes it, through the fused CUDA linears (any T; prefill). ``causal``:
+        whether key_mask is all True (given by the caller when it knows, so that nothing syncs)."""
+        B, T = ids.shape
+        hidden = self.embedding.shape[1]
+        h = F.embedding(ids, self.embedding).reshape(B * T, hidden)
+        cos, sin = rope.cos_sin(positions, self.freq_dev, self.dtype)  # (no host copy: graph-capturable)
+        # No padding and a fresh cache: plain causal attention (FlashAttention); else the CPU path's mask.
+        if causal is None:
+            causal = bool(key_mask.all())
+        causal = causal and start == 0
+        allowed = None
+        if not causal:
+            slots = torch.arange(start, start + T, device=self.device)
+            keys = torch.arange(start + T, device=self.device)
+            allowed = key_mask[:, None, None, :] & (keys[None, :] <= slots[:, None])[None, None]
+            allowed = allowed | (keys[None, :] == slots[:, None])[None, None]
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        for i, layer in enumerate(self.layers):
+            qkv = layer["attention.qkv"].fused(h, norm=layer["input_layernorm"], eps=self.eps)
+            q, k, v = qkv.view(B, T, -1).split((q_dim, kv_dim, kv_dim), dim=-1)
+            q = rope.apply(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = rope.apply(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+            v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+            k_all, v_all = cache.update(i, start, k, v)
+            attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=allowed, is_causal=causal,
+                                                  enable_gqa=self.n_kv != self.n_heads)
+            layer["attention.dense"].fused(attn.transpose(1, 2).reshape(B * T, q_dim), residual=h)
+            self._mlp(layer, h)
+        if last_only:
+            h = h.view(B, T, hidden)[:, -1]
+        logits = self.lm_head_linear.fused(h.contiguous(), norm=self.ln_f, eps=self.eps)
+        return logits.view(B, 1 if last_only else T, -1)
+
+    def _mlp(self, layer: dict, h: torch.Tensor) -> None:
+        """h += proj(SiLU(fc(x)) · gate(x)), x = RMSNorm(h) — fc‖gate as one linear where stacked."""
+        if "mlp.fc_gate" in layer:
+            fg = layer["mlp.fc_gate"].fused(h, norm=layer["post_layernorm"], eps=self.eps)
+            layer["mlp.proj"].fused(fg, silu=True, residual=h)
+        else:
+            x = self._rmsnorm(h, layer["post_layernorm"])
+            layer["mlp.proj"].fused(torch.cat((layer["mlp.fc"].fused(x), layer["mlp.gate"].fused(x)), dim=-1),
+                                    silu=True, residual=h)
+
+    def _decode_body(self, st: "_DecodeState") -> None:
+        """One decode step on the static buffers: reads st.ids/pos/slot, writes the token and advances them."""
+        from quant.runtime import cuda_kernels as ck
+
+        h = F.embedding(st.ids, self.embedding)  # [B, hidden]
+        cache, quant = st.cache, self.kv_algo is not None
+        for i, layer in enumerate(self.layers):
+            qkv = layer["attention.qkv"].fused(h, norm=layer["input_layernorm"], eps=self.eps)
+            q = ck.rope_cache_write(qkv, st.pos, st.slot, self.freq_dev, cache.k[i], cache.v[i], self.n_heads,
+                                    self.n_kv, self.head_dim, kv_rcp=cache.rcp[i:i + 1] if quant else None,
+                                    kv_algo=self.kv_algo)
+            attn = st.attn(q, cache.k[i], cache.v[i], st.key_mask, st.slot,
+                           kv_scale=cache.scale[i:i + 1] if quant else None, kv_algo=self.kv_algo)
+            layer["attention.dense"].fused(attn, residual=h)
+            self._mlp(layer, h)
+        nxt = self.lm_head_linear.fused(h, norm=self.ln_f, eps=self.eps).argmax(-1)
+        if not st.ignore_eos:
+            nxt = torch.where(st.done, st.pad, nxt)
+            st.done |= torch.isin(nxt, st.eos)
+        st.out.index_copy_(1, st.step, nxt[:, None])
+        st.ids.copy_(nxt)
+        st.pos += 1
+        st.slot += 1
+        st.step += 1
+
+    def _decode_step(self, st: "_DecodeState") -> None:
+        if not self.cuda_graphs:
+            self._decode_body(st)
+        elif st.graph is None:
+            # First step of this shape: run it for real on a side stream (compiles the Triton kernels, sets up
+            # cuBLAS), then capture the next one; capturing does not execute it.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._decode_body(st)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            st.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(st.graph):
+                self._decode_body(st)
+        else:
+            st.graph.replay()
+
+    def _prefill(self, st: "_DecodeState", ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+                 lens: tuple[int, ...]) -> torch.Tensor:
+        """First token of each prompt; the prefill writes st.cache. With graphs on, a prefill of these prompt
+        lengths is captured once (its first call runs eagerly) and replayed on the token ids afterwards: the
+        prefill's ~25 launches per layer otherwise cost more CPU time than a small batch's GPU time."""
+        causal = len(set(lens)) == 1
+
+        def run(x):
+            return self._forward_cuda(x, positions, st.cache, 0, key_mask, last_only=True,
+                                      causal=causal)[:, -1].argmax(-1)
+
+        if not self.cuda_graphs:
+            return run(ids)
+        if st.prefill_graph is not None and st.prefill_key == lens:
+            st.prefill_ids.copy_(ids)
+            st.prefill_graph.replay()
+            return st.prefill_out.clone()
+        st.prefill_graph = None
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            nxt = run(ids)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        st.prefill_ids = ids.clone()
+        st.prefill_inputs = (positions, key_mask)  # read by the graph: they must outlive this call (same values
+        graph = torch.cuda.CUDAGraph()             # for the same prompt lengths)
+        with torch.cuda.graph(graph):
+            st.prefill_out = run(st.prefill_ids)
+        st.prefill_graph, st.prefill_key = graph, lens
+        return nxt
+
+    def _check_fits(self, B: int, P: int, new: int, what: str) -> None:
+        """Refuse, before allocating, a KV cache + prefill that cannot fit in the GPU's free memory."""
+        total = P + new
+        if self._state is not None and self._state.key[:2] == (B, total):
+            return  # that cache is already allocated (its graph is reused)
+        self._state = None  # the previous shape's cache and graph are freed first
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        kv_elem = 1 if self.kv_algo is not None else self.embedding.element_size()
+        cache = 2 * self.n_layers * B * self.n_kv * total * self.head_dim * kv_elem
+        inter = self.config["intermediate_size"]
+        hidden = self.embedding.shape[1]
+        act = B * P * (3 * inter + 8 * hidden) * self.embedding.element_size() + B * self.vocab * 4
+        if cache + act > free:
+            raise UserError(f"out of GPU memory for {what}: the KV cache needs {cache / 2**30:.1f} GiB and prefill "
+                            f"~{act / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free on {self.device}")
+
+    def _generate_cuda(self, prompts, max_new_tokens, eos_ids, ignore_eos, pad_id) -> Generation:
+        B, lens = len(prompts), [len(p) for p in prompts]
+        P = max(lens)
+        total = P + max_new_tokens
+        dev = self.device
+        ids = torch.full((B, P), pad_id, dtype=torch.long)
+        key_mask = torch.ones(B, total, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            ids[b, P - lens[b]:] = torch.tensor(p, dtype=torch.long)
+            key_mask[b, : P - lens[b]] = False
+        ids, key_mask = ids.to(dev), key_mask.to(dev)
+        lens_t = torch.tensor(lens, device=dev)
+        positions = (torch.arange(P, device=dev)[None] - (P - lens_t)[:, None]).clamp(min=0)
+        eos = tuple(eos_ids) or (-1,)
+        key = (B, total, bool(ignore_eos), eos, pad_id)
+        st = self._state if self._state is not None and self._state.key == key else None
+        if st is None:
+            self._state = None
+            st = self._state = _DecodeState(self, key, B, total, max_new_tokens, ignore_eos, eos, pad_id)
+
+        self._sync()
+        t0 = time.perf_counter()
+        nxt = self._prefill(st, ids, positions, key_mask[:, :P], tuple(lens))
+        if ignore_eos:
+            st.done.zero_()
+        else:
+            st.done.copy_(torch.isin(nxt, st.eos))
+        self._sync()
+        ttft = time.perf_counter() - t0
+
+        st.out[:, 0] = nxt
+        st.ids.copy_(nxt)
+        st.pos.copy_(lens_t)
+        st.slot.fill_(P)
+        st.step.fill_(1)
+        st.key_mask.copy_(key_mask)
+        events = [torch.cuda.Event(enable_timing=True)]
+        events[0].record()
+        steps = 0
+        for _ in range(1, max_new_tokens):
+            if not ignore_eos and bool(st.done.all()):
+                break
+            self._decode_step(st)
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            events.append(ev)
+            steps += 1
+        self._sync()
+        step_s = [events[j].elapsed_time(events[j + 1]) / 1e3 for j in range(steps)]
+        gen = st.out[:, : steps + 1].tolist()
+        eos_set = set(eos_ids)
+        tokens = []
+        for row in gen:
+            if not ignore_eos:
+                cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))
+                row = row[:cut]
+            tokens.append(row)
+        return Generation(tokens=tokens, prompt_lens=lens, ttft_s=ttft, step_s=step_s)
+
     # -- public API (shared with the TensorRT-LLM runner) --------------------------------------------------
     @torch.inference_mode()
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Float32 logits [T, vocab] of one unpadded sequence (perplexity, parity with HF)."""
         x = torch.tensor([ids], device=self.device)
-        cache = self._new_cache(1, len(ids))
-        pos = torch.arange(len(ids), device=self.device)[None]
-        mask = torch.ones(1, len(ids), dtype=torch.bool, device=self.device)
-        return self._forward(x, pos, cache, 0, mask, last_only=False)[0].float()
+        try:
+            cache = self._new_cache(1, len(ids))
+            pos = torch.arange(len(ids), device=self.device)[None]
+            mask = torch.ones(1, len(ids), dtype=torch.bool, device=self.device)
+            return self._forward(x, pos, cache, 0, mask, last_only=False)[0].float()
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"out of GPU memory for the logits of one sequence of {len(ids)} tokens on "
+                            f"{self.device} ({_gpu_memory(self.device)})") from None
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int] | tuple[int, ...] = (),
@@ -166,6 +414,17 @@ class TorchRuntime:
             raise UserError("generate needs at least one non-empty prompt")
         if max_new_tokens <= 0:
             raise UserError("max_new_tokens must be > 0")
+        if self.cuda:
+            B, P = len(prompts), max(len(p) for p in prompts)
+            what = f"batch {B} × ({P} prompt + {max_new_tokens} new tokens)"
+            self._check_fits(B, P, max_new_tokens, what)
+            try:
+                return self._generate_cuda(prompts, max_new_tokens, eos_ids, ignore_eos, pad_id)
+            except torch.cuda.OutOfMemoryError:
+                self._state = None
+                torch.cuda.empty_cache()
+                raise UserError(f"out of GPU memory for {what} on {self.device} ({_gpu_memory(self.device)}); "
+                                f"use a smaller batch or shorter lengths") from None
         B, lens = len(prompts), [len(p) for p in prompts]
         P = max(lens)
         total = P + max_new_tokens
@@ -216,12 +475,71 @@ class TorchRuntime:
 
     def describe(self) -> dict:
         """Kernels the linears run, whether any part is an emulation (and which), and the KV cache mode."""
-        handlers = [layer[lin] for layer in self.layers for lin in LINEARS]
+        handlers = [h for layer in self.layers for h in _linears(layer)]
         kernels = sorted({h.kernel for h in handlers})
         emulated_parts = sorted({h.kernel for h in handlers if h.emulated})
-        if self.kv_algo is not None:
+        if self.kv_algo is not None and not self.cuda:
             emulated_parts.append("kv_cache")  # attention reads a dequantized copy, not int8/fp8 directly
         return {"backend": self.name, "version": torch.__version__, "device": str(self.device),
                 "compute_dtype": str(self.dtype).removeprefix("torch."), "kernels": kernels,
                 "emulated": bool(emulated_parts), "emulated_parts": emulated_parts,
-                "kv_cache": kv_cache_mode(self.kv_algo, self.dtype)}
+                "kv_cache": kv_cache_mode(self.kv_algo, self.dtype, self.device),
+                **({"gpu": torch.cuda.get_device_name(self.device), "cuda_graphs": self.cuda_graphs,
+                    "attention": "flash/efficient SDPA (prefill), triton split-KV (decode)"} if self.cuda else {})}
+
+
+class _DecodeState:
+    """Static buffers of the CUDA decode step for one (batch, prompt + budget, EOS set): the KV cache, the
+    attention workspace, the token/position/slot counters, the output tokens, and the captured graph."""
+
+    def __init__(self, rt: TorchRuntime, key, B: int, total: int, max_new: int, ignore_eos: bool, eos, pad_id: int):
+        from quant.runtime.cuda_kernels import DecodeAttention
+
+        dev = rt.device
+        self.key, self.ignore_eos = key, ignore_eos
+        self.cache = rt._new_cache(B, total)
+        self.attn = DecodeAttention(B, rt.n_heads, rt.n_kv, rt.head_dim, total, rt.dtype, dev)
+        self.ids = torch.zeros(B, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)
+        self.slot = torch.zeros((), dtype=torch.long, device=dev)
+        self.step = torch.zeros(1, dtype=torch.long, device=dev)
+        self.key_mask = torch.ones(B, total, dtype=torch.bool, device=dev)
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.out = torch.zeros(B, max_new, dtype=torch.long, device=dev)
+        self.eos = torch.tensor(list(eos), dtype=torch.long, device=dev)
+        self.pad = torch.tensor(pad_id, dtype=torch.long, device=dev)
+        self.graph = None
+        self.prefill_graph = self.prefill_key = self.prefill_ids = self.prefill_out = self.prefill_inputs = None
+
+
+def _linears(layer: dict) -> list[_Handler]:
+    return [v for v in layer.values() if isinstance(v, _Handler)]
+
+
+def _gpu_memory(device: torch.device) -> str:
+    try:
+        free, total = torch.cuda.mem_get_info(device)
+        return f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+    except RuntimeError:
+        return "free memory unknown"
+
+
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def check_cuda(device: torch.device, ckpt: Checkpoint | None = None) -> None:
+    """UserError unless ``device`` is a usable CUDA GPU, and one with FP8 (compute capability ≥ 8.9) if the
+    checkpoint has FP8 linears or an FP8 KV cache. Called before anything is put on the device."""
+    if not torch.cuda.is_available():
+        raise UserError(f"device {device} asked for, but no CUDA GPU is available "
+                        f"(torch {torch.__version__}{', a CPU-only build' if torch.version.cuda is None else ''})")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise UserError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if ckpt is None:
+        return
+    fp8 = "FP8" in set(ckpt.layer_algos.values()) or ckpt.kv_cache_algo == "FP8"
+    cap = torch.cuda.get_device_capability(index)
+    if fp8 and tuple(cap) < FP8_MIN_CAPABILITY:
+        raise UserError(f"checkpoint {ckpt.path} uses FP8, which needs a GPU of compute capability ≥ 8.9 "
+                        f"(Ada/Hopper); {torch.cuda.get_device_name(index)} is {cap[0]}.{cap[1]}")

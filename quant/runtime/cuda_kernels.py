@@ -1,0 +1,606 @@
+"""Triton kernels of the runtime's CUDA path (imported only when a runtime is built on a CUDA device).
+
+Each kernel reproduces, in one launch, the sequence of tensor ops the CPU path runs, with the same roundings
+to the compute dtype at the same places (see :mod:`quant.runtime.linear` for the per-format formulas):
+
+- :func:`gemv`: y = W · x for one row (decode at batch 1), W in any checkpoint layout — fp16/bf16, int8 with
+  per-channel scales (W8A16), int4 AWQ packed in pairs along out with group scales, fp8 with a per-tensor scale —
+  read once (int8/int4/fp8 as int32 words, turned into float32 by moving bits: no int→float conversions) and
+  accumulated element-wise in float32 (int8 × int8 in int32 for SmoothQuant), reduced once per program; the
+  residual add is fused behind (y is added to h in place). It can also fuse the prologue in front (RMSNorm,
+  SiLU·gate, pre-quant scale, int8/FP8 activation quantization: ``linear.FUSE_PROLOGUE``), but every program
+  then recomputes it for the whole row, which measured slower on an H200 than one :func:`act_prep` launch.
+- :func:`wq_mm`: the same weights through ``tl.dot`` for 2–64 rows (decode at larger batch), and SmoothQuant's
+  int8 × int8 GEMM with its dequant epilogue fused.
+- :func:`act_prep`: the prologue alone (RMSNorm / SiLU·gate, pre-quant scale, int8 or FP8 quantization) for
+  rows that go to a library GEMM (``torch._int_mm``, ``torch._scaled_mm``, cuBLAS).
+- :func:`int_mm_epilogue`: int32 accumulators · (a · s) → compute dtype (+ residual).
+- :func:`dequant_int4`: unpack + scale AWQ weights to the compute dtype (prefill goes through cuBLAS).
+- :func:`rope_cache_write`: RoPE on q and k of one decode token, k/v stored into the (int8/fp8) cache.
+- :class:`DecodeAttention`: split-KV flash decoding over the static cache, reading int8/fp8 K/V directly
+  (dequantized in registers: ``float32(stored) · scale`` rounded to the compute dtype, as the CPU path does).
+
+Round half to even is done with the 1.5·2²³ trick after clamping (exact for |v| ≤ 2²²); the division by an
+activation scale is IEEE ``div_rn`` as in PyTorch. Both are checked against PyTorch in ``tests/test_cuda.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# weight formats (WFMT) and activation formats (AFMT) of the fused GEMV
+W_FLOAT, W_INT8, W_INT4, W_FP8 = 0, 1, 2, 3
+A_FLOAT, A_INT8, A_FP8, A_INT8_IN = 0, 1, 2, 3  # A_INT8_IN: x is int8 already (quantized by act_prep)
+# prologues (PRO): plain x, RMSNorm(h) · w, SiLU(x[:, :K]) · x[:, K:]
+PRO_NONE, PRO_RMSNORM, PRO_SILU = 0, 1, 2
+# epilogue scale (SCALE): none, per output channel, one scalar
+S_NONE, S_CHANNEL, S_SCALAR = 0, 1, 2
+_ROUND_MAGIC = 12582912.0  # 1.5 · 2^23: (v + C) − C rounds a float32 |v| ≤ 2^22 to the nearest integer, ties to even
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@triton.jit
+def _prologue(x_ptr, offs_k, k_mask, K, rstd, norm_ptr, pre_ptr, a_ptr,
+              dt: tl.constexpr, PRO: tl.constexpr, HAS_PRE: tl.constexpr, AFMT: tl.constexpr):
+    """Elements offs_k of the one input row after the fused prologue: float32 (int32 for int8 activations)."""
+    xp = x_ptr + offs_k
+    if PRO == 2:
+        a = tl.load(xp, mask=k_mask, other=0.0).to(tl.float32)
+        g = tl.load(xp + K, mask=k_mask, other=0.0)
+        xv = (a * tl.sigmoid(a)).to(dt) * g
+    elif PRO == 1:
+        h = tl.load(xp, mask=k_mask, other=0.0).to(tl.float32)
+        xv = tl.load(norm_ptr + offs_k, mask=k_mask, other=0.0) * (h * rstd).to(dt)
+    else:
+        xv = tl.load(xp, mask=k_mask, other=0.0)
+    if HAS_PRE:
+        xv = xv * tl.load(pre_ptr + offs_k, mask=k_mask, other=0.0)
+    if AFMT == 1:
+        v = tl.div_rn(xv.to(tl.float32), tl.load(a_ptr))
+        v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+        out = ((v + 12582912.0) - 12582912.0).to(tl.int32)
+    elif AFMT == 2:
+        v = tl.div_rn(xv.to(tl.float32), tl.load(a_ptr))
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        out = v.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
+    elif AFMT == 3:  # int8 already quantized (act_prep)
+        out = xv.to(tl.int32)
+    else:  # the compute dtype, or fp8 already quantized
+        out = xv.to(tl.float32)
+    return out
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, stride_wn, stride_wsn, eps,
+                 WFMT: tl.constexpr, AFMT: tl.constexpr, PRO: tl.constexpr, HAS_PRE: tl.constexpr,
+                 SCALE: tl.constexpr, RESIDUAL: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """One input row (decode at batch 1). Each program: BLOCK_R weight rows (int4: packed row pairs) over all of
+    K, accumulating element-wise in a [BLOCK_R, ·] tile and reducing once at the end. int8/int4 weights are read
+    as int32 words (4 bytes of 4 consecutive k) and turned into float32 with the 2²³ magic number (OR + FSUB)
+    instead of int→float conversions, which run at a fraction of the FMA rate."""
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    rstd = 0.0
+    if PRO == 1:
+        ss = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            h = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+            ss += h * h
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    if WFMT != 0:
+        BLOCK_W: tl.constexpr = BLOCK_K // 4
+        offs_w = tl.arange(0, BLOCK_W)
+        if AFMT == 1 or AFMT == 3:
+            acc = tl.zeros([BLOCK_R, BLOCK_W], tl.int32)
+        else:
+            acc = tl.zeros([BLOCK_R, BLOCK_W], tl.float32)
+        acc2 = tl.zeros([BLOCK_R, BLOCK_W], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            wo = k0 // 4 + offs_w
+            wm = r_mask[:, None] & (wo < K // 4)[None, :]
+            words = tl.load(w_ptr + offs_r[:, None] * stride_wn + wo[None, :], mask=wm, other=0)
+            if WFMT == 2:
+                g = (k0 + 4 * offs_w) // GROUP
+                se = tl.load(ws_ptr + (2 * offs_r)[:, None] * stride_wsn + g[None, :], mask=wm, other=0.0)
+                so = tl.load(ws_ptr + (2 * offs_r + 1)[:, None] * stride_wsn + g[None, :], mask=wm, other=0.0)
+                se = se.to(tl.float32)
+                so = so.to(tl.float32)
+            for i in tl.static_range(4):
+                offs_k = k0 + 4 * offs_w + i
+                xq = _prologue(x_ptr, offs_k, offs_k < K, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO, HAS_PRE,
+                               AFMT)
+                byte = (words >> (8 * i)) & 0xFF
+                if WFMT == 3:
+                    # e4m3 → float32 by moving its bits: exponent and mantissa to fp32's, sign to bit 31; that is
+                    # the value · 2^-120 (fp32 bias 127, e4m3 bias 7; e4m3 subnormals land on fp32 subnormals).
+                    # x carries 2^64 and the result 2^56 (x · 2^120 could overflow; products stay normal).
+                    bits = ((byte & 0x7F) << 20) | ((byte & 0x80) << 24)
+                    acc += bits.to(tl.float32, bitcast=True) * (xq * 1.8446744073709552e19)[None, :]  # 2^64
+                elif WFMT == 1:
+                    u = byte ^ 0x80  # q + 128 (offset binary)
+                    if AFMT == 1 or AFMT == 3:
+                        acc += (u - 128) * xq[None, :]
+                    else:
+                        wf = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+                        acc += wf * xq[None, :]
+                else:
+                    lo = (((byte & 0xF) ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+                    hi = (((byte >> 4) ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                    acc += (lo * se) * xq[None, :]
+                    acc2 += (hi * so) * xq[None, :]
+    else:
+        acc = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+        acc2 = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xq = _prologue(x_ptr, offs_k, k_mask, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO, HAS_PRE, AFMT)
+            wf = tl.load(w_ptr + offs_r[:, None] * stride_wn + offs_k[None, :],
+                         mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            acc += wf * xq[None, :]
+    if WFMT == 2:
+        _store_row(tl.sum(acc, axis=1), y_ptr, ws_ptr, 2 * offs_r, r_mask, dt, 0, RESIDUAL)
+        _store_row(tl.sum(acc2, axis=1), y_ptr, ws_ptr, 2 * offs_r + 1, r_mask, dt, 0, RESIDUAL)
+    elif WFMT == 3:
+        _store_row(tl.sum(acc, axis=1) * 7.205759403792794e16, y_ptr, ws_ptr, offs_r, r_mask, dt, SCALE,  # 2^56
+                   RESIDUAL)
+    else:
+        _store_row(tl.sum(acc, axis=1), y_ptr, ws_ptr, offs_r, r_mask, dt, SCALE, RESIDUAL)
+
+
+@triton.jit
+def _store_row(acc, y_ptr, ws_ptr, offs_n, n_mask, dt: tl.constexpr, SCALE: tl.constexpr, RESIDUAL: tl.constexpr):
+    out = acc.to(tl.float32)
+    if SCALE == 1:
+        out = out * tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    elif SCALE == 2:
+        out = out * tl.load(ws_ptr).to(tl.float32)
+    yv = out.to(dt)
+    if RESIDUAL:
+        yv = tl.load(y_ptr + offs_n, mask=n_mask, other=0.0) + yv
+    tl.store(y_ptr + offs_n, yv, mask=n_mask)
+
+
+@triton.jit
+def _gemv_store(acc, y_ptr, ws_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, dt: tl.constexpr,
+                SCALE: tl.constexpr, RESIDUAL: tl.constexpr):
+    out = acc.to(tl.float32)
+    if SCALE == 1:
+        out = out * tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    elif SCALE == 2:
+        out = out * tl.load(ws_ptr).to(tl.float32)
+    yv = out.to(dt)
+    yp = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    ym = m_mask[:, None] & n_mask[None, :]
+    if RESIDUAL:
+        yv = tl.load(yp, mask=ym, other=0.0) + yv
+    tl.store(yp, yv, mask=ym)
+
+
+# (BLOCK_R, BLOCK_K, num_warps) per weight format; BLOCK_R counts weight rows (int4: packed pairs, so 2·BLOCK_R
+# outputs), BLOCK_K input columns. Chosen with ``python -m experiments.bench --sweep`` on an H200.
+GEMV_CONFIG = {W_FLOAT: (2, 1024, 4), W_INT8: (8, 1024, 4), W_FP8: (8, 512, 4), W_INT4: (2, 2048, 4)}
+GEMV_MAX_M = 1
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | None = None,
+         wscale: torch.Tensor | None = None, scale_mode: int = S_NONE, group: int = 0,
+         prequant: torch.Tensor | None = None, act_scale: torch.Tensor | None = None, afmt: int = A_FLOAT,
+         norm: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False, residual: torch.Tensor | None = None,
+         config: tuple[int, int, int] | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y [1, N] = W · prologue(x) for one row x [1, K] (silu: [1, 2K]); residual [1, N]: y added in place.
+    ``out_dtype``: y's dtype when x is not in the compute dtype (pre-quantized int8/fp8 x)."""
+    assert x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
+    R, K = w.shape
+    N = 2 * R if wfmt == W_INT4 else R
+    assert x.shape[1] == (2 * K if silu else K)
+    if residual is not None:
+        y = residual
+    else:
+        y = out if out is not None else torch.empty(1, N, dtype=out_dtype or x.dtype, device=x.device)
+    br, bk, warps = config or GEMV_CONFIG[wfmt]
+    bk = min(bk, max(16, _pow2(K)))
+    if wfmt in (W_INT8, W_INT4, W_FP8):
+        assert K % 4 == 0 and w.stride(0) % 4 == 0
+        if wfmt == W_INT4:
+            assert group % 4 == 0
+        w_arg, stride_w = w.view(torch.int32), w.stride(0) // 4
+    else:
+        w_arg, stride_w = w, w.stride(0)
+    dummy = x
+    _gemv_kernel[(triton.cdiv(R, br),)](
+        x, w_arg, wscale if wscale is not None else dummy, prequant if prequant is not None else dummy,
+        norm if norm is not None else dummy, act_scale if act_scale is not None else dummy, y,
+        R, K, stride_w, wscale.stride(0) if (wscale is not None and wscale.dim() == 2) else 0, float(eps),
+        WFMT=wfmt, AFMT=afmt, PRO=PRO_SILU if silu else PRO_RMSNORM if norm is not None else PRO_NONE,
+        HAS_PRE=prequant is not None, SCALE=scale_mode, RESIDUAL=residual is not None, GROUP=max(group, 4),
+        BLOCK_R=br, BLOCK_K=bk, num_warps=warps)
+    return y
+
+
+# -- tl.dot path for 2–64 rows (and SmoothQuant's int8 GEMM): weights dequantized in registers -----------------------
+@triton.jit
+def _wq_mm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, stride_wsn, stride_ym,
+                  WFMT: tl.constexpr, AFMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr):
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    pid_r = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    if AFMT == 1:
+        acc = tl.zeros([BLOCK_M, BLOCK_R], tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        wp = w_ptr + offs_r[:, None] * stride_wn + offs_k[None, :]
+        wm = r_mask[:, None] & k_mask[None, :]
+        if WFMT == 2:
+            p = tl.load(wp, mask=wm, other=0).to(tl.int32)
+            lo = ((p << 28) >> 28).to(dt)
+            hi = (p >> 4).to(dt)
+            g = k0 // GROUP
+            se = tl.load(ws_ptr + (2 * offs_r) * stride_wsn + g, mask=r_mask, other=0.0).to(tl.float32)
+            so = tl.load(ws_ptr + (2 * offs_r + 1) * stride_wsn + g, mask=r_mask, other=0.0).to(tl.float32)
+            acc += tl.dot(x, tl.trans(lo)) * se[None, :]
+            acc2 += tl.dot(x, tl.trans(hi)) * so[None, :]
+        elif AFMT == 1:
+            acc += tl.dot(x, tl.trans(tl.load(wp, mask=wm, other=0)))
+        else:
+            acc += tl.dot(x, tl.trans(tl.load(wp, mask=wm, other=0).to(dt)))
+    if WFMT == 2:
+        _gemv_store(acc, y_ptr, ws_ptr, offs_m, m_mask, 2 * offs_r, r_mask, stride_ym, dt, 0, RESIDUAL)
+        _gemv_store(acc2, y_ptr, ws_ptr, offs_m, m_mask, 2 * offs_r + 1, r_mask, stride_ym, dt, 0, RESIDUAL)
+    else:
+        _gemv_store(acc, y_ptr, ws_ptr, offs_m, m_mask, offs_r, r_mask, stride_ym, dt, 1, RESIDUAL)
+
+
+WQ_MM_MAX_M = 64
+# (BLOCK_R, BLOCK_K, num_warps, num_stages) per weight format (int8 activations: key A_INT8); BLOCK_M = 16..64.
+# Measured on the 7B shapes (H200): BLOCK_R 16 leaves the weight stream short of bytes in flight at 8 rows.
+WQ_MM_CONFIG = {W_INT8: (32, 256, 4, 3), W_INT4: (32, 128, 4, 4), A_INT8: (32, 256, 4, 3)}
+WQ_MM_CONFIG_32 = {W_INT8: (64, 128, 4, 4), W_INT4: (32, 128, 4, 4), A_INT8: (32, 128, 4, 4)}  # 17–64 rows
+# SmoothQuant prefill through Triton (BM, BR, BK, warps, stages): ~960 int8 TOP/s at 1024 rows on the 7B shapes,
+# against ~650–850 for torch._int_mm (cuBLASLt's sm80 kernels) and ~700 TFLOP/s for cuBLAS fp16.
+INT8_GEMM_CONFIG = (128, 128, 64, 4, 4)
+
+
+def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, group: int = 0, afmt: int = A_FLOAT,
+          dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,
+          config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """y [M, N] = x @ dequant(W)ᵀ · scale for int8 (per-channel scale) or int4 AWQ (group scales) weights, x in
+    fp16/bf16; or, afmt=A_INT8, int8 x @ int8 Wᵀ in int32 times the per-channel ``wscale`` (= a · s)."""
+    M, K = x.shape
+    R = w.shape[0]
+    N = 2 * R if wfmt == W_INT4 else R
+    dtype = dtype or x.dtype
+    y = residual if residual is not None else torch.empty(M, N, dtype=dtype, device=x.device)
+    if config is not None and len(config) == 5:
+        bm, br, bk, warps, stages = config
+    else:
+        table = WQ_MM_CONFIG if M <= 16 else WQ_MM_CONFIG_32
+        br, bk, warps, stages = config or table[A_INT8 if afmt == A_INT8 else wfmt]
+        bm = max(16, min(64, _pow2(M)))
+    if wfmt == W_INT4:
+        bk = min(bk, group)
+        assert group % bk == 0
+    grid = (triton.cdiv(R, br), triton.cdiv(M, bm))
+    _wq_mm_kernel[grid](x, w, wscale, y, M, R, K, x.stride(0), w.stride(0),
+                        wscale.stride(0) if wscale.dim() == 2 else 0, y.stride(0),
+                        WFMT=wfmt, AFMT=afmt, GROUP=max(group, 1), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
+                        RESIDUAL=residual is not None, num_warps=warps, num_stages=stages)
+    return y
+
+
+# -- row-wise prologue for library GEMMs ---------------------------------------------------------------------------------
+@triton.jit
+def _act_prep_kernel(x_ptr, norm_ptr, pre_ptr, a_ptr, out_ptr, K, stride_xm, stride_om, eps,
+                     PRO: tl.constexpr, HAS_PRE: tl.constexpr, AFMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    dt: tl.constexpr = x_ptr.dtype.element_ty
+    xp = x_ptr + row * stride_xm + offs_k
+    if PRO == 2:
+        a = tl.load(xp, mask=k_mask, other=0.0).to(tl.float32)
+        g = tl.load(xp + K, mask=k_mask, other=0.0)
+        xv = (a * tl.sigmoid(a)).to(dt) * g
+    elif PRO == 1:
+        h = tl.load(xp, mask=k_mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)
+        xv = tl.load(norm_ptr + offs_k, mask=k_mask, other=0.0) * (h * rstd).to(dt)
+    else:
+        xv = tl.load(xp, mask=k_mask, other=0.0)
+    if HAS_PRE:
+        xv = xv * tl.load(pre_ptr + offs_k, mask=k_mask, other=0.0)
+    if AFMT == 1:
+        v = tl.div_rn(xv.to(tl.float32), tl.load(a_ptr))
+        v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+        res = ((v + 12582912.0) - 12582912.0).to(tl.int8)
+    elif AFMT == 2:
+        v = tl.div_rn(xv.to(tl.float32), tl.load(a_ptr))
+        res = tl.minimum(tl.maximum(v, -448.0), 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    else:
+        res = xv.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_om + offs_k, res, mask=k_mask)
+
+
+_AFMT_DTYPE = {A_INT8: torch.int8, A_FP8: torch.float8_e4m3fn}
+
+
+def act_prep(x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
+             prequant: torch.Tensor | None = None, act_scale: torch.Tensor | None = None, afmt: int = A_FLOAT,
+             rows: int | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Row-wise prologue: [M, K] (silu: [M, 2K]) → [rows ≥ M, K] in the compute dtype (or ``out_dtype``, rounded
+    from it), int8 or fp8. Rows past M (padding a library GEMM needs) are left unwritten."""
+    M = x.shape[0]
+    K = x.shape[1] // 2 if silu else x.shape[1]
+    out = torch.empty(rows or M, K, dtype=_AFMT_DTYPE.get(afmt, out_dtype or x.dtype), device=x.device)
+    bk = _pow2(K)
+    warps = 4 if bk <= 2048 else 8 if bk <= 8192 else 16
+    _act_prep_kernel[(M,)](x, norm if norm is not None else x, prequant if prequant is not None else x,
+                           act_scale if act_scale is not None else x, out, K, x.stride(0), out.stride(0), float(eps),
+                           PRO=PRO_SILU if silu else PRO_RMSNORM if norm is not None else PRO_NONE,
+                           HAS_PRE=prequant is not None, AFMT=afmt, BLOCK_K=bk, num_warps=warps)
+    return out
+
+
+# -- SmoothQuant epilogue: int32 · (a · s) → dtype (+ residual) -------------------------------------------------------
+@triton.jit
+def _int_mm_epilogue_kernel(acc_ptr, s_ptr, y_ptr, M, N, stride_am, stride_ym, RESIDUAL: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    acc = tl.load(acc_ptr + offs_m[:, None] * stride_am + offs_n[None, :], mask=mask, other=0).to(tl.float32)
+    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)
+    yv = (acc * s[None, :]).to(dt)
+    yp = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if RESIDUAL:
+        yv = tl.load(yp, mask=mask, other=0.0) + yv
+    tl.store(yp, yv, mask=mask)
+
+
+def int_mm_epilogue(acc: torch.Tensor, out_scale: torch.Tensor, M: int, dtype: torch.dtype,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+    N = acc.shape[1]
+    y = residual if residual is not None else torch.empty(M, N, dtype=dtype, device=acc.device)
+    bm, bn = (1, 1024) if M == 1 else (16, 256)
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    _int_mm_epilogue_kernel[grid](acc, out_scale, y, M, N, acc.stride(0), y.stride(0), RESIDUAL=residual is not None,
+                                  BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    return y
+
+
+# -- AWQ weights to the compute dtype (prefill through cuBLAS) --------------------------------------------------------
+@triton.jit
+def _dequant_int4_kernel(w_ptr, s_ptr, out_ptr, R, K, stride_wn, stride_sn, stride_on, GROUP: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_r < R)[:, None] & (offs_k < K)[None, :]
+    p = tl.load(w_ptr + offs_r[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0).to(tl.int32)
+    g = offs_k // GROUP
+    se = tl.load(s_ptr + (2 * offs_r)[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    so = tl.load(s_ptr + (2 * offs_r + 1)[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    lo = ((p << 28) >> 28).to(tl.float32) * se
+    hi = (p >> 4).to(tl.float32) * so
+    tl.store(out_ptr + (2 * offs_r)[:, None] * stride_on + offs_k[None, :], lo.to(dt), mask=mask)
+    tl.store(out_ptr + (2 * offs_r + 1)[:, None] * stride_on + offs_k[None, :], hi.to(dt), mask=mask)
+
+
+def dequant_int4(w: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    R, K = w.shape
+    out = torch.empty(2 * R, K, dtype=dtype, device=w.device)
+    br, bk = 16, 128
+    grid = (triton.cdiv(R, br), triton.cdiv(K, bk))
+    _dequant_int4_kernel[grid](w, scales, out, R, K, w.stride(0), scales.stride(0), out.stride(0), GROUP=group,
+                               BLOCK_R=br, BLOCK_K=bk, num_warps=4)
+    return out
+
+
+# -- decode: RoPE + KV cache write --------------------------------------------------------------------------------------
+@triton.jit
+def _rope_cache_kernel(qkv_ptr, pos_ptr, slot_ptr, freq_ptr, q_ptr, k_ptr, v_ptr, rcp_ptr,
+                       H, KVH, stride_qkv, stride_qb, stride_cb, stride_ch, stride_ct,
+                       HALF: tl.constexpr, KV_QUANT: tl.constexpr):
+    """One program per (token b, head): q heads 0..H-1 are rotated into q_ptr [B, H·D]; kv heads H..H+KVH-1 rotate
+    k and store k, v at cache slot ``*slot_ptr`` (quantized with the reciprocal scale when KV_QUANT)."""
+    dt: tl.constexpr = qkv_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    b = pid // (H + KVH)
+    hh = pid % (H + KVH)
+    D: tl.constexpr = 2 * HALF
+    offs = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + b).to(tl.float32)
+    ang = pos * tl.load(freq_ptr + offs)
+    c = tl.cos(ang).to(dt).to(tl.float32)
+    s = tl.sin(ang).to(dt).to(tl.float32)
+    base = qkv_ptr + b * stride_qkv + hh * D
+    x1 = tl.load(base + offs).to(tl.float32)
+    x2 = tl.load(base + HALF + offs).to(tl.float32)
+    o1 = (x1 * c - x2 * s).to(dt)
+    o2 = (x2 * c + x1 * s).to(dt)
+    if hh < H:
+        qp = q_ptr + b * stride_qb + hh * D
+        tl.store(qp + offs, o1)
+        tl.store(qp + HALF + offs, o2)
+    else:
+        j = hh - H
+        slot = tl.load(slot_ptr)
+        vbase = qkv_ptr + b * stride_qkv + (H + KVH + j) * D
+        v1 = tl.load(vbase + offs)
+        v2 = tl.load(vbase + HALF + offs)
+        cp = b * stride_cb + j * stride_ch + slot * stride_ct
+        if KV_QUANT == 0:
+            tl.store(k_ptr + cp + offs, o1)
+            tl.store(k_ptr + cp + HALF + offs, o2)
+            tl.store(v_ptr + cp + offs, v1)
+            tl.store(v_ptr + cp + HALF + offs, v2)
+        else:
+            rcp = tl.load(rcp_ptr)
+            tl.store(k_ptr + cp + offs, _kv_quant(o1, rcp, KV_QUANT))
+            tl.store(k_ptr + cp + HALF + offs, _kv_quant(o2, rcp, KV_QUANT))
+            tl.store(v_ptr + cp + offs, _kv_quant(v1, rcp, KV_QUANT))
+            tl.store(v_ptr + cp + HALF + offs, _kv_quant(v2, rcp, KV_QUANT))
+
+
+@triton.jit
+def _kv_quant(x, rcp, KV_QUANT: tl.constexpr):
+    v = x.to(tl.float32) * rcp
+    if KV_QUANT == 1:
+        v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+        res = ((v + 12582912.0) - 12582912.0).to(tl.int8)
+    else:
+        res = tl.minimum(tl.maximum(v, -448.0), 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    return res
+
+
+KV_QUANT_MODE = {None: 0, "INT8": 1, "FP8": 2}
+
+
+def rope_cache_write(qkv: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
+                     kv_rcp: torch.Tensor | None = None, kv_algo: str | None = None,
+                     q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv [B, (H + 2·KVH)·D] of one decode token per row; positions [B] int; slot: 0-d int tensor (device);
+    k_cache/v_cache [B, KVH, max_len, D] of one layer. Returns rotated q [B, H·D]."""
+    B = qkv.shape[0]
+    q = q_out if q_out is not None else torch.empty(B, n_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_kernel[(B * (n_heads + n_kv),)](
+        qkv, positions, slot, inv_freq, q, k_cache, v_cache, kv_rcp if kv_rcp is not None else inv_freq,
+        n_heads, n_kv, qkv.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HALF=head_dim // 2, KV_QUANT=KV_QUANT_MODE[kv_algo], num_warps=1)
+    return q
+
+
+# -- decode: split-KV attention -----------------------------------------------------------------------------------------
+@triton.jit
+def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr, l_ptr, o_ptr, sm_scale,
+                       H, NSPLIT, stride_qb, stride_cb, stride_ch, stride_ct, stride_mb,
+                       GQA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+                       KV_QUANT: tl.constexpr):
+    dt: tl.constexpr = q_ptr.dtype.element_ty
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // GQA
+    cur = tl.load(slot_ptr) + 1  # keys 0..slot
+    lo = sp * SPLIT
+    hi = tl.minimum(lo + SPLIT, cur)
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + h * D + offs_d).to(tl.float32) * sm_scale
+    if KV_QUANT != 0:
+        kv_scale = tl.load(scale_ptr)
+    m_i = -float("inf")
+    l_i = 0.0
+    acc = tl.zeros([D], tl.float32)
+    base = b * stride_cb + kvh * stride_ch
+    for t0 in range(lo, hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_mask = offs_t < hi
+        valid = t_mask & (tl.load(mask_ptr + b * stride_mb + offs_t, mask=t_mask, other=0) != 0)
+        kp = base + offs_t[:, None] * stride_ct + offs_d[None, :]
+        k = tl.load(k_ptr + kp, mask=t_mask[:, None], other=0.0)
+        v = tl.load(v_ptr + kp, mask=t_mask[:, None], other=0.0)
+        if KV_QUANT != 0:
+            k = (k.to(tl.float32) * kv_scale).to(dt)
+            v = (v.to(tl.float32) * kv_scale).to(dt)
+        s = tl.sum(q[None, :] * k.to(tl.float32), axis=1)
+        s = tl.where(valid, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+        p = tl.exp(s - m_use)
+        alpha = tl.exp(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m_i = m_new
+    idx = bh * NSPLIT + sp
+    tl.store(m_ptr + idx, m_i)
+    tl.store(l_ptr + idx, l_i)
+    tl.store(o_ptr + idx * D + offs_d, acc)
+
+
+@triton.jit
+def _attn_reduce_kernel(m_ptr, l_ptr, o_ptr, out_ptr, H, NSPLIT, stride_ob, NSPLIT_P2: tl.constexpr,
+                        D: tl.constexpr):
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_s = tl.arange(0, NSPLIT_P2)
+    s_mask = offs_s < NSPLIT
+    offs_d = tl.arange(0, D)
+    m = tl.load(m_ptr + bh * NSPLIT + offs_s, mask=s_mask, other=-float("inf"))
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m == -float("inf"), 0.0, tl.exp(m - m_max))
+    l_sum = tl.sum(tl.load(l_ptr + bh * NSPLIT + offs_s, mask=s_mask, other=0.0) * w, axis=0)
+    o = tl.load(o_ptr + (bh * NSPLIT + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / l_sum
+    tl.store(out_ptr + b * stride_ob + h * D + offs_d, out.to(dt))
+
+
+ATTN_BLOCK_T = 64
+
+
+def attn_splits(batch: int, n_heads: int, max_len: int, n_sm: int = 132) -> tuple[int, int]:
+    """(number of splits, keys per split): enough programs to fill the card twice over."""
+    blocks = triton.cdiv(max_len, ATTN_BLOCK_T)
+    nsplit = max(1, min(blocks, triton.cdiv(2 * n_sm, batch * n_heads)))
+    split = triton.cdiv(blocks, nsplit) * ATTN_BLOCK_T
+    return triton.cdiv(max_len, split), split
+
+
+class DecodeAttention:
+    """Static workspace for split-KV decode attention of one (batch, heads, max_len) shape (graph-capturable)."""
+
+    def __init__(self, batch: int, n_heads: int, n_kv: int, head_dim: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device):
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        self.nsplit, self.split = attn_splits(batch, n_heads, max_len, n_sm)
+        self.B, self.H, self.KVH, self.D = batch, n_heads, n_kv, head_dim
+        self.m = torch.empty(batch * n_heads * self.nsplit, dtype=torch.float32, device=device)
+        self.l = torch.empty_like(self.m)
+        self.o = torch.empty(batch * n_heads * self.nsplit, head_dim, dtype=torch.float32, device=device)
+        self.sm_scale = 1.0 / math.sqrt(head_dim)
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
+                 slot: torch.Tensor, kv_scale: torch.Tensor | None = None, kv_algo: str | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """q [B, H·D]; caches [B, KVH, max_len, D]; key_mask [B, ≥ max_len] bool; → [B, H·D] in q's dtype."""
+        B, H, D = self.B, self.H, self.D
+        out = out if out is not None else torch.empty(B, H * D, dtype=q.dtype, device=q.device)
+        mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
+        _attn_split_kernel[(B * H, self.nsplit)](
+            q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l, self.o,
+            self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            mask.stride(0), GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=ATTN_BLOCK_T, D=D,
+            KV_QUANT=KV_QUANT_MODE[kv_algo], num_warps=4)
+        _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),
+                                      NSPLIT_P2=_pow2(self.nsplit), D=D, num_warps=1)
+        return out
+
+
+# -- RMSNorm (prefill; decode fuses it into the GEMV) ----------------------------------------------------------------
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return act_prep(x, norm=w, eps=eps)
