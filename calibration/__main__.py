@@ -32,6 +32,8 @@ def _non_negative_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m calibration", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF folder")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run Python code shipped in the --model folder (off by default)")
     parser.add_argument("--source", default="aclsum",
                         help="aclsum (train split) | cnn_dailymail (train split) | a .txt/.jsonl/.json/.parquet/.csv file")
     parser.add_argument("--text-column", default=None, help="column holding the text of a table file (default: auto)")
@@ -134,12 +136,21 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = CalibSpec(args.source, args.calib_samples, args.calib_seq_len, args.seed, args.text_column)
     spec.key  # hash a local source now: an unreadable file fails before the model is touched
+    from calibration.data import iter_documents
+
+    # Read the first document too: a file without a usable text column used to fail only after the model
+    # was converted (the default model: ~20 s of work, and a cache entry, for a refused run).
+    if next(iter_documents(spec.source, seed=spec.seed, text_column=spec.text_column), None) is None:
+        raise UserError(f"calibration source {spec.source} holds no text")
 
     from calibration.stats import get_stats, stats_dir
+    from quant.atomic import ensure_writable_dir
     from quant.model_source import resolve_model
 
+    ensure_writable_dir(args.plot_dir, "--plot-dir")  # before the model work, not after it
+
     _use_all_cores()
-    resolved = resolve_model(args.model)
+    resolved = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     folder = stats_dir(resolved, spec)
     started = time.perf_counter()
     stats = get_stats(resolved, spec)

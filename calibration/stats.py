@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from quant import faults
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.errors import UserError
 from quant.paths import cache_root
@@ -180,6 +181,7 @@ class ActivationStats:
             tensors[f"{name}.mean_abs"] = self.mean_abs[name].detach().float().contiguous().cpu()
         with atomic_dir(folder) as tmp:
             save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT})
+            faults.point("calib.write")  # crash test: a half-written entry (tensors, no meta.json)
             meta = {
                 **self.meta,
                 "format": FORMAT,
@@ -383,6 +385,13 @@ def get_stats(
 
         model = load_hf_model(resolved, dtype=torch.float32)
     stats = collect_stats(model, batches, batch_size=batch_size, model_hash=resolved.content_hash, spec=spec)
+    faults.point("calib.collect")  # crash test: statistics computed, nothing written
+    # A model with NaN/Inf weights used to be cached here and then refused on every load as a "damaged cache,
+    # delete it to recompute" -- which recomputes the same. Say what is wrong instead, and cache nothing.
+    bad = next((n for n in stats.layers if not bool(torch.isfinite(stats.absmax[n]).all())), None)
+    if bad is not None:
+        raise UserError(f"model {resolved.source} produces non-finite activations at the input of {bad} "
+                        "(NaN/Inf in its weights?): it cannot be calibrated or quantized")
     stats.save(folder)
     return stats
 

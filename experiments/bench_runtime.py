@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = ArgumentParser(prog="python -m experiments.bench_runtime", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run Python code shipped in the --model folder (off by default)")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--input-len", type=positive_int, default=256)
     p.add_argument("--output-len", type=positive_int, default=32)
@@ -61,15 +63,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.output_len < 2:
         p.error("--output-len must be >= 2 (time per output token needs a second token)")
+    # Checked before any model work: a typo used to surface as a traceback after the model load.
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        batch_sizes = []
+    if not batch_sizes or min(batch_sizes) <= 0:
+        p.error(f"--batch-sizes must be comma-separated positive integers, got {args.batch_sizes!r}")
+    dtypes = args.dtypes.split(",")
+    if not dtypes or any(d not in ("float32", "bfloat16") for d in dtypes):
+        p.error(f"--dtypes must be comma-separated float32/bfloat16, got {args.dtypes!r}")
 
-    model = resolve_model(args.model)
+    model = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     ckpt = build_checkpoint(model, Recipe("fp16"))
     rows = []
-    for dtype_name in args.dtypes.split(","):
+    for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         runtime = TorchRuntime.from_dir(ckpt, compute_dtype=dtype_name)
         hf = load_hf_model(model, dtype=dtype)
-        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        for bs in batch_sizes:
             prompts = synthetic_prompts(bs, args.input_len, runtime.vocab, seed=0)
             ids = torch.tensor(prompts)
             mask = torch.ones_like(ids)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from quant import faults
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
 
 DEFAULTS = dict(dataset="aclsum", split="test", num_samples=50, seed=0, max_input_len=512, max_output_len=100,
@@ -40,16 +41,19 @@ class EvalSettings:
     ppl_docs: int = 20  # aclsum val papers for perplexity (0: skip)
     ppl_seq_len: int = 512
     progress: bool = True
+    trust_remote_code: bool = False  # --trust-remote-code: lets a HF folder's own Python code run (off by default)
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+def add_common_args(parser: argparse.ArgumentParser, *, seed_help: str | None = None) -> None:
     """Model, data and workload flags, shared by evaluate and the search."""
     d = DEFAULTS
     parser.add_argument("--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF folder")
+    add_trust_remote_code_arg(parser)
     parser.add_argument("--dataset", default=d["dataset"], help="aclsum | cnn_dailymail | a .jsonl/.json/.parquet/.csv file or datasets folder")
     parser.add_argument("--split", default=d["split"])
     parser.add_argument("--num-samples", type=positive_int, default=d["num_samples"])
-    parser.add_argument("--seed", type=int, default=d["seed"])
+    parser.add_argument("--seed", type=int, default=d["seed"],
+                        help=seed_help or "sample selection, latency prompts and the bootstrap CI")
     parser.add_argument("--input-column", default=None)
     parser.add_argument("--reference-column", default=None)
     parser.add_argument("--max-input-len", type=positive_int, default=d["max_input_len"], help="prompt tokens; only the article is truncated")
@@ -68,6 +72,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="aclsum val papers for perplexity (0 skips it; default 20, 0 with the trtllm backend)")
     parser.add_argument("--ppl-seq-len", type=positive_int, default=512)
     parser.add_argument("--no-progress", action="store_true")
+
+
+def add_trust_remote_code_arg(parser: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code`` for every CLI that takes ``--model`` (off: a model folder's Python never runs)."""
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run Python code shipped in the --model folder (off by default; "
+                             "only for folders you trust)")
 
 
 def settings_from_args(args: argparse.Namespace, backend=None) -> EvalSettings:
@@ -89,7 +100,7 @@ def settings_from_args(args: argparse.Namespace, backend=None) -> EvalSettings:
         output_len=args.output_len, latency_repeats=args.latency_repeats,
         device=backend_device(backend, args.device) if backend is not None else args.device,
         compute_dtype=args.compute_dtype, ppl_docs=ppl_docs, ppl_seq_len=args.ppl_seq_len,
-        progress=not args.no_progress, backend=name,
+        progress=not args.no_progress, backend=name, trust_remote_code=args.trust_remote_code,
     )
 
 
@@ -121,6 +132,7 @@ def summarize(runtime, builder, samples, *, batch_size: int, max_output_len: int
             texts[i] = builder.decode(tokens)
             generated[i] = tokens
         bar.update(len(idx))
+        faults.point("eval.summaries")  # crash test: mid-evaluation, nothing of it written yet
     bar.close()
     return texts, prompts, generated
 
@@ -150,7 +162,7 @@ def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | N
                            reference_column=settings.reference_column)
     timings = {}
     t0 = time.perf_counter()
-    model = resolve_model(settings.model)
+    model = resolve_model(settings.model, trust_remote_code=settings.trust_remote_code)
     timings["model_s"] = time.perf_counter() - t0
     tokenizer = AutoTokenizer.from_pretrained(model.hf_dir)
     builder = PromptBuilder(tokenizer, settings.max_input_len)
@@ -247,7 +259,7 @@ def format_record(rec: dict) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from quant.atomic import atomic_write_json
+    from quant.atomic import atomic_write_json, ensure_writable_dir
     from quant.apply import add_calib_args, calib_spec_from_args
     from quant.backends import resolve_backend
     from quant.checkpoint import load_checkpoint
@@ -284,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             load_checkpoint(args.checkpoint)
     label = recipe.label if args.checkpoint is None else args.checkpoint.name
     out = args.out or Path("results") / f"eval-{label}-{Path(settings.dataset).stem}.json"
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {out} exists and is not a regular file")
+    ensure_writable_dir(out.parent, "the folder of --out")  # before minutes of evaluation, not after them
     record = evaluate(settings, recipe, calib=calib_spec_from_args(args), checkpoint=args.checkpoint,
                       log=lambda m: print(m, file=sys.stderr), backend=backend)
     atomic_write_json(out, record)

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from quant import faults
+
 
 @dataclass
 class LatencyResult:
@@ -73,6 +75,7 @@ def measure(runtime, *, batch_size: int, input_len: int, output_len: int, repeat
     prompts = synthetic_prompts(batch_size, input_len, runtime.vocab, seed)
     for _ in range(warmup):
         runtime.generate(prompts, min(output_len, 4), ignore_eos=True)
+    faults.point("eval.latency")  # crash test: in the middle of the latency measurement
     cuda = runtime.device.type == "cuda"
     # A runtime whose memory PyTorch's allocator never sees (TensorRT-LLM's engine and KV pool) reports its own.
     own_probe = getattr(runtime, "peak_memory_mb", None)

@@ -106,10 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     from quant.search import open_study
 
     p = ArgumentParser(prog="python -m experiments.plot", description=__doc__.splitlines()[0])
-    p.add_argument("--storage", default=None, help="optuna storage URL (default: sqlite in --results-dir)")
+    p.add_argument("--storage", default=None, help="optuna storage URL (default: $QUANT_SEARCH_STORAGE, else sqlite "
+                   "in --results-dir); passwords belong in the environment variable, not on the command line")
     p.add_argument("--study-name", default="quant-search")
     p.add_argument("--results-dir", type=Path, default=Path("results/search"))
     args = p.parse_args(argv)
+    import os
+
+    # Like quant.search and quant.build: a PostgreSQL password need not appear in argv (visible in `ps`).
+    args.storage = args.storage or os.environ.get("QUANT_SEARCH_STORAGE")
     url = args.storage or f"sqlite:///{(args.results_dir / 'study.db').resolve()}"
     if args.storage is None and not (args.results_dir / "study.db").is_file():
         from quant.errors import UserError

@@ -41,7 +41,15 @@ def remeasure(args) -> int:
         data = json.loads(args.out.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"--remeasure-latency needs the table's JSON at {args.out} ({exc})") from None
-    for rec in data["records"]:
+    # A hand-edited or foreign file used to end in a KeyError/TypeError traceback: check its shape first.
+    records = data.get("records") if isinstance(data, dict) else None
+    if not isinstance(records, list) or not records or not all(
+            isinstance(r, dict) and isinstance(r.get("checkpoint"), dict) and isinstance(r["checkpoint"].get("path"), str)
+            and isinstance(r.get("runtime"), dict) and r["runtime"].get("compute_dtype") in ("float32", "bfloat16")
+            and isinstance(r.get("rouge"), dict) for r in records):
+        raise UserError(f"{args.out} is not a recipe table (expected records with checkpoint.path, runtime.compute_dtype "
+                        "and rouge)")
+    for rec in records:
         rt = TorchRuntime.from_dir(Path(rec["checkpoint"]["path"]), compute_dtype=rec["runtime"]["compute_dtype"])
         rec["latency"] = latency.measure(rt, batch_size=args.batch_size, input_len=args.input_len,
                                          output_len=args.output_len, repeats=args.latency_repeats).to_dict()

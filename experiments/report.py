@@ -74,6 +74,11 @@ class StudySummary:
             c = self.closest
             return (f"no recipe passes ROUGE-1 ≥ {thr}; closest: {c.label} (trial #{c.number}: ROUGE-1 "
                     f"{c.rouge1:.2f}, {c.tpot_ms:.2f} ms per output token)")
+        pruned = [r for r in self.rows if r.state == "PRUNED"]
+        if pruned:  # e.g. every recipe of a broken model: say why rather than "no trial finished"
+            first = min(pruned, key=lambda r: r.number)
+            return (f"no recipe passes ROUGE-1 ≥ {thr}; all {len(pruned)} finished trial(s) were pruned "
+                    f"(#{first.number} {first.label}: {first.reason})")
         return f"no recipe passes ROUGE-1 ≥ {thr}; no trial finished"
 
 
@@ -121,7 +126,8 @@ def write_outputs(study, summary: StudySummary, out_dir: Path) -> list[Path]:
         path = out_dir / "best_recipe.yaml"
         Recipe.from_dict(b.recipe).dump(path, extra={
             "study": study.study_name, "trial": b.number, "rouge1": b.rouge1, "rouge1_ci": list(b.rouge1_ci or ()),
-            "tpot_ms": b.tpot_ms, "ttft_ms": b.ttft_ms, "threshold": summary.threshold, "checkpoint": b.checkpoint})
+            "tpot_ms": b.tpot_ms, "ttft_ms": b.ttft_ms, "threshold": summary.threshold, "checkpoint": b.checkpoint},
+            fault="best.write")
         written.append(path)
     written.append(_write_csv(summary, out_dir / "trials.csv"))
     written.append(_write_markdown(study, summary, out_dir / "report.md"))
@@ -160,12 +166,12 @@ def _write_markdown(study, summary: StudySummary, path: Path) -> Path:
                         f"{r.tokens_per_s:.1f} | {r.perplexity or '-'} | {'pass' if r.feasible else 'fail'} |")
         else:
             text.append(f"| {r.number} | {r.label} | | | | | | | {r.state.lower()} {r.reason} |")
-    atomic_write_text(path, "\n".join(text) + "\n")
+    atomic_write_text(path, "\n".join(text) + "\n", fault="report.write")
     return path
 
 
 def save_png(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), fault="plot.write")
     return path

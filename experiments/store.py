@@ -11,12 +11,15 @@ import hashlib
 import json
 from pathlib import Path
 
+from quant import faults
 from quant.apply import build_lock
 from quant.atomic import atomic_write_json
+from quant.errors import EnvironmentProblem
 from quant.paths import cache_root
 
 # Settings that do not change any measured number stay out of the key.
-_NOT_IN_KEY = {"progress", "model"}
+# trust_remote_code is inside the model hash already (quant.model_source.resolve_model).
+_NOT_IN_KEY = {"progress", "model", "trust_remote_code"}
 
 
 def code_revision() -> str:
@@ -52,15 +55,30 @@ def record_path(key: str) -> Path:
     return cache_root() / "evaluations" / f"{key}.json"
 
 
+# What every reader of a record (the search, the report) takes from it.
+_REQUIRED = {"rouge": dict, "latency": dict, "checkpoint": dict, "timings_s": dict}
+
+
 def load_record(key: str) -> dict | None:
+    """The cached record of ``key``, None when there is none; a damaged one is an error naming the file.
+
+    Records are written by rename, so a damaged one was damaged after the fact (disk, hand edit): it is reported
+    rather than silently re-measured over, like a damaged statistics cache (calibration.stats)."""
     path = record_path(key)
+    hint = f"delete {path} to re-evaluate"
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        return None  # unreadable: treat as absent and re-evaluate (writes are atomic, so this is rare)
-    return record if record.get("evaluation_key") == key else None
+    except (OSError, ValueError) as exc:
+        raise EnvironmentProblem(f"evaluation record {path} is unreadable ({type(exc).__name__}); {hint}") from None
+    if not isinstance(record, dict) or record.get("evaluation_key") != key:
+        raise EnvironmentProblem(f"evaluation record {path} does not hold the evaluation of key {key}; {hint}")
+    bad = [k for k, kind in _REQUIRED.items() if not isinstance(record.get(k), kind)]
+    if bad or not isinstance(record["rouge"].get("rouge1"), (int, float)) or \
+            not isinstance(record["latency"].get("tpot_ms"), (int, float)):
+        raise EnvironmentProblem(f"evaluation record {path} lacks {', '.join(bad) or 'rouge1/tpot_ms'}; {hint}")
+    return record
 
 
 def cached_evaluate(key: str, evaluate_fn) -> tuple[dict, bool]:
@@ -73,7 +91,8 @@ def cached_evaluate(key: str, evaluate_fn) -> tuple[dict, bool]:
         record = load_record(key)
         if record is not None:
             return record, True
+        faults.trace("evaluation.run", key=key)  # counted by the concurrency tests: one evaluation per key
         record = evaluate_fn()
         record["evaluation_key"] = key
-        atomic_write_json(path, record)
+        atomic_write_json(path, record, fault="eval.record")
     return record, False

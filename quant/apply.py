@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from quant import faults
 from quant.export import EXPORT_DTYPE, export_checkpoint, load_hf_model
 from quant.model_source import ResolvedModel
 from quant.paths import cache_root
@@ -80,12 +81,21 @@ def _short(text: str) -> str:
 def build_lock(out: Path):
     """One builder per checkpoint across processes: a second worker waits, then finds the folder built."""
     lock_path = out.parent / f".{out.name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as fh:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a")
+    except OSError as exc:
+        from quant.atomic import write_error
+
+        raise (write_error(lock_path, exc) or exc) from None
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
+        # The concurrency tests read these events ($QUANT_SUITE_TRACE) to prove no two holders ever overlap.
+        faults.trace("lock.acquired", key=out.name)
         try:
             yield
         finally:
+            faults.trace("lock.released", key=out.name)
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
@@ -104,6 +114,7 @@ def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib=None, *, log=No
         if (out / "config.json").is_file():  # built by another process while we waited
             return out
         t0 = time.perf_counter()
+        faults.trace("checkpoint.build", key=out.name)  # counted by the concurrency tests: one build per key
         if not recipe.needs_calibration:
             export_checkpoint(load_hf_model(model, dtype=EXPORT_DTYPE), out)
         else:
@@ -128,8 +139,14 @@ def quantize_model(model: ResolvedModel, recipe: Recipe, calib, *, log=None) -> 
     cfg = modelopt_config(recipe, hf.config.num_hidden_layers)
     if log:
         log(f"quantizing {recipe.label} with ModelOpt on {calib.num_samples}×{calib.seq_len} calibration tokens")
+    loop = forward_loop(batches)
+
+    def calibrate(m):
+        faults.point("quantize.modelopt")  # crash test: inside ModelOpt's quantization
+        return loop(m)
+
     with torch.no_grad():
-        mtq.quantize(hf, cfg, forward_loop(batches))
+        mtq.quantize(hf, cfg, calibrate)
     return hf.to(EXPORT_DTYPE)
 
 

@@ -34,13 +34,20 @@ def recipe_from_study(name: str, storage: str | None):
     summary = summarize_study(study)
     if summary.best is None:
         raise UserError(f"study {name!r} has no feasible trial to build ({summary.verdict().splitlines()[0]})")
-    calib = CalibSpec(**study.user_attrs["calibration"]) if "calibration" in study.user_attrs else CalibSpec()
+    try:  # the study may come from anyone's database: a foreign attribute is bad input, not a traceback
+        calib = CalibSpec(**study.user_attrs["calibration"]) if "calibration" in study.user_attrs else CalibSpec()
+    except TypeError as exc:
+        raise UserError(f"study {name!r} has a malformed calibration attribute ({exc})") from None
+    model = study.user_attrs.get("model")
+    if model is not None and not isinstance(model, str):
+        raise UserError(f"study {name!r} has a malformed model attribute {model!r}")
     print(f"study {name!r}: best trial #{summary.best.number}, {summary.best.label}", file=sys.stderr)
-    return Recipe.from_dict(summary.best.recipe), study.user_attrs.get("model"), calib
+    return Recipe.from_dict(summary.best.recipe), model, calib
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
+    from experiments.evaluate import add_trust_remote_code_arg
     from quant.apply import add_calib_args, build_checkpoint, calib_spec_from_args
     from quant.atomic import atomic_dir
     from quant.checkpoint import load_checkpoint, summary
@@ -52,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="fp16",
                    help="a recipe file (.yaml/.json) or kind[:key=value,...], e.g. smoothquant:alpha=0.6,kv_cache=int8")
     p.add_argument("--model", default=None)
+    add_trust_remote_code_arg(p)
     p.add_argument("--output", type=Path, default=None, help="copy the checkpoint here (default: print the cache path)")
     p.add_argument("--format", default="trtllm", choices=("trtllm", "hf"),
                    help="trtllm: TRT-LLM checkpoint (+ engine where trtllm-build exists); hf: ModelOpt's Hugging "
@@ -81,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--engine-dir {args.engine_dir} already exists; choose a new folder")
     if args.build_timeout is not None and args.build_timeout <= 0:
         raise UserError(f"--build-timeout must be > 0 seconds, got {args.build_timeout:g}")
-    model = resolve_model(args.model)
+    from quant.atomic import ensure_writable_dir
+
+    for flag, target in (("--output", args.output), ("--engine-dir", args.engine_dir)):
+        if target is not None:  # checked before the quantization, which can take minutes
+            ensure_writable_dir(target.parent, f"the folder of {flag}")
+    model = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if args.format == "hf":
         return _build_hf(model, recipe, calib, args.output, log)

@@ -18,6 +18,13 @@ class UserError(Exception):
     """Bad input from the user: reported in one line, exit status 2."""
 
 
+class EnvironmentProblem(UserError):
+    """The machine or the cache, not the recipe: a full or read-only disk, a damaged cache entry.
+
+    Still one line and exit status 2, but a search stops on it instead of pruning the trial as if the recipe
+    were at fault (which would also never retry it)."""
+
+
 def cli_entry(fn: Callable[..., int | None]) -> Callable[..., int]:
     """Decorate a ``main(argv=None)``: UserError → one line + exit 2; Ctrl-C → exit 130."""
 

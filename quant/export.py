@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from quant import faults
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.checkpoint import load_checkpoint
 from quant.model_source import ResolvedModel
@@ -48,11 +49,12 @@ def export_checkpoint(model: torch.nn.Module, out_dir: Path) -> Path:
     """Export an (optionally ModelOpt-quantized) HF LLaMa to a validated TRT-LLM checkpoint at ``out_dir``."""
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, fault="checkpoint.rename") as tmp:
         # inference_tensor_parallel=1: its default 0 divides by zero when tensorrt_llm is not installed.
         export_tensorrt_llm_checkpoint(
             model, decoder_type="llama", dtype=EXPORT_DTYPE, export_dir=tmp, inference_tensor_parallel=1
         )
+        faults.point("checkpoint.export")  # crash test: ModelOpt's files written, not yet fixed or validated
         fix_config(tmp, model.config)
         load_checkpoint(tmp)  # never publish a folder the validator rejects
     return out_dir

@@ -222,7 +222,7 @@ def load_hf_export(folder: Path):
     from safetensors import SafetensorError, safe_open
 
     from quant import formats
-    from quant.checkpoint import Checkpoint
+    from quant.checkpoint import Checkpoint, aligned
 
     folder = Path(folder)
     try:
@@ -246,7 +246,8 @@ def load_hf_export(folder: Path):
     try:
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
-                raw.update({k: fh.get_tensor(k) for k in fh.keys()})
+                # aligned(): safetensors' 8-byte offsets crash the AVX-512 int8 kernel (see quant.checkpoint).
+                raw.update({k: aligned(fh.get_tensor(k)) for k in fh.keys()})
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise UserError(f"export {folder}: unreadable safetensors ({exc})") from None
 

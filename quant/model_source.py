@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from quant import faults
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.errors import UserError
 from quant.paths import cache_root
@@ -70,7 +72,7 @@ def _hash_files(paths: list[Path]) -> str:
     memo[stat_key] = value
     try:
         atomic_write_json(memo_path, memo)
-    except OSError:
+    except (OSError, UserError):  # atomic writes report a read-only/full disk as a UserError now
         pass  # a read-only cache only costs a re-hash next time
     return value
 
@@ -89,7 +91,24 @@ def gguf_architecture(path: Path) -> str:
     return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
 
 
-def _check_hf_dir(path: Path) -> list[Path]:
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Plausible bounds (the largest LLaMa-family models are far inside them); beyond them a config is damaged.
+_HF_INT_FIELDS = {"num_hidden_layers": 1024, "hidden_size": 1 << 17, "intermediate_size": 1 << 20,
+                  "num_attention_heads": 4096, "vocab_size": 1 << 23}
+
+
+def _check_config_numbers(config: dict, config_path: Path) -> None:
+    for key, bound in _HF_INT_FIELDS.items():
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= bound:
+            raise UserError(f"{config_path}: {key} must be an integer in [1, {bound}], got {value!r}")
+    kv = config.get("num_key_value_heads", config["num_attention_heads"])
+    if not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0 or config["num_attention_heads"] % kv:
+        raise UserError(f"{config_path}: num_key_value_heads must be a positive divisor of num_attention_heads, "
+                        f"got {kv!r}")
+
+
+def _check_hf_dir(path: Path, *, trust_remote_code: bool = False) -> list[Path]:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise UserError(f"{path} has no config.json: not a Hugging Face model folder")
@@ -108,20 +127,35 @@ def _check_hf_dir(path: Path) -> list[Path]:
         pickles = sorted(p.name for p in path.glob("*.bin"))
         hint = f" (found {', '.join(pickles)}: pickle weights are never loaded)" if pickles else ""
         raise UserError(f"{path} has no .safetensors weights{hint}")
+    _check_config_numbers(config, config_path)
     from safetensors import SafetensorError, safe_open
 
+    names: list[str] = []
     for weight in weights:  # header only: catches truncated or foreign files before a long load
         try:
-            with safe_open(str(weight), framework="pt"):
-                pass
+            with safe_open(str(weight), framework="pt") as fh:
+                names += list(fh.keys())
         except (SafetensorError, OSError) as exc:
             raise UserError(f"{weight} is not a readable safetensors file ({exc})") from None
-    # Everything the conversion reads (tokenizer, chat template, generation config) is part of the key.
-    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _HASHED_SUFFIXES)
+    # transformers allocates the layers config.json names before reading a weight: 10**8 layers meant minutes
+    # and tens of GB before any error. The weights say how many there really are.
+    held = {int(m.group(1)) for m in map(_LAYER_RE.search, names) if m}
+    if held and config["num_hidden_layers"] != len(held):
+        raise UserError(f"{config_path}: num_hidden_layers {config['num_hidden_layers']}, but the weights hold "
+                        f"{len(held)} layers")
+    # Everything the conversion reads (tokenizer, chat template, generation config) is part of the key; with
+    # --trust-remote-code so is the folder's own Python code, which then runs.
+    suffixes = _HASHED_SUFFIXES + ((".py",) if trust_remote_code else ())
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
 
 
-def resolve_model(spec: str | None) -> ResolvedModel:
-    """Turn ``--model`` into a cached fp16 HF folder, converting on first use."""
+def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> ResolvedModel:
+    """Turn ``--model`` into a cached fp16 HF folder, converting on first use.
+
+    ``trust_remote_code`` (``--trust-remote-code``; off by default) lets transformers run Python code shipped
+    in a HF folder. It is part of the conversion's identity: a conversion made with it never serves a run
+    without it (nor its checkpoints, statistics or evaluations, which are keyed by ``content_hash``).
+    """
     spec = spec or DEFAULT_MODEL
     if spec == DEFAULT_MODEL:
         gguf_path, kind = default_gguf(), "default"
@@ -134,7 +168,10 @@ def resolve_model(spec: str | None) -> ResolvedModel:
             raise UserError(f"--model {spec}: a file must be a .gguf; a HF model is given as its folder")
         gguf_path = path if kind == "gguf" else None
 
-    content_hash = _hash_files([gguf_path] if gguf_path is not None else _check_hf_dir(path))
+    content_hash = _hash_files([gguf_path] if gguf_path is not None
+                               else _check_hf_dir(path, trust_remote_code=trust_remote_code))
+    if trust_remote_code:
+        content_hash = hashlib.sha256(f"{content_hash}|trust_remote_code".encode()).hexdigest()
     hf_dir = cache_root() / "models" / content_hash[:16]
     if not (hf_dir / "config.json").is_file():
         if gguf_path is not None:
@@ -142,11 +179,12 @@ def resolve_model(spec: str | None) -> ResolvedModel:
             arch = gguf_architecture(gguf_path)
             if arch not in GGUF_ARCHITECTURES:
                 raise UserError(f"{gguf_path} is a '{arch}' GGUF; only LLaMa-family ('llama') models are supported")
-        _convert(gguf_path if gguf_path is not None else path, is_gguf=gguf_path is not None, out=hf_dir)
+        _convert(gguf_path if gguf_path is not None else path, is_gguf=gguf_path is not None, out=hf_dir,
+                 trust_remote_code=trust_remote_code)
     return ResolvedModel(source=spec, source_kind=kind, content_hash=content_hash, hf_dir=hf_dir)
 
 
-def _convert(src: Path, *, is_gguf: bool, out: Path) -> None:
+def _convert(src: Path, *, is_gguf: bool, out: Path, trust_remote_code: bool = False) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
 
@@ -162,8 +200,9 @@ def _convert(src: Path, *, is_gguf: bool, out: Path) -> None:
         kwargs = dict(dtype=torch.float32)
         folder = str(src)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                  **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:  # transformers/safetensors raise many types for broken folders; all are bad input
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise UserError(f"cannot load {src}: {type(exc).__name__}: {first}") from None
@@ -176,15 +215,31 @@ def _convert(src: Path, *, is_gguf: bool, out: Path) -> None:
     model.config.architectures = ["LlamaForCausalLM"]
     model = model.to(torch.float16)
     try:
-        generation = GenerationConfig.from_pretrained(folder)
+        generation = GenerationConfig.from_pretrained(folder)  # plain JSON: never runs code
     except (OSError, ValueError):
         generation = model.generation_config
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        faults.point("model.convert")  # crash test: weights written, tokenizer not yet
         tokenizer.save_pretrained(tmp)
         generation.save_pretrained(tmp)
+        _strip_remote_code(tmp)
         atomic_write_json(tmp / "source.json", {"source": str(src), "gguf": is_gguf})
     del model
+
+
+def _strip_remote_code(folder: Path) -> None:
+    """The cached folder is a plain LLaMa: no Python file (transformers copies a --trust-remote-code model's
+    module next to its weights) and no auto_map pointing at one, so no later load can run that code."""
+    for code in folder.glob("*.py"):
+        code.unlink()
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and "auto_map" in data:
+                del data["auto_map"]
+                path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def load_eos_ids(hf_dir: Path) -> list[int]:

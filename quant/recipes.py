@@ -44,6 +44,24 @@ class Recipe:
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        # Types first: a recipe file can hold anything, and a string awq_alpha_step or a numeric exclude pattern
+        # used to escape as a ValueError/TypeError traceback (or, for awq_clip, hash as a different recipe).
+        number = (int, float)
+        if not isinstance(self.kind, str):
+            raise UserError(f"recipe kind must be a string, got {self.kind!r}")
+        for key in ("alpha", "awq_alpha_step"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, number)):
+                raise UserError(f"{key} must be a number, got {value!r}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)):
+            raise UserError(f"group_size must be an integer, got {self.group_size!r}")
+        if not isinstance(self.awq_clip, bool):
+            raise UserError(f"awq_clip must be true or false, got {self.awq_clip!r}")
+        if not isinstance(self.kv_cache, str):
+            raise UserError(f"kv_cache must be a string, got {self.kv_cache!r}")
+        excl = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
+        if not isinstance(excl, (tuple, list)) or not all(isinstance(p, str) and p for p in excl):
+            raise UserError(f"exclude must be a list of layer patterns (strings), got {self.exclude!r}")
         if self.kind not in KINDS:
             raise UserError(f"unknown recipe {self.kind!r} (known: {', '.join(KINDS)})")
         for key, value in {**_DEFAULTS, **_KIND_DEFAULTS.get(self.kind, {})}.items():
@@ -146,14 +164,14 @@ class Recipe:
             data = data["recipe"]  # a search result file wraps the recipe with its metrics
         return cls.from_dict(data)
 
-    def dump(self, path: Path, extra: dict | None = None) -> None:
+    def dump(self, path: Path, extra: dict | None = None, *, fault: str | None = None) -> None:
         import yaml
 
         from quant.atomic import atomic_write_text
 
         body = {"recipe": self.to_dict(), **(extra or {})} if extra else self.to_dict()
         text = json.dumps(body, indent=2) + "\n" if Path(path).suffix == ".json" else yaml.safe_dump(body, sort_keys=False)
-        atomic_write_text(Path(path), text)
+        atomic_write_text(Path(path), text, fault=fault)
 
     # -- checks against a model and a device, before any work ---------------------------------------------
     def validate_for(self, config: dict, *, device: str = "cpu") -> None:

@@ -331,7 +331,7 @@ def build_engine(checkpoint_dir: Path, recipe: Recipe | None, workload: Workload
         timeout_s = build_timeout_s() if timeout_s is None else timeout_s
         failed_log = final.parent / f"{final.name}.failed.log"
         t0 = time.perf_counter()
-        with atomic_dir(final) as tmp:
+        with atomic_dir(final, fault="engine.rename") as tmp:
             cmd = build_command(checkpoint_dir, tmp, recipe, workload)
             if log:
                 log(f"building TensorRT-LLM engine ({time.strftime('%H:%M:%S')}, timeout {timeout_s:g} s): "

@@ -1,0 +1,95 @@
+"""Named fault-injection points and a trace hook, for the crash and concurrency tests (no-ops otherwise).
+
+``QUANT_SUITE_KILL_AT=NAME`` makes the process send itself SIGKILL the first time it reaches
+``point("NAME")``; ``NAME@N`` on the N-th time. A SIGKILL cannot be caught, so this is a real crash of a real
+process at a known place (between a temporary write and its rename, inside ModelOpt's calibration loop, ...):
+what the tests then check is what any power cut or OOM kill would leave behind.
+
+``QUANT_SUITE_TRACE=FILE`` makes :func:`trace` append one JSON line per event (pid, wall time, event, fields)
+to FILE with a single ``O_APPEND`` write, which concurrent processes cannot interleave; the concurrency tests
+read it to prove that no two processes were ever inside the same build lock at once.
+
+Both variables are read once per process, so an unset variable costs one dictionary lookup per call.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+KILL_ENV = "QUANT_SUITE_KILL_AT"
+TRACE_ENV = "QUANT_SUITE_TRACE"
+
+# Every point the product code calls, in the order a search reaches them (docs/reliability.md lists them too).
+POINTS = {
+    "model.convert": "model conversion: fp16 weights written to the temporary folder, tokenizer not yet",
+    "checkpoint.export": "ModelOpt wrote the TRT-LLM checkpoint into the temporary folder, before the "
+                         "rotary fix and validation",
+    "checkpoint.rename": "checkpoint folder complete and validated, just before its rename into the cache",
+    "eval.summaries": "evaluation: after the first batch of summaries",
+    "eval.latency": "latency measurement: after the warm-up run",
+    "eval.record": "evaluation record written to its temporary file, just before the rename",
+    "calib.collect": "calibration statistics collected, nothing written yet",
+    "calib.write": "statistics tensors written to the temporary folder, meta.json not yet",
+    "quantize.modelopt": "inside ModelOpt's calibration forward loop (mtq.quantize)",
+    "trial.commit": "trial measured and its attributes stored, before optuna marks it COMPLETE",
+    "trial.committed": "trial COMPLETE in the storage, before the next trial starts",
+    "report.write": "report.md written to its temporary file, just before the rename",
+    "best.write": "best_recipe.yaml written to its temporary file, just before the rename",
+    "plot.write": "a plot PNG written to its temporary file, just before the rename",
+    "engine.rename": "TensorRT-LLM engine folder complete, just before its rename into the cache",
+}
+
+_kill: tuple[str, int] | None | bool = None  # None: not read yet; False: unset
+_trace_path: str | None | bool = None
+_hits: dict[str, int] = {}
+
+
+def _kill_target() -> tuple[str, int] | bool:
+    global _kill
+    if _kill is None:
+        raw = os.environ.get(KILL_ENV, "").strip()
+        if not raw:
+            _kill = False
+        else:
+            name, _, nth = raw.partition("@")
+            try:
+                count = int(nth) if nth else 1
+            except ValueError:
+                count = 1
+            _kill = (name, max(count, 1))
+    return _kill
+
+
+def point(name: str) -> None:
+    """SIGKILL this process here when ``$QUANT_SUITE_KILL_AT`` names this point (and this is the N-th hit)."""
+    target = _kill if _kill is not None else _kill_target()
+    if not target or target[0] != name:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] != target[1]:
+        return
+    trace("killed", point=name, hit=_hits[name])
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trace(event: str, **fields) -> None:
+    """Append ``{"pid", "t", "event", **fields}`` to ``$QUANT_SUITE_TRACE`` (nothing when it is unset)."""
+    global _trace_path
+    if _trace_path is None:
+        _trace_path = os.environ.get(TRACE_ENV) or False
+    if not _trace_path:
+        return
+    line = json.dumps({"pid": os.getpid(), "t": time.time(), "event": event, **fields}, default=str) + "\n"
+    fd = os.open(_trace_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
