@@ -16,7 +16,7 @@ def test_evaluate_default_model_on_aclsum(tmp_path, capsys, default_fp16_checkpo
     out = tmp_path / "rec.json"
     assert main([*SMALL, "--out", str(out)]) == 0
     rec = json.loads(out.read_text())
-    assert rec["recipe"] == {"kind": "fp16"}
+    assert rec["recipe"]["kind"] == "fp16" and rec["recipe"]["kv_cache"] == "none" and not rec["recipe"]["exclude"]
     assert rec["checkpoint"]["path"] == str(default_fp16_checkpoint)
     assert rec["dataset"]["num_samples"] == 3 and rec["dataset"]["chat_template"] is True
     r = rec["rouge"]
