@@ -99,30 +99,41 @@ def build_lock(out: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib=None, *, log=None) -> Path:
-    """The TRT-LLM checkpoint for (model, recipe, calibration): from the cache, or quantized and exported."""
-    hf_config = json.loads((model.hf_dir / "config.json").read_text())
-    recipe.validate_for(hf_config)
+def prepare(model: ResolvedModel, recipe: Recipe, calib=None):
+    """Check the recipe against the model before any work; the calibration spec it will use (default if needed)."""
+    recipe.validate_for(json.loads((model.hf_dir / "config.json").read_text()))
     if recipe.needs_calibration and calib is None:
         from calibration.data import CalibSpec
 
         calib = CalibSpec()
-    out = checkpoint_dir(model, recipe, calib)
+    return calib
+
+
+def cached_build(out: Path, build) -> Path:
+    """``out`` once it holds a finished artifact: from the cache, or made by ``build(out)`` under the key's lock."""
     if (out / "config.json").is_file():
         return out
     with build_lock(out):
-        if (out / "config.json").is_file():  # built by another process while we waited
-            return out
+        if not (out / "config.json").is_file():  # else built by another process while we waited
+            build(out)
+    return out
+
+
+def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib=None, *, log=None) -> Path:
+    """The TRT-LLM checkpoint for (model, recipe, calibration): from the cache, or quantized and exported."""
+    calib = prepare(model, recipe, calib)
+
+    def build(out: Path) -> None:
         t0 = time.perf_counter()
         faults.trace("checkpoint.build", key=out.name)  # counted by the concurrency tests: one build per key
         if not recipe.needs_calibration:
             export_checkpoint(load_hf_model(model, dtype=EXPORT_DTYPE), out)
         else:
-            hf = quantize_model(model, recipe, calib, log=log)
-            export_checkpoint(hf, out)
+            export_checkpoint(quantize_model(model, recipe, calib, log=log), out)
         if log:
             log(f"built {recipe.label} checkpoint in {time.perf_counter() - t0:.1f} s: {out}")
-    return out
+
+    return cached_build(checkpoint_dir(model, recipe, calib), build)
 
 
 def quantize_model(model: ResolvedModel, recipe: Recipe, calib, *, log=None) -> torch.nn.Module:

@@ -162,28 +162,20 @@ def build_hf_export(model, recipe, calib=None, *, log=None) -> Path:
     """The HF export for (model, recipe, calibration): from the cache, or quantized and exported (one builder)."""
     import time
 
-    from quant.apply import build_lock, quantize_model
+    from quant.apply import cached_build, prepare, quantize_model
     from quant.export import EXPORT_DTYPE, load_hf_model
 
-    hf_config = json.loads((model.hf_dir / "config.json").read_text())
-    recipe.validate_for(hf_config)
-    if recipe.needs_calibration and calib is None:
-        from calibration.data import CalibSpec
+    calib = prepare(model, recipe, calib)
 
-        calib = CalibSpec()
-    out = hf_export_dir(model, recipe, calib)
-    if (out / "config.json").is_file():
-        return out
-    with build_lock(out):
-        if (out / "config.json").is_file():
-            return out
+    def build(out: Path) -> None:
         t0 = time.perf_counter()
         hf = quantize_model(model, recipe, calib, log=log) if recipe.needs_calibration \
             else load_hf_model(model, dtype=EXPORT_DTYPE)
         export_hf(hf, out, tokenizer_from=model.hf_dir, expect=(recipe.quant_algo, recipe.kv_algo))
         if log:
             log(f"exported {recipe.label} (Hugging Face format) in {time.perf_counter() - t0:.1f} s: {out}")
-    return out
+
+    return cached_build(hf_export_dir(model, recipe, calib), build)
 
 
 # -- reader -------------------------------------------------------------------------------------------------

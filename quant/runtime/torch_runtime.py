@@ -333,19 +333,25 @@ class TorchRuntime:
             raise UserError(f"out of GPU memory for {what}: the KV cache needs {cache / 2**30:.1f} GiB and prefill "
                             f"~{act / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free on {self.device}")
 
-    def _generate_cuda(self, prompts, max_new_tokens, eos_ids, ignore_eos, pad_id) -> Generation:
+    def _pad_batch(self, prompts, max_new_tokens: int, pad_id: int):
+        """Left-pad the prompts: ids [B, P], key mask over prompt + budget, per-sequence RoPE positions."""
         B, lens = len(prompts), [len(p) for p in prompts]
         P = max(lens)
         total = P + max_new_tokens
-        dev = self.device
         ids = torch.full((B, P), pad_id, dtype=torch.long)
         key_mask = torch.ones(B, total, dtype=torch.bool)
         for b, p in enumerate(prompts):
             ids[b, P - lens[b]:] = torch.tensor(p, dtype=torch.long)
             key_mask[b, : P - lens[b]] = False
+        dev = self.device
         ids, key_mask = ids.to(dev), key_mask.to(dev)
         lens_t = torch.tensor(lens, device=dev)
         positions = (torch.arange(P, device=dev)[None] - (P - lens_t)[:, None]).clamp(min=0)
+        return B, lens, P, total, ids, key_mask, lens_t, positions
+
+    def _generate_cuda(self, prompts, max_new_tokens, eos_ids, ignore_eos, pad_id) -> Generation:
+        B, lens, P, total, ids, key_mask, lens_t, positions = self._pad_batch(prompts, max_new_tokens, pad_id)
+        dev = self.device
         eos = tuple(eos_ids) or (-1,)
         key = (B, total, bool(ignore_eos), eos, pad_id)
         st = self._state if self._state is not None and self._state.key == key else None
@@ -425,18 +431,8 @@ class TorchRuntime:
                 torch.cuda.empty_cache()
                 raise UserError(f"out of GPU memory for {what} on {self.device} ({_gpu_memory(self.device)}); "
                                 f"use a smaller batch or shorter lengths") from None
-        B, lens = len(prompts), [len(p) for p in prompts]
-        P = max(lens)
-        total = P + max_new_tokens
+        B, lens, P, total, ids, key_mask, lens_t, positions = self._pad_batch(prompts, max_new_tokens, pad_id)
         dev = self.device
-        ids = torch.full((B, P), pad_id, dtype=torch.long)
-        key_mask = torch.ones(B, total, dtype=torch.bool)
-        for b, p in enumerate(prompts):
-            ids[b, P - lens[b]:] = torch.tensor(p, dtype=torch.long)
-            key_mask[b, : P - lens[b]] = False
-        ids, key_mask = ids.to(dev), key_mask.to(dev)
-        lens_t = torch.tensor(lens, device=dev)
-        positions = (torch.arange(P, device=dev)[None] - (P - lens_t)[:, None]).clamp(min=0)
         eos = torch.tensor(list(eos_ids) or [-1], device=dev)
 
         cache = self._new_cache(B, total)
