@@ -383,7 +383,9 @@ def get_stats(
     if model is None:
         from quant.export import load_hf_model
 
-        model = load_hf_model(resolved, dtype=torch.float32)
+        from quant.export import calibration_device
+
+        model = load_hf_model(resolved, dtype=torch.float32, device=calibration_device())
     stats = collect_stats(model, batches, batch_size=batch_size, model_hash=resolved.content_hash, spec=spec)
     faults.point("calib.collect")  # crash test: statistics computed, nothing written
     # A model with NaN/Inf weights used to be cached here and then refused on every load as a "damaged cache,

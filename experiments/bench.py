@@ -362,6 +362,11 @@ def sweep(device: torch.device, log, ms: list[int]) -> list[dict]:
                     linear.CUDA_GEMV[h.algo_key] = False
                     bench("library/tl.dot", lambda: h.fused(x), algo, name, N, K, M, nbytes)
                     linear.CUDA_GEMV[h.algo_key] = saved
+                    if algo in ("W8A16", "FP8"):  # the other weight conversion (PTX sequences vs bit moves)
+                        saved_cvt = ck.GEMV_CVT[wf[algo]]
+                        ck.GEMV_CVT[wf[algo]] = 1 - saved_cvt
+                        bench(f"gemv cvt={1 - saved_cvt}", lambda: h.fused(x), algo, name, N, K, M, nbytes)
+                        ck.GEMV_CVT[wf[algo]] = saved_cvt
                     for cfg in GEMV_SWEEP[key]:
                         saved_cfg = ck.GEMV_CONFIG[wf[algo]]
                         ck.GEMV_CONFIG[wf[algo]] = cfg

@@ -62,9 +62,12 @@ def add_common_args(parser: argparse.ArgumentParser, *, seed_help: str | None = 
     parser.add_argument("--input-len", type=positive_int, default=d["input_len"], help="latency workload: prompt tokens")
     parser.add_argument("--output-len", type=positive_int, default=d["output_len"], help="latency workload: generated tokens")
     parser.add_argument("--latency-repeats", type=positive_int, default=d["latency_repeats"])
-    parser.add_argument("--device", default="cpu", help="cpu (cuda: see the GPU issue)")
-    parser.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"),
-                        help="activation dtype of the runtime (bfloat16: where PyTorch's int8/int4 CPU kernels are fast)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when a CUDA GPU is visible, else cpu) | cpu | cuda[:N]")
+    parser.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="activation dtype of the runtime (auto: float16 on CUDA, the checkpoints' dtype and what "
+                             "the Triton kernels are tuned for; bfloat16 on CPU, where PyTorch's int8/int4 kernels "
+                             "are fast)")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "trtllm"),
                         help="runtime: the PyTorch runtime, or a TensorRT-LLM engine built from the checkpoint "
                              "(auto: trtllm when tensorrt_llm imports and a CUDA GPU is visible)")
@@ -86,6 +89,9 @@ def settings_from_args(args: argparse.Namespace, backend=None) -> EvalSettings:
     from quant.backends import backend_device
 
     name = backend.name if backend is not None else "torch"
+    device = resolve_device(args.device)  # settings hold the concrete device: it is part of the evaluation key
+    if backend is not None:
+        device = backend_device(backend, device)
     ppl_docs = args.ppl_docs
     if ppl_docs is None:
         ppl_docs = 0 if name == "trtllm" else 20
@@ -98,10 +104,24 @@ def settings_from_args(args: argparse.Namespace, backend=None) -> EvalSettings:
         input_column=args.input_column, reference_column=args.reference_column, max_input_len=args.max_input_len,
         max_output_len=args.max_output_len, batch_size=args.batch_size, input_len=args.input_len,
         output_len=args.output_len, latency_repeats=args.latency_repeats,
-        device=backend_device(backend, args.device) if backend is not None else args.device,
-        compute_dtype=args.compute_dtype, ppl_docs=ppl_docs, ppl_seq_len=args.ppl_seq_len,
+        device=device, compute_dtype=resolve_compute_dtype(args.compute_dtype, device), ppl_docs=ppl_docs, ppl_seq_len=args.ppl_seq_len,
         progress=not args.no_progress, backend=name, trust_remote_code=args.trust_remote_code,
     )
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when PyTorch sees a CUDA GPU, else ``cpu``; anything else is checked as given."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return check_device(device)
+
+
+def resolve_compute_dtype(compute_dtype: str, device: str) -> str:
+    if compute_dtype != "auto":
+        return compute_dtype
+    return "float16" if str(device).startswith("cuda") else "bfloat16"
 
 
 def check_device(device: str) -> str:

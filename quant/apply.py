@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from quant import faults
-from quant.export import EXPORT_DTYPE, export_checkpoint, load_hf_model
+from quant.export import EXPORT_DTYPE, calibration_device, export_checkpoint, load_hf_model
 from quant.model_source import ResolvedModel
 from quant.paths import cache_root
 from quant.recipes import Recipe
@@ -137,13 +137,13 @@ def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib=None, *, log=No
 
 
 def quantize_model(model: ResolvedModel, recipe: Recipe, calib, *, log=None) -> torch.nn.Module:
-    """ModelOpt-quantize the HF model in float32 (CPU kernels are fast and exact there), then cast to fp16."""
+    """ModelOpt-quantize the HF model in float32 (on :func:`~quant.export.calibration_device`), then cast to fp16."""
     import modelopt.torch.quantization as mtq
     from transformers import AutoTokenizer
 
     from calibration.data import calibration_batches, forward_loop
 
-    hf = load_hf_model(model, dtype=torch.float32)
+    hf = load_hf_model(model, dtype=torch.float32, device=calibration_device())
     tokenizer = AutoTokenizer.from_pretrained(model.hf_dir)
     batches = calibration_batches(tokenizer, source=calib.source, num_samples=calib.num_samples,
                                   seq_len=calib.seq_len, seed=calib.seed)
@@ -158,7 +158,7 @@ def quantize_model(model: ResolvedModel, recipe: Recipe, calib, *, log=None) -> 
 
     with torch.no_grad():
         mtq.quantize(hf, cfg, calibrate)
-    return hf.to(EXPORT_DTYPE)
+    return hf.to(device="cpu", dtype=EXPORT_DTYPE)  # exported from host memory, whatever calibrated it
 
 
 

@@ -75,7 +75,7 @@ def resolve_backend(name: str, device: str = "cpu", *, announce: bool = True) ->
 
 
 def backend_device(choice: BackendChoice, device: str) -> str:
-    """TensorRT-LLM runs on a GPU whatever ``--device`` says (its default is cpu, for the PyTorch runtime)."""
+    """TensorRT-LLM runs on a GPU whatever ``--device`` says (``cpu`` only means something to the PyTorch runtime)."""
     if choice.name == "trtllm" and not str(device).startswith("cuda"):
         return "cuda:0"
     return device

@@ -598,7 +598,8 @@ def run(args) -> int:
         study.set_user_attr("threshold", search.threshold)
         study.set_user_attr("baseline_rouge1", baseline["rouge"]["rouge1"])
         study.set_user_attr("workload", {"batch_size": args.batch_size, "input_len": args.input_len,
-                                         "output_len": args.output_len, "device": args.device})
+                                         "output_len": args.output_len, "device": search.settings.device,
+                                         "compute_dtype": search.settings.compute_dtype})
         # What `quant.build --from-study` needs to rebuild the winner without the search's flags.
         study.set_user_attr("model", args.model or "default")
         study.set_user_attr("calibration", dataclasses.asdict(search.calib))

@@ -130,6 +130,19 @@ def test_linear_every_path_matches_float64_reference(algo, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("cvt", [0, 1])
+@pytest.mark.parametrize("algo", ["W8A16", "FP8"])
+def test_gemv_weight_conversions_match_float64_reference(algo, cvt, monkeypatch):
+    """Both ways the batch-1 GEMV turns int8 / fp8 weights into float32 (PTX prmt / e4m3x2 converter, and the
+    portable bit moves), whichever is the default, in float16 and bfloat16."""
+    from quant.runtime import cuda_kernels as ck
+
+    monkeypatch.setitem(ck.GEMV_CVT, ck.W_INT8 if algo == "W8A16" else ck.W_FP8, cvt)
+    for dtype in GPU_DTYPES:
+        _check_linear(algo, dtype)
+
+
+@cuda
 @pytest.mark.parametrize("kernel", ["triton", "tinygemm"])
 def test_int4_kernels_match_float64_reference(kernel, monkeypatch):
     """W4A16 for 1–64 rows: the Triton GEMV / tl.dot on the stored layout, and tinygemm on its repacked copy."""
@@ -162,6 +175,31 @@ def _check_linear(algo, dtype):
         assert y.shape == (m, out) and y.dtype == dtype and bool(torch.isfinite(y).all())
         err = rel(y, _reference(algo, t, x, wd))
         assert err <= 1e-2, f"{algo} {dtype} M={m}: {err:.2e}"
+
+
+@cuda
+@pytest.mark.parametrize("algo", ALGOS, ids=lambda a: a or "fp16")
+def test_large_activations_do_not_overflow_float16(algo):
+    """Activations ~40× the usual (SmolLM2's layer-11 down_proj input reaches 65) with K = 1024: y stays well
+    inside float16, but x · q before the per-channel scale does not (~10⁵). Every path must scale before it
+    rounds to float16 -- the prefill path of W8A16 once did not, and the default model's logits were Inf."""
+    from quant.runtime.linear import make_linear
+    from tests.test_kernels import activations
+
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(zlib.crc32(f"big/{algo}".encode()))
+    out, inp, group = 64, 1024, 64
+    t = _layout(algo, gen, out, inp, group)
+    h = make_linear(algo, {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV, group_size=group)
+    wd = h.dequantized_weight().cpu() if algo is not None else t["weight"].float()
+    for m in (1, 12, 100):  # GEMV, tl.dot, library GEMM
+        x = (activations(gen, m, inp) * 40).to(dtype)
+        ref = _reference(algo, t, x, wd)
+        assert float(ref.abs().max()) < 6e4
+        y = h(x.to(DEV))
+        assert bool(torch.isfinite(y).all()), f"{algo} M={m}: non-finite output"
+        err = rel(y, ref)
+        assert err <= 1e-2, f"{algo} M={m}: {err:.2e}"
 
 
 @cuda
@@ -416,3 +454,21 @@ def test_out_of_gpu_memory_is_one_clear_error(tiny_folders, monkeypatch):
     monkeypatch.setattr(rt, "_generate_cuda", boom)
     with pytest.raises(UserError, match=r"out of GPU memory for batch 2 × \(3 prompt \+ 4 new tokens\)"):
         rt.generate([[1, 2, 3], [4, 5, 6]], 4)
+
+
+def test_auto_device_follows_the_machine():
+    """``--device auto`` (the CLIs' default) is the GPU when PyTorch sees one and the CPU otherwise, and the compute
+    dtype follows it: float16 on CUDA (the checkpoints' dtype, what the Triton kernels are tuned for), bfloat16 on
+    CPU. The concrete pair is what the settings (and so every evaluation key) hold."""
+    import argparse
+
+    from experiments.evaluate import add_common_args, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    settings = settings_from_args(parser.parse_args([]))
+    gpu = torch.cuda.is_available()
+    assert settings.device == ("cuda" if gpu else "cpu")
+    assert settings.compute_dtype == ("float16" if gpu else "bfloat16")
+    pinned = settings_from_args(parser.parse_args(["--device", "cpu", "--compute-dtype", "float32"]))
+    assert (pinned.device, pinned.compute_dtype) == ("cpu", "float32")

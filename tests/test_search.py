@@ -86,11 +86,15 @@ def test_no_recipe_passes_reports_closest(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_trial_then_resume(tiny_model, tmp_path):
-    """Kill while a trial runs; the rerun keeps every finished trial, repeats none, and completes the study."""
+    """Kill while a trial runs; the rerun keeps every finished trial, repeats none, and completes the study.
+
+    Its own cache folder: with the evaluations of the other tests cached, every trial ends in milliseconds and the
+    poll below would never see one running."""
     results = tmp_path / "res"
     cmd = _cmd(tiny_model, results, "--min-rouge1", "0", "--n-trials", "5", "--seed", "3")
     storage = f"sqlite:///{results / 'study.db'}"
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    env = {**os.environ, "QUANT_SUITE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 400
     killed_with = None
     while time.time() < deadline and proc.poll() is None:
@@ -107,7 +111,7 @@ def test_sigkill_mid_trial_then_resume(tiny_model, tmp_path):
             break
     proc.wait()
     assert killed_with, "the search finished before it could be killed mid-trial"
-    again = _run(cmd)
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     study = optuna.load_study(study_name="quant-search", storage=storage)
     after = {t.number: (t.value, t.user_attrs.get("recipe_hash")) for t in study.trials

@@ -76,11 +76,39 @@ def _prologue(x_ptr, offs_k, k_mask, K, rstd, norm_ptr, pre_ptr, a_ptr,
     return out
 
 
+# int32 word of 4 int8 → 4 float32 holding 2^23 + (q + 128): flip the sign bits once (offset binary), then one
+# byte permute per weight puts the byte under the exponent bits of 2^23 (0x4B000000).
+_I8_TO_F32_ASM = """{
+.reg .b32 t, m;
+xor.b32 t, $4, 0x80808080;
+mov.b32 m, 0x4B000000;
+prmt.b32 $0, t, m, 0x7440;
+prmt.b32 $1, t, m, 0x7441;
+prmt.b32 $2, t, m, 0x7442;
+prmt.b32 $3, t, m, 0x7443;
+}"""
+# int32 word of 4 e4m3 → 4 float32, exactly (every e4m3 value is a float16): the sm_89+ pair converter, then
+# half → float.
+_E4M3_TO_F32_ASM = """{
+.reg .b16 lo, hi, a, b, c, d;
+.reg .b32 p, q;
+mov.b32 {lo, hi}, $4;
+cvt.rn.f16x2.e4m3x2 p, lo;
+cvt.rn.f16x2.e4m3x2 q, hi;
+mov.b32 {a, b}, p;
+mov.b32 {c, d}, q;
+cvt.f32.f16 $0, a;
+cvt.f32.f16 $1, b;
+cvt.f32.f16 $2, c;
+cvt.f32.f16 $3, d;
+}"""
+
+
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, stride_wn, stride_wsn, eps,
                  WFMT: tl.constexpr, AFMT: tl.constexpr, PRO: tl.constexpr, HAS_PRE: tl.constexpr,
                  SCALE: tl.constexpr, RESIDUAL: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, CVT: tl.constexpr = 0):
     """One input row (decode at batch 1). Each program: BLOCK_R weight rows (int4: packed row pairs) over all of
     K, accumulating element-wise in a [BLOCK_R, ·] tile and reducing once at the end. int8/int4 weights are read
     as int32 words (4 bytes of 4 consecutive k) and turned into float32 with the 2²³ magic number (OR + FSUB)
@@ -115,29 +143,51 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
                 so = tl.load(ws_ptr + (2 * offs_r + 1)[:, None] * stride_wsn + g[None, :], mask=wm, other=0.0)
                 se = se.to(tl.float32)
                 so = so.to(tl.float32)
-            for i in tl.static_range(4):
-                offs_k = k0 + 4 * offs_w + i
-                xq = _prologue(x_ptr, offs_k, offs_k < K, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO, HAS_PRE,
-                               AFMT)
-                byte = (words >> (8 * i)) & 0xFF
-                if WFMT == 3:
-                    # e4m3 → float32 by moving its bits: exponent and mantissa to fp32's, sign to bit 31; that is
-                    # the value · 2^-120 (fp32 bias 127, e4m3 bias 7; e4m3 subnormals land on fp32 subnormals).
-                    # x carries 2^64 and the result 2^56 (x · 2^120 could overflow; products stay normal).
-                    bits = ((byte & 0x7F) << 20) | ((byte & 0x80) << 24)
-                    acc += bits.to(tl.float32, bitcast=True) * (xq * 1.8446744073709552e19)[None, :]  # 2^64
-                elif WFMT == 1:
-                    u = byte ^ 0x80  # q + 128 (offset binary)
-                    if AFMT == 1 or AFMT == 3:
-                        acc += (u - 128) * xq[None, :]
-                    else:
-                        wf = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
-                        acc += wf * xq[None, :]
+            if CVT == 1 and (WFMT == 3 or (WFMT == 1 and AFMT == 0)):
+                # 4 weights of a word to float32 in ~1 instruction each (PTX: prmt for int8, the sm_89+ e4m3x2
+                # converter for fp8) instead of the ~5 shifts/masks/ORs of the bit moves below.
+                if WFMT == 1:
+                    f0, f1, f2, f3 = tl.inline_asm_elementwise(_I8_TO_F32_ASM, "=r,=r,=r,=r,r", [words],
+                                                               dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                                               is_pure=True, pack=1)
+                    f0, f1, f2, f3 = f0 - 8388736.0, f1 - 8388736.0, f2 - 8388736.0, f3 - 8388736.0  # 2^23 + 128
                 else:
-                    lo = (((byte & 0xF) ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
-                    hi = (((byte >> 4) ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-                    acc += (lo * se) * xq[None, :]
-                    acc2 += (hi * so) * xq[None, :]
+                    f0, f1, f2, f3 = tl.inline_asm_elementwise(_E4M3_TO_F32_ASM, "=r,=r,=r,=r,r", [words],
+                                                               dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                                               is_pure=True, pack=1)
+                kb = k0 + 4 * offs_w
+                acc += f0 * _prologue(x_ptr, kb, kb < K, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO, HAS_PRE,
+                                      AFMT)[None, :]
+                acc += f1 * _prologue(x_ptr, kb + 1, kb + 1 < K, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO,
+                                      HAS_PRE, AFMT)[None, :]
+                acc += f2 * _prologue(x_ptr, kb + 2, kb + 2 < K, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO,
+                                      HAS_PRE, AFMT)[None, :]
+                acc += f3 * _prologue(x_ptr, kb + 3, kb + 3 < K, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO,
+                                      HAS_PRE, AFMT)[None, :]
+            else:
+                for i in tl.static_range(4):
+                    offs_k = k0 + 4 * offs_w + i
+                    xq = _prologue(x_ptr, offs_k, offs_k < K, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO, HAS_PRE,
+                                   AFMT)
+                    byte = (words >> (8 * i)) & 0xFF
+                    if WFMT == 3:
+                        # e4m3 → float32 by moving its bits: exponent and mantissa to fp32's, sign to bit 31; that is
+                        # the value · 2^-120 (fp32 bias 127, e4m3 bias 7; e4m3 subnormals land on fp32 subnormals).
+                        # x carries 2^64 and the result 2^56 (x · 2^120 could overflow; products stay normal).
+                        bits = ((byte & 0x7F) << 20) | ((byte & 0x80) << 24)
+                        acc += bits.to(tl.float32, bitcast=True) * (xq * 1.8446744073709552e19)[None, :]  # 2^64
+                    elif WFMT == 1:
+                        u = byte ^ 0x80  # q + 128 (offset binary)
+                        if AFMT == 1 or AFMT == 3:
+                            acc += (u - 128) * xq[None, :]
+                        else:
+                            wf = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+                            acc += wf * xq[None, :]
+                    else:
+                        lo = (((byte & 0xF) ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+                        hi = (((byte >> 4) ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                        acc += (lo * se) * xq[None, :]
+                        acc2 += (hi * so) * xq[None, :]
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
         acc2 = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
@@ -151,7 +201,7 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
     if WFMT == 2:
         _store_row(tl.sum(acc, axis=1), y_ptr, ws_ptr, 2 * offs_r, r_mask, dt, 0, RESIDUAL)
         _store_row(tl.sum(acc2, axis=1), y_ptr, ws_ptr, 2 * offs_r + 1, r_mask, dt, 0, RESIDUAL)
-    elif WFMT == 3:
+    elif WFMT == 3 and CVT == 0:
         _store_row(tl.sum(acc, axis=1) * 7.205759403792794e16, y_ptr, ws_ptr, offs_r, r_mask, dt, SCALE,  # 2^56
                    RESIDUAL)
     else:
@@ -191,6 +241,9 @@ def _gemv_store(acc, y_ptr, ws_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, d
 # outputs), BLOCK_K input columns. Chosen with ``python -m experiments.bench --sweep`` on an H200.
 GEMV_CONFIG = {W_FLOAT: (2, 1024, 4), W_INT8: (8, 1024, 4), W_FP8: (8, 512, 4), W_INT4: (2, 2048, 4)}
 GEMV_MAX_M = 1
+# Per weight format: 1 = convert weights with the PTX sequences above (int8: W8A16 only; SmoothQuant multiplies in
+# int32), 0 = the portable bit moves. Chosen with ``python -m experiments.bench --sweep`` on an H200.
+GEMV_CVT = {W_INT8: 1, W_FP8: 1}
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | None = None,
@@ -224,7 +277,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
         R, K, stride_w, wscale.stride(0) if (wscale is not None and wscale.dim() == 2) else 0, float(eps),
         WFMT=wfmt, AFMT=afmt, PRO=PRO_SILU if silu else PRO_RMSNORM if norm is not None else PRO_NONE,
         HAS_PRE=prequant is not None, SCALE=scale_mode, RESIDUAL=residual is not None, GROUP=max(group, 4),
-        BLOCK_R=br, BLOCK_K=bk, num_warps=warps)
+        BLOCK_R=br, BLOCK_K=bk, CVT=GEMV_CVT.get(wfmt, 0), num_warps=warps)
     return y
 
 

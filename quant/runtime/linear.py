@@ -229,8 +229,9 @@ class W8A16Linear(_Handler):
         x = self._prep(x, norm, eps, silu)
         if x.shape[0] <= ck.WQ_MM_MAX_M and self.dtype != torch.float32:
             return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8)
-        # prefill: int8 → compute dtype is exact; one GEMM, then the per-channel scale
-        return F.linear(x, self.weight.to(self.dtype)).mul_(self.scale)
+        # prefill: one GEMM on the weight dequantized to the compute dtype (TRT-LLM's weight-only GEMM also
+        # dequantizes before the MMA). Scaling after the GEMM overflows float16: x · q is 1/scale (~10³) times y.
+        return F.linear(x, self.weight * self.scale[:, None])  # int8 × fp16 → fp16 in one pass (float32 math)
 
     def _held(self):
         return self.weight, self.scale
