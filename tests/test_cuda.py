@@ -330,6 +330,19 @@ def test_int4_dequant_kernel_is_exact_in_float32():
     assert torch.equal(w, q.float() * s.repeat_interleave(64, dim=1))
 
 
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *GPU_DTYPES], ids=lambda d: str(d).removeprefix("torch."))
+def test_int8_dequant_kernel_rounds_once(dtype):
+    """W8A16 prefill's weight: q · s computed in float32 and rounded once to the compute dtype."""
+    from quant.runtime import cuda_kernels as ck
+    from tests.test_kernels import quantize_int8_per_channel
+
+    q, s = quantize_int8_per_channel(torch.randn(100, 300, generator=torch.Generator().manual_seed(5)))
+    s = s.to(dtype)
+    w = ck.dequant_int8(q.to(DEV), s.to(DEV), dtype).cpu()
+    assert w.dtype == dtype and torch.equal(w, (q.float() * s.float()[:, None]).to(dtype))
+
+
 # -- the runtime --------------------------------------------------------------------------------------------------------
 # bound on ‖logits(GPU, float16) − logits(CPU, float32)‖ / ‖·‖ — the bfloat16 bounds of test_runtime_formats.py
 RUNTIME_BOUND = {"fp16": 0.01, "int8_wo": 0.03, "smoothquant": 0.1, "int4_awq": 0.05, "fp8": 0.25,

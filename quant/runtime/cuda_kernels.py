@@ -15,7 +15,8 @@ to the compute dtype at the same places (see :mod:`quant.runtime.linear` for the
 - :func:`act_prep`: the prologue alone (RMSNorm / SiLU·gate, pre-quant scale, int8 or FP8 quantization) for
   rows that go to a library GEMM (``torch._int_mm``, ``torch._scaled_mm``, cuBLAS).
 - :func:`int_mm_epilogue`: int32 accumulators · (a · s) → compute dtype (+ residual).
-- :func:`dequant_int4`: unpack + scale AWQ weights to the compute dtype (prefill goes through cuBLAS).
+- :func:`dequant_int4` / :func:`dequant_int8`: unpack + scale AWQ / W8A16 weights to the compute dtype (prefill
+  goes through cuBLAS).
 - :func:`rope_cache_write`: RoPE on q and k of one decode token, k/v stored into the (int8/fp8) cache.
 - :class:`DecodeAttention`: split-KV flash decoding over the static cache, reading int8/fp8 K/V directly
   (dequantized in registers: ``float32(stored) · scale`` rounded to the compute dtype, as the CPU path does).
@@ -78,7 +79,7 @@ def _prologue(x_ptr, offs_k, k_mask, K, rstd, norm_ptr, pre_ptr, a_ptr,
 
 # int32 word of 4 int8 → 4 float32 holding 2^23 + (q + 128): flip the sign bits once (offset binary), then one
 # byte permute per weight puts the byte under the exponent bits of 2^23 (0x4B000000).
-_I8_TO_F32_ASM = """{
+_I8_TO_F32_ASM = tl.constexpr("""{
 .reg .b32 t, m;
 xor.b32 t, $4, 0x80808080;
 mov.b32 m, 0x4B000000;
@@ -86,10 +87,10 @@ prmt.b32 $0, t, m, 0x7440;
 prmt.b32 $1, t, m, 0x7441;
 prmt.b32 $2, t, m, 0x7442;
 prmt.b32 $3, t, m, 0x7443;
-}"""
+}""")
 # int32 word of 4 e4m3 → 4 float32, exactly (every e4m3 value is a float16): the sm_89+ pair converter, then
 # half → float.
-_E4M3_TO_F32_ASM = """{
+_E4M3_TO_F32_ASM = tl.constexpr("""{
 .reg .b16 lo, hi, a, b, c, d;
 .reg .b32 p, q;
 mov.b32 {lo, hi}, $4;
@@ -101,7 +102,7 @@ cvt.f32.f16 $0, a;
 cvt.f32.f16 $1, b;
 cvt.f32.f16 $2, c;
 cvt.f32.f16 $3, d;
-}"""
+}""")
 
 
 @triton.jit
@@ -468,6 +469,28 @@ def dequant_int4(w: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch
     grid = (triton.cdiv(R, br), triton.cdiv(K, bk))
     _dequant_int4_kernel[grid](w, scales, out, R, K, w.stride(0), scales.stride(0), out.stride(0), GROUP=group,
                                BLOCK_R=br, BLOCK_K=bk, num_warps=4)
+    return out
+
+
+@triton.jit
+def _dequant_int8_kernel(w_ptr, s_ptr, out_ptr, R, K, stride_wn, stride_on, BLOCK_R: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_r < R)[:, None] & (offs_k < K)[None, :]
+    q = tl.load(w_ptr + offs_r[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+    s = tl.load(s_ptr + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_r[:, None] * stride_on + offs_k[None, :], (q * s[:, None]).to(dt), mask=mask)
+
+
+def dequant_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q · s per output channel, rounded once to ``dtype`` (1 byte read, 2 written per weight)."""
+    R, K = w.shape
+    out = torch.empty(R, K, dtype=dtype, device=w.device)
+    br, bk = 16, 256
+    _dequant_int8_kernel[(triton.cdiv(R, br), triton.cdiv(K, bk))](w, scale, out, R, K, w.stride(0), out.stride(0),
+                                                                   BLOCK_R=br, BLOCK_K=bk, num_warps=4)
     return out
 
 

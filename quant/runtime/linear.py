@@ -231,7 +231,7 @@ class W8A16Linear(_Handler):
             return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8)
         # prefill: one GEMM on the weight dequantized to the compute dtype (TRT-LLM's weight-only GEMM also
         # dequantizes before the MMA). Scaling after the GEMM overflows float16: x · q is 1/scale (~10³) times y.
-        return F.linear(x, self.weight * self.scale[:, None])  # int8 × fp16 → fp16 in one pass (float32 math)
+        return F.linear(x, ck.dequant_int8(self.weight, self.scale, self.dtype))
 
     def _held(self):
         return self.weight, self.scale
