@@ -162,8 +162,9 @@ def _write_markdown(study, summary: StudySummary, path: Path) -> Path:
     for r in sorted(summary.rows, key=lambda r: (not r.measured, r.tpot_ms or 0.0)):
         if r.measured:
             ci = f"[{r.rouge1_ci[0]:.2f}, {r.rouge1_ci[1]:.2f}]" if r.rouge1_ci else ""
+            ppl = f"{r.perplexity:.2f}" if r.perplexity else "-"
             text.append(f"| {r.number} | {r.label} | {r.rouge1:.2f} | {ci} | {r.tpot_ms:.2f} | {r.ttft_ms:.1f} | "
-                        f"{r.tokens_per_s:.1f} | {r.perplexity or '-'} | {'pass' if r.feasible else 'fail'} |")
+                        f"{r.tokens_per_s:.1f} | {ppl} | {'pass' if r.feasible else 'fail'} |")
         else:
             text.append(f"| {r.number} | {r.label} | | | | | | | {r.state.lower()} {r.reason} |")
     atomic_write_text(path, "\n".join(text) + "\n", fault="report.write")
