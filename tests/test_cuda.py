@@ -203,16 +203,12 @@ def test_large_activations_do_not_overflow_float16(algo):
 
 
 @cuda
-@pytest.mark.parametrize("norm_in_gemv", [False, True], ids=["norm-kernel", "norm-in-gemv"])
 @pytest.mark.parametrize("algo", ALGOS, ids=lambda a: a or "fp16")
-def test_fused_prologues_and_residual(algo, norm_in_gemv, monkeypatch):
+def test_fused_prologues_and_residual(algo):
     """RMSNorm / SiLU·gate in front, residual behind: the GEMV against the CPU path's ops, and against the
-    library path (separate prologue kernel + GEMM) on the same inputs; RMSNorm as its own kernel and inside the
-    weight-only GEMVs (``linear.NORM_IN_GEMV``)."""
+    library path (separate prologue kernel + GEMM) on the same inputs."""
     from quant.runtime import linear
     from quant.runtime.linear import make_linear
-
-    monkeypatch.setattr(linear, "NORM_IN_GEMV", norm_in_gemv)
 
     dtype = torch.float16
     gen = torch.Generator().manual_seed(zlib.crc32(f"pro/{algo}".encode()))

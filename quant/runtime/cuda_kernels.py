@@ -37,9 +37,6 @@ W_FLOAT, W_INT8, W_INT4, W_FP8 = 0, 1, 2, 3
 A_FLOAT, A_INT8, A_FP8, A_INT8_IN = 0, 1, 2, 3  # A_INT8_IN: x is int8 already (quantized by act_prep)
 # prologues (PRO): plain x, RMSNorm(h) · w, SiLU(x[:, :K]) · x[:, K:]
 PRO_NONE, PRO_RMSNORM, PRO_SILU = 0, 1, 2
-# RMSNorm with the 1/rms applied to the GEMV's sums (W · (n ⊙ h) · rstd): no pre-pass over h and no per-element
-# rounding, only a sum of squares alongside the main loop. For weight-only formats (x is not quantized).
-PRO_RMSNORM_DEFERRED = 3
 # epilogue scale (SCALE): none, per output channel, one scalar
 S_NONE, S_CHANNEL, S_SCALAR = 0, 1, 2
 _ROUND_MAGIC = 12582912.0  # 1.5 · 2^23: (v + C) − C rounds a float32 |v| ≤ 2^22 to the nearest integer, ties to even
@@ -61,9 +58,6 @@ def _prologue(x_ptr, offs_k, k_mask, K, rstd, norm_ptr, pre_ptr, a_ptr,
     elif PRO == 1:
         h = tl.load(xp, mask=k_mask, other=0.0).to(tl.float32)
         xv = tl.load(norm_ptr + offs_k, mask=k_mask, other=0.0) * (h * rstd).to(dt)
-    elif PRO == 3:
-        xv = tl.load(norm_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32) * \
-            tl.load(xp, mask=k_mask, other=0.0).to(tl.float32)
     else:
         xv = tl.load(xp, mask=k_mask, other=0.0)
     if HAS_PRE:
@@ -132,7 +126,6 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
             h = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
             ss += h * h
         rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-    ss3 = tl.zeros([BLOCK_K], tl.float32)  # PRO 3: the sum of squares, gathered alongside the main loop
     if WFMT != 0:
         BLOCK_W: tl.constexpr = BLOCK_K // 4
         offs_w = tl.arange(0, BLOCK_W)
@@ -145,10 +138,6 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
             wo = k0 // 4 + offs_w
             wm = r_mask[:, None] & (wo < K // 4)[None, :]
             words = tl.load(w_ptr + offs_r[:, None] * stride_wn + wo[None, :], mask=wm, other=0)
-            if PRO == 3:
-                h3 = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K), mask=k0 + tl.arange(0, BLOCK_K) < K,
-                             other=0.0).to(tl.float32)
-                ss3 += h3 * h3
             if WFMT == 2:
                 g = (k0 + 4 * offs_w) // GROUP
                 se = tl.load(ws_ptr + (2 * offs_r)[:, None] * stride_wsn + g[None, :], mask=wm, other=0.0)
@@ -207,23 +196,17 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             xq = _prologue(x_ptr, offs_k, k_mask, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO, HAS_PRE, AFMT)
-            if PRO == 3:
-                h3 = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                ss3 += h3 * h3
             wf = tl.load(w_ptr + offs_r[:, None] * stride_wn + offs_k[None, :],
                          mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
             acc += wf * xq[None, :]
-    post = 1.0
-    if PRO == 3:
-        post = tl.rsqrt(tl.sum(ss3, axis=0) / K + eps)
     if WFMT == 2:
-        _store_row(tl.sum(acc, axis=1) * post, y_ptr, ws_ptr, 2 * offs_r, r_mask, dt, 0, RESIDUAL)
-        _store_row(tl.sum(acc2, axis=1) * post, y_ptr, ws_ptr, 2 * offs_r + 1, r_mask, dt, 0, RESIDUAL)
+        _store_row(tl.sum(acc, axis=1), y_ptr, ws_ptr, 2 * offs_r, r_mask, dt, 0, RESIDUAL)
+        _store_row(tl.sum(acc2, axis=1), y_ptr, ws_ptr, 2 * offs_r + 1, r_mask, dt, 0, RESIDUAL)
     elif WFMT == 3 and CVT == 0:
-        _store_row(tl.sum(acc, axis=1) * (post * 7.205759403792794e16), y_ptr, ws_ptr, offs_r, r_mask, dt,  # 2^56
-                   SCALE, RESIDUAL)
+        _store_row(tl.sum(acc, axis=1) * 7.205759403792794e16, y_ptr, ws_ptr, offs_r, r_mask, dt, SCALE,  # 2^56
+                   RESIDUAL)
     else:
-        _store_row(tl.sum(acc, axis=1).to(tl.float32) * post, y_ptr, ws_ptr, offs_r, r_mask, dt, SCALE, RESIDUAL)
+        _store_row(tl.sum(acc, axis=1), y_ptr, ws_ptr, offs_r, r_mask, dt, SCALE, RESIDUAL)
 
 
 @triton.jit
@@ -264,20 +247,11 @@ GEMV_MAX_M = 1
 GEMV_CVT = {W_INT8: 1, W_FP8: 1}
 
 
-def _pro(silu: bool, norm, defer: bool) -> int:
-    if silu:
-        return PRO_SILU
-    if norm is None:
-        return PRO_NONE
-    return PRO_RMSNORM_DEFERRED if defer else PRO_RMSNORM
-
-
 def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | None = None,
          wscale: torch.Tensor | None = None, scale_mode: int = S_NONE, group: int = 0,
          prequant: torch.Tensor | None = None, act_scale: torch.Tensor | None = None, afmt: int = A_FLOAT,
          norm: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False, residual: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None, out_dtype: torch.dtype | None = None,
-         defer_norm: bool = False) -> torch.Tensor:
+         config: tuple[int, int, int] | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y [1, N] = W · prologue(x) for one row x [1, K] (silu: [1, 2K]); residual [1, N]: y added in place.
     ``out_dtype``: y's dtype when x is not in the compute dtype (pre-quantized int8/fp8 x)."""
     assert x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
@@ -302,7 +276,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
         x, w_arg, wscale if wscale is not None else dummy, prequant if prequant is not None else dummy,
         norm if norm is not None else dummy, act_scale if act_scale is not None else dummy, y,
         R, K, stride_w, wscale.stride(0) if (wscale is not None and wscale.dim() == 2) else 0, float(eps),
-        WFMT=wfmt, AFMT=afmt, PRO=_pro(silu, norm, defer_norm and afmt == A_FLOAT),
+        WFMT=wfmt, AFMT=afmt, PRO=PRO_SILU if silu else PRO_RMSNORM if norm is not None else PRO_NONE,
         HAS_PRE=prequant is not None, SCALE=scale_mode, RESIDUAL=residual is not None, GROUP=max(group, 4),
         BLOCK_R=br, BLOCK_K=bk, CVT=GEMV_CVT.get(wfmt, 0), num_warps=warps)
     return y

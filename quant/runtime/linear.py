@@ -89,11 +89,6 @@ CUDA_GEMV = {"dense": True, "W8A16": True, "W8A8_SQ_PER_CHANNEL": True, "W4A16_A
 # recomputes them for the whole row: measured slower on an H200 for SmoothQuant and FP8, whose division and
 # fp8 rounding per element and program cost more than a launch) or in one act_prep kernel before it.
 FUSE_PROLOGUE = False
-# Batch-1 GEMV of the weight-only formats (fp16, W8A16, AWQ on the Triton GEMV): RMSNorm inside the GEMV with
-# 1/rms applied to its sums (``cuda_kernels.PRO_RMSNORM_DEFERRED``: no pre-pass, no extra launch) instead of one
-# act_prep kernel before it. Not bit-identical to the CPU path (the normalized input is not rounded to the
-# compute dtype first), within the tests' tolerance.
-NORM_IN_GEMV = False
 # SmoothQuant above 64 rows (prefill): "int_mm" (cuBLASLt) or "triton" (tl.dot int8 with the epilogue fused).
 SQ_PREFILL_GEMM = "triton"
 
@@ -128,8 +123,6 @@ class _Handler:
         is one fused kernel; elsewhere these are the runtime's own tensor ops."""
         if self.cuda:
             if x.shape[0] <= _cuda_kernels().GEMV_MAX_M and CUDA_GEMV.get(self.algo_key, False) and self._gemv_ok():
-                if NORM_IN_GEMV and norm is not None and not silu and not self.quantizes_input:
-                    return self._gemv(x, norm=norm, eps=eps, silu=False, residual=residual, defer_norm=True)
                 if not FUSE_PROLOGUE and (norm is not None or silu) and not self.quantizes_input:
                     x, norm, silu = self._prep(x, norm, eps, silu), None, False
                 return self._gemv(x, norm=norm, eps=eps, silu=silu, residual=residual)
@@ -193,10 +186,9 @@ class DenseLinear(_Handler):
     def _mm(self, x):
         return F.linear(x, self.weight)
 
-    def _gemv(self, x, *, norm, eps, silu, residual, defer_norm=False):
+    def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
-        return ck.gemv(x, self.weight, wfmt=ck.W_FLOAT, norm=norm, eps=eps, silu=silu, residual=residual,
-                       defer_norm=defer_norm)
+        return ck.gemv(x, self.weight, wfmt=ck.W_FLOAT, norm=norm, eps=eps, silu=silu, residual=residual)
 
     def _mm_cuda(self, x, *, norm, eps, silu):
         return F.linear(self._prep(x, norm, eps, silu), self.weight)
@@ -227,10 +219,10 @@ class W8A16Linear(_Handler):
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scale)
         return (F.linear(x.float(), self.weight.float()) * self.scale.float()).to(self.dtype)
 
-    def _gemv(self, x, *, norm, eps, silu, residual, defer_norm=False):
+    def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
         return ck.gemv(x, self.weight, wfmt=ck.W_INT8, wscale=self.scale, scale_mode=ck.S_CHANNEL, norm=norm,
-                       eps=eps, silu=silu, residual=residual, defer_norm=defer_norm)
+                       eps=eps, silu=silu, residual=residual)
 
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
@@ -372,10 +364,10 @@ class W4A16AWQLinear(_Handler):
     def _gemv_ok(self) -> bool:
         return self.pow2_group and self.tinygemm is None
 
-    def _gemv(self, x, *, norm, eps, silu, residual, defer_norm=False):
+    def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
         return ck.gemv(x, self.weight, wfmt=ck.W_INT4, wscale=self.scales, group=self.group, prequant=self.prequant,
-                       norm=norm, eps=eps, silu=silu, residual=residual, defer_norm=defer_norm)
+                       norm=norm, eps=eps, silu=silu, residual=residual)
 
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
