@@ -71,7 +71,7 @@ def load_hf_model(model: ResolvedModel, dtype: torch.dtype = torch.float32,
 def calibration_device() -> torch.device:
     """Where calibration forwards (activation statistics, ModelOpt's calibration and AWQ search) run: the GPU when
     one is visible -- AWQ's grid search is minutes on a CPU and seconds on a GPU -- in float32 without TF32 (the
-    PyTorch default), so the statistics match the CPU's up to float32 summation order. Results are cached without the device:
-    a checkpoint calibrated on either is the same recipe."""
+    PyTorch default), so the statistics match the CPU's up to float32 summation order. Results are cached without
+    the device: a checkpoint calibrated on either is the same recipe."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -177,23 +177,28 @@ def _check_linear(algo, dtype):
         assert err <= 1e-2, f"{algo} {dtype} M={m}: {err:.2e}"
 
 
+def _fp16_linear(algo, key: str, *, inp: int, out: int = 64, group: int = 64):
+    """(generator, checkpoint tensors, float16 handler on the GPU, its dequantized weight) for one random linear."""
+    from quant.runtime.linear import make_linear
+
+    gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    t = _layout(algo, gen, out, inp, group)
+    h = make_linear(algo, {k: v.to(DEV) for k, v in t.items()}, dtype=torch.float16, device=DEV, group_size=group)
+    wd = h.dequantized_weight().cpu() if algo is not None else t["weight"].float()
+    return gen, t, h, wd
+
+
 @cuda
 @pytest.mark.parametrize("algo", ALGOS, ids=lambda a: a or "fp16")
 def test_large_activations_do_not_overflow_float16(algo):
     """Activations ~40× the usual (SmolLM2's layer-11 down_proj input reaches 65) with K = 1024: y stays well
     inside float16, but x · q before the per-channel scale does not (~10⁵). Every path must scale before it
     rounds to float16 -- the prefill path of W8A16 once did not, and the default model's logits were Inf."""
-    from quant.runtime.linear import make_linear
     from tests.test_kernels import activations
 
-    dtype = torch.float16
-    gen = torch.Generator().manual_seed(zlib.crc32(f"big/{algo}".encode()))
-    out, inp, group = 64, 1024, 64
-    t = _layout(algo, gen, out, inp, group)
-    h = make_linear(algo, {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV, group_size=group)
-    wd = h.dequantized_weight().cpu() if algo is not None else t["weight"].float()
+    gen, t, h, wd = _fp16_linear(algo, f"big/{algo}", inp=1024)
     for m in (1, 12, 100):  # GEMV, tl.dot, library GEMM
-        x = (activations(gen, m, inp) * 40).to(dtype)
+        x = (activations(gen, m, 1024) * 40).half()
         ref = _reference(algo, t, x, wd)
         assert float(ref.abs().max()) < 6e4
         y = h(x.to(DEV))
@@ -208,14 +213,10 @@ def test_fused_prologues_and_residual(algo):
     """RMSNorm / SiLU·gate in front, residual behind: the GEMV against the CPU path's ops, and against the
     library path (separate prologue kernel + GEMM) on the same inputs."""
     from quant.runtime import linear
-    from quant.runtime.linear import make_linear
 
     dtype = torch.float16
-    gen = torch.Generator().manual_seed(zlib.crc32(f"pro/{algo}".encode()))
-    out, inp, group = 64, 256, 64
-    t = _layout(algo, gen, out, inp, group)
-    h = make_linear(algo, {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV, group_size=group)
-    wd = h.dequantized_weight().cpu() if algo is not None else t["weight"].float()
+    out, inp = 64, 256
+    gen, t, h, wd = _fp16_linear(algo, f"pro/{algo}", inp=inp, out=out)
     norm = (1 + 0.1 * torch.randn(inp, generator=gen)).to(dtype)
     for m in (1, 5):
         hs = torch.randn(m, inp, generator=gen).to(dtype) * 3
