@@ -359,7 +359,7 @@ def suggest_recipe(trial, kinds: list[str], group_sizes: list[int], ranked_layer
 
 class Search:
     def __init__(self, args):
-        from experiments.evaluate import check_device, settings_from_args
+        from experiments.evaluate import settings_from_args
         from quant.apply import calib_spec_from_args
         from quant.backends import resolve_backend
         from quant.recipes import KINDS
@@ -371,8 +371,8 @@ class Search:
             raise UserError(f"--recipes: unknown kind(s) {', '.join(unknown) or '(none given)'} (known: {', '.join(KINDS)})")
         # Trials run on the resolved backend; it (and, for trtllm, the GPU) is part of every evaluation's cache key.
         self.backend = resolve_backend(args.backend, args.device)
+        # (settings_from_args resolves --device and refuses one that is not there)
         self.settings = settings_from_args(argparse.Namespace(**{**vars(args), "seed": args.eval_seed}), self.backend)
-        check_device(self.settings.device)
         self.calib = calib_spec_from_args(args)
         from experiments.datasets import load_samples
 

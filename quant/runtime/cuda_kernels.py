@@ -149,23 +149,20 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
                 # 4 weights of a word to float32 in ~1 instruction each (PTX: prmt for int8, the sm_89+ e4m3x2
                 # converter for fp8) instead of the ~5 shifts/masks/ORs of the bit moves below.
                 if WFMT == 1:
-                    f0, f1, f2, f3 = tl.inline_asm_elementwise(_I8_TO_F32_ASM, "=r,=r,=r,=r,r", [words],
-                                                               dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
-                                                               is_pure=True, pack=1)
-                    f0, f1, f2, f3 = f0 - 8388736.0, f1 - 8388736.0, f2 - 8388736.0, f3 - 8388736.0  # 2^23 + 128
+                    fs = tl.inline_asm_elementwise(_I8_TO_F32_ASM, "=r,=r,=r,=r,r", [words],
+                                                   dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                                   is_pure=True, pack=1)
                 else:
-                    f0, f1, f2, f3 = tl.inline_asm_elementwise(_E4M3_TO_F32_ASM, "=r,=r,=r,=r,r", [words],
-                                                               dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
-                                                               is_pure=True, pack=1)
-                kb = k0 + 4 * offs_w
-                acc += f0 * _prologue(x_ptr, kb, kb < K, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO, HAS_PRE,
-                                      AFMT)[None, :]
-                acc += f1 * _prologue(x_ptr, kb + 1, kb + 1 < K, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO,
-                                      HAS_PRE, AFMT)[None, :]
-                acc += f2 * _prologue(x_ptr, kb + 2, kb + 2 < K, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO,
-                                      HAS_PRE, AFMT)[None, :]
-                acc += f3 * _prologue(x_ptr, kb + 3, kb + 3 < K, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO,
-                                      HAS_PRE, AFMT)[None, :]
+                    fs = tl.inline_asm_elementwise(_E4M3_TO_F32_ASM, "=r,=r,=r,=r,r", [words],
+                                                   dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                                   is_pure=True, pack=1)
+                for i in tl.static_range(4):
+                    offs_k = k0 + 4 * offs_w + i
+                    wf = fs[i]
+                    if WFMT == 1:
+                        wf = wf - 8388736.0  # 2^23 + 128
+                    acc += wf * _prologue(x_ptr, offs_k, offs_k < K, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO,
+                                          HAS_PRE, AFMT)[None, :]
             else:
                 for i in tl.static_range(4):
                     offs_k = k0 + 4 * offs_w + i
@@ -373,29 +370,16 @@ def _act_prep_kernel(x_ptr, norm_ptr, pre_ptr, a_ptr, out_ptr, K, stride_xm, str
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     dt: tl.constexpr = x_ptr.dtype.element_ty
-    xp = x_ptr + row * stride_xm + offs_k
-    if PRO == 2:
-        a = tl.load(xp, mask=k_mask, other=0.0).to(tl.float32)
-        g = tl.load(xp + K, mask=k_mask, other=0.0)
-        xv = (a * tl.sigmoid(a)).to(dt) * g
-    elif PRO == 1:
-        h = tl.load(xp, mask=k_mask, other=0.0).to(tl.float32)
+    xr = x_ptr + row * stride_xm
+    rstd = 0.0
+    if PRO == 1:
+        h = tl.load(xr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)
-        xv = tl.load(norm_ptr + offs_k, mask=k_mask, other=0.0) * (h * rstd).to(dt)
-    else:
-        xv = tl.load(xp, mask=k_mask, other=0.0)
-    if HAS_PRE:
-        xv = xv * tl.load(pre_ptr + offs_k, mask=k_mask, other=0.0)
-    if AFMT == 1:
-        v = tl.div_rn(xv.to(tl.float32), tl.load(a_ptr))
-        v = tl.minimum(tl.maximum(v, -128.0), 127.0)
-        res = ((v + 12582912.0) - 12582912.0).to(tl.int8)
-    elif AFMT == 2:
-        v = tl.div_rn(xv.to(tl.float32), tl.load(a_ptr))
-        res = tl.minimum(tl.maximum(v, -448.0), 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
-    else:
-        res = xv.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * stride_om + offs_k, res, mask=k_mask)
+    # the GEMV's prologue on the whole row; its int32 / fp8-valued float32 results are exact in int8 / fp8
+    res = _prologue(xr, offs_k, k_mask, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO, HAS_PRE, AFMT)
+    if AFMT == 2:
+        res = res.to(tl.float8e4nv, fp_downcast_rounding="rtne")  # (exact: already fp8 values)
+    tl.store(out_ptr + row * stride_om + offs_k, res.to(out_ptr.dtype.element_ty), mask=k_mask)
 
 
 _AFMT_DTYPE = {A_INT8: torch.int8, A_FP8: torch.float8_e4m3fn}

@@ -351,7 +351,6 @@ class TorchRuntime:
 
     def _generate_cuda(self, prompts, max_new_tokens, eos_ids, ignore_eos, pad_id) -> Generation:
         B, lens, P, total, ids, key_mask, lens_t, positions = self._pad_batch(prompts, max_new_tokens, pad_id)
-        dev = self.device
         eos = tuple(eos_ids) or (-1,)
         key = (B, total, bool(ignore_eos), eos, pad_id)
         st = self._state if self._state is not None and self._state.key == key else None
@@ -388,14 +387,7 @@ class TorchRuntime:
             steps += 1
         self._sync()
         step_s = [events[j].elapsed_time(events[j + 1]) / 1e3 for j in range(steps)]
-        gen = st.out[:, : steps + 1].tolist()
-        eos_set = set(eos_ids)
-        tokens = []
-        for row in gen:
-            if not ignore_eos:
-                cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))
-                row = row[:cut]
-            tokens.append(row)
+        tokens = _cut_at_eos(st.out[:, : steps + 1].tolist(), eos_ids, ignore_eos)
         return Generation(tokens=tokens, prompt_lens=lens, ttft_s=ttft, step_s=step_s)
 
     # -- public API (shared with the TensorRT-LLM runner) --------------------------------------------------
@@ -459,14 +451,7 @@ class TorchRuntime:
             self._sync()
             steps.append(time.perf_counter() - t1)
 
-        gen = torch.stack(out, dim=1).tolist()
-        eos_set = set(eos_ids)
-        tokens = []
-        for row in gen:
-            if not ignore_eos:
-                cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))
-                row = row[:cut]
-            tokens.append(row)
+        tokens = _cut_at_eos(torch.stack(out, dim=1).tolist(), eos_ids, ignore_eos)
         return Generation(tokens=tokens, prompt_lens=lens, ttft_s=ttft, step_s=steps)
 
     def describe(self) -> dict:
@@ -506,6 +491,14 @@ class _DecodeState:
         self.pad = torch.tensor(pad_id, dtype=torch.long, device=dev)
         self.graph = None
         self.prefill_graph = self.prefill_key = self.prefill_ids = self.prefill_out = self.prefill_inputs = None
+
+
+def _cut_at_eos(rows: list[list[int]], eos_ids, ignore_eos: bool) -> list[list[int]]:
+    """Each generated row up to (not including) its first EOS; whole rows when EOS is ignored."""
+    if ignore_eos:
+        return rows
+    eos = set(eos_ids)
+    return [row[: next((j for j, tok in enumerate(row) if tok in eos), len(row))] for row in rows]
 
 
 def _linears(layer: dict) -> list[_Handler]:
