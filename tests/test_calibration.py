@@ -24,6 +24,7 @@ from calibration.data import (
 from calibration.stats import ActivationStats, collect_stats, get_stats, stats_dir
 from experiments.datasets import detokenize, load_samples
 from quant.errors import UserError
+from tests.offline import offline_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.proj")
@@ -186,23 +187,9 @@ def test_cnn_dailymail_reads_train_articles_in_growing_seeded_requests(tokenizer
 
 
 def test_cnn_dailymail_offline_is_a_user_error(tmp_path, monkeypatch):
-    # datasets reads HF_DATASETS_OFFLINE at import, so this needs a fresh interpreter; an empty HF_HOME makes sure
-    # no cached copy answers instead.
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    script = (
-        "from calibration.data import iter_documents\n"
-        "from quant.errors import UserError\n"
-        "try:\n"
-        "    next(iter_documents('cnn_dailymail'))\n"
-        "except UserError as exc:\n"
-        "    print(exc)\n"
-        "else:\n"
-        "    raise SystemExit('read cnn_dailymail although offline')\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().count("\n") == 0 and "could not load cnn_dailymail" in proc.stdout
+    out = offline_user_error(tmp_path, monkeypatch, "from calibration.data import iter_documents",
+                             "next(iter_documents('cnn_dailymail'))")
+    assert out.strip().count("\n") == 0 and "could not load cnn_dailymail" in out
 
 
 def test_spec_key_follows_content_not_location(tmp_path):

@@ -2,16 +2,14 @@ import csv
 import importlib.util
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from experiments.datasets import KNOWN_DATASETS, Sample, detokenize, load_samples
 from quant.errors import UserError
+from tests.offline import offline_user_error
 
-REPO = Path(__file__).resolve().parents[1]
 
 CNN_ROWS = [
     {"id": "a1", "article": "First article text.", "highlights": "First highlight.\nSecond highlight."},
@@ -298,22 +296,7 @@ def test_cnn_dailymail_bad_split():
 
 
 def test_cnn_dailymail_offline_is_a_user_error(tmp_path, monkeypatch):
-    # datasets reads HF_DATASETS_OFFLINE once, at import, so the real offline path needs a fresh interpreter;
-    # an empty HF_HOME makes sure no cached copy answers instead.
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    script = (
-        "from experiments.datasets import load_samples\n"
-        "from quant.errors import UserError\n"
-        "try:\n"
-        "    load_samples('cnn_dailymail', num_samples=1)\n"
-        "except UserError as exc:\n"
-        "    print(exc)\n"
-        "else:\n"
-        "    raise SystemExit('loaded cnn_dailymail although offline')\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    message = proc.stdout.strip()
+    message = offline_user_error(tmp_path, monkeypatch, "from experiments.datasets import load_samples",
+                                 "load_samples('cnn_dailymail', num_samples=1)").strip()
     assert "\n" not in message
     assert "could not load cnn_dailymail" in message and "local copy" in message

@@ -166,20 +166,26 @@ def test_same_size_edit_of_weights_changes_the_key(fresh_cache, tiny_copy):
 
 
 def test_edited_generation_config_is_not_served_stale(fresh_cache, tiny_copy):
-    first = resolve_model(str(tiny_copy))
+    resolve_model(str(tiny_copy))  # converted and cached before the edit
     (tiny_copy / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 7]}))
     second = resolve_model(str(tiny_copy))
     cached = json.loads((second.hf_dir / "generation_config.json").read_text())
     assert cached["eos_token_id"] == [2, 7]
 
 
-def test_leftover_of_a_crashed_conversion_does_not_block_the_next(fresh_cache, tiny_copy):
+def _crashed_conversion(fresh_cache, tiny_copy):
+    """A converted model whose entry is gone, with what a SIGKILL in the middle of atomic_dir leaves behind: a
+    half-written hidden sibling. Returns (the first resolution, the leftover folder)."""
     first = resolve_model(str(tiny_copy))
     shutil.rmtree(first.hf_dir)
-    # What a SIGKILL in the middle of atomic_dir leaves behind: a half-written hidden sibling.
     stale = fresh_cache / "models" / f".tmp-{first.short_hash}-crashed"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
+    return first, stale
+
+
+def test_leftover_of_a_crashed_conversion_does_not_block_the_next(fresh_cache, tiny_copy):
+    first, _ = _crashed_conversion(fresh_cache, tiny_copy)
     again = resolve_model(str(tiny_copy))
     assert again.hf_dir == first.hf_dir
     assert (again.hf_dir / "config.json").is_file()
@@ -187,11 +193,7 @@ def test_leftover_of_a_crashed_conversion_does_not_block_the_next(fresh_cache, t
 
 
 def test_leftover_of_a_crashed_conversion_is_removed_by_the_next(fresh_cache, tiny_copy):
-    first = resolve_model(str(tiny_copy))
-    shutil.rmtree(first.hf_dir)
-    stale = fresh_cache / "models" / f".tmp-{first.short_hash}-crashed"
-    stale.mkdir()
-    (stale / "model.safetensors").write_bytes(b"half")
+    first, stale = _crashed_conversion(fresh_cache, tiny_copy)
     # A fresh leftover may belong to a live writer of the same key: kept. One untouched for longer than
     # atomic.STALE_AFTER_S is a dead writer's: removed by the next writer.
     fresh = fresh_cache / "models" / f".tmp-{first.short_hash}-live"
@@ -282,10 +284,13 @@ def test_source_that_loads_as_another_class_leaves_no_cache_entry(fresh_cache, t
     assert _tmp_leftovers(fresh_cache) == []
 
 
+def _truncate_weights(folder) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
 def test_truncated_weights_leave_no_cache_entry(fresh_cache, tiny_copy):
-    weights = tiny_copy / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
+    _truncate_weights(tiny_copy)
     with pytest.raises(Exception):
         resolve_model(str(tiny_copy))
     assert _cache_entries(fresh_cache) == []
@@ -293,9 +298,7 @@ def test_truncated_weights_leave_no_cache_entry(fresh_cache, tiny_copy):
 
 
 def test_truncated_weights_are_a_user_error(fresh_cache, tiny_copy):
-    weights = tiny_copy / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
+    _truncate_weights(tiny_copy)
     _rejects(tiny_copy, "model.safetensors")
 
 

@@ -44,6 +44,11 @@ def _finished(study):
 
 
 @pytest.mark.slow
+def _build_from_study(results):
+    return _run([sys.executable, "-m", "quant.build", "--from-study", "quant-search",
+                 "--storage", f"sqlite:///{results / 'study.db'}"])
+
+
 def test_search_picks_fastest_feasible_and_writes_report(tiny_model, tmp_path):
     results = tmp_path / "res"
     proc = _run(_cmd(tiny_model, results, "--min-rouge1", "0", "--n-trials", "4"))
@@ -66,8 +71,7 @@ def test_search_picks_fastest_feasible_and_writes_report(tiny_model, tmp_path):
         assert path.is_file() and path.stat().st_size > min_bytes, name
     assert (results / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Rebuild the winner from the study alone.
-    build = _run([sys.executable, "-m", "quant.build", "--from-study", "quant-search",
-                  "--storage", f"sqlite:///{results / 'study.db'}"])
+    build = _build_from_study(results)
     assert build.returncode == 0, build.stderr[-2000:]
     assert fastest.user_attrs["checkpoint"] in build.stdout and "trtllm-build --checkpoint_dir" in build.stdout
 
@@ -79,8 +83,7 @@ def test_no_recipe_passes_reports_closest(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no recipe passes ROUGE-1 ≥ 100.00; closest:" in proc.stdout
     assert not (results / "best_recipe.yaml").exists()
-    build = _run([sys.executable, "-m", "quant.build", "--from-study", "quant-search",
-                  "--storage", f"sqlite:///{results / 'study.db'}"])
+    build = _build_from_study(results)
     assert build.returncode == 2 and "has no feasible trial" in build.stderr
 
 

@@ -163,11 +163,7 @@ class TorchRuntime:
         B, T = ids.shape
         h = F.embedding(ids, self.embedding)
         cos, sin = rope.cos_sin(positions, self.freq, self.dtype)
-        slots = torch.arange(start, start + T, device=self.device)
-        keys = torch.arange(start + T, device=self.device)
-        allowed = key_mask[:, None, None, :] & (keys[None, :] <= slots[:, None])[None, None]
-        # A padding query would see no key at all (NaN softmax): let it see itself; its output is never used.
-        allowed = allowed | (keys[None, :] == slots[:, None])[None, None]
+        allowed = self._attention_mask(key_mask, start, T)
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for i, layer in enumerate(self.layers):
             x = self._rmsnorm(h, layer["input_layernorm"])
@@ -186,6 +182,14 @@ class TorchRuntime:
         if last_only:
             h = h[:, -1:]
         return F.linear(self._rmsnorm(h, self.ln_f), self.lm_head)
+
+    def _attention_mask(self, key_mask: torch.Tensor, start: int, T: int) -> torch.Tensor:
+        """[B, 1, T, start+T] bool: query at slot start+t sees the real keys up to its own slot."""
+        slots = torch.arange(start, start + T, device=self.device)
+        keys = torch.arange(start + T, device=self.device)
+        allowed = key_mask[:, None, None, :] & (keys[None, :] <= slots[:, None])[None, None]
+        # A padding query would see no key at all (NaN softmax): let it see itself; its output is never used.
+        return allowed | (keys[None, :] == slots[:, None])[None, None]
 
     def _new_cache(self, batch: int, max_len: int) -> KVCache:
         dims = (self.n_layers, batch, self.n_kv, max_len, self.head_dim, self.dtype, self.device)
@@ -210,12 +214,7 @@ class TorchRuntime:
         if causal is None:
             causal = bool(key_mask.all())
         causal = causal and start == 0
-        allowed = None
-        if not causal:
-            slots = torch.arange(start, start + T, device=self.device)
-            keys = torch.arange(start + T, device=self.device)
-            allowed = key_mask[:, None, None, :] & (keys[None, :] <= slots[:, None])[None, None]
-            allowed = allowed | (keys[None, :] == slots[:, None])[None, None]
+        allowed = None if causal else self._attention_mask(key_mask, start, T)
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for i, layer in enumerate(self.layers):
             qkv = layer["attention.qkv"].fused(h, norm=layer["input_layernorm"], eps=self.eps)
