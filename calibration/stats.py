@@ -36,6 +36,7 @@ import torch
 from quant import faults
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.errors import UserError
+from quant.codehash import code_hash
 from quant.paths import cache_root
 
 from calibration.data import CalibSpec, forward_loop
@@ -360,7 +361,8 @@ def collect_stats(
 
 
 def stats_dir(resolved: "ResolvedModel", spec: CalibSpec) -> Path:
-    return cache_root() / "calib" / f"{resolved.short_hash}-{spec.key_hash}"
+    code = code_hash("calibration.stats", packages=("torch", "transformers"))
+    return cache_root() / "calib" / f"{resolved.short_hash}-{spec.key_hash}-{code}"
 
 
 def get_stats(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -157,99 +158,149 @@ def summarize(runtime, builder, samples, *, batch_size: int, max_output_len: int
     return texts, prompts, generated
 
 
+class Candidate:
+    """One recipe's checkpoint loaded in a runtime, measured stage by stage: perplexity/NLL on held-out text,
+    summaries of given samples with their ROUGE, latency of the workload. The search caches each stage on its
+    own (experiments/store.py); :func:`evaluate` runs them all. The checkpoint is built (or read from the
+    cache) on construction, the runtime opened on first use."""
+
+    def __init__(self, settings: EvalSettings, recipe, *, model=None, calib=None, checkpoint: Path | None = None,
+                 log=print, backend=None):
+        from transformers import AutoTokenizer
+
+        from experiments.prompts import PromptBuilder
+        from quant.apply import build_checkpoint
+        from quant.backends import resolve_backend
+        from quant.model_source import load_eos_ids, resolve_model
+
+        self.settings, self.recipe, self.calib, self.log = settings, recipe, calib, log
+        self.device = check_device(settings.device)
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.model = model or resolve_model(settings.model, trust_remote_code=settings.trust_remote_code)
+        self.timings["model_s"] = time.perf_counter() - t0
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model.hf_dir)
+        self.builder = PromptBuilder(self.tokenizer, settings.max_input_len)
+        self.eos_ids = load_eos_ids(self.model.hf_dir)
+        t0 = time.perf_counter()
+        self.external = checkpoint is not None
+        self.ckpt_dir = Path(checkpoint) if checkpoint is not None else build_checkpoint(self.model, recipe, calib, log=log)
+        self.timings["checkpoint_s"] = time.perf_counter() - t0
+        log(f"checkpoint: {self.ckpt_dir}")
+        if backend is None or backend.name != settings.backend:
+            backend = resolve_backend(settings.backend, self.device, announce=False)
+        self.backend = backend
+        self._runtime = None
+
+    @property
+    def runtime(self):
+        if self._runtime is None:
+            from quant.backends import open_runtime
+            from quant.trtllm import Workload
+
+            s = self.settings
+            # A TensorRT-LLM engine is sized for both the summaries (prompts <= max_input_len) and the latency workload.
+            workload = Workload(s.batch_size, s.max_input_len, s.max_output_len).covering(
+                Workload(s.batch_size, s.input_len, s.output_len))
+            t0 = time.perf_counter()
+            self._runtime = open_runtime(self.backend, self.ckpt_dir, model=self.model,
+                                         recipe=None if self.external else self.recipe, workload=workload,
+                                         device=self.device, compute_dtype=s.compute_dtype, log=self.log)
+            self.timings["runtime_s"] = time.perf_counter() - t0
+            if self._runtime.vocab > len(self.tokenizer):
+                raise UserError(f"checkpoint vocab {self._runtime.vocab} does not match the tokenizer of --model "
+                                f"({len(self.tokenizer)})")
+        return self._runtime
+
+    def checkpoint_info(self) -> dict:
+        return {"path": str(self.ckpt_dir), "size_bytes": sum(f.stat().st_size for f in self.ckpt_dir.iterdir())}
+
+    def describe(self) -> dict:
+        b = self.backend
+        return {**self.runtime.describe(), "backend": b.name, "version": b.version, "backend_reason": b.reason}
+
+    def summarize(self, samples) -> dict:
+        """Greedy summaries of ``samples`` scored with ROUGE; the health check of what was generated."""
+        from experiments import rouge
+        from experiments.health import check as check_health
+
+        s = self.settings
+        t0 = time.perf_counter()
+        texts, prompts, generated = summarize(self.runtime, self.builder, samples, batch_size=s.batch_size,
+                                              max_output_len=s.max_output_len, eos_ids=self.eos_ids,
+                                              progress=s.progress)
+        self.timings["summaries_s"] = self.timings.get("summaries_s", 0.0) + time.perf_counter() - t0
+        scores = rouge.score(texts, [x.reference for x in samples], seed=s.seed)
+        health = check_health(self.runtime, prompts[0], generated, s.max_output_len, None)
+        return {"rouge": scores.to_dict(), "health": health, "prompts_tokens": [len(p) for p in prompts],
+                "samples": [{"id": x.id, "prediction": t, "reference": x.reference, "rouge1": r}
+                            for x, t, r in zip(samples, texts, scores.per_sample_rouge1)]}
+
+    def heldout_nll(self, num_docs: int, seq_len: int) -> dict:
+        """Per-document mean NLL (nats/token) on held-out text and the perplexity over all of it."""
+        from experiments.perplexity import heldout_texts, perplexity
+
+        t0 = time.perf_counter()
+        result = perplexity(self.runtime, self.tokenizer, heldout_texts(num_docs=num_docs, seed=self.settings.seed),
+                            seq_len=seq_len)
+        self.timings["perplexity_s"] = time.perf_counter() - t0
+        return result
+
+    def latency(self, repeats: int | None = None):
+        from experiments import latency
+
+        s = self.settings
+        t0 = time.perf_counter()
+        lat = latency.measure(self.runtime, batch_size=s.batch_size, input_len=s.input_len,
+                              output_len=s.output_len, repeats=repeats or s.latency_repeats, seed=s.seed)
+        self.timings["latency_s"] = time.perf_counter() - t0
+        return lat
+
+
 def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | None = None, log=print,
              backend=None) -> dict:
     """Run the whole chain for one recipe (or an existing checkpoint folder); return the JSON-able record.
 
     ``backend``: the :class:`~quant.backends.BackendChoice` the CLI resolved (its reason goes into the record);
     None resolves ``settings.backend`` here."""
-    from transformers import AutoTokenizer
-
-    from experiments import environment, latency, rouge
+    from experiments import environment
     from experiments.datasets import load_samples
-    from experiments.health import check as check_health
-    from experiments.perplexity import heldout_texts, perplexity
-    from experiments.prompts import PromptBuilder
-    from quant.apply import build_checkpoint
-    from quant.backends import open_runtime, resolve_backend
-    from quant.model_source import load_eos_ids, resolve_model
-    from quant.trtllm import Workload
 
-    device = check_device(settings.device)
     # Cheap input checks first, so bad data fails before minutes of model work.
     samples = load_samples(settings.dataset, split=settings.split, num_samples=settings.num_samples,
                            seed=settings.seed, input_column=settings.input_column,
                            reference_column=settings.reference_column)
-    timings = {}
-    t0 = time.perf_counter()
-    model = resolve_model(settings.model, trust_remote_code=settings.trust_remote_code)
-    timings["model_s"] = time.perf_counter() - t0
-    tokenizer = AutoTokenizer.from_pretrained(model.hf_dir)
-    builder = PromptBuilder(tokenizer, settings.max_input_len)
-
-    t0 = time.perf_counter()
-    ckpt_dir = Path(checkpoint) if checkpoint is not None else build_checkpoint(model, recipe, calib, log=log)
-    timings["checkpoint_s"] = time.perf_counter() - t0
-    log(f"checkpoint: {ckpt_dir}")
-
-    if backend is None or backend.name != settings.backend:
-        backend = resolve_backend(settings.backend, device, announce=False)
-    # A TensorRT-LLM engine is sized for both the summaries (prompts <= max_input_len) and the latency workload.
-    workload = Workload(settings.batch_size, settings.max_input_len, settings.max_output_len).covering(
-        Workload(settings.batch_size, settings.input_len, settings.output_len))
-    t0 = time.perf_counter()
-    runtime = open_runtime(backend, ckpt_dir, model=model, recipe=recipe if checkpoint is None else None,
-                           workload=workload, device=device, compute_dtype=settings.compute_dtype, log=log)
-    timings["runtime_s"] = time.perf_counter() - t0
-    if runtime.vocab > len(tokenizer):
-        raise UserError(f"checkpoint vocab {runtime.vocab} does not match the tokenizer of --model ({len(tokenizer)})")
-    t0 = time.perf_counter()
-    texts, prompts, generated = summarize(runtime, builder, samples, batch_size=settings.batch_size,
-                                   max_output_len=settings.max_output_len, eos_ids=load_eos_ids(model.hf_dir),
-                                   progress=settings.progress)
-    timings["summaries_s"] = time.perf_counter() - t0
-    scores = rouge.score(texts, [s.reference for s in samples], seed=settings.seed)
-
-    ppl = None
-    if settings.ppl_docs:
-        t0 = time.perf_counter()
-        ppl = perplexity(runtime, tokenizer, heldout_texts(num_docs=settings.ppl_docs, seed=settings.seed),
-                         seq_len=settings.ppl_seq_len)
-        timings["perplexity_s"] = time.perf_counter() - t0
-
-    health = check_health(runtime, prompts[0], generated, settings.max_output_len,
-                          ppl["perplexity"] if ppl else None)
+    cand = Candidate(settings, recipe, calib=calib, checkpoint=checkpoint, log=log, backend=backend)
+    summary = cand.summarize(samples)
+    ppl = cand.heldout_nll(settings.ppl_docs, settings.ppl_seq_len) if settings.ppl_docs else None
+    health = summary["health"]
+    if ppl is not None and not math.isfinite(ppl["perplexity"]):
+        health = {**health, "ok": False, "reasons": [*health["reasons"], "non-finite perplexity"]}
     if not health["ok"]:
         log("unhealthy model: " + "; ".join(health["reasons"]))
-
-    t0 = time.perf_counter()
-    lat = latency.measure(runtime, batch_size=settings.batch_size, input_len=settings.input_len,
-                          output_len=settings.output_len, repeats=settings.latency_repeats, seed=settings.seed)
-    timings["latency_s"] = time.perf_counter() - t0
-
+    lat = cand.latency()
+    model = cand.model
     return {
         "recipe": recipe.to_dict() if checkpoint is None else None,
         "recipe_label": recipe.label if checkpoint is None else f"checkpoint:{Path(checkpoint).name}",
         "recipe_hash": recipe.hash if checkpoint is None else None,
         "model": {"source": model.source, "kind": model.source_kind, "hash": model.content_hash},
-        "checkpoint": {"path": str(ckpt_dir), "size_bytes": sum(f.stat().st_size for f in ckpt_dir.iterdir())},
+        "checkpoint": cand.checkpoint_info(),
         "dataset": {"name": settings.dataset, "split": settings.split, "num_samples": len(samples),
                     "seed": settings.seed, "max_input_len": settings.max_input_len,
-                    "max_output_len": settings.max_output_len, "chat_template": builder.uses_chat_template,
-                    "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts)},
-        "rouge": scores.to_dict(),
+                    "max_output_len": settings.max_output_len, "chat_template": cand.builder.uses_chat_template,
+                    "mean_prompt_tokens": sum(summary["prompts_tokens"]) / len(samples)},
+        "rouge": summary["rouge"],
         "perplexity": ppl,
         "health": health,
         "calibration": dataclasses.asdict(calib) if calib is not None and checkpoint is None and recipe.needs_calibration else None,
         "latency": lat.to_dict(),
-        "runtime": {**runtime.describe(), "backend": backend.name, "version": backend.version,
-                    "backend_reason": backend.reason},
+        "runtime": cand.describe(),
         "versions": environment.versions(),
         "machine": environment.machine(),
-        "timings_s": timings,
+        "timings_s": cand.timings,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "samples": [{"id": s.id, "prediction": t, "reference": s.reference, "rouge1": r}
-                    for s, t, r in zip(samples, texts, scores.per_sample_rouge1)],
+        "samples": summary["samples"],
     }
 
 

@@ -22,12 +22,17 @@ def heldout_texts(dataset: str = "aclsum", *, num_docs: int = 20, seed: int = 0)
 
 
 def perplexity(runtime, tokenizer, texts: list[str], *, seq_len: int = 512) -> dict:
-    nll, count = 0.0, 0
+    """Perplexity over all the texts, plus each document's mean NLL (nats/token): the search pairs these per
+    document with the FP16 baseline's to get its cheap proxy (mean NLL gap)."""
+    nll, count, doc_nll = 0.0, 0, []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
         if len(ids) < 2:
             continue
         logits = runtime.logits(ids)
-        nll += F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:], device=logits.device), reduction="sum").item()
+        doc = F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:], device=logits.device), reduction="sum").item()
+        nll += doc
         count += len(ids) - 1
-    return {"perplexity": math.exp(nll / count), "tokens": count, "docs": len(texts), "seq_len": seq_len}
+        doc_nll.append(doc / (len(ids) - 1))
+    return {"perplexity": math.exp(nll / count), "tokens": count, "docs": len(texts), "seq_len": seq_len,
+            "doc_nll": doc_nll}

@@ -103,7 +103,7 @@ def _write_html(study, out_dir: Path) -> list[Path]:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     from experiments.report import summarize_study, write_outputs
-    from quant.search import open_study
+    from quant.study_store import open_study
 
     p = ArgumentParser(prog="python -m experiments.plot", description=__doc__.splitlines()[0])
     p.add_argument("--storage", default=None, help="optuna storage URL (default: $QUANT_SEARCH_STORAGE, else sqlite "
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         from quant.errors import UserError
 
         raise UserError(f"no study database in {args.results_dir} (pass --storage)")
-    study = open_study(url, args.study_name, seed=0, create=False)
+    study = open_study(url, args.study_name)
     summary = summarize_study(study)
     for path in write_outputs(study, summary, args.results_dir):
         print(path)

@@ -1,8 +1,11 @@
-"""Evaluation records cached by what determines them, so an identical recipe is never evaluated twice.
+"""Measurements cached by what determines them, so an identical measurement is never made twice.
 
-Key: model content hash, recipe hash, calibration key and every evaluation setting that changes a number
-(dataset, samples, lengths, workload, device, dtype). Shared by all runs and all workers on one cache folder:
-the first worker to claim a key evaluates it under a file lock, the others wait and read its record.
+A record's key covers the stage (a whole evaluation, or one of the search's stages: held-out NLL, a block of
+summaries, latency), everything that changes its numbers (model content hash, recipe hash, calibration key,
+the settings that matter) and a hash of the code that produces it (:mod:`quant.codehash`: the import closure of
+the measuring modules and the versions of the packages doing the arithmetic), so a code change can never serve
+an old result. Shared by all runs and all workers on one cache folder: the first worker to claim a key measures
+it under a file lock, the others wait and read its record.
 """
 from __future__ import annotations
 
@@ -14,56 +17,47 @@ from pathlib import Path
 from quant import faults
 from quant.apply import build_lock
 from quant.atomic import atomic_write_json
+from quant.codehash import code_hash
 from quant.errors import EnvironmentProblem
 from quant.paths import cache_root
 
 # Settings that do not change any measured number stay out of the key.
 # trust_remote_code is inside the model hash already (quant.model_source.resolve_model).
 _NOT_IN_KEY = {"progress", "model", "trust_remote_code"}
+MEASURING_PACKAGES = ("torch", "transformers", "nvidia-modelopt", "rouge-score", "numpy")
 
 
 def code_revision() -> str:
-    """Hash of the code that produces the numbers (runtime, latency, ROUGE, prompts): editing it invalidates
-    cached records instead of silently mixing measurements of two versions in one study."""
-    import experiments
-    import quant.runtime
-
-    roots = [Path(quant.runtime.__file__).parent, Path(experiments.__file__).parent]
-    files = sorted(p for root in roots for p in root.glob("*.py")
-                   if p.name in _MEASURING or root.name == "runtime")
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode() + f.read_bytes())
-    return digest.hexdigest()[:12]
+    """Hash of the code that measures (evaluation, its stages, the runtimes it opens, ROUGE, latency)."""
+    return code_hash("experiments.evaluate", "experiments.stages", packages=MEASURING_PACKAGES)
 
 
-_MEASURING = {"latency.py", "rouge.py", "prompts.py", "evaluate.py", "perplexity.py", "datasets.py"}
+def stage_key(stage: str, model_hash: str, recipe, calib, payload: dict) -> str:
+    body = {"code": code_revision(), "stage": stage, "model": model_hash, "recipe": recipe.hash,
+            "calib": calib.key if recipe.needs_calibration and calib is not None else None, **payload}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def evaluation_key(model_hash: str, recipe, calib, settings) -> str:
-    payload = {
-        "code": code_revision(),
-        "model": model_hash,
-        "recipe": recipe.hash,
-        "calib": calib.key if recipe.needs_calibration else None,
-        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in _NOT_IN_KEY},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    """Key of a whole evaluation (``experiments.evaluate``'s record) under ``settings``."""
+    return stage_key("evaluation", model_hash, recipe, calib, {"settings": settings_payload(settings)})
+
+
+def settings_payload(settings, keep: tuple[str, ...] | None = None) -> dict:
+    d = {k: v for k, v in dataclasses.asdict(settings).items() if k not in _NOT_IN_KEY}
+    return {k: d[k] for k in keep} if keep is not None else d
 
 
 def record_path(key: str) -> Path:
     return cache_root() / "evaluations" / f"{key}.json"
 
 
-# What every reader of a record (the search, the report) takes from it.
-_REQUIRED = {"rouge": dict, "latency": dict, "checkpoint": dict, "timings_s": dict}
-
-
-def load_record(key: str) -> dict | None:
+def load_record(key: str, required: dict | None = None) -> dict | None:
     """The cached record of ``key``, None when there is none; a damaged one is an error naming the file.
 
     Records are written by rename, so a damaged one was damaged after the fact (disk, hand edit): it is reported
-    rather than silently re-measured over, like a damaged statistics cache (calibration.stats)."""
+    rather than silently re-measured over, like a damaged statistics cache (calibration.stats).
+    ``required``: top-level field → type every reader of this kind of record relies on."""
     path = record_path(key)
     hint = f"delete {path} to re-evaluate"
     try:
@@ -74,25 +68,27 @@ def load_record(key: str) -> dict | None:
         raise EnvironmentProblem(f"evaluation record {path} is unreadable ({type(exc).__name__}); {hint}") from None
     if not isinstance(record, dict) or record.get("evaluation_key") != key:
         raise EnvironmentProblem(f"evaluation record {path} does not hold the evaluation of key {key}; {hint}")
-    bad = [k for k, kind in _REQUIRED.items() if not isinstance(record.get(k), kind)]
-    if bad or not isinstance(record["rouge"].get("rouge1"), (int, float)) or \
-            not isinstance(record["latency"].get("tpot_ms"), (int, float)):
-        raise EnvironmentProblem(f"evaluation record {path} lacks {', '.join(bad) or 'rouge1/tpot_ms'}; {hint}")
+    bad = [k for k, kind in (required or {}).items() if not isinstance(record.get(k), kind)]
+    if bad:
+        raise EnvironmentProblem(f"evaluation record {path} lacks {', '.join(bad)}; {hint}")
     return record
 
 
-def cached_evaluate(key: str, evaluate_fn) -> tuple[dict, bool]:
-    """Return (record, was_cached); evaluate under the key's lock when no record exists."""
-    record = load_record(key)
+def cached_evaluate(key: str, evaluate_fn, *, required: dict | None = None, keep=None) -> tuple[dict, bool]:
+    """Return (record, was_cached); measure under the key's lock when no record exists.
+
+    ``keep(record)``: False leaves a fresh record out of the cache (a latency measured on a loaded machine)."""
+    record = load_record(key, required)
     if record is not None:
         return record, True
     path = record_path(key)
     with build_lock(path):
-        record = load_record(key)
+        record = load_record(key, required)
         if record is not None:
             return record, True
-        faults.trace("evaluation.run", key=key)  # counted by the concurrency tests: one evaluation per key
+        faults.trace("evaluation.run", key=key)  # counted by the concurrency tests: one measurement per key
         record = evaluate_fn()
         record["evaluation_key"] = key
-        atomic_write_json(path, record, fault="eval.record")
+        if keep is None or keep(record):
+            atomic_write_json(path, record, fault="eval.record")
     return record, False

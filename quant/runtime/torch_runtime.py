@@ -47,6 +47,24 @@ from quant.runtime.linear import DenseLinear, _Handler, concat_linear_tensors, m
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def kv_cache_emulated(device: str | torch.device) -> bool:
+    """A quantized KV cache is dequantized into a full-precision copy before attention off CUDA."""
+    return torch.device(device).type != "cuda"
+
+
+def emulated_parts(quant_algo: str | None, kv_algo: str | None, device: str | torch.device) -> list[str]:
+    """What of a checkpoint of this format runs emulated on ``device``, known before building it (the search
+    plans with it; :meth:`TorchRuntime.describe` reports what the loaded handlers actually run)."""
+    from quant.runtime.linear import fp8_gemm_is_native
+
+    parts = []
+    if quant_algo == "FP8" and torch.device(device).type != "cuda" and not fp8_gemm_is_native():
+        parts.append("emulated-fp8")
+    if kv_algo is not None and kv_cache_emulated(device):
+        parts.append("kv_cache")
+    return parts
+
+
 @dataclass
 class Generation:
     """Tokens generated per prompt (EOS excluded) and the wall-clock timings of this call."""
@@ -457,12 +475,12 @@ class TorchRuntime:
         """Kernels the linears run, whether any part is an emulation (and which), and the KV cache mode."""
         handlers = [h for layer in self.layers for h in _linears(layer)]
         kernels = sorted({h.kernel for h in handlers})
-        emulated_parts = sorted({h.kernel for h in handlers if h.emulated})
-        if self.kv_algo is not None and not self.cuda:
-            emulated_parts.append("kv_cache")  # attention reads a dequantized copy, not int8/fp8 directly
+        parts = sorted({h.kernel for h in handlers if h.emulated})
+        if self.kv_algo is not None and kv_cache_emulated(self.device):
+            parts.append("kv_cache")  # attention reads a dequantized copy, not int8/fp8 directly
         return {"backend": self.name, "version": torch.__version__, "device": str(self.device),
                 "compute_dtype": str(self.dtype).removeprefix("torch."), "kernels": kernels,
-                "emulated": bool(emulated_parts), "emulated_parts": emulated_parts,
+                "emulated": bool(parts), "emulated_parts": parts,
                 "kv_cache": kv_cache_mode(self.kv_algo, self.dtype, self.device),
                 **({"gpu": torch.cuda.get_device_name(self.device), "cuda_graphs": self.cuda_graphs,
                     "attention": "flash/efficient SDPA (prefill), triton split-KV (decode)"} if self.cuda else {})}

@@ -1,0 +1,76 @@
+"""Interleaved latency comparison: which candidates are really the fastest, with a stated resolution.
+
+Every candidate's runtime is loaded in this one process and warmed up; then rounds run one timed generation of
+the workload per candidate, the order rotating each round (A B C, B C A, C A B, ...) so that no candidate always
+runs first after a pause. Time per output token of each candidate is divided by the leader's *of the same
+round* (load drifts between rounds and hits a whole round alike), and the interval of the mean log ratio gives
+each ratio's CI (experiments/stats.py). Rounds continue until every ratio's half-width is within the
+resolution (default ±3 %) or the time cap is hit (reported as such).
+
+Tie set: the leader and every candidate whose ratio interval reaches down to 1 (not shown slower). The pick
+among a tie set is :func:`pick`'s rule, never the timer's luck.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from experiments.latency import LoadProbe, synthetic_prompts, timed_run, warm_up
+from experiments.stats import ratio_ci
+
+KV_BYTES = {"none": 2, "int8": 1, "fp8": 1}
+PICK_RULE = ("among the tie set: fewest weight bytes read per decode step, then fewest KV-cache bytes per "
+             "element, then higher ROUGE-1, then recipe label")
+
+
+def compare(runtimes: dict, *, batch_size: int, input_len: int, output_len: int, seed: int,
+            resolution: float = 0.03, max_seconds: float = 90.0, min_rounds: int = 3, max_rounds: int = 60,
+            confidence: float = 0.95) -> dict:
+    """``runtimes``: name → loaded runtime. Returns the comparison record (JSON-able)."""
+    names = sorted(runtimes)
+    vocab = min(rt.vocab for rt in runtimes.values())
+    prompts = synthetic_prompts(batch_size, input_len, vocab, seed)
+    for name in names:
+        warm_up(runtimes[name], prompts, output_len)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    loaded_rounds, t0 = 0, time.monotonic()
+    capped = False
+    while True:
+        r = len(times[names[0]])
+        probe = LoadProbe()
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed_run(runtimes[name], prompts, output_len)[1])
+        loaded_rounds += probe.stop()["loaded"]
+        rounds = r + 1
+        if rounds < min_rounds:
+            continue
+        leader, ratios = _ratios(times, confidence)
+        if all(q.half_width <= resolution for n, q in ratios.items() if n != leader):
+            break
+        if time.monotonic() - t0 >= max_seconds or rounds >= max_rounds:
+            capped = True
+            break
+    leader, ratios = _ratios(times, confidence)
+    tie = [n for n in names if n == leader or ratios[n].low <= 1.0]
+    return {
+        "candidates": names, "leader": leader, "tie": tie, "rounds": rounds, "capped": capped,
+        "seconds": time.monotonic() - t0, "resolution": resolution, "confidence": confidence,
+        "loaded_rounds": loaded_rounds,
+        "workload": {"batch_size": batch_size, "input_len": input_len, "output_len": output_len},
+        "ratios": {n: {"ratio": q.ratio, "low": q.low, "high": q.high, "half_width": q.half_width}
+                   for n, q in ratios.items()},
+        "tpot_ms": {n: math.exp(sum(map(math.log, t)) / len(t)) for n, t in times.items()},
+        "rule": PICK_RULE,
+    }
+
+
+def _ratios(times: dict[str, list[float]], confidence: float):
+    geo = {n: sum(map(math.log, t)) / len(t) for n, t in times.items()}
+    leader = min(geo, key=lambda n: (geo[n], n))
+    return leader, {n: ratio_ci(t, times[leader], confidence) for n, t in times.items()}
+
+
+def pick(tie: list[str], facts: dict[str, dict]) -> str:
+    """The stated rule (:data:`PICK_RULE`); ``facts[name]`` has weight_bytes, kv_cache, rouge1, label."""
+    return min(tie, key=lambda n: (facts[n]["weight_bytes"], KV_BYTES[facts[n]["kv_cache"]], -facts[n]["rouge1"],
+                                   facts[n]["label"]))

@@ -1,0 +1,167 @@
+"""The search's statistics: paired accuracy gates with sequential looks, and latency ratios with intervals.
+
+Pure functions over per-article scores and per-run timings (no model, no I/O), so every decision the search
+makes can be replayed on recorded numbers (tests/test_stats.py does, on the committed 50-paper table).
+
+Intervals are Student-t intervals of a mean (deterministic: no resampling RNG in a decision). Paired, because
+ROUGE-1 varies 7-9 points from paper to paper but a candidate and the FP16 baseline scored on the *same* papers
+differ far less; latency ratios are paired by round of an interleaved measurement for the same reason (machine
+load drifts between rounds, and hits every candidate of a round alike).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats as _st
+
+
+def t_quantile(p: float, df: int) -> float:
+    return float(_st.t.ppf(p, df))
+
+
+def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): two-sided Student-t interval of the mean; (x, x, x) for one value."""
+    x = np.asarray(values, dtype=float)
+    m = float(x.mean())
+    if x.size < 2:
+        return m, m, m
+    half = t_quantile(0.5 + confidence / 2, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return m, m - half, m + half
+
+
+def one_sided_bound(values, confidence: float, *, upper: bool) -> float:
+    """The one-sided Student-t bound of the mean at ``confidence`` (upper or lower); the mean for one value."""
+    x = np.asarray(values, dtype=float)
+    m = float(x.mean())
+    if x.size < 2:
+        return math.inf if upper else -math.inf
+    half = t_quantile(confidence, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return m + half if upper else m - half
+
+
+# -------------------------------------------------------------------------------------------- accuracy gate
+@dataclass(frozen=True)
+class Gate:
+    """The accuracy rule of a search, applied to one candidate's per-article scores.
+
+    ``kind == "absolute"``: the values are the candidate's ROUGE-1 per article; it passes when their mean (or, with
+    ``confidence``, the mean's one-sided *lower* bound) is ≥ ``threshold``.
+    ``kind == "drop"``: the values are per-article drops, FP16 baseline minus candidate on the same article; it
+    passes when their mean (or its one-sided *upper* bound) is ≤ ``threshold``.
+
+    Sequential: the candidate is scored on blocks of ``block`` articles, at most ``looks`` of them, and the gate
+    looks after each. It stops early when the interval at the corrected level is on one side of the threshold.
+    Looking ``looks`` times at a 1 - a bound errs up to ``looks`` times as often (measured in
+    experiments/results/sequential_error.json), so each look uses a = (1 - confidence) / looks (Bonferroni): the
+    chance that any look wrongly passes a candidate whose true mean is on the failing side stays ≤ 1 - confidence.
+    Without ``confidence`` the verdict is the point estimate on all the articles scored; early stops then use the
+    corrected 95 % interval, so they agree with the full-sample verdict except at that small error rate.
+    """
+
+    kind: str  # "absolute" | "drop"
+    threshold: float
+    confidence: float | None
+    block: int
+    looks: int
+    corrected: bool = True  # False: every look at the nominal level (only to measure what that costs)
+
+    @property
+    def look_confidence(self) -> float:
+        return 1 - (1 - (self.confidence or 0.95)) / (self.looks if self.corrected else 1)
+
+    def decide(self, values, *, final: bool | None = None) -> "Verdict":
+        """Verdict after scoring ``values`` (all the articles so far). ``final``: no more articles can be added
+        (default: the ceiling ``block * looks`` is reached)."""
+        x = np.asarray(values, dtype=float)
+        final = x.size >= self.block * self.looks if final is None else final
+        good_low = self.kind == "absolute"  # absolute: higher is better; drop: lower is better
+        mean = float(x.mean())
+        # The bound the verdict rests on, at the corrected per-look level, on the failing side...
+        bound = one_sided_bound(x, self.look_confidence, upper=not good_low)
+        # ...and the one on the passing side, which proves a failure early.
+        other = one_sided_bound(x, self.look_confidence, upper=good_low)
+        ok = (lambda v: v >= self.threshold) if good_low else (lambda v: v <= self.threshold)
+        if ok(bound):
+            status = "pass"
+        elif not ok(other):
+            status = "fail"
+        elif final:
+            status = "pass" if self.confidence is None and ok(mean) else "fail"
+        else:
+            status = "continue"
+        return Verdict(status=status, n=int(x.size), mean=mean, bound=bound)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # pass | fail | continue
+    n: int  # articles the verdict rests on
+    mean: float
+    bound: float  # the corrected one-sided bound on the failing side
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+
+def sequential_verdict(gate: Gate, values) -> Verdict:
+    """Replay the sequential rule on a full list of per-article values (in scoring order)."""
+    x = list(values)
+    ceiling = min(len(x), gate.block * gate.looks)
+    n = gate.block
+    while True:
+        n = min(n, ceiling)
+        v = gate.decide(x[:n], final=n >= ceiling)
+        if v.status != "continue":
+            return v
+        n += gate.block
+
+
+def false_pass_rate(diffs, gate: Gate, *, shift_to: float, trials: int = 2000, seed: int = 0) -> float:
+    """How often the sequential rule passes a candidate whose true mean sits exactly at ``shift_to`` (on the
+    threshold, or beyond it on the failing side): articles resampled with replacement from ``diffs`` after shifting
+    them so that their mean is ``shift_to``. The measured error rate of the rule, repeated looks included."""
+    x = np.asarray(diffs, dtype=float)
+    x = x - x.mean() + shift_to
+    rng = np.random.default_rng(seed)
+    n = gate.block * gate.looks
+    passes = sum(sequential_verdict(gate, rng.choice(x, size=n)).passed for _ in range(trials))
+    return passes / trials
+
+
+# -------------------------------------------------------------------------------------------- latency
+@dataclass(frozen=True)
+class Ratio:
+    """Candidate ÷ reference time per output token, from rounds of an interleaved measurement."""
+
+    ratio: float
+    low: float
+    high: float
+    rounds: int
+
+    @property
+    def half_width(self) -> float:
+        """Relative half-width of the interval (0.03 = ±3 %)."""
+        return (self.high - self.low) / 2 / self.ratio
+
+
+def ratio_ci(times, reference, confidence: float = 0.95) -> Ratio:
+    """Paired by round: the t interval of the mean log ratio, exponentiated."""
+    logs = np.log(np.asarray(times, dtype=float)) - np.log(np.asarray(reference, dtype=float))
+    m, lo, hi = mean_ci(logs, confidence)
+    if logs.size < 2:
+        lo, hi = -math.inf, math.inf
+    return Ratio(ratio=math.exp(m), low=math.exp(lo), high=math.exp(hi), rounds=int(logs.size))
+
+
+def spearman(a, b) -> float | None:
+    """Rank correlation of two equally long sequences (None for fewer than 3 pairs or a constant one)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(_st.spearmanr(a, b).statistic)
