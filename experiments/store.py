@@ -91,4 +91,6 @@ def cached_evaluate(key: str, evaluate_fn, *, required: dict | None = None, keep
         record["evaluation_key"] = key
         if keep is None or keep(record):
             atomic_write_json(path, record, fault="eval.record")
+        else:
+            faults.trace("evaluation.uncached", key=key)
     return record, False

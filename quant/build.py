@@ -31,9 +31,6 @@ def recipe_from_study(name: str, storage: str | None):
             raise UserError(f"no study database at {db}; pass --storage")
         url = f"sqlite:///{db.resolve()}"
     study = open_study(url, name)
-    summary = summarize_study(study)
-    if summary.best is None:
-        raise UserError(f"study {name!r} has no feasible trial to build ({summary.verdict().splitlines()[0]})")
     try:  # the study may come from anyone's database: a foreign attribute is bad input, not a traceback
         calib = CalibSpec(**study.user_attrs["calibration"]) if "calibration" in study.user_attrs else CalibSpec()
     except TypeError as exc:
@@ -41,6 +38,9 @@ def recipe_from_study(name: str, storage: str | None):
     model = study.user_attrs.get("model")
     if model is not None and not isinstance(model, str):
         raise UserError(f"study {name!r} has a malformed model attribute {model!r}")
+    summary = summarize_study(study)
+    if summary.best is None:
+        raise UserError(f"study {name!r} has no feasible trial to build ({summary.verdict().splitlines()[0]})")
     print(f"study {name!r}: best trial #{summary.best.number}, {summary.best.label}", file=sys.stderr)
     return Recipe.from_dict(summary.best.recipe), model, calib
 

@@ -32,16 +32,6 @@ SEARCH_DEFAULTS = dict(num_samples=100, block_size=8, max_output_len=64, batch_s
                        n_trials=6)
 
 
-def _finite_positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def parse_args(argv):
     from experiments.evaluate import add_common_args
     from quant.apply import add_calib_args
@@ -67,11 +57,11 @@ def parse_args(argv):
     add_calib_args(p)
     p.add_argument("--n-trials", type=positive_int, default=SEARCH_DEFAULTS["n_trials"],
                    help="distinct recipes the study should measure (a rerun continues up to this number)")
-    p.add_argument("--timeout", type=_finite_positive, default=None,
+    p.add_argument("--timeout", type=float, default=None,
                    help="optional cap in seconds: no new trial starts after it")
     p.add_argument("--resolution", type=float, default=0.03,
                    help="latency comparisons run until every ratio's CI half-width is within this (0.03 = ±3%%)")
-    p.add_argument("--confirm-seconds", type=_finite_positive, default=90.0,
+    p.add_argument("--confirm-seconds", type=float, default=90.0,
                    help="time cap of one interleaved latency comparison (reported when hit)")
     p.add_argument("--storage", default=None, help="optuna storage URL (default: sqlite in --results-dir); "
                    "put credentials in $QUANT_SEARCH_STORAGE instead of the command line (argv is visible to "
@@ -87,11 +77,17 @@ def parse_args(argv):
         raise UserError(f"--max-rouge1-drop must be in [0, 100], got {args.max_rouge1_drop:g}")
     if args.confidence is not None and not 0 < args.confidence < 1:
         raise UserError(f"--confidence must be in (0, 1), got {args.confidence:g}")
+    for flag, value in (("--timeout", args.timeout), ("--confirm-seconds", args.confirm_seconds)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} must be > 0 seconds (a finite number), got {value:g}")
     if not 0 < args.resolution < 1:
         raise UserError(f"--resolution must be in (0, 1), got {args.resolution:g}")
     if args.ppl_docs is not None and args.ppl_docs <= 0:
         raise UserError("--ppl-docs must be > 0 for the search (the held-out NLL is its proxy)")
     return args
+
+
+GARBAGE_LOGITS = "garbage model: NaN/Inf in the logits (non-finite held-out perplexity)"
 
 
 class PlannedSampler:
@@ -153,9 +149,9 @@ class Search:
         from experiments.stats import Gate
 
         if args.min_rouge1 is not None:
-            self.gate = Gate("absolute", args.min_rouge1, args.confidence, args.block_size, len(self.bounds))
+            self.gate = Gate("absolute", args.min_rouge1, args.confidence, tuple(self.bounds))
         else:
-            self.gate = Gate("drop", args.max_rouge1_drop, args.confidence, args.block_size, len(self.bounds))
+            self.gate = Gate("drop", args.max_rouge1_drop, args.confidence, tuple(self.bounds))
         self.model = None  # load_model(): after the storage is known to open (cheap checks first)
         self.log = lambda m: print(m, file=sys.stderr)
 
@@ -181,6 +177,16 @@ class Search:
         self.measurer = Measurer(self.settings, self.model, self.calib, self.backend, samples=self.samples,
                                  bounds=self.bounds, proxy_docs=self.settings.ppl_docs,
                                  proxy_seq_len=self.settings.ppl_seq_len, log=self.log)
+
+    def check_baseline(self) -> None:
+        """A drop gate measured against a broken FP16 model would make garbage the yardstick: refuse it."""
+        from quant.recipes import Recipe
+
+        if self.gate.kind == "drop":
+            ppl = self.measurer.proxy(Recipe("fp16"))[0]["perplexity"]["perplexity"]
+            if not math.isfinite(ppl):
+                raise UserError(f"--max-rouge1-drop: the FP16 baseline of {self.args.model or 'default'} is a "
+                                "garbage model (NaN/Inf in the logits); give an absolute --min-rouge1 instead")
 
     # -- one trial -------------------------------------------------------------------------------------------
     def baseline_blocks(self, upto: int) -> list[dict]:
@@ -218,7 +224,7 @@ class Search:
             result["perplexity"] = ppl["perplexity"]
             result["checkpoint"] = proxy["checkpoint"]
             if not math.isfinite(ppl["perplexity"]):
-                prune("garbage model: non-finite perplexity")
+                prune(GARBAGE_LOGITS)
             base_proxy = self.measurer.proxy(Recipe("fp16"))[0]["perplexity"]["doc_nll"]
             gaps = [a - b for a, b in zip(ppl["doc_nll"], base_proxy)]
             result["proxy"] = {"nll_gap": sum(gaps) / len(gaps), "docs": len(gaps), "doc_nll": ppl["doc_nll"]}
@@ -388,7 +394,7 @@ def measurement_fingerprint(search: Search) -> dict:
     settings = {k: v for k, v in dataclasses.asdict(search.settings).items()
                 if k not in ("progress", "model", "trust_remote_code")}
     return {"settings": settings, "model_hash": search.model.content_hash, "calibration": search.calib.key,
-            "gate": {**search.gate.to_dict(), "bounds": search.bounds},
+            "gate": search.gate.to_dict(),
             "policy": {"resolution": a.resolution}}
 
 
@@ -497,7 +503,7 @@ def run(args) -> int:
           f"{len(search.samples)} articles (looks at {', '.join(map(str, search.bounds))})", file=sys.stderr)
     stop = None
     try:
-        study.set_user_attr("gate", {**search.gate.to_dict(), "bounds": search.bounds})
+        study.set_user_attr("gate", search.gate.to_dict())
         study.set_user_attr("workload", {"batch_size": args.batch_size, "input_len": args.input_len,
                                          "output_len": args.output_len, "device": search.settings.device,
                                          "compute_dtype": search.settings.compute_dtype})
@@ -506,6 +512,7 @@ def run(args) -> int:
         study.set_user_attr("calibration", dataclasses.asdict(search.calib))
         excluded = [p for p in search.space.enumerate() if search.space.emulated(p)]
         study.set_user_attr("space", {"size": search.space.size(), "emulated_here": len(excluded)})
+        search.check_baseline()
         stop = search_loop(search, study, sampler)
         print(f"search stopped: {stop}", file=sys.stderr)
         study.set_user_attr("stopped", stop)

@@ -181,7 +181,8 @@ def next_action(space: Space, facts: list[Fact], confirmations: list[dict], *, s
 
     group = contenders(facts)
     if not group:
-        failing = sorted((f for f in facts if f.status == "fail" and not f.emulated), key=lambda f: f.hash)
+        # A pruned recipe (garbage output) is failing too: another alpha or deeper fallback may repair it.
+        failing = sorted((f for f in facts if f.status != "pass" and not f.emulated), key=lambda f: f.hash)
         return first_fresh(p for f in failing for p in space.accuracy_variants(f.params)) or \
             Action("done", reason="no recipe passes the gate and no accuracy variant is left to try")
 

@@ -77,14 +77,18 @@ def outcome(study) -> dict:
 
     done = finished(study)
     summary = summarize_study(study)
-    feasible = sorted({t.user_attrs["recipe_hash"] for t in done if t.user_attrs.get("feasible")})
+    feasible = sorted({t.user_attrs["recipe_hash"] for t in done if result(t).get("feasible")})
     return {
         "trials": Counter(trial_key(t) for t in done),
-        "rouge1": {t.user_attrs.get("recipe_hash"): t.user_attrs.get("rouge1") for t in done},
+        "rouge1": {t.user_attrs.get("recipe_hash"): result(t).get("rouge1") for t in done},
         "feasible": feasible,
         "best": summary.best.recipe if summary.best else None,
         "closest": summary.closest.recipe if summary.closest else None,
     }
+
+
+def result(trial) -> dict:
+    return trial.user_attrs.get("result") or {}
 
 
 def assert_same_answer(got: dict, ref: dict) -> None:
@@ -145,7 +149,7 @@ def assert_trials_point_at_published_checkpoints(study) -> None:
     from quant.checkpoint import load_checkpoint
 
     for t in finished(study):
-        path = t.user_attrs.get("checkpoint")
+        path = (result(t).get("checkpoint") or {}).get("path")
         if path:
             assert ".tmp-" not in path, f"trial {t.number} used a temporary folder {path}"
             load_checkpoint(Path(path))
@@ -185,15 +189,17 @@ def crash_reference(tmp_path_factory, default_model) -> dict:
     quantized = next(t for t in done
                      if t.user_attrs["recipe"]["kind"] != "fp16" or t.user_attrs["recipe"]["kv_cache"] != "none")
     fp16 = next(t for t in done if t.params == {"kind": "fp16", "kv_cache": "none"})
-    records = {json.loads(p.read_text())["recipe_hash"]: p.name for p in (cache / "evaluations").glob("*.json")}
+    records: dict[str, list[str]] = {}  # recipe hash → its stage records (proxy, blocks, latency)
+    for p in sorted((cache / "evaluations").glob("*.json")):
+        records.setdefault(json.loads(p.read_text())["recipe_hash"], []).append(f"evaluations/{p.name}")
+    checkpoint = quantized.user_attrs["result"]["checkpoint"]["path"]
     return {
         "model": model, "cache": cache, "outcome": outcome(study), "counts": validate_cache(cache),
         "drop": {
             "models": ["models"], "calib": ["calib"],
-            "quantized": [f"checkpoints/{Path(quantized.user_attrs['checkpoint']).name}",
-                          f"evaluations/{records[quantized.user_attrs['recipe_hash']]}"],
-            "quantized-record": [f"evaluations/{records[quantized.user_attrs['recipe_hash']]}"],
-            "fp16-record": [f"evaluations/{records[fp16.user_attrs['recipe_hash']]}"],
+            "quantized": [f"checkpoints/{Path(checkpoint).name}", *records[quantized.user_attrs["recipe_hash"]]],
+            "quantized-record": records[quantized.user_attrs["recipe_hash"]],
+            "fp16-record": records[fp16.user_attrs["recipe_hash"]],
         },
     }
 

@@ -31,7 +31,7 @@ from tests.test_search import _pg_url
 
 pytestmark = pytest.mark.slow
 WORKERS = 4
-N_TRIALS = 8
+N_TRIALS = 6  # distinct recipes; the policy converges on this space after 7
 FLAGS = [*kit.SEARCH_FLAGS, "--min-rouge1", "0", "--recipes", "fp16,int8_wo,smoothquant,fp8"]
 
 
@@ -55,8 +55,11 @@ def _check(outs, study, cache: Path, trace: Path) -> dict:
     assert not [t.number for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
     complete = {t.number for t in study.trials if t.state.name == "COMPLETE"}
     finished = kit.finished(study)
-    # MaxTrialsCallback is checked before each trial: each worker may start one more than the budget.
-    assert N_TRIALS <= len(finished) <= N_TRIALS + WORKERS - 1
+    measured = [t for t in finished if t.user_attrs.get("repeat_of") is None]
+    hashes = [t.user_attrs["recipe_hash"] for t in measured]
+    assert len(hashes) == len(set(hashes)), "a recipe was measured twice"
+    # The budget is checked before each claim: each worker may start one more than the budget.
+    assert N_TRIALS <= len(measured) <= N_TRIALS + WORKERS - 1
     per_worker = [{int(line.split()[1].rstrip(":")) for line in err.splitlines() if line.startswith("trial ")}
                   for _, _, err in outs]
     assert sum(len(s) for s in per_worker) == len(set().union(*per_worker)), "a trial was reported by two workers"
@@ -76,6 +79,9 @@ def _check(outs, study, cache: Path, trace: Path) -> dict:
             holder[e["key"]] = None
     builds = Counter(e["key"] for e in events if e["event"] == "checkpoint.build")
     evals = Counter(e["key"] for e in events if e["event"] == "evaluation.run")
+    # A latency timed while the other workers took the cores is reported but not cached (measured again if asked)
+    uncached = Counter(e["key"] for e in events if e["event"] == "evaluation.uncached")
+    evals -= uncached
     assert builds and max(builds.values()) == 1, f"a checkpoint was built twice: {builds}"
     assert evals and max(evals.values()) == 1, f"an evaluation ran twice: {evals}"
     assert max(contended.values()) >= 2, "no key was ever contended: the test did not test the lock"

@@ -49,31 +49,59 @@ def _build_from_study(results):
                  "--storage", f"sqlite:///{results / 'study.db'}"])
 
 
-def test_search_picks_fastest_feasible_and_writes_report(tiny_model, tmp_path):
+def test_search_measures_pairs_compares_and_writes_report(tiny_model, tmp_path):
     results = tmp_path / "res"
-    proc = _run(_cmd(tiny_model, results, "--min-rouge1", "0", "--n-trials", "4"))
+    proc = _run(_cmd(tiny_model, results, "--min-rouge1", "0", "--n-trials", "4",
+                     "--recipes", "fp16,int8_wo,smoothquant"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "chosen recipe:" in proc.stdout
     study = optuna.load_study(study_name="quant-search", storage=f"sqlite:///{results / 'study.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(_finished(study)) == 4 and done
-    assert done[0].params["kind"] == "fp16", "the FP16 baseline is measured first"
+    assert len(_finished(study)) == 4 and len(done) == 4
+    assert done[0].params == {"kind": "fp16", "kv_cache": "none"}, "the FP16 baseline is measured first"
+    hashes = [t.user_attrs["recipe_hash"] for t in done]
+    assert len(set(hashes)) == 4, "a recipe was measured twice"
     for t in done:
-        for key in ("recipe", "rouge1", "rouge1_ci", "tpot_ms", "ttft_ms", "tokens_per_s", "checkpoint", "constraint"):
-            assert key in t.user_attrs, key
-        assert t.value == t.user_attrs["tpot_ms"]
-    fastest = min(done, key=lambda t: t.value)
-    best = (results / "best_recipe.yaml").read_text()
-    assert fastest.user_attrs["recipe"]["kind"] in best
+        r = t.user_attrs["result"]
+        for key in ("n", "rouge1", "rouge1_ci", "drop", "drop_ci", "proxy", "latency", "emulated", "gate"):
+            assert key in r, key
+        assert r["rouge1_ci"][0] <= r["rouge1"] <= r["rouge1_ci"][1]
+        assert r["latency"]["tpot_ci"][0] <= r["latency"]["tpot_mean_ms"] <= r["latency"]["tpot_ci"][1]
+        assert t.value == r["latency"]["tpot_mean_ms"]
+        assert not r["emulated"], "the policy planned a recipe whose latency is emulated here"
+    base = done[0].user_attrs["result"]
+    assert base["drop"] == 0.0 and base["proxy"]["nll_gap"] == 0.0
+    # The answer: the contenders were compared interleaved (or there was one), the pick follows the rule.
+    answer = study.user_attrs["answer"]
+    chosen = next(t for t in done if t.user_attrs["recipe_hash"] == answer["chosen"])
+    if len(answer["tie"]) > 1 or answer["confirmation"]:
+        (c,) = [c for c in study.user_attrs["confirmations"] if c["key"] == answer["confirmation"]]
+        assert c["rounds"] >= 3 and c["leader"] in c["candidates"] and set(answer["tie"]) <= set(c["candidates"])
+        assert all(c["ratios"][h]["low"] <= 1.0 for h in c["tie"] if h != c["leader"])
+        assert "Interleaved latency comparison" in (results / "report.md").read_text()
+    from quant.recipes import Recipe
+
+    assert Recipe.load(results / "best_recipe.yaml") == Recipe.from_dict(chosen.user_attrs["result"]["recipe"])
+    report = (results / "report.md").read_text()
+    assert "paired drop" in report and "Tie set" in report and "Rule applied" in report
+    header = (results / "trials.csv").read_text().splitlines()[0].split(",")
+    assert {"n", "rouge1_ci", "drop_ci", "proxy", "tpot_ci", "emulated", "loaded"} <= set(header)
     for name, min_bytes in (("tradeoff.png", 10_000), ("recipes.png", 5_000), ("history.html", 50_000),
                             ("report.md", 200), ("trials.csv", 100)):
         path = results / name
         assert path.is_file() and path.stat().st_size > min_bytes, name
     assert (results / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A rerun of the same command measures nothing again: the budget is met, the answer is the same.
+    again = _run(_cmd(tiny_model, results, "--min-rouge1", "0", "--n-trials", "4",
+                      "--recipes", "fp16,int8_wo,smoothquant"))
+    assert again.returncode == 0 and not [l for l in again.stderr.splitlines() if l.startswith("trial ")]
+    assert optuna.load_study(study_name="quant-search", storage=f"sqlite:///{results / 'study.db'}"
+                             ).user_attrs["answer"]["chosen"] == answer["chosen"]
     # Rebuild the winner from the study alone.
     build = _build_from_study(results)
     assert build.returncode == 0, build.stderr[-2000:]
-    assert fastest.user_attrs["checkpoint"] in build.stdout and "trtllm-build --checkpoint_dir" in build.stdout
+    assert chosen.user_attrs["result"]["checkpoint"]["path"] in build.stdout
+    assert "trtllm-build --checkpoint_dir" in build.stdout
 
 
 @pytest.mark.slow
@@ -94,7 +122,8 @@ def test_sigkill_mid_trial_then_resume(tiny_model, tmp_path):
     Its own cache folder: with the evaluations of the other tests cached, every trial ends in milliseconds and the
     poll below would never see one running."""
     results = tmp_path / "res"
-    cmd = _cmd(tiny_model, results, "--min-rouge1", "0", "--n-trials", "5", "--seed", "3")
+    cmd = _cmd(tiny_model, results, "--min-rouge1", "0", "--n-trials", "5", "--seed", "3",
+               "--recipes", "fp16,int8_wo,smoothquant")
     storage = f"sqlite:///{results / 'study.db'}"
     env = {**os.environ, "QUANT_SUITE_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -142,8 +171,7 @@ def _pg_url():
 def test_two_workers_share_one_postgresql_study(tiny_model, tmp_path):
     url = _pg_url()
     name = f"workers-{os.getpid()}-{int(time.time())}"
-    # 12 trials over a space with 7 SmoothQuant alphas: enough distinct recipes that both workers get work.
-    cmds = [_cmd(tiny_model, tmp_path / f"w{i}", "--min-rouge1", "0", "--n-trials", "12", "--storage", url,
+    cmds = [_cmd(tiny_model, tmp_path / f"w{i}", "--min-rouge1", "0", "--n-trials", "6", "--storage", url,
                  "--study-name", name, "--seed", str(i), "--recipes", "fp16,int8_wo,smoothquant,fp8")
             for i in range(2)]
     procs = [subprocess.Popen(c, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -154,9 +182,11 @@ def test_two_workers_share_one_postgresql_study(tiny_model, tmp_path):
     study = optuna.load_study(study_name=name, storage=url)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))
-    finished = _finished(study)
-    # MaxTrialsCallback is checked before each trial, so each worker may start one more than needed.
-    assert 12 <= len(finished) <= 13
+    measured = [t for t in _finished(study) if t.user_attrs.get("repeat_of") is None]
+    hashes = [t.user_attrs["recipe_hash"] for t in measured]
+    assert len(hashes) == len(set(hashes)), "a recipe was measured twice"
+    # The budget is checked before each claim, so each worker may start one more than needed.
+    assert 6 <= len(measured) <= 7
     per_worker = [{int(l.split()[1].rstrip(":")) for l in err.splitlines() if l.startswith("trial ")} for _, err in outs]
     assert per_worker[0] and per_worker[1], "both workers ran trials"
     assert not per_worker[0] & per_worker[1], "a trial was run by both workers"
