@@ -60,6 +60,7 @@ def compare(runtimes: dict, *, batch_size: int, input_len: int, output_len: int,
         "ratios": {n: {"ratio": q.ratio, "low": q.low, "high": q.high, "half_width": q.half_width}
                    for n, q in ratios.items()},
         "tpot_ms": {n: math.exp(sum(map(math.log, t)) / len(t)) for n, t in times.items()},
+        "rounds_ms": times,
         "rule": PICK_RULE,
     }
 

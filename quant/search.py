@@ -27,7 +27,7 @@ from pathlib import Path
 from quant import faults
 from quant.errors import ArgumentParser, EnvironmentProblem, UserError, cli_entry, positive_int
 
-SEARCH_DEFAULTS = dict(num_samples=100, block_size=8, max_output_len=64, batch_size=4, input_len=64, output_len=16,
+SEARCH_DEFAULTS = dict(num_samples=100, block_size=8, max_output_len=64, batch_size=4, input_len=32, output_len=16,
                        latency_repeats=3, ppl_docs=4, ppl_seq_len=128, calib_samples=16, calib_seq_len=128,
                        n_trials=6)
 
@@ -195,7 +195,12 @@ class Search:
         return [self.measurer.block(Recipe("fp16"), i)[0] for i in range(upto)]
 
     def measure(self, trial, params: dict, facts) -> float:
-        """Measure one recipe (stages: proxy, blocks under the gate, latency); the trial's value is TPOT."""
+        """Measure one recipe; the trial's value is its mean time per output token.
+
+        Stages, cheapest verdict first: latency (with its interval); if it is certainly slower than a recipe that
+        already passed the gate, it can never be the answer and its accuracy is not measured ("slower"); else the
+        held-out NLL proxy; if that is certainly worse than a recipe that failed the gate, generation is skipped
+        ("fail by proxy"); else article blocks under the sequential gate."""
         import optuna
 
         from experiments.stats import mean_ci
@@ -218,36 +223,28 @@ class Search:
 
         try:
             recipe.validate_for(self.config, device=self.settings.device)
-            proxy, c = self.measurer.proxy(recipe)
-            cached.append(c)
-            ppl = proxy["perplexity"]
-            result["perplexity"] = ppl["perplexity"]
-            result["checkpoint"] = proxy["checkpoint"]
-            if not math.isfinite(ppl["perplexity"]):
-                prune(GARBAGE_LOGITS)
-            base_proxy = self.measurer.proxy(Recipe("fp16"))[0]["perplexity"]["doc_nll"]
-            gaps = [a - b for a, b in zip(ppl["doc_nll"], base_proxy)]
-            result["proxy"] = {"nll_gap": sum(gaps) / len(gaps), "docs": len(gaps), "doc_nll": ppl["doc_nll"]}
-            worse_than = self._certainly_worse(ppl["doc_nll"], facts)
-            if worse_than is not None:
-                result["gate"] = {"status": "fail", "skipped_by_proxy": worse_than, "n": 0}
-                result["feasible"] = False
-            else:
-                self._gate(recipe, result, cached)
             lat, c = self.measurer.latency(recipe)
             cached.append(c)
+            latency = lat["latency"]
+            m, lo, hi = mean_ci(latency["tpot_runs_ms"])
+            result["checkpoint"] = lat["checkpoint"]
+            result["latency"] = {**{k: latency[k] for k in ("tpot_ms", "ttft_ms", "tokens_per_s", "peak_memory_mb",
+                                                             "weight_bytes", "load")},
+                                 "tpot_mean_ms": m, "tpot_ci": [lo, hi], "runs": len(latency["tpot_runs_ms"])}
+            result["emulated"] = bool(lat["runtime"]["emulated"])
+            result["kernels"] = lat["runtime"]["kernels"]
+            faster = self._certainly_faster_passing(result, facts)
+            if faster is not None:
+                result["gate"] = {"status": "slower", "slower_than": faster, "n": 0}
+                result["feasible"] = False
+            else:
+                self._accuracy(recipe, result, facts, cached)
         except EnvironmentProblem:
             raise  # a full disk or a damaged cache is not the recipe's fault: stop (exit 2), retry on the next run
         except UserError as exc:
             prune(str(exc))
-        latency = lat["latency"]
-        runs = latency["tpot_runs_ms"]
-        m, lo, hi = mean_ci(runs)
-        result["latency"] = {**{k: latency[k] for k in ("tpot_ms", "ttft_ms", "tokens_per_s", "peak_memory_mb",
-                                                         "weight_bytes", "load")},
-                             "tpot_mean_ms": m, "tpot_ci": [lo, hi], "runs": len(runs)}
-        result["emulated"] = bool(lat["runtime"]["emulated"])
-        result["kernels"] = lat["runtime"]["kernels"]
+        if result.get("pruned_reason"):
+            prune(result["pruned_reason"])
         result["cached"] = all(cached)
         result["trial_s"] = time.perf_counter() - t0
         feasible = result["feasible"]
@@ -255,15 +252,55 @@ class Search:
         trial.set_user_attr("constraint", 0.0 if feasible else 1.0)
         trial.set_user_attr("worker_device", self.settings.device)
         g = result["gate"]
+        note = {"slower": f"slower than #{g.get('slower_than')} (accuracy not measured)",
+                "fail": "FAIL" + (f" (proxy: worse than #{g['skipped_by_proxy']})"
+                                  if g.get("skipped_by_proxy") is not None else ""), "pass": "pass"}[g["status"]]
         flag = "  (emulated: not pickable)" if result["emulated"] else ""
         flag += "  (machine loaded while timed)" if latency["load"]["loaded"] else ""
-        self.log(f"trial {trial.number}: {recipe.label:28s} n={g['n']:<3d} ROUGE-1 "
-                 f"{result.get('rouge1', float('nan')):6.2f}  drop {result.get('drop', float('nan')):+6.2f}  "
-                 f"proxy {result['proxy']['nll_gap']:+.4f}  TPOT {m:7.2f} ms [{lo:.2f}, {hi:.2f}]  "
-                 f"{'pass' if feasible else 'FAIL'}{' (proxy)' if g.get('skipped_by_proxy') is not None else ''}"
-                 f"{'  (cached)' if result['cached'] else ''}{flag}")
+        acc = (f"ROUGE-1 {result['rouge1']:6.2f}  drop {result['drop']:+6.2f}" if "rouge1" in result
+               else f"{'':14s}  {'':11s}")
+        proxy = f"proxy {result['proxy']['nll_gap']:+.4f}" if "proxy" in result else f"{'':13s}"
+        self.log(f"trial {trial.number}: {recipe.label:28s} n={g['n']:<3d} {acc}  {proxy}  "
+                 f"TPOT {m:7.2f} ms [{lo:.2f}, {hi:.2f}]  {note}{'  (cached)' if result['cached'] else ''}{flag}")
         faults.point("trial.commit")  # crash test: measured, attributes stored, not yet COMPLETE
         return m
+
+    def _certainly_faster_passing(self, result: dict, facts) -> int | None:
+        """The trial number of a recipe that passed the gate, measured natively and on a quiet machine, whose
+        latency interval lies wholly below this one's: this recipe can never be the answer."""
+        lat = result["latency"]
+        if result["emulated"] or lat["load"]["loaded"]:
+            return None
+        for f in facts:
+            if f.status == "pass" and not f.emulated and f.tpot_ci and not f.loaded and f.tpot_ci[1] < lat["tpot_ci"][0]:
+                return f.number
+        return None
+
+    def _accuracy(self, recipe, result: dict, facts, cached: list) -> None:
+        from quant.recipes import Recipe
+
+        proxy, c = self.measurer.proxy(recipe)
+        cached.append(c)
+        ppl = proxy["perplexity"]
+        result["perplexity"] = ppl["perplexity"]
+        if not math.isfinite(ppl["perplexity"]):
+            result["pruned_reason"] = GARBAGE_LOGITS
+            return
+        base_proxy = self.measurer.proxy(Recipe("fp16"))[0]["perplexity"]["doc_nll"]
+        gaps = [a - b for a, b in zip(ppl["doc_nll"], base_proxy)]
+        result["proxy"] = {"nll_gap": sum(gaps) / len(gaps), "docs": len(gaps), "doc_nll": ppl["doc_nll"]}
+        worse_than = self._certainly_worse(ppl["doc_nll"], facts)
+        if worse_than is not None:
+            result["gate"] = {"status": "fail", "skipped_by_proxy": worse_than, "n": 0}
+            result["feasible"] = False
+        else:
+            try:
+                self._gate(recipe, result, cached)
+            except UserError as exc:
+                if str(exc).startswith("garbage model"):
+                    result["pruned_reason"] = str(exc)
+                    return
+                raise
 
     def _certainly_worse(self, doc_nll: list[float], facts) -> int | None:
         """The trial number of a recipe that failed the gate and whose held-out NLL this one's exceeds with 95 %
@@ -318,11 +355,12 @@ class Search:
             if not r or t.user_attrs.get("repeat_of") is not None:
                 continue
             lat = r.get("latency") or {}
-            status = "pruned" if t.state == TrialState.PRUNED else ("pass" if r.get("feasible") else "fail")
+            status = "pruned" if t.state == TrialState.PRUNED else r["gate"]["status"]
             proxy = r.get("proxy") or {}
             out.append(Fact(params=dict(t.params), hash=r["hash"], status=status, emulated=bool(r.get("emulated")),
                             tpot_ci=tuple(lat["tpot_ci"]) if lat.get("tpot_ci") else None,
-                            proxy=proxy.get("nll_gap"), number=t.number, doc_nll=tuple(proxy.get("doc_nll") or ())))
+                            proxy=proxy.get("nll_gap"), number=t.number, doc_nll=tuple(proxy.get("doc_nll") or ()),
+                            loaded=bool((lat.get("load") or {}).get("loaded"))))
         return out
 
     def confirm(self, study, hashes) -> dict:

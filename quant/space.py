@@ -124,12 +124,13 @@ class Fact:
 
     params: dict
     hash: str
-    status: str  # pass | fail | pruned (invalid, garbage)
+    status: str  # pass | fail | slower (than a passing recipe: accuracy not measured) | pruned (invalid, garbage)
     emulated: bool
     tpot_ci: tuple[float, float] | None  # the trial's latency interval (ms)
     proxy: float | None  # mean NLL gap to FP16 (nats/token)
     number: int = -1  # the trial
     doc_nll: tuple[float, ...] = ()  # held-out NLL per document (the proxy, paired by document)
+    loaded: bool = False  # its latency was timed while other processes took the cores
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def next_action(space: Space, facts: list[Fact], confirmations: list[dict], *, s
     group = contenders(facts)
     if not group:
         # A pruned recipe (garbage output) is failing too: another alpha or deeper fallback may repair it.
-        failing = sorted((f for f in facts if f.status != "pass" and not f.emulated), key=lambda f: f.hash)
+        failing = sorted((f for f in facts if f.status in ("fail", "pruned") and not f.emulated), key=lambda f: f.hash)
         return first_fresh(p for f in failing for p in space.accuracy_variants(f.params)) or \
             Action("done", reason="no recipe passes the gate and no accuracy variant is left to try")
 
