@@ -35,6 +35,7 @@ class Row:
     emulated: bool = False
     loaded: bool = False  # other processes took the cores while it was timed
     skipped_by_proxy: int | None = None
+    slower_than: int | None = None  # certainly slower than this passing trial: accuracy not measured
     reason: str = ""
     recipe: dict = field(default_factory=dict)
     checkpoint: str = ""
@@ -42,6 +43,13 @@ class Row:
     @property
     def measured(self) -> bool:
         return self.tpot_ms is not None and self.rouge1 is not None
+
+    def result(self) -> str:
+        if self.slower_than is not None:
+            return f"slower than #{self.slower_than} (not scored)"
+        if self.skipped_by_proxy is not None:
+            return f"FAIL (proxy: worse than #{self.skipped_by_proxy})"
+        return "pass" if self.feasible else "FAIL"
 
 
 @dataclass
@@ -64,7 +72,7 @@ class StudySummary:
         lines = [head, "-" * len(head)]
         for r in sorted(self.rows, key=lambda r: (r.tpot_ms is None, r.tpot_ms or 0.0, r.number)):
             if r.tpot_ms is not None:
-                verdict = "pass" if r.feasible else ("FAIL (proxy)" if r.skipped_by_proxy is not None else "FAIL")
+                verdict = r.result()
                 if r.emulated:
                     verdict += " emulated"
                 if r.loaded:
@@ -158,6 +166,7 @@ def summarize_study(study) -> StudySummary:
             tpot_ci=_pair(lat.get("tpot_ci")), ttft_ms=lat.get("ttft_ms"), tokens_per_s=lat.get("tokens_per_s"),
             perplexity=r.get("perplexity"), feasible=r.get("feasible"), emulated=bool(r.get("emulated")),
             loaded=bool((lat.get("load") or {}).get("loaded")), skipped_by_proxy=gate.get("skipped_by_proxy"),
+            slower_than=gate.get("slower_than"),
             reason=a.get("pruned_reason", ""), recipe=r.get("recipe", a.get("recipe", {})),
             checkpoint=(r.get("checkpoint") or {}).get("path", ""),
         ))
@@ -242,8 +251,7 @@ def _write_markdown(study, summary: StudySummary, path: Path) -> Path:
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(summary.rows, key=lambda r: (r.tpot_ms is None, r.tpot_ms or 0.0, r.number)):
         if r.tpot_ms is not None:
-            res = "pass" if r.feasible else ("fail (proxy: worse than #%d)" % r.skipped_by_proxy
-                                              if r.skipped_by_proxy is not None else "fail")
+            res = r.result()
             if summary.best is not None and r.number == summary.best.number:
                 res += " **chosen**"
             text.append(f"| {r.number} | {r.label} | {r.n or 0} | {_ci(r.rouge1, r.rouge1_ci)} | "

@@ -22,11 +22,11 @@ def t_quantile(p: float, df: int) -> float:
 
 
 def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): two-sided Student-t interval of the mean; (x, x, x) for one value."""
+    """(mean, low, high): two-sided Student-t interval of the mean; one value bounds nothing: (x, -inf, inf)."""
     x = np.asarray(values, dtype=float)
     m = float(x.mean())
     if x.size < 2:
-        return m, m, m
+        return m, -math.inf, math.inf
     half = t_quantile(0.5 + confidence / 2, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
     return m, m - half, m + half
 
@@ -157,8 +157,6 @@ def ratio_ci(times, reference, confidence: float = 0.95) -> Ratio:
     """Paired by round: the t interval of the mean log ratio, exponentiated."""
     logs = np.log(np.asarray(times, dtype=float)) - np.log(np.asarray(reference, dtype=float))
     m, lo, hi = mean_ci(logs, confidence)
-    if logs.size < 2:
-        lo, hi = -math.inf, math.inf
     return Ratio(ratio=math.exp(m), low=math.exp(lo), high=math.exp(hi), rounds=int(logs.size))
 
 

@@ -77,7 +77,7 @@ def test_default_model_is_smollm2_in_fp16(default_model):
     assert len(default_model.content_hash) == 64
     hf_dir = default_model.hf_dir
     assert hf_dir.parent == cache_root() / "models"
-    assert hf_dir.name == default_model.short_hash
+    assert hf_dir.name.startswith(default_model.short_hash + "-")  # + the converting code's hash
 
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
@@ -149,7 +149,7 @@ def test_tiny_hf_folder_converts_into_a_hash_keyed_folder(fresh_cache, tiny_copy
     assert edited.content_hash != first.content_hash
     assert edited.hf_dir != first.hf_dir
     assert json.loads((edited.hf_dir / "config.json").read_text())["initializer_range"] == pytest.approx(0.0375)
-    assert _cache_entries(fresh_cache) == sorted([first.short_hash, edited.short_hash])
+    assert _cache_entries(fresh_cache) == sorted([first.hf_dir.name, edited.hf_dir.name])
     assert _tmp_leftovers(fresh_cache) == []
 
 
@@ -178,7 +178,7 @@ def _crashed_conversion(fresh_cache, tiny_copy):
     half-written hidden sibling. Returns (the first resolution, the leftover folder)."""
     first = resolve_model(str(tiny_copy))
     shutil.rmtree(first.hf_dir)
-    stale = fresh_cache / "models" / f".tmp-{first.short_hash}-crashed"
+    stale = fresh_cache / "models" / f".tmp-{first.hf_dir.name}-crashed"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
     return first, stale
@@ -196,7 +196,7 @@ def test_leftover_of_a_crashed_conversion_is_removed_by_the_next(fresh_cache, ti
     first, stale = _crashed_conversion(fresh_cache, tiny_copy)
     # A fresh leftover may belong to a live writer of the same key: kept. One untouched for longer than
     # atomic.STALE_AFTER_S is a dead writer's: removed by the next writer.
-    fresh = fresh_cache / "models" / f".tmp-{first.short_hash}-live"
+    fresh = fresh_cache / "models" / f".tmp-{first.hf_dir.name}-live"
     fresh.mkdir()
     old = time.time() - atomic.STALE_AFTER_S - 60
     os.utime(stale, (old, old))

@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--num-samples", "3", "--max-output-len", "6", "--batch-size", "2", "--input-len", "16", "--output-len", "3",
         "--latency-repeats", "1", "--ppl-docs", "1", "--ppl-seq-len", "32", "--calib-samples", "2",
-        "--calib-seq-len", "32", "--no-progress", "--recipes", "fp16,int8_wo,fp8"]
+        "--calib-seq-len", "32", "--no-progress", "--recipes", "fp16,int8_wo,fp8", "--confirm-seconds", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +57,20 @@ def test_search_measures_pairs_compares_and_writes_report(tiny_model, tmp_path):
     assert "chosen recipe:" in proc.stdout
     study = optuna.load_study(study_name="quant-search", storage=f"sqlite:///{results / 'study.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(_finished(study)) == 4 and len(done) == 4
+    # The budget, unless the policy converged first (nothing left one step from the leading tie set).
+    stopped = study.user_attrs["stopped"]
+    assert len(_finished(study)) == len(done) and (len(done) == 4 or stopped.startswith("converged")), stopped
+    assert len(done) >= 3
     assert done[0].params == {"kind": "fp16", "kv_cache": "none"}, "the FP16 baseline is measured first"
     hashes = [t.user_attrs["recipe_hash"] for t in done]
-    assert len(set(hashes)) == 4, "a recipe was measured twice"
+    assert len(set(hashes)) == len(done), "a recipe was measured twice"
     for t in done:
         r = t.user_attrs["result"]
-        for key in ("n", "rouge1", "rouge1_ci", "drop", "drop_ci", "proxy", "latency", "emulated", "gate"):
+        for key in ("latency", "emulated", "gate") + (() if r["gate"]["status"] == "slower" else
+                                                       ("n", "rouge1", "rouge1_ci", "drop", "drop_ci", "proxy")):
             assert key in r, key
-        assert r["rouge1_ci"][0] <= r["rouge1"] <= r["rouge1_ci"][1]
+        if r["gate"]["status"] != "slower":  # (a recipe certainly slower than a passing one is not scored)
+            assert r["rouge1_ci"][0] <= r["rouge1"] <= r["rouge1_ci"][1]
         assert r["latency"]["tpot_ci"][0] <= r["latency"]["tpot_mean_ms"] <= r["latency"]["tpot_ci"][1]
         assert t.value == r["latency"]["tpot_mean_ms"]
         assert not r["emulated"], "the policy planned a recipe whose latency is emulated here"
@@ -122,7 +127,8 @@ def test_sigkill_mid_trial_then_resume(tiny_model, tmp_path):
     Its own cache folder: with the evaluations of the other tests cached, every trial ends in milliseconds and the
     poll below would never see one running."""
     results = tmp_path / "res"
-    cmd = _cmd(tiny_model, results, "--min-rouge1", "0", "--n-trials", "5", "--seed", "3",
+    # Nothing passes ROUGE-1 100: the policy tries accuracy variants (alphas, fallback), enough for 5 trials.
+    cmd = _cmd(tiny_model, results, "--min-rouge1", "100", "--n-trials", "5", "--seed", "3",
                "--recipes", "fp16,int8_wo,smoothquant")
     storage = f"sqlite:///{results / 'study.db'}"
     env = {**os.environ, "QUANT_SUITE_CACHE": str(tmp_path / "cache")}
@@ -171,7 +177,8 @@ def _pg_url():
 def test_two_workers_share_one_postgresql_study(tiny_model, tmp_path):
     url = _pg_url()
     name = f"workers-{os.getpid()}-{int(time.time())}"
-    cmds = [_cmd(tiny_model, tmp_path / f"w{i}", "--min-rouge1", "0", "--n-trials", "6", "--storage", url,
+    # ROUGE-1 100: nothing passes, so the policy has accuracy variants enough for 6 trials.
+    cmds = [_cmd(tiny_model, tmp_path / f"w{i}", "--min-rouge1", "100", "--n-trials", "6", "--storage", url,
                  "--study-name", name, "--seed", str(i), "--recipes", "fp16,int8_wo,smoothquant,fp8")
             for i in range(2)]
     procs = [subprocess.Popen(c, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
