@@ -28,8 +28,8 @@ from quant import faults
 from quant.errors import ArgumentParser, EnvironmentProblem, UserError, cli_entry, positive_int
 
 SEARCH_DEFAULTS = dict(num_samples=100, block_size=8, max_output_len=64, batch_size=4, input_len=32, output_len=16,
-                       latency_repeats=3, ppl_docs=4, ppl_seq_len=128, calib_samples=16, calib_seq_len=128,
-                       n_trials=6)
+                       latency_repeats=3, ppl_docs=4, ppl_seq_len=128, calib_samples=8, calib_seq_len=128,
+                       n_trials=5)
 
 
 def parse_args(argv):
@@ -61,7 +61,7 @@ def parse_args(argv):
                    help="optional cap in seconds: no new trial starts after it")
     p.add_argument("--resolution", type=float, default=0.03,
                    help="latency comparisons run until every ratio's CI half-width is within this (0.03 = ±3%%)")
-    p.add_argument("--confirm-seconds", type=float, default=90.0,
+    p.add_argument("--confirm-seconds", type=float, default=60.0,
                    help="time cap of one interleaved latency comparison (reported when hit)")
     p.add_argument("--storage", default=None, help="optuna storage URL (default: sqlite in --results-dir); "
                    "put credentials in $QUANT_SEARCH_STORAGE instead of the command line (argv is visible to "
@@ -477,31 +477,30 @@ def search_loop(search: Search, study, sampler) -> str:
                 continue
             return action.reason
         sampler.planned = action.params
-        trial = study.ask()
-        # Who runs it: if this process dies, the next start on this machine can tell (reap_dead_trials).
-        trial.set_user_attr("worker", worker_identity())
-        for name, value in action.params.items():
-            trial.suggest_categorical(name, choices[name])
         recipe = search.space.recipe(action.params)
-        trial.set_user_attr("recipe_hash", recipe.hash)
-        twin = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                         TrialState.RUNNING))
-                     if t.number < trial.number and t.user_attrs.get("recipe_hash") == recipe.hash
-                     and t.user_attrs.get("repeat_of") is None), None)
-        if twin is not None:  # another worker claimed the same recipe at the same moment: not measured, not counted
-            trial.set_user_attr("repeat_of", twin.number)
-            study.tell(trial, state=TrialState.PRUNED)
-            continue
-        try:
-            value = search.measure(trial, action.params, search.facts(study))
-        except optuna.TrialPruned as exc:
-            search.log(f"trial {trial.number}: {recipe.label:28s} pruned: {exc}")
-            study.tell(trial, state=TrialState.PRUNED)
-        except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        else:
-            study.tell(trial, value)
+
+        def objective(trial):
+            # Who runs it: if this process dies, the next start on this machine can tell (reap_dead_trials).
+            trial.set_user_attr("worker", worker_identity())
+            for name in action.params:
+                trial.suggest_categorical(name, choices[name])
+            trial.set_user_attr("recipe_hash", recipe.hash)
+            twin = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                             TrialState.RUNNING))
+                         if t.number < trial.number and t.user_attrs.get("recipe_hash") == recipe.hash
+                         and t.user_attrs.get("repeat_of") is None), None)
+            if twin is not None:  # another worker claimed this recipe at the same instant: not measured, not counted
+                trial.set_user_attr("repeat_of", twin.number)
+                raise optuna.TrialPruned(f"repeat of trial {twin.number}")
+            try:
+                return search.measure(trial, action.params, search.facts(study))
+            except optuna.TrialPruned as exc:
+                search.log(f"trial {trial.number}: {recipe.label:28s} pruned: {exc}")
+                raise
+
+        # One trial through study.optimize: optuna's heartbeat runs while it measures (a worker that dies on another
+        # host is failed by fail_stale_trials), and an exception marks it FAIL before propagating.
+        study.optimize(objective, n_trials=1, catch=())
         search.measurer.release()
         faults.point("trial.committed")
 
