@@ -189,11 +189,6 @@ class Search:
                                 "garbage model (NaN/Inf in the logits); give an absolute --min-rouge1 instead")
 
     # -- one trial -------------------------------------------------------------------------------------------
-    def baseline_blocks(self, upto: int) -> list[dict]:
-        from quant.recipes import Recipe
-
-        return [self.measurer.block(Recipe("fp16"), i)[0] for i in range(upto)]
-
     def measure(self, trial, params: dict, facts) -> float:
         """Measure one recipe; the trial's value is its mean time per output token.
 
@@ -315,6 +310,7 @@ class Search:
         return None
 
     def _gate(self, recipe, result: dict, cached: list) -> None:
+        """Score article blocks until the gate decides; record ROUGE-1 and the paired drop, each with its CI."""
         from experiments.stats import mean_ci
 
         scores, ids = [], []
@@ -324,23 +320,29 @@ class Search:
             if not rec["health"]["ok"]:
                 raise UserError("garbage model: " + "; ".join(rec["health"]["reasons"]))
             scores += rec["rouge"]["per_sample_rouge1"]
-            ids += [s["id"] for s in rec["samples"]]
-            values = scores
-            if self.gate.kind == "drop":
-                values = self._drops(scores, i)
-            verdict = self.gate.decide(values, final=i == len(self.bounds) - 1)
+            ids += [x["id"] for x in rec["samples"]]
+            drops = self._drops(scores, ids)
+            verdict = self.gate.decide(drops if self.gate.kind == "drop" else scores, final=i == len(self.bounds) - 1)
             if verdict.status != "continue":
                 break
-        base = [x for b in self.baseline_blocks(i + 1) for x in b["rouge"]["per_sample_rouge1"]]
-        drops = [b - s for b, s in zip(base, scores)]
         r, rlo, rhi = mean_ci(scores)
         d, dlo, dhi = mean_ci(drops)
         result.update(rouge1=r, rouge1_ci=[rlo, rhi], drop=d, drop_ci=[dlo, dhi], n=len(scores),
                       gate={"status": verdict.status, "n": verdict.n, "mean": verdict.mean, "bound": verdict.bound,
                             "looks": i + 1}, feasible=verdict.passed)
 
-    def _drops(self, scores: list[float], upto_block: int) -> list[float]:
-        base = [x for b in self.baseline_blocks(upto_block + 1) for x in b["rouge"]["per_sample_rouge1"]]
+    def _drops(self, scores: list[float], ids: list[str]) -> list[float]:
+        """FP16 baseline minus ``scores``, article by article (the baseline's blocks scored as needed, cached)."""
+        from quant.recipes import Recipe
+
+        base, base_ids = [], []
+        for i in range(len(self.bounds)):
+            if len(base) >= len(scores):
+                break
+            rec = self.measurer.block(Recipe("fp16"), i)[0]
+            base += rec["rouge"]["per_sample_rouge1"]
+            base_ids += [x["id"] for x in rec["samples"]]
+        assert base_ids[:len(ids)] == ids, "baseline and candidate scored on different articles"
         return [b - s for b, s in zip(base, scores)]
 
     # -- the policy's inputs, read back from the study ---------------------------------------------------------
