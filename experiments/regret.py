@@ -2,9 +2,9 @@
 
 1. **Truth**: every latency class of the space that runs natively on this device (one recipe per class: alpha
    changes no kernel) is built and timed *interleaved in one process* (experiments/confirm.py) with a long time
-   cap; each class's accuracy verdict comes from the search's own gate on its representative (cached article
-   blocks). The true best tie set: the feasible classes whose ratio interval to the fastest feasible one
-   reaches 1.
+   cap; from the fastest down, each class's representative goes through the search's own accuracy gate until
+   the fastest feasible class is found (a class certainly slower than it needs no accuracy). The true best tie
+   set: the feasible classes whose ratio interval to the fastest feasible one reaches 1.
 2. **Searches**: the real CLI, ``python -m quant.search`` with the given flags and ``--seed s`` for each seed,
    each in its own results folder and with its own cache folder: a hard-linked copy of the shared cache minus
    every latency record, so each seed measures latency afresh (checkpoints and article blocks are reused: they
@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def truth(search_args: list[str], *, seconds: float, log) -> dict:
-    """Time every native latency class interleaved; gate each class's representative with the search's rule."""
+    """Time every native latency class interleaved; then, from the fastest, gate classes with the search's rule
+    until the fastest feasible one and every class tied with it are known (slower classes need no accuracy)."""
     from experiments.confirm import compare
     from experiments.evaluate import Candidate
     from quant.search import Search, parse_args
@@ -45,27 +46,32 @@ def truth(search_args: list[str], *, seconds: float, log) -> dict:
     classes: dict[tuple, dict] = {}
     for p in sp.enumerate():
         if not sp.emulated(p) and Space.latency_class(p) not in classes:
-            rep = dict(p, alpha=0.8) if p["kind"] == "smoothquant" else p
-            classes[Space.latency_class(p)] = rep
-    verdicts, runtimes, labels = {}, {}, {}
-    for cls, p in classes.items():
-        recipe = sp.recipe(p)
-        result: dict = {}
-        search._gate(recipe, result, [])  # cached blocks when the searches already scored this recipe
-        verdicts[recipe.hash] = {"feasible": result["feasible"], "rouge1": result["rouge1"], "n": result["n"]}
-        labels[recipe.hash] = recipe.label
-        runtimes[recipe.hash] = Candidate(search.settings, recipe, model=search.model, calib=search.calib,
-                                          log=lambda m: None, backend=search.backend).runtime
-        log(f"truth: {recipe.label}: {'pass' if result['feasible'] else 'fail'} (ROUGE-1 {result['rouge1']:.2f}, "
-            f"n={result['n']})")
+            classes[Space.latency_class(p)] = dict(p, alpha=0.8) if p["kind"] == "smoothquant" else p
+    recipes = {sp.recipe(p).hash: sp.recipe(p) for p in classes.values()}
+    runtimes = {h: Candidate(search.settings, r, model=search.model, calib=search.calib, log=lambda m: None,
+                             backend=search.backend).runtime for h, r in recipes.items()}
     s = search.settings
+    log(f"truth: timing {len(runtimes)} latency classes interleaved (cap {seconds:.0f} s)")
     cmp = compare(runtimes, batch_size=s.batch_size, input_len=s.input_len, output_len=s.output_len, seed=s.seed,
                   resolution=args.resolution, max_seconds=seconds, max_rounds=200)
-    feasible = [h for h in runtimes if verdicts[h]["feasible"]]
-    fastest = min(feasible, key=lambda h: cmp["tpot_ms"][h])
-    # Ratios against the fastest feasible class, from the same rounds.
-    best_set = [h for h in feasible if h == fastest or _ratio_low(cmp, h, fastest) <= 1.0]
-    return {"classes": {h: {"label": labels[h], **verdicts[h], "tpot_ms": cmp["tpot_ms"][h]} for h in runtimes},
+    del runtimes
+    verdicts: dict[str, dict] = {}
+    fastest = None
+    for h in sorted(recipes, key=lambda h: cmp["tpot_ms"][h]):
+        if fastest is not None and _ratio_low(cmp, h, fastest) > 1.0:
+            break  # certainly slower than the fastest feasible class: its accuracy cannot matter
+        result: dict = {}
+        search._gate(recipes[h], result, [])
+        search.measurer.release()
+        verdicts[h] = {"feasible": result["feasible"], "rouge1": result["rouge1"], "n": result["n"]}
+        log(f"truth: {recipes[h].label}: {'pass' if result['feasible'] else 'fail'} (ROUGE-1 {result['rouge1']:.2f})")
+        if fastest is None and result["feasible"]:
+            fastest = h
+    if fastest is None:
+        raise UserError("no latency class passes the gate: there is no best recipe to compare the searches with")
+    best_set = [h for h in verdicts if verdicts[h]["feasible"] and _ratio_low(cmp, h, fastest) <= 1.0]
+    return {"classes": {h: {"label": recipes[h].label, "tpot_ms": cmp["tpot_ms"][h], **verdicts.get(h, {})}
+                        for h in recipes},
             "comparison": cmp, "fastest_feasible": fastest, "best_tie_set": best_set,
             "class_of": {sp.recipe(p).hash: list(cls) for cls, p in classes.items()}}
 
@@ -102,16 +108,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--truth-seconds", type=float, default=600.0, help="time cap of the interleaved truth")
     p.add_argument("--work", type=Path, default=Path("results/regret"))
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--resume", action="store_true", help="keep the truth and the seeds already in --out")
     args = p.parse_args(argv)
     search_args = shlex.split(args.search_args) + ["--no-progress"]
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     args.work.mkdir(parents=True, exist_ok=True)
-    runs = []
+    from experiments import environment
+
+    record = json.loads(args.out.read_text()) if args.resume and args.out and args.out.is_file() else {
+        "command": "python -m experiments.regret " + " ".join(argv or sys.argv[1:]), "machine": environment.machine(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": []}
+    # The truth first, in the user's cache (it builds every class's checkpoint and scores its representative); a
+    # record written after each seed holds a meaningful partial result.
+    if "truth" not in record:
+        record["truth"] = truth(search_args, seconds=args.truth_seconds, log=log)
+    t = record["truth"]
+    best_classes = {tuple(t["class_of"][h]) for h in t["best_tie_set"]}
+    class_tpot = {tuple(c): t["comparison"]["tpot_ms"][h] for h, c in t["class_of"].items()}
+    best_tpot = t["comparison"]["tpot_ms"][t["fastest_feasible"]]
+    log(f"true best tie set: {', '.join(t['classes'][h]['label'] for h in t['best_tie_set'])}")
     source = cache_root()
-    for seed in range(args.seeds):
+    done = {r["seed"] for r in record["runs"]}
+    for seed in (s for s in range(args.seeds) if s not in done):
         cache = args.work / f"cache-{seed}"
         shutil.rmtree(cache, ignore_errors=True)
-        snapshot_without_latency(source, cache) if source.exists() else cache.mkdir(parents=True)
+        snapshot_without_latency(source, cache)
         results = args.work / f"seed-{seed}"
         shutil.rmtree(results, ignore_errors=True)
         t0 = time.monotonic()
@@ -119,44 +140,33 @@ def main(argv: list[str] | None = None) -> int:
                                "--results-dir", str(results)], cwd=REPO, capture_output=True, text=True,
                               env={**os.environ, "QUANT_SUITE_CACHE": str(cache)})
         wall = time.monotonic() - t0
+        shutil.rmtree(cache, ignore_errors=True)
         if proc.returncode != 0:
             raise UserError(f"the search for seed {seed} failed: {proc.stderr.strip().splitlines()[-1:]}")
         import optuna
+        from quant.space import Space
 
         study = optuna.load_study(study_name="quant-search", storage=f"sqlite:///{(results / 'study.db').resolve()}")
         answer = study.user_attrs.get("answer") or {}
         measured = {t.user_attrs.get("recipe_hash") for t in study.trials if t.user_attrs.get("result")}
         chosen = next((t for t in study.trials if t.user_attrs.get("recipe_hash") == answer.get("chosen")), None)
-        runs.append({"seed": seed, "chosen": answer.get("label"), "chosen_params": dict(chosen.params) if chosen else None,
-                     "tie_set": answer.get("tie_labels"), "trials": len(measured), "wall_s": wall,
-                     "stopped": study.user_attrs.get("stopped")})
+        cls = Space.latency_class(dict(chosen.params)) if chosen else None
+        record["runs"].append({
+            "seed": seed, "chosen": answer.get("label"), "tie_set": answer.get("tie_labels"), "trials": len(measured),
+            "wall_s": wall, "stopped": study.user_attrs.get("stopped"), "in_best_tie_set": cls in best_classes,
+            "regret": class_tpot[cls] / best_tpot if cls in class_tpot else None})
+        record["hits"] = sum(r["in_best_tie_set"] for r in record["runs"])
+        if args.out:
+            atomic_write_json(args.out, record)
         log(f"seed {seed}: {answer.get('label')} ({len(measured)} trials, {wall:.0f} s)")
-        source = cache  # the next seed reuses this one's checkpoints and blocks; its latency records are dropped
-    os.environ["QUANT_SUITE_CACHE"] = str(source)
-    t = truth(search_args, seconds=args.truth_seconds, log=log)
-    from quant.space import Space
-
-    best = set(t["best_tie_set"])
-    class_tpot = {tuple(t["class_of"][h]): t["comparison"]["tpot_ms"][h] for h in t["class_of"]}
-    best_tpot = t["comparison"]["tpot_ms"][t["fastest_feasible"]]
-    best_classes = {tuple(t["class_of"][h]) for h in best}
-    for r in runs:
-        cls = Space.latency_class(r["chosen_params"]) if r["chosen_params"] else None
-        r["in_best_tie_set"] = cls in best_classes
-        r["regret"] = class_tpot[cls] / best_tpot if cls in class_tpot else None
-    hits = sum(r["in_best_tie_set"] for r in runs)
-    print(f"true best tie set: {', '.join(t['classes'][h]['label'] for h in best)}")
+    print(f"true best tie set: {', '.join(t['classes'][h]['label'] for h in t['best_tie_set'])}")
     print(f"{'seed':>4s} {'chosen':28s} {'in best':>7s} {'regret':>7s} {'trials':>6s} {'wall s':>7s}")
-    for r in runs:
+    for r in record["runs"]:
         print(f"{r['seed']:>4d} {str(r['chosen']):28s} {'yes' if r['in_best_tie_set'] else 'NO':>7s} "
               f"{(r['regret'] or float('nan')):7.3f} {r['trials']:>6d} {r['wall_s']:7.0f}")
-    print(f"picked in the true best tie set: {hits}/{len(runs)}")
+    print(f"picked in the true best tie set: {record.get('hits', 0)}/{len(record['runs'])}")
     if args.out:
-        from experiments import environment
-
-        atomic_write_json(args.out, {"command": "python -m experiments.regret " + " ".join(argv or sys.argv[1:]),
-                                     "machine": environment.machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                     "truth": t, "runs": runs, "hits": hits})
+        atomic_write_json(args.out, record)
     return 0
 
 

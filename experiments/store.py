@@ -1,7 +1,6 @@
 """Measurements cached by what determines them, so an identical measurement is never made twice.
 
-A record's key covers the stage (a whole evaluation, or one of the search's stages: held-out NLL, a block of
-summaries, latency), everything that changes its numbers (model content hash, recipe hash, calibration key,
+A record's key covers the stage (one of the search's: held-out NLL, a block of summaries, latency), everything that changes its numbers (model content hash, recipe hash, calibration key,
 the settings that matter) and a hash of the code that produces it (:mod:`quant.codehash`: the import closure of
 the measuring modules and the versions of the packages doing the arithmetic), so a code change can never serve
 an old result. Shared by all runs and all workers on one cache folder: the first worker to claim a key measures
@@ -21,9 +20,6 @@ from quant.codehash import code_hash
 from quant.errors import EnvironmentProblem
 from quant.paths import cache_root
 
-# Settings that do not change any measured number stay out of the key.
-# trust_remote_code is inside the model hash already (quant.model_source.resolve_model).
-_NOT_IN_KEY = {"progress", "model", "trust_remote_code"}
 MEASURING_PACKAGES = ("torch", "transformers", "nvidia-modelopt", "rouge-score", "numpy")
 
 
@@ -38,14 +34,10 @@ def stage_key(stage: str, model_hash: str, recipe, calib, payload: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def evaluation_key(model_hash: str, recipe, calib, settings) -> str:
-    """Key of a whole evaluation (``experiments.evaluate``'s record) under ``settings``."""
-    return stage_key("evaluation", model_hash, recipe, calib, {"settings": settings_payload(settings)})
-
-
-def settings_payload(settings, keep: tuple[str, ...] | None = None) -> dict:
-    d = {k: v for k, v in dataclasses.asdict(settings).items() if k not in _NOT_IN_KEY}
-    return {k: d[k] for k in keep} if keep is not None else d
+def settings_payload(settings, keep: tuple[str, ...]) -> dict:
+    """The settings a stage's numbers depend on (``keep``), as they go into its key."""
+    d = dataclasses.asdict(settings)
+    return {k: d[k] for k in keep}
 
 
 def record_path(key: str) -> Path:
