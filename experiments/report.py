@@ -102,6 +102,11 @@ class StudySummary:
             b = self.best
             return (f"chosen recipe: {b.label}  (trial #{b.number}: ROUGE-1 {b.rouge1:.2f}, drop {b.drop:+.2f} on "
                     f"{b.n} articles, {thr}; {b.tpot_ms:.2f} ms per output token)\n  {b.recipe}")
+        if self.answer is None and any(r.feasible for r in self.rows if r.measured):
+            fastest = min((r for r in self.rows if r.measured and r.feasible), key=lambda r: r.tpot_ms)
+            return (f"no answer: the search stopped before its final interleaved comparison; fastest passing trial "
+                    f"so far #{fastest.number} {fastest.label} ({fastest.tpot_ms:.2f} ms per output token, not "
+                    "confirmed) — run the same command again to finish")
         if self.closest is not None:
             c = self.closest
             return (f"no recipe passes {thr}; closest: {c.label} (trial #{c.number}: ROUGE-1 {c.rouge1:.2f}, "
@@ -173,7 +178,8 @@ def summarize_study(study) -> StudySummary:
     measured = [r for r in rows if r.state == "COMPLETE" and r.measured]
     answer = study.user_attrs.get("answer")
     best = next((r for r in measured if answer and r.hash == answer["chosen"]), None)
-    closest = max(measured, key=lambda r: (-(r.drop or 0.0), r.rouge1)) if measured and not best else None
+    feasible = [r for r in measured if r.feasible]
+    closest = max(measured, key=lambda r: (-(r.drop or 0.0), r.rouge1)) if measured and not feasible else None
     paired = [r for r in measured if r.proxy is not None and r.drop is not None]
     gate = study.user_attrs.get("gate") or {}
     return StudySummary(rows=rows, threshold=gate.get("threshold"), gate=gate, best=best, answer=answer,

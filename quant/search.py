@@ -178,17 +178,20 @@ class Search:
                                  bounds=self.bounds, proxy_docs=self.settings.ppl_docs,
                                  proxy_seq_len=self.settings.ppl_seq_len, log=self.log)
 
-    def check_baseline(self) -> None:
-        """A drop gate measured against a broken FP16 model would make garbage the yardstick: refuse it."""
+    def prepare_baseline(self) -> None:
+        """The FP16 baseline's proxy and first article block, which every trial is paired with: measured (or read)
+        by every worker before its first trial, under the cache's lock. A drop gate measured against a broken FP16
+        model would make garbage the yardstick: refused."""
         from quant.recipes import Recipe
 
-        if self.gate.kind == "drop":
-            ppl = self.measurer.proxy(Recipe("fp16"))[0]["perplexity"]["perplexity"]
-            if not math.isfinite(ppl):
-                raise UserError(f"--max-rouge1-drop: the FP16 baseline of {self.args.model or 'default'} is a "
-                                "garbage model (NaN/Inf in the logits); give an absolute --min-rouge1 instead")
+        ppl = self.measurer.proxy(Recipe("fp16"))[0]["perplexity"]["perplexity"]
+        if self.gate.kind == "drop" and not math.isfinite(ppl):
+            raise UserError(f"--max-rouge1-drop: the FP16 baseline of {self.args.model or 'default'} is a "
+                            "garbage model (NaN/Inf in the logits); give an absolute --min-rouge1 instead")
+        if math.isfinite(ppl):
+            self.measurer.block(Recipe("fp16"), 0)
+        self.measurer.release()
 
-    # -- one trial -------------------------------------------------------------------------------------------
     def measure(self, trial, params: dict, facts) -> float:
         """Measure one recipe; the trial's value is its mean time per output token.
 
@@ -551,7 +554,7 @@ def run(args) -> int:
         study.set_user_attr("calibration", dataclasses.asdict(search.calib))
         excluded = [p for p in search.space.enumerate() if search.space.emulated(p)]
         study.set_user_attr("space", {"size": search.space.size(), "emulated_here": len(excluded)})
-        search.check_baseline()
+        search.prepare_baseline()
         stop = search_loop(search, study, sampler)
         print(f"search stopped: {stop}", file=sys.stderr)
         study.set_user_attr("stopped", stop)

@@ -137,7 +137,9 @@ def validate_cache(cache: Path) -> dict:
         assert record["evaluation_key"] == path.stem, path
         assert ".tmp-" not in record["checkpoint"]["path"], f"{path} points at a temporary folder"
         assert Path(record["checkpoint"]["path"]).is_dir(), f"{path} points at a missing checkpoint"
-        counts["evaluations"] += 1
+        # A latency timed while other processes took the cores is not cached (experiments/stages.py): how many
+        # latency records exist depends on the machine's load, every other record on the search alone.
+        counts["latency" if record.get("stage") == "latency" else "evaluations"] += 1
     return counts
 
 
@@ -239,7 +241,10 @@ def kill_then_rerun(reference: dict, tmp_path: Path, spec: str, drop: str | None
     assert not [t.number for t in study.trials if t.state.name in ("RUNNING", "WAITING")], "a trial was left behind"
     assert_same_answer(outcome(study), reference["outcome"])
     assert_trials_point_at_published_checkpoints(study)
-    assert validate_cache(cache) == reference["counts"], "the rerun's cache differs from the reference's"
+    counts = validate_cache(cache)
+    assert counts.pop("latency", 0) <= len(finished(study)), "more latency records than recipes measured"
+    assert counts == {k: v for k, v in reference["counts"].items() if k != "latency"}, \
+        "the rerun's cache differs from the reference's"
 
     # The outputs are complete: the report, the plots, and the chosen recipe, which loads as a recipe.
     assert (results / "report.md").read_text().startswith("# Study")
