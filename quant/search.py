@@ -258,8 +258,9 @@ class Search:
         acc = (f"ROUGE-1 {result['rouge1']:6.2f}  drop {result['drop']:+6.2f}" if "rouge1" in result
                else f"{'':14s}  {'':11s}")
         proxy = f"proxy {result['proxy']['nll_gap']:+.4f}" if "proxy" in result else f"{'':13s}"
-        self.log(f"trial {trial.number}: {recipe.label:28s} n={g['n']:<3d} {acc}  {proxy}  "
-                 f"TPOT {m:7.2f} ms [{lo:.2f}, {hi:.2f}]  {note}{'  (cached)' if result['cached'] else ''}{flag}")
+        self.summary_line = (f"trial {trial.number}: {recipe.label:28s} n={g['n']:<3d} {acc}  {proxy}  "
+                             f"TPOT {m:7.2f} ms [{lo:.2f}, {hi:.2f}]  {note}"
+                             f"{'  (cached)' if result['cached'] else ''}{flag}")
         faults.point("trial.commit")  # crash test: measured, attributes stored, not yet COMPLETE
         return m
 
@@ -490,18 +491,27 @@ def search_loop(search: Search, study, sampler) -> str:
             for name in action.params:
                 trial.suggest_categorical(name, choices[name])
             trial.set_user_attr("recipe_hash", recipe.hash)
-            twin = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                             TrialState.RUNNING))
-                         if t.number < trial.number and t.user_attrs.get("recipe_hash") == recipe.hash
-                         and t.user_attrs.get("repeat_of") is None), None)
-            if twin is not None:  # another worker claimed this recipe at the same instant: not measured, not counted
-                trial.set_user_attr("repeat_of", twin.number)
-                raise optuna.TrialPruned(f"repeat of trial {twin.number}")
+
+            def yield_to_twin() -> None:
+                """Another worker claimed this recipe at the same instant: the lower trial number keeps it; this
+                one is a repeat (not counted; what it measured came from, or went to, the shared cache)."""
+                twin = next((t for t in study.get_trials(deepcopy=False, states=(
+                    TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)) if t.number < trial.number
+                    and t.user_attrs.get("recipe_hash") == recipe.hash and t.user_attrs.get("repeat_of") is None), None)
+                if twin is not None:
+                    trial.set_user_attr("repeat_of", twin.number)
+                    raise optuna.TrialPruned(f"repeat of trial {twin.number}")
+
+            yield_to_twin()
             try:
-                return search.measure(trial, action.params, search.facts(study))
+                value = search.measure(trial, action.params, search.facts(study))
             except optuna.TrialPruned as exc:
                 search.log(f"trial {trial.number}: {recipe.label:28s} pruned: {exc}")
                 raise
+            # Checked again: a twin created just before this trial may have set its hash after the first check.
+            yield_to_twin()
+            search.log(search.summary_line)
+            return value
 
         # One trial through study.optimize: optuna's heartbeat runs while it measures (a worker that dies on another
         # host is failed by fail_stale_trials), and an exception marks it FAIL before propagating.
