@@ -19,13 +19,16 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from quant import faults
 from quant.errors import ArgumentParser, EnvironmentProblem, UserError, cli_entry, positive_int
+from quant.recipes import Recipe
+from quant.space import Fact, Space, confirmation_key, contenders, next_action
+from quant.study_store import (check_same_measurement, is_default_storage, open_search_study, open_storage,
+                               reap_dead_trials, redact, storage_url, worker_identity)
 
 SEARCH_DEFAULTS = dict(num_samples=100, block_size=8, max_output_len=64, batch_size=4, input_len=32, output_len=16,
                        latency_repeats=3, ppl_docs=4, ppl_seq_len=128, calib_samples=8, calib_seq_len=128,
@@ -159,7 +162,6 @@ class Search:
         from experiments.stages import Measurer
         from quant.model_source import resolve_model
         from quant.recipes import GROUP_SIZES
-        from quant.space import Space
 
         args = self.args
         self.model = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
@@ -182,7 +184,6 @@ class Search:
         """The FP16 baseline's proxy and first article block, which every trial is paired with: measured (or read)
         by every worker before its first trial, under the cache's lock. A drop gate measured against a broken FP16
         model would make garbage the yardstick: refused."""
-        from quant.recipes import Recipe
 
         ppl = self.measurer.proxy(Recipe("fp16"))[0]["perplexity"]["perplexity"]
         if self.gate.kind == "drop" and not math.isfinite(ppl):
@@ -202,7 +203,6 @@ class Search:
         import optuna
 
         from experiments.stats import mean_ci
-        from quant.recipes import Recipe
 
         recipe = self.space.recipe(params)
         result: dict = {"recipe": recipe.to_dict(), "label": recipe.label, "hash": recipe.hash,
@@ -276,7 +276,6 @@ class Search:
         return None
 
     def _accuracy(self, recipe, result: dict, facts, cached: list) -> None:
-        from quant.recipes import Recipe
 
         proxy, c = self.measurer.proxy(recipe)
         cached.append(c)
@@ -337,7 +336,6 @@ class Search:
 
     def _drops(self, scores: list[float], ids: list[str]) -> list[float]:
         """FP16 baseline minus ``scores``, article by article (the baseline's blocks scored as needed, cached)."""
-        from quant.recipes import Recipe
 
         base, base_ids = [], []
         for i in range(len(self.bounds)):
@@ -353,7 +351,6 @@ class Search:
     def facts(self, study):
         from optuna.trial import TrialState
 
-        from quant.space import Fact
 
         out = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
@@ -373,7 +370,6 @@ class Search:
         """Compare ``hashes`` interleaved, record the comparison in the study, return it."""
         from experiments.confirm import compare
         from experiments.evaluate import Candidate
-        from quant.space import confirmation_key
 
         by_hash = {t.user_attrs.get("recipe_hash"): t for t in study.get_trials(deepcopy=False)
                    if t.user_attrs.get("result") and t.user_attrs.get("repeat_of") is None}
@@ -403,7 +399,6 @@ class Search:
     def answer(self, study) -> dict | None:
         """The chosen recipe: the single contender, or the stated rule over the final comparison's tie set."""
         from experiments.confirm import PICK_RULE, pick
-        from quant.space import confirmation_key, contenders
 
         facts = self.facts(study)
         group = contenders(facts)
@@ -461,8 +456,6 @@ def search_loop(search: Search, study, sampler) -> str:
     import optuna
     from optuna.trial import TrialState
 
-    from quant.space import next_action
-    from quant.study_store import worker_identity
 
     args, t0 = search.args, time.monotonic()
     choices = search.space.choices()
@@ -525,8 +518,6 @@ def run(args) -> int:
 
     from experiments.report import summarize_study, write_outputs
     from quant.atomic import ensure_writable_dir
-    from quant.study_store import (check_same_measurement, is_default_storage, open_search_study, open_storage,
-                                   reap_dead_trials, redact, storage_url)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _quiet_user_error_tracebacks()
