@@ -184,7 +184,6 @@ class Search:
         """The FP16 baseline's proxy and first article block, which every trial is paired with: measured (or read)
         by every worker before its first trial, under the cache's lock. A drop gate measured against a broken FP16
         model would make garbage the yardstick: refused."""
-
         ppl = self.measurer.proxy(Recipe("fp16"))[0]["perplexity"]["perplexity"]
         if self.gate.kind == "drop" and not math.isfinite(ppl):
             raise UserError(f"--max-rouge1-drop: the FP16 baseline of {self.args.model or 'default'} is a "
