@@ -117,11 +117,6 @@ def _sampler():
     return type("Planned", (PlannedSampler, optuna.samplers.BaseSampler), {})()
 
 
-def constraints(trial) -> list[float]:
-    # optuna treats values <= 0 as satisfied (shown as feasible in the dashboard).
-    return [trial.user_attrs.get("constraint", math.inf)]
-
-
 class Search:
     def __init__(self, args):
         from experiments.datasets import load_samples
