@@ -14,19 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
+from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 
 KIND_FILES = {"attention.qkv": "qkv", "attention.dense": "dense", "mlp.fc": "fc", "mlp.proj": "proj"}
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-column", default=None, help="column holding the text of a table file (default: auto)")
     parser.add_argument("--calib-samples", type=positive_int, default=32, help="calibration rows")
     parser.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per calibration row")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="document order")
+    parser.add_argument("--seed", type=seed_int, default=0, help="document order")
     parser.add_argument("--top", type=positive_int, default=15, help="rows of the outlier table")
-    parser.add_argument("--plot-dir", type=Path, default=Path("results") / "calibration")
+    parser.add_argument("--plot-dir", type=Path, default=Path("results") / "calibration",
+                        help="where the outlier plots go")
     return parser
 
 

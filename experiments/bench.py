@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
+from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 
 TARGETS = {  # recipe: decode speed-up over the project's FP16 at batch 1
     "int8_wo": 1.8, "int4_awq": 2.8, "fp8": 1.8,
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="per-kernel profile of eager b1 decode per recipe")
     p.add_argument("--sweep", action="store_true", help="time the linear kernels alone (7B shapes) and exit")
     p.add_argument("--sweep-m", default="1,8,32,1024,8192")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/bench_gpu.json"))
     args = p.parse_args(argv)
 

@@ -51,15 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     from quant.runtime.torch_runtime import TorchRuntime
 
     p = ArgumentParser(prog="python -m experiments.bench_runtime", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF folder")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run Python code shipped in the --model folder (off by default)")
-    p.add_argument("--batch-sizes", default="1,8")
-    p.add_argument("--input-len", type=positive_int, default=256)
-    p.add_argument("--output-len", type=positive_int, default=32)
-    p.add_argument("--repeats", type=positive_int, default=3)
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--out", type=Path, default=Path("results/bench_runtime.json"))
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--input-len", type=positive_int, default=256, help="prompt tokens")
+    p.add_argument("--output-len", type=positive_int, default=32, help="generated tokens")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per point")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated compute dtypes")
+    p.add_argument("--out", type=Path, default=Path("results/bench_runtime.json"), help="JSON record")
     args = p.parse_args(argv)
     if args.output_len < 2:
         p.error("--output-len must be >= 2 (time per output token needs a second token)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -272,8 +273,21 @@ def load_local_table(path: Path, split: str):
         raise UserError(f"{path} is empty")
     if builder == "parquet" and _parquet_row_count(path) == 0:
         raise UserError(f"{path} has no rows")  # datasets would only say "BatchSize must be greater than 0"
+    if path.suffix.lower() == ".jsonl":
+        try:
+            return datasets.Dataset.from_list(_read_jsonl(path))
+        except UserError:
+            raise
+        except Exception as exc:  # pyarrow: rows whose fields disagree in type
+            raise UserError(f"could not read {path} as json lines: {_one_line(exc)}") from None
+    if builder in ("json", "csv"):
+        _check_utf8(path)
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        # Read into memory through a throw-away cache folder: a local table leaves nothing in the user's global
+        # datasets cache, nor in ours (not even after a parse error).
+        with tempfile.TemporaryDirectory(prefix="quant-table-") as tmp:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=tmp,
+                                         keep_in_memory=True)
     except ValueError as exc:
         # datasets' way of saying the file parsed but held no rows (a CSV header alone, "[]", blank lines).
         if "corresponds to no data" in str(exc):
@@ -281,6 +295,38 @@ def load_local_table(path: Path, split: str):
         raise UserError(f"could not read {path} as {builder}: {_one_line(exc)}") from exc
     except Exception as exc:  # the parser's own error hides under DatasetGenerationError
         raise UserError(f"could not read {path} as {builder}: {_one_line(exc)}") from exc
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per line; a bad line is named by its number (datasets only says the file failed)."""
+    rows = []
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: line {number} is not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise UserError(f"{path}: line {number} is not JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path} has no rows")
+    return rows
+
+
+def _check_utf8(path: Path) -> None:
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: line {number} is not valid UTF-8") from None
 
 
 def _parquet_row_count(path: Path) -> int | None:

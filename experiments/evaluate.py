@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quant import faults
-from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
+from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 
 DEFAULTS = dict(dataset="aclsum", split="test", num_samples=50, seed=0, max_input_len=512, max_output_len=100,
                 batch_size=8, input_len=512, output_len=64, latency_repeats=3)
@@ -51,18 +51,21 @@ def add_common_args(parser: argparse.ArgumentParser, *, seed_help: str | None = 
     parser.add_argument("--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF folder")
     add_trust_remote_code_arg(parser)
     parser.add_argument("--dataset", default=d["dataset"], help="aclsum | cnn_dailymail | a .jsonl/.json/.parquet/.csv file or datasets folder")
-    parser.add_argument("--split", default=d["split"])
-    parser.add_argument("--num-samples", type=positive_int, default=d["num_samples"])
-    parser.add_argument("--seed", type=int, default=d["seed"],
+    parser.add_argument("--split", default=d["split"], help="dataset split the articles come from")
+    parser.add_argument("--num-samples", type=positive_int, default=d["num_samples"],
+                        help="articles to summarize (clamped to the split's size, said when it is)")
+    parser.add_argument("--seed", type=seed_int, default=d["seed"],
                         help=seed_help or "sample selection, latency prompts and the bootstrap CI")
-    parser.add_argument("--input-column", default=None)
-    parser.add_argument("--reference-column", default=None)
+    parser.add_argument("--input-column", default=None, help="column of the text to summarize (default: the dataset's known one)")
+    parser.add_argument("--reference-column", default=None,
+                        help="column of the reference summary (default: the dataset's known one)")
     parser.add_argument("--max-input-len", type=positive_int, default=d["max_input_len"], help="prompt tokens; only the article is truncated")
     parser.add_argument("--max-output-len", type=positive_int, default=d["max_output_len"], help="summary token budget")
     parser.add_argument("--batch-size", type=positive_int, default=d["batch_size"], help="batch for summaries and the latency workload")
     parser.add_argument("--input-len", type=positive_int, default=d["input_len"], help="latency workload: prompt tokens")
     parser.add_argument("--output-len", type=positive_int, default=d["output_len"], help="latency workload: generated tokens")
-    parser.add_argument("--latency-repeats", type=positive_int, default=d["latency_repeats"])
+    parser.add_argument("--latency-repeats", type=positive_int, default=d["latency_repeats"],
+                        help="timed runs of the latency workload (mean and 95%% t interval)")
     parser.add_argument("--device", default="auto",
                         help="auto (cuda when a CUDA GPU is visible, else cpu) | cpu | cuda[:N]")
     parser.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -74,8 +77,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, seed_help: str | None = 
                              "(auto: trtllm when tensorrt_llm imports and a CUDA GPU is visible)")
     parser.add_argument("--ppl-docs", type=int, default=None,
                         help="aclsum val papers for perplexity (0 skips it; default 20, 0 with the trtllm backend)")
-    parser.add_argument("--ppl-seq-len", type=positive_int, default=512)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--ppl-seq-len", type=positive_int, default=512, help="tokens per held-out perplexity document")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_trust_remote_code_arg(parser: argparse.ArgumentParser) -> None:
@@ -188,7 +191,7 @@ class Candidate:
         self.timings["checkpoint_s"] = time.perf_counter() - t0
         log(f"checkpoint: {self.ckpt_dir}")
         if backend is None or backend.name != settings.backend:
-            backend = resolve_backend(settings.backend, self.device, announce=False)
+            backend = resolve_backend(settings.backend, self.device)
         self.backend = backend
         self._runtime = None
 
@@ -351,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = parse_recipe_arg(args.recipe)
     if args.ppl_docs is not None and args.ppl_docs < 0:
         raise UserError("--ppl-docs must be >= 0")
-    backend = resolve_backend(args.backend, args.device)  # auto says which one and why, on stderr
+    backend = resolve_backend(args.backend, args.device)
     if backend.name == "trtllm" and args.ppl_docs:
         raise UserError(f"--ppl-docs {args.ppl_docs}: perplexity needs logits, which the TensorRT-LLM runner does "
                         "not expose; use --backend torch for perplexity, or --ppl-docs 0")
@@ -370,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not out.is_file():
         raise UserError(f"--out {out} exists and is not a regular file")
     ensure_writable_dir(out.parent, "the folder of --out")  # before minutes of evaluation, not after them
+    backend.announce()  # every input checked: the choice of backend is news, not noise before an error
     record = evaluate(settings, recipe, calib=calib_spec_from_args(args), checkpoint=args.checkpoint,
                       log=lambda m: print(m, file=sys.stderr), backend=backend)
     atomic_write_json(out, record)

@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m experiments.plot", description=__doc__.splitlines()[0])
     p.add_argument("--storage", default=None, help="optuna storage URL (default: $QUANT_SEARCH_STORAGE, else sqlite "
                    "in --results-dir); passwords belong in the environment variable, not on the command line")
-    p.add_argument("--study-name", default="quant-search")
-    p.add_argument("--results-dir", type=Path, default=Path("results/search"))
+    p.add_argument("--study-name", default="quant-search", help="the search's optuna study")
+    p.add_argument("--results-dir", type=Path, default=Path("results/search"),
+                   help="where the plots go (and study.db is read from without --storage)")
     args = p.parse_args(argv)
     import os
 

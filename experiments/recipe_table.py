@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from quant.errors import ArgumentParser, cli_entry
+from quant.errors import ArgumentParser, UserError, cli_entry
 
 DEFAULT_RECIPES = ("fp16", "int8_wo", "smoothquant:alpha=0.5", "smoothquant:alpha=0.8", "int4_awq:group_size=64", "fp8",
                    "int8_wo:kv_cache=int8", "smoothquant:alpha=0.8,exclude=layers.11.mlp.proj+layers.28.mlp.proj")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(p)
     add_calib_args(p)
     p.add_argument("--recipes", default=";".join(DEFAULT_RECIPES), help="';'-separated recipe specs")
-    p.add_argument("--out", type=Path, default=Path("results/recipe_table.json"))
+    p.add_argument("--out", type=Path, default=Path("results/recipe_table.json"), help="the table's JSON record")
     p.add_argument("--remeasure-latency", action="store_true",
                    help="keep the quality columns of --out and measure latency again for each of its checkpoints at "
                         "this run's workload (--batch-size/--input-len/--output-len): ROUGE does not depend on machine "
@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.remeasure_latency:
         return remeasure(args)
-    recipes = [parse_recipe_arg(r) for r in args.recipes.split(";") if r]
+    recipes = [parse_recipe_arg(r) for r in args.recipes.split(";") if r.strip()]
+    if not recipes:
+        raise UserError("--recipes names no recipe")
+    if args.ppl_docs is not None and args.ppl_docs < 0:
+        raise UserError("--ppl-docs must be >= 0")
     settings, calib = settings_from_args(args), calib_spec_from_args(args)
     records = []
     t0 = time.perf_counter()

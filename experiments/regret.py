@@ -2,8 +2,9 @@
 
 1. **Truth**: every latency class of the space that runs natively on this device (one recipe per class: alpha
    changes no kernel) is built and timed *interleaved in one process* (experiments/confirm.py) with a long time
-   cap; from the fastest down, each class's representative goes through the search's own accuracy gate until
-   the fastest feasible class is found (a class certainly slower than it needs no accuracy). The true best tie
+   cap (a class shown slower than the leader stops being timed); from the fastest down (paired ratio to the
+   leader), each class's representative goes through the search's own accuracy gate, except those shown slower
+   than the fastest feasible class (their accuracy cannot matter). The true best tie
    set: the feasible classes whose ratio interval to the fastest feasible one reaches 1.
 2. **Searches**: the real CLI, ``python -m quant.search`` with the given flags and ``--seed s`` for each seed,
    each in its own results folder and with its own cache folder: a hard-linked copy of the shared cache minus
@@ -31,7 +32,7 @@ from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
 REPO = Path(__file__).resolve().parent.parent
 
 
-def truth(search_args: list[str], *, seconds: float, log) -> dict:
+def truth(search_args: list[str], *, seconds: float, log, comparison: dict | None = None) -> dict:
     """Time every native latency class interleaved; then, from the fastest, gate classes with the search's rule
     until the fastest feasible one and every class tied with it are known (slower classes need no accuracy)."""
     from experiments.confirm import compare
@@ -48,18 +49,22 @@ def truth(search_args: list[str], *, seconds: float, log) -> dict:
         if not sp.emulated(p) and Space.latency_class(p) not in classes:
             classes[Space.latency_class(p)] = dict(p, alpha=0.8) if p["kind"] == "smoothquant" else p
     recipes = {sp.recipe(p).hash: sp.recipe(p) for p in classes.values()}
-    runtimes = {h: Candidate(search.settings, r, model=search.model, calib=search.calib, log=lambda m: None,
-                             backend=search.backend).runtime for h, r in recipes.items()}
     s = search.settings
-    log(f"truth: timing {len(runtimes)} latency classes interleaved (cap {seconds:.0f} s)")
-    cmp = compare(runtimes, batch_size=s.batch_size, input_len=s.input_len, output_len=s.output_len, seed=s.seed,
-                  resolution=args.resolution, max_seconds=seconds, max_rounds=200)
-    del runtimes
+    if comparison is None:
+        runtimes = {h: Candidate(search.settings, r, model=search.model, calib=search.calib, log=lambda m: None,
+                                 backend=search.backend).runtime for h, r in recipes.items()}
+        log(f"truth: timing {len(runtimes)} latency classes interleaved (cap {seconds:.0f} s)")
+        comparison = compare(runtimes, batch_size=s.batch_size, input_len=s.input_len, output_len=s.output_len,
+                             seed=s.seed, resolution=args.resolution, max_seconds=seconds, max_rounds=200)
+        del runtimes
+    cmp = comparison
     verdicts: dict[str, dict] = {}
     fastest = None
-    for h in sorted(recipes, key=lambda h: cmp["tpot_ms"][h]):
+    # Fastest first by the paired ratio to the comparison's leader; every class not shown slower than the
+    # fastest feasible one is gated (the order of point estimates is not the order of what ties).
+    for h in sorted(recipes, key=lambda h: cmp["ratios"][h]["ratio"]):
         if fastest is not None and _ratio_low(cmp, h, fastest) > 1.0:
-            break  # certainly slower than the fastest feasible class: its accuracy cannot matter
+            continue  # certainly slower than the fastest feasible class: its accuracy cannot matter
         result: dict = {}
         search._gate(recipes[h], result, [])
         search.measurer.release()
@@ -84,8 +89,38 @@ def _ratio_low(cmp: dict, h: str, ref: str) -> float:
     times = cmp["rounds_ms"]
     if h == ref:
         return 1.0
-    q = ratio_ci(times[h], times[ref])
+    n = min(len(times[h]), len(times[ref]))  # a class dropped as slower ran fewer rounds: pair the common ones
+    q = ratio_ci(times[h][:n], times[ref][:n])
     return q.low if math.isfinite(q.low) else 0.0
+
+
+def _outcome(results: Path) -> dict:
+    """What one seed's search answered, read from its study: the pick, its tie set, its latency class."""
+    import optuna
+
+    from quant.space import Space
+
+    study = optuna.load_study(study_name="quant-search", storage=f"sqlite:///{(results / 'study.db').resolve()}")
+    answer = study.user_attrs.get("answer") or {}
+    measured = {t.user_attrs.get("recipe_hash") for t in study.trials if t.user_attrs.get("result")}
+    chosen = next((t for t in study.trials if t.user_attrs.get("recipe_hash") == answer.get("chosen")), None)
+    return {"chosen": answer.get("label"), "tie_set": answer.get("tie_labels"), "trials": len(measured),
+            "stopped": study.user_attrs.get("stopped"),
+            "class": list(Space.latency_class(dict(chosen.params))) if chosen else None}
+
+
+def _score(record: dict) -> None:
+    """Each seed's pick against the truth: in its best tie set? latency regret = the chosen class's time ÷ that of
+    the fastest feasible class (their ratios to the leader of the truth's interleaved comparison, paired by round)."""
+    t = record["truth"]
+    best_classes = {tuple(t["class_of"][h]) for h in t["best_tie_set"]}
+    ratio = {tuple(c): t["comparison"]["ratios"][h]["ratio"] for h, c in t["class_of"].items()}
+    best = ratio[tuple(t["class_of"][t["fastest_feasible"]])]
+    for r in record["runs"]:
+        cls = tuple(r["class"]) if r.get("class") else None
+        r["in_best_tie_set"] = cls in best_classes
+        r["regret"] = ratio[cls] / best if cls in ratio else None
+    record["hits"] = sum(r["in_best_tie_set"] for r in record["runs"])
 
 
 def snapshot_without_latency(cache: Path, dest: Path) -> Path:
@@ -102,13 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     from quant.paths import cache_root
 
     p = ArgumentParser(prog="python -m experiments.regret", description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=positive_int, default=10)
+    p.add_argument("--seeds", type=positive_int, default=10, help="searches, seeds 0..N-1")
     p.add_argument("--search-args", default="--min-rouge1 14",
                    help="flags of every search (and of the truth's gate and workload), as one string")
     p.add_argument("--truth-seconds", type=float, default=600.0, help="time cap of the interleaved truth")
-    p.add_argument("--work", type=Path, default=Path("results/regret"))
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--work", type=Path, default=Path("results/regret"), help="per-seed results and caches")
+    p.add_argument("--out", type=Path, default=None, help="JSON record, written after each seed")
     p.add_argument("--resume", action="store_true", help="keep the truth and the seeds already in --out")
+    p.add_argument("--retruth", action="store_true",
+                   help="with --resume: measure the truth again and re-score the seeds already run against it")
+    p.add_argument("--regate", action="store_true",
+                   help="with --resume: keep the truth's timing, gate its classes again, re-score the seeds")
     args = p.parse_args(argv)
     search_args = shlex.split(args.search_args) + ["--no-progress"]
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
@@ -120,12 +159,17 @@ def main(argv: list[str] | None = None) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": []}
     # The truth first, in the user's cache (it builds every class's checkpoint and scores its representative); a
     # record written after each seed holds a meaningful partial result.
-    if "truth" not in record:
-        record["truth"] = truth(search_args, seconds=args.truth_seconds, log=log)
+    for r in record["runs"]:  # records written before runs kept their class: read it from the seed's study
+        if "class" not in r:
+            r.update(_outcome(args.work / f"seed-{r['seed']}"))
+    if "truth" not in record or args.retruth or args.regate:
+        kept = record["truth"]["comparison"] if args.regate and "truth" in record else None
+        record["truth"] = truth(search_args, seconds=args.truth_seconds, log=log, comparison=kept)
+        record["truth_gated" if kept else "truth_measured"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        _score(record)
+        if args.out:
+            atomic_write_json(args.out, record)
     t = record["truth"]
-    best_classes = {tuple(t["class_of"][h]) for h in t["best_tie_set"]}
-    class_tpot = {tuple(c): t["comparison"]["tpot_ms"][h] for h, c in t["class_of"].items()}
-    best_tpot = t["comparison"]["tpot_ms"][t["fastest_feasible"]]
     log(f"true best tie set: {', '.join(t['classes'][h]['label'] for h in t['best_tie_set'])}")
     source = cache_root()
     done = {r["seed"] for r in record["runs"]}
@@ -143,22 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(cache, ignore_errors=True)
         if proc.returncode != 0:
             raise UserError(f"the search for seed {seed} failed: {proc.stderr.strip().splitlines()[-1:]}")
-        import optuna
-        from quant.space import Space
-
-        study = optuna.load_study(study_name="quant-search", storage=f"sqlite:///{(results / 'study.db').resolve()}")
-        answer = study.user_attrs.get("answer") or {}
-        measured = {t.user_attrs.get("recipe_hash") for t in study.trials if t.user_attrs.get("result")}
-        chosen = next((t for t in study.trials if t.user_attrs.get("recipe_hash") == answer.get("chosen")), None)
-        cls = Space.latency_class(dict(chosen.params)) if chosen else None
-        record["runs"].append({
-            "seed": seed, "chosen": answer.get("label"), "tie_set": answer.get("tie_labels"), "trials": len(measured),
-            "wall_s": wall, "stopped": study.user_attrs.get("stopped"), "in_best_tie_set": cls in best_classes,
-            "regret": class_tpot[cls] / best_tpot if cls in class_tpot else None})
-        record["hits"] = sum(r["in_best_tie_set"] for r in record["runs"])
+        record["runs"].append({"seed": seed, "wall_s": wall, **_outcome(results)})
+        _score(record)
         if args.out:
             atomic_write_json(args.out, record)
-        log(f"seed {seed}: {answer.get('label')} ({len(measured)} trials, {wall:.0f} s)")
+        log(f"seed {seed}: {record['runs'][-1]['chosen']} ({record['runs'][-1]['trials']} trials, {wall:.0f} s)")
     print(f"true best tie set: {', '.join(t['classes'][h]['label'] for h in t['best_tie_set'])}")
     print(f"{'seed':>4s} {'chosen':28s} {'in best':>7s} {'regret':>7s} {'trials':>6s} {'wall s':>7s}")
     for r in record["runs"]:

@@ -243,13 +243,20 @@ def _write_csv(summary: StudySummary, path: Path) -> Path:
     return path
 
 
+def _looks_rule(gate: dict) -> str:
+    if gate.get("confidence") is None:
+        return "early stops at the Bonferroni-corrected 95% level, the point estimate at the ceiling"
+    return (f"fails at the Bonferroni-corrected level, passes by {gate.get('spending', 'bonferroni')} error spending "
+            f"on ≥ {gate.get('min_pass')} articles")
+
+
 def _write_markdown(study, summary: StudySummary, path: Path) -> Path:
     wl = study.user_attrs.get("workload", {})
     g = summary.gate
     looks = ", ".join(map(str, g.get("bounds", []))) if g else "?"
     text = [f"# Study `{study.study_name}`", "",
-            f"Gate: {summary.gate_text()}; sequential looks after {looks} articles, each at the Bonferroni-corrected "
-            f"level (experiments/stats.py)." if g else "Gate: ?",
+            f"Gate: {summary.gate_text()}; sequential looks after {looks} articles ({_looks_rule(g)}; "
+            f"experiments/stats.py)." if g else "Gate: ?",
             f"Workload: batch {wl.get('batch_size')}, input {wl.get('input_len')}, output {wl.get('output_len')} "
             f"on {wl.get('device')} ({wl.get('compute_dtype')})", "", summary.verdict(), "",
             "| # | recipe | articles | ROUGE-1 [95% CI] | paired drop [95% CI] | proxy (NLL gap) | TPOT ms [95% CI] "

@@ -171,13 +171,13 @@ def quantize_model(model: ResolvedModel, recipe: Recipe, calib, *, log=None) -> 
 
 def add_calib_args(parser) -> None:
     """Calibration flags shared by quant.build, experiments.evaluate and quant.search."""
-    from quant.errors import positive_int
+    from quant.errors import positive_int, seed_int
 
     g = parser.add_argument_group("calibration")
     g.add_argument("--calib-source", default="aclsum", help="aclsum (train split) | cnn_dailymail (train) | a text/jsonl file")
-    g.add_argument("--calib-samples", type=positive_int, default=32)
-    g.add_argument("--calib-seq-len", type=positive_int, default=256)
-    g.add_argument("--calib-seed", type=int, default=0)
+    g.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences")
+    g.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per calibration sequence")
+    g.add_argument("--calib-seed", type=seed_int, default=0, help="which calibration documents are drawn")
 
 
 def calib_spec_from_args(args):

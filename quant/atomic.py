@@ -46,6 +46,13 @@ def _errno_of(exc: BaseException, depth: int = 0) -> int | None:
     return _errno_of(cause, depth + 1) if cause is not None and depth < 3 else None
 
 
+def place_error(path: Path, exc: OSError) -> EnvironmentProblem:
+    """Creating the folder of ``path`` or a temporary file in it failed: whatever the errno (/proc answers
+    ENOENT, a FUSE mount anything), the place cannot be written -- the user's to fix, not a bug."""
+    return write_error(path, exc) or EnvironmentProblem(
+        f"cannot write {path}: {exc.strerror or os.strerror(exc.errno or 0)}")
+
+
 def write_error(path: Path, exc: BaseException) -> EnvironmentProblem | None:
     """The UserError for an error met while writing ``path``, or None when it is not a write-place problem."""
     code = _errno_of(exc)
@@ -81,10 +88,8 @@ def ensure_writable_dir(folder: Path, what: str) -> Path:
         finally:
             os.close(fd)
             os.unlink(probe)
-    except OSError as exc:
-        if exc.errno not in WRITE_ERRNOS:
-            raise
-        raise EnvironmentProblem(f"{what} {folder} is not writable: {exc.strerror or os.strerror(exc.errno)}") from None
+    except OSError as exc:  # any errno: /proc answers ENOENT, a FUSE mount anything
+        raise EnvironmentProblem(f"{what} {folder} is not writable: {exc.strerror or os.strerror(exc.errno or 0)}") from None
     return folder
 
 
@@ -127,7 +132,7 @@ def atomic_dir(final: Path, *, fault: str | None = None) -> Iterator[Path]:
         _remove_stale(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     except OSError as exc:
-        raise (write_error(final, exc) or exc) from None
+        raise place_error(final, exc) from None
     try:
         yield tmp
         if fault:
@@ -166,7 +171,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, fault: str | None = None) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     except OSError as exc:
-        raise (write_error(path, exc) or exc) from None
+        raise place_error(path, exc) from None
     try:
         # mkstemp creates 0600; give the file the mode an ordinary open() would (0666 minus the umask).
         umask = os.umask(0)

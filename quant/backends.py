@@ -28,6 +28,12 @@ class BackendChoice:
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "reason": self.reason}
 
+    def announce(self) -> None:
+        """The one line saying which backend ``auto`` chose and why (callers print it once the inputs are
+        checked, so that a bad flag's error stays the only line)."""
+        if not self.reason.startswith("requested"):
+            print(f"backend: auto → {self.name} ({self.reason})", file=sys.stderr)
+
 
 def probe_trtllm() -> tuple[str | None, str | None]:
     """(version, None) when TensorRT-LLM can build and run engines here, else (None, what is missing)."""
@@ -52,8 +58,9 @@ def probe_trtllm() -> tuple[str | None, str | None]:
     return version, None
 
 
-def resolve_backend(name: str, device: str = "cpu", *, announce: bool = True) -> BackendChoice:
-    """``auto`` → trtllm when usable, else torch (one line on stderr saying why); ``trtllm`` → UserError if unusable."""
+def resolve_backend(name: str, device: str = "cpu") -> BackendChoice:
+    """``auto`` → trtllm when usable, else torch (:meth:`BackendChoice.announce` says why); ``trtllm`` → UserError
+    if unusable."""
     import torch
 
     if name not in BACKENDS:
@@ -69,8 +76,6 @@ def resolve_backend(name: str, device: str = "cpu", *, announce: bool = True) ->
         choice = BackendChoice("torch", torch.__version__, f"{missing}; using the PyTorch runtime")
     else:
         choice = BackendChoice("trtllm", version, f"tensorrt_llm {version} imports and a CUDA GPU is visible")
-    if announce:
-        print(f"backend: auto → {choice.name} ({choice.reason})", file=sys.stderr)
     return choice
 
 

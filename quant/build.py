@@ -6,7 +6,7 @@ Without TensorRT-LLM on the machine it says so and prints the exact ``trtllm-bui
 """
 from __future__ import annotations
 
-import argparse
+import math
 import shlex
 import shutil
 import sys
@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     from quant.trtllm import Workload, build_command, build_engine, trtllm_build_available
 
     p = ArgumentParser(prog="python -m quant.build", description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", default="fp16",
-                   help="a recipe file (.yaml/.json) or kind[:key=value,...], e.g. smoothquant:alpha=0.6,kv_cache=int8")
-    p.add_argument("--model", default=None)
+    p.add_argument("--recipe", default=None,
+                   help="a recipe file (.yaml/.json) or kind[:key=value,...], e.g. smoothquant:alpha=0.6,kv_cache=int8 "
+                        "(default: fp16, no quantization)")
+    p.add_argument("--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF folder")
     add_trust_remote_code_arg(p)
     p.add_argument("--output", type=Path, default=None, help="copy the checkpoint here (default: print the cache path)")
     p.add_argument("--format", default="trtllm", choices=("trtllm", "hf"),
@@ -69,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-engine", action="store_true", help="only print the trtllm-build command, even where it exists")
     p.add_argument("--build-timeout", type=float, default=None,
                    help="seconds before trtllm-build is killed (default: $QUANT_TRTLLM_BUILD_TIMEOUT or 3600)")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--input-len", type=positive_int, default=512)
-    p.add_argument("--output-len", type=positive_int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="engine: max batch size")
+    p.add_argument("--input-len", type=positive_int, default=512, help="engine: max prompt tokens")
+    p.add_argument("--output-len", type=positive_int, default=100, help="engine: max generated tokens")
     add_calib_args(p)
     p.add_argument("--from-study", default=None, metavar="NAME",
                    help="build the best feasible trial of this search study (model and calibration from the study)")
@@ -80,15 +81,24 @@ def main(argv: list[str] | None = None) -> int:
 
     calib = calib_spec_from_args(args)
     if args.from_study:
+        # The study fixes the recipe, the model and the calibration: a flag that would be ignored is refused.
+        ignored = [f"--{d.replace('_', '-')}" for d in ("recipe", "model", "calib_source", "calib_samples",
+                                                         "calib_seq_len", "calib_seed")
+                   if getattr(args, d) != p.get_default(d)]
+        if ignored:
+            raise UserError("--from-study takes the recipe, model and calibration from the study; drop "
+                            + ", ".join(ignored))
         recipe, args.model, calib = recipe_from_study(args.from_study, args.storage)
     else:
-        recipe = parse_recipe_arg(args.recipe)
+        if args.recipe is None:
+            print("no --recipe: building FP16 (no quantization)", file=sys.stderr)
+        recipe = parse_recipe_arg(args.recipe or "fp16")
     if args.output is not None and args.output.exists():
         raise UserError(f"--output {args.output} already exists; choose a new folder")
     if args.engine_dir is not None and args.engine_dir.exists():
         raise UserError(f"--engine-dir {args.engine_dir} already exists; choose a new folder")
-    if args.build_timeout is not None and args.build_timeout <= 0:
-        raise UserError(f"--build-timeout must be > 0 seconds, got {args.build_timeout:g}")
+    if args.build_timeout is not None and not (math.isfinite(args.build_timeout) and args.build_timeout > 0):
+        raise UserError(f"--build-timeout must be > 0 seconds (a finite number), got {args.build_timeout:g}")
     from quant.atomic import ensure_writable_dir
 
     for flag, target in (("--output", args.output), ("--engine-dir", args.engine_dir)):
@@ -107,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(load_checkpoint(ckpt)))
     workload = Workload(args.batch_size, args.input_len, args.output_len)
     if trtllm_build_available() is None or args.no_engine:
-        engine_dir = args.engine_dir or Path("engines") / f"{model.short_hash}-{recipe.hash}"
+        engine_dir = (args.engine_dir or Path("engines") / f"{model.short_hash}-{recipe.hash}").absolute()
         cmd = build_command(ckpt, engine_dir, recipe, workload)
         print("trtllm-build is not on PATH (TensorRT-LLM is not installed here); to build the engine run:"
               if not args.no_engine else "to build the engine run:")

@@ -8,6 +8,7 @@ folder is never half-executed. Tensors are read with safetensors only (no pickle
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,17 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+_LAYER = re.compile(r"transformer\.layers\.(\d+)\.")
+
+
+def _rebuild_hint(folder: Path) -> str:
+    """A damaged entry of the suite's cache is rebuilt once deleted: say which folder."""
+    from quant.paths import cache_root
+
+    inside = Path(folder).resolve().is_relative_to(cache_root().resolve())
+    return f"; delete {folder} to rebuild it" if inside else ""
+
+
 def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu") -> Checkpoint:
     """Load and validate; UserError lists every missing/unexpected tensor and every shape/dtype mismatch."""
     from safetensors import SafetensorError, safe_open
@@ -133,6 +145,13 @@ def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu") -> Chec
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise UserError(f"checkpoint {folder}: rank0.safetensors is unreadable ({exc})") from None
 
+    # Layers whose input norm is there: a stray extra tensor of a layer 9 is an unexpected tensor, not a layer.
+    layers_held = {int(m.group(1)) for n in tensors if (m := _LAYER.match(n)) and n.endswith(".input_layernorm.weight")}
+    if layers_held == set(range(len(layers_held))) and layers_held and len(layers_held) != config.get("num_hidden_layers"):
+        # Otherwise reported as dozens of missing or unexpected tensors, which reads like damaged weights.
+        raise UserError(f"checkpoint {folder}: config.json says num_hidden_layers {config.get('num_hidden_layers')} "
+                        f"but rank0.safetensors holds {max(layers_held) + 1} layers (a config.json problem)"
+                        + _rebuild_hint(folder))
     expected = formats.expected_tensors(config, layer_algos, formats.layer_group_sizes(config, folder))
     problems: list[str] = []
     missing = [n for n, spec in expected.items() if n not in tensors and not spec.optional]
@@ -158,7 +177,7 @@ def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu") -> Chec
                         f"{' …' if len(bad_scales) > 3 else ''}")
     if problems:
         raise UserError(f"checkpoint {folder} is invalid: " + "; ".join(problems[:6])
-                        + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""))
+                        + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "") + _rebuild_hint(folder))
     return Checkpoint(path=folder, config=config, tensors=tensors, layer_algos=layer_algos)
 
 
@@ -173,22 +192,19 @@ def summary(ckpt: Checkpoint) -> str:
         f"model        {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, heads {cfg['num_attention_heads']}"
         f"/{cfg['num_key_value_heads']} kv, vocab {cfg['vocab_size']}, dtype {cfg['dtype']}",
         f"rope         base {cfg.get('rotary_base', 'MISSING (TRT-LLM would use 10000)')}, scaling {cfg.get('rotary_scaling')}",
-        f"linears      " + ", ".join(f"{n}× {a}" for a, n in sorted(algos.items())),
+        "linears      " + ", ".join(f"{n}× {a}" for a, n in sorted(algos.items())),
         f"kv cache     {ckpt.kv_cache_algo or 'fp16'}",
         f"tensors      {len(ckpt.tensors)}, {ckpt.weight_bytes() / 2**20:.1f} MiB",
     ])
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
     from quant.errors import cli_entry
 
     @cli_entry
     def run() -> int:
         parser = ArgumentParser(prog="python -m quant.checkpoint",
-                                         description="Validate a TRT-LLM LLaMa checkpoint folder and summarize it.")
+                                description="Validate a TRT-LLM LLaMa checkpoint folder and summarize it.")
         parser.add_argument("folder", type=Path)
         args = parser.parse_args(argv)
         print(summary(load_checkpoint(args.folder)))

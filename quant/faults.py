@@ -1,7 +1,8 @@
 """Named fault-injection points and a trace hook, for the crash and concurrency tests (no-ops otherwise).
 
 ``QUANT_SUITE_KILL_AT=NAME`` makes the process send itself SIGKILL the first time it reaches
-``point("NAME")``; ``NAME@N`` on the N-th time. A SIGKILL cannot be caught, so this is a real crash of a real
+``point("NAME")``; ``NAME@N`` on the N-th time; ``NAME[@N]:INT`` or ``:TERM`` sends SIGINT (Ctrl-C) or SIGTERM
+(a job scheduler's stop) instead, which the process handles (quant/errors.cli_entry). A SIGKILL cannot be caught, so this is a real crash of a real
 process at a known place (between a temporary write and its rename, inside ModelOpt's calibration loop, ...):
 what the tests then check is what any power cut or OOM kill would leave behind.
 
@@ -21,9 +22,12 @@ import time
 
 KILL_ENV = "QUANT_SUITE_KILL_AT"
 TRACE_ENV = "QUANT_SUITE_TRACE"
+STOP_ENV = "QUANT_SUITE_STOP_AT"
 
 # Every point the product code calls, in the order a search reaches them (docs/reliability.md lists them too).
 POINTS = {
+    "model.resolve": "--model's path checked, before its hashing and conversion (every command's heavy work "
+                     "starts here; its flags are checked by then)",
     "model.convert": "model conversion: fp16 weights written to the temporary folder, tokenizer not yet",
     "checkpoint.export": "ModelOpt wrote the TRT-LLM checkpoint into the temporary folder, before the "
                          "rotary fix and validation",
@@ -47,37 +51,46 @@ _trace_path: str | None | bool = None
 _hits: dict[str, int] = {}
 
 
-def _kill_target() -> tuple[str, int] | bool:
+def _kill_target() -> tuple[str, int, int] | bool:
     global _kill
     if _kill is None:
         raw = os.environ.get(KILL_ENV, "").strip()
         if not raw:
             _kill = False
         else:
-            name, _, nth = raw.partition("@")
+            where, _, sig = raw.partition(":")
+            name, _, nth = where.partition("@")
             try:
                 count = int(nth) if nth else 1
             except ValueError:
                 count = 1
-            _kill = (name, max(count, 1))
+            signum = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(sig.upper(), signal.SIGKILL)
+            _kill = (name, max(count, 1), signum)
     return _kill
 
 
+class Stop(BaseException):
+    """Raised by :func:`point` where ``$QUANT_SUITE_STOP_AT`` names it: a test running a command in its own
+    interpreter ends it there (a BaseException: no product code catches it)."""
+
+
 def point(name: str) -> None:
-    """SIGKILL this process here when ``$QUANT_SUITE_KILL_AT`` names this point (and this is the N-th hit)."""
+    """Signal this process here when ``$QUANT_SUITE_KILL_AT`` names this point (and this is the N-th hit)."""
+    if os.environ.get(STOP_ENV) == name:  # read on every call: an in-process test sets it
+        raise Stop(name)
     target = _kill if _kill is not None else _kill_target()
     if not target or target[0] != name:
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] != target[1]:
         return
-    trace("killed", point=name, hit=_hits[name])
+    trace("killed", point=name, hit=_hits[name], signal=int(target[2]))
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), target[2])
 
 
 def trace(event: str, **fields) -> None:

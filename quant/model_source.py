@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quant import faults
-from quant.atomic import atomic_dir, atomic_write_json
+from quant.atomic import atomic_dir, atomic_write_json, ensure_writable_dir
 from quant.errors import UserError
 from quant.codehash import code_hash
 from quant.paths import cache_root
@@ -56,8 +56,10 @@ def default_gguf() -> Path:
     return files[0]
 
 
-def _hash_files(paths: list[Path]) -> str:
-    """sha256 over (name, bytes) of each file; memoised by (path, size, mtime) so a 14 GB model hashes once."""
+def _hash_files(paths: list[Path]) -> tuple[str, dict]:
+    """sha256 over (name, bytes) of each file, memoised by (path, size, mtime) so a 14 GB model hashes once.
+    Returns the hash and the memo to save with :func:`_save_hash_memo` once the model proved valid (a refused
+    model leaves nothing in the cache)."""
     memo_path = cache_root() / "hash-memo.json"
     try:
         memo = json.loads(memo_path.read_text())
@@ -65,7 +67,7 @@ def _hash_files(paths: list[Path]) -> str:
         memo = {}
     stat_key = json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths])
     if stat_key in memo:
-        return memo[stat_key]
+        return memo[stat_key], {}
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode())
@@ -73,12 +75,16 @@ def _hash_files(paths: list[Path]) -> str:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(block)
     value = digest.hexdigest()
-    memo[stat_key] = value
+    return value, {**memo, stat_key: value}
+
+
+def _save_hash_memo(memo: dict) -> None:
+    if not memo:
+        return
     try:
-        atomic_write_json(memo_path, memo)
+        atomic_write_json(cache_root() / "hash-memo.json", memo)
     except (OSError, UserError):  # atomic writes report a read-only/full disk as a UserError now
         pass  # a read-only cache only costs a re-hash next time
-    return value
 
 
 def gguf_architecture(path: Path) -> str:
@@ -172,12 +178,15 @@ def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> Resol
             raise UserError(f"--model {spec}: a file must be a .gguf; a HF model is given as its folder")
         gguf_path = path if kind == "gguf" else None
 
-    content_hash = _hash_files([gguf_path] if gguf_path is not None
-                               else _check_hf_dir(path, trust_remote_code=trust_remote_code))
+    faults.point("model.resolve")  # every flag and the model's path checked; the work starts here
+    content_hash, memo = _hash_files([gguf_path] if gguf_path is not None
+                                     else _check_hf_dir(path, trust_remote_code=trust_remote_code))
     if trust_remote_code:
         content_hash = hashlib.sha256(f"{content_hash}|trust_remote_code".encode()).hexdigest()
     hf_dir = cache_root() / "models" / f"{content_hash[:16]}-{code_hash('quant.model_source', packages=_CONVERTERS)}"
     if not (hf_dir / "config.json").is_file():
+        # Before the minutes of conversion: a cache that cannot be written (/proc, read-only) is one line now.
+        ensure_writable_dir(hf_dir.parent, "the suite's cache folder ($QUANT_SUITE_CACHE)")
         if gguf_path is not None:
             # Checked only before a conversion: parsing the header (49k-token vocab) costs seconds.
             arch = gguf_architecture(gguf_path)
@@ -185,6 +194,7 @@ def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> Resol
                 raise UserError(f"{gguf_path} is a '{arch}' GGUF; only LLaMa-family ('llama') models are supported")
         _convert(gguf_path if gguf_path is not None else path, is_gguf=gguf_path is not None, out=hf_dir,
                  trust_remote_code=trust_remote_code)
+    _save_hash_memo(memo)
     return ResolvedModel(source=spec, source_kind=kind, content_hash=content_hash, hf_dir=hf_dir)
 
 

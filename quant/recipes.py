@@ -153,11 +153,13 @@ class Recipe:
 
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise UserError(f"cannot read recipe file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"recipe file {path} is not UTF-8 text (a binary file?)") from None
         try:
-            data = yaml.safe_load(text)  # JSON is YAML too
+            data = yaml.load(text, Loader=_unique_keys_loader())  # JSON is YAML too
         except yaml.YAMLError as exc:
             raise UserError(f"recipe file {path} is not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
         if isinstance(data, dict) and "recipe" in data and isinstance(data["recipe"], dict):
@@ -209,6 +211,25 @@ def layer_names(num_layers: int) -> list[str]:
     return [f"layers.{i}.{s}" for i in range(num_layers) for s in LINEAR_SUFFIXES] + ["lm_head"]
 
 
+def _unique_keys_loader():
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (YAML keeps the last one
+    silently, so ``alpha: 0.5`` then ``alpha: 0.9`` would quantize with a value the user may not have meant)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
+
+
 def parse_recipe_arg(text: str) -> Recipe:
     """``--recipe``: a file path (YAML/JSON) or ``kind[:key=value,...]``, e.g. ``smoothquant:alpha=0.6``."""
     if Path(text).suffix in (".yaml", ".yml", ".json"):
@@ -220,6 +241,8 @@ def parse_recipe_arg(text: str) -> Recipe:
         if not sep:
             raise UserError(f"--recipe {text!r}: expected key=value after ':', got {item!r}")
         key = key.strip()
+        if key in data and key != "exclude":
+            raise UserError(f"--recipe {text!r}: {key} given twice")
         if key == "exclude":
             data.setdefault("exclude", []).extend(v for v in value.split("+") if v)
             continue

@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 
 from quant import faults
-from quant.errors import ArgumentParser, EnvironmentProblem, UserError, cli_entry, positive_int
+from quant.errors import (EXIT_NO_PASS, ArgumentParser, EnvironmentProblem, Terminated, UserError, cli_entry,
+                          positive_int, seed_int)
 from quant.recipes import Recipe
 from quant.space import Fact, Space, confirmation_key, contenders, next_action
-from quant.study_store import (check_same_measurement, is_default_storage, open_search_study, open_storage,
+from quant.study_store import (check_same_measurement, claim, is_default_storage, open_search_study, open_storage,
                                reap_dead_trials, redact, storage_url, worker_identity)
 
 SEARCH_DEFAULTS = dict(num_samples=100, block_size=8, max_output_len=64, batch_size=4, input_len=32, output_len=16,
@@ -51,7 +52,7 @@ def parse_args(argv):
                                  "own); the evaluation uses --eval-seed")
     # Separate from --seed since workers were told to differ in --seed: as the evaluation's seed too, it made
     # workers of one study score recipes on different papers and evaluate the same recipe twice.
-    p.add_argument("--eval-seed", type=int, default=0,
+    p.add_argument("--eval-seed", type=seed_int, default=0,
                    help="article selection, latency prompts and held-out texts of every evaluation (the same for all "
                         "workers of a study: checked)")
     p.add_argument("--block-size", type=positive_int, default=SEARCH_DEFAULTS["block_size"],
@@ -69,9 +70,10 @@ def parse_args(argv):
     p.add_argument("--storage", default=None, help="optuna storage URL (default: sqlite in --results-dir); "
                    "put credentials in $QUANT_SEARCH_STORAGE instead of the command line (argv is visible to "
                    "every user of the machine); passwords are never printed")
-    p.add_argument("--study-name", default="quant-search")
+    p.add_argument("--study-name", default="quant-search", help="the optuna study (a rerun continues it)")
     p.add_argument("--recipes", default="fp16,int8_wo,smoothquant,int4_awq,fp8", help="comma-separated kinds to search")
-    p.add_argument("--results-dir", type=Path, default=Path("results/search"))
+    p.add_argument("--results-dir", type=Path, default=Path("results/search"),
+                   help="report.md, trials.csv, best_recipe.yaml, plots (and study.db without --storage)")
     p.set_defaults(**{k: v for k, v in SEARCH_DEFAULTS.items() if k not in ("n_trials", "block_size")})
     args = p.parse_args(argv)
     if args.min_rouge1 is not None and not 0 <= args.min_rouge1 <= 100:
@@ -141,6 +143,9 @@ class Search:
         s = self.settings
         self.samples = load_samples(s.dataset, split=s.split, num_samples=args.num_samples, seed=s.seed,
                                     input_column=s.input_column, reference_column=s.reference_column)
+        if len(self.samples) < args.num_samples:
+            print(f"--num-samples {args.num_samples}: the {s.split} split has {len(self.samples)} articles; the gate's "
+                  f"ceiling is {len(self.samples)}", file=sys.stderr)
         from experiments.stages import block_bounds
 
         self.bounds = block_bounds(min(args.block_size, len(self.samples)), len(self.samples))
@@ -158,6 +163,7 @@ class Search:
         from quant.model_source import resolve_model
         from quant.recipes import GROUP_SIZES
 
+        self.backend.announce()  # here, not when resolved: after the flags and the storage were checked
         args = self.args
         self.model = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
         self.config = json.loads((self.model.hf_dir / "config.json").read_text())
@@ -448,8 +454,6 @@ def _distinct_measured(study) -> int:
 def search_loop(search: Search, study, sampler) -> str:
     """Trials until the budget is spent, the policy converges, or --timeout; returns why it stopped."""
     import optuna
-    from optuna.trial import TrialState
-
 
     args, t0 = search.args, time.monotonic()
     choices = search.space.choices()
@@ -477,26 +481,14 @@ def search_loop(search: Search, study, sampler) -> str:
             trial.set_user_attr("worker", worker_identity())
             for name in action.params:
                 trial.suggest_categorical(name, choices[name])
-            trial.set_user_attr("recipe_hash", recipe.hash)
-
-            def yield_to_twin() -> None:
-                """Another worker claimed this recipe at the same instant: the lower trial number keeps it; this
-                one is a repeat (not counted; what it measured came from, or went to, the shared cache)."""
-                twin = next((t for t in study.get_trials(deepcopy=False, states=(
-                    TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)) if t.number < trial.number
-                    and t.user_attrs.get("recipe_hash") == recipe.hash and t.user_attrs.get("repeat_of") is None), None)
-                if twin is not None:
-                    trial.set_user_attr("repeat_of", twin.number)
-                    raise optuna.TrialPruned(f"repeat of trial {twin.number}")
-
-            yield_to_twin()
+            twin = claim(study, trial, recipe.hash)
+            if twin is not None:  # not counted: the earlier trial measures this recipe
+                raise optuna.TrialPruned(f"repeat of trial {twin}")
             try:
                 value = search.measure(trial, action.params, search.facts(study))
             except optuna.TrialPruned as exc:
                 search.log(f"trial {trial.number}: {recipe.label:28s} pruned: {exc}")
                 raise
-            # Checked again: a twin created just before this trial may have set its hash after the first check.
-            yield_to_twin()
             search.log(search.summary_line)
             return value
 
@@ -554,23 +546,29 @@ def run(args) -> int:
         print(f"search stopped: {stop}", file=sys.stderr)
         study.set_user_attr("stopped", stop)
         search.answer(study)
-    except KeyboardInterrupt:
-        print("interrupted: reporting the trials finished so far", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (quant/errors.Terminated): report what finished, re-raise
+        why = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        print(f"interrupted ({why}): reporting the trials finished so far; the same command resumes", file=sys.stderr)
+        study.set_user_attr("stopped", f"interrupted ({why})")
+        stop = exc
     summary = summarize_study(study)
     write_outputs(study, summary, args.results_dir)
     print(summary.table())
     print(summary.verdict())
     if summary.best is not None:
         print(f"best recipe written to {args.results_dir / 'best_recipe.yaml'}")
-    return 0
+    if isinstance(stop, KeyboardInterrupt):
+        raise stop  # cli_entry: exit 130 (Ctrl-C) or 143 (SIGTERM)
+    return 0 if summary.best is not None else EXIT_NO_PASS
 
 
 class _NoUserErrorTraceback:
     """optuna logs a failed trial's exception with its traceback; a UserError (damaged cache, full disk) is the
-    user's one-line ``error:`` that cli_entry prints last, not a bug report: keep optuna's line, drop the trace."""
+    user's one-line ``error:`` that cli_entry prints last, and Ctrl-C or SIGTERM the user's own stop, not bug
+    reports: keep optuna's line, drop the trace."""
 
     def filter(self, record) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
+        if record.exc_info and isinstance(record.exc_info[1], (UserError, KeyboardInterrupt)):
             record.exc_info, record.exc_text = None, None
         return True
 

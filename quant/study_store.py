@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +37,8 @@ def open_storage(url: str, *, create: bool = True):
     if not create and db and not db.startswith(":memory:") and (not Path(db).is_file() or Path(db).stat().st_size == 0):
         # Reading a study (plot, build --from-study) never writes optuna's schema into a missing or empty file.
         raise UserError(f"no study database at {db} (missing or empty)")
+    if not create and db and not db.startswith(":memory:"):
+        _check_optuna_sqlite(db)
     storage = None
     for attempt in range(8):
         try:
@@ -57,9 +60,26 @@ def open_storage(url: str, *, create: bool = True):
             if racing and attempt < 7:
                 time.sleep(0.3 + 0.5 * attempt)
                 continue
-            detail = redact(str(exc).splitlines()[0][:200]) if str(exc) else ""
+            detail = _driver_detail(str(exc), url)
             raise UserError(f"cannot open storage {redact(url)}: {type(exc).__name__}: {detail}") from None
     return storage
+
+
+def _check_optuna_sqlite(db: str) -> None:
+    """A read-only look (``mode=ro``) that an existing SQLite file holds optuna's tables: opening another
+    database through optuna would create its schema inside it."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"{Path(db).absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise UserError(f"cannot open storage sqlite:///{db}: {exc}") from None
+    if not {"studies", "trials", "version_info"} <= tables:
+        raise UserError(f"{db} is not an optuna study database (no optuna tables in it)")
 
 
 @contextlib.contextmanager
@@ -118,17 +138,41 @@ def _engine_kwargs(url: str) -> dict:
     return {"connect_args": {"timeout": 120}}
 
 
+# scheme:// and the userinfo of a URL; greedy: the userinfo ends at the *last* '@', even past a '/' or '#' of
+# the password (one pattern for what is hidden and what is searched for in a driver's message).
+_USERINFO = re.compile(r"^([A-Za-z][\w+.-]*://)(.*)@")
+
+
 def redact(url: str) -> str:
     """Never print a password that came with a storage URL: ``user:***@host``, ``password=***``.
 
     The password ends at the *last* '@' of the authority (it may itself hold '@' or ':').
     """
-    import re
-
     url = re.sub(r"(?i)(\b(?:password|passwd|pwd)\s*=\s*)[^\s&;#'\"]*", r"\1***", url)
-    return re.sub(r"^([A-Za-z][\w+.-]*://)([^/?#]*)@",
-                  lambda m: m.group(1) + m.group(2).split(":", 1)[0] + (":***" if ":" in m.group(2) else "") + "@",
-                  url)
+    return _USERINFO.sub(
+        lambda m: m.group(1) + m.group(2).split(":", 1)[0] + (":***" if ":" in m.group(2) else "") + "@", url)
+
+
+def _password(url: str) -> str:
+    from urllib.parse import unquote
+
+    m = _USERINFO.match(url)
+    userinfo = m.group(2) if m else ""
+    return unquote(userinfo.split(":", 1)[1]) if ":" in userinfo else ""
+
+
+def _driver_detail(message: str, url: str) -> str:
+    """The driver's first line, unless it may carry part of the URL's password: a password holding '@', ':',
+    '/', '%' or '#' is split differently by the driver, whose message then quotes a piece of it as a host or
+    a user name. Any run of 3 of the password's characters (all of a shorter one) in it withholds the line."""
+    line = redact(message.splitlines()[0][:200]) if message else ""
+    secret = _password(url)
+    raw = url.split("://", 1)[-1]
+    secret_raw = raw[:raw.rfind("@")].split(":", 1)[-1]  # as typed, percent-escapes included
+    n = min(3, len(secret))
+    if secret and any(text[i:i + n] in message for text in {secret, secret_raw} for i in range(len(text) - n + 1)):
+        return "(the driver's message is withheld: it may quote part of the password)"
+    return line
 
 
 # -- who runs a trial: a trial whose worker died on this machine can be told from one still running ---------
@@ -227,3 +271,30 @@ def check_same_measurement(study, fingerprint: dict) -> None:
             diffs.append(f"{group} {str(s)[:24]!r} → {str(m)[:24]!r}")
     raise UserError(f"study {study.study_name!r} was measured differently ({'; '.join(diffs[:4])}); its trials would "
                     "not be comparable with this run's: use the study's flags or another --study-name")
+
+
+def claim(study, trial, key: str, *, wait_s: float = 60.0, sleep=time.sleep) -> int | None:
+    """Claim ``key`` (a recipe hash) for ``trial``: the number of the trial it repeats, or None if it measures.
+
+    The lowest-numbered trial holding a key measures it; a later one is a repeat. Each trial first writes its key,
+    then reads the others': of two trials writing at the same instant at least one reads the other's key, but the
+    earlier one may be the one that does (and need not yield). So a trial also waits while an earlier trial is
+    RUNNING without a key yet (trials write theirs right after creation), up to ``wait_s``: then every earlier
+    claim is known and the decision is the same in every worker. Past ``wait_s`` (an earlier worker hung between
+    creating its trial and claiming) it measures. Failed trials hold nothing: their key is measured again."""
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("recipe_hash", key)
+    deadline = time.monotonic() + wait_s
+    while True:
+        earlier = [t for t in study.get_trials(deepcopy=False, states=(
+            TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)) if t.number < trial.number]
+        holder = min((t.number for t in earlier if t.user_attrs.get("recipe_hash") == key
+                      and t.user_attrs.get("repeat_of") is None), default=None)
+        if holder is not None:
+            trial.set_user_attr("repeat_of", holder)
+            return holder
+        if time.monotonic() >= deadline or not any(
+                t.state == TrialState.RUNNING and "recipe_hash" not in t.user_attrs for t in earlier):
+            return None
+        sleep(0.05)

@@ -30,7 +30,8 @@ def make_search_model(path: Path, default_model) -> Path:
 def env_for(cache: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("QUANT_SUITE_KILL_AT", "QUANT_SUITE_TRACE",
                                                              "QUANT_SEARCH_STORAGE")}
-    env.update(QUANT_SUITE_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    env.update(QUANT_SUITE_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)  # may point the cache elsewhere
     return env
 
 

@@ -7,8 +7,7 @@ there) and checks:
   it names what is wrong (the case's fragments);
 - nothing was written: every file under the case's folder (work folder, cache, the inputs themselves) has the
   same size and mtime afterwards, and no file appeared -- except what the case lists as legitimately written
-  before the problem could be known (e.g. a model conversion that had to run to discover NaN activations), and
-  ``hash-memo.json`` (a memo of file hashes, not a cache entry);
+  before the problem could be known (e.g. a model conversion that had to run to discover NaN activations);
 - where a case carries a secret (a storage password), it appears nowhere in the output.
 
 Cases already covered elsewhere are not repeated here (see docs/reliability.md for the full map):
@@ -135,6 +134,15 @@ def _junk_parquet(c: Ctx) -> None:
     Path(c.p("data.parquet")).write_bytes(b"PAR1" + b"\x00garbage" * 64)
 
 
+def _foreign_db(c: Ctx) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(c.p("foreign.db"))
+    con.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    con.commit()
+    con.close()
+
+
 def _junk_db(c: Ctx) -> None:
     Path(c.p("study.db")).write_bytes(b"SQLite format 2\x00" + os.urandom(512))
 
@@ -225,9 +233,10 @@ def _safetensors_overlong_header(c: Ctx) -> None:
     _replace(ckpt / "rank0.safetensors", struct.pack("<Q", len(header)) + header + b"\x00" * 1024)
 
 
-def _recipe_file(text: str):
+def _recipe_file(text: str | bytes):
     def setup(c: Ctx) -> None:
-        Path(c.p("recipe.yaml")).write_text(text)
+        f = Path(c.p("recipe.yaml"))
+        f.write_bytes(text) if isinstance(text, bytes) else f.write_text(text)
     return setup
 
 
@@ -273,10 +282,19 @@ CASES = [
     # -- quant.search: flags, storage, model, data, damaged artifacts -----------------------------------------------
     Case("search-confidence-range", S, ["--min-rouge1", "14", "--confidence", "1.5"], ("--confidence must be in (0, 1)",)),
     Case("search-timeout-zero", S, ["--min-rouge1", "14", "--timeout", "0"], ("--timeout must be > 0",)),
+    Case("search-timeout-nan", S, ["--min-rouge1", "14", "--timeout", "nan"], ("--timeout must be > 0", "nan")),
+    Case("search-ppl-docs-negative", S, ["--min-rouge1", "14", "--ppl-docs", "-1"], ("--ppl-docs must be > 0",)),
     Case("search-max-drop-negative", S, ["--max-rouge1-drop", "-1"], ("--max-rouge1-drop must be in [0, 100]",)),
     Case("search-recipes-empty", S, ["--min-rouge1", "14", "--recipes", ","], ("--recipes", "(none given)")),
     Case("search-storage-env-unreachable", S, ["--min-rouge1", "14"], ("cannot open storage", "quant:***@"),
          env={"QUANT_SEARCH_STORAGE": f"postgresql://quant:{SECRET}@127.0.0.1:1/nodb"}, secret=SECRET),
+    Case("search-seed-negative", S, ["--min-rouge1", "14", "--seed", "-1"],
+         ("argument --seed", "must be in [0, 2**32 - 1], got -1")),
+    Case("search-seed-too-big", S, ["--min-rouge1", "14", "--seed", str(2**32)], ("argument --seed", "4294967296")),
+    Case("search-eval-seed-negative", S, ["--min-rouge1", "14", "--eval-seed", "-1"],
+         ("argument --eval-seed", "must be in [0, 2**32 - 1]")),
+    Case("search-results-dir-on-proc", S, ["--min-rouge1", "14", "--results-dir", "/proc/quant-results"],
+         ("--results-dir /proc/quant-results is not writable",)),
     Case("search-storage-sqlite-unopenable", S, ["--min-rouge1", "14", "--storage", "sqlite:////nonexistent/x.db"],
          ("cannot open storage", "unable to open database file")),
     Case("search-storage-missing-driver", S, ["--min-rouge1", "14", "--storage", f"mysql://u:{SECRET}@localhost/db"],
@@ -302,6 +320,12 @@ CASES = [
     # -- quant.build ------------------------------------------------------------------------------------------------
     Case("build-recipe-file-not-yaml", B, lambda c: ["--recipe", c.p("recipe.yaml")], ("is not valid YAML/JSON",),
          setup=_recipe_file("kind: [unclosed\n")),
+    Case("build-recipe-file-binary", B, lambda c: ["--recipe", c.p("recipe.yaml")],
+         ("recipe.yaml is not UTF-8 text",), setup=_recipe_file(bytes(range(256)) * 4)),
+    Case("build-recipe-file-duplicate-key", B, lambda c: ["--recipe", c.p("recipe.yaml")],
+         ("key 'alpha' given twice",), setup=_recipe_file("kind: smoothquant\nalpha: 0.5\nalpha: 0.9\n")),
+    Case("build-recipe-inline-duplicate-key", B, ["--recipe", "smoothquant:alpha=0.5,alpha=0.9"],
+         ("alpha given twice",)),
     Case("build-recipe-file-wrong-type", B, lambda c: ["--recipe", c.p("recipe.yaml")],
          ("awq_alpha_step must be a number", "'fast'"), setup=_recipe_file("kind: int4_awq\nawq_alpha_step: fast\n")),
     Case("build-recipe-file-a-list", B, lambda c: ["--recipe", c.p("recipe.yaml")], ("a recipe must be a mapping",),
@@ -316,6 +340,12 @@ CASES = [
     Case("build-timeout-zero", B, ["--build-timeout", "0"], ("--build-timeout must be > 0",)),
     Case("build-engine-dir-under-a-file", B, ["--engine-dir", "afile/engine"], ("is a file, not a folder",),
          setup=_file_in_the_way),
+    Case("build-from-study-with-recipe", B, ["--from-study", "x", "--recipe", "int8_wo", "--calib-samples", "4"],
+         ("--from-study takes the recipe, model and calibration from the study", "drop --recipe, --calib-samples")),
+    Case("build-cache-on-proc", B, ["--no-engine"], ("cache folder ($QUANT_SUITE_CACHE) /proc/quant-cache/models",
+                                                     "is not writable"), env={"QUANT_SUITE_CACHE": "/proc/quant-cache"}),
+    Case("build-model-fake-gguf", B, lambda c: ["--model", c.p("fake.gguf")], ("fake.gguf is not a readable GGUF file",),
+         setup=lambda c: Path(c.p("fake.gguf")).write_bytes(b"not a gguf at all" * 100)),
     Case("build-from-study-db-corrupt", B, lambda c: ["--from-study", "x", "--storage", f"sqlite:///{c.p('study.db')}"],
          ("cannot open storage", "file is not a database"), setup=_junk_db),
     Case("build-from-study-tampered-calibration", B,
@@ -328,6 +358,9 @@ CASES = [
          setup=_nan_scale_checkpoint),
     Case("checkpoint-implausible-layers", CK, lambda c: [c.p("ckpt")], ("num_hidden_layers 100000000 is implausible",),
          setup=_checkpoint_field(num_hidden_layers=100_000_000)),
+    Case("checkpoint-layer-count-disagrees", CK, lambda c: [c.p("ckpt")],
+         ("config.json says num_hidden_layers 7 but rank0.safetensors holds", "a config.json problem"),
+         setup=_checkpoint_field(num_hidden_layers=7)),
     Case("checkpoint-quant-algo-not-a-string", CK, lambda c: [c.p("ckpt")],
          ("quantization.quant_algo must be a string or null, got 5",), setup=_checkpoint_field(quantization__quant_algo=5)),
     Case("checkpoint-quant-cfg-not-json", CK, lambda c: [c.p("ckpt")],
@@ -352,6 +385,11 @@ CASES = [
          setup=_results_with_empty_db),
     Case("plot-study-db-corrupt", PL, lambda c: ["--storage", f"sqlite:///{c.p('study.db')}"],
          ("cannot open storage", "file is not a database"), setup=_junk_db),
+    Case("plot-foreign-sqlite-db", PL, lambda c: ["--storage", f"sqlite:///{c.p('foreign.db')}"],
+         ("foreign.db is not an optuna study database",), setup=_foreign_db),
+    Case("build-from-study-foreign-sqlite-db", B,
+         lambda c: ["--from-study", "x", "--storage", f"sqlite:///{c.p('foreign.db')}"],
+         ("foreign.db is not an optuna study database",), setup=_foreign_db),
     Case("plot-unknown-study", PL, lambda c: ["--storage", f"sqlite:///{c.p('valid.db')}", "--study-name", "nope"],
          ("no study named 'nope'",), setup=_valid_db),
     # -- python -m calibration ---------------------------------------------------------------------------------------
@@ -360,7 +398,7 @@ CASES = [
     Case("calibration-source-without-text-column", CA, lambda c: ["--source", c.p("data.jsonl")],
          ("data.jsonl: no text column among", "--text-column"), setup=_jsonl([{"title": "a", "body": "b"}])),
     Case("calibration-top-zero", CA, ["--top", "0"], ("argument --top", "must be > 0")),
-    Case("calibration-seed-negative", CA, ["--seed", "-1"], ("argument --seed", "must be >= 0")),
+    Case("calibration-seed-negative", CA, ["--seed", "-1"], ("argument --seed", "must be in [0, 2**32 - 1]")),
     Case("calibration-model-kv-heads", CA, lambda c: ["--model", c.p("tiny")],
          ("num_key_value_heads must be a positive divisor of num_attention_heads", "3"), setup=_config_kv_heads),
     Case("calibration-plot-dir-under-a-file", CA, ["--plot-dir", "afile/plots"], ("is a file, not a folder",),
@@ -368,7 +406,7 @@ CASES = [
     Case("calibration-nan-activations", CA,
          lambda c: ["--model", c.p("tiny"), "--calib-samples", "2", "--calib-seq-len", "32", "--plot-dir", "plots"],
          ("produces non-finite activations at the input of layers.", "cannot be calibrated"),
-         setup=_nan_activations, allow=("cache/models/*", "cache/models/*/*")),  # the conversion must run first
+         setup=_nan_activations, allow=("cache/models/*", "cache/models/*/*", "cache/hash-memo.json")),  # the conversion must run first
     # -- the other CLIs ----------------------------------------------------------------------------------------------
     Case("recipe-table-record-not-a-table", "experiments.recipe_table",
          lambda c: ["--remeasure-latency", "--out", c.p("table.json")], ("is not a recipe table",), setup=_junk_table),
@@ -384,7 +422,7 @@ def reference(tmp_path_factory, default_model):
 
 def _state(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*") if p.is_file() and p.name != "hash-memo.json"}
+            for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

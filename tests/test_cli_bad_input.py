@@ -141,7 +141,7 @@ def test_dataset_empty_file(tmp_path):
 def test_dataset_not_json(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"article": "a", "highlights": \n')
-    _user_error(tmp_path, "--dataset", str(path), fragments=("could not read", "as json"))
+    _user_error(tmp_path, "--dataset", str(path), fragments=("broken.jsonl: line 1 is not JSON",))
 
 
 def test_dataset_unknown_split(tmp_path):

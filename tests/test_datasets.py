@@ -22,10 +22,21 @@ USABLE_IDS = {"a1", "b2", "d4"}
 
 @pytest.fixture(autouse=True)
 def private_datasets_cache(tmp_path, monkeypatch):
-    """Keep the Arrow copies that load_dataset makes of each test file out of the user's cache."""
+    """The global datasets cache and the suite's cache point into the test's folder, to show that a local table
+    writes into neither."""
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")
+    monkeypatch.setenv("QUANT_SUITE_CACHE", str(tmp_path / "suite-cache"))
+
+
+def test_local_tables_stay_out_of_the_global_datasets_cache(tmp_path):
+    for name, body in (("t.csv", "article,highlights\nOne article.,One summary.\n"),
+                       ("t.jsonl", '{"article": "One article.", "highlights": "One summary."}\n')):
+        (tmp_path / name).write_text(body, encoding="utf-8")
+        assert len(load_samples(str(tmp_path / name), num_samples=1)) == 1
+    for cache in ("hf_datasets_cache", "suite-cache"):
+        assert not (tmp_path / cache).exists() or not any((tmp_path / cache).rglob("*")), cache
 
 
 def raises_user_error(match: str, fn, *args, **kwargs) -> str:
@@ -271,7 +282,14 @@ def test_file_whose_rows_are_all_unusable(tmp_path):
 def test_malformed_and_unsupported_files(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n", encoding="utf-8")
-    raises_user_error("could not read .*bad.jsonl as json", load_samples, str(bad), num_samples=1)
+    raises_user_error(r"bad.jsonl: line 1 is not JSON \(Expecting property name", load_samples, str(bad), num_samples=1)
+    bad.write_bytes(b'{"article": "caf\xe9", "highlights": "x"}\n')  # Latin-1, not UTF-8
+    raises_user_error("bad.jsonl: line 1 is not valid UTF-8", load_samples, str(bad), num_samples=1)
+    bad.write_text('{"article": "a", "highlights": "b"}\n[1, 2]\n', encoding="utf-8")
+    raises_user_error("bad.jsonl: line 2 is a JSON list, not an object", load_samples, str(bad), num_samples=1)
+    csv = tmp_path / "bad.csv"
+    csv.write_bytes(b"article,highlights\ncaf\xe9,x\n")
+    raises_user_error("bad.csv: line 2 is not valid UTF-8", load_samples, str(csv), num_samples=1)
     other = tmp_path / "data.txt"
     other.write_text("text", encoding="utf-8")
     raises_user_error("cannot read .*data.txt", load_samples, str(other), num_samples=1)

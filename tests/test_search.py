@@ -17,6 +17,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from quant.errors import EXIT_NO_PASS
+
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--num-samples", "3", "--max-output-len", "6", "--batch-size", "2", "--input-len", "16", "--output-len", "3",
         "--latency-repeats", "1", "--ppl-docs", "1", "--ppl-seq-len", "32", "--calib-samples", "2",
@@ -113,7 +115,7 @@ def test_search_measures_pairs_compares_and_writes_report(tiny_model, tmp_path):
 def test_no_recipe_passes_reports_closest(tiny_model, tmp_path):
     results = tmp_path / "res"
     proc = _run(_cmd(tiny_model, results, "--min-rouge1", "100", "--n-trials", "2"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == EXIT_NO_PASS, proc.stderr[-3000:]  # 3: finished, nothing passes
     assert "no recipe passes ROUGE-1 ≥ 100.00; closest:" in proc.stdout
     assert not (results / "best_recipe.yaml").exists()
     build = _build_from_study(results)
@@ -150,7 +152,7 @@ def test_sigkill_mid_trial_then_resume(tiny_model, tmp_path):
     proc.wait()
     assert killed_with, "the search finished before it could be killed mid-trial"
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == EXIT_NO_PASS, again.stderr[-3000:]
     study = optuna.load_study(study_name="quant-search", storage=storage)
     after = {t.number: (t.value, t.user_attrs.get("recipe_hash")) for t in study.trials
              if t.state == optuna.trial.TrialState.COMPLETE}
@@ -162,6 +164,38 @@ def test_sigkill_mid_trial_then_resume(tiny_model, tmp_path):
     # No finished trial was re-evaluated: the rerun said "(cached)" for nothing it had already finished.
     rerun_numbers = {int(line.split()[1].rstrip(":")) for line in again.stderr.splitlines() if line.startswith("trial ")}
     assert not rerun_numbers & set(killed_with)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where,sig,code", [("trial.commit@2", "INT", 130), ("trial.committed@2", "TERM", 143)])
+def test_ctrl_c_and_sigterm_report_what_finished_and_resume(tiny_model, tmp_path, where, sig, code):
+    """Ctrl-C inside a trial (measured, not yet COMPLETE), SIGTERM (a job scheduler's stop) between trials: the signal at
+    a fault point (quant/faults.py), so the place is the same on every run. One line, exit 130 / 143, no
+    traceback; report.md written with what finished; no trial left RUNNING or WAITING; the same command resumes
+    and completes the budget without measuring a finished trial again."""
+    results = tmp_path / "res"
+    cmd = _cmd(tiny_model, results, "--min-rouge1", "100", "--n-trials", "4", "--seed", "3",
+               "--recipes", "fp16,int8_wo,smoothquant")
+    env = {**os.environ, "QUANT_SUITE_CACHE": str(tmp_path / "cache")}
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                           env={**env, "QUANT_SUITE_KILL_AT": f"{where}:{sig}"})
+    assert first.returncode == code, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr
+    assert first.stderr.strip().splitlines()[-1] == ("terminated (SIGTERM)" if sig == "TERM" else "interrupted (Ctrl-C)")
+    storage = f"sqlite:///{results / 'study.db'}"
+    study = optuna.load_study(study_name="quant-search", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states and "WAITING" not in states
+    assert study.user_attrs["stopped"] == f"interrupted ({'SIGTERM' if sig == 'TERM' else 'Ctrl-C'})"
+    finished = {t.number for t in _finished(study)}
+    assert finished and (results / "report.md").is_file()
+    assert all(f"| {n} |" in (results / "report.md").read_text() for n in finished)
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == EXIT_NO_PASS, again.stderr[-3000:]
+    study = optuna.load_study(study_name="quant-search", storage=storage)
+    assert len([t for t in _finished(study) if t.user_attrs.get("repeat_of") is None]) == 4
+    rerun = {int(line.split()[1].rstrip(":")) for line in again.stderr.splitlines() if line.startswith("trial ")}
+    assert not rerun & finished
 
 
 def _pg_url():
@@ -185,7 +219,7 @@ def test_two_workers_share_one_postgresql_study(tiny_model, tmp_path):
                               env=os.environ.copy()) for c in cmds]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == EXIT_NO_PASS, err[-3000:]
     study = optuna.load_study(study_name=name, storage=url)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))
