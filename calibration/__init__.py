@@ -1,10 +1,12 @@
 """Calibration data and activation statistics for quantizing LLaMa models.
 
-Two things every quantization recipe needs from real text:
+The text the suite reads and what every quantization recipe needs from it:
 
+* **Datasets** (:mod:`calibration.datasets`): summarization samples ``(id, article, reference)`` from aclsum,
+  CNN/DailyMail or a local copy — the evaluation's test articles and the calibration's training documents.
 * **Calibration tokens** (:mod:`calibration.data`): ``num_samples`` rows of ``seq_len`` real tokens cut from a
   seeded stream of training documents (ACLSum train by default, CNN/DailyMail train as TensorRT-LLM does, or a
-  local file), and :func:`~calibration.data.forward_loop`, the callable ModelOpt's ``mtq.quantize`` runs.
+  local file), and the calibration flags every CLI shares.
 * **Activation statistics** (:mod:`calibration.stats`): for every linear of every decoder layer, under its
   TensorRT-LLM name (``layers.{i}.attention.qkv`` …), the per-input-channel max and mean of ``|x|`` and an
   outlier score (max / median channel absmax). A mixed-precision search ranks linears by that score and keeps
@@ -19,18 +21,3 @@ run, in any process, reads the same numbers in milliseconds, which also keeps th
 
 ``python -m calibration`` prints the layers with the strongest outliers and plots them per layer type.
 """
-from calibration.data import CalibSpec, calibration_batches, calibration_tokens, forward_loop, iter_documents
-from calibration.stats import ActivationStats, LayerOutlier, collect_stats, get_stats, stats_dir
-
-__all__ = [
-    "ActivationStats",
-    "CalibSpec",
-    "LayerOutlier",
-    "calibration_batches",
-    "calibration_tokens",
-    "collect_stats",
-    "forward_loop",
-    "get_stats",
-    "iter_documents",
-    "stats_dir",
-]

@@ -1,7 +1,7 @@
 """Show where a model's activation outliers are: a table of the worst linears and one plot per layer type.
 
-    python -m calibration [--model default] [--source aclsum] [--calib-samples 32] [--calib-seq-len 256]
-                          [--seed 0] [--top 15] [--plot-dir results/calibration]
+    python -m calibration [--model default] [--calib-source aclsum] [--calib-samples 32] [--calib-seq-len 256]
+                          [--calib-seed 0] [--top 15] [--plot-dir results/calibration]
 
 The statistics come from the cache when (model, calibration spec) was seen before, and are computed and
 cached otherwise; the first line says which.
@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
+from calibration.data import add_calib_args, calib_spec_from_args
+from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
 
 KIND_FILES = {"attention.qkv": "qkv", "attention.dense": "dense", "mlp.fc": "fc", "mlp.proj": "proj"}
 
@@ -24,12 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF folder")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let transformers run Python code shipped in the --model folder (off by default)")
-    parser.add_argument("--source", default="aclsum",
-                        help="aclsum (train split) | cnn_dailymail (train split) | a .txt/.jsonl/.json/.parquet/.csv file")
-    parser.add_argument("--text-column", default=None, help="column holding the text of a table file (default: auto)")
-    parser.add_argument("--calib-samples", type=positive_int, default=32, help="calibration rows")
-    parser.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per calibration row")
-    parser.add_argument("--seed", type=seed_int, default=0, help="document order")
+    add_calib_args(parser, standalone=True)
     parser.add_argument("--top", type=positive_int, default=15, help="rows of the outlier table")
     parser.add_argument("--plot-dir", type=Path, default=Path("results") / "calibration",
                         help="where the outlier plots go")
@@ -123,9 +119,7 @@ def _use_all_cores() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from calibration.data import CalibSpec
-
-    spec = CalibSpec(args.source, args.calib_samples, args.calib_seq_len, args.seed, args.text_column)
+    spec = calib_spec_from_args(args)
     spec.key  # hash a local source now: an unreadable file fails before the model is touched
     from calibration.data import iter_documents
 

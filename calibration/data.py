@@ -3,7 +3,7 @@
 Sources (never an evaluation split):
 
 * ``aclsum`` (default): the **train** split of ACLSum, each paper's abstract + introduction + conclusion (the
-  abstract alone is too short to fill many rows), read through :mod:`experiments.datasets`, so it works offline.
+  abstract alone is too short to fill many rows), read through :mod:`calibration.datasets`, so it works offline.
 * ``cnn_dailymail``: the train split's articles, as TensorRT-LLM's own calibration does (Hub or local
   ``datasets`` cache; offline without a cache it is a one-line error).
 * a local file: ``.txt`` (one document per blank-line-separated block; a file without blank lines is one
@@ -22,7 +22,7 @@ import random
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from quant.errors import UserError
 
@@ -153,7 +153,7 @@ def iter_documents(source: str = DEFAULT_SOURCE, *, seed: int = 0, text_column: 
 
 
 def _aclsum_documents(seed: int) -> Iterator[str]:
-    from experiments.datasets import load_samples
+    from calibration.datasets import load_samples
 
     samples = load_samples(
         "aclsum", split=CALIB_SPLIT, num_samples=None, seed=seed, aclsum_sections=ACLSUM_CALIB_SECTIONS
@@ -165,7 +165,7 @@ def _aclsum_documents(seed: int) -> Iterator[str]:
 
 def _cnn_documents(seed: int) -> Iterator[str]:
     """Train articles in load_samples' seeded order; a larger request with the same seed extends a smaller one."""
-    from experiments.datasets import load_samples
+    from calibration.datasets import load_samples
 
     done, wanted = 0, _FETCH_CHUNK
     while True:
@@ -205,7 +205,7 @@ def split_paragraph_blocks(text: str) -> list[str]:
 
 
 def _table_documents(path: Path, seed: int, text_column: str | None) -> Iterator[str]:
-    from experiments.datasets import load_local_table  # the suite's one reader of local dataset files
+    from calibration.datasets import load_local_table  # the suite's one reader of local dataset files
 
     dataset = load_local_table(path, CALIB_SPLIT)
     column = resolve_text_column(list(dataset.column_names), text_column, str(path))
@@ -214,7 +214,7 @@ def _table_documents(path: Path, seed: int, text_column: str | None) -> Iterator
         raise UserError(f"{path}: column {column!r} holds {feature}, not text")
     dataset = dataset.select_columns([column])
     order = list(range(dataset.num_rows))
-    random.Random(seed).shuffle(order)  # the same seeded permutation experiments.datasets uses
+    random.Random(seed).shuffle(order)  # the same seeded permutation calibration.datasets uses
     for start in range(0, len(order), _FETCH_CHUNK):
         for text in dataset[order[start : start + _FETCH_CHUNK]][column]:
             if isinstance(text, str) and text.strip():
@@ -287,23 +287,30 @@ def calibration_batches(
     return torch.tensor(stream[:needed], dtype=torch.long).view(num_samples, seq_len)
 
 
-# ------------------------------------------------------------------------------------------- forward
+# --------------------------------------------------------------------------------------------- flags
 
 
-def forward_loop(batches: "torch.Tensor", batch_size: int = 4) -> Callable[["torch.nn.Module"], None]:
-    """``loop(model)`` running the model over the rows under ``torch.no_grad()`` (ModelOpt's ``forward_loop``)."""
-    import torch
+def add_calib_args(parser, *, standalone: bool = False) -> None:
+    """The calibration flags, spelled the same in every CLI; defaults are :class:`CalibSpec`'s own.
 
-    if batches.dim() != 2 or batches.numel() == 0:
-        raise ValueError(f"calibration batches must be a non-empty [rows, seq_len] tensor, got {tuple(batches.shape)}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    ``standalone`` (``python -m calibration``) adds ``--text-column`` and that CLI's old spellings ``--source``
+    and ``--seed``, kept as aliases for a release (elsewhere ``--seed`` is the search's own flag)."""
+    from quant.errors import positive_int, seed_int
 
-    def loop(model: torch.nn.Module) -> None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        kwargs = {"use_cache": False} if hasattr(model, "config") else {}  # a HF model: no KV cache to build
-        with torch.no_grad():
-            for start in range(0, batches.shape[0], batch_size):
-                model(input_ids=batches[start : start + batch_size].to(device), **kwargs)
+    d = CalibSpec.__dataclass_fields__
+    old = (lambda flag: [flag]) if standalone else (lambda flag: [])
+    g = parser.add_argument_group("calibration")
+    g.add_argument("--calib-source", *old("--source"), dest="calib_source", default=d["source"].default,
+                   help="aclsum (train split) | cnn_dailymail (train) | a text/jsonl/parquet/csv file or folder")
+    if standalone:
+        g.add_argument("--text-column", default=None, help="column holding the text of a table file (default: auto)")
+    g.add_argument("--calib-samples", type=positive_int, default=d["num_samples"].default, help="calibration rows")
+    g.add_argument("--calib-seq-len", type=positive_int, default=d["seq_len"].default,
+                   help="tokens per calibration row")
+    g.add_argument("--calib-seed", *old("--seed"), dest="calib_seed", type=seed_int, default=d["seed"].default,
+                   help="which calibration documents are drawn, in which order")
 
-    return loop
+
+def calib_spec_from_args(args) -> CalibSpec:
+    return CalibSpec(source=args.calib_source, num_samples=args.calib_samples, seq_len=args.calib_seq_len,
+                     seed=args.calib_seed, text_column=getattr(args, "text_column", None))

@@ -36,10 +36,11 @@ import torch
 from quant import faults
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.errors import UserError
+from quant.export import calibration_device, forward_loop, load_hf_model
 from quant.codehash import code_hash
 from quant.paths import cache_root
 
-from calibration.data import CalibSpec, forward_loop
+from calibration.data import CalibSpec
 
 if TYPE_CHECKING:
     from quant.model_source import ResolvedModel
@@ -383,10 +384,6 @@ def get_stats(
         tokenizer = AutoTokenizer.from_pretrained(resolved.hf_dir)
     batches = spec.batches(tokenizer)  # bad data fails before the model is loaded
     if model is None:
-        from quant.export import load_hf_model
-
-        from quant.export import calibration_device
-
         model = load_hf_model(resolved, dtype=torch.float32, device=calibration_device())
     stats = collect_stats(model, batches, batch_size=batch_size, model_hash=resolved.content_hash, spec=spec)
     faults.point("calib.collect")  # crash test: statistics computed, nothing written

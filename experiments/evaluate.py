@@ -171,11 +171,14 @@ class Candidate:
                  log=print, backend=None):
         from transformers import AutoTokenizer
 
+        from calibration.data import CalibSpec
         from experiments.prompts import PromptBuilder
         from quant.apply import build_checkpoint
         from quant.backends import resolve_backend
         from quant.model_source import load_eos_ids, resolve_model
 
+        if calib is None and recipe.needs_calibration and checkpoint is None:
+            calib = CalibSpec()
         self.settings, self.recipe, self.calib, self.log = settings, recipe, calib, log
         self.device = check_device(settings.device)
         self.timings: dict[str, float] = {}
@@ -267,7 +270,7 @@ def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | N
     ``backend``: the :class:`~quant.backends.BackendChoice` the CLI resolved (its reason goes into the record);
     None resolves ``settings.backend`` here."""
     from experiments import environment
-    from experiments.datasets import load_samples
+    from calibration.datasets import load_samples
 
     # Cheap input checks first, so bad data fails before minutes of model work.
     samples = load_samples(settings.dataset, split=settings.split, num_samples=settings.num_samples,
@@ -296,7 +299,7 @@ def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | N
         "rouge": summary["rouge"],
         "perplexity": ppl,
         "health": health,
-        "calibration": dataclasses.asdict(calib) if calib is not None and checkpoint is None and recipe.needs_calibration else None,
+        "calibration": dataclasses.asdict(cand.calib) if cand.calib is not None and recipe.needs_calibration else None,
         "latency": lat.to_dict(),
         "runtime": cand.describe(),
         "versions": environment.versions(),
@@ -334,7 +337,7 @@ def format_record(rec: dict) -> str:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     from quant.atomic import atomic_write_json, ensure_writable_dir
-    from quant.apply import add_calib_args, calib_spec_from_args
+    from calibration.data import add_calib_args, calib_spec_from_args
     from quant.backends import resolve_backend
     from quant.checkpoint import load_checkpoint
     from quant.hf_checkpoint import checkpoint_format, load_hf_export

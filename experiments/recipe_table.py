@@ -65,7 +65,7 @@ def remeasure(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from experiments import environment
     from experiments.evaluate import add_common_args, evaluate, settings_from_args
-    from quant.apply import add_calib_args, calib_spec_from_args
+    from calibration.data import add_calib_args, calib_spec_from_args
     from quant.atomic import atomic_write_json
     from quant.recipes import parse_recipe_arg
 

@@ -37,7 +37,7 @@ def truth(search_args: list[str], *, seconds: float, log, comparison: dict | Non
     until the fastest feasible one and every class tied with it are known (slower classes need no accuracy)."""
     from experiments.confirm import compare
     from experiments.evaluate import Candidate
-    from quant.search import Search, parse_args
+    from experiments.search import Search, parse_args
     from quant.space import Space
 
     args = parse_args(search_args)

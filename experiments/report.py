@@ -10,7 +10,8 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quant.atomic import atomic_write_bytes, atomic_write_text
+from experiments.figures import write_plots
+from quant.atomic import atomic_write_text
 
 
 @dataclass
@@ -222,8 +223,6 @@ def write_outputs(study, summary: StudySummary, out_dir: Path) -> list[Path]:
         written.append(path)
     written.append(_write_csv(summary, out_dir / "trials.csv"))
     written.append(_write_markdown(study, summary, out_dir / "report.md"))
-    from experiments.plot import write_plots
-
     written += write_plots(study, summary, out_dir)
     return written
 
@@ -291,11 +290,4 @@ def _write_markdown(study, summary: StudySummary, path: Path) -> Path:
     if summary.stopped:
         text += ["", f"Search stopped: {summary.stopped}."]
     atomic_write_text(path, "\n".join(text) + "\n", fault="report.write")
-    return path
-
-
-def save_png(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue(), fault="plot.write")
     return path

@@ -13,11 +13,12 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from quant import faults
-from quant.export import EXPORT_DTYPE, calibration_device, export_checkpoint, load_hf_model
+from quant.export import EXPORT_DTYPE, calibration_device, export_checkpoint, forward_loop, load_hf_model
 from quant.model_source import ResolvedModel
 from quant.codehash import code_hash
 from quant.paths import cache_root
@@ -72,9 +73,23 @@ def modelopt_config(recipe: Recipe, num_layers: int) -> dict | None:
 CHECKPOINT_PACKAGES = ("torch", "nvidia-modelopt", "transformers")
 
 
-def checkpoint_dir(model: ResolvedModel, recipe: Recipe, calib=None) -> Path:
-    suffix = f"-{_short(calib.key)}" if recipe.needs_calibration else ""
-    code = code_hash("quant.apply", packages=CHECKPOINT_PACKAGES)
+class Calibration(Protocol):
+    """What this module needs of a calibration spec (``calibration.data.CalibSpec`` is one). Taken as a parameter
+    so that recipe application sits below the calibration package; the spec's own module is part of the
+    checkpoint's code hash, since it decides the calibration tokens."""
+
+    key: str
+    num_samples: int
+    seq_len: int
+
+    def batches(self, tokenizer) -> torch.Tensor: ...
+
+
+def checkpoint_dir(model: ResolvedModel, recipe: Recipe, calib: Calibration | None = None) -> Path:
+    suffix, modules = "", ("quant.apply",)
+    if recipe.needs_calibration:
+        suffix, modules = f"-{_short(calib.key)}", (*modules, type(calib).__module__)
+    code = code_hash(*modules, packages=CHECKPOINT_PACKAGES)
     return cache_root() / "checkpoints" / f"{model.short_hash}-{recipe.hash}{suffix}-{code}"
 
 
@@ -106,14 +121,11 @@ def build_lock(out: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def prepare(model: ResolvedModel, recipe: Recipe, calib=None):
-    """Check the recipe against the model before any work; the calibration spec it will use (default if needed)."""
-    recipe.validate_for(json.loads((model.hf_dir / "config.json").read_text()))
+def prepare(model: ResolvedModel, recipe: Recipe, calib: Calibration | None = None) -> None:
+    """Check the recipe against the model before any work. Contract: a recipe that calibrates gets a spec."""
     if recipe.needs_calibration and calib is None:
-        from calibration.data import CalibSpec
-
-        calib = CalibSpec()
-    return calib
+        raise ValueError(f"{recipe.label} calibrates: pass a calibration spec (calibration.data.CalibSpec)")
+    recipe.validate_for(json.loads((model.hf_dir / "config.json").read_text()))
 
 
 def cached_build(out: Path, build) -> Path:
@@ -126,9 +138,9 @@ def cached_build(out: Path, build) -> Path:
     return out
 
 
-def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib=None, *, log=None) -> Path:
+def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib: Calibration | None = None, *, log=None) -> Path:
     """The TRT-LLM checkpoint for (model, recipe, calibration): from the cache, or quantized and exported."""
-    calib = prepare(model, recipe, calib)
+    prepare(model, recipe, calib)
 
     def build(out: Path) -> None:
         t0 = time.perf_counter()
@@ -143,17 +155,13 @@ def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib=None, *, log=No
     return cached_build(checkpoint_dir(model, recipe, calib), build)
 
 
-def quantize_model(model: ResolvedModel, recipe: Recipe, calib, *, log=None) -> torch.nn.Module:
+def quantize_model(model: ResolvedModel, recipe: Recipe, calib: Calibration, *, log=None) -> torch.nn.Module:
     """ModelOpt-quantize the HF model in float32 (on :func:`~quant.export.calibration_device`), then cast to fp16."""
     import modelopt.torch.quantization as mtq
     from transformers import AutoTokenizer
 
-    from calibration.data import calibration_batches, forward_loop
-
     hf = load_hf_model(model, dtype=torch.float32, device=calibration_device())
-    tokenizer = AutoTokenizer.from_pretrained(model.hf_dir)
-    batches = calibration_batches(tokenizer, source=calib.source, num_samples=calib.num_samples,
-                                  seq_len=calib.seq_len, seed=calib.seed)
+    batches = calib.batches(AutoTokenizer.from_pretrained(model.hf_dir))
     cfg = modelopt_config(recipe, hf.config.num_hidden_layers)
     if log:
         log(f"quantizing {recipe.label} with ModelOpt on {calib.num_samples}×{calib.seq_len} calibration tokens")
@@ -166,22 +174,3 @@ def quantize_model(model: ResolvedModel, recipe: Recipe, calib, *, log=None) -> 
     with torch.no_grad():
         mtq.quantize(hf, cfg, calibrate)
     return hf.to(device="cpu", dtype=EXPORT_DTYPE)  # exported from host memory, whatever calibrated it
-
-
-
-def add_calib_args(parser) -> None:
-    """Calibration flags shared by quant.build, experiments.evaluate and quant.search."""
-    from quant.errors import positive_int, seed_int
-
-    g = parser.add_argument_group("calibration")
-    g.add_argument("--calib-source", default="aclsum", help="aclsum (train split) | cnn_dailymail (train) | a text/jsonl file")
-    g.add_argument("--calib-samples", type=positive_int, default=32, help="calibration sequences")
-    g.add_argument("--calib-seq-len", type=positive_int, default=256, help="tokens per calibration sequence")
-    g.add_argument("--calib-seed", type=seed_int, default=0, help="which calibration documents are drawn")
-
-
-def calib_spec_from_args(args):
-    from calibration.data import CalibSpec
-
-    return CalibSpec(source=args.calib_source, num_samples=args.calib_samples, seq_len=args.calib_seq_len,
-                     seed=args.calib_seed)

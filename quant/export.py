@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -75,3 +76,19 @@ def calibration_device() -> torch.device:
     the device: a checkpoint calibrated on either is the same recipe."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+
+def forward_loop(batches: torch.Tensor, batch_size: int = 4) -> Callable[[torch.nn.Module], None]:
+    """``loop(model)`` running the model over the rows under ``torch.no_grad()`` (ModelOpt's ``forward_loop``)."""
+    if batches.dim() != 2 or batches.numel() == 0:
+        raise ValueError(f"calibration batches must be a non-empty [rows, seq_len] tensor, got {tuple(batches.shape)}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+
+    def loop(model: torch.nn.Module) -> None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        kwargs = {"use_cache": False} if hasattr(model, "config") else {}  # a HF model: no KV cache to build
+        with torch.no_grad():
+            for start in range(0, batches.shape[0], batch_size):
+                model(input_ids=batches[start : start + batch_size].to(device), **kwargs)
+
+    return loop

@@ -165,7 +165,7 @@ def build_hf_export(model, recipe, calib=None, *, log=None) -> Path:
     from quant.apply import cached_build, prepare, quantize_model
     from quant.export import EXPORT_DTYPE, load_hf_model
 
-    calib = prepare(model, recipe, calib)
+    prepare(model, recipe, calib)
 
     def build(out: Path) -> None:
         t0 = time.perf_counter()

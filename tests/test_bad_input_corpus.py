@@ -398,7 +398,7 @@ CASES = [
     Case("calibration-source-without-text-column", CA, lambda c: ["--source", c.p("data.jsonl")],
          ("data.jsonl: no text column among", "--text-column"), setup=_jsonl([{"title": "a", "body": "b"}])),
     Case("calibration-top-zero", CA, ["--top", "0"], ("argument --top", "must be > 0")),
-    Case("calibration-seed-negative", CA, ["--seed", "-1"], ("argument --seed", "must be in [0, 2**32 - 1]")),
+    Case("calibration-seed-negative", CA, ["--seed", "-1"], ("argument --calib-seed/--seed", "must be in [0, 2**32 - 1]")),
     Case("calibration-model-kv-heads", CA, lambda c: ["--model", c.p("tiny")],
          ("num_key_value_heads must be a positive divisor of num_attention_heads", "3"), setup=_config_kv_heads),
     Case("calibration-plot-dir-under-a-file", CA, ["--plot-dir", "afile/plots"], ("is a file, not a folder",),

@@ -18,12 +18,12 @@ from calibration.data import (
     CalibSpec,
     calibration_batches,
     calibration_tokens,
-    forward_loop,
     split_paragraph_blocks,
 )
 from calibration.stats import ActivationStats, collect_stats, get_stats, stats_dir
-from experiments.datasets import detokenize, load_samples
+from calibration.datasets import detokenize, load_samples
 from quant.errors import UserError
+from quant.export import forward_loop
 from tests.offline import offline_user_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,8 +167,8 @@ def test_jsonl_source_autodetects_or_takes_the_text_column(tokenizer, tmp_path, 
 
 
 def test_cnn_dailymail_reads_train_articles_in_growing_seeded_requests(tokenizer, monkeypatch):
-    import experiments.datasets
-    from experiments.datasets import Sample
+    import calibration.datasets
+    from calibration.datasets import Sample
 
     calls = []
 
@@ -177,7 +177,7 @@ def test_cnn_dailymail_reads_train_articles_in_growing_seeded_requests(tokenizer
         rows = [Sample(str(i), f"Article number {i} of the seed {seed} order.", "x") for i in range(100)]
         return rows[:num_samples]
 
-    monkeypatch.setattr(experiments.datasets, "load_samples", fake_load_samples)
+    monkeypatch.setattr(calibration.datasets, "load_samples", fake_load_samples)
     stream = calibration_tokens(tokenizer, source="cnn_dailymail", seed=5)
     assert stream.count(tokenizer.eos_token_id) == 99  # all 100 articles, each once
     assert calls == [("cnn_dailymail", "train", 64, 5), ("cnn_dailymail", "train", 128, 5)]

@@ -55,4 +55,22 @@ def test_real_cache_keys_cover_the_measuring_and_quantizing_code():
     # The evaluation key's old hand-kept list missed modules; the closure has them all.
     assert {"evaluate.py", "latency.py", "rouge.py", "health.py", "torch_runtime.py", "linear.py", "kv_cache.py",
             "apply.py", "export.py"} <= names
-    assert {"apply.py", "export.py", "recipes.py", "stats.py"} <= {p.name for p in ch.closure("quant.apply")}
+    assert {"apply.py", "export.py", "recipes.py"} <= {p.name for p in ch.closure("quant.apply")}
+    assert {"data.py", "datasets.py"} <= {p.name for p in ch.closure("calibration.data")}
+
+
+def test_checkpoint_key_covers_the_calibration_spec_code(monkeypatch):
+    """quant.apply takes the calibration spec as a parameter (it sits below the calibration package), so a
+    calibrated checkpoint's key must add the spec's own module: it decides the calibration tokens."""
+    from types import SimpleNamespace
+
+    from calibration.data import CalibSpec
+    from quant import apply
+    from quant.recipes import Recipe
+
+    seen = []
+    monkeypatch.setattr(apply, "code_hash", lambda *modules, packages=(): seen.append(modules) or "c0de")
+    model = SimpleNamespace(short_hash="m0")
+    apply.checkpoint_dir(model, Recipe("smoothquant", alpha=0.5), CalibSpec())
+    apply.checkpoint_dir(model, Recipe("fp16"))
+    assert seen == [("quant.apply", "calibration.data"), ("quant.apply",)]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.datasets import KNOWN_DATASETS, Sample, detokenize, load_samples
+from calibration.datasets import KNOWN_DATASETS, Sample, detokenize, load_samples
 from quant.errors import UserError
 from tests.offline import offline_user_error
 
@@ -314,7 +314,7 @@ def test_cnn_dailymail_bad_split():
 
 
 def test_cnn_dailymail_offline_is_a_user_error(tmp_path, monkeypatch):
-    message = offline_user_error(tmp_path, monkeypatch, "from experiments.datasets import load_samples",
+    message = offline_user_error(tmp_path, monkeypatch, "from calibration.datasets import load_samples",
                                  "load_samples('cnn_dailymail', num_samples=1)").strip()
     assert "\n" not in message
     assert "could not load cnn_dailymail" in message and "local copy" in message

@@ -32,7 +32,8 @@ def _unsmoothed_variant(model, recipe: Recipe, out):
     import modelopt.torch.quantization as mtq
     from transformers import AutoTokenizer
 
-    from calibration.data import calibration_batches, forward_loop
+    from calibration.data import calibration_batches
+    from quant.export import forward_loop
     from quant.export import EXPORT_DTYPE, export_checkpoint, load_hf_model
 
     hf = load_hf_model(model, dtype=torch.float32)
