@@ -38,6 +38,7 @@ from quant.atomic import atomic_dir, atomic_write_json
 from quant.errors import UserError
 from quant.export import calibration_device, forward_loop, load_hf_model
 from quant.codehash import code_hash
+from quant.names import HF_MODULES
 from quant.paths import cache_root
 
 from calibration.data import CalibSpec
@@ -50,14 +51,9 @@ TENSOR_FILE = "stats.safetensors"
 META_FILE = "meta.json"
 
 # TRT-LLM linear kind -> the HF submodule (of a LlamaDecoderLayer) whose input is recorded.
-LINEAR_KINDS: dict[str, str] = {
-    "attention.qkv": "self_attn.q_proj",
-    "attention.dense": "self_attn.o_proj",
-    "mlp.fc": "mlp.gate_proj",
-    "mlp.proj": "mlp.down_proj",
-}
 # TRT-LLM linears that read exactly the input of another, stored once under the latter.
 ALIAS_KINDS: dict[str, str] = {"mlp.gate": "mlp.fc"}  # up_proj reads gate_proj's input
+LINEAR_KINDS: dict[str, str] = {kind: parts[0] for kind, parts in HF_MODULES.items() if kind not in ALIAS_KINDS}
 STAT_FIELDS = ("absmax", "mean_abs")
 
 
@@ -283,7 +279,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
         raise UserError(f"{type(model).__name__} has no decoder layers (model.layers): not a LLaMa-family model")
     for layer in layers:
-        for path in (*LINEAR_KINDS.values(), "mlp.up_proj"):
+        for path in (parts[0] for parts in HF_MODULES.values()):
             try:
                 linear = layer.get_submodule(path)
             except AttributeError:

@@ -397,7 +397,8 @@ def sweep(device: torch.device, log, ms: list[int]) -> list[dict]:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     from quant.runtime.random_checkpoint import RECIPES, SHAPES
-    from quant.runtime.torch_runtime import FP8_MIN_CAPABILITY, check_cuda
+    from quant.hardware import fp8_refusal
+    from quant.runtime.torch_runtime import check_cuda
 
     p = ArgumentParser(prog="python -m experiments.bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -427,11 +428,9 @@ def main(argv: list[str] | None = None) -> int:
                ("", "tinygemm", "triton")]
     if unknown:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)})")
-    cap = torch.cuda.get_device_capability(device)
     fp8 = [r for r in recipes if "FP8" in RECIPES[r.partition("@")[0]]]
-    if fp8 and tuple(cap) < FP8_MIN_CAPABILITY:
-        raise UserError(f"recipe(s) {', '.join(fp8)} need FP8, i.e. a GPU of compute capability ≥ 8.9; "
-                        f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}")
+    if fp8 and (why := fp8_refusal(device)):
+        raise UserError(f"recipe(s) {', '.join(fp8)} use FP8: {why}")
     batch_sizes, input_lens = _ints(args.batch_sizes), _ints(args.input_lens)
     hf_batches = [] if args.no_hf or not args.hf_batch_sizes else _ints(args.hf_batch_sizes)
     if args.output_len < 2 or args.hf_output_len < 2:

@@ -8,7 +8,6 @@ are measured the same way. Prints a Markdown table and writes JSON.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time

@@ -17,20 +17,12 @@ from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
 
 def recipe_from_study(name: str, storage: str | None):
     """(best feasible recipe, model spec, calibration spec) of a finished search study."""
-    import os
-
     from calibration.data import CalibSpec
     from experiments.report import summarize_study
     from quant.recipes import Recipe
-    from quant.study_store import open_study
+    from quant.study_store import existing_storage_url, open_study
 
-    url = storage or os.environ.get("QUANT_SEARCH_STORAGE")
-    if url is None:
-        db = Path("results/search/study.db")
-        if not db.is_file():
-            raise UserError(f"no study database at {db}; pass --storage")
-        url = f"sqlite:///{db.resolve()}"
-    study = open_study(url, name)
+    study = open_study(existing_storage_url(storage), name)
     try:  # the study may come from anyone's database: a foreign attribute is bad input, not a traceback
         calib = CalibSpec(**study.user_attrs["calibration"]) if "calibration" in study.user_attrs else CalibSpec()
     except TypeError as exc:
@@ -77,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     add_calib_args(p)
     p.add_argument("--from-study", default=None, metavar="NAME",
                    help="build the best feasible trial of this search study (model and calibration from the study)")
-    p.add_argument("--storage", default=None, help="the study's optuna storage URL (default: results/search/study.db)")
+    p.add_argument("--storage", default=None, help="the study's optuna storage URL (default: $QUANT_SEARCH_STORAGE, else results/search/study.db)")
     args = p.parse_args(argv)
 
     calib = calib_spec_from_args(args)

@@ -5,13 +5,12 @@ this CLI regenerates them from any storage.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from experiments.report import summarize_study, write_outputs
-from quant.errors import ArgumentParser, UserError, cli_entry
-from quant.study_store import open_study
+from quant.errors import ArgumentParser, cli_entry
+from quant.study_store import RESULTS_DIR, existing_storage_url, open_study
 
 
 @cli_entry
@@ -20,15 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default=None, help="optuna storage URL (default: $QUANT_SEARCH_STORAGE, else sqlite "
                    "in --results-dir); passwords belong in the environment variable, not on the command line")
     p.add_argument("--study-name", default="quant-search", help="the search's optuna study")
-    p.add_argument("--results-dir", type=Path, default=Path("results/search"),
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                    help="where the plots go (and study.db is read from without --storage)")
     args = p.parse_args(argv)
-    # Like quant.search and quant.build: a PostgreSQL password need not appear in argv (visible in `ps`).
-    args.storage = args.storage or os.environ.get("QUANT_SEARCH_STORAGE")
-    url = args.storage or f"sqlite:///{(args.results_dir / 'study.db').resolve()}"
-    if args.storage is None and not (args.results_dir / "study.db").is_file():
-        raise UserError(f"no study database in {args.results_dir} (pass --storage)")
-    study = open_study(url, args.study_name)
+    study = open_study(existing_storage_url(args.storage, args.results_dir), args.study_name)
     summary = summarize_study(study)
     for path in write_outputs(study, summary, args.results_dir):
         print(path)

@@ -28,7 +28,8 @@ from quant.errors import (EXIT_NO_PASS, ArgumentParser, EnvironmentProblem, Term
                           positive_int, seed_int)
 from quant.recipes import Recipe
 from quant.space import Fact, Space, confirmation_key, contenders, next_action
-from quant.study_store import (check_same_measurement, claim, is_default_storage, open_search_study, open_storage,
+from quant.study_store import (RESULTS_DIR, STUDY_DB, check_same_measurement, claim, is_default_storage,
+                               open_search_study, open_storage,
                                reap_dead_trials, redact, storage_url, worker_identity)
 
 SEARCH_DEFAULTS = dict(num_samples=100, block_size=8, max_output_len=64, batch_size=4, input_len=32, output_len=16,
@@ -72,7 +73,7 @@ def parse_args(argv):
                    "every user of the machine); passwords are never printed")
     p.add_argument("--study-name", default="quant-search", help="the optuna study (a rerun continues it)")
     p.add_argument("--recipes", default="fp16,int8_wo,smoothquant,int4_awq,fp8", help="comma-separated kinds to search")
-    p.add_argument("--results-dir", type=Path, default=Path("results/search"),
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                    help="report.md, trials.csv, best_recipe.yaml, plots (and study.db without --storage)")
     p.set_defaults(**{k: v for k, v in SEARCH_DEFAULTS.items() if k not in ("n_trials", "block_size")})
     args = p.parse_args(argv)
@@ -514,7 +515,7 @@ def run(args) -> int:
     # A storage URL given by the user, or an existing default database, is opened before the model work (a typo
     # or a damaged file used to surface after a model conversion); a new default SQLite file is only created once
     # the model is known to load.
-    default_db = args.results_dir / "study.db"
+    default_db = args.results_dir / STUDY_DB
     early = not is_default_storage(args) or (default_db.is_file() and default_db.stat().st_size > 0)
     storage = open_storage(url) if early else None
     search.load_model()

@@ -20,18 +20,10 @@ import torch
 from quant import faults
 from quant.export import EXPORT_DTYPE, calibration_device, export_checkpoint, forward_loop, load_hf_model
 from quant.model_source import ResolvedModel
+from quant.names import HF_MODULES
 from quant.codehash import code_hash
 from quant.paths import cache_root
 from quant.recipes import Recipe
-
-# TRT-LLM linear name → the HF LLaMa modules it is made of (qkv is q, k and v fused).
-HF_MODULES = {
-    "attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "attention.dense": ("self_attn.o_proj",),
-    "mlp.fc": ("mlp.gate_proj",),
-    "mlp.gate": ("mlp.up_proj",),
-    "mlp.proj": ("mlp.down_proj",),
-}
 KV_QUANTIZER = "*[kv]_bmm_quantizer"
 
 

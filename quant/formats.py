@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from quant.errors import UserError
+from quant.names import LINEARS
 
-# TRT-LLM linear names inside each decoder layer, and how their [out, in] shapes follow from config.json.
-LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
 QUANT_ALGOS = (None, "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "FP8")
 KV_CACHE_ALGOS = (None, "INT8", "FP8")
 

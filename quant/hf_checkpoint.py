@@ -40,19 +40,12 @@ from types import SimpleNamespace
 import torch
 
 from quant.errors import UserError
+from quant.names import HF_MODULES
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
 READABLE_ALGOS = (None, "W8A16", "W8A8_SQ_PER_CHANNEL", "FP8")
-# TRT-LLM linear → the HF modules it is made of, in concatenation order.
-LINEAR_PARTS = {
-    "attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "attention.dense": ("self_attn.o_proj",),
-    "mlp.fc": ("mlp.gate_proj",),
-    "mlp.gate": ("mlp.up_proj",),
-    "mlp.proj": ("mlp.down_proj",),
-}
 FP8_FUSED = (("attention.qkv",), ("mlp.fc", "mlp.gate"))  # what TRT-LLM's PyTorch backend fuses (one scale each)
 
 
@@ -267,7 +260,7 @@ def load_hf_export(folder: Path):
         p, t = f"model.layers.{i}.", f"transformer.layers.{i}."
         tensors[t + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
         tensors[t + "post_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
-        parts = {lin: [take(p + m + ".weight") for m in mods] for lin, mods in LINEAR_PARTS.items()}
+        parts = {lin: [take(p + m + ".weight") for m in mods] for lin, mods in HF_MODULES.items()}
         for lin, weights in parts.items():
             quantized = {w.dtype not in (torch.float16, torch.bfloat16, torch.float32) for w in weights}
             if len(quantized) != 1:
@@ -277,7 +270,7 @@ def load_hf_export(folder: Path):
                 excluded.append(f"transformer.layers.{i}.{lin}")
 
         def extra(lin: str, suffix: str) -> list[torch.Tensor]:
-            return [take(p + m + "." + suffix) for m in LINEAR_PARTS[lin]]
+            return [take(p + m + "." + suffix) for m in HF_MODULES[lin]]
 
         fp8_target = {}
         if algo == "FP8":

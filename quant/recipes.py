@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from quant.errors import UserError
+from quant.hardware import fp8_refusal
+from quant.names import LINEARS
 
 KINDS = ("fp16", "int8_wo", "smoothquant", "int4_awq", "fp8")
 KV_CACHE = ("none", "int8", "fp8")
@@ -24,7 +26,6 @@ GROUP_SIZES = (32, 64, 128)
 QUANT_ALGO = {"fp16": None, "int8_wo": "W8A16", "smoothquant": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ",
               "fp8": "FP8"}
 KV_ALGO = {"none": None, "int8": "INT8", "fp8": "FP8"}
-FP8_MIN_CAPABILITY = (8, 9)
 
 _DEFAULTS = {"alpha": None, "group_size": None, "awq_alpha_step": None, "awq_clip": False}
 _KIND_DEFAULTS = {
@@ -195,20 +196,15 @@ class Recipe:
         if (self.kind == "fp8" or self.kv_cache == "fp8") and device.startswith("cuda"):
             import torch
 
-            cap = torch.cuda.get_device_capability(torch.device(device))
-            if cap < FP8_MIN_CAPABILITY:
-                raise UserError(f"FP8 needs compute capability >= 8.9; {torch.cuda.get_device_name(device)} is "
-                                f"{cap[0]}.{cap[1]}")
+            if why := fp8_refusal(torch.device(device)):
+                raise UserError(why)
 
     def excluded_layers(self, num_layers: int) -> list[str]:
         return [n for n in layer_names(num_layers) if any(fnmatch.fnmatch(n, p) for p in self.exclude)]
 
 
-LINEAR_SUFFIXES = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
-
-
 def layer_names(num_layers: int) -> list[str]:
-    return [f"layers.{i}.{s}" for i in range(num_layers) for s in LINEAR_SUFFIXES] + ["lm_head"]
+    return [f"layers.{i}.{s}" for i in range(num_layers) for s in LINEARS] + ["lm_head"]
 
 
 def _unique_keys_loader():

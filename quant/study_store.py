@@ -17,17 +17,34 @@ from pathlib import Path
 from quant.errors import UserError
 
 
+# The storage rule, for every command that opens a study: --storage, else $QUANT_SEARCH_STORAGE (where a
+# PostgreSQL password belongs: argv is visible in `ps`), else SQLite in the results folder.
+STORAGE_ENV = "QUANT_SEARCH_STORAGE"
+RESULTS_DIR = Path("results/search")
+STUDY_DB = "study.db"
+
+
 def is_default_storage(args) -> bool:
-    return not (args.storage or os.environ.get("QUANT_SEARCH_STORAGE"))
+    return not (args.storage or os.environ.get(STORAGE_ENV))
 
 
 def storage_url(args, *, create_dir: bool = True) -> str:
-    url = args.storage or os.environ.get("QUANT_SEARCH_STORAGE")
+    url = args.storage or os.environ.get(STORAGE_ENV)
     if url:
         return url
     if create_dir:
         args.results_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(args.results_dir / 'study.db').resolve()}"
+    return f"sqlite:///{(args.results_dir / STUDY_DB).resolve()}"
+
+
+def existing_storage_url(storage: str | None, results_dir: Path = RESULTS_DIR) -> str:
+    """The storage a read-only command opens (same rule); the default SQLite file must already exist."""
+    url = storage or os.environ.get(STORAGE_ENV)
+    if url:
+        return url
+    if not (results_dir / STUDY_DB).is_file():
+        raise UserError(f"no study database in {results_dir} (pass --storage)")
+    return f"sqlite:///{(results_dir / STUDY_DB).resolve()}"
 
 
 def open_storage(url: str, *, create: bool = True):

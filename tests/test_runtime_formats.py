@@ -210,7 +210,7 @@ def test_mixed_precision_per_layer_group_size(built, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from quant import formats
-    from quant.formats import LINEARS
+    from quant.names import LINEARS
     from quant.runtime.linear import unpack_int4_rows
 
     folder = shutil.copytree(built["ckpt"], tmp_path / "mixed")

@@ -21,7 +21,8 @@ import torch
 
 from quant.checkpoint import Checkpoint
 from quant.errors import UserError
-from quant.formats import LINEARS, layer_algos, linear_shapes
+from quant.formats import layer_algos, linear_shapes
+from quant.names import LINEARS
 from quant.runtime.linear import pack_int4_rows
 
 SHAPES = {

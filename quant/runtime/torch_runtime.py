@@ -39,7 +39,9 @@ import torch.nn.functional as F
 
 from quant.checkpoint import Checkpoint, load_checkpoint
 from quant.errors import UserError
-from quant.formats import LINEARS, layer_group_sizes
+from quant.formats import layer_group_sizes
+from quant.hardware import fp8_refusal
+from quant.names import LINEARS
 from quant.runtime import rope
 from quant.runtime.kv_cache import KV_STORAGE, KVCache, QuantizedKVCache, kv_cache_mode
 from quant.runtime.linear import DenseLinear, _Handler, concat_linear_tensors, make_linear
@@ -530,9 +532,6 @@ def _gpu_memory(device: torch.device) -> str:
         return "free memory unknown"
 
 
-FP8_MIN_CAPABILITY = (8, 9)
-
-
 def check_cuda(device: torch.device, ckpt: Checkpoint | None = None) -> None:
     """UserError unless ``device`` is a usable CUDA GPU, and one with FP8 (compute capability ≥ 8.9) if the
     checkpoint has FP8 linears or an FP8 KV cache. Called before anything is put on the device."""
@@ -545,7 +544,5 @@ def check_cuda(device: torch.device, ckpt: Checkpoint | None = None) -> None:
     if ckpt is None:
         return
     fp8 = "FP8" in set(ckpt.layer_algos.values()) or ckpt.kv_cache_algo == "FP8"
-    cap = torch.cuda.get_device_capability(index)
-    if fp8 and tuple(cap) < FP8_MIN_CAPABILITY:
-        raise UserError(f"checkpoint {ckpt.path} uses FP8, which needs a GPU of compute capability ≥ 8.9 "
-                        f"(Ada/Hopper); {torch.cuda.get_device_name(index)} is {cap[0]}.{cap[1]}")
+    if fp8 and (why := fp8_refusal(index)):
+        raise UserError(f"checkpoint {ckpt.path} uses FP8: {why}")
