@@ -28,7 +28,7 @@ QUANT_ALGO = {"fp16": None, "int8_wo": "W8A16", "smoothquant": "W8A8_SQ_PER_CHAN
 KV_ALGO = {"none": None, "int8": "INT8", "fp8": "FP8"}
 
 _DEFAULTS = {"alpha": None, "group_size": None, "awq_alpha_step": None, "awq_clip": False}
-_KIND_DEFAULTS = {
+KIND_DEFAULTS = {
     "smoothquant": {"alpha": 0.8},  # ModelOpt's 1.0 measured worse on the default model (reference notes)
     "int4_awq": {"group_size": 128, "awq_alpha_step": 0.1},
 }
@@ -65,7 +65,7 @@ class Recipe:
             raise UserError(f"exclude must be a list of layer patterns (strings), got {self.exclude!r}")
         if self.kind not in KINDS:
             raise UserError(f"unknown recipe {self.kind!r} (known: {', '.join(KINDS)})")
-        for key, value in {**_DEFAULTS, **_KIND_DEFAULTS.get(self.kind, {})}.items():
+        for key, value in {**_DEFAULTS, **KIND_DEFAULTS.get(self.kind, {})}.items():
             if getattr(self, key) is None and value is not None:
                 object.__setattr__(self, key, value)
         if self.kind != "smoothquant" and self.alpha is not None:

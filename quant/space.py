@@ -28,12 +28,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from quant.recipes import KV_ALGO, QUANT_ALGO, Recipe
+from quant.recipes import KIND_DEFAULTS, KV_ALGO, KV_CACHE, QUANT_ALGO, Recipe
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-DEFAULT_ALPHA = 0.8
+DEFAULT_ALPHA = KIND_DEFAULTS["smoothquant"]["alpha"]  # where the alpha search starts
 FALLBACK_K = (0, 2, 4)
-KV_CACHES = ("none", "int8", "fp8")
 BASELINE = {"kind": "fp16", "kv_cache": "none"}
 
 
@@ -56,7 +55,7 @@ class Space:
     def enumerate(self) -> list[dict]:
         out = []
         for kind in self.kinds:
-            for kv in KV_CACHES:
+            for kv in KV_CACHE:
                 if kind == "fp16":
                     out.append({"kind": kind, "kv_cache": kv})
                     continue
@@ -68,7 +67,7 @@ class Space:
     def choices(self) -> dict[str, tuple]:
         """Every parameter's categorical choices (what optuna's distributions and the dashboard show)."""
         return {"kind": self.kinds, "alpha": ALPHAS, "group_size": self.group_sizes or (None,),
-                "kv_cache": KV_CACHES, "fp16_fallback": FALLBACK_K}
+                "kv_cache": KV_CACHE, "fp16_fallback": FALLBACK_K}
 
     def _accuracy_params(self, kind: str) -> list[dict]:
         if kind == "smoothquant":
@@ -103,7 +102,7 @@ class Space:
             out += [{**params, "fp16_fallback": k} for k in FALLBACK_K if k != params["fp16_fallback"]]
         if params["kind"] == "int4_awq":
             out += [{**params, "group_size": g} for g in self.group_sizes if g != params["group_size"]]
-        out += [{**params, "kv_cache": kv} for kv in KV_CACHES if kv != params["kv_cache"]]
+        out += [{**params, "kv_cache": kv} for kv in KV_CACHE if kv != params["kv_cache"]]
         return [p for p in out if not self.emulated(p)]
 
     def accuracy_variants(self, params: dict) -> list[dict]:
