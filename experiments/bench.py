@@ -19,6 +19,7 @@ launcher especially) is most of it: use it to compare large-M kernels, and ``--p
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -94,8 +95,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):
-    """``recipe`` may carry ``@tinygemm`` / ``@triton``: the W4A16 kernel for 1–64 rows (default: linear's)."""
-    from quant.runtime import linear
+    """``recipe`` may carry ``@tinygemm`` / ``@triton``: the W4A16 kernel for 1–64 rows (default: KernelConfig's)."""
+    from quant.runtime.linear import DEFAULT_KERNELS
     from quant.runtime.random_checkpoint import RECIPES, random_checkpoint, random_config
     from quant.runtime.torch_runtime import TorchRuntime
 
@@ -103,13 +104,11 @@ def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, see
     algo, kv = RECIPES[name]
     ckpt = random_checkpoint(random_config(shape, algo, kv, group_size=group), device=device, seed=seed,
                              path=f"<random {shape} {name}>")
-    saved = linear.CUDA_INT4_KERNEL
-    linear.CUDA_INT4_KERNEL = kernel or saved
+    kernels = dataclasses.replace(DEFAULT_KERNELS, int4_kernel=kernel) if kernel else DEFAULT_KERNELS
     try:
-        rt = TorchRuntime(ckpt, device=device, compute_dtype=dtype)
+        rt = TorchRuntime(ckpt, device=device, compute_dtype=dtype, kernels=kernels)
     finally:
         ckpt.tensors.clear()
-        linear.CUDA_INT4_KERNEL = saved
     torch.cuda.empty_cache()
     return rt
 
@@ -320,7 +319,6 @@ def sweep(device: torch.device, log, ms: list[int]) -> list[dict]:
     import triton
 
     from quant.runtime import cuda_kernels as ck
-    from quant.runtime import linear
     from quant.runtime.linear import make_linear
     from quant.runtime.random_checkpoint import _quantize
 
@@ -357,21 +355,18 @@ def sweep(device: torch.device, log, ms: list[int]) -> list[dict]:
             for M in ms:
                 x = torch.randn(M, K, generator=gen, device=device).half()
                 bench("auto", lambda: h.fused(x), algo, name, N, K, M, nbytes)
-                if M == 1:
-                    saved = linear.CUDA_GEMV[h.algo_key]
-                    linear.CUDA_GEMV[h.algo_key] = False
+                if M == 1:  # the handler's kernel choice, varied as a value (h.kernels), restored after
+                    base, k = h.kernels, h.algo_key
+                    h.kernels = dataclasses.replace(base, gemv=base.gemv - {k})
                     bench("library/tl.dot", lambda: h.fused(x), algo, name, N, K, M, nbytes)
-                    linear.CUDA_GEMV[h.algo_key] = saved
                     if algo in ("W8A16", "FP8"):  # the other weight conversion (PTX sequences vs bit moves)
-                        saved_cvt = ck.GEMV_CVT[wf[algo]]
-                        ck.GEMV_CVT[wf[algo]] = 1 - saved_cvt
-                        bench(f"gemv cvt={1 - saved_cvt}", lambda: h.fused(x), algo, name, N, K, M, nbytes)
-                        ck.GEMV_CVT[wf[algo]] = saved_cvt
+                        other = 1 - ck.GEMV_CVT[wf[algo]]
+                        h.kernels = dataclasses.replace(base, gemv_cvt=((k, other),))
+                        bench(f"gemv cvt={other}", lambda: h.fused(x), algo, name, N, K, M, nbytes)
                     for cfg in GEMV_SWEEP[key]:
-                        saved_cfg = ck.GEMV_CONFIG[wf[algo]]
-                        ck.GEMV_CONFIG[wf[algo]] = cfg
+                        h.kernels = dataclasses.replace(base, gemv_tile=((k, cfg),))
                         bench(f"gemv{cfg}", lambda: h.fused(x), algo, name, N, K, M, nbytes)
-                        ck.GEMV_CONFIG[wf[algo]] = saved_cfg
+                    h.kernels = base
                 elif M <= ck.WQ_MM_MAX_M and algo in ("W8A16", "W4A16_AWQ", "W8A8_SQ_PER_CHANNEL"):
                     sq = algo == "W8A8_SQ_PER_CHANNEL"
                     xa = (x * 10).clamp(-127, 127).to(torch.int8) if sq else x

@@ -14,6 +14,8 @@ Both variables are read once per process, so an unset variable costs one diction
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import signal
@@ -46,27 +48,25 @@ POINTS = {
     "engine.rename": "TensorRT-LLM engine folder complete, just before its rename into the cache",
 }
 
-_kill: tuple[str, int] | None | bool = None  # None: not read yet; False: unset
-_trace_path: str | None | bool = None
-_hits: dict[str, int] = {}
+@functools.cache
+def _kill_target() -> tuple[str, int, int] | None:
+    """(point, N-th hit, signal) from ``$QUANT_SUITE_KILL_AT``, read once per process; None when unset."""
+    raw = os.environ.get(KILL_ENV, "").strip()
+    if not raw:
+        return None
+    where, _, sig = raw.partition(":")
+    name, _, nth = where.partition("@")
+    try:
+        count = int(nth) if nth else 1
+    except ValueError:
+        count = 1
+    return name, max(count, 1), {"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(sig.upper(), signal.SIGKILL)
 
 
-def _kill_target() -> tuple[str, int, int] | bool:
-    global _kill
-    if _kill is None:
-        raw = os.environ.get(KILL_ENV, "").strip()
-        if not raw:
-            _kill = False
-        else:
-            where, _, sig = raw.partition(":")
-            name, _, nth = where.partition("@")
-            try:
-                count = int(nth) if nth else 1
-            except ValueError:
-                count = 1
-            signum = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}.get(sig.upper(), signal.SIGKILL)
-            _kill = (name, max(count, 1), signum)
-    return _kill
+@functools.cache
+def _hits(name: str) -> itertools.count:
+    """How often this process reached a point: ``next()`` is the current hit's number."""
+    return itertools.count(1)
 
 
 class Stop(BaseException):
@@ -78,13 +78,13 @@ def point(name: str) -> None:
     """Signal this process here when ``$QUANT_SUITE_KILL_AT`` names this point (and this is the N-th hit)."""
     if os.environ.get(STOP_ENV) == name:  # read on every call: an in-process test sets it
         raise Stop(name)
-    target = _kill if _kill is not None else _kill_target()
+    target = _kill_target()
     if not target or target[0] != name:
         return
-    _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] != target[1]:
+    hit = next(_hits(name))
+    if hit != target[1]:
         return
-    trace("killed", point=name, hit=_hits[name], signal=int(target[2]))
+    trace("killed", point=name, hit=hit, signal=int(target[2]))
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -95,13 +95,11 @@ def point(name: str) -> None:
 
 def trace(event: str, **fields) -> None:
     """Append ``{"pid", "t", "event", **fields}`` to ``$QUANT_SUITE_TRACE`` (nothing when it is unset)."""
-    global _trace_path
-    if _trace_path is None:
-        _trace_path = os.environ.get(TRACE_ENV) or False
-    if not _trace_path:
+    trace_path = os.environ.get(TRACE_ENV)
+    if not trace_path:
         return
     line = json.dumps({"pid": os.getpid(), "t": time.time(), "event": event, **fields}, default=str) + "\n"
-    fd = os.open(_trace_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(trace_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
     finally:

@@ -106,3 +106,60 @@ def test_entry_shims_only_import_their_command():
         tree = ast.parse((REPO / (shim.replace(".", "/") + ".py")).read_text())
         imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
         assert [(n.module, [a.name for a in n.names]) for n in imports] == [(target, ["main"])]
+
+
+_MUTATORS = {"append", "extend", "update", "clear", "pop", "popitem", "setdefault", "add", "discard", "remove",
+             "insert", "sort"}
+
+
+def _module_state_writes(source: str) -> list[str]:
+    """Writes, inside functions, to module-level state: ``global``, ``NAME[...] =`` / ``NAME.append(...)`` on a
+    module-level name, and ``module.NAME =`` / ``module.NAME[...] =`` on an imported module."""
+    tree = ast.parse(source)
+    top = {n.id for stmt in tree.body if isinstance(stmt, (ast.Assign, ast.AnnAssign))
+           for t in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]) for n in ast.walk(t)
+           if isinstance(n, ast.Name)}
+    modules = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+               for a in n.names}
+    found = []
+    for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+        local = {a.arg for a in (*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs)}
+        local |= {t.id for n in ast.walk(fn) if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+                  for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+        shared = top - local
+        for n in ast.walk(fn):
+            if isinstance(n, ast.Global):
+                found.append(f"line {n.lineno}: global {', '.join(n.names)}")
+            targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AugAssign) else []
+            for t in targets:
+                base = t.value if isinstance(t, ast.Subscript) else t
+                if isinstance(t, ast.Subscript) and isinstance(base, ast.Name) and base.id in shared:
+                    found.append(f"line {n.lineno}: {base.id}[...] =")
+                if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name) and base.value.id in modules:
+                    found.append(f"line {n.lineno}: {base.value.id}.{base.attr}{'[...]' * (t is not base)} =")
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in _MUTATORS \
+                    and isinstance(n.func.value, ast.Name) and n.func.value.id in shared:
+                found.append(f"line {n.lineno}: {n.func.value.id}.{n.func.attr}(...)")
+    return found
+
+
+def test_state_write_finder_finds_each_kind():
+    src = ("import m\nTABLE = {}\nFLAG = False\n"
+           "def f(x):\n    global FLAG\n    TABLE[x] = 1\n    TABLE.update(a=1)\n    m.KNOB = 2\n    m.T[0] = 1\n"
+           "def g(TABLE):\n    TABLE[0] = 1\n    local = {}\n    local[0] = 1\n")
+    assert sorted(w.split(": ", 1)[1] for w in _module_state_writes(src)) == sorted(
+        ["global FLAG", "TABLE[...] =", "TABLE.update(...)", "m.KNOB =", "m.T[...] ="])
+
+
+def test_no_module_level_variable_is_written_after_import():
+    """Kernel choice and every other setting are values passed in (e.g. quant.runtime.linear.KernelConfig)."""
+    writes = {str(p.relative_to(REPO)): w for root in ROOTS for p in sorted((REPO / root).rglob("*.py"))
+              if (w := _module_state_writes(p.read_text()))}
+    assert not writes, writes
+
+
+def test_tests_set_kernels_through_the_config():
+    patched = [f"{p.name}:{i}" for p in sorted((REPO / "tests").glob("*.py")) if p.name != Path(__file__).name
+               for i, line in enumerate(p.read_text().splitlines(), 1)
+               if "monkeypatch.set" in line and any(m in line for m in ("(linear", "(ck,", "(cuda_kernels", "ck."))]
+    assert not patched, patched

@@ -132,35 +132,34 @@ def test_linear_every_path_matches_float64_reference(algo, dtype):
 @cuda
 @pytest.mark.parametrize("cvt", [0, 1])
 @pytest.mark.parametrize("algo", ["W8A16", "FP8"])
-def test_gemv_weight_conversions_match_float64_reference(algo, cvt, monkeypatch):
+def test_gemv_weight_conversions_match_float64_reference(algo, cvt):
     """Both ways the batch-1 GEMV turns int8 / fp8 weights into float32 (PTX prmt / e4m3x2 converter, and the
     portable bit moves), whichever is the default, in float16 and bfloat16."""
-    from quant.runtime import cuda_kernels as ck
+    from quant.runtime.linear import KernelConfig
 
-    monkeypatch.setitem(ck.GEMV_CVT, ck.W_INT8 if algo == "W8A16" else ck.W_FP8, cvt)
     for dtype in GPU_DTYPES:
-        _check_linear(algo, dtype)
+        _check_linear(algo, dtype, KernelConfig(gemv_cvt=((algo, cvt),)))
 
 
 @cuda
 @pytest.mark.parametrize("kernel", ["triton", "tinygemm"])
-def test_int4_kernels_match_float64_reference(kernel, monkeypatch):
+def test_int4_kernels_match_float64_reference(kernel):
     """W4A16 for 1–64 rows: the Triton GEMV / tl.dot on the stored layout, and tinygemm on its repacked copy."""
-    from quant.runtime import linear
+    from quant.runtime.linear import KernelConfig
 
-    monkeypatch.setattr(linear, "CUDA_INT4_KERNEL", kernel)
     for dtype in GPU_DTYPES:
-        _check_linear("W4A16_AWQ", dtype)
+        _check_linear("W4A16_AWQ", dtype, KernelConfig(int4_kernel=kernel))
 
 
-def _check_linear(algo, dtype):
-    from quant.runtime.linear import make_linear
+def _check_linear(algo, dtype, kernels=None):
+    from quant.runtime.linear import DEFAULT_KERNELS, make_linear
     from tests.test_kernels import activations
 
     gen = torch.Generator().manual_seed(zlib.crc32(f"{algo}/{dtype}".encode()))
     out, inp, group = 96, 320, 64  # in = 5 groups; not a multiple of the GEMV's K tile
     t = _layout(algo, gen, out, inp, group)
-    h = make_linear(algo, {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV, group_size=group)
+    h = make_linear(algo, {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV, group_size=group,
+                    kernels=kernels or DEFAULT_KERNELS)
     assert not h.emulated
     wd = h.dequantized_weight().cpu()
     if algo is not None:
@@ -177,13 +176,14 @@ def _check_linear(algo, dtype):
         assert err <= 1e-2, f"{algo} {dtype} M={m}: {err:.2e}"
 
 
-def _fp16_linear(algo, key: str, *, inp: int, out: int = 64, group: int = 64):
+def _fp16_linear(algo, key: str, *, inp: int, out: int = 64, group: int = 64, kernels=None):
     """(generator, checkpoint tensors, float16 handler on the GPU, its dequantized weight) for one random linear."""
-    from quant.runtime.linear import make_linear
+    from quant.runtime.linear import DEFAULT_KERNELS, make_linear
 
     gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
     t = _layout(algo, gen, out, inp, group)
-    h = make_linear(algo, {k: v.to(DEV) for k, v in t.items()}, dtype=torch.float16, device=DEV, group_size=group)
+    h = make_linear(algo, {k: v.to(DEV) for k, v in t.items()}, dtype=torch.float16, device=DEV, group_size=group,
+                    kernels=kernels or DEFAULT_KERNELS)
     wd = h.dequantized_weight().cpu() if algo is not None else t["weight"].float()
     return gen, t, h, wd
 
@@ -212,11 +212,13 @@ def test_large_activations_do_not_overflow_float16(algo):
 def test_fused_prologues_and_residual(algo):
     """RMSNorm / SiLU·gate in front, residual behind: the GEMV against the CPU path's ops, and against the
     library path (separate prologue kernel + GEMM) on the same inputs."""
-    from quant.runtime import linear
+    from quant.runtime.linear import KernelConfig
 
     dtype = torch.float16
     out, inp = 64, 256
     gen, t, h, wd = _fp16_linear(algo, f"pro/{algo}", inp=inp, out=out)
+    # The same weights with no GEMV: a prologue kernel, then the library GEMM.
+    lib = _fp16_linear(algo, f"pro/{algo}", inp=inp, out=out, kernels=KernelConfig(gemv=frozenset()))[2]
     norm = (1 + 0.1 * torch.randn(inp, generator=gen)).to(dtype)
     for m in (1, 5):
         hs = torch.randn(m, inp, generator=gen).to(dtype) * 3
@@ -234,13 +236,7 @@ def test_fused_prologues_and_residual(algo):
             out_t = h.fused(src.to(DEV), residual=r, **kwargs)
             assert out_t is r
             assert rel(r, res.double() + y.double().cpu()) <= 1e-3
-            saved = linear.CUDA_GEMV[h.algo_key]
-            linear.CUDA_GEMV[h.algo_key] = False
-            try:
-                y_lib = h.fused(src.to(DEV), **kwargs)
-            finally:
-                linear.CUDA_GEMV[h.algo_key] = saved
-            assert rel(y, y_lib) <= 1e-2
+            assert rel(y, lib.fused(src.to(DEV), **kwargs)) <= 1e-2
 
 
 @cuda

@@ -8,7 +8,7 @@ to the compute dtype at the same places (see :mod:`quant.runtime.linear` for the
   read once (int8/int4/fp8 as int32 words, turned into float32 by moving bits: no int→float conversions) and
   accumulated element-wise in float32 (int8 × int8 in int32 for SmoothQuant), reduced once per program; the
   residual add is fused behind (y is added to h in place). It can also fuse the prologue in front (RMSNorm,
-  SiLU·gate, pre-quant scale, int8/FP8 activation quantization: ``linear.FUSE_PROLOGUE``), but every program
+  SiLU·gate, pre-quant scale, int8/FP8 activation quantization: ``KernelConfig.fuse_prologue``), but every program
   then recomputes it for the whole row, which measured slower on an H200 than one :func:`act_prep` launch.
 - :func:`wq_mm`: the same weights through ``tl.dot`` for 2–64 rows (decode at larger batch), and SmoothQuant's
   int8 × int8 GEMM with its dequant epilogue fused.
@@ -250,9 +250,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
          wscale: torch.Tensor | None = None, scale_mode: int = S_NONE, group: int = 0,
          prequant: torch.Tensor | None = None, act_scale: torch.Tensor | None = None, afmt: int = A_FLOAT,
          norm: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False, residual: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+         config: tuple[int, int, int] | None = None, cvt: int | None = None,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y [1, N] = W · prologue(x) for one row x [1, K] (silu: [1, 2K]); residual [1, N]: y added in place.
-    ``out_dtype``: y's dtype when x is not in the compute dtype (pre-quantized int8/fp8 x)."""
+    ``out_dtype``: y's dtype when x is not in the compute dtype (pre-quantized int8/fp8 x). ``config`` (tile) and
+    ``cvt`` (weight conversion) default to the tuned tables below."""
     assert x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
     R, K = w.shape
     N = 2 * R if wfmt == W_INT4 else R
@@ -277,7 +279,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
         R, K, stride_w, wscale.stride(0) if (wscale is not None and wscale.dim() == 2) else 0, float(eps),
         WFMT=wfmt, AFMT=afmt, PRO=PRO_SILU if silu else PRO_RMSNORM if norm is not None else PRO_NONE,
         HAS_PRE=prequant is not None, SCALE=scale_mode, RESIDUAL=residual is not None, GROUP=max(group, 4),
-        BLOCK_R=br, BLOCK_K=bk, CVT=GEMV_CVT.get(wfmt, 0), num_warps=warps)
+        BLOCK_R=br, BLOCK_K=bk, CVT=GEMV_CVT.get(wfmt, 0) if cvt is None else cvt, num_warps=warps)
     return y
 
 

@@ -29,9 +29,9 @@ or FP8 quantization) and a Triton GEMV that reads the stored layout once (int8, 
 add fused in; W8A16/SmoothQuant at 2–64 rows a Triton ``tl.dot`` kernel dequantizing in registers (SmoothQuant:
 int8 × int8 → int32); W4A16 at 1–64 rows tinygemm (``aten._weight_int4pack_mm``, repacked once at load; its
 activation dtype — bf16 on torch 2.11 — is probed once), the Triton kernels on the stored layout as the
-alternative (``CUDA_INT4_KERNEL``); above 64 rows (prefill) cuBLAS on a dequantized copy (W8A16, W4A16), the
+alternative (``KernelConfig.int4_kernel``); above 64 rows (prefill) cuBLAS on a dequantized copy (W8A16, W4A16), the
 Triton int8 GEMM with the dequant epilogue fused (SmoothQuant; ``torch._int_mm`` as the alternative,
-``SQ_PREFILL_GEMM``), and ``torch._scaled_mm`` (FP8); fp16 goes to cuBLAS. Any other non-CPU device runs the
+``KernelConfig.sq_prefill_gemm``), and ``torch._scaled_mm`` (FP8); fp16 goes to cuBLAS. Any other non-CPU device runs the
 exact emulation.
 
 Speed (2-core AVX-512 CPU, no AMX): the int8pack/int4pack kernels are fast in bfloat16 (faster than dense bf16 at
@@ -40,6 +40,7 @@ M=1) but take a slow path in float32 (10–25× dense fp32); ``_int_mm`` is fast
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -103,15 +104,48 @@ def _cuda_kernels():
     return cuda_kernels
 
 
-# Which formats take the fused Triton GEMV at M ≤ 8 on CUDA (else the M > 8 path: cuBLAS / _int_mm / _scaled_mm
-# after a separate prologue kernel). Tuned with ``python -m experiments.bench --sweep`` on an H200.
-CUDA_GEMV = {"dense": True, "W8A16": True, "W8A8_SQ_PER_CHANNEL": True, "W4A16_AWQ": True, "FP8": True}
-# Batch-1 GEMV: RMSNorm / SiLU·gate / activation quantization inside the GEMV (one launch, but every program
-# recomputes them for the whole row: measured slower on an H200 for SmoothQuant and FP8, whose division and
-# fp8 rounding per element and program cost more than a launch) or in one act_prep kernel before it.
-FUSE_PROLOGUE = False
-# SmoothQuant above 64 rows (prefill): "int_mm" (cuBLASLt) or "triton" (tl.dot int8 with the epilogue fused).
-SQ_PREFILL_GEMM = "triton"
+ALGO_KEYS = ("dense", "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "FP8")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which kernel each CUDA path takes: a value handed to the runtime (``TorchRuntime(..., kernels=)``) and on to
+    every handler, never a module global. The defaults were chosen with ``python -m experiments.bench --sweep``
+    on an H200; the benchmark and the tests make variants with :func:`dataclasses.replace`. The CPU path has one
+    kernel per format and ignores this."""
+
+    # Formats whose batch-1 rows take the fused Triton GEMV (else a prologue kernel, then the M > 1 path:
+    # cuBLAS / _int_mm / _scaled_mm / tl.dot).
+    gemv: frozenset[str] = frozenset(ALGO_KEYS)
+    # Batch-1 GEMV: RMSNorm / SiLU·gate / activation quantization inside the GEMV (one launch, but every program
+    # recomputes them for the whole row) or in one act_prep kernel before it (False: faster for SmoothQuant
+    # and FP8 on an H200, whose per-element division and fp8 rounding per program cost more than a launch).
+    fuse_prologue: bool = False
+    # SmoothQuant above 64 rows (prefill): "triton" (tl.dot int8, epilogue fused) or "int_mm" (cuBLASLt).
+    sq_prefill_gemm: str = "triton"
+    # W4A16 for 1–64 rows: "tinygemm" (aten._weight_int4pack_mm, repacked at load: int4 through tensor cores) or
+    # "triton" (the GEMV / tl.dot on the stored layout, nibble → float on the CUDA cores).
+    int4_kernel: str = "tinygemm"
+    # Per format (an ALGO_KEYS entry), overriding the GEMV kernel's tuned tables (cuda_kernels.GEMV_CVT and
+    # GEMV_CONFIG): the weight-conversion variant, and the (BLOCK_R, BLOCK_K, warps) tile.
+    gemv_cvt: tuple[tuple[str, int], ...] = ()
+    gemv_tile: tuple[tuple[str, tuple[int, int, int]], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.sq_prefill_gemm not in ("triton", "int_mm"):
+            raise ValueError(f"sq_prefill_gemm must be 'triton' or 'int_mm', got {self.sq_prefill_gemm!r}")
+        if self.int4_kernel not in ("tinygemm", "triton"):
+            raise ValueError(f"int4_kernel must be 'tinygemm' or 'triton', got {self.int4_kernel!r}")
+        unknown = set(self.gemv) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
+        if unknown - set(ALGO_KEYS):
+            raise ValueError(f"unknown format(s) {sorted(unknown - set(ALGO_KEYS))}; known: {', '.join(ALGO_KEYS)}")
+
+    def gemv_options(self, algo_key: str) -> dict:
+        """The GEMV kernel's ``cvt`` and ``config`` for a format (None: the kernel's tuned default)."""
+        return {"cvt": dict(self.gemv_cvt).get(algo_key), "config": dict(self.gemv_tile).get(algo_key)}
+
+
+DEFAULT_KERNELS = KernelConfig()
 
 
 def _round_up(n: int, m: int) -> int:
@@ -124,8 +158,8 @@ class _Handler:
     algo_key = "dense"
     quantizes_input = False  # SmoothQuant/FP8: one act_prep does RMSNorm/SiLU and the int8/fp8 quantization
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.dtype = dtype
+    def __init__(self, dtype: torch.dtype, device: torch.device, kernels: KernelConfig = DEFAULT_KERNELS):
+        self.dtype, self.kernels = dtype, kernels
         self.device = torch.device(device)
         self.native = self.device.type == "cpu"
         self.cuda = self.device.type == "cuda"
@@ -143,8 +177,8 @@ class _Handler:
         runtime's ``_rmsnorm``); residual [M, N]: add y to it in place and return it. On CUDA the small-M case
         is one fused kernel; elsewhere these are the runtime's own tensor ops."""
         if self.cuda:
-            if x.shape[0] <= _cuda_kernels().GEMV_MAX_M and CUDA_GEMV.get(self.algo_key, False) and self._gemv_ok():
-                if not FUSE_PROLOGUE and (norm is not None or silu) and not self.quantizes_input:
+            if x.shape[0] <= _cuda_kernels().GEMV_MAX_M and self.algo_key in self.kernels.gemv and self._gemv_ok():
+                if not self.kernels.fuse_prologue and (norm is not None or silu) and not self.quantizes_input:
                     x, norm, silu = self._prep(x, norm, eps, silu), None, False
                 return self._gemv(x, norm=norm, eps=eps, silu=silu, residual=residual)
             y = self._mm_cuda(x, norm=norm, eps=eps, silu=silu)
@@ -164,6 +198,10 @@ class _Handler:
 
     def _gemv_ok(self) -> bool:
         return True
+
+    def _ck_gemv(self, *args, **kwargs) -> torch.Tensor:
+        """The batch-1 GEMV kernel with this handler's kernel options."""
+        return _cuda_kernels().gemv(*args, **kwargs, **self.kernels.gemv_options(self.algo_key))
 
     def _prep(self, x, norm, eps, silu, *, prequant=None, act_scale=None, afmt=0, rows=None, out_dtype=None):
         """The prologue as its own kernel, when a library GEMM follows (or nothing is to be done: x itself)."""
@@ -193,8 +231,9 @@ class DenseLinear(_Handler):
     kernel = "dense"
     emulated = False
 
-    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, **_):
-        super().__init__(dtype, device)
+    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, *,
+                 kernels: KernelConfig = DEFAULT_KERNELS, **_):
+        super().__init__(dtype, device, kernels)
         self.weight = tensors["weight"].to(device=device, dtype=dtype).contiguous()
         self._weight_f32 = None
         if self.cuda:
@@ -219,7 +258,7 @@ class DenseLinear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
-        return ck.gemv(x, self.weight, wfmt=ck.W_FLOAT, norm=norm, eps=eps, silu=silu, residual=residual)
+        return self._ck_gemv(x, self.weight, wfmt=ck.W_FLOAT, norm=norm, eps=eps, silu=silu, residual=residual)
 
     def _mm_cuda(self, x, *, norm, eps, silu):
         return F.linear(self._prep(x, norm, eps, silu), self.weight)
@@ -234,8 +273,9 @@ class DenseLinear(_Handler):
 class W8A16Linear(_Handler):
     """INT8 per-channel weights, activations in the compute dtype: ``aten._weight_int8pack_mm``."""
 
-    def __init__(self, tensors, dtype, device, **_):
-        super().__init__(dtype, device)
+    def __init__(self, tensors, dtype, device, *, kernels: KernelConfig = DEFAULT_KERNELS,
+                 **_):
+        super().__init__(dtype, device, kernels)
         self.weight = tensors["weight"].to(device).contiguous()  # int8 [out, in]
         # The kernel wants the scales in x's dtype (TRT-LLM's weight-only GEMM also holds them in the model dtype).
         self.scale = tensors["weights_scaling_factor"].to(device=device, dtype=dtype).reshape(-1).contiguous()
@@ -252,8 +292,8 @@ class W8A16Linear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
-        return ck.gemv(x, self.weight, wfmt=ck.W_INT8, wscale=self.scale, scale_mode=ck.S_CHANNEL, norm=norm,
-                       eps=eps, silu=silu, residual=residual)
+        return self._ck_gemv(x, self.weight, wfmt=ck.W_INT8, wscale=self.scale, scale_mode=ck.S_CHANNEL, norm=norm,
+                             eps=eps, silu=silu, residual=residual)
 
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
@@ -274,8 +314,9 @@ class W8A16Linear(_Handler):
 class W8A8SQLinear(_Handler):
     """SmoothQuant W8A8 (static per-tensor activation scale): int8 × int8 → int32 ``torch._int_mm``."""
 
-    def __init__(self, tensors, dtype, device, **_):
-        super().__init__(dtype, device)
+    def __init__(self, tensors, dtype, device, *, kernels: KernelConfig = DEFAULT_KERNELS,
+                 **_):
+        super().__init__(dtype, device, kernels)
         weight = tensors["weight"].to(device)  # int8 [out, in]
         if self.cuda:
             # cuBLASLt's fast int8 GEMM is A row-major × B column-major: the [in, out] operand is a view of the
@@ -297,19 +338,19 @@ class W8A8SQLinear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
-        if not FUSE_PROLOGUE:  # quantize once, then an int8 × int8 GEMV
+        if not self.kernels.fuse_prologue:  # quantize once, then an int8 × int8 GEMV
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale, afmt=ck.A_INT8)
-            return ck.gemv(qx, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8_IN, wscale=self.out_scale,
-                           scale_mode=ck.S_CHANNEL, residual=residual, out_dtype=self.dtype)
-        return ck.gemv(x, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8, prequant=self.prequant,
-                       act_scale=self.act_scale, wscale=self.out_scale, scale_mode=ck.S_CHANNEL, norm=norm, eps=eps,
-                       silu=silu, residual=residual)
+            return self._ck_gemv(qx, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8_IN, wscale=self.out_scale,
+                                 scale_mode=ck.S_CHANNEL, residual=residual, out_dtype=self.dtype)
+        return self._ck_gemv(x, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8, prequant=self.prequant,
+                             act_scale=self.act_scale, wscale=self.out_scale, scale_mode=ck.S_CHANNEL, norm=norm,
+                             eps=eps, silu=silu, residual=residual)
 
     def fused(self, x, *, norm=None, eps=1e-6, silu=False, residual=None):
-        if self.cuda and not (x.shape[0] <= _cuda_kernels().GEMV_MAX_M and CUDA_GEMV[self.algo_key]):
+        if self.cuda and not (x.shape[0] <= _cuda_kernels().GEMV_MAX_M and self.algo_key in self.kernels.gemv):
             ck = _cuda_kernels()
             M = x.shape[0]
-            if M <= ck.WQ_MM_MAX_M or SQ_PREFILL_GEMM == "triton":
+            if M <= ck.WQ_MM_MAX_M or self.kernels.sq_prefill_gemm == "triton":
                 # int8 × int8 → int32 through tl.dot, (a · s) and the residual add fused into its epilogue
                 qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale,
                                 afmt=ck.A_INT8)
@@ -348,8 +389,9 @@ class W4A16AWQLinear(_Handler):
     int4 (checked against the exact dequantization). Repacked once at load.
     """
 
-    def __init__(self, tensors, dtype, device, *, group_size: int = 128, **_):
-        super().__init__(dtype, device)
+    def __init__(self, tensors, dtype, device, *, group_size: int = 128, kernels: KernelConfig = DEFAULT_KERNELS,
+                 **_):
+        super().__init__(dtype, device, kernels)
         packed = tensors["weight"].to(device)
         scales = tensors["weights_scaling_factor"].to(device)
         out, inp = packed.shape[0] * 2, packed.shape[1]
@@ -369,7 +411,7 @@ class W4A16AWQLinear(_Handler):
             self.scales = scales.to(dtype).contiguous()
             self.pow2_group = group & (group - 1) == 0 and group >= 16
             self.tinygemm = None
-            if CUDA_INT4_KERNEL == "tinygemm" and dtype != torch.float32 and group in (32, 64, 128, 256) \
+            if kernels.int4_kernel == "tinygemm" and dtype != torch.float32 and group in (32, 64, 128, 256) \
                     and inp % 128 == 0 and out % 8 == 0:
                 tg = _tinygemm_layout(self.device)
                 if tg is not None:  # repacked once for tinygemm; the Triton layout stays for prefill
@@ -397,8 +439,8 @@ class W4A16AWQLinear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
-        return ck.gemv(x, self.weight, wfmt=ck.W_INT4, wscale=self.scales, group=self.group, prequant=self.prequant,
-                       norm=norm, eps=eps, silu=silu, residual=residual)
+        return self._ck_gemv(x, self.weight, wfmt=ck.W_INT4, wscale=self.scales, group=self.group,
+                             prequant=self.prequant, norm=norm, eps=eps, silu=silu, residual=residual)
 
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
@@ -444,11 +486,6 @@ class W4A16AWQLinear(_Handler):
         return w_t[:, : self.out].t().float().contiguous()
 
 
-# W4A16 on CUDA for 1–64 rows: "tinygemm" (aten._weight_int4pack_mm, repacked at load) or "triton" (the GEMV /
-# tl.dot kernels on the stored layout). tinygemm reads int4 with tensor cores; the Triton GEMV does the
-# nibble → float work on the CUDA cores, which bounds it well below memory bandwidth on an H200.
-CUDA_INT4_KERNEL = "tinygemm"
-_TINYGEMM: dict = {}
 
 
 def _tinygemm_pack(q: torch.Tensor, scales: torch.Tensor, group: int, order: str, inner_k_tiles: int = 8):
@@ -462,27 +499,28 @@ def _tinygemm_pack(q: torch.Tensor, scales: torch.Tensor, group: int, order: str
 
 
 def _tinygemm_layout(device: torch.device) -> tuple[str, torch.dtype] | None:
-    """Probe once per device: the nibble order and activation dtype (fp16, else bf16) that make tinygemm compute
-    exactly q · s on a known weight; None if it is unavailable."""
-    key = str(device)
-    if key not in _TINYGEMM:
-        _TINYGEMM[key] = None
-        gen = torch.Generator().manual_seed(0)
-        q = torch.randint(-8, 8, (64, 256), generator=gen, dtype=torch.int8)
-        s = torch.rand(64, 2, generator=gen) + 0.5
-        x = torch.randn(4, 256, generator=gen)
-        ref = x.double() @ (q.double() * s.double().repeat_interleave(128, dim=1)).t()
-        for dtype in (torch.float16, torch.bfloat16):
-            for order in ("even-high", "even-low"):
-                try:
-                    w, sz = _tinygemm_pack(q.to(device), s.to(device=device, dtype=dtype), 128, order)
-                    y = torch.ops.aten._weight_int4pack_mm(x.to(device=device, dtype=dtype), w, 128, sz)
-                except (RuntimeError, NotImplementedError):
-                    continue
-                if ((y.double().cpu() - ref).norm() / ref.norm()).item() < 1e-2:
-                    _TINYGEMM[key] = (order, dtype)
-                    return _TINYGEMM[key]
-    return _TINYGEMM[key]
+    """The nibble order and activation dtype (fp16, else bf16) that make tinygemm compute exactly q · s on a known
+    weight, probed once per device; None if it is unavailable."""
+    return _probe_tinygemm(str(device))
+
+
+@functools.cache
+def _probe_tinygemm(device: str) -> tuple[str, torch.dtype] | None:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (64, 256), generator=gen, dtype=torch.int8)
+    s = torch.rand(64, 2, generator=gen) + 0.5
+    x = torch.randn(4, 256, generator=gen)
+    ref = x.double() @ (q.double() * s.double().repeat_interleave(128, dim=1)).t()
+    for dtype in (torch.float16, torch.bfloat16):
+        for order in ("even-high", "even-low"):
+            try:
+                w, sz = _tinygemm_pack(q.to(device), s.to(device=device, dtype=dtype), 128, order)
+                y = torch.ops.aten._weight_int4pack_mm(x.to(device=device, dtype=dtype), w, 128, sz)
+            except (RuntimeError, NotImplementedError):
+                continue
+            if ((y.double().cpu() - ref).norm() / ref.norm()).item() < 1e-2:
+                return order, dtype
+    return None
 
 
 class _TinygemmInt4:
@@ -499,8 +537,9 @@ class _TinygemmInt4:
 class FP8Linear(_Handler):
     """FP8 E4M3 weights and activations, per-tensor scales: ``torch._scaled_mm``."""
 
-    def __init__(self, tensors, dtype, device, **_):
-        super().__init__(dtype, device)
+    def __init__(self, tensors, dtype, device, *, kernels: KernelConfig = DEFAULT_KERNELS,
+                 **_):
+        super().__init__(dtype, device, kernels)
         if self.cuda:
             # cuBLASLt FP8 wants B column-major: a view of the contiguous [out, in] weight (the GEMV reads rows).
             self.weight = tensors["weight"].to(device).contiguous()
@@ -521,13 +560,13 @@ class FP8Linear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
-        if not FUSE_PROLOGUE:  # quantize once, then an fp8 × fp8 GEMV
+        if not self.kernels.fuse_prologue:  # quantize once, then an fp8 × fp8 GEMV
             qx = self._prep(x, norm, eps, silu, act_scale=self.act_scale.reshape(1), afmt=ck.A_FP8)
-            return ck.gemv(qx, self.weight, wfmt=ck.W_FP8, wscale=self.out_scale, scale_mode=ck.S_SCALAR,
-                           residual=residual, out_dtype=self.dtype)
-        return ck.gemv(x, self.weight, wfmt=ck.W_FP8, afmt=ck.A_FP8, act_scale=self.act_scale.reshape(1),
-                       wscale=self.out_scale, scale_mode=ck.S_SCALAR, norm=norm, eps=eps, silu=silu,
-                       residual=residual)
+            return self._ck_gemv(qx, self.weight, wfmt=ck.W_FP8, wscale=self.out_scale, scale_mode=ck.S_SCALAR,
+                                 residual=residual, out_dtype=self.dtype)
+        return self._ck_gemv(x, self.weight, wfmt=ck.W_FP8, afmt=ck.A_FP8, act_scale=self.act_scale.reshape(1),
+                             wscale=self.out_scale, scale_mode=ck.S_SCALAR, norm=norm, eps=eps, silu=silu,
+                             residual=residual)
 
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
@@ -582,8 +621,8 @@ def concat_linear_tensors(algo: str | None, parts: list[dict[str, torch.Tensor]]
 
 
 def make_linear(algo: str | None, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype,
-                device: torch.device, group_size: int = 128):
+                device: torch.device, group_size: int = 128, kernels: KernelConfig = DEFAULT_KERNELS):
     handler = HANDLERS.get(algo)
     if handler is None:
         raise UserError(f"the PyTorch runtime has no kernel for quant_algo {algo!r}")
-    return handler(tensors, dtype, device, group_size=group_size)
+    return handler(tensors, dtype, device, group_size=group_size, kernels=kernels)

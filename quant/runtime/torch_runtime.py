@@ -44,7 +44,8 @@ from quant.hardware import fp8_refusal
 from quant.names import LINEARS
 from quant.runtime import rope
 from quant.runtime.kv_cache import KV_STORAGE, KVCache, QuantizedKVCache, kv_cache_mode
-from quant.runtime.linear import DenseLinear, _Handler, concat_linear_tensors, make_linear
+from quant.runtime.linear import (DEFAULT_KERNELS, DenseLinear, KernelConfig, _Handler, concat_linear_tensors,
+                                  make_linear)
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,7 +85,10 @@ class Generation:
 class TorchRuntime:
     name = "torch"
 
-    def __init__(self, ckpt: Checkpoint, *, device: str | torch.device = "cpu", compute_dtype: str = "float32"):
+    def __init__(self, ckpt: Checkpoint, *, device: str | torch.device = "cpu", compute_dtype: str = "float32",
+                 kernels: KernelConfig = DEFAULT_KERNELS):
+        """``kernels``: which kernel each CUDA path takes (the CPU path has one per format)."""
+        self.kernels = kernels
         if compute_dtype not in COMPUTE_DTYPES:
             raise UserError(f"compute dtype {compute_dtype!r} not supported (choose from {', '.join(COMPUTE_DTYPES)})")
         try:
@@ -144,7 +148,8 @@ class TorchRuntime:
                     linears = [lin for lin in LINEARS if lin not in ("mlp.fc", "mlp.gate")] + ["mlp.fc_gate"]
             for lin in linears:
                 layer[lin] = make_linear(ckpt.layer_algos[names[lin]], subs[lin], dtype=self.dtype,
-                                         device=self.device, group_size=group_sizes[names[lin]])
+                                         device=self.device, group_size=group_sizes[names[lin]],
+                                         kernels=self.kernels)
             self.layers.append(layer)
         # KV cache format (TRT-LLM: one float32 dequant scale per layer); the scales are not weight bytes.
         self.kv_algo = ckpt.kv_cache_algo
@@ -160,7 +165,8 @@ class TorchRuntime:
             nbytes(layer["input_layernorm"]) + nbytes(layer["post_layernorm"])
             + sum(h.nbytes for h in _linears(layer)) for layer in self.layers)
         if self.cuda:
-            self.lm_head_linear = DenseLinear({"weight": self.lm_head}, self.dtype, self.device)  # shares the tensor
+            self.lm_head_linear = DenseLinear({"weight": self.lm_head}, self.dtype, self.device,
+                                              kernels=self.kernels)  # shares the tensor
             self.freq_dev = self.freq.to(self.device)
             self.cuda_graphs = True  # False: decode steps run eagerly (same kernels; for tests and profiles)
             self._state = None  # the decode state (static cache, buffers, graph) of the last (batch, length)
