@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
 from pathlib import Path
 
-from calibration.data import add_calib_args, calib_spec_from_args
+from calibration.data import add_calib_args, calib_spec_from_args, iter_documents
+from quant.atomic import atomic_write_bytes, ensure_writable_dir
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
+from quant.model_source import resolve_model
 
 KIND_FILES = {"attention.qkv": "qkv", "attention.dense": "dense", "mlp.fc": "fc", "mlp.proj": "proj"}
 
@@ -45,10 +48,10 @@ def plot_kind(stats, kind: str, title_suffix: str) -> bytes:
     """PNG bytes: outlier score across depth, and the channel profile of the worst layer of this kind (log)."""
     import matplotlib
 
+    from calibration.stats import LINEAR_KINDS, split_name
+
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
-
-    from calibration.stats import LINEAR_KINDS, split_name
 
     names = stats.by_kind(kind)
     depth = [split_name(n)[0] for n in names]
@@ -93,8 +96,6 @@ def plot_kind(stats, kind: str, title_suffix: str) -> bytes:
 
 
 def write_plots(stats, plot_dir: Path, title_suffix: str = "") -> list[Path]:
-    from quant.atomic import atomic_write_bytes
-
     paths = []
     for kind, short in KIND_FILES.items():
         if not stats.by_kind(kind):
@@ -107,8 +108,6 @@ def write_plots(stats, plot_dir: Path, title_suffix: str = "") -> list[Path]:
 
 def _use_all_cores() -> None:
     """Every core for intra-op work unless the user pinned a number (OMP_NUM_THREADS)."""
-    import os
-
     import torch
 
     if "OMP_NUM_THREADS" not in os.environ:
@@ -118,19 +117,16 @@ def _use_all_cores() -> None:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Imported after the flags are read: torch costs seconds, and --help or a bad flag need none of it.
+    from calibration.stats import get_stats, stats_dir
 
     spec = calib_spec_from_args(args)
     spec.key  # hash a local source now: an unreadable file fails before the model is touched
-    from calibration.data import iter_documents
 
     # Read the first document too: a file without a usable text column used to fail only after the model
     # was converted (the default model: ~20 s of work, and a cache entry, for a refused run).
     if next(iter_documents(spec.source, seed=spec.seed, text_column=spec.text_column), None) is None:
         raise UserError(f"calibration source {spec.source} holds no text")
-
-    from calibration.stats import get_stats, stats_dir
-    from quant.atomic import ensure_writable_dir
-    from quant.model_source import resolve_model
 
     ensure_writable_dir(args.plot_dir, "--plot-dir")  # before the model work, not after it
 

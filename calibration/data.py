@@ -24,7 +24,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from quant.errors import UserError
+from calibration.datasets import load_local_table, load_samples
+from quant.errors import UserError, positive_int, seed_int
 
 if TYPE_CHECKING:
     import torch
@@ -153,8 +154,6 @@ def iter_documents(source: str = DEFAULT_SOURCE, *, seed: int = 0, text_column: 
 
 
 def _aclsum_documents(seed: int) -> Iterator[str]:
-    from calibration.datasets import load_samples
-
     samples = load_samples(
         "aclsum", split=CALIB_SPLIT, num_samples=None, seed=seed, aclsum_sections=ACLSUM_CALIB_SECTIONS
     )
@@ -165,8 +164,6 @@ def _aclsum_documents(seed: int) -> Iterator[str]:
 
 def _cnn_documents(seed: int) -> Iterator[str]:
     """Train articles in load_samples' seeded order; a larger request with the same seed extends a smaller one."""
-    from calibration.datasets import load_samples
-
     done, wanted = 0, _FETCH_CHUNK
     while True:
         samples = load_samples("cnn_dailymail", split=CALIB_SPLIT, num_samples=wanted, seed=seed)
@@ -205,8 +202,6 @@ def split_paragraph_blocks(text: str) -> list[str]:
 
 
 def _table_documents(path: Path, seed: int, text_column: str | None) -> Iterator[str]:
-    from calibration.datasets import load_local_table  # the suite's one reader of local dataset files
-
     dataset = load_local_table(path, CALIB_SPLIT)
     column = resolve_text_column(list(dataset.column_names), text_column, str(path))
     feature = dataset.features[column]
@@ -295,8 +290,6 @@ def add_calib_args(parser, *, standalone: bool = False) -> None:
 
     ``standalone`` (``python -m calibration``) adds ``--text-column`` and that CLI's old spellings ``--source``
     and ``--seed``, kept as aliases for a release (elsewhere ``--seed`` is the search's own flag)."""
-    from quant.errors import positive_int, seed_int
-
     d = CalibSpec.__dataclass_fields__
     old = (lambda flag: [flag]) if standalone else (lambda flag: [])
     g = parser.add_argument_group("calibration")

@@ -29,7 +29,13 @@ from pathlib import Path
 
 import torch
 
+from experiments.environment import machine, versions
+from experiments.latency import synthetic_prompts
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
+from quant.hardware import fp8_refusal
+from quant.runtime.linear import DEFAULT_KERNELS, make_linear
+from quant.runtime.random_checkpoint import RECIPES, SHAPES, _quantize, random_checkpoint, random_config
+from quant.runtime.torch_runtime import TorchRuntime, check_cuda
 
 TARGETS = {  # recipe: decode speed-up over the project's FP16 at batch 1
     "int8_wo": 1.8, "int4_awq": 2.8, "fp8": 1.8,
@@ -50,8 +56,6 @@ def _ints(text: str) -> list[int]:
 
 
 def environment(device: torch.device) -> dict:
-    from experiments.environment import machine, versions
-
     info = {"machine": machine(), "versions": versions()}
     try:
         import triton
@@ -96,10 +100,6 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):
     """``recipe`` may carry ``@tinygemm`` / ``@triton``: the W4A16 kernel for 1–64 rows (default: KernelConfig's)."""
-    from quant.runtime.linear import DEFAULT_KERNELS
-    from quant.runtime.random_checkpoint import RECIPES, random_checkpoint, random_config
-    from quant.runtime.torch_runtime import TorchRuntime
-
     name, _, kernel = recipe.partition("@")
     algo, kv = RECIPES[name]
     ckpt = random_checkpoint(random_config(shape, algo, kv, group_size=group), device=device, seed=seed,
@@ -152,8 +152,6 @@ def profile_decode(rt, prompts: list[list[int]], steps: int = 4, top: int = 14) 
 
 def bench_recipe(rt, recipe: str, batch_sizes: list[int], input_lens: list[int], output_len: int, repeats: int,
                  copy_gbs: float, log) -> list[dict]:
-    from experiments.latency import synthetic_prompts
-
     rows = []
     kv_elem = 1 if rt.kv_algo is not None else rt.embedding.element_size()
     for P in input_lens:
@@ -191,9 +189,6 @@ def bench_hf(shape: str, batch_sizes: list[int], input_lens: list[int], output_l
     """HF ``generate``, eager attention, fp16 random weights of the same shape. TTFT = a 1-token generate;
     time per output token = (full − 1-token) / (output_len − 1), as experiments/bench_runtime.py measures it."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from experiments.latency import synthetic_prompts
-    from quant.runtime.random_checkpoint import SHAPES
 
     d = SHAPES[shape]
     config = LlamaConfig(hidden_size=d["hidden_size"], num_hidden_layers=d["num_hidden_layers"],
@@ -319,8 +314,6 @@ def sweep(device: torch.device, log, ms: list[int]) -> list[dict]:
     import triton
 
     from quant.runtime import cuda_kernels as ck
-    from quant.runtime.linear import make_linear
-    from quant.runtime.random_checkpoint import _quantize
 
     shapes = {"qkv": (12288, 4096), "dense": (4096, 4096), "fc_gate": (22016, 4096), "proj": (4096, 11008),
               "lm_head": (32000, 4096)}
@@ -392,8 +385,6 @@ def sweep(device: torch.device, log, ms: list[int]) -> list[dict]:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     from quant.runtime.random_checkpoint import RECIPES, SHAPES
-    from quant.hardware import fp8_refusal
-    from quant.runtime.torch_runtime import check_cuda
 
     p = ArgumentParser(prog="python -m experiments.bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import torch
 
+from experiments import environment
+from experiments.latency import synthetic_prompts
+from quant.apply import build_checkpoint
+from quant.atomic import atomic_write_json
 from quant.errors import ArgumentParser, cli_entry, positive_int
+from quant.export import load_hf_model
+from quant.model_source import resolve_model
+from quant.recipes import Recipe
+from quant.runtime.torch_runtime import TorchRuntime
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -40,15 +48,6 @@ def bench_pair(gen_fn, output_len: int, repeats: int) -> dict:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from experiments import environment
-    from experiments.latency import synthetic_prompts
-    from quant.atomic import atomic_write_json
-    from quant.apply import build_checkpoint
-    from quant.export import load_hf_model
-    from quant.model_source import resolve_model
-    from quant.recipes import Recipe
-    from quant.runtime.torch_runtime import TorchRuntime
-
     p = ArgumentParser(prog="python -m experiments.bench_runtime", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF folder")
     p.add_argument("--trust-remote-code", action="store_true",

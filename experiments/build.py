@@ -6,22 +6,26 @@ Without TensorRT-LLM on the machine it says so and prints the exact ``trtllm-bui
 """
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import shutil
 import sys
 from pathlib import Path
 
+from calibration.data import CalibSpec, add_calib_args, calib_spec_from_args
+from experiments.evaluate import add_trust_remote_code_arg
+from experiments.report import summarize_study
+from quant.atomic import atomic_dir, ensure_writable_dir
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
+from quant.model_source import resolve_model
+from quant.recipes import Recipe, parse_recipe_arg
+from quant.study_store import existing_storage_url, open_study
+from quant.trtllm import Workload, build_command, build_engine, trtllm_build_available
 
 
 def recipe_from_study(name: str, storage: str | None):
     """(best feasible recipe, model spec, calibration spec) of a finished search study."""
-    from calibration.data import CalibSpec
-    from experiments.report import summarize_study
-    from quant.recipes import Recipe
-    from quant.study_store import existing_storage_url, open_study
-
     study = open_study(existing_storage_url(storage), name)
     try:  # the study may come from anyone's database: a foreign attribute is bad input, not a traceback
         calib = CalibSpec(**study.user_attrs["calibration"]) if "calibration" in study.user_attrs else CalibSpec()
@@ -39,15 +43,6 @@ def recipe_from_study(name: str, storage: str | None):
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from experiments.evaluate import add_trust_remote_code_arg
-    from calibration.data import add_calib_args, calib_spec_from_args
-    from quant.apply import build_checkpoint
-    from quant.atomic import atomic_dir
-    from quant.checkpoint import load_checkpoint, summary
-    from quant.model_source import resolve_model
-    from quant.recipes import parse_recipe_arg
-    from quant.trtllm import Workload, build_command, build_engine, trtllm_build_available
-
     p = ArgumentParser(prog="python -m quant.build", description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default=None,
                    help="a recipe file (.yaml/.json) or kind[:key=value,...], e.g. smoothquant:alpha=0.6,kv_cache=int8 "
@@ -71,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="build the best feasible trial of this search study (model and calibration from the study)")
     p.add_argument("--storage", default=None, help="the study's optuna storage URL (default: $QUANT_SEARCH_STORAGE, else results/search/study.db)")
     args = p.parse_args(argv)
+    # Imported after the flags are read: torch costs seconds, and --help or a bad flag need none of it.
+    from quant.apply import build_checkpoint
+    from quant.checkpoint import load_checkpoint, summary
 
     calib = calib_spec_from_args(args)
     if args.from_study:
@@ -92,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--engine-dir {args.engine_dir} already exists; choose a new folder")
     if args.build_timeout is not None and not (math.isfinite(args.build_timeout) and args.build_timeout > 0):
         raise UserError(f"--build-timeout must be > 0 seconds (a finite number), got {args.build_timeout:g}")
-    from quant.atomic import ensure_writable_dir
 
     for flag, target in (("--output", args.output), ("--engine-dir", args.engine_dir)):
         if target is not None:  # checked before the quantization, which can take minutes
@@ -128,9 +125,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build_hf(model, recipe, calib, output: Path | None, log) -> int:
-    import json
-
-    from quant.atomic import atomic_dir
     from quant.hf_checkpoint import build_hf_export, hf_quantization
 
     out = build_hf_export(model, recipe, calib, log=log)

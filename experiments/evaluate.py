@@ -14,8 +14,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from calibration.data import CalibSpec, add_calib_args, calib_spec_from_args
+from calibration.datasets import load_samples
+from experiments import environment
+from experiments.prompts import PromptBuilder
 from quant import faults
+from quant.atomic import atomic_write_json, ensure_writable_dir
+from quant.backends import backend_device, resolve_backend
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
+from quant.model_source import load_eos_ids, resolve_model
+from quant.recipes import parse_recipe_arg
 
 DEFAULTS = dict(dataset="aclsum", split="test", num_samples=50, seed=0, max_input_len=512, max_output_len=100,
                 batch_size=8, input_len=512, output_len=64, latency_repeats=3)
@@ -90,8 +98,6 @@ def add_trust_remote_code_arg(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, backend=None) -> EvalSettings:
     """``backend``: the resolved :class:`~quant.backends.BackendChoice` (None: the PyTorch runtime)."""
-    from quant.backends import backend_device
-
     name = backend.name if backend is not None else "torch"
     device = resolve_device(args.device)  # settings hold the concrete device: it is part of the evaluation key
     if backend is not None:
@@ -171,11 +177,7 @@ class Candidate:
                  log=print, backend=None):
         from transformers import AutoTokenizer
 
-        from calibration.data import CalibSpec
-        from experiments.prompts import PromptBuilder
         from quant.apply import build_checkpoint
-        from quant.backends import resolve_backend
-        from quant.model_source import load_eos_ids, resolve_model
 
         if calib is None and recipe.needs_calibration and checkpoint is None:
             calib = CalibSpec()
@@ -269,8 +271,6 @@ def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | N
 
     ``backend``: the :class:`~quant.backends.BackendChoice` the CLI resolved (its reason goes into the record);
     None resolves ``settings.backend`` here."""
-    from experiments import environment
-    from calibration.datasets import load_samples
 
     # Cheap input checks first, so bad data fails before minutes of model work.
     samples = load_samples(settings.dataset, split=settings.split, num_samples=settings.num_samples,
@@ -336,13 +336,6 @@ def format_record(rec: dict) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from quant.atomic import atomic_write_json, ensure_writable_dir
-    from calibration.data import add_calib_args, calib_spec_from_args
-    from quant.backends import resolve_backend
-    from quant.checkpoint import load_checkpoint
-    from quant.hf_checkpoint import checkpoint_format, load_hf_export
-    from quant.recipes import parse_recipe_arg
-
     parser = ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--recipe", default="fp16",
@@ -354,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                              "of building --recipe (tokenizer from --model)")
     parser.add_argument("--out", type=Path, default=None, help="JSON record path (default: results/eval-<recipe>-<dataset>.json)")
     args = parser.parse_args(argv)
+    # Imported after the flags are read: torch costs seconds, and --help or a bad flag need none of it.
+    from quant.checkpoint import load_checkpoint
+    from quant.hf_checkpoint import checkpoint_format, load_hf_export
     recipe = parse_recipe_arg(args.recipe)
     if args.ppl_docs is not None and args.ppl_docs < 0:
         raise UserError("--ppl-docs must be >= 0")

@@ -11,12 +11,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from calibration.datasets import load_samples
+
 PPL_SECTIONS = ("abstract", "introduction", "conclusion")
 
 
 def heldout_texts(dataset: str = "aclsum", *, num_docs: int = 20, seed: int = 0) -> list[str]:
-    from calibration.datasets import load_samples
-
     samples = load_samples(dataset, split="val", num_samples=num_docs, seed=seed, aclsum_sections=PPL_SECTIONS)
     return [s.article for s in samples]
 

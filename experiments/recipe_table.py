@@ -5,11 +5,17 @@ from the cache when present), then prints a Markdown table and writes all record
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
+from calibration.data import add_calib_args, calib_spec_from_args
+from experiments import environment
+from experiments.evaluate import add_common_args, evaluate, settings_from_args
+from quant.atomic import atomic_write_json
 from quant.errors import ArgumentParser, UserError, cli_entry
+from quant.recipes import parse_recipe_arg
 
 DEFAULT_RECIPES = ("fp16", "int8_wo", "smoothquant:alpha=0.5", "smoothquant:alpha=0.8", "int4_awq:group_size=64", "fp8",
                    "int8_wo:kv_cache=int8", "smoothquant:alpha=0.8,exclude=layers.11.mlp.proj+layers.28.mlp.proj")
@@ -30,10 +36,7 @@ def table(records: list[dict]) -> str:
 
 
 def remeasure(args) -> int:
-    import json
-
     from experiments import environment, latency
-    from quant.atomic import atomic_write_json
     from quant.errors import UserError
     from quant.runtime.torch_runtime import TorchRuntime
 
@@ -63,12 +66,6 @@ def remeasure(args) -> int:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from experiments import environment
-    from experiments.evaluate import add_common_args, evaluate, settings_from_args
-    from calibration.data import add_calib_args, calib_spec_from_args
-    from quant.atomic import atomic_write_json
-    from quant.recipes import parse_recipe_arg
-
     p = ArgumentParser(prog="python -m experiments.recipe_table", description=__doc__.splitlines()[0])
     add_common_args(p)
     add_calib_args(p)

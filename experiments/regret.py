@@ -18,6 +18,7 @@ Prints a table and writes ``--out`` (JSON). Long: run it on a quiet machine.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -26,8 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+from experiments import environment
+from experiments.evaluate import Candidate
+from experiments.search import Search, parse_args
 from quant.atomic import atomic_write_json
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
+from quant.paths import cache_root
+from quant.space import Space
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,10 +42,6 @@ def truth(search_args: list[str], *, seconds: float, log, comparison: dict | Non
     """Time every native latency class interleaved; then, from the fastest, gate classes with the search's rule
     until the fastest feasible one and every class tied with it are known (slower classes need no accuracy)."""
     from experiments.confirm import compare
-    from experiments.evaluate import Candidate
-    from experiments.search import Search, parse_args
-    from quant.space import Space
-
     args = parse_args(search_args)
     search = Search(args)
     search.load_model()
@@ -82,8 +84,6 @@ def truth(search_args: list[str], *, seconds: float, log, comparison: dict | Non
 
 
 def _ratio_low(cmp: dict, h: str, ref: str) -> float:
-    import math
-
     from experiments.stats import ratio_ci
 
     times = cmp["rounds_ms"]
@@ -97,8 +97,6 @@ def _ratio_low(cmp: dict, h: str, ref: str) -> float:
 def _outcome(results: Path) -> dict:
     """What one seed's search answered, read from its study: the pick, its tie set, its latency class."""
     import optuna
-
-    from quant.space import Space
 
     study = optuna.load_study(study_name="quant-search", storage=f"sqlite:///{(results / 'study.db').resolve()}")
     answer = study.user_attrs.get("answer") or {}
@@ -134,8 +132,6 @@ def snapshot_without_latency(cache: Path, dest: Path) -> Path:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from quant.paths import cache_root
-
     p = ArgumentParser(prog="python -m experiments.regret", description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=positive_int, default=10, help="searches, seeds 0..N-1")
     p.add_argument("--search-args", default="--min-rouge1 14",
@@ -152,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     search_args = shlex.split(args.search_args) + ["--no-progress"]
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     args.work.mkdir(parents=True, exist_ok=True)
-    from experiments import environment
 
     record = json.loads(args.out.read_text()) if args.resume and args.out and args.out.is_file() else {
         "command": "python -m experiments.regret " + " ".join(argv or sys.argv[1:]), "machine": environment.machine(),

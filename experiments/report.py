@@ -12,6 +12,7 @@ from pathlib import Path
 
 from experiments.figures import write_plots
 from quant.atomic import atomic_write_text
+from quant.recipes import Recipe
 
 
 @dataclass
@@ -207,8 +208,6 @@ def pareto_front(rows: list[Row]) -> list[Row]:
 
 
 def write_outputs(study, summary: StudySummary, out_dir: Path) -> list[Path]:
-    from quant.recipes import Recipe
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

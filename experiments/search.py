@@ -18,19 +18,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import sys
 import time
 from pathlib import Path
 
+from calibration.data import add_calib_args, calib_spec_from_args
+from calibration.datasets import load_samples
+from experiments.evaluate import Candidate, add_common_args, settings_from_args
+from experiments.report import summarize_study, write_outputs
 from quant import faults
+from quant.atomic import ensure_writable_dir
+from quant.backends import resolve_backend
 from quant.errors import (EXIT_NO_PASS, ArgumentParser, EnvironmentProblem, Terminated, UserError, cli_entry,
                           positive_int, seed_int)
-from quant.recipes import Recipe
+from quant.model_source import resolve_model
+from quant.recipes import GROUP_SIZES, KINDS, Recipe
 from quant.space import Fact, Space, confirmation_key, contenders, next_action
 from quant.study_store import (RESULTS_DIR, STUDY_DB, check_same_measurement, claim, is_default_storage,
-                               open_search_study, open_storage,
-                               reap_dead_trials, redact, storage_url, worker_identity)
+                               open_search_study, open_storage, reap_dead_trials, redact, storage_url, worker_identity)
 
 SEARCH_DEFAULTS = dict(num_samples=100, block_size=8, max_output_len=64, batch_size=4, input_len=32, output_len=16,
                        latency_repeats=3, ppl_docs=4, ppl_seq_len=128, calib_samples=8, calib_seq_len=128,
@@ -38,9 +45,6 @@ SEARCH_DEFAULTS = dict(num_samples=100, block_size=8, max_output_len=64, batch_s
 
 
 def parse_args(argv):
-    from experiments.evaluate import add_common_args
-    from calibration.data import add_calib_args
-
     p = ArgumentParser(prog="python -m quant.search", description=__doc__.splitlines()[0])
     gate = p.add_mutually_exclusive_group(required=True)
     gate.add_argument("--min-rouge1", type=float, help="absolute ROUGE-1 threshold (0-100)")
@@ -122,12 +126,6 @@ def _sampler():
 
 class Search:
     def __init__(self, args):
-        from calibration.datasets import load_samples
-        from experiments.evaluate import settings_from_args
-        from calibration.data import calib_spec_from_args
-        from quant.backends import resolve_backend
-        from quant.recipes import KINDS
-
         self.args = args
         self.kinds = [k.strip() for k in args.recipes.split(",") if k.strip()]
         unknown = [k for k in self.kinds if k not in KINDS]
@@ -161,8 +159,6 @@ class Search:
 
     def load_model(self) -> None:
         from experiments.stages import Measurer
-        from quant.model_source import resolve_model
-        from quant.recipes import GROUP_SIZES
 
         self.backend.announce()  # here, not when resolved: after the flags and the storage were checked
         args = self.args
@@ -352,7 +348,6 @@ class Search:
     def facts(self, study):
         from optuna.trial import TrialState
 
-
         out = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             r = t.user_attrs.get("result")
@@ -370,7 +365,6 @@ class Search:
     def confirm(self, study, hashes) -> dict:
         """Compare ``hashes`` interleaved, record the comparison in the study, return it."""
         from experiments.confirm import compare
-        from experiments.evaluate import Candidate
 
         by_hash = {t.user_attrs.get("recipe_hash"): t for t in study.get_trials(deepcopy=False)
                    if t.user_attrs.get("result") and t.user_attrs.get("repeat_of") is None}
@@ -503,9 +497,6 @@ def search_loop(search: Search, study, sampler) -> str:
 def run(args) -> int:
     import optuna
 
-    from experiments.report import summarize_study, write_outputs
-    from quant.atomic import ensure_writable_dir
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _quiet_user_error_tracebacks()
     # Before any model work: a results folder that cannot be written used to fail after the whole search.
@@ -575,8 +566,6 @@ class _NoUserErrorTraceback:
 
 
 def _quiet_user_error_tracebacks() -> None:
-    import logging
-
     logger = logging.getLogger("optuna")
     if not any(isinstance(f, _NoUserErrorTraceback) for f in logger.filters):
         logger.addFilter(_NoUserErrorTraceback())

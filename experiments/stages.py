@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+from experiments.evaluate import Candidate
 from experiments.store import cached_evaluate, settings_payload, stage_key
 
 # Which settings each stage's numbers depend on (everything else stays out of its key).
@@ -50,8 +51,6 @@ class Measurer:
     def _candidate(self, recipe):
         """The recipe's Candidate; at most two stay open (the one measured and the FP16 baseline it is paired
         with), so alternating between them does not reopen either."""
-        from experiments.evaluate import Candidate
-
         cand = self._open.pop(recipe.hash, None)
         if cand is None:
             cand = Candidate(self.settings, recipe, model=self.model, calib=self.calib, log=self.log,

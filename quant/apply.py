@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import hashlib
 import json
 import time
 from contextlib import contextmanager
@@ -18,12 +19,13 @@ from typing import Protocol
 import torch
 
 from quant import faults
+from quant.codehash import code_hash
 from quant.export import EXPORT_DTYPE, calibration_device, export_checkpoint, forward_loop, load_hf_model
 from quant.model_source import ResolvedModel
 from quant.names import HF_MODULES
-from quant.codehash import code_hash
 from quant.paths import cache_root
 from quant.recipes import Recipe
+
 KV_QUANTIZER = "*[kv]_bmm_quantizer"
 
 
@@ -86,8 +88,6 @@ def checkpoint_dir(model: ResolvedModel, recipe: Recipe, calib: Calibration | No
 
 
 def _short(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 

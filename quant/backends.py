@@ -10,11 +10,13 @@ what is missing. :func:`open_runtime` returns the runtime for a checkpoint folde
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from quant.errors import UserError
+from quant.trtllm import build_engine, checkpoint_fingerprint, trtllm_version
 
 BACKENDS = ("auto", "torch", "trtllm")
 
@@ -37,8 +39,6 @@ class BackendChoice:
 
 def probe_trtllm() -> tuple[str | None, str | None]:
     """(version, None) when TensorRT-LLM can build and run engines here, else (None, what is missing)."""
-    import shutil
-
     if importlib.util.find_spec("tensorrt_llm") is None:
         return None, "the tensorrt_llm package is not installed (run inside an NGC TensorRT-LLM container)"
     try:
@@ -46,7 +46,6 @@ def probe_trtllm() -> tuple[str | None, str | None]:
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot use it", reported verbatim
         first = (str(exc).splitlines() or [""])[0][:160]
         return None, f"tensorrt_llm is installed but does not import ({type(exc).__name__}: {first})"
-    from quant.trtllm import trtllm_version
 
     version = trtllm_version() or getattr(sys.modules.get("tensorrt_llm"), "__version__", None)
     if shutil.which("trtllm-build") is None:
@@ -115,7 +114,6 @@ def open_runtime(choice: BackendChoice, checkpoint_dir: Path, *, model=None, rec
     if workload is None:
         raise UserError("the TensorRT-LLM backend needs a workload to size the engine")
     from quant.runtime.trtllm_runtime import TrtllmRuntime
-    from quant.trtllm import build_engine, checkpoint_fingerprint
 
     source_key = checkpoint_dir.name if recipe is not None else checkpoint_fingerprint(checkpoint_dir)
     device = backend_device(choice, device)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from quant.errors import ArgumentParser, UserError
 from quant import formats
+from quant.errors import ArgumentParser, UserError, cli_entry
+from quant.paths import cache_root
 
 _INT_FIELDS = (
     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
@@ -123,8 +125,6 @@ _LAYER = re.compile(r"transformer\.layers\.(\d+)\.")
 
 def _rebuild_hint(folder: Path) -> str:
     """A damaged entry of the suite's cache is rebuilt once deleted: say which folder."""
-    from quant.paths import cache_root
-
     inside = Path(folder).resolve().is_relative_to(cache_root().resolve())
     return f"; delete {folder} to rebuild it" if inside else ""
 
@@ -183,8 +183,6 @@ def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu") -> Chec
 
 def summary(ckpt: Checkpoint) -> str:
     """A few lines a user reads to know what a checkpoint holds."""
-    from collections import Counter
-
     algos = Counter(a or "fp16" for a in ckpt.layer_algos.values())
     cfg = ckpt.config
     return "\n".join([
@@ -199,8 +197,6 @@ def summary(ckpt: Checkpoint) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from quant.errors import cli_entry
-
     @cli_entry
     def run() -> int:
         parser = ArgumentParser(prog="python -m quant.checkpoint",

@@ -34,13 +34,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from quant import formats
+from quant.apply import cached_build, checkpoint_dir, prepare, quantize_model
+from quant.atomic import atomic_dir, atomic_write_json
+from quant.checkpoint import Checkpoint, aligned
 from quant.errors import UserError
+from quant.export import EXPORT_DTYPE, rotary_fields
 from quant.names import HF_MODULES
+from quant.paths import cache_root
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -86,8 +93,6 @@ def hf_quantization(folder: Path) -> dict:
 # -- export -------------------------------------------------------------------------------------------------
 def fix_hf_config(folder: Path, hf_config) -> None:
     """Add what transformers 4.x (TensorRT-LLM's) needs to read the export as transformers 5 meant it."""
-    from quant.atomic import atomic_write_json
-    from quant.export import rotary_fields
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -103,8 +108,6 @@ def fix_hf_config(folder: Path, hf_config) -> None:
 
 
 def copy_tokenizer(src_dir: Path, folder: Path) -> None:
-    from quant.atomic import atomic_write_json
-
     for name in TOKENIZER_FILES:
         if (Path(src_dir) / name).is_file():
             shutil.copy2(Path(src_dir) / name, Path(folder) / name)
@@ -124,9 +127,6 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, tokenizer_from: Path | N
     """
     from modelopt.torch.export import export_hf_checkpoint
 
-    from quant.atomic import atomic_dir
-    from quant.export import EXPORT_DTYPE
-
     if not getattr(model.config, "architectures", None):
         model.config.architectures = ["LlamaForCausalLM"]  # export_hf_checkpoint needs it
     with atomic_dir(Path(out_dir)) as tmp:
@@ -145,17 +145,12 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, tokenizer_from: Path | N
 
 def hf_export_dir(model, recipe, calib=None) -> Path:
     """Cache folder of a recipe's HF export: named like its TRT-LLM checkpoint (model, recipe, calibration)."""
-    from quant.apply import checkpoint_dir
-    from quant.paths import cache_root
 
     return cache_root() / "hf_exports" / checkpoint_dir(model, recipe, calib).name
 
 
 def build_hf_export(model, recipe, calib=None, *, log=None) -> Path:
     """The HF export for (model, recipe, calibration): from the cache, or quantized and exported (one builder)."""
-    import time
-
-    from quant.apply import cached_build, prepare, quantize_model
     from quant.export import EXPORT_DTYPE, load_hf_model
 
     prepare(model, recipe, calib)
@@ -173,8 +168,6 @@ def build_hf_export(model, recipe, calib=None, *, log=None) -> Path:
 
 # -- reader -------------------------------------------------------------------------------------------------
 def _trtllm_config(hf: dict, quant_algo: str | None) -> dict:
-    from quant.export import rotary_fields
-
     heads = hf["num_attention_heads"]
     params = {k: v for k, v in hf.items() if k in ("rope_parameters", "rope_theta", "rope_scaling")}
     return {
@@ -205,9 +198,6 @@ def load_hf_export(folder: Path):
     """A ModelOpt HF export (FP16 / W8A16 / W8A8_SQ_PER_CHANNEL / FP8, no KV-cache quantization) as a TRT-LLM
     :class:`~quant.checkpoint.Checkpoint` the PyTorch runtime can execute; UserError for anything else."""
     from safetensors import SafetensorError, safe_open
-
-    from quant import formats
-    from quant.checkpoint import Checkpoint, aligned
 
     folder = Path(folder)
     try:

@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from quant.atomic import atomic_write_text
 from quant.errors import UserError
 from quant.hardware import fp8_refusal
 from quant.names import LINEARS
@@ -169,8 +170,6 @@ class Recipe:
 
     def dump(self, path: Path, extra: dict | None = None, *, fault: str | None = None) -> None:
         import yaml
-
-        from quant.atomic import atomic_write_text
 
         body = {"recipe": self.to_dict(), **(extra or {})} if extra else self.to_dict()
         text = json.dumps(body, indent=2) + "\n" if Path(path).suffix == ".json" else yaml.safe_dump(body, sort_keys=False)

@@ -6,16 +6,18 @@ hosts. Only optuna's public API is used on the study. Passwords that come with a
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import os
 import re
+import sqlite3
 import time
 import warnings
 from pathlib import Path
+from urllib.parse import unquote
 
 from quant.errors import UserError
-
 
 # The storage rule, for every command that opens a study: --storage, else $QUANT_SEARCH_STORAGE (where a
 # PostgreSQL password belongs: argv is visible in `ps`), else SQLite in the results folder.
@@ -85,8 +87,6 @@ def open_storage(url: str, *, create: bool = True):
 def _check_optuna_sqlite(db: str) -> None:
     """A read-only look (``mode=ro``) that an existing SQLite file holds optuna's tables: opening another
     database through optuna would create its schema inside it."""
-    import sqlite3
-
     try:
         con = sqlite3.connect(f"{Path(db).absolute().as_uri()}?mode=ro", uri=True)
         try:
@@ -103,8 +103,6 @@ def _check_optuna_sqlite(db: str) -> None:
 def _schema_lock(url: str):
     """SQLite (one host): serialize optuna's schema creation behind a lock file next to a new database (an
     existing one is only opened: nothing is written beside it)."""
-    import fcntl
-
     db = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
     fresh = db and not db.startswith(":memory:") and Path(db).parent.is_dir() and \
         (not Path(db).exists() or Path(db).stat().st_size == 0)
@@ -171,8 +169,6 @@ def redact(url: str) -> str:
 
 
 def _password(url: str) -> str:
-    from urllib.parse import unquote
-
     m = _USERINFO.match(url)
     userinfo = m.group(2) if m else ""
     return unquote(userinfo.split(":", 1)[1]) if ":" in userinfo else ""

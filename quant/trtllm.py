@@ -35,9 +35,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
+from quant.atomic import atomic_dir, atomic_write_json
 from quant.errors import UserError
+from quant.paths import cache_root
 from quant.recipes import Recipe
 
 BUILD_TIMEOUT_S = 3600.0  # a 70B engine takes tens of minutes; $QUANT_TRTLLM_BUILD_TIMEOUT overrides
@@ -256,8 +259,6 @@ def engine_is_complete(folder: Path) -> bool:
 
 # -- the cache ----------------------------------------------------------------------------------------------
 def trtllm_version() -> str | None:
-    from importlib import metadata
-
     for dist in ("tensorrt_llm", "tensorrt-llm"):
         try:
             return metadata.version(dist)
@@ -287,8 +288,6 @@ def build_options(cmd: list[str], *, version: str | None, gpu: dict) -> dict:
 
 
 def engine_dir_for(source_key: str, options: dict) -> Path:
-    from quant.paths import cache_root
-
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
     return cache_root() / "engines" / f"{source_key}-{digest}"
 
@@ -313,7 +312,6 @@ def build_engine(checkpoint_dir: Path, recipe: Recipe | None, workload: Workload
     checkpoints, :func:`checkpoint_fingerprint` otherwise); the build options are hashed next to it.
     """
     from quant.apply import build_lock
-    from quant.atomic import atomic_dir, atomic_write_json
 
     checkpoint_dir = Path(checkpoint_dir).resolve()
     quant_algo, kv_algo = _algos(recipe, checkpoint_dir)

@@ -167,7 +167,7 @@ def test_jsonl_source_autodetects_or_takes_the_text_column(tokenizer, tmp_path, 
 
 
 def test_cnn_dailymail_reads_train_articles_in_growing_seeded_requests(tokenizer, monkeypatch):
-    import calibration.datasets
+    import calibration.data
     from calibration.datasets import Sample
 
     calls = []
@@ -177,7 +177,7 @@ def test_cnn_dailymail_reads_train_articles_in_growing_seeded_requests(tokenizer
         rows = [Sample(str(i), f"Article number {i} of the seed {seed} order.", "x") for i in range(100)]
         return rows[:num_samples]
 
-    monkeypatch.setattr(calibration.datasets, "load_samples", fake_load_samples)
+    monkeypatch.setattr(calibration.data, "load_samples", fake_load_samples)
     stream = calibration_tokens(tokenizer, source="cnn_dailymail", seed=5)
     assert stream.count(tokenizer.eos_token_id) == 99  # all 100 articles, each once
     assert calls == [("cnn_dailymail", "train", 64, 5), ("cnn_dailymail", "train", 128, 5)]
@@ -336,9 +336,9 @@ def test_get_stats_computes_once_then_reads_the_cache(cold_cache, tiny_llama_dir
     assert meta["model_hash"] == resolved.content_hash and meta["calib_spec"]["key"] == spec.key
     assert meta["layers"] == first.layers and meta["created"]
 
-    import quant.export
+    import calibration.stats
 
-    monkeypatch.setattr(quant.export, "load_hf_model", lambda *a, **k: pytest.fail("model loaded on a cache hit"))
+    monkeypatch.setattr(calibration.stats, "load_hf_model", lambda *a, **k: pytest.fail("model loaded on a cache hit"))
     started = time.perf_counter()
     second = get_stats(resolved, spec, model=Exploding())
     assert time.perf_counter() - started < 5.0  # milliseconds in practice; generous for a loaded CI box

@@ -45,7 +45,7 @@ from quant.names import LINEARS
 from quant.runtime import rope
 from quant.runtime.kv_cache import KV_STORAGE, KVCache, QuantizedKVCache, kv_cache_mode
 from quant.runtime.linear import (DEFAULT_KERNELS, DenseLinear, KernelConfig, _Handler, concat_linear_tensors,
-                                  make_linear)
+                                  fp8_gemm_is_native, make_linear)
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,8 +58,6 @@ def kv_cache_emulated(device: str | torch.device) -> bool:
 def emulated_parts(quant_algo: str | None, kv_algo: str | None, device: str | torch.device) -> list[str]:
     """What of a checkpoint of this format runs emulated on ``device``, known before building it (the search
     plans with it; :meth:`TorchRuntime.describe` reports what the loaded handlers actually run)."""
-    from quant.runtime.linear import fp8_gemm_is_native
-
     parts = []
     if quant_algo == "FP8" and torch.device(device).type != "cuda" and not fp8_gemm_is_native():
         parts.append("emulated-fp8")

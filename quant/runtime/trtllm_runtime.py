@@ -30,6 +30,7 @@ import torch
 
 from quant.errors import UserError
 from quant.runtime.torch_runtime import Generation
+from quant.trtllm import plugin_plan, trtllm_version
 
 _NO_LOGITS = ("perplexity needs the model's logits, which the TensorRT-LLM runner does not expose (engines are "
               "built without --gather_context_logits, which would make every generate call copy them back); "
@@ -166,8 +167,6 @@ class TrtllmRuntime:
         return self._peak_bytes / 2**20 if self._peak_bytes else None
 
     def describe(self) -> dict:
-        from quant.trtllm import plugin_plan, trtllm_version
-
         plan = plugin_plan(self.quant_algo, self.kv_algo, self.checkpoint_path)
         return {"backend": self.name, "version": trtllm_version(), "device": str(self.device),
                 "compute_dtype": self.dtype_name, "kernels": [plan["gemm"]], "attention": plan["attention"],
