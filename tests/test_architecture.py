@@ -155,7 +155,7 @@ def test_state_write_finder_finds_each_kind():
 
 
 def test_no_module_level_variable_is_written_after_import():
-    """Kernel choice and every other setting are values passed in (e.g. quant.runtime.linear.KernelConfig)."""
+    """Kernel choice and every other setting are values passed in (e.g. quant.runtime.schemes.base.KernelConfig)."""
     writes = {str(p.relative_to(REPO)): w for root in ROOTS for p in sorted((REPO / root).rglob("*.py"))
               if (w := _module_state_writes(p.read_text()))}
     assert not writes, writes

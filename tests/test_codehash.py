@@ -53,7 +53,7 @@ def test_real_cache_keys_cover_the_measuring_and_quantizing_code():
     ch.closure.cache_clear()
     names = {p.name for p in ch.closure("experiments.evaluate")}
     # The evaluation key's old hand-kept list missed modules; the closure has them all.
-    assert {"evaluate.py", "latency.py", "rouge.py", "health.py", "torch_runtime.py", "linear.py", "kv_cache.py",
+    assert {"evaluate.py", "latency.py", "rouge.py", "health.py", "torch_runtime.py", "linear.py", "w8a16.py", "kv_cache.py",
             "apply.py", "export.py"} <= names
     assert {"apply.py", "export.py", "recipes.py"} <= {p.name for p in ch.closure("quant.apply")}
     assert {"data.py", "datasets.py"} <= {p.name for p in ch.closure("calibration.data")}

@@ -135,7 +135,7 @@ def test_linear_every_path_matches_float64_reference(algo, dtype):
 def test_gemv_weight_conversions_match_float64_reference(algo, cvt):
     """Both ways the batch-1 GEMV turns int8 / fp8 weights into float32 (PTX prmt / e4m3x2 converter, and the
     portable bit moves), whichever is the default, in float16 and bfloat16."""
-    from quant.runtime.linear import KernelConfig
+    from quant.runtime.schemes.base import KernelConfig
 
     for dtype in GPU_DTYPES:
         _check_linear(algo, dtype, KernelConfig(gemv_cvt=((algo, cvt),)))
@@ -145,14 +145,15 @@ def test_gemv_weight_conversions_match_float64_reference(algo, cvt):
 @pytest.mark.parametrize("kernel", ["triton", "tinygemm"])
 def test_int4_kernels_match_float64_reference(kernel):
     """W4A16 for 1–64 rows: the Triton GEMV / tl.dot on the stored layout, and tinygemm on its repacked copy."""
-    from quant.runtime.linear import KernelConfig
+    from quant.runtime.schemes.base import KernelConfig
 
     for dtype in GPU_DTYPES:
         _check_linear("W4A16_AWQ", dtype, KernelConfig(int4_kernel=kernel))
 
 
 def _check_linear(algo, dtype, kernels=None):
-    from quant.runtime.linear import DEFAULT_KERNELS, make_linear
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import DEFAULT_KERNELS
     from tests.test_kernels import activations
 
     gen = torch.Generator().manual_seed(zlib.crc32(f"{algo}/{dtype}".encode()))
@@ -178,7 +179,8 @@ def _check_linear(algo, dtype, kernels=None):
 
 def _fp16_linear(algo, key: str, *, inp: int, out: int = 64, group: int = 64, kernels=None):
     """(generator, checkpoint tensors, float16 handler on the GPU, its dequantized weight) for one random linear."""
-    from quant.runtime.linear import DEFAULT_KERNELS, make_linear
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import DEFAULT_KERNELS
 
     gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
     t = _layout(algo, gen, out, inp, group)
@@ -212,7 +214,7 @@ def test_large_activations_do_not_overflow_float16(algo):
 def test_fused_prologues_and_residual(algo):
     """RMSNorm / SiLU·gate in front, residual behind: the GEMV against the CPU path's ops, and against the
     library path (separate prologue kernel + GEMM) on the same inputs."""
-    from quant.runtime.linear import KernelConfig
+    from quant.runtime.schemes.base import KernelConfig
 
     dtype = torch.float16
     out, inp = 64, 256

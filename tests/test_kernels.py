@@ -20,8 +20,9 @@ import zlib
 import pytest
 import torch
 
-from quant.runtime.linear import (HANDLERS, W4A16AWQLinear, fp8_gemm_is_native, make_linear, pack_int4_rows,
-                                  unpack_int4_rows)
+from quant.runtime.linear import HANDLERS, make_linear
+from quant.runtime.schemes.base import fp8_gemm_is_native, pack_int4_rows, unpack_int4_rows
+from quant.runtime.schemes.w4a16_awq import W4A16AWQLinear
 
 FP8 = torch.float8_e4m3fn
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

@@ -33,8 +33,7 @@ def _unsmoothed_variant(model, recipe: Recipe, out):
     from transformers import AutoTokenizer
 
     from calibration.data import calibration_batches
-    from quant.export import forward_loop
-    from quant.export import EXPORT_DTYPE, export_checkpoint, load_hf_model
+    from quant.export import EXPORT_DTYPE, export_checkpoint, forward_loop, load_hf_model
 
     hf = load_hf_model(model, dtype=torch.float32)
     cfg = modelopt_config(recipe, hf.config.num_hidden_layers)

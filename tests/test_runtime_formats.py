@@ -29,7 +29,7 @@ import torch
 
 from quant.checkpoint import Checkpoint, load_checkpoint
 from quant.runtime.kv_cache import QuantizedKVCache
-from quant.runtime.linear import fp8_gemm_is_native
+from quant.runtime.schemes.base import fp8_gemm_is_native
 from quant.runtime.torch_runtime import TorchRuntime
 
 VOCAB = 49152
@@ -211,7 +211,7 @@ def test_mixed_precision_per_layer_group_size(built, tmp_path):
 
     from quant import formats
     from quant.names import LINEARS
-    from quant.runtime.linear import unpack_int4_rows
+    from quant.runtime.schemes.base import unpack_int4_rows
 
     folder = shutil.copytree(built["ckpt"], tmp_path / "mixed")
     tensors = load_file(folder / "rank0.safetensors")

@@ -23,7 +23,7 @@ from quant.checkpoint import Checkpoint
 from quant.errors import UserError
 from quant.formats import layer_algos, linear_shapes
 from quant.names import LINEARS
-from quant.runtime.linear import pack_int4_rows
+from quant.runtime.schemes.base import pack_int4_rows
 
 SHAPES = {
     # LLaMa-2-7B: 6.74 B parameters

@@ -44,8 +44,9 @@ from quant.hardware import fp8_refusal
 from quant.names import LINEARS
 from quant.runtime import rope
 from quant.runtime.kv_cache import KV_STORAGE, KVCache, QuantizedKVCache, kv_cache_mode
-from quant.runtime.linear import (DEFAULT_KERNELS, DenseLinear, KernelConfig, _Handler, concat_linear_tensors,
-                                  fp8_gemm_is_native, make_linear)
+from quant.runtime.linear import concat_linear_tensors, make_linear
+from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig, _Handler, fp8_gemm_is_native
+from quant.runtime.schemes.dense import DenseLinear
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

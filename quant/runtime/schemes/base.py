@@ -1,0 +1,168 @@
+"""What every format's handler shares: the base class, the kernel choice (:class:`KernelConfig`), int4 packing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FP8_E4M3 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
+INT4_KERNEL_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: out-features must be divisible by this
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def fp8_gemm_is_native() -> bool:
+    """Whether ``torch._scaled_mm`` on this CPU runs oneDNN's FP8 GEMM rather than ATen's float32 upcast.
+
+    ATen (torch 2.13, ``_scaled_mm_out_cpu``) takes the oneDNN path only with mkldnn enabled and AMX-INT8.
+    """
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and amx is not None and amx())
+
+
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """int8 [out/2, in] (two signed int4 per byte, even out-row in the low nibble) → int8 [out, in] in [-8, 7]."""
+    low = torch.bitwise_right_shift(torch.bitwise_left_shift(packed, 4), 4)  # arithmetic shift sign-extends
+    high = torch.bitwise_right_shift(packed, 4)
+    return torch.stack((low, high), dim=1).reshape(packed.shape[0] * 2, packed.shape[1])
+
+
+def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`unpack_int4_rows` (ModelOpt's layout): int [out, in] in [-8, 7] → int8 [out/2, in]."""
+    q = q.to(torch.int16)
+    return ((q[0::2] & 0xF) | (q[1::2] << 4)).to(torch.uint8).view(torch.int8)
+
+
+def _cuda_kernels():
+    from quant.runtime import cuda_kernels
+
+    return cuda_kernels
+
+
+ALGO_KEYS = ("dense", "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "FP8")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which kernel each CUDA path takes: a value handed to the runtime (``TorchRuntime(..., kernels=)``) and on to
+    every handler, never a module global. The defaults were chosen with ``python -m experiments.bench --sweep``
+    on an H200; the benchmark and the tests make variants with :func:`dataclasses.replace`. The CPU path has one
+    kernel per format and ignores this."""
+
+    # Formats whose batch-1 rows take the fused Triton GEMV (else a prologue kernel, then the M > 1 path:
+    # cuBLAS / _int_mm / _scaled_mm / tl.dot).
+    gemv: frozenset[str] = frozenset(ALGO_KEYS)
+    # Batch-1 GEMV: RMSNorm / SiLU·gate / activation quantization inside the GEMV (one launch, but every program
+    # recomputes them for the whole row) or in one act_prep kernel before it (False: faster for SmoothQuant
+    # and FP8 on an H200, whose per-element division and fp8 rounding per program cost more than a launch).
+    fuse_prologue: bool = False
+    # SmoothQuant above 64 rows (prefill): "triton" (tl.dot int8, epilogue fused) or "int_mm" (cuBLASLt).
+    sq_prefill_gemm: str = "triton"
+    # W4A16 for 1–64 rows: "tinygemm" (aten._weight_int4pack_mm, repacked at load: int4 through tensor cores) or
+    # "triton" (the GEMV / tl.dot on the stored layout, nibble → float on the CUDA cores).
+    int4_kernel: str = "tinygemm"
+    # Per format (an ALGO_KEYS entry), overriding the GEMV kernel's tuned tables (cuda_kernels.GEMV_CVT and
+    # GEMV_CONFIG): the weight-conversion variant, and the (BLOCK_R, BLOCK_K, warps) tile.
+    gemv_cvt: tuple[tuple[str, int], ...] = ()
+    gemv_tile: tuple[tuple[str, tuple[int, int, int]], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.sq_prefill_gemm not in ("triton", "int_mm"):
+            raise ValueError(f"sq_prefill_gemm must be 'triton' or 'int_mm', got {self.sq_prefill_gemm!r}")
+        if self.int4_kernel not in ("tinygemm", "triton"):
+            raise ValueError(f"int4_kernel must be 'tinygemm' or 'triton', got {self.int4_kernel!r}")
+        unknown = set(self.gemv) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
+        if unknown - set(ALGO_KEYS):
+            raise ValueError(f"unknown format(s) {sorted(unknown - set(ALGO_KEYS))}; known: {', '.join(ALGO_KEYS)}")
+
+    def gemv_options(self, algo_key: str) -> dict:
+        """The GEMV kernel's ``cvt`` and ``config`` for a format (None: the kernel's tuned default)."""
+        return {"cvt": dict(self.gemv_cvt).get(algo_key), "config": dict(self.gemv_tile).get(algo_key)}
+
+
+DEFAULT_KERNELS = KernelConfig()
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class _Handler:
+    kernel = "?"
+    emulated = False
+    algo_key = "dense"
+    quantizes_input = False  # SmoothQuant/FP8: one act_prep does RMSNorm/SiLU and the int8/fp8 quantization
+    # Tensors that must be equal for two linears reading the same input (fc and gate) to run as one, stacked
+    # along out; the others are stacked.
+    shared_inputs: tuple[str, ...] = ()
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, kernels: KernelConfig = DEFAULT_KERNELS):
+        self.dtype, self.kernels = dtype, kernels
+        self.device = torch.device(device)
+        self.native = self.device.type == "cpu"
+        self.cuda = self.device.type == "cuda"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self.fused(x2.contiguous()) if self.cuda else self._mm(x2)
+        return y.reshape(*lead, y.shape[-1])
+
+    # -- the CUDA path: y = W · f(x) (+ residual in place) ------------------------------------------------------
+    def fused(self, x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] (silu: [M, 2K], SiLU(x[:, :K]) · x[:, K:]); norm: RMSNorm x first (float32 statistics, as the
+        runtime's ``_rmsnorm``); residual [M, N]: add y to it in place and return it. On CUDA the small-M case
+        is one fused kernel; elsewhere these are the runtime's own tensor ops."""
+        if self.cuda:
+            if x.shape[0] <= _cuda_kernels().GEMV_MAX_M and self.algo_key in self.kernels.gemv and self._gemv_ok():
+                if not self.kernels.fuse_prologue and (norm is not None or silu) and not self.quantizes_input:
+                    x, norm, silu = self._prep(x, norm, eps, silu), None, False
+                return self._gemv(x, norm=norm, eps=eps, silu=silu, residual=residual)
+            y = self._mm_cuda(x, norm=norm, eps=eps, silu=silu)
+            if residual is None and y.dtype != self.dtype:  # (tinygemm computes in bf16)
+                y = y.to(self.dtype)
+        else:
+            if norm is not None:
+                xf = x.float()
+                x = norm * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+            if silu:
+                k = x.shape[-1] // 2
+                x = F.silu(x[:, :k]) * x[:, k:]
+            y = self._mm(x)
+        if residual is not None:
+            return residual.add_(y)
+        return y
+
+    def _gemv_ok(self) -> bool:
+        return True
+
+    def _ck_gemv(self, *args, **kwargs) -> torch.Tensor:
+        """The batch-1 GEMV kernel with this handler's kernel options."""
+        return _cuda_kernels().gemv(*args, **kwargs, **self.kernels.gemv_options(self.algo_key))
+
+    def _prep(self, x, norm, eps, silu, *, prequant=None, act_scale=None, afmt=0, rows=None, out_dtype=None):
+        """The prologue as its own kernel, when a library GEMM follows (or nothing is to be done: x itself)."""
+        if norm is None and not silu and prequant is None and afmt == 0 and rows is None \
+                and out_dtype in (None, x.dtype):
+            return x
+        return _cuda_kernels().act_prep(x, norm=norm, eps=eps, silu=silu, prequant=prequant, act_scale=act_scale,
+                                        afmt=afmt, rows=rows, out_dtype=out_dtype)
+
+    def _mm(self, x2d: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _held(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(*self._held())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,69 @@
+"""``FP8``: E4M3 weights and activations, per-tensor scales; ``torch._scaled_mm`` or the Triton GEMV."""
+from __future__ import annotations
+
+import torch
+
+from quant.runtime.schemes.base import (DEFAULT_KERNELS, FP8_E4M3, FP8_MAX, KernelConfig, _cuda_kernels, _Handler,
+                                        _round_up, fp8_gemm_is_native)
+
+
+class FP8Linear(_Handler):
+    """FP8 E4M3 weights and activations, per-tensor scales: ``torch._scaled_mm``."""
+
+    def __init__(self, tensors, dtype, device, *, kernels: KernelConfig = DEFAULT_KERNELS,
+                 **_):
+        super().__init__(dtype, device, kernels)
+        if self.cuda:
+            # cuBLASLt FP8 wants B column-major: a view of the contiguous [out, in] weight (the GEMV reads rows).
+            self.weight = tensors["weight"].to(device).contiguous()
+            self.weight_t = self.weight.t()
+        else:
+            self.weight_t = tensors["weight"].to(device).t().contiguous()  # float8_e4m3fn [in, out]
+        self.weight_scale = tensors["weights_scaling_factor"].to(device=device, dtype=torch.float32).reshape(())
+        self.act_scale = tensors["activation_scaling_factor"].to(device=device, dtype=torch.float32).reshape(())
+        self.kernel = "scaled_mm" if self.native else "emulated-fp8"
+        # Without AMX, ATen's CPU _scaled_mm upcasts both operands to float32 itself: same numbers, no FP8 GEMM.
+        self.emulated = not (self.native and fp8_gemm_is_native())
+        if self.cuda:
+            self.kernel, self.emulated = "triton-fp8-gemv|scaled_mm", False
+            self.out_scale = (self.act_scale * self.weight_scale).reshape(1).contiguous()
+
+    algo_key = "FP8"
+    shared_inputs = ("activation_scaling_factor", "weights_scaling_factor")
+    quantizes_input = True
+
+    def _gemv(self, x, *, norm, eps, silu, residual):
+        ck = _cuda_kernels()
+        if not self.kernels.fuse_prologue:  # quantize once, then an fp8 × fp8 GEMV
+            qx = self._prep(x, norm, eps, silu, act_scale=self.act_scale.reshape(1), afmt=ck.A_FP8)
+            return self._ck_gemv(qx, self.weight, wfmt=ck.W_FP8, wscale=self.out_scale, scale_mode=ck.S_SCALAR,
+                                 residual=residual, out_dtype=self.dtype)
+        return self._ck_gemv(x, self.weight, wfmt=ck.W_FP8, afmt=ck.A_FP8, act_scale=self.act_scale.reshape(1),
+                             wscale=self.out_scale, scale_mode=ck.S_SCALAR, norm=norm, eps=eps, silu=silu,
+                             residual=residual)
+
+    def _mm_cuda(self, x, *, norm, eps, silu):
+        ck = _cuda_kernels()
+        M = x.shape[0]
+        qx = self._prep(x, norm, eps, silu, act_scale=self.act_scale.reshape(1), afmt=ck.A_FP8,
+                        rows=_round_up(M, 16))
+        y = torch._scaled_mm(qx, self.weight_t, scale_a=self.act_scale, scale_b=self.weight_scale,
+                             out_dtype=self.dtype)
+        return y[:M] if y.shape[0] != M else y
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / self.act_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_E4M3)
+
+    def _mm(self, x):
+        qx = self.quantize_input(x)
+        if self.native:
+            return torch._scaled_mm(qx, self.weight_t, scale_a=self.act_scale, scale_b=self.weight_scale,
+                                    out_dtype=self.dtype)
+        y = (qx.float() * self.act_scale) @ (self.weight_t.float() * self.weight_scale)
+        return y.to(self.dtype)
+
+    def _held(self):
+        return self.weight_t, self.weight_scale, self.act_scale
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_t.t().float() * self.weight_scale

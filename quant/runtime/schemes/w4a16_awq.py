@@ -1,0 +1,164 @@
+"""``W4A16_AWQ``: group-wise int4 weights with a pre-quant scale; tinygemm (CPU, CUDA) or Triton."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from quant.errors import UserError
+from quant.runtime.schemes.base import (DEFAULT_KERNELS, INT4_KERNEL_GROUPS, INT4_KERNEL_ROW_MULTIPLE, KernelConfig,
+                                        _cuda_kernels, _Handler, unpack_int4_rows)
+
+
+class W4A16AWQLinear(_Handler):
+    """INT4 AWQ (group-wise symmetric, pre-quant scale): ``aten._weight_int4pack_mm_for_cpu`` (tinygemm layout).
+
+    tinygemm dequantizes ``(q_u - 8) · scale + zero`` with q_u = q + 8 unsigned, so zero = 0 for AWQ's symmetric
+    int4 (checked against the exact dequantization). Repacked once at load.
+    """
+
+    def __init__(self, tensors, dtype, device, *, group_size: int = 128, kernels: KernelConfig = DEFAULT_KERNELS,
+                 **_):
+        super().__init__(dtype, device, kernels)
+        packed = tensors["weight"].to(device)
+        scales = tensors["weights_scaling_factor"].to(device)
+        out, inp = packed.shape[0] * 2, packed.shape[1]
+        if scales.shape[0] != out or inp % scales.shape[1]:
+            raise UserError(f"W4A16_AWQ scales of shape {list(scales.shape)} do not fit a weight of [{out}, {inp}]")
+        group = inp // scales.shape[1]
+        if group != group_size:
+            raise UserError(f"W4A16_AWQ: scales imply group size {group}, the config says {group_size}")
+        self.out, self.inp, self.group = out, inp, group
+        self.prequant = tensors["prequant_scaling_factor"].to(device=device, dtype=dtype).contiguous()
+        kgroup = next((g for g in INT4_KERNEL_GROUPS if group % g == 0), None)
+        if self.cuda:
+            # The TRT-LLM layout as stored (int8 [out/2, in], pairs along out, even row in the low nibble) is what
+            # the Triton kernels read; scales in the compute dtype, as the CPU kernel holds them.
+            self.kernel, self.emulated = "triton-w4a16", False
+            self.weight = packed.contiguous()
+            self.scales = scales.to(dtype).contiguous()
+            self.pow2_group = group & (group - 1) == 0 and group >= 16
+            self.tinygemm = None
+            if kernels.int4_kernel == "tinygemm" and dtype != torch.float32 and group in (32, 64, 128, 256) \
+                    and inp % 128 == 0 and out % 8 == 0:
+                tg = _tinygemm_layout(self.device)
+                if tg is not None:  # repacked once for tinygemm; the Triton layout stays for prefill
+                    self.tinygemm = _TinygemmInt4(unpack_int4_rows(packed), self.scales, group, tg)
+                    self.kernel = "tinygemm-w4a16|triton"
+        elif self.native and kgroup is not None:
+            self.kernel, self.emulated, self.kernel_group = "int4pack_mm_cpu", False, kgroup
+            q = unpack_int4_rows(packed)
+            rows = -(-out // INT4_KERNEL_ROW_MULTIPLE) * INT4_KERNEL_ROW_MULTIPLE
+            q_u = torch.full((rows, inp), 8, dtype=torch.int32, device=device)  # padded rows dequantize to 0
+            q_u[:out] = q.to(torch.int32) + 8
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_u, 1)  # uint8 [rows, in/2]
+            s = torch.zeros(rows, inp // kgroup, dtype=dtype, device=device)
+            s[:out] = scales.to(dtype).repeat_interleave(group // kgroup, dim=1)
+            self.scales_and_zeros = torch.stack((s.t(), torch.zeros_like(s.t())), dim=-1).contiguous()
+        else:  # a group the kernel cannot take, or not a CPU: dequantize on the fly in float32
+            self.kernel, self.emulated = "emulated-int4", True
+            self.weight = packed.contiguous()
+            self.scales = scales.to(torch.float32).contiguous()
+
+    algo_key = "W4A16_AWQ"
+    shared_inputs = ("prequant_scaling_factor",)
+
+    def _gemv_ok(self) -> bool:
+        return self.pow2_group and self.tinygemm is None
+
+    def _gemv(self, x, *, norm, eps, silu, residual):
+        ck = _cuda_kernels()
+        return self._ck_gemv(x, self.weight, wfmt=ck.W_INT4, wscale=self.scales, group=self.group,
+                             prequant=self.prequant, norm=norm, eps=eps, silu=silu, residual=residual)
+
+    def _mm_cuda(self, x, *, norm, eps, silu):
+        ck = _cuda_kernels()
+        if self.tinygemm is not None and x.shape[0] <= ck.WQ_MM_MAX_M:
+            # the prologue writes tinygemm's activation dtype directly; its output goes back through the residual
+            # add or one cast (fused())
+            return self.tinygemm(self._prep(x, norm, eps, silu, prequant=self.prequant,
+                                            out_dtype=self.tinygemm.act_dtype))
+        x = self._prep(x, norm, eps, silu, prequant=self.prequant)
+        if x.shape[0] <= ck.WQ_MM_MAX_M and self.dtype != torch.float32 and self.pow2_group:
+            return ck.wq_mm(x, self.weight, self.scales, wfmt=ck.W_INT4, group=self.group)
+        # prefill: dequantize to the compute dtype once per call (q · s rounded to it), then cuBLAS
+        if self.pow2_group:
+            return F.linear(x, ck.dequant_int4(self.weight, self.scales, self.group, self.dtype))
+        return F.linear(x, self.dequantized_weight().to(self.dtype))
+
+    def _mm(self, x):
+        x = x * self.prequant
+        if not self.emulated:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.kernel_group,
+                                                           self.scales_and_zeros)
+            return y[:, : self.out] if y.shape[1] != self.out else y
+        return F.linear(x.float(), self._dequantize_emulated()).to(self.dtype)
+
+    def _dequantize_emulated(self) -> torch.Tensor:
+        return unpack_int4_rows(self.weight).float() * self.scales.float().repeat_interleave(self.group, dim=1)
+
+    def _held(self):
+        if self.cuda and self.tinygemm is not None:  # decode reads the tinygemm copy; prefill the Triton layout
+            return self.tinygemm.weight, self.tinygemm.scales_and_zeros, self.prequant
+        if self.emulated or self.cuda:
+            return self.weight, self.scales, self.prequant
+        return self.weight, self.scales_and_zeros, self.prequant
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.emulated or self.cuda:
+            return self._dequantize_emulated()
+        # Read the repacked weight back through the kernel itself, in float32 whatever the compute dtype (the
+        # packed layout does not depend on it): Wᵀ = I @ Wᵀ, one term per output, so exactly q · s as held.
+        eye = torch.eye(self.inp, dtype=torch.float32, device=self.device)
+        w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.kernel_group,
+                                                         self.scales_and_zeros.float())
+        return w_t[:, : self.out].t().float().contiguous()
+
+
+
+
+def _tinygemm_pack(q: torch.Tensor, scales: torch.Tensor, group: int, order: str, inner_k_tiles: int = 8):
+    """q int [N, K] in [-8, 7] → (packed, scales_and_zeros [K/group, N, 2]) for aten._weight_int4pack_mm, which
+    computes (q_u − 8) · scale + zero with q_u = q + 8 (zero = 0 for AWQ's symmetric int4)."""
+    qu = (q.to(torch.int16) + 8).to(torch.uint8)
+    hi, lo = (qu[:, ::2], qu[:, 1::2]) if order == "even-high" else (qu[:, 1::2], qu[:, ::2])
+    packed = torch.ops.aten._convert_weight_to_int4pack((hi << 4 | lo).contiguous(), inner_k_tiles)
+    s = scales.t().contiguous()
+    return packed, torch.stack((s, torch.zeros_like(s)), dim=-1).contiguous()
+
+
+def _tinygemm_layout(device: torch.device) -> tuple[str, torch.dtype] | None:
+    """The nibble order and activation dtype (fp16, else bf16) that make tinygemm compute exactly q · s on a known
+    weight, probed once per device; None if it is unavailable."""
+    return _probe_tinygemm(str(device))
+
+
+@functools.cache
+def _probe_tinygemm(device: str) -> tuple[str, torch.dtype] | None:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (64, 256), generator=gen, dtype=torch.int8)
+    s = torch.rand(64, 2, generator=gen) + 0.5
+    x = torch.randn(4, 256, generator=gen)
+    ref = x.double() @ (q.double() * s.double().repeat_interleave(128, dim=1)).t()
+    for dtype in (torch.float16, torch.bfloat16):
+        for order in ("even-high", "even-low"):
+            try:
+                w, sz = _tinygemm_pack(q.to(device), s.to(device=device, dtype=dtype), 128, order)
+                y = torch.ops.aten._weight_int4pack_mm(x.to(device=device, dtype=dtype), w, 128, sz)
+            except (RuntimeError, NotImplementedError):
+                continue
+            if ((y.double().cpu() - ref).norm() / ref.norm()).item() < 1e-2:
+                return order, dtype
+    return None
+
+
+class _TinygemmInt4:
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, group: int, layout: tuple[str, torch.dtype]):
+        order, self.act_dtype = layout
+        self.group = group
+        self.weight, self.scales_and_zeros = _tinygemm_pack(q, scales.to(self.act_dtype), group, order)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm(x.to(self.act_dtype).contiguous(), self.weight, self.group,
+                                                  self.scales_and_zeros)
