@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import sys
 import time
@@ -37,7 +36,8 @@ from quant.model_source import resolve_model
 from quant.recipes import GROUP_SIZES, KINDS, Recipe
 from quant.space import Fact, Space, confirmation_key, contenders, next_action
 from quant.study_store import (RESULTS_DIR, STUDY_DB, check_same_measurement, claim, is_default_storage,
-                               open_search_study, open_storage, reap_dead_trials, redact, storage_url, worker_identity)
+                               open_search_study, open_storage, quiet_user_error_tracebacks, reap_dead_trials, redact,
+                               storage_url, worker_identity)
 
 SEARCH_DEFAULTS = dict(num_samples=100, block_size=8, max_output_len=64, batch_size=4, input_len=32, output_len=16,
                        latency_repeats=3, ppl_docs=4, ppl_seq_len=128, calib_samples=8, calib_seq_len=128,
@@ -498,7 +498,7 @@ def run(args) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _quiet_user_error_tracebacks()
+    quiet_user_error_tracebacks()
     # Before any model work: a results folder that cannot be written used to fail after the whole search.
     ensure_writable_dir(args.results_dir, "--results-dir")
     search = Search(args)
@@ -552,26 +552,6 @@ def run(args) -> int:
     if isinstance(stop, KeyboardInterrupt):
         raise stop  # cli_entry: exit 130 (Ctrl-C) or 143 (SIGTERM)
     return 0 if summary.best is not None else EXIT_NO_PASS
-
-
-class _NoUserErrorTraceback:
-    """optuna logs a failed trial's exception with its traceback; a UserError (damaged cache, full disk) is the
-    user's one-line ``error:`` that cli_entry prints last, and Ctrl-C or SIGTERM the user's own stop, not bug
-    reports: keep optuna's line, drop the trace."""
-
-    def filter(self, record) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (UserError, KeyboardInterrupt)):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _quiet_user_error_tracebacks() -> None:
-    logger = logging.getLogger("optuna")
-    if not any(isinstance(f, _NoUserErrorTraceback) for f in logger.filters):
-        logger.addFilter(_NoUserErrorTraceback())
-    for handler in logger.handlers:
-        if not any(isinstance(f, _NoUserErrorTraceback) for f in handler.filters):
-            handler.addFilter(_NoUserErrorTraceback())
 
 
 @cli_entry

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -311,3 +312,24 @@ def claim(study, trial, key: str, *, wait_s: float = 60.0, sleep=time.sleep) -> 
                 t.state == TrialState.RUNNING and "recipe_hash" not in t.user_attrs for t in earlier):
             return None
         sleep(0.05)
+
+
+class _NoUserErrorTraceback:
+    """optuna logs a failed trial's exception with its traceback; a UserError (damaged cache, full disk) is the
+    user's one-line ``error:`` that cli_entry prints last, and Ctrl-C or SIGTERM the user's own stop, not bug
+    reports: keep optuna's line, drop the trace."""
+
+    def filter(self, record) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (UserError, KeyboardInterrupt)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_error_tracebacks() -> None:
+    """Keep optuna's log line for a trial failed by a UserError or a stop, without the traceback."""
+    logger = logging.getLogger("optuna")
+    if not any(isinstance(f, _NoUserErrorTraceback) for f in logger.filters):
+        logger.addFilter(_NoUserErrorTraceback())
+    for handler in logger.handlers:
+        if not any(isinstance(f, _NoUserErrorTraceback) for f in handler.filters):
+            handler.addFilter(_NoUserErrorTraceback())

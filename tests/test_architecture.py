@@ -198,3 +198,29 @@ def test_help_stays_inside_the_start_up_budget(module):
         assert heavy == "[]", f"{module} --help imports {heavy}"
         runs.append(float(seconds))
     assert min(runs) < STARTUP_BUDGET_S, f"{module} --help took {min(runs):.2f} s at best (budget {STARTUP_BUDGET_S} s)"
+
+
+def _optuna_private_uses(source: str) -> list[str]:
+    """Private optuna modules imported, and private attributes read off a study, trial, storage or sampler."""
+    found = []
+    for n in ast.walk(ast.parse(source)):
+        if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("optuna") \
+                and any(part.startswith("_") for part in n.module.split(".")):
+            found.append(f"line {n.lineno}: from {n.module} import ...")
+        if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__"):
+            base = ast.unparse(n.value).lower()
+            if any(word in base for word in ("optuna", "study", "trial", "storage", "sampler")):
+                found.append(f"line {n.lineno}: {ast.unparse(n)}")
+    return found
+
+
+def test_private_optuna_finder_finds_each_kind():
+    src = "from optuna.storages._rdb import x\ns = study._storage\nt = frozen_trial._trial_id\nok = self._hidden\n"
+    assert _optuna_private_uses(src) == ["line 1: from optuna.storages._rdb import ...", "line 2: study._storage",
+                                         "line 3: frozen_trial._trial_id"]
+
+
+def test_no_optuna_private_attribute_anywhere():
+    uses = {str(p.relative_to(REPO)): u for root in (*ROOTS, "tests") for p in sorted((REPO / root).rglob("*.py"))
+            if p.name != Path(__file__).name and (u := _optuna_private_uses(p.read_text()))}
+    assert not uses, uses

@@ -142,9 +142,11 @@ def test_storage_password_never_reaches_any_output(reference, tmp_path):
             assert secret.encode() not in path.read_bytes(), f"the password is in {path}"
     import optuna
 
-    study = optuna.load_study(study_name=name, storage=url)
+    storage = optuna.storages.get_storage(url)
+    study = optuna.load_study(study_name=name, storage=storage)
     try:
-        blob = json.dumps([study.user_attrs, study._storage.get_study_system_attrs(study._study_id)]
+        system_attrs = storage.get_study_system_attrs(storage.get_study_id_from_name(name))  # public storage API
+        blob = json.dumps([study.user_attrs, system_attrs]
                           + [[t.user_attrs, t.system_attrs, t.params] for t in study.trials], default=str)
         assert secret not in blob
         # The plot CLI on the same storage prints nothing of it either.
