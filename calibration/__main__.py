@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = calib_spec_from_args(args)
     spec.key  # hash a local source now: an unreadable file fails before the model is touched
 
-    # Read the first document too: a file without a usable text column used to fail only after the model
-    # was converted (the default model: ~20 s of work, and a cache entry, for a refused run).
+    # Read the first document too: a file without a usable text column fails before the model is converted
+    # (work and a cache entry for a run that would be refused).
     if next(iter_documents(spec.source, seed=spec.seed, text_column=spec.text_column), None) is None:
         raise UserError(f"calibration source {spec.source} holds no text")
 

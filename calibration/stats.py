@@ -383,8 +383,8 @@ def get_stats(
         model = load_hf_model(resolved, dtype=torch.float32, device=calibration_device())
     stats = collect_stats(model, batches, batch_size=batch_size, model_hash=resolved.content_hash, spec=spec)
     faults.point("calib.collect")  # crash test: statistics computed, nothing written
-    # A model with NaN/Inf weights used to be cached here and then refused on every load as a "damaged cache,
-    # delete it to recompute" -- which recomputes the same. Say what is wrong instead, and cache nothing.
+    # A model with NaN/Inf weights is the model's fault, not the cache's: say so and cache nothing (a cached
+    # entry would be refused as damaged on every load, and recomputing it gives the same).
     bad = next((n for n in stats.layers if not bool(torch.isfinite(stats.absmax[n]).all())), None)
     if bad is not None:
         raise UserError(f"model {resolved.source} produces non-finite activations at the input of {bad} "

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.output_len < 2:
         p.error("--output-len must be >= 2 (time per output token needs a second token)")
-    # Checked before any model work: a typo used to surface as a traceback after the model load.
+    # Checked before any model work: a typo is a one-line error, not a traceback after the model load.
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:

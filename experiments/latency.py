@@ -49,8 +49,8 @@ class LatencyResult:
 class LoadProbe:
     """CPU time other processes took while we measured, in cores, and the load average before and after.
 
-    A latency measured while other work shares the cores is not a property of the recipe (on a 2-core box, one
-    FP16 trial measured 1025 ms per token against ~29 ms alone): the search flags such measurements. Foreign CPU
+    A latency measured while other work shares the cores is not a property of the recipe (on a 2-core box, 35 times
+    the quiet time: docs/architecture.md, measured choices): the search flags such measurements. Foreign CPU
     = busy jiffies of the whole machine (/proc/stat) minus this process's own (/proc/self/stat, all threads)."""
 
     def __init__(self) -> None:

@@ -44,7 +44,7 @@ def remeasure(args) -> int:
         data = json.loads(args.out.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"--remeasure-latency needs the table's JSON at {args.out} ({exc})") from None
-    # A hand-edited or foreign file used to end in a KeyError/TypeError traceback: check its shape first.
+    # A hand-edited or foreign file: check its shape first, so a wrong one is a one-line error.
     records = data.get("records") if isinstance(data, dict) else None
     if not isinstance(records, list) or not records or not all(
             isinstance(r, dict) and isinstance(r.get("checkpoint"), dict) and isinstance(r["checkpoint"].get("path"), str)

@@ -499,13 +499,13 @@ def run(args) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet_user_error_tracebacks()
-    # Before any model work: a results folder that cannot be written used to fail after the whole search.
+    # Before any model work: a results folder that cannot be written fails now, not after the whole search.
     ensure_writable_dir(args.results_dir, "--results-dir")
     search = Search(args)
     url = storage_url(args, create_dir=False)
     # A storage URL given by the user, or an existing default database, is opened before the model work (a typo
-    # or a damaged file used to surface after a model conversion); a new default SQLite file is only created once
-    # the model is known to load.
+    # or a damaged file fails before a model conversion); a new default SQLite file is only created once the
+    # model is known to load.
     default_db = args.results_dir / STUDY_DB
     early = not is_default_storage(args) or (default_db.is_file() and default_db.stat().st_size > 0)
     storage = open_storage(url) if early else None

@@ -46,8 +46,8 @@ class Recipe:
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        # Types first: a recipe file can hold anything, and a string awq_alpha_step or a numeric exclude pattern
-        # used to escape as a ValueError/TypeError traceback (or, for awq_clip, hash as a different recipe).
+        # Types first: a recipe file can hold anything; a wrong type is a one-line error here, never a traceback
+        # later nor (awq_clip: 1 for true) a recipe that hashes differently from the same one spelled right.
         number = (int, float)
         if not isinstance(self.kind, str):
             raise UserError(f"recipe kind must be a string, got {self.kind!r}")

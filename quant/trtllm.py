@@ -1,13 +1,13 @@
 """TensorRT-LLM engine build: the ``trtllm-build`` command for each recipe, run as a subprocess, cached.
 
 :func:`build_command` is the one place the command is made. Its flags are the ones TensorRT-LLM 1.x's
-``trtllm-build`` accepts (``tensorrt_llm/commands/build.py`` @ 008b2b8d23af95e4e19fa6f354f9c5f6349b2bfc; plugin
-flags from ``PluginConfig`` in ``tensorrt_llm/plugin/plugin.py`` @ c20322ffd3dc0740ca530c9fad989b22e64f6e06):
+``trtllm-build`` accepts (``tensorrt_llm/commands/build.py``; plugin flags from ``PluginConfig`` in
+``tensorrt_llm/plugin/plugin.py``; the commits followed are in docs/tensorrt-llm.md):
 
 - ``--gpt_attention_plugin auto`` (the default, written out): attention runs the plugin in the checkpoint's dtype.
 - ``--gemm_plugin auto`` for FP16 and the integer formats; left out for FP8 (its default, None, is "disabled"), whose
   GEMMs TensorRT builds itself from the checkpoint's FP8 scales (the cuBLASLt plugin covers non-quantized GEMMs).
-- Quantization plugins are *not* flags: ``tensorrt_llm/builder.py`` (@ 008b2b8d…, ``build()``) switches on
+- Quantization plugins are *not* flags: ``tensorrt_llm/builder.py`` (``build()``) switches on
   ``weight_only_quant_matmul_plugin`` (W8A16) or ``weight_only_groupwise_quant_matmul_plugin`` (W4A16_AWQ) from the
   checkpoint's quant mode, and the SmoothQuant plugins only for the ``*_PLUGIN`` algos of ``W8A8_SQ_PLUGIN_LIST``
   (``tensorrt_llm/quantization/mode.py``), so ModelOpt's ``W8A8_SQ_PER_CHANNEL`` builds TensorRT's own INT8 GEMMs.

@@ -242,7 +242,7 @@ GEMV_CONFIG = {W_FLOAT: (2, 1024, 4), W_INT8: (8, 1024, 4), W_FP8: (8, 512, 4), 
 GEMV_MAX_M = 1
 # Per weight format: 1 = convert weights with the PTX sequences above (int8: W8A16 only; SmoothQuant multiplies in
 # int32), 0 = the portable bit moves. Chosen from the batch-1 decode rows of ``python -m experiments.bench`` on an
-# H200 (int8_wo 2.96 → 2.85 ms, fp8 3.65 → 3.30 ms per token on the 7B shape); the sweep times both.
+# H200 (the numbers: docs/architecture.md, measured choices); the sweep times both.
 GEMV_CVT = {W_INT8: 1, W_FP8: 1}
 
 

@@ -1,9 +1,9 @@
 """The TensorRT-LLM runner: a built engine behind the same interface as :class:`~quant.runtime.torch_runtime.TorchRuntime`.
 
-It wraps ``tensorrt_llm.runtime.ModelRunnerCpp`` (``tensorrt_llm/runtime/model_runner_cpp.py`` @
-03832911f05dbe10232949eb3c56aac45578e30a), imported only when a runner is created, so this module imports
-everywhere. Nothing here was executed against TensorRT-LLM on the machine this was written on (it cannot be
-installed there); the calls follow that file:
+It wraps ``tensorrt_llm.runtime.ModelRunnerCpp`` (``tensorrt_llm/runtime/model_runner_cpp.py``; the commits of
+every TensorRT-LLM file followed here are in docs/tensorrt-llm.md), imported only when a runner is created, so
+this module imports everywhere. Nothing here was executed against TensorRT-LLM on the machine this was written
+on (it cannot be installed there); the calls follow that file:
 
 - ``ModelRunnerCpp.from_dir(engine_dir, rank=0, max_batch_size=, max_beam_width=1, max_tokens_in_paged_kv_cache=,
   kv_cache_enable_block_reuse=False, device_ids=)`` (input/output limits left at the engine's).
@@ -15,7 +15,7 @@ installed there); the calls follow that file:
   then generated tokens, padded with ``end_id``) and ``sequence_lengths`` [batch, beams] (prompt + generated).
 - EOS: ``end_id`` is the first EOS id, further EOS ids go in ``stop_words_list``. ``ignore_eos`` passes
   ``end_id=-1``, an id no token has — what TensorRT-LLM's own LLM API does for ``SamplingParams(ignore_eos=True)``
-  (``tensorrt_llm/executor/base_worker.py`` @ 000bd1a6c3231651a9abe3cc6e7494042b6d2228: ``end_id=-1 if
+  (``tensorrt_llm/executor/base_worker.py``: ``end_id=-1 if
   request.sampling_params.ignore_eos else request.sampling_params.end_id``, and no stop words).
 """
 from __future__ import annotations

@@ -34,6 +34,7 @@ Triton int8 GEMM with the dequant epilogue fused (SmoothQuant; ``torch._int_mm``
 ``KernelConfig.sq_prefill_gemm``), and ``torch._scaled_mm`` (FP8); fp16 goes to cuBLAS. Any other non-CPU device runs the
 exact emulation.
 
-Speed (2-core AVX-512 CPU, no AMX): the int8pack/int4pack kernels are fast in bfloat16 (faster than dense bf16 at
-M=1) but take a slow path in float32 (10–25× dense fp32); ``_int_mm`` is fast in both; the FP8 upcast is slow.
+Speed on CPUs without AMX: the int8pack/int4pack kernels are fast in bfloat16 (faster than dense bf16 at M=1) but
+take a slow path in float32; ``_int_mm`` is fast in both; the FP8 upcast is slow (docs/architecture.md, measured
+choices).
 """

@@ -12,7 +12,7 @@ from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig, _cuda_kern
 @functools.lru_cache(maxsize=1)
 def bf16_gemm_is_native() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). Without it (AVX2-only parts) oneDNN's
-    bfloat16 GEMM ran 5x slower than float32 on the same shapes (128x576 @ 576x1536: 13.5 vs 2.7 ms, AMD EPYC)."""
+    bfloat16 GEMM is several times slower than float32 on the same shapes (docs/architecture.md, measured choices)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if amx is not None and amx():
         return True
@@ -24,7 +24,7 @@ def bf16_gemm_is_native() -> bool:
 
 
 # Rows from which a bfloat16 dense GEMM on a CPU without native bfloat16 is computed in float32 (prefill); below
-# it (decode) the bfloat16 GEMM reads half the bytes and is the faster one (4 rows: 0.32 vs 0.55 ms).
+# it (decode) the bfloat16 GEMM reads half the bytes and is the faster one (measured: docs/architecture.md).
 CPU_F32_GEMM_MIN_ROWS = 16
 
 
