@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated cache, the real default model, and tiny random LLaMa models.
+"""Shared fixtures and helpers: an isolated cache, the real default model, tiny random LLaMa models, the packaged
+aclsum records, a relative error.
 
 The cache lives in ``<repo>/.cache/test`` (git-ignored) unless QUANT_SUITE_CACHE is set: xdist workers share it
 (writes are atomic, so two workers converting the same model at once is safe), and a second local run reuses
@@ -6,6 +7,8 @@ the default model's conversion instead of spending ~20 s on it again.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -36,3 +39,16 @@ def tiny_llama_dir(tmp_path_factory, default_model):
     from tests.tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", tokenizer_from=default_model.hf_dir)
+
+
+def aclsum_records(split: str) -> list[dict]:
+    """The aclsum package's own JSONL rows of a split, read directly (the reference the loaders are held to)."""
+    folder = Path(importlib.util.find_spec("aclsum").submodule_search_locations[0]) / "dataset"
+    with (folder / f"{split}.jsonl").open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def rel(a, b) -> float:
+    """‖a − b‖ / ‖b‖ in float64, on the CPU (either tensor may live on a GPU)."""
+    return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
+

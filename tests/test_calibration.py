@@ -1,7 +1,6 @@
 """calibration/: token batches from training text, hooked activation statistics, their cache and the CLI."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -13,17 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.data import (
-    ACLSUM_CALIB_SECTIONS,
-    CalibSpec,
-    calibration_batches,
-    calibration_tokens,
-    split_paragraph_blocks,
-)
-from calibration.stats import ActivationStats, collect_stats, get_stats, stats_dir
+from calibration.data import (ACLSUM_CALIB_SECTIONS, CalibSpec, calibration_batches, calibration_tokens,
+                              split_paragraph_blocks)
 from calibration.datasets import detokenize, load_samples
+from calibration.stats import ActivationStats, collect_stats, get_stats, stats_dir
 from quant.errors import UserError
 from quant.export import forward_loop
+from tests.conftest import aclsum_records
 from tests.offline import offline_user_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,12 +54,6 @@ def one_line_user_error(match: str, fn, *args, **kwargs) -> str:
         fn(*args, **kwargs)
     assert "\n" not in str(info.value)
     return str(info.value)
-
-
-def aclsum_records(split: str) -> list[dict]:
-    folder = Path(importlib.util.find_spec("aclsum").submodule_search_locations[0]) / "dataset"
-    with (folder / f"{split}.jsonl").open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def encode(tokenizer, text: str) -> list[int]:

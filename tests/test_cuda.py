@@ -25,16 +25,13 @@ import pytest
 import torch
 
 from quant.errors import UserError
+from tests.conftest import rel
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 DEV = torch.device("cuda")
 ALGOS = [None, "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "FP8"]
 GPU_DTYPES = [torch.float16, torch.bfloat16]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
 
 
 def _tiny(recipe: str, seed: int = 0, device="cpu"):
@@ -80,9 +77,9 @@ def _pretend_old_gpu(monkeypatch):
 @pytest.mark.parametrize("recipe", ["fp8", "fp16_kv_int8"])
 def test_fp8_below_compute_capability_8_9_is_refused(monkeypatch, recipe):
     """Checked before anything touches the device (here there may be none: CUDA is faked as an A100)."""
-    from quant.runtime.random_checkpoint import RECIPES, random_config
     from quant.checkpoint import Checkpoint
     from quant.formats import layer_algos
+    from quant.runtime.random_checkpoint import RECIPES, random_config
     from quant.runtime.torch_runtime import check_cuda
 
     algo, kv = RECIPES[recipe]

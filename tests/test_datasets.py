@@ -1,5 +1,4 @@
 import csv
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -8,8 +7,8 @@ import pytest
 
 from calibration.datasets import KNOWN_DATASETS, Sample, detokenize, load_samples
 from quant.errors import UserError
+from tests.conftest import aclsum_records
 from tests.offline import offline_user_error
-
 
 CNN_ROWS = [
     {"id": "a1", "article": "First article text.", "highlights": "First highlight.\nSecond highlight."},
@@ -45,12 +44,6 @@ def raises_user_error(match: str, fn, *args, **kwargs) -> str:
     message = str(info.value)
     assert "\n" not in message
     return message
-
-
-def aclsum_records(split: str) -> list[dict]:
-    folder = Path(importlib.util.find_spec("aclsum").submodule_search_locations[0]) / "dataset"
-    with (folder / f"{split}.jsonl").open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 # ------------------------------------------------------------------------------------------- aclsum

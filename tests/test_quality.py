@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibration.data import CalibSpec
-from quant.apply import build_checkpoint, modelopt_config, quantize_model
+from quant.apply import build_checkpoint, modelopt_config
 from quant.recipes import Recipe
 
 CALIB = CalibSpec(num_samples=8, seq_len=128)
@@ -33,7 +33,7 @@ def _unsmoothed_variant(model, recipe: Recipe, out):
     from transformers import AutoTokenizer
 
     from calibration.data import calibration_batches
-    from quant.export import EXPORT_DTYPE, export_checkpoint, forward_loop, load_hf_model
+    from quant.export import EXPORT_DTYPE, forward_loop, load_hf_model
 
     hf = load_hf_model(model, dtype=torch.float32)
     cfg = modelopt_config(recipe, hf.config.num_hidden_layers)

@@ -31,6 +31,7 @@ from quant.checkpoint import Checkpoint, load_checkpoint
 from quant.runtime.kv_cache import QuantizedKVCache
 from quant.runtime.schemes.base import fp8_gemm_is_native
 from quant.runtime.torch_runtime import TorchRuntime
+from tests.conftest import rel
 
 VOCAB = 49152
 CASES = {
@@ -43,10 +44,6 @@ CASES = {
 }
 KV_QUANTIZER = {"INT8": {"num_bits": 8, "axis": None}, "FP8": {"num_bits": (4, 3), "axis": None}}
 KV_BOUND = {"INT8": 127.0, "FP8": 448.0}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def modelopt_config(name: str, group: int | None, kv: str | None) -> dict:
