@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Annotated, Iterator
+
+from pydantic import ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 from calibration.datasets import load_local_table, load_samples
 from quant.errors import UserError, positive_int, seed_int
@@ -44,27 +47,38 @@ _FETCH_CHUNK = 64  # rows fetched at a time from a table source
 # ---------------------------------------------------------------------------------------------- spec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class CalibSpec:
     """Everything that decides the calibration tokens (together with the tokenizer, i.e. the model).
 
-    ``key`` is a stable string for cache keys; for a local file it holds a hash of the file's bytes (not its
-    path), so editing the file in place changes the key and moving it does not.
+    Declared fields with their types and bounds (checked by pydantic, reported as one-line UserErrors); whether
+    the source exists is checked in ``__post_init__``. ``key`` is a stable string for cache keys; for a local
+    file it holds a hash of the file's bytes (not its path), so editing the file in place changes the key and
+    moving it does not.
     """
 
-    source: str = DEFAULT_SOURCE
-    num_samples: int = 32
-    seq_len: int = 256
-    seed: int = 0
-    text_column: str | None = None
+    source: StrictStr = DEFAULT_SOURCE
+    num_samples: Annotated[StrictInt, Field(gt=0)] = 32
+    seq_len: Annotated[StrictInt, Field(gt=0)] = 256
+    seed: Annotated[StrictInt, Field(ge=0)] = 0
+    text_column: StrictStr | None = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_line(cls, data, handler):
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            e = exc.errors(include_url=False)[0]
+            names = list(cls.__dataclass_fields__)
+            name = names[e["loc"][0]] if isinstance(e["loc"][0], int) else e["loc"][0]
+            must = {"source": "must be a name or a path", "seed": "must be an integer >= 0",
+                    "text_column": "must be a column name"}.get(name, "must be a positive integer")
+            if e["type"] == "unexpected_keyword_argument":
+                must = f"is not a calibration setting (known: {', '.join(names)})"
+            raise UserError(f"calibration {name} {must}, got {e['input']!r}") from None
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"calibration {name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise UserError(f"calibration seed must be an integer >= 0, got {self.seed!r}")
         _check_source(self.source)
 
     @cached_property

@@ -29,7 +29,7 @@ def recipe_from_study(name: str, storage: str | None):
     study = open_study(existing_storage_url(storage), name)
     try:  # the study may come from anyone's database: a foreign attribute is bad input, not a traceback
         calib = CalibSpec(**study.user_attrs["calibration"]) if "calibration" in study.user_attrs else CalibSpec()
-    except TypeError as exc:
+    except (TypeError, UserError) as exc:  # not a mapping, or a field that is not a calibration setting
         raise UserError(f"study {name!r} has a malformed calibration attribute ({exc})") from None
     model = study.user_attrs.get("model")
     if model is not None and not isinstance(model, str):

@@ -12,19 +12,79 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr, ValidationError, model_validator
 
 from quant import formats
 from quant.errors import ArgumentParser, UserError, cli_entry
 from quant.paths import cache_root
 
-_INT_FIELDS = (
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
-    "intermediate_size", "vocab_size",
-)
-MAX_LAYERS = 1024
+MAX_LAYERS = 1024  # the validator lists every expected tensor per layer: 10**8 layers took minutes and 24 GB
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# config.json, declared: each field's type and bounds, and in its description what the user is told it must be.
+PositiveInt = Annotated[StrictInt, Field(gt=0, description="a positive integer")]
+Number = Annotated[StrictInt | StrictFloat, Field(description="a number")]
+
+
+class _Quantization(BaseModel, extra="allow"):
+    quant_algo: StrictStr | None = Field(None, description="a string or null")
+    kv_cache_quant_algo: StrictStr | None = Field(None, description="a string or null")
+    group_size: PositiveInt | None = Field(None, description="a positive integer")
+    exclude_modules: list[StrictStr] | None = Field(None, description="a list of names")
+
+
+class _Mapping(BaseModel, extra="allow"):
+    world_size: StrictInt = 1
+
+
+class CheckpointConfig(BaseModel, extra="allow"):
+    architecture: Literal["LlamaForCausalLM"]
+    num_hidden_layers: Annotated[PositiveInt, Field(le=MAX_LAYERS)]
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
+    vocab_size: PositiveInt
+    dtype: Literal[tuple(_DTYPES)]
+    rotary_base: Number = 10000
+    norm_epsilon: Number = 1e-6
+    rotary_scaling: dict | None = Field(None, description="an object or null")
+    head_size: PositiveInt = 1
+    mapping: _Mapping | None = Field(None, description="an object")
+    quantization: _Quantization | None = Field(None, description="an object")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError("num_attention_heads is not a multiple of num_key_value_heads")
+        if self.mapping is not None and self.mapping.world_size != 1:
+            raise UserError(f"world_size {self.mapping.world_size} — only single-rank checkpoints are supported")
+        return self
+
+
+def _config_error(error: dict, config: dict) -> str:
+    """One pydantic error of config.json as the one line a user reads."""
+    name = error["loc"][0]
+    nested = name == "quantization" and len(error["loc"]) > 1
+    loc = [name, error["loc"][1]] if nested else [name]
+    got = config
+    for part in loc:
+        got = got.get(part) if isinstance(got, dict) else None
+    if name == "architecture":
+        return f"architecture is {got!r}; only 'LlamaForCausalLM' is supported"
+    if name == "num_hidden_layers" and error["type"] == "less_than_equal":
+        return f"config.json num_hidden_layers {got} is implausible (more than {MAX_LAYERS})"
+    if name == "dtype":
+        return f"config.json dtype must be one of {sorted(_DTYPES)}, got {got!r}"
+    field = (_Quantization if nested else CheckpointConfig).model_fields[loc[-1]]
+    what = field.description or next(m.description for m in field.metadata if getattr(m, "description", None))
+    where = f"quantization.{loc[1]}" if nested else f"config.json {name}"
+    shown = "" if name in ("rotary_scaling", "quantization") and not nested else f", got {got!r}"
+    return f"{where} must be {what}{shown}"
 
 
 @dataclass
@@ -77,46 +137,12 @@ def read_config(folder: Path) -> dict:
         raise UserError(f"checkpoint {folder}: config.json is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise UserError(f"checkpoint {folder}: config.json must hold an object")
-    arch = config.get("architecture")
-    if arch != "LlamaForCausalLM":
-        raise UserError(f"checkpoint {folder}: architecture is {arch!r}; only 'LlamaForCausalLM' is supported")
-    for key in _INT_FIELDS:
-        value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"checkpoint {folder}: config.json {key} must be a positive integer, got {value!r}")
-    # The validator lists every expected tensor per layer: 10**8 layers took minutes and 24 GB before any error.
-    if config["num_hidden_layers"] > MAX_LAYERS:
-        raise UserError(f"checkpoint {folder}: config.json num_hidden_layers {config['num_hidden_layers']} is "
-                        f"implausible (more than {MAX_LAYERS})")
-    if config.get("dtype") not in _DTYPES:
-        raise UserError(f"checkpoint {folder}: config.json dtype must be one of {sorted(_DTYPES)}, got {config.get('dtype')!r}")
-    if config["num_attention_heads"] % config["num_key_value_heads"]:
-        raise UserError(f"checkpoint {folder}: num_attention_heads is not a multiple of num_key_value_heads")
-    for key in ("rotary_base", "norm_epsilon"):
-        if key in config and not isinstance(config[key], (int, float)):
-            raise UserError(f"checkpoint {folder}: config.json {key} must be a number, got {config[key]!r}")
-    scaling = config.get("rotary_scaling")
-    if scaling is not None and not isinstance(scaling, dict):
-        raise UserError(f"checkpoint {folder}: config.json rotary_scaling must be an object or null")
-    if "head_size" in config and (not isinstance(config["head_size"], int) or config["head_size"] <= 0):
-        raise UserError(f"checkpoint {folder}: config.json head_size must be a positive integer, got {config['head_size']!r}")
-    mapping = config.get("mapping") or {}
-    if not isinstance(mapping, dict):
-        raise UserError(f"checkpoint {folder}: config.json mapping must be an object, got {mapping!r}")
-    if mapping.get("world_size", 1) != 1:
-        raise UserError(f"checkpoint {folder}: world_size {mapping.get('world_size')} — only single-rank checkpoints are supported")
-    quant = config.get("quantization") or {}
-    if not isinstance(quant, dict):
-        raise UserError(f"checkpoint {folder}: config.json quantization must be an object")
-    for key in ("quant_algo", "kv_cache_quant_algo"):
-        if quant.get(key) is not None and not isinstance(quant[key], str):
-            raise UserError(f"checkpoint {folder}: quantization.{key} must be a string or null, got {quant[key]!r}")
-    group = quant.get("group_size")
-    if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group <= 0):
-        raise UserError(f"checkpoint {folder}: quantization.group_size must be a positive integer, got {group!r}")
-    excl = quant.get("exclude_modules")
-    if excl is not None and (not isinstance(excl, list) or not all(isinstance(e, str) for e in excl)):
-        raise UserError(f"checkpoint {folder}: quantization.exclude_modules must be a list of names, got {excl!r}")
+    try:
+        CheckpointConfig.model_validate(config)
+    except ValidationError as exc:
+        raise UserError(f"checkpoint {folder}: {_config_error(exc.errors(include_url=False)[0], config)}") from None
+    except UserError as exc:
+        raise UserError(f"checkpoint {folder}: {exc}") from None
     return config
 
 

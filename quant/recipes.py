@@ -12,8 +12,13 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      field_validator, model_validator)
+from pydantic.dataclasses import dataclass
 
 from quant.atomic import atomic_write_text
 from quant.errors import UserError
@@ -35,37 +40,37 @@ KIND_DEFAULTS = {
 }
 
 
-@dataclass(frozen=True)
+Number = StrictInt | StrictFloat  # a bool is neither
+Pattern = Annotated[StrictStr, Field(min_length=1)]
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class Recipe:
-    kind: str = "fp16"
-    alpha: float | None = None  # smoothquant migration strength, [0, 1]
-    group_size: int | None = None  # int4_awq block size along in-features
-    awq_alpha_step: float | None = None  # int4_awq: AWQ-lite search step over the scale exponent
-    awq_clip: bool = False  # int4_awq: also search per-group clipping (awq_full)
-    kv_cache: str = "none"
-    exclude: tuple[str, ...] = field(default_factory=tuple)
+    """Declared fields with their types and bounds (checked by pydantic, reported as one-line UserErrors); the
+    rules between fields and the per-kind defaults are in ``__post_init__``."""
+
+    kind: Literal[KINDS] = "fp16"
+    alpha: Annotated[Number, Field(ge=0, le=1)] | None = None  # smoothquant migration strength
+    group_size: Literal[GROUP_SIZES] | None = None  # int4_awq block size along in-features
+    awq_alpha_step: Annotated[Number, Field(gt=0, le=1)] | None = None  # int4_awq: AWQ-lite search step
+    awq_clip: StrictBool = False  # int4_awq: also search per-group clipping (awq_full)
+    kv_cache: Literal[KV_CACHE] = "none"
+    exclude: tuple[Pattern, ...] = ()
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _one_pattern_or_none(cls, value):
+        return () if value is None else (value,) if isinstance(value, str) else value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_line(cls, data, handler):
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise UserError(_recipe_error(exc.errors(include_url=False))) from None
 
     def __post_init__(self) -> None:
-        # Types first: a recipe file can hold anything; a wrong type is a one-line error here, never a traceback
-        # later nor (awq_clip: 1 for true) a recipe that hashes differently from the same one spelled right.
-        number = (int, float)
-        if not isinstance(self.kind, str):
-            raise UserError(f"recipe kind must be a string, got {self.kind!r}")
-        for key in ("alpha", "awq_alpha_step"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, number)):
-                raise UserError(f"{key} must be a number, got {value!r}")
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)):
-            raise UserError(f"group_size must be an integer, got {self.group_size!r}")
-        if not isinstance(self.awq_clip, bool):
-            raise UserError(f"awq_clip must be true or false, got {self.awq_clip!r}")
-        if not isinstance(self.kv_cache, str):
-            raise UserError(f"kv_cache must be a string, got {self.kv_cache!r}")
-        excl = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
-        if not isinstance(excl, (tuple, list)) or not all(isinstance(p, str) and p for p in excl):
-            raise UserError(f"exclude must be a list of layer patterns (strings), got {self.exclude!r}")
-        if self.kind not in KINDS:
-            raise UserError(f"unknown recipe {self.kind!r} (known: {', '.join(KINDS)})")
         for key, value in {**_DEFAULTS, **KIND_DEFAULTS.get(self.kind, {})}.items():
             if getattr(self, key) is None and value is not None:
                 object.__setattr__(self, key, value)
@@ -74,17 +79,7 @@ class Recipe:
         if self.kind != "int4_awq" and (self.group_size is not None or self.awq_alpha_step is not None or self.awq_clip):
             raise UserError(f"group_size/awq_alpha_step/awq_clip apply to int4_awq only, not {self.kind}")
         if self.alpha is not None:
-            if not isinstance(self.alpha, (int, float)) or not 0.0 <= float(self.alpha) <= 1.0:
-                raise UserError(f"smoothquant alpha must be in [0, 1], got {self.alpha!r}")
             object.__setattr__(self, "alpha", round(float(self.alpha), 4))
-        if self.group_size is not None and self.group_size not in GROUP_SIZES:
-            raise UserError(f"int4_awq group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
-        if self.awq_alpha_step is not None and not 0.0 < float(self.awq_alpha_step) <= 1.0:
-            raise UserError(f"awq_alpha_step must be in (0, 1], got {self.awq_alpha_step!r}")
-        if self.kv_cache not in KV_CACHE:
-            raise UserError(f"unknown kv_cache {self.kv_cache!r} (known: {', '.join(KV_CACHE)})")
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
         object.__setattr__(self, "exclude", tuple(sorted(set(self.exclude))))
         if self.kind == "fp16" and self.exclude:
             raise UserError("exclude has no effect on fp16: nothing is quantized")
@@ -133,20 +128,6 @@ class Recipe:
     def from_dict(cls, data: dict) -> "Recipe":
         if not isinstance(data, dict):
             raise UserError(f"a recipe must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown recipe field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        data = dict(data)
-        if "exclude" in data:
-            if data["exclude"] is None:
-                data["exclude"] = ()
-            elif not isinstance(data["exclude"], (list, tuple, str)):
-                raise UserError("exclude must be a list of layer patterns")
-            data["exclude"] = tuple([data["exclude"]] if isinstance(data["exclude"], str) else data["exclude"])
-        for key in ("group_size",):
-            if data.get(key) is not None and not isinstance(data[key], int):
-                raise UserError(f"{key} must be an integer, got {data[key]!r}")
         return cls(**data)
 
     @classmethod
@@ -200,6 +181,35 @@ class Recipe:
 
     def excluded_layers(self, num_layers: int) -> list[str]:
         return [n for n in layer_names(num_layers) if any(fnmatch.fnmatch(n, p) for p in self.exclude)]
+
+
+def _recipe_error(errors: list[dict]) -> str:
+    """pydantic's errors of a recipe as the one line a user reads: the field, what it must be, what it got."""
+    names = [f.name for f in fields(Recipe)]
+    unknown = [str(e["loc"][0]) for e in errors if e["type"] == "unexpected_keyword_argument"]
+    if unknown:
+        return f"unknown recipe field(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})"
+    e = errors[0]
+    name = names[e["loc"][0]] if isinstance(e["loc"][0], int) else e["loc"][0]
+    got, kind = e["input"], e["type"]
+    if name == "kind":
+        return (f"unknown recipe {got!r} (known: {', '.join(KINDS)})" if isinstance(got, str)
+                else f"recipe kind must be a string, got {got!r}")
+    if name == "kv_cache":
+        return (f"unknown kv_cache {got!r} (known: {', '.join(KV_CACHE)})" if isinstance(got, str)
+                else f"kv_cache must be a string, got {got!r}")
+    if name == "exclude":
+        return f"exclude must be a list of layer patterns (strings), got {got!r}"
+    if name == "group_size":
+        if isinstance(got, int) and not isinstance(got, bool):
+            return f"int4_awq group_size must be one of {GROUP_SIZES}, got {got!r}"
+        return f"group_size must be an integer, got {got!r}"
+    if kind == "bool_type":
+        return f"{name} must be true or false, got {got!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bounds = {"alpha": "[0, 1]", "awq_alpha_step": "(0, 1]"}[name]
+        return f"{'smoothquant ' if name == 'alpha' else ''}{name} must be in {bounds}, got {got!r}"
+    return f"{name} must be a number, got {got!r}"
 
 
 def layer_names(num_layers: int) -> list[str]:
