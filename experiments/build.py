@@ -20,21 +20,23 @@ from quant.atomic import atomic_dir, ensure_writable_dir
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
 from quant.model_source import resolve_model
 from quant.recipes import Recipe, parse_recipe_arg
-from quant.study_store import existing_storage_url, open_study
+from quant.study_store import existing_storage_url, open_study, reading
 from quant.trtllm import Workload, build_command, build_engine, trtllm_build_available
 
 
 def recipe_from_study(name: str, storage: str | None):
     """(best feasible recipe, model spec, calibration spec) of a finished search study."""
-    study = open_study(existing_storage_url(storage), name)
+    url = existing_storage_url(storage)
+    with reading(url):
+        study = open_study(url, name)
+        attrs, summary = study.user_attrs, summarize_study(study)
     try:  # the study may come from anyone's database: a foreign attribute is bad input, not a traceback
-        calib = CalibSpec(**study.user_attrs["calibration"]) if "calibration" in study.user_attrs else CalibSpec()
+        calib = CalibSpec(**attrs["calibration"]) if "calibration" in attrs else CalibSpec()
     except (TypeError, UserError) as exc:  # not a mapping, or a field that is not a calibration setting
         raise UserError(f"study {name!r} has a malformed calibration attribute ({exc})") from None
-    model = study.user_attrs.get("model")
+    model = attrs.get("model")
     if model is not None and not isinstance(model, str):
         raise UserError(f"study {name!r} has a malformed model attribute {model!r}")
-    summary = summarize_study(study)
     if summary.best is None:
         raise UserError(f"study {name!r} has no feasible trial to build ({summary.verdict().splitlines()[0]})")
     print(f"study {name!r}: best trial #{summary.best.number}, {summary.best.label}", file=sys.stderr)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from experiments.report import summarize_study, write_outputs
 from quant.errors import ArgumentParser, cli_entry
-from quant.study_store import RESULTS_DIR, existing_storage_url, open_study
+from quant.study_store import RESULTS_DIR, existing_storage_url, open_study, reading
 
 
 @cli_entry
@@ -22,9 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                    help="where the plots go (and study.db is read from without --storage)")
     args = p.parse_args(argv)
-    study = open_study(existing_storage_url(args.storage, args.results_dir), args.study_name)
-    summary = summarize_study(study)
-    for path in write_outputs(study, summary, args.results_dir):
+    url = existing_storage_url(args.storage, args.results_dir)
+    with reading(url):
+        study = open_study(url, args.study_name)
+        summary = summarize_study(study)
+        written = write_outputs(study, summary, args.results_dir)
+    for path in written:
         print(path)
     return 0
 

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import unquote
 
-from quant.errors import UserError
+from quant.errors import EnvironmentProblem, UserError
 
 # The storage rule, for every command that opens a study: --storage, else $QUANT_SEARCH_STORAGE (where a
 # PostgreSQL password belongs: argv is visible in `ps`), else SQLite in the results folder.
@@ -66,9 +66,9 @@ def open_storage(url: str, *, create: bool = True):
                 warnings.simplefilter("ignore")  # optuna's experimental/deprecation notes on every start
                 storage = optuna.storages.RDBStorage(
                     url, heartbeat_interval=20, grace_period=60,
-                    engine_kwargs=_engine_kwargs(url),
+                    engine_kwargs=_engine_kwargs(url, writer=create),
                 )
-            if url.startswith("sqlite"):
+            if url.startswith("sqlite") and create:  # a reader takes no write lock: a running search never waits on it
                 _sqlite_immediate(storage.engine)
             break
         except Exception as exc:  # sqlalchemy raises many types for bad URLs / unreachable servers
@@ -76,7 +76,7 @@ def open_storage(url: str, *, create: bool = True):
             # unique violation (PostgreSQL) or "table ... already exists" (SQLite, found by four workers in
             # tests/test_concurrency.py) and simply retries once the winner committed.
             racing = "IntegrityError" in type(exc).__name__ or "already exists" in str(exc) \
-                or "database is locked" in str(exc)
+                or ("database is locked" in str(exc) and create)
             if racing and attempt < 7:
                 time.sleep(0.3 + 0.5 * attempt)
                 continue
@@ -89,7 +89,7 @@ def _check_optuna_sqlite(db: str) -> None:
     """A read-only look (``mode=ro``) that an existing SQLite file holds optuna's tables: opening another
     database through optuna would create its schema inside it."""
     try:
-        con = sqlite3.connect(f"{Path(db).absolute().as_uri()}?mode=ro", uri=True)
+        con = sqlite3.connect(f"{Path(db).absolute().as_uri()}?mode=ro", uri=True, timeout=READER_BUSY_S)
         try:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
@@ -145,13 +145,29 @@ def _sqlite_immediate(engine) -> None:
     engine.dispose()  # connections opened before the listeners (schema check) are not reused
 
 
-def _engine_kwargs(url: str) -> dict:
+# sqlite3's busy timeout: how long a connection waits for a lock another process holds. Workers of one search
+# (tests/test_concurrency.py runs four) wait their turn for the write lock; a read-only command (plot, build
+# --from-study) takes no write lock, so it waits only while a writer commits, and gives up soon with one line.
+WRITER_BUSY_S = 120.0
+READER_BUSY_S = 10.0
+
+
+def _engine_kwargs(url: str, *, writer: bool = True) -> dict:
     if not url.startswith("sqlite"):
         return {"pool_pre_ping": True}
-    # Several workers on one SQLite file (tests/test_concurrency.py runs four): a writer waits up to this long for
-    # the file lock (sqlite3's busy timeout) instead of failing at once with "database is locked". pysqlite
-    # starts a transaction only at the first write, so readers never hold a lock a writer deadlocks on.
-    return {"connect_args": {"timeout": 120}}
+    return {"connect_args": {"timeout": WRITER_BUSY_S if writer else READER_BUSY_S}}
+
+
+@contextlib.contextmanager
+def reading(url: str):
+    """Around a read-only command's use of a study: a database another process keeps locked is one line."""
+    try:
+        yield
+    except Exception as exc:  # sqlalchemy's OperationalError, whatever the driver wraps it in
+        if "database is locked" not in str(exc):
+            raise
+        raise EnvironmentProblem(f"{redact(url)} stayed locked by another process for {READER_BUSY_S:g} s (a search "
+                                 "writing it holds the lock only while it commits); try again") from None
 
 
 # scheme:// and the userinfo of a URL; greedy: the userinfo ends at the *last* '@', even past a '/' or '#' of

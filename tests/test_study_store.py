@@ -100,3 +100,51 @@ def test_no_part_of_a_password_reaches_the_error_line(password):
     assert line.startswith("cannot open storage postgresql://quant:***@127.0.0.1:1/quant")
     for text in (password, unquote(password)):
         assert not [text[i:i + 3] for i in range(len(text) - 2) if text[i:i + 3] in line], line
+
+
+# -- read-only commands next to a writer ------------------------------------------------------------------------
+
+
+def _held(db, how: str):
+    """A second connection holding SQLite's write lock (``IMMEDIATE``: what a search's storage call takes) or its
+    exclusive lock (``EXCLUSIVE``: a commit, or a tool keeping the file), until closed."""
+    import sqlite3
+
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute(f"BEGIN {how}")
+    return con
+
+
+def test_a_reader_never_waits_for_a_search_holding_the_write_lock(study, tmp_path, monkeypatch):
+    """Reads take no write lock: with a writer in the middle of a storage call, the study reads at once (the
+    busy timeout is cut to 0.2 s, so any wait for the lock would fail this test, not slow it)."""
+    import quant.study_store as store
+
+    monkeypatch.setattr(store, "READER_BUSY_S", 0.2)
+    study.tell(study.ask(), 1.0)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    con = _held(tmp_path / "study.db", "IMMEDIATE")
+    try:
+        with store.reading(url):
+            seen = store.open_study(url, "claims")
+            assert [t.value for t in seen.trials] == [1.0]
+    finally:
+        con.close()
+
+
+def test_a_database_kept_locked_is_one_line_for_a_reader(study, tmp_path, monkeypatch):
+    import quant.study_store as store
+    from quant.errors import UserError
+
+    monkeypatch.setattr(store, "READER_BUSY_S", 0.2)
+    study.tell(study.ask(), 1.0)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    store.open_study(url, "claims")  # the schema check and load work while the file is free
+    con = _held(tmp_path / "study.db", "EXCLUSIVE")
+    try:
+        with pytest.raises(UserError, match="locked") as info:
+            with store.reading(url):
+                store.open_study(url, "claims").trials
+    finally:
+        con.close()
+    assert "\n" not in str(info.value)
