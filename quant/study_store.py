@@ -193,12 +193,16 @@ def _password(url: str) -> str:
 
 def _driver_detail(message: str, url: str) -> str:
     """The driver's first line, unless it may carry part of the URL's password: a password holding '@', ':',
-    '/', '%' or '#' is split differently by the driver, whose message then quotes a piece of it as a host or
-    a user name. Any run of 3 of the password's characters (all of a shorter one) in it withholds the line."""
+    '/', '%', '#' or '?' is split differently by the driver, whose message then quotes a piece of it as a host
+    or a user name; for such a password any run of 3 of its characters (all of a shorter one) in the message
+    withholds the line. A password without them reaches the driver whole, and drivers do not quote it: the
+    line is shown (with the password itself masked, should it appear)."""
     line = redact(message.splitlines()[0][:200]) if message else ""
     secret = _password(url)
     raw = url.split("://", 1)[-1]
     secret_raw = raw[:raw.rfind("@")].split(":", 1)[-1]  # as typed, percent-escapes included
+    if secret and secret_raw == secret and not set(secret) & set("@:/%#?"):
+        return line.replace(secret, "***")
     n = min(3, len(secret))
     if secret and any(text[i:i + n] in message for text in {secret, secret_raw} for i in range(len(text) - n + 1)):
         return "(the driver's message is withheld: it may quote part of the password)"

@@ -209,3 +209,35 @@ def test_best_recipe_metadata_paths_are_never_followed(reference, tmp_path):
     assert f"checkpoint   {cache / 'checkpoints'}" in proc.stdout, proc.stdout
     assert HOSTILE not in proc.stdout
     assert not (tmp_path / "work" / "etc").exists() and sorted(p.name for p in work.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["experiments.plot", "--study-name", "s"],
+                                     ["quant.search", "--min-rouge1", "14", "--model", "no-such-model"]])
+def test_a_wrong_storage_password_is_one_line_without_the_password(command, tmp_path):
+    """Against a server that checks passwords: .ci/start-postgres checks quant_pw's (every other user is trusted).
+    Whether it comes on the command line or in $QUANT_SEARCH_STORAGE, a refused password is one line, exit 2,
+    and no part of it is printed; nothing is written."""
+    from sqlalchemy.engine import make_url
+
+    from tests.test_search import _pg_url
+
+    base = make_url(_pg_url()).set(username="quant_pw")
+    right = base.set(password="quant-pw").render_as_string(hide_password=False)
+    probe = subprocess.run([sys.executable, "-c", "import sqlalchemy, sys; sqlalchemy.create_engine(sys.argv[1])"
+                            ".connect().close()", right], capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip("the test server has no password-checked user quant_pw (.ci/start-postgres creates it)")
+    secret = "Wrong-7c1d-never-print-me"
+    wrong = base.set(password=secret).render_as_string(hide_password=False)
+    results = tmp_path / "results"
+    for how in ("flag", "env"):
+        argv = [*command, "--results-dir", str(results)] + (["--storage", wrong] if how == "flag" else [])
+        env = kit.env_for(tmp_path / "cache", **({"QUANT_SEARCH_STORAGE": wrong} if how == "env" else {}))
+        proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120, env=env,
+                              cwd=kit.REPO)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2, out[-2000:].replace(secret, "<SECRET>")
+        assert "password authentication failed" in out and "quant_pw:***@" in out, out
+        assert secret not in out and secret[:8] not in out
+        assert len(proc.stderr.strip().splitlines()) == 1, out.replace(secret, "<SECRET>")
+        assert not results.exists() or not any(results.iterdir())
