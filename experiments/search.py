@@ -135,6 +135,8 @@ class Search:
         self.backend = resolve_backend(args.backend, args.device)
         # (settings_from_args resolves --device and refuses one that is not there)
         self.settings = settings_from_args(argparse.Namespace(**{**vars(args), "seed": args.eval_seed}), self.backend)
+        if not args.verbose:  # one line per decision; each candidate's progress bars and build notes with -v
+            self.settings = dataclasses.replace(self.settings, progress=False)
         if self.backend.name == "trtllm":
             raise UserError("the search's proxy needs logits, which the TensorRT-LLM runner does not expose; "
                             "use --backend torch")
@@ -176,7 +178,8 @@ class Search:
         self.space = Space(tuple(self.kinds), group_sizes, ranked, self.settings.device)
         self.measurer = Measurer(self.settings, self.model, self.calib, self.backend, samples=self.samples,
                                  bounds=self.bounds, proxy_docs=self.settings.ppl_docs,
-                                 proxy_seq_len=self.settings.ppl_seq_len, log=self.log)
+                                 proxy_seq_len=self.settings.ppl_seq_len,
+                                 log=self.log if args.verbose else lambda m: None)
 
     def prepare_baseline(self) -> None:
         """The FP16 baseline's proxy and first article block, which every trial is paired with: measured (or read)

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from quant import faults
+from quant import faults, quiet
 from quant.codehash import code_hash
 from quant.export import EXPORT_DTYPE, calibration_device, export_checkpoint, forward_loop, load_hf_model
 from quant.model_source import ResolvedModel
@@ -163,6 +163,6 @@ def quantize_model(model: ResolvedModel, recipe: Recipe, calib: Calibration, *, 
         faults.point("quantize.modelopt")  # crash test: inside ModelOpt's quantization
         return loop(m)
 
-    with torch.no_grad():
+    with torch.no_grad(), quiet.held("ModelOpt"):
         mtq.quantize(hf, cfg, calibrate)
     return hf.to(device="cpu", dtype=EXPORT_DTYPE)  # exported from host memory, whatever calibrated it

@@ -15,6 +15,8 @@ import sys
 import threading
 from typing import Callable
 
+from quant import quiet
+
 EXIT_USAGE = 2
 EXIT_NO_PASS = 3  # quant.search finished, and no recipe passes the gate (a script can tell it from success)
 
@@ -80,6 +82,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpWithDefaults)
         super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", action="store_true",
+                          help="also show what the libraries print and warn (ModelOpt, transformers, ...)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        quiet.configure(parsed.verbose)  # before any library is imported: they read some settings then
+        return parsed, rest
 
     def error(self, message: str):  # type: ignore[override]
         raise UserError(message)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from quant import faults
+from quant import faults, quiet
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.checkpoint import load_checkpoint
 from quant.model_source import ResolvedModel
@@ -52,9 +52,10 @@ def export_checkpoint(model: torch.nn.Module, out_dir: Path) -> Path:
 
     with atomic_dir(out_dir, fault="checkpoint.rename") as tmp:
         # inference_tensor_parallel=1: its default 0 divides by zero when tensorrt_llm is not installed.
-        export_tensorrt_llm_checkpoint(
-            model, decoder_type="llama", dtype=EXPORT_DTYPE, export_dir=tmp, inference_tensor_parallel=1
-        )
+        with quiet.held("ModelOpt"):
+            export_tensorrt_llm_checkpoint(
+                model, decoder_type="llama", dtype=EXPORT_DTYPE, export_dir=tmp, inference_tensor_parallel=1
+            )
         faults.point("checkpoint.export")  # crash test: ModelOpt's files written, not yet fixed or validated
         fix_config(tmp, model.config)
         load_checkpoint(tmp)  # never publish a folder the validator rejects

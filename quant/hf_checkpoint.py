@@ -40,7 +40,7 @@ from types import SimpleNamespace
 
 import torch
 
-from quant import formats
+from quant import formats, quiet
 from quant.apply import cached_build, checkpoint_dir, prepare, quantize_model
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.checkpoint import Checkpoint, aligned
@@ -130,7 +130,8 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, tokenizer_from: Path | N
     if not getattr(model.config, "architectures", None):
         model.config.architectures = ["LlamaForCausalLM"]  # export_hf_checkpoint needs it
     with atomic_dir(Path(out_dir)) as tmp:
-        export_hf_checkpoint(model, dtype=EXPORT_DTYPE, export_dir=tmp)
+        with quiet.held("ModelOpt"):
+            export_hf_checkpoint(model, dtype=EXPORT_DTYPE, export_dir=tmp)
         fix_hf_config(tmp, model.config)
         if tokenizer_from is not None:
             copy_tokenizer(tokenizer_from, tmp)

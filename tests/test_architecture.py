@@ -138,7 +138,9 @@ def _module_state_writes(source: str) -> list[str]:
                 base = t.value if isinstance(t, ast.Subscript) else t
                 if isinstance(t, ast.Subscript) and isinstance(base, ast.Name) and base.id in shared:
                     found.append(f"line {n.lineno}: {base.id}[...] =")
-                if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name) and base.value.id in modules:
+                # os.environ is exempt: the process environment is how libraries and child processes are told.
+                if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name) and base.value.id in modules \
+                        and ast.unparse(base) != "os.environ":
                     found.append(f"line {n.lineno}: {base.value.id}.{base.attr}{'[...]' * (t is not base)} =")
             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in _MUTATORS \
                     and isinstance(n.func.value, ast.Name) and n.func.value.id in shared:
