@@ -87,8 +87,12 @@ class StudySummary:
             else:
                 lines.append(f"{r.number:>3}  {r.label:28s} {'':>3s} {'':>21s} {'':>21s} {'':>7s} {'':>24s}  "
                              f"{r.state.lower()}{': ' + r.reason if r.reason else ''}")
-        for c in self.confirmations:
+        # On the terminal, the comparison that decided the answer; report.md keeps every one.
+        deciding = [c for c in self.confirmations if self.answer and c.get("key") == self.answer.get("confirmation")]
+        for c in deciding or self.confirmations:
             lines += ["", *confirmation_lines(c)]
+        if deciding and len(self.confirmations) > 1:
+            lines.append(f"({len(self.confirmations) - 1} earlier comparison(s): report.md)")
         if self.answer:
             lines += ["", f"tie set ({len(self.answer['tie'])}): {', '.join(self.answer['tie_labels'])}; "
                           f"rule: {self.answer['rule']}"]

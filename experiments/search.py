@@ -538,7 +538,6 @@ def run(args) -> int:
         study.set_user_attr("space", {"size": search.space.size(), "emulated_here": len(excluded)})
         search.prepare_baseline()
         stop = search_loop(search, study, sampler)
-        print(f"search stopped: {stop}", file=sys.stderr)
         study.set_user_attr("stopped", stop)
         search.answer(study)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (quant/errors.Terminated): report what finished, re-raise

@@ -45,18 +45,26 @@ def _finished(study):
     return [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
 
 
-@pytest.mark.slow
 def _build_from_study(results):
     return _run([sys.executable, "-m", "quant.build", "--from-study", "quant-search",
                  "--storage", f"sqlite:///{results / 'study.db'}"])
 
 
+# What only a library prints: its warnings, progress bars, ModelOpt's notes (quant.quiet holds them without -v).
+THIRD_PARTY = ("Warning", "warn(", "site-packages", "it/s]", "current rank", "Loading weights", "Inserted",
+               "No module named")
+
+
+@pytest.mark.slow
 def test_search_measures_pairs_compares_and_writes_report(tiny_model, tmp_path):
     results = tmp_path / "res"
     proc = _run(_cmd(tiny_model, results, "--min-rouge1", "0", "--n-trials", "4",
                      "--recipes", "fp16,int8_wo,smoothquant"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "chosen recipe:" in proc.stdout
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert not [line for line in lines if any(mark in line for mark in THIRD_PARTY)], proc.stderr[-3000:]
+    assert len(lines) <= 30, "\n".join(lines)
     study = optuna.load_study(study_name="quant-search", storage=f"sqlite:///{results / 'study.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     # The budget, unless the policy converged first (nothing left one step from the leading tie set).
