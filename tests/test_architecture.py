@@ -171,14 +171,14 @@ def test_tests_set_kernels_through_the_config():
 
 
 # The start-up budget (docs/architecture.md): a command's --help, and so its refusal of a bad flag, imports no
-# heavy package -- measured 0.1-0.25 s for these on the 2-core CI box, against 2-4 s once torch is imported.
+# heavy package -- measured 0.2-0.3 s for these on the 2-core CI box, against 2-4 s once torch is imported.
 # Heavy packages are imported inside the functions that need them, after the flags are read; project modules
 # that pull none of them are imported at module top.
 HEAVY = ("torch", "transformers", "optuna", "modelopt", "datasets", "matplotlib", "safetensors", "triton", "numpy",
          "scipy", "gguf", "rouge_score")
 LIGHT_CLIS = ("quant.search", "quant.build", "experiments.evaluate", "experiments.plot", "experiments.recipe_table",
               "experiments.regret", "calibration")
-STARTUP_BUDGET_S = 2.5  # the best of three runs; measured 0.3-0.5 s idle, so a loaded CI box has room
+STARTUP_BUDGET_S = 2.5  # the best of three runs; a loaded CI box has room
 
 
 @pytest.mark.parametrize("module", LIGHT_CLIS)
