@@ -33,7 +33,11 @@ def verbose() -> bool:
 def configure(is_verbose: bool) -> None:
     """Apply the choice to this process and to the ones it starts."""
     os.environ[VERBOSE_ENV] = "1" if is_verbose else "0"
-    if is_verbose:
+    if is_verbose:  # the libraries' warnings shown, through a handler that redacts credentials
+        logging.captureWarnings(True)
+        shown = logging.getLogger("py.warnings")
+        if not any(isinstance(h, _RedactingHandler) for h in shown.handlers):
+            shown.addHandler(_RedactingHandler(sys.stderr))
         return
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -45,6 +49,11 @@ def configure(is_verbose: bool) -> None:
 
 def _redacted(text: str) -> str:
     return _CREDENTIALS.sub(lambda m: f"{m.group(1)}***@" if m.group(1) else f"{m.group(2)}***", text)
+
+
+class _RedactingHandler(logging.StreamHandler):
+    def format(self, record: logging.LogRecord) -> str:
+        return _redacted(super().format(record))
 
 
 @contextlib.contextmanager
