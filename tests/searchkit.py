@@ -258,3 +258,21 @@ def kill_then_rerun(reference: dict, tmp_path: Path, spec: str, drop: str | None
         assert "chosen recipe:" in again.stdout
         assert Recipe.load(results / "best_recipe.yaml") == Recipe.from_dict(best)
     return again
+
+
+def signal_at(reference: dict, tmp_path: Path, spec: str, drop: str | None, sig: str) -> None:
+    """SIGINT (``sig="INT"``) or SIGTERM (``"TERM"``) at ``spec``: they unwind, so the search ends with its one-line
+    notice and exit 130 / 143, and leaves no temporary file or folder; the published cache stays valid."""
+    cache = snapshot(reference, tmp_path / "cache", drop)
+    results, trace = tmp_path / "results", tmp_path / "trace.jsonl"
+    proc = run(search_cmd(reference["model"], results, *THRESHOLD),
+               env_for(cache, QUANT_SUITE_KILL_AT=f"{spec}:{sig}", QUANT_SUITE_TRACE=str(trace)))
+    code, notice = {"INT": (130, "interrupted (Ctrl-C)"), "TERM": (143, "terminated (SIGTERM)")}[sig]
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == notice, proc.stderr[-2000:]
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [e["point"] for e in events if e["event"] == "killed"] == [spec.split("@")[0]], "signalled elsewhere"
+    assert not tmp_leftovers(cache) and not tmp_leftovers(tmp_path / "results"), "a temporary file stayed"
+    validate_cache(cache)
+

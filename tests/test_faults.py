@@ -93,17 +93,4 @@ SIGNALLED = [(spec, drop, sig) for (spec, drop, _), sig in zip(SCENARIOS, ["INT"
 
 @pytest.mark.parametrize("spec,drop,sig", SIGNALLED, ids=[f"{s[0]}:{s[2]}" for s in SIGNALLED])
 def test_ctrl_c_and_sigterm_while_building_cache_entries(spec, drop, sig, reference, tmp_path):
-    import json
-
-    cache = kit.snapshot(reference, tmp_path / "cache", drop)
-    results, trace = tmp_path / "results", tmp_path / "trace.jsonl"
-    cmd = kit.search_cmd(reference["model"], results, *kit.THRESHOLD)
-    proc = kit.run(cmd, kit.env_for(cache, QUANT_SUITE_KILL_AT=f"{spec}:{sig}", QUANT_SUITE_TRACE=str(trace)))
-    code, notice = {"INT": (130, "interrupted (Ctrl-C)"), "TERM": (143, "terminated (SIGTERM)")}[sig]
-    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == notice, proc.stderr[-2000:]
-    events = [json.loads(line) for line in trace.read_text().splitlines()]
-    assert [e["point"] for e in events if e["event"] == "killed"] == [spec], "signalled elsewhere"
-    assert not kit.tmp_leftovers(cache) and not kit.tmp_leftovers(tmp_path / "results"), "a temporary folder stayed"
-    kit.validate_cache(cache)
+    kit.signal_at(reference, tmp_path, spec, drop, sig)

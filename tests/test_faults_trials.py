@@ -37,6 +37,16 @@ def test_sigkill_while_measuring_or_reporting_then_rerun(spec, drop, tmp_where, 
         assert "their worker died; marked FAIL" in again.stderr
 
 
+# Ctrl-C / SIGTERM at the evaluation and report points (the trial commit points: tests/test_search.py).
+SIGNALLED = [(spec, drop, sig) for (spec, drop, _), sig in
+             zip([s for s in SCENARIOS if not s[0].startswith("trial.")], ["TERM", "INT"] * len(SCENARIOS))]
+
+
+@pytest.mark.parametrize("spec,drop,sig", SIGNALLED, ids=[f"{s[0]}:{s[2]}" for s in SIGNALLED])
+def test_ctrl_c_and_sigterm_while_measuring_or_reporting(spec, drop, sig, reference, tmp_path):
+    kit.signal_at(reference, tmp_path, spec, drop, sig)
+
+
 def test_kill_twice_in_a_row_then_rerun(reference, tmp_path):
     """Two crashes in one study (the second run dies too, later), then the rerun: still the same answer."""
     cache = kit.snapshot(reference, tmp_path / "cache", None)
