@@ -24,11 +24,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Iterator
 
-from pydantic import ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import ConfigDict, Field, StrictInt, StrictStr
 from pydantic.dataclasses import dataclass
 
 from calibration.datasets import load_local_table, load_samples
-from quant.errors import UserError, positive_int, seed_int
+from quant.errors import UserError, one_line_errors, positive_int, seed_int
 
 if TYPE_CHECKING:
     import torch
@@ -63,20 +63,7 @@ class CalibSpec:
     seed: Annotated[StrictInt, Field(ge=0)] = 0
     text_column: StrictStr | None = None
 
-    @model_validator(mode="wrap")
-    @classmethod
-    def _one_line(cls, data, handler):
-        try:
-            return handler(data)
-        except ValidationError as exc:
-            e = exc.errors(include_url=False)[0]
-            names = list(cls.__dataclass_fields__)
-            name = names[e["loc"][0]] if isinstance(e["loc"][0], int) else e["loc"][0]
-            must = {"source": "must be a name or a path", "seed": "must be an integer >= 0",
-                    "text_column": "must be a column name"}.get(name, "must be a positive integer")
-            if e["type"] == "unexpected_keyword_argument":
-                must = f"is not a calibration setting (known: {', '.join(names)})"
-            raise UserError(f"calibration {name} {must}, got {e['input']!r}") from None
+    _one_line = one_line_errors(lambda cls, errors: _spec_error(cls, errors[0]))
 
     def __post_init__(self) -> None:
         _check_source(self.source)
@@ -115,6 +102,16 @@ class CalibSpec:
             tokenizer, source=self.source, num_samples=self.num_samples, seq_len=self.seq_len, seed=self.seed,
             text_column=self.text_column,
         )
+
+
+def _spec_error(cls, e: dict) -> str:
+    names = list(cls.__dataclass_fields__)
+    name = names[e["loc"][0]] if isinstance(e["loc"][0], int) else e["loc"][0]
+    must = {"source": "must be a name or a path", "seed": "must be an integer >= 0",
+            "text_column": "must be a column name"}.get(name, "must be a positive integer")
+    if e["type"] == "unexpected_keyword_argument":
+        must = f"is not a calibration setting (known: {', '.join(names)})"
+    return f"calibration {name} {must}, got {e['input']!r}"
 
 
 def _check_source(source: str) -> None:

@@ -75,6 +75,20 @@ def cli_entry(fn: Callable[..., int | None]) -> Callable[..., int]:
     return wrapper
 
 
+def one_line_errors(message: Callable[[type, list[dict]], str]):
+    """A pydantic wrap validator for a declared model: its ValidationError becomes one UserError line,
+    ``message(cls, errors)`` (pydantic's error dicts, in field order). Used as ``_one_line = one_line_errors(f)``."""
+    from pydantic import ValidationError, model_validator
+
+    def one_line(cls, data, handler):
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise UserError(message(cls, exc.errors(include_url=False))) from None
+
+    return model_validator(mode="wrap")(classmethod(one_line))
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes are UserErrors: one ``error: ...`` line and exit 2, like every other bad input.
     ``--help`` shows every option on a line of its own with its default."""

@@ -16,12 +16,11 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
-                      field_validator, model_validator)
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 from pydantic.dataclasses import dataclass
 
 from quant.atomic import atomic_write_text
-from quant.errors import UserError
+from quant.errors import UserError, one_line_errors
 from quant.hardware import fp8_refusal
 from quant.names import LINEARS
 
@@ -62,13 +61,7 @@ class Recipe:
     def _one_pattern_or_none(cls, value):
         return () if value is None else (value,) if isinstance(value, str) else value
 
-    @model_validator(mode="wrap")
-    @classmethod
-    def _one_line(cls, data, handler):
-        try:
-            return handler(data)
-        except ValidationError as exc:
-            raise UserError(_recipe_error(exc.errors(include_url=False))) from None
+    _one_line = one_line_errors(lambda cls, errors: _recipe_error(errors))
 
     def __post_init__(self) -> None:
         for key, value in {**_DEFAULTS, **KIND_DEFAULTS.get(self.kind, {})}.items():

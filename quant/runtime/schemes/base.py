@@ -1,6 +1,7 @@
 """What every format's handler shares: the base class, the kernel choice (:class:`KernelConfig`), int4 packing."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -80,8 +81,9 @@ class KernelConfig:
         if unknown - set(ALGO_KEYS):
             raise ValueError(f"unknown format(s) {sorted(unknown - set(ALGO_KEYS))}; known: {', '.join(ALGO_KEYS)}")
 
+    @functools.lru_cache(maxsize=None)  # called on every batch-1 GEMV: computed once per (config, format)
     def gemv_options(self, algo_key: str) -> dict:
-        """The GEMV kernel's ``cvt`` and ``config`` for a format (None: the kernel's tuned default)."""
+        """The GEMV kernel's ``cvt`` and ``config`` for a format (None: the kernel's tuned default). Read-only."""
         return {"cvt": dict(self.gemv_cvt).get(algo_key), "config": dict(self.gemv_tile).get(algo_key)}
 
 
