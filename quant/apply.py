@@ -24,7 +24,7 @@ from quant.export import EXPORT_DTYPE, calibration_device, export_checkpoint, fo
 from quant.model_source import ResolvedModel
 from quant.names import HF_MODULES
 from quant.paths import cache_root
-from quant.recipes import Recipe
+from quant.recipes import AWQ_KINDS, GROUPED, Recipe
 
 KV_QUANTIZER = "*[kv]_bmm_quantizer"
 
@@ -34,7 +34,8 @@ def modelopt_config(recipe: Recipe, num_layers: int) -> dict | None:
     import modelopt.torch.quantization as mtq
 
     base = {"fp16": None, "int8_wo": mtq.INT8_WEIGHT_ONLY_CFG, "smoothquant": mtq.INT8_SMOOTHQUANT_CFG,
-            "int4_awq": mtq.INT4_AWQ_CFG, "fp8": mtq.FP8_DEFAULT_CFG}[recipe.kind]
+            "int4_awq": mtq.INT4_AWQ_CFG, "int4_gptq": mtq.INT4_AWQ_CFG, "w4a8_awq": mtq.W4A8_AWQ_BETA_CFG,
+            "fp8": mtq.FP8_DEFAULT_CFG}[recipe.kind]
     if base is None:
         if recipe.kv_cache == "none":
             return None
@@ -44,12 +45,17 @@ def modelopt_config(recipe: Recipe, num_layers: int) -> dict | None:
     entries: list = cfg["quant_cfg"]
     if recipe.kind == "smoothquant":
         cfg["algorithm"] = {"method": "smoothquant", "alpha": recipe.alpha}
-    if recipe.kind == "int4_awq":
+    if recipe.kind in GROUPED:
         for entry in entries:
             if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
                 entry["cfg"]["block_sizes"] = {**entry["cfg"]["block_sizes"], -1: recipe.group_size}
+    if recipe.kind in AWQ_KINDS:
         cfg["algorithm"] = {"method": "awq_full" if recipe.awq_clip else "awq_lite",
                             "alpha_step": recipe.awq_alpha_step}
+    if recipe.kind == "int4_gptq":
+        # ModelOpt's GPTQ (Hessian-compensated rounding, layer by layer) on the INT4 block quantizers, its defaults:
+        # 1% damping, update blocks of 128 columns (a multiple of every group size here).
+        cfg["algorithm"] = {"method": "gptq"}
     if recipe.kv_cache != "none":
         bits = 8 if recipe.kv_cache == "int8" else (4, 3)
         entries.append({"quantizer_name": KV_QUANTIZER, "cfg": {"num_bits": bits, "axis": None}})

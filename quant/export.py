@@ -43,7 +43,19 @@ def fix_config(folder: Path, hf_config) -> None:
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
     config.update(rotary_fields(hf_config))
+    quant = config.get("quantization") or {}
+    if quant.get("pre_quant_scale") and not _has_prequant(Path(folder) / "rank0.safetensors"):
+        # GPTQ: ModelOpt writes pre_quant_scale true for every INT4 export, but its linears have no pre-quant
+        # scale; TensorRT-LLM's builder would then expect one per linear.
+        quant["pre_quant_scale"] = False
     atomic_write_json(path, config)
+
+
+def _has_prequant(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return any(k.endswith(".prequant_scaling_factor") for k in fh.keys())
 
 
 def export_checkpoint(model: torch.nn.Module, out_dir: Path) -> Path:

@@ -17,7 +17,8 @@ import torch
 from quant.errors import UserError
 from quant.names import LINEARS
 
-QUANT_ALGOS = (None, "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "FP8")
+QUANT_ALGOS = (None, "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "W4A8_AWQ", "FP8")
+INT4_ALGOS = ("W4A16_AWQ", "W4A8_AWQ")  # group-wise INT4 weights, two per byte along out
 KV_CACHE_ALGOS = (None, "INT8", "FP8")
 
 F32, F16, BF16, I8 = torch.float32, torch.float16, torch.bfloat16, torch.int8
@@ -56,7 +57,10 @@ def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
     }
 
 
-def _linear_tensors(algo: str | None, out: int, inp: int, group_size: int, act: torch.dtype) -> dict[str, TensorSpec]:
+def _linear_tensors(algo: str | None, out: int, inp: int, group_size: int, act: torch.dtype,
+                    prequant: bool = True) -> dict[str, TensorSpec]:
+    """``prequant``: the config's ``pre_quant_scale`` (ModelOpt writes true for AWQ; false for GPTQ, whose linears
+    have none)."""
     if algo is None:
         return {"weight": TensorSpec((out, inp), (act,))}
     if algo == "W8A16":
@@ -68,14 +72,18 @@ def _linear_tensors(algo: str | None, out: int, inp: int, group_size: int, act: 
             "activation_scaling_factor": TensorSpec((1,), (F32, act)),
             "prequant_scaling_factor": TensorSpec((inp,), (act, F32)),
         }
-    if algo == "W4A16_AWQ":
+    if algo in INT4_ALGOS:
         if inp % group_size:
             raise UserError(f"group_size {group_size} does not divide in-features {inp}")
-        return {
+        spec = {
             "weight": TensorSpec((out // 2, inp), (I8,)),
             "weights_scaling_factor": TensorSpec((out, inp // group_size), (F32, act)),
-            "prequant_scaling_factor": TensorSpec((inp,), (act, F32)),
+            "prequant_scaling_factor": TensorSpec((inp,), (act, F32), optional=not prequant),
         }
+        if algo == "W4A8_AWQ":  # INT4 → FP8 weights (÷ weights_scaling_factor_2), FP8 activations
+            spec["weights_scaling_factor_2"] = TensorSpec((1,), (F32,))
+            spec["activation_scaling_factor"] = TensorSpec((1,), (F32,))
+        return spec
     if algo == "FP8":
         return {
             "weight": TensorSpec((out, inp), (FP8,)),
@@ -144,6 +152,7 @@ def expected_tensors(config: dict, algos: dict[str, str | None],
     act = {"float16": F16, "bfloat16": BF16, "float32": F32}[config["dtype"]]
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     group_size = int((config.get("quantization") or {}).get("group_size") or 128)
+    prequant = (config.get("quantization") or {}).get("pre_quant_scale", True) is not False
     kv_algo = (config.get("quantization") or {}).get("kv_cache_quant_algo")
     if kv_algo not in KV_CACHE_ALGOS:
         raise UserError(f"kv_cache_quant_algo {kv_algo!r} is not supported (supported: INT8, FP8, null)")
@@ -167,6 +176,7 @@ def expected_tensors(config: dict, algos: dict[str, str | None],
             spec[f"{prefix}.attention.v_cache_scaling_factor"] = TensorSpec((1,), (F32,), optional=True)
         for lin, (out, inp) in shapes.items():
             layer_group = (group_sizes or {}).get(f"layers.{i}.{lin}", group_size)
-            for suffix, tspec in _linear_tensors(algos[f"layers.{i}.{lin}"], out, inp, layer_group, act).items():
+            for suffix, tspec in _linear_tensors(algos[f"layers.{i}.{lin}"], out, inp, layer_group, act,
+                                                 prequant).items():
                 spec[f"{prefix}.{lin}.{suffix}"] = tspec
     return spec

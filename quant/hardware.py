@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
+FP8_GEMM_ALGOS = ("FP8", "W4A8_AWQ")  # quant_algos whose GEMMs take FP8 activations
 
 
 def fp8_refusal(device) -> str | None:

@@ -52,7 +52,10 @@ from quant.paths import cache_root
 HF_QUANT_CONFIG = "hf_quant_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
-READABLE_ALGOS = (None, "W8A16", "W8A8_SQ_PER_CHANNEL", "FP8")
+READABLE_ALGOS = (None, "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "W4A8_AWQ", "FP8")
+HF_KV_REASON = ("ModelOpt 0.47's Hugging Face export writes FP8 and NVFP4 KV caches only (its postprocess_state_dict "
+                "asserts on INT8), and neither current TensorRT-LLM's PyTorch backend nor vLLM reads an INT8 KV "
+                "cache; use kv_cache=fp8, or --format trtllm for TensorRT-LLM 1.x engines")
 FP8_FUSED = (("attention.qkv",), ("mlp.fc", "mlp.gate"))  # what TRT-LLM's PyTorch backend fuses (one scale each)
 
 
@@ -139,9 +142,40 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, tokenizer_from: Path | N
         got = (quant.get("quant_algo"), quant.get("kv_cache_quant_algo"))
         if expect is not None and got != tuple(expect):
             raise UserError(f"ModelOpt's HF export says quant_algo/kv_cache_quant_algo {got}, expected {expect}")
-        if got[0] in READABLE_ALGOS and got[1] is None:
-            load_hf_export(tmp)  # never publish a folder our own reader rejects
+        if quant.get("pre_quant_scale") and not _has_tensor(tmp, ".pre_quant_scale"):
+            _set_pre_quant_scale_false(tmp)  # GPTQ: ModelOpt writes true for every INT4 export
+        load_hf_export(tmp)  # never publish a folder our own reader rejects
     return Path(out_dir)
+
+
+def _has_tensor(folder: Path, suffix: str) -> bool:
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("model*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            if any(k.endswith(suffix) for k in fh.keys()):
+                return True
+    return False
+
+
+def _set_pre_quant_scale_false(folder: Path) -> None:
+    """The flag in hf_quant_config.json and config.json's quantization_config (servers read either)."""
+    path = Path(folder) / HF_QUANT_CONFIG
+    body = json.loads(path.read_text())
+    body["quantization"]["pre_quant_scale"] = False
+    atomic_write_json(path, body)
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if isinstance(config.get("quantization_config"), dict):
+        config["quantization_config"]["pre_quant_scale"] = False
+        atomic_write_json(path, config)
+
+
+def hf_export_refusal(recipe) -> str | None:
+    """Why a recipe has no Hugging Face export, or None."""
+    if recipe.kv_cache == "int8":
+        return f"{recipe.label}: INT8 KV cache has no Hugging Face export: {HF_KV_REASON}"
+    return None
 
 
 def hf_export_dir(model, recipe, calib=None) -> Path:
@@ -155,6 +189,8 @@ def build_hf_export(model, recipe, calib=None, *, log=None) -> Path:
     from quant.export import EXPORT_DTYPE, load_hf_model
 
     prepare(model, recipe, calib)
+    if why := hf_export_refusal(recipe):
+        raise UserError(why)
 
     def build(out: Path) -> None:
         t0 = time.perf_counter()
@@ -168,7 +204,7 @@ def build_hf_export(model, recipe, calib=None, *, log=None) -> Path:
 
 
 # -- reader -------------------------------------------------------------------------------------------------
-def _trtllm_config(hf: dict, quant_algo: str | None) -> dict:
+def _trtllm_config(hf: dict, quant_algo: str | None, kv_algo: str | None, group_size: int | None) -> dict:
     heads = hf["num_attention_heads"]
     params = {k: v for k, v in hf.items() if k in ("rope_parameters", "rope_theta", "rope_scaling")}
     return {
@@ -186,7 +222,9 @@ def _trtllm_config(hf: dict, quant_algo: str | None) -> dict:
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
         **rotary_fields(SimpleNamespace(**params)),
         "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
-        "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": None, "exclude_modules": []},
+        # pre_quant_scale false: INT4 linears carry one where the export kept it (module docstring).
+        "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_algo, "exclude_modules": [],
+                         **({"group_size": group_size, "pre_quant_scale": False} if quant_algo in formats.INT4_ALGOS else {})},
     }
 
 
@@ -196,7 +234,7 @@ def _fp8_rescale(weight: torch.Tensor, scale: torch.Tensor, target: torch.Tensor
 
 
 def load_hf_export(folder: Path):
-    """A ModelOpt HF export (FP16 / W8A16 / W8A8_SQ_PER_CHANNEL / FP8, no KV-cache quantization) as a TRT-LLM
+    """A ModelOpt HF export (every format of :data:`READABLE_ALGOS`, FP8 KV cache, excluded modules) as a TRT-LLM
     :class:`~quant.checkpoint.Checkpoint` the PyTorch runtime can execute; UserError for anything else."""
     from safetensors import SafetensorError, safe_open
 
@@ -210,13 +248,11 @@ def load_hf_export(folder: Path):
     quant = hf_quantization(folder)
     algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
     if algo not in READABLE_ALGOS:
-        why = (" (the AWQ pre-quant scales are folded into the RMSNorm weights and the uint8 int4 packing was not "
-               "verified against a reference here)") if algo == "W4A16_AWQ" else ""
-        raise UserError(f"export {folder}: the PyTorch runtime does not read {algo} Hugging Face exports{why}; "
-                        "evaluate the recipe's TRT-LLM checkpoint instead")
-    if kv_algo is not None:
-        raise UserError(f"export {folder}: KV cache {kv_algo} in a Hugging Face export is not read here (its k/v "
-                        "scale tensors are not mapped); evaluate the recipe's TRT-LLM checkpoint instead")
+        raise UserError(f"export {folder}: the PyTorch runtime does not read {algo} Hugging Face exports "
+                        f"(it reads {', '.join(a for a in READABLE_ALGOS if a)} and fp16)")
+    if kv_algo not in (None, "FP8"):
+        raise UserError(f"export {folder}: KV cache {kv_algo} is not read from a Hugging Face export (FP8 is; "
+                        f"{HF_KV_REASON})")
     files = sorted(folder.glob("model*.safetensors"))
     raw: dict[str, torch.Tensor] = {}
     try:
@@ -227,7 +263,7 @@ def load_hf_export(folder: Path):
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise UserError(f"export {folder}: unreadable safetensors ({exc})") from None
 
-    config = _trtllm_config(hf, algo)
+    config = _trtllm_config(hf, algo, kv_algo, quant.get("group_size"))
     act = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(config["dtype"])
     if act is None:
         raise UserError(f"export {folder}: dtype {config['dtype']!r} is not float16/bfloat16/float32")
@@ -238,6 +274,9 @@ def load_hf_export(folder: Path):
             raise UserError(f"export {folder} is incomplete: tensor {name} is missing")
         used.add(name)
         return raw[name]
+
+    def scalar(t: torch.Tensor) -> torch.Tensor:
+        return t.float().reshape(())
 
     tensors = {"transformer.vocab_embedding.weight": take("model.embed_tokens.weight"),
                "transformer.ln_f.weight": take("model.norm.weight")}
@@ -251,6 +290,12 @@ def load_hf_export(folder: Path):
         p, t = f"model.layers.{i}.", f"transformer.layers.{i}."
         tensors[t + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
         tensors[t + "post_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+        if kv_algo == "FP8":
+            # One dequantization scale per layer, max(k_scale, v_scale) (amax/448 each, not clamped), as
+            # TensorRT-LLM's PyTorch backend loads them (docs/serving.md); the TRT-LLM-checkpoint export instead
+            # clamps each to >= 1 before the max.
+            k, v = take(p + "self_attn.k_proj.k_scale"), take(p + "self_attn.v_proj.v_scale")
+            tensors[t + "attention.kv_cache_scaling_factor"] = torch.maximum(scalar(k), scalar(v)).reshape(1)
         parts = {lin: [take(p + m + ".weight") for m in mods] for lin, mods in HF_MODULES.items()}
         for lin, weights in parts.items():
             quantized = {w.dtype not in (torch.float16, torch.bfloat16, torch.float32) for w in weights}
@@ -263,13 +308,22 @@ def load_hf_export(folder: Path):
         def extra(lin: str, suffix: str) -> list[torch.Tensor]:
             return [take(p + m + "." + suffix) for m in HF_MODULES[lin]]
 
+        def optional(lin: str, suffix: str) -> list[torch.Tensor]:
+            return [take(p + m + "." + suffix) for m in HF_MODULES[lin] if p + m + "." + suffix in raw]
+
+        def one(lin: str, suffix: str, values: list[torch.Tensor]) -> torch.Tensor:
+            """The tensor every part of a fused linear carries equal (ModelOpt syncs them); else a UserError."""
+            if any(not torch.equal(values[0], x) for x in values[1:]):
+                raise UserError(f"export {folder}: layer {i} {lin} parts have different {suffix}")
+            return values[0]
+
         fp8_target = {}
         if algo == "FP8":
             for group in FP8_FUSED:
                 live = [lin for lin in group if layer_algos[f"layers.{i}.{lin}"] == "FP8"]
                 if live:
-                    scales = torch.stack([s.float().reshape(()) for lin in live for s in extra(lin, "weight_scale")])
-                    inputs = torch.stack([s.float().reshape(()) for lin in live for s in extra(lin, "input_scale")])
+                    scales = torch.stack([scalar(s) for lin in live for s in extra(lin, "weight_scale")])
+                    inputs = torch.stack([scalar(s) for lin in live for s in extra(lin, "input_scale")])
                     for lin in live:
                         fp8_target[lin] = (scales.max(), inputs.max())
         for lin, weights in parts.items():
@@ -283,22 +337,36 @@ def load_hf_export(folder: Path):
             elif lin_algo == "W8A8_SQ_PER_CHANNEL":
                 tensors[key + "weight"] = torch.cat(weights)
                 tensors[key + "weights_scaling_factor"] = torch.cat([s.reshape(-1) for s in extra(lin, "weight_scale")])
-                pre = extra(lin, "pre_quant_scale")
-                if any(not torch.equal(pre[0], x) for x in pre[1:]):
-                    raise UserError(f"export {folder}: layer {i} {lin} parts have different pre_quant_scale")
-                tensors[key + "prequant_scaling_factor"] = pre[0]
+                tensors[key + "prequant_scaling_factor"] = one(lin, "pre_quant_scale", extra(lin, "pre_quant_scale"))
                 tensors[key + "activation_scaling_factor"] = torch.stack(
-                    [s.float().reshape(()) for s in extra(lin, "input_scale")]).max().reshape(1)
+                    [scalar(s) for s in extra(lin, "input_scale")]).max().reshape(1)
+            elif lin_algo in formats.INT4_ALGOS:
+                # uint8 [out/2, in], two INT4 per byte along out (ModelOpt's pack_int4_in_uint8, the TRT-LLM
+                # checkpoint's layout, stored there as int8): q/k/v and gate/up stack along out as stored.
+                tensors[key + "weight"] = torch.cat([w.view(torch.int8) for w in weights])
+                tensors[key + "weights_scaling_factor"] = torch.cat(extra(lin, "weight_scale"))
+                # AWQ's pre-quant scales of q/k/v and gate/up are folded into the RMSNorm weights by the export,
+                # so only o_proj/down_proj carry one; GPTQ's carry none. Absent = 1.
+                pre = optional(lin, "pre_quant_scale")
+                if pre and len(pre) != len(weights):
+                    raise UserError(f"export {folder}: layer {i} {lin} has pre_quant_scale on some parts only")
+                if pre:
+                    tensors[key + "prequant_scaling_factor"] = one(lin, "pre_quant_scale", pre)
+                if lin_algo == "W4A8_AWQ":
+                    tensors[key + "weights_scaling_factor_2"] = one(
+                        lin, "weight_scale_2", [scalar(s) for s in extra(lin, "weight_scale_2")]).reshape(1)
+                    tensors[key + "activation_scaling_factor"] = torch.stack(
+                        [scalar(s) for s in extra(lin, "input_scale")]).max().reshape(1)
             elif lin in fp8_target:  # FP8, fused in TRT-LLM's PyTorch backend: one rescaled weight, max scales
                 w_max, in_max = fp8_target[lin]
-                tensors[key + "weight"] = torch.cat([_fp8_rescale(w, s.float().reshape(()), w_max, act)
+                tensors[key + "weight"] = torch.cat([_fp8_rescale(w, scalar(s), w_max, act)
                                                      for w, s in zip(weights, extra(lin, "weight_scale"))])
                 tensors[key + "weights_scaling_factor"] = w_max.reshape(1)
                 tensors[key + "activation_scaling_factor"] = in_max.reshape(1)
             else:  # FP8, a plain linear (o_proj, down_proj): loaded as stored
                 tensors[key + "weight"] = weights[0]
-                tensors[key + "weights_scaling_factor"] = extra(lin, "weight_scale")[0].float().reshape(1)
-                tensors[key + "activation_scaling_factor"] = extra(lin, "input_scale")[0].float().reshape(1)
+                tensors[key + "weights_scaling_factor"] = scalar(extra(lin, "weight_scale")[0]).reshape(1)
+                tensors[key + "activation_scaling_factor"] = scalar(extra(lin, "input_scale")[0]).reshape(1)
     config["quantization"]["exclude_modules"] = excluded
     left = sorted(set(raw) - used)
     if left:

@@ -21,21 +21,28 @@ from pydantic.dataclasses import dataclass
 
 from quant.atomic import atomic_write_text
 from quant.errors import UserError, one_line_errors
-from quant.hardware import fp8_refusal
+from quant.hardware import FP8_GEMM_ALGOS, fp8_refusal
 from quant.names import LINEARS
 
-KINDS = ("fp16", "int8_wo", "smoothquant", "int4_awq", "fp8")
+KINDS = ("fp16", "int8_wo", "smoothquant", "int4_awq", "int4_gptq", "w4a8_awq", "fp8")
 KV_CACHE = ("none", "int8", "fp8")
 GROUP_SIZES = (32, 64, 128)
-# What each kind writes as config.json quant_algo.
+# What each kind writes as quant_algo. GPTQ's INT4 weights are stored in the AWQ format (ModelOpt exports them so;
+# the same kernels run them), without pre-quant scales.
 QUANT_ALGO = {"fp16": None, "int8_wo": "W8A16", "smoothquant": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ",
-              "fp8": "FP8"}
+              "int4_gptq": "W4A16_AWQ", "w4a8_awq": "W4A8_AWQ", "fp8": "FP8"}
 KV_ALGO = {"none": None, "int8": "INT8", "fp8": "FP8"}
+GROUPED = ("int4_awq", "int4_gptq")  # kinds whose group_size is a choice
+AWQ_KINDS = ("int4_awq", "w4a8_awq")  # kinds searched by AWQ (awq_alpha_step, awq_clip)
+# W4A8's block along in-features is fixed: ModelOpt's W4A8_AWQ_BETA_CFG and TensorRT-LLM's W4A8 kernels use 128.
+W4A8_GROUP = 128
 
 _DEFAULTS = {"alpha": None, "group_size": None, "awq_alpha_step": None, "awq_clip": False}
 KIND_DEFAULTS = {
     "smoothquant": {"alpha": 0.8},  # ModelOpt's 1.0 measured worse on the default model (reference notes)
     "int4_awq": {"group_size": 128, "awq_alpha_step": 0.1},
+    "int4_gptq": {"group_size": 128},
+    "w4a8_awq": {"awq_alpha_step": 0.1},
 }
 
 
@@ -50,9 +57,9 @@ class Recipe:
 
     kind: Literal[KINDS] = "fp16"
     alpha: Annotated[Number, Field(ge=0, le=1)] | None = None  # smoothquant migration strength
-    group_size: Literal[GROUP_SIZES] | None = None  # int4_awq block size along in-features
-    awq_alpha_step: Annotated[Number, Field(gt=0, le=1)] | None = None  # int4_awq: AWQ-lite search step
-    awq_clip: StrictBool = False  # int4_awq: also search per-group clipping (awq_full)
+    group_size: Literal[GROUP_SIZES] | None = None  # int4_awq/int4_gptq block size along in-features
+    awq_alpha_step: Annotated[Number, Field(gt=0, le=1)] | None = None  # int4_awq/w4a8_awq: AWQ-lite search step
+    awq_clip: StrictBool = False  # int4_awq/w4a8_awq: also search per-group clipping (awq_full)
     kv_cache: Literal[KV_CACHE] = "none"
     exclude: tuple[Pattern, ...] = ()
 
@@ -69,8 +76,11 @@ class Recipe:
                 object.__setattr__(self, key, value)
         if self.kind != "smoothquant" and self.alpha is not None:
             raise UserError(f"alpha applies to smoothquant only, not {self.kind}")
-        if self.kind != "int4_awq" and (self.group_size is not None or self.awq_alpha_step is not None or self.awq_clip):
-            raise UserError(f"group_size/awq_alpha_step/awq_clip apply to int4_awq only, not {self.kind}")
+        if self.kind not in GROUPED and self.group_size is not None:
+            why = f" (its block is fixed at {W4A8_GROUP})" if self.kind == "w4a8_awq" else ""
+            raise UserError(f"group_size applies to {'/'.join(GROUPED)} only, not {self.kind}{why}")
+        if self.kind not in AWQ_KINDS and (self.awq_alpha_step is not None or self.awq_clip):
+            raise UserError(f"awq_alpha_step/awq_clip apply to {'/'.join(AWQ_KINDS)} only, not {self.kind}")
         if self.alpha is not None:
             object.__setattr__(self, "alpha", round(float(self.alpha), 4))
         object.__setattr__(self, "exclude", tuple(sorted(set(self.exclude))))
@@ -93,8 +103,10 @@ class Recipe:
         parts = [self.kind]
         if self.kind == "smoothquant":
             parts.append(f"a{self.alpha:g}")
-        if self.kind == "int4_awq":
-            parts.append(f"g{self.group_size}" + ("-clip" if self.awq_clip else ""))
+        if self.kind in GROUPED:
+            parts.append(f"g{self.group_size}")
+        if self.awq_clip:
+            parts.append("clip")
         if self.kv_cache != "none":
             parts.append(f"kv{self.kv_cache}")
         if self.exclude:
@@ -112,6 +124,11 @@ class Recipe:
     @property
     def kv_algo(self) -> str | None:
         return KV_ALGO[self.kv_cache]
+
+    @property
+    def block(self) -> int | None:
+        """The INT4 block along in-features (the checkpoint's group_size), None for the other kinds."""
+        return W4A8_GROUP if self.kind == "w4a8_awq" else self.group_size
 
     def with_(self, **changes) -> "Recipe":
         return replace(self, **changes)
@@ -152,21 +169,25 @@ class Recipe:
     # -- checks against a model and a device, before any work ---------------------------------------------
     def validate_for(self, config: dict, *, device: str = "cpu") -> None:
         """``config``: the HF config dict. Raises UserError with the precise reason a combination cannot work."""
-        if self.kind == "int4_awq":
+        if self.block is not None:
             dims = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"]}
-            bad = {k: v for k, v in dims.items() if v % self.group_size}
+            bad = {k: v for k, v in dims.items() if v % self.block}
             if bad:
-                ok = [g for g in GROUP_SIZES if all(v % g == 0 for v in dims.values())]
                 what = ", ".join(f"{k} {v}" for k, v in bad.items())
+                if self.kind == "w4a8_awq":
+                    raise UserError(f"w4a8_awq quantizes in blocks of {W4A8_GROUP} along in-features (ModelOpt's "
+                                    f"W4A8 preset, TensorRT-LLM's W4A8 kernels), which does not divide the model's "
+                                    f"{what}")
+                ok = [g for g in GROUP_SIZES if all(v % g == 0 for v in dims.values())]
                 hint = f"use one of {ok}" if ok else "no supported group size fits"
-                raise UserError(f"int4_awq group_size {self.group_size} does not divide the model's {what}; {hint}")
+                raise UserError(f"{self.kind} group_size {self.group_size} does not divide the model's {what}; {hint}")
         if self.exclude:
             names = layer_names(config["num_hidden_layers"])
             for pattern in self.exclude:
                 if not any(fnmatch.fnmatch(n, pattern) for n in names):
                     raise UserError(f"exclude pattern {pattern!r} matches no layer "
                                     f"(names look like layers.0.attention.qkv, *.mlp.proj, lm_head)")
-        if (self.kind == "fp8" or self.kv_cache == "fp8") and device.startswith("cuda"):
+        if (self.quant_algo in FP8_GEMM_ALGOS or self.kv_cache == "fp8") and device.startswith("cuda"):
             import torch
 
             if why := fp8_refusal(torch.device(device)):

@@ -442,13 +442,17 @@ def test_hf_export_fp8_quant_config_and_reader(tiny_models):
     assert bool(torch.isfinite(logits).all())
 
 
-def test_hf_reader_refuses_awq_with_the_reason(tiny_models, tmp_path):
+@pytest.mark.parametrize("quant, match", [
+    ({"quant_algo": "NVFP4"}, "does not read NVFP4 Hugging Face exports"),
+    ({"quant_algo": "FP8", "kv_cache_quant_algo": "INT8"}, "KV cache INT8 is not read from a Hugging Face export"),
+])
+def test_hf_reader_refuses_what_it_does_not_read_with_the_reason(tiny_models, tmp_path, quant, match):
     import shutil
 
     from quant.hf_checkpoint import load_hf_export
 
-    folder = tmp_path / "awq"
+    folder = tmp_path / "other"
     shutil.copytree(tiny_models["fp16"][1], folder)
-    (folder / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "W4A16_AWQ"}}))
-    with pytest.raises(UserError, match="does not read W4A16_AWQ Hugging Face exports"):
+    (folder / "hf_quant_config.json").write_text(json.dumps({"quantization": quant}))
+    with pytest.raises(UserError, match=match):
         load_hf_export(folder)

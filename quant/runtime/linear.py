@@ -11,6 +11,7 @@ from quant.errors import UserError
 from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig
 from quant.runtime.schemes.dense import DenseLinear
 from quant.runtime.schemes.fp8 import FP8Linear
+from quant.runtime.schemes.w4a8_awq import W4A8AWQLinear
 from quant.runtime.schemes.w4a16_awq import W4A16AWQLinear
 from quant.runtime.schemes.w8a8_sq import W8A8SQLinear
 from quant.runtime.schemes.w8a16 import W8A16Linear
@@ -20,6 +21,7 @@ HANDLERS: dict[str | None, type] = {
     "W8A16": W8A16Linear,
     "W8A8_SQ_PER_CHANNEL": W8A8SQLinear,
     "W4A16_AWQ": W4A16AWQLinear,
+    "W4A8_AWQ": W4A8AWQLinear,
     "FP8": FP8Linear,
 }
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from quant.checkpoint import Checkpoint, load_checkpoint
 from quant.errors import UserError
 from quant.formats import layer_group_sizes
-from quant.hardware import fp8_refusal
+from quant.hardware import FP8_GEMM_ALGOS, fp8_refusal
 from quant.names import LINEARS
 from quant.runtime import rope
 from quant.runtime.kv_cache import KV_STORAGE, KVCache, QuantizedKVCache, kv_cache_mode
@@ -60,7 +60,7 @@ def emulated_parts(quant_algo: str | None, kv_algo: str | None, device: str | to
     """What of a checkpoint of this format runs emulated on ``device``, known before building it (the search
     plans with it; :meth:`TorchRuntime.describe` reports what the loaded handlers actually run)."""
     parts = []
-    if quant_algo == "FP8" and torch.device(device).type != "cuda" and not fp8_gemm_is_native():
+    if quant_algo in FP8_GEMM_ALGOS and torch.device(device).type != "cuda" and not fp8_gemm_is_native():
         parts.append("emulated-fp8")
     if kv_algo is not None and kv_cache_emulated(device):
         parts.append("kv_cache")
@@ -548,6 +548,6 @@ def check_cuda(device: torch.device, ckpt: Checkpoint | None = None) -> None:
         raise UserError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     if ckpt is None:
         return
-    fp8 = "FP8" in set(ckpt.layer_algos.values()) or ckpt.kv_cache_algo == "FP8"
+    fp8 = bool(set(FP8_GEMM_ALGOS) & set(ckpt.layer_algos.values())) or ckpt.kv_cache_algo == "FP8"
     if fp8 and (why := fp8_refusal(index)):
         raise UserError(f"checkpoint {ckpt.path} uses FP8: {why}")

@@ -31,11 +31,13 @@ class FP8Linear(_Handler):
     algo_key = "FP8"
     shared_inputs = ("activation_scaling_factor", "weights_scaling_factor")
     quantizes_input = True
+    prequant: torch.Tensor | None = None  # W4A8_AWQ: AWQ's per-in-feature scale, applied before quantization
 
     def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
-        if not self.kernels.fuse_prologue:  # quantize once, then an fp8 × fp8 GEMV
-            qx = self._prep(x, norm, eps, silu, act_scale=self.act_scale.reshape(1), afmt=ck.A_FP8)
+        if not self.kernels.fuse_prologue or self.prequant is not None:  # quantize once, then fp8 × fp8 GEMV
+            qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale.reshape(1),
+                            afmt=ck.A_FP8)
             return self._ck_gemv(qx, self.weight, wfmt=ck.W_FP8, wscale=self.out_scale, scale_mode=ck.S_SCALAR,
                                  residual=residual, out_dtype=self.dtype)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_FP8, afmt=ck.A_FP8, act_scale=self.act_scale.reshape(1),
@@ -45,13 +47,15 @@ class FP8Linear(_Handler):
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
         M = x.shape[0]
-        qx = self._prep(x, norm, eps, silu, act_scale=self.act_scale.reshape(1), afmt=ck.A_FP8,
-                        rows=_round_up(M, 16))
+        qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale.reshape(1),
+                        afmt=ck.A_FP8, rows=_round_up(M, 16))
         y = torch._scaled_mm(qx, self.weight_t, scale_a=self.act_scale, scale_b=self.weight_scale,
                              out_dtype=self.dtype)
         return y[:M] if y.shape[0] != M else y
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prequant is not None:
+            x = x * self.prequant
         return (x.float() / self.act_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_E4M3)
 
     def _mm(self, x):

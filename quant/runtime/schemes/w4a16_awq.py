@@ -30,7 +30,9 @@ class W4A16AWQLinear(_Handler):
         if group != group_size:
             raise UserError(f"W4A16_AWQ: scales imply group size {group}, the config says {group_size}")
         self.out, self.inp, self.group = out, inp, group
-        self.prequant = tensors["prequant_scaling_factor"].to(device=device, dtype=dtype).contiguous()
+        # GPTQ's INT4 linears have no pre-quant scale (config pre_quant_scale false): None skips the multiply.
+        pre = tensors.get("prequant_scaling_factor")
+        self.prequant = None if pre is None else pre.to(device=device, dtype=dtype).contiguous()
         kgroup = next((g for g in INT4_KERNEL_GROUPS if group % g == 0), None)
         if self.cuda:
             # The TRT-LLM layout as stored (int8 [out/2, in], pairs along out, even row in the low nibble) is what
@@ -88,7 +90,8 @@ class W4A16AWQLinear(_Handler):
         return F.linear(x, self.dequantized_weight().to(self.dtype))
 
     def _mm(self, x):
-        x = x * self.prequant
+        if self.prequant is not None:
+            x = x * self.prequant
         if not self.emulated:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.kernel_group,
                                                            self.scales_and_zeros)
@@ -99,11 +102,12 @@ class W4A16AWQLinear(_Handler):
         return unpack_int4_rows(self.weight).float() * self.scales.float().repeat_interleave(self.group, dim=1)
 
     def _held(self):
+        pre = () if self.prequant is None else (self.prequant,)
         if self.cuda and self.tinygemm is not None:  # decode reads the tinygemm copy; prefill the Triton layout
-            return self.tinygemm.weight, self.tinygemm.scales_and_zeros, self.prequant
+            return self.tinygemm.weight, self.tinygemm.scales_and_zeros, *pre
         if self.emulated or self.cuda:
-            return self.weight, self.scales, self.prequant
-        return self.weight, self.scales_and_zeros, self.prequant
+            return self.weight, self.scales, *pre
+        return self.weight, self.scales_and_zeros, *pre
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.emulated or self.cuda:
