@@ -20,6 +20,7 @@ from quant.atomic import atomic_dir, ensure_writable_dir
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
 from quant.model_source import resolve_model
 from quant.recipes import Recipe, parse_recipe_arg
+from quant.servers import SERVERS, add_serve_with_arg, check_servable, hf_export_refusal
 from quant.study_store import existing_storage_url, open_study, reading
 from quant.trtllm import Workload, build_command, build_engine, trtllm_build_available
 
@@ -52,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF folder")
     add_trust_remote_code_arg(p)
     p.add_argument("--output", type=Path, default=None, help="copy the checkpoint here (default: print the cache path)")
-    p.add_argument("--format", default="trtllm", choices=("trtllm", "hf"),
+    p.add_argument("--format", default=None, choices=("trtllm", "hf"),
                    help="trtllm: TRT-LLM checkpoint (+ engine where trtllm-build exists); hf: ModelOpt's Hugging "
-                        "Face export for tensorrt_llm.LLM")
+                        "Face export for tensorrt_llm.LLM, vLLM, SGLang (default: what --serve-with loads, else "
+                        "trtllm)")
+    add_serve_with_arg(p)
     p.add_argument("--engine-dir", type=Path, default=None,
                    help="copy the built engine here (default: print its cache path)")
     p.add_argument("--no-engine", action="store_true", help="only print the trtllm-build command, even where it exists")
@@ -86,6 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.recipe is None:
             print("no --recipe: building FP16 (no quantization)", file=sys.stderr)
         recipe = parse_recipe_arg(args.recipe or "fp16")
+    server = SERVERS[args.serve_with]
+    if args.format is None:
+        args.format = server.checkpoint or "trtllm"
+    elif server.checkpoint not in (None, args.format):
+        raise UserError(f"--serve-with {args.serve_with} loads the {server.checkpoint} format, not --format "
+                        f"{args.format}")
+    check_servable(recipe, args.serve_with)
+    if args.format == "hf" and (why := hf_export_refusal(recipe)):
+        raise UserError(why)
     if args.output is not None and args.output.exists():
         raise UserError(f"--output {args.output} already exists; choose a new folder")
     if args.engine_dir is not None and args.engine_dir.exists():

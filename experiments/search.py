@@ -33,7 +33,8 @@ from quant.backends import resolve_backend
 from quant.errors import (EXIT_NO_PASS, ArgumentParser, EnvironmentProblem, Terminated, UserError, cli_entry,
                           positive_int, seed_int)
 from quant.model_source import resolve_model
-from quant.recipes import GROUP_SIZES, KINDS, Recipe
+from quant.recipes import GROUP_SIZES, GROUPED, KINDS, KV_CACHE, Recipe
+from quant.servers import SERVERS, add_serve_with_arg
 from quant.space import Fact, Space, confirmation_key, contenders, next_action
 from quant.study_store import (RESULTS_DIR, STUDY_DB, check_same_measurement, claim, is_default_storage,
                                open_search_study, open_storage, quiet_user_error_tracebacks, reap_dead_trials, redact,
@@ -76,7 +77,8 @@ def parse_args(argv):
                    "put credentials in $QUANT_SEARCH_STORAGE instead of the command line (argv is visible to "
                    "every user of the machine); passwords are never printed")
     p.add_argument("--study-name", default="quant-search", help="the optuna study (a rerun continues it)")
-    p.add_argument("--recipes", default="fp16,int8_wo,smoothquant,int4_awq,fp8", help="comma-separated kinds to search")
+    p.add_argument("--recipes", default=",".join(KINDS), help="comma-separated kinds to search")
+    add_serve_with_arg(p)
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                    help="report.md, trials.csv, best_recipe.yaml, plots (and study.db without --storage)")
     p.set_defaults(**{k: v for k, v in SEARCH_DEFAULTS.items() if k not in ("n_trials", "block_size")})
@@ -167,15 +169,31 @@ class Search:
         self.model = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
         self.config = json.loads((self.model.hf_dir / "config.json").read_text())
         cfg = self.config
-        group_sizes = tuple(g for g in GROUP_SIZES if cfg["hidden_size"] % g == 0 and cfg["intermediate_size"] % g == 0)
-        if "int4_awq" in self.kinds and not group_sizes:
-            self.kinds.remove("int4_awq")
+        server = SERVERS[args.serve_with]
+        group_sizes = tuple(g for g in GROUP_SIZES if cfg["hidden_size"] % g == 0 and cfg["intermediate_size"] % g == 0
+                            and g in server.group_sizes)
+        kv_caches = tuple(kv for kv in KV_CACHE if server.refusal(Recipe("fp16", kv_cache=kv)) is None)
+        for kind in list(self.kinds):  # what the model's shapes or the server rule out, said once
+            recipe = Recipe(kind, **({"group_size": max(group_sizes)} if kind in GROUPED and group_sizes else {}))
+            why = server.refusal(recipe) if (kind not in GROUPED or group_sizes) else \
+                f"no group size in {GROUP_SIZES} divides the model and is served by {server.name}"
+            if why is None:
+                try:
+                    recipe.validate_for(cfg)
+                except UserError as exc:
+                    why = str(exc)
+            if why is not None:
+                self.kinds.remove(kind)
+                print(f"not searched: {why}", file=sys.stderr)
+        if not self.kinds:
+            raise UserError(f"--recipes {args.recipes}: no kind left to search on this model for "
+                            f"--serve-with {args.serve_with}")
         ranked = ()
         if any(k != "fp16" for k in self.kinds):
             from calibration.stats import get_stats
 
             ranked = tuple(get_stats(self.model, self.calib).ranked_layers())
-        self.space = Space(tuple(self.kinds), group_sizes, ranked, self.settings.device)
+        self.space = Space(tuple(self.kinds), group_sizes, ranked, self.settings.device, kv_caches)
         self.measurer = Measurer(self.settings, self.model, self.calib, self.backend, samples=self.samples,
                                  bounds=self.bounds, proxy_docs=self.settings.ppl_docs,
                                  proxy_seq_len=self.settings.ppl_seq_len,

@@ -46,6 +46,7 @@ from quant.atomic import atomic_dir, atomic_write_json
 from quant.checkpoint import Checkpoint, aligned
 from quant.errors import UserError
 from quant.export import EXPORT_DTYPE, rotary_fields
+from quant.servers import HF_KV_REASON, hf_export_refusal
 from quant.names import HF_MODULES
 from quant.paths import cache_root
 
@@ -53,9 +54,6 @@ HF_QUANT_CONFIG = "hf_quant_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
 READABLE_ALGOS = (None, "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "W4A8_AWQ", "FP8")
-HF_KV_REASON = ("ModelOpt 0.47's Hugging Face export writes FP8 and NVFP4 KV caches only (its postprocess_state_dict "
-                "asserts on INT8), and neither current TensorRT-LLM's PyTorch backend nor vLLM reads an INT8 KV "
-                "cache; use kv_cache=fp8, or --format trtllm for TensorRT-LLM 1.x engines")
 FP8_FUSED = (("attention.qkv",), ("mlp.fc", "mlp.gate"))  # what TRT-LLM's PyTorch backend fuses (one scale each)
 
 
@@ -142,40 +140,36 @@ def export_hf(model: torch.nn.Module, out_dir: Path, *, tokenizer_from: Path | N
         got = (quant.get("quant_algo"), quant.get("kv_cache_quant_algo"))
         if expect is not None and got != tuple(expect):
             raise UserError(f"ModelOpt's HF export says quant_algo/kv_cache_quant_algo {got}, expected {expect}")
-        if quant.get("pre_quant_scale") and not _has_tensor(tmp, ".pre_quant_scale"):
-            _set_pre_quant_scale_false(tmp)  # GPTQ: ModelOpt writes true for every INT4 export
+        if got[0] in formats.INT4_ALGOS:
+            _add_unit_pre_quant_scales(tmp)
         load_hf_export(tmp)  # never publish a folder our own reader rejects
     return Path(out_dir)
 
 
-def _has_tensor(folder: Path, suffix: str) -> bool:
-    from safetensors import safe_open
+def _add_unit_pre_quant_scales(folder: Path) -> None:
+    """GPTQ: ModelOpt writes no pre_quant_scale, but TensorRT-LLM's PyTorch backend reads one for every unfused
+    INT4 linear (o_proj, down_proj: ``W4A16_AWQ_LinearMethod.load_weights_vanilla`` takes
+    ``weights[0]["pre_quant_scale"]`` unchecked); its fused q/k/v and gate/up loaders read none. Ones there change
+    no number. A no-op for AWQ, whose export has them."""
+    from safetensors.torch import load_file, save_file
 
-    for f in sorted(Path(folder).glob("model*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            if any(k.endswith(suffix) for k in fh.keys()):
-                return True
-    return False
-
-
-def _set_pre_quant_scale_false(folder: Path) -> None:
-    """The flag in hf_quant_config.json and config.json's quantization_config (servers read either)."""
-    path = Path(folder) / HF_QUANT_CONFIG
-    body = json.loads(path.read_text())
-    body["quantization"]["pre_quant_scale"] = False
-    atomic_write_json(path, body)
-    path = Path(folder) / "config.json"
-    config = json.loads(path.read_text())
-    if isinstance(config.get("quantization_config"), dict):
-        config["quantization_config"]["pre_quant_scale"] = False
-        atomic_write_json(path, config)
-
-
-def hf_export_refusal(recipe) -> str | None:
-    """Why a recipe has no Hugging Face export, or None."""
-    if recipe.kv_cache == "int8":
-        return f"{recipe.label}: INT8 KV cache has no Hugging Face export: {HF_KV_REASON}"
-    return None
+    files = sorted(Path(folder).glob("model*.safetensors"))
+    for f in files:
+        tensors = load_file(str(f))
+        add = {}
+        for name, w in tensors.items():
+            for module in ("self_attn.o_proj", "mlp.down_proj"):
+                if name.endswith(f".{module}.weight") and w.dtype == torch.uint8:
+                    pre = name[: -len("weight")] + "pre_quant_scale"
+                    if pre not in tensors:
+                        add[pre] = torch.ones(w.shape[1], dtype=EXPORT_DTYPE)
+        if add:
+            save_file({**tensors, **add}, str(f), metadata={"format": "pt"})
+            index = Path(folder) / "model.safetensors.index.json"
+            if index.is_file():  # sharded: the index names each tensor's file
+                body = json.loads(index.read_text())
+                body["weight_map"].update({k: f.name for k in add})
+                atomic_write_json(index, body)
 
 
 def hf_export_dir(model, recipe, calib=None) -> Path:
@@ -291,11 +285,11 @@ def load_hf_export(folder: Path):
         tensors[t + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
         tensors[t + "post_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
         if kv_algo == "FP8":
-            # One dequantization scale per layer, max(k_scale, v_scale) (amax/448 each, not clamped), as
-            # TensorRT-LLM's PyTorch backend loads them (docs/serving.md); the TRT-LLM-checkpoint export instead
-            # clamps each to >= 1 before the max.
-            k, v = take(p + "self_attn.k_proj.k_scale"), take(p + "self_attn.v_proj.v_scale")
-            tensors[t + "attention.kv_cache_scaling_factor"] = torch.maximum(scalar(k), scalar(v)).reshape(1)
+            # TensorRT-LLM's PyTorch backend loads k_scale/v_scale (amax/448) but runs an FP8 KV cache with scale
+            # 1.0 (docs/serving.md); so does this reader. The TRT-LLM-checkpoint export writes max(k, v), each
+            # clamped to >= 1: 1.0 too unless an amax exceeds 448.
+            take(p + "self_attn.k_proj.k_scale"), take(p + "self_attn.v_proj.v_scale")
+            tensors[t + "attention.kv_cache_scaling_factor"] = torch.ones(1)
         parts = {lin: [take(p + m + ".weight") for m in mods] for lin, mods in HF_MODULES.items()}
         for lin, weights in parts.items():
             quantized = {w.dtype not in (torch.float16, torch.bfloat16, torch.float32) for w in weights}

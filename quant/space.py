@@ -1,7 +1,8 @@
 """The search space, its latency classes, and the policy that picks which recipe to measure next.
 
-Space (the full one by default): recipe kind × SmoothQuant alpha × AWQ group size × KV-cache dtype × FP16
-fallback of the k linears with the strongest activation outliers.
+Space (the full one by default): recipe kind × SmoothQuant alpha × INT4 group size × KV-cache dtype × FP16
+fallback of the k linears with the strongest activation outliers; ``--serve-with`` narrows kinds, group sizes and
+KV caches to what one server loads (:mod:`quant.servers`).
 
 A **latency class** is what decides speed: (kind, group size, KV cache, fallback depth). SmoothQuant's alpha
 only moves scales between activations and weights, so every alpha of a class runs the same kernels on the same
@@ -28,7 +29,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from quant.recipes import KIND_DEFAULTS, KV_ALGO, KV_CACHE, QUANT_ALGO, Recipe
+from quant.recipes import GROUPED, KIND_DEFAULTS, KV_ALGO, KV_CACHE, QUANT_ALGO, Recipe
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_ALPHA = KIND_DEFAULTS["smoothquant"]["alpha"]  # where the alpha search starts
@@ -42,6 +43,7 @@ class Space:
     group_sizes: tuple[int, ...]  # those dividing the model's dims
     ranked_layers: tuple[str, ...]  # linears by outlier strength (calibration statistics), strongest first
     device: str
+    kv_caches: tuple[str, ...] = KV_CACHE  # those the target server reads (quant.servers)
 
     # -- recipes and their params (the optuna trial's params, as the dashboard shows them) ------------------
     def recipe(self, params: dict) -> Recipe:
@@ -55,7 +57,7 @@ class Space:
     def enumerate(self) -> list[dict]:
         out = []
         for kind in self.kinds:
-            for kv in KV_CACHE:
+            for kv in self.kv_caches:
                 if kind == "fp16":
                     out.append({"kind": kind, "kv_cache": kv})
                     continue
@@ -67,12 +69,12 @@ class Space:
     def choices(self) -> dict[str, tuple]:
         """Every parameter's categorical choices (what optuna's distributions and the dashboard show)."""
         return {"kind": self.kinds, "alpha": ALPHAS, "group_size": self.group_sizes or (None,),
-                "kv_cache": KV_CACHE, "fp16_fallback": FALLBACK_K}
+                "kv_cache": self.kv_caches, "fp16_fallback": FALLBACK_K}
 
     def _accuracy_params(self, kind: str) -> list[dict]:
         if kind == "smoothquant":
             return [{"alpha": a} for a in ALPHAS]
-        if kind == "int4_awq":
+        if kind in GROUPED:
             return [{"group_size": g} for g in self.group_sizes]
         return [{}]
 
@@ -91,7 +93,7 @@ class Space:
         p = {"kind": kind, "kv_cache": "none", "fp16_fallback": 0}
         if kind == "smoothquant":
             p["alpha"] = DEFAULT_ALPHA
-        if kind == "int4_awq":
+        if kind in GROUPED:
             p["group_size"] = max(self.group_sizes)
         return dict(sorted(p.items()))
 
@@ -100,9 +102,9 @@ class Space:
         out = []
         if params["kind"] != "fp16":
             out += [{**params, "fp16_fallback": k} for k in FALLBACK_K if k != params["fp16_fallback"]]
-        if params["kind"] == "int4_awq":
+        if params["kind"] in GROUPED:
             out += [{**params, "group_size": g} for g in self.group_sizes if g != params["group_size"]]
-        out += [{**params, "kv_cache": kv} for kv in KV_CACHE if kv != params["kv_cache"]]
+        out += [{**params, "kv_cache": kv} for kv in self.kv_caches if kv != params["kv_cache"]]
         return [p for p in out if not self.emulated(p)]
 
     def accuracy_variants(self, params: dict) -> list[dict]:
