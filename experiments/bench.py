@@ -32,7 +32,7 @@ import torch
 from experiments.environment import machine, versions
 from experiments.latency import synthetic_prompts
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
-from quant.hardware import fp8_refusal
+from quant.hardware import FP8_GEMM_ALGOS, fp8_refusal
 from quant.runtime.linear import make_linear
 from quant.runtime.schemes.base import DEFAULT_KERNELS
 from quant.runtime.random_checkpoint import RECIPES, SHAPES, _quantize, random_checkpoint, random_config
@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                ("", "tinygemm", "triton")]
     if unknown:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)})")
-    fp8 = [r for r in recipes if "FP8" in RECIPES[r.partition("@")[0]]]
+    fp8 = [r for r in recipes if RECIPES[r.partition("@")[0]][0] in FP8_GEMM_ALGOS or
+           RECIPES[r.partition("@")[0]][1] == "FP8"]
     if fp8 and (why := fp8_refusal(device)):
         raise UserError(f"recipe(s) {', '.join(fp8)} use FP8: {why}")
     batch_sizes, input_lens = _ints(args.batch_sizes), _ints(args.input_lens)

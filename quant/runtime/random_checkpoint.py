@@ -21,7 +21,7 @@ import torch
 
 from quant.checkpoint import Checkpoint
 from quant.errors import UserError
-from quant.formats import layer_algos, linear_shapes
+from quant.formats import INT4_ALGOS, layer_algos, linear_shapes
 from quant.names import LINEARS
 from quant.runtime.schemes.base import pack_int4_rows
 
@@ -42,6 +42,7 @@ RECIPES = {
     "int8_wo": ("W8A16", None),
     "smoothquant": ("W8A8_SQ_PER_CHANNEL", None),
     "int4_awq": ("W4A16_AWQ", None),
+    "w4a8_awq": ("W4A8_AWQ", None),
     "fp8": ("FP8", None),
     "fp16_kv_int8": (None, "INT8"),
     "smoothquant_kv_int8": ("W8A8_SQ_PER_CHANNEL", "INT8"),
@@ -57,7 +58,7 @@ def random_config(shape: str | dict, quant_algo: str | None = None, kv_algo: str
         raise UserError(f"unknown shape {shape!r} (choose from {', '.join(SHAPES)})")
     dims = SHAPES[shape] if isinstance(shape, str) else dict(shape)
     quant = {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_algo}
-    if quant_algo == "W4A16_AWQ":
+    if quant_algo in INT4_ALGOS:
         quant.update(group_size=group_size, has_zero_point=False, pre_quant_scale=True)
     return {
         "architecture": "LlamaForCausalLM", "dtype": "float16", **dims,
@@ -82,12 +83,16 @@ def _quantize(algo: str | None, w: torch.Tensor, pre: torch.Tensor | None, group
             t["prequant_scaling_factor"] = pre
             t["activation_scaling_factor"] = torch.tensor([ACT_AMAX / 127.0], device=w.device)
         return t
-    if algo == "W4A16_AWQ":
+    if algo in INT4_ALGOS:
         out, inp = w.shape
         wg = w.reshape(out, inp // group, group)
         s = wg.abs().amax(dim=-1) / 7.0
         q = torch.round(wg / s[..., None]).clamp(-8, 7).reshape(out, inp).to(torch.int8)
-        return {"weight": pack_int4_rows(q), "weights_scaling_factor": s, "prequant_scaling_factor": pre}
+        t = {"weight": pack_int4_rows(q), "weights_scaling_factor": s, "prequant_scaling_factor": pre}
+        if algo == "W4A8_AWQ":  # ModelOpt's second quantizer: per-tensor FP8 of q·s (amax/448)
+            t["weights_scaling_factor_2"] = (w.abs().amax() / 448.0).reshape(1)
+            t["activation_scaling_factor"] = torch.tensor([ACT_AMAX / 448.0], device=w.device)
+        return t
     if algo == "FP8":
         s = fp8_scale if fp8_scale is not None else (w.abs().amax() / 448.0).reshape(1)
         return {"weight": (w / s).clamp(-448, 448).to(torch.float8_e4m3fn), "weights_scaling_factor": s,

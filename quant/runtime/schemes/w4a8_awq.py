@@ -17,11 +17,13 @@ from quant.runtime.schemes.fp8 import FP8Linear
 
 
 def w4a8_fp8_weight(packed: torch.Tensor, scales: torch.Tensor, scale_2: torch.Tensor) -> torch.Tensor:
-    """int8 [out/2, in] INT4 pairs, scales [out, in/group], scalar scale_2 → float8_e4m3fn [out, in] = fp8(q·s/s2)."""
+    """int8 [out/2, in] INT4 pairs, scales [out, in/group], scalar scale_2 → float8_e4m3fn [out, in] = fp8(q·s/s2),
+    with s/s2 rounded to float16 first, as TensorRT-LLM's loader stores it (W4A8_AWQ_LinearMethod: "for FP8
+    activation, scales needs to be float16")."""
     q = unpack_int4_rows(packed).float()
     group = q.shape[1] // scales.shape[1]
-    w = q * scales.float().repeat_interleave(group, dim=1) / scale_2.float().reshape(())
-    return w.clamp_(-FP8_MAX, FP8_MAX).to(FP8_E4M3)
+    s = (scales.float() / scale_2.float().reshape(())).half().float()
+    return (q * s.repeat_interleave(group, dim=1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_E4M3)
 
 
 class W4A8AWQLinear(FP8Linear):
