@@ -33,9 +33,9 @@ from quant.backends import resolve_backend
 from quant.errors import (EXIT_NO_PASS, ArgumentParser, EnvironmentProblem, Terminated, UserError, cli_entry,
                           positive_int, seed_int)
 from quant.model_source import resolve_model
-from quant.recipes import GROUP_SIZES, GROUPED, KINDS, KV_CACHE, Recipe
+from quant.recipes import KINDS, Recipe
 from quant.servers import SERVERS, add_serve_with_arg
-from quant.space import Fact, Space, confirmation_key, contenders, next_action
+from quant.space import Fact, Space, confirmation_key, contenders, narrow, next_action
 from quant.study_store import (RESULTS_DIR, STUDY_DB, check_same_measurement, claim, is_default_storage,
                                open_search_study, open_storage, quiet_user_error_tracebacks, reap_dead_trials, redact,
                                storage_url, worker_identity)
@@ -169,22 +169,9 @@ class Search:
         self.model = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
         self.config = json.loads((self.model.hf_dir / "config.json").read_text())
         cfg = self.config
-        server = SERVERS[args.serve_with]
-        group_sizes = tuple(g for g in GROUP_SIZES if cfg["hidden_size"] % g == 0 and cfg["intermediate_size"] % g == 0
-                            and g in server.group_sizes)
-        kv_caches = tuple(kv for kv in KV_CACHE if server.refusal(Recipe("fp16", kv_cache=kv)) is None)
-        for kind in list(self.kinds):  # what the model's shapes or the server rule out, said once
-            recipe = Recipe(kind, **({"group_size": max(group_sizes)} if kind in GROUPED and group_sizes else {}))
-            why = server.refusal(recipe) if (kind not in GROUPED or group_sizes) else \
-                f"no group size in {GROUP_SIZES} divides the model and is served by {server.name}"
-            if why is None:
-                try:
-                    recipe.validate_for(cfg)
-                except UserError as exc:
-                    why = str(exc)
-            if why is not None:
-                self.kinds.remove(kind)
-                print(f"not searched: {why}", file=sys.stderr)
+        self.kinds, group_sizes, kv_caches, dropped = narrow(self.kinds, cfg, SERVERS[args.serve_with])
+        for why in dropped:  # what the model's shapes or the server rule out, said once
+            print(f"not searched: {why}", file=sys.stderr)
         if not self.kinds:
             raise UserError(f"--recipes {args.recipes}: no kind left to search on this model for "
                             f"--serve-with {args.serve_with}")

@@ -29,12 +29,39 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from quant.recipes import GROUPED, KIND_DEFAULTS, KV_ALGO, KV_CACHE, QUANT_ALGO, Recipe
+from quant.errors import UserError
+from quant.recipes import GROUP_SIZES, GROUPED, KIND_DEFAULTS, KV_ALGO, KV_CACHE, QUANT_ALGO, Recipe
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_ALPHA = KIND_DEFAULTS["smoothquant"]["alpha"]  # where the alpha search starts
 FALLBACK_K = (0, 2, 4)
 BASELINE = {"kind": "fp16", "kv_cache": "none"}
+
+
+def narrow(kinds, config: dict, server) -> tuple[list[str], tuple[int, ...], tuple[str, ...], list[str]]:
+    """What of ``kinds`` the model's shapes and ``server`` (a :mod:`quant.servers` entry) allow: (kinds, INT4 group
+    sizes, KV caches, one reason per dropped kind)."""
+    dims = (config["hidden_size"], config["intermediate_size"])
+    groups = tuple(g for g in GROUP_SIZES if all(d % g == 0 for d in dims) and g in server.group_sizes)
+    kv_caches = tuple(kv for kv in KV_CACHE if server.refusal(Recipe("fp16", kv_cache=kv)) is None)
+    kept, dropped = [], []
+    for kind in kinds:
+        if kind in GROUPED and not groups:
+            dropped.append(f"{kind}: no group size in {GROUP_SIZES} divides the model's hidden and intermediate "
+                           f"sizes {dims} and is run by {server.label}")
+            continue
+        recipe = Recipe(kind, **({"group_size": max(groups)} if kind in GROUPED else {}))
+        why = server.refusal(recipe)
+        if why is None:
+            try:
+                recipe.validate_for(config)
+            except UserError as exc:
+                why = str(exc)
+        if why is None:
+            kept.append(kind)
+        else:
+            dropped.append(why if why.startswith(kind) else f"{kind}: {why}")
+    return kept, groups, kv_caches, dropped
 
 
 @dataclass(frozen=True)
