@@ -1,34 +1,25 @@
-"""ModelOpt's Hugging Face export: written for TensorRT-LLM's ``LLM`` (PyTorch backend), read back by our runtime.
+"""ModelOpt's unified Hugging Face checkpoint: what current TensorRT-LLM, vLLM and SGLang load; read back by our runtime.
 
 Export (:func:`build_hf_export`): ``modelopt.torch.export.export_hf_checkpoint(model, dtype, export_dir)`` writes
 ``config.json`` (with a ``quantization_config`` block, ``quant_method: "modelopt"``), ``generation_config.json``,
 ``hf_quant_config.json`` (``{"producer": …, "quantization": {"quant_algo", "kv_cache_quant_algo", "group_size",
-"exclude_modules"}}``) and ``model.safetensors`` under HF names (``model.layers.{i}.self_attn.q_proj.weight`` …).
-TensorRT-LLM's PyTorch backend reads ``hf_quant_config.json`` for the formats
-(``tensorrt_llm/_torch/model_config.py``, ``ModelConfig.load_modelopt_quant_config``: ``quantization.quant_algo``,
-``kv_cache_quant_algo``, ``group_size``, ``exclude_modules``). What ModelOpt 0.47 writes per format (seen on a
-tiny LLaMa, transformers 5.24): FP16 plain fp16 weights; W8A16 int8 ``weight`` + fp32 ``weight_scale`` [out];
-W8A8_SQ_PER_CHANNEL int8 ``weight``, ``weight_scale`` [out], scalar ``input_scale`` (equal across q/k/v and
-gate/up), fp16 ``pre_quant_scale`` [in]; FP8 float8_e4m3fn ``weight`` with a scalar ``weight_scale`` per module
-(q, k and v each their own) and a scalar ``input_scale``; W4A16_AWQ uint8 ``weight`` [out/2, in] with
-``weight_scale`` [out, in/group], the q/k/v and gate/up pre-quant scales folded into the RMSNorm weights and only
-o_proj/down_proj keeping ``pre_quant_scale``.
+"exclude_modules"}}``) and ``model.safetensors`` under HF names (``model.layers.{i}.self_attn.q_proj.weight`` …),
+for every recipe kind; what each format holds and what the servers make of it is docs/serving.md.
 
-Gaps fixed after export (TensorRT-LLM 1.x pins transformers 4.57, the suite runs 5.24): transformers 5 writes
-RoPE only as ``rope_parameters``, which 4.x ignores (it would run the default base 10000 — wrong for the default
-model's 1e5 and Llama-3's 5e5), so ``rope_theta``/``rope_scaling`` are added; the tokenizer files are copied in
-(``LLM(model=dir)`` loads the tokenizer from the same folder) with ``tokenizer_class`` ``TokenizersBackend`` (5.x
-only) renamed ``PreTrainedTokenizerFast`` (both versions); ``torch_dtype`` is written next to ``dtype``.
+Gaps fixed after export: transformers 5 writes RoPE only as ``rope_parameters``, which 4.x (TensorRT-LLM 1.x pins
+4.57) ignores, so ``rope_theta``/``rope_scaling`` are added; the tokenizer files are copied in (``LLM(model=dir)``
+loads the tokenizer from the same folder) with ``tokenizer_class`` ``TokenizersBackend`` (5.x only) renamed
+``PreTrainedTokenizerFast``; ``torch_dtype`` is written next to ``dtype``; GPTQ's INT4 linears get unit
+``pre_quant_scale`` where TensorRT-LLM's loader reads one. An INT8 KV cache is refused (ModelOpt asserts on it and
+no HF-loading server reads it).
 
-Reader (:func:`load_hf_export`): FP16, W8A16, W8A8_SQ_PER_CHANNEL and FP8 exports without a quantized KV cache
-become an in-memory TRT-LLM :class:`~quant.checkpoint.Checkpoint`, so the PyTorch runtime evaluates them.
-q/k/v concatenate into ``attention.qkv`` exactly for the per-channel formats. FP8 needs one scale per fused
-linear: each shard is rescaled to the largest of its scales as TensorRT-LLM's PyTorch backend does when it loads
-this format (``tensorrt_llm/_torch/modules/linear.py``, ``FP8QDQLinearMethod.rescale_fused_weights``: FP8 → model
-dtype × own scale ÷ max scale → FP8, for q/k/v and for gate/up), so the runtime computes what that backend
-computes, not what the TRT-LLM-checkpoint export (quantized with the max scale directly) computes. Not read:
-W4A16_AWQ (the folded pre-quant scales and the uint8 packing order were not verified against a reference here)
-and quantized KV caches (ModelOpt's HF KV-scale tensors were not mapped) — both fail with a UserError saying so.
+Reader (:func:`load_hf_export`): every export becomes an in-memory TRT-LLM :class:`~quant.checkpoint.Checkpoint`,
+computed as TensorRT-LLM's PyTorch backend loads it (``tensorrt_llm/_torch/modules/linear.py``; file and commit
+per format in docs/serving.md, checked by tests/test_server_loaders.py): q/k/v and gate/up concatenate along out;
+FP8 shards are requantized to their group's largest weight scale (``rescale_fused_weights``); INT4 stays packed
+as stored (the TRT-LLM checkpoint's layout), with the pre-quant scales the export kept (o_proj, down_proj); W4A8
+takes the shared ``weight_scale_2`` and input scale; an FP8 KV cache runs at scale 1.0; excluded modules are the
+linears stored in a float dtype.
 """
 from __future__ import annotations
 

@@ -29,6 +29,8 @@ SHAPES = {
     # LLaMa-2-7B: 6.74 B parameters
     "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                       intermediate_size=11008, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=14336, vocab_size=128256),
     # the 7B layer shapes, 4 layers: per-layer speed in a quick run
     "7b-4l": dict(hidden_size=4096, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=32,
                   intermediate_size=11008, vocab_size=32000),
