@@ -213,3 +213,24 @@ def test_fp16_fallback_is_what_the_servers_exclude(exports, spec):
             x = torch.randn(2, raw[names[0] + ".weight"].shape[1])
             w = torch.cat([raw[n + ".weight"].float() for n in names])
             assert torch.allclose(_ours(ckpt, i, lin, x), x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["int4_awq:group_size=64", "w4a8_awq"])
+def test_fc_and_gate_of_an_hf_export_run_as_one_linear(exports, spec):
+    """The export folds AWQ's gate/up pre-quant scale into the RMSNorm (W4A16: none left; W4A8: shared input and
+    FP8 scales), so — as in TensorRT-LLM's gate_up_proj — the CUDA path stacks them into one GEMV; on the CPU the
+    stacked linear computes exactly the two."""
+    from quant.runtime.linear import concat_linear_tensors, make_linear
+
+    _, ckpt = exports[spec]
+    prefixes = ("transformer.layers.0.mlp.fc.", "transformer.layers.0.mlp.gate.")
+    parts = [{k[len(p):]: v for k, v in ckpt.tensors.items() if k.startswith(p)} for p in prefixes]
+    algo, group = ckpt.layer_algos["layers.0.mlp.fc"], ckpt.config["quantization"]["group_size"]
+    both = concat_linear_tensors(algo, parts)
+    assert both is not None
+    x = torch.randn(2, parts[0]["weight"].shape[1])
+
+    def run(tensors):
+        return make_linear(algo, tensors, dtype=torch.float32, device=torch.device("cpu"), group_size=group)(x)
+
+    assert torch.allclose(run(both), torch.cat([run(p) for p in parts], dim=-1), rtol=1e-5, atol=1e-5)

@@ -35,7 +35,7 @@ def concat_linear_tensors(algo: str | None, parts: list[dict[str, torch.Tensor]]
         return None
     shared = HANDLERS[algo].shared_inputs
     for p in parts[1:]:
-        if set(p) != set(first) or any(not torch.equal(p[k], first[k]) for k in shared):
+        if set(p) != set(first) or any(not torch.equal(p[k], first[k]) for k in shared if k in first):
             return None
     return {k: first[k] if k in shared else torch.cat([p[k] for p in parts], dim=0) for k in first}
 

@@ -74,7 +74,7 @@ def random_config(shape: str | dict, quant_algo: str | None = None, kv_algo: str
 def _quantize(algo: str | None, w: torch.Tensor, pre: torch.Tensor | None, group: int,
               fp8_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One linear's tensors in ``algo``'s layout from a float32 weight [out, in]; ``pre``: its pre-quant scale;
-    ``fp8_scale``: an FP8 weight scale to share (fc and gate)."""
+    ``fp8_scale``: an FP8 weight scale to share (fc and gate; W4A8: the FP8 scale of q·s)."""
     if algo is None:
         return {"weight": w.half()}
     if algo in ("W8A16", "W8A8_SQ_PER_CHANNEL"):
@@ -92,7 +92,7 @@ def _quantize(algo: str | None, w: torch.Tensor, pre: torch.Tensor | None, group
         q = torch.round(wg / s[..., None]).clamp(-8, 7).reshape(out, inp).to(torch.int8)
         t = {"weight": pack_int4_rows(q), "weights_scaling_factor": s, "prequant_scaling_factor": pre}
         if algo == "W4A8_AWQ":  # ModelOpt's second quantizer: per-tensor FP8 of q·s (amax/448)
-            t["weights_scaling_factor_2"] = (w.abs().amax() / 448.0).reshape(1)
+            t["weights_scaling_factor_2"] = fp8_scale if fp8_scale is not None else (w.abs().amax() / 448.0).reshape(1)
             t["activation_scaling_factor"] = torch.tensor([ACT_AMAX / 448.0], device=w.device)
         return t
     if algo == "FP8":
@@ -134,8 +134,10 @@ def random_checkpoint(config: dict, *, device: str | torch.device = "cpu", seed:
             if pre is None:
                 pre = torch.exp(randn(inp, std=0.3)).half()
             w = randn(out, inp, std=inp ** -0.5)
-            # fc and gate share one FP8 weight scale, as ModelOpt exports them (gate's own amax is ≈ fc's)
-            shared = t[p + "mlp.fc.weights_scaling_factor"] if algo == "FP8" and lin == "mlp.gate" else None
+            # fc and gate share one FP8 weight scale (W4A8: its second-level one), as ModelOpt exports them (gate's
+            # own amax is ≈ fc's)
+            key = {"FP8": "weights_scaling_factor", "W4A8_AWQ": "weights_scaling_factor_2"}.get(algo)
+            shared = t[p + "mlp.fc." + key] if key and lin == "mlp.gate" else None
             for k, v in _quantize(algo, w, pre, group, shared).items():
                 t[p + lin + "." + k] = v
             del w
