@@ -34,8 +34,8 @@ from experiments.latency import synthetic_prompts
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.hardware import FP8_GEMM_ALGOS, fp8_refusal
 from quant.runtime.linear import make_linear
-from quant.runtime.schemes.base import DEFAULT_KERNELS
 from quant.runtime.random_checkpoint import RECIPES, SHAPES, _quantize, random_checkpoint, random_config
+from quant.runtime.schemes.base import DEFAULT_KERNELS
 from quant.runtime.torch_runtime import TorchRuntime, check_cuda
 
 TARGETS = {  # recipe: decode speed-up over the project's FP16 at batch 1

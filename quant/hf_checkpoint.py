@@ -37,9 +37,9 @@ from quant.atomic import atomic_dir, atomic_write_json
 from quant.checkpoint import Checkpoint, aligned
 from quant.errors import UserError
 from quant.export import EXPORT_DTYPE, rotary_fields
-from quant.servers import HF_KV_REASON, hf_export_refusal
 from quant.names import HF_MODULES
 from quant.paths import cache_root
+from quant.servers import HF_KV_REASON, hf_export_refusal
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
