@@ -79,7 +79,11 @@ def hf_quantization(folder: Path) -> dict:
     if block and block.get("quant_method") != "modelopt":
         raise UserError(f"export {folder}: quantization_config of quant_method {block.get('quant_method')!r} "
                         "is not a ModelOpt export")
-    return {"quant_algo": block.get("quant_algo"), "kv_cache_quant_algo": block.get("kv_cache_quant_algo")}
+    kv = block.get("kv_cache_quant_algo")
+    scheme = block.get("kv_cache_scheme")  # ModelOpt >= 0.31 writes this here instead (read as vLLM reads it)
+    if kv is None and isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8:
+        kv = "FP8"
+    return {"quant_algo": block.get("quant_algo"), "kv_cache_quant_algo": kv, "group_size": block.get("group_size")}
 
 
 # -- export -------------------------------------------------------------------------------------------------
@@ -209,7 +213,8 @@ def _trtllm_config(hf: dict, quant_algo: str | None, kv_algo: str | None, group_
         "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
         # pre_quant_scale false: INT4 linears carry one where the export kept it (module docstring).
         "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_algo, "exclude_modules": [],
-                         **({"group_size": group_size, "pre_quant_scale": False} if quant_algo in formats.INT4_ALGOS else {})},
+                         **({"group_size": group_size, "pre_quant_scale": False}
+                            if quant_algo in formats.INT4_ALGOS else {})},
     }
 
 
@@ -248,7 +253,12 @@ def load_hf_export(folder: Path):
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise UserError(f"export {folder}: unreadable safetensors ({exc})") from None
 
-    config = _trtllm_config(hf, algo, kv_algo, quant.get("group_size"))
+    group_size = quant.get("group_size")
+    if algo in formats.INT4_ALGOS and not group_size:  # config.json's block alone omits it: read it off the shapes
+        name = next((k for k in sorted(raw) if k.endswith(".weight_scale") and raw[k].dim() == 2), None)
+        if name is not None and name.removesuffix("_scale") in raw:
+            group_size = raw[name.removesuffix("_scale")].shape[1] // raw[name].shape[1]
+    config = _trtllm_config(hf, algo, kv_algo, group_size)
     act = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(config["dtype"])
     if act is None:
         raise UserError(f"export {folder}: dtype {config['dtype']!r} is not float16/bfloat16/float32")

@@ -234,3 +234,21 @@ def test_fc_and_gate_of_an_hf_export_run_as_one_linear(exports, spec):
         return make_linear(algo, tensors, dtype=torch.float32, device=torch.device("cpu"), group_size=group)(x)
 
     assert torch.allclose(run(both), torch.cat([run(p) for p in parts], dim=-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["int4_awq:group_size=64", "fp8:kv_cache=fp8"])
+def test_config_json_alone_reads_the_same(exports, spec, tmp_path):
+    """vLLM reads config.json's quantization_config first (hf_quant_config.json only without it): that block alone
+    (no group_size; the KV cache as ``kv_cache_scheme``) must give the same checkpoint."""
+    import shutil
+
+    from quant.hf_checkpoint import load_hf_export
+
+    folder, ours = exports[spec]
+    alone = tmp_path / "alone"
+    shutil.copytree(folder, alone)
+    (alone / "hf_quant_config.json").unlink()
+    back = load_hf_export(alone)
+    assert back.config["quantization"] == ours.config["quantization"]
+    assert back.tensors.keys() == ours.tensors.keys()
+    assert all(torch.equal(back.tensors[k], ours.tensors[k]) for k in ours.tensors)
