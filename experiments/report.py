@@ -96,6 +96,8 @@ class StudySummary:
         if self.answer:
             lines += ["", f"tie set ({len(self.answer['tie'])}): {', '.join(self.answer['tie_labels'])}; "
                           f"rule: {self.answer['rule']}"]
+            if self.answer.get("serve_with", "any") != "any":
+                lines.append(f"searched only what --serve-with {self.answer['serve_with']} loads (docs/serving.md)")
         if self.proxy_rank is not None:
             lines.append(f"proxy vs measured drop: Spearman {self.proxy_rank:+.2f} over {self.proxy_pairs} recipes")
         if self.stopped:

@@ -359,7 +359,7 @@ class Search:
         out = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             r = t.user_attrs.get("result")
-            if not r or t.user_attrs.get("repeat_of") is not None:
+            if not r or t.user_attrs.get("repeat_of") is not None or not self.space.contains(t.params):
                 continue
             lat = r.get("latency") or {}
             status = "pruned" if t.state == TrialState.PRUNED else r["gate"]["status"]
@@ -424,7 +424,7 @@ class Search:
                               "label": results[h]["label"]} for h in tie}
         chosen = pick(tie, facts_for_pick)
         ans = {"chosen": chosen, "label": results[chosen]["label"], "tie": tie,
-               "tie_labels": [results[h]["label"] for h in tie], "rule": PICK_RULE,
+               "tie_labels": [results[h]["label"] for h in tie], "rule": PICK_RULE, "serve_with": self.args.serve_with,
                "confirmation": confirmation["key"] if confirmation else None}
         study.set_user_attr("answer", ans)
         return ans

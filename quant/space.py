@@ -78,6 +78,12 @@ class Space:
         k = p.pop("fp16_fallback", 0)
         return Recipe.from_dict({**p, "exclude": tuple(self.ranked_layers[:k])})
 
+    def contains(self, params: dict) -> bool:
+        """Whether a measured trial's recipe belongs to this space (a study rerun with a narrower ``--serve-with``
+        keeps its trials, but its policy and answer only see the recipes this space holds)."""
+        return params.get("kind") in self.kinds and params.get("kv_cache", "none") in self.kv_caches and \
+            (params["kind"] not in GROUPED or params.get("group_size") in self.group_sizes)
+
     def size(self) -> int:
         return len(self.enumerate())
 

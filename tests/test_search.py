@@ -250,6 +250,7 @@ def test_two_workers_share_one_postgresql_study(tiny_model, tmp_path):
     (["--min-rouge1", "14", "--storage", "notaurl"], "cannot open storage"),
     (["--min-rouge1", "14", "--storage", "postgresql://quant:secret@127.0.0.1:1/nodb"], "cannot open storage"),
     (["--min-rouge1", "14", "--recipes", "int3"], "unknown kind(s) int3"),
+    (["--min-rouge1", "14", "--recipes", "smoothquant,int8_wo", "--serve-with", "vllm"], "no kind left to search"),
 ])
 def test_bad_search_input(tmp_path, args, fragment):
     proc = _run([sys.executable, "-m", "quant.search", *args, "--results-dir", str(tmp_path / "r")], timeout=120)

@@ -68,3 +68,20 @@ def test_build_serve_with_refuses_before_any_work(capsys):
     assert "loads the trtllm format, not --format hf" in capsys.readouterr().err
     assert main(["--recipe", "int4_awq:kv_cache=int8", "--format", "hf"]) == 2
     assert "INT8 KV cache has no Hugging Face export" in capsys.readouterr().err
+
+
+def test_a_narrower_rerun_only_sees_what_its_server_loads():
+    """A study measured with --serve-with any and continued with --serve-with vllm: the SmoothQuant and INT4 trials
+    stay in the study but are outside the new space, so they cannot become its answer."""
+    from quant.space import Space
+
+    kinds, groups, kv, _ = narrow(KINDS, DEFAULT_CFG, SERVERS["vllm"])
+    space = Space(tuple(kinds), groups, (), "cuda", kv)
+    assert space.contains({"kind": "fp8", "kv_cache": "fp8", "fp16_fallback": 2})
+    assert space.contains({"kind": "fp16", "kv_cache": "none"})
+    assert not space.contains({"kind": "smoothquant", "alpha": 0.8, "kv_cache": "none", "fp16_fallback": 0})
+    assert not space.contains({"kind": "int4_awq", "group_size": 64, "kv_cache": "none", "fp16_fallback": 0})
+    assert not space.contains({"kind": "fp8", "kv_cache": "int8", "fp16_fallback": 0})
+    trt = Space(*narrow(KINDS, DEFAULT_CFG, SERVERS["trtllm"])[:2], (), "cuda", ("none", "fp8"))
+    assert trt.contains({"kind": "int4_gptq", "group_size": 64, "kv_cache": "none", "fp16_fallback": 0})
+    assert not trt.contains({"kind": "int4_gptq", "group_size": 32, "kv_cache": "none", "fp16_fallback": 0})
