@@ -124,7 +124,8 @@ def plugin_plan(quant_algo: str | None, kv_algo: str | None = None, checkpoint_d
     gemm = {
         None: "gemm_plugin (cuBLASLt, checkpoint dtype)",
         "W8A16": "weight_only_quant_matmul_plugin (INT8 weights, per-channel scales)",
-        "W4A16_AWQ": "weight_only_groupwise_quant_matmul_plugin (INT4 AWQ, per-group scales)",
+        "W4A16_AWQ": "weight_only_groupwise_quant_matmul_plugin (INT4 AWQ/GPTQ, per-group scales)",
+        "W4A8_AWQ": "weight_only_groupwise_quant_matmul_plugin (INT4 per-group weights, FP8 activations)",
         "W8A8_SQ_PER_CHANNEL": "TensorRT INT8 GEMM (SmoothQuant per-channel, no SQ plugin: not a *_PLUGIN algo)",
         "FP8": "TensorRT FP8 GEMM (per-tensor scales; gemm_plugin disabled)",
         "MIXED_PRECISION": "per layer, as quant_cfg.json says (weight-only plugins / TensorRT INT8 or FP8 GEMMs)",
@@ -147,7 +148,7 @@ def check_gpu_support(quant_algo: str | None, kv_algo: str | None, capability: t
     """builder.py build() refuses INT8/INT4 weights, SmoothQuant and INT8 KV cache on SM 10.x: say so before a build."""
     if capability is None or not (10, 0) <= tuple(capability) < (12, 0):
         return
-    if quant_algo in ("W8A16", "W4A16_AWQ", "W8A8_SQ_PER_CHANNEL") or kv_algo == "INT8":
+    if quant_algo in ("W8A16", "W4A16_AWQ", "W4A8_AWQ", "W8A8_SQ_PER_CHANNEL") or kv_algo == "INT8":
         raise UserError(f"TensorRT-LLM engines do not support {quant_algo or kv_algo} on compute capability "
                         f"{capability[0]}.{capability[1]} (tensorrt_llm/builder.py: INT8/INT4/SmoothQuant are "
                         f"not supported on SM>=100); use fp16 or fp8 there")

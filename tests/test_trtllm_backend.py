@@ -45,6 +45,8 @@ RECIPES = {
     "int8_wo": Recipe("int8_wo"),
     "smoothquant": Recipe("smoothquant", alpha=0.5),
     "int4_awq": Recipe("int4_awq", group_size=64),
+    "int4_gptq": Recipe("int4_gptq", group_size=64),
+    "w4a8_awq": Recipe("w4a8_awq"),
     "fp8": Recipe("fp8"),
     "fp16-kvint8": Recipe("fp16", kv_cache="int8"),
     "int8_wo-kvfp8": Recipe("int8_wo", kv_cache="fp8"),
@@ -90,6 +92,7 @@ def test_build_command_uses_only_documented_flags(name, tmp_path):
 def test_plugin_plan_follows_quant_mode(tmp_path):
     assert "weight_only_quant_matmul_plugin" in plugin_plan("W8A16")["gemm"]
     assert "weight_only_groupwise_quant_matmul_plugin" in plugin_plan("W4A16_AWQ")["gemm"]
+    assert "FP8 activations" in plugin_plan("W4A8_AWQ")["gemm"] and plugin_plan("W4A8_AWQ")["gemm_plugin"] == "auto"
     assert "TensorRT INT8 GEMM" in plugin_plan("W8A8_SQ_PER_CHANNEL")["gemm"]  # not a *_PLUGIN SQ algo
     assert plugin_plan("FP8")["gemm_plugin"] == "disable" and plugin_plan(None)["gemm_plugin"] == "auto"
     assert "paged context FMHA off" in plugin_plan("W8A16", "INT8")["attention"]
@@ -109,6 +112,8 @@ def test_blackwell_rejects_integer_formats_before_building():
 
     with pytest.raises(UserError, match="SM>=100"):
         check_gpu_support("W8A16", None, (10, 0))
+    with pytest.raises(UserError, match="W4A8_AWQ"):
+        check_gpu_support("W4A8_AWQ", None, (10, 0))
     check_gpu_support("W8A16", None, (9, 0))
     check_gpu_support("FP8", None, (10, 0))
 
