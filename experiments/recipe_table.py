@@ -123,13 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     t0 = time.perf_counter()
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    from quant.model_source import resolve_model
+    from quant.servers import hf_export_refusal
+
+    model = resolve_model(settings.model, trust_remote_code=settings.trust_remote_code)
+    config = json.loads((model.hf_dir / "config.json").read_text())
     for recipe in recipes:
         for fmt in formats:
             print(f"== {recipe.label} ({fmt})", file=sys.stderr)
-            try:
-                rec = _evaluate(settings, recipe, calib, fmt, log)
-            except UserError as exc:  # the model's shapes (or the HF format) rule the recipe out: say so
+            try:  # what the model's shapes (or the HF format) rule out is a row saying why; other errors stop
+                recipe.validate_for(config, device=settings.device)
+                if fmt == "hf" and (why := hf_export_refusal(recipe)):
+                    raise UserError(why)
+            except UserError as exc:
                 rec = {"recipe_label": recipe.label, "format": fmt, "refused": str(exc)}
+            else:
+                rec = _evaluate(settings, model, recipe, calib, fmt, log)
             if len(formats) == 1:
                 rec.pop("samples", None)  # kept only to pair the formats
             records.append(rec)
@@ -144,13 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _evaluate(settings, recipe, calib, fmt: str, log) -> dict:
+def _evaluate(settings, model, recipe, calib, fmt: str, log) -> dict:
     if fmt == "trtllm":
         return {**evaluate(settings, recipe, calib=calib, log=log), "format": "trtllm"}
     from quant.hf_checkpoint import build_hf_export
-    from quant.model_source import resolve_model
 
-    model = resolve_model(settings.model, trust_remote_code=settings.trust_remote_code)
     folder = build_hf_export(model, recipe, calib if recipe.needs_calibration else None, log=log)
     rec = evaluate(settings, recipe, calib=calib, checkpoint=folder, log=log)
     return {**rec, "recipe_label": recipe.label, "recipe": recipe.to_dict(), "format": "hf"}
