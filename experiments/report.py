@@ -37,7 +37,7 @@ class Row:
     emulated: bool = False
     loaded: bool = False  # other processes took the cores while it was timed
     skipped_by_proxy: int | None = None
-    slower_than: int | None = None  # certainly slower than this passing trial: accuracy not measured
+    slower_than: int | None = None  # shown slower (interleaved) than this passing trial: accuracy not measured
     reason: str = ""
     recipe: dict = field(default_factory=dict)
     checkpoint: str = ""

@@ -201,9 +201,9 @@ class Search:
     def measure(self, trial, params: dict, facts) -> float:
         """Measure one recipe; the trial's value is its mean time per output token.
 
-        Stages, cheapest verdict first: latency (with its interval); if it is certainly slower than a recipe that
-        already passed the gate, it can never be the answer and its accuracy is not measured ("slower"); else the
-        held-out NLL proxy; if that is certainly worse than a recipe that failed the gate, generation is skipped
+        Stages, cheapest verdict first: latency (with its interval); if, timed interleaved with a recipe that
+        already passed the gate, it is shown slower, it can never be the answer and its accuracy is not measured
+        ("slower"); else the held-out NLL proxy; if that is certainly worse than a recipe that failed the gate, generation is skipped
         ("fail by proxy"); else article blocks under the sequential gate."""
         import optuna
 
@@ -236,9 +236,10 @@ class Search:
                                  "tpot_mean_ms": m, "tpot_ci": [lo, hi], "runs": len(latency["tpot_runs_ms"])}
             result["emulated"] = bool(lat["runtime"]["emulated"])
             result["kernels"] = lat["runtime"]["kernels"]
-            faster = self._certainly_faster_passing(result, facts)
-            if faster is not None:
-                result["gate"] = {"status": "slower", "slower_than": faster, "n": 0}
+            slower = self._slower_than_passing(recipe, result, facts)
+            if slower is not None:
+                result["gate"] = {"status": "slower", "slower_than": slower["number"], "n": 0,
+                                  "interleaved": slower["interleaved"]}
                 result["feasible"] = False
             else:
                 self._accuracy(recipe, result, facts, cached)
@@ -255,7 +256,9 @@ class Search:
         trial.set_user_attr("constraint", 0.0 if feasible else 1.0)
         trial.set_user_attr("worker_device", self.settings.device)
         g = result["gate"]
-        note = {"slower": f"slower than #{g.get('slower_than')} (accuracy not measured)",
+        iv = g.get("interleaved")
+        ratio = f": ×{iv['ratio']:.3f} [{iv['ci'][0]:.3f}, {iv['ci'][1]:.3f}] interleaved" if iv else ""
+        note = {"slower": f"slower than #{g.get('slower_than')}{ratio} (accuracy not measured)",
                 "fail": "FAIL" + (f" (proxy: worse than #{g['skipped_by_proxy']})"
                                   if g.get("skipped_by_proxy") is not None else ""), "pass": "pass"}[g["status"]]
         flag = "  (emulated: not pickable)" if result["emulated"] else ""
@@ -269,16 +272,28 @@ class Search:
         faults.point("trial.commit")  # crash test: measured, attributes stored, not yet COMPLETE
         return m
 
-    def _certainly_faster_passing(self, result: dict, facts) -> int | None:
-        """The trial number of a recipe that passed the gate, measured natively and on a quiet machine, whose
-        latency interval lies wholly below this one's: this recipe can never be the answer."""
+    def _slower_than_passing(self, recipe, result: dict, facts) -> dict | None:
+        """A recipe that passed the gate and this one is shown slower than, interleaved: this recipe can never be
+        the answer, so its accuracy is not measured. Returns {number, interleaved: that comparison's ratio}.
+
+        The trials' own intervals only nominate the passing recipe to compare with (the fastest whose interval lies
+        wholly below this one's): they were timed minutes apart, and drift between trials exceeds their widths (on
+        the 2-core box two INT4 recipes with the same kernels measured 4.5 % apart, the order flipping between
+        runs). Only the two timed in alternation (experiments/confirm.py), with this one outside the tie, decide."""
         lat = result["latency"]
         if result["emulated"] or lat["load"]["loaded"]:
             return None
-        for f in facts:
-            if f.status == "pass" and not f.emulated and f.tpot_ci and not f.loaded and f.tpot_ci[1] < lat["tpot_ci"][0]:
-                return f.number
-        return None
+        below = [f for f in facts if f.status == "pass" and not f.emulated and f.tpot_ci and not f.loaded
+                 and f.tpot_ci[1] < lat["tpot_ci"][0]]
+        if not below:
+            return None
+        other = min(below, key=lambda f: (f.tpot_ci[1], f.number))
+        rec = self._interleaved({recipe.hash: recipe, other.hash: self.space.recipe(other.params)})
+        if recipe.hash in rec["tie"]:
+            return None
+        q = rec["ratios"][recipe.hash]
+        return {"number": other.number, "interleaved": {"ratio": q["ratio"], "ci": [q["low"], q["high"]],
+                                                         "rounds": rec["rounds"]}}
 
     def _accuracy(self, recipe, result: dict, facts, cached: list) -> None:
 
@@ -372,22 +387,11 @@ class Search:
 
     def confirm(self, study, hashes) -> dict:
         """Compare ``hashes`` interleaved, record the comparison in the study, return it."""
-        from experiments.confirm import compare
-
         by_hash = {t.user_attrs.get("recipe_hash"): t for t in study.get_trials(deepcopy=False)
                    if t.user_attrs.get("result") and t.user_attrs.get("repeat_of") is None}
         labels = {h: by_hash[h].user_attrs["label"] for h in hashes}
-        self.measurer.release()
         self.log(f"comparing latency interleaved: {', '.join(labels[h] for h in sorted(hashes))}")
-        runtimes = {}
-        for h in hashes:
-            recipe = self.space.recipe(by_hash[h].params)
-            runtimes[h] = Candidate(self.settings, recipe, model=self.model, calib=self.calib, log=lambda m: None,
-                                    backend=self.backend).runtime
-        s = self.settings
-        rec = compare(runtimes, batch_size=s.batch_size, input_len=s.input_len, output_len=s.output_len, seed=s.seed,
-                      resolution=self.args.resolution, max_seconds=self.args.confirm_seconds)
-        del runtimes
+        rec = self._interleaved({h: self.space.recipe(by_hash[h].params) for h in hashes})
         rec["key"] = confirmation_key(hashes)
         rec["labels"] = labels
         confirmations = list(study.user_attrs.get("confirmations", []))
@@ -397,6 +401,17 @@ class Search:
         self.log(f"  {rec['rounds']} rounds in {rec['seconds']:.0f} s{' (time cap hit)' if rec['capped'] else ''}: "
                  f"leader {labels[rec['leader']]}; tie set: {ties}")
         return rec
+
+    def _interleaved(self, recipes: dict) -> dict:
+        """hash → Recipe, timed in alternation in this process (experiments/confirm.py): the comparison record."""
+        from experiments.confirm import compare
+
+        self.measurer.release()
+        runtimes = {h: Candidate(self.settings, r, model=self.model, calib=self.calib, log=lambda m: None,
+                                 backend=self.backend).runtime for h, r in recipes.items()}
+        s = self.settings
+        return compare(runtimes, batch_size=s.batch_size, input_len=s.input_len, output_len=s.output_len, seed=s.seed,
+                       resolution=self.args.resolution, max_seconds=self.args.confirm_seconds)
 
     # -- the answer ---------------------------------------------------------------------------------------------
     def answer(self, study) -> dict | None:

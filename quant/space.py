@@ -14,8 +14,8 @@ a raw timing:
 
 1. the FP16 baseline, then one representative per kind (KV cache none, no fallback, alpha 0.8, the largest
    group size that divides the model), in an order seeded by ``--seed``;
-2. the passing representatives whose latency intervals overlap the fastest one's are compared interleaved
-   (experiments/confirm.py) → the leading tie set;
+2. the passing latency classes (one representative each) are compared interleaved (experiments/confirm.py),
+   whatever their trials' own intervals say → the leading tie set;
 3. every latency class one step from a leader (another fallback depth, group size or KV cache) is measured,
    leaders with the smaller proxy gap first; a class faster than the leaders whose representative failed the
    accuracy gate gets its accuracy variants (other alphas, deeper fallback);
@@ -180,16 +180,15 @@ def confirmation_key(hashes) -> str:
 
 
 def contenders(facts: list[Fact]) -> list[Fact]:
-    """Passing, natively measured recipes whose latency interval overlaps the fastest one's: the candidates of an
-    interleaved comparison. One per latency class (the best proxy of the class: alpha changes no kernel)."""
+    """Passing, natively measured recipes, one per latency class (the best proxy of the class: alpha changes no
+    kernel): the candidates of an interleaved comparison. Every class goes in, however its trial's own interval
+    compares with the others': those intervals were timed minutes apart and drift between trials exceeds their
+    width; the comparison itself stops timing a candidate as soon as it is shown slower (experiments/confirm.py)."""
     passing = [f for f in facts if f.status == "pass" and not f.emulated and f.tpot_ci is not None]
     per_class: dict[tuple, Fact] = {}
     for f in sorted(passing, key=lambda f: (f.proxy if f.proxy is not None else 0.0, f.hash)):
         per_class.setdefault(Space.latency_class(f.params), f)
-    best = min(per_class.values(), key=lambda f: f.tpot_ci[1], default=None)
-    if best is None:
-        return []
-    return sorted((f for f in per_class.values() if f.tpot_ci[0] <= best.tpot_ci[1]), key=lambda f: f.hash)
+    return sorted(per_class.values(), key=lambda f: f.hash)
 
 
 def next_action(space: Space, facts: list[Fact], confirmations: list[dict], *, seed: int,

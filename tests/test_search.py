@@ -79,8 +79,11 @@ def test_search_measures_pairs_compares_and_writes_report(tiny_model, tmp_path):
         for key in ("latency", "emulated", "gate") + (() if r["gate"]["status"] == "slower" else
                                                        ("n", "rouge1", "rouge1_ci", "drop", "drop_ci", "proxy")):
             assert key in r, key
-        if r["gate"]["status"] != "slower":  # (a recipe certainly slower than a passing one is not scored)
+        if r["gate"]["status"] != "slower":  # (a recipe shown slower than a passing one is not scored)
             assert r["rouge1_ci"][0] <= r["rouge1"] <= r["rouge1_ci"][1]
+        else:  # ... shown so interleaved, never by two trials' own intervals
+            iv = r["gate"]["interleaved"]
+            assert iv["rounds"] >= 3 and 1.0 < iv["ci"][0] <= iv["ratio"] <= iv["ci"][1], iv
         assert r["latency"]["tpot_ci"][0] <= r["latency"]["tpot_mean_ms"] <= r["latency"]["tpot_ci"][1]
         assert t.value == r["latency"]["tpot_mean_ms"]
         assert not r["emulated"], "the policy planned a recipe whose latency is emulated here"
