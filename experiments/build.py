@@ -17,6 +17,7 @@ from calibration.data import CalibSpec, add_calib_args, calib_spec_from_args
 from experiments.evaluate import add_trust_remote_code_arg
 from experiments.report import summarize_study
 from quant.atomic import atomic_dir, ensure_writable_dir
+from quant.cache_budget import add_cache_budget_arg, apply_cache_budget_arg
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
 from quant.model_source import resolve_model
 from quant.recipes import Recipe, parse_recipe_arg
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: fp16, no quantization)")
     p.add_argument("--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF folder")
     add_trust_remote_code_arg(p)
+    add_cache_budget_arg(p)
     p.add_argument("--output", type=Path, default=None, help="copy the checkpoint here (default: print the cache path)")
     p.add_argument("--format", default=None, choices=("trtllm", "hf"),
                    help="trtllm: TRT-LLM checkpoint (+ engine where trtllm-build exists); hf: ModelOpt's Hugging "
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="build the best feasible trial of this search study (model and calibration from the study)")
     p.add_argument("--storage", default=None, help="the study's optuna storage URL (default: $QUANT_SEARCH_STORAGE, else results/search/study.db)")
     args = p.parse_args(argv)
+    apply_cache_budget_arg(args)
     # Imported after the flags are read: torch costs seconds, and --help or a bad flag need none of it.
     from quant.apply import build_checkpoint
     from quant.checkpoint import load_checkpoint, summary

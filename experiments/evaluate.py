@@ -20,6 +20,7 @@ from experiments import environment
 from experiments.prompts import PromptBuilder
 from quant import faults
 from quant.atomic import atomic_write_json, ensure_writable_dir
+from quant.cache_budget import add_cache_budget_arg, apply_cache_budget_arg
 from quant.backends import backend_device, resolve_backend
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.model_source import load_eos_ids, resolve_model
@@ -58,6 +59,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, seed_help: str | None = 
     d = DEFAULTS
     parser.add_argument("--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF folder")
     add_trust_remote_code_arg(parser)
+    add_cache_budget_arg(parser)
     parser.add_argument("--dataset", default=d["dataset"], help="aclsum | cnn_dailymail | a .jsonl/.json/.parquet/.csv file or datasets folder")
     parser.add_argument("--split", default=d["split"], help="dataset split the articles come from")
     parser.add_argument("--num-samples", type=positive_int, default=d["num_samples"],
@@ -98,6 +100,7 @@ def add_trust_remote_code_arg(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, backend=None) -> EvalSettings:
     """``backend``: the resolved :class:`~quant.backends.BackendChoice` (None: the PyTorch runtime)."""
+    apply_cache_budget_arg(args)
     name = backend.name if backend is not None else "torch"
     device = resolve_device(args.device)  # settings hold the concrete device: it is part of the evaluation key
     if backend is not None:
@@ -177,7 +180,8 @@ class Candidate:
                  log=print, backend=None):
         from transformers import AutoTokenizer
 
-        from quant.apply import build_checkpoint
+        from quant import cache_budget
+        from quant.apply import build_checkpoint, checkpoint_dir
 
         if calib is None and recipe.needs_calibration and checkpoint is None:
             calib = CalibSpec()
@@ -192,6 +196,9 @@ class Candidate:
         self.eos_ids = load_eos_ids(self.model.hf_dir)
         t0 = time.perf_counter()
         self.external = checkpoint is not None
+        # In use from before its build until close(): the cache's budget never evicts it under this candidate.
+        self._pin = cache_budget.Pin(Path(checkpoint) if checkpoint is not None
+                                     else checkpoint_dir(self.model, recipe, calib))
         self.ckpt_dir = Path(checkpoint) if checkpoint is not None else build_checkpoint(self.model, recipe, calib, log=log)
         self.timings["checkpoint_s"] = time.perf_counter() - t0
         log(f"checkpoint: {self.ckpt_dir}")
@@ -219,6 +226,11 @@ class Candidate:
                 raise UserError(f"checkpoint vocab {self._runtime.vocab} does not match the tokenizer of --model "
                                 f"({len(self.tokenizer)})")
         return self._runtime
+
+    def close(self) -> None:
+        """Done with the checkpoint: its runtime goes, and the cache may evict it (quant.cache_budget)."""
+        self._runtime = None
+        self._pin.close()
 
     def checkpoint_info(self) -> dict:
         return {"path": str(self.ckpt_dir), "size_bytes": sum(f.stat().st_size for f in self.ckpt_dir.iterdir())}
@@ -277,6 +289,13 @@ def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | N
                            seed=settings.seed, input_column=settings.input_column,
                            reference_column=settings.reference_column)
     cand = Candidate(settings, recipe, calib=calib, checkpoint=checkpoint, log=log, backend=backend)
+    try:
+        return _evaluate(cand, settings, recipe, samples, checkpoint, log)
+    finally:
+        cand.close()
+
+
+def _evaluate(cand, settings, recipe, samples, checkpoint, log) -> dict:
     summary = cand.summarize(samples)
     ppl = cand.heldout_nll(settings.ppl_docs, settings.ppl_seq_len) if settings.ppl_docs else None
     health = summary["health"]

@@ -390,7 +390,10 @@ class Search:
         by_hash = {t.user_attrs.get("recipe_hash"): t for t in study.get_trials(deepcopy=False)
                    if t.user_attrs.get("result") and t.user_attrs.get("repeat_of") is None}
         labels = {h: by_hash[h].user_attrs["label"] for h in hashes}
-        self.log(f"comparing latency interleaved: {', '.join(labels[h] for h in sorted(hashes))}")
+        # One line, finished when the comparison is (its table follows in the summary): a default search prints
+        # at most 30 lines.
+        print(f"comparing latency interleaved: {', '.join(labels[h] for h in sorted(hashes))} …", end="",
+              file=sys.stderr, flush=True)
         rec = self._interleaved({h: self.space.recipe(by_hash[h].params) for h in hashes})
         rec["key"] = confirmation_key(hashes)
         rec["labels"] = labels
@@ -398,8 +401,8 @@ class Search:
         confirmations.append(rec)
         study.set_user_attr("confirmations", confirmations)
         ties = ", ".join(labels[h] for h in rec["tie"])
-        self.log(f"  {rec['rounds']} rounds in {rec['seconds']:.0f} s{' (time cap hit)' if rec['capped'] else ''}: "
-                 f"leader {labels[rec['leader']]}; tie set: {ties}")
+        print(f" {rec['rounds']} rounds in {rec['seconds']:.0f} s{' (time cap hit)' if rec['capped'] else ''}: "
+              f"leader {labels[rec['leader']]}; tie set: {ties}", file=sys.stderr)
         return rec
 
     def _interleaved(self, recipes: dict) -> dict:
@@ -407,11 +410,16 @@ class Search:
         from experiments.confirm import compare
 
         self.measurer.release()
-        runtimes = {h: Candidate(self.settings, r, model=self.model, calib=self.calib, log=lambda m: None,
-                                 backend=self.backend).runtime for h, r in recipes.items()}
+        cands = {h: Candidate(self.settings, r, model=self.model, calib=self.calib, log=lambda m: None,
+                              backend=self.backend) for h, r in recipes.items()}
         s = self.settings
-        return compare(runtimes, batch_size=s.batch_size, input_len=s.input_len, output_len=s.output_len, seed=s.seed,
-                       resolution=self.args.resolution, max_seconds=self.args.confirm_seconds)
+        try:
+            return compare({h: c.runtime for h, c in cands.items()}, batch_size=s.batch_size, input_len=s.input_len,
+                           output_len=s.output_len, seed=s.seed, resolution=self.args.resolution,
+                           max_seconds=self.args.confirm_seconds)
+        finally:
+            for c in cands.values():
+                c.close()
 
     # -- the answer ---------------------------------------------------------------------------------------------
     def answer(self, study) -> dict | None:

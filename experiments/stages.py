@@ -57,11 +57,13 @@ class Measurer:
                              backend=self.backend)
         self._open[recipe.hash] = cand  # most recently used last
         while len(self._open) > 2:
-            self._open.pop(next(iter(self._open)))
+            self._open.pop(next(iter(self._open))).close()
         return cand
 
     def release(self) -> None:
-        self._open.clear()  # the runtimes' memory goes with them
+        for cand in self._open.values():
+            cand.close()  # the runtimes' memory goes with them; the cache may evict their checkpoints
+        self._open.clear()
 
     def _key(self, stage: str, recipe, keep: tuple[str, ...], **extra) -> str:
         return stage_key(stage, self.model.content_hash, recipe, self.calib,

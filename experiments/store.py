@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from quant import faults
-from quant.apply import build_lock
+from quant.cache_budget import build_lock
 from quant.atomic import atomic_write_json
 from quant.codehash import code_hash
 from quant.errors import EnvironmentProblem

@@ -8,17 +8,16 @@ exported once, by any process, and read back by every later run.
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from quant import faults, quiet
+from quant import cache_budget, faults, quiet
+from quant.cache_budget import build_lock
 from quant.codehash import code_hash
 from quant.export import EXPORT_DTYPE, calibration_device, export_checkpoint, forward_loop, load_hf_model
 from quant.model_source import ResolvedModel
@@ -97,28 +96,6 @@ def _short(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-@contextmanager
-def build_lock(out: Path):
-    """One builder per checkpoint across processes: a second worker waits, then finds the folder built."""
-    lock_path = out.parent / f".{out.name}.lock"
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lock_path, "a")
-    except OSError as exc:
-        from quant.atomic import write_error
-
-        raise (write_error(lock_path, exc) or exc) from None
-    with fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        # The concurrency tests read these events ($QUANT_SUITE_TRACE) to prove no two holders ever overlap.
-        faults.trace("lock.acquired", key=out.name)
-        try:
-            yield
-        finally:
-            faults.trace("lock.released", key=out.name)
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def prepare(model: ResolvedModel, recipe: Recipe, calib: Calibration | None = None) -> None:
     """Check the recipe against the model before any work. Contract: a recipe that calibrates gets a spec."""
     if recipe.needs_calibration and calib is None:
@@ -126,14 +103,24 @@ def prepare(model: ResolvedModel, recipe: Recipe, calib: Calibration | None = No
     recipe.validate_for(json.loads((model.hf_dir / "config.json").read_text()))
 
 
-def cached_build(out: Path, build) -> Path:
-    """``out`` once it holds a finished artifact: from the cache, or made by ``build(out)`` under the key's lock."""
-    if (out / "config.json").is_file():
-        return out
-    with build_lock(out):
-        if not (out / "config.json").is_file():  # else built by another process while we waited
-            build(out)
+def cached_build(out: Path, build, *, need: int, log=None) -> Path:
+    """``out`` once it holds a finished artifact: from the cache, or made by ``build(out)`` under the key's lock,
+    after making room in the cache's disk budget for ``need`` bytes (an upper bound of its size). A caller that
+    must not lose it to another worker's eviction holds a :class:`~quant.cache_budget.Pin` on ``out`` first."""
+    if not (out / "config.json").is_file():
+        with build_lock(out):
+            if not (out / "config.json").is_file():  # else built by another process while we waited
+                cache_budget.reserve(need, for_what=out, log=log)
+                build(out)
+                cache_budget.settle(out, log=log)
+    cache_budget.touch(out)
     return out
+
+
+def fp16_bytes(model: ResolvedModel) -> int:
+    """The model's weights in fp16: an upper bound of any checkpoint or export of it (quantized ones are smaller;
+    per-layer fallback keeps some linears at this size, never more)."""
+    return sum(p.stat().st_size for p in model.hf_dir.glob("*.safetensors"))
 
 
 def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib: Calibration | None = None, *, log=None) -> Path:
@@ -150,7 +137,7 @@ def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib: Calibration | 
         if log:
             log(f"built {recipe.label} checkpoint in {time.perf_counter() - t0:.1f} s: {out}")
 
-    return cached_build(checkpoint_dir(model, recipe, calib), build)
+    return cached_build(checkpoint_dir(model, recipe, calib), build, need=fp16_bytes(model), log=log)
 
 
 def quantize_model(model: ResolvedModel, recipe: Recipe, calib: Calibration, *, log=None) -> torch.nn.Module:

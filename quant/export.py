@@ -78,7 +78,11 @@ def load_hf_model(model: ResolvedModel, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model.hf_dir, dtype=dtype, trust_remote_code=False).eval()
+    # On a GPU the weights stream from the safetensors straight into device memory (device_map): an 8B model
+    # never sits in host memory at float32 on its way there.
+    on_gpu = torch.device(device).type == "cuda"
+    hf = AutoModelForCausalLM.from_pretrained(model.hf_dir, dtype=dtype, trust_remote_code=False,
+                                              **({"device_map": str(torch.device(device))} if on_gpu else {})).eval()
     return hf.to(device)
 
 

@@ -46,6 +46,7 @@ POINTS = {
     "best.write": "best_recipe.yaml written to its temporary file, just before the rename",
     "plot.write": "a plot PNG written to its temporary file, just before the rename",
     "engine.rename": "TensorRT-LLM engine folder complete, just before its rename into the cache",
+    "cache.evict": "cache budget: an entry's locks taken for eviction, before it is renamed away and deleted",
 }
 
 @functools.cache

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import torch
 
 from quant import formats, quiet
-from quant.apply import cached_build, checkpoint_dir, prepare, quantize_model
+from quant.apply import cached_build, checkpoint_dir, fp16_bytes, prepare, quantize_model
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.checkpoint import Checkpoint, aligned
 from quant.errors import UserError
@@ -189,7 +189,7 @@ def build_hf_export(model, recipe, calib=None, *, log=None) -> Path:
         if log:
             log(f"exported {recipe.label} (Hugging Face format) in {time.perf_counter() - t0:.1f} s: {out}")
 
-    return cached_build(hf_export_dir(model, recipe, calib), build)
+    return cached_build(hf_export_dir(model, recipe, calib), build, need=fp16_bytes(model), log=log)
 
 
 # -- reader -------------------------------------------------------------------------------------------------

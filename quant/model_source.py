@@ -11,11 +11,12 @@ import hashlib
 import importlib.util
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from quant import faults
+from quant import cache_budget, faults
 from quant.atomic import atomic_dir, atomic_write_json, ensure_writable_dir
+from quant.cache_budget import build_lock
 from quant.errors import UserError
 from quant.codehash import code_hash
 from quant.paths import cache_root
@@ -35,7 +36,9 @@ class ResolvedModel:
     source: str  # what the user named (or "default")
     source_kind: str  # "default" | "gguf" | "hf"
     content_hash: str  # sha256 of the source's bytes
-    hf_dir: Path  # cached fp16 HF folder
+    hf_dir: Path  # fp16/bf16 HF folder: the user's, read in place, or the cached conversion
+    # In use while this object lives (quant.cache_budget): the cache's budget never evicts a run's model.
+    pin: object = field(default=None, compare=False, repr=False)
 
     @property
     def short_hash(self) -> str:
@@ -183,6 +186,10 @@ def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> Resol
                                      else _check_hf_dir(path, trust_remote_code=trust_remote_code))
     if trust_remote_code:
         content_hash = hashlib.sha256(f"{content_hash}|trust_remote_code".encode()).hexdigest()
+    if gguf_path is None and not trust_remote_code and usable_in_place(path):
+        # No second full copy of a big model: every stage reads the user's folder (read-only) as it is.
+        _save_hash_memo(memo)
+        return ResolvedModel(source=spec, source_kind=kind, content_hash=content_hash, hf_dir=path.resolve())
     hf_dir = cache_root() / "models" / f"{content_hash[:16]}-{code_hash('quant.model_source', packages=_CONVERTERS)}"
     if not (hf_dir / "config.json").is_file():
         # Before the minutes of conversion: a cache that cannot be written (/proc, read-only) is one line now.
@@ -192,10 +199,44 @@ def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> Resol
             arch = gguf_architecture(gguf_path)
             if arch not in GGUF_ARCHITECTURES:
                 raise UserError(f"{gguf_path} is a '{arch}' GGUF; only LLaMa-family ('llama') models are supported")
-        _convert(gguf_path if gguf_path is not None else path, is_gguf=gguf_path is not None, out=hf_dir,
-                 trust_remote_code=trust_remote_code)
+            need = 2 * gguf_parameters(gguf_path)
+        else:
+            need = sum(p.stat().st_size for p in path.glob("*.safetensors"))  # fp16 ≤ the source's bytes
+        with build_lock(hf_dir):
+            if not (hf_dir / "config.json").is_file():
+                cache_budget.reserve(need, for_what=hf_dir)
+                _convert(gguf_path if gguf_path is not None else path, is_gguf=gguf_path is not None, out=hf_dir,
+                         trust_remote_code=trust_remote_code)
+                cache_budget.settle(hf_dir)
     _save_hash_memo(memo)
-    return ResolvedModel(source=spec, source_kind=kind, content_hash=content_hash, hf_dir=hf_dir)
+    return ResolvedModel(source=spec, source_kind=kind, content_hash=content_hash, hf_dir=hf_dir,
+                         pin=cache_budget.Pin(hf_dir))
+
+
+_IN_PLACE_DTYPES = ("float16", "bfloat16")  # a float32 folder is converted: half its bytes for every later load
+
+
+def usable_in_place(path: Path) -> bool:
+    """A plain fp16/bf16 LLaMa HF folder (safetensors weights, a tokenizer, no remote code, no quantization) is read
+    where it is: converting it would only write the same fp16 weights a second time. Anything else is converted
+    into the cache (the conversion is what makes it plain)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        tok = json.loads((path / "tokenizer_config.json").read_text()) \
+            if (path / "tokenizer_config.json").is_file() else {}
+    except (OSError, ValueError):
+        return False
+    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    return (dtype in _IN_PLACE_DTYPES and "auto_map" not in config and "auto_map" not in tok
+            and "quantization_config" not in config and not any(path.glob("*.py"))
+            and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")))
+
+
+def gguf_parameters(path: Path) -> int:
+    """Number of weights a GGUF holds (its tensors' element counts, from the header)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
 
 
 def _convert(src: Path, *, is_gguf: bool, out: Path, trust_remote_code: bool = False) -> None:
@@ -258,7 +299,10 @@ def _strip_remote_code(folder: Path) -> None:
 
 def load_eos_ids(hf_dir: Path) -> list[int]:
     """Stop tokens from the generation config: the GGUF tokenizer of the default model names the wrong one."""
-    cfg = json.loads((Path(hf_dir) / "generation_config.json").read_text())
+    try:
+        cfg = json.loads((Path(hf_dir) / "generation_config.json").read_text())
+    except (OSError, ValueError):  # a folder read in place may have none
+        cfg = {}
     eos = cfg.get("eos_token_id")
     if eos is None:
         eos = json.loads((Path(hf_dir) / "config.json").read_text()).get("eos_token_id")

@@ -312,7 +312,8 @@ def build_engine(checkpoint_dir: Path, recipe: Recipe | None, workload: Workload
     ``source_key`` names the checkpoint's content (model hash + recipe hash + calibration key for the suite's own
     checkpoints, :func:`checkpoint_fingerprint` otherwise); the build options are hashed next to it.
     """
-    from quant.apply import build_lock
+    from quant import cache_budget
+    from quant.cache_budget import build_lock
 
     checkpoint_dir = Path(checkpoint_dir).resolve()
     quant_algo, kv_algo = _algos(recipe, checkpoint_dir)
@@ -327,6 +328,9 @@ def build_engine(checkpoint_dir: Path, recipe: Recipe | None, workload: Workload
             return final
         if trtllm_build_available() is None:
             raise UserError("trtllm-build is not on PATH (TensorRT-LLM is not installed here; see docs/tensorrt-llm.md)")
+        # An engine holds the checkpoint's weights at their precision plus its kernels' tactics: 1.25x bounds it.
+        cache_budget.reserve(int(1.25 * sum(f.stat().st_size for f in checkpoint_dir.iterdir() if f.is_file())),
+                             for_what=final, log=log)
         timeout_s = build_timeout_s() if timeout_s is None else timeout_s
         failed_log = final.parent / f"{final.name}.failed.log"
         t0 = time.perf_counter()
@@ -352,6 +356,7 @@ def build_engine(checkpoint_dir: Path, recipe: Recipe | None, workload: Workload
                 "python": sys.version.split()[0],
             })
         failed_log.unlink(missing_ok=True)
+        cache_budget.settle(final, log=log)
         if log:
             log(f"built engine in {time.perf_counter() - t0:.1f} s: {final}")
     return final

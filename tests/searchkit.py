@@ -21,10 +21,12 @@ SEARCH_FLAGS = [*FAST, "--n-trials", "4", "--seed", "0", "--eval-seed", "0"]
 
 
 def make_search_model(path: Path, default_model) -> Path:
-    """The tiny model of tests/test_search.py (same shape and seed, so the same numbers)."""
+    """The tiny model of tests/test_search.py (same shape, seed and fp16 values, so the same numbers), stored in
+    float32 so that the search converts it into the cache: the model.convert kill point is on its path."""
     from tests.tiny import make_tiny_llama
 
-    return make_tiny_llama(path, hidden=64, intermediate=128, layers=2, tokenizer_from=default_model.hf_dir)
+    return make_tiny_llama(path, hidden=64, intermediate=128, layers=2, tokenizer_from=default_model.hf_dir,
+                           float32=True)
 
 
 def env_for(cache: Path, **extra: str) -> dict:

@@ -32,9 +32,11 @@ def fresh_cache(tmp_path, monkeypatch) -> Path:
 
 
 def _cache_entries(root: Path) -> list[str]:
-    """Everything in ``<cache>/models`` (hidden ``.tmp-*`` folders included)."""
+    """Everything in ``<cache>/models`` (hidden ``.tmp-*`` folders included), but the lock and recency markers of
+    its entries (quant.cache_budget)."""
     models = root / "models"
-    return sorted(p.name for p in models.iterdir()) if models.exists() else []
+    return sorted(p.name for p in models.iterdir() if not p.name.endswith((".lock", ".use", ".used"))) \
+        if models.exists() else []
 
 
 def _tmp_leftovers(root: Path) -> list[Path]:
@@ -65,8 +67,38 @@ def _write_gguf(path: Path, arch: str) -> Path:
 
 @pytest.fixture
 def tiny_copy(tiny_llama_dir, tmp_path) -> Path:
-    """A private copy of the session's tiny LLaMa folder (with tokenizer), free to edit."""
-    return Path(shutil.copytree(tiny_llama_dir, tmp_path / "tiny"))
+    """A private copy of the session's tiny LLaMa folder (with tokenizer), free to edit, in float32: a float32
+    folder is converted into the cache (fp16 there), so the tests below exercise the conversion."""
+    folder = Path(shutil.copytree(tiny_llama_dir, tmp_path / "tiny"))
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
+        tensors = {n: fh.get_tensor(n).float() for n in fh.keys()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = config["torch_dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def test_fp16_hf_folder_is_read_in_place(fresh_cache, tiny_llama_dir, tmp_path):
+    """No second full copy of a big model: a plain fp16/bf16 folder is every stage's source as it is, keyed by
+    its bytes; nothing is written into it or into the cache's models/."""
+    folder = Path(shutil.copytree(tiny_llama_dir, tmp_path / "plain"))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    first = resolve_model(str(folder))
+    assert first.hf_dir == folder.resolve() and first.source_kind == "hf"
+    assert _cache_entries(fresh_cache) == []
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before, "the user's folder was written"
+    config = json.loads((folder / "config.json").read_text())
+    config["initializer_range"] = 0.0375
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    edited = resolve_model(str(folder))
+    assert edited.content_hash != first.content_hash and edited.hf_dir == first.hf_dir
+    # A folder that declares remote code is converted (the conversion strips it), never read in place.
+    config["auto_map"] = {"AutoConfig": "configuration_x.XConfig"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    from quant.model_source import usable_in_place
+
+    assert not usable_in_place(folder)
 
 
 # ------------------------------------------------------------------------------------------ default model
@@ -135,7 +167,7 @@ def test_tiny_hf_folder_converts_into_a_hash_keyed_folder(fresh_cache, tiny_copy
         original = {n: fh.get_tensor(n) for n in fh.keys()}
     with safe_open(str(tiny_copy / "model.safetensors"), framework="pt") as fh:
         for name in fh.keys():
-            assert torch.equal(original[name], fh.get_tensor(name)), name
+            assert torch.equal(original[name], fh.get_tensor(name).half()), name
     assert (first.hf_dir / "tokenizer.json").is_file()
 
     again = resolve_model(str(tiny_copy))

@@ -105,15 +105,15 @@ def test_model_code_runs_only_with_trust_remote_code(reference, tmp_path):
     plain = kit.run(cmd, env)
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert not marker.exists(), "the model folder's Python code ran without --trust-remote-code"
-    entries = {p.name for p in (cache / "models").iterdir()}
+    entries = {p.name for p in (cache / "models").glob("[!.]*")}  # (not the entries' lock and use markers)
     assert len(entries) == 1
 
     trusted = kit.run([*cmd, "--trust-remote-code"], env)
     assert trusted.returncode == 0, trusted.stderr[-2000:]
     assert marker.read_text() == "this code ran", "--trust-remote-code did not reach transformers"
-    after = {p.name for p in (cache / "models").iterdir()}
+    after = {p.name for p in (cache / "models").glob("[!.]*")}
     assert len(after) == 2 and entries < after, "a trusted conversion must not share the untrusted one's key"
-    for folder in (cache / "models").iterdir():  # and no cached conversion carries or points at code
+    for folder in (cache / "models").glob("[!.]*"):  # and no cached conversion carries or points at code
         assert not list(folder.glob("*.py")) and "auto_map" not in (folder / "config.json").read_text()
 
 

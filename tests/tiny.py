@@ -6,8 +6,11 @@ from pathlib import Path
 
 def make_tiny_llama(path: Path, *, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                     intermediate: int = 256, vocab: int = 49152, tie: bool = False, rope_scaling: dict | None = None,
-                    rope_theta: float = 10000.0, seed: int = 0, tokenizer_from: Path | None = None) -> Path:
-    """Write a random LlamaForCausalLM (fp16 safetensors) to ``path``; copy a tokenizer when asked.
+                    rope_theta: float = 10000.0, seed: int = 0, tokenizer_from: Path | None = None,
+                    float32: bool = False) -> Path:
+    """Write a random LlamaForCausalLM (fp16 safetensors) to ``path``; copy a tokenizer when asked. ``float32``:
+    the same fp16 values stored in float32, a folder the suite converts into its cache instead of reading it
+    in place (the crash tests kill that conversion).
 
     The vocab defaults to the default model's, so its tokenizer can drive prompts through the tiny model.
     """
@@ -30,6 +33,8 @@ def make_tiny_llama(path: Path, *, hidden: int = 128, layers: int = 2, heads: in
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     config.architectures = ["LlamaForCausalLM"]
+    if float32:
+        model = model.to(torch.float32)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer_from is not None:
         AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
