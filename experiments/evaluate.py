@@ -181,7 +181,7 @@ class Candidate:
         from transformers import AutoTokenizer
 
         from quant import cache_budget
-        from quant.apply import build_checkpoint, checkpoint_dir
+        from quant.apply import build_checkpoint
 
         if calib is None and recipe.needs_calibration and checkpoint is None:
             calib = CalibSpec()
@@ -196,10 +196,10 @@ class Candidate:
         self.eos_ids = load_eos_ids(self.model.hf_dir)
         t0 = time.perf_counter()
         self.external = checkpoint is not None
-        # In use from before its build until close(): the cache's budget never evicts it under this candidate.
-        self._pin = cache_budget.Pin(Path(checkpoint) if checkpoint is not None
-                                     else checkpoint_dir(self.model, recipe, calib))
         self.ckpt_dir = Path(checkpoint) if checkpoint is not None else build_checkpoint(self.model, recipe, calib, log=log)
+        # In use until close(): the cache's budget never evicts it under this candidate (just built or used, it is
+        # the most recently used entry: the last an eviction would pick before this pin).
+        self._pin = cache_budget.Pin(self.ckpt_dir)
         self.timings["checkpoint_s"] = time.perf_counter() - t0
         log(f"checkpoint: {self.ckpt_dir}")
         if backend is None or backend.name != settings.backend:

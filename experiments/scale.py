@@ -115,7 +115,7 @@ def write_synthetic_model(folder: Path, cfg: dict, *, seed: int = 0, shard_bytes
 
 def _write_tokenizer(folder: Path, vocab: int) -> None:
     """A byte-level BPE with exactly ``vocab`` ids, trained on aclsum's train split (seconds): every id the
-    prompts produce exists in the model."""
+    prompts produce exists in the model, and the tokenizer's length is the model's vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -128,6 +128,9 @@ def _write_tokenizer(folder: Path, vocab: int) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    # 100 papers yield ~5.8k merges: the rest of a large vocabulary (128256) is filled with tokens that never
+    # occur, so the tokenizer's size is the model's (the runtime checks the two agree).
+    tok.add_tokens([f"<unused_{i}>" for i in range(vocab - tok.get_vocab_size())])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
     fast.save_pretrained(folder)
 
@@ -149,11 +152,12 @@ def _peak_rss() -> int:
 
 
 class Stages:
-    """Times stages and records their peaks: ``with stages("checkpoint", recipe): ...``."""
+    """Times stages and records their peaks: ``with stages("checkpoint", recipe): ...``; ``save(rows)`` after
+    each one, so a run cut short (the GPU machine's 10-minute limit) keeps what finished."""
 
-    def __init__(self, log):
+    def __init__(self, log, save=lambda rows: None):
         self.rows: list[dict] = []
-        self.log = log
+        self.log, self.save = log, save
 
     def __call__(self, stage: str, recipe: str = ""):
         return _Stage(self, stage, recipe)
@@ -192,7 +196,8 @@ class _Stage:
             self.row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         self.owner.rows.append(self.row)
         self.owner.log(_row_line(self.row))
-        return exc is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit))  # a recipe's failure is a row
+        self.owner.save(self.owner.rows)
+        return isinstance(exc, Exception)  # a recipe's failure is a row; signals and exits go on
 
 
 def _row_line(r: dict) -> str:
@@ -202,7 +207,7 @@ def _row_line(r: dict) -> str:
             f" (+{r['cache_written_bytes'] / GB:.2f}){extra}")
 
 
-def run(args) -> dict:
+def run(args, save=lambda rec: None) -> dict:
     from calibration.data import CalibSpec
     from calibration.datasets import load_samples
     from calibration.stats import get_stats
@@ -218,12 +223,15 @@ def run(args) -> dict:
     cfg = model_config(args.shape, args.layers, args.vocab)
     name = f"{args.shape}-l{cfg['num_hidden_layers']}-v{cfg['vocab_size']}-s{args.seed}"
     recipes = [parse_recipe_arg(r.strip()) for r in args.recipes.split(",") if r.strip()]
-    stages = Stages(log)
+    head = {"recipes": [r.label for r in recipes], "config": cfg,
+            "cache_budget_bytes": int(args.cache_max_gb * GB) if args.cache_max_gb else None}
+    stages = Stages(log, lambda rows: save({**head, "rows": rows}))
     with stages("write_model"):
         folder = write_synthetic_model(Path(args.workdir) / "models" / name, cfg, seed=args.seed)
     with stages("resolve"):
         model = resolve_model(str(folder))
     fp16 = fp16_bytes(model)
+    head["model"] = {"folder": str(folder), "config": cfg, "fp16_bytes": fp16, "content_hash": model.content_hash}
     log(f"model {folder}: {fp16 / GB:.2f} GB fp16, read {'in place' if model.hf_dir == folder.resolve() else 'converted'}")
     calib = CalibSpec(num_samples=args.calib_samples, seq_len=args.calib_seq_len)
     with stages("calib_stats"):
@@ -248,9 +256,7 @@ def run(args) -> dict:
         with stages("accuracy", label) as row:
             row["rouge1"] = measurer.block(recipe, 0)[0]["rouge"]["rouge1"]  # recorded, never gated
         measurer.release()
-    return {"model": {"folder": str(folder), "config": cfg, "fp16_bytes": fp16, "content_hash": model.content_hash},
-            "recipes": [r.label for r in recipes], "rows": stages.rows,
-            "cache_budget_bytes": int(args.cache_max_gb * GB) if args.cache_max_gb else None}
+    return {**head, "rows": stages.rows}
 
 
 def _settings_namespace(args, defaults: dict, folder: Path):
@@ -291,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     apply_cache_budget_arg(args)
     from experiments import environment
 
-    rec = run(args)
-    rec.update(command="python -m experiments.scale " + " ".join(sys.argv[1:] if argv is None else argv),
-               machine=environment.machine(), created=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    about = dict(command="python -m experiments.scale " + " ".join(sys.argv[1:] if argv is None else argv),
+                 machine=environment.machine(), created=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    rec = run(args, save=lambda part: atomic_write_json(args.out, {**part, **about, "complete": False}))
+    rec = {**rec, **about, "complete": True}
     atomic_write_json(args.out, rec)
     print(table(rec))
     return 0

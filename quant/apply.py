@@ -106,7 +106,7 @@ def prepare(model: ResolvedModel, recipe: Recipe, calib: Calibration | None = No
 def cached_build(out: Path, build, *, need: int, log=None) -> Path:
     """``out`` once it holds a finished artifact: from the cache, or made by ``build(out)`` under the key's lock,
     after making room in the cache's disk budget for ``need`` bytes (an upper bound of its size). A caller that
-    must not lose it to another worker's eviction holds a :class:`~quant.cache_budget.Pin` on ``out`` first."""
+    must not lose it to another worker's eviction holds a :class:`~quant.cache_budget.Pin` on it while in use."""
     if not (out / "config.json").is_file():
         with build_lock(out):
             if not (out / "config.json").is_file():  # else built by another process while we waited

@@ -7,12 +7,12 @@ as many HF exports: more than a 64 GiB disk holds. With a budget (``--cache-max-
 cache never exceeds the budget by more than the small entries (evaluation records, statistics) written between.
 
 Large entries, the evictable ones, are the folders under ``checkpoints/``, ``hf_exports/``, ``engines/`` and
-``models/``. An entry is *in use* while some process holds a shared ``flock`` on its ``.<name>.use`` file
-(:class:`Pin`: the model a run converted, for the whole run; a checkpoint, while a candidate has it open), or while
-its builder holds ``.<name>.lock`` (:func:`build_lock`): the evictor takes both exclusively without waiting,
-and skips the entry when it cannot. Locks are the kernel's, so they hold across the workers of one study that
-share the cache folder, and go away with a killed process. Recency is the mtime of ``.<name>.used``, touched at
-each use. An evicted entry is renamed away first, then deleted: a reader sees it whole or not at all.
+``models/``. An entry is *in use* while some process holds a shared ``flock`` on its folder (:class:`Pin`: the
+model a run converted, for the whole run; a checkpoint, while a candidate has it open), or while its builder holds
+``.<name>.lock`` (:func:`build_lock`): the evictor takes both exclusively without waiting, and skips the entry
+when it cannot. Locks are the kernel's, so they hold across the workers of one study that share the cache folder,
+and go away with a killed process. Recency is the mtime of the entry's folder, set at each use. An evicted entry
+is renamed away first, then deleted: a reader sees it whole or not at all.
 """
 from __future__ import annotations
 
@@ -95,9 +95,8 @@ def entries() -> list[Entry]:
         for path in folder.iterdir():
             if path.name.startswith(".") or not path.is_dir() or not (path / "config.json").is_file():
                 continue
-            marker = _marker(path, "used")
             try:
-                last = marker.stat().st_mtime if marker.exists() else path.stat().st_mtime
+                last = path.stat().st_mtime
             except OSError:
                 continue
             out.append(Entry(path, _size(path), last))
@@ -109,36 +108,38 @@ def _marker(path: Path, what: str) -> Path:
 
 
 def touch(path: Path) -> None:
-    """Record a use of the entry at ``path`` (its recency for eviction)."""
-    marker = _marker(Path(path), "used")
+    """Record a use of the entry at ``path``: its folder's mtime is its recency for eviction (a finished entry's
+    folder is never written again, so only uses move it)."""
     try:
-        marker.touch()
-        os.utime(marker)
+        os.utime(path)
     except OSError:
         pass  # a read-only cache has no budget to keep
 
 
 class Pin:
     """The entry at ``path`` is in use by its holder until :meth:`close` (or until the holder is collected, or its
-    process ends: the kernel drops the lock with the file). Taking it counts as a use (recency). A path outside
-    the cache (a user's folder, read in place) is never written to: nothing to pin there."""
+    process ends: the kernel drops the lock with the descriptor). It is a shared ``flock`` on the entry's folder
+    itself, so pinning writes nothing; taking it counts as a use (recency). A path outside the cache (a user's
+    folder, read in place) or not built yet is not pinned."""
 
     def __init__(self, path: Path):
-        self.path, self._fh = Path(path), None
+        self.path, self._fd = Path(path), None
         try:
-            if not self.path.resolve().is_relative_to(cache_root().resolve()):
+            if not self.path.is_dir() or not self.path.resolve().is_relative_to(cache_root().resolve()):
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            touch(self.path)
-            self._fh = open(_marker(self.path, "use"), "a")
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
-            return  # a read-only cache: nothing can evict from it either
-        fcntl.flock(self._fh, fcntl.LOCK_SH)
+            return  # evicted meanwhile, or unreadable: nothing to hold
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        touch(self.path)
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
 
 
 @contextmanager
@@ -162,14 +163,16 @@ def build_lock(out: Path):
 
 
 def _try_evict(entry: Entry) -> bool:
-    """Delete ``entry`` unless a process uses or builds it; True when deleted."""
-    handles = []
+    """Delete ``entry`` unless a process uses (pins) or builds it; True when deleted."""
+    fds: list[int] = []
     try:
-        for what in ("use", "lock"):
-            fh = open(_marker(entry.path, what), "a")
-            handles.append(fh)
+        fds.append(os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY))
+        lock = _marker(entry.path, "lock")
+        if lock.exists():
+            fds.append(os.open(lock, os.O_RDONLY))
+        for fd in fds:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False
         faults.point("cache.evict")  # crash test: locks held, entry not yet renamed away
@@ -184,8 +187,8 @@ def _try_evict(entry: Entry) -> bool:
     except OSError:
         return False
     finally:
-        for fh in handles:
-            fh.close()
+        for fd in fds:
+            os.close(fd)
 
 
 def reserve(need: int, *, for_what: Path, log=None) -> None:

@@ -33,9 +33,7 @@ def _entry(root: Path, kind: str, name: str, mb: int, last_used: float) -> Path:
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
     (path / "rank0.safetensors").write_bytes(os.urandom(mb * MB))  # random: no sparse or compressed blocks
-    cache_budget.touch(path)
-    marker = path.parent / f".{name}.used"
-    os.utime(marker, (last_used, last_used))
+    os.utime(path, (last_used, last_used))  # the folder's mtime is its recency
     return path
 
 

@@ -28,6 +28,7 @@ def test_8b_width_rehearsal_keeps_disk_and_memory_bounds(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
+    assert rec["complete"]
     cfg = rec["model"]["config"]
     assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"]) == (4096, 14336, 8)
     fp16 = rec["model"]["fp16_bytes"]
