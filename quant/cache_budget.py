@@ -145,7 +145,7 @@ class Pin:
 @contextmanager
 def build_lock(out: Path):
     """One builder per checkpoint across processes: a second worker waits, then finds the folder built."""
-    lock_path = out.parent / f".{out.name}.lock"
+    lock_path = _marker(out, "lock")
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(lock_path, "a")
