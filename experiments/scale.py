@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from quant import cache_budget
+from quant.cache_budget import add_cache_budget_arg, apply_cache_budget_arg
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
 
 GB = 1e9
@@ -170,8 +172,6 @@ class _Stage:
     def __enter__(self):
         import torch
 
-        from quant import cache_budget
-
         self.cuda = torch.cuda.is_available()
         if self.cuda:
             torch.cuda.synchronize()
@@ -183,8 +183,6 @@ class _Stage:
 
     def __exit__(self, kind, exc, tb):
         import torch
-
-        from quant import cache_budget
 
         if self.cuda:
             torch.cuda.synchronize()
@@ -201,7 +199,7 @@ class _Stage:
 
 
 def _row_line(r: dict) -> str:
-    extra = f"  {r['error']}" if "error" in r else "".join(f"  {k}={v}" for k, v in r.items() if k in ("note",))
+    extra = f"  {r['error']}" if "error" in r else ""
     return (f"{r['recipe'] or '-':24s} {r['stage']:12s} {r['wall_s']:8.1f} s  RSS {r['peak_rss_bytes'] / GB:6.2f} GB"
             f"  GPU {r['peak_gpu_bytes'] / GB:6.2f} GB  cache {r['cache_bytes'] / GB:6.2f} GB"
             f" (+{r['cache_written_bytes'] / GB:.2f}){extra}")
@@ -280,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=positive_int, default=None, help="another vocabulary size (tokenizer trained to it)")
     p.add_argument("--recipes", default="fp16,int8_wo,smoothquant,int4_awq,int4_gptq,w4a8_awq,fp8,fp8:kv_cache=fp8")
     p.add_argument("--workdir", type=Path, required=True, help="where the synthetic model folder is written (reused)")
-    p.add_argument("--cache-max-gb", type=float, default=None, help="the cache's disk budget (as the search's)")
+    add_cache_budget_arg(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-samples", type=positive_int, default=8)
@@ -292,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     from quant.atomic import atomic_write_json
-    from quant.cache_budget import apply_cache_budget_arg
 
     apply_cache_budget_arg(args)
     from experiments import environment

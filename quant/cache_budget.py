@@ -59,6 +59,8 @@ def apply_cache_budget_arg(args) -> None:
     folder is configured the same way), checked now so that a bad value is one line before any work."""
     value = getattr(args, "cache_max_gb", None)
     if value is not None:
+        if not 0 < value < float("inf"):  # (NaN fails this too)
+            raise UserError(f"--cache-max-gb {value:g}: must be a positive number of gigabytes")
         os.environ[ENV] = repr(value)
     budget_bytes()
 
