@@ -4,11 +4,27 @@ Every candidate's runtime is loaded in this one process and warmed up; then roun
 the workload per candidate, the order rotating each round (A B C, B C A, C A B, ...) so that no candidate always
 runs first after a pause. Time per output token of each candidate is divided by the leader's *of the same
 round* (load drifts between rounds and hits a whole round alike), and the interval of the mean log ratio gives
-each ratio's CI (experiments/stats.py). Rounds continue until every ratio's half-width is within the
-resolution (default ±3 %) or the time cap is hit (reported as such).
+each ratio's CI (experiments/stats.py).
 
-Tie set: the leader and every candidate whose ratio interval reaches down to 1 (not shown slower). The pick
-among a tie set is :func:`pick`'s rule, never the timer's luck.
+Verdicts, reproducible by construction (:func:`verdicts`):
+
+* **slower**: the ratio's interval lies wholly above 1 *and* its estimate exceeds 1 + resolution. A difference
+  smaller than the resolution (default 3 %) is a tie by definition: two INT4 recipes on the same kernels (AWQ and
+  GPTQ at one group size) must tie on every run, not come out 1.10x apart on one run and 0.96x on the next, which
+  is what an interval alone did on the 2-core box (experiments/results/README.md).
+* **tie**, resolved: the interval lies below 1 + resolution.
+* open otherwise: rounds go on until nothing is open or the time cap is hit; what is still open then is a tie
+  (not shown slower).
+
+The intervals are taken at a level corrected for every decision the comparison may make: the verdicts are read
+only at the rounds of :func:`look_rounds` (3, 6, 12, 24, 48, then the last), and the error 1 - confidence is
+split over those looks and the candidates' ratios (Bonferroni), so that a truly equal pair is called different
+with probability at most 1 - confidence over the whole comparison. (Reading a 95 % interval after every round,
+the earlier rule, did so far more often: up to 21 looks at 3 ratios.)
+
+A candidate shown slower stops being timed (irreversibly; the corrected level covers every look): it cannot be
+in the tie set, and the rounds it would take go to the ones that still can. The pick among a tie set is
+:func:`pick`'s rule, never the timer's luck.
 """
 from __future__ import annotations
 
@@ -23,18 +39,55 @@ PICK_RULE = ("among the tie set: fewest weight bytes read per decode step, then 
              "element, then higher ROUGE-1, then recipe label")
 
 
+def look_rounds(min_rounds: int, max_rounds: int) -> list[int]:
+    """The rounds after which verdicts are read: ``min_rounds`` doubling, then ``max_rounds`` (a time cap ends the
+    comparison at one more look, counted in :func:`decision_level`)."""
+    out, r = [], min_rounds
+    while r < max_rounds:
+        out.append(r)
+        r *= 2
+    return out + [max_rounds]
+
+
+def decision_level(confidence: float, n_candidates: int, min_rounds: int, max_rounds: int) -> float:
+    """The two-sided confidence of each interval a verdict is read from: 1 - confidence split over every look
+    (the scheduled ones and a capped one) and every ratio to a leader (Bonferroni)."""
+    looks = len(look_rounds(min_rounds, max_rounds)) + 1
+    return 1 - (1 - confidence) / (looks * max(n_candidates - 1, 1))
+
+
+def shown_slower(q, resolution: float) -> bool:
+    """The "slower" rule for a :class:`experiments.stats.Ratio` to the reference: interval above 1, estimate above
+    1 + resolution."""
+    return q.low > 1.0 and q.ratio > 1.0 + resolution
+
+
+def verdicts(times: dict[str, list[float]], active: list[str], *, level: float, resolution: float):
+    """(leader, ratios, verdict per candidate: "leader" | "slower" | "tie" | "open") from the rounds so far.
+
+    Pure, so a recorded comparison replays exactly (tests/test_stats.py replays the committed default runs)."""
+    leader, ratios = _ratios(times, active, level)
+    out = {}
+    for n, q in ratios.items():
+        if n == leader:
+            out[n] = "leader"
+        elif shown_slower(q, resolution):
+            out[n] = "slower"
+        elif q.high <= 1.0 + resolution:
+            out[n] = "tie"
+        else:
+            out[n] = "open"
+    return leader, ratios, out
+
+
 def compare(runtimes: dict, *, batch_size: int, input_len: int, output_len: int, seed: int,
             resolution: float = 0.03, max_seconds: float = 90.0, min_rounds: int = 3, max_rounds: int = 60,
             confidence: float = 0.95) -> dict:
-    """``runtimes``: name → loaded runtime. Returns the comparison record (JSON-able).
-
-    A candidate shown slower than the leader stops being timed: it cannot be in the tie set, and the rounds it
-    would take go to the candidates that still can (a 13-way comparison with 8x slower candidates otherwise
-    spends its time cap on them). Dropping is irreversible and tested after every round, so it needs the ratio
-    interval at a 20-fold smaller error (99.75 % for 95 %) wholly above 1: after 3 rounds that drops an 8x slower
-    candidate but not a 5 % slower one, whose 3 ratios may happen to agree closely (a search's final comparison
-    once dropped a tied candidate so). Its ratio is over the rounds it ran, paired with the leader's same rounds."""
+    """``runtimes``: name → loaded runtime. Returns the comparison record (JSON-able); its ``ratios`` are at the
+    corrected ``level`` the verdicts were read from."""
     names = sorted(runtimes)
+    level = decision_level(confidence, len(names), min_rounds, max_rounds)
+    looks = set(look_rounds(min_rounds, max_rounds))
     vocab = min(rt.vocab for rt in runtimes.values())
     prompts = synthetic_prompts(batch_size, input_len, vocab, seed)
     for name in names:
@@ -49,24 +102,26 @@ def compare(runtimes: dict, *, batch_size: int, input_len: int, output_len: int,
             times[name].append(timed_run(runtimes[name], prompts, output_len)[1])
         loaded_rounds += probe.stop()["loaded"]
         rounds += 1
-        if rounds < min_rounds:
+        out_of_time = time.monotonic() - t0 >= max_seconds and rounds >= min_rounds
+        if rounds not in looks and not out_of_time:
             continue
-        leader, ratios = _ratios(times, active, confidence)
-        _, strict = _ratios(times, active, 1 - (1 - confidence) / 20)
-        for n in [n for n in active if n != leader and strict[n].low > 1.0]:
+        _, _, verdict = verdicts(times, active, level=level, resolution=resolution)
+        for n in [n for n in active if verdict[n] == "slower"]:
             active.remove(n)
             dropped[n] = rounds
-        if all(ratios[n].half_width <= resolution for n in active if n != leader):
+        if "open" not in verdict.values() or rounds >= max_rounds:
             break
-        if time.monotonic() - t0 >= max_seconds or rounds >= max_rounds:
+        if out_of_time:
             capped = True
             break
-    leader, ratios = _ratios(times, active, confidence)
-    tie = [n for n in names if n == leader or ratios[n].low <= 1.0]
+    leader, ratios, verdict = verdicts(times, active, level=level, resolution=resolution)
+    # What was dropped stays slower: its ratio is over the rounds it ran, against the leader's same rounds.
+    verdict.update({n: "slower" for n in dropped})
+    tie = [n for n in names if verdict[n] != "slower"]
     return {
-        "candidates": names, "leader": leader, "tie": tie, "rounds": rounds, "capped": capped,
+        "candidates": names, "leader": leader, "tie": tie, "verdicts": verdict, "rounds": rounds, "capped": capped,
         "dropped_after_rounds": dropped, "seconds": time.monotonic() - t0, "resolution": resolution,
-        "confidence": confidence, "loaded_rounds": loaded_rounds,
+        "confidence": confidence, "level": level, "loaded_rounds": loaded_rounds,
         "workload": {"batch_size": batch_size, "input_len": input_len, "output_len": output_len},
         "ratios": {n: {"ratio": q.ratio, "low": q.low, "high": q.high, "half_width": q.half_width}
                    for n, q in ratios.items()},

@@ -18,7 +18,6 @@ Prints a table and writes ``--out`` (JSON). Long: run it on a quiet machine.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import shutil
@@ -65,7 +64,7 @@ def truth(search_args: list[str], *, seconds: float, log, comparison: dict | Non
     # Fastest first by the paired ratio to the comparison's leader; every class not shown slower than the
     # fastest feasible one is gated (the order of point estimates is not the order of what ties).
     for h in sorted(recipes, key=lambda h: cmp["ratios"][h]["ratio"]):
-        if fastest is not None and _ratio_low(cmp, h, fastest) > 1.0:
+        if fastest is not None and _slower(cmp, h, fastest):
             continue  # certainly slower than the fastest feasible class: its accuracy cannot matter
         result: dict = {}
         search._gate(recipes[h], result, [])
@@ -76,22 +75,24 @@ def truth(search_args: list[str], *, seconds: float, log, comparison: dict | Non
             fastest = h
     if fastest is None:
         raise UserError("no latency class passes the gate: there is no best recipe to compare the searches with")
-    best_set = [h for h in verdicts if verdicts[h]["feasible"] and _ratio_low(cmp, h, fastest) <= 1.0]
+    best_set = [h for h in verdicts if verdicts[h]["feasible"] and not _slower(cmp, h, fastest)]
     return {"classes": {h: {"label": recipes[h].label, "tpot_ms": cmp["tpot_ms"][h], **verdicts.get(h, {})}
                         for h in recipes},
             "comparison": cmp, "fastest_feasible": fastest, "best_tie_set": best_set,
             "class_of": {sp.recipe(p).hash: list(cls) for cls, p in classes.items()}}
 
 
-def _ratio_low(cmp: dict, h: str, ref: str) -> float:
+def _slower(cmp: dict, h: str, ref: str) -> bool:
+    """``h`` shown slower than ``ref`` by the comparison's own rule and level (experiments/confirm.py)."""
+    from experiments.confirm import shown_slower
     from experiments.stats import ratio_ci
 
     times = cmp["rounds_ms"]
     if h == ref:
-        return 1.0
+        return False
     n = min(len(times[h]), len(times[ref]))  # a class dropped as slower ran fewer rounds: pair the common ones
-    q = ratio_ci(times[h][:n], times[ref][:n])
-    return q.low if math.isfinite(q.low) else 0.0
+    level = cmp.get("level", cmp["confidence"])  # a record kept from before the corrected level (--regate)
+    return shown_slower(ratio_ci(times[h][:n], times[ref][:n], level), cmp["resolution"])
 
 
 def _outcome(results: Path) -> dict:

@@ -145,12 +145,20 @@ def _ci(v, ci, sign: str = "") -> str:
     return f"{v:{sign}.2f} [{ci[0]:{sign}.2f}, {ci[1]:{sign}.2f}]" if ci else f"{v:{sign}.2f}"
 
 
+def _level(c: dict) -> str:
+    """The level a comparison's intervals were read at: corrected for its looks and candidates (experiments/confirm.py);
+    records from before that correction hold only the nominal confidence."""
+    if "level" in c:
+        return f"{c['level'] * 100:.2f}% ({c['confidence'] * 100:g}% corrected for looks and candidates)"
+    return f"{c['confidence'] * 100:g}%"
+
+
 def confirmation_lines(c: dict) -> list[str]:
     labels = c.get("labels", {})
     loaded = f", {c['loaded_rounds']} round(s) on a loaded machine" if c.get("loaded_rounds") else ""
     capped = " — time cap hit, not resolved" if c["capped"] else ""
     out = [f"interleaved latency comparison: {c['rounds']} rounds, {c['seconds']:.0f} s, resolution "
-           f"±{c['resolution'] * 100:.0f}%{capped}{loaded}"]
+           f"±{c['resolution'] * 100:.0f}%, intervals at {_level(c)}{capped}{loaded}"]
     for h in sorted(c["candidates"], key=lambda h: c["ratios"][h]["ratio"]):
         q = c["ratios"][h]
         tag = "leader" if h == c["leader"] else ("tie" if h in c["tie"] else "slower")
@@ -280,7 +288,8 @@ def _write_markdown(study, summary: StudySummary, path: Path) -> Path:
         labels = c.get("labels", {})
         text += ["", f"## Interleaved latency comparison ({c['rounds']} rounds, {c['seconds']:.0f} s"
                      f"{', time cap hit' if c['capped'] else ''}; {c.get('loaded_rounds', 0)} loaded round(s))", "",
-                 "| recipe | TPOT ms | ratio to leader [95% CI] | half-width | verdict |", "|---|---|---|---|---|"]
+                 f"| recipe | TPOT ms | ratio to leader [CI at {_level(c)}] | half-width | verdict |",
+                 "|---|---|---|---|---|"]
         for h in sorted(c["candidates"], key=lambda h: c["ratios"][h]["ratio"]):
             q = c["ratios"][h]
             tag = "leader" if h == c["leader"] else ("tie" if h in c["tie"] else "slower")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -30,6 +31,7 @@ from experiments.report import summarize_study, write_outputs
 from quant import faults
 from quant.atomic import ensure_writable_dir
 from quant.backends import resolve_backend
+from quant.codehash import code_hash
 from quant.errors import (EXIT_NO_PASS, ArgumentParser, EnvironmentProblem, Terminated, UserError, cli_entry,
                           positive_int, seed_int)
 from quant.model_source import resolve_model
@@ -397,6 +399,7 @@ class Search:
         rec = self._interleaved({h: self.space.recipe(by_hash[h].params) for h in hashes})
         rec["key"] = confirmation_key(hashes)
         rec["labels"] = labels
+        rec["code"] = _comparison_code()
         confirmations = list(study.user_attrs.get("confirmations", []))
         confirmations.append(rec)
         study.set_user_attr("confirmations", confirmations)
@@ -438,7 +441,7 @@ class Search:
             tie = [group[0].hash]
         else:
             key = confirmation_key(f.hash for f in group)
-            confirmation = next((c for c in study.user_attrs.get("confirmations", []) if c["key"] == key), None)
+            confirmation = next((c for c in current_confirmations(study) if c["key"] == key), None)
             if confirmation is None:
                 confirmation = self.confirm(study, [f.hash for f in group])
             tie = confirmation["tie"]
@@ -451,6 +454,17 @@ class Search:
                "confirmation": confirmation["key"] if confirmation else None}
         study.set_user_attr("answer", ans)
         return ans
+
+
+@functools.lru_cache(maxsize=1)
+def _comparison_code() -> str:
+    return code_hash("experiments.confirm")
+
+
+def current_confirmations(study) -> list[dict]:
+    """The study's interleaved comparisons made by this code's rule: one made by an older rule (another tie level,
+    say) is never read as this one's verdict; its candidates are compared again."""
+    return [c for c in study.user_attrs.get("confirmations", []) if c.get("code") == _comparison_code()]
 
 
 def measurement_fingerprint(search: Search) -> dict:
@@ -489,7 +503,7 @@ def search_loop(search: Search, study, sampler) -> str:
         if args.timeout is not None and time.monotonic() - t0 >= args.timeout:
             return f"--timeout {args.timeout:g} s reached"
         taken = _running_elsewhere(study, None)
-        action = next_action(search.space, search.facts(study), study.user_attrs.get("confirmations", []),
+        action = next_action(search.space, search.facts(study), current_confirmations(study),
                              seed=args.seed, taken=taken)
         if action.what == "confirm":
             search.confirm(study, action.candidates)
