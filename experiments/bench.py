@@ -9,7 +9,7 @@ of the card's device-to-device copy bandwidth measured in the same run. HF trans
 attention, fp16, ``LlamaForCausalLM(config)`` with random weights of the same shape) is the baseline. Prints a
 Markdown table and the targets, and writes JSON after each recipe (so a run cut short keeps what it measured).
 
-Recipes are those of :mod:`quant.runtime.random_checkpoint`; ``int4_awq@tinygemm`` / ``int4_awq@triton`` pick the
+Recipes are those of :mod:`quant.runtime.random_checkpoint`; ``int4_awq@tinygemm`` / ``@triton`` / ``@kpack`` pick the
 W4A16 kernel for 1–64 rows (targets take a recipe's best variant). ``--profile`` adds, per recipe, the device time
 of each kernel in one batch-1 decode step (eager, from the PyTorch profiler) — where the step's time goes.
 
@@ -35,7 +35,7 @@ from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, see
 from quant.hardware import FP8_GEMM_ALGOS, fp8_refusal
 from quant.runtime.linear import make_linear
 from quant.runtime.random_checkpoint import RECIPES, SHAPES, _quantize, random_checkpoint, random_config
-from quant.runtime.schemes.base import DEFAULT_KERNELS
+from quant.runtime.schemes.base import DEFAULT_KERNELS, INT4_KERNELS
 from quant.runtime.torch_runtime import TorchRuntime, check_cuda
 
 TARGETS = {  # recipe: decode speed-up over the project's FP16 at batch 1
@@ -100,7 +100,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):
-    """``recipe`` may carry ``@tinygemm`` / ``@triton``: the W4A16 kernel for 1–64 rows (default: KernelConfig's)."""
+    """``recipe`` may carry ``@tinygemm`` / ``@triton`` / ``@kpack``: the W4A16 kernel for 1–64 rows (default: KernelConfig's)."""
     name, _, kernel = recipe.partition("@")
     algo, kv = RECIPES[name]
     ckpt = random_checkpoint(random_config(shape, algo, kv, group_size=group), device=device, seed=seed,
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     check_cuda(device)
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r.partition("@")[0] not in RECIPES or r.partition("@")[2] not in
-               ("", "tinygemm", "triton")]
+               ("", *INT4_KERNELS)]
     if unknown:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)})")
     fp8 = [r for r in recipes if RECIPES[r.partition("@")[0]][0] in FP8_GEMM_ALGOS or

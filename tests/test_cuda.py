@@ -141,11 +141,74 @@ def test_gemv_weight_conversions_match_float64_reference(algo, cvt):
 @cuda
 @pytest.mark.parametrize("kernel", ["triton", "tinygemm"])
 def test_int4_kernels_match_float64_reference(kernel):
-    """W4A16 for 1–64 rows: the Triton GEMV / tl.dot on the stored layout, and tinygemm on its repacked copy."""
+    """W4A16 for 1–64 rows: the Triton GEMV / tl.dot on the stored layout, and tinygemm on its repacked copy (the
+    k-packed kernel: test_int4_kpack_matches_float64_reference)."""
     from quant.runtime.schemes.base import KernelConfig
 
     for dtype in GPU_DTYPES:
         _check_linear("W4A16_AWQ", dtype, KernelConfig(int4_kernel=kernel))
+
+
+@cuda
+@pytest.mark.parametrize("out, inp, group", [(64, 512, 32), (80, 1024, 128), (48, 4096, 128), (64, 768, 64)])
+def test_int4_kpack_matches_float64_reference(out, inp, group):
+    """The tensor-core kernel on the k-packed copy (cuda_kernels.w4k_mm) for 1–16 rows: groups 32/64/128, N not a
+    multiple of its BLOCK_N (80, 48), activations ×40 (products ~10⁵ before the scale), with RMSNorm, SiLU·gate
+    and the pre-quant scale in its one prologue kernel, and the residual added in place; 17+ rows go to tinygemm."""
+    from quant.runtime import cuda_kernels as ck
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(out * inp + group)
+    t = _layout("W4A16_AWQ", gen, out, inp, group)
+    h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV, group_size=group,
+                    kernels=KernelConfig(int4_kernel="kpack", w4k_rows=(1, 16)))  # batch 1 too: the GEMV entry
+    assert h.kernel.startswith("w4k-mma") and h._gemv_ok()
+    w, kw = h.kpack
+    assert kw == ck.w4k_kw(inp, group, ck.W4K_TILE[1])
+    wd = h.dequantized_weight().cpu()
+    assert torch.equal(ck.unpack_int4_k(w, kw).cpu().float() * h.scales.float().cpu().repeat_interleave(
+        group, dim=1), wd)
+    for m in (1, 3, 16, 17):
+        for scale in (1, 40):
+            x = (activations(gen, m, inp) * scale).to(dtype)
+            err = rel(h(x.to(DEV)), _reference("W4A16_AWQ", t, x, wd))
+            assert err <= 1e-2, (m, scale, err)
+    norm = (1 + 0.1 * torch.randn(inp, generator=gen)).to(dtype)
+    for m in (1, 5):
+        hs = torch.randn(m, inp, generator=gen).to(dtype) * 3
+        fg = torch.randn(m, 2 * inp, generator=gen).to(dtype) * 2
+        res = torch.randn(m, out, generator=gen).to(dtype)
+        xn = norm * (hs.float() * torch.rsqrt(hs.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        xs = torch.nn.functional.silu(fg[:, :inp]) * fg[:, inp:]
+        for kwargs, src, x_ref in (({"norm": norm.to(DEV), "eps": 1e-5}, hs, xn), ({"silu": True}, fg, xs)):
+            y = h.fused(src.to(DEV), **kwargs)
+            assert rel(y, _reference("W4A16_AWQ", t, x_ref, wd)) <= 1e-2, (m, list(kwargs))
+            r = res.to(DEV).clone()
+            assert h.fused(src.to(DEV), residual=r, **kwargs) is r
+            # one rounding of the sum to float16
+            assert rel(r, res.double() + y.double().cpu()) <= torch.finfo(dtype).eps, (m, list(kwargs))
+
+
+@cuda
+def test_int4_kpack_falls_back_where_it_cannot_run():
+    """Hidden 576 (the default model: no whole 128-wide tile) and bfloat16 keep the other kernels; by default
+    batch 1 stays on tinygemm (faster there, measured)."""
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+
+    gen = torch.Generator().manual_seed(5)
+    for inp, dtype in ((576, torch.float16), (512, torch.bfloat16)):
+        t = _layout("W4A16_AWQ", gen, 64, inp, 64)
+        h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV,
+                        group_size=64, kernels=KernelConfig(int4_kernel="kpack"))
+        assert h.kpack is None and not h.kernel.startswith("w4k")
+    t = _layout("W4A16_AWQ", gen, 64, 512, 64)
+    h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=torch.float16, device=DEV,
+                    group_size=64)
+    assert h.kpack is not None and h.tinygemm is not None and not h._gemv_ok()
 
 
 def _check_linear(algo, dtype, kernels=None):

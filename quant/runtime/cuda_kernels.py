@@ -283,6 +283,128 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
     return y
 
 
+# -- INT4 × fp16 through the tensor cores for 1–16 rows, on a k-packed copy ---------------------------------------------
+# Turning int4 into float32 one weight at a time on the CUDA cores costs ≥ 3 instructions per weight (mask-or,
+# subtract, FMA), more than the H200 issues while its memory streams 8·10¹² int4 weights/s: the GEMV above and
+# tinygemm reach ~30 % of copy bandwidth. As Marlin does, two weights become a half2 in one LOP3 ((w & 0x000F000F)
+# | 0x6400_6400 = 1024 + q_u in each half), one HSUB2/HFMA2 makes them q exactly, and the products run on the tensor
+# cores (tl.dot with the rows padded to 16, fp32 accumulation); the group scale multiplies each group's partial
+# sums once. Repacked once at load: each int32 word holds 8 k of *one* row, sub-block o of a tile of KW words per
+# row (o = 0..7, k = tile·8·KW + o·KW + j for word j) in nibble W4K_NIBBLE[o], the order in which the PTX below
+# yields them; offset binary q + 8.
+# (BLOCK_N, KW, warps, stages): the fastest at batch 1 of ``python -m experiments.kernel_bench --sweep`` on an H200
+# (LLaMa-2-7B layer shapes; on Llama-3-8B's, (32, 64, 2, 4) was 0.2 % faster)
+W4K_TILE = (32, 64, 4, 4)
+W4K_MAX_M = 16
+W4K_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
+_W4K_HALF_ASM = tl.constexpr("""{
+.reg .b32 m, u, r0, r1, r2, r3, c, d, e;
+mov.b32 m, 0x64006400;
+mov.b32 c, 0x64086408;
+mov.b32 d, 0x2C002C00;
+mov.b32 e, 0xD480D480;
+shr.u32 u, $8, 8;
+lop3.b32 r0, $8, 0x000F000F, m, 0xEA;
+lop3.b32 r1, $8, 0x00F000F0, m, 0xEA;
+lop3.b32 r2, u, 0x000F000F, m, 0xEA;
+lop3.b32 r3, u, 0x00F000F0, m, 0xEA;
+sub.f16x2 r0, r0, c;
+fma.rn.f16x2 r1, r1, d, e;
+sub.f16x2 r2, r2, c;
+fma.rn.f16x2 r3, r3, d, e;
+mov.b32 {$0, $1}, r0;
+mov.b32 {$2, $3}, r1;
+mov.b32 {$4, $5}, r2;
+mov.b32 {$6, $7}, r3;
+}""")  # outputs: sub-blocks 0..7 = nibbles 0, 4, 1, 5, 2, 6, 3, 7 (0x2C00 = 1/16, 0xD480 = -72: (1024 + 16 q_u)/16 - 72)
+
+
+def w4k_kw(K: int, group: int, kw: int) -> int | None:
+    """The tile width (words per row per tile) for K and group: the largest power of two ≤ ``kw``, ≥ 16 (a
+    tensor-core step), that divides K/8 into whole tiles and lies within one group; None if there is none."""
+    kw = min(kw, group)
+    while kw >= 16 and (K % (8 * kw) or group % kw):
+        kw //= 2
+    return kw if kw >= 16 else None
+
+
+def pack_int4_k(q: torch.Tensor, kw: int) -> torch.Tensor:
+    """int [N, K] in [-8, 7] → int32 [N, K/8], the k-packed layout for tile width ``kw`` (see above)."""
+    n, k = q.shape
+    assert k % (8 * kw) == 0
+    qu = (q.to(torch.int64) + 8).reshape(n, k // (8 * kw), 8, kw)  # [n, tile, sub-block o, word j]
+    words = torch.zeros(n, k // (8 * kw), kw, dtype=torch.int64, device=q.device)
+    for o, nib in enumerate(W4K_NIBBLE):
+        words |= qu[:, :, o, :] << (4 * nib)
+    words = words.reshape(n, k // 8)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def unpack_int4_k(w: torch.Tensor, kw: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_k`: int32 [N, K/8] → int8 [N, K] in [-8, 7]."""
+    n, kw8 = w.shape
+    words = w.to(torch.int64).reshape(n, kw8 // kw, 1, kw) & 0xFFFFFFFF
+    shifts = 4 * torch.tensor(W4K_NIBBLE, device=w.device).reshape(1, 1, 8, 1)
+    return (((words >> shifts) & 0xF) - 8).to(torch.int8).reshape(n, kw8 * 8)
+
+
+@triton.jit
+def _w4k_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, TILES, stride_xm, stride_wn, stride_sn, stride_ym,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KW: tl.constexpr, RESIDUAL: tl.constexpr,
+                   EVEN_N: tl.constexpr):
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    SUBS: tl.constexpr = GROUP // KW  # sub-blocks per group (KW divides GROUP)
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, 16)
+    m_mask = offs_m < M
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_j = tl.arange(0, KW)
+    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    w_rows = w_ptr + offs_n[:, None] * stride_wn + offs_j[None, :]
+    x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_j[None, :]
+    for t in range(0, TILES):
+        if EVEN_N:
+            words = tl.load(w_rows + t * KW)
+        else:
+            words = tl.load(w_rows + t * KW, mask=n_mask[:, None], other=0)
+        qs = tl.inline_asm_elementwise(_W4K_HALF_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words],
+                                       dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        part = tl.zeros([16, BLOCK_N], tl.float32)
+        for o in tl.static_range(8):
+            xo = tl.load(x_rows + (t * 8 + o) * KW, mask=m_mask[:, None], other=0.0)
+            part = tl.dot(xo, tl.trans(qs[o]), part)
+            if (o + 1) % SUBS == 0:
+                g = (t * 8 + o) * KW // GROUP
+                s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+                acc += part * s[None, :]
+                part = tl.zeros([16, BLOCK_N], tl.float32)
+    yv = acc.to(dt)
+    yp = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    ym = m_mask[:, None] & n_mask[None, :]
+    if RESIDUAL:
+        yv = tl.load(yp, mask=ym, other=0.0) + yv
+    tl.store(yp, yv, mask=ym)
+
+
+def w4k_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group: int, kw: int,
+           residual: torch.Tensor | None = None, tile: tuple[int, int, int, int] = W4K_TILE) -> torch.Tensor:
+    """y [M, N] = x · (q · s)ᵀ for M ≤ 16 rows of float16 x [M, K]: w int32 [N, K/8] from :func:`pack_int4_k`
+    with tile width ``kw``, scales [N, K/group]; residual [M, N]: y added in place. ``tile``: (BLOCK_N, ·, warps,
+    stages) — its KW is the packing's, ``kw``."""
+    m, k = x.shape
+    n = w.shape[0]
+    assert m <= W4K_MAX_M and x.dtype == torch.float16 and x.stride(-1) == 1 and w.dtype == torch.int32
+    assert w.shape[1] * 8 == k and k % (8 * kw) == 0 and group % kw == 0 and scales.shape == (n, k // group)
+    block_n, _, warps, stages = tile
+    y = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _w4k_mm_kernel[(triton.cdiv(n, block_n),)](
+        x, w, scales, y, m, n, k // (8 * kw), x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
+        GROUP=group, BLOCK_N=block_n, KW=kw, RESIDUAL=residual is not None, EVEN_N=n % block_n == 0,
+        num_warps=warps, num_stages=stages)
+    return y
+
+
 # -- tl.dot path for 2–64 rows (and SmoothQuant's int8 GEMM): weights dequantized in registers -----------------------
 @triton.jit
 def _wq_mm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, stride_wsn, stride_ym,

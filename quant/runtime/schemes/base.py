@@ -45,6 +45,7 @@ def _cuda_kernels():
     return cuda_kernels
 
 
+INT4_KERNELS = ("tinygemm", "triton", "kpack")
 ALGO_KEYS = ("dense", "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "FP8")
 
 
@@ -64,19 +65,28 @@ class KernelConfig:
     fuse_prologue: bool = False
     # SmoothQuant above 64 rows (prefill): "triton" (tl.dot int8, epilogue fused) or "int_mm" (cuBLASLt).
     sq_prefill_gemm: str = "triton"
-    # W4A16 for 1–64 rows: "tinygemm" (aten._weight_int4pack_mm, repacked at load: int4 through tensor cores) or
-    # "triton" (the GEMV / tl.dot on the stored layout, nibble → float on the CUDA cores).
-    int4_kernel: str = "tinygemm"
+    # W4A16 for 1–64 rows: "tinygemm" (aten._weight_int4pack_mm, repacked at load: int4 through tensor cores),
+    # "triton" (the GEMV / tl.dot on the stored layout, nibble → float on the CUDA cores), or "kpack" (float16, the
+    # rows of ``w4k_rows``: int4 → half2 in registers, tensor cores, on a k-packed copy made at load,
+    # cuda_kernels.w4k_mm; the other rows: tinygemm). Default "kpack" over rows 2–16: on an H200 (7B/8B layer
+    # shapes, experiments/results/gpu/kernels) it holds 1.26–1.36× FP16 cuBLAS at 2–16 rows where tinygemm falls to
+    # 0.44–1.09×; at 1 row tinygemm is faster (1.36–1.41× vs 1.25–1.31×).
+    int4_kernel: str = "kpack"
+    w4k_rows: tuple[int, int] = (2, 16)
     # Per format (an ALGO_KEYS entry), overriding the GEMV kernel's tuned tables (cuda_kernels.GEMV_CVT and
     # GEMV_CONFIG): the weight-conversion variant, and the (BLOCK_R, BLOCK_K, warps) tile.
     gemv_cvt: tuple[tuple[str, int], ...] = ()
     gemv_tile: tuple[tuple[str, tuple[int, int, int]], ...] = ()
+    # The k-packed INT4 kernel's (BLOCK_N, KW, warps, stages); None: its tuned default (cuda_kernels.W4K_TILE).
+    w4k_tile: tuple[int, int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.sq_prefill_gemm not in ("triton", "int_mm"):
             raise ValueError(f"sq_prefill_gemm must be 'triton' or 'int_mm', got {self.sq_prefill_gemm!r}")
-        if self.int4_kernel not in ("tinygemm", "triton"):
-            raise ValueError(f"int4_kernel must be 'tinygemm' or 'triton', got {self.int4_kernel!r}")
+        if not 1 <= self.w4k_rows[0] <= self.w4k_rows[1] <= 16:
+            raise ValueError(f"w4k_rows must be 1 <= low <= high <= 16 (the kernel's row tile), got {self.w4k_rows}")
+        if self.int4_kernel not in INT4_KERNELS:
+            raise ValueError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {self.int4_kernel!r}")
         unknown = set(self.gemv) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
         if unknown - set(ALGO_KEYS):
             raise ValueError(f"unknown format(s) {sorted(unknown - set(ALGO_KEYS))}; known: {', '.join(ALGO_KEYS)}")
@@ -98,7 +108,9 @@ class _Handler:
     kernel = "?"
     emulated = False
     algo_key = "dense"
-    quantizes_input = False  # SmoothQuant/FP8: one act_prep does RMSNorm/SiLU and the int8/fp8 quantization
+    # The batch-1 path runs the prologue itself, in one act_prep with what it adds (SmoothQuant/FP8: the int8/fp8
+    # quantization; INT4 k-packed: the pre-quant scale)
+    own_prologue = False
     # Tensors that must be equal for two linears reading the same input (fc and gate) to run as one, stacked
     # along out; the others are stacked.
     shared_inputs: tuple[str, ...] = ()
@@ -123,7 +135,7 @@ class _Handler:
         is one fused kernel; elsewhere these are the runtime's own tensor ops."""
         if self.cuda:
             if x.shape[0] <= _cuda_kernels().GEMV_MAX_M and self.algo_key in self.kernels.gemv and self._gemv_ok():
-                if not self.kernels.fuse_prologue and (norm is not None or silu) and not self.quantizes_input:
+                if not self.kernels.fuse_prologue and (norm is not None or silu) and not self.own_prologue:
                     x, norm, silu = self._prep(x, norm, eps, silu), None, False
                 return self._gemv(x, norm=norm, eps=eps, silu=silu, residual=residual)
             y = self._mm_cuda(x, norm=norm, eps=eps, silu=silu)

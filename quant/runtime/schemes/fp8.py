@@ -30,7 +30,7 @@ class FP8Linear(_Handler):
 
     algo_key = "FP8"
     shared_inputs = ("activation_scaling_factor", "weights_scaling_factor")
-    quantizes_input = True
+    own_prologue = True
     prequant: torch.Tensor | None = None  # W4A8_AWQ: AWQ's per-in-feature scale, applied before quantization
 
     def _gemv(self, x, *, norm, eps, silu, residual):

@@ -41,13 +41,24 @@ class W4A16AWQLinear(_Handler):
             self.weight = packed.contiguous()
             self.scales = scales.to(dtype).contiguous()
             self.pow2_group = group & (group - 1) == 0 and group >= 16
-            self.tinygemm = None
-            if kernels.int4_kernel == "tinygemm" and dtype != torch.float32 and group in (32, 64, 128, 256) \
+            self.tinygemm = self.kpack = None
+            if kernels.int4_kernel == "kpack" and dtype == torch.float16:
+                ck = _cuda_kernels()
+                self.w4k_tile = kernels.w4k_tile or ck.W4K_TILE
+                kw = ck.w4k_kw(inp, group, self.w4k_tile[1])
+                if kw is not None:  # a third copy, for w4k_rows: the other two serve the other rows and prefill
+                    self.kpack = ck.pack_int4_k(unpack_int4_rows(packed), kw), kw
+                    self.w4k_rows = kernels.w4k_rows
+                    # batch 1 through the GEMV entry: one act_prep (RMSNorm / SiLU·gate and the pre-quant scale)
+                    self.own_prologue = self.w4k_rows[0] <= 1
+            if kernels.int4_kernel in ("tinygemm", "kpack") and dtype != torch.float32 and group in (32, 64, 128, 256) \
                     and inp % 128 == 0 and out % 8 == 0:
                 tg = _tinygemm_layout(self.device)
                 if tg is not None:  # repacked once for tinygemm; the Triton layout stays for prefill
                     self.tinygemm = _TinygemmInt4(unpack_int4_rows(packed), self.scales, group, tg)
                     self.kernel = "tinygemm-w4a16|triton"
+            if self.kpack is not None:
+                self.kernel = "w4k-mma|" + self.kernel
         elif self.native and kgroup is not None:
             self.kernel, self.emulated, self.kernel_group = "int4pack_mm_cpu", False, kgroup
             q = unpack_int4_rows(packed)
@@ -67,15 +78,27 @@ class W4A16AWQLinear(_Handler):
     shared_inputs = ("prequant_scaling_factor",)
 
     def _gemv_ok(self) -> bool:
+        if self.kpack is not None and self.w4k_rows[0] <= 1:
+            return True
         return self.pow2_group and self.tinygemm is None
 
     def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
+        if self.kpack is not None and self.w4k_rows[0] <= 1:
+            return self._w4k(x, norm, eps, silu, residual)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT4, wscale=self.scales, group=self.group,
                              prequant=self.prequant, norm=norm, eps=eps, silu=silu, residual=residual)
 
+    def _w4k(self, x, norm, eps, silu, residual=None):
+        w, kw = self.kpack
+        x = self._prep(x, norm, eps, silu, prequant=self.prequant)
+        return _cuda_kernels().w4k_mm(x, w, self.scales, group=self.group, kw=kw, residual=residual,
+                                      tile=self.w4k_tile)
+
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
+        if self.kpack is not None and self.w4k_rows[0] <= x.shape[0] <= self.w4k_rows[1]:
+            return self._w4k(x, norm, eps, silu)
         if self.tinygemm is not None and x.shape[0] <= ck.WQ_MM_MAX_M:
             # the prologue writes tinygemm's activation dtype directly; its output goes back through the residual
             # add or one cast (fused())
@@ -103,6 +126,8 @@ class W4A16AWQLinear(_Handler):
 
     def _held(self):
         pre = () if self.prequant is None else (self.prequant,)
+        if self.cuda and self.kpack is not None and self.w4k_rows[0] <= 1:  # batch-1 decode reads the k-packed copy
+            return self.kpack[0], self.scales, *pre
         if self.cuda and self.tinygemm is not None:  # decode reads the tinygemm copy; prefill the Triton layout
             return self.tinygemm.weight, self.tinygemm.scales_and_zeros, *pre
         if self.emulated or self.cuda:

@@ -30,7 +30,7 @@ class W8A8SQLinear(_Handler):
 
     algo_key = "W8A8_SQ_PER_CHANNEL"
     shared_inputs = ("prequant_scaling_factor", "activation_scaling_factor")
-    quantizes_input = True
+    own_prologue = True
 
     def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()

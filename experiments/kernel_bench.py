@@ -1,0 +1,219 @@
+"""``python -m experiments.kernel_bench``: the linears of one decode step, per kernel, timed interleaved on a GPU.
+
+For a shape (``llama2-7b``, ``llama3-8b``), every layer's linears in the runtime's stacked shapes (qkv, o,
+gate‖up, down) with distinct random weights, so that a step streams them from memory as decode does (not from
+the 60 MB L2). Per kernel variant and batch size, one CUDA graph runs all of them on an M-row input through the
+runtime's own handlers (``h.fused``: the prologue kernels they launch included). Rounds replay every graph in a
+rotating order; each variant's time is divided by FP16 cuBLAS's of the same round, and the mean log ratio's
+t interval gives the ratio's CI (experiments/stats.py), so machine drift between rounds cancels. Achieved
+bandwidth = bytes the variant's handlers hold for that batch size / time, as a fraction of the device-to-device
+copy bandwidth measured at the start of the same run.
+
+``--sweep`` first times the k-packed INT4 kernel's tiles (BLOCK_N, KW, warps, stages) at batch 1 on the same
+weights and times the fastest in the table as well (``int4 kpack*``).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from experiments.bench import copy_bandwidth, environment
+from experiments.stats import ratio_ci
+from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
+from quant.runtime.linear import make_linear
+from quant.runtime.random_checkpoint import SHAPES, _quantize
+from quant.runtime.schemes.base import KernelConfig
+from quant.runtime.torch_runtime import check_cuda
+
+# label → (quant_algo, kernels); the first is the reference of every ratio
+VARIANTS = {
+    "fp16 cuBLAS": (None, KernelConfig(gemv=frozenset())),
+    "fp16 runtime": (None, KernelConfig()),
+    "int8_wo runtime": ("W8A16", KernelConfig()),
+    "fp8 runtime": ("FP8", KernelConfig()),
+    "int4 tinygemm": ("W4A16_AWQ", KernelConfig(int4_kernel="tinygemm")),
+    "int4 triton (stored layout)": ("W4A16_AWQ", KernelConfig(int4_kernel="triton")),
+    "int4 kpack": ("W4A16_AWQ", KernelConfig(int4_kernel="kpack", w4k_rows=(1, 16))),
+    "int4 default": ("W4A16_AWQ", KernelConfig()),
+}
+SWEEP = list(itertools.product((16, 32, 64), (16, 32, 64), (2, 4), (2, 4)))  # (BLOCK_N, KW, warps, stages)
+
+
+def layer_linears(shape: str) -> dict[str, tuple[int, int]]:
+    d = SHAPES[shape]
+    h, i = d["hidden_size"], d["intermediate_size"]
+    kv = h // d["num_attention_heads"] * d["num_key_value_heads"]
+    return {"qkv": (h + 2 * kv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
+
+
+def build(shape: str, layers: int, variants: dict, group: int, device, seed: int, log) -> dict[str, list]:
+    """label → [(handler, in-features) per linear of every layer]; a linear's float weights are quantized once per
+    format."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out: dict[str, list] = {v: [] for v in variants}
+    for _ in range(layers):
+        for n, k in layer_linears(shape).values():
+            w = torch.randn(n, k, generator=gen, device=device) * k ** -0.5
+            pre = torch.exp(0.3 * torch.randn(k, generator=gen, device=device)).half()
+            tensors = {}
+            for label, (algo, kernels) in variants.items():
+                if algo not in tensors:
+                    tensors[algo] = _quantize(algo, w, pre, group)
+                out[label].append((make_linear(algo, tensors[algo], dtype=torch.float16, device=device,
+                                               group_size=group, kernels=kernels), k))
+            del w, tensors
+    log(f"built {layers} layers × {len(layer_linears(shape))} linears for {len(variants)} variants; "
+        f"GPU memory {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB")
+    return out
+
+
+def graph(fn, reps_inside: int = 1) -> torch.cuda.CUDAGraph:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps_inside):
+            fn()
+    return g
+
+
+def time_graph(g: torch.cuda.CUDAGraph, reps: int = 3) -> float:
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps  # ms
+
+
+def step_fn(handlers: list, xs: dict[int, torch.Tensor]):
+    def run():
+        for h, k in handlers:
+            h.fused(xs[k])
+    return run
+
+
+def sweep_kpack(handlers: list, group: int, xs: dict, log) -> list[dict]:
+    """The k-packed tensor-core kernel alone at batch 1 over :data:`SWEEP`, on the int4 handlers' weights (repacked
+    per KW); its prologue (the pre-quant scale) is left out."""
+    from quant.runtime import cuda_kernels as ck
+    from quant.runtime.schemes.base import unpack_int4_rows
+
+    rows = []
+    handlers = [h for h, _ in handlers]
+    qs = [unpack_int4_rows(h.weight) for h in handlers]
+    for kw_req in sorted({t[1] for t in SWEEP}):
+        kws = [ck.w4k_kw(q.shape[1], group, kw_req) for q in qs]
+        packed = [ck.pack_int4_k(q, kw) for q, kw in zip(qs, kws)]
+        for tile in [t for t in SWEEP if t[1] == kw_req]:
+            def run(tile=tile):
+                for h, w, kw in zip(handlers, packed, kws):
+                    ck.w4k_mm(xs[h.inp], w, h.scales, group=group, kw=kw, tile=tile)
+            try:
+                g = graph(run)
+                ms = statistics.median(time_graph(g) for _ in range(5))
+            except Exception as exc:  # a tile that does not compile or run is reported, not fatal
+                log(f"sweep {tile}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            rows.append({"tile": list(tile), "ms": ms})
+            log(f"sweep kpack {tile}: {ms * 1e3:8.1f} us per step")
+            del g
+        del packed
+        torch.cuda.empty_cache()
+    return rows
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m experiments.kernel_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama2-7b", choices=["llama2-7b", "llama3-8b"])
+    p.add_argument("--layers", type=positive_int, default=32, help="layers of distinct weights (32: the model's)")
+    p.add_argument("--batch-sizes", default="1,4,8,16,32")
+    p.add_argument("--group", type=positive_int, default=128)
+    p.add_argument("--rounds", type=positive_int, default=30)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--sweep", action="store_true", help="sweep the k-packed INT4 kernel's tiles at batch 1 first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results/kernel_bench.json"))
+    args = p.parse_args(argv)
+    device = torch.device("cuda")
+    check_cuda(device)
+    labels = [v for v in args.variants.split(",") if v]
+    if not labels or any(v not in VARIANTS for v in labels) or labels[0] != "fp16 cuBLAS":
+        raise UserError(f"--variants: a comma-separated list from {', '.join(VARIANTS)}, 'fp16 cuBLAS' first")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    record = {"command": "python -m experiments.kernel_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "shape": args.shape, "layers": args.layers,
+              "linears": layer_linears(args.shape), "group": args.group, **environment(device)}
+    record["copy_bandwidth"] = copy = copy_bandwidth(device)
+    log(f"GPU {record.get('gpu')}; copy bandwidth {copy['gbs']:.0f} GB/s")
+    variants = {v: VARIANTS[v] for v in labels}
+    hs = build(args.shape, args.layers, variants, args.group, device, args.seed, log)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    ks = sorted({k for _, k in layer_linears(args.shape).values()})
+    xs = {m: {k: torch.randn(m, k, generator=gen, device=device).half() for k in ks} for m in batch_sizes}
+    if args.sweep and "int4 kpack" in hs:
+        record["sweep"] = sweep_kpack(hs["int4 kpack"], args.group, xs[1], log)
+        if not record["sweep"]:
+            raise UserError("no tile of the k-packed INT4 kernel ran (see the log)")
+        best = min(record["sweep"], key=lambda r: r["ms"])["tile"]
+        log(f"sweep: fastest tile {best}")
+        tuned = KernelConfig(int4_kernel="kpack", w4k_rows=(1, 16), w4k_tile=tuple(best))
+        hs["int4 kpack*"] = build_like(hs["int4 kpack"], tuned)
+    graphs = {(v, m): graph(step_fn(hl, xs[m])) for v, hl in hs.items() for m in batch_sizes}
+    names = list(graphs)
+    times: dict = {n: [] for n in names}
+    for r in range(args.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            times[n].append(time_graph(graphs[n]))
+    rows = []
+    for (v, m) in names:
+        ref = times[("fp16 cuBLAS", m)]
+        q = ratio_ci(ref, times[(v, m)])  # speed-up over fp16 cuBLAS: reference time / this time, paired by round
+        nbytes = sum(h.nbytes for h, _ in hs[v])
+        ms = statistics.median(times[(v, m)])
+        rows.append({"variant": v, "M": m, "ms": ms, "speedup": q.ratio, "ci": [q.low, q.high],
+                     "bytes": nbytes, "gbs": nbytes / ms / 1e6, "of_copy_bw": nbytes / ms / 1e6 / copy["gbs"],
+                     "kernel": hs[v][0][0].kernel, "rounds_ms": times[(v, m)]})
+    record["rows"] = rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1, default=str))
+    print(f"{args.shape}, {args.layers} layers, group {args.group}; {args.rounds} interleaved rounds; copy bandwidth "
+          f"{copy['gbs']:.0f} GB/s; {record['gpu']['name']}")
+    print("| variant | M | ms per step (linears) | × fp16 cuBLAS [95% CI] | GB/s | of copy BW | kernel |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["M"], -r["speedup"])):
+        print(f"| {r['variant']} | {r['M']} | {r['ms']:.3f} | {r['speedup']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] "
+              f"| {r['gbs']:.0f} | {r['of_copy_bw'] * 100:.0f}% | {r['kernel']} |")
+    return 0
+
+
+def build_like(handlers: list, kernels: KernelConfig) -> list:
+    """The same int4 weights under another kernel config (shares the stored tensors; repacks the k-packed copy)."""
+    out = []
+    for h, k in handlers:
+        t = {"weight": h.weight, "weights_scaling_factor": h.scales}
+        if h.prequant is not None:
+            t["prequant_scaling_factor"] = h.prequant
+        out.append((make_linear("W4A16_AWQ", t, dtype=h.dtype, device=h.device, group_size=h.group,
+                                kernels=kernels), k))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
