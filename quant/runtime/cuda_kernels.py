@@ -379,12 +379,7 @@ def _w4k_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, TILES, stride_xm, stride_wn
                 s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
                 acc += part * s[None, :]
                 part = tl.zeros([16, BLOCK_N], tl.float32)
-    yv = acc.to(dt)
-    yp = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    ym = m_mask[:, None] & n_mask[None, :]
-    if RESIDUAL:
-        yv = tl.load(yp, mask=ym, other=0.0) + yv
-    tl.store(yp, yv, mask=ym)
+    _gemv_store(acc, y_ptr, s_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, dt, 0, RESIDUAL)
 
 
 def w4k_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group: int, kw: int,
