@@ -155,7 +155,22 @@ def _rebuild_hint(folder: Path) -> str:
     return f"; delete {folder} to rebuild it" if inside else ""
 
 
-def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu") -> Checkpoint:
+class _Header:
+    """A tensor's shape and dtype from the file's header, its data left on disk (an empty slice gives the dtype)."""
+
+    def __init__(self, fh, name: str):
+        view = fh.get_slice(name)
+        self.shape = torch.Size(view.get_shape())
+        self.dtype = view[0:0].dtype if self.shape else fh.get_tensor(name).dtype
+
+
+def validate_checkpoint(folder: Path) -> None:
+    """:func:`load_checkpoint`'s checks without holding the weights: shapes and dtypes from the file's header, only
+    the (tiny) scales read. A build validates what it wrote so, not with a second copy of an 8B model in memory."""
+    load_checkpoint(folder, _headers_only=True)
+
+
+def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu", _headers_only: bool = False) -> Checkpoint:
     """Load and validate; UserError lists every missing/unexpected tensor and every shape/dtype mismatch."""
     from safetensors import SafetensorError, safe_open
 
@@ -167,7 +182,11 @@ def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu") -> Chec
         raise UserError(f"checkpoint {folder}: rank0.safetensors is missing")
     try:
         with safe_open(str(weights), framework="pt", device=str(device)) as fh:
-            tensors = {name: aligned(fh.get_tensor(name)) for name in fh.keys()}
+            if _headers_only:
+                tensors = {name: aligned(fh.get_tensor(name)) if name.endswith("scaling_factor") else
+                           _Header(fh, name) for name in fh.keys()}
+            else:
+                tensors = {name: aligned(fh.get_tensor(name)) for name in fh.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise UserError(f"checkpoint {folder}: rank0.safetensors is unreadable ({exc})") from None
 

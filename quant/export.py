@@ -13,7 +13,7 @@ import torch
 
 from quant import faults, quiet
 from quant.atomic import atomic_dir, atomic_write_json
-from quant.checkpoint import load_checkpoint
+from quant.checkpoint import validate_checkpoint
 from quant.model_source import ResolvedModel
 
 EXPORT_DTYPE = torch.float16
@@ -70,7 +70,7 @@ def export_checkpoint(model: torch.nn.Module, out_dir: Path) -> Path:
             )
         faults.point("checkpoint.export")  # crash test: ModelOpt's files written, not yet fixed or validated
         fix_config(tmp, model.config)
-        load_checkpoint(tmp)  # never publish a folder the validator rejects
+        validate_checkpoint(tmp)  # never publish a folder the validator rejects
     return out_dir
 
 

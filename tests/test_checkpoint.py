@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quant.checkpoint import load_checkpoint
+from quant.checkpoint import load_checkpoint, validate_checkpoint
 from quant.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +74,13 @@ def _edit_config(folder: Path, edit) -> None:
 
 
 def _rejected(folder: Path, *fragments: str) -> str:
+    """load_checkpoint's one-line refusal, and validate_checkpoint's (headers only: the builds' check) the same."""
     with pytest.raises(UserError) as info:
         load_checkpoint(folder)
     message = str(info.value)
+    with pytest.raises(UserError) as headers_only:
+        validate_checkpoint(folder)
+    assert str(headers_only.value) == message
     assert "\n" not in message, message
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
