@@ -100,7 +100,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):
-    """``recipe`` may carry ``@tinygemm`` / ``@triton`` / ``@kpack``: the W4A16 kernel for 1–64 rows (default: KernelConfig's)."""
+    """``recipe`` may carry ``@tinygemm`` / ``@triton`` / ``@kpack``: the W4A16 kernel for 1–64 rows (default:
+    KernelConfig's)."""
     name, _, kernel = recipe.partition("@")
     algo, kv = RECIPES[name]
     ckpt = random_checkpoint(random_config(shape, algo, kv, group_size=group), device=device, seed=seed,

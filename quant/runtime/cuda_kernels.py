@@ -283,7 +283,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
     return y
 
 
-# -- INT4 × fp16 through the tensor cores for 1–16 rows, on a k-packed copy ---------------------------------------------
+# -- INT4 × fp16 through the tensor cores for 1–16 rows, on a k-packed copy ------------------------------------------
 # Turning int4 into float32 one weight at a time on the CUDA cores costs ≥ 3 instructions per weight (mask-or,
 # subtract, FMA), more than the H200 issues while its memory streams 8·10¹² int4 weights/s: the GEMV above and
 # tinygemm reach ~30 % of copy bandwidth. As Marlin does, two weights become a half2 in one LOP3 ((w & 0x000F000F)
@@ -316,7 +316,7 @@ mov.b32 {$0, $1}, r0;
 mov.b32 {$2, $3}, r1;
 mov.b32 {$4, $5}, r2;
 mov.b32 {$6, $7}, r3;
-}""")  # outputs: sub-blocks 0..7 = nibbles 0, 4, 1, 5, 2, 6, 3, 7 (0x2C00 = 1/16, 0xD480 = -72: (1024 + 16 q_u)/16 - 72)
+}""")  # outputs: sub-blocks 0..7 = nibbles 0, 4, 1, 5, 2, 6, 3, 7; 0x2C00 = 1/16, 0xD480 = -72: (1024 + 16 q_u)/16 - 72
 
 
 def w4k_kw(K: int, group: int, kw: int) -> int | None:

@@ -30,10 +30,10 @@ add fused in; W8A16/SmoothQuant at 2–64 rows a Triton ``tl.dot`` kernel dequan
 int8 × int8 → int32); W4A16 in float16 at 2–16 rows a Triton tensor-core kernel on a k-packed copy made at load
 (int4 → half2 in registers, ``cuda_kernels.w4k_mm``), at 1 and 17–64 rows tinygemm (``aten._weight_int4pack_mm``,
 repacked once at load; its activation dtype — bf16 on torch 2.11 — is probed once), the Triton kernels on the
-stored layout as the alternative (``KernelConfig.int4_kernel``, ``w4k_rows``); above 64 rows (prefill) cuBLAS on a dequantized copy (W8A16, W4A16), the
-Triton int8 GEMM with the dequant epilogue fused (SmoothQuant; ``torch._int_mm`` as the alternative,
-``KernelConfig.sq_prefill_gemm``), and ``torch._scaled_mm`` (FP8); fp16 goes to cuBLAS. Any other non-CPU device runs the
-exact emulation.
+stored layout as the alternative (``KernelConfig.int4_kernel``, ``w4k_rows``); above 64 rows (prefill) cuBLAS on a
+dequantized copy (W8A16, W4A16), the Triton int8 GEMM with the dequant epilogue fused (SmoothQuant;
+``torch._int_mm`` as the alternative, ``KernelConfig.sq_prefill_gemm``), and ``torch._scaled_mm`` (FP8); fp16 goes
+to cuBLAS. Any other non-CPU device runs the exact emulation.
 
 Speed on CPUs without AMX: the int8pack/int4pack kernels are fast in bfloat16 (faster than dense bf16 at M=1) but
 take a slow path in float32; ``_int_mm`` is fast in both; the FP8 upcast is slow (docs/architecture.md, measured
