@@ -38,11 +38,11 @@ from quant.runtime.random_checkpoint import RECIPES, SHAPES, _quantize, random_c
 from quant.runtime.schemes.base import DEFAULT_KERNELS, INT4_KERNELS
 from quant.runtime.torch_runtime import TorchRuntime, check_cuda
 
-TARGETS = {  # recipe: decode speed-up over the project's FP16 at batch 1
-    "int8_wo": 1.8, "int4_awq": 2.8, "fp8": 1.8,
-}
-PREFILL_TARGETS = {"smoothquant": 1.4, "fp8": 1.4}  # TTFT speed-up over FP16 at the longest input, batch 1
-FP16_ROOFLINE_TARGET = 0.85
+# What the benchmark reports against: decode speed-up over the project's FP16 at batch 1 (a quarter of FP16's
+# weight bytes allows INT4 ~3x, a half allows 8-bit ~1.9x, at the same fraction of bandwidth)
+TARGETS = {"int8_wo": 1.75, "int4_awq": 2.6, "fp8": 1.75, "smoothquant": 1.75}
+PREFILL_TARGETS = {"smoothquant": 1.5, "fp8": 1.5}  # TTFT speed-up over FP16 at the longest input, batch 1
+FP16_ROOFLINE_TARGET = 0.88
 HF_SPEEDUP_TARGET = 15.0
 
 
