@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from experiments.bench import copy_bandwidth, environment
+from experiments.bench import _ints, copy_bandwidth, environment
 from experiments.stats import ratio_ci
-from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
+from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.runtime.linear import make_linear
 from quant.runtime.random_checkpoint import SHAPES, _quantize
 from quant.runtime.schemes.base import KernelConfig
@@ -73,7 +73,7 @@ def build(shape: str, layers: int, variants: dict, group: int, device, seed: int
     return out
 
 
-def graph(fn, reps_inside: int = 1) -> torch.cuda.CUDAGraph:
+def graph(fn) -> torch.cuda.CUDAGraph:
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -82,8 +82,7 @@ def graph(fn, reps_inside: int = 1) -> torch.cuda.CUDAGraph:
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(reps_inside):
-            fn()
+        fn()
     return g
 
 
@@ -144,15 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=positive_int, default=30)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--sweep", action="store_true", help="sweep the k-packed INT4 kernel's tiles at batch 1 first")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/kernel_bench.json"))
     args = p.parse_args(argv)
-    device = torch.device("cuda")
-    check_cuda(device)
     labels = [v for v in args.variants.split(",") if v]
     if not labels or any(v not in VARIANTS for v in labels) or labels[0] != "fp16 cuBLAS":
         raise UserError(f"--variants: a comma-separated list from {', '.join(VARIANTS)}, 'fp16 cuBLAS' first")
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    batch_sizes = _ints(args.batch_sizes)
+    device = torch.device("cuda")
+    check_cuda(device)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -192,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                      "kernel": hs[v][0][0].kernel, "rounds_ms": times[(v, m)]})
     record["rows"] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1, default=str))
+    tmp = args.out.with_suffix(".tmp")  # a reader never sees half a record
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(args.out)
     print(f"{args.shape}, {args.layers} layers, group {args.group}; {args.rounds} interleaved rounds; copy bandwidth "
           f"{copy['gbs']:.0f} GB/s; {record['gpu']['name']}")
     print("| variant | M | ms per step (linears) | × fp16 cuBLAS [95% CI] | GB/s | of copy BW | kernel |")

@@ -42,6 +42,7 @@ class W4A16AWQLinear(_Handler):
             self.scales = scales.to(dtype).contiguous()
             self.pow2_group = group & (group - 1) == 0 and group >= 16
             self.tinygemm = self.kpack = None
+            self.kpack_at_1 = False  # batch 1 through the k-packed kernel (w4k_rows starting at 1)
             if kernels.int4_kernel == "kpack" and dtype == torch.float16:
                 ck = _cuda_kernels()
                 self.w4k_tile = kernels.w4k_tile or ck.W4K_TILE
@@ -49,8 +50,9 @@ class W4A16AWQLinear(_Handler):
                 if kw is not None:  # a third copy, for w4k_rows: the other two serve the other rows and prefill
                     self.kpack = ck.pack_int4_k(unpack_int4_rows(packed), kw), kw
                     self.w4k_rows = kernels.w4k_rows
+                    self.kpack_at_1 = self.w4k_rows[0] <= 1
                     # batch 1 through the GEMV entry: one act_prep (RMSNorm / SiLU·gate and the pre-quant scale)
-                    self.own_prologue = self.w4k_rows[0] <= 1
+                    self.own_prologue = self.kpack_at_1
             if kernels.int4_kernel in ("tinygemm", "kpack") and dtype != torch.float32 and group in (32, 64, 128, 256) \
                     and inp % 128 == 0 and out % 8 == 0:
                 tg = _tinygemm_layout(self.device)
@@ -78,13 +80,11 @@ class W4A16AWQLinear(_Handler):
     shared_inputs = ("prequant_scaling_factor",)
 
     def _gemv_ok(self) -> bool:
-        if self.kpack is not None and self.w4k_rows[0] <= 1:
-            return True
-        return self.pow2_group and self.tinygemm is None
+        return self.kpack_at_1 or (self.pow2_group and self.tinygemm is None)
 
     def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
-        if self.kpack is not None and self.w4k_rows[0] <= 1:
+        if self.kpack_at_1:
             return self._w4k(x, norm, eps, silu, residual)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT4, wscale=self.scales, group=self.group,
                              prequant=self.prequant, norm=norm, eps=eps, silu=silu, residual=residual)
@@ -126,7 +126,7 @@ class W4A16AWQLinear(_Handler):
 
     def _held(self):
         pre = () if self.prequant is None else (self.prequant,)
-        if self.cuda and self.kpack is not None and self.w4k_rows[0] <= 1:  # batch-1 decode reads the k-packed copy
+        if self.cuda and self.kpack_at_1:  # batch-1 decode reads the k-packed copy
             return self.kpack[0], self.scales, *pre
         if self.cuda and self.tinygemm is not None:  # decode reads the tinygemm copy; prefill the Triton layout
             return self.tinygemm.weight, self.tinygemm.scales_and_zeros, *pre
