@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("QUANT_SUITE_CACHE", str(REPO / ".cache" / "test"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The Ctrl-C tests send SIGINT to the commands they start, which inherit an ignored SIGINT: a shell without job
+# control starts its background jobs (`make test &`, nohup) with SIGINT ignored, and Python then never installs
+# its handler. A terminal's foreground command, whose Ctrl-C those tests model, has it at its default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
