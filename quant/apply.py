@@ -130,10 +130,8 @@ def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib: Calibration | 
     def build(out: Path) -> None:
         t0 = time.perf_counter()
         faults.trace("checkpoint.build", key=out.name)  # counted by the concurrency tests: one build per key
-        if not recipe.needs_calibration:
-            export_checkpoint(load_hf_model(model, dtype=EXPORT_DTYPE), out)
-        else:
-            export_checkpoint(quantize_model(model, recipe, calib, log=log), out)
+        export_checkpoint(quantize_model(model, recipe, calib, log=log) if recipe.needs_calibration
+                          else load_export_model(model), out)
         if log:
             log(f"built {recipe.label} checkpoint in {time.perf_counter() - t0:.1f} s: {out}")
 
@@ -141,7 +139,9 @@ def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib: Calibration | 
 
 
 def quantize_model(model: ResolvedModel, recipe: Recipe, calib: Calibration, *, log=None) -> torch.nn.Module:
-    """ModelOpt-quantize the HF model in float32 (on :func:`~quant.export.calibration_device`), then cast to fp16."""
+    """ModelOpt-quantize the HF model in float32 (on :func:`~quant.export.calibration_device`), then cast to fp16
+    where it is: on a GPU, ModelOpt's export copies only the checkpoint's tensors to the host, not a host copy of
+    the whole model first (measured at 8B: the build's host peak was 2.9-3.4x the FP16 size with that copy)."""
     import modelopt.torch.quantization as mtq
     from transformers import AutoTokenizer
 
@@ -158,4 +158,10 @@ def quantize_model(model: ResolvedModel, recipe: Recipe, calib: Calibration, *, 
 
     with torch.no_grad(), quiet.held("ModelOpt"):
         mtq.quantize(hf, cfg, calibrate)
-    return hf.to(device="cpu", dtype=EXPORT_DTYPE)  # exported from host memory, whatever calibrated it
+    return hf.to(dtype=EXPORT_DTYPE)
+
+
+def load_export_model(model: ResolvedModel) -> torch.nn.Module:
+    """The unquantized model in the export dtype, for an FP16 export: on the GPU when there is one (the weights
+    stream there from the safetensors), like a quantized model, so the host holds the exported tensors only."""
+    return load_hf_model(model, dtype=EXPORT_DTYPE, device=calibration_device())

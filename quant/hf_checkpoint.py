@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import torch
 
 from quant import formats, quiet
-from quant.apply import cached_build, checkpoint_dir, fp16_bytes, prepare, quantize_model
+from quant.apply import cached_build, checkpoint_dir, fp16_bytes, load_export_model, prepare, quantize_model
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.checkpoint import Checkpoint, aligned
 from quant.errors import UserError
@@ -175,16 +175,13 @@ def hf_export_dir(model, recipe, calib=None) -> Path:
 
 def build_hf_export(model, recipe, calib=None, *, log=None) -> Path:
     """The HF export for (model, recipe, calibration): from the cache, or quantized and exported (one builder)."""
-    from quant.export import EXPORT_DTYPE, load_hf_model
-
     prepare(model, recipe, calib)
     if why := hf_export_refusal(recipe):
         raise UserError(why)
 
     def build(out: Path) -> None:
         t0 = time.perf_counter()
-        hf = quantize_model(model, recipe, calib, log=log) if recipe.needs_calibration \
-            else load_hf_model(model, dtype=EXPORT_DTYPE)
+        hf = quantize_model(model, recipe, calib, log=log) if recipe.needs_calibration else load_export_model(model)
         export_hf(hf, out, tokenizer_from=model.hf_dir, expect=(recipe.quant_algo, recipe.kv_algo))
         if log:
             log(f"exported {recipe.label} (Hugging Face format) in {time.perf_counter() - t0:.1f} s: {out}")
