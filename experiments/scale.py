@@ -209,6 +209,7 @@ def run(args, save=lambda rec: None) -> dict:
     from calibration.data import CalibSpec
     from calibration.datasets import load_samples
     from calibration.stats import get_stats
+    from experiments.device_use import DeviceUse, device_identity
     from experiments.evaluate import settings_from_args
     from experiments.search import SEARCH_DEFAULTS
     from experiments.stages import Measurer, block_bounds
@@ -238,7 +239,8 @@ def run(args, save=lambda rec: None) -> dict:
     settings = settings_from_args(_settings_namespace(args, SEARCH_DEFAULTS, folder), backend)
     samples = load_samples("aclsum", split="test", num_samples=args.num_samples, seed=0)
     measurer = Measurer(settings, model, calib, backend, samples=samples, bounds=block_bounds(len(samples), len(samples)),
-                        proxy_docs=args.ppl_docs, proxy_seq_len=args.ppl_seq_len, log=lambda m: None)
+                        proxy_docs=args.ppl_docs, proxy_seq_len=args.ppl_seq_len, log=lambda m: None,
+                        device=DeviceUse(device_identity(settings.device)))
     for recipe in recipes:
         label = recipe.label
         with stages("checkpoint", label) as row:

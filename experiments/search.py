@@ -26,6 +26,7 @@ from pathlib import Path
 
 from calibration.data import add_calib_args, calib_spec_from_args
 from calibration.datasets import load_samples
+from experiments.device_use import DeviceUse, announce_device, device_identity, pin_gpu
 from experiments.evaluate import Candidate, add_common_args, settings_from_args
 from experiments.report import summarize_study, write_outputs
 from quant import faults
@@ -33,7 +34,7 @@ from quant.atomic import ensure_writable_dir
 from quant.backends import resolve_backend
 from quant.codehash import code_hash
 from quant.errors import (EXIT_NO_PASS, ArgumentParser, EnvironmentProblem, Terminated, UserError, cli_entry,
-                          positive_int, seed_int)
+                          nonneg_int, positive_int, seed_int)
 from quant.model_source import resolve_model
 from quant.recipes import KINDS, Recipe
 from quant.servers import SERVERS, add_serve_with_arg
@@ -78,6 +79,10 @@ def parse_args(argv):
     p.add_argument("--storage", default=None, help="optuna storage URL (default: sqlite in --results-dir); "
                    "put credentials in $QUANT_SEARCH_STORAGE instead of the command line (argv is visible to "
                    "every user of the machine); passwords are never printed")
+    p.add_argument("--gpu", type=nonneg_int, default=None, metavar="N",
+                   help="run this worker on GPU N of those visible (sets $CUDA_VISIBLE_DEVICES): start one worker "
+                        "per GPU on one --storage; workers that share a GPU never time a latency while another "
+                        "works on it")
     p.add_argument("--study-name", default="quant-search", help="the optuna study (a rerun continues it)")
     p.add_argument("--recipes", default=",".join(KINDS), help="comma-separated kinds to search")
     add_serve_with_arg(p)
@@ -177,16 +182,19 @@ class Search:
         if not self.kinds:
             raise UserError(f"--recipes {args.recipes}: no kind left to search on this model for "
                             f"--serve-with {args.serve_with}")
+        self.device = DeviceUse(device_identity(self.settings.device))
+        announce_device(self.device, self.settings.device)
         ranked = ()
         if any(k != "fp16" for k in self.kinds):
             from calibration.stats import get_stats
 
-            ranked = tuple(get_stats(self.model, self.calib).ranked_layers())
+            with self.device.shared():
+                ranked = tuple(get_stats(self.model, self.calib).ranked_layers())
         self.space = Space(tuple(self.kinds), group_sizes, ranked, self.settings.device, kv_caches)
         self.measurer = Measurer(self.settings, self.model, self.calib, self.backend, samples=self.samples,
                                  bounds=self.bounds, proxy_docs=self.settings.ppl_docs,
                                  proxy_seq_len=self.settings.ppl_seq_len,
-                                 log=self.log if args.verbose else lambda m: None)
+                                 log=self.log if args.verbose else lambda m: None, device=self.device)
 
     def prepare_baseline(self) -> None:
         """The FP16 baseline's proxy and first article block, which every trial is paired with: measured (or read)
@@ -257,6 +265,7 @@ class Search:
         trial.set_user_attr("result", result)
         trial.set_user_attr("constraint", 0.0 if feasible else 1.0)
         trial.set_user_attr("worker_device", self.settings.device)
+        trial.set_user_attr("device", {**self.device.identity, "other_workers": self.device.others()})
         g = result["gate"]
         iv = g.get("interleaved")
         ratio = f": ×{iv['ratio']:.3f} [{iv['ci'][0]:.3f}, {iv['ci'][1]:.3f}] interleaved" if iv else ""
@@ -413,13 +422,16 @@ class Search:
         from experiments.confirm import compare
 
         self.measurer.release()
-        cands = {h: Candidate(self.settings, r, model=self.model, calib=self.calib, log=lambda m: None,
-                              backend=self.backend) for h, r in recipes.items()}
+        with self.device.shared():
+            cands = {h: Candidate(self.settings, r, model=self.model, calib=self.calib, log=lambda m: None,
+                                  backend=self.backend) for h, r in recipes.items()}
         s = self.settings
         try:
-            return compare({h: c.runtime for h, c in cands.items()}, batch_size=s.batch_size, input_len=s.input_len,
-                           output_len=s.output_len, seed=s.seed, resolution=self.args.resolution,
-                           max_seconds=self.args.confirm_seconds)
+            with self.device.exclusive():
+                    return compare({h: c.runtime for h, c in cands.items()}, batch_size=s.batch_size,
+                               input_len=s.input_len,
+                               output_len=s.output_len, seed=s.seed, resolution=self.args.resolution,
+                               max_seconds=self.args.confirm_seconds)
         finally:
             for c in cands.values():
                 c.close()
@@ -546,6 +558,7 @@ def run(args) -> int:
     quiet_user_error_tracebacks()
     # Before any model work: a results folder that cannot be written fails now, not after the whole search.
     ensure_writable_dir(args.results_dir, "--results-dir")
+    pin_gpu(args.gpu, args.device)  # before anything asks CUDA which GPUs there are
     search = Search(args)
     url = storage_url(args, create_dir=False)
     # A storage URL given by the user, or an existing default database, is opened before the model work (a typo

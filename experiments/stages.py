@@ -41,8 +41,10 @@ class Measurer:
     """Measures recipes for one search: the model, calibration, settings, samples and block schedule are fixed."""
 
     def __init__(self, settings, model, calib, backend, *, samples, bounds: list[int], proxy_docs: int,
-                 proxy_seq_len: int, log):
-        self.settings, self.model, self.calib, self.backend = settings, model, calib, backend
+                 proxy_seq_len: int, log, device):
+        """``device``: this process's :class:`~experiments.device_use.DeviceUse`; each stage's work holds it
+        shared, a latency's timing exclusive (and never inside a shared span: see that module's contract)."""
+        self.settings, self.model, self.calib, self.backend, self.device = settings, model, calib, backend, device
         self.samples, self.bounds = samples, bounds
         self.proxy_docs, self.proxy_seq_len, self.log = proxy_docs, proxy_seq_len, log
         self._open: dict[str, object] = {}
@@ -77,8 +79,9 @@ class Measurer:
     def proxy(self, recipe) -> tuple[dict, bool]:
         """Held-out NLL per document (``doc_nll``), perplexity, and whether the logits are finite."""
         def run():
-            cand = self._candidate(recipe)
-            nll = cand.heldout_nll(self.proxy_docs, self.proxy_seq_len)
+            with self.device.shared():
+                cand = self._candidate(recipe)
+                nll = cand.heldout_nll(self.proxy_docs, self.proxy_seq_len)
             return {**self._base(cand, recipe), "stage": "proxy", "perplexity": nll}
 
         key = self._key("proxy", recipe, _PROXY, docs=self.proxy_docs, seq_len=self.proxy_seq_len)
@@ -90,16 +93,19 @@ class Measurer:
         part = self.samples[lo:self.bounds[index]]
 
         def run():
-            cand = self._candidate(recipe)
-            return {**self._base(cand, recipe), "stage": "block", **cand.summarize(part)}
+            with self.device.shared():
+                cand = self._candidate(recipe)
+                return {**self._base(cand, recipe), "stage": "block", **cand.summarize(part)}
 
         key = self._key("block", recipe, _SUMMARIES, articles=[s.id for s in part])
         return cached_evaluate(key, run, required={"rouge": dict, "health": dict, "checkpoint": dict})
 
     def latency(self, recipe) -> tuple[dict, bool]:
         def run():
-            cand = self._candidate(recipe)
-            lat = cand.latency()
+            with self.device.shared():
+                cand = self._candidate(recipe)
+            with self.device.exclusive():
+                lat = cand.latency()
             return {**self._base(cand, recipe), "stage": "latency", "latency": lat.to_dict(),
                     "runtime": cand.describe()}
 

@@ -131,6 +131,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0 (an index)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def seed_int(text: str) -> int:
     """argparse type: a random seed, an integer in [0, 2**32 - 1] (what numpy's and torch's generators take)."""
     try:

@@ -9,7 +9,8 @@ when a build lock is acquired and released, when a checkpoint is built, when an 
 - no two workers inside the same build lock at once (the trace, in append order, never shows a second
   ``lock.acquired`` for a key before the holder's ``lock.released``); each checkpoint built once, each
   evaluation run once -- all four workers start with the same FP16 baseline, so they do contend for one key;
-- no corrupted cache: every published entry validates afterwards; trials point at published checkpoints.
+- no corrupted cache: every published entry validates afterwards; trials point at published checkpoints;
+- no latency timed while another worker worked on the device (all four share this box's CPU).
 
 The PostgreSQL test needs a server: ``.ci/run`` starts one and sets QUANT_TEST_PG_URL (locally it skips
 without one; in CI, CI=1, it fails instead).
@@ -37,9 +38,10 @@ N_TRIALS = 6  # distinct recipes
 FLAGS = [*kit.SEARCH_FLAGS, "--min-rouge1", "100", "--recipes", "fp16,int8_wo,smoothquant,fp8"]
 
 
-def _launch(model: Path, results: Path, cache: Path, trace: Path, storage_args: list[str], env_extra: dict):
+def _launch(model: Path, results: Path, cache: Path, trace: Path, storage_args: list[str], env_extra: dict,
+            workers: int = WORKERS):
     procs = []
-    for i in range(WORKERS):
+    for i in range(workers):
         cmd = kit.search_cmd(model, results, *storage_args, "--seed", str(i), "--n-trials", str(N_TRIALS),
                              flags=FLAGS)
         procs.append(subprocess.Popen(cmd, cwd=kit.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -63,7 +65,7 @@ def _check(outs, study, cache: Path, trace: Path) -> dict:
     # (quant/study_store.claim; its interleavings are replayed deterministically in tests/test_study_store.py).
     assert max(Counter(hashes).values()) == 1, "a recipe was measured by two trials"
     # The budget (distinct recipes) is checked before each claim: each worker may start one more than it.
-    assert N_TRIALS <= len(set(hashes)) <= N_TRIALS + WORKERS - 1
+    assert N_TRIALS <= len(set(hashes)) <= N_TRIALS + len(outs) - 1
     per_worker = [{int(line.split()[1].rstrip(":")) for line in err.splitlines() if line.startswith("trial ")}
                   for _, _, err in outs]
     assert sum(len(s) for s in per_worker) == len(set().union(*per_worker)), "a trial was reported by two workers"
@@ -81,6 +83,23 @@ def _check(outs, study, cache: Path, trace: Path) -> dict:
         elif e["event"] == "lock.released":
             assert holder[e["key"]] == e["pid"]
             holder[e["key"]] = None
+    # -- the device: a latency (exclusive claim) never overlaps another worker's work on it (experiments/device_use)
+    sharing: dict[str, set] = defaultdict(set)
+    timing: dict[str, int | None] = defaultdict(lambda: None)
+    timed = 0
+    for e in events:
+        key = e.get("key")
+        if e["event"] == "device.shared":
+            assert timing[key] is None, f"pid {e['pid']} worked on {key} while pid {timing[key]} timed a latency"
+            sharing[key].add(e["pid"])
+        elif e["event"] == "device.exclusive":
+            assert timing[key] is None and not sharing[key], \
+                f"pid {e['pid']} timed a latency on {key} while {timing[key] or sharing[key]} used it"
+            timing[key], timed = e["pid"], timed + 1
+        elif e["event"] == "device.released":
+            sharing[key].discard(e["pid"])
+            timing[key] = None if timing[key] == e["pid"] else timing[key]
+    assert timed, "no latency was timed under the device's exclusive claim"
     builds = Counter(e["key"] for e in events if e["event"] == "checkpoint.build")
     evals = Counter(e["key"] for e in events if e["event"] == "evaluation.run")
     # A latency timed while the other workers took the cores is reported but not cached (measured again if asked)
@@ -136,3 +155,16 @@ def crash_cache(tmp_path_factory, default_model):
 @pytest.fixture(scope="module")
 def tiny_for_workers(tmp_path_factory, default_model):
     return kit.make_search_model(tmp_path_factory.mktemp("workers") / "tiny", default_model)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_workers_on_one_gpu_never_time_a_latency_while_the_other_uses_it(tmp_path, tiny_for_workers):
+    """Both workers given --gpu 0: each says it shares the GPU, and the trace shows no latency overlapping the
+    other's work on it (the device check in _check)."""
+    results, cache, trace = tmp_path / "results", tmp_path / "cache", tmp_path / "trace.jsonl"
+    outs = _launch(tiny_for_workers, results, cache, trace, ["--gpu", "0", "--device", "cuda"], {}, workers=2)
+    assert any("other worker(s) on it" in err for _, _, err in outs), [err[:2000] for _, _, err in outs]
+    study = kit.load_study(f"sqlite:///{results / 'study.db'}")
+    _check(outs, study, cache, trace)
+    devices = {json.dumps(t.user_attrs["device"]["uuid"]) for t in kit.finished(study)}
+    assert len(devices) == 1
