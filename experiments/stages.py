@@ -17,6 +17,7 @@ import time
 
 from experiments.evaluate import Candidate
 from experiments.store import cached_evaluate, settings_payload, stage_key
+from quant.memory import return_freed_memory
 
 # Which settings each stage's numbers depend on (everything else stays out of its key).
 _RUNTIME = ("device", "compute_dtype", "backend")
@@ -60,12 +61,14 @@ class Measurer:
         self._open[recipe.hash] = cand  # most recently used last
         while len(self._open) > 2:
             self._open.pop(next(iter(self._open))).close()
+            return_freed_memory()
         return cand
 
     def release(self) -> None:
         for cand in self._open.values():
             cand.close()  # the runtimes' memory goes with them; the cache may evict their checkpoints
         self._open.clear()
+        return_freed_memory()
 
     def _key(self, stage: str, recipe, keep: tuple[str, ...], **extra) -> str:
         return stage_key(stage, self.model.content_hash, recipe, self.calib,

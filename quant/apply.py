@@ -20,6 +20,7 @@ from quant import cache_budget, faults, quiet
 from quant.cache_budget import build_lock
 from quant.codehash import code_hash
 from quant.export import EXPORT_DTYPE, calibration_device, export_checkpoint, forward_loop, load_hf_model
+from quant.memory import return_freed_memory
 from quant.model_source import ResolvedModel
 from quant.names import HF_MODULES
 from quant.paths import cache_root
@@ -112,6 +113,7 @@ def cached_build(out: Path, build, *, need: int, log=None) -> Path:
             if not (out / "config.json").is_file():  # else built by another process while we waited
                 cache_budget.reserve(need, for_what=out, log=log)
                 build(out)
+                return_freed_memory()  # the build's temporaries (a whole model's) are gone: give them back
                 cache_budget.settle(out, log=log)
     cache_budget.touch(out)
     return out
