@@ -166,6 +166,7 @@ class Search:
         else:
             self.gate = Gate("drop", args.max_rouge1_drop, args.confidence, tuple(self.bounds))
         self.model = None  # load_model(): after the storage is known to open (cheap checks first)
+        self.device = None  # load_model(): this worker's DeviceUse
         self.log = lambda m: print(m, file=sys.stderr)
 
     def load_model(self) -> None:
@@ -567,7 +568,15 @@ def run(args) -> int:
     default_db = args.results_dir / STUDY_DB
     early = not is_default_storage(args) or (default_db.is_file() and default_db.stat().st_size > 0)
     storage = open_storage(url) if early else None
-    search.load_model()
+    try:
+        search.load_model()
+        return _run_study(args, search, url, storage)
+    finally:
+        if search.device is not None:  # its registration file goes (a killed worker's: the next worker's start)
+            search.device.close()
+
+
+def _run_study(args, search: Search, url: str, storage) -> int:
     if storage is None:
         storage_url(args)  # creates --results-dir for the default database
     sampler = _sampler()
