@@ -265,7 +265,6 @@ class Search:
         feasible = result["feasible"]
         trial.set_user_attr("result", result)
         trial.set_user_attr("constraint", 0.0 if feasible else 1.0)
-        trial.set_user_attr("worker_device", self.settings.device)
         trial.set_user_attr("device", {**self.device.identity, "other_workers": self.device.others()})
         g = result["gate"]
         iv = g.get("interleaved")
@@ -429,10 +428,9 @@ class Search:
         s = self.settings
         try:
             with self.device.exclusive():
-                    return compare({h: c.runtime for h, c in cands.items()}, batch_size=s.batch_size,
-                               input_len=s.input_len,
-                               output_len=s.output_len, seed=s.seed, resolution=self.args.resolution,
-                               max_seconds=self.args.confirm_seconds)
+                return compare({h: c.runtime for h, c in cands.items()}, batch_size=s.batch_size,
+                               input_len=s.input_len, output_len=s.output_len, seed=s.seed,
+                               resolution=self.args.resolution, max_seconds=self.args.confirm_seconds)
         finally:
             for c in cands.values():
                 c.close()
