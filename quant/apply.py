@@ -10,19 +10,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from quant import cache_budget, faults, quiet
+from quant import cache_budget, faults, formats, quiet
 from quant.cache_budget import build_lock
 from quant.codehash import code_hash
-from quant.export import EXPORT_DTYPE, calibration_device, export_checkpoint, forward_loop, load_hf_model
+from quant.export import (EXPORT_DTYPE, calibration_device, export_checkpoint, forward_loop, load_hf_model,
+                          trtllm_config)
 from quant.memory import return_freed_memory
 from quant.model_source import ResolvedModel
-from quant.names import HF_MODULES
+from quant.names import HF_MODULES, LINEARS
 from quant.paths import cache_root
 from quant.recipes import AWQ_KINDS, GROUPED, Recipe
 
@@ -125,6 +127,25 @@ def fp16_bytes(model: ResolvedModel) -> int:
     return sum(p.stat().st_size for p in model.hf_dir.glob("*.safetensors"))
 
 
+def checkpoint_bytes_bound(model: ResolvedModel, recipe: Recipe) -> int:
+    """An upper bound of the recipe's TRT-LLM checkpoint on disk, from the model's config and the format's tensor
+    table (``quant.formats``): each tensor at the widest dtype its row allows, lm_head padded as ModelOpt pads
+    it for INT4 (vocabulary to a multiple of 64) and always written, plus slack for headers and file blocks. The
+    cache budget reserves this before a build (an INT4 checkpoint is ~0.3x of the FP16 bound it used to take)."""
+    hf = json.loads((model.hf_dir / "config.json").read_text())
+    config = {**trtllm_config(hf, recipe.quant_algo, recipe.kv_algo, recipe.group_size), "dtype": "float16"}
+    excluded = set(recipe.excluded_layers(config["num_hidden_layers"]))
+    algos = {f"layers.{i}.{lin}": None if f"layers.{i}.{lin}" in excluded else recipe.quant_algo
+             for i in range(config["num_hidden_layers"]) for lin in LINEARS}
+    total = 0
+    for name, spec in formats.expected_tensors(config, algos).items():
+        shape = list(spec.shape)
+        if spec.padded_rows:
+            shape[0] = -(-shape[0] // 64) * 64
+        total += math.prod(shape) * max(d.itemsize for d in spec.dtypes)
+    return int(total * 1.005) + 2**20
+
+
 def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib: Calibration | None = None, *, log=None) -> Path:
     """The TRT-LLM checkpoint for (model, recipe, calibration): from the cache, or quantized and exported."""
     prepare(model, recipe, calib)
@@ -137,7 +158,8 @@ def build_checkpoint(model: ResolvedModel, recipe: Recipe, calib: Calibration | 
         if log:
             log(f"built {recipe.label} checkpoint in {time.perf_counter() - t0:.1f} s: {out}")
 
-    return cached_build(checkpoint_dir(model, recipe, calib), build, need=fp16_bytes(model), log=log)
+    return cached_build(checkpoint_dir(model, recipe, calib), build, need=checkpoint_bytes_bound(model, recipe),
+                        log=log)
 
 
 def quantize_model(model: ResolvedModel, recipe: Recipe, calib: Calibration, *, log=None) -> torch.nn.Module:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
-from quant import faults, quiet
+from quant import faults, formats, quiet
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.checkpoint import validate_checkpoint
 from quant.model_source import ResolvedModel
@@ -37,6 +38,34 @@ def rotary_fields(hf_config) -> dict:
         # TRT-LLM accepts HF's dict as is; it reads "type" (older) or "rope_type" (newer), so write both.
         scaling = {**params, "type": rope_type, "rope_type": rope_type}
     return {"rotary_base": float(base), "rotary_scaling": scaling}
+
+
+def trtllm_config(hf: dict, quant_algo: str | None, kv_algo: str | None, group_size: int | None) -> dict:
+    """The TRT-LLM checkpoint config.json of an HF LLaMa config.json under a format (the fields the validator
+    and the runtime read): the reader of HF exports builds its checkpoint from it, a build bounds its size.
+    ``exclude_modules`` is left empty for the caller."""
+    heads = hf["num_attention_heads"]
+    params = {k: v for k, v in hf.items() if k in ("rope_parameters", "rope_theta", "rope_scaling")}
+    return {
+        "architecture": "LlamaForCausalLM",
+        "dtype": hf.get("dtype") or hf.get("torch_dtype") or "float16",
+        "num_hidden_layers": hf["num_hidden_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": hf.get("num_key_value_heads") or heads,
+        "hidden_size": hf["hidden_size"],
+        "intermediate_size": hf["intermediate_size"],
+        "vocab_size": hf["vocab_size"],
+        "head_size": hf.get("head_dim") or hf["hidden_size"] // heads,
+        "max_position_embeddings": hf.get("max_position_embeddings"),
+        "norm_epsilon": hf.get("rms_norm_eps", 1e-6),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        **rotary_fields(SimpleNamespace(**params)),
+        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
+        # pre_quant_scale false: INT4 linears carry one where the export kept it (quant.hf_checkpoint says why).
+        "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_algo, "exclude_modules": [],
+                         **({"group_size": group_size, "pre_quant_scale": False}
+                            if quant_algo in formats.INT4_ALGOS else {})},
+    }
 
 
 def fix_config(folder: Path, hf_config) -> None:

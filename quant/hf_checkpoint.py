@@ -27,7 +27,6 @@ import json
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -36,7 +35,7 @@ from quant.apply import cached_build, checkpoint_dir, fp16_bytes, load_export_mo
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.checkpoint import Checkpoint, aligned
 from quant.errors import UserError
-from quant.export import EXPORT_DTYPE, rotary_fields
+from quant.export import EXPORT_DTYPE, rotary_fields, trtllm_config
 from quant.names import HF_MODULES
 from quant.paths import cache_root
 from quant.servers import HF_KV_REASON, hf_export_refusal
@@ -190,29 +189,6 @@ def build_hf_export(model, recipe, calib=None, *, log=None) -> Path:
 
 
 # -- reader -------------------------------------------------------------------------------------------------
-def _trtllm_config(hf: dict, quant_algo: str | None, kv_algo: str | None, group_size: int | None) -> dict:
-    heads = hf["num_attention_heads"]
-    params = {k: v for k, v in hf.items() if k in ("rope_parameters", "rope_theta", "rope_scaling")}
-    return {
-        "architecture": "LlamaForCausalLM",
-        "dtype": hf.get("dtype") or hf.get("torch_dtype") or "float16",
-        "num_hidden_layers": hf["num_hidden_layers"],
-        "num_attention_heads": heads,
-        "num_key_value_heads": hf.get("num_key_value_heads") or heads,
-        "hidden_size": hf["hidden_size"],
-        "intermediate_size": hf["intermediate_size"],
-        "vocab_size": hf["vocab_size"],
-        "head_size": hf.get("head_dim") or hf["hidden_size"] // heads,
-        "max_position_embeddings": hf.get("max_position_embeddings"),
-        "norm_epsilon": hf.get("rms_norm_eps", 1e-6),
-        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        **rotary_fields(SimpleNamespace(**params)),
-        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
-        # pre_quant_scale false: INT4 linears carry one where the export kept it (module docstring).
-        "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_algo, "exclude_modules": [],
-                         **({"group_size": group_size, "pre_quant_scale": False}
-                            if quant_algo in formats.INT4_ALGOS else {})},
-    }
 
 
 def _fp8_rescale(weight: torch.Tensor, scale: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -255,7 +231,7 @@ def load_hf_export(folder: Path):
         name = next((k for k in sorted(raw) if k.endswith(".weight_scale") and raw[k].dim() == 2), None)
         if name is not None and name.removesuffix("_scale") in raw:
             group_size = raw[name.removesuffix("_scale")].shape[1] // raw[name].shape[1]
-    config = _trtllm_config(hf, algo, kv_algo, group_size)
+    config = trtllm_config(hf, algo, kv_algo, group_size)
     act = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(config["dtype"])
     if act is None:
         raise UserError(f"export {folder}: dtype {config['dtype']!r} is not float16/bfloat16/float32")

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from calibration.data import CalibSpec
-from quant.apply import build_checkpoint, quantize_model
+from quant import cache_budget
+from quant.apply import build_checkpoint, checkpoint_bytes_bound, quantize_model
 from quant.model_source import resolve_model
 from quant.recipes import Recipe
 
@@ -69,6 +70,9 @@ def test_tiny_checkpoint_equals_modelopt_export(tiny128, tmp_path, spec):
     recipe = parse_recipe_arg(spec)
     ours = build_checkpoint(tiny128, recipe, CALIB)
     cfg = _compare(ours, _modelopt_reference(tiny128, recipe, tmp_path / "ref"))
+    # The size the cache budget reserves before the build bounds the checkpoint, and not loosely.
+    written, bound = cache_budget._size(ours), checkpoint_bytes_bound(tiny128, recipe)
+    assert written <= bound <= 1.1 * written, (written, bound)
     assert cfg["rotary_base"] == 50000.0 and "rotary_scaling" in cfg
     assert cfg["quantization"]["quant_algo"] == recipe.quant_algo
     assert cfg["quantization"].get("kv_cache_quant_algo") == recipe.kv_algo
