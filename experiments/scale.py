@@ -164,6 +164,13 @@ class Stages:
     def __call__(self, stage: str, recipe: str = ""):
         return _Stage(self, stage, recipe)
 
+    def stop_if_failed(self) -> None:
+        """After a stage every later one needs: if it failed, end the run with its error (the record as it stands
+        is saved) rather than run stages that cannot start."""
+        last = self.rows[-1]
+        if "error" in last:
+            raise UserError(f"stage {last['stage']} failed ({last['error']}); the stages after it need it")
+
 
 class _Stage:
     def __init__(self, owner: Stages, stage: str, recipe: str):
@@ -227,14 +234,17 @@ def run(args, save=lambda rec: None) -> dict:
     stages = Stages(log, lambda rows: save({**head, "rows": rows}))
     with stages("write_model"):
         folder = write_synthetic_model(Path(args.workdir) / "models" / name, cfg, seed=args.seed)
+    stages.stop_if_failed()
     with stages("resolve"):
         model = resolve_model(str(folder))
+    stages.stop_if_failed()
     fp16 = fp16_bytes(model)
     head["model"] = {"folder": str(folder), "config": cfg, "fp16_bytes": fp16, "content_hash": model.content_hash}
     log(f"model {folder}: {fp16 / GB:.2f} GB fp16, read {'in place' if model.hf_dir == folder.resolve() else 'converted'}")
     calib = CalibSpec(num_samples=args.calib_samples, seq_len=args.calib_seq_len)
     with stages("calib_stats"):
         get_stats(model, calib)
+    stages.stop_if_failed()
     backend = resolve_backend("torch", args.device)
     settings = settings_from_args(_settings_namespace(args, SEARCH_DEFAULTS, folder), backend)
     samples = load_samples("aclsum", split="test", num_samples=args.num_samples, seed=0)

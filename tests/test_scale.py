@@ -60,3 +60,18 @@ def test_8b_width_rehearsal_keeps_disk_and_memory_bounds(tmp_path):
     assert peaks[("int8_wo", "latency")] < 3.0 * fp16, peaks
     table = proc.stdout
     assert "| int8_wo | checkpoint |" in table and "| fp16 | latency |" in table
+
+
+def test_a_failed_prerequisite_stage_ends_the_run_in_one_line(tmp_path):
+    """The synthetic model cannot be written (the work folder is a file): the run stops there with the stage's
+    error in one line, not with the next stage's traceback, and the record says what failed."""
+    blocker, out = tmp_path / "work", tmp_path / "scale.json"
+    blocker.write_text("not a folder")
+    env = {**os.environ, "QUANT_SUITE_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "experiments.scale", "--layers", "1", "--vocab", "256", "--recipes", "fp16",
+           "--workdir", str(blocker), "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "stage write_model failed" in proc.stderr.strip().splitlines()[-1]
+    rec = json.loads(out.read_text())
+    assert not rec["complete"] and [r["stage"] for r in rec["rows"]] == ["write_model"] and "error" in rec["rows"][0]
