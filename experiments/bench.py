@@ -9,8 +9,8 @@ of the card's device-to-device copy bandwidth measured in the same run. HF trans
 attention, fp16, ``LlamaForCausalLM(config)`` with random weights of the same shape) is the baseline. Prints a
 Markdown table and the targets, and writes JSON after each recipe (so a run cut short keeps what it measured).
 
-Recipes are those of :mod:`quant.runtime.random_checkpoint`; ``int4_awq@tinygemm`` / ``@triton`` / ``@kpack`` pick the
-W4A16 kernel for 1–64 rows (targets take a recipe's best variant). ``--profile`` adds, per recipe, the device time
+Recipes are those of :mod:`quant.runtime.random_checkpoint`; ``int4_awq@VARIANT`` picks W4A16 kernels other than the
+default (:data:`KERNEL_VARIANTS`; targets take a recipe's best variant). ``--profile`` adds, per recipe, the device time
 of each kernel in one batch-1 decode step (eager, from the PyTorch profiler) — where the step's time goes.
 
 ``--sweep`` times the per-format linear kernels alone on the 7B layer shapes (configs, alternatives) instead.
@@ -99,14 +99,19 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
     return {"bytes": nbytes, "median_s": t, "gbs": 2 * nbytes / t / 1e9, "min_s": min(times), "max_s": max(times)}
 
 
+# recipe@VARIANT → what it changes in KernelConfig: one W4A16 kernel for 1–64 rows without the compiled GEMV
+# (``kpack``: the default before the GEMV took batch 1), or the GEMV with the pre-quant scale in act_prep
+KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERNELS},
+                   "w4g-unfused": {"w4g_fuse": False}}
+
+
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):
-    """``recipe`` may carry ``@tinygemm`` / ``@triton`` / ``@kpack``: the W4A16 kernel for 1–64 rows (default:
-    KernelConfig's)."""
+    """``recipe`` may carry ``@VARIANT``, a kernel choice of :data:`KERNEL_VARIANTS` (default: KernelConfig's)."""
     name, _, kernel = recipe.partition("@")
     algo, kv = RECIPES[name]
     ckpt = random_checkpoint(random_config(shape, algo, kv, group_size=group), device=device, seed=seed,
                              path=f"<random {shape} {name}>")
-    kernels = dataclasses.replace(DEFAULT_KERNELS, int4_kernel=kernel) if kernel else DEFAULT_KERNELS
+    kernels = dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[kernel]) if kernel else DEFAULT_KERNELS
     try:
         rt = TorchRuntime(ckpt, device=device, compute_dtype=dtype, kernels=kernels)
     finally:
@@ -413,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     check_cuda(device)
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r.partition("@")[0] not in RECIPES or r.partition("@")[2] not in
-               ("", *INT4_KERNELS)]
+               ("", *KERNEL_VARIANTS)]
     if unknown:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)})")
     fp8 = [r for r in recipes if RECIPES[r.partition("@")[0]][0] in FP8_GEMM_ALGOS or

@@ -10,7 +10,8 @@ bandwidth = bytes the variant's handlers hold for that batch size / time, as a f
 copy bandwidth measured at the start of the same run.
 
 ``--sweep`` first times the k-packed INT4 kernel's tiles (BLOCK_N, KW, warps, stages) at batch 1 on the same
-weights and times the fastest in the table as well (``int4 kpack*``).
+weights and times the fastest in the table as well (``int4 kpack*``); ``--sweep-w4g`` the same for the compiled
+GEMV's tiles (``int4 w4g*``).
 """
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ VARIANTS = {
     "fp16 runtime": (None, KernelConfig()),
     "int8_wo runtime": ("W8A16", KernelConfig()),
     "fp8 runtime": ("FP8", KernelConfig()),
-    "int4 tinygemm": ("W4A16_AWQ", KernelConfig(int4_kernel="tinygemm")),
-    "int4 triton (stored layout)": ("W4A16_AWQ", KernelConfig(int4_kernel="triton")),
-    "int4 kpack": ("W4A16_AWQ", KernelConfig(int4_kernel="kpack", w4k_rows=(1, 16))),
+    "int4 tinygemm": ("W4A16_AWQ", KernelConfig(int4_kernel="tinygemm", w4g_rows=None)),
+    "int4 triton (stored layout)": ("W4A16_AWQ", KernelConfig(int4_kernel="triton", w4g_rows=None)),
+    "int4 kpack": ("W4A16_AWQ", KernelConfig(int4_kernel="kpack", w4k_rows=(1, 16), w4g_rows=None)),
+    "int4 w4g": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4))),
+    "int4 w4g unfused": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4), w4g_fuse=False)),
     "int4 default": ("W4A16_AWQ", KernelConfig()),
 }
 SWEEP = list(itertools.product((16, 32, 64), (16, 32, 64), (2, 4), (2, 4)))  # (BLOCK_N, KW, warps, stages)
@@ -133,6 +136,30 @@ def sweep_kpack(handlers: list, group: int, xs: dict, log) -> list[dict]:
     return rows
 
 
+def sweep_w4g(handlers: list, group: int, xs_by_m: dict, log) -> list[dict]:
+    """The compiled INT4 GEMV over its tiles (cuda_ext.W4G_TILES) at 1–4 rows, on the handlers' GEMV copies, as
+    the runtime launches it by default (at one row the pre-quant scale in the kernel; at more rows it is left
+    out)."""
+    from quant.runtime import cuda_ext
+
+    rows = []
+    handlers = [h for h, _ in handlers]
+    for m, xs in sorted(xs_by_m.items()):
+        if m > cuda_ext.W4G_MAX_M:
+            continue
+        for tile in cuda_ext.W4G_TILES:
+            def run(tile=tile):
+                for h in handlers:
+                    cuda_ext.w4a16_gemv(xs[h.inp], h.w4g, h.scales, group=group, tile=tile,
+                                        prequant=h.prequant if cuda_ext.fuses(m, h.inp) else None)
+            g = graph(run)
+            ms = statistics.median(time_graph(g) for _ in range(5))
+            rows.append({"M": m, "tile": list(tile), "ms": ms})
+            log(f"sweep w4g M={m} {tile}: {ms * 1e3:8.1f} us per step")
+            del g
+    return rows
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m experiments.kernel_bench", description=__doc__.split("\n")[0])
@@ -143,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=positive_int, default=30)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--sweep", action="store_true", help="sweep the k-packed INT4 kernel's tiles at batch 1 first")
+    p.add_argument("--sweep-w4g", action="store_true",
+                   help="sweep the compiled INT4 GEMV's tiles at 1-4 rows first (needs the 'int4 w4g' variant)")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/kernel_bench.json"))
     args = p.parse_args(argv)
@@ -174,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         log(f"sweep: fastest tile {best}")
         tuned = KernelConfig(int4_kernel="kpack", w4k_rows=(1, 16), w4k_tile=tuple(best))
         hs["int4 kpack*"] = build_like(hs["int4 kpack"], tuned)
+    if args.sweep_w4g and "int4 w4g" in hs:
+        if hs["int4 w4g"][0][0].w4g is None:
+            raise UserError(f"the compiled INT4 GEMV is not available: "
+                            f"{getattr(hs['int4 w4g'][0][0], 'w4g_unavailable', 'shape or dtype it does not take')}")
+        sw = {m: xs[m] for m in batch_sizes}
+        record["sweep_w4g"] = sweep_w4g(hs["int4 w4g"], args.group, sw, log)
+        best = min((r for r in record["sweep_w4g"] if r["M"] == 1), key=lambda r: r["ms"])["tile"]
+        log(f"sweep w4g: fastest tile at 1 row {best}")
+        hs["int4 w4g*"] = build_like(hs["int4 w4g"], KernelConfig(w4g_rows=(1, 4), w4g_tile=tuple(best)))
     graphs = {(v, m): graph(step_fn(hl, xs[m])) for v, hl in hs.items() for m in batch_sizes}
     names = list(graphs)
     times: dict = {n: [] for n in names}

@@ -164,7 +164,7 @@ def test_int4_kpack_matches_float64_reference(out, inp, group):
     gen = torch.Generator().manual_seed(out * inp + group)
     t = _layout("W4A16_AWQ", gen, out, inp, group)
     h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV, group_size=group,
-                    kernels=KernelConfig(int4_kernel="kpack", w4k_rows=(1, 16)))  # batch 1 too: the GEMV entry
+                    kernels=KernelConfig(int4_kernel="kpack", w4k_rows=(1, 16), w4g_rows=None))  # batch 1 too
     assert h.kernel.startswith("w4k-mma") and h._gemv_ok()
     w, kw = h.kpack
     assert kw == ck.w4k_kw(inp, group, ck.W4K_TILE[1])
@@ -176,26 +176,35 @@ def test_int4_kpack_matches_float64_reference(out, inp, group):
             x = (activations(gen, m, inp) * scale).to(dtype)
             err = rel(h(x.to(DEV)), _reference("W4A16_AWQ", t, x, wd))
             assert err <= 1e-2, (m, scale, err)
+    _check_int4_prologues(h, t, wd, gen, rows=(1, 5))
+
+
+def _check_int4_prologues(h, t, wd, gen, rows, plain=False, tag=()) -> torch.Tensor:
+    """A float16 INT4 handler with RMSNorm / SiLU·gate in front (plain: and nothing) and the residual added in place
+    behind, against the float64 reference, at each number of rows; returns the last RMSNorm input."""
+    dtype, inp, out = torch.float16, h.inp, h.out
     norm = (1 + 0.1 * torch.randn(inp, generator=gen)).to(dtype)
-    for m in (1, 5):
+    for m in rows:
         hs = torch.randn(m, inp, generator=gen).to(dtype) * 3
         fg = torch.randn(m, 2 * inp, generator=gen).to(dtype) * 2
         res = torch.randn(m, out, generator=gen).to(dtype)
         xn = norm * (hs.float() * torch.rsqrt(hs.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
         xs = torch.nn.functional.silu(fg[:, :inp]) * fg[:, inp:]
-        for kwargs, src, x_ref in (({"norm": norm.to(DEV), "eps": 1e-5}, hs, xn), ({"silu": True}, fg, xs)):
+        cases = [({"norm": norm.to(DEV), "eps": 1e-5}, hs, xn), ({"silu": True}, fg, xs)] + ([({}, hs, hs)] * plain)
+        for kwargs, src, x_ref in cases:
             y = h.fused(src.to(DEV), **kwargs)
-            assert rel(y, _reference("W4A16_AWQ", t, x_ref, wd)) <= 1e-2, (m, list(kwargs))
+            assert rel(y, _reference("W4A16_AWQ", t, x_ref, wd)) <= 1e-2, (*tag, m, list(kwargs))
             r = res.to(DEV).clone()
             assert h.fused(src.to(DEV), residual=r, **kwargs) is r
             # one rounding of the sum to float16
-            assert rel(r, res.double() + y.double().cpu()) <= torch.finfo(dtype).eps, (m, list(kwargs))
+            assert rel(r, res.double() + y.double().cpu()) <= torch.finfo(dtype).eps, (*tag, m, list(kwargs))
+    return hs
 
 
 @cuda
 def test_int4_kpack_falls_back_where_it_cannot_run():
     """Hidden 576 (the default model: no whole 128-wide tile) and bfloat16 keep the other kernels; by default
-    batch 1 stays on tinygemm (faster there, measured)."""
+    batch 1 takes the compiled GEMV (faster there, measured), 2–16 rows the k-packed kernel."""
     from quant.runtime.linear import make_linear
     from quant.runtime.schemes.base import KernelConfig
 
@@ -208,7 +217,74 @@ def test_int4_kpack_falls_back_where_it_cannot_run():
     t = _layout("W4A16_AWQ", gen, 64, 512, 64)
     h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=torch.float16, device=DEV,
                     group_size=64)
-    assert h.kpack is not None and h.tinygemm is not None and not h._gemv_ok()
+    assert h.kpack is not None and h.tinygemm is not None and h.w4g is not None and h._gemv_ok()
+    assert h.kernel.startswith("w4g-cuda|w4k-mma") and not h.kpack_at_1
+
+
+@cuda
+@pytest.mark.parametrize("out, inp, group", [(64, 512, 32), (80, 1024, 128), (46, 4096, 128), (96, 576, 64),
+                                             (64, 11008, 128)])
+def test_int4_w4g_matches_float64_reference(out, inp, group):
+    """The compiled CUDA GEMV (cuda_ext.w4a16_gemv) for 1–4 rows: groups 32/64/128, hidden 576 (the default
+    model's), K = 11008 (the chunks do not fill the last lane round), N = 46 (tiles of 4 rows: a warp's last rows
+    past N), activations ×40, every tile; RMSNorm / SiLU·gate in act_prep before it, the pre-quant scale in the
+    kernel at one row (the same bits as act_prep's) or in act_prep, the residual added in place with one rounding;
+    5 rows go to the other kernels."""
+    from quant.runtime import cuda_ext
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(out * inp + group)
+    t = _layout("W4A16_AWQ", gen, out, inp, group)
+    for tile in cuda_ext.W4G_TILES:
+        h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV,
+                        group_size=group, kernels=KernelConfig(w4g_rows=(1, 4), w4g_tile=tile))
+        assert h.kernel.startswith("w4g-cuda"), getattr(h, "w4g_unavailable", h.kernel)
+        wd = h.dequantized_weight().cpu()
+        assert torch.equal(cuda_ext.unpack_w4g(h.w4g).cpu().float() * h.scales.float().cpu().repeat_interleave(
+            group, dim=1), wd)
+        for m in (1, 2, 3, 4, 5):
+            for scale in (1, 40):
+                x = (activations(gen, m, inp) * scale).to(dtype)
+                err = rel(h(x.to(DEV)), _reference("W4A16_AWQ", t, x, wd))
+                assert err <= 1e-2, (tile, m, scale, err)
+    tensors = {k: v.to(DEV) for k, v in t.items()}
+    # one row: the pre-quant scale in the GEMV, or in act_prep before it (always so behind RMSNorm / SiLU·gate)
+    for fuse in (True, False):
+        h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
+                        kernels=KernelConfig(w4g_rows=(1, 4), w4g_fuse=fuse))
+        hs = _check_int4_prologues(h, t, wd, gen, rows=(1, 3), plain=True, tag=(fuse,))
+        if fuse:  # x · pre inside the kernel rounds as act_prep does: the same bits as with act_prep first
+            from quant.runtime import cuda_kernels as ck
+
+            x1 = hs[:1].to(DEV)
+            assert torch.equal(h(x1), cuda_ext.w4a16_gemv(ck.act_prep(x1, prequant=h.prequant), h.w4g, h.scales,
+                                                          group=group, tile=h.w4g_tile))
+
+
+@cuda
+def test_int4_w4g_off_or_unavailable_leaves_the_other_kernels(monkeypatch):
+    """bfloat16, K not a multiple of 32, a group below 32, w4g_rows=None, or an extension that cannot be built
+    (its reason kept): no GEMV copy, and batch 1 runs on the kernels it ran on before."""
+    from quant.runtime import cuda_ext
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+
+    gen = torch.Generator().manual_seed(9)
+    cases = [(512, 64, torch.bfloat16, KernelConfig()), (528, 16, torch.float16, KernelConfig()),
+             (512, 64, torch.float16, KernelConfig(w4g_rows=None))]
+    for inp, group, dtype, kernels in cases:
+        t = _layout("W4A16_AWQ", gen, 64, inp, group)
+        h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV,
+                        group_size=group, kernels=kernels)
+        assert h.w4g is None and not h.kernel.startswith("w4g"), (inp, group, dtype)
+    monkeypatch.setattr(cuda_ext, "load", lambda: "the CUDA extension could not be built (test)")
+    t = _layout("W4A16_AWQ", gen, 64, 512, 64)
+    h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=torch.float16, device=DEV,
+                    group_size=64)
+    assert h.w4g is None and h.w4g_unavailable.endswith("(test)") and h.tinygemm is not None
 
 
 def _check_linear(algo, dtype, kernels=None):

@@ -79,12 +79,23 @@ class KernelConfig:
     gemv_tile: tuple[tuple[str, tuple[int, int, int]], ...] = ()
     # The k-packed INT4 kernel's (BLOCK_N, KW, warps, stages); None: its tuned default (cuda_kernels.W4K_TILE).
     w4k_tile: tuple[int, int, int, int] | None = None
+    # INT4 rows (1–4) that take the compiled CUDA GEMV (cuda_ext.w4a16_gemv: float16, on a copy reordered at load,
+    # ahead of w4k_rows and tinygemm); None: off. Where the extension cannot be built, the other kernels run.
+    w4g_rows: tuple[int, int] | None = (1, 1)
+    # Its (weight rows per warp, chunks in flight per lane), one of cuda_ext.W4G_TILES; None: cuda_ext.W4G_TILE.
+    w4g_tile: tuple[int, int] | None = None
+    # At one row with no RMSNorm / SiLU·gate in front: the pre-quant scale inside the GEMV instead of an act_prep
+    # launch (RMSNorm and SiLU·gate stay in act_prep: inside the GEMV, every block recomputing them, they measured
+    # slower end to end on an H200).
+    w4g_fuse: bool = True
 
     def __post_init__(self) -> None:
         if self.sq_prefill_gemm not in ("triton", "int_mm"):
             raise ValueError(f"sq_prefill_gemm must be 'triton' or 'int_mm', got {self.sq_prefill_gemm!r}")
         if not 1 <= self.w4k_rows[0] <= self.w4k_rows[1] <= 16:
             raise ValueError(f"w4k_rows must be 1 <= low <= high <= 16 (the kernel's row tile), got {self.w4k_rows}")
+        if self.w4g_rows is not None and not 1 <= self.w4g_rows[0] <= self.w4g_rows[1] <= 4:
+            raise ValueError(f"w4g_rows must be 1 <= low <= high <= 4 (the GEMV's rows) or None, got {self.w4g_rows}")
         if self.int4_kernel not in INT4_KERNELS:
             raise ValueError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {self.int4_kernel!r}")
         unknown = set(self.gemv) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}

@@ -1,4 +1,4 @@
-"""``W4A16_AWQ``: group-wise int4 weights with a pre-quant scale; tinygemm (CPU, CUDA) or Triton."""
+"""``W4A16_AWQ``: group-wise int4 weights with a pre-quant scale; tinygemm (CPU, CUDA), Triton or compiled CUDA."""
 from __future__ import annotations
 
 import functools
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from quant.errors import UserError
+from quant.runtime import cuda_ext
 from quant.runtime.schemes.base import (DEFAULT_KERNELS, INT4_KERNEL_GROUPS, INT4_KERNEL_ROW_MULTIPLE, KernelConfig,
                                         _cuda_kernels, _Handler, unpack_int4_rows)
 
@@ -41,26 +42,36 @@ class W4A16AWQLinear(_Handler):
             self.weight = packed.contiguous()
             self.scales = scales.to(dtype).contiguous()
             self.pow2_group = group & (group - 1) == 0 and group >= 16
-            self.tinygemm = self.kpack = None
+            self.tinygemm = self.kpack = self.w4g = None
             self.kpack_at_1 = False  # batch 1 through the k-packed kernel (w4k_rows starting at 1)
+            q = functools.cache(lambda: unpack_int4_rows(packed))  # the int4 values, for the copies made below
+            if kernels.w4g_rows is not None and cuda_ext.w4g_ok(inp, group, dtype):
+                built = cuda_ext.load()
+                if isinstance(built, str):
+                    self.w4g_unavailable = built
+                else:  # a copy in the GEMV's layout, for w4g_rows: it runs ahead of the kernels below
+                    self.w4g, self.w4g_rows = cuda_ext.pack_w4g(q()), kernels.w4g_rows
+                    self.w4g_tile = kernels.w4g_tile or cuda_ext.W4G_TILE
             if kernels.int4_kernel == "kpack" and dtype == torch.float16:
                 ck = _cuda_kernels()
                 self.w4k_tile = kernels.w4k_tile or ck.W4K_TILE
                 kw = ck.w4k_kw(inp, group, self.w4k_tile[1])
-                if kw is not None:  # a third copy, for w4k_rows: the other two serve the other rows and prefill
-                    self.kpack = ck.pack_int4_k(unpack_int4_rows(packed), kw), kw
+                if kw is not None:  # another copy, for w4k_rows: the others serve the other rows and prefill
+                    self.kpack = ck.pack_int4_k(q(), kw), kw
                     self.w4k_rows = kernels.w4k_rows
                     self.kpack_at_1 = self.w4k_rows[0] <= 1
-                    # batch 1 through the GEMV entry: one act_prep (RMSNorm / SiLU·gate and the pre-quant scale)
-                    self.own_prologue = self.kpack_at_1
             if kernels.int4_kernel in ("tinygemm", "kpack") and dtype != torch.float32 and group in (32, 64, 128, 256) \
                     and inp % 128 == 0 and out % 8 == 0:
                 tg = _tinygemm_layout(self.device)
                 if tg is not None:  # repacked once for tinygemm; the Triton layout stays for prefill
-                    self.tinygemm = _TinygemmInt4(unpack_int4_rows(packed), self.scales, group, tg)
+                    self.tinygemm = _TinygemmInt4(q(), self.scales, group, tg)
                     self.kernel = "tinygemm-w4a16|triton"
             if self.kpack is not None:
                 self.kernel = "w4k-mma|" + self.kernel
+            if self.w4g is not None:
+                self.kernel = "w4g-cuda|" + self.kernel
+            # batch 1 through the GEMV entry with one act_prep first (RMSNorm / SiLU·gate and the pre-quant scale)
+            self.own_prologue = self._w4g_takes(1) or self.kpack_at_1
         elif self.native and kgroup is not None:
             self.kernel, self.emulated, self.kernel_group = "int4pack_mm_cpu", False, kgroup
             q = unpack_int4_rows(packed)
@@ -78,12 +89,18 @@ class W4A16AWQLinear(_Handler):
 
     algo_key = "W4A16_AWQ"
     shared_inputs = ("prequant_scaling_factor",)
+    w4g = None  # the compiled GEMV's copy (CUDA, float16), when built
+
+    def _w4g_takes(self, rows: int) -> bool:
+        return self.w4g is not None and self.w4g_rows[0] <= rows <= self.w4g_rows[1]
 
     def _gemv_ok(self) -> bool:
-        return self.kpack_at_1 or (self.pow2_group and self.tinygemm is None)
+        return self._w4g_takes(1) or self.kpack_at_1 or (self.pow2_group and self.tinygemm is None)
 
     def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
+        if self._w4g_takes(1):
+            return self._w4g_mm(x, norm, eps, silu, residual)
         if self.kpack_at_1:
             return self._w4k(x, norm, eps, silu, residual)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT4, wscale=self.scales, group=self.group,
@@ -95,8 +112,18 @@ class W4A16AWQLinear(_Handler):
         return _cuda_kernels().w4k_mm(x, w, self.scales, group=self.group, kw=kw, residual=residual,
                                       tile=self.w4k_tile)
 
+    def _w4g_mm(self, x, norm, eps, silu, residual=None):
+        if norm is None and not silu and self.prequant is not None and self.kernels.w4g_fuse \
+                and cuda_ext.fuses(x.shape[0], self.inp):
+            return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
+                                       tile=self.w4g_tile, prequant=self.prequant)
+        x = self._prep(x, norm, eps, silu, prequant=self.prequant)
+        return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile)
+
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
+        if self._w4g_takes(x.shape[0]):
+            return self._w4g_mm(x, norm, eps, silu)
         if self.kpack is not None and self.w4k_rows[0] <= x.shape[0] <= self.w4k_rows[1]:
             return self._w4k(x, norm, eps, silu)
         if self.tinygemm is not None and x.shape[0] <= ck.WQ_MM_MAX_M:
@@ -126,6 +153,8 @@ class W4A16AWQLinear(_Handler):
 
     def _held(self):
         pre = () if self.prequant is None else (self.prequant,)
+        if self.cuda and self._w4g_takes(1):  # batch-1 decode reads the GEMV's copy
+            return self.w4g, self.scales, *pre
         if self.cuda and self.kpack_at_1:  # batch-1 decode reads the k-packed copy
             return self.kpack[0], self.scales, *pre
         if self.cuda and self.tinygemm is not None:  # decode reads the tinygemm copy; prefill the Triton layout

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Issue 14, the compiled INT4 GEMV: build, test, time. One call on the lent nvidia-h200 machine, from the repository
+# root, with .whl (pydantic and its three dependencies, for python 3.12) carried; everything lands in $OUT.
+#   stages: build (timed, SASS instruction mix of the batch-1 kernel), tests/test_cuda.py, kernel_bench per shape
+#   (the GEMV's tiles swept at 1-4 rows, then every variant interleaved), the end-to-end bench per shape.
+# STAGES (env) picks a subset: "build tests_w4g kb tests e2e" by default; SHAPES the shapes. The device tool
+# brings back 8 files of a call: two shapes and every stage write more, so split the stages over calls.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export QUANT_SUITE_CACHE=${QUANT_SUITE_CACHE:-/root/qcache}
+STAGES=${STAGES:-build tests_w4g kb tests e2e}
+KB_VARIANTS=${KB_VARIANTS:-fp16 cuBLAS,fp16 runtime,int4 tinygemm,int4 kpack,int4 w4g,int4 w4g unfused,int4 default}
+KB_BATCHES=${KB_BATCHES:-1,4,8,16}
+SHAPES=${SHAPES:-llama2-7b llama3-8b}
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader > "$OUT/gpu.txt"
+date -u +%FT%TZ >> "$OUT/gpu.txt"
+for stage in $STAGES; do
+  case $stage in
+  build)
+    python3 - <<'PY' 2>&1 | tee "$OUT/build.log"
+import time, torch
+t = time.time()
+from quant.runtime import cuda_ext
+m = cuda_ext.load()
+print("extension:", m if isinstance(m, str) else m.__file__, f"in {time.time() - t:.1f} s; torch", torch.__version__)
+PY
+    so=$(ls "$QUANT_SUITE_CACHE"/torch-extensions/*/quant_w4a16_gemv*.so 2>/dev/null | head -1)
+    if [ -n "$so" ]; then
+      cuobjdump -sass "$so" > /tmp/sass.txt
+      python3 - <<'PY' > "$OUT/sass-mix.txt"
+import re, collections
+text = open("/tmp/sass.txt").read()
+for fn in re.split(r"\n\s*Function : ", text)[1:]:
+    name = fn.split("\n", 1)[0]
+    if "ILi1ELi2ELi4E" not in name and "ILi1ELi1ELi4E" not in name:
+        continue
+    ops = collections.Counter(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", fn))
+    print(name, sum(ops.values()), "instructions")
+    print("  ", ", ".join(f"{k} {v}" for k, v in ops.most_common(30)))
+PY
+    fi ;;
+  tests_w4g)  # the GEMV's own tests, first: a wrong kernel stops the call before any timing
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k w4g 2>&1 | tail -30 > "$OUT/test_w4g.txt"
+    tail -3 "$OUT/test_w4g.txt"; grep -q " passed" "$OUT/test_w4g.txt" && ! grep -q "failed" "$OUT/test_w4g.txt" || exit 1 ;;
+  tests)
+    timeout 300 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
+    tail -3 "$OUT/test_cuda.txt" ;;
+  kb)
+    for shape in $SHAPES; do
+      timeout 240 python3 -m experiments.kernel_bench --shape $shape --batch-sizes $KB_BATCHES --sweep-w4g \
+        --variants "$KB_VARIANTS" \
+        --out "$OUT/kb-w4g-$shape.json" > "$OUT/kb-w4g-$shape.log" 2>&1
+      tail -32 "$OUT/kb-w4g-$shape.log"
+    done ;;
+  e2e)
+    for shape in $SHAPES; do
+      timeout 240 python3 -m experiments.bench --shape $shape --recipes fp16,int4_awq,int4_awq@w4g-unfused,int4_awq@kpack \
+        --batch-sizes 1,4,8,16 --input-lens 512 --no-hf --repeats 3 --out "$OUT/e2e-w4g-$shape.json" \
+        > "$OUT/e2e-w4g-$shape.log" 2>&1
+      tail -20 "$OUT/e2e-w4g-$shape.log"
+    done ;;
+  esac
+done

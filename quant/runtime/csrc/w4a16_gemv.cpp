@@ -1,0 +1,47 @@
+// PyTorch binding of w4a16_gemv.cu (compiled apart from it, so the kernel file needs no PyTorch headers).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
+                              int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
+                              cudaStream_t stream);
+
+// x [M, K] float16, w int32 [N, K / 8] (cuda_ext.pack_w4g), s float16 [N, K / group]; out [M, N] float16: written,
+// or added to in place when accumulate. prequant float16 [K]: the input is x * prequant (one row; an empty tensor:
+// none). Returns out.
+torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
+                         bool accumulate, int64_t tile, torch::Tensor prequant) {
+  TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
+              "w4a16_gemv: tensors on one CUDA device");
+  TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
+              w.scalar_type() == at::kInt, "w4a16_gemv: float16 x, s, out and int32 w");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1) * 8;
+  const bool pre = prequant.numel() > 0;
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.size(1) == K,
+              "w4a16_gemv: x [M, K], rows 16-byte aligned");
+  TORCH_CHECK(M >= 1 && M <= 4 && (!pre || M == 1), "w4a16_gemv: 1-4 rows, one with prequant; got ", M);
+  TORCH_CHECK(!pre || K * 2 <= 48 * 1024, "w4a16_gemv: prequant stages K <= 24576 in shared memory");
+  TORCH_CHECK(K % 32 == 0 && w.is_contiguous(), "w4a16_gemv: w [N, K / 8], K % 32 == 0");
+  TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && K % group == 0, "w4a16_gemv: group a power of two >= 32");
+  TORCH_CHECK(s.is_contiguous() && s.size(0) == N && s.size(1) * group == K, "w4a16_gemv: s [N, K / group]");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.stride(1) == 1, "w4a16_gemv: out [M, N]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "w4a16_gemv: x and w 16-byte aligned");
+  TORCH_CHECK(!pre || (prequant.device() == x.device() && prequant.scalar_type() == at::kHalf &&
+                       prequant.is_contiguous() && prequant.numel() == K &&
+                       reinterpret_cast<uintptr_t>(prequant.data_ptr()) % 16 == 0),
+              "w4a16_gemv: prequant float16 [K], 16-byte aligned");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int gshift = __builtin_ctzll(group);
+  const cudaError_t err = w4a16_gemv_launch(
+      static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
+      out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), gshift, accumulate,
+      pre ? prequant.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: ", cudaGetErrorString(err));
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("w4a16_gemv", &w4a16_gemv, "W4A16 GEMV, 1-4 rows (w4a16_gemv.cu)");
+}

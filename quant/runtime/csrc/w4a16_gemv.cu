@@ -1,0 +1,223 @@
+// W4A16 GEMV for 1-4 activation rows: y[m, n] = sum_k x[m, k] * q[n, k] * s[n, k / group] (+ y[m, n]).
+//
+// Weight layout (made once at load, quant/runtime/cuda_ext.py: pack_w4g): int32 words [N, K/8]; word j of row n
+// holds k = 8j..8j+7 as unsigned nibbles q + 8, nibble p holding k offset {0,2,4,6,1,3,5,7}[p], so that one LOP3
+// against the float16 exponent of 1024 puts two consecutive k's into a half2 (Marlin's dequantization): the low
+// nibbles of each 16-bit half are (k0, k1) and, after >> 8, (k4, k5); the second nibbles, 16x, are (k2, k3) and
+// (k6, k7). Each lane streams 16 bytes (32 weights, within one group because group >= 32) per row per chunk with
+// non-caching loads, U chunks of R rows in flight before any arithmetic.
+//
+// One row (decode at batch 1) can bring the pre-quant scale along (PRO_PREQUANT): every block first writes x * pre
+// into shared memory, rounded as act_prep rounds it (cuda_kernels._prologue), which saves that launch. (RMSNorm and
+// SiLU * gate done the same way, every block recomputing them, measured slower end to end than one act_prep
+// launch; so did programmatic dependent launch: experiments/results/gpu/kernels.)
+//
+// Precision contract: products x * q are summed in half2 over one word (4 per half, |x * q| <= 8 |x|, so no
+// overflow below |x| ~ 2000), then in float32; the group scale is applied in float32 once per chunk; the residual
+// is added in float32 and rounded to float16 once.
+#include <cuda_fp16.h>
+#include <cstdint>
+
+namespace {
+
+constexpr int WARPS = 4;
+enum Prologue { PRO_GLOBAL = 0, PRO_PREQUANT = 1 };  // PRO_GLOBAL: x read as given
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t and_or_1024(uint32_t a) {  // (a & MASK) | fp16x2(1024, 1024)
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "n"(MASK), "n"(0x64006400));
+  return r;
+}
+
+__device__ __forceinline__ half2 as_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
+__device__ __forceinline__ uint32_t as_u32(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+// One word -> 4 half2 of exact integers in [-8, 7]: (k0,k1), (k2,k3), (k4,k5), (k6,k7).
+__device__ __forceinline__ void dequant_word(uint32_t q, half2 (&d)[4]) {
+  const half2 sub = as_h2(0x64086408u);  // 1032 = 1024 + 8
+  const half2 mul = as_h2(0x2c002c00u);  // 1/16
+  const half2 add = as_h2(0xd480d480u);  // -72 = -(1024 / 16 + 8)
+  d[0] = __hsub2(as_h2(and_or_1024<0x000f000fu>(q)), sub);
+  d[1] = __hfma2(as_h2(and_or_1024<0x00f000f0u>(q)), mul, add);
+  q >>= 8;
+  d[2] = __hsub2(as_h2(and_or_1024<0x000f000fu>(q)), sub);
+  d[3] = __hfma2(as_h2(and_or_1024<0x00f000f0u>(q)), mul, add);
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// The staged row x * pre in shared memory: the 16-byte unit j (k = 32c + 8j .. + 7) of chunk c sits at unit
+// j * C + c, so that the lanes of a warp, reading consecutive chunks' unit j, read consecutive 16 bytes (no bank
+// conflicts).
+__device__ __forceinline__ void stage_row(uint4* xs, const half* x, const half* pre, int K) {
+  const int C = K >> 5, units = K >> 3;
+  for (int u = threadIdx.x; u < units; u += WARPS * 32) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(x) + u);
+    const uint4 p = __ldg(reinterpret_cast<const uint4*>(pre) + u);
+    xs[(u & 3) * C + (u >> 2)] = make_uint4(as_u32(__hmul2(as_h2(v.x), as_h2(p.x))), as_u32(__hmul2(as_h2(v.y), as_h2(p.y))),
+                                            as_u32(__hmul2(as_h2(v.z), as_h2(p.z))), as_u32(__hmul2(as_h2(v.w), as_h2(p.w))));
+  }
+  __syncthreads();
+}
+
+// M activation rows, R weight rows per warp, U chunks of 32 k per lane in flight; PRO_PREQUANT: M == 1, the row
+// staged in shared memory (K * 2 bytes, dynamic).
+template <int M, int R, int U, int PRO>
+__global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
+    const half* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const half* __restrict__ s,
+    half* __restrict__ y, int64_t ldy, int N, int K, int gshift, bool accumulate, const half* __restrict__ pre) {
+  extern __shared__ uint4 xs[];
+  const int lane = threadIdx.x & 31;
+  const int n0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * R;  // warps past N compute a valid row, store none
+  const int C = K >> 5;                 // 32-weight chunks per row (uint4 per row)
+  const int G = K >> gshift;            // scales per row
+  const int cshift = gshift - 5;        // chunk -> group
+  int rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) rows[r] = min(n0 + r, N - 1);
+  float acc[M][R];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+
+  uint4 wv[U][R];
+  auto load = [&](int c0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * 32 + lane;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        wv[u][r] = c < C ? load_stream(w + (int64_t)rows[r] * C + c) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  load(0);  // the first weights on their way while the block stages x
+  if (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K);
+
+  for (int c0 = 0; c0 < C; c0 += 32 * U) {
+    if (c0 > 0) load(c0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * 32 + lane;
+      if (c >= C) break;
+      float part[M][R];
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) part[m][r] = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        half2 xv[M][4];
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const uint4 xr = PRO != PRO_GLOBAL ? xs[j * C + c]
+                                             : __ldg(reinterpret_cast<const uint4*>(x + m * ldx + c * 32 + j * 8));
+          xv[m][0] = as_h2(xr.x); xv[m][1] = as_h2(xr.y); xv[m][2] = as_h2(xr.z); xv[m][3] = as_h2(xr.w);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          half2 d[4];
+          dequant_word(word(wv[u][r], j), d);
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            half2 a = __hmul2(d[0], xv[m][0]);
+            a = __hfma2(d[1], xv[m][1], a);
+            a = __hfma2(d[2], xv[m][2], a);
+            a = __hfma2(d[3], xv[m][3], a);
+            const float2 f = __half22float2(a);
+            part[m][r] += f.x + f.y;
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float sc = __half2float(s[(int64_t)rows[r] * G + (c >> cshift)]);
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[m][r] = fmaf(sc, part[m][r], acc[m][r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float v = acc[m][r];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      acc[m][r] = v;
+    }
+  if (lane == 0) {
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int n = n0 + r;
+        if (n < N) {
+          half* out = y + m * ldy + n;
+          *out = __float2half_rn(accumulate ? __half2float(*out) + acc[m][r] : acc[m][r]);
+        }
+      }
+  }
+}
+
+struct Args {
+  const void *x, *w, *s, *pre;
+  void* y;
+  int64_t ldx, ldy;
+  int N, K, gshift;
+  bool accumulate;
+  cudaStream_t stream;
+};
+
+template <int M, int R, int U, int PRO>
+cudaError_t launch(const Args& a) {
+  const int warps = (a.N + R - 1) / R;
+  const size_t smem = PRO == PRO_GLOBAL ? 0 : a.K * sizeof(half);
+  w4a16_gemv_kernel<M, R, U, PRO><<<(warps + WARPS - 1) / WARPS, WARPS * 32, smem, a.stream>>>(
+      static_cast<const half*>(a.x), a.ldx, static_cast<const uint4*>(a.w), static_cast<const half*>(a.s),
+      static_cast<half*>(a.y), a.ldy, a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre));
+  return cudaGetLastError();
+}
+
+template <int M, int PRO>
+cudaError_t launch_tile(int tile, const Args& a) {
+  switch (tile) {  // (R, U): the tiles of cuda_ext.W4G_TILES, in order
+    case 0: return launch<M, 1, 2, PRO>(a);
+    case 1: return launch<M, 1, 4, PRO>(a);
+    case 2: return launch<M, 2, 2, PRO>(a);
+    case 3: return launch<M, 2, 4, PRO>(a);
+    case 4: return launch<M, 4, 1, PRO>(a);
+    case 5: return launch<M, 4, 2, PRO>(a);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+// The contract of the launcher (checked by the binding): M in 1..4; K % 32 == 0; group a power of two >= 32 that
+// divides K; x, w and s 16-byte aligned with row strides ldx (elements, a multiple of 8) and K / 8 words and K /
+// group scales; y [M, ldy] float16. pre [K] float16 (x * pre is the input) or null: M == 1 and K * 2 bytes of
+// shared memory (<= 48 KiB); with more rows the pre-quant scale must already be applied.
+cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
+                              int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
+                              cudaStream_t stream) {
+  const Args a{x, w, s, pre, y, ldx, ldy, N, K, gshift, accumulate, stream};
+  if (pre != nullptr) return M == 1 ? launch_tile<1, PRO_PREQUANT>(tile, a) : cudaErrorInvalidValue;
+  switch (M) {
+    case 1: return launch_tile<1, PRO_GLOBAL>(tile, a);
+    case 2: return launch_tile<2, PRO_GLOBAL>(tile, a);
+    case 3: return launch_tile<3, PRO_GLOBAL>(tile, a);
+    case 4: return launch_tile<4, PRO_GLOBAL>(tile, a);
+    default: return cudaErrorInvalidValue;
+  }
+}

@@ -1,0 +1,98 @@
+"""The runtime's compiled CUDA kernels (``csrc/``), built once per machine with PyTorch's extension builder.
+
+:func:`w4a16_gemv` is the INT4 (W4A16) decode GEMV for 1–4 rows on a copy of the weights reordered at load
+(:func:`pack_w4g`): each lane streams 16 bytes of weights per load and turns them into float16 pairs in registers
+with one LOP3 per pair (``csrc/w4a16_gemv.cu`` states its layout and precision contract).
+
+The build needs ``nvcc`` and ``ninja`` (the CUDA toolkit); it is cached under the suite's cache folder, keyed by
+PyTorch on the sources and compiler flags, so a machine compiles it once and an edited source recompiles. Where
+it cannot be built, :func:`load` says why and the handlers keep their Triton / tinygemm kernels.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from quant import quiet
+from quant.paths import cache_root
+
+CSRC = Path(__file__).parent / "csrc"
+# (weight rows per warp, 32-weight chunks per lane in flight): the launcher's tile index is the position here
+W4G_TILES = ((1, 2), (1, 4), (2, 2), (2, 4), (4, 1), (4, 2))
+W4G_TILE = (2, 4)  # the fastest at 1 row on the 7B and 8B shapes (experiments/results/gpu/kernels)
+W4G_MAX_M = 4
+_NIBBLE_K = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a word holds k offset _NIBBLE_K[p] (the kernel's dequantization)
+
+
+@functools.cache
+def load():
+    """The compiled module, or the one-line reason it is not available (a ``str``)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    build = cache_root() / "torch-extensions" / f"torch{torch.__version__}-cuda{torch.version.cuda}"
+    try:
+        from torch.utils import cpp_extension
+
+        build.mkdir(parents=True, exist_ok=True)
+        with quiet.held("torch.utils.cpp_extension"):  # the compiler's output shows with -v
+            return cpp_extension.load(
+                name="quant_w4a16_gemv", sources=[str(CSRC / "w4a16_gemv.cpp"), str(CSRC / "w4a16_gemv.cu")],
+                build_directory=str(build), extra_cuda_cflags=["-O3", "-lineinfo"] + _arch_flags(),
+                extra_cflags=["-O3"], verbose=False)
+    except Exception as exc:  # no toolkit, no compiler, a failed build: the reason, and the other kernels run
+        last = (str(exc).strip().splitlines() or [""])[-1][:200]
+        return f"the CUDA extension could not be built ({type(exc).__name__}: {last})"
+
+
+def _arch_flags() -> list[str]:
+    """This machine's GPUs' own instructions (sm_90 on an H200), unless TORCH_CUDA_ARCH_LIST says otherwise."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return [f"-gencode=arch=compute_{a}{b},code=sm_{a}{b}" for a, b in caps]
+
+
+def w4g_ok(inp: int, group: int, dtype: torch.dtype) -> bool:
+    """Whether the GEMV takes this linear: float16, K a multiple of 32, group a power of two ≥ 32."""
+    return dtype == torch.float16 and inp % 32 == 0 and group >= 32 and group & (group - 1) == 0 and inp % group == 0
+
+
+def pack_w4g(q: torch.Tensor) -> torch.Tensor:
+    """int [N, K] in [-8, 7] → int32 words [N, K/8] in the kernel's nibble order (the inverse: :func:`unpack_w4g`)."""
+    n, k = q.shape
+    u = (q.to(torch.int64) + 8).reshape(n, k // 8, 8)[..., list(_NIBBLE_K)]
+    words = (u << (4 * torch.arange(8, device=q.device))).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def unpack_w4g(w: torch.Tensor) -> torch.Tensor:
+    n, kw = w.shape
+    u = (w.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> (4 * torch.arange(8, device=w.device)) & 0xF
+    out = torch.empty_like(u)
+    out[..., list(_NIBBLE_K)] = u
+    return (out - 8).reshape(n, kw * 8).to(torch.int8)
+
+
+def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group: int,
+               residual: torch.Tensor | None = None, tile: tuple[int, int] = W4G_TILE,
+               prequant: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M ≤ 4, K] float16 → x · (q · s)ᵀ [M, N]; added to ``residual`` in place (one rounding) when given.
+    One row (:func:`fuses`) may bring the pre-quant scale: the input is then x · prequant, rounded as
+    ``cuda_kernels.act_prep`` rounds it."""
+    mod = load()
+    if isinstance(mod, str):
+        raise RuntimeError(mod)
+    out = residual if residual is not None else torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    return mod.w4a16_gemv(x, w, scales, group, out, residual is not None, W4G_TILES.index(tuple(tile)),
+                          _NONE if prequant is None else prequant)
+
+
+_NONE = torch.empty(0)
+
+
+def fuses(rows: int, inp: int) -> bool:
+    """Whether the GEMV can apply the pre-quant scale itself: one row, staged whole in 48 KiB of shared memory."""
+    return rows == 1 and inp * 2 <= 48 * 1024

@@ -1,0 +1,40 @@
+"""The compiled INT4 GEMV's weight layout (quant/runtime/cuda_ext.py, csrc/w4a16_gemv.cu), checked on the CPU: the
+packing round-trips, and the kernel's dequantization — LOP3 against the float16 exponent of 1024, then a
+subtraction or a multiply-add with its three float16 constants — read with numpy bit for bit gives back every
+int4 value in the (k, k+1) pairs the kernel multiplies with x. The kernel itself runs in tests/test_cuda.py."""
+import numpy as np
+import torch
+
+from quant.runtime.cuda_ext import pack_w4g, unpack_w4g
+
+
+def test_pack_round_trips_every_value():
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(6, 8)[:, torch.randperm(128, generator=torch.Generator().manual_seed(0))]
+    w = pack_w4g(q)
+    assert w.dtype == torch.int32 and w.shape == (6, 16)
+    assert torch.equal(unpack_w4g(w), q)
+
+
+def _kernel_dequant(word: np.uint32) -> list[float]:
+    """csrc/w4a16_gemv.cu dequant_word, step for step: lop3(a, mask, 0x64006400) = (a & mask) | 0x64006400."""
+    def h2(u):
+        return np.array([u], dtype=np.uint32).view(np.float16)  # (low half, high half)
+
+    sub, mul, add = h2(0x64086408), h2(0x2C002C00), h2(0xD480D480)
+    out = []
+    for q in (int(word), int(word) >> 8):
+        lo = h2((q & 0x000F000F) | 0x64006400) - sub
+        hi = h2((q & 0x00F000F0) | 0x64006400) * mul + add  # exact here: the kernel's fma rounds once, same value
+        out += [lo, hi]
+    return [float(v) for pair in out for v in pair]  # (k0, k1), (k2, k3), (k4, k5), (k6, k7)
+
+
+def test_kernel_dequantization_reads_back_the_int4_values_in_order():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(-8, 8, (4, 64), generator=gen, dtype=torch.int8)
+    q[0, :16] = torch.arange(-8, 8)  # every value at every nibble position
+    q[1, :16] = torch.arange(7, -9, -1)
+    w = pack_w4g(q).numpy().view(np.uint32)
+    for n in range(q.shape[0]):
+        got = [v for j in range(w.shape[1]) for v in _kernel_dequant(w[n, j])]
+        assert got == q[n].tolist()
