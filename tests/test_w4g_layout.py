@@ -9,10 +9,12 @@ from quant.runtime.cuda_ext import pack_w4g, unpack_w4g
 
 
 def test_pack_round_trips_every_value():
-    q = torch.arange(-8, 8, dtype=torch.int8).repeat(6, 8)[:, torch.randperm(128, generator=torch.Generator().manual_seed(0))]
+    order = torch.randperm(128, generator=torch.Generator().manual_seed(0))
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(6, 8)[:, order]
     w = pack_w4g(q)
     assert w.dtype == torch.int32 and w.shape == (6, 16)
     assert torch.equal(unpack_w4g(w), q)
+    assert torch.equal(pack_w4g(q, rows_per_step=4), w)  # packed in steps: the same words
 
 
 def _kernel_dequant(word: np.uint32) -> list[float]:

@@ -25,6 +25,7 @@ W4G_TILES = ((1, 2), (1, 4), (2, 2), (2, 4), (4, 1), (4, 2))
 W4G_TILE = (2, 4)  # the fastest at 1 row on the 7B and 8B shapes (experiments/results/gpu/kernels)
 W4G_MAX_M = 4
 _NIBBLE_K = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a word holds k offset _NIBBLE_K[p] (the kernel's dequantization)
+_NONE = torch.empty(0)  # "no pre-quant scale" to the binding
 
 
 @functools.cache
@@ -60,12 +61,16 @@ def w4g_ok(inp: int, group: int, dtype: torch.dtype) -> bool:
     return dtype == torch.float16 and inp % 32 == 0 and group >= 32 and group & (group - 1) == 0 and inp % group == 0
 
 
-def pack_w4g(q: torch.Tensor) -> torch.Tensor:
-    """int [N, K] in [-8, 7] → int32 words [N, K/8] in the kernel's nibble order (the inverse: :func:`unpack_w4g`)."""
-    n, k = q.shape
-    u = (q.to(torch.int64) + 8).reshape(n, k // 8, 8)[..., list(_NIBBLE_K)]
-    words = (u << (4 * torch.arange(8, device=q.device))).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+def pack_w4g(q: torch.Tensor, rows_per_step: int = 1024) -> torch.Tensor:
+    """int [N, K] in [-8, 7] → int32 words [N, K/8] in the kernel's nibble order (the inverse: :func:`unpack_w4g`).
+    Packed ``rows_per_step`` rows at a time: the int64 temporaries stay ~30 MB per 1000 columns, not 24x the
+    weight's bytes at once (GBs for an 8B model's MLP on the GPU)."""
+    def pack(part: torch.Tensor) -> torch.Tensor:
+        u = (part.to(torch.int64) + 8).reshape(part.shape[0], -1, 8)[..., list(_NIBBLE_K)]
+        words = (u << (4 * torch.arange(8, device=q.device))).sum(-1)
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+    return torch.cat([pack(part) for part in q.split(rows_per_step)]).contiguous()
 
 
 def unpack_w4g(w: torch.Tensor) -> torch.Tensor:
@@ -88,9 +93,6 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     out = residual if residual is not None else torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
     return mod.w4a16_gemv(x, w, scales, group, out, residual is not None, W4G_TILES.index(tuple(tile)),
                           _NONE if prequant is None else prequant)
-
-
-_NONE = torch.empty(0)
 
 
 def fuses(rows: int, inp: int) -> bool:
