@@ -36,7 +36,8 @@ import torch
 from quant import faults
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.errors import UserError
-from quant.export import calibration_device, forward_loop, load_hf_model
+from quant.export import calibration_batch_size, calibration_device, forward_loop, load_hf_model
+from quant.memory import free_bytes
 from quant.codehash import code_hash
 from quant.names import HF_MODULES
 from quant.paths import cache_root
@@ -364,12 +365,13 @@ def stats_dir(resolved: "ResolvedModel", spec: CalibSpec) -> Path:
 
 def get_stats(
     resolved: "ResolvedModel", spec: CalibSpec, *, model: torch.nn.Module | None = None, tokenizer=None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
 ) -> ActivationStats:
     """The statistics of (model, spec): read from the cache, or computed once and cached.
 
     On a miss the HF model is loaded in float32 (``quant.export.load_hf_model``) unless ``model`` is given; on a
-    hit neither the model nor the tokenizer is touched. ``.from_cache`` tells which happened.
+    hit neither the model nor the tokenizer is touched. ``.from_cache`` tells which happened. ``batch_size``: rows
+    per forward; None: as many as the device's free memory holds, up to ``quant.export.CALIB_ROWS``.
     """
     folder = stats_dir(resolved, spec)
     if folder.exists():
@@ -381,6 +383,9 @@ def get_stats(
     batches = spec.batches(tokenizer)  # bad data fails before the model is loaded
     if model is None:
         model = load_hf_model(resolved, dtype=torch.float32, device=calibration_device())
+    if batch_size is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        batch_size = calibration_batch_size(model.config, batches.shape[1], free_bytes(device))
     stats = collect_stats(model, batches, batch_size=batch_size, model_hash=resolved.content_hash, spec=spec)
     faults.point("calib.collect")  # crash test: statistics computed, nothing written
     # A model with NaN/Inf weights is the model's fault, not the cache's: say so and cache nothing (a cached

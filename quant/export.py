@@ -123,7 +123,28 @@ def calibration_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def forward_loop(batches: torch.Tensor, batch_size: int = 4) -> Callable[[torch.nn.Module], None]:
+CALIB_ROWS = 4  # rows per calibration forward where memory allows
+
+
+def calibration_row_bytes(config, seq_len: int) -> int:
+    """An upper estimate of one calibration row's float32 activations: one layer's transients (hidden states,
+    q/k/v, the MLP's three intermediates), the attention scores, the logits — doubled for the allocator's slack.
+    ~120 MB at the default model's 256 tokens, ~4 GB at Llama-3-8B's 2048."""
+    h, heads = config.hidden_size, config.num_attention_heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or h // heads)
+    return 2 * 4 * (seq_len * (4 * h + 2 * kv + 3 * config.intermediate_size + config.vocab_size)
+                    + heads * seq_len ** 2)
+
+
+def calibration_batch_size(config, seq_len: int, free: int, wanted: int = CALIB_ROWS) -> int:
+    """Rows per calibration forward: ``wanted``, fewer where half of ``free`` bytes would not hold them
+    (:func:`calibration_row_bytes`), never fewer than 1. A machine with room calibrates exactly as before; a tight
+    one takes fewer rows at a time (the same statistics up to float32 summation order) instead of running out of
+    memory (TRT-LLM#288, llm-compressor#2039)."""
+    return int(max(1, min(wanted, free // 2 // calibration_row_bytes(config, seq_len))))
+
+
+def forward_loop(batches: torch.Tensor, batch_size: int = CALIB_ROWS) -> Callable[[torch.nn.Module], None]:
     """``loop(model)`` running the model over the rows under ``torch.no_grad()`` (ModelOpt's ``forward_loop``)."""
     if batches.dim() != 2 or batches.numel() == 0:
         raise ValueError(f"calibration batches must be a non-empty [rows, seq_len] tensor, got {tuple(batches.shape)}")

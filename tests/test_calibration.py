@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -211,6 +212,47 @@ def test_forward_loop_runs_every_row_without_grad():
     batches = torch.arange(10 * 3).view(10, 3)
     forward_loop(batches, batch_size=4)(Probe())
     assert seen == [((4, 3), False), ((4, 3), False), ((2, 3), False)]
+
+
+def test_calibration_batch_follows_free_memory():
+    """Four rows per forward where half the free memory holds their activations; fewer where it does not; never
+    none. The estimate per row (the docstring's figures): SmolLM2 at 256 tokens ~120 MB, Llama-3-8B at 2048 ~4 GB."""
+    from types import SimpleNamespace
+
+    from quant.export import CALIB_ROWS, calibration_batch_size, calibration_row_bytes
+
+    smol = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                           vocab_size=49152)
+    llama3 = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                             intermediate_size=14336, vocab_size=128256)
+    for cfg, seq, low, high in ((smol, 256, 0.1e9, 0.15e9), (llama3, 2048, 3.5e9, 4.5e9)):
+        row = calibration_row_bytes(cfg, seq)
+        assert low < row < high
+        assert calibration_batch_size(cfg, seq, 2**50) == CALIB_ROWS == 4
+        assert calibration_batch_size(cfg, seq, 2 * 3 * row) == 3  # half the free memory holds the rows
+        assert calibration_batch_size(cfg, seq, 2 * 3 * row - 1) == 2
+        assert calibration_batch_size(cfg, seq, 0) == 1
+
+
+def test_get_stats_takes_fewer_rows_per_forward_when_memory_is_short(cold_cache, tiny_llama_dir, monkeypatch):
+    """On a machine whose free memory holds one row's activations, the statistics are collected one row at a
+    time (a spy on collect_stats) and equal those of four rows at a time up to float32 summation order."""
+    import calibration.stats
+    from quant.model_source import resolve_model
+
+    used = []
+    real = calibration.stats.collect_stats
+    monkeypatch.setattr(calibration.stats, "collect_stats",
+                        lambda *a, batch_size, **k: used.append(batch_size) or real(*a, batch_size=batch_size, **k))
+    resolved = resolve_model(str(tiny_llama_dir))
+    spec = CalibSpec(num_samples=4, seq_len=32)
+    roomy = get_stats(resolved, spec)
+    shutil.rmtree(stats_dir(resolved, spec))
+    monkeypatch.setattr(calibration.stats, "free_bytes", lambda device: 0)
+    short = get_stats(resolved, spec)
+    assert used == [4, 1]
+    for name in roomy.layers:
+        torch.testing.assert_close(short.absmax[name], roomy.absmax[name], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- stats
