@@ -17,6 +17,7 @@ from pathlib import Path
 from calibration.data import CalibSpec, add_calib_args, calib_spec_from_args
 from calibration.datasets import load_samples
 from experiments import environment
+from experiments.device_use import DeviceUse, device_identity
 from experiments.prompts import PromptBuilder
 from quant import faults
 from quant.atomic import atomic_write_json, ensure_writable_dir
@@ -288,14 +289,21 @@ def evaluate(settings: EvalSettings, recipe, *, calib=None, checkpoint: Path | N
     samples = load_samples(settings.dataset, split=settings.split, num_samples=settings.num_samples,
                            seed=settings.seed, input_column=settings.input_column,
                            reference_column=settings.reference_column)
-    cand = Candidate(settings, recipe, calib=calib, checkpoint=checkpoint, log=log, backend=backend)
+    # Building and summarizing share the device with other processes' work; the latency takes it alone (as the
+    # search's workers do: experiments.device_use).
+    use = DeviceUse(device_identity(settings.device))
     try:
-        return _evaluate(cand, settings, recipe, samples, checkpoint, log)
+        with use.shared():
+            cand = Candidate(settings, recipe, calib=calib, checkpoint=checkpoint, log=log, backend=backend)
+            try:
+                return _evaluate(cand, settings, recipe, samples, checkpoint, log, use)
+            finally:
+                cand.close()
     finally:
-        cand.close()
+        use.close()
 
 
-def _evaluate(cand, settings, recipe, samples, checkpoint, log) -> dict:
+def _evaluate(cand, settings, recipe, samples, checkpoint, log, use: DeviceUse) -> dict:
     summary = cand.summarize(samples)
     ppl = cand.heldout_nll(settings.ppl_docs, settings.ppl_seq_len) if settings.ppl_docs else None
     health = summary["health"]
@@ -303,7 +311,8 @@ def _evaluate(cand, settings, recipe, samples, checkpoint, log) -> dict:
         health = {**health, "ok": False, "reasons": [*health["reasons"], "non-finite perplexity"]}
     if not health["ok"]:
         log("unhealthy model: " + "; ".join(health["reasons"]))
-    lat = cand.latency()
+    with use.exclusive():
+        lat = cand.latency()
     model = cand.model
     return {
         "recipe": recipe.to_dict() if checkpoint is None else None,

@@ -12,9 +12,16 @@ SMALL = ["--num-samples", "3", "--max-output-len", "24", "--batch-size", "2", "-
 
 
 @pytest.mark.slow
-def test_evaluate_default_model_on_aclsum(tmp_path, capsys, default_fp16_checkpoint):
-    out = tmp_path / "rec.json"
+def test_evaluate_default_model_on_aclsum(tmp_path, capsys, default_fp16_checkpoint, monkeypatch):
+    """... and the latency is timed under the device's exclusive claim, the rest under its shared one (the trace of
+    experiments.device_use), as a search worker times it: another process's work never runs inside it."""
+    out, trace = tmp_path / "rec.json", tmp_path / "trace.jsonl"
+    monkeypatch.setenv("QUANT_SUITE_TRACE", str(trace))
+    monkeypatch.setenv("QUANT_SUITE_LOCK_DIR", str(tmp_path / "locks"))
     assert main([*SMALL, "--out", str(out)]) == 0
+    device = [e["event"] for e in map(json.loads, trace.read_text().splitlines()) if e["event"].startswith("device.")]
+    assert device == ["device.shared", "device.released", "device.exclusive", "device.released", "device.shared",
+                      "device.released"]
     rec = json.loads(out.read_text())
     assert rec["recipe"]["kind"] == "fp16" and rec["recipe"]["kv_cache"] == "none" and not rec["recipe"]["exclude"]
     assert rec["checkpoint"]["path"] == str(default_fp16_checkpoint)
