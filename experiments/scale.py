@@ -161,20 +161,15 @@ class Stages:
         self.rows: list[dict] = []
         self.log, self.save = log, save
 
-    def __call__(self, stage: str, recipe: str = ""):
-        return _Stage(self, stage, recipe)
-
-    def stop_if_failed(self) -> None:
-        """After a stage every later one needs: if it failed, end the run with its error (the record as it stands
-        is saved) rather than run stages that cannot start."""
-        last = self.rows[-1]
-        if "error" in last:
-            raise UserError(f"stage {last['stage']} failed ({last['error']}); the stages after it need it")
+    def __call__(self, stage: str, recipe: str = "", *, required: bool = False):
+        """``required``: every later stage needs this one; if it fails the run ends with its error in one line
+        (the record as it stands saved) instead of going on to stages that cannot start."""
+        return _Stage(self, stage, recipe, required)
 
 
 class _Stage:
-    def __init__(self, owner: Stages, stage: str, recipe: str):
-        self.owner, self.row = owner, {"stage": stage, "recipe": recipe}
+    def __init__(self, owner: Stages, stage: str, recipe: str, required: bool):
+        self.owner, self.row, self.required = owner, {"stage": stage, "recipe": recipe}, required
 
     def __enter__(self):
         import torch
@@ -202,6 +197,8 @@ class _Stage:
         self.owner.rows.append(self.row)
         self.owner.log(_row_line(self.row))
         self.owner.save(self.owner.rows)
+        if self.required and isinstance(exc, Exception):
+            raise UserError(f"stage {self.row['stage']} failed ({self.row['error']}); the stages after it need it")
         return isinstance(exc, Exception)  # a recipe's failure is a row; signals and exits go on
 
 
@@ -232,19 +229,16 @@ def run(args, save=lambda rec: None) -> dict:
     head = {"recipes": [r.label for r in recipes], "config": cfg,
             "cache_budget_bytes": int(args.cache_max_gb * GB) if args.cache_max_gb else None}
     stages = Stages(log, lambda rows: save({**head, "rows": rows}))
-    with stages("write_model"):
+    with stages("write_model", required=True):
         folder = write_synthetic_model(Path(args.workdir) / "models" / name, cfg, seed=args.seed)
-    stages.stop_if_failed()
-    with stages("resolve"):
+    with stages("resolve", required=True):
         model = resolve_model(str(folder))
-    stages.stop_if_failed()
     fp16 = fp16_bytes(model)
     head["model"] = {"folder": str(folder), "config": cfg, "fp16_bytes": fp16, "content_hash": model.content_hash}
     log(f"model {folder}: {fp16 / GB:.2f} GB fp16, read {'in place' if model.hf_dir == folder.resolve() else 'converted'}")
     calib = CalibSpec(num_samples=args.calib_samples, seq_len=args.calib_seq_len)
-    with stages("calib_stats"):
+    with stages("calib_stats", required=True):
         get_stats(model, calib)
-    stages.stop_if_failed()
     backend = resolve_backend("torch", args.device)
     settings = settings_from_args(_settings_namespace(args, SEARCH_DEFAULTS, folder), backend)
     samples = load_samples("aclsum", split="test", num_samples=args.num_samples, seed=0)
