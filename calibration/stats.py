@@ -36,8 +36,7 @@ import torch
 from quant import faults
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.errors import UserError
-from quant.export import calibration_batch_size, calibration_device, forward_loop, load_hf_model
-from quant.memory import free_bytes
+from quant.export import calibration_device, calibration_rows, forward_loop, load_hf_model
 from quant.codehash import code_hash
 from quant.names import HF_MODULES
 from quant.paths import cache_root
@@ -383,10 +382,7 @@ def get_stats(
     batches = spec.batches(tokenizer)  # bad data fails before the model is loaded
     if model is None:
         model = load_hf_model(resolved, dtype=torch.float32, device=calibration_device())
-    if batch_size is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        batch_size = calibration_batch_size(model.config, batches.shape[1], free_bytes(device))
-    stats = collect_stats(model, batches, batch_size=batch_size, model_hash=resolved.content_hash, spec=spec)
+    stats = collect_stats(model, batches, batch_size=batch_size or calibration_rows(model, batches), model_hash=resolved.content_hash, spec=spec)
     faults.point("calib.collect")  # crash test: statistics computed, nothing written
     # A model with NaN/Inf weights is the model's fault, not the cache's: say so and cache nothing (a cached
     # entry would be refused as damaged on every load, and recomputing it gives the same).

@@ -20,9 +20,9 @@ import torch
 from quant import cache_budget, faults, formats, quiet
 from quant.cache_budget import build_lock
 from quant.codehash import code_hash
-from quant.export import (EXPORT_DTYPE, calibration_batch_size, calibration_device, export_checkpoint, forward_loop,
+from quant.export import (EXPORT_DTYPE, calibration_device, calibration_rows, export_checkpoint, forward_loop,
                           load_hf_model, trtllm_config)
-from quant.memory import free_bytes, return_freed_memory
+from quant.memory import return_freed_memory
 from quant.model_source import ResolvedModel
 from quant.names import HF_MODULES, LINEARS
 from quant.paths import cache_root
@@ -169,11 +169,10 @@ def quantize_model(model: ResolvedModel, recipe: Recipe, calib: Calibration, *, 
     import modelopt.torch.quantization as mtq
     from transformers import AutoTokenizer
 
-    device = calibration_device()
-    hf = load_hf_model(model, dtype=torch.float32, device=device)
+    hf = load_hf_model(model, dtype=torch.float32, device=calibration_device())
     batches = calib.batches(AutoTokenizer.from_pretrained(model.hf_dir))
     cfg = modelopt_config(recipe, hf.config.num_hidden_layers)
-    rows = calibration_batch_size(hf.config, batches.shape[1], free_bytes(device))
+    rows = calibration_rows(hf, batches)
     if log:
         log(f"quantizing {recipe.label} with ModelOpt on {calib.num_samples}×{calib.seq_len} calibration tokens, "
             f"{rows} rows per forward")

@@ -15,6 +15,7 @@ import torch
 from quant import faults, formats, quiet
 from quant.atomic import atomic_dir, atomic_write_json
 from quant.checkpoint import validate_checkpoint
+from quant.memory import free_bytes
 from quant.model_source import ResolvedModel
 
 EXPORT_DTYPE = torch.float16
@@ -142,6 +143,13 @@ def calibration_batch_size(config, seq_len: int, free: int, wanted: int = CALIB_
     one takes fewer rows at a time (the same statistics up to float32 summation order) instead of running out of
     memory (TRT-LLM#288, llm-compressor#2039)."""
     return int(max(1, min(wanted, free // 2 // calibration_row_bytes(config, seq_len))))
+
+
+def calibration_rows(model: torch.nn.Module, batches: torch.Tensor) -> int:
+    """:func:`calibration_batch_size` for an HF ``model`` (its config, the free memory where its weights are)
+    over ``batches``."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return calibration_batch_size(model.config, batches.shape[1], free_bytes(device))
 
 
 def forward_loop(batches: torch.Tensor, batch_size: int = CALIB_ROWS) -> Callable[[torch.nn.Module], None]:

@@ -189,8 +189,6 @@ def build_hf_export(model, recipe, calib=None, *, log=None) -> Path:
 
 
 # -- reader -------------------------------------------------------------------------------------------------
-
-
 def _fp8_rescale(weight: torch.Tensor, scale: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # As FP8QDQLinearMethod.rescale_fused_weights: to the model dtype, × own scale, ÷ shared max, back to FP8.
     return weight.to(dtype).mul_(scale).div_(target).to(torch.float8_e4m3fn)
