@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in recipes if r.partition("@")[0] not in RECIPES or r.partition("@")[2] not in
                ("", *KERNEL_VARIANTS)]
     if unknown:
-        raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)})")
+        raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)}; a W4A16 one may "
+                        f"add @{', @'.join(KERNEL_VARIANTS)})")
     fp8 = [r for r in recipes if RECIPES[r.partition("@")[0]][0] in FP8_GEMM_ALGOS or
            RECIPES[r.partition("@")[0]][1] == "FP8"]
     if fp8 and (why := fp8_refusal(device)):
