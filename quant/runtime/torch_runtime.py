@@ -479,14 +479,17 @@ class TorchRuntime:
         return Generation(tokens=tokens, prompt_lens=lens, ttft_s=ttft, step_s=steps)
 
     def describe(self) -> dict:
-        """Kernels the linears run, whether any part is an emulation (and which), and the KV cache mode."""
+        """Kernels the linears run (and why a kernel they would take is missing), whether any part is an emulation
+        (and which), and the KV cache mode."""
         handlers = [h for layer in self.layers for h in _linears(layer)]
         kernels = sorted({h.kernel for h in handlers})
+        missing = sorted({h.w4g_unavailable for h in handlers if getattr(h, "w4g_unavailable", None) is not None})
         parts = sorted({h.kernel for h in handlers if h.emulated})
         if self.kv_algo is not None and kv_cache_emulated(self.device):
             parts.append("kv_cache")  # attention reads a dequantized copy, not int8/fp8 directly
         return {"backend": self.name, "version": torch.__version__, "device": str(self.device),
                 "compute_dtype": str(self.dtype).removeprefix("torch."), "kernels": kernels,
+                **({"kernels_unavailable": missing} if missing else {}),
                 "emulated": bool(parts), "emulated_parts": parts,
                 "kv_cache": kv_cache_mode(self.kv_algo, self.dtype, self.device),
                 **({"gpu": torch.cuda.get_device_name(self.device), "cuda_graphs": self.cuda_graphs,

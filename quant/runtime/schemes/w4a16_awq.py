@@ -90,6 +90,7 @@ class W4A16AWQLinear(_Handler):
     algo_key = "W4A16_AWQ"
     shared_inputs = ("prequant_scaling_factor",)
     w4g = None  # the compiled GEMV's copy (CUDA, float16), when built
+    w4g_unavailable = None  # why it is not, where the extension could not be built
 
     def _w4g_takes(self, rows: int) -> bool:
         return self.w4g is not None and self.w4g_rows[0] <= rows <= self.w4g_rows[1]
