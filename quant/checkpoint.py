@@ -164,10 +164,11 @@ class _Header:
         self.dtype = view[0:0].dtype if self.shape else fh.get_tensor(name).dtype
 
 
-def validate_checkpoint(folder: Path) -> None:
+def validate_checkpoint(folder: Path) -> Checkpoint:
     """:func:`load_checkpoint`'s checks without holding the weights: shapes and dtypes from the file's header, only
-    the (tiny) scales read. A build validates what it wrote so, not with a second copy of an 8B model in memory."""
-    load_checkpoint(folder, _headers_only=True)
+    the (tiny) scales read. A build validates what it wrote so, not with a second copy of an 8B model in memory.
+    Returns the checkpoint with headers in place of its weights (config, layer formats, KV cache format)."""
+    return load_checkpoint(folder, _headers_only=True)
 
 
 def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu", _headers_only: bool = False) -> Checkpoint:
@@ -187,6 +188,9 @@ def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu", _header
                            _Header(fh, name) for name in fh.keys()}
             else:
                 tensors = {name: aligned(fh.get_tensor(name)) for name in fh.keys()}
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of GPU memory loading checkpoint {folder} onto {device} "
+                        f"({weights.stat().st_size / 2**30:.1f} GiB as stored)") from None
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise UserError(f"checkpoint {folder}: rank0.safetensors is unreadable ({exc})") from None
 

@@ -93,6 +93,23 @@ def test_fp8_below_compute_capability_8_9_is_refused(monkeypatch, recipe):
         check_cuda(torch.device("cuda"), ckpt)  # INT8 KV cache, fp16 weights: fine on an A100
 
 
+def test_from_dir_on_cuda_refuses_from_the_header_before_loading_weights(monkeypatch, tmp_path):
+    """from_dir on a GPU reads weights straight onto the device, so its refusals come from the file's header first:
+    here CUDA is faked (an A100, or no GPU at all), so any weight read onto "cuda" would fail otherwise."""
+    from quant.runtime.random_checkpoint import write_checkpoint
+    from quant.runtime.torch_runtime import TorchRuntime
+
+    folder = write_checkpoint(_tiny("fp8"), tmp_path / "fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU is available"):
+            TorchRuntime.from_dir(folder, device="cuda", compute_dtype="float16")
+    _pretend_old_gpu(monkeypatch)
+    with pytest.raises(UserError, match="uses FP8: .*compute capability ≥ 8.9"):
+        TorchRuntime.from_dir(folder, device="cuda", compute_dtype="float16")
+    with pytest.raises(UserError, match="not a valid torch device"):
+        TorchRuntime.from_dir(folder, device="gpu0")
+
+
 def test_bench_fp8_on_old_gpu_exits_2(monkeypatch, tmp_path, capsys):
     from experiments.bench import main
 

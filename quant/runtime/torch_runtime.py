@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quant.checkpoint import Checkpoint, load_checkpoint
+from quant.checkpoint import Checkpoint, load_checkpoint, validate_checkpoint
 from quant.errors import UserError
 from quant.formats import layer_group_sizes
 from quant.hardware import FP8_GEMM_ALGOS, fp8_refusal
@@ -90,10 +90,7 @@ class TorchRuntime:
         self.kernels = kernels
         if compute_dtype not in COMPUTE_DTYPES:
             raise UserError(f"compute dtype {compute_dtype!r} not supported (choose from {', '.join(COMPUTE_DTYPES)})")
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise UserError(f"device {device!r} is not a valid torch device ({exc})") from None
+        self.device = _parse_device(device)
         self.dtype = COMPUTE_DTYPES[compute_dtype]
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -171,8 +168,16 @@ class TorchRuntime:
             self._state = None  # the decode state (static cache, buffers, graph) of the last (batch, length)
 
     @classmethod
-    def from_dir(cls, folder: str | Path, **kwargs) -> "TorchRuntime":
-        return cls(load_checkpoint(Path(folder)), **kwargs)
+    def from_dir(cls, folder: str | Path, *, device: str | torch.device = "cpu", **kwargs) -> "TorchRuntime":
+        """On a GPU the tensors go from the file into device memory one at a time, after the checkpoint's checks
+        and the GPU's refusals (from the file's header): the host never holds the checkpoint. (A host copy, made
+        by aligned()'s clones that only the CPU kernels need, put the 8B FP16 latency stage at 2.2x the
+        model's size in host RSS.)"""
+        dev, load_to = _parse_device(device), "cpu"
+        if dev.type == "cuda":
+            check_cuda(dev, validate_checkpoint(Path(folder)))
+            load_to = f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"  # safetensors' form
+        return cls(load_checkpoint(Path(folder), device=load_to), device=dev, **kwargs)
 
     # -- model ---------------------------------------------------------------------------------------------
     def _rmsnorm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -538,6 +543,13 @@ def _gpu_memory(device: torch.device) -> str:
         return f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
     except RuntimeError:
         return "free memory unknown"
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"device {device!r} is not a valid torch device ({exc})") from None
 
 
 def check_cuda(device: torch.device, ckpt: Checkpoint | None = None) -> None:
