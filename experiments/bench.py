@@ -1,13 +1,19 @@
-"""``python -m experiments.bench``: the PyTorch runtime's CUDA path per recipe, against HF ``generate``, one run.
+"""``python -m experiments.bench``: the PyTorch runtime's CUDA path per recipe against FP16 and peers, interleaved.
 
 For a random-weight LLaMa of a given shape (default LLaMa-2-7B: hidden 4096, 32 layers, 32/32 heads, intermediate
-11008, vocab 32000), built directly in each TRT-LLM checkpoint layout on the GPU
+11008, vocab 32000; also Llama-3-8B), built directly in each TRT-LLM checkpoint layout on the GPU
 (:mod:`quant.runtime.random_checkpoint`), and each recipe, batch size and input length: TTFT (prefill + first
-token), decode tokens/s (median CUDA-event time of a graph-replayed step), peak GPU memory, and the achieved
+token), time per output token (median of a generate's CUDA-event step times), peak GPU memory, and the achieved
 bandwidth of a decode step (weight bytes + KV bytes read at the mean context, over the step time) as a fraction
-of the card's device-to-device copy bandwidth measured in the same run. HF transformers ``generate`` (eager
-attention, fp16, ``LlamaForCausalLM(config)`` with random weights of the same shape) is the baseline. Prints a
-Markdown table and the targets, and writes JSON after each recipe (so a run cut short keeps what it measured).
+of the card's device-to-device copy bandwidth measured in the same run.
+
+Ratios to FP16 come from one run, interleaved: the project's FP16 runtime stays built, every other engine is
+built in turn and, per (input, batch) cell, timed in ``--rounds`` rounds beside it (their order alternating);
+the speed-up is FP16's time over the engine's, paired by round, with its 95 % t interval (of the mean log
+ratio). FP16's own row pools its rounds of every pairing. Peers (``--peers``, :mod:`experiments.peers`: HF static
+cache + ``torch.compile``, torchao, GemLite) are timed the same way, at ``--peer-batch-sizes``. HF ``generate``
+(eager attention) is the slow baseline of the FP16 speed-up target. Prints a Markdown table, the batch from which
+INT4 is slower than FP16, and the targets; writes JSON after each engine (a run cut short keeps what it measured).
 
 Recipes are those of :mod:`quant.runtime.random_checkpoint`; ``int4_awq@VARIANT`` picks W4A16 kernels other than the
 default (:data:`KERNEL_VARIANTS`; targets take a recipe's best variant). ``--profile`` adds, per recipe, the device time
@@ -31,6 +37,8 @@ import torch
 
 from experiments.environment import machine, versions
 from experiments.latency import synthetic_prompts
+from experiments.peers import PEERS, HFPeer, hf_config
+from experiments.stats import ratio_ci
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.hardware import FP8_GEMM_ALGOS, fp8_refusal
 from quant.runtime.linear import make_linear
@@ -44,6 +52,8 @@ TARGETS = {"int8_wo": 1.75, "int4_awq": 2.6, "fp8": 1.75, "smoothquant": 1.75}
 PREFILL_TARGETS = {"smoothquant": 1.5, "fp8": 1.5}  # TTFT speed-up over FP16 at the longest input, batch 1
 FP16_ROOFLINE_TARGET = 0.88
 HF_SPEEDUP_TARGET = 15.0
+INT4_BATCH_FLOOR = (4, 8, 16)  # INT4 never slower than FP16 at these batches
+PEER_TARGET = 1.5  # each format at batch 1 over the best peer row of that format
 
 
 def _ints(text: str) -> list[int]:
@@ -157,52 +167,69 @@ def profile_decode(rt, prompts: list[list[int]], steps: int = 4, top: int = 14) 
             "launches_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:top]}
 
 
-def bench_recipe(rt, recipe: str, batch_sizes: list[int], input_lens: list[int], output_len: int, repeats: int,
-                 copy_gbs: float, log) -> list[dict]:
-    rows = []
-    kv_elem = 1 if rt.kv_algo is not None else rt.embedding.element_size()
-    for P in input_lens:
-        for B in batch_sizes:
-            prompts = synthetic_prompts(B, P, rt.vocab, seed=0)
-            rt.generate(prompts, output_len, ignore_eos=True)  # warm-up: compiles, allocates, captures the graph
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(rt.device)
-            ttft, tpot = [], []
-            for _ in range(repeats):
-                g = rt.generate(prompts, output_len, ignore_eos=True)
-                ttft.append(g.ttft_s)
-                tpot.append(statistics.median(g.step_s))
-            peak = torch.cuda.max_memory_allocated(rt.device)
-            t_step = statistics.median(tpot)
-            ctx = P + output_len / 2
-            kv_bytes = 2 * rt.n_layers * B * rt.n_kv * ctx * rt.head_dim * kv_elem
-            step_bytes = rt.weight_bytes + kv_bytes
-            row = {"engine": "quant-runtime", "recipe": recipe, "batch_size": B, "input_len": P,
-                   "output_len": output_len, "ttft_ms": statistics.median(ttft) * 1e3,
-                   "ttft_ms_spread": (max(ttft) - min(ttft)) * 1e3, "tpot_ms": t_step * 1e3,
-                   "tpot_ms_spread": (max(tpot) - min(tpot)) * 1e3, "decode_tok_s": B / t_step,
-                   "prefill_tok_s": B * P / statistics.median(ttft), "peak_memory_gib": peak / 2**30,
-                   "weight_bytes": rt.weight_bytes, "kv_bytes_per_step": kv_bytes,
-                   "achieved_gbs": step_bytes / t_step / 1e9, "roofline_fraction": step_bytes / t_step / 1e9 / copy_gbs}
-            rows.append(row)
-            log(f"{recipe:20s} B={B:<3d} in={P:<5d} TTFT {row['ttft_ms']:8.1f} ms  TPOT {row['tpot_ms']:7.3f} ms  "
-                f"{row['decode_tok_s']:8.1f} tok/s  BW {row['achieved_gbs']:6.0f} GB/s "
-                f"({row['roofline_fraction']:.0%})  peak {row['peak_memory_gib']:.1f} GiB")
-    return rows
+def resident(build):
+    """``build()`` and the device memory its result holds (measured around the build)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    engine = build()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return engine, torch.cuda.memory_allocated() - base
+
+
+def time_cell(engines: list, prompts: list[list[int]], output_len: int, rounds: int) -> list[dict]:
+    """Per engine: TTFT and median time per output token of each round, the engines timed in turn within each round
+    and their order rotated from round to round (interleaved: the machine's drift falls on all of them alike), and
+    the device memory its warm-up added (KV cache, buffers, graph) over what the others held."""
+    out = []
+    for e in engines:
+        if getattr(e, "_state", None) is not None:
+            e._state = None  # the previous cell's static cache and graph
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        e.generate(prompts, output_len, ignore_eos=True)  # warm-up: compiles, allocates, captures the graph
+        torch.cuda.synchronize()
+        out.append({"ttft": [], "tpot": [], "extra_bytes": torch.cuda.max_memory_allocated() - base})
+    order = list(range(len(engines)))
+    for r in range(rounds):
+        k = r % len(engines)
+        for i in order[k:] + order[:k]:
+            g = engines[i].generate(prompts, output_len, ignore_eos=True)
+            out[i]["ttft"].append(g.ttft_s)
+            out[i]["tpot"].append(statistics.median(g.step_s))
+    return out
+
+
+def cell_row(engine: str, recipe: str, e, P: int, B: int, output_len: int, t: dict, held: int, copy_gbs: float,
+             ref: dict | None) -> dict:
+    """One row: medians over the rounds and, against the FP16 reference timed in the same rounds, the speed-ups
+    (reference time / this time, paired by round) with their 95 % intervals."""
+    t_step, ttft = statistics.median(t["tpot"]), statistics.median(t["ttft"])
+    kv_bytes = 2 * e.n_layers * B * e.n_kv * (P + output_len / 2) * e.head_dim * (1 if e.kv_algo else 2)
+    step_bytes = e.weight_bytes + kv_bytes
+    row = {"engine": engine, "recipe": recipe, "batch_size": B, "input_len": P, "output_len": output_len,
+           "rounds": len(t["tpot"]), "ttft_ms": ttft * 1e3, "ttft_ms_spread": (max(t["ttft"]) - min(t["ttft"])) * 1e3,
+           "tpot_ms": t_step * 1e3, "tpot_ms_spread": (max(t["tpot"]) - min(t["tpot"])) * 1e3,
+           "decode_tok_s": B / t_step, "prefill_tok_s": B * P / ttft,
+           "peak_memory_gib": (held + t["extra_bytes"]) / 2**30, "weight_bytes": e.weight_bytes,
+           "kv_bytes_per_step": kv_bytes, "achieved_gbs": step_bytes / t_step / 1e9,
+           "roofline_fraction": step_bytes / t_step / 1e9 / copy_gbs}
+    if ref is not None and len(t["tpot"]) > 1:
+        for key, name in (("tpot", "speedup"), ("ttft", "ttft_speedup")):
+            q = ratio_ci(t[key], ref[key])  # this / reference time: its inverse is the speed-up
+            row[name], row[name + "_ci"] = 1 / q.ratio, [1 / q.high, 1 / q.low]
+    return row
 
 
 def bench_hf(shape: str, batch_sizes: list[int], input_lens: list[int], output_len: int, repeats: int,
              device: torch.device, log) -> list[dict]:
     """HF ``generate``, eager attention, fp16 random weights of the same shape. TTFT = a 1-token generate;
     time per output token = (full − 1-token) / (output_len − 1), as experiments/bench_runtime.py measures it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     d = SHAPES[shape]
-    config = LlamaConfig(hidden_size=d["hidden_size"], num_hidden_layers=d["num_hidden_layers"],
-                         num_attention_heads=d["num_attention_heads"], num_key_value_heads=d["num_key_value_heads"],
-                         intermediate_size=d["intermediate_size"], vocab_size=d["vocab_size"],
-                         max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0, tie_word_embeddings=False)
+    config = hf_config(shape)
     config._attn_implementation = "eager"
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
@@ -244,62 +271,88 @@ def bench_hf(shape: str, batch_sizes: list[int], input_lens: list[int], output_l
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, from the rows of this run (batch 1)."""
-    def get(engine, recipe, P, key):
-        """A recipe's value; of its kernel variants (recipe@kernel) the best one's, named in the target."""
+    """The issue's targets, from the rows of this run: speed-ups over FP16 from interleaved rounds (with the
+    interval's low end beside the point value), batch 1 unless a target names its batch."""
+    def best(engine, recipe, P, B=1):
+        """A recipe's row at (P, B); of its kernel variants (recipe@kernel) the fastest."""
         cands = [r for r in rows if r["engine"] == engine and r["recipe"].partition("@")[0] == recipe
-                 and r["batch_size"] == 1 and r["input_len"] == P]
-        if not cands:
-            return None
-        best = max(cands, key=lambda r: -r[key] if key == "ttft_ms" else r[key])
-        return best[key]
+                 and r["batch_size"] == B and r["input_len"] == P]
+        return max(cands, key=lambda r: r.get("speedup", 0.0)) if cands else None
 
     out = []
+
+    def add(target, measured, required, low=None):
+        out.append({"target": target, "measured": measured, "required": required, "ci_low": low})
+
     lens = sorted({r["input_len"] for r in rows if r["engine"] == "quant-runtime"})
     for P in lens:
-        f = get("quant-runtime", "fp16", P, "roofline_fraction")
-        if f is not None:
-            out.append({"target": f"fp16 b1 decode, in {P}: fraction of copy-bandwidth roofline", "measured": f,
-                        "required": FP16_ROOFLINE_TARGET})
-        ours, hf = get("quant-runtime", "fp16", P, "decode_tok_s"), get("hf-generate-eager", "fp16", P, "decode_tok_s")
-        if ours and hf:
-            out.append({"target": f"fp16 b1 decode, in {P}: × HF eager generate", "measured": ours / hf,
-                        "required": HF_SPEEDUP_TARGET})
-        base = get("quant-runtime", "fp16", P, "decode_tok_s")
+        if f := best("quant-runtime", "fp16", P):
+            add(f"fp16 b1 decode, in {P}: fraction of copy-bandwidth roofline", f["roofline_fraction"],
+                FP16_ROOFLINE_TARGET)
+            if hf := best("hf-generate-eager", "fp16", P):
+                add(f"fp16 b1 decode, in {P}: × HF eager generate", f["decode_tok_s"] / hf["decode_tok_s"],
+                    HF_SPEEDUP_TARGET)
         for recipe, need in TARGETS.items():
-            v = get("quant-runtime", recipe, P, "decode_tok_s")
-            if v and base:
-                out.append({"target": f"{recipe} b1 decode, in {P}: × fp16", "measured": v / base, "required": need})
+            if (r := best("quant-runtime", recipe, P)) and "speedup" in r:
+                add(f"{recipe} b1 decode, in {P}: × fp16", r["speedup"], need, r["speedup_ci"][0])
+        for B in INT4_BATCH_FLOOR:
+            if (r := best("quant-runtime", "int4_awq", P, B)) and "speedup" in r:
+                add(f"int4_awq b{B} decode, in {P}: × fp16", r["speedup"], 1.0, r["speedup_ci"][0])
+        for peer in sorted({r["engine"] for r in rows if r["engine"] in PEERS}):
+            ours = best("quant-runtime", PEERS[peer].recipe, P)
+            theirs = best(peer, PEERS[peer].recipe, P)
+            if ours and theirs and "speedup" in ours and "speedup" in theirs:
+                add(f"{PEERS[peer].recipe} b1 decode, in {P}: × {peer} (both over fp16)",
+                    ours["speedup"] / theirs["speedup"], PEER_TARGET)
     if lens:
         P = max(lens)
-        base = get("quant-runtime", "fp16", P, "ttft_ms")
         for recipe, need in PREFILL_TARGETS.items():
-            v = get("quant-runtime", recipe, P, "ttft_ms")
-            if v and base:
-                out.append({"target": f"{recipe} b1 prefill (TTFT), in {P}: × fp16", "measured": base / v,
-                            "required": need})
+            if (r := best("quant-runtime", recipe, P)) and "ttft_speedup" in r:
+                add(f"{recipe} b1 prefill (TTFT), in {P}: × fp16", r["ttft_speedup"], need, r["ttft_speedup_ci"][0])
     for t in out:
         t["met"] = t["measured"] >= t["required"]
         t["shortfall"] = 0.0 if t["met"] else 1 - t["measured"] / t["required"]
     return out
 
 
+def crossover(rows: list[dict], recipe: str = "int4_awq") -> dict:
+    """Per input length, the smallest batch at which ``recipe``'s best variant is slower than FP16 (its speed-up's
+    interval wholly below 1), or None where it never is among the batches measured."""
+    out = {}
+    for P in sorted({r["input_len"] for r in rows if r["recipe"].partition("@")[0] == recipe}):
+        by_batch = {}
+        for r in rows:
+            if r["engine"] == "quant-runtime" and r["recipe"].partition("@")[0] == recipe and r["input_len"] == P \
+                    and "speedup" in r:
+                by_batch[r["batch_size"]] = max(by_batch.get(r["batch_size"], 0.0), r["speedup_ci"][1])
+        out[P] = next((B for B in sorted(by_batch) if by_batch[B] < 1.0), None)
+    return out
+
+
 def table(rows: list[dict], tgts: list[dict], copy: dict | None) -> str:
-    lines = ["| engine | recipe | batch | input | TTFT ms | TPOT ms | decode tok/s | prefill tok/s | achieved GB/s "
-             "| of copy BW | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def ci(r, key):
+        return f"{r[key]:.2f} [{r[key + '_ci'][0]:.2f}, {r[key + '_ci'][1]:.2f}]" if key in r else "–"
+
+    lines = ["| engine | recipe | batch | input | TTFT ms | TPOT ms | × fp16 decode [95 % CI] | × fp16 TTFT | "
+             "decode tok/s | achieved GB/s | of copy BW | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bw = f"{r['achieved_gbs']:.0f}" if "achieved_gbs" in r else "–"
         frac = f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "–"
         lines.append(f"| {r['engine']} | {r['recipe']} | {r['batch_size']} | {r['input_len']} | {r['ttft_ms']:.1f} "
-                     f"| {r['tpot_ms']:.3f} | {r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.0f} | {bw} | {frac} "
-                     f"| {r['peak_memory_gib']:.1f} |")
+                     f"| {r['tpot_ms']:.3f} | {ci(r, 'speedup')} | {ci(r, 'ttft_speedup')} | {r['decode_tok_s']:.1f} "
+                     f"| {bw} | {frac} | {r['peak_memory_gib']:.1f} |")
     if copy:
         lines.append(f"\ncopy bandwidth (device to device, read + write): {copy['gbs']:.0f} GB/s")
+    cross = crossover(rows)
+    if cross:
+        lines.append("int4_awq slower than fp16 (interval below 1) from batch: " + ", ".join(
+            f"input {P}: {B if B else 'never, among those measured'}" for P, B in cross.items()))
     if tgts:
-        lines += ["", "| target | measured | required | met | short by |", "|---|---|---|---|---|"]
+        lines += ["", "| target | measured | interval low | required | met | short by |", "|---|---|---|---|---|---|"]
         for t in tgts:
             short = "" if t["met"] else f"{t['shortfall']:.0%}"
-            lines.append(f"| {t['target']} | {t['measured']:.2f} | {t['required']:.2f} | "
+            low = "–" if t["ci_low"] is None else f"{t['ci_low']:.2f}"
+            lines.append(f"| {t['target']} | {t['measured']:.2f} | {low} | {t['required']:.2f} | "
                          f"{'yes' if t['met'] else 'NO'} | {short} |")
     return "\n".join(lines)
 
@@ -400,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--input-lens", default="512,1024")
     p.add_argument("--output-len", type=positive_int, default=64)
-    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--rounds", type=positive_int, default=5,
+                   help="interleaved rounds per cell (each engine timed once per round beside the fp16 reference)")
+    p.add_argument("--peers", default="", help=f"peer engines, comma-separated: {', '.join(PEERS)}")
+    p.add_argument("--peer-batch-sizes", default="1", help="batch sizes the peers run (each compiles once per batch)")
     p.add_argument("--compute-dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--hf-batch-sizes", default="1", help="HF generate baseline batch sizes ('' or --no-hf: none)")
     p.add_argument("--hf-output-len", type=positive_int, default=32)
@@ -422,11 +478,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)}; a W4A16 one may "
                         f"add @{', @'.join(KERNEL_VARIANTS)})")
+    peers = [x for x in args.peers.split(",") if x]
+    if bad := [x for x in peers if x not in PEERS]:
+        raise UserError(f"unknown peer(s) {', '.join(bad)} (choose from {', '.join(PEERS)})")
     fp8 = [r for r in recipes if RECIPES[r.partition("@")[0]][0] in FP8_GEMM_ALGOS or
            RECIPES[r.partition("@")[0]][1] == "FP8"]
+    fp8 += [x for x in peers if PEERS[x].recipe == "fp8"]
     if fp8 and (why := fp8_refusal(device)):
         raise UserError(f"recipe(s) {', '.join(fp8)} use FP8: {why}")
-    batch_sizes, input_lens = _ints(args.batch_sizes), _ints(args.input_lens)
+    batch_sizes, input_lens, peer_batches = _ints(args.batch_sizes), _ints(args.input_lens), _ints(args.peer_batch_sizes)
     hf_batches = [] if args.no_hf or not args.hf_batch_sizes else _ints(args.hf_batch_sizes)
     if args.output_len < 2 or args.hf_output_len < 2:
         raise UserError("--output-len and --hf-output-len must be >= 2 (decode needs a second token)")
@@ -436,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
 
     record = {"command": "python -m experiments.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "shape": args.shape, "shape_dims": SHAPES[args.shape],
-              "compute_dtype": args.compute_dtype, "output_len": args.output_len, "repeats": args.repeats,
+              "compute_dtype": args.compute_dtype, "output_len": args.output_len, "rounds": args.rounds,
               **environment(device), "rows": [], "profiles": {}, "describe": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -453,31 +513,69 @@ def main(argv: list[str] | None = None) -> int:
         record["sweep"] = sweep(device, log, _ints(args.sweep_m))
         save()
         return 0
+    ref_times: dict[tuple[int, int], dict] = {}  # (input, batch) → the fp16 reference's rounds, all pairings
+    measured: list[dict] = []
+
+    def ref_rows() -> list[dict]:
+        return [cell_row("quant-runtime", "fp16", ref, P, B, args.output_len, t, ref_held, copy["gbs"], None)
+                for (P, B), t in sorted(ref_times.items())]
+
+    def save_rows() -> None:
+        record["rows"] = hf_rows + ref_rows() + measured
+        save()
+
+    hf_rows: list[dict] = []
     try:
         if hf_batches:
-            record["rows"] += bench_hf(args.shape, hf_batches, input_lens, args.hf_output_len, max(2, args.repeats - 1),
-                                       device, log)
-            save()
-        for recipe in recipes:
+            hf_rows = bench_hf(args.shape, hf_batches, input_lens, args.hf_output_len, max(2, args.rounds - 1),
+                               device, log)
+            save_rows()
+        # The fp16 reference stays built; each other engine is built in turn and timed in rounds alternating with it.
+        ref, ref_held = resident(lambda: build_runtime(args.shape, "fp16", device, args.compute_dtype, args.seed))
+        record["describe"]["fp16"] = ref.describe()
+        others = [("quant-runtime", r) for r in recipes if r != "fp16"] + [(p, PEERS[p].recipe) for p in peers]
+        for engine, recipe in others or [(None, None)]:
             t0 = time.perf_counter()
-            rt = build_runtime(args.shape, recipe, device, args.compute_dtype, args.seed)
-            record["describe"][recipe] = rt.describe()
-            log(f"{recipe}: built in {time.perf_counter() - t0:.1f} s, {rt.weight_bytes / 2**30:.2f} GiB per step, "
-                f"kernels {rt.describe()['kernels']}, kv {rt.describe()['kv_cache']}")
-            record["rows"] += bench_recipe(rt, recipe, batch_sizes, input_lens, args.output_len, args.repeats,
-                                           copy["gbs"], log)
-            if args.profile:
-                from experiments.latency import synthetic_prompts
-
-                record["profiles"][recipe] = profile_decode(rt, synthetic_prompts(1, input_lens[0], rt.vocab))
-            save()
-            log(f"{recipe}: done in {time.perf_counter() - t0:.1f} s")
-            del rt
+            if engine is None:
+                cand, held, key = None, 0, "fp16"
+            elif engine == "quant-runtime":
+                cand, held = resident(lambda r=recipe: build_runtime(args.shape, r, device, args.compute_dtype,
+                                                                     args.seed))
+                key = recipe
+            else:
+                cand, held = resident(lambda e=engine: HFPeer(args.shape, e, device, seed=args.seed,
+                                                              max_len=max(input_lens) + args.output_len))
+                key = engine
+            if cand is not None:
+                record["describe"][key] = cand.describe()
+                log(f"{key}: built in {time.perf_counter() - t0:.1f} s, {cand.weight_bytes / 2**30:.2f} GiB per step, "
+                    f"{cand.describe()}")
+            for P in input_lens:
+                for B in (peer_batches if engine in PEERS else batch_sizes):
+                    prompts = synthetic_prompts(B, P, ref.vocab, seed=0)
+                    t = time_cell([ref] + ([cand] if cand is not None else []), prompts, args.output_len, args.rounds)
+                    pooled = ref_times.setdefault((P, B), {"ttft": [], "tpot": [], "extra_bytes": 0})
+                    pooled["ttft"] += t[0]["ttft"]
+                    pooled["tpot"] += t[0]["tpot"]
+                    pooled["extra_bytes"] = max(pooled["extra_bytes"], t[0]["extra_bytes"])
+                    if cand is not None:
+                        row = cell_row(engine, recipe, cand, P, B, args.output_len, t[1], held, copy["gbs"], t[0])
+                        measured.append(row)
+                        log(f"{key:22s} B={B:<3d} in={P:<5d} TPOT {row['tpot_ms']:7.3f} ms  × fp16 "
+                            f"{row.get('speedup', float('nan')):.2f} {row.get('speedup_ci', '')}  TTFT × "
+                            f"{row.get('ttft_speedup', float('nan')):.2f}  BW {row['roofline_fraction']:.0%}")
+            if args.profile and engine == "quant-runtime":
+                record["profiles"][key] = profile_decode(cand, synthetic_prompts(1, input_lens[0], cand.vocab))
+            save_rows()
+            log(f"{key}: done in {time.perf_counter() - t0:.1f} s")
+            del cand
             torch.cuda.empty_cache()
+        if args.profile:
+            record["profiles"]["fp16"] = profile_decode(ref, synthetic_prompts(1, input_lens[0], ref.vocab))
     except torch.cuda.OutOfMemoryError as exc:
-        save()
+        save_rows()
         raise UserError(f"out of GPU memory during the benchmark ({str(exc).splitlines()[0][:200]})") from None
-    save()
+    save_rows()
     print(table(record["rows"], record["targets"], copy))
     print(f"\nGPU: {record['gpu']['name']} ({record['gpu'].get('nvidia_smi', '')}); record: {args.out}")
     return 0

@@ -56,7 +56,7 @@ PY
   e2e)
     for shape in $SHAPES; do
       timeout 240 python3 -m experiments.bench --shape $shape --recipes fp16,int4_awq,int4_awq@w4g-unfused,int4_awq@kpack \
-        --batch-sizes 1,4,8,16 --input-lens 512 --no-hf --repeats 3 --out "$OUT/e2e-w4g-$shape.json" \
+        --batch-sizes 1,4,8,16 --input-lens 512 --no-hf --rounds 5 --out "$OUT/e2e-w4g-$shape.json" \
         > "$OUT/e2e-w4g-$shape.log" 2>&1
       tail -20 "$OUT/e2e-w4g-$shape.log"
     done ;;

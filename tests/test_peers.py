@@ -1,0 +1,103 @@
+"""Peer engines of experiments.bench and the bench's interleaved-ratio bookkeeping, on the CPU.
+
+The peers' fast paths (CUDA graphs, torchao's and GemLite's GPU kernels) need a GPU; here the HF static-cache decode
+loop runs eagerly on a tiny random LLaMa and must reproduce HF ``generate`` token for token, and the bench's rows,
+intervals, crossover and targets are computed from timings given to them."""
+from __future__ import annotations
+
+from importlib import metadata
+
+import pytest
+import torch
+
+from quant.errors import UserError
+
+
+def test_static_cache_decode_loop_matches_hf_generate():
+    from experiments.peers import HFPeer
+
+    peer = HFPeer("tiny", "hf-compile", torch.device("cpu"), seed=3, max_len=48, compile=False)
+    prompts = [list(range(5, 17)), list(range(40, 52))]
+    ids = torch.tensor(prompts)
+    want = peer.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                               do_sample=False, pad_token_id=0)[:, 12:].tolist()
+    for _ in range(2):  # the second call reuses (resets) the batch's static cache
+        g = peer.generate(prompts, 10)
+        assert g.tokens == want and g.decode_steps == 9 and all(s > 0 for s in g.step_s)
+    emb = peer.model.get_input_embeddings().weight
+    assert peer.weight_bytes == sum(p.numel() * 2 for p in peer.model.parameters()) - emb.numel() * 2
+    with pytest.raises(UserError, match="equal-length prompts"):
+        peer.generate([[1, 2, 3], [1, 2]], 4)
+    with pytest.raises(UserError, match="exceed its static cache"):
+        peer.generate([list(range(40))], 9)
+
+
+def test_peer_refusals(monkeypatch):
+    from experiments import peers
+
+    with pytest.raises(UserError, match="unknown peer 'vllm'"):
+        peers.HFPeer("tiny", "vllm", torch.device("cpu"), max_len=8)
+
+    real = metadata.version
+
+    def missing(name):
+        if name == "torchao":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(peers.metadata, "version", missing)
+    with pytest.raises(UserError, match="peer torchao-int4wo needs the torchao package"):
+        peers.peer_versions("torchao-int4wo")
+
+
+def test_group_int4_round_trip_is_within_half_a_step():
+    from experiments.peers import _group_int4
+
+    w = torch.randn(48, 384, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 8, 384)
+    q, scale, zero = _group_int4(w, 128)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == zero.shape == (48, 3)
+    back = ((q.float().reshape(48, 3, 128) - zero[..., None]) * scale[..., None]).reshape(48, 384)
+    assert ((back - w).abs().reshape(48, 3, 128) <= scale[..., None] / 2 + 1e-5).all()
+
+
+class _Engine:
+    n_layers, n_kv, head_dim, kv_algo, weight_bytes = 2, 2, 8, None, 10**9
+
+
+def _row(engine, recipe, B, tpot, ref_tpot, ttft=0.02):
+    from experiments.bench import cell_row
+
+    t = {"tpot": tpot, "ttft": [ttft] * len(tpot), "extra_bytes": 0}
+    ref = {"tpot": ref_tpot, "ttft": [0.03] * len(ref_tpot), "extra_bytes": 0}
+    return cell_row(engine, recipe, _Engine(), 512, B, 64, t, 0, 4000.0, ref)
+
+
+def test_speedups_are_paired_by_round_with_an_interval():
+    """A drift that hits both engines in the same round cancels in the paired ratio: exactly 2x here."""
+    drift = [1.0, 1.3, 0.9, 1.6, 1.1]
+    row = _row("quant-runtime", "int4_awq", 1, [0.002 * d for d in drift], [0.004 * d for d in drift])
+    assert row["speedup"] == pytest.approx(2.0) and row["speedup_ci"] == pytest.approx([2.0, 2.0])
+    assert row["ttft_speedup"] == pytest.approx(1.5) and row["rounds"] == 5
+    noisy = _row("quant-runtime", "int4_awq", 1, [0.002, 0.0021, 0.0019, 0.0022, 0.002], [0.004] * 5)
+    lo, hi = noisy["speedup_ci"]
+    assert lo < noisy["speedup"] < hi and lo > 1.7
+
+
+def test_targets_crossover_and_peers_from_rows():
+    from experiments.bench import crossover, targets
+
+    ref = [0.004] * 5
+    rows = [_row("quant-runtime", "int4_awq", 1, [0.0016] * 5, ref),
+            _row("quant-runtime", "int4_awq@kpack", 1, [0.0020] * 5, ref),  # a slower variant: the best one counts
+            _row("quant-runtime", "int4_awq", 4, [0.0038, 0.0039, 0.0037, 0.0038, 0.0039], ref),
+            _row("quant-runtime", "int4_awq", 8, [0.0050, 0.0051, 0.0049, 0.0050, 0.0052], ref),
+            _row("quant-runtime", "int4_awq", 16, [0.0060, 0.0061, 0.0062, 0.0060, 0.0061], ref),
+            _row("torchao-int4wo", "int4_awq", 1, [0.0020] * 5, ref)]
+    assert crossover(rows) == {512: 8}
+    got = {t["target"]: t for t in targets(rows)}
+    b1 = got["int4_awq b1 decode, in 512: × fp16"]
+    assert b1["measured"] == pytest.approx(2.5) and not b1["met"] and b1["shortfall"] == pytest.approx(1 - 2.5 / 2.6)
+    assert got["int4_awq b4 decode, in 512: × fp16"]["met"]
+    assert not got["int4_awq b8 decode, in 512: × fp16"]["met"]
+    peer = got["int4_awq b1 decode, in 512: × torchao-int4wo (both over fp16)"]
+    assert peer["measured"] == pytest.approx(1.25) and not peer["met"]
