@@ -110,9 +110,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 
 
 # recipe@VARIANT → what it changes in KernelConfig: one W4A16 kernel for 1–64 rows without the compiled GEMV
-# (``kpack``: the default before the GEMV took batch 1), or the GEMV with the pre-quant scale in act_prep
+# (``kpack``: the default before the GEMV took batch 1), the GEMV with the pre-quant scale in act_prep, or the
+# compiled INT8 GEMV at batch 1 (``int8_wo@w8g``)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERNELS},
-                   "w4g-unfused": {"w4g_fuse": False}}
+                   "w4g-unfused": {"w4g_fuse": False}, "w8g": {"w8g_rows": (1, 1)}}
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):
@@ -476,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in recipes if r.partition("@")[0] not in RECIPES or r.partition("@")[2] not in
                ("", *KERNEL_VARIANTS)]
     if unknown:
-        raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)}; a W4A16 one may "
-                        f"add @{', @'.join(KERNEL_VARIANTS)})")
+        raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)}; a kernel "
+                        f"variant may follow: @{', @'.join(KERNEL_VARIANTS)})")
     peers = [x for x in args.peers.split(",") if x]
     if bad := [x for x in peers if x not in PEERS]:
         raise UserError(f"unknown peer(s) {', '.join(bad)} (choose from {', '.join(PEERS)})")

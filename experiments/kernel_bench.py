@@ -37,6 +37,7 @@ VARIANTS = {
     "fp16 cuBLAS": (None, KernelConfig(gemv=frozenset())),
     "fp16 runtime": (None, KernelConfig()),
     "int8_wo runtime": ("W8A16", KernelConfig()),
+    "int8_wo w8g": ("W8A16", KernelConfig(w8g_rows=(1, 4))),
     "fp8 runtime": ("FP8", KernelConfig()),
     "int4 tinygemm": ("W4A16_AWQ", KernelConfig(int4_kernel="tinygemm", w4g_rows=None)),
     "int4 triton (stored layout)": ("W4A16_AWQ", KernelConfig(int4_kernel="triton", w4g_rows=None)),
@@ -137,7 +138,7 @@ def sweep_kpack(handlers: list, group: int, xs: dict, log) -> list[dict]:
 
 
 def sweep_w4g(handlers: list, group: int, xs_by_m: dict, log) -> list[dict]:
-    """The compiled INT4 GEMV over its tiles (cuda_ext.W4G_TILES) at 1–4 rows, on the handlers' GEMV copies, as
+    """The compiled INT4 GEMV over its tiles (cuda_ext.GEMV_TILES) at 1–4 rows, on the handlers' GEMV copies, as
     the runtime launches it by default (at one row the pre-quant scale in the kernel; at more rows it is left
     out)."""
     from quant.runtime import cuda_ext
@@ -145,9 +146,9 @@ def sweep_w4g(handlers: list, group: int, xs_by_m: dict, log) -> list[dict]:
     rows = []
     handlers = [h for h, _ in handlers]
     for m, xs in sorted(xs_by_m.items()):
-        if m > cuda_ext.W4G_MAX_M:
+        if m > cuda_ext.GEMV_MAX_ROWS:
             continue
-        for tile in cuda_ext.W4G_TILES:
+        for tile in cuda_ext.GEMV_TILES:
             def run(tile=tile):
                 for h in handlers:
                     cuda_ext.w4a16_gemv(xs[h.inp], h.w4g, h.scales, group=group, tile=tile,
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_w4g and "int4 w4g" in hs:
         if hs["int4 w4g"][0][0].w4g is None:
             raise UserError(f"the compiled INT4 GEMV is not available: "
-                            f"{getattr(hs['int4 w4g'][0][0], 'w4g_unavailable', 'shape or dtype it does not take')}")
+                            f"{getattr(hs['int4 w4g'][0][0], 'gemv_unavailable', 'shape or dtype it does not take')}")
         sw = {m: xs[m] for m in batch_sizes}
         record["sweep_w4g"] = sweep_w4g(hs["int4 w4g"], args.group, sw, log)
         best = min((r for r in record["sweep_w4g"] if r["M"] == 1), key=lambda r: r["ms"])["tile"]

@@ -255,10 +255,10 @@ def test_int4_w4g_matches_float64_reference(out, inp, group):
     dtype = torch.float16
     gen = torch.Generator().manual_seed(out * inp + group)
     t = _layout("W4A16_AWQ", gen, out, inp, group)
-    for tile in cuda_ext.W4G_TILES:
+    for tile in cuda_ext.GEMV_TILES:
         h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV,
                         group_size=group, kernels=KernelConfig(w4g_rows=(1, 4), w4g_tile=tile))
-        assert h.kernel.startswith("w4g-cuda"), getattr(h, "w4g_unavailable", h.kernel)
+        assert h.kernel.startswith("w4g-cuda"), getattr(h, "gemv_unavailable", h.kernel)
         wd = h.dequantized_weight().cpu()
         assert torch.equal(cuda_ext.unpack_w4g(h.w4g).cpu().float() * h.scales.float().cpu().repeat_interleave(
             group, dim=1), wd)
@@ -301,7 +301,47 @@ def test_int4_w4g_off_or_unavailable_leaves_the_other_kernels(monkeypatch):
     t = _layout("W4A16_AWQ", gen, 64, 512, 64)
     h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=torch.float16, device=DEV,
                     group_size=64)
-    assert h.w4g is None and h.w4g_unavailable.endswith("(test)") and h.tinygemm is not None
+    assert h.w4g is None and h.gemv_unavailable.endswith("(test)") and h.tinygemm is not None
+
+
+@cuda
+@pytest.mark.parametrize("out, inp", [(64, 512), (80, 1024), (46, 4096), (96, 576), (64, 11008), (70, 528)])
+def test_int8_w8g_matches_float64_reference(out, inp):
+    """The compiled INT8 GEMV (cuda_ext.w8a16_gemv) for 1–4 rows on the stored int8 layout: hidden 576 (the default
+    model's), K = 11008 and 528 (chunks that do not fill the last lane round), N = 46 and 70 (a warp's last rows
+    past N), every tile, activations ×1/×40/×400 (float32 products: no float16 overflow where x · q exceeds 65504),
+    RMSNorm / SiLU·gate in act_prep before it, the residual added in place; 5 rows go to the Triton kernels."""
+    from quant.runtime import cuda_ext
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(out * inp)
+    t = _layout("W8A16", gen, out, inp, 64)
+    tensors = {k: v.to(DEV) for k, v in t.items()}
+    for tile in cuda_ext.GEMV_TILES:
+        h = make_linear("W8A16", tensors, dtype=dtype, device=DEV, kernels=KernelConfig(w8g_rows=(1, 4), w8g_tile=tile))
+        assert h.kernel.startswith("w8g-cuda"), h.gemv_unavailable or h.kernel
+        assert h.weight.data_ptr() == tensors["weight"].data_ptr()  # no copy of the weights
+        wd = h.dequantized_weight().cpu()
+        for m in (1, 2, 3, 4, 5):
+            for scale in (1, 40, 400):
+                x = (activations(gen, m, inp) * scale).to(dtype)
+                err = rel(h(x.to(DEV)), _reference("W8A16", t, x, wd))
+                assert err <= 1e-2, (tile, m, scale, err)
+    h = make_linear("W8A16", tensors, dtype=dtype, device=DEV, kernels=KernelConfig(w8g_rows=(1, 4)))
+    ref = make_linear("W8A16", tensors, dtype=dtype, device=DEV)  # the Triton kernels
+    assert not ref.kernel.startswith("w8g")
+    norm = (1 + 0.1 * torch.randn(inp, generator=gen)).to(dtype).to(DEV)
+    for m in (1, 3):
+        x = activations(gen, m, inp).to(dtype).to(DEV)
+        r = torch.randn(m, out, generator=gen).to(dtype).to(DEV)
+        assert rel(h.fused(x, norm=norm, eps=1e-5), ref.fused(x, norm=norm, eps=1e-5)) <= 1e-2
+        x2 = activations(gen, m, 2 * inp).to(dtype).to(DEV)
+        assert rel(h.fused(x2, silu=True), ref.fused(x2, silu=True)) <= 1e-2
+        got, want = h.fused(x, residual=r.clone()), ref.fused(x, residual=r.clone())
+        assert rel(got, want) <= 1e-2
 
 
 def _check_linear(algo, dtype, kernels=None):

@@ -40,3 +40,22 @@ def test_kernel_dequantization_reads_back_the_int4_values_in_order():
     for n in range(q.shape[0]):
         got = [v for j in range(w.shape[1]) for v in _kernel_dequant(w[n, j])]
         assert got == q[n].tolist()
+
+
+def _byte_perm(x: int, y: int, s: int) -> int:
+    """CUDA's __byte_perm(x, y, s): result byte i is byte (s >> 4i) & 7 of the 8 bytes {y, x} (x's bytes first)."""
+    both = (x & 0xFFFFFFFF) | (y & 0xFFFFFFFF) << 32
+    return sum(((both >> 8 * ((s >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+
+
+def test_int8_gemv_dequantization_is_exact_for_every_byte():
+    """csrc/w8a16_gemv.cu dot_word's conversion, step for step: q ^ 0x80 into the mantissa of 2^23 by one PRMT
+    (selector 0x7440 + b), minus 2^23 + 128 in float32, gives back every int8 value at every byte position."""
+    values = np.arange(-128, 128, dtype=np.int8)
+    for b in range(4):
+        for v in values:
+            word = (int(np.uint8(v.view(np.uint8))) << 8 * b) | (0x5A << 8 * ((b + 1) % 4))  # a neighbour byte too
+            u = word ^ 0x80808080
+            bits = _byte_perm(u, 0x4B000000, 0x7440 + b)
+            f = np.array([bits], dtype=np.uint32).view(np.float32)[0]
+            assert np.float32(f) - np.float32(8388608.0 + 128.0) == np.float32(v), (b, v)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, the compiled INT4 GEMV: build, test, time. One call on the lent nvidia-h200 machine, from the repository
+# Issue 14, the compiled INT4 and INT8 GEMVs: build, test, time. One call on the lent nvidia-h200 machine, from the repository
 # root, with .whl (pydantic and its three dependencies, for python 3.12) carried; everything lands in $OUT.
 #   stages: build (timed, SASS instruction mix of the batch-1 kernel), tests/test_cuda.py, kernel_bench per shape
 #   (the GEMV's tiles swept at 1-4 rows, then every variant interleaved), the end-to-end bench per shape.
@@ -10,7 +10,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export QUANT_SUITE_CACHE=${QUANT_SUITE_CACHE:-/root/qcache}
 STAGES=${STAGES:-build tests_w4g kb tests e2e}
-KB_VARIANTS=${KB_VARIANTS:-fp16 cuBLAS,fp16 runtime,int4 tinygemm,int4 kpack,int4 w4g,int4 w4g unfused,int4 default}
+KB_VARIANTS=${KB_VARIANTS:-fp16 cuBLAS,fp16 runtime,int4 tinygemm,int4 kpack,int4 w4g,int4 w4g unfused,int4 default,int8_wo runtime,int8_wo w8g}
 KB_BATCHES=${KB_BATCHES:-1,4,8,16}
 SHAPES=${SHAPES:-llama2-7b llama3-8b}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader > "$OUT/gpu.txt"
@@ -25,7 +25,7 @@ from quant.runtime import cuda_ext
 m = cuda_ext.load()
 print("extension:", m if isinstance(m, str) else m.__file__, f"in {time.time() - t:.1f} s; torch", torch.__version__)
 PY
-    so=$(ls "$QUANT_SUITE_CACHE"/torch-extensions/*/quant_w4a16_gemv*.so 2>/dev/null | head -1)
+    so=$(ls "$QUANT_SUITE_CACHE"/torch-extensions/*/quant_cuda_gemv*.so 2>/dev/null | head -1)
     if [ -n "$so" ]; then
       cuobjdump -sass "$so" > /tmp/sass.txt
       python3 - <<'PY' > "$OUT/sass-mix.txt"
@@ -41,7 +41,7 @@ for fn in re.split(r"\n\s*Function : ", text)[1:]:
 PY
     fi ;;
   tests_w4g)  # the GEMV's own tests, first: a wrong kernel stops the call before any timing
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k w4g 2>&1 | tail -30 > "$OUT/test_w4g.txt"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "w4g or w8g" 2>&1 | tail -30 > "$OUT/test_w4g.txt"
     tail -3 "$OUT/test_w4g.txt"; grep -q " passed" "$OUT/test_w4g.txt" && ! grep -q "failed" "$OUT/test_w4g.txt" || exit 1 ;;
   tests)
     timeout 300 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
@@ -55,7 +55,7 @@ PY
     done ;;
   e2e)
     for shape in $SHAPES; do
-      timeout 240 python3 -m experiments.bench --shape $shape --recipes fp16,int4_awq,int4_awq@w4g-unfused,int4_awq@kpack \
+      timeout 240 python3 -m experiments.bench --shape $shape --recipes ${E2E_RECIPES:-fp16,int4_awq,int8_wo,int8_wo@w8g} \
         --batch-sizes 1,4,8,16 --input-lens 512 --no-hf --rounds 5 --out "$OUT/e2e-w4g-$shape.json" \
         > "$OUT/e2e-w4g-$shape.log" 2>&1
       tail -20 "$OUT/e2e-w4g-$shape.log"

@@ -2,7 +2,9 @@
 
 :func:`w4a16_gemv` is the INT4 (W4A16) decode GEMV for 1–4 rows on a copy of the weights reordered at load
 (:func:`pack_w4g`): each lane streams 16 bytes of weights per load and turns them into float16 pairs in registers
-with one LOP3 per pair (``csrc/w4a16_gemv.cu`` states its layout and precision contract).
+with one LOP3 per pair (``csrc/w4a16_gemv.cu`` states its layout and precision contract). :func:`w8a16_gemv` is the
+INT8 (W8A16) one on the checkpoint's own int8 layout: 16 weights per load, one PRMT per weight to float32
+(``csrc/w8a16_gemv.cu``).
 
 The build needs ``nvcc`` and ``ninja`` (the CUDA toolkit); it is cached under the suite's cache folder, keyed by
 PyTorch on the sources and compiler flags, so a machine compiles it once and an edited source recompiles. Where
@@ -20,10 +22,11 @@ from quant import quiet
 from quant.paths import cache_root
 
 CSRC = Path(__file__).parent / "csrc"
-# (weight rows per warp, 32-weight chunks per lane in flight): the launcher's tile index is the position here
-W4G_TILES = ((1, 2), (1, 4), (2, 2), (2, 4), (4, 1), (4, 2))
+# (weight rows per warp, 16-byte chunks per lane in flight), both GEMVs: the launchers' tile index is the position
+GEMV_TILES = ((1, 2), (1, 4), (2, 2), (2, 4), (4, 1), (4, 2))
 W4G_TILE = (2, 4)  # the fastest at 1 row on the 7B and 8B shapes (experiments/results/gpu/kernels)
-W4G_MAX_M = 4
+W8G_TILE = (2, 4)  # the W4A16 GEMV's: not yet swept for the 8-bit kernel
+GEMV_MAX_ROWS = 4
 _NIBBLE_K = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a word holds k offset _NIBBLE_K[p] (the kernel's dequantization)
 _NONE = torch.empty(0)  # "no pre-quant scale" to the binding
 
@@ -40,7 +43,8 @@ def load():
         build.mkdir(parents=True, exist_ok=True)
         with quiet.held("torch.utils.cpp_extension"):  # the compiler's output shows with -v
             return cpp_extension.load(
-                name="quant_w4a16_gemv", sources=[str(CSRC / "w4a16_gemv.cpp"), str(CSRC / "w4a16_gemv.cu")],
+                name="quant_cuda_gemv",
+                sources=[str(CSRC / f) for f in ("bindings.cpp", "w4a16_gemv.cu", "w8a16_gemv.cu")],
                 build_directory=str(build), extra_cuda_cflags=["-O3", "-lineinfo"] + _arch_flags(),
                 extra_cflags=["-O3"], verbose=False)
     except Exception as exc:  # no toolkit, no compiler, a failed build: the reason, and the other kernels run
@@ -91,10 +95,26 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     if isinstance(mod, str):
         raise RuntimeError(mod)
     out = residual if residual is not None else torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    return mod.w4a16_gemv(x, w, scales, group, out, residual is not None, W4G_TILES.index(tuple(tile)),
+    return mod.w4a16_gemv(x, w, scales, group, out, residual is not None, GEMV_TILES.index(tuple(tile)),
                           _NONE if prequant is None else prequant)
 
 
 def fuses(rows: int, inp: int) -> bool:
     """Whether the GEMV can apply the pre-quant scale itself: one row, staged whole in 48 KiB of shared memory."""
     return rows == 1 and inp * 2 <= 48 * 1024
+
+
+def w8g_ok(inp: int, dtype: torch.dtype) -> bool:
+    """Whether the INT8 GEMV takes this linear: float16, K a multiple of 16 (16-byte rows)."""
+    return dtype == torch.float16 and inp % 16 == 0
+
+
+def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, residual: torch.Tensor | None = None,
+               tile: tuple[int, int] = W8G_TILE) -> torch.Tensor:
+    """x [M ≤ 4, K] float16, w int8 [N, K], scale float16 [N] → (x · qᵀ) · scale [M, N]; added to ``residual`` in
+    place (one rounding) when given."""
+    mod = load()
+    if isinstance(mod, str):
+        raise RuntimeError(mod)
+    out = residual if residual is not None else torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    return mod.w8a16_gemv(x, w, scale, out, residual is not None, GEMV_TILES.index(tuple(tile)))

@@ -488,7 +488,7 @@ class TorchRuntime:
         (and which), and the KV cache mode."""
         handlers = [h for layer in self.layers for h in _linears(layer)]
         kernels = sorted({h.kernel for h in handlers})
-        missing = sorted({h.w4g_unavailable for h in handlers if getattr(h, "w4g_unavailable", None) is not None})
+        missing = sorted({h.gemv_unavailable for h in handlers if h.gemv_unavailable is not None})
         parts = sorted({h.kernel for h in handlers if h.emulated})
         if self.kv_algo is not None and kv_cache_emulated(self.device):
             parts.append("kv_cache")  # attention reads a dequantized copy, not int8/fp8 directly

@@ -191,7 +191,7 @@ cudaError_t launch(const Args& a) {
 
 template <int M, int PRO>
 cudaError_t launch_tile(int tile, const Args& a) {
-  switch (tile) {  // (R, U): the tiles of cuda_ext.W4G_TILES, in order
+  switch (tile) {  // (R, U): the tiles of cuda_ext.GEMV_TILES, in order
     case 0: return launch<M, 1, 2, PRO>(a);
     case 1: return launch<M, 1, 4, PRO>(a);
     case 2: return launch<M, 2, 2, PRO>(a);

@@ -82,20 +82,28 @@ class KernelConfig:
     # INT4 rows (1–4) that take the compiled CUDA GEMV (cuda_ext.w4a16_gemv: float16, on a copy reordered at load,
     # ahead of w4k_rows and tinygemm); None: off. Where the extension cannot be built, the other kernels run.
     w4g_rows: tuple[int, int] | None = (1, 1)
-    # Its (weight rows per warp, chunks in flight per lane), one of cuda_ext.W4G_TILES; None: cuda_ext.W4G_TILE.
+    # Its (weight rows per warp, chunks in flight per lane), one of cuda_ext.GEMV_TILES; None: cuda_ext.W4G_TILE.
     w4g_tile: tuple[int, int] | None = None
     # At one row with no RMSNorm / SiLU·gate in front: the pre-quant scale inside the GEMV instead of an act_prep
     # launch (RMSNorm and SiLU·gate stay in act_prep: inside the GEMV, every block recomputing them, they measured
     # slower end to end on an H200).
     w4g_fuse: bool = True
+    # INT8 weight-only rows (1–4) that take the compiled CUDA GEMV (cuda_ext.w8a16_gemv, float16, on the stored int8
+    # layout: no copy) ahead of the Triton kernels; None: off. Off by default until measured on a GPU
+    # (experiments.bench int8_wo@w8g, experiments.kernel_bench "int8 w8g").
+    w8g_rows: tuple[int, int] | None = None
+    # Its (weight rows per warp, chunks in flight per lane), one of cuda_ext.GEMV_TILES; None: cuda_ext.W8G_TILE.
+    w8g_tile: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.sq_prefill_gemm not in ("triton", "int_mm"):
             raise ValueError(f"sq_prefill_gemm must be 'triton' or 'int_mm', got {self.sq_prefill_gemm!r}")
         if not 1 <= self.w4k_rows[0] <= self.w4k_rows[1] <= 16:
             raise ValueError(f"w4k_rows must be 1 <= low <= high <= 16 (the kernel's row tile), got {self.w4k_rows}")
-        if self.w4g_rows is not None and not 1 <= self.w4g_rows[0] <= self.w4g_rows[1] <= 4:
-            raise ValueError(f"w4g_rows must be 1 <= low <= high <= 4 (the GEMV's rows) or None, got {self.w4g_rows}")
+        for name in ("w4g_rows", "w8g_rows"):
+            rows = getattr(self, name)
+            if rows is not None and not 1 <= rows[0] <= rows[1] <= 4:
+                raise ValueError(f"{name} must be 1 <= low <= high <= 4 (the GEMV's rows) or None, got {rows}")
         if self.int4_kernel not in INT4_KERNELS:
             raise ValueError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {self.int4_kernel!r}")
         unknown = set(self.gemv) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
@@ -118,6 +126,7 @@ def _round_up(n: int, m: int) -> int:
 class _Handler:
     kernel = "?"
     emulated = False
+    gemv_unavailable = None  # why a compiled GEMV the kernel config asks for is missing (cuda_ext.load's reason)
     algo_key = "dense"
     # The batch-1 path runs the prologue itself, in one act_prep with what it adds (SmoothQuant/FP8: the int8/fp8
     # quantization; INT4 k-packed: the pre-quant scale)

@@ -48,7 +48,7 @@ class W4A16AWQLinear(_Handler):
             if kernels.w4g_rows is not None and cuda_ext.w4g_ok(inp, group, dtype):
                 built = cuda_ext.load()
                 if isinstance(built, str):
-                    self.w4g_unavailable = built
+                    self.gemv_unavailable = built
                 else:  # a copy in the GEMV's layout, for w4g_rows: it runs ahead of the kernels below
                     self.w4g, self.w4g_rows = cuda_ext.pack_w4g(q()), kernels.w4g_rows
                     self.w4g_tile = kernels.w4g_tile or cuda_ext.W4G_TILE
@@ -90,7 +90,6 @@ class W4A16AWQLinear(_Handler):
     algo_key = "W4A16_AWQ"
     shared_inputs = ("prequant_scaling_factor",)
     w4g = None  # the compiled GEMV's copy (CUDA, float16), when built
-    w4g_unavailable = None  # why it is not, where the extension could not be built
 
     def _w4g_takes(self, rows: int) -> bool:
         return self.w4g is not None and self.w4g_rows[0] <= rows <= self.w4g_rows[1]

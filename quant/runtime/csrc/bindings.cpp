@@ -1,4 +1,4 @@
-// PyTorch binding of w4a16_gemv.cu (compiled apart from it, so the kernel file needs no PyTorch headers).
+// PyTorch bindings of the GEMV kernels (compiled apart from them, so the kernel files need no PyTorch headers).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -6,6 +6,8 @@
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
                               cudaStream_t stream);
+cudaError_t w8a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
+                              int64_t ldy, int N, int K, bool accumulate, cudaStream_t stream);
 
 // x [M, K] float16, w int32 [N, K / 8] (cuda_ext.pack_w4g), s float16 [N, K / group]; out [M, N] float16: written,
 // or added to in place when accumulate. prequant float16 [K]: the input is x * prequant (one row; an empty tensor:
@@ -42,6 +44,33 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   return out;
 }
 
+// x [M, K] float16, w int8 [N, K] (the checkpoint's layout), s float16 [N]; out [M, N] float16: written, or added
+// to in place when accumulate. Returns out.
+torch::Tensor w8a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch::Tensor out, bool accumulate,
+                         int64_t tile) {
+  TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
+              "w8a16_gemv: tensors on one CUDA device");
+  TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
+              w.scalar_type() == at::kChar, "w8a16_gemv: float16 x, s, out and int8 w");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.size(1) == K,
+              "w8a16_gemv: x [M, K], rows 16-byte aligned");
+  TORCH_CHECK(M >= 1 && M <= 4, "w8a16_gemv: 1-4 rows; got ", M);
+  TORCH_CHECK(K % 16 == 0 && w.dim() == 2 && w.is_contiguous(), "w8a16_gemv: w [N, K] contiguous, K % 16 == 0");
+  TORCH_CHECK(s.is_contiguous() && s.numel() == N, "w8a16_gemv: s [N]");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.stride(1) == 1, "w8a16_gemv: out [M, N]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "w8a16_gemv: x and w 16-byte aligned");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = w8a16_gemv_launch(
+      static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
+      out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), accumulate,
+      at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "w8a16_gemv: ", cudaGetErrorString(err));
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemv", &w4a16_gemv, "W4A16 GEMV, 1-4 rows (w4a16_gemv.cu)");
+  m.def("w8a16_gemv", &w8a16_gemv, "W8A16 GEMV, 1-4 rows (w8a16_gemv.cu)");
 }
