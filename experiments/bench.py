@@ -111,9 +111,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 
 # recipe@VARIANT → what it changes in KernelConfig: one W4A16 kernel for 1–64 rows without the compiled GEMV
 # (``kpack``: the default before the GEMV took batch 1), the GEMV with the pre-quant scale in act_prep, or the
-# compiled INT8 GEMV at batch 1 (``int8_wo@w8g``)
+# compiled 8-bit GEMV at batch 1 (``int8_wo@w8g``, ``smoothquant@w8g``, ``fp8@w8g``)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERNELS},
-                   "w4g-unfused": {"w4g_fuse": False}, "w8g": {"w8g_rows": (1, 1)}}
+                   "w4g-unfused": {"w4g_fuse": False},
+                   "w8g": {"w8g": frozenset({"W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"})}}
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):

@@ -304,44 +304,61 @@ def test_int4_w4g_off_or_unavailable_leaves_the_other_kernels(monkeypatch):
     assert h.w4g is None and h.gemv_unavailable.endswith("(test)") and h.tinygemm is not None
 
 
+W8G = ["W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"]
+
+
 @cuda
+@pytest.mark.parametrize("algo", W8G)
 @pytest.mark.parametrize("out, inp", [(64, 512), (80, 1024), (46, 4096), (96, 576), (64, 11008), (70, 528)])
-def test_int8_w8g_matches_float64_reference(out, inp):
-    """The compiled INT8 GEMV (cuda_ext.w8a16_gemv) for 1–4 rows on the stored int8 layout: hidden 576 (the default
-    model's), K = 11008 and 528 (chunks that do not fill the last lane round), N = 46 and 70 (a warp's last rows
-    past N), every tile, activations ×1/×40/×400 (float32 products: no float16 overflow where x · q exceeds 65504),
-    RMSNorm / SiLU·gate in act_prep before it, the residual added in place; 5 rows go to the Triton kernels."""
+def test_w8g_matches_float64_reference(algo, out, inp):
+    """The compiled 8-bit GEMV (cuda_ext.w8_gemv) at batch 1 and, called directly, 2–4 rows, on the stored weights:
+    hidden 576 (the default model's), K = 11008 and 528 (chunks that do not fill the last lane round), N = 46 and 70
+    (a warp's last rows past N), every tile, activations ×1/×40/×400 (float32 products: no float16 overflow where
+    x · q exceeds 65504), RMSNorm / SiLU·gate and the activation quantization in act_prep before it, the residual
+    added in place; the same results as the Triton GEMV within rounding."""
+    from quant.hardware import fp8_refusal
     from quant.runtime import cuda_ext
+    from quant.runtime import cuda_kernels as ck
     from quant.runtime.linear import make_linear
     from quant.runtime.schemes.base import KernelConfig
     from tests.test_kernels import activations
 
+    if algo == "FP8" and fp8_refusal(0):
+        pytest.skip(fp8_refusal(0))
     dtype = torch.float16
-    gen = torch.Generator().manual_seed(out * inp)
-    t = _layout("W8A16", gen, out, inp, 64)
+    gen = torch.Generator().manual_seed(out * inp + len(algo))
+    t = _layout(algo, gen, out, inp, 64)
     tensors = {k: v.to(DEV) for k, v in t.items()}
     for tile in cuda_ext.GEMV_TILES:
-        h = make_linear("W8A16", tensors, dtype=dtype, device=DEV, kernels=KernelConfig(w8g_rows=(1, 4), w8g_tile=tile))
-        assert h.kernel.startswith("w8g-cuda"), h.gemv_unavailable or h.kernel
+        h = make_linear(algo, tensors, dtype=dtype, device=DEV, kernels=KernelConfig(w8g=frozenset({algo}),
+                                                                                     w8g_tile=tile))
+        assert h.w8g and h.kernel.startswith("w8g-cuda"), h.gemv_unavailable or h.kernel
         assert h.weight.data_ptr() == tensors["weight"].data_ptr()  # no copy of the weights
         wd = h.dequantized_weight().cpu()
-        for m in (1, 2, 3, 4, 5):
-            for scale in (1, 40, 400):
-                x = (activations(gen, m, inp) * scale).to(dtype)
-                err = rel(h(x.to(DEV)), _reference("W8A16", t, x, wd))
+        for scale in (1, 40, 400):
+            x = (activations(gen, 1, inp) * scale).to(dtype)
+            err = rel(h(x.to(DEV)), _reference(algo, t, x, wd))
+            assert err <= 1e-2, (tile, scale, err)
+            for m in (2, 4):  # the kernel's other row counts, on the act_prep output the batch-1 path feeds it
+                xm = (activations(gen, m, inp) * scale).to(dtype)
+                if algo == "W8A16":
+                    q, s = xm.to(DEV), h.scale
+                else:
+                    q = ck.act_prep(xm.to(DEV), prequant=h.prequant, act_scale=h.act_scale.reshape(1),
+                                    afmt=ck.A_INT8 if algo != "FP8" else ck.A_FP8)
+                    s = h.out_scale
+                err = rel(cuda_ext.w8_gemv(q, h.weight, s, fmt=algo, tile=tile), _reference(algo, t, xm, wd))
                 assert err <= 1e-2, (tile, m, scale, err)
-    h = make_linear("W8A16", tensors, dtype=dtype, device=DEV, kernels=KernelConfig(w8g_rows=(1, 4)))
-    ref = make_linear("W8A16", tensors, dtype=dtype, device=DEV)  # the Triton kernels
-    assert not ref.kernel.startswith("w8g")
+    h = make_linear(algo, tensors, dtype=dtype, device=DEV, kernels=KernelConfig(w8g=frozenset({algo})))
+    ref = make_linear(algo, tensors, dtype=dtype, device=DEV)  # the Triton GEMV
+    assert not ref.w8g and not ref.kernel.startswith("w8g")
     norm = (1 + 0.1 * torch.randn(inp, generator=gen)).to(dtype).to(DEV)
-    for m in (1, 3):
-        x = activations(gen, m, inp).to(dtype).to(DEV)
-        r = torch.randn(m, out, generator=gen).to(dtype).to(DEV)
-        assert rel(h.fused(x, norm=norm, eps=1e-5), ref.fused(x, norm=norm, eps=1e-5)) <= 1e-2
-        x2 = activations(gen, m, 2 * inp).to(dtype).to(DEV)
-        assert rel(h.fused(x2, silu=True), ref.fused(x2, silu=True)) <= 1e-2
-        got, want = h.fused(x, residual=r.clone()), ref.fused(x, residual=r.clone())
-        assert rel(got, want) <= 1e-2
+    x = activations(gen, 1, inp).to(dtype).to(DEV)
+    r = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
+    assert rel(h.fused(x, norm=norm, eps=1e-5), ref.fused(x, norm=norm, eps=1e-5)) <= 1e-2
+    x2 = activations(gen, 1, 2 * inp).to(dtype).to(DEV)
+    assert rel(h.fused(x2, silu=True), ref.fused(x2, silu=True)) <= 1e-2
+    assert rel(h.fused(x, residual=r.clone()), ref.fused(x, residual=r.clone())) <= 1e-2
 
 
 def _check_linear(algo, dtype, kernels=None):

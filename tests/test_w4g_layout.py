@@ -49,7 +49,7 @@ def _byte_perm(x: int, y: int, s: int) -> int:
 
 
 def test_int8_gemv_dequantization_is_exact_for_every_byte():
-    """csrc/w8a16_gemv.cu dot_word's conversion, step for step: q ^ 0x80 into the mantissa of 2^23 by one PRMT
+    """csrc/w8_gemv.cu dot_word (W8A16)'s conversion, step for step: q ^ 0x80 into the mantissa of 2^23 by one PRMT
     (selector 0x7440 + b), minus 2^23 + 128 in float32, gives back every int8 value at every byte position."""
     values = np.arange(-128, 128, dtype=np.int8)
     for b in range(4):
@@ -59,3 +59,15 @@ def test_int8_gemv_dequantization_is_exact_for_every_byte():
             bits = _byte_perm(u, 0x4B000000, 0x7440 + b)
             f = np.array([bits], dtype=np.uint32).view(np.float32)[0]
             assert np.float32(f) - np.float32(8388608.0 + 128.0) == np.float32(v), (b, v)
+
+
+def test_kernel_config_refuses_what_the_gemvs_cannot_take():
+    import pytest
+
+    from quant.runtime.schemes.base import KernelConfig
+
+    with pytest.raises(ValueError, match="w8g takes the 8-bit formats"):
+        KernelConfig(w8g=frozenset({"W4A16_AWQ"}))
+    with pytest.raises(ValueError, match="w4g_rows must be"):
+        KernelConfig(w4g_rows=(1, 5))
+    assert KernelConfig(w8g=frozenset({"W8A16", "FP8"})).w8g == {"W8A16", "FP8"}

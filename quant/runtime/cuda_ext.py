@@ -2,9 +2,9 @@
 
 :func:`w4a16_gemv` is the INT4 (W4A16) decode GEMV for 1–4 rows on a copy of the weights reordered at load
 (:func:`pack_w4g`): each lane streams 16 bytes of weights per load and turns them into float16 pairs in registers
-with one LOP3 per pair (``csrc/w4a16_gemv.cu`` states its layout and precision contract). :func:`w8a16_gemv` is the
-INT8 (W8A16) one on the checkpoint's own int8 layout: 16 weights per load, one PRMT per weight to float32
-(``csrc/w8a16_gemv.cu``).
+with one LOP3 per pair (``csrc/w4a16_gemv.cu`` states its layout and precision contract). :func:`w8_gemv` is the
+8-bit one (W8A16, SmoothQuant W8A8, FP8) on the checkpoint's own [N, K] layout: 16 weights per load, widened to
+float32 in registers (int32 DP4A sums for W8A8; ``csrc/w8_gemv.cu``).
 
 The build needs ``nvcc`` and ``ninja`` (the CUDA toolkit); it is cached under the suite's cache folder, keyed by
 PyTorch on the sources and compiler flags, so a machine compiles it once and an edited source recompiles. Where
@@ -26,6 +26,7 @@ CSRC = Path(__file__).parent / "csrc"
 GEMV_TILES = ((1, 2), (1, 4), (2, 2), (2, 4), (4, 1), (4, 2))
 W4G_TILE = (2, 4)  # the fastest at 1 row on the 7B and 8B shapes (experiments/results/gpu/kernels)
 W8G_TILE = (2, 4)  # the W4A16 GEMV's: not yet swept for the 8-bit kernel
+W8_FORMATS = {"W8A16": 0, "W8A8_SQ_PER_CHANNEL": 1, "FP8": 2}  # algo key → the kernel's format (csrc/w8_gemv.cu)
 GEMV_MAX_ROWS = 4
 _NIBBLE_K = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a word holds k offset _NIBBLE_K[p] (the kernel's dequantization)
 _NONE = torch.empty(0)  # "no pre-quant scale" to the binding
@@ -44,7 +45,7 @@ def load():
         with quiet.held("torch.utils.cpp_extension"):  # the compiler's output shows with -v
             return cpp_extension.load(
                 name="quant_cuda_gemv",
-                sources=[str(CSRC / f) for f in ("bindings.cpp", "w4a16_gemv.cu", "w8a16_gemv.cu")],
+                sources=[str(CSRC / f) for f in ("bindings.cpp", "w4a16_gemv.cu", "w8_gemv.cu")],
                 build_directory=str(build), extra_cuda_cflags=["-O3", "-lineinfo"] + _arch_flags(),
                 extra_cflags=["-O3"], verbose=False)
     except Exception as exc:  # no toolkit, no compiler, a failed build: the reason, and the other kernels run
@@ -105,16 +106,18 @@ def fuses(rows: int, inp: int) -> bool:
 
 
 def w8g_ok(inp: int, dtype: torch.dtype) -> bool:
-    """Whether the INT8 GEMV takes this linear: float16, K a multiple of 16 (16-byte rows)."""
+    """Whether the 8-bit GEMV takes this linear: float16 output, K a multiple of 16 (16-byte rows)."""
     return dtype == torch.float16 and inp % 16 == 0
 
 
-def w8a16_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, residual: torch.Tensor | None = None,
-               tile: tuple[int, int] = W8G_TILE) -> torch.Tensor:
-    """x [M ≤ 4, K] float16, w int8 [N, K], scale float16 [N] → (x · qᵀ) · scale [M, N]; added to ``residual`` in
-    place (one rounding) when given."""
+def w8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, fmt: str,
+            residual: torch.Tensor | None = None, tile: tuple[int, int] = W8G_TILE) -> torch.Tensor:
+    """x [M ≤ 4, K] (float16 for W8A16; int8 / e4m3 quantized by act_prep for W8A8 / FP8), w [N, K] int8 or e4m3,
+    scale [N] (float16 for W8A16, float32 for W8A8) or [1] (FP8, float32) → (x · wᵀ) · scale, float16 [M, N];
+    added to ``residual`` in place (one rounding) when given."""
     mod = load()
     if isinstance(mod, str):
         raise RuntimeError(mod)
-    out = residual if residual is not None else torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    return mod.w8a16_gemv(x, w, scale, out, residual is not None, GEMV_TILES.index(tuple(tile)))
+    out = residual if residual is not None else torch.empty(x.shape[0], w.shape[0], dtype=torch.float16,
+                                                             device=x.device)
+    return mod.w8_gemv(x, w, scale, W8_FORMATS[fmt], out, residual is not None, GEMV_TILES.index(tuple(tile)))

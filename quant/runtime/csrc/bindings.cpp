@@ -6,8 +6,8 @@
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
                               cudaStream_t stream);
-cudaError_t w8a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
-                              int64_t ldy, int N, int K, bool accumulate, cudaStream_t stream);
+cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
+                           void* y, int64_t ldy, int N, int K, bool accumulate, cudaStream_t stream);
 
 // x [M, K] float16, w int32 [N, K / 8] (cuda_ext.pack_w4g), s float16 [N, K / group]; out [M, N] float16: written,
 // or added to in place when accumulate. prequant float16 [K]: the input is x * prequant (one row; an empty tensor:
@@ -44,33 +44,39 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   return out;
 }
 
-// x [M, K] float16, w int8 [N, K] (the checkpoint's layout), s float16 [N]; out [M, N] float16: written, or added
+// fmt 0 (W8A16): x float16, w int8, s float16 [N]; 1 (W8A8): x int8, w int8, s float32 [N]; 2 (FP8): x and w
+// float8_e4m3fn, s float32 [1]. x [M, K], w [N, K] (the checkpoint's layout); out [M, N] float16: written, or added
 // to in place when accumulate. Returns out.
-torch::Tensor w8a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch::Tensor out, bool accumulate,
-                         int64_t tile) {
+torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t fmt, torch::Tensor out,
+                      bool accumulate, int64_t tile) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
-              "w8a16_gemv: tensors on one CUDA device");
-  TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
-              w.scalar_type() == at::kChar, "w8a16_gemv: float16 x, s, out and int8 w");
+              "w8_gemv: tensors on one CUDA device");
+  TORCH_CHECK(fmt >= 0 && fmt <= 2, "w8_gemv: format 0-2, got ", fmt);
+  const at::ScalarType xt[] = {at::kHalf, at::kChar, at::kFloat8_e4m3fn};
+  const at::ScalarType wt[] = {at::kChar, at::kChar, at::kFloat8_e4m3fn};
+  const at::ScalarType st[] = {at::kHalf, at::kFloat, at::kFloat};
+  TORCH_CHECK(x.scalar_type() == xt[fmt] && w.scalar_type() == wt[fmt] && s.scalar_type() == st[fmt] &&
+              out.scalar_type() == at::kHalf, "w8_gemv: dtypes of format ", fmt, ": x ", xt[fmt], ", w ", wt[fmt],
+              ", s ", st[fmt], ", out Half");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.size(1) == K,
-              "w8a16_gemv: x [M, K], rows 16-byte aligned");
-  TORCH_CHECK(M >= 1 && M <= 4, "w8a16_gemv: 1-4 rows; got ", M);
-  TORCH_CHECK(K % 16 == 0 && w.dim() == 2 && w.is_contiguous(), "w8a16_gemv: w [N, K] contiguous, K % 16 == 0");
-  TORCH_CHECK(s.is_contiguous() && s.numel() == N, "w8a16_gemv: s [N]");
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.stride(1) == 1, "w8a16_gemv: out [M, N]");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && (x.stride(0) * x.element_size()) % 16 == 0 && x.size(1) == K,
+              "w8_gemv: x [M, K], rows 16-byte aligned");
+  TORCH_CHECK(M >= 1 && M <= 4, "w8_gemv: 1-4 rows; got ", M);
+  TORCH_CHECK(K % 16 == 0 && w.dim() == 2 && w.is_contiguous(), "w8_gemv: w [N, K] contiguous, K % 16 == 0");
+  TORCH_CHECK(s.is_contiguous() && s.numel() == (fmt == 2 ? 1 : N), "w8_gemv: s [N] (FP8: [1])");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.stride(1) == 1, "w8_gemv: out [M, N]");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
-              "w8a16_gemv: x and w 16-byte aligned");
+              "w8_gemv: x and w 16-byte aligned");
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaError_t err = w8a16_gemv_launch(
-      static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
-      out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), accumulate,
+  const cudaError_t err = w8_gemv_launch(
+      static_cast<int>(fmt), static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(),
+      s.data_ptr(), out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), accumulate,
       at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "w8a16_gemv: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "w8_gemv: ", cudaGetErrorString(err));
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemv", &w4a16_gemv, "W4A16 GEMV, 1-4 rows (w4a16_gemv.cu)");
-  m.def("w8a16_gemv", &w8a16_gemv, "W8A16 GEMV, 1-4 rows (w8a16_gemv.cu)");
+  m.def("w8_gemv", &w8_gemv, "8-bit GEMV (W8A16, W8A8, FP8), 1-4 rows (w8_gemv.cu)");
 }

@@ -88,10 +88,11 @@ class KernelConfig:
     # launch (RMSNorm and SiLU·gate stay in act_prep: inside the GEMV, every block recomputing them, they measured
     # slower end to end on an H200).
     w4g_fuse: bool = True
-    # INT8 weight-only rows (1–4) that take the compiled CUDA GEMV (cuda_ext.w8a16_gemv, float16, on the stored int8
-    # layout: no copy) ahead of the Triton kernels; None: off. Off by default until measured on a GPU
-    # (experiments.bench int8_wo@w8g, experiments.kernel_bench "int8 w8g").
-    w8g_rows: tuple[int, int] | None = None
+    # 8-bit formats (keys of cuda_ext.W8_FORMATS) whose batch-1 rows take the compiled CUDA GEMV (cuda_ext.w8_gemv,
+    # float16 output, on the stored [N, K] weights: no copy) instead of the Triton one; SmoothQuant and FP8
+    # quantize the row in act_prep first, as now. Empty by default until measured on a GPU (experiments.bench
+    # RECIPE@w8g, experiments.kernel_bench "… w8g").
+    w8g: frozenset[str] = frozenset()
     # Its (weight rows per warp, chunks in flight per lane), one of cuda_ext.GEMV_TILES; None: cuda_ext.W8G_TILE.
     w8g_tile: tuple[int, int] | None = None
 
@@ -100,10 +101,10 @@ class KernelConfig:
             raise ValueError(f"sq_prefill_gemm must be 'triton' or 'int_mm', got {self.sq_prefill_gemm!r}")
         if not 1 <= self.w4k_rows[0] <= self.w4k_rows[1] <= 16:
             raise ValueError(f"w4k_rows must be 1 <= low <= high <= 16 (the kernel's row tile), got {self.w4k_rows}")
-        for name in ("w4g_rows", "w8g_rows"):
-            rows = getattr(self, name)
-            if rows is not None and not 1 <= rows[0] <= rows[1] <= 4:
-                raise ValueError(f"{name} must be 1 <= low <= high <= 4 (the GEMV's rows) or None, got {rows}")
+        if self.w4g_rows is not None and not 1 <= self.w4g_rows[0] <= self.w4g_rows[1] <= 4:
+            raise ValueError(f"w4g_rows must be 1 <= low <= high <= 4 (the GEMV's rows) or None, got {self.w4g_rows}")
+        if self.w8g - {"W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"}:
+            raise ValueError(f"w8g takes the 8-bit formats W8A16, W8A8_SQ_PER_CHANNEL, FP8; got {sorted(self.w8g)}")
         if self.int4_kernel not in INT4_KERNELS:
             raise ValueError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {self.int4_kernel!r}")
         unknown = set(self.gemv) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
@@ -175,6 +176,27 @@ class _Handler:
 
     def _gemv_ok(self) -> bool:
         return True
+
+    w8g = False  # batch 1 takes the compiled 8-bit GEMV (the 8-bit formats, on CUDA: _setup_w8g)
+
+    def _setup_w8g(self, inp: int) -> None:
+        """Whether batch 1 takes the compiled 8-bit GEMV: the kernel config lists this format, float16 output, K a
+        multiple of 16, and the extension built (else its reason is kept and the Triton GEMV runs)."""
+        from quant.runtime import cuda_ext
+
+        if self.algo_key not in self.kernels.w8g or not cuda_ext.w8g_ok(inp, self.dtype):
+            return
+        built = cuda_ext.load()
+        if isinstance(built, str):
+            self.gemv_unavailable = built
+        else:
+            self.w8g, self.kernel = True, "w8g-cuda|" + self.kernel
+
+    def _w8g_gemv(self, x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        from quant.runtime import cuda_ext
+
+        return cuda_ext.w8_gemv(x, self.weight, scale, fmt=self.algo_key, residual=residual,
+                                tile=self.kernels.w8g_tile or cuda_ext.W8G_TILE)
 
     def _ck_gemv(self, *args, **kwargs) -> torch.Tensor:
         """The batch-1 GEMV kernel with this handler's kernel options."""

@@ -27,6 +27,7 @@ class FP8Linear(_Handler):
         if self.cuda:
             self.kernel, self.emulated = "triton-fp8-gemv|scaled_mm", False
             self.out_scale = (self.act_scale * self.weight_scale).reshape(1).contiguous()
+            self._setup_w8g(self.weight.shape[1])
 
     algo_key = "FP8"
     shared_inputs = ("activation_scaling_factor", "weights_scaling_factor")
@@ -35,9 +36,11 @@ class FP8Linear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
-        if not self.kernels.fuse_prologue or self.prequant is not None:  # quantize once, then fp8 × fp8 GEMV
+        if not self.kernels.fuse_prologue or self.prequant is not None or self.w8g:  # quantize, then fp8 × fp8
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale.reshape(1),
                             afmt=ck.A_FP8)
+            if self.w8g:
+                return self._w8g_gemv(qx, self.out_scale, residual)
             return self._ck_gemv(qx, self.weight, wfmt=ck.W_FP8, wscale=self.out_scale, scale_mode=ck.S_SCALAR,
                                  residual=residual, out_dtype=self.dtype)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_FP8, afmt=ck.A_FP8, act_scale=self.act_scale.reshape(1),

@@ -27,6 +27,7 @@ class W8A8SQLinear(_Handler):
         self.kernel, self.emulated = ("int_mm", False) if self.native else ("emulated-int8-gemm", True)
         if self.cuda:
             self.kernel, self.emulated = "triton-w8a8", False
+            self._setup_w8g(self.weight.shape[1])
 
     algo_key = "W8A8_SQ_PER_CHANNEL"
     shared_inputs = ("prequant_scaling_factor", "activation_scaling_factor")
@@ -34,8 +35,10 @@ class W8A8SQLinear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual):
         ck = _cuda_kernels()
-        if not self.kernels.fuse_prologue:  # quantize once, then an int8 × int8 GEMV
+        if not self.kernels.fuse_prologue or self.w8g:  # quantize once, then an int8 × int8 GEMV
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale, afmt=ck.A_INT8)
+            if self.w8g:
+                return self._w8g_gemv(qx, self.out_scale, residual)
             return self._ck_gemv(qx, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8_IN, wscale=self.out_scale,
                                  scale_mode=ck.S_CHANNEL, residual=residual, out_dtype=self.dtype)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8, prequant=self.prequant,

@@ -1,0 +1,232 @@
+// 8-bit GEMV for 1-4 activation rows, one kernel for the three 8-bit formats (F):
+//   F_W8A16  x float16 [M, K], q int8 [N, K],  s float16 [N]:  y[m, n] = s[n] * sum_k x[m, k] q[n, k]
+//   F_W8A8   x int8 [M, K],    q int8 [N, K],  s float32 [N]:  the same, sums exact in int32 (DP4A)
+//   F_FP8    x e4m3 [M, K],    q e4m3 [N, K],  s float32 [1]:  y[m, n] = s[0] * sum_k x[m, k] q[n, k]
+// (+ y[m, n] when accumulating). W8A8 and FP8 take activations already quantized (act_prep), as the Triton GEMV does.
+//
+// Weight layout: the checkpoint's own, [N, K] row-major (no copy is made). Each lane streams 16 bytes (16 weights of
+// one row) per chunk with non-caching loads, U chunks of R rows in flight before any arithmetic, as the W4A16 GEMV
+// does (w4a16_gemv.cu).
+//
+// Precision contract: W8A16 puts each weight into float32 exactly (one PRMT: q ^ 0x80 into the mantissa of 2^23,
+// minus 2^23 + 128) and multiplies in float32 (float16 products of int8 weights overflow at |x| ~ 500, which LLaMa's
+// down_proj inputs reach); W8A8 sums int8 products in int32 (|sum| <= K * 2^14 < 2^31 for K < 131072); FP8 widens
+// both operands to float32 exactly (e4m3 -> half2 -> float2) and sums in float32. The scale is applied once at the
+// end in float32; the residual is added in float32 and rounded to float16 once.
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cstdint>
+#include <type_traits>
+
+namespace {
+
+constexpr int WARPS = 4;
+enum Format { F_W8A16 = 0, F_W8A8 = 1, F_FP8 = 2 };
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// Byte b of a word of biased (unsigned) int8 weights as the float 2^23 + b: bytes [b, 0, 0, 0x4b].
+template <int B>
+__device__ __forceinline__ float biased_byte(uint32_t u) {
+  return __uint_as_float(__byte_perm(u, 0x4b000000u, 0x7440 + B));
+}
+
+// Four e4m3 values (one word) as floats, exactly.
+__device__ __forceinline__ void fp8x4_to_float(uint32_t v, float* f) {
+  const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v & 0xffffu), __NV_E4M3);
+  const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v >> 16), __NV_E4M3);
+  const float2 a = __half22float2(*reinterpret_cast<const half2*>(&lo));
+  const float2 b = __half22float2(*reinterpret_cast<const half2*>(&hi));
+  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
+}
+
+// One chunk of activations (k = 16c .. 16c + 15) of row m: float32 (W8A16, FP8) or the raw int8 words (W8A8).
+template <int F>
+struct Chunk {
+  float f[16];
+  uint32_t q[4];
+};
+
+template <int F>
+__device__ __forceinline__ void load_x(const void* x, int64_t ldx, int m, int c, Chunk<F>& out) {
+  if constexpr (F == F_W8A16) {
+    const uint4* xp = reinterpret_cast<const uint4*>(static_cast<const half*>(x) + m * ldx + c * 16);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint4 xr = __ldg(xp + h);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t w = word(xr, i);
+        const float2 f = __half22float2(*reinterpret_cast<const half2*>(&w));
+        out.f[h * 8 + 2 * i] = f.x;
+        out.f[h * 8 + 2 * i + 1] = f.y;
+      }
+    }
+  } else {
+    const uint4 xr = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(x) + m * ldx + c * 16));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (F == F_W8A8) out.q[i] = word(xr, i);
+      else fp8x4_to_float(word(xr, i), out.f + 4 * i);
+    }
+  }
+}
+
+// Accumulator of one (row m, weight row r): float32, or int32 for W8A8.
+template <int F>
+using Acc = typename std::conditional<F == F_W8A8, int, float>::type;
+
+// One weight word (k = 4j .. 4j + 3 of the chunk) against the chunk's activations.
+template <int F>
+__device__ __forceinline__ Acc<F> dot_word(uint32_t q, const Chunk<F>& x, int j, Acc<F> acc) {
+  if constexpr (F == F_W8A16) {
+    const uint32_t u = q ^ 0x80808080u;
+    constexpr float BIAS = 8388608.f + 128.f;
+    acc = fmaf(biased_byte<0>(u) - BIAS, x.f[4 * j], acc);
+    acc = fmaf(biased_byte<1>(u) - BIAS, x.f[4 * j + 1], acc);
+    acc = fmaf(biased_byte<2>(u) - BIAS, x.f[4 * j + 2], acc);
+    acc = fmaf(biased_byte<3>(u) - BIAS, x.f[4 * j + 3], acc);
+  } else if constexpr (F == F_W8A8) {
+    acc = __dp4a(static_cast<int>(q), static_cast<int>(x.q[j]), acc);
+  } else {
+    float w[4];
+    fp8x4_to_float(q, w);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc = fmaf(w[i], x.f[4 * j + i], acc);
+  }
+  return acc;
+}
+
+// M activation rows, R weight rows per warp, U chunks of 16 k per lane in flight.
+template <int F, int M, int R, int U>
+__global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
+    const void* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const void* __restrict__ s,
+    half* __restrict__ y, int64_t ldy, int N, int K, bool accumulate) {
+  const int lane = threadIdx.x & 31;
+  const int n0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * R;  // warps past N compute a valid row, store none
+  const int C = K >> 4;  // 16-weight chunks per row (uint4 per row)
+  int rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) rows[r] = min(n0 + r, N - 1);
+  Acc<F> acc[M][R];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = 0;
+
+  uint4 wv[U][R];
+  for (int c0 = 0; c0 < C; c0 += 32 * U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * 32 + lane;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        wv[u][r] = c < C ? load_stream(w + (int64_t)rows[r] * C + c) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * 32 + lane;
+      if (c >= C) break;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        Chunk<F> xc;
+        load_x<F>(x, ldx, m, c, xc);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[m][r] = dot_word<F>(word(wv[u][r], j), xc, j, acc[m][r]);
+      }
+    }
+  }
+  float total[M][R];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      Acc<F> v = acc[m][r];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      total[m][r] = static_cast<float>(v);
+    }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int n = n0 + r;
+      if (n >= N) continue;
+      const float sc = F == F_W8A16 ? __half2float(static_cast<const half*>(s)[n])
+                                    : static_cast<const float*>(s)[F == F_FP8 ? 0 : n];
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        half* out = y + m * ldy + n;
+        const float v = sc * total[m][r];
+        *out = __float2half_rn(accumulate ? __half2float(*out) + v : v);
+      }
+    }
+  }
+}
+
+struct Args {
+  const void *x, *w, *s;
+  void* y;
+  int64_t ldx, ldy;
+  int N, K;
+  bool accumulate;
+  cudaStream_t stream;
+};
+
+template <int F, int M, int R, int U>
+cudaError_t launch(const Args& a) {
+  const int warps = (a.N + R - 1) / R;
+  w8_gemv_kernel<F, M, R, U><<<(warps + WARPS - 1) / WARPS, WARPS * 32, 0, a.stream>>>(
+      a.x, a.ldx, static_cast<const uint4*>(a.w), a.s, static_cast<half*>(a.y), a.ldy, a.N, a.K, a.accumulate);
+  return cudaGetLastError();
+}
+
+template <int F, int M>
+cudaError_t launch_tile(int tile, const Args& a) {
+  switch (tile) {  // (R, U): the tiles of cuda_ext.GEMV_TILES, in order
+    case 0: return launch<F, M, 1, 2>(a);
+    case 1: return launch<F, M, 1, 4>(a);
+    case 2: return launch<F, M, 2, 2>(a);
+    case 3: return launch<F, M, 2, 4>(a);
+    case 4: return launch<F, M, 4, 1>(a);
+    case 5: return launch<F, M, 4, 2>(a);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <int F>
+cudaError_t launch_rows(int tile, int M, const Args& a) {
+  switch (M) {
+    case 1: return launch_tile<F, 1>(tile, a);
+    case 2: return launch_tile<F, 2>(tile, a);
+    case 3: return launch_tile<F, 3>(tile, a);
+    case 4: return launch_tile<F, 4>(tile, a);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+// The contract of the launcher (checked by the binding): fmt one of Format; M in 1..4; K % 16 == 0; x and w 16-byte
+// aligned with row strides ldx (elements, so that rows stay 16-byte aligned) and K bytes; s as the format says;
+// y [M, ldy] float16.
+cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
+                           void* y, int64_t ldy, int N, int K, bool accumulate, cudaStream_t stream) {
+  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, stream};
+  switch (fmt) {
+    case F_W8A16: return launch_rows<F_W8A16>(tile, M, a);
+    case F_W8A8: return launch_rows<F_W8A8>(tile, M, a);
+    case F_FP8: return launch_rows<F_FP8>(tile, M, a);
+    default: return cudaErrorInvalidValue;
+  }
+}
