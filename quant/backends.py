@@ -100,10 +100,6 @@ def open_runtime(choice: BackendChoice, checkpoint_dir: Path, *, model=None, rec
     if choice.name == "torch":
         from quant.runtime.torch_runtime import TorchRuntime
 
-        if fmt == "hf":
-            from quant.hf_checkpoint import load_hf_export
-
-            return TorchRuntime(load_hf_export(checkpoint_dir), device=device, compute_dtype=compute_dtype)
         return TorchRuntime.from_dir(checkpoint_dir, device=device, compute_dtype=compute_dtype)
     if choice.name != "trtllm":
         raise UserError(f"unknown backend {choice.name!r}")

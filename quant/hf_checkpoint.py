@@ -194,9 +194,10 @@ def _fp8_rescale(weight: torch.Tensor, scale: torch.Tensor, target: torch.Tensor
     return weight.to(dtype).mul_(scale).div_(target).to(torch.float8_e4m3fn)
 
 
-def load_hf_export(folder: Path):
+def load_hf_export(folder: Path, *, device: str = "cpu"):
     """A ModelOpt HF export (every format of :data:`READABLE_ALGOS`, FP8 KV cache, excluded modules) as a TRT-LLM
-    :class:`~quant.checkpoint.Checkpoint` the PyTorch runtime can execute; UserError for anything else."""
+    :class:`~quant.checkpoint.Checkpoint` the PyTorch runtime can execute; UserError for anything else. ``device``:
+    where the tensors are read to (a GPU runtime reads them straight into device memory)."""
     from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
@@ -218,9 +219,11 @@ def load_hf_export(folder: Path):
     raw: dict[str, torch.Tensor] = {}
     try:
         for f in files:
-            with safe_open(str(f), framework="pt") as fh:
+            with safe_open(str(f), framework="pt", device=device) as fh:
                 # aligned(): safetensors' 8-byte offsets crash the AVX-512 int8 kernel (see quant.checkpoint).
                 raw.update({k: aligned(fh.get_tensor(k)) for k in fh.keys()})
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of GPU memory loading export {folder} onto {device}") from None
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise UserError(f"export {folder}: unreadable safetensors ({exc})") from None
 

@@ -169,15 +169,24 @@ class TorchRuntime:
 
     @classmethod
     def from_dir(cls, folder: str | Path, *, device: str | torch.device = "cpu", **kwargs) -> "TorchRuntime":
-        """On a GPU the tensors go from the file into device memory one at a time, after the checkpoint's checks
-        and the GPU's refusals (from the file's header): the host never holds the checkpoint. (A host copy, made
-        by aligned()'s clones that only the CPU kernels need, put the 8B FP16 latency stage at 2.2x the
-        model's size in host RSS.)"""
-        dev, load_to = _parse_device(device), "cpu"
+        """A TensorRT-LLM checkpoint folder or a ModelOpt Hugging Face export. On a GPU the tensors go from the files
+        into device memory one at a time, after the checks and refusals that need no weights (the checkpoint's
+        header; the export's quantization block): the host never holds the model. (A host copy, made by aligned()'s
+        clones that only the CPU kernels need, put the 8B FP16 latency stage at 2.2x the model's size in RSS.)"""
+        from quant.hf_checkpoint import checkpoint_format, hf_quantization, load_hf_export
+
+        folder, dev, load_to = Path(folder), _parse_device(device), "cpu"
+        hf = checkpoint_format(folder) == "hf"
         if dev.type == "cuda":
-            check_cuda(dev, validate_checkpoint(Path(folder)))
+            if hf:
+                quant = hf_quantization(folder)
+                check_cuda(dev, fp8=(quant.get("quant_algo") in FP8_GEMM_ALGOS
+                                     or quant.get("kv_cache_quant_algo") == "FP8", f"export {folder}"))
+            else:
+                check_cuda(dev, validate_checkpoint(folder))
             load_to = f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"  # safetensors' form
-        return cls(load_checkpoint(Path(folder), device=load_to), device=dev, **kwargs)
+        ckpt = load_hf_export(folder, device=load_to) if hf else load_checkpoint(folder, device=load_to)
+        return cls(ckpt, device=dev, **kwargs)
 
     # -- model ---------------------------------------------------------------------------------------------
     def _rmsnorm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -552,17 +561,18 @@ def _parse_device(device: str | torch.device) -> torch.device:
         raise UserError(f"device {device!r} is not a valid torch device ({exc})") from None
 
 
-def check_cuda(device: torch.device, ckpt: Checkpoint | None = None) -> None:
+def check_cuda(device: torch.device, ckpt: Checkpoint | None = None, *, fp8: tuple[bool, str] | None = None) -> None:
     """UserError unless ``device`` is a usable CUDA GPU, and one with FP8 (compute capability ≥ 8.9) if the
-    checkpoint has FP8 linears or an FP8 KV cache. Called before anything is put on the device."""
+    checkpoint has FP8 linears or an FP8 KV cache (or ``fp8`` says so: (uses FP8, what) of a checkpoint not loaded
+    yet). Called before anything is put on the device."""
     if not torch.cuda.is_available():
         raise UserError(f"device {device} asked for, but no CUDA GPU is available "
                         f"(torch {torch.__version__}{', a CPU-only build' if torch.version.cuda is None else ''})")
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
         raise UserError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if ckpt is None:
-        return
-    fp8 = bool(set(FP8_GEMM_ALGOS) & set(ckpt.layer_algos.values())) or ckpt.kv_cache_algo == "FP8"
-    if fp8 and (why := fp8_refusal(index)):
-        raise UserError(f"checkpoint {ckpt.path} uses FP8: {why}")
+    if ckpt is not None:
+        fp8 = (bool(set(FP8_GEMM_ALGOS) & set(ckpt.layer_algos.values())) or ckpt.kv_cache_algo == "FP8",
+               f"checkpoint {ckpt.path}")
+    if fp8 is not None and fp8[0] and (why := fp8_refusal(index)):
+        raise UserError(f"{fp8[1]} uses FP8: {why}")
