@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": "python -m experiments.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "shape": args.shape, "shape_dims": SHAPES[args.shape],
               "compute_dtype": args.compute_dtype, "output_len": args.output_len, "rounds": args.rounds,
-              **environment(device), "rows": [], "profiles": {}, "describe": {}}
+              **environment(device), "rows": [], "profiles": {}, "describe": {}, "failed": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -526,6 +526,37 @@ def main(argv: list[str] | None = None) -> int:
         record["rows"] = hf_rows + ref_rows() + measured
         save()
 
+    def time_cells(engine, recipe, key, cand, held, batches) -> None:
+        """Every (input, batch) cell of one engine, in rounds beside the FP16 reference (pooled)."""
+        for P in input_lens:
+            for B in batches:
+                prompts = synthetic_prompts(B, P, ref.vocab, seed=0)
+                t = time_cell([ref] + ([cand] if cand is not None else []), prompts, args.output_len, args.rounds)
+                pooled = ref_times.setdefault((P, B), {"ttft": [], "tpot": [], "extra_bytes": 0})
+                pooled["ttft"] += t[0]["ttft"]
+                pooled["tpot"] += t[0]["tpot"]
+                pooled["extra_bytes"] = max(pooled["extra_bytes"], t[0]["extra_bytes"])
+                if cand is not None:
+                    row = cell_row(engine, recipe, cand, P, B, args.output_len, t[1], held, copy["gbs"], t[0])
+                    measured.append(row)
+                    log(f"{key:22s} B={B:<3d} in={P:<5d} TPOT {row['tpot_ms']:7.3f} ms  × fp16 "
+                        f"{row.get('speedup', float('nan')):.2f} {row.get('speedup_ci', '')}  TTFT × "
+                        f"{row.get('ttft_speedup', float('nan')):.2f}  BW {row['roofline_fraction']:.0%}")
+
+    def time_peer(engine) -> None:
+        t0 = time.perf_counter()
+        cand, held = resident(lambda: HFPeer(args.shape, engine, device, seed=args.seed,
+                                             max_len=max(input_lens) + args.output_len))
+        try:
+            record["describe"][engine] = cand.describe()
+            log(f"{engine}: built in {time.perf_counter() - t0:.1f} s, {cand.weight_bytes / 2**30:.2f} GiB per step, "
+                f"{cand.describe()}")
+            time_cells(engine, PEERS[engine].recipe, engine, cand, held, peer_batches)
+            log(f"{engine}: done in {time.perf_counter() - t0:.1f} s")
+        finally:
+            del cand
+            torch.cuda.empty_cache()
+
     hf_rows: list[dict] = []
     try:
         if hf_batches:
@@ -538,34 +569,28 @@ def main(argv: list[str] | None = None) -> int:
         others = [("quant-runtime", r) for r in recipes if r != "fp16"] + [(p, PEERS[p].recipe) for p in peers]
         for engine, recipe in others or [(None, None)]:
             t0 = time.perf_counter()
+            if engine in PEERS:  # a peer that fails (a library's compile, an op it lacks) is reported, not fatal
+                try:
+                    time_peer(engine)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as exc:
+                    record["failed"][engine] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+                    log(f"{engine}: failed ({record['failed'][engine]})")
+                    torch.cuda.empty_cache()
+                save_rows()
+                continue
             if engine is None:
                 cand, held, key = None, 0, "fp16"
             elif engine == "quant-runtime":
                 cand, held = resident(lambda r=recipe: build_runtime(args.shape, r, device, args.compute_dtype,
                                                                      args.seed))
                 key = recipe
-            else:
-                cand, held = resident(lambda e=engine: HFPeer(args.shape, e, device, seed=args.seed,
-                                                              max_len=max(input_lens) + args.output_len))
-                key = engine
             if cand is not None:
                 record["describe"][key] = cand.describe()
                 log(f"{key}: built in {time.perf_counter() - t0:.1f} s, {cand.weight_bytes / 2**30:.2f} GiB per step, "
                     f"{cand.describe()}")
-            for P in input_lens:
-                for B in (peer_batches if engine in PEERS else batch_sizes):
-                    prompts = synthetic_prompts(B, P, ref.vocab, seed=0)
-                    t = time_cell([ref] + ([cand] if cand is not None else []), prompts, args.output_len, args.rounds)
-                    pooled = ref_times.setdefault((P, B), {"ttft": [], "tpot": [], "extra_bytes": 0})
-                    pooled["ttft"] += t[0]["ttft"]
-                    pooled["tpot"] += t[0]["tpot"]
-                    pooled["extra_bytes"] = max(pooled["extra_bytes"], t[0]["extra_bytes"])
-                    if cand is not None:
-                        row = cell_row(engine, recipe, cand, P, B, args.output_len, t[1], held, copy["gbs"], t[0])
-                        measured.append(row)
-                        log(f"{key:22s} B={B:<3d} in={P:<5d} TPOT {row['tpot_ms']:7.3f} ms  × fp16 "
-                            f"{row.get('speedup', float('nan')):.2f} {row.get('speedup_ci', '')}  TTFT × "
-                            f"{row.get('ttft_speedup', float('nan')):.2f}  BW {row['roofline_fraction']:.0%}")
+            time_cells(engine, recipe, key, cand, held, batch_sizes)
             if args.profile and engine == "quant-runtime":
                 record["profiles"][key] = profile_decode(cand, synthetic_prompts(1, input_lens[0], cand.vocab))
             save_rows()
@@ -579,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"out of GPU memory during the benchmark ({str(exc).splitlines()[0][:200]})") from None
     save_rows()
     print(table(record["rows"], record["targets"], copy))
+    for engine, why in record["failed"].items():
+        print(f"{engine}: failed, not in the table ({why})")
     print(f"\nGPU: {record['gpu']['name']} ({record['gpu'].get('nvidia_smi', '')}); record: {args.out}")
     return 0
 
