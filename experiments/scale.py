@@ -14,7 +14,7 @@ each stage), peak GPU memory, and the cache's size on disk after it; ``--cache-m
 ``--layers`` and ``--vocab`` shrink the shape (the CPU rehearsal in CI: the 8B width with 2 layers). The model
 folder is written once per (shape, layers, vocab, seed) under ``--workdir`` and reused by later runs, so a study
 can be spread over several commands (the GPU machine's 10-minute limit); the record of each run names its
-recipes, and runs are merged by recipe.
+recipes, and ``--merge A.json B.json … --out all.json`` makes one record of them, by recipe (:func:`merge`).
 """
 from __future__ import annotations
 
@@ -263,6 +263,34 @@ def run(args, save=lambda rec: None) -> dict:
     return {**head, "rows": stages.rows}
 
 
+STAGES_PER_RECIPE = ("checkpoint", "latency", "proxy", "accuracy")
+
+
+def merge(records: list[dict]) -> dict:
+    """One record from runs that split the recipes between them (the GPU machine's 10-minute limit): per recipe,
+    the rows of the last run that went through all its stages without an error (else its last attempt, errors
+    and all); the model stages of every run; each row marked with the index of its run in ``runs``. Complete when
+    every recipe has such a run. UserError for records of different models."""
+    hashes = {r["model"]["content_hash"] for r in records if "model" in r}
+    if len(hashes) > 1:
+        raise UserError(f"the records are of {len(hashes)} different models; merge runs of one model")
+    order = list(dict.fromkeys(row["recipe"] for r in records for row in r["rows"] if row["recipe"]))
+    rows = [{**row, "run": i} for i, r in enumerate(records) for row in r["rows"] if not row["recipe"]]
+    complete = True
+    for recipe in order:
+        attempts = [(i, [row for row in r["rows"] if row["recipe"] == recipe]) for i, r in enumerate(records)]
+        attempts = [(i, got) for i, got in attempts if got]
+        whole = [(i, got) for i, got in attempts if [x["stage"] for x in got] == list(STAGES_PER_RECIPE)
+                 and not any("error" in x for x in got)]
+        complete &= bool(whole)
+        i, got = (whole or attempts)[-1]
+        rows += [{**x, "run": i} for x in got]
+    last = next((r for r in reversed(records) if "model" in r), records[-1])
+    return {"recipes": order, "config": last.get("config"), "model": last.get("model"),
+            "cache_budget_bytes": last.get("cache_budget_bytes"), "rows": rows, "complete": complete,
+            "runs": [{k: r.get(k) for k in ("command", "created", "machine", "complete")} for r in records]}
+
+
 def _settings_namespace(args, defaults: dict, folder: Path):
     """The search's evaluation settings (its defaults: latency workload, batch), with this run's model, article
     count and output length."""
@@ -283,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=positive_int, default=None, help="fewer layers than the shape has")
     p.add_argument("--vocab", type=positive_int, default=None, help="another vocabulary size (tokenizer trained to it)")
     p.add_argument("--recipes", default="fp16,int8_wo,smoothquant,int4_awq,int4_gptq,w4a8_awq,fp8,fp8:kv_cache=fp8")
-    p.add_argument("--workdir", type=Path, required=True, help="where the synthetic model folder is written (reused)")
+    p.add_argument("--workdir", type=Path, help="where the synthetic model folder is written (reused); required")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="RECORD",
+                   help="merge these records of runs that split the recipes into --out (runs nothing)")
     add_cache_budget_arg(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -296,6 +326,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     from quant.atomic import atomic_write_json
+
+    if args.merge:
+        records = []
+        for path in args.merge:
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                raise UserError(f"--merge {path}: not a readable record ({type(exc).__name__})") from None
+            if not isinstance(records[-1], dict) or not isinstance(records[-1].get("rows"), list):
+                raise UserError(f"--merge {path}: not a record of experiments.scale (no rows)")
+        rec = merge(records)
+        atomic_write_json(args.out, rec)
+        print(table(rec))
+        return 0
+    if args.workdir is None:
+        p.error("--workdir is required (unless --merge)")
 
     apply_cache_budget_arg(args)
     from experiments import environment
@@ -310,13 +356,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(rec: dict) -> str:
-    head = "| recipe | stage | wall s | peak RSS GB | peak GPU GB | cache GB (+written) | result |"
-    lines = [head, "|" + "---|" * 7]
+    runs = "runs" in rec  # a merged record: each row's run
+    head = "| recipe | stage | wall s | peak RSS GB | peak GPU GB | cache GB (+written) | result |" + (" run |" if runs else "")
+    lines = [head, "|" + "---|" * (8 if runs else 7)]
     for r in rec["rows"]:
         result = r.get("error") or ", ".join(f"{k} {r[k]:.4g}" for k in ("tpot_ms", "perplexity", "rouge1") if k in r)
         lines.append(f"| {r['recipe'] or '—'} | {r['stage']} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / GB:.2f} | "
                      f"{r['peak_gpu_bytes'] / GB:.2f} | {r['cache_bytes'] / GB:.2f} (+{r['cache_written_bytes'] / GB:.2f}) "
-                     f"| {result} |")
+                     f"| {result} |" + (f" {r['run'] + 1} |" if runs else ""))
     return "\n".join(lines)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from quant.errors import UserError
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -75,3 +77,44 @@ def test_a_failed_prerequisite_stage_ends_the_run_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and "stage write_model failed" in proc.stderr.strip().splitlines()[-1]
     rec = json.loads(out.read_text())
     assert not rec["complete"] and [r["stage"] for r in rec["rows"]] == ["write_model"] and "error" in rec["rows"][0]
+
+
+def _run_record(rows, *, model="abc", complete=True):
+    return {"command": "python -m experiments.scale …", "created": "now", "machine": {}, "complete": complete,
+            "model": {"content_hash": model}, "config": {}, "rows": [
+                {"stage": st, "recipe": rc, "wall_s": 1.0, "peak_rss_bytes": 1, "peak_gpu_bytes": 0, "cache_bytes": 0,
+                 "cache_written_bytes": 0, **({"error": "Terminated: "} if err else {})} for st, rc, err in rows]}
+
+
+def test_merge_takes_each_recipes_last_whole_run(tmp_path):
+    """Runs that split the recipes (the GPU machine's 10-minute limit): GPTQ cut short in run 2 and whole in run 3
+    comes from run 3; a recipe never whole keeps its last attempt and leaves the merge incomplete."""
+    from experiments.scale import STAGES_PER_RECIPE, main, merge
+
+    model = [("write_model", "", False), ("resolve", "", False)]
+    whole = lambda r: [(st, r, False) for st in STAGES_PER_RECIPE]  # noqa: E731
+    runs = [_run_record(model + whole("fp16")),
+            _run_record(model + whole("int8_wo") + [("checkpoint", "int4_gptq", True)], complete=False),
+            _run_record(model + whole("int4_gptq"))]
+    rec = merge(runs)
+    assert rec["complete"] and rec["recipes"] == ["fp16", "int8_wo", "int4_gptq"] and len(rec["runs"]) == 3
+    by = {(r["recipe"], r["stage"]): r["run"] for r in rec["rows"]}
+    assert by[("int4_gptq", "checkpoint")] == 2 and by[("fp16", "latency")] == 0 and by[("int8_wo", "accuracy")] == 1
+    assert not any("error" in r for r in rec["rows"] if r["recipe"])
+    assert sum(r["stage"] == "write_model" for r in rec["rows"]) == 3  # each run's model stages, marked by run
+    cut = merge(runs[:2])
+    assert not cut["complete"] and [r.get("error") for r in cut["rows"] if r["recipe"] == "int4_gptq"] == ["Terminated: "]
+    with pytest.raises(UserError, match="2 different models"):
+        merge([runs[0], _run_record(model, model="other")])
+
+    paths = []
+    for i, r in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    out = tmp_path / "all.json"
+    assert main(["--merge", *map(str, paths), "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == rec
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert main(["--merge", str(bad), "--out", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()
