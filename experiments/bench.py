@@ -41,6 +41,7 @@ from experiments.peers import PEERS, HFPeer, hf_config
 from experiments.stats import ratio_ci
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.hardware import FP8_GEMM_ALGOS, fp8_refusal
+from quant.runtime import cuda_ext
 from quant.runtime.linear import make_linear
 from quant.runtime.random_checkpoint import RECIPES, SHAPES, _quantize, random_checkpoint, random_config
 from quant.runtime.schemes.base import DEFAULT_KERNELS, INT4_KERNELS
@@ -114,7 +115,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # compiled 8-bit GEMV at batch 1 (``int8_wo@w8g``, ``smoothquant@w8g``, ``fp8@w8g``)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERNELS},
                    "w4g-unfused": {"w4g_fuse": False},
-                   "w8g": {"w8g": frozenset({"W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"})}}
+                   "w8g": {"w8g": frozenset(cuda_ext.W8_FORMATS)}}
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quant.runtime import cuda_ext
+
 FP8_E4M3 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
@@ -103,8 +105,8 @@ class KernelConfig:
             raise ValueError(f"w4k_rows must be 1 <= low <= high <= 16 (the kernel's row tile), got {self.w4k_rows}")
         if self.w4g_rows is not None and not 1 <= self.w4g_rows[0] <= self.w4g_rows[1] <= 4:
             raise ValueError(f"w4g_rows must be 1 <= low <= high <= 4 (the GEMV's rows) or None, got {self.w4g_rows}")
-        if self.w8g - {"W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"}:
-            raise ValueError(f"w8g takes the 8-bit formats W8A16, W8A8_SQ_PER_CHANNEL, FP8; got {sorted(self.w8g)}")
+        if self.w8g - set(cuda_ext.W8_FORMATS):
+            raise ValueError(f"w8g takes the 8-bit formats {', '.join(cuda_ext.W8_FORMATS)}; got {sorted(self.w8g)}")
         if self.int4_kernel not in INT4_KERNELS:
             raise ValueError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {self.int4_kernel!r}")
         unknown = set(self.gemv) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
@@ -182,8 +184,6 @@ class _Handler:
     def _setup_w8g(self, inp: int) -> None:
         """Whether batch 1 takes the compiled 8-bit GEMV: the kernel config lists this format, float16 output, K a
         multiple of 16, and the extension built (else its reason is kept and the Triton GEMV runs)."""
-        from quant.runtime import cuda_ext
-
         if self.algo_key not in self.kernels.w8g or not cuda_ext.w8g_ok(inp, self.dtype):
             return
         built = cuda_ext.load()
@@ -193,8 +193,6 @@ class _Handler:
             self.w8g, self.kernel = True, "w8g-cuda|" + self.kernel
 
     def _w8g_gemv(self, x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        from quant.runtime import cuda_ext
-
         return cuda_ext.w8_gemv(x, self.weight, scale, fmt=self.algo_key, residual=residual,
                                 tile=self.kernels.w8g_tile or cuda_ext.W8G_TILE)
 
