@@ -186,8 +186,7 @@ def time_cell(engines: list, prompts: list[list[int]], output_len: int, rounds: 
     the device memory its warm-up added (KV cache, buffers, graph) over what the others held."""
     out = []
     for e in engines:
-        if getattr(e, "_state", None) is not None:
-            e._state = None  # the previous cell's static cache and graph
+        e.free_decode_state()  # the previous cell's: its memory would hide this cell's from the peak below
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

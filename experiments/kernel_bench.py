@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_w4g and "int4 w4g" in hs:
         if hs["int4 w4g"][0][0].w4g is None:
             raise UserError(f"the compiled INT4 GEMV is not available: "
-                            f"{getattr(hs['int4 w4g'][0][0], 'gemv_unavailable', 'shape or dtype it does not take')}")
+                            f"{hs['int4 w4g'][0][0].gemv_unavailable or 'a shape or dtype it does not take'}")
         sw = {m: xs[m] for m in batch_sizes}
         record["sweep_w4g"] = sweep_w4g(hs["int4 w4g"], args.group, sw, log)
         best = min((r for r in record["sweep_w4g"] if r["M"] == 1), key=lambda r: r["ms"])["tile"]

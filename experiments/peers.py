@@ -153,6 +153,9 @@ class HFPeer:
                       else self.model.forward)
         self._caches: dict[int, object] = {}  # batch size → its static cache (one compiled step each)
 
+    def free_decode_state(self) -> None:
+        """Kept: one static cache per batch size is what the compiled step (its CUDA graph) was captured on."""
+
     def describe(self) -> dict:
         return {"engine": self.name, "dtype": str(self.peer.dtype).removeprefix("torch."),
                 "quantization": self.peer.quantize.__doc__ if self.peer.quantize else None,

@@ -96,14 +96,13 @@ def open_runtime(choice: BackendChoice, checkpoint_dir: Path, *, model=None, rec
     from quant.hf_checkpoint import checkpoint_format
 
     checkpoint_dir = Path(checkpoint_dir)
-    fmt = checkpoint_format(checkpoint_dir)
     if choice.name == "torch":
         from quant.runtime.torch_runtime import TorchRuntime
 
-        return TorchRuntime.from_dir(checkpoint_dir, device=device, compute_dtype=compute_dtype)
+        return TorchRuntime.from_dir(checkpoint_dir, device=device, compute_dtype=compute_dtype)  # either format
     if choice.name != "trtllm":
         raise UserError(f"unknown backend {choice.name!r}")
-    if fmt == "hf":
+    if checkpoint_format(checkpoint_dir) == "hf":
         raise UserError(f"{checkpoint_dir} is a Hugging Face export: TensorRT-LLM runs it through tensorrt_llm.LLM "
                         "(see docs/tensorrt-llm.md); the suite's TensorRT-LLM runner executes engines built from "
                         "TRT-LLM checkpoints")

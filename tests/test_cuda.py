@@ -258,7 +258,7 @@ def test_int4_w4g_matches_float64_reference(out, inp, group):
     for tile in cuda_ext.GEMV_TILES:
         h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV,
                         group_size=group, kernels=KernelConfig(w4g_rows=(1, 4), w4g_tile=tile))
-        assert h.kernel.startswith("w4g-cuda"), getattr(h, "gemv_unavailable", h.kernel)
+        assert h.kernel.startswith("w4g-cuda"), h.gemv_unavailable or h.kernel
         wd = h.dequantized_weight().cpu()
         assert torch.equal(cuda_ext.unpack_w4g(h.w4g).cpu().float() * h.scales.float().cpu().repeat_interleave(
             group, dim=1), wd)

@@ -167,6 +167,11 @@ class TorchRuntime:
             self.cuda_graphs = True  # False: decode steps run eagerly (same kernels; for tests and profiles)
             self._state = None  # the decode state (static cache, buffers, graph) of the last (batch, length)
 
+    def free_decode_state(self) -> None:
+        """Free the static KV cache, buffers and CUDA graph kept for the last (batch, length); the next generate
+        makes them anew."""
+        self._state = None
+
     @classmethod
     def from_dir(cls, folder: str | Path, *, device: str | torch.device = "cpu", **kwargs) -> "TorchRuntime":
         """A TensorRT-LLM checkpoint folder or a ModelOpt Hugging Face export. On a GPU the tensors go from the files
@@ -180,8 +185,8 @@ class TorchRuntime:
         if dev.type == "cuda":
             if hf:
                 quant = hf_quantization(folder)
-                check_cuda(dev, fp8=(quant.get("quant_algo") in FP8_GEMM_ALGOS
-                                     or quant.get("kv_cache_quant_algo") == "FP8", f"export {folder}"))
+                check_cuda(dev)
+                _refuse_fp8(dev, [quant.get("quant_algo")], quant.get("kv_cache_quant_algo"), f"export {folder}")
             else:
                 check_cuda(dev, validate_checkpoint(folder))
             load_to = f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"  # safetensors' form
@@ -561,10 +566,9 @@ def _parse_device(device: str | torch.device) -> torch.device:
         raise UserError(f"device {device!r} is not a valid torch device ({exc})") from None
 
 
-def check_cuda(device: torch.device, ckpt: Checkpoint | None = None, *, fp8: tuple[bool, str] | None = None) -> None:
+def check_cuda(device: torch.device, ckpt: Checkpoint | None = None) -> None:
     """UserError unless ``device`` is a usable CUDA GPU, and one with FP8 (compute capability ≥ 8.9) if the
-    checkpoint has FP8 linears or an FP8 KV cache (or ``fp8`` says so: (uses FP8, what) of a checkpoint not loaded
-    yet). Called before anything is put on the device."""
+    checkpoint has FP8 linears or an FP8 KV cache. Called before anything is put on the device."""
     if not torch.cuda.is_available():
         raise UserError(f"device {device} asked for, but no CUDA GPU is available "
                         f"(torch {torch.__version__}{', a CPU-only build' if torch.version.cuda is None else ''})")
@@ -572,7 +576,12 @@ def check_cuda(device: torch.device, ckpt: Checkpoint | None = None, *, fp8: tup
     if index >= torch.cuda.device_count():
         raise UserError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     if ckpt is not None:
-        fp8 = (bool(set(FP8_GEMM_ALGOS) & set(ckpt.layer_algos.values())) or ckpt.kv_cache_algo == "FP8",
-               f"checkpoint {ckpt.path}")
-    if fp8 is not None and fp8[0] and (why := fp8_refusal(index)):
-        raise UserError(f"{fp8[1]} uses FP8: {why}")
+        _refuse_fp8(device, ckpt.layer_algos.values(), ckpt.kv_cache_algo, f"checkpoint {ckpt.path}")
+
+
+def _refuse_fp8(device: torch.device, algos, kv_algo: str | None, what: str) -> None:
+    """UserError if linears of ``algos`` or a ``kv_algo`` KV cache use FP8 and ``device`` (usable: check_cuda) has
+    none; ``what`` names the checkpoint."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if (set(FP8_GEMM_ALGOS) & set(algos) or kv_algo == "FP8") and (why := fp8_refusal(index)):
+        raise UserError(f"{what} uses FP8: {why}")

@@ -184,13 +184,16 @@ class _Handler:
     def _setup_w8g(self, inp: int) -> None:
         """Whether batch 1 takes the compiled 8-bit GEMV: the kernel config lists this format, float16 output, K a
         multiple of 16, and the extension built (else its reason is kept and the Triton GEMV runs)."""
-        if self.algo_key not in self.kernels.w8g or not cuda_ext.w8g_ok(inp, self.dtype):
-            return
+        if self.algo_key in self.kernels.w8g and cuda_ext.w8g_ok(inp, self.dtype) and self._extension_built():
+            self.w8g, self.kernel = True, "w8g-cuda|" + self.kernel
+
+    def _extension_built(self) -> bool:
+        """Whether the compiled kernels (cuda_ext) are there; if not, their reason is kept (describe() shows it)."""
         built = cuda_ext.load()
         if isinstance(built, str):
             self.gemv_unavailable = built
-        else:
-            self.w8g, self.kernel = True, "w8g-cuda|" + self.kernel
+            return False
+        return True
 
     def _w8g_gemv(self, x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         return cuda_ext.w8_gemv(x, self.weight, scale, fmt=self.algo_key, residual=residual,

@@ -45,13 +45,10 @@ class W4A16AWQLinear(_Handler):
             self.tinygemm = self.kpack = self.w4g = None
             self.kpack_at_1 = False  # batch 1 through the k-packed kernel (w4k_rows starting at 1)
             q = functools.cache(lambda: unpack_int4_rows(packed))  # the int4 values, for the copies made below
-            if kernels.w4g_rows is not None and cuda_ext.w4g_ok(inp, group, dtype):
-                built = cuda_ext.load()
-                if isinstance(built, str):
-                    self.gemv_unavailable = built
-                else:  # a copy in the GEMV's layout, for w4g_rows: it runs ahead of the kernels below
-                    self.w4g, self.w4g_rows = cuda_ext.pack_w4g(q()), kernels.w4g_rows
-                    self.w4g_tile = kernels.w4g_tile or cuda_ext.W4G_TILE
+            if kernels.w4g_rows is not None and cuda_ext.w4g_ok(inp, group, dtype) and self._extension_built():
+                # a copy in the GEMV's layout, for w4g_rows: it runs ahead of the kernels below
+                self.w4g, self.w4g_rows = cuda_ext.pack_w4g(q()), kernels.w4g_rows
+                self.w4g_tile = kernels.w4g_tile or cuda_ext.W4G_TILE
             if kernels.int4_kernel == "kpack" and dtype == torch.float16:
                 ck = _cuda_kernels()
                 self.w4k_tile = kernels.w4k_tile or ck.W4K_TILE
