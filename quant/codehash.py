@@ -1,8 +1,8 @@
 """Hash of the code that produced a cached artifact, so a cache never serves a result of older code.
 
 ``code_hash("quant.apply")`` covers the source of that module and of every project module it imports,
-transitively, found statically (``ast``: imports inside functions count too), plus the versions of the
-third-party packages named. A cache key that includes it changes whenever any of that code changes; a hand-kept
+transitively, found statically (``ast``: imports inside functions count too), and the non-Python files a module
+declares it runs (``__code_files__``), plus the versions of the third-party packages named. A cache key that includes it changes whenever any of that code changes; a hand-kept
 file list (what the evaluation key had) silently misses the module someone adds next.
 """
 from __future__ import annotations
@@ -50,6 +50,7 @@ def _imports(path: Path, name: str) -> set[str]:
 def closure(name: str) -> tuple[Path, ...]:
     """Files of ``name`` and of every project module it imports, transitively; sorted."""
     seen: dict[str, Path] = {}
+    data: set[Path] = set()
     todo = [name]
     while todo:
         mod = todo.pop()
@@ -57,10 +58,22 @@ def closure(name: str) -> tuple[Path, ...]:
         if path is None or mod in seen:
             continue
         seen[mod] = path
+        data.update(_code_files(path))
         # A submodule import runs its parent packages' __init__ too.
         todo.extend(".".join(mod.split(".")[:i]) for i in range(1, mod.count(".") + 1))
         todo.extend(_imports(path, mod))
-    return tuple(sorted(set(seen.values())))
+    return tuple(sorted(set(seen.values()) | data))
+
+
+def _code_files(path: Path) -> set[Path]:
+    """Files other than Python a module runs, named by a module-level ``__code_files__ = ("csrc/*", ...)`` of glob
+    patterns beside it (the CUDA sources the runtime compiles): they belong to its code as much as its source."""
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__code_files__"
+                                                for t in node.targets):
+            patterns = ast.literal_eval(node.value)
+            return {f for pattern in patterns for f in path.parent.glob(pattern) if f.is_file()}
+    return set()
 
 
 @functools.lru_cache(maxsize=None)

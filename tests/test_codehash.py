@@ -49,12 +49,27 @@ def test_package_versions_are_part_of_the_hash(tree):
     assert ch.code_hash("quant.a", packages=("numpy",)) != ch.code_hash("quant.a")
 
 
+def test_non_python_code_a_module_declares_is_in_its_closure_and_hash(tree):
+    """A module's ``__code_files__`` (the CUDA sources the runtime compiles) count as its code."""
+    (tree / "quant" / "csrc").mkdir()
+    (tree / "quant" / "csrc" / "k.cu").write_text("// v1\n")
+    (tree / "quant" / "ext.py").write_text('__code_files__ = ("csrc/*",)\n')
+    (tree / "quant" / "d.py").write_text("from quant import ext\n")
+    ch.closure.cache_clear()
+    assert "quant/csrc/k.cu" in {str(p.relative_to(tree)) for p in ch.closure("quant.a")}
+    before = ch.code_hash("quant.a")
+    (tree / "quant" / "csrc" / "k.cu").write_text("// v2\n")
+    ch.code_hash.cache_clear()
+    assert ch.code_hash("quant.a") != before
+
+
 def test_real_cache_keys_cover_the_measuring_and_quantizing_code():
     ch.closure.cache_clear()
     names = {p.name for p in ch.closure("experiments.evaluate")}
     # The evaluation key's old hand-kept list missed modules; the closure has them all.
     assert {"evaluate.py", "latency.py", "rouge.py", "health.py", "torch_runtime.py", "linear.py", "w8a16.py", "kv_cache.py",
             "apply.py", "export.py"} <= names
+    assert {"w4a16_gemv.cu", "w8_gemv.cu", "gemv_common.cuh", "bindings.cpp"} <= names  # the compiled kernels
     assert {"apply.py", "export.py", "recipes.py"} <= {p.name for p in ch.closure("quant.apply")}
     assert {"data.py", "datasets.py"} <= {p.name for p in ch.closure("calibration.data")}
 

@@ -6,8 +6,8 @@ with one LOP3 per pair (``csrc/w4a16_gemv.cu`` states its layout and precision c
 8-bit one (W8A16, SmoothQuant W8A8, FP8) on the checkpoint's own [N, K] layout: 16 weights per load, widened to
 float32 in registers (int32 DP4A sums for W8A8; ``csrc/w8_gemv.cu``).
 
-The build needs ``nvcc`` and ``ninja`` (the CUDA toolkit); it is cached under the suite's cache folder, keyed by
-PyTorch on the sources and compiler flags, so a machine compiles it once and an edited source recompiles. Where
+The build needs ``nvcc`` and ``ninja`` (the CUDA toolkit); it is cached under the suite's cache folder, keyed on
+the contents of ``csrc/`` and by PyTorch on the compiler flags, so a machine compiles it once and an edited source recompiles. Where
 it cannot be built, :func:`load` says why and the handlers keep their Triton / tinygemm kernels.
 """
 from __future__ import annotations
@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 
 from quant import quiet
+from quant.codehash import code_hash
 from quant.paths import cache_root
 
 CSRC = Path(__file__).parent / "csrc"
+__code_files__ = ("csrc/*",)  # cache keys of results this code measured cover the CUDA sources (quant.codehash)
 # (weight rows per warp, 16-byte chunks per lane in flight), both GEMVs: the launchers' tile index is the position
 GEMV_TILES = ((1, 2), (1, 4), (2, 2), (2, 4), (4, 1), (4, 2))
 W4G_TILE = (2, 4)  # the fastest at 1 row on the 7B and 8B shapes (experiments/results/gpu/kernels)
@@ -37,7 +39,9 @@ def load():
     """The compiled module, or the one-line reason it is not available (a ``str``)."""
     if not torch.cuda.is_available():
         return "no CUDA device"
-    build = cache_root() / "torch-extensions" / f"torch{torch.__version__}-cuda{torch.version.cuda}"
+    # keyed on this code with csrc/ (__code_files__): PyTorch re-keys on the listed sources, not on their header
+    build = (cache_root() / "torch-extensions" /
+             f"torch{torch.__version__}-cuda{torch.version.cuda}-{code_hash('quant.runtime.cuda_ext')}")
     try:
         from torch.utils import cpp_extension
 

@@ -18,17 +18,13 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
+#include "gemv_common.cuh"
+
 namespace {
 
-constexpr int WARPS = 4;
-enum Prologue { PRO_GLOBAL = 0, PRO_PREQUANT = 1 };  // PRO_GLOBAL: x read as given
+using gemv::WARPS, gemv::load_chunks, gemv::word;
 
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
+enum Prologue { PRO_GLOBAL = 0, PRO_PREQUANT = 1 };  // PRO_GLOBAL: x read as given
 
 template <uint32_t MASK>
 __device__ __forceinline__ uint32_t and_or_1024(uint32_t a) {  // (a & MASK) | fp16x2(1024, 1024)
@@ -50,10 +46,6 @@ __device__ __forceinline__ void dequant_word(uint32_t q, half2 (&d)[4]) {
   q >>= 8;
   d[2] = __hsub2(as_h2(and_or_1024<0x000f000fu>(q)), sub);
   d[3] = __hfma2(as_h2(and_or_1024<0x00f000f0u>(q)), mul, add);
-}
-
-__device__ __forceinline__ uint32_t word(const uint4& v, int j) {
-  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 
 // The staged row x * pre in shared memory: the 16-byte unit j (k = 32c + 8j .. + 7) of chunk c sits at unit
@@ -92,20 +84,11 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
 
   uint4 wv[U][R];
-  auto load = [&](int c0) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + u * 32 + lane;
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        wv[u][r] = c < C ? load_stream(w + (int64_t)rows[r] * C + c) : make_uint4(0, 0, 0, 0);
-    }
-  };
-  load(0);  // the first weights on their way while the block stages x
+  load_chunks(wv, w, rows, C, 0, lane);  // the first weights on their way while the block stages x
   if (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K);
 
   for (int c0 = 0; c0 < C; c0 += 32 * U) {
-    if (c0 > 0) load(c0);
+    if (c0 > 0) load_chunks(wv, w, rows, C, c0, lane);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * 32 + lane;

@@ -18,21 +18,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "gemv_common.cuh"
+
 namespace {
 
-constexpr int WARPS = 4;
+using gemv::WARPS, gemv::load_chunks, gemv::word;
+
 enum Format { F_W8A16 = 0, F_W8A8 = 1, F_FP8 = 2 };
-
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t word(const uint4& v, int j) {
-  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
-}
 
 // Byte b of a word of biased (unsigned) int8 weights as the float 2^23 + b: bytes [b, 0, 0, 0x4b].
 template <int B>
@@ -125,13 +117,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
 
   uint4 wv[U][R];
   for (int c0 = 0; c0 < C; c0 += 32 * U) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + u * 32 + lane;
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        wv[u][r] = c < C ? load_stream(w + (int64_t)rows[r] * C + c) : make_uint4(0, 0, 0, 0);
-    }
+    load_chunks(wv, w, rows, C, c0, lane);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * 32 + lane;
