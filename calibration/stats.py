@@ -382,7 +382,8 @@ def get_stats(
     batches = spec.batches(tokenizer)  # bad data fails before the model is loaded
     if model is None:
         model = load_hf_model(resolved, dtype=torch.float32, device=calibration_device())
-    stats = collect_stats(model, batches, batch_size=batch_size or calibration_rows(model, batches), model_hash=resolved.content_hash, spec=spec)
+    stats = collect_stats(model, batches, batch_size=batch_size or calibration_rows(model, batches),
+                          model_hash=resolved.content_hash, spec=spec)
     faults.point("calib.collect")  # crash test: statistics computed, nothing written
     # A model with NaN/Inf weights is the model's fault, not the cache's: say so and cache nothing (a cached
     # entry would be refused as damaged on every load, and recomputing it gives the same).

@@ -275,11 +275,11 @@ def bench_hf(shape: str, batch_sizes: list[int], input_lens: list[int], output_l
 def targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, from the rows of this run: speed-ups over FP16 from interleaved rounds (with the
     interval's low end beside the point value), batch 1 unless a target names its batch."""
-    def best(engine, recipe, P, B=1):
-        """A recipe's row at (P, B); of its kernel variants (recipe@kernel) the fastest."""
+    def best(engine, recipe, P, B=1, by="speedup"):
+        """A recipe's row at (P, B); of its kernel variants (recipe@kernel) the one with the highest ``by``."""
         cands = [r for r in rows if r["engine"] == engine and r["recipe"].partition("@")[0] == recipe
                  and r["batch_size"] == B and r["input_len"] == P]
-        return max(cands, key=lambda r: r.get("speedup", 0.0)) if cands else None
+        return max(cands, key=lambda r: r.get(by, 0.0)) if cands else None
 
     out = []
 
@@ -309,7 +309,7 @@ def targets(rows: list[dict]) -> list[dict]:
     if lens:
         P = max(lens)
         for recipe, need in PREFILL_TARGETS.items():
-            if (r := best("quant-runtime", recipe, P)) and "ttft_speedup" in r:
+            if (r := best("quant-runtime", recipe, P, by="ttft_speedup")) and "ttft_speedup" in r:
                 add(f"{recipe} b1 prefill (TTFT), in {P}: × fp16", r["ttft_speedup"], need, r["ttft_speedup_ci"][0])
     for t in out:
         t["met"] = t["measured"] >= t["required"]
@@ -336,7 +336,7 @@ def table(rows: list[dict], tgts: list[dict], copy: dict | None) -> str:
         return f"{r[key]:.2f} [{r[key + '_ci'][0]:.2f}, {r[key + '_ci'][1]:.2f}]" if key in r else "–"
 
     lines = ["| engine | recipe | batch | input | TTFT ms | TPOT ms | × fp16 decode [95 % CI] | × fp16 TTFT | "
-             "decode tok/s | achieved GB/s | of copy BW | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "decode tok/s | achieved GB/s | of copy BW | peak GiB |", "|" + "---|" * 12]
     for r in rows:
         bw = f"{r['achieved_gbs']:.0f}" if "achieved_gbs" in r else "–"
         frac = f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "–"
@@ -488,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     fp8 += [x for x in peers if PEERS[x].recipe == "fp8"]
     if fp8 and (why := fp8_refusal(device)):
         raise UserError(f"recipe(s) {', '.join(fp8)} use FP8: {why}")
-    batch_sizes, input_lens, peer_batches = _ints(args.batch_sizes), _ints(args.input_lens), _ints(args.peer_batch_sizes)
+    batch_sizes, input_lens = _ints(args.batch_sizes), _ints(args.input_lens)
+    peer_batches = _ints(args.peer_batch_sizes)
     hf_batches = [] if args.no_hf or not args.hf_batch_sizes else _ints(args.hf_batch_sizes)
     if args.output_len < 2 or args.hf_output_len < 2:
         raise UserError("--output-len and --hf-output-len must be >= 2 (decode needs a second token)")
@@ -543,19 +544,22 @@ def main(argv: list[str] | None = None) -> int:
                         f"{row.get('speedup', float('nan')):.2f} {row.get('speedup_ci', '')}  TTFT × "
                         f"{row.get('ttft_speedup', float('nan')):.2f}  BW {row['roofline_fraction']:.0%}")
 
-    def time_peer(engine) -> None:
+    def time_engine(engine: str, recipe: str, key: str, build, batches: list[int]) -> None:
+        """Build one engine, time its cells beside the FP16 reference, free it."""
         t0 = time.perf_counter()
-        cand, held = resident(lambda: HFPeer(args.shape, engine, device, seed=args.seed,
-                                             max_len=max(input_lens) + args.output_len))
+        cand, held = resident(build)
         try:
-            record["describe"][engine] = cand.describe()
-            log(f"{engine}: built in {time.perf_counter() - t0:.1f} s, {cand.weight_bytes / 2**30:.2f} GiB per step, "
+            record["describe"][key] = cand.describe()
+            log(f"{key}: built in {time.perf_counter() - t0:.1f} s, {cand.weight_bytes / 2**30:.2f} GiB per step, "
                 f"{cand.describe()}")
-            time_cells(engine, PEERS[engine].recipe, engine, cand, held, peer_batches)
-            log(f"{engine}: done in {time.perf_counter() - t0:.1f} s")
+            time_cells(engine, recipe, key, cand, held, batches)
+            if args.profile and engine == "quant-runtime":
+                record["profiles"][key] = profile_decode(cand, synthetic_prompts(1, input_lens[0], cand.vocab))
+            log(f"{key}: done in {time.perf_counter() - t0:.1f} s")
         finally:
             del cand
             torch.cuda.empty_cache()
+            save_rows()
 
     hf_rows: list[dict] = []
     try:
@@ -566,37 +570,23 @@ def main(argv: list[str] | None = None) -> int:
         # The fp16 reference stays built; each other engine is built in turn and timed in rounds alternating with it.
         ref, ref_held = resident(lambda: build_runtime(args.shape, "fp16", device, args.compute_dtype, args.seed))
         record["describe"]["fp16"] = ref.describe()
-        others = [("quant-runtime", r) for r in recipes if r != "fp16"] + [(p, PEERS[p].recipe) for p in peers]
-        for engine, recipe in others or [(None, None)]:
-            t0 = time.perf_counter()
-            if engine in PEERS:  # a peer that fails (a library's compile, an op it lacks) is reported, not fatal
-                try:
-                    time_peer(engine)
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except Exception as exc:
-                    record["failed"][engine] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
-                    log(f"{engine}: failed ({record['failed'][engine]})")
-                    torch.cuda.empty_cache()
+        others = [r for r in recipes if r != "fp16"]
+        if not others and not peers:
+            time_cells(None, None, "fp16", None, 0, batch_sizes)  # fp16 alone
+        for recipe in others:
+            build = lambda r=recipe: build_runtime(args.shape, r, device, args.compute_dtype, args.seed)  # noqa: E731
+            time_engine("quant-runtime", recipe, recipe, build, batch_sizes)
+        for peer in peers:
+            try:
+                time_engine(peer, PEERS[peer].recipe, peer, lambda p=peer: HFPeer(
+                    args.shape, p, device, seed=args.seed, max_len=max(input_lens) + args.output_len), peer_batches)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a peer that fails (a library's compile, an op it lacks) is reported, not fatal
+                first = (str(exc).strip().splitlines() or [""])[0]
+                record["failed"][peer] = f"{type(exc).__name__}: {first[:300]}"
+                log(f"{peer}: failed ({record['failed'][peer]})")
                 save_rows()
-                continue
-            if engine is None:
-                cand, held, key = None, 0, "fp16"
-            elif engine == "quant-runtime":
-                cand, held = resident(lambda r=recipe: build_runtime(args.shape, r, device, args.compute_dtype,
-                                                                     args.seed))
-                key = recipe
-            if cand is not None:
-                record["describe"][key] = cand.describe()
-                log(f"{key}: built in {time.perf_counter() - t0:.1f} s, {cand.weight_bytes / 2**30:.2f} GiB per step, "
-                    f"{cand.describe()}")
-            time_cells(engine, recipe, key, cand, held, batch_sizes)
-            if args.profile and engine == "quant-runtime":
-                record["profiles"][key] = profile_decode(cand, synthetic_prompts(1, input_lens[0], cand.vocab))
-            save_rows()
-            log(f"{key}: done in {time.perf_counter() - t0:.1f} s")
-            del cand
-            torch.cuda.empty_cache()
         if args.profile:
             record["profiles"]["fp16"] = profile_decode(ref, synthetic_prompts(1, input_lens[0], ref.vocab))
     except torch.cuda.OutOfMemoryError as exc:

@@ -357,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(rec: dict) -> str:
     runs = "runs" in rec  # a merged record: each row's run
-    head = "| recipe | stage | wall s | peak RSS GB | peak GPU GB | cache GB (+written) | result |" + (" run |" if runs else "")
-    lines = [head, "|" + "---|" * (8 if runs else 7)]
+    cols = ["recipe", "stage", "wall s", "peak RSS GB", "peak GPU GB", "cache GB (+written)", "result"]
+    cols += ["run"] if runs else []
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rec["rows"]:
         result = r.get("error") or ", ".join(f"{k} {r[k]:.4g}" for k in ("tpot_ms", "perplexity", "rouge1") if k in r)
         lines.append(f"| {r['recipe'] or '—'} | {r['stage']} | {r['wall_s']:.1f} | {r['peak_rss_bytes'] / GB:.2f} | "

@@ -1,9 +1,10 @@
 """Hash of the code that produced a cached artifact, so a cache never serves a result of older code.
 
-``code_hash("quant.apply")`` covers the source of that module and of every project module it imports,
-transitively, found statically (``ast``: imports inside functions count too), and the non-Python files a module
-declares it runs (``__code_files__``), plus the versions of the third-party packages named. A cache key that includes it changes whenever any of that code changes; a hand-kept
-file list (what the evaluation key had) silently misses the module someone adds next.
+``code_hash("quant.apply")`` covers the source of that module and of every project module it imports, transitively,
+found statically (``ast``: imports inside functions count too), and the non-Python files a module declares it runs
+(``__code_files__``), plus the versions of the third-party packages named. A cache key that includes it changes
+whenever any of that code changes; a hand-kept file list (what the evaluation key had) silently misses the module
+someone adds next.
 """
 from __future__ import annotations
 

@@ -103,7 +103,8 @@ def test_merge_takes_each_recipes_last_whole_run(tmp_path):
     assert not any("error" in r for r in rec["rows"] if r["recipe"])
     assert sum(r["stage"] == "write_model" for r in rec["rows"]) == 3  # each run's model stages, marked by run
     cut = merge(runs[:2])
-    assert not cut["complete"] and [r.get("error") for r in cut["rows"] if r["recipe"] == "int4_gptq"] == ["Terminated: "]
+    assert not cut["complete"]
+    assert [r.get("error") for r in cut["rows"] if r["recipe"] == "int4_gptq"] == ["Terminated: "]
     with pytest.raises(UserError, match="2 different models"):
         merge([runs[0], _run_record(model, model="other")])
 

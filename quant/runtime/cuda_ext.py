@@ -6,9 +6,9 @@ with one LOP3 per pair (``csrc/w4a16_gemv.cu`` states its layout and precision c
 8-bit one (W8A16, SmoothQuant W8A8, FP8) on the checkpoint's own [N, K] layout: 16 weights per load, widened to
 float32 in registers (int32 DP4A sums for W8A8; ``csrc/w8_gemv.cu``).
 
-The build needs ``nvcc`` and ``ninja`` (the CUDA toolkit); it is cached under the suite's cache folder, keyed on
-the contents of ``csrc/`` and by PyTorch on the compiler flags, so a machine compiles it once and an edited source recompiles. Where
-it cannot be built, :func:`load` says why and the handlers keep their Triton / tinygemm kernels.
+The build needs ``nvcc`` and ``ninja`` (the CUDA toolkit); it is cached under the suite's cache folder, keyed on the
+contents of ``csrc/`` and by PyTorch on the compiler flags, so a machine compiles it once and an edited source
+recompiles. Where it cannot be built, :func:`load` says why and the handlers keep their Triton / tinygemm kernels.
 """
 from __future__ import annotations
 
