@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=positive_int, default=None, help="fewer layers than the shape has")
     p.add_argument("--vocab", type=positive_int, default=None, help="another vocabulary size (tokenizer trained to it)")
     p.add_argument("--recipes", default="fp16,int8_wo,smoothquant,int4_awq,int4_gptq,w4a8_awq,fp8,fp8:kv_cache=fp8")
-    p.add_argument("--workdir", type=Path, help="where the synthetic model folder is written (reused); required unless --merge")
+    p.add_argument("--workdir", type=Path,
+                   help="where the synthetic model folder is written (reused); required unless --merge")
     p.add_argument("--merge", type=Path, nargs="+", metavar="RECORD",
                    help="merge these records of runs that split the recipes into --out (runs nothing)")
     add_cache_budget_arg(p)
