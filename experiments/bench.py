@@ -112,10 +112,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 
 # recipe@VARIANT → what it changes in KernelConfig: one W4A16 kernel for 1–64 rows without the compiled GEMV
 # (``kpack``: the default before the GEMV took batch 1), the GEMV with the pre-quant scale in act_prep, or the
-# compiled 8-bit GEMV at batch 1 (``int8_wo@w8g``, ``smoothquant@w8g``, ``fp8@w8g``)
+# 8-bit formats' batch 1 on the Triton GEMV instead of the compiled one (``int8_wo@triton8``, ``fp8@triton8``, …)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERNELS},
                    "w4g-unfused": {"w4g_fuse": False},
-                   "w8g": {"w8g": frozenset(cuda_ext.W8_FORMATS)}}
+                   "triton8": {"w8g": frozenset()}}
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):

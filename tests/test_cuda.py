@@ -350,7 +350,7 @@ def test_w8g_matches_float64_reference(algo, out, inp):
                 err = rel(cuda_ext.w8_gemv(q, h.weight, s, fmt=algo, tile=tile), _reference(algo, t, xm, wd))
                 assert err <= 1e-2, (tile, m, scale, err)
     h = make_linear(algo, tensors, dtype=dtype, device=DEV, kernels=KernelConfig(w8g=frozenset({algo})))
-    ref = make_linear(algo, tensors, dtype=dtype, device=DEV)  # the Triton GEMV
+    ref = make_linear(algo, tensors, dtype=dtype, device=DEV, kernels=KernelConfig(w8g=frozenset()))  # Triton
     assert not ref.w8g and not ref.kernel.startswith("w8g")
     norm = (1 + 0.1 * torch.randn(inp, generator=gen)).to(dtype).to(DEV)
     x = activations(gen, 1, inp).to(dtype).to(DEV)

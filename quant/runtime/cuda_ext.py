@@ -27,8 +27,9 @@ __code_files__ = ("csrc/*",)  # cache keys of results this code measured cover t
 # (weight rows per warp, 16-byte chunks per lane in flight), both GEMVs: the launchers' tile index is the position
 GEMV_TILES = ((1, 2), (1, 4), (2, 2), (2, 4), (4, 1), (4, 2))
 W4G_TILE = (2, 4)  # the fastest at 1 row on the 7B and 8B shapes (experiments/results/gpu/kernels)
-W8G_TILE = (2, 4)  # the W4A16 GEMV's: not yet swept for the 8-bit kernel
 W8_FORMATS = {"W8A16": 0, "W8A8_SQ_PER_CHANNEL": 1, "FP8": 2}  # algo key → the kernel's format (csrc/w8_gemv.cu)
+# per 8-bit format, the fastest tile at 1 row on the 7B shape (experiments/results/gpu/kernels, 2026-12-04 sweep)
+W8G_TILES = {"W8A16": (1, 2), "W8A8_SQ_PER_CHANNEL": (2, 2), "FP8": (2, 2)}
 GEMV_MAX_ROWS = 4
 _NIBBLE_K = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a word holds k offset _NIBBLE_K[p] (the kernel's dequantization)
 _NONE = torch.empty(0)  # "no pre-quant scale" to the binding
@@ -115,13 +116,15 @@ def w8g_ok(inp: int, dtype: torch.dtype) -> bool:
 
 
 def w8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, fmt: str,
-            residual: torch.Tensor | None = None, tile: tuple[int, int] = W8G_TILE) -> torch.Tensor:
+            residual: torch.Tensor | None = None, tile: tuple[int, int] | None = None) -> torch.Tensor:
     """x [M ≤ 4, K] (float16 for W8A16; int8 / e4m3 quantized by act_prep for W8A8 / FP8), w [N, K] int8 or e4m3,
     scale [N] (float16 for W8A16, float32 for W8A8) or [1] (FP8, float32) → (x · wᵀ) · scale, float16 [M, N];
-    added to ``residual`` in place (one rounding) when given."""
+    added to ``residual`` in place (one rounding) when given. ``tile``: one of GEMV_TILES (None: the format's
+    W8G_TILES entry)."""
     mod = load()
     if isinstance(mod, str):
         raise RuntimeError(mod)
     out = residual if residual is not None else torch.empty(x.shape[0], w.shape[0], dtype=torch.float16,
                                                              device=x.device)
-    return mod.w8_gemv(x, w, scale, W8_FORMATS[fmt], out, residual is not None, GEMV_TILES.index(tuple(tile)))
+    return mod.w8_gemv(x, w, scale, W8_FORMATS[fmt], out, residual is not None,
+                       GEMV_TILES.index(tuple(tile or W8G_TILES[fmt])))
