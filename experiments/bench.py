@@ -11,9 +11,14 @@ Ratios to FP16 come from one run, interleaved: the project's FP16 runtime stays 
 built in turn and, per (input, batch) cell, timed in ``--rounds`` rounds beside it (their order alternating);
 the speed-up is FP16's time over the engine's, paired by round, with its 95 % t interval (of the mean log
 ratio). FP16's own row pools its rounds of every pairing. Peers (``--peers``, :mod:`experiments.peers`: HF static
-cache + ``torch.compile``, torchao, GemLite) are timed the same way, at ``--peer-batch-sizes``. HF ``generate``
-(eager attention) is the slow baseline of the FP16 speed-up target. Prints a Markdown table, the batch from which
-INT4 is slower than FP16, and the targets; writes JSON after each engine (a run cut short keeps what it measured).
+cache + ``torch.compile``, torchao, GemLite) are timed the same way, at ``--peer-batch-sizes``, each by default in a
+process of its own beside its own build of the project's FP16 (``--peer-process own``): a library's process-wide
+compiler settings or a fault that loses the CUDA context then reach neither the other peers nor the project's
+engines (both happened on an H200). A peer's speed-up is then over that FP16, and the project-vs-peer ratio of a
+format is the quotient of the two speed-ups, its interval bounded by the quotient of their intervals' ends.
+HF ``generate`` (eager attention) is the slow baseline of the FP16 speed-up target. Prints a Markdown table, the
+batch from which INT4 is slower than FP16, and the targets; writes JSON after each engine (a run cut short keeps what
+it measured).
 
 Recipes are those of :mod:`quant.runtime.random_checkpoint`; ``int4_awq@VARIANT`` picks W4A16 kernels other than the
 default (:data:`KERNEL_VARIANTS`; targets take a recipe's best variant). ``--profile`` adds, per recipe, the device time
@@ -272,6 +277,19 @@ def bench_hf(shape: str, batch_sizes: list[int], input_lens: list[int], output_l
     return rows
 
 
+def merge_peer(record: dict, child: dict, peer: str, end: str) -> list[dict]:
+    """A peer's rows from the record its own process wrote (``child``, {} if none), marked ``process: own``; that
+    process's FP16 rows go to ``record["peer_references"]``, its description to ``record["describe"]``, and a peer
+    with no row to ``record["failed"]`` (its own reason, else how its process ended: ``end``)."""
+    rows = [dict(r, process="own") for r in child.get("rows", []) if r["engine"] == peer]
+    record["peer_references"][peer] = [r for r in child.get("rows", []) if r["engine"] == "quant-runtime"]
+    if peer in child.get("describe", {}):
+        record["describe"][peer] = child["describe"][peer]
+    if not rows:
+        record["failed"][peer] = child.get("failed", {}).get(peer) or f"its process ended ({end}) with no row"
+    return rows
+
+
 def targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, from the rows of this run: speed-ups over FP16 from interleaved rounds (with the
     interval's low end beside the point value), batch 1 unless a target names its batch."""
@@ -305,7 +323,7 @@ def targets(rows: list[dict]) -> list[dict]:
             theirs = best(peer, PEERS[peer].recipe, P)
             if ours and theirs and "speedup" in ours and "speedup" in theirs:
                 add(f"{PEERS[peer].recipe} b1 decode, in {P}: × {peer} (both over fp16)",
-                    ours["speedup"] / theirs["speedup"], PEER_TARGET)
+                    ours["speedup"] / theirs["speedup"], PEER_TARGET, ours["speedup_ci"][0] / theirs["speedup_ci"][1])
     if lens:
         P = max(lens)
         for recipe, need in PREFILL_TARGETS.items():
@@ -459,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="interleaved rounds per cell (each engine timed once per round beside the fp16 reference)")
     p.add_argument("--peers", default="", help=f"peer engines, comma-separated: {', '.join(PEERS)}")
     p.add_argument("--peer-batch-sizes", default="1", help="batch sizes the peers run (each compiles once per batch)")
+    p.add_argument("--peer-process", default="own", choices=["own", "same"],
+                   help="each peer in a process of its own beside its own FP16 (default), or all in this one")
+    p.add_argument("--peer-timeout", type=positive_int, default=900,
+                   help="seconds a peer's own process may take (compiling included); past it the peer is failed")
     p.add_argument("--compute-dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--hf-batch-sizes", default="1", help="HF generate baseline batch sizes ('' or --no-hf: none)")
     p.add_argument("--hf-output-len", type=positive_int, default=32)
@@ -500,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": "python -m experiments.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "shape": args.shape, "shape_dims": SHAPES[args.shape],
               "compute_dtype": args.compute_dtype, "output_len": args.output_len, "rounds": args.rounds,
-              **environment(device), "rows": [], "profiles": {}, "describe": {}, "failed": {}}
+              **environment(device), "rows": [], "profiles": {}, "describe": {}, "failed": {}, "peer_references": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -561,6 +583,30 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
             save_rows()
 
+    def peer_process(peer: str) -> None:
+        """One peer in a child ``experiments.bench`` beside its own FP16; its rows join this record, marked."""
+        out = args.out.with_name(f"{args.out.stem}.{peer}.json")
+        cmd = [sys.executable, "-m", "experiments.bench", "--device", args.device, "--shape", args.shape,
+               "--recipes", "fp16", "--peers", peer, "--peer-process", "same",
+               "--peer-batch-sizes", args.peer_batch_sizes, "--input-lens", args.input_lens,
+               "--output-len", str(args.output_len), "--rounds", str(args.rounds), "--compute-dtype",
+               args.compute_dtype, "--no-hf", "--seed", str(args.seed), "--out", str(out)]
+        log(f"{peer}: in its own process (log: {out.with_suffix('.log')})")
+        out.unlink(missing_ok=True)
+        with open(out.with_suffix(".log"), "w") as f:
+            try:
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.peer_timeout).returncode
+                end = f"exit {rc}"
+            except subprocess.TimeoutExpired:
+                end = f"stopped after --peer-timeout {args.peer_timeout} s"
+        rows = merge_peer(record, json.loads(out.read_text()) if out.exists() else {}, peer, end)
+        measured.extend(rows)
+        for r in rows:
+            log(f"{peer:22s} B={r['batch_size']:<3d} in={r['input_len']:<5d} TPOT {r['tpot_ms']:7.3f} ms  × its fp16 "
+                f"{r.get('speedup', float('nan')):.2f} {r.get('speedup_ci', '')}")
+        if not rows:
+            log(f"{peer}: failed ({record['failed'][peer]})")
+
     hf_rows: list[dict] = []
     try:
         if hf_batches:
@@ -577,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
             build = lambda r=recipe: build_runtime(args.shape, r, device, args.compute_dtype, args.seed)  # noqa: E731
             time_engine("quant-runtime", recipe, recipe, build, batch_sizes)
         for peer in peers:
+            if args.peer_process == "own":
+                peer_process(peer)
+                save_rows()
+                continue
             try:
                 time_engine(peer, PEERS[peer].recipe, peer, lambda p=peer: HFPeer(
                     args.shape, p, device, seed=args.seed, max_len=max(input_lens) + args.output_len), peer_batches)

@@ -2,10 +2,15 @@
 with torchao's or GemLite's quantized linears, each on the path its documentation gives for decode.
 
 Every peer is ``LlamaForCausalLM`` of the bench's shape with random weights (seeded), its decode step compiled with
-``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs: HF's ``CompileConfig`` default and the mode
-of torchao's decode benchmarks) over a :class:`transformers.StaticCache`; prefill runs eagerly, as HF ``generate``
-does. The static cache is sized for the longest input of the run, so one compiled step serves every input length
-of a batch size. ``lm_head`` stays in the model's float dtype, as in the project's recipes.
+``torch.compile(mode=..., fullgraph=True)`` over a :class:`transformers.StaticCache`, in the mode its library
+benchmarks with (:data:`PEERS`): ``reduce-overhead`` (CUDA graphs; HF's ``CompileConfig`` default) for HF alone and
+GemLite, whose linears are their own Triton kernels; ``max-autotune`` (CUDA graphs and inductor's Triton matmul
+templates) for torchao, whose int8 / fp8 weight-only linears are ``mm(x, w.to(dtype)) * scale`` and are fast only
+when inductor fuses the conversion into the matmul (torchao's ``benchmarks/benchmark_aq.py`` compiles so; under
+``reduce-overhead`` the weight is converted every step, measured 0.38× the project's FP16 on an H200). Prefill
+runs eagerly, as HF ``generate`` does. The static cache is sized for the longest input of the run, so one compiled
+step serves every input length of a batch size. ``lm_head`` stays in the model's float dtype, as in the project's
+recipes.
 
 Timing is the project runtime's: CUDA events between consecutive decode steps (argmax included), no host sync
 inside the loop, TTFT as prefill + first token on the host clock.
@@ -66,10 +71,24 @@ def _group_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
     return q.reshape(n, k), scale, zero
 
 
+def _gemlite_tuning() -> None:
+    """GemLite ships tuned kernel configs per card (``gemlite/configs/*.json``) and loads the one whose name is in the
+    card's; on an H200 none is ("nvidia_h200" holds no "h100"), so every shape would be autotuned on first use,
+    minutes at 7B. The H200 is the H100's SM90 chip with more, faster memory: its config is the closest tuning."""
+    import os
+
+    import gemlite
+    from gemlite import core
+
+    if core.selected_tag is None and "h200" in torch.cuda.get_device_name().lower():
+        gemlite.load_config(os.path.join(os.path.dirname(core.__file__), "configs", "h100.json"))
+
+
 def _gemlite(bits: int, group: int = 128) -> Callable:
     def apply(model):
         from gemlite.helper import A16W8_INT8, A16Wn
 
+        _gemlite_tuning()
         dev = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         for name, mod in list(model.named_modules()):
@@ -94,15 +113,18 @@ class Peer:
     library: str | None  # the package whose version goes in the record (None: transformers alone)
     dtype: torch.dtype
     quantize: Callable | None = None
+    compile_mode: str = "reduce-overhead"
 
 
 PEERS = {
     "hf-compile": Peer("fp16", None, torch.float16),
-    "torchao-int8wo": Peer("int8_wo", "torchao", torch.float16, _torchao("Int8WeightOnlyConfig")),
+    "torchao-int8wo": Peer("int8_wo", "torchao", torch.float16, _torchao("Int8WeightOnlyConfig"), "max-autotune"),
     "torchao-int4wo": Peer("int4_awq", "torchao", torch.bfloat16,
-                           _torchao("Int4WeightOnlyConfig", group_size=128, int4_packing_format="tile_packed_to_4d")),
-    "torchao-fp8wo": Peer("fp8", "torchao", torch.float16, _torchao("Float8WeightOnlyConfig")),
-    "torchao-fp8": Peer("fp8", "torchao", torch.float16, _torchao("Float8DynamicActivationFloat8WeightConfig")),
+                           _torchao("Int4WeightOnlyConfig", group_size=128, int4_packing_format="tile_packed_to_4d"),
+                           "max-autotune"),
+    "torchao-fp8wo": Peer("fp8", "torchao", torch.float16, _torchao("Float8WeightOnlyConfig"), "max-autotune"),
+    "torchao-fp8": Peer("fp8", "torchao", torch.float16, _torchao("Float8DynamicActivationFloat8WeightConfig"),
+                        "max-autotune"),
     "gemlite-a16w4": Peer("int4_awq", "gemlite", torch.float16, _gemlite(4)),
     "gemlite-a16w8": Peer("int8_wo", "gemlite", torch.float16, _gemlite(8)),
 }
@@ -149,7 +171,7 @@ class HFPeer:
         held = torch.cuda.memory_allocated(self.device) - base if cuda else sum(
             p.numel() * p.element_size() for p in self.model.parameters())
         self.weight_bytes = held - emb.numel() * emb.element_size()
-        self._step = (torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True) if compile
+        self._step = (torch.compile(self.model.forward, mode=self.peer.compile_mode, fullgraph=True) if compile
                       else self.model.forward)
         self._caches: dict[int, object] = {}  # batch size → its static cache (one compiled step each)
 
@@ -159,7 +181,8 @@ class HFPeer:
     def describe(self) -> dict:
         return {"engine": self.name, "dtype": str(self.peer.dtype).removeprefix("torch."),
                 "quantization": self.peer.quantize.__doc__ if self.peer.quantize else None,
-                "compile": "torch.compile(mode='reduce-overhead', fullgraph=True), decode step", **self.versions}
+                "compile": f"torch.compile(mode={self.peer.compile_mode!r}, fullgraph=True), decode step",
+                **self.versions}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -100,4 +100,30 @@ def test_targets_crossover_and_peers_from_rows():
     assert got["int4_awq b4 decode, in 512: × fp16"]["met"]
     assert not got["int4_awq b8 decode, in 512: × fp16"]["met"]
     peer = got["int4_awq b1 decode, in 512: × torchao-int4wo (both over fp16)"]
-    assert peer["measured"] == pytest.approx(1.25) and not peer["met"]
+    assert peer["measured"] == pytest.approx(1.25) and not peer["met"] and peer["ci_low"] == pytest.approx(1.25)
+    # a peer timed in its own process: the quotient's interval is bounded by the two intervals' ends
+    noisy = _row("torchao-int4wo", "int4_awq", 1, [0.0020, 0.0021, 0.0019, 0.0022, 0.0020], ref)
+    t = {t["target"]: t for t in targets(rows[:-1] + [noisy])}[
+        "int4_awq b1 decode, in 512: × torchao-int4wo (both over fp16)"]
+    assert t["ci_low"] == pytest.approx(rows[0]["speedup_ci"][0] / noisy["speedup_ci"][1])
+    assert t["ci_low"] < t["measured"] == pytest.approx(rows[0]["speedup"] / noisy["speedup"])
+
+
+def test_a_peer_from_its_own_process_joins_the_record_marked():
+    """What ``--peer-process own`` keeps of the record a peer's child process wrote (the child itself needs a GPU)."""
+    from experiments.bench import merge_peer
+
+    ref = [0.004] * 5
+    child = {"rows": [_row("quant-runtime", "fp16", 1, ref, ref), _row("hf-compile", "fp16", 1, [0.005] * 5, ref)],
+             "describe": {"hf-compile": {"engine": "hf-compile"}}, "failed": {}}
+    record = {"peer_references": {}, "describe": {}, "failed": {}}
+    rows = merge_peer(record, child, "hf-compile", "exit 0")
+    assert [r["engine"] for r in rows] == ["hf-compile"] and rows[0]["process"] == "own"
+    assert rows[0]["speedup"] == pytest.approx(0.8)
+    assert [r["engine"] for r in record["peer_references"]["hf-compile"]] == ["quant-runtime"]
+    assert record["describe"]["hf-compile"] == {"engine": "hf-compile"} and record["failed"] == {}
+    # no row: the child's own reason, else how its process ended
+    merge_peer(record, {"rows": [], "failed": {"gemlite-a16w4": "ImportError: x"}}, "gemlite-a16w4", "exit 0")
+    merge_peer(record, {}, "torchao-int8wo", "stopped after --peer-timeout 900 s")
+    assert record["failed"] == {"gemlite-a16w4": "ImportError: x",
+                                "torchao-int8wo": "its process ended (stopped after --peer-timeout 900 s) with no row"}

@@ -7,7 +7,9 @@
 # .whl-peers, made here:
 #   python3 -m pip download --no-deps -d .whl-peers torchao==0.18.0   # abi3 wheel; torch >= 2.11
 #   python3 -m pip wheel --no-deps -w .whl-peers gemlite==0.6.0.post2   # sdist only; pure Python + Triton
-# SHAPES, RECIPES, PEERS, BATCHES, PEER_BATCHES, INPUTS, ROUNDS (env) narrow a call to its 10 minutes.
+# SHAPES, RECIPES, PEERS, BATCHES, PEER_BATCHES, INPUTS, ROUNDS, PEER_TIMEOUT (env) narrow a call to its 10 minutes.
+# Each peer runs in its own process (bench-<shape>.<peer>.json / .log beside the shape's record): with the device
+# tool's 8 files a call, pack $OUT into one archive at the end of the command.
 set -uo pipefail
 rm -rf /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl15/*.whl \
@@ -21,6 +23,7 @@ date -u +%FT%TZ >> "$OUT/gpu.txt"
 for shape in $SHAPES; do
   python3 -m experiments.bench --shape "$shape" --recipes "$RECIPES" --peers "$PEERS" \
       --batch-sizes "${BATCHES:-1,4,8,16,32}" --peer-batch-sizes "${PEER_BATCHES:-1}" --input-lens "${INPUTS:-512}" \
-      --rounds "${ROUNDS:-5}" --no-hf --out "$OUT/bench-$shape.json" > "$OUT/bench-$shape.md" 2> "$OUT/bench-$shape.log"
+      --rounds "${ROUNDS:-5}" --peer-timeout "${PEER_TIMEOUT:-900}" --no-hf --out "$OUT/bench-$shape.json" \
+      > "$OUT/bench-$shape.md" 2> "$OUT/bench-$shape.log"
   echo "$shape rc=$?"; tail -30 "$OUT/bench-$shape.md"
 done
