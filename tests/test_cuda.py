@@ -144,6 +144,33 @@ def test_linear_every_path_matches_float64_reference(algo, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16_AWQ"])
+def test_weight_only_prefill_in_registers_matches_float64_reference(algo, group):
+    """KernelConfig.wq_prefill: more than 64 rows through the tl.dot kernel on the stored weights (dequantized in
+    registers, no float16 copy for cuBLAS), float16 and bfloat16; rows and N not multiples of its tiles, K not a
+    multiple of its K tile for INT8 (600) and the default model's 576 for INT4 where the group divides it, and
+    activations ×40 (x · q is scaled in float32 before any rounding)."""
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    inp = 600 if algo == "W8A16" else (576 if 576 % group == 0 else 640)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"wqprefill/{algo}/{group}".encode()))
+    t = _layout(algo, gen, 96, inp, group)
+    for dtype in GPU_DTYPES:
+        h = make_linear(algo, {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV, group_size=group,
+                        kernels=KernelConfig(wq_prefill=frozenset({algo})))
+        wd = h.dequantized_weight().cpu()
+        for m, scale in ((65, 1), (300, 1), (300, 40)):
+            x = (activations(gen, m, inp) * scale).to(dtype)
+            y = h(x.to(DEV))
+            assert y.shape == (m, 96) and y.dtype == dtype and bool(torch.isfinite(y).all())
+            err = rel(y, _reference(algo, t, x, wd))
+            assert err <= 1e-2, f"{algo} g{group} {dtype} M={m} ×{scale}: {err:.2e}"
+
+
+@cuda
 @pytest.mark.parametrize("cvt", [0, 1])
 @pytest.mark.parametrize("algo", ["W8A16", "FP8"])
 def test_gemv_weight_conversions_match_float64_reference(algo, cvt):

@@ -71,3 +71,6 @@ def test_kernel_config_refuses_what_the_gemvs_cannot_take():
     with pytest.raises(ValueError, match="w4g_rows must be"):
         KernelConfig(w4g_rows=(1, 5))
     assert KernelConfig(w8g=frozenset({"W8A16", "FP8"})).w8g == {"W8A16", "FP8"}
+    with pytest.raises(ValueError, match="wq_prefill takes W8A16 and W4A16_AWQ"):
+        KernelConfig(wq_prefill=frozenset({"FP8"}))  # FP8 and SmoothQuant prefill have their own GEMMs
+    assert KernelConfig().w8g == {"W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"} and not KernelConfig().wq_prefill

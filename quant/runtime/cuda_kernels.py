@@ -452,6 +452,10 @@ WQ_MM_CONFIG_32 = {W_INT8: (64, 128, 4, 4), W_INT4: (32, 128, 4, 4), A_INT8: (32
 # SmoothQuant prefill through Triton (BM, BR, BK, warps, stages): ~960 int8 TOP/s at 1024 rows on the 7B shapes,
 # against ~650–850 for torch._int_mm (cuBLASLt's sm80 kernels) and ~700 TFLOP/s for cuBLAS fp16.
 INT8_GEMM_CONFIG = (128, 128, 64, 4, 4)
+# Weight-only prefill (more than WQ_MM_MAX_M rows) through the same kernel, weights dequantized in registers instead
+# of a whole float16 copy written per linear per call (KernelConfig.wq_prefill); (BM, BR, BK, warps, stages), BR in
+# stored rows (INT4: two output channels each), BK at most the INT4 group. SmoothQuant's tile, not yet swept.
+WQ_PREFILL_CONFIG = {W_INT8: (128, 128, 64, 4, 4), W_INT4: (128, 64, 64, 8, 3)}  # INT4: two accumulators
 
 
 def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, group: int = 0, afmt: int = A_FLOAT,

@@ -99,6 +99,11 @@ class KernelConfig:
     # Its (weight rows per warp, chunks in flight per lane), one of cuda_ext.GEMV_TILES; None: the format's
     # cuda_ext.W8G_TILES entry.
     w8g_tile: tuple[int, int] | None = None
+    # Weight-only formats ("W8A16", "W4A16_AWQ") whose prefill (more than 64 rows) multiplies the stored weights
+    # through the tl.dot kernel, dequantized in registers (cuda_kernels.WQ_PREFILL_CONFIG), instead of writing a
+    # float16 copy of each weight per call for cuBLAS (that copy is why their TTFT trails FP16's: 0.73× / 0.49× at
+    # input 512 on an H200). Empty until measured (experiments.bench RECIPE@wqprefill).
+    wq_prefill: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.sq_prefill_gemm not in ("triton", "int_mm"):
@@ -107,6 +112,8 @@ class KernelConfig:
             raise ValueError(f"w4k_rows must be 1 <= low <= high <= 16 (the kernel's row tile), got {self.w4k_rows}")
         if self.w4g_rows is not None and not 1 <= self.w4g_rows[0] <= self.w4g_rows[1] <= 4:
             raise ValueError(f"w4g_rows must be 1 <= low <= high <= 4 (the GEMV's rows) or None, got {self.w4g_rows}")
+        if self.wq_prefill - {"W8A16", "W4A16_AWQ"}:
+            raise ValueError(f"wq_prefill takes W8A16 and W4A16_AWQ; got {sorted(self.wq_prefill)}")
         if self.w8g - set(cuda_ext.W8_FORMATS):
             raise ValueError(f"w8g takes the 8-bit formats {', '.join(cuda_ext.W8_FORMATS)}; got {sorted(self.w8g)}")
         if self.int4_kernel not in INT4_KERNELS:
