@@ -18,6 +18,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("QUANT_SUITE_CACHE", str(REPO / ".cache" / "test"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU, the runtime's Triton kernels run in Triton's interpreter (tests/test_triton_interpret.py); Triton
+# reads this when a kernel is defined, so it is set before any test imports one.
+if importlib.util.find_spec("triton") is not None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 # The Ctrl-C tests send SIGINT to the commands they start, which inherit an ignored SIGINT: a shell without job
 # control starts its background jobs (`make test &`, nohup) with SIGINT ignored, and Python then never installs
 # its handler. A terminal's foreground command, whose Ctrl-C those tests model, has it at its default.

@@ -1,0 +1,132 @@
+"""The runtime's Triton kernels (quant/runtime/cuda_kernels.py) on the CPU, through Triton's interpreter.
+
+Where there is no GPU, tests/conftest.py sets TRITON_INTERPRET=1 before anything imports Triton: the kernels'
+own code then runs on CPU tensors (numpy underneath), so a kernel change is checked against the float64
+reference here and in CI, not only on the lent GPU. What the interpreter cannot show: speed, register use,
+and the PTX-only paths (the GEMVs' prmt / e4m3x2 conversions, cvt=1; fp8 math) — tests/test_cuda.py covers
+those on an H200. Shapes are small: the interpreter runs each program as numpy, about a second per launch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton's interpreter runs where there is no GPU (tests/conftest.py)", allow_module_level=True)
+
+from quant.runtime import cuda_kernels as ck  # noqa: E402
+from tests.conftest import rel  # noqa: E402
+from tests.test_kernels import activations, exact_dequantized, layout, reference  # noqa: E402
+
+
+def _gen(key: str) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(key.encode()))
+
+
+@pytest.mark.parametrize("rows", [3, 40, 130])  # the small-M tiles (≤ 16, 17–64) and the prefill tile
+def test_wq_mm_int8_weights_match_float64_reference(rows):
+    gen = _gen(f"wq8/{rows}")
+    t = layout("W8A16", torch.randn(96, 200, generator=gen) * 0.05, gen)  # K 200: not a multiple of any K tile
+    wd = exact_dequantized("W8A16", t, torch.float16)
+    x = (activations(gen, rows, 200) * 40).half()  # x · q before the scale overflows float16: it must not matter
+    config = ck.WQ_PREFILL_CONFIG[ck.W_INT8] if rows > ck.WQ_MM_MAX_M else None
+    y = ck.wq_mm(x, t["weight"], t["weights_scaling_factor"].half(), wfmt=ck.W_INT8, config=config)
+    assert y.dtype == torch.float16 and bool(torch.isfinite(y).all())
+    assert rel(y, reference("W8A16", t, x, wd)) <= 1e-2
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_wq_mm_int4_prefill_matches_float64_reference(group):
+    gen = _gen(f"wq4/{group}")
+    t = layout("W4A16_AWQ", torch.randn(80, 256, generator=gen) * 0.05, gen, group=group)
+    wd = exact_dequantized("W4A16_AWQ", t, torch.float16, group)
+    x = activations(gen, 130, 256).half() * t["prequant_scaling_factor"]  # the handler applies it in act_prep
+    y = ck.wq_mm(x, t["weight"], t["weights_scaling_factor"].half(), wfmt=ck.W_INT4, group=group,
+                 config=ck.WQ_PREFILL_CONFIG[ck.W_INT4])
+    assert y.shape == (130, 80)
+    assert rel(y, x.double() @ wd.double().t()) <= 1e-2
+
+
+def test_smoothquant_int8_gemm_is_exact_in_int32():
+    """int8 × int8 through tl.dot sums exactly in int32; the epilogue scales by a · s per channel."""
+    gen = _gen("sq")
+    t = layout("W8A8_SQ_PER_CHANNEL", torch.randn(64, 192, generator=gen) * 0.05, gen)
+    x = activations(gen, 70, 192).half()
+    a = t["activation_scaling_factor"].float()
+    qx = ck.act_prep(x, prequant=t["prequant_scaling_factor"].half(), act_scale=a.reshape(1), afmt=ck.A_INT8)
+    xq = torch.round((x * t["prequant_scaling_factor"].half()).float() / a).clamp(-128, 127)
+    assert torch.equal(qx.float(), xq)
+    out_scale = (a * t["weights_scaling_factor"].float()).contiguous()
+    y = ck.wq_mm(qx, t["weight"], out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8, dtype=torch.float16,
+                 config=ck.INT8_GEMM_CONFIG)
+    exact = (xq.double() @ t["weight"].double().t()) * out_scale.double()
+    assert rel(y, exact) <= 1e-3  # only the final rounding to float16
+
+
+def test_act_prep_rmsnorm_and_silu_gate():
+    gen = _gen("prep")
+    x = activations(gen, 3, 96).half()
+    w = (1 + 0.1 * torch.randn(96, generator=gen)).half()
+    y = ck.act_prep(x, norm=w, eps=1e-5)
+    xf = x.double()
+    ref = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert rel(y, ref) <= 2e-3
+    g = activations(gen, 2, 192).half()
+    ref = torch.nn.functional.silu(g[:, :96].double()) * g[:, 96:].double()
+    assert rel(ck.act_prep(g, silu=True), ref) <= 2e-3
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "W8A16", "W4A16_AWQ"])
+def test_batch1_gemv_portable_conversion_matches_float64_reference(fmt):
+    """The GEMV with its portable weight conversion (cvt 0; the PTX one, cvt 1, needs a GPU)."""
+    gen = _gen(f"gemv/{fmt}")
+    w = torch.randn(72, 256, generator=gen) * 0.05
+    x = activations(gen, 1, 256).half()
+    if fmt == "fp16":
+        y = ck.gemv(x, w.half(), wfmt=ck.W_FLOAT, cvt=0)
+        ref = x.double() @ w.half().double().t()
+    elif fmt == "W8A16":
+        t = layout(fmt, w, gen)
+        y = ck.gemv(x, t["weight"], wfmt=ck.W_INT8, wscale=t["weights_scaling_factor"].half(),
+                    scale_mode=ck.S_CHANNEL, cvt=0)
+        ref = reference(fmt, t, x, exact_dequantized(fmt, t, torch.float16))
+    else:
+        t = layout(fmt, w, gen, group=64)
+        y = ck.gemv(x, t["weight"], wfmt=ck.W_INT4, wscale=t["weights_scaling_factor"].half(), group=64,
+                    prequant=t["prequant_scaling_factor"].half(), cvt=0)
+        ref = reference(fmt, t, x, exact_dequantized(fmt, t, torch.float16, 64))
+    assert y.shape == (1, 72) and rel(y, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("kv", [None, "INT8"])
+def test_split_kv_decode_attention_matches_float64_softmax(kv):
+    """GQA (4 heads on 2 KV heads), a masked (left-padded) prefix, several splits, the int8 KV cache."""
+    gen = _gen(f"attn/{kv}")
+    B, H, KVH, D, L, cur = 2, 4, 2, 64, 200, 151
+    att = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"))
+    assert att.nsplit > 1
+    q = torch.randn(B, H * D, generator=gen).half()
+    k = torch.randn(B, KVH, L, D, generator=gen)
+    v = torch.randn(B, KVH, L, D, generator=gen)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, :5] = False
+    scale = None
+    if kv == "INT8":
+        scale = torch.tensor([4.0 / 127])
+        k, v = (torch.round(c / scale).clamp(-127, 127).to(torch.int8) for c in (k, v))
+        kf, vf = k.double() * scale.double(), v.double() * scale.double()
+    else:
+        k, v = k.half(), v.half()
+        kf, vf = k.double(), v.double()
+    out = att(q, k, v, mask, torch.tensor(cur - 1), kv_scale=scale, kv_algo=kv)
+    for b in range(B):
+        for h in range(H):
+            s = kf[b, h // 2, :cur] @ q[b, h * D:(h + 1) * D].double() / math.sqrt(D)
+            s[~mask[b, :cur]] = -math.inf
+            ref = torch.softmax(s, 0) @ vf[b, h // 2, :cur]
+            assert rel(out[b, h * D:(h + 1) * D], ref) <= 5e-3, (b, h)
