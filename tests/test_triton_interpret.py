@@ -103,12 +103,16 @@ def test_batch1_gemv_portable_conversion_matches_float64_reference(fmt):
     assert y.shape == (1, 72) and rel(y, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["reduce-kernel", "fused-reduce"])
 @pytest.mark.parametrize("kv", [None, "INT8"])
-def test_split_kv_decode_attention_matches_float64_softmax(kv):
-    """GQA (4 heads on 2 KV heads), a masked (left-padded) prefix, several splits, the int8 KV cache."""
+def test_split_kv_decode_attention_matches_float64_softmax(kv, fused):
+    """GQA (4 heads on 2 KV heads), a masked (left-padded) prefix, several splits, the int8 KV cache; the splits
+    combined by a second kernel or by each (row, head)'s last program, whose counters are zero again after a call
+    (a graph replays the launch). The interpreter runs programs one at a time: GPU concurrency is
+    tests/test_cuda.py's."""
     gen = _gen(f"attn/{kv}")
     B, H, KVH, D, L, cur = 2, 4, 2, 64, 200, 151
-    att = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"))
+    att = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"), fused_reduce=fused)
     assert att.nsplit > 1
     q = torch.randn(B, H * D, generator=gen).half()
     k = torch.randn(B, KVH, L, D, generator=gen)
@@ -124,6 +128,8 @@ def test_split_kv_decode_attention_matches_float64_softmax(kv):
         k, v = k.half(), v.half()
         kf, vf = k.double(), v.double()
     out = att(q, k, v, mask, torch.tensor(cur - 1), kv_scale=scale, kv_algo=kv)
+    assert not att.count.any()
+    assert torch.equal(att(q, k, v, mask, torch.tensor(cur - 1), kv_scale=scale, kv_algo=kv), out)
     for b in range(B):
         for h in range(H):
             s = kf[b, h // 2, :cur] @ q[b, h * D:(h + 1) * D].double() / math.sqrt(D)

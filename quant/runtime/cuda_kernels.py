@@ -681,9 +681,12 @@ def rope_cache_write(qkv: torch.Tensor, positions: torch.Tensor, slot: torch.Ten
 # -- decode: split-KV attention -----------------------------------------------------------------------------------------
 @triton.jit
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr, l_ptr, o_ptr, sm_scale,
-                       H, NSPLIT, stride_qb, stride_cb, stride_ch, stride_ct, stride_mb,
+                       H, NSPLIT, stride_qb, stride_cb, stride_ch, stride_ct, stride_mb, cnt_ptr, out_ptr, stride_ob,
                        GQA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
-                       KV_QUANT: tl.constexpr):
+                       KV_QUANT: tl.constexpr, FUSED_REDUCE: tl.constexpr, NSPLIT_P2: tl.constexpr):
+    """One program per (row b, head h, split of SPLIT keys): the split's softmax statistics (max m, sum l) and
+    unnormalized output. FUSED_REDUCE: the (b, h)'s last program to finish (an acq_rel counter; it resets it for
+    the next launch) combines every split in split order, as _attn_reduce_kernel does, and one launch is saved."""
     dt: tl.constexpr = q_ptr.dtype.element_ty
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -724,25 +727,37 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     tl.store(m_ptr + idx, m_i)
     tl.store(l_ptr + idx, l_i)
     tl.store(o_ptr + idx * D + offs_d, acc)
+    if FUSED_REDUCE:
+        tl.debug_barrier()  # every thread's stores before the release below
+        if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu") == NSPLIT - 1:
+            tl.store(cnt_ptr + bh, 0)
+            _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, b, h, NSPLIT, stride_ob, NSPLIT_P2, D, ".cg")
+
+
+@triton.jit
+def _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, b, h, NSPLIT, stride_ob, NSPLIT_P2: tl.constexpr,
+                  D: tl.constexpr, CACHE: tl.constexpr):
+    """out[b, h] = Σ_s o_s · e^(m_s − m) / Σ_s l_s · e^(m_s − m) over the splits, in split order. CACHE: the loads'
+    cache modifier (".cg" where other programs of the same launch wrote the partials: past a non-coherent L1)."""
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    offs_s = tl.arange(0, NSPLIT_P2)
+    s_mask = offs_s < NSPLIT
+    offs_d = tl.arange(0, D)
+    m = tl.load(m_ptr + bh * NSPLIT + offs_s, mask=s_mask, other=-float("inf"), cache_modifier=CACHE)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m == -float("inf"), 0.0, tl.exp(m - m_max))
+    l_sum = tl.sum(tl.load(l_ptr + bh * NSPLIT + offs_s, mask=s_mask, other=0.0, cache_modifier=CACHE) * w, axis=0)
+    o = tl.load(o_ptr + (bh * NSPLIT + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0,
+                cache_modifier=CACHE)
+    out = tl.sum(o * w[:, None], axis=0) / l_sum
+    tl.store(out_ptr + b * stride_ob + h * D + offs_d, out.to(dt))
 
 
 @triton.jit
 def _attn_reduce_kernel(m_ptr, l_ptr, o_ptr, out_ptr, H, NSPLIT, stride_ob, NSPLIT_P2: tl.constexpr,
                         D: tl.constexpr):
-    dt: tl.constexpr = out_ptr.dtype.element_ty
     bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    offs_s = tl.arange(0, NSPLIT_P2)
-    s_mask = offs_s < NSPLIT
-    offs_d = tl.arange(0, D)
-    m = tl.load(m_ptr + bh * NSPLIT + offs_s, mask=s_mask, other=-float("inf"))
-    m_max = tl.max(m, axis=0)
-    w = tl.where(m == -float("inf"), 0.0, tl.exp(m - m_max))
-    l_sum = tl.sum(tl.load(l_ptr + bh * NSPLIT + offs_s, mask=s_mask, other=0.0) * w, axis=0)
-    o = tl.load(o_ptr + (bh * NSPLIT + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / l_sum
-    tl.store(out_ptr + b * stride_ob + h * D + offs_d, out.to(dt))
+    _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, bh // H, bh % H, NSPLIT, stride_ob, NSPLIT_P2, D, "")
 
 
 ATTN_BLOCK_T = 64
@@ -760,9 +775,13 @@ class DecodeAttention:
     """Static workspace for split-KV decode attention of one (batch, heads, max_len) shape (graph-capturable)."""
 
     def __init__(self, batch: int, n_heads: int, n_kv: int, head_dim: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, fused_reduce: bool = False):
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         self.nsplit, self.split = attn_splits(batch, n_heads, max_len, n_sm)
+        # fused_reduce: the last split of each (row, head) combines them (no second launch); the counters are
+        # left at zero by every launch
+        self.fused_reduce = fused_reduce
+        self.count = torch.zeros(batch * n_heads, dtype=torch.int32, device=device)
         self.B, self.H, self.KVH, self.D = batch, n_heads, n_kv, head_dim
         self.m = torch.empty(batch * n_heads * self.nsplit, dtype=torch.float32, device=device)
         self.l = torch.empty_like(self.m)
@@ -779,10 +798,12 @@ class DecodeAttention:
         _attn_split_kernel[(B * H, self.nsplit)](
             q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l, self.o,
             self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            mask.stride(0), GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=ATTN_BLOCK_T, D=D,
-            KV_QUANT=KV_QUANT_MODE[kv_algo], num_warps=4)
-        _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),
-                                      NSPLIT_P2=_pow2(self.nsplit), D=D, num_warps=1)
+            mask.stride(0), self.count, out, out.stride(0), GQA=H // self.KVH, SPLIT=self.split,
+            BLOCK_T=ATTN_BLOCK_T, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo], FUSED_REDUCE=self.fused_reduce,
+            NSPLIT_P2=_pow2(self.nsplit), num_warps=4)
+        if not self.fused_reduce:
+            _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),
+                                          NSPLIT_P2=_pow2(self.nsplit), D=D, num_warps=1)
         return out
 
 

@@ -525,7 +525,8 @@ class _DecodeState:
         dev = rt.device
         self.key, self.ignore_eos = key, ignore_eos
         self.cache = rt._new_cache(B, total)
-        self.attn = DecodeAttention(B, rt.n_heads, rt.n_kv, rt.head_dim, total, rt.dtype, dev)
+        self.attn = DecodeAttention(B, rt.n_heads, rt.n_kv, rt.head_dim, total, rt.dtype, dev,
+                                    fused_reduce=rt.kernels.attn_fused_reduce)
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
         self.slot = torch.zeros((), dtype=torch.long, device=dev)
