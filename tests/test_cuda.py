@@ -554,13 +554,13 @@ def test_decode_rope_cache_write_and_attention(kv):
     att(q_gpu, c.k[0], c.v[0], key_mask.to(DEV), slot_t, kv_scale=c.scale[0:1] if kv else None, kv_algo=kv, out=out)
     assert rel(out, o_ref.transpose(1, 2).reshape(B, H * D)) <= 1e-2
     # the splits combined by each (row, head)'s last program instead (KernelConfig.attn_fused_reduce): the same
-    # arithmetic in the same order, so the same bits, on every one of many launches (its counters reset each time)
+    # combine in the same order (the compiler may contract it differently inside the other kernel: a rounding
+    # apart), and the same bits on every one of many launches, whichever program finishes last
     fused = ck.DecodeAttention(B, H, KVH, D, L, dtype, DEV, fused_reduce=True)
-    for _ in range(50):
-        got = fused(q_gpu, c.k[0], c.v[0], key_mask.to(DEV), slot_t, kv_scale=c.scale[0:1] if kv else None,
-                    kv_algo=kv)
-        assert torch.equal(got, out)
-    assert not fused.count.any()
+    runs = [fused(q_gpu, c.k[0], c.v[0], key_mask.to(DEV), slot_t, kv_scale=c.scale[0:1] if kv else None,
+                  kv_algo=kv) for _ in range(50)]
+    assert rel(runs[0], out) <= 1e-3 and all(torch.equal(r, runs[0]) for r in runs)
+    assert not fused.count.any()  # left at zero for the next launch
 
 
 @cuda
