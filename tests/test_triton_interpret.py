@@ -136,3 +136,39 @@ def test_split_kv_decode_attention_matches_float64_softmax(kv, fused):
             s[~mask[b, :cur]] = -math.inf
             ref = torch.softmax(s, 0) @ vf[b, h // 2, :cur]
             assert rel(out[b, h * D:(h + 1) * D], ref) <= 5e-3, (b, h)
+
+
+@pytest.mark.parametrize("kv", [None, "INT8"])
+def test_attention_with_rope_and_cache_write_in_the_same_launch(kv):
+    """``DecodeAttention(rope=...)`` (KernelConfig.attn_rope_fused): the token's qkv rotated, its k / v written to
+    the cache at the slot and attended to, in the split kernel — against rope_cache_write then attention: the
+    same cache contents and the same output (left padding: positions lag the slot; GQA; int8 cache)."""
+    from quant.runtime import rope
+    from quant.runtime.kv_cache import KVCache, QuantizedKVCache
+
+    gen = _gen(f"rope-attn/{kv}")
+    B, H, KVH, D, L, slot = 2, 4, 2, 64, 160, 130
+    freq = rope.inv_freq(D, 10000.0, None)
+    pos = torch.tensor([slot - 7, slot])
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, :7] = False
+    qkv = (torch.randn(B, (H + 2 * KVH) * D, generator=gen) * 2).half()
+    hist_k, hist_v = (torch.randn(B, KVH, slot, D, generator=gen).half() for _ in range(2))
+    caches = []
+    for _ in range(2):
+        c = (KVCache(1, B, KVH, L, D, torch.float16, torch.device("cpu")) if kv is None else
+             QuantizedKVCache(1, B, KVH, L, D, torch.float16, torch.device("cpu"), algo=kv,
+                              scales=[torch.tensor(0.05)]))
+        c.update(0, 0, hist_k, hist_v)
+        caches.append(c)
+    quant = dict(kv_scale=caches[0].scale[0:1], kv_algo=kv) if kv else {}
+    att = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"))
+    s = torch.tensor(slot)
+    c = caches[0]
+    q = ck.rope_cache_write(qkv, pos, s, freq, c.k[0], c.v[0], H, KVH, D, kv_rcp=c.rcp[0:1] if kv else None,
+                            kv_algo=kv)
+    want = att(q, c.k[0], c.v[0], mask, s, **quant)
+    c = caches[1]
+    got = att(qkv, c.k[0], c.v[0], mask, s, rope=(pos, freq, c.rcp[0:1] if kv else None), **quant)
+    assert torch.equal(caches[1].k[0], caches[0].k[0]) and torch.equal(caches[1].v[0], caches[0].v[0])
+    assert torch.equal(got, want)

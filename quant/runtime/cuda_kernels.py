@@ -663,6 +663,20 @@ def _kv_quant(x, rcp, KV_QUANT: tl.constexpr):
 KV_QUANT_MODE = {None: 0, "INT8": 1, "FP8": 2}
 
 
+@triton.jit
+def _rope_vec(x_ptr, pos, freq_ptr, offs_d, D: tl.constexpr, dt: tl.constexpr):
+    """One head's D values rotated as _rope_cache_kernel rotates them (rotate-half; cos/sin rounded to dt, each
+    output rounded to dt once), gathered as one vector: element d pairs with d ± D/2."""
+    HALF: tl.constexpr = D // 2
+    lo = offs_d < HALF
+    ang = pos.to(tl.float32) * tl.load(freq_ptr + offs_d % HALF)
+    c = tl.cos(ang).to(dt).to(tl.float32)
+    s = tl.sin(ang).to(dt).to(tl.float32)
+    x = tl.load(x_ptr + offs_d).to(tl.float32)
+    partner = tl.load(x_ptr + (offs_d + HALF) % D).to(tl.float32)
+    return tl.where(lo, x * c - partner * s, x * c + partner * s).to(dt)
+
+
 def rope_cache_write(qkv: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
                      kv_rcp: torch.Tensor | None = None, kv_algo: str | None = None,
@@ -682,11 +696,17 @@ def rope_cache_write(qkv: torch.Tensor, positions: torch.Tensor, slot: torch.Ten
 @triton.jit
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr, l_ptr, o_ptr, sm_scale,
                        H, NSPLIT, stride_qb, stride_cb, stride_ch, stride_ct, stride_mb, cnt_ptr, out_ptr, stride_ob,
+                       pos_ptr, freq_ptr, rcp_ptr, KVH,
                        GQA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
-                       KV_QUANT: tl.constexpr, FUSED_REDUCE: tl.constexpr, NSPLIT_P2: tl.constexpr):
+                       KV_QUANT: tl.constexpr, FUSED_REDUCE: tl.constexpr, NSPLIT_P2: tl.constexpr,
+                       ROPE: tl.constexpr):
     """One program per (row b, head h, split of SPLIT keys): the split's softmax statistics (max m, sum l) and
     unnormalized output. FUSED_REDUCE: the (b, h)'s last program to finish (an acq_rel counter; it resets it for
-    the next launch) combines every split in split order, as _attn_reduce_kernel does, and one launch is saved."""
+    the next launch) combines every split in split order, as _attn_reduce_kernel does, and one launch is saved.
+    ROPE: q_ptr is the qkv row of the token (not a rotated q): every program rotates its q head as
+    _rope_cache_kernel does, the split holding the slot takes the token's own k / v from qkv (rotated; through
+    the cache's quantization when KV_QUANT) instead of reading the cache there, and its program of the first head
+    of each KV group writes them to the cache — the RoPE / cache-write launch is saved."""
     dt: tl.constexpr = q_ptr.dtype.element_ty
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -697,9 +717,25 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     lo = sp * SPLIT
     hi = tl.minimum(lo + SPLIT, cur)
     offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * stride_qb + h * D + offs_d).to(tl.float32) * sm_scale
     if KV_QUANT != 0:
         kv_scale = tl.load(scale_ptr)
+    if ROPE:
+        slot = cur - 1
+        row = q_ptr + b * stride_qb
+        q = _rope_vec(row + h * D, tl.load(pos_ptr + b), freq_ptr, offs_d, D, dt).to(tl.float32) * sm_scale
+        mine = (lo <= slot) & (slot < hi)  # this split holds the token's own key
+        k_new = _rope_vec(row + (H + kvh) * D, tl.load(pos_ptr + b), freq_ptr, offs_d, D, dt)
+        v_new = tl.load(row + (H + KVH + kvh) * D + offs_d)
+        cp = b * stride_cb + kvh * stride_ch + slot * stride_ct + offs_d
+        if KV_QUANT != 0:
+            rcp = tl.load(rcp_ptr)
+            k_st, v_st = _kv_quant(k_new, rcp, KV_QUANT), _kv_quant(v_new, rcp, KV_QUANT)
+            k_new = (k_st.to(tl.float32) * kv_scale).to(dt)
+            v_new = (v_st.to(tl.float32) * kv_scale).to(dt)
+        else:
+            k_st, v_st = k_new, v_new
+    else:
+        q = tl.load(q_ptr + b * stride_qb + h * D + offs_d).to(tl.float32) * sm_scale
     m_i = -float("inf")
     l_i = 0.0
     acc = tl.zeros([D], tl.float32)
@@ -709,11 +745,17 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
         t_mask = offs_t < hi
         valid = t_mask & (tl.load(mask_ptr + b * stride_mb + offs_t, mask=t_mask, other=0) != 0)
         kp = base + offs_t[:, None] * stride_ct + offs_d[None, :]
-        k = tl.load(k_ptr + kp, mask=t_mask[:, None], other=0.0)
-        v = tl.load(v_ptr + kp, mask=t_mask[:, None], other=0.0)
+        ld_mask = t_mask
+        if ROPE:
+            ld_mask = t_mask & (offs_t != slot)  # written by this launch: taken from qkv below, not read back
+        k = tl.load(k_ptr + kp, mask=ld_mask[:, None], other=0.0)
+        v = tl.load(v_ptr + kp, mask=ld_mask[:, None], other=0.0)
         if KV_QUANT != 0:
             k = (k.to(tl.float32) * kv_scale).to(dt)
             v = (v.to(tl.float32) * kv_scale).to(dt)
+        if ROPE:
+            k = tl.where((offs_t == slot)[:, None], k_new[None, :], k)
+            v = tl.where((offs_t == slot)[:, None], v_new[None, :], v)
         s = tl.sum(q[None, :] * k.to(tl.float32), axis=1)
         s = tl.where(valid, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -723,6 +765,10 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m_i = m_new
+    if ROPE:  # after the loop, which must not have read the slot (a test in Triton's interpreter checks it)
+        if mine & (h % GQA == 0):
+            tl.store(k_ptr + cp, k_st)
+            tl.store(v_ptr + cp, v_st)
     idx = bh * NSPLIT + sp
     tl.store(m_ptr + idx, m_i)
     tl.store(l_ptr + idx, l_i)
@@ -790,17 +836,20 @@ class DecodeAttention:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
                  slot: torch.Tensor, kv_scale: torch.Tensor | None = None, kv_algo: str | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-        """q [B, H·D]; caches [B, KVH, max_len, D]; key_mask [B, ≥ max_len] bool; → [B, H·D] in q's dtype."""
+                 out: torch.Tensor | None = None, *, rope: tuple | None = None) -> torch.Tensor:
+        """q [B, H·D]; caches [B, KVH, max_len, D]; key_mask [B, ≥ max_len] bool; → [B, H·D] in q's dtype.
+        ``rope=(positions, inv_freq, kv_rcp)``: q is instead the token's qkv [B, (H + 2·KVH)·D], rotated here and
+        its k / v written to the cache at ``slot`` (rope_cache_write's work, in the same launch)."""
         B, H, D = self.B, self.H, self.D
         out = out if out is not None else torch.empty(B, H * D, dtype=q.dtype, device=q.device)
+        pos, freq, rcp = rope if rope is not None else (self.m, self.m, None)
         mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
         _attn_split_kernel[(B * H, self.nsplit)](
             q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l, self.o,
             self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            mask.stride(0), self.count, out, out.stride(0), GQA=H // self.KVH, SPLIT=self.split,
-            BLOCK_T=ATTN_BLOCK_T, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo], FUSED_REDUCE=self.fused_reduce,
-            NSPLIT_P2=_pow2(self.nsplit), num_warps=4)
+            mask.stride(0), self.count, out, out.stride(0), pos, freq, rcp if rcp is not None else self.m, self.KVH,
+            GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=ATTN_BLOCK_T, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
+            FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None, num_warps=4)
         if not self.fused_reduce:
             _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),
                                           NSPLIT_P2=_pow2(self.nsplit), D=D, num_warps=1)
