@@ -541,13 +541,14 @@ def test_decode_rope_cache_write_and_attention(kv):
     q_gpu = ck.rope_cache_write(qkv.to(DEV), pos.to(DEV), slot_t, freq.to(DEV), c.k[0], c.v[0], H, KVH, D,
                                 kv_rcp=c.rcp[0:1] if kv else None, kv_algo=kv)
     assert rel(q_gpu, q_ref.transpose(1, 2).reshape(B, H * D)) <= 2e-3
+    def step(want):  # a stored int8 / fp8 value may differ by one step; float16 by a few ulps of the products
+        return 1.0 if kv == "INT8" else (want.float().abs() * 2 ** -3 + 2 ** -9 if kv == "FP8" else
+                                         2e-3 * want.float().abs().amax())
+
     for got, want in ((c.k[0].cpu(), ref.k[0]), (c.v[0].cpu(), ref.v[0])):
         diff = (got.float() - want.float()).abs()
-        # RoPE rounds once here, three times there: fp16 differs by a few ulps of the products (absolute, as the
-        # result may cancel); a stored int8/fp8 value by at most one step
-        step = 1.0 if kv == "INT8" else (want.float().abs() * 2 ** -3 + 2 ** -9 if kv == "FP8" else
-                                         2e-3 * want.float().abs().amax())
-        assert bool((diff <= step).all()) and (diff > 0).float().mean() < 0.01
+        # RoPE rounds once here, three times there (absolute, as the result may cancel)
+        assert bool((diff <= step(want)).all()) and (diff > 0).float().mean() < 0.01
     att = ck.DecodeAttention(B, H, KVH, D, L, dtype, DEV)
     assert att.nsplit > 1  # exercises the split reduction
     out = torch.full((B, H * D), float("nan"), dtype=dtype, device=DEV)
@@ -561,6 +562,14 @@ def test_decode_rope_cache_write_and_attention(kv):
                   kv_algo=kv) for _ in range(50)]
     assert rel(runs[0], out) <= 1e-3 and all(torch.equal(r, runs[0]) for r in runs)
     assert not fused.count.any()  # left at zero for the next launch
+    # RoPE and the cache write in the split kernel (KernelConfig.attn_rope_fused), on a cache holding the history
+    c2 = new_cache(DEV)
+    c2.update(0, 0, hist_k.to(DEV), hist_v.to(DEV))
+    got = fused(qkv.to(DEV), c2.k[0], c2.v[0], key_mask.to(DEV), slot_t, kv_scale=c2.scale[0:1] if kv else None,
+                kv_algo=kv, rope=(pos.to(DEV), freq.to(DEV), c2.rcp[0:1] if kv else None))
+    assert rel(got, out) <= 2e-3
+    for a, b in ((c2.k[0].cpu(), c.k[0].cpu()), (c2.v[0].cpu(), c.v[0].cpu())):  # FMA contraction may differ
+        assert bool(((a.float() - b.float()).abs() <= step(b)).all())
 
 
 @cuda
@@ -647,13 +656,17 @@ def test_decode_step_logits_equal_prefill_logits(tiny_folders):
     ids = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(2)).tolist()
     # int8/fp8 activations: a rounding difference upstream (RMSNorm statistics summed in another order) flips
     # single quantization steps, as the bf16 bounds of test_runtime_formats.py allow for
+    from quant.runtime.schemes.base import KernelConfig
+
     bound = {"smoothquant_kv_int8": 0.06, "fp8_kv_fp8": 0.1}
+    fused = KernelConfig(attn_fused_reduce=True, attn_rope_fused=True)  # attention's launches fused (@attnfused)
     for recipe in ("fp16", "int8_wo", "smoothquant_kv_int8", "fp8_kv_fp8", "int4_awq", "fp16_kv_int8"):
-        rt = TorchRuntime.from_dir(tiny_folders[recipe], device="cuda", compute_dtype="float16")
-        for n in (2, 24, 299):
-            step = _one_step_logits(rt, ids[: n + 1])
-            full = rt.logits(ids[: n + 1])[-1]
-            assert rel(step, full) <= bound.get(recipe, 2e-2), (recipe, n, rel(step, full))
+        for kernels in (KernelConfig(), fused):
+            rt = TorchRuntime.from_dir(tiny_folders[recipe], device="cuda", compute_dtype="float16", kernels=kernels)
+            for n in (2, 24, 299):
+                step = _one_step_logits(rt, ids[: n + 1])
+                full = rt.logits(ids[: n + 1])[-1]
+                assert rel(step, full) <= bound.get(recipe, 2e-2), (recipe, kernels == fused, n, rel(step, full))
 
 
 def _one_step_logits(rt, ids):

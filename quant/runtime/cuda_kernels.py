@@ -783,8 +783,9 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
 @triton.jit
 def _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, b, h, NSPLIT, stride_ob, NSPLIT_P2: tl.constexpr,
                   D: tl.constexpr, CACHE: tl.constexpr):
-    """out[b, h] = Σ_s o_s · e^(m_s − m) / Σ_s l_s · e^(m_s − m) over the splits, in split order. CACHE: the loads'
-    cache modifier (".cg" where other programs of the same launch wrote the partials: past a non-coherent L1)."""
+    """out[b, h] = Σ_s o_s · e^(m_s − m) / Σ_s l_s · e^(m_s − m) over the splits, in split order. CACHE: the
+    loads' cache modifier (".cg" where other programs of the same launch wrote the partials: past a non-coherent
+    L1)."""
     dt: tl.constexpr = out_ptr.dtype.element_ty
     offs_s = tl.arange(0, NSPLIT_P2)
     s_mask = offs_s < NSPLIT

@@ -294,11 +294,14 @@ class TorchRuntime:
         cache, quant = st.cache, self.kv_algo is not None
         for i, layer in enumerate(self.layers):
             qkv = layer["attention.qkv"].fused(h, norm=layer["input_layernorm"], eps=self.eps)
-            q = ck.rope_cache_write(qkv, st.pos, st.slot, self.freq_dev, cache.k[i], cache.v[i], self.n_heads,
-                                    self.n_kv, self.head_dim, kv_rcp=cache.rcp[i:i + 1] if quant else None,
-                                    kv_algo=self.kv_algo)
-            attn = st.attn(q, cache.k[i], cache.v[i], st.key_mask, st.slot,
-                           kv_scale=cache.scale[i:i + 1] if quant else None, kv_algo=self.kv_algo)
+            rcp, scale = (cache.rcp[i:i + 1], cache.scale[i:i + 1]) if quant else (None, None)
+            if self.kernels.attn_rope_fused:
+                attn = st.attn(qkv, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale,
+                               kv_algo=self.kv_algo, rope=(st.pos, self.freq_dev, rcp))
+            else:
+                q = ck.rope_cache_write(qkv, st.pos, st.slot, self.freq_dev, cache.k[i], cache.v[i], self.n_heads,
+                                        self.n_kv, self.head_dim, kv_rcp=rcp, kv_algo=self.kv_algo)
+                attn = st.attn(q, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale, kv_algo=self.kv_algo)
             layer["attention.dense"].fused(attn, residual=h)
             self._mlp(layer, h)
         nxt = self.lm_head_linear.fused(h, norm=self.ln_f, eps=self.eps).argmax(-1)

@@ -104,9 +104,11 @@ class KernelConfig:
     # float16 copy of each weight per call for cuBLAS (that copy is why their TTFT trails FP16's: 0.73× / 0.49× at
     # input 512 on an H200). Empty until measured (experiments.bench RECIPE@wqprefill).
     wq_prefill: frozenset[str] = frozenset()
-    # Decode attention: the last split of each (row, head) combines the splits (cuda_kernels.DecodeAttention), one
-    # launch per layer fewer (~1.6 µs each on an H200). Off until measured (experiments.bench RECIPE@attnfused).
+    # Decode attention (cuda_kernels.DecodeAttention): the last split of each (row, head) combines the splits, and
+    # RoPE + the KV-cache write happen inside the split kernel: one launch per layer fewer each (~1.6 and ~2.1 µs
+    # on an H200). Off until measured (experiments.bench RECIPE@attnfused).
     attn_fused_reduce: bool = False
+    attn_rope_fused: bool = False
 
     def __post_init__(self) -> None:
         if self.sq_prefill_gemm not in ("triton", "int_mm"):
