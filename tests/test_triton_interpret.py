@@ -172,3 +172,64 @@ def test_attention_with_rope_and_cache_write_in_the_same_launch(kv):
     got = att(qkv, c.k[0], c.v[0], mask, s, rope=(pos, freq, c.rcp[0:1] if kv else None), **quant)
     assert torch.equal(caches[1].k[0], caches[0].k[0]) and torch.equal(caches[1].v[0], caches[0].v[0])
     assert torch.equal(got, want)
+
+
+def test_batch1_gemv_prologues_and_residual():
+    """The GEMV's own prologue on the row (RMSNorm; SiLU·gate; SmoothQuant's pre-quant scale and int8
+    quantization) and its residual add, against the float64 reference of the same steps."""
+    gen = _gen("gemv-prologue")
+    w = torch.randn(40, 128, generator=gen) * 0.05
+    t8 = layout("W8A16", w, gen)
+    w8 = exact_dequantized("W8A16", t8, torch.float16).double()
+    norm = (1 + 0.1 * torch.randn(128, generator=gen)).half()
+    x = activations(gen, 1, 128).half()
+    y = ck.gemv(x, t8["weight"], wfmt=ck.W_INT8, wscale=t8["weights_scaling_factor"].half(), scale_mode=ck.S_CHANNEL,
+                norm=norm, eps=1e-5, cvt=0)
+    xn = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * norm.double()).half()
+    assert rel(y, xn.double() @ w8.t()) <= 1e-2
+    g = activations(gen, 1, 256).half()
+    r = torch.randn(1, 40, generator=gen).half()
+    y = ck.gemv(g, t8["weight"], wfmt=ck.W_INT8, wscale=t8["weights_scaling_factor"].half(),
+                scale_mode=ck.S_CHANNEL, silu=True, residual=r.clone(), cvt=0)
+    gu = (torch.nn.functional.silu(g[:, :128].double()) * g[:, 128:].double()).half()
+    assert rel(y, r.double() + gu.double() @ w8.t()) <= 1e-2
+    tq = layout("W8A8_SQ_PER_CHANNEL", w, gen)
+    a = tq["activation_scaling_factor"].float()
+    y = ck.gemv(x, tq["weight"], wfmt=ck.W_INT8, wscale=(a * tq["weights_scaling_factor"].float()).contiguous(),
+                scale_mode=ck.S_CHANNEL, prequant=tq["prequant_scaling_factor"].half(), act_scale=a.reshape(1),
+                afmt=ck.A_INT8, cvt=0)
+    ref = reference("W8A8_SQ_PER_CHANNEL", tq, x, exact_dequantized("W8A8_SQ_PER_CHANNEL", tq, torch.float16))
+    assert rel(y, ref) <= 1e-2
+
+
+def test_rope_cache_write_matches_the_cpu_rope():
+    """RoPE of one decode token per row (positions lagging the slot: left padding) and the k / v stored at the
+    slot, against quant.runtime.rope (the CPU runtime's)."""
+    from quant.runtime import rope
+
+    gen = _gen("rope")
+    B, H, KVH, D, L, slot = 2, 4, 2, 64, 40, 30
+    freq = rope.inv_freq(D, 10000.0, None)
+    qkv = (torch.randn(B, (H + 2 * KVH) * D, generator=gen) * 2).half()
+    pos = torch.tensor([slot - 4, slot])
+    kc, vc = torch.zeros(B, KVH, L, D).half(), torch.zeros(B, KVH, L, D).half()
+    q = ck.rope_cache_write(qkv, pos, torch.tensor(slot), freq, kc, vc, H, KVH, D)
+    cos, sin = rope.cos_sin(pos[:, None], freq, torch.float16)
+    qr, kr, v = qkv.view(B, 1, -1).split((H * D, KVH * D, KVH * D), dim=-1)
+    q_ref = rope.apply(qr.view(B, 1, H, D).transpose(1, 2), cos, sin).transpose(1, 2).reshape(B, H * D)
+    k_ref = rope.apply(kr.view(B, 1, KVH, D).transpose(1, 2), cos, sin)[:, :, 0]
+    assert rel(q, q_ref) <= 2e-3 and rel(kc[:, :, slot], k_ref) <= 2e-3
+    assert torch.equal(vc[:, :, slot], v.view(B, KVH, D)) and not kc[:, :, :slot].any()
+
+
+def test_dequant_kernels_round_once():
+    """Prefill's dequantized weights (the default path without KernelConfig.wq_prefill): q · s in float32, one
+    rounding to the compute dtype."""
+    gen = _gen("dequant")
+    t8 = layout("W8A16", torch.randn(48, 96, generator=gen) * 0.05, gen)
+    s8 = t8["weights_scaling_factor"].float()
+    assert torch.equal(ck.dequant_int8(t8["weight"], s8, torch.float16), (t8["weight"].float() * s8[:, None]).half())
+    t4 = layout("W4A16_AWQ", torch.randn(48, 128, generator=gen) * 0.05, gen, group=64)
+    s4 = t4["weights_scaling_factor"].float()
+    want = exact_dequantized("W4A16_AWQ", {**t4, "weights_scaling_factor": s4}, torch.float32, 64)
+    assert torch.equal(ck.dequant_int4(t4["weight"], s4, 64, torch.float32), want)
