@@ -46,7 +46,6 @@ from experiments.peers import PEERS, HFPeer, hf_config
 from experiments.stats import ratio_ci
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.hardware import FP8_GEMM_ALGOS, fp8_refusal
-from quant.runtime import cuda_ext
 from quant.runtime.linear import make_linear
 from quant.runtime.random_checkpoint import RECIPES, SHAPES, _quantize, random_checkpoint, random_config
 from quant.runtime.schemes.base import DEFAULT_KERNELS, INT4_KERNELS
@@ -366,9 +365,12 @@ def table(rows: list[dict], tgts: list[dict], copy: dict | None) -> str:
     for r in rows:
         bw = f"{r['achieved_gbs']:.0f}" if "achieved_gbs" in r else "–"
         frac = f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "–"
-        lines.append(f"| {r['engine']} | {r['recipe']} | {r['batch_size']} | {r['input_len']} | {r['ttft_ms']:.1f} "
+        engine = r["engine"] + (" ¹" if r.get("process") == "own" else "")
+        lines.append(f"| {engine} | {r['recipe']} | {r['batch_size']} | {r['input_len']} | {r['ttft_ms']:.1f} "
                      f"| {r['tpot_ms']:.3f} | {ci(r, 'speedup')} | {ci(r, 'ttft_speedup')} | {r['decode_tok_s']:.1f} "
                      f"| {bw} | {frac} | {r['peak_memory_gib']:.1f} |")
+    if any(r.get("process") == "own" for r in rows):
+        lines.append("\n¹ timed in a process of its own: its × fp16 is over the project's FP16 built and timed there")
     if copy:
         lines.append(f"\ncopy bandwidth (device to device, read + write): {copy['gbs']:.0f} GB/s")
     cross = crossover(rows)

@@ -122,6 +122,9 @@ def test_a_peer_from_its_own_process_joins_the_record_marked():
     assert rows[0]["speedup"] == pytest.approx(0.8)
     assert [r["engine"] for r in record["peer_references"]["hf-compile"]] == ["quant-runtime"]
     assert record["describe"]["hf-compile"] == {"engine": "hf-compile"} and record["failed"] == {}
+    from experiments.bench import table
+
+    assert "| hf-compile ¹ |" in table(rows, [], None) and "process of its own" in table(rows, [], None)
     # no row: the child's own reason, else how its process ended
     merge_peer(record, {"rows": [], "failed": {"gemlite-a16w4": "ImportError: x"}}, "gemlite-a16w4", "exit 0")
     merge_peer(record, {}, "torchao-int8wo", "stopped after --peer-timeout 900 s")
