@@ -11,6 +11,7 @@
 # Each peer runs in its own process (bench-<shape>.<peer>.json / .log beside the shape's record): with the device
 # tool's 8 files a call, pack $OUT into one archive at the end of the command.
 set -uo pipefail
+[ "${PACK:-0}" = 1 ] && trap "bash $PWD/experiments/gpu/pack.sh" EXIT  # one archive of $OUT (pack.sh)
 rm -rf /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl15/*.whl \
     .whl-peers/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1

@@ -10,6 +10,7 @@
 # Writes sanitize-kernels.txt and sanitize-runtime.txt to $OUT. K1 / K2 (env) replace the -k filters; LIMIT the
 # seconds each may take (memcheck slows kernels 10-100x).
 set -uo pipefail
+[ "${PACK:-0}" = 1 ] && trap "bash $PWD/experiments/gpu/pack.sh" EXIT  # one archive of $OUT (pack.sh)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export QUANT_SUITE_CACHE=${QUANT_SUITE_CACHE:-/root/qcache}

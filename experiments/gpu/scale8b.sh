@@ -14,6 +14,7 @@
 #   python3 -m pip wheel --no-deps -w .whl15 rouge-score==0.1.2 aclsum==0.1.2   # sdist / data wheel
 # (~47 MB: under the 64 MiB a call carries.)
 set -uo pipefail
+[ "${PACK:-0}" = 1 ] && trap "bash $PWD/experiments/gpu/pack.sh" EXIT  # one archive of $OUT (pack.sh)
 rm -rf /tmp/site  # a warm machine keeps the last call's install: start clean
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl15/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD || exit 1

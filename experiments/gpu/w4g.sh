@@ -9,6 +9,7 @@
 # 8-bit GEMV's tiles), E2E_RECIPES, E2E_BATCHES, E2E_INPUTS (default 512), KEEP_GOING=1 (time even after a failed
 # GEMV test, to see whether a fix is worth it; the table is then not a result).
 set -uo pipefail
+[ "${PACK:-0}" = 1 ] && trap "bash $PWD/experiments/gpu/pack.sh" EXIT  # one archive of $OUT (pack.sh)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export QUANT_SUITE_CACHE=${QUANT_SUITE_CACHE:-/root/qcache}

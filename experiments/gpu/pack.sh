@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The GPU scripts' exit trap when PACK=1: $OUT becomes one archive, out.tgz, because the device tool brings back at
+# most 8 files of a call and a call with several stages (or peers, each with its own record and log) writes more.
+cd "$OUT" || exit 0
+tar czf /tmp/gpu-out.tgz . && find . -mindepth 1 -delete && mv /tmp/gpu-out.tgz out.tgz
