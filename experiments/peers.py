@@ -50,13 +50,14 @@ def _not_lm_head(module, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and not fqn.endswith("lm_head")
 
 
-def _torchao(config: str, **kwargs) -> Callable:
+def _torchao(recipe: str, dtype: torch.dtype, config: str, **kwargs) -> "Peer":
+    """A torchao peer: ``config`` applied to every linear but lm_head, compiled with max-autotune (module doc)."""
     def apply(model):
         import torchao.quantization as tq
 
         tq.quantize_(model, getattr(tq, config)(**kwargs), filter_fn=_not_lm_head)
     apply.__doc__ = f"torchao {config}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
-    return apply
+    return Peer(recipe, "torchao", dtype, apply, "max-autotune")
 
 
 def _group_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,13 +119,11 @@ class Peer:
 
 PEERS = {
     "hf-compile": Peer("fp16", None, torch.float16),
-    "torchao-int8wo": Peer("int8_wo", "torchao", torch.float16, _torchao("Int8WeightOnlyConfig"), "max-autotune"),
-    "torchao-int4wo": Peer("int4_awq", "torchao", torch.bfloat16,
-                           _torchao("Int4WeightOnlyConfig", group_size=128, int4_packing_format="tile_packed_to_4d"),
-                           "max-autotune"),
-    "torchao-fp8wo": Peer("fp8", "torchao", torch.float16, _torchao("Float8WeightOnlyConfig"), "max-autotune"),
-    "torchao-fp8": Peer("fp8", "torchao", torch.float16, _torchao("Float8DynamicActivationFloat8WeightConfig"),
-                        "max-autotune"),
+    "torchao-int8wo": _torchao("int8_wo", torch.float16, "Int8WeightOnlyConfig"),
+    "torchao-int4wo": _torchao("int4_awq", torch.bfloat16, "Int4WeightOnlyConfig", group_size=128,
+                               int4_packing_format="tile_packed_to_4d"),
+    "torchao-fp8wo": _torchao("fp8", torch.float16, "Float8WeightOnlyConfig"),
+    "torchao-fp8": _torchao("fp8", torch.float16, "Float8DynamicActivationFloat8WeightConfig"),
     "gemlite-a16w4": Peer("int4_awq", "gemlite", torch.float16, _gemlite(4)),
     "gemlite-a16w8": Peer("int8_wo", "gemlite", torch.float16, _gemlite(8)),
 }
