@@ -11,8 +11,9 @@ copy bandwidth measured at the start of the same run.
 
 ``--sweep`` first times the k-packed INT4 kernel's tiles (BLOCK_N, KW, warps, stages) at batch 1 on the same
 weights and times the fastest in the table as well (``int4 kpack*``); ``--sweep-w4g`` the same for the compiled
-GEMV's tiles (``int4 w4g*``). ``--sweep-w8g`` times each ``… w8g`` variant at every tile of the compiled 8-bit GEMV
-(cuda_ext.GEMV_TILES) as variants of their own (``… w8g 2x4``), interleaved with the rest, prologues included.
+GEMV's tiles (``int4 w4g*``). ``--sweep-w8g`` times each 8-bit ``… runtime`` variant (the compiled 8-bit GEMV, at
+its format's tile) at every other tile of cuda_ext.GEMV_TILES as variants of their own (``… w8g 2x4``),
+interleaved with the rest, prologues included.
 """
 from __future__ import annotations
 
@@ -38,15 +39,12 @@ from quant.runtime.torch_runtime import check_cuda
 VARIANTS = {
     "fp16 cuBLAS": (None, KernelConfig(gemv=frozenset())),
     "fp16 runtime": (None, KernelConfig()),
-    "int8_wo runtime": ("W8A16", KernelConfig()),
+    "int8_wo runtime": ("W8A16", KernelConfig()),  # the 8-bit formats' default: the compiled GEMV at batch 1
     "int8_wo triton": ("W8A16", KernelConfig(w8g=frozenset())),
-    "int8_wo w8g": ("W8A16", KernelConfig(w8g=frozenset({"W8A16"}))),
     "smoothquant runtime": ("W8A8_SQ_PER_CHANNEL", KernelConfig()),
     "smoothquant triton": ("W8A8_SQ_PER_CHANNEL", KernelConfig(w8g=frozenset())),
-    "smoothquant w8g": ("W8A8_SQ_PER_CHANNEL", KernelConfig(w8g=frozenset({"W8A8_SQ_PER_CHANNEL"}))),
     "fp8 runtime": ("FP8", KernelConfig()),
     "fp8 triton": ("FP8", KernelConfig(w8g=frozenset())),
-    "fp8 w8g": ("FP8", KernelConfig(w8g=frozenset({"FP8"}))),
     "int4 tinygemm": ("W4A16_AWQ", KernelConfig(int4_kernel="tinygemm", w4g_rows=None)),
     "int4 triton (stored layout)": ("W4A16_AWQ", KernelConfig(int4_kernel="triton", w4g_rows=None)),
     "int4 kpack": ("W4A16_AWQ", KernelConfig(int4_kernel="kpack", w4k_rows=(1, 16), w4g_rows=None)),
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-w4g", action="store_true",
                    help="sweep the compiled INT4 GEMV's tiles at 1-4 rows first (needs the 'int4 w4g' variant)")
     p.add_argument("--sweep-w8g", action="store_true",
-                   help="time each '… w8g' variant at every tile of the compiled 8-bit GEMV, interleaved")
+                   help="time each 8-bit '… runtime' variant at every other tile of the compiled GEMV, interleaved")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/kernel_bench.json"))
     args = p.parse_args(argv)
@@ -205,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_w8g:
         from quant.runtime import cuda_ext
 
-        for v in [v for v in labels if v.endswith(" w8g")]:
+        for v in [v for v in labels if v.endswith(" runtime") and VARIANTS[v][0] in cuda_ext.W8_FORMATS]:
             algo, kernels = VARIANTS[v]
-            for tile in [t for t in cuda_ext.GEMV_TILES if t != cuda_ext.W8G_TILES[algo]]:  # "… w8g" has it
-                variants[f"{v} {tile[0]}x{tile[1]}"] = (algo, dataclasses.replace(kernels, w8g_tile=tile))
+            for tile in [t for t in cuda_ext.GEMV_TILES if t != cuda_ext.W8G_TILES[algo]]:  # "… runtime" has it
+                variants[f"{v.removesuffix(' runtime')} w8g {tile[0]}x{tile[1]}"] = (
+                    algo, dataclasses.replace(kernels, w8g_tile=tile))
     hs = build(args.shape, args.layers, variants, args.group, device, args.seed, log)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     ks = sorted({k for _, k in layer_linears(args.shape).values()})

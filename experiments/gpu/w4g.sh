@@ -14,7 +14,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export QUANT_SUITE_CACHE=${QUANT_SUITE_CACHE:-/root/qcache}
 STAGES=${STAGES:-build tests_w4g kb tests e2e}
-KB_VARIANTS=${KB_VARIANTS:-fp16 cuBLAS,fp16 runtime,int4 tinygemm,int4 kpack,int4 w4g,int4 w4g unfused,int4 default,int8_wo runtime,int8_wo w8g,smoothquant runtime,smoothquant w8g,fp8 runtime,fp8 w8g}
+KB_VARIANTS=${KB_VARIANTS:-fp16 cuBLAS,fp16 runtime,int4 tinygemm,int4 kpack,int4 w4g,int4 w4g unfused,int4 default,int8_wo runtime,int8_wo triton,smoothquant runtime,smoothquant triton,fp8 runtime,fp8 triton}
 KB_BATCHES=${KB_BATCHES:-1,4,8,16}
 SHAPES=${SHAPES:-llama2-7b llama3-8b}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader > "$OUT/gpu.txt"
