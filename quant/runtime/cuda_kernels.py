@@ -722,9 +722,10 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     if ROPE:
         slot = cur - 1
         row = q_ptr + b * stride_qb
-        q = _rope_vec(row + h * D, tl.load(pos_ptr + b), freq_ptr, offs_d, D, dt).to(tl.float32) * sm_scale
+        pos = tl.load(pos_ptr + b)
+        q = _rope_vec(row + h * D, pos, freq_ptr, offs_d, D, dt).to(tl.float32) * sm_scale
         mine = (lo <= slot) & (slot < hi)  # this split holds the token's own key
-        k_new = _rope_vec(row + (H + kvh) * D, tl.load(pos_ptr + b), freq_ptr, offs_d, D, dt)
+        k_new = _rope_vec(row + (H + kvh) * D, pos, freq_ptr, offs_d, D, dt)
         v_new = tl.load(row + (H + KVH + kvh) * D + offs_d)
         cp = b * stride_cb + kvh * stride_ch + slot * stride_ct + offs_d
         if KV_QUANT != 0:
