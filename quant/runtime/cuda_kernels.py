@@ -664,17 +664,21 @@ KV_QUANT_MODE = {None: 0, "INT8": 1, "FP8": 2}
 
 
 @triton.jit
-def _rope_vec(x_ptr, pos, freq_ptr, offs_d, D: tl.constexpr, dt: tl.constexpr):
-    """One head's D values rotated as _rope_cache_kernel rotates them (rotate-half; cos/sin rounded to dt, each
-    output rounded to dt once), gathered as one vector: element d pairs with d ± D/2."""
+def _rope_cos_sin(pos, freq_ptr, offs_d, D: tl.constexpr, dt: tl.constexpr):
+    """cos and sin of a position's angles for element d of a head (frequency d mod D/2), rounded to dt as
+    _rope_cache_kernel rounds them."""
+    ang = pos.to(tl.float32) * tl.load(freq_ptr + offs_d % (D // 2))
+    return tl.cos(ang).to(dt).to(tl.float32), tl.sin(ang).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _rope_vec(x_ptr, c, s, offs_d, D: tl.constexpr, dt: tl.constexpr):
+    """One head's D values rotated as _rope_cache_kernel rotates them (rotate-half, each output rounded to dt
+    once), gathered as one vector: element d pairs with d ± D/2."""
     HALF: tl.constexpr = D // 2
-    lo = offs_d < HALF
-    ang = pos.to(tl.float32) * tl.load(freq_ptr + offs_d % HALF)
-    c = tl.cos(ang).to(dt).to(tl.float32)
-    s = tl.sin(ang).to(dt).to(tl.float32)
     x = tl.load(x_ptr + offs_d).to(tl.float32)
     partner = tl.load(x_ptr + (offs_d + HALF) % D).to(tl.float32)
-    return tl.where(lo, x * c - partner * s, x * c + partner * s).to(dt)
+    return tl.where(offs_d < HALF, x * c - partner * s, x * c + partner * s).to(dt)
 
 
 def rope_cache_write(qkv: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor,
@@ -722,10 +726,10 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     if ROPE:
         slot = cur - 1
         row = q_ptr + b * stride_qb
-        pos = tl.load(pos_ptr + b)
-        q = _rope_vec(row + h * D, pos, freq_ptr, offs_d, D, dt).to(tl.float32) * sm_scale
+        cos, sin = _rope_cos_sin(tl.load(pos_ptr + b), freq_ptr, offs_d, D, dt)  # the same angles for q and k
+        q = _rope_vec(row + h * D, cos, sin, offs_d, D, dt).to(tl.float32) * sm_scale
         mine = (lo <= slot) & (slot < hi)  # this split holds the token's own key
-        k_new = _rope_vec(row + (H + kvh) * D, pos, freq_ptr, offs_d, D, dt)
+        k_new = _rope_vec(row + (H + kvh) * D, cos, sin, offs_d, D, dt)
         v_new = tl.load(row + (H + KVH + kvh) * D + offs_d)
         cp = b * stride_cb + kvh * stride_ch + slot * stride_ct + offs_d
         if KV_QUANT != 0:
