@@ -1,0 +1,69 @@
+"""Compile the runtime's new Triton kernels for an H200 (sm_90) on a machine without a GPU: Triton lowers them to
+PTX and runs its own ptxas, so a kernel that does not compile (a type change across a loop, a bad constexpr branch)
+or an atomic without the intended ordering shows here before any GPU time is spent. Speed and results need the GPU
+(tests/test_cuda.py) or Triton's interpreter (tests/test_triton_interpret.py).
+
+    python experiments/gpu/triton_compile_check.py      # prints one line per kernel variant; exit 1 on a failure
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from quant.runtime import cuda_kernels as ck  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_one(fn, types: dict, const: dict, **options):
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in inspect.signature(fn.fn).parameters}
+    return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const), target=TARGET,
+                          options=options)
+
+
+def main() -> int:
+    failed = 0
+    attn = {"q_ptr": "*fp16", "mask_ptr": "*u8", "slot_ptr": "*i64", "scale_ptr": "*fp32", "m_ptr": "*fp32",
+            "l_ptr": "*fp32", "o_ptr": "*fp32", "cnt_ptr": "*i32", "out_ptr": "*fp16", "pos_ptr": "*i64",
+            "freq_ptr": "*fp32", "rcp_ptr": "*fp32", "sm_scale": "fp32"}
+    cache = {0: "*fp16", 1: "*i8", 2: "*fp8e4nv"}
+    jobs = []
+    for kv in (0, 1, 2):
+        for fused in (False, True):
+            for rope in (False, True):
+                const = dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=kv, FUSED_REDUCE=fused, NSPLIT_P2=16,
+                             ROPE=rope)
+                jobs.append((f"attention kv={kv} fused_reduce={fused} rope={rope}", ck._attn_split_kernel,
+                             {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]}, const, {"num_warps": 4},
+                             "atom.global.gpu.acq_rel" if fused else None))
+    for wfmt, w in ((ck.W_INT8, "*i8"), (ck.W_INT4, "*u8")):
+        bm, br, bk, warps, stages = ck.WQ_PREFILL_CONFIG[wfmt]
+        jobs.append((f"wq_mm prefill wfmt={wfmt}", ck._wq_mm_kernel,
+                     {"x_ptr": "*fp16", "w_ptr": w, "ws_ptr": "*fp16", "y_ptr": "*fp16"},
+                     dict(WFMT=wfmt, AFMT=0, GROUP=128, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False),
+                     {"num_warps": warps, "num_stages": stages}, None))
+    for name, fn, types, const, options, must in jobs:
+        try:
+            k = compile_one(fn, types, const, **options)
+            ok = must is None or must in k.asm["ptx"]
+            mma = "wgmma" if "wgmma" in k.asm["ptx"] else "mma" if "mma.sync" in k.asm["ptx"] else "-"
+            atoms = sorted(set(re.findall(r"atom[.][a-z0-9_.]+", k.asm["ptx"])))
+            print(f"{name}: {'compiled' if ok else 'compiled WITHOUT ' + must}, to a cubin of "
+                  f"{len(k.asm['cubin'])} bytes; {mma}; atomics {atoms or 'none'}")
+            failed += not ok
+        except Exception as exc:
+            print(f"{name}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
