@@ -74,3 +74,26 @@ def test_kernel_config_refuses_what_the_gemvs_cannot_take():
     with pytest.raises(ValueError, match="wq_prefill takes W8A16 and W4A16_AWQ"):
         KernelConfig(wq_prefill=frozenset({"FP8"}))  # FP8 and SmoothQuant prefill have their own GEMMs
     assert KernelConfig().w8g == {"W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"} and not KernelConfig().wq_prefill
+
+
+def test_attention_fusions_follow_the_batch_limit():
+    """Decode attention's two fusions apply up to ``attn_fused_batch`` (batch 1 by default, where they measured
+    faster); experiments.bench's variants turn them on at every batch or off at every batch."""
+    import dataclasses
+
+    import pytest
+
+    from experiments.bench import KERNEL_VARIANTS
+    from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig
+
+    assert DEFAULT_KERNELS.attn_fusions(1) == (True, True) and DEFAULT_KERNELS.attn_fusions(2) == (False, False)
+    variant = {v: dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
+               for v in ("attnfused", "attnreduce", "attnrope", "attnsplit")}
+    assert variant["attnfused"].attn_fusions(32) == (True, True)
+    assert variant["attnreduce"].attn_fusions(8) == (True, False)
+    assert variant["attnrope"].attn_fusions(8) == (False, True)
+    assert variant["attnsplit"].attn_fusions(1) == (False, False)
+    assert KernelConfig(attn_fused_batch=4).attn_fusions(4) == (True, True)
+    assert KernelConfig(attn_fused_batch=4).attn_fusions(5) == (False, False)
+    with pytest.raises(ValueError, match="attn_fused_batch must be"):
+        KernelConfig(attn_fused_batch=0)

@@ -295,7 +295,7 @@ class TorchRuntime:
         for i, layer in enumerate(self.layers):
             qkv = layer["attention.qkv"].fused(h, norm=layer["input_layernorm"], eps=self.eps)
             rcp, scale = (cache.rcp[i:i + 1], cache.scale[i:i + 1]) if quant else (None, None)
-            if self.kernels.attn_rope_fused:
+            if st.rope_fused:
                 attn = st.attn(qkv, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale,
                                kv_algo=self.kv_algo, rope=(st.pos, self.freq_dev, rcp))
             else:
@@ -528,8 +528,9 @@ class _DecodeState:
         dev = rt.device
         self.key, self.ignore_eos = key, ignore_eos
         self.cache = rt._new_cache(B, total)
+        fused_reduce, self.rope_fused = rt.kernels.attn_fusions(B)
         self.attn = DecodeAttention(B, rt.n_heads, rt.n_kv, rt.head_dim, total, rt.dtype, dev,
-                                    fused_reduce=rt.kernels.attn_fused_reduce)
+                                    fused_reduce=fused_reduce)
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
         self.slot = torch.zeros((), dtype=torch.long, device=dev)

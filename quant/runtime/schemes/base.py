@@ -101,14 +101,17 @@ class KernelConfig:
     w8g_tile: tuple[int, int] | None = None
     # Weight-only formats ("W8A16", "W4A16_AWQ") whose prefill (more than 64 rows) multiplies the stored weights
     # through the tl.dot kernel, dequantized in registers (cuda_kernels.WQ_PREFILL_CONFIG), instead of writing a
-    # float16 copy of each weight per call for cuBLAS (that copy is why their TTFT trails FP16's: 0.73× / 0.49× at
-    # input 512 on an H200). Empty until measured (experiments.bench RECIPE@wqprefill).
+    # float16 copy of each weight per call for cuBLAS. Empty: on an H200 (7B, experiments.bench RECIPE@wqprefill)
+    # it took TTFT from 0.73× to 0.53× FP16's (int8) and from 0.48× to 0.26× (int4) at input 512.
     wq_prefill: frozenset[str] = frozenset()
     # Decode attention (cuda_kernels.DecodeAttention): the last split of each (row, head) combines the splits, and
-    # RoPE + the KV-cache write happen inside the split kernel: one launch per layer fewer each (~1.6 and ~2.1 µs
-    # on an H200). Off until measured (experiments.bench RECIPE@attnfused).
-    attn_fused_reduce: bool = False
-    attn_rope_fused: bool = False
+    # RoPE + the KV-cache write happen inside the split kernel: one launch per layer fewer each. Both apply at
+    # decode batches up to attn_fused_batch (None: every batch). On an H200 (7B, RECIPE@attnfused against the
+    # default in one interleaved run) both together were 1.02–1.04× faster at batch 1 in every recipe and input
+    # measured, and 0.95–0.99× at batch 8, hence batch 1 only; batches 2–7 were not measured.
+    attn_fused_reduce: bool = True
+    attn_rope_fused: bool = True
+    attn_fused_batch: int | None = 1
 
     def __post_init__(self) -> None:
         if self.sq_prefill_gemm not in ("triton", "int_mm"):
@@ -119,6 +122,8 @@ class KernelConfig:
             raise ValueError(f"w4g_rows must be 1 <= low <= high <= 4 (the GEMV's rows) or None, got {self.w4g_rows}")
         if self.wq_prefill - {"W8A16", "W4A16_AWQ"}:
             raise ValueError(f"wq_prefill takes W8A16 and W4A16_AWQ; got {sorted(self.wq_prefill)}")
+        if self.attn_fused_batch is not None and self.attn_fused_batch < 1:
+            raise ValueError(f"attn_fused_batch must be >= 1 or None (every batch), got {self.attn_fused_batch}")
         if self.w8g - set(cuda_ext.W8_FORMATS):
             raise ValueError(f"w8g takes the 8-bit formats {', '.join(cuda_ext.W8_FORMATS)}; got {sorted(self.w8g)}")
         if self.int4_kernel not in INT4_KERNELS:
@@ -126,6 +131,11 @@ class KernelConfig:
         unknown = set(self.gemv) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
         if unknown - set(ALGO_KEYS):
             raise ValueError(f"unknown format(s) {sorted(unknown - set(ALGO_KEYS))}; known: {', '.join(ALGO_KEYS)}")
+
+    def attn_fusions(self, batch: int) -> tuple[bool, bool]:
+        """(splits combined in the split kernel, RoPE + cache write in it) for decode attention at ``batch``."""
+        on = self.attn_fused_batch is None or batch <= self.attn_fused_batch
+        return self.attn_fused_reduce and on, self.attn_rope_fused and on
 
     @functools.lru_cache(maxsize=None)  # called on every batch-1 GEMV: computed once per (config, format)
     def gemv_options(self, algo_key: str) -> dict:
