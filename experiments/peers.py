@@ -139,6 +139,22 @@ def peer_versions(name: str) -> dict:
     return out
 
 
+def _cudagraph_skips() -> int:
+    """Graphs inductor left out of CUDA graphs in this process so far (its own counter)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def _log_cudagraph_skips() -> None:
+    """Inductor's reason for each skipped CUDA graph to stderr (the peer's log); torch builds without that
+    artifact (older than it) still count the skips."""
+    try:
+        torch._logging.set_logs(cudagraphs=True)
+    except (TypeError, ValueError):
+        pass
+
+
 class HFPeer:
     """One peer, built on ``device``: ``generate(prompts, n)`` like the project runtime's (equal-length prompts,
     greedy, no EOS), with the attributes ``experiments.bench`` reads (weight_bytes, n_layers, n_kv, head_dim)."""
@@ -170,6 +186,9 @@ class HFPeer:
         held = torch.cuda.memory_allocated(self.device) - base if cuda else sum(
             p.numel() * p.element_size() for p in self.model.parameters())
         self.weight_bytes = held - emb.numel() * emb.element_size()
+        if compile and cuda:
+            _log_cudagraph_skips()
+        self._skips0 = _cudagraph_skips()
         self._step = (torch.compile(self.model.forward, mode=self.peer.compile_mode, fullgraph=True) if compile
                       else self.model.forward)
         self._caches: dict[int, object] = {}  # batch size → its static cache (one compiled step each)
@@ -178,10 +197,14 @@ class HFPeer:
         """Kept: one static cache per batch size is what the compiled step (its CUDA graph) was captured on."""
 
     def describe(self) -> dict:
+        """What ran; after a generate, ``cuda_graph_skips``: graphs inductor compiled for this peer but did not
+        capture (its reason is in the log, torch's ``cudagraphs`` artifact). Both compile modes the peers use
+        replay the step as one CUDA graph; a skipped one launches every kernel from the host each step, which is
+        not the path the library documents, so experiments.bench keeps that peer out of its targets."""
         return {"engine": self.name, "dtype": str(self.peer.dtype).removeprefix("torch."),
                 "quantization": self.peer.quantize.__doc__ if self.peer.quantize else None,
                 "compile": f"torch.compile(mode={self.peer.compile_mode!r}, fullgraph=True), decode step",
-                **self.versions}
+                "cuda_graph_skips": _cudagraph_skips() - self._skips0, **self.versions}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -24,6 +24,7 @@ def test_static_cache_decode_loop_matches_hf_generate():
     for _ in range(2):  # the second call reuses (resets) the batch's static cache
         g = peer.generate(prompts, 10)
         assert g.tokens == want and g.decode_steps == 9 and all(s > 0 for s in g.step_s)
+    assert peer.describe()["cuda_graph_skips"] == 0  # eager: nothing compiled, nothing skipped
     emb = peer.model.get_input_embeddings().weight
     assert peer.weight_bytes == sum(p.numel() * 2 for p in peer.model.parameters()) - emb.numel() * 2
     with pytest.raises(UserError, match="equal-length prompts"):
@@ -107,6 +108,26 @@ def test_targets_crossover_and_peers_from_rows():
         "int4_awq b1 decode, in 512: × torchao-int4wo (both over fp16)"]
     assert t["ci_low"] == pytest.approx(rows[0]["speedup_ci"][0] / noisy["speedup_ci"][1])
     assert t["ci_low"] < t["measured"] == pytest.approx(rows[0]["speedup"] / noisy["speedup"])
+
+
+def test_a_peer_whose_cuda_graphs_were_skipped_is_marked_and_kept_out_of_the_targets():
+    """Inductor's own skip counter, read the way HFPeer.describe reads it: a graph compiled for CUDA graphs
+    (``reduce-overhead``) on a CPU tensor is one inductor cannot capture, the case it counts. A peer row carrying
+    skips stays in the table, marked, with no target taken against it."""
+    from experiments.bench import table, targets
+    from experiments.peers import _cudagraph_skips
+
+    before = _cudagraph_skips()
+    step = torch.compile(lambda x: torch.relu(x) * 2 + 1, mode="reduce-overhead", fullgraph=True)
+    step(torch.randn(8))
+    assert _cudagraph_skips() > before
+
+    ref = [0.004] * 5
+    ours = _row("quant-runtime", "int4_awq", 1, [0.0016] * 5, ref)
+    slow = dict(_row("torchao-int4wo", "int4_awq", 1, [0.0070] * 5, ref), cuda_graph_skips=2)
+    got = [t["target"] for t in targets([ours, slow])]
+    assert "int4_awq b1 decode, in 512: × fp16" in got and not any("torchao" in t for t in got)
+    assert "| torchao-int4wo ² |" in table([ours, slow], [], None) and "CUDA graph" in table([ours, slow], [], None)
 
 
 def test_a_peer_from_its_own_process_joins_the_record_marked():
