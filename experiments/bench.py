@@ -330,7 +330,9 @@ def targets(rows: list[dict]) -> list[dict]:
                 add(f"int4_awq b{B} decode, in {P}: × fp16", r["speedup"], 1.0, r["speedup_ci"][0])
         # a peer whose CUDA graphs inductor skipped is not on its fast path: no target against it
         for peer in sorted({r["engine"] for r in rows if r["engine"] in PEERS and not r.get("cuda_graph_skips")}):
-            ours = best("quant-runtime", PEERS[peer].recipe, P)
+            # FP16 is the reference itself: 1× exactly, and the quotient's interval is the peer's alone
+            ours = ({"speedup": 1.0, "speedup_ci": [1.0, 1.0]} if PEERS[peer].recipe == "fp16"
+                    else best("quant-runtime", PEERS[peer].recipe, P))
             theirs = best(peer, PEERS[peer].recipe, P)
             if ours and theirs and "speedup" in ours and "speedup" in theirs:
                 add(f"{PEERS[peer].recipe} b1 decode, in {P}: × {peer} (both over fp16)",

@@ -108,6 +108,11 @@ def test_targets_crossover_and_peers_from_rows():
         "int4_awq b1 decode, in 512: × torchao-int4wo (both over fp16)"]
     assert t["ci_low"] == pytest.approx(rows[0]["speedup_ci"][0] / noisy["speedup_ci"][1])
     assert t["ci_low"] < t["measured"] == pytest.approx(rows[0]["speedup"] / noisy["speedup"])
+    # HF + torch.compile against the project's FP16, the reference its rows are timed beside
+    hf = _row("hf-compile", "fp16", 1, [0.005, 0.0052, 0.0049, 0.005, 0.0051], ref)
+    t = {t["target"]: t for t in targets(rows + [hf])}["fp16 b1 decode, in 512: × hf-compile (both over fp16)"]
+    assert t["measured"] == pytest.approx(1 / hf["speedup"]) and t["ci_low"] == pytest.approx(1 / hf["speedup_ci"][1])
+    assert not t["met"] and t["required"] == 1.5
 
 
 def test_a_peer_whose_cuda_graphs_were_skipped_is_marked_and_kept_out_of_the_targets():
