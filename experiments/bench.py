@@ -117,14 +117,15 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 
 
 # recipe@VARIANT → what it changes in KernelConfig: one W4A16 kernel for 1–64 rows without the compiled GEMV
-# (``kpack``: the default before the GEMV took batch 1), the GEMV with the pre-quant scale in act_prep, or the
+# (``kpack``: the default before the GEMV took batch 1), the GEMV with the pre-quant scale in act_prep, the
+# k-packed tensor-core kernel at 2–64 rows instead of 2–16 (``int4_awq@w4k64``), or the
 # 8-bit formats' batch 1 on the Triton GEMV instead of the compiled one (``int8_wo@triton8``, ``fp8@triton8``, …),
 # or the weight-only prefill through the tl.dot kernel (``int8_wo@wqprefill``, ``int4_awq@wqprefill``), or decode
 # attention at every batch combining its splits in its last program (``@attnreduce``), doing RoPE + the cache write
 # itself (``@attnrope``), or both (``fp16@attnfused``; the default does both at batch 1 only), or neither at any
 # batch (``@attnsplit``: a reduce launch and a RoPE launch per layer)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERNELS},
-                   "w4g-unfused": {"w4g_fuse": False},
+                   "w4g-unfused": {"w4g_fuse": False}, "w4k64": {"w4k_rows": (2, 64)},
                    "triton8": {"w8g": frozenset()},
                    "wqprefill": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"})},
                    "attnreduce": {"attn_rope_fused": False, "attn_fused_batch": None},

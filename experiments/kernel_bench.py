@@ -47,7 +47,7 @@ VARIANTS = {
     "fp8 triton": ("FP8", KernelConfig(w8g=frozenset())),
     "int4 tinygemm": ("W4A16_AWQ", KernelConfig(int4_kernel="tinygemm", w4g_rows=None)),
     "int4 triton (stored layout)": ("W4A16_AWQ", KernelConfig(int4_kernel="triton", w4g_rows=None)),
-    "int4 kpack": ("W4A16_AWQ", KernelConfig(int4_kernel="kpack", w4k_rows=(1, 16), w4g_rows=None)),
+    "int4 kpack": ("W4A16_AWQ", KernelConfig(int4_kernel="kpack", w4k_rows=(1, 64), w4g_rows=None)),
     "int4 w4g": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4))),
     "int4 w4g unfused": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4), w4g_fuse=False)),
     "int4 default": ("W4A16_AWQ", KernelConfig()),
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("no tile of the k-packed INT4 kernel ran (see the log)")
         best = min(record["sweep"], key=lambda r: r["ms"])["tile"]
         log(f"sweep: fastest tile {best}")
-        tuned = KernelConfig(int4_kernel="kpack", w4k_rows=(1, 16), w4k_tile=tuple(best))
+        tuned = KernelConfig(int4_kernel="kpack", w4k_rows=(1, 64), w4k_tile=tuple(best))
         hs["int4 kpack*"] = build_like(hs["int4 kpack"], tuned)
     if args.sweep_w4g and "int4 w4g" in hs:
         if hs["int4 w4g"][0][0].w4g is None:

@@ -196,9 +196,9 @@ def test_int4_kernels_match_float64_reference(kernel):
 @cuda
 @pytest.mark.parametrize("out, inp, group", [(64, 512, 32), (80, 1024, 128), (48, 4096, 128), (64, 768, 64)])
 def test_int4_kpack_matches_float64_reference(out, inp, group):
-    """The tensor-core kernel on the k-packed copy (cuda_kernels.w4k_mm) for 1–16 rows: groups 32/64/128, N not a
-    multiple of its BLOCK_N (80, 48), activations ×40 (products ~10⁵ before the scale), with RMSNorm, SiLU·gate
-    and the pre-quant scale in its one prologue kernel, and the residual added in place; 17+ rows go to tinygemm."""
+    """The tensor-core kernel on the k-packed copy (cuda_kernels.w4k_mm) for 1–64 rows (row tiles 16, 32, 64):
+    groups 32/64/128, N not a multiple of its BLOCK_N (80, 48), activations ×40 (products ~10⁵ before the scale),
+    with RMSNorm, SiLU·gate and the pre-quant scale in its one prologue kernel, and the residual added in place."""
     from quant.runtime import cuda_kernels as ck
     from quant.runtime.linear import make_linear
     from quant.runtime.schemes.base import KernelConfig
@@ -208,19 +208,19 @@ def test_int4_kpack_matches_float64_reference(out, inp, group):
     gen = torch.Generator().manual_seed(out * inp + group)
     t = _layout("W4A16_AWQ", gen, out, inp, group)
     h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV, group_size=group,
-                    kernels=KernelConfig(int4_kernel="kpack", w4k_rows=(1, 16), w4g_rows=None))  # batch 1 too
+                    kernels=KernelConfig(int4_kernel="kpack", w4k_rows=(1, 64), w4g_rows=None))  # batch 1 too
     assert h.kernel.startswith("w4k-mma") and h._gemv_ok()
     w, kw = h.kpack
     assert kw == ck.w4k_kw(inp, group, ck.W4K_TILE[1])
     wd = h.dequantized_weight().cpu()
     assert torch.equal(ck.unpack_int4_k(w, kw).cpu().float() * h.scales.float().cpu().repeat_interleave(
         group, dim=1), wd)
-    for m in (1, 3, 16, 17):
+    for m in (1, 3, 16, 17, 32, 33, 64):
         for scale in (1, 40):
             x = (activations(gen, m, inp) * scale).to(dtype)
             err = rel(h(x.to(DEV)), _reference("W4A16_AWQ", t, x, wd))
             assert err <= 1e-2, (m, scale, err)
-    _check_int4_prologues(h, t, wd, gen, rows=(1, 5))
+    _check_int4_prologues(h, t, wd, gen, rows=(1, 5, 40))
 
 
 def _check_int4_prologues(h, t, wd, gen, rows, plain=False, tag=()) -> torch.Tensor:

@@ -233,3 +233,23 @@ def test_dequant_kernels_round_once():
     s4 = t4["weights_scaling_factor"].float()
     want = exact_dequantized("W4A16_AWQ", {**t4, "weights_scaling_factor": s4}, torch.float32, 64)
     assert torch.equal(ck.dequant_int4(t4["weight"], s4, 64, torch.float32), want)
+
+
+@pytest.mark.parametrize("rows,group", [(1, 32), (17, 128), (33, 64), (64, 128)])  # row tiles 16, 32, 64
+def test_w4k_tensor_core_kernel_to_64_rows(rows, group):
+    """cuda_kernels.w4k_mm on the k-packed copy, its portable conversion (the PTX one: tests/test_cuda.py): the rows
+    padded to 16, 32 or 64, N not a multiple of the tile, one or two sub-blocks per group, residual added."""
+    gen = _gen(f"w4k/{rows}/{group}")
+    n, k = 80, 512
+    q = torch.randint(-8, 8, (n, k), generator=gen)
+    s = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).half()
+    kw = ck.w4k_kw(k, group, ck.W4K_TILE[1])
+    w = ck.pack_int4_k(q, kw)
+    x = activations(gen, rows, k).half()
+    res = torch.randn(rows, n, generator=gen).half()
+    y = ck.w4k_mm(x, w, s, group=group, kw=kw, residual=res.clone(), cvt=0)
+    want = x.double() @ (q.double() * s.double().repeat_interleave(group, dim=1)).t() + res.double()
+    assert y.shape == (rows, n) and rel(y, want) <= 1e-2
+    from quant.runtime.schemes.base import W4K_MAX_M
+
+    assert W4K_MAX_M == ck.W4K_MAX_M == 64  # KernelConfig's bound on w4k_rows, kept without importing Triton there

@@ -50,6 +50,12 @@ def main() -> int:
                      {"x_ptr": "*fp16", "w_ptr": w, "ws_ptr": "*fp16", "y_ptr": "*fp16"},
                      dict(WFMT=wfmt, AFMT=0, GROUP=128, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False),
                      {"num_warps": warps, "num_stages": stages}, None))
+    block_n, kw, warps, stages = ck.W4K_TILE
+    for bm in (16, 32, 64):  # the k-packed INT4 kernel at each row tile, the PTX conversion (cvt=1)
+        jobs.append((f"w4k_mm rows<={bm}", ck._w4k_mm_kernel,
+                     {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*fp16"},
+                     dict(GROUP=128, BLOCK_M=bm, BLOCK_N=block_n, KW=kw, RESIDUAL=True, EVEN_N=True, CVT=1),
+                     {"num_warps": warps, "num_stages": stages}, "lop3.b32"))
     for name, fn, types, const, options, must in jobs:
         try:
             k = compile_one(fn, types, const, **options)

@@ -283,7 +283,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
     return y
 
 
-# -- INT4 × fp16 through the tensor cores for 1–16 rows, on a k-packed copy ------------------------------------------
+# -- INT4 × fp16 through the tensor cores for 1–64 rows, on a k-packed copy ------------------------------------------
 # Turning int4 into float32 one weight at a time on the CUDA cores costs ≥ 3 instructions per weight (mask-or,
 # subtract, FMA), more than the H200 issues while its memory streams 8·10¹² int4 weights/s: the GEMV above and
 # tinygemm reach ~30 % of copy bandwidth. As Marlin does, two weights become a half2 in one LOP3 ((w & 0x000F000F)
@@ -295,7 +295,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
 # (BLOCK_N, KW, warps, stages): the fastest at batch 1 of ``python -m experiments.kernel_bench --sweep`` on an H200
 # (LLaMa-2-7B layer shapes; on Llama-3-8B's, (32, 64, 2, 4) was 0.2 % faster)
 W4K_TILE = (32, 64, 4, 4)
-W4K_MAX_M = 16
+W4K_MAX_M = 64  # rows of one program (the weights are read once for all of them); KernelConfig.w4k_rows' bound
 W4K_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
 _W4K_HALF_ASM = tl.constexpr("""{
 .reg .b32 m, u, r0, r1, r2, r3, c, d, e;
@@ -350,17 +350,17 @@ def unpack_int4_k(w: torch.Tensor, kw: int) -> torch.Tensor:
 
 @triton.jit
 def _w4k_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, TILES, stride_xm, stride_wn, stride_sn, stride_ym,
-                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KW: tl.constexpr, RESIDUAL: tl.constexpr,
-                   EVEN_N: tl.constexpr):
+                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KW: tl.constexpr,
+                   RESIDUAL: tl.constexpr, EVEN_N: tl.constexpr, CVT: tl.constexpr):
     dt: tl.constexpr = y_ptr.dtype.element_ty
     SUBS: tl.constexpr = GROUP // KW  # sub-blocks per group (KW divides GROUP)
     pid = tl.program_id(0)
-    offs_m = tl.arange(0, 16)
+    offs_m = tl.arange(0, BLOCK_M)  # every row in one program: each weight tile is read once for all of them
     m_mask = offs_m < M
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_j = tl.arange(0, KW)
-    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     w_rows = w_ptr + offs_n[:, None] * stride_wn + offs_j[None, :]
     x_rows = x_ptr + offs_m[:, None] * stride_xm + offs_j[None, :]
     for t in range(0, TILES):
@@ -368,25 +368,32 @@ def _w4k_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, TILES, stride_xm, stride_wn
             words = tl.load(w_rows + t * KW)
         else:
             words = tl.load(w_rows + t * KW, mask=n_mask[:, None], other=0)
-        qs = tl.inline_asm_elementwise(_W4K_HALF_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words],
-                                       dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-        part = tl.zeros([16, BLOCK_N], tl.float32)
+        if CVT == 1:
+            qs = tl.inline_asm_elementwise(_W4K_HALF_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words],
+                                           dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for o in tl.static_range(8):
+            if CVT == 1:
+                qo = qs[o]
+            else:  # portable (and Triton's interpreter, which runs no PTX): nibble W4K_NIBBLE[o], offset 8
+                qo = (((words >> (4 * (o // 2 + 4 * (o % 2)))) & 0xF) - 8).to(tl.float16)
             xo = tl.load(x_rows + (t * 8 + o) * KW, mask=m_mask[:, None], other=0.0)
-            part = tl.dot(xo, tl.trans(qs[o]), part)
+            part = tl.dot(xo, tl.trans(qo), part)
             if (o + 1) % SUBS == 0:
                 g = (t * 8 + o) * KW // GROUP
                 s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
                 acc += part * s[None, :]
-                part = tl.zeros([16, BLOCK_N], tl.float32)
+                part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     _gemv_store(acc, y_ptr, s_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, dt, 0, RESIDUAL)
 
 
 def w4k_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group: int, kw: int,
-           residual: torch.Tensor | None = None, tile: tuple[int, int, int, int] = W4K_TILE) -> torch.Tensor:
-    """y [M, N] = x · (q · s)ᵀ for M ≤ 16 rows of float16 x [M, K]: w int32 [N, K/8] from :func:`pack_int4_k`
-    with tile width ``kw``, scales [N, K/group]; residual [M, N]: y added in place. ``tile``: (BLOCK_N, ·, warps,
-    stages) — its KW is the packing's, ``kw``."""
+           residual: torch.Tensor | None = None, tile: tuple[int, int, int, int] = W4K_TILE,
+           cvt: int = 1) -> torch.Tensor:
+    """y [M, N] = x · (q · s)ᵀ for M ≤ W4K_MAX_M rows of float16 x [M, K]: w int32 [N, K/8] from
+    :func:`pack_int4_k` with tile width ``kw``, scales [N, K/group]; residual [M, N]: y added in place. ``tile``:
+    (BLOCK_N, ·, warps, stages) — its KW is the packing's, ``kw``. The rows are padded to the tensor-core tile
+    (16, 32 or 64). ``cvt``: 1 the PTX conversion above, 0 the portable one (same values)."""
     m, k = x.shape
     n = w.shape[0]
     assert m <= W4K_MAX_M and x.dtype == torch.float16 and x.stride(-1) == 1 and w.dtype == torch.int32
@@ -395,8 +402,8 @@ def w4k_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group: int
     y = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     _w4k_mm_kernel[(triton.cdiv(n, block_n),)](
         x, w, scales, y, m, n, k // (8 * kw), x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
-        GROUP=group, BLOCK_N=block_n, KW=kw, RESIDUAL=residual is not None, EVEN_N=n % block_n == 0,
-        num_warps=warps, num_stages=stages)
+        GROUP=group, BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, KW=kw, RESIDUAL=residual is not None,
+        EVEN_N=n % block_n == 0, CVT=cvt, num_warps=warps, num_stages=stages)
     return y
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from quant.runtime import cuda_ext
 
 FP8_E4M3 = torch.float8_e4m3fn
+W4K_MAX_M = 64  # cuda_kernels.W4K_MAX_M, here without importing Triton (a test holds them equal)
 FP8_MAX = 448.0
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
 INT4_KERNEL_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: out-features must be divisible by this
@@ -72,7 +73,9 @@ class KernelConfig:
     # rows of ``w4k_rows``: int4 → half2 in registers, tensor cores, on a k-packed copy made at load,
     # cuda_kernels.w4k_mm; the other rows: tinygemm). Default "kpack" over rows 2–16: on an H200 (7B/8B layer
     # shapes, experiments/results/gpu/kernels) it holds 1.26–1.36× FP16 cuBLAS at 2–16 rows where tinygemm falls to
-    # 0.44–1.09×; at 1 row tinygemm is faster (1.36–1.41× vs 1.25–1.31×).
+    # 0.44–1.09×; at 1 row tinygemm is faster (1.36–1.41× vs 1.25–1.31×). The kernel takes up to W4K_MAX_M rows
+    # (17–64 in tiles of 32 / 64 rows, each weight read once): not yet timed there, so 17–64 stay on tinygemm
+    # (end to end 0.42× FP16 at batch 32 on an H200), experiments.bench RECIPE@w4k64 the alternative.
     int4_kernel: str = "kpack"
     w4k_rows: tuple[int, int] = (2, 16)
     # Per format (an ALGO_KEYS entry), overriding the GEMV kernel's tuned tables (cuda_kernels.GEMV_CVT and
@@ -116,8 +119,8 @@ class KernelConfig:
     def __post_init__(self) -> None:
         if self.sq_prefill_gemm not in ("triton", "int_mm"):
             raise ValueError(f"sq_prefill_gemm must be 'triton' or 'int_mm', got {self.sq_prefill_gemm!r}")
-        if not 1 <= self.w4k_rows[0] <= self.w4k_rows[1] <= 16:
-            raise ValueError(f"w4k_rows must be 1 <= low <= high <= 16 (the kernel's row tile), got {self.w4k_rows}")
+        if not 1 <= self.w4k_rows[0] <= self.w4k_rows[1] <= W4K_MAX_M:
+            raise ValueError(f"w4k_rows must be 1 <= low <= high <= {W4K_MAX_M} (the kernel's rows), got {self.w4k_rows}")
         if self.w4g_rows is not None and not 1 <= self.w4g_rows[0] <= self.w4g_rows[1] <= 4:
             raise ValueError(f"w4g_rows must be 1 <= low <= high <= 4 (the GEMV's rows) or None, got {self.w4g_rows}")
         if self.wq_prefill - {"W8A16", "W4A16_AWQ"}:
