@@ -372,7 +372,8 @@ def table(rows: list[dict], tgts: list[dict], copy: dict | None) -> str:
     for r in rows:
         bw = f"{r['achieved_gbs']:.0f}" if "achieved_gbs" in r else "–"
         frac = f"{r['roofline_fraction']:.0%}" if "roofline_fraction" in r else "–"
-        engine = r["engine"] + (" ¹" if r.get("process") == "own" else "") + (" ²" if r.get("cuda_graph_skips") else "")
+        engine = (r["engine"] + (" ¹" if r.get("process") == "own" else "")
+                  + (" ²" if r.get("cuda_graph_skips") else ""))
         lines.append(f"| {engine} | {r['recipe']} | {r['batch_size']} | {r['input_len']} | {r['ttft_ms']:.1f} "
                      f"| {r['tpot_ms']:.3f} | {ci(r, 'speedup')} | {ci(r, 'ttft_speedup')} | {r['decode_tok_s']:.1f} "
                      f"| {bw} | {frac} | {r['peak_memory_gib']:.1f} |")

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from quant.runtime import cuda_ext
 
 FP8_E4M3 = torch.float8_e4m3fn
-W4K_MAX_M = 64  # cuda_kernels.W4K_MAX_M, here without importing Triton (a test holds them equal)
 FP8_MAX = 448.0
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts, largest first
 INT4_KERNEL_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: out-features must be divisible by this
+W4K_MAX_M = 64  # cuda_kernels.W4K_MAX_M, here without importing Triton (a test holds them equal)
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -120,7 +120,8 @@ class KernelConfig:
         if self.sq_prefill_gemm not in ("triton", "int_mm"):
             raise ValueError(f"sq_prefill_gemm must be 'triton' or 'int_mm', got {self.sq_prefill_gemm!r}")
         if not 1 <= self.w4k_rows[0] <= self.w4k_rows[1] <= W4K_MAX_M:
-            raise ValueError(f"w4k_rows must be 1 <= low <= high <= {W4K_MAX_M} (the kernel's rows), got {self.w4k_rows}")
+            raise ValueError(f"w4k_rows must be 1 <= low <= high <= {W4K_MAX_M} (the kernel's rows), "
+                             f"got {self.w4k_rows}")
         if self.w4g_rows is not None and not 1 <= self.w4g_rows[0] <= self.w4g_rows[1] <= 4:
             raise ValueError(f"w4g_rows must be 1 <= low <= high <= 4 (the GEMV's rows) or None, got {self.w4g_rows}")
         if self.wq_prefill - {"W8A16", "W4A16_AWQ"}:
