@@ -139,11 +139,12 @@ def peer_versions(name: str) -> dict:
     return out
 
 
-def _cudagraph_skips() -> int:
-    """Graphs inductor left out of CUDA graphs in this process so far (its own counter)."""
+def _compile_counts() -> tuple[int, int]:
+    """(graphs dynamo compiled, graphs inductor left out of CUDA graphs) in this process so far: their own
+    counters. More graphs than batch sizes means the step recompiled (a guard failed) as it ran."""
     from torch._dynamo.utils import counters
 
-    return counters["inductor"]["cudagraph_skips"]
+    return counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
 
 
 def _log_cudagraph_skips() -> None:
@@ -188,7 +189,7 @@ class HFPeer:
         self.weight_bytes = held - emb.numel() * emb.element_size()
         if compile and cuda:
             _log_cudagraph_skips()
-        self._skips0 = _cudagraph_skips()
+        self._counts0 = _compile_counts()
         self._step = (torch.compile(self.model.forward, mode=self.peer.compile_mode, fullgraph=True) if compile
                       else self.model.forward)
         self._caches: dict[int, object] = {}  # batch size → its static cache (one compiled step each)
@@ -197,14 +198,16 @@ class HFPeer:
         """Kept: one static cache per batch size is what the compiled step (its CUDA graph) was captured on."""
 
     def describe(self) -> dict:
-        """What ran; after a generate, ``cuda_graph_skips``: graphs inductor compiled for this peer but did not
-        capture (its reason is in the log, torch's ``cudagraphs`` artifact). Both compile modes the peers use
-        replay the step as one CUDA graph; a skipped one launches every kernel from the host each step, which is
-        not the path the library documents, so experiments.bench keeps that peer out of its targets."""
+        """What ran; after a generate, ``compiled_graphs`` (dynamo's, for this peer) and ``cuda_graph_skips``:
+        graphs inductor compiled but did not capture (its reason is in the log, torch's ``cudagraphs`` artifact).
+        Both compile modes the peers use replay the step as one CUDA graph; a skipped one launches every kernel
+        from the host each step, which is not the path the library documents, so experiments.bench keeps that
+        peer out of its targets."""
+        graphs, skips = (now - before for now, before in zip(_compile_counts(), self._counts0))
         return {"engine": self.name, "dtype": str(self.peer.dtype).removeprefix("torch."),
                 "quantization": self.peer.quantize.__doc__ if self.peer.quantize else None,
                 "compile": f"torch.compile(mode={self.peer.compile_mode!r}, fullgraph=True), decode step",
-                "cuda_graph_skips": _cudagraph_skips() - self._skips0, **self.versions}
+                "compiled_graphs": graphs, "cuda_graph_skips": skips, **self.versions}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
