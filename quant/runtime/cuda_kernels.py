@@ -469,12 +469,15 @@ def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, 
           dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,
           config: tuple[int, ...] | None = None) -> torch.Tensor:
     """y [M, N] = x @ dequant(W)ᵀ · scale for int8 (per-channel scale) or int4 AWQ (group scales) weights, x in
-    fp16/bf16; or, afmt=A_INT8, int8 x @ int8 Wᵀ in int32 times the per-channel ``wscale`` (= a · s)."""
+    fp16/bf16; or, afmt=A_INT8, int8 x @ int8 Wᵀ in int32 times the per-channel ``wscale`` (= a · s). ``config``
+    None: the tuned tile for M rows (above WQ_MM_MAX_M the prefill tiles, INT8_GEMM_CONFIG / WQ_PREFILL_CONFIG)."""
     M, K = x.shape
     R = w.shape[0]
     N = 2 * R if wfmt == W_INT4 else R
     dtype = dtype or x.dtype
     y = residual if residual is not None else torch.empty(M, N, dtype=dtype, device=x.device)
+    if config is None and M > WQ_MM_MAX_M:
+        config = INT8_GEMM_CONFIG if afmt == A_INT8 else WQ_PREFILL_CONFIG[wfmt]
     if config is not None and len(config) == 5:
         bm, br, bk, warps, stages = config
     else:
