@@ -56,6 +56,11 @@ def main() -> int:
                      {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*fp16"},
                      dict(GROUP=128, BLOCK_M=bm, BLOCK_N=block_n, KW=kw, RESIDUAL=True, EVEN_N=True, CVT=1),
                      {"num_warps": warps, "num_stages": stages}, "lop3.b32"))
+    for kv in (0, 1, 2):  # RoPE + cache write, the unfused path (batches above KernelConfig.attn_fused_batch)
+        jobs.append((f"rope_cache_write kv={kv}", ck._rope_cache_kernel,
+                     {"qkv_ptr": "*fp16", "pos_ptr": "*i64", "slot_ptr": "*i64", "freq_ptr": "*fp32",
+                      "q_ptr": "*fp16", "k_ptr": cache[kv], "v_ptr": cache[kv], "rcp_ptr": "*fp32"},
+                     dict(HALF=64, KV_QUANT=kv), {"num_warps": 1}, None))
     for name, fn, types, const, options, must in jobs:
         try:
             k = compile_one(fn, types, const, **options)

@@ -615,6 +615,24 @@ def dequant_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> to
 
 # -- decode: RoPE + KV cache write --------------------------------------------------------------------------------------
 @triton.jit
+def _rope_cos_sin(pos, freq_ptr, offs_d, D: tl.constexpr, dt: tl.constexpr):
+    """cos and sin of a position's angles for element d of a head (frequency d mod D/2), rounded to dt: the one
+    RoPE of decode, shared by _rope_cache_kernel and the split attention kernel (ROPE)."""
+    ang = pos.to(tl.float32) * tl.load(freq_ptr + offs_d % (D // 2))
+    return tl.cos(ang).to(dt).to(tl.float32), tl.sin(ang).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _rope_vec(x_ptr, c, s, offs_d, D: tl.constexpr, dt: tl.constexpr):
+    """One head's D values rotated (rotate-half, each output rounded to dt once), gathered as one vector:
+    element d pairs with d ± D/2."""
+    HALF: tl.constexpr = D // 2
+    x = tl.load(x_ptr + offs_d).to(tl.float32)
+    partner = tl.load(x_ptr + (offs_d + HALF) % D).to(tl.float32)
+    return tl.where(offs_d < HALF, x * c - partner * s, x * c + partner * s).to(dt)
+
+
+@triton.jit
 def _rope_cache_kernel(qkv_ptr, pos_ptr, slot_ptr, freq_ptr, q_ptr, k_ptr, v_ptr, rcp_ptr,
                        H, KVH, stride_qkv, stride_qb, stride_cb, stride_ch, stride_ct,
                        HALF: tl.constexpr, KV_QUANT: tl.constexpr):
@@ -625,38 +643,22 @@ def _rope_cache_kernel(qkv_ptr, pos_ptr, slot_ptr, freq_ptr, q_ptr, k_ptr, v_ptr
     b = pid // (H + KVH)
     hh = pid % (H + KVH)
     D: tl.constexpr = 2 * HALF
-    offs = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + b).to(tl.float32)
-    ang = pos * tl.load(freq_ptr + offs)
-    c = tl.cos(ang).to(dt).to(tl.float32)
-    s = tl.sin(ang).to(dt).to(tl.float32)
-    base = qkv_ptr + b * stride_qkv + hh * D
-    x1 = tl.load(base + offs).to(tl.float32)
-    x2 = tl.load(base + HALF + offs).to(tl.float32)
-    o1 = (x1 * c - x2 * s).to(dt)
-    o2 = (x2 * c + x1 * s).to(dt)
+    offs_d = tl.arange(0, D)
+    c, s = _rope_cos_sin(tl.load(pos_ptr + b), freq_ptr, offs_d, D, dt)
+    out = _rope_vec(qkv_ptr + b * stride_qkv + hh * D, c, s, offs_d, D, dt)
     if hh < H:
-        qp = q_ptr + b * stride_qb + hh * D
-        tl.store(qp + offs, o1)
-        tl.store(qp + HALF + offs, o2)
+        tl.store(q_ptr + b * stride_qb + hh * D + offs_d, out)
     else:
         j = hh - H
-        slot = tl.load(slot_ptr)
-        vbase = qkv_ptr + b * stride_qkv + (H + KVH + j) * D
-        v1 = tl.load(vbase + offs)
-        v2 = tl.load(vbase + HALF + offs)
-        cp = b * stride_cb + j * stride_ch + slot * stride_ct
+        v = tl.load(qkv_ptr + b * stride_qkv + (H + KVH + j) * D + offs_d)
+        cp = b * stride_cb + j * stride_ch + tl.load(slot_ptr) * stride_ct + offs_d
         if KV_QUANT == 0:
-            tl.store(k_ptr + cp + offs, o1)
-            tl.store(k_ptr + cp + HALF + offs, o2)
-            tl.store(v_ptr + cp + offs, v1)
-            tl.store(v_ptr + cp + HALF + offs, v2)
+            tl.store(k_ptr + cp, out)
+            tl.store(v_ptr + cp, v)
         else:
             rcp = tl.load(rcp_ptr)
-            tl.store(k_ptr + cp + offs, _kv_quant(o1, rcp, KV_QUANT))
-            tl.store(k_ptr + cp + HALF + offs, _kv_quant(o2, rcp, KV_QUANT))
-            tl.store(v_ptr + cp + offs, _kv_quant(v1, rcp, KV_QUANT))
-            tl.store(v_ptr + cp + HALF + offs, _kv_quant(v2, rcp, KV_QUANT))
+            tl.store(k_ptr + cp, _kv_quant(out, rcp, KV_QUANT))
+            tl.store(v_ptr + cp, _kv_quant(v, rcp, KV_QUANT))
 
 
 @triton.jit
@@ -671,24 +673,6 @@ def _kv_quant(x, rcp, KV_QUANT: tl.constexpr):
 
 
 KV_QUANT_MODE = {None: 0, "INT8": 1, "FP8": 2}
-
-
-@triton.jit
-def _rope_cos_sin(pos, freq_ptr, offs_d, D: tl.constexpr, dt: tl.constexpr):
-    """cos and sin of a position's angles for element d of a head (frequency d mod D/2), rounded to dt as
-    _rope_cache_kernel rounds them."""
-    ang = pos.to(tl.float32) * tl.load(freq_ptr + offs_d % (D // 2))
-    return tl.cos(ang).to(dt).to(tl.float32), tl.sin(ang).to(dt).to(tl.float32)
-
-
-@triton.jit
-def _rope_vec(x_ptr, c, s, offs_d, D: tl.constexpr, dt: tl.constexpr):
-    """One head's D values rotated as _rope_cache_kernel rotates them (rotate-half, each output rounded to dt
-    once), gathered as one vector: element d pairs with d ± D/2."""
-    HALF: tl.constexpr = D // 2
-    x = tl.load(x_ptr + offs_d).to(tl.float32)
-    partner = tl.load(x_ptr + (offs_d + HALF) % D).to(tl.float32)
-    return tl.where(offs_d < HALF, x * c - partner * s, x * c + partner * s).to(dt)
 
 
 def rope_cache_write(qkv: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor,
