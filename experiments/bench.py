@@ -120,14 +120,15 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # (``kpack``: the default before the GEMV took batch 1), the GEMV with the pre-quant scale in act_prep, the
 # k-packed tensor-core kernel at 2–64 rows instead of 2–16 (``int4_awq@w4k64``), or the
 # 8-bit formats' batch 1 on the Triton GEMV instead of the compiled one (``int8_wo@triton8``, ``fp8@triton8``, …),
-# or the weight-only prefill through the tl.dot kernel (``int8_wo@wqprefill``, ``int4_awq@wqprefill``), or decode
+# or the weight-only prefill through the tl.dot kernel (``int8_wo@wqprefill``, ``int4_awq@wqprefill``), or W8A16's
+# 2–64-row tl.dot kernel converting int8 by byte permute (``int8_wo@wqcvt``), or decode
 # attention at every batch combining its splits in its last program (``@attnreduce``), doing RoPE + the cache write
 # itself (``@attnrope``), or both (``fp16@attnfused``; the default does both at batch 1 only), or neither at any
 # batch (``@attnsplit``: a reduce launch and a RoPE launch per layer)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERNELS},
                    "w4g-unfused": {"w4g_fuse": False}, "w4k64": {"w4k_rows": (2, 64)},
                    "triton8": {"w8g": frozenset()},
-                   "wqprefill": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"})},
+                   "wqprefill": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"})}, "wqcvt": {"wq_cvt": True},
                    "attnreduce": {"attn_rope_fused": False, "attn_fused_batch": None},
                    "attnrope": {"attn_fused_reduce": False, "attn_fused_batch": None},
                    "attnfused": {"attn_fused_batch": None},

@@ -183,6 +183,28 @@ def test_gemv_weight_conversions_match_float64_reference(algo, cvt):
 
 
 @cuda
+def test_w8a16_byte_permute_conversion_is_exact():
+    """KernelConfig.wq_cvt: W8A16's tl.dot kernel converting int8 by PTX byte permute gives the same output, bit
+    for bit, as Triton's conversion (both are exact in float16), over every int8 value, at rows on each side of
+    its tiles (2, 16, 17, 64, and 65 on the prefill tile), K 600 (not a multiple of its K tiles), with a residual;
+    and the handler with it on matches the float64 reference."""
+    from quant.runtime import cuda_kernels as ck
+    from quant.runtime.schemes.base import KernelConfig
+
+    gen = torch.Generator().manual_seed(zlib.crc32(b"wqcvt"))
+    w = torch.randint(-128, 128, (96, 600), generator=gen, dtype=torch.int8)
+    w[0, :256] = torch.arange(-128, 128, dtype=torch.int8)
+    s = (torch.rand(96, generator=gen) * 0.01 + 1e-3).half().to(DEV)
+    w = w.to(DEV)
+    for m in (2, 16, 17, 64, 65):
+        x = torch.randn(m, 600, generator=gen).half().to(DEV)
+        r = torch.randn(m, 96, generator=gen).half().to(DEV)
+        ys = [ck.wq_mm(x, w, s, wfmt=ck.W_INT8, cvt=c, residual=r.clone()) for c in (0, 1)]
+        assert bool(torch.isfinite(ys[0]).all()) and torch.equal(ys[0], ys[1]), f"M={m}"
+    _check_linear("W8A16", torch.float16, KernelConfig(wq_cvt=True))
+
+
+@cuda
 @pytest.mark.parametrize("kernel", ["triton", "tinygemm"])
 def test_int4_kernels_match_float64_reference(kernel):
     """W4A16 for 1–64 rows: the Triton GEMV / tl.dot on the stored layout, and tinygemm on its repacked copy (the

@@ -50,6 +50,12 @@ def main() -> int:
                      {"x_ptr": "*fp16", "w_ptr": w, "ws_ptr": "*fp16", "y_ptr": "*fp16"},
                      dict(WFMT=wfmt, AFMT=0, GROUP=128, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False),
                      {"num_warps": warps, "num_stages": stages}, None))
+    for bm, table in ((16, ck.WQ_MM_CONFIG), (32, ck.WQ_MM_CONFIG_32), (64, ck.WQ_MM_CONFIG_32)):  # W8A16, cvt=1
+        br, bk, warps, stages = table[ck.W_INT8]
+        jobs.append((f"wq_mm int8 byte-permute rows<={bm}", ck._wq_mm_kernel,
+                     {"x_ptr": "*fp16", "w_ptr": "*i8", "ws_ptr": "*fp16", "y_ptr": "*fp16"},
+                     dict(WFMT=ck.W_INT8, AFMT=0, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True, CVT=1),
+                     {"num_warps": warps, "num_stages": stages}, "prmt.b32"))
     block_n, kw, warps, stages = ck.W4K_TILE
     for bm in (16, 32, 64):  # the k-packed INT4 kernel at each row tile, the PTX conversion (cvt=1)
         jobs.append((f"w4k_mm rows<={bm}", ck._w4k_mm_kernel,

@@ -88,6 +88,18 @@ prmt.b32 $1, t, m, 0x7441;
 prmt.b32 $2, t, m, 0x7442;
 prmt.b32 $3, t, m, 0x7443;
 }""")
+# int32 word of 4 int8 → 4 float16 (two half2): flip the sign bits, put each byte under float16's 1024 exponent
+# (0x64), subtract 1024 + 128: exact for every int8.
+_I8_TO_F16_ASM = tl.constexpr("""{
+.reg .b32 t, m, c;
+xor.b32 t, $2, 0x80808080;
+mov.b32 m, 0x64646464;
+mov.b32 c, 0x64806480;
+prmt.b32 $0, t, m, 0x5140;
+prmt.b32 $1, t, m, 0x5342;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+}""")
 # int32 word of 4 e4m3 → 4 float32, exactly (every e4m3 value is a float16): the sm_89+ pair converter, then
 # half → float.
 _E4M3_TO_F32_ASM = tl.constexpr("""{
@@ -411,7 +423,7 @@ def w4k_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group: int
 @triton.jit
 def _wq_mm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, stride_wsn, stride_ym,
                   WFMT: tl.constexpr, AFMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr, CVT: tl.constexpr = 0):
     dt: tl.constexpr = y_ptr.dtype.element_ty
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -442,6 +454,10 @@ def _wq_mm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, st
             acc2 += tl.dot(x, tl.trans(hi)) * so[None, :]
         elif AFMT == 1:
             acc += tl.dot(x, tl.trans(tl.load(wp, mask=wm, other=0)))
+        elif CVT == 1:
+            q = tl.inline_asm_elementwise(_I8_TO_F16_ASM, "=r,=r,r", [tl.load(wp, mask=wm, other=0)],
+                                          dtype=tl.float16, is_pure=True, pack=4)
+            acc += tl.dot(x, tl.trans(q))
         else:
             acc += tl.dot(x, tl.trans(tl.load(wp, mask=wm, other=0).to(dt)))
     if WFMT == 2:
@@ -467,10 +483,12 @@ WQ_PREFILL_CONFIG = {W_INT8: (128, 128, 64, 4, 4), W_INT4: (128, 64, 64, 8, 3)} 
 
 def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, group: int = 0, afmt: int = A_FLOAT,
           dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,
-          config: tuple[int, ...] | None = None) -> torch.Tensor:
+          config: tuple[int, ...] | None = None, cvt: int = 0) -> torch.Tensor:
     """y [M, N] = x @ dequant(W)ᵀ · scale for int8 (per-channel scale) or int4 AWQ (group scales) weights, x in
     fp16/bf16; or, afmt=A_INT8, int8 x @ int8 Wᵀ in int32 times the per-channel ``wscale`` (= a · s). ``config``
-    None: the tuned tile for M rows (above WQ_MM_MAX_M the prefill tiles, INT8_GEMM_CONFIG / WQ_PREFILL_CONFIG)."""
+    None: the tuned tile for M rows (above WQ_MM_MAX_M the prefill tiles, INT8_GEMM_CONFIG / WQ_PREFILL_CONFIG).
+    ``cvt`` 1 (int8 weights, float16 x): int8 → float16 by the PTX byte permute (_I8_TO_F16_ASM) instead of
+    Triton's int-to-float conversion (one I2F per weight); the same values. Not in Triton's interpreter."""
     M, K = x.shape
     R = w.shape[0]
     N = 2 * R if wfmt == W_INT4 else R
@@ -484,6 +502,7 @@ def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, 
         table = WQ_MM_CONFIG if M <= 16 else WQ_MM_CONFIG_32
         br, bk, warps, stages = config or table[A_INT8 if afmt == A_INT8 else wfmt]
         bm = max(16, min(64, _pow2(M)))
+    assert not cvt or (wfmt == W_INT8 and afmt == A_FLOAT and x.dtype == torch.float16)
     if wfmt == W_INT4:
         bk = min(bk, group)
         assert group % bk == 0
@@ -491,7 +510,7 @@ def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, 
     _wq_mm_kernel[grid](x, w, wscale, y, M, R, K, x.stride(0), w.stride(0),
                         wscale.stride(0) if wscale.dim() == 2 else 0, y.stride(0),
                         WFMT=wfmt, AFMT=afmt, GROUP=max(group, 1), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
-                        RESIDUAL=residual is not None, num_warps=warps, num_stages=stages)
+                        RESIDUAL=residual is not None, CVT=cvt, num_warps=warps, num_stages=stages)
     return y
 
 

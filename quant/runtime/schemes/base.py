@@ -107,6 +107,10 @@ class KernelConfig:
     # float16 copy of each weight per call for cuBLAS. Empty: on an H200 (7B, experiments.bench RECIPE@wqprefill)
     # it took TTFT from 0.73× to 0.53× FP16's (int8) and from 0.48× to 0.26× (int4) at input 512.
     wq_prefill: frozenset[str] = frozenset()
+    # W8A16's tl.dot kernel (2–64 rows; prefill too under wq_prefill; cuda_kernels.wq_mm): int8 → float16 by a PTX byte permute and one
+    # half2 subtraction per two weights (cvt=1) instead of Triton's conversion, one I2F per weight, which on an
+    # H200 leaves that kernel issue-bound (int8_wo 1.06–1.09× FP16 end to end at batches 4–16). Not yet timed.
+    wq_cvt: bool = False
     # Decode attention (cuda_kernels.DecodeAttention): the last split of each (row, head) combines the splits, and
     # RoPE + the KV-cache write happen inside the split kernel: one launch per layer fewer each. Both apply at
     # decode batches up to attn_fused_batch (None: every batch). On an H200 (7B, RECIPE@attnfused against the
