@@ -9,8 +9,9 @@ t interval gives the ratio's CI (experiments/stats.py), so machine drift between
 bandwidth = bytes the variant's handlers hold for that batch size / time, as a fraction of the device-to-device
 copy bandwidth measured at the start of the same run.
 
-``--sweep`` first times the k-packed INT4 kernel's tiles (BLOCK_N, KW, warps, stages) at batch 1 on the same
-weights and times the fastest in the table as well (``int4 kpack*``); ``--sweep-w4g`` the same for the compiled
+``--sweep`` first times the k-packed INT4 kernel's tiles (BLOCK_N, KW, warps, stages) at each batch size up to 64
+on the same weights, logs the fastest per batch size, and times the smallest batch size's fastest in the table as
+well (``int4 kpack*``, at every batch size); ``--sweep-w4g`` the same for the compiled
 GEMV's tiles (``int4 w4g*``). ``--sweep-w8g`` times each 8-bit ``… runtime`` variant (the compiled 8-bit GEMV, at
 its format's tile) at every other tile of cuda_ext.GEMV_TILES as variants of their own (``… w8g 2x4``),
 interleaved with the rest, prologues included.
@@ -114,9 +115,9 @@ def step_fn(handlers: list, xs: dict[int, torch.Tensor]):
     return run
 
 
-def sweep_kpack(handlers: list, group: int, xs: dict, log) -> list[dict]:
-    """The k-packed tensor-core kernel alone at batch 1 over :data:`SWEEP`, on the int4 handlers' weights (repacked
-    per KW); its prologue (the pre-quant scale) is left out."""
+def sweep_kpack(handlers: list, group: int, xs_by_m: dict, log) -> list[dict]:
+    """The k-packed tensor-core kernel alone over :data:`SWEEP` at each row count of ``xs_by_m`` (up to
+    W4K_MAX_M), on the int4 handlers' weights (repacked per KW); its prologue (the pre-quant scale) is left out."""
     from quant.runtime import cuda_kernels as ck
     from quant.runtime.schemes.base import unpack_int4_rows
 
@@ -126,18 +127,19 @@ def sweep_kpack(handlers: list, group: int, xs: dict, log) -> list[dict]:
     for kw_req in sorted({t[1] for t in SWEEP}):
         kws = [ck.w4k_kw(q.shape[1], group, kw_req) for q in qs]
         packed = [ck.pack_int4_k(q, kw) for q, kw in zip(qs, kws)]
-        for tile in [t for t in SWEEP if t[1] == kw_req]:
-            def run(tile=tile):
+        rows_xs = [(m, xs) for m, xs in sorted(xs_by_m.items()) if m <= ck.W4K_MAX_M]
+        for (m, xs), tile in itertools.product(rows_xs, [t for t in SWEEP if t[1] == kw_req]):
+            def run(tile=tile, xs=xs):
                 for h, w, kw in zip(handlers, packed, kws):
                     ck.w4k_mm(xs[h.inp], w, h.scales, group=group, kw=kw, tile=tile)
             try:
                 g = graph(run)
                 ms = statistics.median(time_graph(g) for _ in range(5))
-            except Exception as exc:  # a tile that does not compile or run is reported, not fatal
-                log(f"sweep {tile}: {type(exc).__name__}: {str(exc)[:200]}")
+            except Exception as exc:  # a tile that does not compile or run (shared memory) is reported, not fatal
+                log(f"sweep M={m} {tile}: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
-            rows.append({"tile": list(tile), "ms": ms})
-            log(f"sweep kpack {tile}: {ms * 1e3:8.1f} us per step")
+            rows.append({"M": m, "tile": list(tile), "ms": ms})
+            log(f"sweep kpack M={m} {tile}: {ms * 1e3:8.1f} us per step")
             del g
         del packed
         torch.cuda.empty_cache()
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", type=positive_int, default=128)
     p.add_argument("--rounds", type=positive_int, default=30)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--sweep", action="store_true", help="sweep the k-packed INT4 kernel's tiles at batch 1 first")
+    p.add_argument("--sweep", action="store_true",
+                   help="sweep the k-packed INT4 kernel's tiles first, at each batch size up to 64")
     p.add_argument("--sweep-w4g", action="store_true",
                    help="sweep the compiled INT4 GEMV's tiles at 1-4 rows first (needs the 'int4 w4g' variant)")
     p.add_argument("--sweep-w8g", action="store_true",
@@ -214,11 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     ks = sorted({k for _, k in layer_linears(args.shape).values()})
     xs = {m: {k: torch.randn(m, k, generator=gen, device=device).half() for k in ks} for m in batch_sizes}
     if args.sweep and "int4 kpack" in hs:
-        record["sweep"] = sweep_kpack(hs["int4 kpack"], args.group, xs[1], log)
+        record["sweep"] = sweep_kpack(hs["int4 kpack"], args.group, xs, log)
         if not record["sweep"]:
             raise UserError("no tile of the k-packed INT4 kernel ran (see the log)")
-        best = min(record["sweep"], key=lambda r: r["ms"])["tile"]
-        log(f"sweep: fastest tile {best}")
+        fastest = {}
+        for r in record["sweep"]:
+            fastest[r["M"]] = min(fastest.get(r["M"], r), r, key=lambda t: t["ms"])
+        for m, r in sorted(fastest.items()):
+            log(f"sweep: fastest tile at M={m} {r['tile']}")
+        best = fastest[min(fastest)]["tile"]
         tuned = KernelConfig(int4_kernel="kpack", w4k_rows=(1, 64), w4k_tile=tuple(best))
         hs["int4 kpack*"] = build_like(hs["int4 kpack"], tuned)
     if args.sweep_w4g and "int4 w4g" in hs:

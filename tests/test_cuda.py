@@ -233,7 +233,7 @@ def test_int4_kpack_matches_float64_reference(out, inp, group):
                     kernels=KernelConfig(int4_kernel="kpack", w4k_rows=(1, 64), w4g_rows=None))  # batch 1 too
     assert h.kernel.startswith("w4k-mma") and h._gemv_ok()
     w, kw = h.kpack
-    assert kw == ck.w4k_kw(inp, group, ck.W4K_TILE[1])
+    assert kw == ck.w4k_kw(inp, group, ck.W4K_KW)
     wd = h.dequantized_weight().cpu()
     assert torch.equal(ck.unpack_int4_k(w, kw).cpu().float() * h.scales.float().cpu().repeat_interleave(
         group, dim=1), wd)

@@ -243,11 +243,12 @@ def test_w4k_tensor_core_kernel_to_64_rows(rows, group):
     n, k = 80, 512
     q = torch.randint(-8, 8, (n, k), generator=gen)
     s = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).half()
-    kw = ck.w4k_kw(k, group, ck.W4K_TILE[1])
+    kw = ck.w4k_kw(k, group, ck.W4K_KW)
     w = ck.pack_int4_k(q, kw)
     x = activations(gen, rows, k).half()
     res = torch.randn(rows, n, generator=gen).half()
-    y = ck.w4k_mm(x, w, s, group=group, kw=kw, residual=res.clone(), cvt=0)
+    assert all(tile[1] == ck.W4K_KW for tile in ck.W4K_TILES.values())  # one packing serves every row tile
+    y = ck.w4k_mm(x, w, s, group=group, kw=kw, residual=res.clone(), cvt=0)  # W4K_TILES at the rows' tile
     want = x.double() @ (q.double() * s.double().repeat_interleave(group, dim=1)).t() + res.double()
     assert y.shape == (rows, n) and rel(y, want) <= 1e-2
     from quant.runtime.schemes.base import W4K_MAX_M

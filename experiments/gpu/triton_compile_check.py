@@ -21,12 +21,23 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from quant.runtime import cuda_kernels as ck  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB): a kernel needing more cannot launch
 
 
-def compile_one(fn, types: dict, const: dict, **options):
-    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in inspect.signature(fn.fn).parameters}
-    return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const), target=TARGET,
-                          options=options)
+# integer arguments that the 7B/8B shapes pass as multiples of 16 (sizes, row strides)
+DIV16 = ("R", "K", "N", "stride_xm", "stride_wn", "stride_sn", "stride_wsn", "stride_ym")
+
+
+def compile_one(fn, types: dict, const: dict, div16: tuple[str, ...] = DIV16, **options):
+    """``div16``: integer arguments the launch passes as multiples of 16, which Triton's JIT specializes on (as it
+    does on 16-byte aligned pointers, all of them here), so that loads vectorize and pipeline as they do at run time
+    (and take the shared memory they take then)."""
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in const and (sig[n].startswith("*") or n in div16)}
+    return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                          target=TARGET, options=options)
 
 
 def main() -> int:
@@ -56,8 +67,7 @@ def main() -> int:
                      {"x_ptr": "*fp16", "w_ptr": "*i8", "ws_ptr": "*fp16", "y_ptr": "*fp16"},
                      dict(WFMT=ck.W_INT8, AFMT=0, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True, CVT=1),
                      {"num_warps": warps, "num_stages": stages}, "prmt.b32"))
-    block_n, kw, warps, stages = ck.W4K_TILE
-    for bm in (16, 32, 64):  # the k-packed INT4 kernel at each row tile, the PTX conversion (cvt=1)
+    for bm, (block_n, kw, warps, stages) in ck.W4K_TILES.items():  # the k-packed INT4 kernel, PTX conversion
         jobs.append((f"w4k_mm rows<={bm}", ck._w4k_mm_kernel,
                      {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*fp16"},
                      dict(GROUP=128, BLOCK_M=bm, BLOCK_N=block_n, KW=kw, RESIDUAL=True, EVEN_N=True, CVT=1),
@@ -70,7 +80,9 @@ def main() -> int:
     for name, fn, types, const, options, must in jobs:
         try:
             k = compile_one(fn, types, const, **options)
-            ok = must is None or must in k.asm["ptx"]
+            ok = (must is None or must in k.asm["ptx"]) and k.metadata.shared <= MAX_SHARED
+            if k.metadata.shared > MAX_SHARED:
+                must = f"a block's shared memory: it needs {k.metadata.shared} bytes, sm_90 gives {MAX_SHARED}"
             mma = "wgmma" if "wgmma" in k.asm["ptx"] else "mma" if "mma.sync" in k.asm["ptx"] else "-"
             atoms = sorted(set(re.findall(r"atom[.][a-z0-9_.]+", k.asm["ptx"])))
             print(f"{name}: {'compiled' if ok else 'compiled WITHOUT ' + must}, to a cubin of "

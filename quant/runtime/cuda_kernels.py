@@ -304,9 +304,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
 # sums once. Repacked once at load: each int32 word holds 8 k of *one* row, sub-block o of a tile of KW words per
 # row (o = 0..7, k = tile·8·KW + o·KW + j for word j) in nibble W4K_NIBBLE[o], the order in which the PTX below
 # yields them; offset binary q + 8.
-# (BLOCK_N, KW, warps, stages): the fastest at batch 1 of ``python -m experiments.kernel_bench --sweep`` on an H200
-# (LLaMa-2-7B layer shapes; on Llama-3-8B's, (32, 64, 2, 4) was 0.2 % faster)
-W4K_TILE = (32, 64, 4, 4)
+# (BLOCK_N, KW, warps, stages) per row tile (rows padded to 16, 32, 64), all with the packing's KW, W4K_KW. Row tile
+# 16: the fastest at batch 1 of ``python -m experiments.kernel_bench --sweep`` on an H200 (LLaMa-2-7B layer shapes;
+# on Llama-3-8B's, (32, 64, 2, 4) was 0.2 % faster). Row tiles 32 and 64, not yet timed: that tile spills 117
+# registers at 32 rows and needs 312 KiB of shared memory at 64 (an H200 gives a block 227), so these are the KW-64
+# tiles with no spill that fit, fewest warp-instructions per weight in their main loop
+# (experiments/gpu/sass_loop.py --sweep-w4k, Triton 3.6: experiments/results/gpu/kernels, stage 5).
+W4K_KW = 64
+W4K_TILES = {16: (32, 64, 4, 4), 32: (64, 64, 8, 2), 64: (32, 64, 4, 2)}
 W4K_MAX_M = 64  # rows of one program (the weights are read once for all of them); KernelConfig.w4k_rows' bound
 W4K_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
 _W4K_HALF_ASM = tl.constexpr("""{
@@ -400,21 +405,23 @@ def _w4k_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, TILES, stride_xm, stride_wn
 
 
 def w4k_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group: int, kw: int,
-           residual: torch.Tensor | None = None, tile: tuple[int, int, int, int] = W4K_TILE,
+           residual: torch.Tensor | None = None, tile: tuple[int, int, int, int] | None = None,
            cvt: int = 1) -> torch.Tensor:
     """y [M, N] = x · (q · s)ᵀ for M ≤ W4K_MAX_M rows of float16 x [M, K]: w int32 [N, K/8] from
     :func:`pack_int4_k` with tile width ``kw``, scales [N, K/group]; residual [M, N]: y added in place. ``tile``:
-    (BLOCK_N, ·, warps, stages) — its KW is the packing's, ``kw``. The rows are padded to the tensor-core tile
-    (16, 32 or 64). ``cvt``: 1 the PTX conversion above, 0 the portable one (same values)."""
+    (BLOCK_N, ·, warps, stages) — its KW is the packing's, ``kw``; None: W4K_TILES at the rows' tile. The rows are
+    padded to the tensor-core tile (16, 32 or 64). ``cvt``: 1 the PTX conversion above, 0 the portable one (same
+    values)."""
     m, k = x.shape
     n = w.shape[0]
     assert m <= W4K_MAX_M and x.dtype == torch.float16 and x.stride(-1) == 1 and w.dtype == torch.int32
     assert w.shape[1] * 8 == k and k % (8 * kw) == 0 and group % kw == 0 and scales.shape == (n, k // group)
-    block_n, _, warps, stages = tile
+    block_m = max(16, _pow2(m))
+    block_n, _, warps, stages = tile or W4K_TILES[block_m]
     y = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     _w4k_mm_kernel[(triton.cdiv(n, block_n),)](
         x, w, scales, y, m, n, k // (8 * kw), x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
-        GROUP=group, BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, KW=kw, RESIDUAL=residual is not None,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, KW=kw, RESIDUAL=residual is not None,
         EVEN_N=n % block_n == 0, CVT=cvt, num_warps=warps, num_stages=stages)
     return y
 

@@ -74,7 +74,8 @@ class KernelConfig:
     # cuda_kernels.w4k_mm; the other rows: tinygemm). Default "kpack" over rows 2–16: on an H200 (7B/8B layer
     # shapes, experiments/results/gpu/kernels) it holds 1.26–1.36× FP16 cuBLAS at 2–16 rows where tinygemm falls to
     # 0.44–1.09×; at 1 row tinygemm is faster (1.36–1.41× vs 1.25–1.31×). The kernel takes up to W4K_MAX_M rows
-    # (17–64 in tiles of 32 / 64 rows, each weight read once): not yet timed there, so 17–64 stay on tinygemm
+    # (17–64 in tiles of 32 / 64 rows, each weight read once; their tiles chosen from the compiled code alone,
+    # cuda_kernels.W4K_TILES): not yet timed there, so 17–64 stay on tinygemm
     # (end to end 0.42× FP16 at batch 32 on an H200), experiments.bench RECIPE@w4k64 the alternative.
     int4_kernel: str = "kpack"
     w4k_rows: tuple[int, int] = (2, 16)
@@ -82,7 +83,8 @@ class KernelConfig:
     # GEMV_CONFIG): the weight-conversion variant, and the (BLOCK_R, BLOCK_K, warps) tile.
     gemv_cvt: tuple[tuple[str, int], ...] = ()
     gemv_tile: tuple[tuple[str, tuple[int, int, int]], ...] = ()
-    # The k-packed INT4 kernel's (BLOCK_N, KW, warps, stages); None: its tuned default (cuda_kernels.W4K_TILE).
+    # The k-packed INT4 kernel's (BLOCK_N, KW, warps, stages) at every row tile; None: its tuned tile per row tile
+    # (cuda_kernels.W4K_TILES).
     w4k_tile: tuple[int, int, int, int] | None = None
     # INT4 rows (1–4) that take the compiled CUDA GEMV (cuda_ext.w4a16_gemv: float16, on a copy reordered at load,
     # ahead of w4k_rows and tinygemm); None: off. Where the extension cannot be built, the other kernels run.

@@ -51,8 +51,8 @@ class W4A16AWQLinear(_Handler):
                 self.w4g_tile = kernels.w4g_tile or cuda_ext.W4G_TILE
             if kernels.int4_kernel == "kpack" and dtype == torch.float16:
                 ck = _cuda_kernels()
-                self.w4k_tile = kernels.w4k_tile or ck.W4K_TILE
-                kw = ck.w4k_kw(inp, group, self.w4k_tile[1])
+                self.w4k_tile = kernels.w4k_tile
+                kw = ck.w4k_kw(inp, group, self.w4k_tile[1] if self.w4k_tile else ck.W4K_KW)
                 if kw is not None:  # another copy, for w4k_rows: the others serve the other rows and prefill
                     self.kpack = ck.pack_int4_k(q(), kw), kw
                     self.w4k_rows = kernels.w4k_rows

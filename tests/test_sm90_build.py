@@ -1,0 +1,48 @@
+"""The runtime's Triton kernels compiled for an H200 (sm_90) on this CPU box, as Triton's JIT compiles them for the
+7B/8B shapes: Triton lowers them to PTX and runs the ptxas it ships, so a kernel that does not compile, or needs
+more shared memory than an sm_90 block has (it could not launch there), fails here before any GPU time is spent
+(experiments/gpu/triton_compile_check.py). The static cost table (experiments/gpu/sass_loop.py) is checked for what
+the runtime's comments rely on. Both run as subprocesses: this test session runs Triton's interpreter
+(tests/conftest.py), which replaces the kernels these compile. About 45 s on a 2-core box."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu" / script), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def test_every_kernel_compiles_for_sm90_within_its_shared_memory():
+    lines = [line for line in _run("triton_compile_check.py").splitlines() if line.strip()]
+    assert len(lines) >= 20 and all(": compiled, to a cubin" in line for line in lines), "\n".join(lines)
+    for bm in (16, 32, 64):  # every row tile of the k-packed INT4 kernel, at its W4K_TILES tile
+        assert any(line.startswith(f"w4k_mm rows<={bm}:") for line in lines)
+
+
+def test_static_cost_table_backs_the_kernel_choices():
+    rows = {}
+    for line in _run("sass_loop.py").splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 11 and re.match(r"\d+$", cells[1]):
+            rows[cells[0]] = {"per_weight": float(cells[2]), "spills": int(cells[5]), "ctas": int(cells[8])}
+    assert len(rows) == 12, rows
+    for bm in (16, 32, 64):
+        # the byte-permute conversion (KernelConfig.wq_cvt) issues fewer instructions per weight than Triton's
+        assert rows[f"W8A16 tl.dot rows≤{bm} cvt=1"]["per_weight"] < rows[f"W8A16 tl.dot rows≤{bm} cvt=0"]["per_weight"]
+        int4 = next(v for k, v in rows.items() if k.startswith(f"INT4 k-packed rows≤{bm} "))
+        assert int4["spills"] == 0 and int4["ctas"] >= 1, int4  # W4K_TILES: no spill, and a block fits an SM
