@@ -308,8 +308,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
 # 16: the fastest at batch 1 of ``python -m experiments.kernel_bench --sweep`` on an H200 (LLaMa-2-7B layer shapes;
 # on Llama-3-8B's, (32, 64, 2, 4) was 0.2 % faster). Row tiles 32 and 64, not yet timed: that tile spills 117
 # registers at 32 rows and needs 312 KiB of shared memory at 64 (an H200 gives a block 227), so these are the KW-64
-# tiles with no spill that fit, fewest warp-instructions per weight in their main loop
-# (experiments/gpu/sass_loop.py --sweep-w4k, Triton 3.6: experiments/results/gpu/kernels, stage 5).
+# tiles with no spill (under Triton 3.6, the GPU image's, and 3.9, CI's) that fit, fewest warp-instructions per
+# weight in their main loop (experiments/gpu/sass_loop.py --sweep-w4k: experiments/results/gpu/kernels, stage 5).
 W4K_KW = 64
 W4K_TILES = {16: (32, 64, 4, 4), 32: (64, 64, 8, 2), 64: (32, 64, 4, 2)}
 W4K_MAX_M = 64  # rows of one program (the weights are read once for all of them); KernelConfig.w4k_rows' bound
