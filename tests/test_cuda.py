@@ -184,10 +184,12 @@ def test_gemv_weight_conversions_match_float64_reference(algo, cvt):
 
 @cuda
 def test_w8a16_byte_permute_conversion_is_exact():
-    """KernelConfig.wq_cvt: W8A16's tl.dot kernel converting int8 by PTX byte permute gives the same output, bit
-    for bit, as Triton's conversion (both are exact in float16), over every int8 value, at rows on each side of
-    its tiles (2, 16, 17, 64, and 65 on the prefill tile), K 600 (not a multiple of its K tiles), with a residual;
-    and the handler with it on matches the float64 reference."""
+    """KernelConfig.w8a16_dot "prmt": W8A16's tl.dot kernel converting int8 by PTX byte permute gives the same
+    output, bit for bit, as Triton's conversion (both are exact in float16), over every int8 value, at rows on each
+    side of its tiles (2, 16, 17, 64, and 65 on the prefill tile), K 600 (not a multiple of its K tiles), with a
+    residual; the wide tiles with K split ("wide", the kernel's own split test: tests/test_triton_interpret.py) match
+    Triton's conversion within float32 summation order, replayed in a CUDA graph (the split counter left at zero
+    for the next replay); and the handler in either mode matches the float64 reference."""
     from quant.runtime import cuda_kernels as ck
     from quant.runtime.schemes.base import KernelConfig
 
@@ -201,7 +203,28 @@ def test_w8a16_byte_permute_conversion_is_exact():
         r = torch.randn(m, 96, generator=gen).half().to(DEV)
         ys = [ck.wq_mm(x, w, s, wfmt=ck.W_INT8, cvt=c, residual=r.clone()) for c in (0, 1)]
         assert bool(torch.isfinite(ys[0]).all()) and torch.equal(ys[0], ys[1]), f"M={m}"
-    _check_linear("W8A16", torch.float16, KernelConfig(wq_cvt=True))
+        if m <= ck.WQ_MM_MAX_M:
+            counter = torch.zeros(1, dtype=torch.int32, device=DEV)
+            out = torch.empty_like(r)
+
+            def wide():
+                out.copy_(r)
+                ck.wq_mm(x, w, s, wfmt=ck.W_INT8, cvt=1, split=3, counter=counter, residual=out,
+                         config=ck.WQ_WIDE_CONFIG[max(16, ck._pow2(m))])
+
+            wide()
+            first = out.clone()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                wide()
+            for _ in range(3):
+                g.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(out, first) and int(counter.item()) == 0, f"M={m}"
+            assert rel(first, ys[0]) <= 2e-3, f"M={m}"
+    for dot in ("prmt", "wide"):
+        for dtype in GPU_DTYPES:
+            _check_linear("W8A16", dtype, KernelConfig(w8a16_dot=dot))
 
 
 @cuda

@@ -40,6 +40,25 @@ def test_wq_mm_int8_weights_match_float64_reference(rows):
     assert rel(y, reference("W8A16", t, x, wd)) <= 1e-2
 
 
+@pytest.mark.parametrize("rows", [3, 40])
+def test_wq_mm_split_k_matches_float64_reference(rows):
+    """wq_mm with K split over programs (KernelConfig.w8a16_dot "wide", Triton's conversion here): every split's
+    partial reaches y, in split order (the same bits twice), the counter left at zero for the next call, and a
+    split count above K's tiles clamped to one tile each."""
+    gen = _gen(f"wqsplit/{rows}")
+    t = layout("W8A16", torch.randn(96, 1000, generator=gen) * 0.05, gen)  # K: 4 tiles of 256, the last partial
+    wd = exact_dequantized("W8A16", t, torch.float16)
+    x = (activations(gen, rows, 1000) * 40).half()
+    res = torch.randn(rows, 96, generator=gen).half()
+    counter = torch.zeros(3, dtype=torch.int32)  # 96 outputs: three tiles of 32
+    want = reference("W8A16", t, x, wd) + res.double()
+    for split in (2, 3, 9):
+        ys = [ck.wq_mm(x, t["weight"], t["weights_scaling_factor"].half(), wfmt=ck.W_INT8, residual=res.clone(),
+                       split=split, counter=counter, config=(32, 256, 2, 2)) for _ in range(2)]
+        assert torch.equal(ys[0], ys[1]) and not counter.any(), split
+        assert rel(ys[0], want) <= 1e-2, split
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_wq_mm_int4_prefill_matches_float64_reference(group):
     gen = _gen(f"wq4/{group}")

@@ -35,7 +35,8 @@ from quant.runtime import cuda_kernels as ck  # noqa: E402
 # H200 SXM: SMs, max SM clock (experiments/results/gpu/*/gpu.txt), copy bandwidth (stage 4, both shapes' runs),
 # registers and shared memory per SM (sm_90 limits)
 SMS, CLOCK_HZ, COPY_BPS, REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM = 132, 1.98e9, 4.2e12, 65536, 233472, 2048
-WQ_TYPES = {"x_ptr": "*fp16", "w_ptr": "*i8", "ws_ptr": "*fp16", "y_ptr": "*fp16"}
+WQ_TYPES = {"x_ptr": "*fp16", "w_ptr": "*i8", "ws_ptr": "*fp16", "y_ptr": "*fp16", "part_ptr": "*fp32",
+            "cnt_ptr": "*i32"}
 W4K_TYPES = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*fp16"}
 
 
@@ -77,6 +78,10 @@ def variants(sweep_w4k: bool):
             yield (f"W8A16 tl.dot rows≤{bm} cvt={cvt}", ck._wq_mm_kernel, WQ_TYPES,
                    dict(WFMT=ck.W_INT8, AFMT=ck.A_FLOAT, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False,
                         CVT=cvt), dict(num_warps=warps, num_stages=stages), br * bk, 1.0, br)
+        br, bk, warps, stages = ck.WQ_WIDE_CONFIG[bm]
+        yield (f"W8A16 tl.dot rows≤{bm} wide, K split", ck._wq_mm_kernel, WQ_TYPES,
+               dict(WFMT=ck.W_INT8, AFMT=ck.A_FLOAT, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False,
+                    CVT=1, SPLIT=4), dict(num_warps=warps, num_stages=stages), br * bk, 1.0, br)
         br, bk, warps, stages = table[ck.A_INT8]
         yield (f"SmoothQuant tl.dot rows≤{bm}", ck._wq_mm_kernel, {**WQ_TYPES, "x_ptr": "*i8", "ws_ptr": "*fp32"},
                dict(WFMT=ck.W_INT8, AFMT=ck.A_INT8, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False),
@@ -113,7 +118,9 @@ def analyse(shape: str, sweep_w4k: bool):
         per_weight = len(loop) * options["num_warps"] / per_trip
         issue_ms = weights * per_weight / (4 * SMS * CLOCK_HZ) * 1e3
         memory_ms = weights * bpw / COPY_BPS * 1e3
-        grids = "/".join(str(-(-n // cta_rows)) for n, _ in linears.values())
+        grids = "/".join(  # output tiles, × the K splits where the kernel splits K (as the W8A16 handler does)
+            str(-(-n // cta_rows) * (ck.wq_fill_split(-(-n // cta_rows), SMS, const["BLOCK_M"], k)
+                                     if const.get("SPLIT", 1) > 1 else 1)) for n, k in linears.values())
         rows.append((label, f"{len(loop)}", f"{per_weight:.3f}", f"{issue_ms:.2f}", f"{memory_ms:.2f}",
                      f"{ops['LDL'] + ops['STL']}", f"{regs}", f"{smem // 1024}", f"{ctas}", grids,
                      ", ".join(f"{o} {c}" for o, c in ops.most_common(6))))

@@ -25,14 +25,17 @@ MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 Ki
 
 
 # integer arguments that the 7B/8B shapes pass as multiples of 16 (sizes, row strides)
-DIV16 = ("R", "K", "N", "stride_xm", "stride_wn", "stride_sn", "stride_wsn", "stride_ym")
+DIV16 = ("R", "K", "N", "K_SPLIT", "stride_xm", "stride_wn", "stride_sn", "stride_wsn", "stride_ym")
 
 
 def compile_one(fn, types: dict, const: dict, div16: tuple[str, ...] = DIV16, **options):
     """``div16``: integer arguments the launch passes as multiples of 16, which Triton's JIT specializes on (as it
     does on 16-byte aligned pointers, all of them here), so that loads vectorize and pipeline as they do at run time
     (and take the shared memory they take then)."""
-    names = list(inspect.signature(fn.fn).parameters)
+    params = inspect.signature(fn.fn).parameters
+    names = list(params)
+    const = {**{n: p.default for n, p in params.items()  # constexpr parameters left at their defaults
+                if p.default is not inspect.Parameter.empty and "constexpr" in str(p.annotation)}, **const}
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n not in const and (sig[n].startswith("*") or n in div16)}
@@ -55,18 +58,21 @@ def main() -> int:
                 jobs.append((f"attention kv={kv} fused_reduce={fused} rope={rope}", ck._attn_split_kernel,
                              {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]}, const, {"num_warps": 4},
                              "atom.global.gpu.acq_rel" if fused else None))
+    wq = {"x_ptr": "*fp16", "w_ptr": "*i8", "ws_ptr": "*fp16", "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
     for wfmt, w in ((ck.W_INT8, "*i8"), (ck.W_INT4, "*u8")):
         bm, br, bk, warps, stages = ck.WQ_PREFILL_CONFIG[wfmt]
-        jobs.append((f"wq_mm prefill wfmt={wfmt}", ck._wq_mm_kernel,
-                     {"x_ptr": "*fp16", "w_ptr": w, "ws_ptr": "*fp16", "y_ptr": "*fp16"},
+        jobs.append((f"wq_mm prefill wfmt={wfmt}", ck._wq_mm_kernel, {**wq, "w_ptr": w},
                      dict(WFMT=wfmt, AFMT=0, GROUP=128, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False),
                      {"num_warps": warps, "num_stages": stages}, None))
     for bm, table in ((16, ck.WQ_MM_CONFIG), (32, ck.WQ_MM_CONFIG_32), (64, ck.WQ_MM_CONFIG_32)):  # W8A16, cvt=1
         br, bk, warps, stages = table[ck.W_INT8]
-        jobs.append((f"wq_mm int8 byte-permute rows<={bm}", ck._wq_mm_kernel,
-                     {"x_ptr": "*fp16", "w_ptr": "*i8", "ws_ptr": "*fp16", "y_ptr": "*fp16"},
+        jobs.append((f"wq_mm int8 byte-permute rows<={bm}", ck._wq_mm_kernel, wq,
                      dict(WFMT=ck.W_INT8, AFMT=0, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True, CVT=1),
                      {"num_warps": warps, "num_stages": stages}, "prmt.b32"))
+    for bm, (br, bk, warps, stages) in ck.WQ_WIDE_CONFIG.items():  # W8A16 "wide": K split, the last adds
+        jobs.append((f"wq_mm int8 wide split rows<={bm}", ck._wq_mm_kernel, wq,
+                     dict(WFMT=ck.W_INT8, AFMT=0, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True, CVT=1,
+                          SPLIT=4), {"num_warps": warps, "num_stages": stages}, "atom.global.gpu.acq_rel"))
     for bm, (block_n, kw, warps, stages) in ck.W4K_TILES.items():  # the k-packed INT4 kernel, PTX conversion
         jobs.append((f"w4k_mm rows<={bm}", ck._w4k_mm_kernel,
                      {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*fp16"},

@@ -429,11 +429,21 @@ def w4k_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group: int
 # -- tl.dot path for 2–64 rows (and SmoothQuant's int8 GEMM): weights dequantized in registers -----------------------
 @triton.jit
 def _wq_mm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, stride_wsn, stride_ym,
+                  part_ptr, cnt_ptr, K_SPLIT,
                   WFMT: tl.constexpr, AFMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr, CVT: tl.constexpr = 0):
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr, CVT: tl.constexpr = 0,
+                  SPLIT: tl.constexpr = 1):
+    """SPLIT > 1 (int8 weights, float x): program (r, m, s) sums k in [s · K_SPLIT, (s + 1) · K_SPLIT), stores its
+    float32 partial in part [SPLIT, M, R], and the last of a tile's SPLIT programs to finish (an acq_rel counter in
+    cnt, which it resets for the next call) adds the partials in split order and stores y: more programs than
+    tiles, for linears whose tiles alone leave SMs idle, the same result whichever program finishes last."""
     dt: tl.constexpr = y_ptr.dtype.element_ty
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
+    k_lo = tl.multiple_of(tl.program_id(2) * K_SPLIT, BLOCK_K)  # (K_SPLIT: whole K tiles)
+    k_hi = K
+    if SPLIT > 1:
+        k_hi = tl.minimum(K, k_lo + K_SPLIT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -443,7 +453,7 @@ def _wq_mm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, st
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
@@ -470,8 +480,20 @@ def _wq_mm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, st
     if WFMT == 2:
         _gemv_store(acc, y_ptr, ws_ptr, offs_m, m_mask, 2 * offs_r, r_mask, stride_ym, dt, 0, RESIDUAL)
         _gemv_store(acc2, y_ptr, ws_ptr, offs_m, m_mask, 2 * offs_r + 1, r_mask, stride_ym, dt, 0, RESIDUAL)
-    else:
+    elif SPLIT == 1:
         _gemv_store(acc, y_ptr, ws_ptr, offs_m, m_mask, offs_r, r_mask, stride_ym, dt, 1, RESIDUAL)
+    else:
+        mr = m_mask[:, None] & r_mask[None, :]
+        parts = part_ptr + offs_m[:, None] * R + offs_r[None, :]
+        tl.store(parts + tl.program_id(2) * M * R, acc, mask=mr)
+        tl.debug_barrier()  # every thread's stores before the release below
+        cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_r
+        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            tl.store(cnt, 0)
+            total = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+            for sp in tl.static_range(SPLIT):  # past a non-coherent L1: other programs wrote them
+                total += tl.load(parts + sp * M * R, mask=mr, other=0.0, cache_modifier=".cg")
+            _gemv_store(total, y_ptr, ws_ptr, offs_m, m_mask, offs_r, r_mask, stride_ym, dt, 1, RESIDUAL)
 
 
 WQ_MM_MAX_M = 64
@@ -479,6 +501,12 @@ WQ_MM_MAX_M = 64
 # Measured on the 7B shapes (H200): BLOCK_R 16 leaves the weight stream short of bytes in flight at 8 rows.
 WQ_MM_CONFIG = {W_INT8: (32, 256, 4, 3), W_INT4: (32, 128, 4, 4), A_INT8: (32, 256, 4, 3)}
 WQ_MM_CONFIG_32 = {W_INT8: (64, 128, 4, 4), W_INT4: (32, 128, 4, 4), A_INT8: (32, 128, 4, 4)}  # 17–64 rows
+# KernelConfig.w8a16_dot "wide": W8A16 at 2–64 rows on 128-channel tiles, per row tile (16, 32, 64): (BLOCK_R,
+# BLOCK_K, warps, stages). Each warp's x fragments then serve more output channels: 0.08–0.11 warp-instructions per
+# weight in the loop against 0.13–0.23 on WQ_MM_CONFIG's tiles (byte-permute conversion, sm_90, Triton 3.6,
+# experiments/gpu/sass_loop.py; no spills, fewest per weight). Too few tiles for the o / down projections' 4096
+# channels alone (32 programs), hence K split with them (wq_fill_split). Not yet timed.
+WQ_WIDE_CONFIG = {16: (128, 256, 2, 2), 32: (128, 128, 2, 2), 64: (128, 128, 4, 2)}
 # SmoothQuant prefill through Triton (BM, BR, BK, warps, stages): ~960 int8 TOP/s at 1024 rows on the 7B shapes,
 # against ~650–850 for torch._int_mm (cuBLASLt's sm80 kernels) and ~700 TFLOP/s for cuBLAS fp16.
 INT8_GEMM_CONFIG = (128, 128, 64, 4, 4)
@@ -490,12 +518,16 @@ WQ_PREFILL_CONFIG = {W_INT8: (128, 128, 64, 4, 4), W_INT4: (128, 64, 64, 8, 3)} 
 
 def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, group: int = 0, afmt: int = A_FLOAT,
           dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,
-          config: tuple[int, ...] | None = None, cvt: int = 0) -> torch.Tensor:
+          config: tuple[int, ...] | None = None, cvt: int = 0, split: int = 1,
+          counter: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = x @ dequant(W)ᵀ · scale for int8 (per-channel scale) or int4 AWQ (group scales) weights, x in
     fp16/bf16; or, afmt=A_INT8, int8 x @ int8 Wᵀ in int32 times the per-channel ``wscale`` (= a · s). ``config``
     None: the tuned tile for M rows (above WQ_MM_MAX_M the prefill tiles, INT8_GEMM_CONFIG / WQ_PREFILL_CONFIG).
     ``cvt`` 1 (int8 weights, float16 x): int8 → float16 by the PTX byte permute (_I8_TO_F16_ASM) instead of
-    Triton's int-to-float conversion (one I2F per weight); the same values. Not in Triton's interpreter."""
+    Triton's int-to-float conversion (one I2F per weight); the same values. Not in Triton's interpreter.
+    ``split`` > 1 (int8 weights, float x, at most WQ_MM_MAX_M rows): K cut into that many ranges of whole K tiles,
+    one program each, their float32 partials added by the last (the kernel's docstring); ``counter``: int32 zeros,
+    one per output tile, which every call leaves zero again (held by the caller, so a CUDA graph can replay it)."""
     M, K = x.shape
     R = w.shape[0]
     N = 2 * R if wfmt == W_INT4 else R
@@ -514,11 +546,27 @@ def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, 
         bk = min(bk, group)
         assert group % bk == 0
     grid = (triton.cdiv(R, br), triton.cdiv(M, bm))
-    _wq_mm_kernel[grid](x, w, wscale, y, M, R, K, x.stride(0), w.stride(0),
-                        wscale.stride(0) if wscale.dim() == 2 else 0, y.stride(0),
-                        WFMT=wfmt, AFMT=afmt, GROUP=max(group, 1), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
-                        RESIDUAL=residual is not None, CVT=cvt, num_warps=warps, num_stages=stages)
+    k_split = triton.cdiv(triton.cdiv(K, bk), split) * bk
+    split = triton.cdiv(K, k_split)  # every range holds at least one K tile
+    part = y
+    if split > 1:
+        assert wfmt == W_INT8 and afmt == A_FLOAT and M <= WQ_MM_MAX_M
+        assert counter is not None and counter.dtype == torch.int32 and counter.numel() >= grid[0] * grid[1]
+        part = torch.empty(split, M, R, dtype=torch.float32, device=x.device)
+    _wq_mm_kernel[grid + (split,)](x, w, wscale, y, M, R, K, x.stride(0), w.stride(0),
+                                   wscale.stride(0) if wscale.dim() == 2 else 0, y.stride(0),
+                                   part, part if counter is None else counter, k_split,
+                                   WFMT=wfmt, AFMT=afmt, GROUP=max(group, 1), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
+                                   RESIDUAL=residual is not None, CVT=cvt, SPLIT=split, num_warps=warps,
+                                   num_stages=stages)
     return y
+
+
+def wq_fill_split(tiles: int, sms: int, rows: int = 1, k: int = 1 << 30) -> int:
+    """Splits of K for wq_mm so that ``tiles`` output tiles make at least two programs per SM: at most 8, and at
+    most k / (16 · rows), which keeps the float32 partials (splits · rows · 4 bytes per output channel) within a
+    quarter of the int8 weight bytes (k per channel) they save waiting on."""
+    return max(1, min(8, -(-2 * sms // tiles), k // (16 * rows)))
 
 
 # -- row-wise prologue for library GEMMs ---------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ def _cuda_kernels():
 
 
 INT4_KERNELS = ("tinygemm", "triton", "kpack")
+W8A16_DOTS = ("triton", "prmt", "wide")  # KernelConfig.w8a16_dot
 ALGO_KEYS = ("dense", "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "FP8")
 
 
@@ -109,10 +110,15 @@ class KernelConfig:
     # float16 copy of each weight per call for cuBLAS. Empty: on an H200 (7B, experiments.bench RECIPE@wqprefill)
     # it took TTFT from 0.73× to 0.53× FP16's (int8) and from 0.48× to 0.26× (int4) at input 512.
     wq_prefill: frozenset[str] = frozenset()
-    # W8A16's tl.dot kernel (2–64 rows; prefill too under wq_prefill; cuda_kernels.wq_mm): int8 → float16 by a PTX byte permute and one
-    # half2 subtraction per two weights (cvt=1) instead of Triton's conversion, one I2F per weight, which on an
-    # H200 leaves that kernel issue-bound (int8_wo 1.06–1.09× FP16 end to end at batches 4–16). Not yet timed.
-    wq_cvt: bool = False
+    # W8A16's tl.dot kernel at 2–64 rows (cuda_kernels.wq_mm): "triton" (Triton's int8 → half, one I2F per weight,
+    # and the WQ_MM_CONFIG tiles), "prmt" (int8 → float16 by one PTX byte permute and one half2 subtraction per two
+    # weights; prefill under wq_prefill too), or "wide" (that, on the 128-channel tiles of
+    # cuda_kernels.WQ_WIDE_CONFIG, with K split so that the tiles fill every SM twice). Compiled for sm_90, the
+    # "triton" loop issues 0.18–0.32 warp-instructions per weight, enough to bind it at 17–32 rows and nearly at
+    # 2–16 (int8_wo measured 0.78–0.81× FP16 at batch 32, 1.06–1.09× at 4–16); "prmt" 0.13–0.23, "wide"
+    # 0.08–0.11 (experiments/gpu/sass_loop.py; float16 only, bfloat16 keeps Triton's conversion). Not yet timed:
+    # experiments.bench RECIPE@wqcvt / @wqwide.
+    w8a16_dot: str = "triton"
     # Decode attention (cuda_kernels.DecodeAttention): the last split of each (row, head) combines the splits, and
     # RoPE + the KV-cache write happen inside the split kernel: one launch per layer fewer each. Both apply at
     # decode batches up to attn_fused_batch (None: every batch). On an H200 (7B, RECIPE@attnfused against the
@@ -123,6 +129,8 @@ class KernelConfig:
     attn_fused_batch: int | None = 1
 
     def __post_init__(self) -> None:
+        if self.w8a16_dot not in W8A16_DOTS:
+            raise ValueError(f"w8a16_dot must be one of {', '.join(W8A16_DOTS)}, got {self.w8a16_dot!r}")
         if self.sq_prefill_gemm not in ("triton", "int_mm"):
             raise ValueError(f"sq_prefill_gemm must be 'triton' or 'int_mm', got {self.sq_prefill_gemm!r}")
         if not 1 <= self.w4k_rows[0] <= self.w4k_rows[1] <= W4K_MAX_M:

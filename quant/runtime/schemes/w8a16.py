@@ -20,6 +20,11 @@ class W8A16Linear(_Handler):
         if self.cuda:
             self.kernel, self.emulated = "triton-w8a16", False
             self._setup_w8g(self.weight.shape[1])
+            self.cvt = int(kernels.w8a16_dot in ("prmt", "wide") and dtype == torch.float16)
+            self.counter = None
+            if kernels.w8a16_dot == "wide":  # K split over programs: one counter per output tile (16 channels or more)
+                self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+                self.counter = torch.zeros(-(-self.weight.shape[0] // 16), dtype=torch.int32, device=self.device)
 
     algo_key = "W8A16"
 
@@ -38,9 +43,13 @@ class W8A16Linear(_Handler):
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
         x = self._prep(x, norm, eps, silu)
+        if self.dtype != torch.float32 and x.shape[0] <= ck.WQ_MM_MAX_M and self.counter is not None:
+            (out, k), config = self.weight.shape, ck.WQ_WIDE_CONFIG[max(16, ck._pow2(x.shape[0]))]
+            split = ck.wq_fill_split(-(-out // config[0]), self.sms, x.shape[0], k)
+            return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, cvt=self.cvt, split=split,
+                            counter=self.counter, config=config)
         if self.dtype != torch.float32 and (x.shape[0] <= ck.WQ_MM_MAX_M or self.algo_key in self.kernels.wq_prefill):
-            return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8,
-                            cvt=int(self.kernels.wq_cvt and x.dtype == torch.float16))
+            return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, cvt=self.cvt)
         # prefill: one GEMM on the weight dequantized to the compute dtype (TRT-LLM's weight-only GEMM also
         # dequantizes before the MMA). Scaling after the GEMM overflows float16: x · q is 1/scale (~10³) times y.
         return F.linear(x, ck.dequant_int8(self.weight, self.scale, self.dtype))
