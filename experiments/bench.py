@@ -122,16 +122,16 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # k-packed tensor-core kernel at 2–64 rows instead of 2–16 (``int4_awq@w4k64``), or the
 # 8-bit formats' batch 1 on the Triton GEMV instead of the compiled one (``int8_wo@triton8``, ``fp8@triton8``, …),
 # or the weight-only prefill through the tl.dot kernel (``int8_wo@wqprefill``, ``int4_awq@wqprefill``), or W8A16's
-# 2–64-row tl.dot kernel converting int8 by byte permute (``int8_wo@wqcvt``), also on wide tiles with K split
-# (``int8_wo@wqwide``), or decode
+# 2–64-row tl.dot kernel converting int8 by byte permute (``int8_wo@wqcvt``), and the int8 formats' on wide tiles
+# with K split (``int8_wo@wqwide``, ``smoothquant@wqwide``), or decode
 # attention at every batch combining its splits in its last program (``@attnreduce``), doing RoPE + the cache write
 # itself (``@attnrope``), or both (``fp16@attnfused``; the default does both at batch 1 only), or neither at any
 # batch (``@attnsplit``: a reduce launch and a RoPE launch per layer)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERNELS},
                    "w4g-unfused": {"w4g_fuse": False}, "w4k64": {"w4k_rows": (2, 64)},
                    "triton8": {"w8g": frozenset()},
-                   "wqprefill": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"})}, "wqcvt": {"w8a16_dot": "prmt"},
-                   "wqwide": {"w8a16_dot": "wide"},
+                   "wqprefill": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"})}, "wqcvt": {"wq_cvt": True},
+                   "wqwide": {"wq_cvt": True, "wq_wide": frozenset({"W8A16", "W8A8_SQ_PER_CHANNEL"})},
                    "attnreduce": {"attn_rope_fused": False, "attn_fused_batch": None},
                    "attnrope": {"attn_fused_reduce": False, "attn_fused_batch": None},
                    "attnfused": {"attn_fused_batch": None},
@@ -471,7 +471,7 @@ def sweep(device: torch.device, log, ms: list[int]) -> list[dict]:
                     xa = (x * 10).clamp(-127, 127).to(torch.int8) if sq else x
                     ws = h.out_scale if sq else h.scale if algo == "W8A16" else h.scales
                     for cfg, cvt in itertools.product(WQ_SWEEP, (0, 1) if algo == "W8A16" else (0,)):
-                        bench(f"tl.dot{cfg}" + " cvt=1" * cvt,  # cvt=1: KernelConfig.w8a16_dot "prmt"
+                        bench(f"tl.dot{cfg}" + " cvt=1" * cvt,  # cvt=1: KernelConfig.wq_cvt
                               lambda: ck.wq_mm(xa, h.weight, ws, wfmt=wf[algo], group=128,
                                                afmt=ck.A_INT8 if sq else ck.A_FLOAT, dtype=torch.float16,
                                                config=cfg, cvt=cvt),

@@ -42,10 +42,11 @@ VARIANTS = {
     "fp16 runtime": (None, KernelConfig()),
     "int8_wo runtime": ("W8A16", KernelConfig()),  # the 8-bit formats' default: the compiled GEMV at batch 1
     "int8_wo triton": ("W8A16", KernelConfig(w8g=frozenset())),
-    "int8_wo wqcvt": ("W8A16", KernelConfig(w8a16_dot="prmt")),  # 2–64 rows: int8 → float16 by byte permute
-    "int8_wo wqwide": ("W8A16", KernelConfig(w8a16_dot="wide")),  # that, on wide tiles, K split
+    "int8_wo wqcvt": ("W8A16", KernelConfig(wq_cvt=True)),  # 2–64 rows: int8 → float16 by byte permute
+    "int8_wo wqwide": ("W8A16", KernelConfig(wq_cvt=True, wq_wide=frozenset({"W8A16"}))),  # that, wide tiles, K split
     "smoothquant runtime": ("W8A8_SQ_PER_CHANNEL", KernelConfig()),
     "smoothquant triton": ("W8A8_SQ_PER_CHANNEL", KernelConfig(w8g=frozenset())),
+    "smoothquant wqwide": ("W8A8_SQ_PER_CHANNEL", KernelConfig(wq_wide=frozenset({"W8A8_SQ_PER_CHANNEL"}))),
     "fp8 runtime": ("FP8", KernelConfig()),
     "fp8 triton": ("FP8", KernelConfig(w8g=frozenset())),
     "int4 tinygemm": ("W4A16_AWQ", KernelConfig(int4_kernel="tinygemm", w4g_rows=None)),

@@ -184,10 +184,10 @@ def test_gemv_weight_conversions_match_float64_reference(algo, cvt):
 
 @cuda
 def test_w8a16_byte_permute_conversion_is_exact():
-    """KernelConfig.w8a16_dot "prmt": W8A16's tl.dot kernel converting int8 by PTX byte permute gives the same
+    """KernelConfig.wq_cvt: W8A16's tl.dot kernel converting int8 by PTX byte permute gives the same
     output, bit for bit, as Triton's conversion (both are exact in float16), over every int8 value, at rows on each
     side of its tiles (2, 16, 17, 64, and 65 on the prefill tile), K 600 (not a multiple of its K tiles), with a
-    residual; the wide tiles with K split ("wide", the kernel's own split test: tests/test_triton_interpret.py) match
+    residual; the wide tiles with K split (wq_wide; the kernel's split test: tests/test_triton_interpret.py) match
     Triton's conversion within float32 summation order, replayed in a CUDA graph (the split counter left at zero
     for the next replay); and the handler in either mode matches the float64 reference."""
     from quant.runtime import cuda_kernels as ck
@@ -210,7 +210,7 @@ def test_w8a16_byte_permute_conversion_is_exact():
             def wide():
                 out.copy_(r)
                 ck.wq_mm(x, w, s, wfmt=ck.W_INT8, cvt=1, split=3, counter=counter, residual=out,
-                         config=ck.WQ_WIDE_CONFIG[max(16, ck._pow2(m))])
+                         config=ck.WQ_WIDE_CONFIG[ck.A_FLOAT][max(16, ck._pow2(m))])
 
             wide()
             first = out.clone()
@@ -222,9 +222,11 @@ def test_w8a16_byte_permute_conversion_is_exact():
                 torch.cuda.synchronize()
                 assert torch.equal(out, first) and int(counter.item()) == 0, f"M={m}"
             assert rel(first, ys[0]) <= 2e-3, f"M={m}"
-    for dot in ("prmt", "wide"):
+    for kernels in (KernelConfig(wq_cvt=True), KernelConfig(wq_cvt=True, wq_wide=frozenset({"W8A16"}))):
         for dtype in GPU_DTYPES:
-            _check_linear("W8A16", dtype, KernelConfig(w8a16_dot=dot))
+            _check_linear("W8A16", dtype, kernels)
+    for dtype in GPU_DTYPES:  # SmoothQuant on the wide tiles: int32 partials, exact
+        _check_linear("W8A8_SQ_PER_CHANNEL", dtype, KernelConfig(wq_wide=frozenset({"W8A8_SQ_PER_CHANNEL"})))
 
 
 @cuda

@@ -40,11 +40,12 @@ def test_static_cost_table_backs_the_kernel_choices():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 11 and re.match(r"\d+$", cells[1]):
             rows[cells[0]] = {"per_weight": float(cells[2]), "spills": int(cells[5]), "ctas": int(cells[8])}
-    assert len(rows) == 15, rows
+    assert len(rows) == 18, rows
     for bm in (16, 32, 64):
-        # the byte-permute conversion (KernelConfig.w8a16_dot "prmt") issues fewer instructions per weight than
-        # Triton's, and its wide tiles ("wide") fewer again, without spills
+        # the byte-permute conversion (KernelConfig.wq_cvt) issues fewer instructions per weight than Triton's,
+        # and on the wide tiles (wq_wide) fewer again, without spills
         cost = [rows[f"W8A16 tl.dot rows≤{bm} {v}"] for v in ("cvt=0", "cvt=1", "wide, K split")]
         assert cost[0]["per_weight"] > cost[1]["per_weight"] > cost[2]["per_weight"] and not cost[2]["spills"], cost
+        assert not rows[f"SmoothQuant tl.dot rows≤{bm} wide, K split"]["spills"]
         int4 = next(v for k, v in rows.items() if k.startswith(f"INT4 k-packed rows≤{bm} "))
         assert int4["spills"] == 0 and int4["ctas"] >= 1, int4  # W4K_TILES: no spill, and a block fits an SM

@@ -42,9 +42,9 @@ def test_wq_mm_int8_weights_match_float64_reference(rows):
 
 @pytest.mark.parametrize("rows", [3, 40])
 def test_wq_mm_split_k_matches_float64_reference(rows):
-    """wq_mm with K split over programs (KernelConfig.w8a16_dot "wide", Triton's conversion here): every split's
-    partial reaches y, in split order (the same bits twice), the counter left at zero for the next call, and a
-    split count above K's tiles clamped to one tile each."""
+    """wq_mm with K split over programs (KernelConfig.wq_wide; Triton's conversion here): every split's partial
+    reaches y, in split order (the same bits twice), the counter left at zero for the next call, and a split count
+    above K's tiles clamped to one tile each. SmoothQuant's int32 partials: the same bits as one program."""
     gen = _gen(f"wqsplit/{rows}")
     t = layout("W8A16", torch.randn(96, 1000, generator=gen) * 0.05, gen)  # K: 4 tiles of 256, the last partial
     wd = exact_dequantized("W8A16", t, torch.float16)
@@ -57,6 +57,14 @@ def test_wq_mm_split_k_matches_float64_reference(rows):
                        split=split, counter=counter, config=(32, 256, 2, 2)) for _ in range(2)]
         assert torch.equal(ys[0], ys[1]) and not counter.any(), split
         assert rel(ys[0], want) <= 1e-2, split
+    qx = torch.randint(-128, 128, (rows, 1000), generator=gen, dtype=torch.int8)
+    out_scale = torch.rand(96, generator=gen) * 1e-4
+    one = ck.wq_mm(qx, t["weight"], out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8, dtype=torch.float16,
+                   residual=res.clone(), config=(32, 256, 2, 2))
+    for split in (2, 4):
+        y = ck.wq_mm(qx, t["weight"], out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8, dtype=torch.float16,
+                     residual=res.clone(), split=split, counter=counter, config=(32, 256, 2, 2))
+        assert torch.equal(y, one) and not counter.any(), split
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])

@@ -78,14 +78,16 @@ def variants(sweep_w4k: bool):
             yield (f"W8A16 tl.dot rows≤{bm} cvt={cvt}", ck._wq_mm_kernel, WQ_TYPES,
                    dict(WFMT=ck.W_INT8, AFMT=ck.A_FLOAT, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False,
                         CVT=cvt), dict(num_warps=warps, num_stages=stages), br * bk, 1.0, br)
-        br, bk, warps, stages = ck.WQ_WIDE_CONFIG[bm]
+        br, bk, warps, stages = ck.WQ_WIDE_CONFIG[ck.A_FLOAT][bm]
         yield (f"W8A16 tl.dot rows≤{bm} wide, K split", ck._wq_mm_kernel, WQ_TYPES,
                dict(WFMT=ck.W_INT8, AFMT=ck.A_FLOAT, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False,
                     CVT=1, SPLIT=4), dict(num_warps=warps, num_stages=stages), br * bk, 1.0, br)
-        br, bk, warps, stages = table[ck.A_INT8]
-        yield (f"SmoothQuant tl.dot rows≤{bm}", ck._wq_mm_kernel, {**WQ_TYPES, "x_ptr": "*i8", "ws_ptr": "*fp32"},
-               dict(WFMT=ck.W_INT8, AFMT=ck.A_INT8, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False),
-               dict(num_warps=warps, num_stages=stages), br * bk, 1.0, br)
+        sq_types = {**WQ_TYPES, "x_ptr": "*i8", "ws_ptr": "*fp32", "part_ptr": "*i32"}
+        for label, (br, bk, warps, stages), split in (("", table[ck.A_INT8], 1),
+                                                       (" wide, K split", ck.WQ_WIDE_CONFIG[ck.A_INT8][bm], 4)):
+            yield (f"SmoothQuant tl.dot rows≤{bm}{label}", ck._wq_mm_kernel, sq_types,
+                   dict(WFMT=ck.W_INT8, AFMT=ck.A_INT8, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False,
+                        SPLIT=split), dict(num_warps=warps, num_stages=stages), br * bk, 1.0, br)
         tiles = ck.W4K_TILES[bm] if not sweep_w4k else [
             (n, kw, w, s) for n in (16, 32, 64) for kw in (16, 32, 64) for w in (2, 4, 8) for s in (2, 3, 4)]
         for block_n, kw, warps, stages in ([tiles] if not sweep_w4k else tiles):  # the packing's KW is W4K_KW

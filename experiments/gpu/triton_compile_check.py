@@ -69,10 +69,13 @@ def main() -> int:
         jobs.append((f"wq_mm int8 byte-permute rows<={bm}", ck._wq_mm_kernel, wq,
                      dict(WFMT=ck.W_INT8, AFMT=0, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True, CVT=1),
                      {"num_warps": warps, "num_stages": stages}, "prmt.b32"))
-    for bm, (br, bk, warps, stages) in ck.WQ_WIDE_CONFIG.items():  # W8A16 "wide": K split, the last adds
-        jobs.append((f"wq_mm int8 wide split rows<={bm}", ck._wq_mm_kernel, wq,
-                     dict(WFMT=ck.W_INT8, AFMT=0, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True, CVT=1,
-                          SPLIT=4), {"num_warps": warps, "num_stages": stages}, "atom.global.gpu.acq_rel"))
+    for afmt, tiles in ck.WQ_WIDE_CONFIG.items():  # KernelConfig.wq_wide: K split, the last program adds
+        types = wq if afmt == ck.A_FLOAT else {**wq, "x_ptr": "*i8", "ws_ptr": "*fp32", "part_ptr": "*i32"}
+        for bm, (br, bk, warps, stages) in tiles.items():
+            jobs.append((f"wq_mm int8 wide split afmt={afmt} rows<={bm}", ck._wq_mm_kernel, types,
+                         dict(WFMT=ck.W_INT8, AFMT=afmt, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True,
+                              CVT=int(afmt == ck.A_FLOAT), SPLIT=4), {"num_warps": warps, "num_stages": stages},
+                         "atom.global.gpu.acq_rel"))
     for bm, (block_n, kw, warps, stages) in ck.W4K_TILES.items():  # the k-packed INT4 kernel, PTX conversion
         jobs.append((f"w4k_mm rows<={bm}", ck._w4k_mm_kernel,
                      {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*fp16"},

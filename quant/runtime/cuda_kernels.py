@@ -433,10 +433,10 @@ def _wq_mm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, st
                   WFMT: tl.constexpr, AFMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr, CVT: tl.constexpr = 0,
                   SPLIT: tl.constexpr = 1):
-    """SPLIT > 1 (int8 weights, float x): program (r, m, s) sums k in [s · K_SPLIT, (s + 1) · K_SPLIT), stores its
-    float32 partial in part [SPLIT, M, R], and the last of a tile's SPLIT programs to finish (an acq_rel counter in
-    cnt, which it resets for the next call) adds the partials in split order and stores y: more programs than
-    tiles, for linears whose tiles alone leave SMs idle, the same result whichever program finishes last."""
+    """SPLIT > 1 (int8 weights): program (r, m, s) sums k in [s · K_SPLIT, (s + 1) · K_SPLIT), stores its partial
+    (float32; int32 for int8 x, exact) in part [SPLIT, M, R], and the last of a tile's SPLIT programs to finish (an
+    acq_rel counter in cnt, which it resets for the next call) adds the partials in split order and stores y: more
+    programs than tiles, for linears whose tiles alone leave SMs idle, the same result whichever finishes last."""
     dt: tl.constexpr = y_ptr.dtype.element_ty
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -490,7 +490,7 @@ def _wq_mm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, st
         cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_r
         if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
             tl.store(cnt, 0)
-            total = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+            total = tl.zeros([BLOCK_M, BLOCK_R], acc.dtype)
             for sp in tl.static_range(SPLIT):  # past a non-coherent L1: other programs wrote them
                 total += tl.load(parts + sp * M * R, mask=mr, other=0.0, cache_modifier=".cg")
             _gemv_store(total, y_ptr, ws_ptr, offs_m, m_mask, offs_r, r_mask, stride_ym, dt, 1, RESIDUAL)
@@ -501,12 +501,14 @@ WQ_MM_MAX_M = 64
 # Measured on the 7B shapes (H200): BLOCK_R 16 leaves the weight stream short of bytes in flight at 8 rows.
 WQ_MM_CONFIG = {W_INT8: (32, 256, 4, 3), W_INT4: (32, 128, 4, 4), A_INT8: (32, 256, 4, 3)}
 WQ_MM_CONFIG_32 = {W_INT8: (64, 128, 4, 4), W_INT4: (32, 128, 4, 4), A_INT8: (32, 128, 4, 4)}  # 17–64 rows
-# KernelConfig.w8a16_dot "wide": W8A16 at 2–64 rows on 128-channel tiles, per row tile (16, 32, 64): (BLOCK_R,
-# BLOCK_K, warps, stages). Each warp's x fragments then serve more output channels: 0.08–0.11 warp-instructions per
-# weight in the loop against 0.13–0.23 on WQ_MM_CONFIG's tiles (byte-permute conversion, sm_90, Triton 3.6,
-# experiments/gpu/sass_loop.py; no spills, fewest per weight). Too few tiles for the o / down projections' 4096
-# channels alone (32 programs), hence K split with them (wq_fill_split). Not yet timed.
-WQ_WIDE_CONFIG = {16: (128, 256, 2, 2), 32: (128, 128, 2, 2), 64: (128, 128, 4, 2)}
+# KernelConfig.wq_wide: the int8 formats at 2–64 rows on 128-channel tiles, per activation format (float x: W8A16,
+# with the byte-permute conversion; A_INT8: SmoothQuant) and row tile (16, 32, 64): (BLOCK_R, BLOCK_K, warps,
+# stages). Each warp's x fragments then serve more output channels: W8A16 0.08–0.11 warp-instructions per weight in
+# the loop against 0.13–0.23 on WQ_MM_CONFIG's tiles (sm_90, Triton 3.6, experiments/gpu/sass_loop.py; no spills,
+# fewest per weight). Too few tiles for the o / down projections' 4096 channels alone (32 programs), hence K split
+# with them (wq_fill_split). Not yet timed.
+WQ_WIDE_CONFIG = {A_FLOAT: {16: (128, 256, 2, 2), 32: (128, 128, 2, 2), 64: (128, 128, 4, 2)},
+                  A_INT8: {16: (128, 256, 2, 2), 32: (128, 128, 2, 2), 64: (128, 256, 4, 2)}}
 # SmoothQuant prefill through Triton (BM, BR, BK, warps, stages): ~960 int8 TOP/s at 1024 rows on the 7B shapes,
 # against ~650–850 for torch._int_mm (cuBLASLt's sm80 kernels) and ~700 TFLOP/s for cuBLAS fp16.
 INT8_GEMM_CONFIG = (128, 128, 64, 4, 4)
@@ -525,8 +527,8 @@ def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, 
     None: the tuned tile for M rows (above WQ_MM_MAX_M the prefill tiles, INT8_GEMM_CONFIG / WQ_PREFILL_CONFIG).
     ``cvt`` 1 (int8 weights, float16 x): int8 → float16 by the PTX byte permute (_I8_TO_F16_ASM) instead of
     Triton's int-to-float conversion (one I2F per weight); the same values. Not in Triton's interpreter.
-    ``split`` > 1 (int8 weights, float x, at most WQ_MM_MAX_M rows): K cut into that many ranges of whole K tiles,
-    one program each, their float32 partials added by the last (the kernel's docstring); ``counter``: int32 zeros,
+    ``split`` > 1 (int8 weights, at most WQ_MM_MAX_M rows): K cut into that many ranges of whole K tiles, one
+    program each, their partials added by the last (the kernel's docstring); ``counter``: int32 zeros,
     one per output tile, which every call leaves zero again (held by the caller, so a CUDA graph can replay it)."""
     M, K = x.shape
     R = w.shape[0]
@@ -550,9 +552,9 @@ def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, 
     split = triton.cdiv(K, k_split)  # every range holds at least one K tile
     part = y
     if split > 1:
-        assert wfmt == W_INT8 and afmt == A_FLOAT and M <= WQ_MM_MAX_M
+        assert wfmt == W_INT8 and afmt in (A_FLOAT, A_INT8) and M <= WQ_MM_MAX_M
         assert counter is not None and counter.dtype == torch.int32 and counter.numel() >= grid[0] * grid[1]
-        part = torch.empty(split, M, R, dtype=torch.float32, device=x.device)
+        part = torch.empty(split, M, R, dtype=torch.int32 if afmt == A_INT8 else torch.float32, device=x.device)
     _wq_mm_kernel[grid + (split,)](x, w, wscale, y, M, R, K, x.stride(0), w.stride(0),
                                    wscale.stride(0) if wscale.dim() == 2 else 0, y.stride(0),
                                    part, part if counter is None else counter, k_split,

@@ -49,7 +49,6 @@ def _cuda_kernels():
 
 
 INT4_KERNELS = ("tinygemm", "triton", "kpack")
-W8A16_DOTS = ("triton", "prmt", "wide")  # KernelConfig.w8a16_dot
 ALGO_KEYS = ("dense", "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "FP8")
 
 
@@ -110,15 +109,17 @@ class KernelConfig:
     # float16 copy of each weight per call for cuBLAS. Empty: on an H200 (7B, experiments.bench RECIPE@wqprefill)
     # it took TTFT from 0.73× to 0.53× FP16's (int8) and from 0.48× to 0.26× (int4) at input 512.
     wq_prefill: frozenset[str] = frozenset()
-    # W8A16's tl.dot kernel at 2–64 rows (cuda_kernels.wq_mm): "triton" (Triton's int8 → half, one I2F per weight,
-    # and the WQ_MM_CONFIG tiles), "prmt" (int8 → float16 by one PTX byte permute and one half2 subtraction per two
-    # weights; prefill under wq_prefill too), or "wide" (that, on the 128-channel tiles of
-    # cuda_kernels.WQ_WIDE_CONFIG, with K split so that the tiles fill every SM twice). Compiled for sm_90, the
-    # "triton" loop issues 0.18–0.32 warp-instructions per weight, enough to bind it at 17–32 rows and nearly at
-    # 2–16 (int8_wo measured 0.78–0.81× FP16 at batch 32, 1.06–1.09× at 4–16); "prmt" 0.13–0.23, "wide"
-    # 0.08–0.11 (experiments/gpu/sass_loop.py; float16 only, bfloat16 keeps Triton's conversion). Not yet timed:
-    # experiments.bench RECIPE@wqcvt / @wqwide.
-    w8a16_dot: str = "triton"
+    # The int8 formats' tl.dot kernel at 2–64 rows (cuda_kernels.wq_mm). Compiled for sm_90, its loop issues, per
+    # weight, 0.18–0.32 warp-instructions for W8A16 (Triton's int8 → half: one I2F per weight) and 0.04–0.09 for
+    # SmoothQuant (int8 × int8), on tiles of 32 output channels whose o / down projections launch 128 programs on
+    # 132 SMs (experiments/gpu/sass_loop.py): W8A16 is bound by its instructions at 17–32 rows and nearly at 2–16
+    # (measured 0.78–0.81× FP16 at batch 32, 1.06–1.09× at 4–16), both lack programs to hide latency.
+    # wq_cvt: W8A16's int8 → float16 by one PTX byte permute and one half2 subtraction per two weights (0.13–0.23;
+    # prefill under wq_prefill too; float16 only). wq_wide: the formats that take 128-channel tiles
+    # (cuda_kernels.WQ_WIDE_CONFIG) with K split so that their programs fill every SM twice (W8A16 with wq_cvt:
+    # 0.08–0.11). Neither yet timed: experiments.bench RECIPE@wqcvt / @wqwide.
+    wq_cvt: bool = False
+    wq_wide: frozenset[str] = frozenset()
     # Decode attention (cuda_kernels.DecodeAttention): the last split of each (row, head) combines the splits, and
     # RoPE + the KV-cache write happen inside the split kernel: one launch per layer fewer each. Both apply at
     # decode batches up to attn_fused_batch (None: every batch). On an H200 (7B, RECIPE@attnfused against the
@@ -129,8 +130,8 @@ class KernelConfig:
     attn_fused_batch: int | None = 1
 
     def __post_init__(self) -> None:
-        if self.w8a16_dot not in W8A16_DOTS:
-            raise ValueError(f"w8a16_dot must be one of {', '.join(W8A16_DOTS)}, got {self.w8a16_dot!r}")
+        if self.wq_wide - {"W8A16", "W8A8_SQ_PER_CHANNEL"}:
+            raise ValueError(f"wq_wide takes W8A16 and W8A8_SQ_PER_CHANNEL; got {sorted(self.wq_wide)}")
         if self.sq_prefill_gemm not in ("triton", "int_mm"):
             raise ValueError(f"sq_prefill_gemm must be 'triton' or 'int_mm', got {self.sq_prefill_gemm!r}")
         if not 1 <= self.w4k_rows[0] <= self.w4k_rows[1] <= W4K_MAX_M:
@@ -228,6 +229,22 @@ class _Handler:
         multiple of 16, and the extension built (else its reason is kept and the Triton GEMV runs)."""
         if self.algo_key in self.kernels.w8g and cuda_ext.w8g_ok(inp, self.dtype) and self._extension_built():
             self.w8g, self.kernel = True, "w8g-cuda|" + self.kernel
+
+    wq_counter = None  # int32 zeros, one per output tile of 16 channels: the split tl.dot's (when wq_wide lists it)
+
+    def _setup_wq_wide(self) -> None:
+        if self.algo_key in self.kernels.wq_wide and self.dtype != torch.float32:
+            self.wq_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.wq_counter = torch.zeros(-(-self.weight.shape[0] // 16), dtype=torch.int32, device=self.device)
+
+    def _wq_wide_mm(self, x: torch.Tensor, wscale: torch.Tensor, *, afmt: int, cvt: int = 0,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+        """2–64 rows through the tl.dot kernel on its wide tile, K split as cuda_kernels.wq_fill_split says."""
+        ck = _cuda_kernels()
+        (out, k), config = self.weight.shape, ck.WQ_WIDE_CONFIG[afmt][max(16, ck._pow2(x.shape[0]))]
+        split = ck.wq_fill_split(-(-out // config[0]), self.wq_sms, x.shape[0], k)
+        return ck.wq_mm(x, self.weight, wscale, wfmt=ck.W_INT8, afmt=afmt, dtype=self.dtype, residual=residual,
+                        config=config, cvt=cvt, split=split, counter=self.wq_counter)
 
     def _extension_built(self) -> bool:
         """Whether the compiled kernels (cuda_ext) are there; if not, their reason is kept (describe() shows it)."""

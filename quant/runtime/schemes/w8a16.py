@@ -20,11 +20,8 @@ class W8A16Linear(_Handler):
         if self.cuda:
             self.kernel, self.emulated = "triton-w8a16", False
             self._setup_w8g(self.weight.shape[1])
-            self.cvt = int(kernels.w8a16_dot in ("prmt", "wide") and dtype == torch.float16)
-            self.counter = None
-            if kernels.w8a16_dot == "wide":  # K split over programs: one counter per output tile (16 channels or more)
-                self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-                self.counter = torch.zeros(-(-self.weight.shape[0] // 16), dtype=torch.int32, device=self.device)
+            self.cvt = int(kernels.wq_cvt and dtype == torch.float16)
+            self._setup_wq_wide()
 
     algo_key = "W8A16"
 
@@ -43,11 +40,8 @@ class W8A16Linear(_Handler):
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
         x = self._prep(x, norm, eps, silu)
-        if self.dtype != torch.float32 and x.shape[0] <= ck.WQ_MM_MAX_M and self.counter is not None:
-            (out, k), config = self.weight.shape, ck.WQ_WIDE_CONFIG[max(16, ck._pow2(x.shape[0]))]
-            split = ck.wq_fill_split(-(-out // config[0]), self.sms, x.shape[0], k)
-            return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, cvt=self.cvt, split=split,
-                            counter=self.counter, config=config)
+        if x.shape[0] <= ck.WQ_MM_MAX_M and self.wq_counter is not None:
+            return self._wq_wide_mm(x, self.scale, afmt=ck.A_FLOAT, cvt=self.cvt)
         if self.dtype != torch.float32 and (x.shape[0] <= ck.WQ_MM_MAX_M or self.algo_key in self.kernels.wq_prefill):
             return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, cvt=self.cvt)
         # prefill: one GEMM on the weight dequantized to the compute dtype (TRT-LLM's weight-only GEMM also

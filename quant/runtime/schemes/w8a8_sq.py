@@ -28,6 +28,7 @@ class W8A8SQLinear(_Handler):
         if self.cuda:
             self.kernel, self.emulated = "triton-w8a8", False
             self._setup_w8g(self.weight.shape[1])
+            self._setup_wq_wide()
 
     algo_key = "W8A8_SQ_PER_CHANNEL"
     shared_inputs = ("prequant_scaling_factor", "activation_scaling_factor")
@@ -53,6 +54,8 @@ class W8A8SQLinear(_Handler):
                 # int8 × int8 → int32 through tl.dot, (a · s) and the residual add fused into its epilogue
                 qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale,
                                 afmt=ck.A_INT8)
+                if M <= ck.WQ_MM_MAX_M and self.wq_counter is not None:
+                    return self._wq_wide_mm(qx, self.out_scale, afmt=ck.A_INT8, residual=residual)
                 return ck.wq_mm(qx, self.weight, self.out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8, dtype=self.dtype,
                                 residual=residual)
             # cuBLASLt int8 (more than 16 rows: pad to a multiple of 8, ≥ 32; padding rows are never read back)
