@@ -295,6 +295,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
     return y
 
 
+# The untimed-tile rule (W4K_TILES at 32 and 64 rows, WQ_WIDE_CONFIG), for tiles no GPU has timed yet: compiled for
+# sm_90, no register spilled in the main loop under Triton 3.6 (the GPU image's) or 3.9 (CI's), within an sm_90
+# block's shared memory; of those within 10 % of the fewest warp-instructions per weight, the most pipeline stages
+# (bytes in flight). Why not the fewest instructions alone:
+# in the k-packed kernel's timed sweep at batch 1 (H200, 7B), (64, 32, 2, 2), the fewest of its 36 tiles
+# (0.079 per weight against 0.100), ran 65 % slower than (32, 64, 4, 4), and every two-stage tile ranked low.
+
 # -- INT4 × fp16 through the tensor cores for 1–64 rows, on a k-packed copy ------------------------------------------
 # Turning int4 into float32 one weight at a time on the CUDA cores costs ≥ 3 instructions per weight (mask-or,
 # subtract, FMA), more than the H200 issues while its memory streams 8·10¹² int4 weights/s: the GEMV above and
@@ -307,11 +314,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
 # (BLOCK_N, KW, warps, stages) per row tile (rows padded to 16, 32, 64), all with the packing's KW, W4K_KW. Row tile
 # 16: the fastest at batch 1 of ``python -m experiments.kernel_bench --sweep`` on an H200 (LLaMa-2-7B layer shapes;
 # on Llama-3-8B's, (32, 64, 2, 4) was 0.2 % faster). Row tiles 32 and 64, not yet timed: that tile spills 117
-# registers at 32 rows and needs 312 KiB of shared memory at 64 (an H200 gives a block 227), so these are the KW-64
-# tiles with no spill (under Triton 3.6, the GPU image's, and 3.9, CI's) that fit, fewest warp-instructions per
-# weight in their main loop (experiments/gpu/sass_loop.py --sweep-w4k: experiments/results/gpu/kernels, stage 5).
+# registers at 32 rows and needs 312 KiB of shared memory at 64 (an H200 gives a block 227), so these are KW-64 tiles
+# chosen by the untimed-tile rule above from experiments/gpu/sass_loop.py --sweep-w4k (results/gpu/kernels, stage 5).
 W4K_KW = 64
-W4K_TILES = {16: (32, 64, 4, 4), 32: (64, 64, 8, 2), 64: (32, 64, 4, 2)}
+W4K_TILES = {16: (32, 64, 4, 4), 32: (64, 64, 8, 4), 64: (32, 64, 4, 2)}
 W4K_MAX_M = 64  # rows of one program (the weights are read once for all of them); KernelConfig.w4k_rows' bound
 W4K_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
 _W4K_HALF_ASM = tl.constexpr("""{
@@ -504,11 +510,11 @@ WQ_MM_CONFIG_32 = {W_INT8: (64, 128, 4, 4), W_INT4: (32, 128, 4, 4), A_INT8: (32
 # KernelConfig.wq_wide: the int8 formats at 2–64 rows on 128-channel tiles, per activation format (float x: W8A16,
 # with the byte-permute conversion; A_INT8: SmoothQuant) and row tile (16, 32, 64): (BLOCK_R, BLOCK_K, warps,
 # stages). Each warp's x fragments then serve more output channels: W8A16 0.08–0.11 warp-instructions per weight in
-# the loop against 0.13–0.23 on WQ_MM_CONFIG's tiles (sm_90, Triton 3.6, experiments/gpu/sass_loop.py; no spills,
-# fewest per weight). Too few tiles for the o / down projections' 4096 channels alone (32 programs), hence K split
-# with them (wq_fill_split). Not yet timed.
-WQ_WIDE_CONFIG = {A_FLOAT: {16: (128, 256, 2, 2), 32: (128, 128, 2, 2), 64: (128, 128, 4, 2)},
-                  A_INT8: {16: (128, 256, 2, 2), 32: (128, 128, 2, 2), 64: (128, 256, 4, 2)}}
+# the loop against 0.13–0.23 on WQ_MM_CONFIG's tiles (sm_90, experiments/gpu/sass_loop.py); chosen by the
+# untimed-tile rule (above W4K_TILES). Too few tiles for the o / down projections' 4096 channels alone (32
+# programs), hence K split with them (wq_fill_split). Not yet timed.
+WQ_WIDE_CONFIG = {A_FLOAT: {16: (128, 128, 2, 4), 32: (128, 128, 2, 4), 64: (128, 128, 4, 4)},
+                  A_INT8: {16: (128, 256, 2, 4), 32: (128, 128, 2, 4), 64: (128, 256, 4, 4)}}
 # SmoothQuant prefill through Triton (BM, BR, BK, warps, stages): ~960 int8 TOP/s at 1024 rows on the 7B shapes,
 # against ~650–850 for torch._int_mm (cuBLASLt's sm80 kernels) and ~700 TFLOP/s for cuBLAS fp16.
 INT8_GEMM_CONFIG = (128, 128, 64, 4, 4)
