@@ -28,16 +28,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import triton  # noqa: E402
 
-from experiments.gpu.triton_compile_check import compile_one  # noqa: E402
+from experiments.gpu.triton_compile_check import SQ_TYPES, W4K_TYPES, WQ_TYPES, compile_one  # noqa: E402
 from experiments.kernel_bench import layer_linears  # noqa: E402
 from quant.runtime import cuda_kernels as ck  # noqa: E402
 
 # H200 SXM: SMs, max SM clock (experiments/results/gpu/*/gpu.txt), copy bandwidth (stage 4, both shapes' runs),
 # registers and shared memory per SM (sm_90 limits)
 SMS, CLOCK_HZ, COPY_BPS, REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM = 132, 1.98e9, 4.2e12, 65536, 233472, 2048
-WQ_TYPES = {"x_ptr": "*fp16", "w_ptr": "*i8", "ws_ptr": "*fp16", "y_ptr": "*fp16", "part_ptr": "*fp32",
-            "cnt_ptr": "*i32"}
-W4K_TYPES = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*fp16"}
 
 
 def cubin_tool(kernel, tool: str, flag: str) -> str:
@@ -82,10 +79,9 @@ def variants(sweep_w4k: bool):
         yield (f"W8A16 tl.dot rows≤{bm} wide, K split", ck._wq_mm_kernel, WQ_TYPES,
                dict(WFMT=ck.W_INT8, AFMT=ck.A_FLOAT, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False,
                     CVT=1, SPLIT=4), dict(num_warps=warps, num_stages=stages), br * bk, 1.0, br)
-        sq_types = {**WQ_TYPES, "x_ptr": "*i8", "ws_ptr": "*fp32", "part_ptr": "*i32"}
         for label, (br, bk, warps, stages), split in (("", table[ck.A_INT8], 1),
                                                        (" wide, K split", ck.WQ_WIDE_CONFIG[ck.A_INT8][bm], 4)):
-            yield (f"SmoothQuant tl.dot rows≤{bm}{label}", ck._wq_mm_kernel, sq_types,
+            yield (f"SmoothQuant tl.dot rows≤{bm}{label}", ck._wq_mm_kernel, SQ_TYPES,
                    dict(WFMT=ck.W_INT8, AFMT=ck.A_INT8, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False,
                         SPLIT=split), dict(num_warps=warps, num_stages=stages), br * bk, 1.0, br)
         tiles = ck.W4K_TILES[bm] if not sweep_w4k else [

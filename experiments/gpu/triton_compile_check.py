@@ -24,6 +24,11 @@ TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB): a kernel needing more cannot launch
 
 
+# pointer types of the linear kernels' arguments (float16 x; SmoothQuant swaps in int8 x, float32 scales, int32 parts)
+WQ_TYPES = {"x_ptr": "*fp16", "w_ptr": "*i8", "ws_ptr": "*fp16", "y_ptr": "*fp16", "part_ptr": "*fp32",
+            "cnt_ptr": "*i32"}
+SQ_TYPES = {**WQ_TYPES, "x_ptr": "*i8", "ws_ptr": "*fp32", "part_ptr": "*i32"}
+W4K_TYPES = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*fp16"}
 # integer arguments that the 7B/8B shapes pass as multiples of 16 (sizes, row strides)
 DIV16 = ("R", "K", "N", "K_SPLIT", "stride_xm", "stride_wn", "stride_sn", "stride_wsn", "stride_ym")
 
@@ -58,27 +63,25 @@ def main() -> int:
                 jobs.append((f"attention kv={kv} fused_reduce={fused} rope={rope}", ck._attn_split_kernel,
                              {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]}, const, {"num_warps": 4},
                              "atom.global.gpu.acq_rel" if fused else None))
-    wq = {"x_ptr": "*fp16", "w_ptr": "*i8", "ws_ptr": "*fp16", "y_ptr": "*fp16", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
     for wfmt, w in ((ck.W_INT8, "*i8"), (ck.W_INT4, "*u8")):
         bm, br, bk, warps, stages = ck.WQ_PREFILL_CONFIG[wfmt]
-        jobs.append((f"wq_mm prefill wfmt={wfmt}", ck._wq_mm_kernel, {**wq, "w_ptr": w},
+        jobs.append((f"wq_mm prefill wfmt={wfmt}", ck._wq_mm_kernel, {**WQ_TYPES, "w_ptr": w},
                      dict(WFMT=wfmt, AFMT=0, GROUP=128, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False),
                      {"num_warps": warps, "num_stages": stages}, None))
     for bm, table in ((16, ck.WQ_MM_CONFIG), (32, ck.WQ_MM_CONFIG_32), (64, ck.WQ_MM_CONFIG_32)):  # W8A16, cvt=1
         br, bk, warps, stages = table[ck.W_INT8]
-        jobs.append((f"wq_mm int8 byte-permute rows<={bm}", ck._wq_mm_kernel, wq,
+        jobs.append((f"wq_mm int8 byte-permute rows<={bm}", ck._wq_mm_kernel, WQ_TYPES,
                      dict(WFMT=ck.W_INT8, AFMT=0, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True, CVT=1),
                      {"num_warps": warps, "num_stages": stages}, "prmt.b32"))
     for afmt, tiles in ck.WQ_WIDE_CONFIG.items():  # KernelConfig.wq_wide: K split, the last program adds
-        types = wq if afmt == ck.A_FLOAT else {**wq, "x_ptr": "*i8", "ws_ptr": "*fp32", "part_ptr": "*i32"}
+        types = WQ_TYPES if afmt == ck.A_FLOAT else SQ_TYPES
         for bm, (br, bk, warps, stages) in tiles.items():
             jobs.append((f"wq_mm int8 wide split afmt={afmt} rows<={bm}", ck._wq_mm_kernel, types,
                          dict(WFMT=ck.W_INT8, AFMT=afmt, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True,
                               CVT=int(afmt == ck.A_FLOAT), SPLIT=4), {"num_warps": warps, "num_stages": stages},
                          "atom.global.gpu.acq_rel"))
     for bm, (block_n, kw, warps, stages) in ck.W4K_TILES.items():  # the k-packed INT4 kernel, PTX conversion
-        jobs.append((f"w4k_mm rows<={bm}", ck._w4k_mm_kernel,
-                     {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*fp16"},
+        jobs.append((f"w4k_mm rows<={bm}", ck._w4k_mm_kernel, W4K_TYPES,
                      dict(GROUP=128, BLOCK_M=bm, BLOCK_N=block_n, KW=kw, RESIDUAL=True, EVEN_N=True, CVT=1),
                      {"num_warps": warps, "num_stages": stages}, "lop3.b32"))
     for kv in (0, 1, 2):  # RoPE + cache write, the unfused path (batches above KernelConfig.attn_fused_batch)

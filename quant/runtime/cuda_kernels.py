@@ -526,34 +526,43 @@ WQ_PREFILL_CONFIG = {W_INT8: (128, 128, 64, 4, 4), W_INT4: (128, 64, 64, 8, 3)} 
 
 def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, group: int = 0, afmt: int = A_FLOAT,
           dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,
-          config: tuple[int, ...] | None = None, cvt: int = 0, split: int = 1,
-          counter: torch.Tensor | None = None) -> torch.Tensor:
+          config: tuple[int, ...] | None = None, cvt: int = 0, counter: torch.Tensor | None = None,
+          split: int | None = None) -> torch.Tensor:
     """y [M, N] = x @ dequant(W)ᵀ · scale for int8 (per-channel scale) or int4 AWQ (group scales) weights, x in
     fp16/bf16; or, afmt=A_INT8, int8 x @ int8 Wᵀ in int32 times the per-channel ``wscale`` (= a · s). ``config``
     None: the tuned tile for M rows (above WQ_MM_MAX_M the prefill tiles, INT8_GEMM_CONFIG / WQ_PREFILL_CONFIG).
     ``cvt`` 1 (int8 weights, float16 x): int8 → float16 by the PTX byte permute (_I8_TO_F16_ASM) instead of
     Triton's int-to-float conversion (one I2F per weight); the same values. Not in Triton's interpreter.
-    ``split`` > 1 (int8 weights, at most WQ_MM_MAX_M rows): K cut into that many ranges of whole K tiles, one
-    program each, their partials added by the last (the kernel's docstring); ``counter``: int32 zeros,
-    one per output tile, which every call leaves zero again (held by the caller, so a CUDA graph can replay it)."""
+    ``counter`` (int8 weights; KernelConfig.wq_wide): at most WQ_MM_MAX_M rows run on the wide tiles
+    (WQ_WIDE_CONFIG) with K cut into ``split`` ranges of whole K tiles (None: wq_fill_split for the device), one
+    program each, their partials added by the last (the kernel's docstring). The counter: int32 zeros, one per
+    output tile, which every call leaves zero again (held by the caller, so a CUDA graph can replay it)."""
     M, K = x.shape
     R = w.shape[0]
     N = 2 * R if wfmt == W_INT4 else R
     dtype = dtype or x.dtype
     y = residual if residual is not None else torch.empty(M, N, dtype=dtype, device=x.device)
-    if config is None and M > WQ_MM_MAX_M:
-        config = INT8_GEMM_CONFIG if afmt == A_INT8 else WQ_PREFILL_CONFIG[wfmt]
-    if config is not None and len(config) == 5:
+    wide = counter is not None and M <= WQ_MM_MAX_M
+    bm = max(16, min(64, _pow2(M)))
+    if config is None:
+        if M > WQ_MM_MAX_M:
+            config = INT8_GEMM_CONFIG if afmt == A_INT8 else WQ_PREFILL_CONFIG[wfmt]
+        elif wide:
+            config = WQ_WIDE_CONFIG[afmt][bm]
+        else:
+            config = (WQ_MM_CONFIG if M <= 16 else WQ_MM_CONFIG_32)[A_INT8 if afmt == A_INT8 else wfmt]
+    if len(config) == 5:
         bm, br, bk, warps, stages = config
     else:
-        table = WQ_MM_CONFIG if M <= 16 else WQ_MM_CONFIG_32
-        br, bk, warps, stages = config or table[A_INT8 if afmt == A_INT8 else wfmt]
-        bm = max(16, min(64, _pow2(M)))
+        br, bk, warps, stages = config
     assert not cvt or (wfmt == W_INT8 and afmt == A_FLOAT and x.dtype == torch.float16)
     if wfmt == W_INT4:
         bk = min(bk, group)
         assert group % bk == 0
     grid = (triton.cdiv(R, br), triton.cdiv(M, bm))
+    if split is None:
+        split = wq_fill_split(grid[0], torch.cuda.get_device_properties(x.device).multi_processor_count, M, K) \
+            if wide else 1
     k_split = triton.cdiv(triton.cdiv(K, bk), split) * bk
     split = triton.cdiv(K, k_split)  # every range holds at least one K tile
     part = y

@@ -230,21 +230,13 @@ class _Handler:
         if self.algo_key in self.kernels.w8g and cuda_ext.w8g_ok(inp, self.dtype) and self._extension_built():
             self.w8g, self.kernel = True, "w8g-cuda|" + self.kernel
 
-    wq_counter = None  # int32 zeros, one per output tile of 16 channels: the split tl.dot's (when wq_wide lists it)
+    # int32 zeros, one per output tile of 16 channels or more, when wq_wide lists the format: handed to wq_mm, whose
+    # 2–64-row calls then take the wide tiles with K split (its split programs' counter)
+    wq_counter = None
 
     def _setup_wq_wide(self) -> None:
         if self.algo_key in self.kernels.wq_wide and self.dtype != torch.float32:
-            self.wq_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             self.wq_counter = torch.zeros(-(-self.weight.shape[0] // 16), dtype=torch.int32, device=self.device)
-
-    def _wq_wide_mm(self, x: torch.Tensor, wscale: torch.Tensor, *, afmt: int, cvt: int = 0,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
-        """2–64 rows through the tl.dot kernel on its wide tile, K split as cuda_kernels.wq_fill_split says."""
-        ck = _cuda_kernels()
-        (out, k), config = self.weight.shape, ck.WQ_WIDE_CONFIG[afmt][max(16, ck._pow2(x.shape[0]))]
-        split = ck.wq_fill_split(-(-out // config[0]), self.wq_sms, x.shape[0], k)
-        return ck.wq_mm(x, self.weight, wscale, wfmt=ck.W_INT8, afmt=afmt, dtype=self.dtype, residual=residual,
-                        config=config, cvt=cvt, split=split, counter=self.wq_counter)
 
     def _extension_built(self) -> bool:
         """Whether the compiled kernels (cuda_ext) are there; if not, their reason is kept (describe() shows it)."""

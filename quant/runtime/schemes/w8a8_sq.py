@@ -54,10 +54,8 @@ class W8A8SQLinear(_Handler):
                 # int8 × int8 → int32 through tl.dot, (a · s) and the residual add fused into its epilogue
                 qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale,
                                 afmt=ck.A_INT8)
-                if M <= ck.WQ_MM_MAX_M and self.wq_counter is not None:
-                    return self._wq_wide_mm(qx, self.out_scale, afmt=ck.A_INT8, residual=residual)
                 return ck.wq_mm(qx, self.weight, self.out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8, dtype=self.dtype,
-                                residual=residual)
+                                residual=residual, counter=self.wq_counter)
             # cuBLASLt int8 (more than 16 rows: pad to a multiple of 8, ≥ 32; padding rows are never read back)
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale,
                             afmt=ck.A_INT8, rows=max(32, _round_up(M, 8)))
