@@ -12,6 +12,8 @@ Counts, not times: they rank variants worth the GPU's time and explain a measure
 Compile with the Triton the GPU image runs (3.6.0 on the lent H200; ``pip install triton==3.6.0``)::
 
     python experiments/gpu/sass_loop.py [--shape llama2-7b] [--sweep-w4k] [--out table.md]
+
+Exit 0; 1 (one line on stderr) when the disassembler is missing or --out cannot be written; 2 on bad arguments.
 """
 from __future__ import annotations
 
@@ -116,7 +118,7 @@ def analyse(shape: str, sweep_w4k: bool):
         per_weight = len(loop) * options["num_warps"] / per_trip
         issue_ms = weights * per_weight / (4 * SMS * CLOCK_HZ) * 1e3
         memory_ms = weights * bpw / COPY_BPS * 1e3
-        grids = "/".join(  # output tiles, × the K splits where the kernel splits K (as the W8A16 handler does)
+        grids = "/".join(  # output tiles, × the K splits where the kernel splits K (as wq_mm does)
             str(-(-n // cta_rows) * (ck.wq_fill_split(-(-n // cta_rows), SMS, const["BLOCK_M"], k)
                                      if const.get("SPLIT", 1) > 1 else 1)) for n, k in linears.values())
         rows.append((label, f"{len(loop)}", f"{per_weight:.3f}", f"{issue_ms:.2f}", f"{memory_ms:.2f}",
@@ -131,7 +133,11 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-w4k", action="store_true", help="every k-packed INT4 tile at each row tile")
     p.add_argument("--out", help="also write the table here (markdown)")
     args = p.parse_args(argv)
-    weights, rows = analyse(args.shape, args.sweep_w4k)
+    try:
+        weights, rows = analyse(args.shape, args.sweep_w4k)
+    except (OSError, subprocess.CalledProcessError) as exc:  # Triton's nvdisasm / cuobjdump missing or failing
+        print(f"sass_loop: cannot disassemble with the tools Triton ships: {exc}", file=sys.stderr)
+        return 1
     head = (f"Triton {triton.__version__}, sm_90, {args.shape}: {weights / 1e9:.2f} G linear weights a step; "
             f"issue bound = weights × warp-instr per weight / (4 × {SMS} SMs × {CLOCK_HZ / 1e9:.2f} GHz), "
             f"memory bound = their bytes / {COPY_BPS / 1e12:.1f} TB/s\n\n"
@@ -140,9 +146,17 @@ def main(argv=None) -> int:
             "|---|---|---|---|---|---|---|---|---|---|---|\n")
     text = head + "".join("| " + " | ".join(r) + " |\n" for r in rows)
     print(text, end="")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    if args.out:  # whole or not at all: a temporary file beside it, renamed over it
+        try:
+            tmp = f"{args.out}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, args.out)
+        except OSError as exc:
+            print(f"sass_loop: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            return 1
     return 0
 
 
