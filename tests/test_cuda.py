@@ -19,6 +19,7 @@ check, outputs poisoned with NaN where the kernel writes into a given buffer):
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import pytest
@@ -715,6 +716,37 @@ def test_decode_step_logits_equal_prefill_logits(tiny_folders):
                 step = _one_step_logits(rt, ids[: n + 1])
                 full = rt.logits(ids[: n + 1])[-1]
                 assert rel(step, full) <= bound.get(recipe, 2e-2), (recipe, kernels == split, n, rel(step, full))
+
+
+@cuda
+def test_decode_with_each_linear_doing_the_next_ones_prologue(tiny_folders):
+    """KernelConfig.gemv_then: at batch 1 the fc‖gate GEMV writes SiLU · gate and the o / down GEMVs RMSNorm of the
+    residual stream (their last program), so that no act_prep runs between linears. Every linear of a layer on the
+    Triton GEMV, so every link of the chain is taken; against the same kernels unchained: one decode step's logits
+    at several prompt lengths, the generated tokens, graph replay = eager, every counter left at zero."""
+    from quant.runtime.schemes.base import KernelConfig
+    from quant.runtime.torch_runtime import TorchRuntime
+
+    chain = KernelConfig(gemv_then=True, w8g=frozenset(), w4g_rows=None, int4_kernel="triton")
+    plain = dataclasses.replace(chain, gemv_then=False)
+    ids = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    prompts = [ids[:9], ids[:23]]
+    for recipe in ("fp16", "int8_wo", "smoothquant_kv_int8", "fp8_kv_fp8", "int4_awq"):
+        ref, rt = (TorchRuntime.from_dir(tiny_folders[recipe], device="cuda", compute_dtype="float16", kernels=k)
+                   for k in (plain, chain))
+        layer = rt.layers[0]
+        assert all(layer[n].chains(1) and not layer[n].chains(2) for n in ("attention.dense", "mlp.fc_gate",
+                                                                            "mlp.proj")), recipe
+        for n in (2, 24, 299):
+            assert rel(_one_step_logits(rt, ids[: n + 1]), _one_step_logits(ref, ids[: n + 1])) <= 2e-2, (recipe, n)
+        gen = [rt.generate([p], 8, ignore_eos=True).tokens[0] for p in prompts]
+        want = [ref.generate([p], 8, ignore_eos=True).tokens[0] for p in prompts]
+        agree = sum(a == b for g, w in zip(gen, want) for a, b in zip(g, w)) / 16
+        assert agree >= 0.75, (recipe, gen, want)
+        rt.cuda_graphs = False
+        assert [rt.generate([p], 8, ignore_eos=True).tokens[0] for p in prompts] == gen, recipe
+        assert not any(bool(h.then_counter.any()) for lay in rt.layers for h in lay.values()
+                       if getattr(h, "then_counter", None) is not None), recipe
 
 
 def _one_step_logits(rt, ids):

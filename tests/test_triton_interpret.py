@@ -229,6 +229,54 @@ def test_batch1_gemv_prologues_and_residual():
     assert rel(y, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("fmt", ["fp16", "W8A16", "W4A16_AWQ", "W8A8_SQ_PER_CHANNEL"])
+def test_batch1_gemv_epilogue_does_the_next_linears_prologue(fmt):
+    """KernelConfig.gemv_then: the GEMV's epilogue doing what act_prep would do before the next linear. SiLU · gate
+    of the two output halves (74 outputs: a program's pair straddles no tile edge; the last program half full), and
+    RMSNorm after the residual add by the last program (a counter it resets): the same bits as the GEMV followed
+    by act_prep, twice in a row, counter back at zero; on a row over one chunk (NB) of the norm, against float64."""
+    gen = _gen(f"gemv-then/{fmt}")
+    w = torch.randn(74, 128, generator=gen) * 0.05
+    x = activations(gen, 1, 128).half()
+    if fmt == "fp16":
+        args, kw = (x, w.half()), {"wfmt": ck.W_FLOAT}
+    elif fmt == "W8A16":
+        t = layout(fmt, w, gen)
+        args = (x, t["weight"])
+        kw = {"wfmt": ck.W_INT8, "wscale": t["weights_scaling_factor"].half(), "scale_mode": ck.S_CHANNEL}
+    elif fmt == "W4A16_AWQ":
+        t = layout(fmt, torch.randn(148, 128, generator=gen) * 0.05, gen, group=64)  # 74 packed row pairs
+        args = (x, t["weight"])
+        kw = {"wfmt": ck.W_INT4, "wscale": t["weights_scaling_factor"].half(), "group": 64}
+    else:
+        t = layout(fmt, w, gen)
+        a = t["activation_scaling_factor"].float()
+        qx = ck.act_prep(x, prequant=t["prequant_scaling_factor"].half(), act_scale=a.reshape(1), afmt=ck.A_INT8)
+        args = (qx, t["weight"])
+        kw = {"wfmt": ck.W_INT8, "afmt": ck.A_INT8_IN, "wscale": (a * t["weights_scaling_factor"].float()).contiguous(),
+              "scale_mode": ck.S_CHANNEL, "out_dtype": torch.float16}
+    kw["cvt"] = 0
+    y = ck.gemv(*args, **kw)
+    n = y.shape[1]
+    assert torch.equal(ck.gemv(*args, **kw, then_silu=True), ck.act_prep(y, silu=True))
+    norm = (1 + 0.1 * torch.randn(n, generator=gen)).half()
+    res = torch.randn(1, n, generator=gen).half()
+    counter = torch.zeros(1, dtype=torch.int32)
+    want = ck.act_prep(res + y, norm=norm, eps=1e-5)
+    for _ in range(2):
+        h = res.clone()
+        xn = ck.gemv(*args, **kw, residual=h, then_norm=norm, eps=1e-5, counter=counter)
+        assert torch.equal(h, res + y) and torch.equal(xn, want) and not counter.any()
+    if fmt == "fp16":  # 1100 outputs: the norm in two chunks of 1024
+        w = torch.randn(1100, 64, generator=gen) * 0.05
+        x = activations(gen, 1, 64).half()
+        norm = (1 + 0.1 * torch.randn(1100, generator=gen)).half()
+        res = torch.randn(1, 1100, generator=gen).half()
+        xn = ck.gemv(x, w.half(), wfmt=ck.W_FLOAT, residual=res.clone(), then_norm=norm, eps=1e-5, counter=counter)
+        hf = res.double() + (x.double() @ w.half().double().t()).half().double()
+        assert rel(xn, hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.double()) <= 2e-3
+
+
 def test_rope_cache_write_matches_the_cpu_rope():
     """RoPE of one decode token per row (positions lagging the slot: left padding) and the k / v stored at the
     slot, against quant.runtime.rope (the CPU runtime's)."""

@@ -29,6 +29,9 @@ WQ_TYPES = {"x_ptr": "*fp16", "w_ptr": "*i8", "ws_ptr": "*fp16", "y_ptr": "*fp16
             "cnt_ptr": "*i32"}
 SQ_TYPES = {**WQ_TYPES, "x_ptr": "*i8", "ws_ptr": "*fp32", "part_ptr": "*i32"}
 W4K_TYPES = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*fp16"}
+GEMV_TYPES = {"x_ptr": "*fp16", "w_ptr": "*fp16", "ws_ptr": "*fp16", "pre_ptr": "*fp16", "norm_ptr": "*fp16",
+              "a_ptr": "*fp32", "y_ptr": "*fp16", "xn_ptr": "*fp16", "nw_ptr": "*fp16", "cnt_ptr": "*i32",
+              "eps": "fp32"}
 # integer arguments that the 7B/8B shapes pass as multiples of 16 (sizes, row strides)
 DIV16 = ("R", "K", "N", "K_SPLIT", "stride_xm", "stride_wn", "stride_sn", "stride_wsn", "stride_ym")
 
@@ -84,6 +87,14 @@ def main() -> int:
         jobs.append((f"w4k_mm rows<={bm}", ck._w4k_mm_kernel, W4K_TYPES,
                      dict(GROUP=128, BLOCK_M=bm, BLOCK_N=block_n, KW=kw, RESIDUAL=True, EVEN_N=True, CVT=1),
                      {"num_warps": warps, "num_stages": stages}, "lop3.b32"))
+    for wfmt, w in ((ck.W_FLOAT, "*fp16"), (ck.W_INT8, "*i32"), (ck.W_INT4, "*i32")):  # batch-1 GEMV, each epilogue
+        br, bk, warps = ck.GEMV_CONFIG[wfmt]
+        for then in (ck.THEN_NONE, ck.THEN_SILU, ck.THEN_NORM):
+            jobs.append((f"gemv wfmt={wfmt} then={then}", ck._gemv_kernel, {**GEMV_TYPES, "w_ptr": w},
+                         dict(WFMT=wfmt, AFMT=0, PRO=0, HAS_PRE=False, SCALE=int(wfmt == ck.W_INT8),
+                              RESIDUAL=then == ck.THEN_NORM, GROUP=128, BLOCK_R=max(br, 2 if then else 1), BLOCK_K=bk,
+                              CVT=ck.GEMV_CVT.get(wfmt, 0), THEN=then),
+                         {"num_warps": warps}, "atom.global.gpu.acq_rel" if then == ck.THEN_NORM else None))
     for kv in (0, 1, 2):  # RoPE + cache write, the unfused path (batches above KernelConfig.attn_fused_batch)
         jobs.append((f"rope_cache_write kv={kv}", ck._rope_cache_kernel,
                      {"qkv_ptr": "*fp16", "pos_ptr": "*i64", "slot_ptr": "*i64", "freq_ptr": "*fp32",

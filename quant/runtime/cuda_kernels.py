@@ -37,6 +37,9 @@ W_FLOAT, W_INT8, W_INT4, W_FP8 = 0, 1, 2, 3
 A_FLOAT, A_INT8, A_FP8, A_INT8_IN = 0, 1, 2, 3  # A_INT8_IN: x is int8 already (quantized by act_prep)
 # prologues (PRO): plain x, RMSNorm(h) · w, SiLU(x[:, :K]) · x[:, K:]
 PRO_NONE, PRO_RMSNORM, PRO_SILU = 0, 1, 2
+# the GEMV's epilogue for the next linear (KernelConfig.gemv_then): none, SiLU · gate of the two output halves,
+# or RMSNorm of the residual sum
+THEN_NONE, THEN_SILU, THEN_NORM = 0, 1, 2
 # epilogue scale (SCALE): none, per output channel, one scalar
 S_NONE, S_CHANNEL, S_SCALAR = 0, 1, 2
 _ROUND_MAGIC = 12582912.0  # 1.5 · 2^23: (v + C) − C rounds a float32 |v| ≤ 2^22 to the nearest integer, ties to even
@@ -119,18 +122,32 @@ cvt.f32.f16 $3, d;
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, stride_wn, stride_wsn, eps,
+                 xn_ptr, nw_ptr, cnt_ptr, N,
                  WFMT: tl.constexpr, AFMT: tl.constexpr, PRO: tl.constexpr, HAS_PRE: tl.constexpr,
                  SCALE: tl.constexpr, RESIDUAL: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_K: tl.constexpr, CVT: tl.constexpr = 0):
+                 BLOCK_K: tl.constexpr, CVT: tl.constexpr = 0, THEN: tl.constexpr = 0, NB: tl.constexpr = 1024):
     """One input row (decode at batch 1). Each program: BLOCK_R weight rows (int4: packed row pairs) over all of
     K, accumulating element-wise in a [BLOCK_R, ·] tile and reducing once at the end. int8/int4 weights are read
     as int32 words (4 bytes of 4 consecutive k) and turned into float32 with the 2²³ magic number (OR + FSUB, or
     one PTX byte permute: ``CVT``) instead of int→float conversions, which run at a fraction of the FMA rate; fp8
-    with bit moves or the sm_89+ pair converter (``CVT``)."""
+    with bit moves or the sm_89+ pair converter (``CVT``).
+
+    THEN, what the next linear's prologue would do, done here so that it needs no launch of its own:
+    THEN_SILU: y [1, N/2] = SiLU(f) · g of the two halves f, g of W·x (each program takes the rows of both halves
+    for BLOCK_R / 2 outputs, interleaved); THEN_NORM (with RESIDUAL, N outputs): after the residual add, the last
+    program to finish (an acq_rel counter in cnt, which it resets) writes RMSNorm(y) · nw into xn, as act_prep
+    would, in chunks of NB."""
     dt: tl.constexpr = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
+    if THEN == 1:
+        HB: tl.constexpr = BLOCK_R // 2
+        j = tl.arange(0, BLOCK_R)
+        pair = pid * HB + j // 2
+        r_mask = pair < R // 2
+        offs_r = pair + (j % 2) * (R // 2)  # even j: the first half's row, odd j: its partner in the second
+    else:
+        offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
     rstd = 0.0
     if PRO == 1:
         ss = tl.zeros([BLOCK_K], tl.float32)
@@ -209,14 +226,60 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
             wf = tl.load(w_ptr + offs_r[:, None] * stride_wn + offs_k[None, :],
                          mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
             acc += wf * xq[None, :]
-    if WFMT == 2:
-        _store_row(tl.sum(acc, axis=1), y_ptr, ws_ptr, 2 * offs_r, r_mask, dt, 0, RESIDUAL)
+    total = tl.sum(acc, axis=1)
+    if WFMT == 3 and CVT == 0:
+        total = total * 7.205759403792794e16  # 2^56
+    if THEN == 1:
+        out_p = pid * HB + tl.arange(0, HB)
+        if WFMT == 2:  # packed row p holds outputs 2p (acc) and 2p + 1 (acc2)
+            _store_silu_pair(total, y_ptr, ws_ptr, offs_r, r_mask, 2 * out_p, out_p < R // 2, dt, 0, HB)
+            _store_silu_pair(tl.sum(acc2, axis=1), y_ptr, ws_ptr, offs_r, r_mask, 2 * out_p + 1, out_p < R // 2,
+                             dt, 0, HB)
+        else:
+            _store_silu_pair(total, y_ptr, ws_ptr, offs_r, r_mask, out_p, out_p < R // 2, dt, SCALE, HB)
+    elif WFMT == 2:
+        _store_row(total, y_ptr, ws_ptr, 2 * offs_r, r_mask, dt, 0, RESIDUAL)
         _store_row(tl.sum(acc2, axis=1), y_ptr, ws_ptr, 2 * offs_r + 1, r_mask, dt, 0, RESIDUAL)
-    elif WFMT == 3 and CVT == 0:
-        _store_row(tl.sum(acc, axis=1) * 7.205759403792794e16, y_ptr, ws_ptr, offs_r, r_mask, dt, SCALE,  # 2^56
-                   RESIDUAL)
     else:
-        _store_row(tl.sum(acc, axis=1), y_ptr, ws_ptr, offs_r, r_mask, dt, SCALE, RESIDUAL)
+        _store_row(total, y_ptr, ws_ptr, offs_r, r_mask, dt, SCALE, RESIDUAL)
+    if THEN == 2:
+        tl.debug_barrier()  # every thread's stores before the release below
+        if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+            tl.store(cnt_ptr, 0)
+            _norm_row(y_ptr, nw_ptr, xn_ptr, N, eps, NB)
+
+
+@triton.jit
+def _store_silu_pair(total, y_ptr, ws_ptr, offs_r, r_mask, offs_y, y_mask, dt: tl.constexpr, SCALE: tl.constexpr,
+                     HB: tl.constexpr):
+    """total [2·HB]: f, g, f, g, … (rows offs_r) → y[offs_y] = SiLU(f) · g, f and g rounded to dt first and SiLU
+    computed as act_prep computes it: the values the unfused path gives."""
+    out = total
+    if SCALE == 1:
+        out = out * tl.load(ws_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    elif SCALE == 2:
+        out = out * tl.load(ws_ptr).to(tl.float32)
+    f, g = tl.split(tl.reshape(out.to(dt), [HB, 2]))
+    a = f.to(tl.float32)
+    tl.store(y_ptr + offs_y, (a * tl.sigmoid(a)).to(dt) * g, mask=y_mask)
+
+
+@triton.jit
+def _norm_row(h_ptr, w_ptr, out_ptr, N, eps, NB: tl.constexpr):
+    """out [N] = w · (h · rsqrt(mean(h²) + eps)) rounded to h's dtype first (act_prep's RMSNorm), h read past the
+    L1 (other programs wrote it)."""
+    dt: tl.constexpr = h_ptr.dtype.element_ty
+    ss = tl.zeros([NB], tl.float32)
+    for n0 in range(0, N, NB):
+        offs = n0 + tl.arange(0, NB)
+        h = tl.load(h_ptr + offs, mask=offs < N, other=0.0, cache_modifier=".cg").to(tl.float32)
+        ss += h * h
+    rstd = tl.rsqrt(tl.sum(ss, axis=0) / N + eps)
+    for n0 in range(0, N, NB):
+        offs = n0 + tl.arange(0, NB)
+        h = tl.load(h_ptr + offs, mask=offs < N, other=0.0, cache_modifier=".cg").to(tl.float32)
+        xv = tl.load(w_ptr + offs, mask=offs < N, other=0.0) * (h * rstd).to(dt)
+        tl.store(out_ptr + offs, xv.to(out_ptr.dtype.element_ty), mask=offs < N)
 
 
 @triton.jit
@@ -263,19 +326,29 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
          prequant: torch.Tensor | None = None, act_scale: torch.Tensor | None = None, afmt: int = A_FLOAT,
          norm: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False, residual: torch.Tensor | None = None,
          config: tuple[int, int, int] | None = None, cvt: int | None = None,
-         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, then_silu: bool = False, then_norm: torch.Tensor | None = None,
+         counter: torch.Tensor | None = None) -> torch.Tensor:
     """y [1, N] = W · prologue(x) for one row x [1, K] (silu: [1, 2K]); residual [1, N]: y added in place.
     ``out_dtype``: y's dtype when x is not in the compute dtype (pre-quantized int8/fp8 x). ``config`` (tile) and
-    ``cvt`` (weight conversion) default to the tuned tables below."""
+    ``cvt`` (weight conversion) default to the tuned tables below. The epilogue may also do the next linear's
+    prologue (the kernel's THEN): ``then_silu`` returns SiLU(y[:, :N/2]) · y[:, N/2:] [1, N/2] instead of y;
+    ``then_norm`` (the next RMSNorm's weight, with ``residual`` and ``counter``, one int32 zero that the call leaves
+    zero) returns RMSNorm(residual + y) · then_norm after the add."""
     assert x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
     R, K = w.shape
     N = 2 * R if wfmt == W_INT4 else R
     assert x.shape[1] == (2 * K if silu else K)
+    then = THEN_SILU if then_silu else THEN_NORM if then_norm is not None else THEN_NONE
+    assert then != THEN_SILU or (then_norm is None and residual is None and out is None and R % 2 == 0)
+    assert then != THEN_NORM or (residual is not None and counter is not None and counter.dtype == torch.int32)
     if residual is not None:
         y = residual
     else:
-        y = out if out is not None else torch.empty(1, N, dtype=out_dtype or x.dtype, device=x.device)
+        y = out if out is not None else torch.empty(1, N // 2 if then_silu else N, dtype=out_dtype or x.dtype,
+                                                    device=x.device)
     br, bk, warps = config or GEMV_CONFIG[wfmt]
+    if then_silu:
+        br = max(2, br)  # a program takes both halves' rows
     bk = min(bk, max(16, _pow2(K)))
     if wfmt in (W_INT8, W_INT4, W_FP8):
         assert K % 4 == 0 and w.stride(0) % 4 == 0
@@ -285,14 +358,17 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
     else:
         w_arg, stride_w = w, w.stride(0)
     dummy = x
-    _gemv_kernel[(triton.cdiv(R, br),)](
+    xn = torch.empty_like(y) if then == THEN_NORM else y
+    _gemv_kernel[(triton.cdiv(R // 2, br // 2) if then_silu else triton.cdiv(R, br),)](
         x, w_arg, wscale if wscale is not None else dummy, prequant if prequant is not None else dummy,
         norm if norm is not None else dummy, act_scale if act_scale is not None else dummy, y,
         R, K, stride_w, wscale.stride(0) if (wscale is not None and wscale.dim() == 2) else 0, float(eps),
+        xn, then_norm if then_norm is not None else dummy, counter if counter is not None else y, N,
         WFMT=wfmt, AFMT=afmt, PRO=PRO_SILU if silu else PRO_RMSNORM if norm is not None else PRO_NONE,
         HAS_PRE=prequant is not None, SCALE=scale_mode, RESIDUAL=residual is not None, GROUP=max(group, 4),
-        BLOCK_R=br, BLOCK_K=bk, CVT=GEMV_CVT.get(wfmt, 0) if cvt is None else cvt, num_warps=warps)
-    return y
+        BLOCK_R=br, BLOCK_K=bk, CVT=GEMV_CVT.get(wfmt, 0) if cvt is None else cvt, THEN=then,
+        NB=min(1024, _pow2(N)), num_warps=warps)
+    return xn
 
 
 # The untimed-tile rule (W4K_TILES at 32 and 64 rows, WQ_WIDE_CONFIG), for tiles no GPU has timed yet: compiled for

@@ -276,15 +276,34 @@ class TorchRuntime:
         logits = self.lm_head_linear.fused(h.contiguous(), norm=self.ln_f, eps=self.eps)
         return logits.view(B, 1 if last_only else T, -1)
 
-    def _mlp(self, layer: dict, h: torch.Tensor) -> None:
-        """h += proj(SiLU(fc(x)) · gate(x)), x = RMSNorm(h) — fc‖gate as one linear where stacked."""
+    def _mlp(self, layer: dict, h: torch.Tensor, xn: torch.Tensor | None = None, next_norm=None,
+             chain: bool = False) -> torch.Tensor | None:
+        """h += proj(SiLU(fc(x)) · gate(x)), x = RMSNorm(h) (``xn``: x, computed by the previous linear) — fc‖gate as
+        one linear where stacked. ``chain``: each linear's epilogue does the next one's prologue where its kernel
+        can (:meth:`_Handler.chains`); returns RMSNorm(h) · next_norm when the proj's did, else None."""
+        post = layer["post_layernorm"]
         if "mlp.fc_gate" in layer:
-            fg = layer["mlp.fc_gate"].fused(h, norm=layer["post_layernorm"], eps=self.eps)
-            layer["mlp.proj"].fused(fg, silu=True, residual=h)
-        else:
-            x = self._rmsnorm(h, layer["post_layernorm"])
-            layer["mlp.proj"].fused(torch.cat((layer["mlp.fc"].fused(x), layer["mlp.gate"].fused(x)), dim=-1),
-                                    silu=True, residual=h)
+            fg = layer["mlp.fc_gate"]
+            if chain and fg.chains(h.shape[0]):
+                return self._add_out(layer["mlp.proj"], self._linear_in(fg, h, xn, post, then_silu=True), h,
+                                     next_norm, chain)
+            return self._add_out(layer["mlp.proj"], self._linear_in(fg, h, xn, post), h, next_norm, chain, silu=True)
+        x = xn if xn is not None else self._rmsnorm(h, post)
+        return self._add_out(layer["mlp.proj"], torch.cat((layer["mlp.fc"].fused(x), layer["mlp.gate"].fused(x)),
+                                                          dim=-1), h, next_norm, chain, silu=True)
+
+    def _linear_in(self, lin: _Handler, h: torch.Tensor, xn: torch.Tensor | None, norm: torch.Tensor, **then):
+        """lin(RMSNorm(h) · norm), that input being ``xn`` where the previous linear's epilogue computed it."""
+        return lin.fused(xn, **then) if xn is not None else lin.fused(h, norm=norm, eps=self.eps, **then)
+
+    def _add_out(self, lin: _Handler, x: torch.Tensor, h: torch.Tensor, next_norm, chain: bool,
+                 silu: bool = False) -> torch.Tensor | None:
+        """h += lin(x) (silu: of SiLU · gate of x's halves); returns RMSNorm(h) · next_norm where lin's epilogue
+        computes it (``chain`` and lin.chains), else None."""
+        if chain and next_norm is not None and lin.chains(x.shape[0]):
+            return lin.fused(x, silu=silu, residual=h, then_norm=next_norm, eps=self.eps)
+        lin.fused(x, silu=silu, residual=h)
+        return None
 
     def _decode_body(self, st: "_DecodeState") -> None:
         """One decode step on the static buffers: reads st.ids/pos/slot, writes the token and advances them."""
@@ -292,8 +311,9 @@ class TorchRuntime:
 
         h = F.embedding(st.ids, self.embedding)  # [B, hidden]
         cache, quant = st.cache, self.kv_algo is not None
+        xn = None  # the next linear's RMSNorm-ed input, where the previous linear's epilogue computed it
         for i, layer in enumerate(self.layers):
-            qkv = layer["attention.qkv"].fused(h, norm=layer["input_layernorm"], eps=self.eps)
+            qkv = self._linear_in(layer["attention.qkv"], h, xn, layer["input_layernorm"])
             rcp, scale = (cache.rcp[i:i + 1], cache.scale[i:i + 1]) if quant else (None, None)
             if st.rope_fused:
                 attn = st.attn(qkv, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale,
@@ -302,9 +322,10 @@ class TorchRuntime:
                 q = ck.rope_cache_write(qkv, st.pos, st.slot, self.freq_dev, cache.k[i], cache.v[i], self.n_heads,
                                         self.n_kv, self.head_dim, kv_rcp=rcp, kv_algo=self.kv_algo)
                 attn = st.attn(q, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale, kv_algo=self.kv_algo)
-            layer["attention.dense"].fused(attn, residual=h)
-            self._mlp(layer, h)
-        nxt = self.lm_head_linear.fused(h, norm=self.ln_f, eps=self.eps).argmax(-1)
+            xn = self._add_out(layer["attention.dense"], attn, h, layer["post_layernorm"], chain=True)
+            xn = self._mlp(layer, h, xn, chain=True, next_norm=self.layers[i + 1]["input_layernorm"]
+                           if i + 1 < len(self.layers) else self.ln_f)
+        nxt = self._linear_in(self.lm_head_linear, h, xn, self.ln_f).argmax(-1)
         if not st.ignore_eos:
             nxt = torch.where(st.done, st.pad, nxt)
             st.done |= torch.isin(nxt, st.eos)

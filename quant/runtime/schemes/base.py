@@ -128,6 +128,14 @@ class KernelConfig:
     attn_fused_reduce: bool = True
     attn_rope_fused: bool = True
     attn_fused_batch: int | None = 1
+    # Batch-1 decode on the Triton GEMV (cuda_kernels.gemv): each linear's epilogue does the next linear's prologue,
+    # so that the step launches no act_prep for RMSNorm or SiLU·gate (3 per layer, ~2.4 µs each plus a graph gap
+    # on an H200's FP16 step: experiments/results/gpu, the 2026-11-26 profile): fc‖gate writes SiLU(fc) · gate,
+    # and the o / down projections, after the residual add, RMSNorm of the residual stream (the last program to
+    # finish, so no program recomputes the row's statistics: the in-GEMV prologue that measured slower did). The
+    # CUDA GEMVs (w8g, w4g) do not, so it applies where the Triton GEMV runs: FP16, and the others with w8g /
+    # w4g_rows off. Not yet timed: experiments.bench RECIPE@then.
+    gemv_then: bool = False
 
     def __post_init__(self) -> None:
         if self.wq_wide - {"W8A16", "W8A8_SQ_PER_CHANNEL"}:
@@ -186,6 +194,9 @@ class _Handler:
         self.device = torch.device(device)
         self.native = self.device.type == "cpu"
         self.cuda = self.device.type == "cuda"
+        # the GEMV's then_norm counter (one int32 that every call leaves zero, so a CUDA graph can replay it)
+        self.then_counter = torch.zeros(1, dtype=torch.int32, device=device) if self.cuda and kernels.gemv_then \
+            else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -195,15 +206,20 @@ class _Handler:
 
     # -- the CUDA path: y = W · f(x) (+ residual in place) ------------------------------------------------------
     def fused(self, x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+              residual: torch.Tensor | None = None, **then) -> torch.Tensor:
         """x [M, K] (silu: [M, 2K], SiLU(x[:, :K]) · x[:, K:]); norm: RMSNorm x first (float32 statistics, as the
         runtime's ``_rmsnorm``); residual [M, N]: add y to it in place and return it. On CUDA the small-M case
-        is one fused kernel; elsewhere these are the runtime's own tensor ops."""
+        is one fused kernel; elsewhere these are the runtime's own tensor ops. ``then`` (only where
+        :meth:`chains`): the next linear's prologue in this one's epilogue, ``then_silu=True`` (return SiLU ·
+        gate of y's two halves) or ``then_norm=w`` (with residual: return RMSNorm(residual) · w after the add)."""
         if self.cuda:
             if x.shape[0] <= _cuda_kernels().GEMV_MAX_M and self.algo_key in self.kernels.gemv and self._gemv_ok():
                 if not self.kernels.fuse_prologue and (norm is not None or silu) and not self.own_prologue:
                     x, norm, silu = self._prep(x, norm, eps, silu), None, False
-                return self._gemv(x, norm=norm, eps=eps, silu=silu, residual=residual)
+                if then:
+                    assert self.chains(x.shape[0]), "then_silu / then_norm where chains() is False"
+                    then = {**then, "counter": self.then_counter}
+                return self._gemv(x, norm=norm, eps=eps, silu=silu, residual=residual, **then)
             y = self._mm_cuda(x, norm=norm, eps=eps, silu=silu)
             if residual is None and y.dtype != self.dtype:  # (tinygemm computes in bf16)
                 y = y.to(self.dtype)
@@ -221,6 +237,16 @@ class _Handler:
 
     def _gemv_ok(self) -> bool:
         return True
+
+    def chains(self, rows: int) -> bool:
+        """Whether :meth:`fused` takes ``then_silu`` / ``then_norm`` at ``rows`` (KernelConfig.gemv_then): rows the
+        Triton GEMV runs."""
+        return (self.then_counter is not None and rows <= _cuda_kernels().GEMV_MAX_M
+                and self.algo_key in self.kernels.gemv and self._gemv_ok() and self._triton_gemv())
+
+    def _triton_gemv(self) -> bool:
+        """Whether the batch-1 row takes the Triton GEMV (not a compiled CUDA one)."""
+        return not self.w8g
 
     w8g = False  # batch 1 takes the compiled 8-bit GEMV (the 8-bit formats, on CUDA: _setup_w8g)
 

@@ -59,9 +59,9 @@ class DenseLinear(_Handler):
             return F.linear(x.float(), self._weight_f32).to(self.dtype)
         return F.linear(x, self.weight)
 
-    def _gemv(self, x, *, norm, eps, silu, residual):
+    def _gemv(self, x, *, norm, eps, silu, residual, **then):
         ck = _cuda_kernels()
-        return self._ck_gemv(x, self.weight, wfmt=ck.W_FLOAT, norm=norm, eps=eps, silu=silu, residual=residual)
+        return self._ck_gemv(x, self.weight, wfmt=ck.W_FLOAT, norm=norm, eps=eps, silu=silu, residual=residual, **then)
 
     def _mm_cuda(self, x, *, norm, eps, silu):
         return F.linear(self._prep(x, norm, eps, silu), self.weight)

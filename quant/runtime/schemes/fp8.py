@@ -34,7 +34,7 @@ class FP8Linear(_Handler):
     own_prologue = True
     prequant: torch.Tensor | None = None  # W4A8_AWQ: AWQ's per-in-feature scale, applied before quantization
 
-    def _gemv(self, x, *, norm, eps, silu, residual):
+    def _gemv(self, x, *, norm, eps, silu, residual, **then):
         ck = _cuda_kernels()
         if not self.kernels.fuse_prologue or self.prequant is not None or self.w8g:  # quantize, then fp8 × fp8
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale.reshape(1),
@@ -42,10 +42,10 @@ class FP8Linear(_Handler):
             if self.w8g:
                 return self._w8g_gemv(qx, self.out_scale, residual)
             return self._ck_gemv(qx, self.weight, wfmt=ck.W_FP8, wscale=self.out_scale, scale_mode=ck.S_SCALAR,
-                                 residual=residual, out_dtype=self.dtype)
+                                 residual=residual, out_dtype=self.dtype, **then)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_FP8, afmt=ck.A_FP8, act_scale=self.act_scale.reshape(1),
                              wscale=self.out_scale, scale_mode=ck.S_SCALAR, norm=norm, eps=eps, silu=silu,
-                             residual=residual)
+                             residual=residual, **then)
 
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()

@@ -94,14 +94,17 @@ class W4A16AWQLinear(_Handler):
     def _gemv_ok(self) -> bool:
         return self._w4g_takes(1) or self.kpack_at_1 or (self.pow2_group and self.tinygemm is None)
 
-    def _gemv(self, x, *, norm, eps, silu, residual):
+    def _triton_gemv(self) -> bool:
+        return not (self._w4g_takes(1) or self.kpack_at_1)
+
+    def _gemv(self, x, *, norm, eps, silu, residual, **then):
         ck = _cuda_kernels()
         if self._w4g_takes(1):
             return self._w4g_mm(x, norm, eps, silu, residual)
         if self.kpack_at_1:
             return self._w4k(x, norm, eps, silu, residual)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT4, wscale=self.scales, group=self.group,
-                             prequant=self.prequant, norm=norm, eps=eps, silu=silu, residual=residual)
+                             prequant=self.prequant, norm=norm, eps=eps, silu=silu, residual=residual, **then)
 
     def _w4k(self, x, norm, eps, silu, residual=None):
         w, kw = self.kpack

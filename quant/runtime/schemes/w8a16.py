@@ -30,12 +30,12 @@ class W8A16Linear(_Handler):
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scale)
         return (F.linear(x.float(), self.weight.float()) * self.scale.float()).to(self.dtype)
 
-    def _gemv(self, x, *, norm, eps, silu, residual):
+    def _gemv(self, x, *, norm, eps, silu, residual, **then):
         if self.w8g:
             return self._w8g_gemv(self._prep(x, norm, eps, silu), self.scale, residual)
         ck = _cuda_kernels()
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT8, wscale=self.scale, scale_mode=ck.S_CHANNEL, norm=norm,
-                             eps=eps, silu=silu, residual=residual)
+                             eps=eps, silu=silu, residual=residual, **then)
 
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()

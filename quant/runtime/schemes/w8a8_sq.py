@@ -34,19 +34,19 @@ class W8A8SQLinear(_Handler):
     shared_inputs = ("prequant_scaling_factor", "activation_scaling_factor")
     own_prologue = True
 
-    def _gemv(self, x, *, norm, eps, silu, residual):
+    def _gemv(self, x, *, norm, eps, silu, residual, **then):
         ck = _cuda_kernels()
         if not self.kernels.fuse_prologue or self.w8g:  # quantize once, then an int8 × int8 GEMV
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale, afmt=ck.A_INT8)
             if self.w8g:
                 return self._w8g_gemv(qx, self.out_scale, residual)
             return self._ck_gemv(qx, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8_IN, wscale=self.out_scale,
-                                 scale_mode=ck.S_CHANNEL, residual=residual, out_dtype=self.dtype)
+                                 scale_mode=ck.S_CHANNEL, residual=residual, out_dtype=self.dtype, **then)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8, prequant=self.prequant,
                              act_scale=self.act_scale, wscale=self.out_scale, scale_mode=ck.S_CHANNEL, norm=norm,
-                             eps=eps, silu=silu, residual=residual)
+                             eps=eps, silu=silu, residual=residual, **then)
 
-    def fused(self, x, *, norm=None, eps=1e-6, silu=False, residual=None):
+    def fused(self, x, *, norm=None, eps=1e-6, silu=False, residual=None, **then):
         if self.cuda and not (x.shape[0] <= _cuda_kernels().GEMV_MAX_M and self.algo_key in self.kernels.gemv):
             ck = _cuda_kernels()
             M = x.shape[0]
@@ -61,7 +61,7 @@ class W8A8SQLinear(_Handler):
                             afmt=ck.A_INT8, rows=max(32, _round_up(M, 8)))
             return ck.int_mm_epilogue(torch._int_mm(qx, self.weight_t), self.out_scale, M, self.dtype,
                                       residual=residual)  # residual add fused into the epilogue
-        return super().fused(x, norm=norm, eps=eps, silu=silu, residual=residual)
+        return super().fused(x, norm=norm, eps=eps, silu=silu, residual=residual, **then)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         x = (x * self.prequant).float()
