@@ -383,6 +383,51 @@ W8G = ["W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"]
 
 
 @cuda
+@pytest.mark.parametrize("algo", [*W8G, "W4A16_AWQ"])
+def test_compiled_gemv_epilogue_does_the_next_linears_prologue(algo):
+    """The compiled GEMVs' then_silu / then_norm (KernelConfig.gemv_then), every tile: SiLU · gate of the output's
+    halves against act_prep(silu) of the plain call's output (N = 92: a block's pairs past N / 2), and RMSNorm of the
+    residual sum by the last block against act_prep(norm) of that sum (float32 statistics in another order: within
+    a rounding), the residual the same bits as the plain call's, three calls in a row and replays of a CUDA graph
+    with the counter left at zero."""
+    from quant.hardware import fp8_refusal
+    from quant.runtime import cuda_ext
+    from quant.runtime import cuda_kernels as ck
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    if algo == "FP8" and fp8_refusal(0):
+        pytest.skip(fp8_refusal(0))
+    dtype, out, inp = torch.float16, 92, 576
+    gen = torch.Generator().manual_seed(len(algo))
+    tensors = {k: v.to(DEV) for k, v in _layout(algo, gen, out, inp, 64).items()}
+    nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
+    for tile in cuda_ext.GEMV_TILES:
+        kw = {"w8g": frozenset({algo}), "w8g_tile": tile} if algo in W8G else {"w4g_rows": (1, 1), "w4g_tile": tile}
+        h = make_linear(algo, tensors, dtype=dtype, device=DEV, group_size=64,
+                        kernels=KernelConfig(gemv_then=True, **kw))
+        assert h.chains(1) and not h.chains(2) and "-cuda" in h.kernel, h.gemv_unavailable or h.kernel
+        x = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
+        y = h.fused(x)
+        got = h.fused(x, then_silu=True)
+        assert got.shape == (1, out // 2) and rel(got, ck.act_prep(y, silu=True)) <= 2e-3, tile
+        res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
+        plain = h.fused(x, residual=res.clone())
+        for _ in range(3):
+            r = res.clone()
+            xn = h.fused(x, residual=r, then_norm=nw, eps=1e-5)
+            assert torch.equal(r, plain) and not h.then_counter.any(), tile
+            assert rel(xn, ck.act_prep(plain, norm=nw, eps=1e-5)) <= 2e-3, tile
+    graph, r = torch.cuda.CUDAGraph(), res.clone()
+    with torch.cuda.graph(graph):
+        xn = h.fused(x, residual=r, then_norm=nw, eps=1e-5)
+    for _ in range(3):
+        graph.replay()
+        assert rel(xn, ck.act_prep(r, norm=nw, eps=1e-5)) <= 2e-3 and not h.then_counter.any()
+
+
+@cuda
 @pytest.mark.parametrize("algo", W8G)
 @pytest.mark.parametrize("out, inp", [(64, 512), (80, 1024), (46, 4096), (96, 576), (64, 11008), (70, 528)])
 def test_w8g_matches_float64_reference(algo, out, inp):
@@ -721,17 +766,21 @@ def test_decode_step_logits_equal_prefill_logits(tiny_folders):
 @cuda
 def test_decode_with_each_linear_doing_the_next_ones_prologue(tiny_folders):
     """KernelConfig.gemv_then: at batch 1 the fc‖gate GEMV writes SiLU · gate and the o / down GEMVs RMSNorm of the
-    residual stream (their last program), so that no act_prep runs between linears. Every linear of a layer on the
-    Triton GEMV, so every link of the chain is taken; against the same kernels unchained: one decode step's logits
-    at several prompt lengths, the generated tokens, graph replay = eager, every counter left at zero."""
+    residual stream (their last program), so that no act_prep runs between linears. On the compiled GEMVs, then on
+    the Triton GEMV for every format, every link of the chain taken; against the same kernels unchained: one decode
+    step's logits at several prompt lengths, the generated tokens, graph replay = eager, every counter left at
+    zero."""
     from quant.runtime.schemes.base import KernelConfig
     from quant.runtime.torch_runtime import TorchRuntime
 
-    chain = KernelConfig(gemv_then=True, w8g=frozenset(), w4g_rows=None, int4_kernel="triton")
-    plain = dataclasses.replace(chain, gemv_then=False)
     ids = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(3)).tolist()
     prompts = [ids[:9], ids[:23]]
-    for recipe in ("fp16", "int8_wo", "smoothquant_kv_int8", "fp8_kv_fp8", "int4_awq"):
+    # the compiled GEMVs at batch 1 (the defaults), then the Triton one for every format
+    configs = (KernelConfig(gemv_then=True), KernelConfig(gemv_then=True, w8g=frozenset(), w4g_rows=None,
+                                                          int4_kernel="triton"))
+    for chain, recipe in ((c, r) for c in configs for r in ("fp16", "int8_wo", "smoothquant_kv_int8", "fp8_kv_fp8",
+                                                             "int4_awq")):
+        plain = dataclasses.replace(chain, gemv_then=False)
         ref, rt = (TorchRuntime.from_dir(tiny_folders[recipe], device="cuda", compute_dtype="float16", kernels=k)
                    for k in (plain, chain))
         layer = rt.layers[0]

@@ -32,14 +32,15 @@ import torch
 import triton
 import triton.language as tl
 
+# THEN: the GEMV's epilogue for the next linear (KernelConfig.gemv_then): none, SiLU · gate of the two output
+# halves, or RMSNorm of the residual sum; the same codes as the compiled GEMVs'
+from quant.runtime.cuda_ext import THEN_NONE, THEN_NORM, THEN_SILU
+
 # weight formats (WFMT) and activation formats (AFMT) of the fused GEMV
 W_FLOAT, W_INT8, W_INT4, W_FP8 = 0, 1, 2, 3
 A_FLOAT, A_INT8, A_FP8, A_INT8_IN = 0, 1, 2, 3  # A_INT8_IN: x is int8 already (quantized by act_prep)
 # prologues (PRO): plain x, RMSNorm(h) · w, SiLU(x[:, :K]) · x[:, K:]
 PRO_NONE, PRO_RMSNORM, PRO_SILU = 0, 1, 2
-# the GEMV's epilogue for the next linear (KernelConfig.gemv_then): none, SiLU · gate of the two output halves,
-# or RMSNorm of the residual sum
-THEN_NONE, THEN_SILU, THEN_NORM = 0, 1, 2
 # epilogue scale (SCALE): none, per output channel, one scalar
 S_NONE, S_CHANNEL, S_SCALAR = 0, 1, 2
 _ROUND_MAGIC = 12582912.0  # 1.5 · 2^23: (v + C) − C rounds a float32 |v| ≤ 2^22 to the nearest integer, ties to even

@@ -278,9 +278,9 @@ class TorchRuntime:
 
     def _mlp(self, layer: dict, h: torch.Tensor, xn: torch.Tensor | None = None, next_norm=None,
              chain: bool = False) -> torch.Tensor | None:
-        """h += proj(SiLU(fc(x)) · gate(x)), x = RMSNorm(h) (``xn``: x, computed by the previous linear) — fc‖gate as
-        one linear where stacked. ``chain``: each linear's epilogue does the next one's prologue where its kernel
-        can (:meth:`_Handler.chains`); returns RMSNorm(h) · next_norm when the proj's did, else None."""
+        """h += proj(SiLU(fc(x)) · gate(x)), x = RMSNorm(h) (``xn``: x, computed by the previous linear) —
+        fc‖gate as one linear where stacked. ``chain``: each linear's epilogue does the next one's prologue where
+        its kernel can (:meth:`_Handler.chains`); returns RMSNorm(h) · next_norm when the proj's did, else None."""
         post = layer["post_layernorm"]
         if "mlp.fc_gate" in layer:
             fg = layer["mlp.fc_gate"]

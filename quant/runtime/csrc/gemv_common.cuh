@@ -1,5 +1,6 @@
 // What the GEMV kernels share (w4a16_gemv.cu, w8_gemv.cu): the block shape and the streaming weight loads.
 #pragma once
+#include <cuda_fp16.h>
 #include <cstdint>
 
 namespace gemv {
@@ -30,5 +31,85 @@ __device__ __forceinline__ void load_chunks(uint4 (&wv)[U][R], const uint4* w, c
       wv[u][r] = c < C ? load_stream(w + (int64_t)rows[r] * C + c) : make_uint4(0, 0, 0, 0);
   }
 }
+
+// What the epilogue does besides storing y, for the next linear (one activation row; cuda_kernels.THEN_*): nothing,
+// SiLU(f) * g of the output's two halves f = y[:N/2], g = y[N/2:], or, after the residual add, RMSNorm of y.
+enum Then { THEN_NONE = 0, THEN_SILU = 1, THEN_NORM = 2 };
+
+// The weight row of slot r of this warp. THEN_SILU: a block's P = WARPS * R / 2 slots [0, P) are first-half rows
+// (outputs p of f), slots [P, 2P) their partners p + N/2 (g), so that each pair meets in one block; else the
+// warp's R consecutive rows. Past the end: a valid row, whose result is not stored.
+template <int R, int THEN>
+__device__ __forceinline__ int weight_row(int r, int N) {
+  const int warp = threadIdx.x >> 5;
+  if constexpr (THEN == THEN_SILU) {
+    constexpr int P = WARPS * R / 2;
+    const int i = warp * R + r;
+    const int p = min(static_cast<int>(blockIdx.x) * P + i % P, N / 2 - 1);
+    return i < P ? p : p + N / 2;
+  } else {
+    return min((static_cast<int>(blockIdx.x) * WARPS + warp) * R + r, N - 1);
+  }
+}
+
+// THEN_SILU's store: v[r], this warp's finished outputs (scale applied), meet their partners in shared memory; y
+// [N/2] = SiLU(f) * g with f and g rounded to float16 first, as the unfused GEMV + act_prep round them.
+template <int R>
+__device__ __forceinline__ void store_silu_pairs(const float (&v)[R], half* y, int N) {
+  constexpr int P = WARPS * R / 2;
+  __shared__ float tot[2 * P];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) tot[warp * R + r] = v[r];
+  }
+  __syncthreads();
+  const int t = threadIdx.x, p = blockIdx.x * P + t;
+  if (t < P && p < N / 2) {
+    const float a = __half2float(__float2half_rn(tot[t]));
+    y[p] = __hmul(__float2half_rn(a / (1.f + __expf(-a))), __float2half_rn(tot[t + P]));
+  }
+}
+
+// THEN_NORM, after every block stored its part of y [N]: the last block to finish (cnt, which it resets to 0 for the
+// next launch) writes xn = nw * (y * rsqrt(mean(y^2) + eps)), float32 statistics, y * rstd rounded to float16
+// first (act_prep's RMSNorm). The other blocks' stores reach it through their fence before the count and L2
+// loads (__ldcg) after it, CUDA's threadfence-reduction pattern.
+__device__ __forceinline__ void norm_by_last_block(const half* y, const half* nw, half* xn, int N, float eps,
+                                                   unsigned* cnt) {
+  __shared__ bool last;
+  __shared__ float part[WARPS];
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(cnt, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < N; i += WARPS * 32) {
+    const float h = __half2float(__ldcg(y + i));
+    ss = fmaf(h, h, ss);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (lane == 0) part[warp] = ss;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) total += part[w];
+  const float rstd = rsqrtf(total / N + eps);
+  for (int i = threadIdx.x; i < N; i += WARPS * 32)
+    xn[i] = __hmul(nw[i], __float2half_rn(__half2float(__ldcg(y + i)) * rstd));
+  if (threadIdx.x == 0) *cnt = 0u;
+}
+
+// The launch's extra arguments for THEN (unused by THEN_NONE): the norm weight, its output, eps, the counter.
+struct ThenArgs {
+  const half* nw;
+  half* xn;
+  float eps;
+  unsigned* cnt;
+};
 
 }  // namespace gemv

@@ -22,7 +22,7 @@
 
 namespace {
 
-using gemv::WARPS, gemv::load_chunks, gemv::word;
+using gemv::WARPS, gemv::load_chunks, gemv::word, gemv::ThenArgs, gemv::THEN_NONE, gemv::THEN_SILU, gemv::THEN_NORM;
 
 enum Prologue { PRO_GLOBAL = 0, PRO_PREQUANT = 1 };  // PRO_GLOBAL: x read as given
 
@@ -63,11 +63,13 @@ __device__ __forceinline__ void stage_row(uint4* xs, const half* x, const half* 
 }
 
 // M activation rows, R weight rows per warp, U chunks of 32 k per lane in flight; PRO_PREQUANT: M == 1, the row
-// staged in shared memory (K * 2 bytes, dynamic).
-template <int M, int R, int U, int PRO>
+// staged in shared memory (K * 2 bytes, dynamic); THEN (M == 1): the epilogue's work for the next linear
+// (gemv_common.cuh).
+template <int M, int R, int U, int PRO, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
     const half* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const half* __restrict__ s,
-    half* __restrict__ y, int64_t ldy, int N, int K, int gshift, bool accumulate, const half* __restrict__ pre) {
+    half* __restrict__ y, int64_t ldy, int N, int K, int gshift, bool accumulate, const half* __restrict__ pre,
+    ThenArgs then) {
   extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
   const int n0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * R;  // warps past N compute a valid row, store none
@@ -76,7 +78,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
   const int cshift = gshift - 5;        // chunk -> group
   int rows[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) rows[r] = min(n0 + r, N - 1);
+  for (int r = 0; r < R; ++r) rows[r] = gemv::weight_row<R, THEN>(r, N);
   float acc[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -139,6 +141,10 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
       for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
       acc[m][r] = v;
     }
+  if constexpr (THEN == THEN_SILU) {
+    gemv::store_silu_pairs<R>(acc[0], y, N);
+    return;
+  }
   if (lane == 0) {
 #pragma unroll
     for (int m = 0; m < M; ++m)
@@ -151,6 +157,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
         }
       }
   }
+  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then.nw, then.xn, N, then.eps, then.cnt);
 }
 
 struct Args {
@@ -159,28 +166,43 @@ struct Args {
   int64_t ldx, ldy;
   int N, K, gshift;
   bool accumulate;
+  int then;
+  ThenArgs then_args;
   cudaStream_t stream;
 };
 
-template <int M, int R, int U, int PRO>
+template <int M, int R, int U, int PRO, int THEN>
 cudaError_t launch(const Args& a) {
-  const int warps = (a.N + R - 1) / R;
+  // THEN_SILU: a block's warps take P = WARPS * R / 2 outputs' row pairs; else R rows each
+  const int blocks = THEN == THEN_SILU ? (a.N / 2 + WARPS * R / 2 - 1) / (WARPS * R / 2)
+                                       : ((a.N + R - 1) / R + WARPS - 1) / WARPS;
   const size_t smem = PRO == PRO_GLOBAL ? 0 : a.K * sizeof(half);
-  w4a16_gemv_kernel<M, R, U, PRO><<<(warps + WARPS - 1) / WARPS, WARPS * 32, smem, a.stream>>>(
+  w4a16_gemv_kernel<M, R, U, PRO, THEN><<<blocks, WARPS * 32, smem, a.stream>>>(
       static_cast<const half*>(a.x), a.ldx, static_cast<const uint4*>(a.w), static_cast<const half*>(a.s),
-      static_cast<half*>(a.y), a.ldy, a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre));
+      static_cast<half*>(a.y), a.ldy, a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre),
+      a.then_args);
   return cudaGetLastError();
 }
 
-template <int M, int PRO>
+template <int M, int PRO, int THEN>
 cudaError_t launch_tile(int tile, const Args& a) {
   switch (tile) {  // (R, U): the tiles of cuda_ext.GEMV_TILES, in order
-    case 0: return launch<M, 1, 2, PRO>(a);
-    case 1: return launch<M, 1, 4, PRO>(a);
-    case 2: return launch<M, 2, 2, PRO>(a);
-    case 3: return launch<M, 2, 4, PRO>(a);
-    case 4: return launch<M, 4, 1, PRO>(a);
-    case 5: return launch<M, 4, 2, PRO>(a);
+    case 0: return launch<M, 1, 2, PRO, THEN>(a);
+    case 1: return launch<M, 1, 4, PRO, THEN>(a);
+    case 2: return launch<M, 2, 2, PRO, THEN>(a);
+    case 3: return launch<M, 2, 4, PRO, THEN>(a);
+    case 4: return launch<M, 4, 1, PRO, THEN>(a);
+    case 5: return launch<M, 4, 2, PRO, THEN>(a);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <int PRO>
+cudaError_t launch_one_row(int tile, const Args& a) {
+  switch (a.then) {
+    case THEN_NONE: return launch_tile<1, PRO, THEN_NONE>(tile, a);
+    case THEN_SILU: return launch_tile<1, PRO, THEN_SILU>(tile, a);
+    case THEN_NORM: return launch_tile<1, PRO, THEN_NORM>(tile, a);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -190,17 +212,21 @@ cudaError_t launch_tile(int tile, const Args& a) {
 // The contract of the launcher (checked by the binding): M in 1..4; K % 32 == 0; group a power of two >= 32 that
 // divides K; x, w and s 16-byte aligned with row strides ldx (elements, a multiple of 8) and K / 8 words and K /
 // group scales; y [M, ldy] float16. pre [K] float16 (x * pre is the input) or null: M == 1 and K * 2 bytes of
-// shared memory (<= 48 KiB); with more rows the pre-quant scale must already be applied.
+// shared memory (<= 48 KiB); with more rows the pre-quant scale must already be applied. then (gemv::Then) other
+// than THEN_NONE: M == 1; THEN_SILU: N even, y [1, N/2], not accumulate; THEN_NORM: accumulate, nw and xn float16
+// [N], cnt one unsigned that is 0 (and is left 0).
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
-                              int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
-                              cudaStream_t stream) {
-  const Args a{x, w, s, pre, y, ldx, ldy, N, K, gshift, accumulate, stream};
-  if (pre != nullptr) return M == 1 ? launch_tile<1, PRO_PREQUANT>(tile, a) : cudaErrorInvalidValue;
+                              int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre, int then,
+                              const void* nw, void* xn, float eps, unsigned* cnt, cudaStream_t stream) {
+  const Args a{x, w, s, pre, y, ldx, ldy, N, K, gshift, accumulate, then,
+               ThenArgs{static_cast<const half*>(nw), static_cast<half*>(xn), eps, cnt}, stream};
+  if (pre != nullptr) return M == 1 ? launch_one_row<PRO_PREQUANT>(tile, a) : cudaErrorInvalidValue;
+  if (M == 1) return launch_one_row<PRO_GLOBAL>(tile, a);
+  if (then != THEN_NONE) return cudaErrorInvalidValue;
   switch (M) {
-    case 1: return launch_tile<1, PRO_GLOBAL>(tile, a);
-    case 2: return launch_tile<2, PRO_GLOBAL>(tile, a);
-    case 3: return launch_tile<3, PRO_GLOBAL>(tile, a);
-    case 4: return launch_tile<4, PRO_GLOBAL>(tile, a);
+    case 2: return launch_tile<2, PRO_GLOBAL, THEN_NONE>(tile, a);
+    case 3: return launch_tile<3, PRO_GLOBAL, THEN_NONE>(tile, a);
+    case 4: return launch_tile<4, PRO_GLOBAL, THEN_NONE>(tile, a);
     default: return cudaErrorInvalidValue;
   }
 }

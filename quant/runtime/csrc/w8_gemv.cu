@@ -22,7 +22,7 @@
 
 namespace {
 
-using gemv::WARPS, gemv::load_chunks, gemv::word;
+using gemv::WARPS, gemv::load_chunks, gemv::word, gemv::ThenArgs, gemv::THEN_NONE, gemv::THEN_SILU, gemv::THEN_NORM;
 
 enum Format { F_W8A16 = 0, F_W8A8 = 1, F_FP8 = 2 };
 
@@ -98,17 +98,24 @@ __device__ __forceinline__ Acc<F> dot_word(uint32_t q, const Chunk<F>& x, int j,
   return acc;
 }
 
-// M activation rows, R weight rows per warp, U chunks of 16 k per lane in flight.
-template <int F, int M, int R, int U>
+// Its scale of weight row n, in float32.
+template <int F>
+__device__ __forceinline__ float row_scale(const void* s, int n) {
+  return F == F_W8A16 ? __half2float(static_cast<const half*>(s)[n]) : static_cast<const float*>(s)[F == F_FP8 ? 0 : n];
+}
+
+// M activation rows, R weight rows per warp, U chunks of 16 k per lane in flight; THEN (M == 1): the epilogue's
+// work for the next linear (gemv_common.cuh).
+template <int F, int M, int R, int U, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
     const void* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const void* __restrict__ s,
-    half* __restrict__ y, int64_t ldy, int N, int K, bool accumulate) {
+    half* __restrict__ y, int64_t ldy, int N, int K, bool accumulate, ThenArgs then) {
   const int lane = threadIdx.x & 31;
   const int n0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * R;  // warps past N compute a valid row, store none
   const int C = K >> 4;  // 16-weight chunks per row (uint4 per row)
   int rows[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) rows[r] = min(n0 + r, N - 1);
+  for (int r = 0; r < R; ++r) rows[r] = gemv::weight_row<R, THEN>(r, N);
   Acc<F> acc[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -143,13 +150,19 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
       for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
       total[m][r] = static_cast<float>(v);
     }
+  if constexpr (THEN == THEN_SILU) {
+    float v[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) v[r] = row_scale<F>(s, rows[r]) * total[0][r];
+    gemv::store_silu_pairs<R>(v, y, N);
+    return;
+  }
   if (lane == 0) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int n = n0 + r;
       if (n >= N) continue;
-      const float sc = F == F_W8A16 ? __half2float(static_cast<const half*>(s)[n])
-                                    : static_cast<const float*>(s)[F == F_FP8 ? 0 : n];
+      const float sc = row_scale<F>(s, n);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         half* out = y + m * ldy + n;
@@ -158,6 +171,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
       }
     }
   }
+  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then.nw, then.xn, N, then.eps, then.cnt);
 }
 
 struct Args {
@@ -166,37 +180,47 @@ struct Args {
   int64_t ldx, ldy;
   int N, K;
   bool accumulate;
+  int then;
+  ThenArgs then_args;
   cudaStream_t stream;
 };
 
-template <int F, int M, int R, int U>
+template <int F, int M, int R, int U, int THEN>
 cudaError_t launch(const Args& a) {
-  const int warps = (a.N + R - 1) / R;
-  w8_gemv_kernel<F, M, R, U><<<(warps + WARPS - 1) / WARPS, WARPS * 32, 0, a.stream>>>(
-      a.x, a.ldx, static_cast<const uint4*>(a.w), a.s, static_cast<half*>(a.y), a.ldy, a.N, a.K, a.accumulate);
+  // THEN_SILU: a block's warps take P = WARPS * R / 2 outputs' row pairs; else R rows each
+  const int blocks = THEN == THEN_SILU ? (a.N / 2 + WARPS * R / 2 - 1) / (WARPS * R / 2)
+                                       : ((a.N + R - 1) / R + WARPS - 1) / WARPS;
+  w8_gemv_kernel<F, M, R, U, THEN><<<blocks, WARPS * 32, 0, a.stream>>>(
+      a.x, a.ldx, static_cast<const uint4*>(a.w), a.s, static_cast<half*>(a.y), a.ldy, a.N, a.K, a.accumulate,
+      a.then_args);
   return cudaGetLastError();
 }
 
-template <int F, int M>
+template <int F, int M, int THEN>
 cudaError_t launch_tile(int tile, const Args& a) {
   switch (tile) {  // (R, U): the tiles of cuda_ext.GEMV_TILES, in order
-    case 0: return launch<F, M, 1, 2>(a);
-    case 1: return launch<F, M, 1, 4>(a);
-    case 2: return launch<F, M, 2, 2>(a);
-    case 3: return launch<F, M, 2, 4>(a);
-    case 4: return launch<F, M, 4, 1>(a);
-    case 5: return launch<F, M, 4, 2>(a);
+    case 0: return launch<F, M, 1, 2, THEN>(a);
+    case 1: return launch<F, M, 1, 4, THEN>(a);
+    case 2: return launch<F, M, 2, 2, THEN>(a);
+    case 3: return launch<F, M, 2, 4, THEN>(a);
+    case 4: return launch<F, M, 4, 1, THEN>(a);
+    case 5: return launch<F, M, 4, 2, THEN>(a);
     default: return cudaErrorInvalidValue;
   }
 }
 
 template <int F>
 cudaError_t launch_rows(int tile, int M, const Args& a) {
+  if (a.then != THEN_NONE) {
+    if (M != 1) return cudaErrorInvalidValue;
+    return a.then == THEN_SILU ? launch_tile<F, 1, THEN_SILU>(tile, a)
+         : a.then == THEN_NORM ? launch_tile<F, 1, THEN_NORM>(tile, a) : cudaErrorInvalidValue;
+  }
   switch (M) {
-    case 1: return launch_tile<F, 1>(tile, a);
-    case 2: return launch_tile<F, 2>(tile, a);
-    case 3: return launch_tile<F, 3>(tile, a);
-    case 4: return launch_tile<F, 4>(tile, a);
+    case 1: return launch_tile<F, 1, THEN_NONE>(tile, a);
+    case 2: return launch_tile<F, 2, THEN_NONE>(tile, a);
+    case 3: return launch_tile<F, 3, THEN_NONE>(tile, a);
+    case 4: return launch_tile<F, 4, THEN_NONE>(tile, a);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -205,10 +229,13 @@ cudaError_t launch_rows(int tile, int M, const Args& a) {
 
 // The contract of the launcher (checked by the binding): fmt one of Format; M in 1..4; K % 16 == 0; x and w 16-byte
 // aligned with row strides ldx (elements, so that rows stay 16-byte aligned) and K bytes; s as the format says;
-// y [M, ldy] float16.
+// y [M, ldy] float16. then (gemv::Then) other than THEN_NONE: M == 1; THEN_SILU: N even, y [1, N/2], not
+// accumulate; THEN_NORM: accumulate, nw and xn float16 [N], cnt one unsigned that is 0 (and is left 0).
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
-                           void* y, int64_t ldy, int N, int K, bool accumulate, cudaStream_t stream) {
-  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, stream};
+                           void* y, int64_t ldy, int N, int K, bool accumulate, int then, const void* nw, void* xn,
+                           float eps, unsigned* cnt, cudaStream_t stream) {
+  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, then,
+               ThenArgs{static_cast<const half*>(nw), static_cast<half*>(xn), eps, cnt}, stream};
   switch (fmt) {
     case F_W8A16: return launch_rows<F_W8A16>(tile, M, a);
     case F_W8A8: return launch_rows<F_W8A8>(tile, M, a);

@@ -132,9 +132,10 @@ class KernelConfig:
     # so that the step launches no act_prep for RMSNorm or SiLU·gate (3 per layer, ~2.4 µs each plus a graph gap
     # on an H200's FP16 step: experiments/results/gpu, the 2026-11-26 profile): fc‖gate writes SiLU(fc) · gate,
     # and the o / down projections, after the residual add, RMSNorm of the residual stream (the last program to
-    # finish, so no program recomputes the row's statistics: the in-GEMV prologue that measured slower did). The
-    # CUDA GEMVs (w8g, w4g) do not, so it applies where the Triton GEMV runs: FP16, and the others with w8g /
-    # w4g_rows off. Not yet timed: experiments.bench RECIPE@then.
+    # finish, so no program recomputes the row's statistics: the in-GEMV prologue that measured slower did). In
+    # the Triton GEMV and the compiled ones (w8g, w4g); not with INT4's k-packed kernel at batch 1. SmoothQuant
+    # and FP8 still quantize the row in act_prep (no launch saved there). Not yet timed: experiments.bench
+    # RECIPE@then.
     gemv_then: bool = False
 
     def __post_init__(self) -> None:
@@ -239,14 +240,15 @@ class _Handler:
         return True
 
     def chains(self, rows: int) -> bool:
-        """Whether :meth:`fused` takes ``then_silu`` / ``then_norm`` at ``rows`` (KernelConfig.gemv_then): rows the
-        Triton GEMV runs."""
+        """Whether :meth:`fused` takes ``then_silu`` / ``then_norm`` at ``rows`` (KernelConfig.gemv_then): rows a
+        batch-1 GEMV runs whose epilogue does them."""
         return (self.then_counter is not None and rows <= _cuda_kernels().GEMV_MAX_M
-                and self.algo_key in self.kernels.gemv and self._gemv_ok() and self._triton_gemv())
+                and self.algo_key in self.kernels.gemv and self._gemv_ok() and self._gemv_then_ok())
 
-    def _triton_gemv(self) -> bool:
-        """Whether the batch-1 row takes the Triton GEMV (not a compiled CUDA one)."""
-        return not self.w8g
+    def _gemv_then_ok(self) -> bool:
+        """Whether this format's batch-1 kernel has the then_silu / then_norm epilogue (the Triton GEMV and the
+        compiled ones do)."""
+        return True
 
     w8g = False  # batch 1 takes the compiled 8-bit GEMV (the 8-bit formats, on CUDA: _setup_w8g)
 
@@ -272,9 +274,10 @@ class _Handler:
             return False
         return True
 
-    def _w8g_gemv(self, x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def _w8g_gemv(self, x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None, eps: float = 1e-6,
+                  **then) -> torch.Tensor:
         return cuda_ext.w8_gemv(x, self.weight, scale, fmt=self.algo_key, residual=residual,
-                                tile=self.kernels.w8g_tile)
+                                tile=self.kernels.w8g_tile, eps=eps, **then)
 
     def _ck_gemv(self, *args, **kwargs) -> torch.Tensor:
         """The batch-1 GEMV kernel with this handler's kernel options."""

@@ -40,7 +40,7 @@ class FP8Linear(_Handler):
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale.reshape(1),
                             afmt=ck.A_FP8)
             if self.w8g:
-                return self._w8g_gemv(qx, self.out_scale, residual)
+                return self._w8g_gemv(qx, self.out_scale, residual, eps, **then)
             return self._ck_gemv(qx, self.weight, wfmt=ck.W_FP8, wscale=self.out_scale, scale_mode=ck.S_SCALAR,
                                  residual=residual, out_dtype=self.dtype, **then)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_FP8, afmt=ck.A_FP8, act_scale=self.act_scale.reshape(1),

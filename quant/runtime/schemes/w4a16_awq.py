@@ -94,13 +94,13 @@ class W4A16AWQLinear(_Handler):
     def _gemv_ok(self) -> bool:
         return self._w4g_takes(1) or self.kpack_at_1 or (self.pow2_group and self.tinygemm is None)
 
-    def _triton_gemv(self) -> bool:
-        return not (self._w4g_takes(1) or self.kpack_at_1)
+    def _gemv_then_ok(self) -> bool:
+        return not self.kpack_at_1 or self._w4g_takes(1)
 
     def _gemv(self, x, *, norm, eps, silu, residual, **then):
         ck = _cuda_kernels()
         if self._w4g_takes(1):
-            return self._w4g_mm(x, norm, eps, silu, residual)
+            return self._w4g_mm(x, norm, eps, silu, residual, **then)
         if self.kpack_at_1:
             return self._w4k(x, norm, eps, silu, residual)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT4, wscale=self.scales, group=self.group,
@@ -112,13 +112,14 @@ class W4A16AWQLinear(_Handler):
         return _cuda_kernels().w4k_mm(x, w, self.scales, group=self.group, kw=kw, residual=residual,
                                       tile=self.w4k_tile)
 
-    def _w4g_mm(self, x, norm, eps, silu, residual=None):
+    def _w4g_mm(self, x, norm, eps, silu, residual=None, **then):
         if norm is None and not silu and self.prequant is not None and self.kernels.w4g_fuse \
                 and cuda_ext.fuses(x.shape[0], self.inp):
             return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
-                                       tile=self.w4g_tile, prequant=self.prequant)
+                                       tile=self.w4g_tile, prequant=self.prequant, eps=eps, **then)
         x = self._prep(x, norm, eps, silu, prequant=self.prequant)
-        return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile)
+        return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile,
+                                   eps=eps, **then)
 
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()

@@ -32,7 +32,7 @@ class W8A16Linear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual, **then):
         if self.w8g:
-            return self._w8g_gemv(self._prep(x, norm, eps, silu), self.scale, residual)
+            return self._w8g_gemv(self._prep(x, norm, eps, silu), self.scale, residual, eps, **then)
         ck = _cuda_kernels()
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT8, wscale=self.scale, scale_mode=ck.S_CHANNEL, norm=norm,
                              eps=eps, silu=silu, residual=residual, **then)

@@ -39,7 +39,7 @@ class W8A8SQLinear(_Handler):
         if not self.kernels.fuse_prologue or self.w8g:  # quantize once, then an int8 × int8 GEMV
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale, afmt=ck.A_INT8)
             if self.w8g:
-                return self._w8g_gemv(qx, self.out_scale, residual)
+                return self._w8g_gemv(qx, self.out_scale, residual, eps, **then)
             return self._ck_gemv(qx, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8_IN, wscale=self.out_scale,
                                  scale_mode=ck.S_CHANNEL, residual=residual, out_dtype=self.dtype, **then)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8, prequant=self.prequant,
