@@ -389,7 +389,8 @@ def test_compiled_gemv_epilogue_does_the_next_linears_prologue(algo):
     halves against act_prep(silu) of the plain call's output (N = 92: a block's pairs past N / 2), and RMSNorm of the
     residual sum by the last block against act_prep(norm) of that sum (float32 statistics in another order: within
     a rounding), the residual the same bits as the plain call's, three calls in a row and replays of a CUDA graph
-    with the counter left at zero."""
+    with the counter left at zero; both also quantized for a SmoothQuant or FP8 linear next (then_quant), against
+    act_prep's quantization."""
     from quant.hardware import fp8_refusal
     from quant.runtime import cuda_ext
     from quant.runtime import cuda_kernels as ck
@@ -419,12 +420,30 @@ def test_compiled_gemv_epilogue_does_the_next_linears_prologue(algo):
             xn = h.fused(x, residual=r, then_norm=nw, eps=1e-5)
             assert torch.equal(r, plain) and not h.then_counter.any(), tile
             assert rel(xn, ck.act_prep(plain, norm=nw, eps=1e-5)) <= 2e-3, tile
+        # quantized for a SmoothQuant / FP8 linear next (then_quant: its pre-quant scale, its static scale)
+        a = torch.tensor([0.02], device=DEV)
+        pre = (1 + 0.2 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
+        for afmt in (ck.A_INT8, ck.A_FP8):
+            got = h.fused(x, then_silu=True, then_quant=(pre[: out // 2], a, afmt))
+            _same_quantized(got, ck.act_prep(y, silu=True, prequant=pre[: out // 2], act_scale=a, afmt=afmt), tile)
+            got = h.fused(x, residual=res.clone(), then_norm=nw, eps=1e-5, then_quant=(pre, a, afmt))
+            _same_quantized(got, ck.act_prep(plain, norm=nw, eps=1e-5, prequant=pre, act_scale=a, afmt=afmt), tile)
     graph, r = torch.cuda.CUDAGraph(), res.clone()
     with torch.cuda.graph(graph):
         xn = h.fused(x, residual=r, then_norm=nw, eps=1e-5)
     for _ in range(3):
         graph.replay()
         assert rel(xn, ck.act_prep(r, norm=nw, eps=1e-5)) <= 2e-3 and not h.then_counter.any()
+
+
+def _same_quantized(got, want, tag):
+    """int8 / e4m3 activations quantized from values that differ by a float16 rounding at most (SiLU's exp, the
+    RMSNorm statistics' order): the same dtype, at most one quantization step apart, on at most 5 % of entries."""
+    assert got.dtype == want.dtype and got.shape == want.shape, tag
+    g, w = got.float(), want.float()
+    step = 1.0 if got.dtype == torch.int8 else w.abs() / 8 + 2.0 ** -9  # an e4m3 step: 3 mantissa bits
+    assert bool(((g - w).abs() <= step).all()) and (g != w).float().mean() <= 0.05, tag
+    assert w.abs().max() > 10 * (1.0 if got.dtype == torch.int8 else 2.0 ** -6), tag  # not all zero
 
 
 @cuda

@@ -232,9 +232,10 @@ def test_batch1_gemv_prologues_and_residual():
 @pytest.mark.parametrize("fmt", ["fp16", "W8A16", "W4A16_AWQ", "W8A8_SQ_PER_CHANNEL"])
 def test_batch1_gemv_epilogue_does_the_next_linears_prologue(fmt):
     """KernelConfig.gemv_then: the GEMV's epilogue doing what act_prep would do before the next linear. SiLU · gate
-    of the two output halves (74 outputs: a program's pair straddles no tile edge; the last program half full), and
-    RMSNorm after the residual add by the last program (a counter it resets): the same bits as the GEMV followed
-    by act_prep, twice in a row, counter back at zero; on a row over one chunk (NB) of the norm, against float64."""
+    of the two output halves (74 outputs: the last program half full), and RMSNorm after the residual add by the
+    last program (a counter it resets); each also quantized to int8 for a SmoothQuant linear next: the same bits
+    as the GEMV followed by act_prep, twice in a row, counter back at zero; on a row over one chunk (NB) of the
+    norm, against float64."""
     gen = _gen(f"gemv-then/{fmt}")
     w = torch.randn(74, 128, generator=gen) * 0.05
     x = activations(gen, 1, 128).half()
@@ -267,6 +268,16 @@ def test_batch1_gemv_epilogue_does_the_next_linears_prologue(fmt):
         h = res.clone()
         xn = ck.gemv(*args, **kw, residual=h, then_norm=norm, eps=1e-5, counter=counter)
         assert torch.equal(h, res + y) and torch.equal(xn, want) and not counter.any()
+    # and quantized for a SmoothQuant linear next (its pre-quant scale, int8 by its static scale), as act_prep would
+    a = torch.tensor([0.03])
+    pre = (1 + 0.2 * torch.randn(n, generator=gen)).half()
+    got = ck.gemv(*args, **kw, then_silu=True, then_quant=(pre[: n // 2], a, ck.A_INT8))
+    assert got.dtype == torch.int8 and torch.equal(got, ck.act_prep(y, silu=True, prequant=pre[: n // 2],
+                                                                     act_scale=a, afmt=ck.A_INT8))
+    got = ck.gemv(*args, **kw, residual=res.clone(), then_norm=norm, eps=1e-5, counter=counter,
+                  then_quant=(pre, a, ck.A_INT8))
+    assert torch.equal(got, ck.act_prep(res + y, norm=norm, eps=1e-5, prequant=pre, act_scale=a, afmt=ck.A_INT8))
+    assert got.abs().max() > 20 and not counter.any()  # (values far from all-zero or all-saturated)
     if fmt == "fp16":  # 1100 outputs: the norm in two chunks of 1024
         w = torch.randn(1100, 64, generator=gen) * 0.05
         x = activations(gen, 1, 64).half()

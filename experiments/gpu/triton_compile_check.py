@@ -31,7 +31,7 @@ SQ_TYPES = {**WQ_TYPES, "x_ptr": "*i8", "ws_ptr": "*fp32", "part_ptr": "*i32"}
 W4K_TYPES = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*fp16"}
 GEMV_TYPES = {"x_ptr": "*fp16", "w_ptr": "*fp16", "ws_ptr": "*fp16", "pre_ptr": "*fp16", "norm_ptr": "*fp16",
               "a_ptr": "*fp32", "y_ptr": "*fp16", "xn_ptr": "*fp16", "nw_ptr": "*fp16", "cnt_ptr": "*i32",
-              "eps": "fp32"}
+              "eps": "fp32", "tq_pre_ptr": "*fp16", "tq_a_ptr": "*fp32"}
 # integer arguments that the 7B/8B shapes pass as multiples of 16 (sizes, row strides)
 DIV16 = ("R", "K", "N", "K_SPLIT", "stride_xm", "stride_wn", "stride_sn", "stride_wsn", "stride_ym")
 
@@ -95,6 +95,13 @@ def main() -> int:
                               RESIDUAL=then == ck.THEN_NORM, GROUP=128, BLOCK_R=max(br, 2 if then else 1), BLOCK_K=bk,
                               CVT=ck.GEMV_CVT.get(wfmt, 0), THEN=then),
                          {"num_warps": warps}, "atom.global.gpu.acq_rel" if then == ck.THEN_NORM else None))
+    br, bk, warps = ck.GEMV_CONFIG[ck.W_FLOAT]
+    for then in (ck.THEN_SILU, ck.THEN_NORM):  # the epilogue quantizing for a SmoothQuant / FP8 linear next
+        for afmt, xn in ((ck.A_INT8, "*i8"), (ck.A_FP8, "*fp8e4nv")):
+            jobs.append((f"gemv then={then} quantized afmt={afmt}", ck._gemv_kernel, {**GEMV_TYPES, "xn_ptr": xn},
+                         dict(WFMT=ck.W_FLOAT, AFMT=0, PRO=0, HAS_PRE=False, SCALE=0, RESIDUAL=then == ck.THEN_NORM,
+                              GROUP=128, BLOCK_R=max(br, 2), BLOCK_K=bk, THEN=then, TQ_PRE=True, TQ_AFMT=afmt),
+                         {"num_warps": warps}, None))
     for kv in (0, 1, 2):  # RoPE + cache write, the unfused path (batches above KernelConfig.attn_fused_batch)
         jobs.append((f"rope_cache_write kv={kv}", ck._rope_cache_kernel,
                      {"qkv_ptr": "*fp16", "pos_ptr": "*i64", "slot_ptr": "*i64", "freq_ptr": "*fp32",

@@ -33,7 +33,9 @@ W8G_TILES = {"W8A16": (1, 2), "W8A8_SQ_PER_CHANNEL": (2, 2), "FP8": (2, 2)}
 GEMV_MAX_ROWS = 4
 _NIBBLE_K = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a word holds k offset _NIBBLE_K[p] (the kernel's dequantization)
 _NONE = torch.empty(0)  # "no pre-quant scale" / "no then tensor" to the binding
-THEN_NONE, THEN_SILU, THEN_NORM = 0, 1, 2  # csrc/gemv_common.cuh's Then (cuda_kernels' THEN_* the same)
+THEN_NONE, THEN_SILU, THEN_NORM = 0, 1, 2  # csrc/gemv_then.h's Then (cuda_kernels' THEN_* the same)
+# quantized activations' dtype per format code (csrc/gemv_then.h's afmt; cuda_kernels' A_INT8 / A_FP8)
+ACT_QUANT_DTYPE = {1: torch.int8, 2: torch.float8_e4m3fn}
 
 
 @functools.cache
@@ -92,34 +94,37 @@ def unpack_w4g(w: torch.Tensor) -> torch.Tensor:
     return (out - 8).reshape(n, kw * 8).to(torch.int8)
 
 
-def _then(x: torch.Tensor, n: int, residual, then_silu: bool, then_norm, counter, eps: float):
+def _then(x: torch.Tensor, n: int, residual, then_silu: bool, then_norm, counter, eps: float, then_quant):
     """(out, the binding's then arguments, what to return) for the epilogue's work for the next linear: as
-    ``cuda_kernels.gemv``'s then_silu / then_norm (one row; then_norm with residual and counter)."""
-    if then_silu:
-        assert residual is None and n % 2 == 0
-        out = torch.empty(x.shape[0], n // 2, dtype=torch.float16, device=x.device)
-        return out, (THEN_SILU, _NONE, _NONE, _NONE, eps), out
-    out = residual if residual is not None else torch.empty(x.shape[0], n, dtype=torch.float16, device=x.device)
-    if then_norm is None:
-        return out, (THEN_NONE, _NONE, _NONE, _NONE, eps), out
-    assert residual is not None and counter is not None
-    xn = torch.empty_like(out)
-    return out, (THEN_NORM, then_norm, xn, counter, eps), xn
+    ``cuda_kernels.gemv``'s then_silu / then_norm / then_quant (one row; then_norm with residual and counter)."""
+    pre, a, afmt = then_quant or (None, None, 0)
+    if not then_silu and then_norm is None:
+        assert then_quant is None
+        out = residual if residual is not None else torch.empty(x.shape[0], n, dtype=torch.float16, device=x.device)
+        return out, (THEN_NONE, _NONE, _NONE, _NONE, eps, _NONE, _NONE, 0), out
+    assert x.shape[0] == 1 and (residual is None if then_silu else residual is not None and counter is not None)
+    xn = torch.empty(1, n // 2 if then_silu else n, dtype=ACT_QUANT_DTYPE.get(afmt, torch.float16), device=x.device)
+    out = torch.empty(0, dtype=torch.float16, device=x.device) if then_silu else residual  # (silu: not written)
+    return out, (THEN_SILU if then_silu else THEN_NORM, _NONE if then_norm is None else then_norm, xn,
+                 _NONE if counter is None else counter, eps, _NONE if pre is None else pre,
+                 _NONE if a is None else a, afmt), xn
 
 
 def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group: int,
                residual: torch.Tensor | None = None, tile: tuple[int, int] = W4G_TILE,
                prequant: torch.Tensor | None = None, then_silu: bool = False, then_norm: torch.Tensor | None = None,
-               counter: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+               counter: torch.Tensor | None = None, eps: float = 1e-6,
+               then_quant: tuple | None = None) -> torch.Tensor:
     """x [M ≤ 4, K] float16 → x · (q · s)ᵀ [M, N]; added to ``residual`` in place (one rounding) when given.
     One row (:func:`fuses`) may bring the pre-quant scale: the input is then x · prequant, rounded as
     ``cuda_kernels.act_prep`` rounds it. One row may also end with the next linear's prologue, as
     ``cuda_kernels.gemv`` does: ``then_silu`` returns SiLU · gate of y's halves, ``then_norm`` (with residual
-    and counter, one int32 zero left zero) RMSNorm(residual + y) · then_norm."""
+    and counter, one int32 zero left zero) RMSNorm(residual + y) · then_norm; ``then_quant`` (prequant or None,
+    act_scale [1], 1 int8 / 2 e4m3) that result quantized for the next linear, as act_prep would."""
     mod = load()
     if isinstance(mod, str):
         raise RuntimeError(mod)
-    out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps)
+    out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w4a16_gemv(x, w, scales, group, out, residual is not None, GEMV_TILES.index(tuple(tile)),
                    _NONE if prequant is None else prequant, *then)
     return ret
@@ -138,15 +143,15 @@ def w8g_ok(inp: int, dtype: torch.dtype) -> bool:
 def w8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, fmt: str,
             residual: torch.Tensor | None = None, tile: tuple[int, int] | None = None, then_silu: bool = False,
             then_norm: torch.Tensor | None = None, counter: torch.Tensor | None = None,
-            eps: float = 1e-6) -> torch.Tensor:
+            eps: float = 1e-6, then_quant: tuple | None = None) -> torch.Tensor:
     """x [M ≤ 4, K] (float16 for W8A16; int8 / e4m3 quantized by act_prep for W8A8 / FP8), w [N, K] int8 or e4m3,
     scale [N] (float16 for W8A16, float32 for W8A8) or [1] (FP8, float32) → (x · wᵀ) · scale, float16 [M, N];
     added to ``residual`` in place (one rounding) when given. ``tile``: one of GEMV_TILES (None: the format's
-    W8G_TILES entry). ``then_silu`` / ``then_norm``: as :func:`w4a16_gemv`'s."""
+    W8G_TILES entry). ``then_silu`` / ``then_norm`` / ``then_quant``: as :func:`w4a16_gemv`'s."""
     mod = load()
     if isinstance(mod, str):
         raise RuntimeError(mod)
-    out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps)
+    out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w8_gemv(x, w, scale, W8_FORMATS[fmt], out, residual is not None,
                 GEMV_TILES.index(tuple(tile or W8G_TILES[fmt])), *then)
     return ret

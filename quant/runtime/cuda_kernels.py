@@ -34,7 +34,7 @@ import triton.language as tl
 
 # THEN: the GEMV's epilogue for the next linear (KernelConfig.gemv_then): none, SiLU · gate of the two output
 # halves, or RMSNorm of the residual sum; the same codes as the compiled GEMVs'
-from quant.runtime.cuda_ext import THEN_NONE, THEN_NORM, THEN_SILU
+from quant.runtime.cuda_ext import ACT_QUANT_DTYPE, THEN_NONE, THEN_NORM, THEN_SILU
 
 # weight formats (WFMT) and activation formats (AFMT) of the fused GEMV
 W_FLOAT, W_INT8, W_INT4, W_FP8 = 0, 1, 2, 3
@@ -64,6 +64,13 @@ def _prologue(x_ptr, offs_k, k_mask, K, rstd, norm_ptr, pre_ptr, a_ptr,
         xv = tl.load(norm_ptr + offs_k, mask=k_mask, other=0.0) * (h * rstd).to(dt)
     else:
         xv = tl.load(xp, mask=k_mask, other=0.0)
+    return _act_quant(xv, offs_k, k_mask, pre_ptr, a_ptr, HAS_PRE, AFMT)
+
+
+@triton.jit
+def _act_quant(xv, offs_k, k_mask, pre_ptr, a_ptr, HAS_PRE: tl.constexpr, AFMT: tl.constexpr):
+    """The prologue's last steps on xv (elements offs_k, the compute dtype): times the pre-quant scale, then
+    SmoothQuant's int8 (AFMT 1) or FP8 (2) quantization by the static scale a: float32 (int32 for int8 values)."""
     if HAS_PRE:
         xv = xv * tl.load(pre_ptr + offs_k, mask=k_mask, other=0.0)
     if AFMT == 1:
@@ -123,10 +130,11 @@ cvt.f32.f16 $3, d;
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, stride_wn, stride_wsn, eps,
-                 xn_ptr, nw_ptr, cnt_ptr, N,
+                 xn_ptr, nw_ptr, cnt_ptr, N, tq_pre_ptr, tq_a_ptr,
                  WFMT: tl.constexpr, AFMT: tl.constexpr, PRO: tl.constexpr, HAS_PRE: tl.constexpr,
                  SCALE: tl.constexpr, RESIDUAL: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_K: tl.constexpr, CVT: tl.constexpr = 0, THEN: tl.constexpr = 0, NB: tl.constexpr = 1024):
+                 BLOCK_K: tl.constexpr, CVT: tl.constexpr = 0, THEN: tl.constexpr = 0, NB: tl.constexpr = 1024,
+                 TQ_PRE: tl.constexpr = False, TQ_AFMT: tl.constexpr = 0):
     """One input row (decode at batch 1). Each program: BLOCK_R weight rows (int4: packed row pairs) over all of
     K, accumulating element-wise in a [BLOCK_R, ·] tile and reducing once at the end. int8/int4 weights are read
     as int32 words (4 bytes of 4 consecutive k) and turned into float32 with the 2²³ magic number (OR + FSUB, or
@@ -134,10 +142,11 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
     with bit moves or the sm_89+ pair converter (``CVT``).
 
     THEN, what the next linear's prologue would do, done here so that it needs no launch of its own:
-    THEN_SILU: y [1, N/2] = SiLU(f) · g of the two halves f, g of W·x (each program takes the rows of both halves
-    for BLOCK_R / 2 outputs, interleaved); THEN_NORM (with RESIDUAL, N outputs): after the residual add, the last
-    program to finish (an acq_rel counter in cnt, which it resets) writes RMSNorm(y) · nw into xn, as act_prep
-    would, in chunks of NB."""
+    THEN_SILU: xn [1, N/2] = SiLU(f) · g of the two halves f, g of W·x (each program takes the rows of both halves
+    for BLOCK_R / 2 outputs, interleaved; y is not written, only its dtype read); THEN_NORM (with RESIDUAL, N
+    outputs): after the residual add, the last program to finish (an acq_rel counter in cnt, which it resets)
+    writes RMSNorm(y) · nw into xn, as act_prep would, in chunks of NB. Either then quantized for the next linear
+    as act_prep would (TQ_PRE: times tq_pre; TQ_AFMT: int8 / fp8 by the scale tq_a; xn int8 / float8)."""
     dt: tl.constexpr = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if THEN == 1:
@@ -233,11 +242,13 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
     if THEN == 1:
         out_p = pid * HB + tl.arange(0, HB)
         if WFMT == 2:  # packed row p holds outputs 2p (acc) and 2p + 1 (acc2)
-            _store_silu_pair(total, y_ptr, ws_ptr, offs_r, r_mask, 2 * out_p, out_p < R // 2, dt, 0, HB)
-            _store_silu_pair(tl.sum(acc2, axis=1), y_ptr, ws_ptr, offs_r, r_mask, 2 * out_p + 1, out_p < R // 2,
-                             dt, 0, HB)
+            _store_silu_pair(total, xn_ptr, ws_ptr, offs_r, r_mask, 2 * out_p, out_p < R // 2, tq_pre_ptr, tq_a_ptr,
+                             dt, 0, HB, TQ_PRE, TQ_AFMT)
+            _store_silu_pair(tl.sum(acc2, axis=1), xn_ptr, ws_ptr, offs_r, r_mask, 2 * out_p + 1, out_p < R // 2,
+                             tq_pre_ptr, tq_a_ptr, dt, 0, HB, TQ_PRE, TQ_AFMT)
         else:
-            _store_silu_pair(total, y_ptr, ws_ptr, offs_r, r_mask, out_p, out_p < R // 2, dt, SCALE, HB)
+            _store_silu_pair(total, xn_ptr, ws_ptr, offs_r, r_mask, out_p, out_p < R // 2, tq_pre_ptr, tq_a_ptr, dt,
+                             SCALE, HB, TQ_PRE, TQ_AFMT)
     elif WFMT == 2:
         _store_row(total, y_ptr, ws_ptr, 2 * offs_r, r_mask, dt, 0, RESIDUAL)
         _store_row(tl.sum(acc2, axis=1), y_ptr, ws_ptr, 2 * offs_r + 1, r_mask, dt, 0, RESIDUAL)
@@ -247,14 +258,22 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
         tl.debug_barrier()  # every thread's stores before the release below
         if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
             tl.store(cnt_ptr, 0)
-            _norm_row(y_ptr, nw_ptr, xn_ptr, N, eps, NB)
+            _norm_row(y_ptr, nw_ptr, xn_ptr, N, eps, tq_pre_ptr, tq_a_ptr, NB, TQ_PRE, TQ_AFMT)
 
 
 @triton.jit
-def _store_silu_pair(total, y_ptr, ws_ptr, offs_r, r_mask, offs_y, y_mask, dt: tl.constexpr, SCALE: tl.constexpr,
-                     HB: tl.constexpr):
-    """total [2·HB]: f, g, f, g, … (rows offs_r) → y[offs_y] = SiLU(f) · g, f and g rounded to dt first and SiLU
-    computed as act_prep computes it: the values the unfused path gives."""
+def _store_act(out_ptr, offs, mask, res, AFMT: tl.constexpr):
+    """Stores _act_quant's result as act_prep does: int8 / fp8 values exactly, else rounded to out's dtype."""
+    if AFMT == 2:
+        res = res.to(tl.float8e4nv, fp_downcast_rounding="rtne")  # (exact: already fp8 values)
+    tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_silu_pair(total, out_ptr, ws_ptr, offs_r, r_mask, offs_y, y_mask, pre_ptr, a_ptr, dt: tl.constexpr,
+                     SCALE: tl.constexpr, HB: tl.constexpr, HAS_PRE: tl.constexpr, AFMT: tl.constexpr):
+    """total [2·HB]: f, g, f, g, … (rows offs_r) → out[offs_y] = SiLU(f) · g, f and g rounded to dt first and SiLU
+    computed as act_prep computes it (then _act_quant): the values the unfused path gives."""
     out = total
     if SCALE == 1:
         out = out * tl.load(ws_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
@@ -262,13 +281,15 @@ def _store_silu_pair(total, y_ptr, ws_ptr, offs_r, r_mask, offs_y, y_mask, dt: t
         out = out * tl.load(ws_ptr).to(tl.float32)
     f, g = tl.split(tl.reshape(out.to(dt), [HB, 2]))
     a = f.to(tl.float32)
-    tl.store(y_ptr + offs_y, (a * tl.sigmoid(a)).to(dt) * g, mask=y_mask)
+    xv = (a * tl.sigmoid(a)).to(dt) * g
+    _store_act(out_ptr, offs_y, y_mask, _act_quant(xv, offs_y, y_mask, pre_ptr, a_ptr, HAS_PRE, AFMT), AFMT)
 
 
 @triton.jit
-def _norm_row(h_ptr, w_ptr, out_ptr, N, eps, NB: tl.constexpr):
-    """out [N] = w · (h · rsqrt(mean(h²) + eps)) rounded to h's dtype first (act_prep's RMSNorm), h read past the
-    L1 (other programs wrote it)."""
+def _norm_row(h_ptr, w_ptr, out_ptr, N, eps, pre_ptr, a_ptr, NB: tl.constexpr, HAS_PRE: tl.constexpr,
+              AFMT: tl.constexpr):
+    """out [N] = w · (h · rsqrt(mean(h²) + eps)) rounded to h's dtype first (act_prep's RMSNorm; then _act_quant),
+    h read past the L1 (other programs wrote it)."""
     dt: tl.constexpr = h_ptr.dtype.element_ty
     ss = tl.zeros([NB], tl.float32)
     for n0 in range(0, N, NB):
@@ -280,7 +301,7 @@ def _norm_row(h_ptr, w_ptr, out_ptr, N, eps, NB: tl.constexpr):
         offs = n0 + tl.arange(0, NB)
         h = tl.load(h_ptr + offs, mask=offs < N, other=0.0, cache_modifier=".cg").to(tl.float32)
         xv = tl.load(w_ptr + offs, mask=offs < N, other=0.0) * (h * rstd).to(dt)
-        tl.store(out_ptr + offs, xv.to(out_ptr.dtype.element_ty), mask=offs < N)
+        _store_act(out_ptr, offs, offs < N, _act_quant(xv, offs, offs < N, pre_ptr, a_ptr, HAS_PRE, AFMT), AFMT)
 
 
 @triton.jit
@@ -328,13 +349,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
          norm: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False, residual: torch.Tensor | None = None,
          config: tuple[int, int, int] | None = None, cvt: int | None = None,
          out_dtype: torch.dtype | None = None, then_silu: bool = False, then_norm: torch.Tensor | None = None,
-         counter: torch.Tensor | None = None) -> torch.Tensor:
+         counter: torch.Tensor | None = None, then_quant: tuple | None = None) -> torch.Tensor:
     """y [1, N] = W · prologue(x) for one row x [1, K] (silu: [1, 2K]); residual [1, N]: y added in place.
     ``out_dtype``: y's dtype when x is not in the compute dtype (pre-quantized int8/fp8 x). ``config`` (tile) and
     ``cvt`` (weight conversion) default to the tuned tables below. The epilogue may also do the next linear's
     prologue (the kernel's THEN): ``then_silu`` returns SiLU(y[:, :N/2]) · y[:, N/2:] [1, N/2] instead of y;
     ``then_norm`` (the next RMSNorm's weight, with ``residual`` and ``counter``, one int32 zero that the call leaves
-    zero) returns RMSNorm(residual + y) · then_norm after the add."""
+    zero) returns RMSNorm(residual + y) · then_norm after the add. ``then_quant`` (prequant or None, act_scale [1],
+    A_INT8 or A_FP8), with either: that result quantized for the next linear as act_prep would (int8 / float8)."""
     assert x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
     R, K = w.shape
     N = 2 * R if wfmt == W_INT4 else R
@@ -342,11 +364,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
     then = THEN_SILU if then_silu else THEN_NORM if then_norm is not None else THEN_NONE
     assert then != THEN_SILU or (then_norm is None and residual is None and out is None and R % 2 == 0)
     assert then != THEN_NORM or (residual is not None and counter is not None and counter.dtype == torch.int32)
+    assert then_quant is None or then != THEN_NONE
+    tq_pre, tq_a, tq_afmt = then_quant or (None, None, A_FLOAT)
+    dt = out_dtype or x.dtype
     if residual is not None:
         y = residual
+    elif then_silu:
+        y = torch.empty(0, dtype=dt, device=x.device)  # the kernel reads only its dtype
     else:
-        y = out if out is not None else torch.empty(1, N // 2 if then_silu else N, dtype=out_dtype or x.dtype,
-                                                    device=x.device)
+        y = out if out is not None else torch.empty(1, N, dtype=dt, device=x.device)
     br, bk, warps = config or GEMV_CONFIG[wfmt]
     if then_silu:
         br = max(2, br)  # a program takes both halves' rows
@@ -359,16 +385,18 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
     else:
         w_arg, stride_w = w, w.stride(0)
     dummy = x
-    xn = torch.empty_like(y) if then == THEN_NORM else y
+    xn = y if then == THEN_NONE else torch.empty(1, N // 2 if then_silu else N, dtype=_AFMT_DTYPE.get(tq_afmt, dt),
+                                                  device=x.device)
     _gemv_kernel[(triton.cdiv(R // 2, br // 2) if then_silu else triton.cdiv(R, br),)](
         x, w_arg, wscale if wscale is not None else dummy, prequant if prequant is not None else dummy,
         norm if norm is not None else dummy, act_scale if act_scale is not None else dummy, y,
         R, K, stride_w, wscale.stride(0) if (wscale is not None and wscale.dim() == 2) else 0, float(eps),
-        xn, then_norm if then_norm is not None else dummy, counter if counter is not None else y, N,
+        xn, then_norm if then_norm is not None else dummy, counter if counter is not None else xn, N,
+        tq_pre if tq_pre is not None else dummy, tq_a if tq_a is not None else dummy,
         WFMT=wfmt, AFMT=afmt, PRO=PRO_SILU if silu else PRO_RMSNORM if norm is not None else PRO_NONE,
         HAS_PRE=prequant is not None, SCALE=scale_mode, RESIDUAL=residual is not None, GROUP=max(group, 4),
         BLOCK_R=br, BLOCK_K=bk, CVT=GEMV_CVT.get(wfmt, 0) if cvt is None else cvt, THEN=then,
-        NB=min(1024, _pow2(N)), num_warps=warps)
+        NB=min(1024, _pow2(N)), TQ_PRE=tq_pre is not None, TQ_AFMT=tq_afmt, num_warps=warps)
     return xn
 
 
@@ -678,12 +706,10 @@ def _act_prep_kernel(x_ptr, norm_ptr, pre_ptr, a_ptr, out_ptr, K, stride_xm, str
         rstd = tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)
     # the GEMV's prologue on the whole row; its int32 / fp8-valued float32 results are exact in int8 / fp8
     res = _prologue(xr, offs_k, k_mask, K, rstd, norm_ptr, pre_ptr, a_ptr, dt, PRO, HAS_PRE, AFMT)
-    if AFMT == 2:
-        res = res.to(tl.float8e4nv, fp_downcast_rounding="rtne")  # (exact: already fp8 values)
-    tl.store(out_ptr + row * stride_om + offs_k, res.to(out_ptr.dtype.element_ty), mask=k_mask)
+    _store_act(out_ptr + row * stride_om, offs_k, k_mask, res, AFMT)
 
 
-_AFMT_DTYPE = {A_INT8: torch.int8, A_FP8: torch.float8_e4m3fn}
+_AFMT_DTYPE = ACT_QUANT_DTYPE
 
 
 def act_prep(x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,

@@ -277,31 +277,35 @@ class TorchRuntime:
         return logits.view(B, 1 if last_only else T, -1)
 
     def _mlp(self, layer: dict, h: torch.Tensor, xn: torch.Tensor | None = None, next_norm=None,
-             chain: bool = False) -> torch.Tensor | None:
+             chain: bool = False, next_lin: _Handler | None = None) -> torch.Tensor | None:
         """h += proj(SiLU(fc(x)) · gate(x)), x = RMSNorm(h) (``xn``: x, computed by the previous linear) —
         fc‖gate as one linear where stacked. ``chain``: each linear's epilogue does the next one's prologue where
-        its kernel can (:meth:`_Handler.chains`); returns RMSNorm(h) · next_norm when the proj's did, else None."""
-        post = layer["post_layernorm"]
+        its kernel can (:meth:`_Handler.chains`); returns RMSNorm(h) · next_norm, the input of ``next_lin``, when
+        the proj's did, else None."""
+        post, proj = layer["post_layernorm"], layer["mlp.proj"]
         if "mlp.fc_gate" in layer:
             fg = layer["mlp.fc_gate"]
             if chain and fg.chains(h.shape[0]):
-                return self._add_out(layer["mlp.proj"], self._linear_in(fg, h, xn, post, then_silu=True), h,
-                                     next_norm, chain)
-            return self._add_out(layer["mlp.proj"], self._linear_in(fg, h, xn, post), h, next_norm, chain, silu=True)
+                act = self._linear_in(fg, h, xn, post, then_silu=True, **_quant_for(proj, h.shape[0]))
+                return self._add_out(proj, act, h, next_norm, chain, next_lin=next_lin)
+            return self._add_out(proj, self._linear_in(fg, h, xn, post), h, next_norm, chain, silu=True,
+                                 next_lin=next_lin)
         x = xn if xn is not None else self._rmsnorm(h, post)
-        return self._add_out(layer["mlp.proj"], torch.cat((layer["mlp.fc"].fused(x), layer["mlp.gate"].fused(x)),
-                                                          dim=-1), h, next_norm, chain, silu=True)
+        return self._add_out(proj, torch.cat((layer["mlp.fc"].fused(x), layer["mlp.gate"].fused(x)), dim=-1), h,
+                             next_norm, chain, silu=True, next_lin=next_lin)
 
     def _linear_in(self, lin: _Handler, h: torch.Tensor, xn: torch.Tensor | None, norm: torch.Tensor, **then):
         """lin(RMSNorm(h) · norm), that input being ``xn`` where the previous linear's epilogue computed it."""
         return lin.fused(xn, **then) if xn is not None else lin.fused(h, norm=norm, eps=self.eps, **then)
 
     def _add_out(self, lin: _Handler, x: torch.Tensor, h: torch.Tensor, next_norm, chain: bool,
-                 silu: bool = False) -> torch.Tensor | None:
-        """h += lin(x) (silu: of SiLU · gate of x's halves); returns RMSNorm(h) · next_norm where lin's epilogue
-        computes it (``chain`` and lin.chains), else None."""
+                 silu: bool = False, next_lin: _Handler | None = None) -> torch.Tensor | None:
+        """h += lin(x) (silu: of SiLU · gate of x's halves); returns RMSNorm(h) · next_norm, quantized for
+        ``next_lin`` where it takes that (:meth:`_Handler.input_quant`), where lin's epilogue computes it (``chain``
+        and lin.chains), else None."""
         if chain and next_norm is not None and lin.chains(x.shape[0]):
-            return lin.fused(x, silu=silu, residual=h, then_norm=next_norm, eps=self.eps)
+            return lin.fused(x, silu=silu, residual=h, then_norm=next_norm, eps=self.eps,
+                             **_quant_for(next_lin, x.shape[0]))
         lin.fused(x, silu=silu, residual=h)
         return None
 
@@ -322,9 +326,11 @@ class TorchRuntime:
                 q = ck.rope_cache_write(qkv, st.pos, st.slot, self.freq_dev, cache.k[i], cache.v[i], self.n_heads,
                                         self.n_kv, self.head_dim, kv_rcp=rcp, kv_algo=self.kv_algo)
                 attn = st.attn(q, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale, kv_algo=self.kv_algo)
-            xn = self._add_out(layer["attention.dense"], attn, h, layer["post_layernorm"], chain=True)
-            xn = self._mlp(layer, h, xn, chain=True, next_norm=self.layers[i + 1]["input_layernorm"]
-                           if i + 1 < len(self.layers) else self.ln_f)
+            xn = self._add_out(layer["attention.dense"], attn, h, layer["post_layernorm"], chain=True,
+                               next_lin=layer.get("mlp.fc_gate"))
+            nxt_layer = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            xn = self._mlp(layer, h, xn, chain=True, next_norm=nxt_layer["input_layernorm"] if nxt_layer else self.ln_f,
+                           next_lin=nxt_layer["attention.qkv"] if nxt_layer else self.lm_head_linear)
         nxt = self._linear_in(self.lm_head_linear, h, xn, self.ln_f).argmax(-1)
         if not st.ignore_eos:
             nxt = torch.where(st.done, st.pad, nxt)
@@ -563,6 +569,13 @@ class _DecodeState:
         self.pad = torch.tensor(pad_id, dtype=torch.long, device=dev)
         self.graph = None
         self.prefill_graph = self.prefill_key = self.prefill_ids = self.prefill_out = self.prefill_inputs = None
+
+
+def _quant_for(lin: _Handler | None, rows: int) -> dict:
+    """``then_quant`` for the linear before ``lin``: its input quantized in that linear's epilogue where it takes
+    it (SmoothQuant, FP8 at batch 1 under KernelConfig.gemv_then), else nothing."""
+    q = lin.input_quant(rows) if lin is not None else None
+    return {} if q is None else {"then_quant": q}
 
 
 def _cut_at_eos(rows: list[list[int]], eos_ids, ignore_eos: bool) -> list[list[int]]:

@@ -3,41 +3,60 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include "gemv_then.h"
+
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre, int then,
-                              const void* nw, void* xn, float eps, unsigned* cnt, cudaStream_t stream);
+                              const gemv::ThenArgs& t, cudaStream_t stream);
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
-                           void* y, int64_t ldy, int N, int K, bool accumulate, int then, const void* nw, void* xn,
-                           float eps, unsigned* cnt, cudaStream_t stream);
+                           void* y, int64_t ldy, int N, int K, bool accumulate, int then, const gemv::ThenArgs& t,
+                           cudaStream_t stream);
 
-// The epilogue's work for the next linear (gemv_common.cuh, Then): 0 none; 1 SiLU * gate of y's halves, out [1,
-// N / 2]; 2 RMSNorm of y after the residual add (accumulate) into xn [1, N], weight nw float16 [N], through the
-// int32 counter cnt [1], zero before and after. Checks what the launchers' contracts ask of these, on one row.
-static void check_then(const char* fn, int64_t then, int64_t M, int64_t N, const torch::Tensor& out, bool accumulate,
-                       const torch::Tensor& nw, const torch::Tensor& xn, const torch::Tensor& cnt) {
+// The epilogue's work for the next linear (gemv_then.h), one row: then 0 none; 1 SiLU * gate of y's halves into xn
+// [1, N / 2] (out unused); 2 RMSNorm of y after the residual add (accumulate) into xn [1, N], weight nw float16 [N],
+// through the int32 counter cnt [1], zero before and after. xn float16, or (pre float16 [xn's N] or empty, a
+// float32 [1], afmt 1 / 2) int8 / float8_e4m3fn. Checks what the launchers' contracts ask of these.
+static gemv::ThenArgs then_args(const char* fn, int64_t then, int64_t M, int64_t N, const torch::Tensor& out,
+                                bool accumulate, const torch::Tensor& nw, const torch::Tensor& xn,
+                                const torch::Tensor& cnt, double eps, const torch::Tensor& pre,
+                                const torch::Tensor& a, int64_t afmt) {
   TORCH_CHECK(then >= 0 && then <= 2, fn, ": then 0-2, got ", then);
-  TORCH_CHECK(then == 0 || M == 1, fn, ": then on one row only; got ", M);
+  if (then == 0) {
+    TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.stride(1) == 1, fn, ": out [M, N]");
+    return gemv::ThenArgs{nullptr, 0.f, nullptr, nullptr, nullptr, nullptr, 0};
+  }
+  TORCH_CHECK(M == 1, fn, ": then on one row only; got ", M);
   const int64_t cols = then == 1 ? N / 2 : N;
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == cols && out.stride(1) == 1, fn, ": out [M, ", cols,
-              "]");
   TORCH_CHECK(then != 1 || (N % 2 == 0 && !accumulate), fn, ": then 1 takes an even N and no accumulate");
+  TORCH_CHECK(afmt >= 0 && afmt <= 2, fn, ": afmt 0-2, got ", afmt);
+  const at::ScalarType xt[] = {at::kHalf, at::kChar, at::kFloat8_e4m3fn};
+  TORCH_CHECK(xn.device() == out.device() && xn.scalar_type() == xt[afmt] && xn.is_contiguous() && xn.numel() == cols,
+              fn, ": result ", xt[afmt], " [1, ", cols, "]");
+  TORCH_CHECK(pre.numel() == 0 || (pre.device() == xn.device() && pre.scalar_type() == at::kHalf &&
+                                   pre.is_contiguous() && pre.numel() == cols), fn, ": pre float16 [", cols, "]");
+  TORCH_CHECK(afmt == 0 || (a.device() == xn.device() && a.scalar_type() == at::kFloat && a.numel() == 1), fn,
+              ": quantization scale float32 [1]");
   if (then == 2) {
-    TORCH_CHECK(accumulate, fn, ": then 2 (RMSNorm of the residual sum) needs accumulate");
+    TORCH_CHECK(accumulate && out.dim() == 2 && out.size(0) == 1 && out.size(1) == N && out.stride(1) == 1, fn,
+                ": then 2 (RMSNorm of the residual sum) adds to out [1, N]");
     TORCH_CHECK(nw.device() == out.device() && nw.scalar_type() == at::kHalf && nw.is_contiguous() && nw.numel() == N,
                 fn, ": norm weight float16 [N]");
-    TORCH_CHECK(xn.device() == out.device() && xn.scalar_type() == at::kHalf && xn.is_contiguous() && xn.numel() == N,
-                fn, ": norm output float16 [1, N]");
     TORCH_CHECK(cnt.device() == out.device() && cnt.scalar_type() == at::kInt && cnt.numel() >= 1, fn,
                 ": counter int32 [1]");
   }
+  return gemv::ThenArgs{then == 2 ? nw.data_ptr() : nullptr, static_cast<float>(eps),
+                        then == 2 ? static_cast<unsigned*>(cnt.data_ptr()) : nullptr, xn.data_ptr(),
+                        pre.numel() ? pre.data_ptr() : nullptr, afmt ? a.data_ptr<float>() : nullptr,
+                        static_cast<int>(afmt)};
 }
 
 // x [M, K] float16, w int32 [N, K / 8] (cuda_ext.pack_w4g), s float16 [N, K / group]; out [M, N] float16: written,
 // or added to in place when accumulate. prequant float16 [K]: the input is x * prequant (one row; an empty tensor:
-// none). then, nw, xn, cnt, eps: check_then. Returns out.
+// none). then ... then_afmt: then_args. Returns out.
 torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
                          bool accumulate, int64_t tile, torch::Tensor prequant, int64_t then, torch::Tensor nw,
-                         torch::Tensor xn, torch::Tensor cnt, double eps) {
+                         torch::Tensor xn, torch::Tensor cnt, double eps, torch::Tensor then_pre, torch::Tensor then_a,
+                         int64_t then_afmt) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w4a16_gemv: tensors on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
@@ -51,7 +70,8 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   TORCH_CHECK(K % 32 == 0 && w.is_contiguous(), "w4a16_gemv: w [N, K / 8], K % 32 == 0");
   TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && K % group == 0, "w4a16_gemv: group a power of two >= 32");
   TORCH_CHECK(s.is_contiguous() && s.size(0) == N && s.size(1) * group == K, "w4a16_gemv: s [N, K / group]");
-  check_then("w4a16_gemv", then, M, N, out, accumulate, nw, xn, cnt);
+  const gemv::ThenArgs t = then_args("w4a16_gemv", then, M, N, out, accumulate, nw, xn, cnt, eps, then_pre, then_a,
+                                      then_afmt);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
               "w4a16_gemv: x and w 16-byte aligned");
   TORCH_CHECK(!pre || (prequant.device() == x.device() && prequant.scalar_type() == at::kHalf &&
@@ -63,19 +83,17 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   const cudaError_t err = w4a16_gemv_launch(
       static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
       out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), gshift, accumulate,
-      pre ? prequant.data_ptr() : nullptr, static_cast<int>(then), then == 2 ? nw.data_ptr() : nullptr,
-      then == 2 ? xn.data_ptr() : nullptr, static_cast<float>(eps),
-      then == 2 ? static_cast<unsigned*>(cnt.data_ptr()) : nullptr, at::cuda::getCurrentCUDAStream());
+      pre ? prequant.data_ptr() : nullptr, static_cast<int>(then), t, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: ", cudaGetErrorString(err));
   return out;
 }
 
 // fmt 0 (W8A16): x float16, w int8, s float16 [N]; 1 (W8A8): x int8, w int8, s float32 [N]; 2 (FP8): x and w
 // float8_e4m3fn, s float32 [1]. x [M, K], w [N, K] (the checkpoint's layout); out [M, N] float16: written, or added
-// to in place when accumulate. then, nw, xn, cnt, eps: check_then. Returns out.
+// to in place when accumulate. then ... then_afmt: then_args. Returns out.
 torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t fmt, torch::Tensor out,
                       bool accumulate, int64_t tile, int64_t then, torch::Tensor nw, torch::Tensor xn,
-                      torch::Tensor cnt, double eps) {
+                      torch::Tensor cnt, double eps, torch::Tensor then_pre, torch::Tensor then_a, int64_t then_afmt) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w8_gemv: tensors on one CUDA device");
   TORCH_CHECK(fmt >= 0 && fmt <= 2, "w8_gemv: format 0-2, got ", fmt);
@@ -91,16 +109,15 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   TORCH_CHECK(M >= 1 && M <= 4, "w8_gemv: 1-4 rows; got ", M);
   TORCH_CHECK(K % 16 == 0 && w.dim() == 2 && w.is_contiguous(), "w8_gemv: w [N, K] contiguous, K % 16 == 0");
   TORCH_CHECK(s.is_contiguous() && s.numel() == (fmt == 2 ? 1 : N), "w8_gemv: s [N] (FP8: [1])");
-  check_then("w8_gemv", then, M, N, out, accumulate, nw, xn, cnt);
+  const gemv::ThenArgs t = then_args("w8_gemv", then, M, N, out, accumulate, nw, xn, cnt, eps, then_pre, then_a,
+                                      then_afmt);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
               "w8_gemv: x and w 16-byte aligned");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = w8_gemv_launch(
       static_cast<int>(fmt), static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(),
       s.data_ptr(), out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), accumulate,
-      static_cast<int>(then), then == 2 ? nw.data_ptr() : nullptr, then == 2 ? xn.data_ptr() : nullptr,
-      static_cast<float>(eps), then == 2 ? static_cast<unsigned*>(cnt.data_ptr()) : nullptr,
-      at::cuda::getCurrentCUDAStream());
+      static_cast<int>(then), t, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w8_gemv: ", cudaGetErrorString(err));
   return out;
 }

@@ -1,7 +1,10 @@
 // What the GEMV kernels share (w4a16_gemv.cu, w8_gemv.cu): the block shape and the streaming weight loads.
 #pragma once
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cstdint>
+
+#include "gemv_then.h"
 
 namespace gemv {
 
@@ -32,10 +35,6 @@ __device__ __forceinline__ void load_chunks(uint4 (&wv)[U][R], const uint4* w, c
   }
 }
 
-// What the epilogue does besides storing y, for the next linear (one activation row; cuda_kernels.THEN_*): nothing,
-// SiLU(f) * g of the output's two halves f = y[:N/2], g = y[N/2:], or, after the residual add, RMSNorm of y.
-enum Then { THEN_NONE = 0, THEN_SILU = 1, THEN_NORM = 2 };
-
 // The weight row of slot r of this warp. THEN_SILU: a block's P = WARPS * R / 2 slots [0, P) are first-half rows
 // (outputs p of f), slots [P, 2P) their partners p + N/2 (g), so that each pair meets in one block; else the
 // warp's R consecutive rows. Past the end: a valid row, whose result is not stored.
@@ -52,10 +51,26 @@ __device__ __forceinline__ int weight_row(int r, int N) {
   }
 }
 
-// THEN_SILU's store: v[r], this warp's finished outputs (scale applied), meet their partners in shared memory; y
-// [N/2] = SiLU(f) * g with f and g rounded to float16 first, as the unfused GEMV + act_prep round them.
+// Element i of the result, xv, times pre and quantized as the next linear's act_prep does: the division rounded to
+// nearest, clamped, then int8 rounded half to even, e4m3 to nearest even.
+__device__ __forceinline__ void store_act(const ThenArgs& t, int i, half xv) {
+  if (t.pre != nullptr) xv = __hmul(xv, static_cast<const half*>(t.pre)[i]);
+  if (t.afmt == 0) {
+    static_cast<half*>(t.xn)[i] = xv;
+    return;
+  }
+  const float v = __fdiv_rn(__half2float(xv), *t.a);
+  if (t.afmt == 1)
+    static_cast<int8_t*>(t.xn)[i] = static_cast<int8_t>(__float2int_rn(fminf(fmaxf(v, -128.f), 127.f)));
+  else
+    static_cast<__nv_fp8_storage_t*>(t.xn)[i] = __nv_cvt_float_to_fp8(fminf(fmaxf(v, -448.f), 448.f), __NV_SATFINITE,
+                                                                     __NV_E4M3);
+}
+
+// THEN_SILU's store: v[r], this warp's finished outputs (scale applied), meet their partners in shared memory;
+// result [N/2] = SiLU(f) * g with f and g rounded to float16 first, as the unfused GEMV + act_prep round them.
 template <int R>
-__device__ __forceinline__ void store_silu_pairs(const float (&v)[R], half* y, int N) {
+__device__ __forceinline__ void store_silu_pairs(const float (&v)[R], const ThenArgs& then, int N) {
   constexpr int P = WARPS * R / 2;
   __shared__ float tot[2 * P];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -67,21 +82,20 @@ __device__ __forceinline__ void store_silu_pairs(const float (&v)[R], half* y, i
   const int t = threadIdx.x, p = blockIdx.x * P + t;
   if (t < P && p < N / 2) {
     const float a = __half2float(__float2half_rn(tot[t]));
-    y[p] = __hmul(__float2half_rn(a / (1.f + __expf(-a))), __float2half_rn(tot[t + P]));
+    store_act(then, p, __hmul(__float2half_rn(a / (1.f + __expf(-a))), __float2half_rn(tot[t + P])));
   }
 }
 
 // THEN_NORM, after every block stored its part of y [N]: the last block to finish (cnt, which it resets to 0 for the
-// next launch) writes xn = nw * (y * rsqrt(mean(y^2) + eps)), float32 statistics, y * rstd rounded to float16
-// first (act_prep's RMSNorm). The other blocks' stores reach it through their fence before the count and L2
-// loads (__ldcg) after it, CUDA's threadfence-reduction pattern.
-__device__ __forceinline__ void norm_by_last_block(const half* y, const half* nw, half* xn, int N, float eps,
-                                                   unsigned* cnt) {
+// next launch) writes nw * (y * rsqrt(mean(y^2) + eps)), float32 statistics, y * rstd rounded to float16 first
+// (act_prep's RMSNorm), through store_act. The other blocks' stores reach it through their fence before the count
+// and L2 loads (__ldcg) after it, CUDA's threadfence-reduction pattern.
+__device__ __forceinline__ void norm_by_last_block(const half* y, const ThenArgs& then, int N) {
   __shared__ bool last;
   __shared__ float part[WARPS];
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(cnt, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) last = atomicAdd(then.cnt, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -98,18 +112,11 @@ __device__ __forceinline__ void norm_by_last_block(const half* y, const half* nw
   float total = 0.f;
 #pragma unroll
   for (int w = 0; w < WARPS; ++w) total += part[w];
-  const float rstd = rsqrtf(total / N + eps);
+  const float rstd = rsqrtf(total / N + then.eps);
   for (int i = threadIdx.x; i < N; i += WARPS * 32)
-    xn[i] = __hmul(nw[i], __float2half_rn(__half2float(__ldcg(y + i)) * rstd));
-  if (threadIdx.x == 0) *cnt = 0u;
+    store_act(then, i, __hmul(static_cast<const half*>(then.nw)[i],
+                              __float2half_rn(__half2float(__ldcg(y + i)) * rstd)));
+  if (threadIdx.x == 0) *then.cnt = 0u;
 }
-
-// The launch's extra arguments for THEN (unused by THEN_NONE): the norm weight, its output, eps, the counter.
-struct ThenArgs {
-  const half* nw;
-  half* xn;
-  float eps;
-  unsigned* cnt;
-};
 
 }  // namespace gemv

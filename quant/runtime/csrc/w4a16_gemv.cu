@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
       acc[m][r] = v;
     }
   if constexpr (THEN == THEN_SILU) {
-    gemv::store_silu_pairs<R>(acc[0], y, N);
+    gemv::store_silu_pairs<R>(acc[0], then, N);
     return;
   }
   if (lane == 0) {
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
         }
       }
   }
-  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then.nw, then.xn, N, then.eps, then.cnt);
+  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N);
 }
 
 struct Args {
@@ -213,13 +213,12 @@ cudaError_t launch_one_row(int tile, const Args& a) {
 // divides K; x, w and s 16-byte aligned with row strides ldx (elements, a multiple of 8) and K / 8 words and K /
 // group scales; y [M, ldy] float16. pre [K] float16 (x * pre is the input) or null: M == 1 and K * 2 bytes of
 // shared memory (<= 48 KiB); with more rows the pre-quant scale must already be applied. then (gemv::Then) other
-// than THEN_NONE: M == 1; THEN_SILU: N even, y [1, N/2], not accumulate; THEN_NORM: accumulate, nw and xn float16
-// [N], cnt one unsigned that is 0 (and is left 0).
+// than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs); THEN_SILU: N even, xn [N/2], y unused, not
+// accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned that is 0 (and is left 0).
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre, int then,
-                              const void* nw, void* xn, float eps, unsigned* cnt, cudaStream_t stream) {
-  const Args a{x, w, s, pre, y, ldx, ldy, N, K, gshift, accumulate, then,
-               ThenArgs{static_cast<const half*>(nw), static_cast<half*>(xn), eps, cnt}, stream};
+                              const ThenArgs& t, cudaStream_t stream) {
+  const Args a{x, w, s, pre, y, ldx, ldy, N, K, gshift, accumulate, then, t, stream};
   if (pre != nullptr) return M == 1 ? launch_one_row<PRO_PREQUANT>(tile, a) : cudaErrorInvalidValue;
   if (M == 1) return launch_one_row<PRO_GLOBAL>(tile, a);
   if (then != THEN_NONE) return cudaErrorInvalidValue;

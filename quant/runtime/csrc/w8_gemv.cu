@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
     float v[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) v[r] = row_scale<F>(s, rows[r]) * total[0][r];
-    gemv::store_silu_pairs<R>(v, y, N);
+    gemv::store_silu_pairs<R>(v, then, N);
     return;
   }
   if (lane == 0) {
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
       }
     }
   }
-  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then.nw, then.xn, N, then.eps, then.cnt);
+  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N);
 }
 
 struct Args {
@@ -229,13 +229,13 @@ cudaError_t launch_rows(int tile, int M, const Args& a) {
 
 // The contract of the launcher (checked by the binding): fmt one of Format; M in 1..4; K % 16 == 0; x and w 16-byte
 // aligned with row strides ldx (elements, so that rows stay 16-byte aligned) and K bytes; s as the format says;
-// y [M, ldy] float16. then (gemv::Then) other than THEN_NONE: M == 1; THEN_SILU: N even, y [1, N/2], not
-// accumulate; THEN_NORM: accumulate, nw and xn float16 [N], cnt one unsigned that is 0 (and is left 0).
+// y [M, ldy] float16. then (gemv::Then) other than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs);
+// THEN_SILU: N even, xn [N/2], y unused, not accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned
+// that is 0 (and is left 0).
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
-                           void* y, int64_t ldy, int N, int K, bool accumulate, int then, const void* nw, void* xn,
-                           float eps, unsigned* cnt, cudaStream_t stream) {
-  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, then,
-               ThenArgs{static_cast<const half*>(nw), static_cast<half*>(xn), eps, cnt}, stream};
+                           void* y, int64_t ldy, int N, int K, bool accumulate, int then, const ThenArgs& t,
+                           cudaStream_t stream) {
+  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, then, t, stream};
   switch (fmt) {
     case F_W8A16: return launch_rows<F_W8A16>(tile, M, a);
     case F_W8A8: return launch_rows<F_W8A8>(tile, M, a);

@@ -212,7 +212,8 @@ class _Handler:
         runtime's ``_rmsnorm``); residual [M, N]: add y to it in place and return it. On CUDA the small-M case
         is one fused kernel; elsewhere these are the runtime's own tensor ops. ``then`` (only where
         :meth:`chains`): the next linear's prologue in this one's epilogue, ``then_silu=True`` (return SiLU ·
-        gate of y's two halves) or ``then_norm=w`` (with residual: return RMSNorm(residual) · w after the add)."""
+        gate of y's two halves) or ``then_norm=w`` (with residual: return RMSNorm(residual) · w after the add),
+        with ``then_quant`` (the next linear's :meth:`input_quant`) that quantized for it."""
         if self.cuda:
             if x.shape[0] <= _cuda_kernels().GEMV_MAX_M and self.algo_key in self.kernels.gemv and self._gemv_ok():
                 if not self.kernels.fuse_prologue and (norm is not None or silu) and not self.own_prologue:
@@ -244,6 +245,19 @@ class _Handler:
         batch-1 GEMV runs whose epilogue does them."""
         return (self.then_counter is not None and rows <= _cuda_kernels().GEMV_MAX_M
                 and self.algo_key in self.kernels.gemv and self._gemv_ok() and self._gemv_then_ok())
+
+    # 1 / 2: the format quantizes its input to int8 / e4m3 by a static act_scale after its prequant (SmoothQuant,
+    # FP8), which a producer's epilogue may do for it (input_quant)
+    input_afmt = 0
+
+    def input_quant(self, rows: int) -> tuple | None:
+        """What the previous linear's epilogue (then_quant, KernelConfig.gemv_then) may do for this one's input at
+        ``rows``: (prequant or None, act_scale [1], input_afmt), where its batch-1 GEMV then takes that quantized
+        row as it is; else None."""
+        if self.input_afmt and self.then_counter is not None and rows <= _cuda_kernels().GEMV_MAX_M \
+                and self.algo_key in self.kernels.gemv and self._gemv_ok():
+            return self.prequant, self.act_scale.reshape(1), self.input_afmt
+        return None
 
     def _gemv_then_ok(self) -> bool:
         """Whether this format's batch-1 kernel has the then_silu / then_norm epilogue (the Triton GEMV and the
