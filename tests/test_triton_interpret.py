@@ -135,7 +135,7 @@ def test_batch1_gemv_portable_conversion_matches_float64_reference(fmt):
 def test_split_kv_decode_attention_matches_float64_softmax(kv, fused):
     """GQA (4 heads on 2 KV heads), a masked (left-padded) prefix, several splits, the int8 KV cache; the splits
     combined by a second kernel or by each (row, head)'s last program, whose counters are zero again after a call
-    (a graph replays the launch). The interpreter runs programs one at a time: GPU concurrency is
+    (a graph replays the launch), and which may quantize for the o_proj next. The interpreter runs programs one at a time: GPU concurrency is
     tests/test_cuda.py's."""
     gen = _gen(f"attn/{kv}")
     B, H, KVH, D, L, cur = 2, 4, 2, 64, 200, 151
@@ -157,6 +157,11 @@ def test_split_kv_decode_attention_matches_float64_softmax(kv, fused):
     out = att(q, k, v, mask, torch.tensor(cur - 1), kv_scale=scale, kv_algo=kv)
     assert not att.count.any()
     assert torch.equal(att(q, k, v, mask, torch.tensor(cur - 1), kv_scale=scale, kv_algo=kv), out)
+    if fused:  # quantized for a SmoothQuant o_proj (KernelConfig.gemv_then): act_prep's bits
+        pre, a = (1 + 0.2 * torch.randn(H * D, generator=gen)).half(), torch.tensor([0.004])
+        got = att(q, k, v, mask, torch.tensor(cur - 1), kv_scale=scale, kv_algo=kv, then_quant=(pre, a, ck.A_INT8))
+        assert torch.equal(got, ck.act_prep(out, prequant=pre, act_scale=a, afmt=ck.A_INT8))
+        assert got.abs().max() > 20 and not att.count.any()
     for b in range(B):
         for h in range(H):
             s = kf[b, h // 2, :cur] @ q[b, h * D:(h + 1) * D].double() / math.sqrt(D)

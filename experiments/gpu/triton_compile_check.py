@@ -55,7 +55,7 @@ def main() -> int:
     failed = 0
     attn = {"q_ptr": "*fp16", "mask_ptr": "*u8", "slot_ptr": "*i64", "scale_ptr": "*fp32", "m_ptr": "*fp32",
             "l_ptr": "*fp32", "o_ptr": "*fp32", "cnt_ptr": "*i32", "out_ptr": "*fp16", "pos_ptr": "*i64",
-            "freq_ptr": "*fp32", "rcp_ptr": "*fp32", "sm_scale": "fp32"}
+            "freq_ptr": "*fp32", "rcp_ptr": "*fp32", "sm_scale": "fp32", "oq_pre_ptr": "*fp16", "oq_a_ptr": "*fp32"}
     cache = {0: "*fp16", 1: "*i8", 2: "*fp8e4nv"}
     jobs = []
     for kv in (0, 1, 2):
@@ -66,6 +66,11 @@ def main() -> int:
                 jobs.append((f"attention kv={kv} fused_reduce={fused} rope={rope}", ck._attn_split_kernel,
                              {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]}, const, {"num_warps": 4},
                              "atom.global.gpu.acq_rel" if fused else None))
+    for afmt, out in ((ck.A_INT8, "*i8"), (ck.A_FP8, "*fp8e4nv")):  # the combine quantizing for the o_proj next
+        jobs.append((f"attention fused_reduce rope quantized afmt={afmt}", ck._attn_split_kernel,
+                     {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "out_ptr": out},
+                     dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=16, ROPE=True,
+                          OQ_PRE=True, OQ_AFMT=afmt), {"num_warps": 4}, "atom.global.gpu.acq_rel"))
     for wfmt, w in ((ck.W_INT8, "*i8"), (ck.W_INT4, "*u8")):
         bm, br, bk, warps, stages = ck.WQ_PREFILL_CONFIG[wfmt]
         jobs.append((f"wq_mm prefill wfmt={wfmt}", ck._wq_mm_kernel, {**WQ_TYPES, "w_ptr": w},

@@ -888,17 +888,19 @@ def rope_cache_write(qkv: torch.Tensor, positions: torch.Tensor, slot: torch.Ten
 @triton.jit
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr, l_ptr, o_ptr, sm_scale,
                        H, NSPLIT, stride_qb, stride_cb, stride_ch, stride_ct, stride_mb, cnt_ptr, out_ptr, stride_ob,
-                       pos_ptr, freq_ptr, rcp_ptr, KVH,
+                       pos_ptr, freq_ptr, rcp_ptr, KVH, oq_pre_ptr, oq_a_ptr,
                        GQA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
                        KV_QUANT: tl.constexpr, FUSED_REDUCE: tl.constexpr, NSPLIT_P2: tl.constexpr,
-                       ROPE: tl.constexpr):
+                       ROPE: tl.constexpr, OQ_PRE: tl.constexpr = False, OQ_AFMT: tl.constexpr = 0):
     """One program per (row b, head h, split of SPLIT keys): the split's softmax statistics (max m, sum l) and
     unnormalized output. FUSED_REDUCE: the (b, h)'s last program to finish (an acq_rel counter; it resets it for
     the next launch) combines every split in split order, as _attn_reduce_kernel does, and one launch is saved.
     ROPE: q_ptr is the qkv row of the token (not a rotated q): every program rotates its q head as
     _rope_cache_kernel does, the split holding the slot takes the token's own k / v from qkv (rotated; through
     the cache's quantization when KV_QUANT) instead of reading the cache there, and its program of the first head
-    of each KV group writes them to the cache — the RoPE / cache-write launch is saved."""
+    of each KV group writes them to the cache — the RoPE / cache-write launch is saved. OQ_PRE / OQ_AFMT (with
+    FUSED_REDUCE): the output quantized for the next linear as act_prep would (times oq_pre, int8 / fp8 by oq_a;
+    KernelConfig.gemv_then's then_quant), out int8 / float8."""
     dt: tl.constexpr = q_ptr.dtype.element_ty
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -970,16 +972,17 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
         tl.debug_barrier()  # every thread's stores before the release below
         if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu") == NSPLIT - 1:
             tl.store(cnt_ptr + bh, 0)
-            _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, b, h, NSPLIT, stride_ob, NSPLIT_P2, D, ".cg")
+            _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, b, h, NSPLIT, stride_ob, NSPLIT_P2, D, ".cg", dt,
+                          oq_pre_ptr, oq_a_ptr, OQ_PRE, OQ_AFMT)
 
 
 @triton.jit
 def _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, b, h, NSPLIT, stride_ob, NSPLIT_P2: tl.constexpr,
-                  D: tl.constexpr, CACHE: tl.constexpr):
-    """out[b, h] = Σ_s o_s · e^(m_s − m) / Σ_s l_s · e^(m_s − m) over the splits, in split order. CACHE: the
-    loads' cache modifier (".cg" where other programs of the same launch wrote the partials: past a non-coherent
-    L1)."""
-    dt: tl.constexpr = out_ptr.dtype.element_ty
+                  D: tl.constexpr, CACHE: tl.constexpr, dt: tl.constexpr, pre_ptr, a_ptr, HAS_PRE: tl.constexpr,
+                  AFMT: tl.constexpr):
+    """out[b, h] = Σ_s o_s · e^(m_s − m) / Σ_s l_s · e^(m_s − m) over the splits, in split order, rounded to dt
+    (then _act_quant's pre-quant scale and quantization). CACHE: the loads' cache modifier (".cg" where other
+    programs of the same launch wrote the partials: past a non-coherent L1)."""
     offs_s = tl.arange(0, NSPLIT_P2)
     s_mask = offs_s < NSPLIT
     offs_d = tl.arange(0, D)
@@ -989,15 +992,17 @@ def _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, b, h, NSPLIT, stride_ob, NSP
     l_sum = tl.sum(tl.load(l_ptr + bh * NSPLIT + offs_s, mask=s_mask, other=0.0, cache_modifier=CACHE) * w, axis=0)
     o = tl.load(o_ptr + (bh * NSPLIT + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0,
                 cache_modifier=CACHE)
-    out = tl.sum(o * w[:, None], axis=0) / l_sum
-    tl.store(out_ptr + b * stride_ob + h * D + offs_d, out.to(dt))
+    out = (tl.sum(o * w[:, None], axis=0) / l_sum).to(dt)
+    res = _act_quant(out, h * D + offs_d, offs_d < D, pre_ptr, a_ptr, HAS_PRE, AFMT)
+    _store_act(out_ptr + b * stride_ob + h * D, offs_d, offs_d < D, res, AFMT)
 
 
 @triton.jit
 def _attn_reduce_kernel(m_ptr, l_ptr, o_ptr, out_ptr, H, NSPLIT, stride_ob, NSPLIT_P2: tl.constexpr,
                         D: tl.constexpr):
     bh = tl.program_id(0)
-    _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, bh // H, bh % H, NSPLIT, stride_ob, NSPLIT_P2, D, "")
+    _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, bh // H, bh % H, NSPLIT, stride_ob, NSPLIT_P2, D, "",
+                  out_ptr.dtype.element_ty, m_ptr, m_ptr, False, 0)
 
 
 ATTN_BLOCK_T = 64
@@ -1030,20 +1035,28 @@ class DecodeAttention:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
                  slot: torch.Tensor, kv_scale: torch.Tensor | None = None, kv_algo: str | None = None,
-                 out: torch.Tensor | None = None, *, rope: tuple | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, *, rope: tuple | None = None,
+                 then_quant: tuple | None = None) -> torch.Tensor:
         """q [B, H·D]; caches [B, KVH, max_len, D]; key_mask [B, ≥ max_len] bool; → [B, H·D] in q's dtype.
         ``rope=(positions, inv_freq, kv_rcp)``: q is instead the token's qkv [B, (H + 2·KVH)·D], rotated here and
-        its k / v written to the cache at ``slot`` (rope_cache_write's work, in the same launch)."""
+        its k / v written to the cache at ``slot`` (rope_cache_write's work, in the same launch). ``then_quant``
+        (prequant or None, act_scale [1], A_INT8 / A_FP8; with fused_reduce): the output quantized for the next
+        linear, as act_prep would (int8 / float8)."""
         B, H, D = self.B, self.H, self.D
-        out = out if out is not None else torch.empty(B, H * D, dtype=q.dtype, device=q.device)
+        pre, a, afmt = then_quant or (None, None, A_FLOAT)
+        assert then_quant is None or self.fused_reduce
+        if out is None:
+            out = torch.empty(B, H * D, dtype=_AFMT_DTYPE.get(afmt, q.dtype), device=q.device)
         pos, freq, rcp = rope if rope is not None else (self.m, self.m, None)
         mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
         _attn_split_kernel[(B * H, self.nsplit)](
             q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l, self.o,
             self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             mask.stride(0), self.count, out, out.stride(0), pos, freq, rcp if rcp is not None else self.m, self.KVH,
+            pre if pre is not None else self.m, a if a is not None else self.m,
             GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=ATTN_BLOCK_T, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
-            FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None, num_warps=4)
+            FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None,
+            OQ_PRE=pre is not None, OQ_AFMT=afmt, num_warps=4)
         if not self.fused_reduce:
             _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),
                                           NSPLIT_P2=_pow2(self.nsplit), D=D, num_warps=1)

@@ -319,13 +319,16 @@ class TorchRuntime:
         for i, layer in enumerate(self.layers):
             qkv = self._linear_in(layer["attention.qkv"], h, xn, layer["input_layernorm"])
             rcp, scale = (cache.rcp[i:i + 1], cache.scale[i:i + 1]) if quant else (None, None)
+            # o_proj's input quantized by the attention's combine where it takes that (gemv_then, SmoothQuant / FP8)
+            oq = _quant_for(layer["attention.dense"], st.attn.B) if st.attn.fused_reduce else {}
             if st.rope_fused:
                 attn = st.attn(qkv, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale,
-                               kv_algo=self.kv_algo, rope=(st.pos, self.freq_dev, rcp))
+                               kv_algo=self.kv_algo, rope=(st.pos, self.freq_dev, rcp), **oq)
             else:
                 q = ck.rope_cache_write(qkv, st.pos, st.slot, self.freq_dev, cache.k[i], cache.v[i], self.n_heads,
                                         self.n_kv, self.head_dim, kv_rcp=rcp, kv_algo=self.kv_algo)
-                attn = st.attn(q, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale, kv_algo=self.kv_algo)
+                attn = st.attn(q, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale, kv_algo=self.kv_algo,
+                               **oq)
             xn = self._add_out(layer["attention.dense"], attn, h, layer["post_layernorm"], chain=True,
                                next_lin=layer.get("mlp.fc_gate"))
             nxt_layer = self.layers[i + 1] if i + 1 < len(self.layers) else None

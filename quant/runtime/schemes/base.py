@@ -128,14 +128,14 @@ class KernelConfig:
     attn_fused_reduce: bool = True
     attn_rope_fused: bool = True
     attn_fused_batch: int | None = 1
-    # Batch-1 decode on the Triton GEMV (cuda_kernels.gemv): each linear's epilogue does the next linear's prologue,
-    # so that the step launches no act_prep for RMSNorm or SiLU·gate (3 per layer, ~2.4 µs each plus a graph gap
-    # on an H200's FP16 step: experiments/results/gpu, the 2026-11-26 profile): fc‖gate writes SiLU(fc) · gate,
-    # and the o / down projections, after the residual add, RMSNorm of the residual stream (the last program to
-    # finish, so no program recomputes the row's statistics: the in-GEMV prologue that measured slower did). In
-    # the Triton GEMV and the compiled ones (w8g, w4g); not with INT4's k-packed kernel at batch 1. SmoothQuant
-    # and FP8 still quantize the row in act_prep (no launch saved there). Not yet timed: experiments.bench
-    # RECIPE@then.
+    # Batch-1 decode: each linear's epilogue does the next linear's prologue, so that the step launches no act_prep
+    # between linears (3 per layer, 4 for SmoothQuant / FP8, ~2.4 µs each plus a graph gap on an H200: the
+    # 2026-11-26 profile, experiments/results/gpu): fc‖gate writes SiLU(fc) · gate, the o / down projections after
+    # the residual add RMSNorm of the residual stream (their last program to finish, so no program recomputes the
+    # row's statistics, as the in-GEMV prologue that measured slower did), each quantized for a SmoothQuant / FP8
+    # linear next (_Handler.input_quant), and the fused attention's combine quantizes o_proj's input likewise. In
+    # the Triton GEMV and the compiled ones (w8g, w4g); not behind INT4's k-packed kernel at batch 1 (its row runs
+    # act_prep as before). Not yet timed: experiments.bench RECIPE@then.
     gemv_then: bool = False
 
     def __post_init__(self) -> None:
