@@ -805,8 +805,9 @@ def test_decode_with_each_linear_doing_the_next_ones_prologue(tiny_folders):
         layer = rt.layers[0]
         assert all(layer[n].chains(1) and not layer[n].chains(2) for n in ("attention.dense", "mlp.fc_gate",
                                                                             "mlp.proj")), recipe
-        for n in (2, 24, 299):
-            assert rel(_one_step_logits(rt, ids[: n + 1]), _one_step_logits(ref, ids[: n + 1])) <= 2e-2, (recipe, n)
+        for n in (2, 24, 299):  # int8 / fp8 activations: single quantization steps flip (RMSNorm's sum order)
+            err = rel(_one_step_logits(rt, ids[: n + 1]), _one_step_logits(ref, ids[: n + 1]))
+            assert err <= {"smoothquant_kv_int8": 0.06, "fp8_kv_fp8": 0.1}.get(recipe, 2e-2), (recipe, n, err)
         gen = [rt.generate([p], 8, ignore_eos=True).tokens[0] for p in prompts]
         want = [ref.generate([p], 8, ignore_eos=True).tokens[0] for p in prompts]
         agree = sum(a == b for g, w in zip(gen, want) for a, b in zip(g, w)) / 16
