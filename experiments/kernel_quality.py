@@ -1,0 +1,188 @@
+"""``python -m experiments.kernel_quality``: does a kernel choice change what the model says? The paired check of
+issue 14's "the default model's ROUGE-1 and perplexity on CUDA unchanged by the new kernels".
+
+Each recipe's checkpoint is built once (the search's cache) and opened once per kernel configuration: the
+*reference* (the plainest CUDA kernels: no compiled or Triton GEMV at batch 1, so cuBLAS / ``_scaled_mm`` /
+tinygemm / the tl.dot kernel; attention unfused; nothing in an epilogue) and each variant (``default``:
+KernelConfig's defaults; or any ``experiments.bench`` kernel variant, e.g. ``then``). Every configuration
+summarizes the same articles and scores the same held-out documents, so a variant is compared with the reference
+*paired*: the mean per-article ROUGE-1 difference and the mean per-document NLL difference (nats per token), each
+with a 95 % Student-t interval. A row is "unchanged" when both intervals hold 0 (or every summary is the same
+text and every document's NLL the same); the table says on how many articles and documents that rests.
+
+On a CPU the configurations run the same kernels (the CPU path has one per format), so every row is unchanged
+by construction: that run checks the machinery, not the kernels.
+
+Exit codes: 0 every row unchanged; 1 a row changed (the table says which); 2 bad input; 130 / 143 interrupted
+(the record of the recipes finished so far is written first).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from experiments.bench import KERNEL_VARIANTS
+from experiments.evaluate import DEFAULTS, Candidate, EvalSettings, add_trust_remote_code_arg, resolve_compute_dtype, \
+    resolve_device, summarize
+from experiments.stats import mean_ci
+from quant.atomic import atomic_write_json, ensure_writable_dir
+from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
+from quant.recipes import parse_recipe_arg
+
+# the recipes checked by default: each weight format's batch-1 path (the default model's hidden 576 takes group 64)
+DEFAULT_RECIPES = ("fp16", "int8_wo", "smoothquant", "fp8", "int4_awq:group_size=64")
+# KernelConfig fields of the reference: every batch-1 row through the M > 1 kernels, attention unfused
+REFERENCE = {"gemv": frozenset(), "w8g": frozenset(), "w4g_rows": None, "int4_kernel": "tinygemm",
+             "attn_fused_reduce": False, "attn_rope_fused": False}
+
+
+def kernel_configs(variants: list[str]) -> dict:
+    """name → KernelConfig: "reference" first, then each variant ("default" or a bench KERNEL_VARIANTS name)."""
+    from quant.runtime.schemes.base import DEFAULT_KERNELS
+
+    configs = {"reference": dataclasses.replace(DEFAULT_KERNELS, **REFERENCE)}
+    for v in variants:
+        configs[v] = DEFAULT_KERNELS if v == "default" else dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
+    return configs
+
+
+def paired(ref: list[float], got: list[float]) -> dict:
+    """Mean of got − ref per item with its 95 % interval; identical lists give exactly 0 and [0, 0]."""
+    diffs = [g - r for g, r in zip(got, ref)]
+    if not any(diffs):
+        return {"mean": 0.0, "ci": [0.0, 0.0], "n": len(diffs)}
+    m, lo, hi = mean_ci(diffs)
+    return {"mean": m, "ci": [lo, hi], "n": len(diffs)}
+
+
+def run_config(ckpt: Path, kernels, cand: Candidate, samples, docs: list[str], settings: EvalSettings) -> dict:
+    """One kernel configuration on the checkpoint: per-article ROUGE-1 and summaries, per-document NLL."""
+    from experiments import rouge
+    from experiments.perplexity import perplexity
+    from quant.runtime.torch_runtime import TorchRuntime
+
+    rt = TorchRuntime.from_dir(ckpt, device=settings.device, compute_dtype=settings.compute_dtype, kernels=kernels)
+    texts, _, _ = summarize(rt, cand.builder, samples, batch_size=settings.batch_size,
+                            max_output_len=settings.max_output_len, eos_ids=cand.eos_ids, progress=settings.progress)
+    scores = rouge.score(texts, [s.reference for s in samples], seed=settings.seed)
+    ppl = perplexity(rt, cand.tokenizer, docs, seq_len=settings.ppl_seq_len) if docs else None
+    return {"rouge1": scores.rouge1, "per_article": list(scores.per_sample_rouge1), "summaries": texts,
+            "perplexity": ppl["perplexity"] if ppl else None, "doc_nll": ppl["doc_nll"] if ppl else [],
+            "kernels": rt.describe()["kernels"]}
+
+
+def compare(ref: dict, got: dict) -> dict:
+    """The paired differences of a configuration against the reference, and the verdict."""
+    rouge = paired(ref["per_article"], got["per_article"])
+    nll = paired(ref["doc_nll"], got["doc_nll"])
+    same = sum(a == b for a, b in zip(ref["summaries"], got["summaries"]))
+    holds_zero = all(d["ci"][0] <= 0.0 <= d["ci"][1] for d in (rouge, nll) if d["n"])
+    return {"rouge1_diff": rouge, "nll_diff": nll, "same_summaries": same, "articles": len(ref["summaries"]),
+            "unchanged": holds_zero}
+
+
+def table(record: dict) -> str:
+    head = ("| recipe | kernels | ROUGE-1 | Δ ROUGE-1 vs reference [95% CI] | same summaries | perplexity "
+            "| Δ NLL / token [95% CI] | verdict |\n|---|---|---|---|---|---|---|---|")
+    rows = []
+    for r in record["recipes"]:
+        for name, c in r["configs"].items():
+            ppl = "-" if c["perplexity"] is None else f"{c['perplexity']:.3f}"
+            if name == "reference":
+                rows.append(f"| {r['recipe']} | reference | {c['rouge1']:.2f} | | | {ppl} | | |")
+                continue
+            d = r["versus_reference"][name]
+            dr, dn = d["rouge1_diff"], d["nll_diff"]
+            nll = f"{dn['mean']:+.5f} [{dn['ci'][0]:+.5f}, {dn['ci'][1]:+.5f}] on {dn['n']} docs" if dn["n"] else "-"
+            rows.append(f"| {r['recipe']} | {name} | {c['rouge1']:.2f} | {dr['mean']:+.2f} [{dr['ci'][0]:+.2f}, "
+                        f"{dr['ci'][1]:+.2f}] on {dr['n']} articles | {d['same_summaries']}/{d['articles']} | {ppl} "
+                        f"| {nll} | {'unchanged' if d['unchanged'] else 'CHANGED'} |")
+    return "\n".join([head, *rows])
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    d = DEFAULTS
+    parser = ArgumentParser(prog="python -m experiments.kernel_quality", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a .gguf or a HF folder")
+    add_trust_remote_code_arg(parser)
+    parser.add_argument("--recipe", action="append", default=None,
+                        help="a recipe (kind[:key=value,...] or a file), repeatable (default: "
+                             + ", ".join(DEFAULT_RECIPES) + ")")
+    parser.add_argument("--variants", default="default",
+                        help="comma-separated kernel configurations to compare with the reference: default, or "
+                             "any of " + ", ".join(KERNEL_VARIANTS))
+    parser.add_argument("--dataset", default=d["dataset"], help="aclsum | cnn_dailymail | a local file or folder")
+    parser.add_argument("--split", default=d["split"])
+    parser.add_argument("--num-samples", type=positive_int, default=d["num_samples"], help="articles summarized")
+    parser.add_argument("--seed", type=seed_int, default=d["seed"], help="article and document selection")
+    parser.add_argument("--max-input-len", type=positive_int, default=d["max_input_len"])
+    parser.add_argument("--max-output-len", type=positive_int, default=d["max_output_len"])
+    parser.add_argument("--batch-size", type=positive_int, default=d["batch_size"])
+    parser.add_argument("--ppl-docs", type=int, default=20, help="held-out documents scored (0: none)")
+    parser.add_argument("--ppl-seq-len", type=positive_int, default=512)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--out", type=Path, default=Path("results") / "kernel_quality.json", help="JSON record")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v != "default" and v not in KERNEL_VARIANTS]
+    if not variants or unknown or len(set(variants)) != len(variants):
+        raise UserError(f"--variants: distinct names from default, {', '.join(KERNEL_VARIANTS)}; got {args.variants!r}")
+    if args.ppl_docs < 0:
+        raise UserError("--ppl-docs must be >= 0")
+    recipes = [parse_recipe_arg(r) for r in (args.recipe or DEFAULT_RECIPES)]
+    if args.out.exists() and not args.out.is_file():
+        raise UserError(f"--out {args.out} exists and is not a regular file")
+    ensure_writable_dir(args.out.parent, "the folder of --out")  # before minutes of work, not after them
+    device = resolve_device(args.device)
+    settings = EvalSettings(model=args.model, dataset=args.dataset, split=args.split, num_samples=args.num_samples,
+                            seed=args.seed, max_input_len=args.max_input_len, max_output_len=args.max_output_len,
+                            batch_size=args.batch_size, device=device,
+                            compute_dtype=resolve_compute_dtype(args.compute_dtype, device), ppl_docs=args.ppl_docs,
+                            ppl_seq_len=args.ppl_seq_len, progress=not args.no_progress,
+                            trust_remote_code=args.trust_remote_code)
+    from calibration.datasets import load_samples
+    from experiments import environment
+    from experiments.perplexity import heldout_texts
+
+    samples = load_samples(settings.dataset, split=settings.split, num_samples=settings.num_samples,
+                           seed=settings.seed)
+    docs = heldout_texts(num_docs=settings.ppl_docs, seed=settings.seed) if settings.ppl_docs else []
+    configs = kernel_configs(variants)
+    record = {"device": device, "compute_dtype": settings.compute_dtype, "articles": len(samples),
+              "documents": len(docs), "reference": {k: str(v) for k, v in REFERENCE.items()},
+              "versions": environment.versions(), "machine": environment.machine(),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipes": []}
+    if not device.startswith("cuda"):
+        print(f"note: on {device} every kernel configuration runs the same kernels: this checks the machinery only",
+              file=sys.stderr)
+    model, log = None, (lambda m: print(m, file=sys.stderr))
+    try:
+        for recipe in recipes:
+            cand = Candidate(settings, recipe, model=model, log=log)
+            model = cand.model
+            try:
+                runs = {name: run_config(cand.ckpt_dir, k, cand, samples, docs, settings) for name, k in configs.items()}
+            finally:
+                cand.close()
+            record["recipes"].append({"recipe": recipe.label, "configs": runs,
+                                      "versus_reference": {n: compare(runs["reference"], c)
+                                                           for n, c in runs.items() if n != "reference"}})
+    finally:
+        if record["recipes"]:  # what finished is kept, also on Ctrl-C / SIGTERM
+            atomic_write_json(args.out, record)
+    print(table(record))
+    print(f"record: {args.out}")
+    changed = [f"{r['recipe']}@{n}" for r in record["recipes"] for n, v in r["versus_reference"].items()
+               if not v["unchanged"]]
+    if changed:
+        print("changed: " + ", ".join(changed), file=sys.stderr)
+    return 1 if changed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
