@@ -2,12 +2,15 @@
 7B/8B shapes: Triton lowers them to PTX and runs the ptxas it ships, so a kernel that does not compile, or needs
 more shared memory than an sm_90 block has (it could not launch there), fails here before any GPU time is spent
 (experiments/gpu/triton_compile_check.py). The static cost table (experiments/gpu/sass_loop.py) is checked for what
-the runtime's comments rely on. Both run as subprocesses: this test session runs Triton's interpreter
-(tests/conftest.py), which replaces the kernels these compile. About 45 s on a 2-core box."""
+the runtime's comments rely on. The compiled CUDA GEMVs (quant/runtime/csrc) are built with nvcc for sm_90 and
+checked the same way (experiments/gpu/cuda_build_check.py: no spill in a main loop, the epilogues' fences and
+barriers, the bindings well-formed). All run as subprocesses: this test session runs Triton's interpreter
+(tests/conftest.py), which replaces the kernels these compile. About 75 s on a 2-core box."""
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +52,11 @@ def test_static_cost_table_backs_the_kernel_choices():
         assert not rows[f"SmoothQuant tl.dot rows≤{bm} wide, K split"]["spills"]
         int4 = next(v for k, v in rows.items() if k.startswith(f"INT4 k-packed rows≤{bm} "))
         assert int4["spills"] == 0 and int4["ctas"] >= 1, int4  # W4K_TILES: no spill, and a block fits an SM
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("g++") is None, reason="needs nvcc and g++")
+def test_compiled_gemvs_build_for_sm90_with_their_epilogues_ordered():
+    lines = _run("cuda_build_check.py").splitlines()
+    assert any(line.startswith("w8_gemv.cu: 108 kernels for sm_90 (36 with an epilogue") for line in lines), lines
+    assert any(line.startswith("w4a16_gemv.cu: 54 kernels for sm_90 (24 with an epilogue") for line in lines), lines
+    assert "bindings.cpp: well-formed" in "\n".join(lines) and not any("FAILED" in line for line in lines)

@@ -1,0 +1,152 @@
+"""Build the runtime's compiled GEMVs (quant/runtime/csrc) for an H200 (sm_90) on a machine without a GPU, and check
+what their code must have, before any GPU time is spent on them:
+
+- both kernel files compile with ``nvcc`` for sm_90, no instantiation touching local memory in its main loop (the
+  longest loop: the weight stream). Some epilogues keep a few bytes of stack: the call frame of the IEEE division's
+  slow path (``__fdiv_rn``, the activation quantization's, bit-exact with act_prep's), outside that loop;
+- the epilogues for the next linear (KernelConfig.gemv_then) compiled with their ordering: the RMSNorm variants
+  (THEN_NORM) count their blocks with an atomic after a GPU-scope fence (ATOMG, MEMBAR ... GPU), the SiLU·gate
+  variants (THEN_SILU) meet a block's row pairs behind a barrier (BAR.SYNC);
+- the bindings are well-formed C++ against the installed torch's headers. ATen's CUDA context header needs the
+  cuSPARSE / cuBLAS headers, which a CPU machine lacks, so CUDA's runtime header and two declarations stand in for
+  it (the stream getter and the device guard): the only part not built as on the GPU.
+
+    python experiments/gpu/cuda_build_check.py    # one line per kernel file and per check; exit 1 on a failure
+
+Exit codes: 0 all checks hold; 1 a check fails (its line says which); 2 no nvcc, g++ or cuobjdump here.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parents[2] / "quant" / "runtime" / "csrc"
+ARCH = "-gencode=arch=compute_90,code=sm_90"
+# each kernel's template arguments, in order (the files' own template parameter lists)
+TEMPLATE = {"w8_gemv_kernel": ("F", "M", "R", "U", "THEN"), "w4a16_gemv_kernel": ("M", "R", "U", "PRO", "THEN")}
+THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
+
+
+def cuobjdump() -> str | None:
+    """Triton's bundled cuobjdump (CUDA's own is not installed with nvcc here)."""
+    try:
+        import triton
+    except ImportError:
+        return shutil.which("cuobjdump")
+    exe = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(exe) if exe.exists() else shutil.which("cuobjdump")
+
+
+def main_loop(body: str) -> list[str]:
+    """The instructions of a function's longest loop: from a backward branch's target to the branch."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", body)]
+    loops = [[op for a, op in ins if int(m.group(1), 16) <= a <= addr]
+             for addr, op in ins if (m := re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", op)) and int(m.group(1), 16) < addr]
+    return max(loops, key=len, default=[])
+
+
+def kernels(sass: str, res: str) -> list[dict]:
+    """Per kernel instantiation: its template arguments, registers, stack bytes, opcodes, spills in its main loop."""
+    usage = {m.group(1): (int(m.group(2)), int(m.group(3)))
+             for m in re.finditer(r"Function (\S+):\s*REG:(\d+) STACK:(\d+)", res)}
+    out = []
+    for body in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = body.split("\n", 1)[0].strip()
+        kind = next((k for k in TEMPLATE if k in name), None)
+        if kind is None:
+            continue
+        args = [int(a) for a in re.findall(r"Li(\d+)E", name.split(kind, 1)[1])[:len(TEMPLATE[kind])]]
+        ops = set(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", body))
+        regs, stack = usage.get(name, (-1, -1))
+        spills = sum(bool(re.match(r"(?:@!?U?P\w+\s+)?(?:LDL|STL)\b", op)) for op in main_loop(body))
+        out.append({"kind": kind, "args": dict(zip(TEMPLATE[kind], args)), "regs": regs, "stack": stack, "ops": ops,
+                    "loop_spills": spills})
+    return out
+
+
+def check_kernels(obj: Path, dump: str) -> list[str]:
+    """The failures of one compiled file (empty: all hold)."""
+    sass = subprocess.run([dump, "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
+    res = subprocess.run([dump, "-res-usage", str(obj)], capture_output=True, text=True, check=True).stdout
+    found = kernels(sass, res)
+    fails = [] if found else [f"{obj.name}: no kernel found in its SASS"]
+    for k in found:
+        tag = f"{k['kind']}{tuple(k['args'].values())}"
+        if k["loop_spills"]:
+            fails.append(f"{tag}: {k['loop_spills']} local-memory accesses (spills) in its main loop")
+        then = k["args"]["THEN"]
+        if then == THEN_NORM and not (any(o.startswith("ATOMG") for o in k["ops"])
+                                      and any(o.startswith("MEMBAR") and "GPU" in o for o in k["ops"])):
+            fails.append(f"{tag}: the RMSNorm epilogue without its GPU fence and atomic count")
+        if then in (THEN_SILU, THEN_NORM) and not any(o.startswith("BAR.SYNC") for o in k["ops"]):
+            fails.append(f"{tag}: the epilogue without its block barrier")
+    epi = [k for k in found if k["args"]["THEN"]]
+    print(f"{obj.stem}: {len(found)} kernels for sm_90 ({len(epi)} with an epilogue for the next linear), "
+          f"registers {min(k['regs'] for k in found)}-{max(k['regs'] for k in found)}, "
+          f"no spill in a main loop: {not any(k['loop_spills'] for k in found)}, stack ≤ "
+          f"{max(k['stack'] for k in found)} bytes" if found else f"{obj.stem}: nothing compiled")
+    return fails
+
+
+def check_bindings(tmp: Path) -> list[str]:
+    """bindings.cpp well-formed against torch's headers, ATen's CUDA context stood in for (module docstring)."""
+    import torch
+
+    src = (CSRC / "bindings.cpp").read_text()
+    stand_in = ("#include <cuda_runtime.h>\n#include <torch/extension.h>\n"
+                "namespace at::cuda { inline cudaStream_t getCurrentCUDAStream() { return nullptr; } }\n"
+                "namespace c10::cuda { struct CUDAGuard { explicit CUDAGuard(c10::Device) {} }; }\n")
+    head = "#include <ATen/cuda/CUDAContext.h>\n#include <c10/cuda/CUDAGuard.h>\n#include <torch/extension.h>\n"
+    if head not in src:
+        return ["bindings.cpp: its includes changed; update this check's stand-in"]
+    (tmp / "bindings.cpp").write_text(src.replace(head, stand_in))
+    shutil.copy(CSRC / "gemv_then.h", tmp / "gemv_then.h")
+    inc = Path(torch.__file__).parent / "include"
+    # the CUDA headers where nvcc itself finds them (its INCLUDES; nvcc may be a wrapper script elsewhere)
+    dry = subprocess.run(["nvcc", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True,
+                         text=True).stderr
+    cuda_inc = next(iter(re.findall(r'INCLUDES="-I([^"]+)"', dry)), "/usr/local/cuda/include")
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=quant_cuda_gemv", f"-I{inc}",
+           f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{cuda_inc}",
+           f"-I{sysconfig.get_paths()['include']}", str(tmp / "bindings.cpp")]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    errors = [line for line in p.stderr.splitlines() if "error" in line]
+    print(f"bindings.cpp: {'well-formed' if p.returncode == 0 else 'does not compile'} against torch "
+          f"{torch.__version__}'s headers")
+    return [] if p.returncode == 0 else [f"bindings.cpp: {e}" for e in errors[:5]] or ["bindings.cpp: g++ failed"]
+
+
+def main() -> int:
+    dump = cuobjdump()
+    missing = [name for name, path in (("nvcc", shutil.which("nvcc")), ("g++", shutil.which("g++")),
+                                       ("cuobjdump", dump)) if path is None]
+    if missing:
+        print(f"cuda_build_check: {', '.join(missing)} not found", file=sys.stderr)
+        return 2
+    fails = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for cu in ("w8_gemv.cu", "w4a16_gemv.cu"):
+            obj = tmp / (cu + ".o")
+            p = subprocess.run(["nvcc", "-O3", ARCH, "-c", str(CSRC / cu), "-o", str(obj)], capture_output=True,
+                               text=True, cwd=CSRC)
+            if p.returncode != 0:
+                fails.append(f"{cu}: nvcc failed: {(p.stderr.strip().splitlines() or [''])[0][:300]}")
+                print(f"{cu}: does not compile")
+                continue
+            fails += check_kernels(obj, dump)
+        fails += check_bindings(tmp)
+    for f in fails:
+        print("FAILED " + f)
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.exit(main())
