@@ -106,7 +106,8 @@ def table(record: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     d = DEFAULTS
     parser = ArgumentParser(prog="python -m experiments.kernel_quality", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a .gguf or a HF folder")
+    parser.add_argument("--model", default=None,
+                        help="'default' (embedded SmolLM2-135M-Instruct), a .gguf or a HF folder")
     add_trust_remote_code_arg(parser)
     parser.add_argument("--recipe", action="append", default=None,
                         help="a recipe (kind[:key=value,...] or a file), repeatable (default: "
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             cand = Candidate(settings, recipe, model=model, log=log)
             model = cand.model
             try:
-                runs = {name: run_config(cand.ckpt_dir, k, cand, samples, docs, settings) for name, k in configs.items()}
+                runs = {name: run_config(cand.ckpt_dir, k, cand, samples, docs, settings)
+                        for name, k in configs.items()}
             finally:
                 cand.close()
             record["recipes"].append({"recipe": recipe.label, "configs": runs,

@@ -46,8 +46,9 @@ def cuobjdump() -> str | None:
 def main_loop(body: str) -> list[str]:
     """The instructions of a function's longest loop: from a backward branch's target to the branch."""
     ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", body)]
+    branch = r"\bBRA\s+(?:`\()?0x([0-9a-f]+)"
     loops = [[op for a, op in ins if int(m.group(1), 16) <= a <= addr]
-             for addr, op in ins if (m := re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", op)) and int(m.group(1), 16) < addr]
+             for addr, op in ins if (m := re.search(branch, op)) and int(m.group(1), 16) < addr]
     return max(loops, key=len, default=[])
 
 

