@@ -13,7 +13,8 @@ what their code must have, before any GPU time is spent on them:
 
     python experiments/gpu/cuda_build_check.py    # one line per kernel file and per check; exit 1 on a failure
 
-Exit codes: 0 all checks hold; 1 a check fails (its line says which); 2 no nvcc, g++ or cuobjdump here.
+Exit codes: 0 all checks hold; 1 a check fails (its line says which); 2 no nvcc or g++ here. Disassembled with the
+tools Triton ships (experiments/gpu/sass_loop.py), as the Triton kernels' checks are.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from experiments.gpu.sass_loop import binary_tool, main_loop
+
 CSRC = Path(__file__).resolve().parents[2] / "quant" / "runtime" / "csrc"
 ARCH = "-gencode=arch=compute_90,code=sm_90"
 # each kernel's template arguments, in order (the files' own template parameter lists)
@@ -33,50 +36,30 @@ TEMPLATE = {"w8_gemv_kernel": ("F", "M", "R", "U", "THEN"), "w4a16_gemv_kernel":
 THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
 
 
-def cuobjdump() -> str | None:
-    """Triton's bundled cuobjdump (CUDA's own is not installed with nvcc here)."""
-    try:
-        import triton
-    except ImportError:
-        return shutil.which("cuobjdump")
-    exe = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(exe) if exe.exists() else shutil.which("cuobjdump")
-
-
-def main_loop(body: str) -> list[str]:
-    """The instructions of a function's longest loop: from a backward branch's target to the branch."""
-    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", body)]
-    branch = r"\bBRA\s+(?:`\()?0x([0-9a-f]+)"
-    loops = [[op for a, op in ins if int(m.group(1), 16) <= a <= addr]
-             for addr, op in ins if (m := re.search(branch, op)) and int(m.group(1), 16) < addr]
-    return max(loops, key=len, default=[])
-
-
 def kernels(sass: str, res: str) -> list[dict]:
-    """Per kernel instantiation: its template arguments, registers, stack bytes, opcodes, spills in its main loop."""
+    """Per kernel instantiation (nvdisasm's and cuobjdump -res-usage's text of one cubin): its template arguments,
+    registers, stack bytes, opcodes, and the spills in its main loop (sass_loop.main_loop)."""
     usage = {m.group(1): (int(m.group(2)), int(m.group(3)))
              for m in re.finditer(r"Function (\S+):\s*REG:(\d+) STACK:(\d+)", res)}
     out = []
-    for body in re.split(r"\n\s*Function : ", sass)[1:]:
-        name = body.split("\n", 1)[0].strip()
+    for part in re.split(r"\n//-+ \.text\.", sass)[1:]:
+        name, body = part.split(" ", 1)
         kind = next((k for k in TEMPLATE if k in name), None)
         if kind is None:
             continue
         args = [int(a) for a in re.findall(r"Li(\d+)E", name.split(kind, 1)[1])[:len(TEMPLATE[kind])]]
         ops = set(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", body))
         regs, stack = usage.get(name, (-1, -1))
-        spills = sum(bool(re.match(r"(?:@!?U?P\w+\s+)?(?:LDL|STL)\b", op)) for op in main_loop(body))
+        loop = main_loop(body)
         out.append({"kind": kind, "args": dict(zip(TEMPLATE[kind], args)), "regs": regs, "stack": stack, "ops": ops,
-                    "loop_spills": spills})
+                    "loop_spills": loop.count("LDL") + loop.count("STL")})
     return out
 
 
-def check_kernels(obj: Path, dump: str) -> list[str]:
+def check_kernels(cubin: Path) -> list[str]:
     """The failures of one compiled file (empty: all hold)."""
-    sass = subprocess.run([dump, "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
-    res = subprocess.run([dump, "-res-usage", str(obj)], capture_output=True, text=True, check=True).stdout
-    found = kernels(sass, res)
-    fails = [] if found else [f"{obj.name}: no kernel found in its SASS"]
+    found = kernels(binary_tool(str(cubin), "nvdisasm", "-c"), binary_tool(str(cubin), "cuobjdump", "-res-usage"))
+    fails = [] if found else [f"{cubin.name}: no kernel found in its SASS"]
     for k in found:
         tag = f"{k['kind']}{tuple(k['args'].values())}"
         if k["loop_spills"]:
@@ -88,10 +71,10 @@ def check_kernels(obj: Path, dump: str) -> list[str]:
         if then in (THEN_SILU, THEN_NORM) and not any(o.startswith("BAR.SYNC") for o in k["ops"]):
             fails.append(f"{tag}: the epilogue without its block barrier")
     epi = [k for k in found if k["args"]["THEN"]]
-    print(f"{obj.stem}: {len(found)} kernels for sm_90 ({len(epi)} with an epilogue for the next linear), "
+    print(f"{cubin.stem}: {len(found)} kernels for sm_90 ({len(epi)} with an epilogue for the next linear), "
           f"registers {min(k['regs'] for k in found)}-{max(k['regs'] for k in found)}, "
           f"no spill in a main loop: {not any(k['loop_spills'] for k in found)}, stack ≤ "
-          f"{max(k['stack'] for k in found)} bytes" if found else f"{obj.stem}: nothing compiled")
+          f"{max(k['stack'] for k in found)} bytes" if found else f"{cubin.stem}: nothing compiled")
     return fails
 
 
@@ -124,9 +107,7 @@ def check_bindings(tmp: Path) -> list[str]:
 
 
 def main() -> int:
-    dump = cuobjdump()
-    missing = [name for name, path in (("nvcc", shutil.which("nvcc")), ("g++", shutil.which("g++")),
-                                       ("cuobjdump", dump)) if path is None]
+    missing = [name for name in ("nvcc", "g++") if shutil.which(name) is None]
     if missing:
         print(f"cuda_build_check: {', '.join(missing)} not found", file=sys.stderr)
         return 2
@@ -134,14 +115,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for cu in ("w8_gemv.cu", "w4a16_gemv.cu"):
-            obj = tmp / (cu + ".o")
-            p = subprocess.run(["nvcc", "-O3", ARCH, "-c", str(CSRC / cu), "-o", str(obj)], capture_output=True,
+            cubin = tmp / (cu + ".cubin")
+            p = subprocess.run(["nvcc", "-O3", ARCH, "-cubin", str(CSRC / cu), "-o", str(cubin)], capture_output=True,
                                text=True, cwd=CSRC)
             if p.returncode != 0:
                 fails.append(f"{cu}: nvcc failed: {(p.stderr.strip().splitlines() or [''])[0][:300]}")
                 print(f"{cu}: does not compile")
                 continue
-            fails += check_kernels(obj, dump)
+            fails += check_kernels(cubin)
         fails += check_bindings(tmp)
     for f in fails:
         print("FAILED " + f)
@@ -149,5 +130,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    os.environ.pop("TRITON_INTERPRET", None)
     sys.exit(main())

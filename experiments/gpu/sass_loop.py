@@ -39,13 +39,18 @@ from quant.runtime import cuda_kernels as ck  # noqa: E402
 SMS, CLOCK_HZ, COPY_BPS, REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM = 132, 1.98e9, 4.2e12, 65536, 233472, 2048
 
 
+def binary_tool(path: str, tool: str, flag: str) -> str:
+    """The output of one of the CUDA binary tools Triton ships (nvdisasm, cuobjdump) on a cubin file."""
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    return subprocess.run([exe, flag, path], capture_output=True, text=True, check=True).stdout
+
+
 def cubin_tool(kernel, tool: str, flag: str) -> str:
-    """The output of one of the CUDA binary tools Triton ships (nvdisasm, cuobjdump) on the kernel's cubin."""
+    """:func:`binary_tool` on a compiled Triton kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
-        return subprocess.run([exe, flag, f.name], capture_output=True, text=True, check=True).stdout
+        return binary_tool(f.name, tool, flag)
 
 
 def main_loop(sass: str) -> list[str]:
