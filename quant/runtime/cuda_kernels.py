@@ -255,10 +255,20 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
     else:
         _store_row(total, y_ptr, ws_ptr, offs_r, r_mask, dt, SCALE, RESIDUAL)
     if THEN == 2:
-        tl.debug_barrier()  # every thread's stores before the release below
-        if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
-            tl.store(cnt_ptr, 0)
+        if _last_to_finish(cnt_ptr, tl.num_programs(0)):
             _norm_row(y_ptr, nw_ptr, xn_ptr, N, eps, tq_pre_ptr, tq_a_ptr, NB, TQ_PRE, TQ_AFMT)
+
+
+@triton.jit
+def _last_to_finish(cnt_ptr, count):
+    """Whether this program is the last of ``count`` to get here, after every thread's stores (the acq_rel add
+    releases this program's and acquires the others'; read them past the non-coherent L1, ``.cg``). The last one
+    resets the counter, so the next launch, or a CUDA graph's replay, finds it at zero."""
+    tl.debug_barrier()  # every thread's stores before the release below
+    last = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == count - 1
+    if last:
+        tl.store(cnt_ptr, 0)
+    return last
 
 
 @triton.jit
@@ -597,10 +607,7 @@ def _wq_mm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, st
         mr = m_mask[:, None] & r_mask[None, :]
         parts = part_ptr + offs_m[:, None] * R + offs_r[None, :]
         tl.store(parts + tl.program_id(2) * M * R, acc, mask=mr)
-        tl.debug_barrier()  # every thread's stores before the release below
-        cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_r
-        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-            tl.store(cnt, 0)
+        if _last_to_finish(cnt_ptr + pid_m * tl.num_programs(0) + pid_r, SPLIT):
             total = tl.zeros([BLOCK_M, BLOCK_R], acc.dtype)
             for sp in tl.static_range(SPLIT):  # past a non-coherent L1: other programs wrote them
                 total += tl.load(parts + sp * M * R, mask=mr, other=0.0, cache_modifier=".cg")
@@ -969,9 +976,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     tl.store(l_ptr + idx, l_i)
     tl.store(o_ptr + idx * D + offs_d, acc)
     if FUSED_REDUCE:
-        tl.debug_barrier()  # every thread's stores before the release below
-        if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu") == NSPLIT - 1:
-            tl.store(cnt_ptr + bh, 0)
+        if _last_to_finish(cnt_ptr + bh, NSPLIT):
             _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, b, h, NSPLIT, stride_ob, NSPLIT_P2, D, ".cg", dt,
                           oq_pre_ptr, oq_a_ptr, OQ_PRE, OQ_AFMT)
 

@@ -277,33 +277,32 @@ class TorchRuntime:
         return logits.view(B, 1 if last_only else T, -1)
 
     def _mlp(self, layer: dict, h: torch.Tensor, xn: torch.Tensor | None = None, next_norm=None,
-             chain: bool = False, next_lin: _Handler | None = None) -> torch.Tensor | None:
+             next_lin: _Handler | None = None) -> torch.Tensor | None:
         """h += proj(SiLU(fc(x)) · gate(x)), x = RMSNorm(h) (``xn``: x, computed by the previous linear) —
-        fc‖gate as one linear where stacked. ``chain``: each linear's epilogue does the next one's prologue where
-        its kernel can (:meth:`_Handler.chains`); returns RMSNorm(h) · next_norm, the input of ``next_lin``, when
-        the proj's did, else None."""
+        fc‖gate as one linear where stacked. ``next_norm`` (decode): each linear's epilogue does the next one's
+        prologue where its kernel can (:meth:`_Handler.chains`), and the proj's returns RMSNorm(h) · next_norm, the
+        input of ``next_lin``; else None."""
         post, proj = layer["post_layernorm"], layer["mlp.proj"]
         if "mlp.fc_gate" in layer:
             fg = layer["mlp.fc_gate"]
-            if chain and fg.chains(h.shape[0]):
+            if next_norm is not None and fg.chains(h.shape[0]):
                 act = self._linear_in(fg, h, xn, post, then_silu=True, **_quant_for(proj, h.shape[0]))
-                return self._add_out(proj, act, h, next_norm, chain, next_lin=next_lin)
-            return self._add_out(proj, self._linear_in(fg, h, xn, post), h, next_norm, chain, silu=True,
-                                 next_lin=next_lin)
+                return self._add_out(proj, act, h, next_norm, next_lin=next_lin)
+            return self._add_out(proj, self._linear_in(fg, h, xn, post), h, next_norm, silu=True, next_lin=next_lin)
         x = xn if xn is not None else self._rmsnorm(h, post)
         return self._add_out(proj, torch.cat((layer["mlp.fc"].fused(x), layer["mlp.gate"].fused(x)), dim=-1), h,
-                             next_norm, chain, silu=True, next_lin=next_lin)
+                             next_norm, silu=True, next_lin=next_lin)
 
     def _linear_in(self, lin: _Handler, h: torch.Tensor, xn: torch.Tensor | None, norm: torch.Tensor, **then):
         """lin(RMSNorm(h) · norm), that input being ``xn`` where the previous linear's epilogue computed it."""
         return lin.fused(xn, **then) if xn is not None else lin.fused(h, norm=norm, eps=self.eps, **then)
 
-    def _add_out(self, lin: _Handler, x: torch.Tensor, h: torch.Tensor, next_norm, chain: bool,
-                 silu: bool = False, next_lin: _Handler | None = None) -> torch.Tensor | None:
+    def _add_out(self, lin: _Handler, x: torch.Tensor, h: torch.Tensor, next_norm, silu: bool = False,
+                 next_lin: _Handler | None = None) -> torch.Tensor | None:
         """h += lin(x) (silu: of SiLU · gate of x's halves); returns RMSNorm(h) · next_norm, quantized for
-        ``next_lin`` where it takes that (:meth:`_Handler.input_quant`), where lin's epilogue computes it (``chain``
-        and lin.chains), else None."""
-        if chain and next_norm is not None and lin.chains(x.shape[0]):
+        ``next_lin`` where it takes that (:meth:`_Handler.input_quant`), where lin's epilogue computes it
+        (``next_norm`` given and lin.chains), else None."""
+        if next_norm is not None and lin.chains(x.shape[0]):
             return lin.fused(x, silu=silu, residual=h, then_norm=next_norm, eps=self.eps,
                              **_quant_for(next_lin, x.shape[0]))
         lin.fused(x, silu=silu, residual=h)
@@ -329,10 +328,10 @@ class TorchRuntime:
                                         self.n_kv, self.head_dim, kv_rcp=rcp, kv_algo=self.kv_algo)
                 attn = st.attn(q, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale, kv_algo=self.kv_algo,
                                **oq)
-            xn = self._add_out(layer["attention.dense"], attn, h, layer["post_layernorm"], chain=True,
+            xn = self._add_out(layer["attention.dense"], attn, h, layer["post_layernorm"],
                                next_lin=layer.get("mlp.fc_gate"))
             nxt_layer = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            xn = self._mlp(layer, h, xn, chain=True, next_norm=nxt_layer["input_layernorm"] if nxt_layer else self.ln_f,
+            xn = self._mlp(layer, h, xn, next_norm=nxt_layer["input_layernorm"] if nxt_layer else self.ln_f,
                            next_lin=nxt_layer["attention.qkv"] if nxt_layer else self.lm_head_linear)
         nxt = self._linear_in(self.lm_head_linear, h, xn, self.ln_f).argmax(-1)
         if not st.ignore_eos:

@@ -215,7 +215,7 @@ class _Handler:
         gate of y's two halves) or ``then_norm=w`` (with residual: return RMSNorm(residual) · w after the add),
         with ``then_quant`` (the next linear's :meth:`input_quant`) that quantized for it."""
         if self.cuda:
-            if x.shape[0] <= _cuda_kernels().GEMV_MAX_M and self.algo_key in self.kernels.gemv and self._gemv_ok():
+            if self._takes_gemv(x.shape[0]):
                 if not self.kernels.fuse_prologue and (norm is not None or silu) and not self.own_prologue:
                     x, norm, silu = self._prep(x, norm, eps, silu), None, False
                 if then:
@@ -240,11 +240,14 @@ class _Handler:
     def _gemv_ok(self) -> bool:
         return True
 
+    def _takes_gemv(self, rows: int) -> bool:
+        """Whether ``rows`` rows (on CUDA) take this format's batch-1 GEMV entry (``_gemv``)."""
+        return rows <= _cuda_kernels().GEMV_MAX_M and self.algo_key in self.kernels.gemv and self._gemv_ok()
+
     def chains(self, rows: int) -> bool:
         """Whether :meth:`fused` takes ``then_silu`` / ``then_norm`` at ``rows`` (KernelConfig.gemv_then): rows a
         batch-1 GEMV runs whose epilogue does them."""
-        return (self.then_counter is not None and rows <= _cuda_kernels().GEMV_MAX_M
-                and self.algo_key in self.kernels.gemv and self._gemv_ok() and self._gemv_then_ok())
+        return self.then_counter is not None and self._takes_gemv(rows) and self._gemv_then_ok()
 
     # 1 / 2: the format quantizes its input to int8 / e4m3 by a static act_scale after its prequant (SmoothQuant,
     # FP8), which a producer's epilogue may do for it (input_quant)
@@ -254,8 +257,7 @@ class _Handler:
         """What the previous linear's epilogue (then_quant, KernelConfig.gemv_then) may do for this one's input at
         ``rows``: (prequant or None, act_scale [1], input_afmt), where its batch-1 GEMV then takes that quantized
         row as it is; else None."""
-        if self.input_afmt and self.then_counter is not None and rows <= _cuda_kernels().GEMV_MAX_M \
-                and self.algo_key in self.kernels.gemv and self._gemv_ok():
+        if self.input_afmt and self.then_counter is not None and self._takes_gemv(rows):
             return self.prequant, self.act_scale.reshape(1), self.input_afmt
         return None
 

@@ -50,7 +50,7 @@ class W8A8SQLinear(_Handler):
                              eps=eps, silu=silu, residual=residual, **then)
 
     def fused(self, x, *, norm=None, eps=1e-6, silu=False, residual=None, **then):
-        if self.cuda and not (x.shape[0] <= _cuda_kernels().GEMV_MAX_M and self.algo_key in self.kernels.gemv):
+        if self.cuda and not self._takes_gemv(x.shape[0]):
             ck = _cuda_kernels()
             M = x.shape[0]
             if M <= ck.WQ_MM_MAX_M or self.kernels.sq_prefill_gemm == "triton":
