@@ -300,9 +300,11 @@ class _Handler:
         return _cuda_kernels().gemv(*args, **kwargs, **self.kernels.gemv_options(self.algo_key))
 
     def _prep(self, x, norm, eps, silu, *, prequant=None, act_scale=None, afmt=0, rows=None, out_dtype=None):
-        """The prologue as its own kernel, when a library GEMM follows (or nothing is to be done: x itself)."""
-        if norm is None and not silu and prequant is None and afmt == 0 and rows is None \
-                and out_dtype in (None, x.dtype):
+        """The prologue as its own kernel, when a library GEMM follows (or nothing is to be done: x itself, also
+        when x is quantized already, by the previous linear's epilogue: input_quant)."""
+        if norm is None and not silu and rows is None and (
+                (prequant is None and afmt == 0 and out_dtype in (None, x.dtype))
+                or (afmt and x.dtype == cuda_ext.ACT_QUANT_DTYPE[afmt])):
             return x
         return _cuda_kernels().act_prep(x, norm=norm, eps=eps, silu=silu, prequant=prequant, act_scale=act_scale,
                                         afmt=afmt, rows=rows, out_dtype=out_dtype)

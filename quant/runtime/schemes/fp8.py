@@ -39,8 +39,8 @@ class FP8Linear(_Handler):
         ck = _cuda_kernels()
         if not self.kernels.fuse_prologue or self.prequant is not None or self.w8g or x.dtype == FP8_E4M3:
             # quantize, then fp8 × fp8 (e4m3 x: quantized by the previous linear's epilogue, input_quant)
-            qx = x if x.dtype == FP8_E4M3 else self._prep(x, norm, eps, silu, prequant=self.prequant,
-                                                           act_scale=self.act_scale.reshape(1), afmt=ck.A_FP8)
+            qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale.reshape(1),
+                            afmt=ck.A_FP8)
             if self.w8g:
                 return self._w8g_gemv(qx, self.out_scale, residual, eps, **then)
             return self._ck_gemv(qx, self.weight, wfmt=ck.W_FP8, wscale=self.out_scale, scale_mode=ck.S_SCALAR,

@@ -39,8 +39,7 @@ class W8A8SQLinear(_Handler):
         ck = _cuda_kernels()
         if not self.kernels.fuse_prologue or self.w8g or x.dtype == torch.int8:  # quantize once, then int8 × int8
             # (int8 x: quantized by the previous linear's epilogue, input_quant)
-            qx = x if x.dtype == torch.int8 else self._prep(x, norm, eps, silu, prequant=self.prequant,
-                                                             act_scale=self.act_scale, afmt=ck.A_INT8)
+            qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale, afmt=ck.A_INT8)
             if self.w8g:
                 return self._w8g_gemv(qx, self.out_scale, residual, eps, **then)
             return self._ck_gemv(qx, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8_IN, wscale=self.out_scale,
