@@ -1,5 +1,6 @@
-"""``python -m experiments.kernel_quality``: does a kernel choice change what the model says? The paired check of
-issue 14's "the default model's ROUGE-1 and perplexity on CUDA unchanged by the new kernels".
+"""``python -m experiments.kernel_quality``: does a kernel choice change what the model says?
+
+The paired check of issue 14's "the default model's ROUGE-1 and perplexity on CUDA unchanged by the new kernels".
 
 Each recipe's checkpoint is built once (the search's cache) and opened once per kernel configuration: the
 *reference* (the plainest CUDA kernels: no compiled or Triton GEMV at batch 1, so cuBLAS / ``_scaled_mm`` /

@@ -18,6 +18,7 @@ tools Triton ships (experiments/gpu/sass_loop.py), as the Triton kernels' checks
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -106,7 +107,8 @@ def check_bindings(tmp: Path) -> list[str]:
     return [] if p.returncode == 0 else [f"bindings.cpp: {e}" for e in errors[:5]] or ["bindings.cpp: g++ failed"]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # --help; no flags (exit 2)
     missing = [name for name in ("nvcc", "g++") if shutil.which(name) is None]
     if missing:
         print(f"cuda_build_check: {', '.join(missing)} not found", file=sys.stderr)
