@@ -283,12 +283,15 @@ def test_batch1_gemv_epilogue_does_the_next_linears_prologue(fmt):
                   then_quant=(pre, a, ck.A_INT8))
     assert torch.equal(got, ck.act_prep(res + y, norm=norm, eps=1e-5, prequant=pre, act_scale=a, afmt=ck.A_INT8))
     assert got.abs().max() > 20 and not counter.any()  # (values far from all-zero or all-saturated)
-    if fmt == "fp16":  # 1100 outputs: the norm in two chunks of 1024
-        w = torch.randn(1100, 64, generator=gen) * 0.05
+    if fmt == "fp16":  # 4100 outputs: the norm in two chunks of NORM_ROW (4096), 65 programs of 64 rows
+        n = ck.NORM_ROW + 4
+        w = torch.randn(n, 64, generator=gen) * 0.05
         x = activations(gen, 1, 64).half()
-        norm = (1 + 0.1 * torch.randn(1100, generator=gen)).half()
-        res = torch.randn(1, 1100, generator=gen).half()
-        xn = ck.gemv(x, w.half(), wfmt=ck.W_FLOAT, residual=res.clone(), then_norm=norm, eps=1e-5, counter=counter)
+        norm = (1 + 0.1 * torch.randn(n, generator=gen)).half()
+        res = torch.randn(1, n, generator=gen).half()
+        res[0, ck.NORM_ROW:] = 40.0  # most of mean(h²) in the second chunk
+        xn = ck.gemv(x, w.half(), wfmt=ck.W_FLOAT, residual=res.clone(), then_norm=norm, eps=1e-5, counter=counter,
+                     config=(64, 64, 4))
         hf = res.double() + (x.double() @ w.half().double().t()).half().double()
         assert rel(xn, hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.double()) <= 2e-3
 

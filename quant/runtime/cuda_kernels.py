@@ -133,7 +133,7 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
                  xn_ptr, nw_ptr, cnt_ptr, N, tq_pre_ptr, tq_a_ptr,
                  WFMT: tl.constexpr, AFMT: tl.constexpr, PRO: tl.constexpr, HAS_PRE: tl.constexpr,
                  SCALE: tl.constexpr, RESIDUAL: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_K: tl.constexpr, CVT: tl.constexpr = 0, THEN: tl.constexpr = 0, NB: tl.constexpr = 1024,
+                 BLOCK_K: tl.constexpr, CVT: tl.constexpr = 0, THEN: tl.constexpr = 0, NB: tl.constexpr = 4096,
                  TQ_PRE: tl.constexpr = False, TQ_AFMT: tl.constexpr = 0):
     """One input row (decode at batch 1). Each program: BLOCK_R weight rows (int4: packed row pairs) over all of
     K, accumulating element-wise in a [BLOCK_R, ·] tile and reducing once at the end. int8/int4 weights are read
@@ -145,7 +145,7 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
     THEN_SILU: xn [1, N/2] = SiLU(f) · g of the two halves f, g of W·x (each program takes the rows of both halves
     for BLOCK_R / 2 outputs, interleaved; y is not written, only its dtype read); THEN_NORM (with RESIDUAL, N
     outputs): after the residual add, the last program to finish (an acq_rel counter in cnt, which it resets)
-    writes RMSNorm(y) · nw into xn, as act_prep would, in chunks of NB. Either then quantized for the next linear
+    writes RMSNorm(y) · nw into xn, as act_prep would (rows over NB in chunks of NB). Either then quantized for the next linear
     as act_prep would (TQ_PRE: times tq_pre; TQ_AFMT: int8 / fp8 by the scale tq_a; xn int8 / float8)."""
     dt: tl.constexpr = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -299,19 +299,29 @@ def _store_silu_pair(total, out_ptr, ws_ptr, offs_r, r_mask, offs_y, y_mask, pre
 def _norm_row(h_ptr, w_ptr, out_ptr, N, eps, pre_ptr, a_ptr, NB: tl.constexpr, HAS_PRE: tl.constexpr,
               AFMT: tl.constexpr):
     """out [N] = w · (h · rsqrt(mean(h²) + eps)) rounded to h's dtype first (act_prep's RMSNorm; then _act_quant),
-    h read past the L1 (other programs wrote it)."""
+    h read past the L1 (other programs wrote it). Serial (the last program, after the whole GEMV): a row within NB
+    is loaded once with its norm weight, one L2 round trip; longer rows in NB chunks, two passes."""
     dt: tl.constexpr = h_ptr.dtype.element_ty
-    ss = tl.zeros([NB], tl.float32)
-    for n0 in range(0, N, NB):
-        offs = n0 + tl.arange(0, NB)
-        h = tl.load(h_ptr + offs, mask=offs < N, other=0.0, cache_modifier=".cg").to(tl.float32)
-        ss += h * h
-    rstd = tl.rsqrt(tl.sum(ss, axis=0) / N + eps)
-    for n0 in range(0, N, NB):
-        offs = n0 + tl.arange(0, NB)
-        h = tl.load(h_ptr + offs, mask=offs < N, other=0.0, cache_modifier=".cg").to(tl.float32)
-        xv = tl.load(w_ptr + offs, mask=offs < N, other=0.0) * (h * rstd).to(dt)
-        _store_act(out_ptr, offs, offs < N, _act_quant(xv, offs, offs < N, pre_ptr, a_ptr, HAS_PRE, AFMT), AFMT)
+    if N <= NB:
+        offs = tl.arange(0, NB)
+        mask = offs < N
+        h = tl.load(h_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+        _store_act(out_ptr, offs, mask, _act_quant(w * (h * rstd).to(dt), offs, mask, pre_ptr, a_ptr, HAS_PRE, AFMT),
+                   AFMT)
+    else:
+        ss = 0.0
+        for n0 in range(0, N, NB):
+            offs = n0 + tl.arange(0, NB)
+            h = tl.load(h_ptr + offs, mask=offs < N, other=0.0, cache_modifier=".cg").to(tl.float32)
+            ss += tl.sum(h * h, axis=0)
+        rstd = tl.rsqrt(ss / N + eps)
+        for n0 in range(0, N, NB):
+            offs = n0 + tl.arange(0, NB)
+            h = tl.load(h_ptr + offs, mask=offs < N, other=0.0, cache_modifier=".cg").to(tl.float32)
+            xv = tl.load(w_ptr + offs, mask=offs < N, other=0.0) * (h * rstd).to(dt)
+            _store_act(out_ptr, offs, offs < N, _act_quant(xv, offs, offs < N, pre_ptr, a_ptr, HAS_PRE, AFMT), AFMT)
 
 
 @triton.jit
@@ -347,6 +357,9 @@ def _gemv_store(acc, y_ptr, ws_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, d
 # outputs), BLOCK_K input columns. Chosen with ``python -m experiments.bench --sweep`` on an H200.
 GEMV_CONFIG = {W_FLOAT: (2, 1024, 4), W_INT8: (8, 1024, 4), W_FP8: (8, 512, 4), W_INT4: (2, 2048, 4)}
 GEMV_MAX_M = 1
+# The longest row the GEMV's RMSNorm epilogue (THEN_NORM) loads at once: every hidden size to 4096 in one L2 round
+# trip (chunks of 1024 took ~6 us a norm on an H200, 7B, 2026-12-05 profile), longer rows in chunks of this.
+NORM_ROW = 4096
 # Per weight format: 1 = convert weights with the PTX sequences above (int8: W8A16 only; SmoothQuant multiplies in
 # int32), 0 = the portable bit moves. Chosen from the batch-1 decode rows of ``python -m experiments.bench`` on an
 # H200 (the numbers: docs/architecture.md, measured choices); the sweep times both.
@@ -406,7 +419,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
         WFMT=wfmt, AFMT=afmt, PRO=PRO_SILU if silu else PRO_RMSNORM if norm is not None else PRO_NONE,
         HAS_PRE=prequant is not None, SCALE=scale_mode, RESIDUAL=residual is not None, GROUP=max(group, 4),
         BLOCK_R=br, BLOCK_K=bk, CVT=GEMV_CVT.get(wfmt, 0) if cvt is None else cvt, THEN=then,
-        NB=min(1024, _pow2(N)), TQ_PRE=tq_pre is not None, TQ_AFMT=tq_afmt, num_warps=warps)
+        NB=min(NORM_ROW, _pow2(N)), TQ_PRE=tq_pre is not None, TQ_AFMT=tq_afmt, num_warps=warps)
     return xn
 
 

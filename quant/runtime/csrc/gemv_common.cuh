@@ -51,20 +51,45 @@ __device__ __forceinline__ int weight_row(int r, int N) {
   }
 }
 
-// Element i of the result, xv, times pre and quantized as the next linear's act_prep does: the division rounded to
-// nearest, clamped, then int8 rounded half to even, e4m3 to nearest even.
+// xv quantized as the next linear's act_prep does: the division by the static scale a rounded to nearest, clamped,
+// then int8 rounded half to even (afmt 1), e4m3 to nearest even (afmt 2).
+__device__ __forceinline__ int8_t quant_int8(half xv, float a) {
+  return static_cast<int8_t>(__float2int_rn(fminf(fmaxf(__fdiv_rn(__half2float(xv), a), -128.f), 127.f)));
+}
+__device__ __forceinline__ __nv_fp8_storage_t quant_e4m3(half xv, float a) {
+  return __nv_cvt_float_to_fp8(fminf(fmaxf(__fdiv_rn(__half2float(xv), a), -448.f), 448.f), __NV_SATFINITE, __NV_E4M3);
+}
+
+// Element i of the result, xv, times pre and stored as the next linear's act_prep would (quant_int8 / quant_e4m3).
 __device__ __forceinline__ void store_act(const ThenArgs& t, int i, half xv) {
   if (t.pre != nullptr) xv = __hmul(xv, static_cast<const half*>(t.pre)[i]);
-  if (t.afmt == 0) {
+  if (t.afmt == 0)
     static_cast<half*>(t.xn)[i] = xv;
+  else if (t.afmt == 1)
+    static_cast<int8_t*>(t.xn)[i] = quant_int8(xv, *t.a);
+  else
+    static_cast<__nv_fp8_storage_t*>(t.xn)[i] = quant_e4m3(xv, *t.a);
+}
+
+// store_act of elements 8j .. 8j + 7 at once (xn, pre 16-byte aligned): pre8 their pre (ignored without pre), a the
+// static scale (ignored for float16): one 16- or 8-byte store.
+__device__ __forceinline__ void store_act8(const ThenArgs& t, int j, uint4 x8, const uint4& pre8, float a) {
+  half* x = reinterpret_cast<half*>(&x8);
+  const half* p = reinterpret_cast<const half*>(&pre8);
+  if (t.pre != nullptr) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] = __hmul(x[k], p[k]);
+  }
+  if (t.afmt == 0) {
+    static_cast<uint4*>(t.xn)[j] = x8;
     return;
   }
-  const float v = __fdiv_rn(__half2float(xv), *t.a);
-  if (t.afmt == 1)
-    static_cast<int8_t*>(t.xn)[i] = static_cast<int8_t>(__float2int_rn(fminf(fmaxf(v, -128.f), 127.f)));
-  else
-    static_cast<__nv_fp8_storage_t*>(t.xn)[i] = __nv_cvt_float_to_fp8(fminf(fmaxf(v, -448.f), 448.f), __NV_SATFINITE,
-                                                                     __NV_E4M3);
+  uint2 q;
+  uint8_t* b = reinterpret_cast<uint8_t*>(&q);
+#pragma unroll
+  for (int k = 0; k < 8; ++k)
+    b[k] = t.afmt == 1 ? static_cast<uint8_t>(quant_int8(x[k], a)) : static_cast<uint8_t>(quant_e4m3(x[k], a));
+  static_cast<uint2*>(t.xn)[j] = q;
 }
 
 // THEN_SILU's store: v[r], this warp's finished outputs (scale applied), meet their partners in shared memory;
@@ -90,7 +115,13 @@ __device__ __forceinline__ void store_silu_pairs(const float (&v)[R], const Then
 // next launch) writes nw * (y * rsqrt(mean(y^2) + eps)), float32 statistics, y * rstd rounded to float16 first
 // (act_prep's RMSNorm), through store_act. The other blocks' stores reach it through their fence before the count
 // and L2 loads (__ldcg) after it, CUDA's threadfence-reduction pattern.
+// This tail is serial (one block, after the whole GEMV), so latency counts: each thread issues NV 16-byte loads
+// before using any (y; then y, nw and pre), two L2 round trips per pass for a 4096-element row, where a loop of
+// 2-byte loads took ~15 us a norm on an H200 (2026-12-05 profile, 7B). NV = 2, not 4: the W8A16 kernel's registers
+// go 30 -> 48 (66 at 4, 7 blocks an SM: a second wave for 7B's 1024 blocks). A row whose length or pointers do not
+// allow 16-byte loads takes the scalar loop.
 __device__ __forceinline__ void norm_by_last_block(const half* y, const ThenArgs& then, int N) {
+  constexpr int T = WARPS * 32, NV = 2;
   __shared__ bool last;
   __shared__ float part[WARPS];
   __threadfence();
@@ -100,8 +131,27 @@ __device__ __forceinline__ void norm_by_last_block(const half* y, const ThenArgs
   if (!last) return;
   __threadfence();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const bool vec = N % 8 == 0 && ((reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(then.nw) |
+                                   reinterpret_cast<uintptr_t>(then.xn) | reinterpret_cast<uintptr_t>(then.pre)) & 15) == 0;
+  const int n8 = vec ? N / 8 : 0;  // 16-byte chunks; elements from 8 * n8 on take the scalar loop
+  const uint4* y8 = reinterpret_cast<const uint4*>(y);
+  const uint4 zero = make_uint4(0, 0, 0, 0);
   float ss = 0.f;
-  for (int i = threadIdx.x; i < N; i += WARPS * 32) {
+  for (int j0 = threadIdx.x; j0 < n8; j0 += NV * T) {
+    uint4 v[NV];
+#pragma unroll
+    for (int u = 0; u < NV; ++u) v[u] = j0 + u * T < n8 ? __ldcg(y8 + j0 + u * T) : zero;
+#pragma unroll
+    for (int u = 0; u < NV; ++u) {
+      const half2* h = reinterpret_cast<const half2*>(&v[u]);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = __half22float2(h[k]);
+        ss = fmaf(f.y, f.y, fmaf(f.x, f.x, ss));
+      }
+    }
+  }
+  for (int i = 8 * n8 + threadIdx.x; i < N; i += T) {
     const float h = __half2float(__ldcg(y + i));
     ss = fmaf(h, h, ss);
   }
@@ -112,10 +162,29 @@ __device__ __forceinline__ void norm_by_last_block(const half* y, const ThenArgs
   float total = 0.f;
 #pragma unroll
   for (int w = 0; w < WARPS; ++w) total += part[w];
-  const float rstd = rsqrtf(total / N + then.eps);
-  for (int i = threadIdx.x; i < N; i += WARPS * 32)
-    store_act(then, i, __hmul(static_cast<const half*>(then.nw)[i],
-                              __float2half_rn(__half2float(__ldcg(y + i)) * rstd)));
+  const float rstd = rsqrtf(total / N + then.eps), a = then.afmt ? *then.a : 1.f;
+  const half* nw = static_cast<const half*>(then.nw);
+  for (int j0 = threadIdx.x; j0 < n8; j0 += NV * T) {
+    uint4 v[NV], w[NV], p[NV];
+#pragma unroll
+    for (int u = 0; u < NV; ++u) {
+      const bool in = j0 + u * T < n8;
+      v[u] = in ? __ldcg(y8 + j0 + u * T) : zero;
+      w[u] = in ? __ldg(reinterpret_cast<const uint4*>(nw) + j0 + u * T) : zero;
+      p[u] = in && then.pre != nullptr ? __ldg(static_cast<const uint4*>(then.pre) + j0 + u * T) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < NV; ++u) {
+      if (j0 + u * T >= n8) break;
+      half* h = reinterpret_cast<half*>(&v[u]);
+      const half* g = reinterpret_cast<const half*>(&w[u]);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) h[k] = __hmul(g[k], __float2half_rn(__half2float(h[k]) * rstd));
+      store_act8(then, j0 + u * T, v[u], p[u], a);
+    }
+  }
+  for (int i = 8 * n8 + threadIdx.x; i < N; i += T)
+    store_act(then, i, __hmul(nw[i], __float2half_rn(__half2float(__ldcg(y + i)) * rstd)));
   if (threadIdx.x == 0) *then.cnt = 0u;
 }
 
