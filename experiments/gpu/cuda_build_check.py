@@ -2,7 +2,7 @@
 what their code must have, before any GPU time is spent on them:
 
 - both kernel files compile with ``nvcc`` for sm_90, no instantiation touching local memory in its main loop (the
-  longest loop: the weight stream). Some epilogues keep a few bytes of stack: the call frame of the IEEE division's
+  longest loop with the weight stream's load). Some epilogues keep a few bytes of stack: the call frame of the IEEE division's
   slow path (``__fdiv_rn``, the activation quantization's, bit-exact with act_prep's), outside that loop;
 - the epilogues for the next linear (KernelConfig.gemv_then) compiled with their ordering: the RMSNorm variants
   (THEN_NORM) count their blocks with an atomic after a GPU-scope fence (ATOMG, MEMBAR ... GPU), the SiLU·gate
@@ -33,6 +33,9 @@ from experiments.gpu.sass_loop import binary_tool, main_loop
 CSRC = Path(__file__).resolve().parents[2] / "quant" / "runtime" / "csrc"
 ARCH = "-gencode=arch=compute_90,code=sm_90"
 # each kernel's template arguments, in order (the files' own template parameter lists)
+# the weight stream's load (gemv_common.cuh load_stream: ld.global.nc.L1::no_allocate.L2::256B.v4), which marks the
+# main loop: a short stream loop can be shorter than an epilogue's
+STREAM_LOAD = "LDG.E.NA.LTC256B.128.CONSTANT"
 TEMPLATE = {"w8_gemv_kernel": ("F", "M", "R", "U", "THEN"), "w4a16_gemv_kernel": ("M", "R", "U", "PRO", "THEN")}
 THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
 
@@ -51,7 +54,7 @@ def kernels(sass: str, res: str) -> list[dict]:
         args = [int(a) for a in re.findall(r"Li(\d+)E", name.split(kind, 1)[1])[:len(TEMPLATE[kind])]]
         ops = set(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", body))
         regs, stack = usage.get(name, (-1, -1))
-        loop = main_loop(body)
+        loop = main_loop(body, STREAM_LOAD)
         out.append({"kind": kind, "args": dict(zip(TEMPLATE[kind], args)), "regs": regs, "stack": stack, "ops": ops,
                     "loop_spills": loop.count("LDL") + loop.count("STL")})
     return out

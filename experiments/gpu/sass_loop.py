@@ -53,8 +53,10 @@ def cubin_tool(kernel, tool: str, flag: str) -> str:
         return binary_tool(f.name, tool, flag)
 
 
-def main_loop(sass: str) -> list[str]:
-    """The opcodes of the longest loop: from a backward branch's target label to the branch."""
+def main_loop(sass: str, marker: str | None = None) -> list[str]:
+    """The opcodes of the longest loop (from a backward branch's target label to the branch); with ``marker``, of
+    the longest loop holding an instruction that contains it (the weight stream's load, where an epilogue's loop can
+    be longer than a short stream loop)."""
     ins, labels, pending = [], {}, []
     for line in sass.splitlines():
         if m := re.match(r"^\s*(\.L_x_\d+):", line):
@@ -69,6 +71,8 @@ def main_loop(sass: str) -> list[str]:
         if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", op)) and labels.get(m.group(1), addr) < addr:
             start = labels[m.group(1)]
             body = [o for a, o in ins if start <= a <= addr]
+            if marker is not None and not any(marker in o for o in body):
+                continue
             loops.append([re.sub(r"^@!?U?P\w+\s+", "", o).split()[0].split(".")[0] for o in body])  # bare opcode
     return max(loops, key=len) if loops else []
 
