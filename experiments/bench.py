@@ -127,8 +127,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # attention at every batch combining its splits in its last program (``@attnreduce``), doing RoPE + the cache write
 # itself (``@attnrope``), or both (``fp16@attnfused``; the default does both at batch 1 only), or neither at any
 # batch (``@attnsplit``: a reduce launch and a RoPE launch per layer), or batch 1 with each linear's epilogue doing
-# the next one's RMSNorm, SiLU·gate and activation quantization (``fp16@then``, ``int8_wo@then``, …: no act_prep
-# launch between linears)
+# the next one's RMSNorm, SiLU·gate and activation quantization (the default) or not (``fp16@nothen``, …: an act_prep
+# launch before each linear that needs one)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERNELS},
                    "w4g-unfused": {"w4g_fuse": False}, "w4k64": {"w4k_rows": (2, 64)},
                    "triton8": {"w8g": frozenset()},
@@ -138,7 +138,7 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERN
                    "attnrope": {"attn_fused_reduce": False, "attn_fused_batch": None},
                    "attnfused": {"attn_fused_batch": None},
                    "attnsplit": {"attn_fused_reduce": False, "attn_rope_fused": False},
-                   "then": {"gemv_then": True}}
+                   "nothen": {"gemv_then": False}}
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):

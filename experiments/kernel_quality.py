@@ -5,7 +5,7 @@ The paired check of issue 14's "the default model's ROUGE-1 and perplexity on CU
 Each recipe's checkpoint is built once (the search's cache) and opened once per kernel configuration: the
 *reference* (the plainest CUDA kernels: no compiled or Triton GEMV at batch 1, so cuBLAS / ``_scaled_mm`` /
 tinygemm / the tl.dot kernel; attention unfused; nothing in an epilogue) and each variant (``default``:
-KernelConfig's defaults; or any ``experiments.bench`` kernel variant, e.g. ``then``). Every configuration
+KernelConfig's defaults; or any ``experiments.bench`` kernel variant, e.g. ``nothen``). Every configuration
 summarizes the same articles and scores the same held-out documents, so a variant is compared with the reference
 *paired*: the mean per-article ROUGE-1 difference and the mean per-document NLL difference (nats per token), each
 with a 95 % Student-t interval. A row is "unchanged" when both intervals hold 0 (or every summary is the same
@@ -36,7 +36,7 @@ from quant.recipes import parse_recipe_arg
 DEFAULT_RECIPES = ("fp16", "int8_wo", "smoothquant", "fp8", "int4_awq:group_size=64")
 # KernelConfig fields of the reference: every batch-1 row through the M > 1 kernels, attention unfused
 REFERENCE = {"gemv": frozenset(), "w8g": frozenset(), "w4g_rows": None, "int4_kernel": "tinygemm",
-             "attn_fused_reduce": False, "attn_rope_fused": False}
+             "attn_fused_reduce": False, "attn_rope_fused": False, "gemv_then": False}
 
 
 def kernel_configs(variants: list[str]) -> dict:

@@ -17,20 +17,20 @@ SMALL = ["--recipe", "fp16", "--num-samples", "2", "--max-output-len", "12", "--
 @pytest.mark.slow
 def test_every_configuration_on_the_same_articles_unchanged_on_cpu(tmp_path, capsys, default_fp16_checkpoint):
     out = tmp_path / "kq.json"
-    assert main([*SMALL, "--variants", "default,then", "--out", str(out)]) == 0
+    assert main([*SMALL, "--variants", "default,nothen", "--out", str(out)]) == 0
     rec = json.loads(out.read_text())
     assert rec["articles"] == 2 and rec["documents"] == 2 and rec["device"] == "cpu"
     (r,) = rec["recipes"]
-    assert r["recipe"] == "fp16" and list(r["configs"]) == ["reference", "default", "then"]
+    assert r["recipe"] == "fp16" and list(r["configs"]) == ["reference", "default", "nothen"]
     ref = r["configs"]["reference"]
     assert len(ref["per_article"]) == 2 and len(ref["doc_nll"]) == 2 and all(ref["summaries"])
-    for name in ("default", "then"):
+    for name in ("default", "nothen"):
         v = r["versus_reference"][name]
         assert v["unchanged"] and v["same_summaries"] == 2 and v["articles"] == 2
         assert v["rouge1_diff"] == {"mean": 0.0, "ci": [0.0, 0.0], "n": 2}
         assert v["nll_diff"] == {"mean": 0.0, "ci": [0.0, 0.0], "n": 2}
     printed = capsys.readouterr()
-    assert "| fp16 | then |" in printed.out and "unchanged" in printed.out
+    assert "| fp16 | nothen |" in printed.out and "unchanged" in printed.out
     assert "checks the machinery only" in printed.err
 
 

@@ -129,14 +129,15 @@ class KernelConfig:
     attn_rope_fused: bool = True
     attn_fused_batch: int | None = 1
     # Batch-1 decode: each linear's epilogue does the next linear's prologue, so that the step launches no act_prep
-    # between linears (3 per layer, 4 for SmoothQuant / FP8, ~2.4 µs each plus a graph gap on an H200: the
-    # 2026-11-26 profile, experiments/results/gpu): fc‖gate writes SiLU(fc) · gate, the o / down projections after
-    # the residual add RMSNorm of the residual stream (their last program to finish, so no program recomputes the
-    # row's statistics, as the in-GEMV prologue that measured slower did), each quantized for a SmoothQuant / FP8
-    # linear next (_Handler.input_quant), and the fused attention's combine quantizes o_proj's input likewise. In
-    # the Triton GEMV and the compiled ones (w8g, w4g); not behind INT4's k-packed kernel at batch 1 (its row runs
-    # act_prep as before). Not yet timed: experiments.bench RECIPE@then.
-    gemv_then: bool = False
+    # between linears (3 per layer, 4 for SmoothQuant / FP8): fc‖gate writes SiLU(fc) · gate, the o / down
+    # projections after the residual add RMSNorm of the residual stream (their last program to finish, so no
+    # program recomputes the row's statistics, as the in-GEMV prologue that measured slower did), each quantized
+    # for a SmoothQuant / FP8 linear next (_Handler.input_quant), and the fused attention's combine quantizes
+    # o_proj's input likewise. In the Triton GEMV and the compiled ones (w8g, w4g); not behind INT4's k-packed
+    # kernel at batch 1 (its row runs act_prep as before). On an H200 (7B, input 512, RECIPE@nothen against the
+    # default in one interleaved run, 2026-12-05): FP16 1.03× [1.02, 1.03], INT4 AWQ 1.05×, SmoothQuant 1.09×, FP8
+    # 1.10×, INT8 weight-only 1.004× (a tie: on, one default for all).
+    gemv_then: bool = True
 
     def __post_init__(self) -> None:
         if self.wq_wide - {"W8A16", "W8A8_SQ_PER_CHANNEL"}:
