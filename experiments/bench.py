@@ -119,20 +119,22 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 
 # recipe@VARIANT → what it changes in KernelConfig: one W4A16 kernel for 1–64 rows without the compiled GEMV
 # (``kpack``: the default before the GEMV took batch 1), the GEMV with the pre-quant scale in act_prep, the
-# k-packed tensor-core kernel at 2–64 rows instead of 2–16 (``int4_awq@w4k64``), or the
+# k-packed tensor-core kernel at 2–16 rows instead of 2–64 (``int4_awq@w4k16``), or the
 # 8-bit formats' batch 1 on the Triton GEMV instead of the compiled one (``int8_wo@triton8``, ``fp8@triton8``, …),
 # or the weight-only prefill through the tl.dot kernel (``int8_wo@wqprefill``, ``int4_awq@wqprefill``), or W8A16's
-# 2–64-row tl.dot kernel converting int8 by byte permute (``int8_wo@wqcvt``), and the int8 formats' on wide tiles
-# with K split (``int8_wo@wqwide``, ``smoothquant@wqwide``), or decode
+# 2–64-row tl.dot kernel on Triton's int8 conversion and 32-channel tiles (``int8_wo@wqplain``), or converting by
+# byte permute on those tiles (``int8_wo@wqnarrow``), or both int8 formats on the wide tiles with K split
+# (``smoothquant@wqwide``; the default takes them for W8A16 only), or decode
 # attention at every batch combining its splits in its last program (``@attnreduce``), doing RoPE + the cache write
 # itself (``@attnrope``), or both (``fp16@attnfused``; the default does both at batch 1 only), or neither at any
 # batch (``@attnsplit``: a reduce launch and a RoPE launch per layer), or batch 1 with each linear's epilogue doing
 # the next one's RMSNorm, SiLU·gate and activation quantization (the default) or not (``fp16@nothen``, …: an act_prep
 # launch before each linear that needs one)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERNELS},
-                   "w4g-unfused": {"w4g_fuse": False}, "w4k64": {"w4k_rows": (2, 64)},
+                   "w4g-unfused": {"w4g_fuse": False}, "w4k16": {"w4k_rows": (2, 16)},
                    "triton8": {"w8g": frozenset()},
-                   "wqprefill": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"})}, "wqcvt": {"wq_cvt": True},
+                   "wqprefill": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"})},
+                   "wqplain": {"wq_cvt": False, "wq_wide": frozenset()}, "wqnarrow": {"wq_wide": frozenset()},
                    "wqwide": {"wq_cvt": True, "wq_wide": frozenset({"W8A16", "W8A8_SQ_PER_CHANNEL"})},
                    "attnreduce": {"attn_rope_fused": False, "attn_fused_batch": None},
                    "attnrope": {"attn_fused_reduce": False, "attn_fused_batch": None},

@@ -40,10 +40,12 @@ from quant.runtime.torch_runtime import check_cuda
 VARIANTS = {
     "fp16 cuBLAS": (None, KernelConfig(gemv=frozenset())),
     "fp16 runtime": (None, KernelConfig()),
-    "int8_wo runtime": ("W8A16", KernelConfig()),  # the 8-bit formats' default: the compiled GEMV at batch 1
+    # the 8-bit formats' default: the compiled GEMV at batch 1; W8A16 at 2–64 rows: int8 → float16 by byte permute,
+    # wide tiles with K split
+    "int8_wo runtime": ("W8A16", KernelConfig()),
     "int8_wo triton": ("W8A16", KernelConfig(w8g=frozenset())),
-    "int8_wo wqcvt": ("W8A16", KernelConfig(wq_cvt=True)),  # 2–64 rows: int8 → float16 by byte permute
-    "int8_wo wqwide": ("W8A16", KernelConfig(wq_cvt=True, wq_wide=frozenset({"W8A16"}))),  # that, wide tiles, K split
+    "int8_wo wqplain": ("W8A16", KernelConfig(wq_cvt=False, wq_wide=frozenset())),  # Triton's conversion, narrow
+    "int8_wo wqnarrow": ("W8A16", KernelConfig(wq_wide=frozenset())),  # byte permute on 32-channel tiles
     "smoothquant runtime": ("W8A8_SQ_PER_CHANNEL", KernelConfig()),
     "smoothquant triton": ("W8A8_SQ_PER_CHANNEL", KernelConfig(w8g=frozenset())),
     "smoothquant wqwide": ("W8A8_SQ_PER_CHANNEL", KernelConfig(wq_wide=frozenset({"W8A8_SQ_PER_CHANNEL"}))),

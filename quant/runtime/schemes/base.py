@@ -75,10 +75,11 @@ class KernelConfig:
     # shapes, experiments/results/gpu/kernels) it holds 1.26–1.36× FP16 cuBLAS at 2–16 rows where tinygemm falls to
     # 0.44–1.09×; at 1 row tinygemm is faster (1.36–1.41× vs 1.25–1.31×). The kernel takes up to W4K_MAX_M rows
     # (17–64 in tiles of 32 / 64 rows, each weight read once; their tiles chosen from the compiled code alone,
-    # cuda_kernels.W4K_TILES): not yet timed there, so 17–64 stay on tinygemm
-    # (end to end 0.42× FP16 at batch 32 on an H200), experiments.bench RECIPE@w4k64 the alternative.
+    # cuda_kernels.W4K_TILES). Rows 2–64: end to end on an H200 (7B, input 512, interleaved, 2026-12-05) batch 32
+    # took 0.87× FP16 where tinygemm took 0.43×, batches 4 and 16 the same (experiments.bench RECIPE@w4k16 the
+    # old 2–16).
     int4_kernel: str = "kpack"
-    w4k_rows: tuple[int, int] = (2, 16)
+    w4k_rows: tuple[int, int] = (2, 64)
     # Per format (an ALGO_KEYS entry), overriding the GEMV kernel's tuned tables (cuda_kernels.GEMV_CVT and
     # GEMV_CONFIG): the weight-conversion variant, and the (BLOCK_R, BLOCK_K, warps) tile.
     gemv_cvt: tuple[tuple[str, int], ...] = ()
@@ -117,9 +118,12 @@ class KernelConfig:
     # wq_cvt: W8A16's int8 → float16 by one PTX byte permute and one half2 subtraction per two weights (0.13–0.23;
     # prefill under wq_prefill too; float16 only). wq_wide: the formats that take 128-channel tiles
     # (cuda_kernels.WQ_WIDE_CONFIG) with K split so that their programs fill every SM twice (W8A16 with wq_cvt:
-    # 0.08–0.11). Neither yet timed: experiments.bench RECIPE@wqcvt / @wqwide.
-    wq_cvt: bool = False
-    wq_wide: frozenset[str] = frozenset()
+    # 0.08–0.11). End to end on an H200 (7B, input 512, interleaved, 2026-12-05), × FP16 at batches 4 / 16 / 32:
+    # W8A16 1.09 / 1.09 / 0.79 with neither, 1.28 / 1.21 / 0.94 with wq_cvt, 1.31 / 1.19 / 1.04 with both (taken:
+    # the most over the three); SmoothQuant 1.33 / 1.24 / 1.13 narrow, 1.33 / 1.21 / 1.02 wide (stays narrow).
+    # experiments.bench RECIPE@wqplain (neither), @wqnarrow (wq_cvt only), @wqwide (both formats wide).
+    wq_cvt: bool = True
+    wq_wide: frozenset[str] = frozenset({"W8A16"})
     # Decode attention (cuda_kernels.DecodeAttention): the last split of each (row, head) combines the splits, and
     # RoPE + the KV-cache write happen inside the split kernel: one launch per layer fewer each. Both apply at
     # decode batches up to attn_fused_batch (None: every batch). On an H200 (7B, RECIPE@attnfused against the
