@@ -6,9 +6,10 @@ Each recipe's checkpoint is built once (the search's cache) and opened once per 
 *reference* (the plainest CUDA kernels: no compiled or Triton GEMV at batch 1, so cuBLAS / ``_scaled_mm`` /
 tinygemm / the tl.dot kernel; attention unfused; nothing in an epilogue) and each variant (``default``:
 KernelConfig's defaults; or any ``experiments.bench`` kernel variant, e.g. ``nothen``). Every configuration
-summarizes the same articles and scores the same held-out documents, so a variant is compared with the reference
-*paired*: the mean per-article ROUGE-1 difference and the mean per-document NLL difference (nats per token), each
-with a 95 % Student-t interval. A row is "unchanged" when both intervals hold 0 (or every summary is the same
+summarizes the same articles and scores the same held-out documents (on CUDA through the batch-1 decode step, one
+true token at a time: TorchRuntime.decode_logits), so a variant is compared with the reference *paired*: the mean
+per-article ROUGE-1 difference and the mean per-document NLL difference (nats per token), each with a 95 %
+Student-t interval. A row is "unchanged" when both intervals hold 0 (or every summary is the same
 text and every document's NLL the same); the table says on how many articles and documents that rests.
 
 On a CPU the configurations run the same kernels (the CPU path has one per format), so every row is unchanged
@@ -68,7 +69,9 @@ def run_config(ckpt: Path, kernels, cand: Candidate, samples, docs: list[str], s
     texts, _, _ = summarize(rt, cand.builder, samples, batch_size=settings.batch_size,
                             max_output_len=settings.max_output_len, eos_ids=cand.eos_ids, progress=settings.progress)
     scores = rouge.score(texts, [s.reference for s in samples], seed=settings.seed)
-    ppl = perplexity(rt, cand.tokenizer, docs, seq_len=settings.ppl_seq_len) if docs else None
+    # on CUDA through the decode step, whose batch-1 kernels are the ones under test (a forward pass over the whole
+    # document runs the prefill's, the same in every configuration)
+    ppl = perplexity(rt, cand.tokenizer, docs, seq_len=settings.ppl_seq_len, decode=rt.cuda) if docs else None
     return {"rouge1": scores.rouge1, "per_article": list(scores.per_sample_rouge1), "summaries": texts,
             "perplexity": ppl["perplexity"] if ppl else None, "doc_nll": ppl["doc_nll"] if ppl else [],
             "kernels": rt.describe()["kernels"]}
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     docs = heldout_texts(num_docs=settings.ppl_docs, seed=settings.seed) if settings.ppl_docs else []
     configs = kernel_configs(variants)
     record = {"device": device, "compute_dtype": settings.compute_dtype, "articles": len(samples),
-              "documents": len(docs), "reference": {k: str(v) for k, v in REFERENCE.items()},
+              "documents": len(docs), "nll_logits": "decode step" if device.startswith("cuda") else "forward pass", "reference": {k: str(v) for k, v in REFERENCE.items()},
               "versions": environment.versions(), "machine": environment.machine(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipes": []}
     if not device.startswith("cuda"):

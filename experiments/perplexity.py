@@ -21,15 +21,16 @@ def heldout_texts(dataset: str = "aclsum", *, num_docs: int = 20, seed: int = 0)
     return [s.article for s in samples]
 
 
-def perplexity(runtime, tokenizer, texts: list[str], *, seq_len: int = 512) -> dict:
+def perplexity(runtime, tokenizer, texts: list[str], *, seq_len: int = 512, decode: bool = False) -> dict:
     """Perplexity over all the texts, plus each document's mean NLL (nats/token): the search pairs these per
-    document with the FP16 baseline's to get its cheap proxy (mean NLL gap)."""
+    document with the FP16 baseline's to get its cheap proxy (mean NLL gap). ``decode``: the logits of the runtime's
+    batch-1 decode step, one token at a time (TorchRuntime.decode_logits, CUDA), instead of one forward pass."""
     nll, count, doc_nll = 0.0, 0, []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
         if len(ids) < 2:
             continue
-        logits = runtime.logits(ids)
+        logits = runtime.decode_logits(ids) if decode else runtime.logits(ids)
         doc = F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:], device=logits.device), reduction="sum").item()
         nll += doc
         count += len(ids) - 1

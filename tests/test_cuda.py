@@ -762,7 +762,9 @@ def test_runtime_on_cuda_matches_cpu_runtime(recipe, tiny_folders):
 @cuda
 def test_decode_step_logits_equal_prefill_logits(tiny_folders):
     """The decode kernels (RoPE + cache write + split-KV attention + fused GEMVs) against the prefill path, at
-    several prompt lengths (one and several attention splits' worth of keys)."""
+    several prompt lengths (one and several attention splits' worth of keys); and every row of
+    TorchRuntime.decode_logits (the decode step fed one true token at a time, under its CUDA graph: what
+    experiments.kernel_quality scores perplexity with) against logits()."""
     from quant.runtime.torch_runtime import TorchRuntime
 
     ids = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(2)).tolist()
@@ -780,6 +782,9 @@ def test_decode_step_logits_equal_prefill_logits(tiny_folders):
                 step = _one_step_logits(rt, ids[: n + 1])
                 full = rt.logits(ids[: n + 1])[-1]
                 assert rel(step, full) <= bound.get(recipe, 2e-2), (recipe, kernels == split, n, rel(step, full))
+            dl, full = rt.decode_logits(ids[:40]), rt.logits(ids[:40])
+            assert dl.shape == full.shape and dl.dtype == torch.float32
+            assert max(rel(dl[t], full[t]) for t in range(40)) <= bound.get(recipe, 2e-2), recipe
 
 
 @cuda

@@ -168,3 +168,13 @@ def test_untied_lm_head_is_used(tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     assert (TorchRuntime.from_dir(ckpt).logits(ids) - ref).abs().max().item() <= 1e-3
+
+
+def test_decode_logits_is_refused_off_cuda(default_setup):
+    """decode_logits runs the CUDA decode step (its rows against logits(): tests/test_cuda.py); on a CPU runtime it
+    is one clear error, not a silent fallback to the prefill's logits."""
+    from quant.errors import UserError
+
+    _, _, rt, _ = default_setup
+    with pytest.raises(UserError, match="decode_logits runs the CUDA decode step"):
+        rt.decode_logits([1, 2, 3])

@@ -333,7 +333,10 @@ class TorchRuntime:
             nxt_layer = self.layers[i + 1] if i + 1 < len(self.layers) else None
             xn = self._mlp(layer, h, xn, next_norm=nxt_layer["input_layernorm"] if nxt_layer else self.ln_f,
                            next_lin=nxt_layer["attention.qkv"] if nxt_layer else self.lm_head_linear)
-        nxt = self._linear_in(self.lm_head_linear, h, xn, self.ln_f).argmax(-1)
+        logits = self._linear_in(self.lm_head_linear, h, xn, self.ln_f)
+        if st.logits is not None:
+            st.logits.copy_(logits)
+        nxt = logits.argmax(-1)
         if not st.ignore_eos:
             nxt = torch.where(st.done, st.pad, nxt)
             st.done |= torch.isin(nxt, st.eos)
@@ -480,6 +483,33 @@ class TorchRuntime:
                             f"{self.device} ({_gpu_memory(self.device)})") from None
 
     @torch.inference_mode()
+    def decode_logits(self, ids: list[int]) -> torch.Tensor:
+        """Float32 logits [T, vocab] of one unpadded sequence as generation computes them (CUDA): ids[0] through
+        the prefill, then each next true token through the batch-1 decode step (its CUDA graph, its kernels:
+        teacher forcing), where :meth:`logits` runs the prefill's kernels over all T at once. Row t predicts
+        ids[t + 1], as in :meth:`logits`; the last row's step is run too."""
+        if not self.cuda:
+            raise UserError(f"decode_logits runs the CUDA decode step; this runtime is on {self.device}")
+        T = len(ids)
+        try:
+            st = _DecodeState(self, None, 1, T, T, True, (-1,), 0)
+            st.logits = torch.empty(1, self.vocab, dtype=self.dtype, device=self.device)
+            out = torch.empty(T, self.vocab, dtype=torch.float32, device=self.device)
+            x = torch.tensor([ids[:1]], device=self.device)
+            out[0] = self._forward_cuda(x, torch.zeros(1, 1, dtype=torch.long, device=self.device), st.cache, 0,
+                                        st.key_mask[:, :1], last_only=True)[0, -1].float()
+            st.pos.fill_(1)
+            st.slot.fill_(1)
+            for t in range(1, T):
+                st.ids.fill_(ids[t])
+                self._decode_step(st)
+                out[t] = st.logits[0].float()
+            return out
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"out of GPU memory for the decode logits of one sequence of {T} tokens on "
+                            f"{self.device} ({_gpu_memory(self.device)})") from None
+
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int] | tuple[int, ...] = (),
                  *, ignore_eos: bool = False, pad_id: int = 0) -> Generation:
         """Greedy decoding of a batch; stops a sequence at EOS, the batch when all stopped or at the budget."""
@@ -570,6 +600,7 @@ class _DecodeState:
         self.eos = torch.tensor(list(eos), dtype=torch.long, device=dev)
         self.pad = torch.tensor(pad_id, dtype=torch.long, device=dev)
         self.graph = None
+        self.logits = None  # where a step also leaves its logits (TorchRuntime.decode_logits)
         self.prefill_graph = self.prefill_key = self.prefill_ids = self.prefill_out = self.prefill_inputs = None
 
 

@@ -138,9 +138,10 @@ class KernelConfig:
     # program recomputes the row's statistics, as the in-GEMV prologue that measured slower did), each quantized
     # for a SmoothQuant / FP8 linear next (_Handler.input_quant), and the fused attention's combine quantizes
     # o_proj's input likewise. In the Triton GEMV and the compiled ones (w8g, w4g); not behind INT4's k-packed
-    # kernel at batch 1 (its row runs act_prep as before). On an H200 (7B, input 512, RECIPE@nothen against the
-    # default in one interleaved run, 2026-12-05): FP16 1.03× [1.02, 1.03], INT4 AWQ 1.05×, SmoothQuant 1.09×, FP8
-    # 1.10×, INT8 weight-only 1.004× (a tie: on, one default for all).
+    # kernel at batch 1 (its row runs act_prep as before). On an H200 (7B, input 512, each recipe with and without
+    # it in one interleaved run, 2026-12-05; docs/architecture.md, measured choices): FP16 1.03× [1.02, 1.03], INT4
+    # AWQ 1.05×, SmoothQuant 1.09×, FP8 1.10×, INT8 weight-only 1.004× (a tie: on, one default for all).
+    # experiments.bench RECIPE@nothen is the alternative.
     gemv_then: bool = True
 
     def __post_init__(self) -> None:
