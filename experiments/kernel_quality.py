@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     docs = heldout_texts(num_docs=settings.ppl_docs, seed=settings.seed) if settings.ppl_docs else []
     configs = kernel_configs(variants)
     record = {"device": device, "compute_dtype": settings.compute_dtype, "articles": len(samples),
-              "documents": len(docs), "nll_logits": "decode step" if device.startswith("cuda") else "forward pass", "reference": {k: str(v) for k, v in REFERENCE.items()},
+              "documents": len(docs), "nll_logits": "decode step" if device.startswith("cuda") else "forward pass",
+              "reference": {k: str(v) for k, v in REFERENCE.items()},
               "versions": environment.versions(), "machine": environment.machine(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipes": []}
     if not device.startswith("cuda"):

@@ -2,8 +2,8 @@
 what their code must have, before any GPU time is spent on them:
 
 - both kernel files compile with ``nvcc`` for sm_90, no instantiation touching local memory in its main loop (the
-  longest loop with the weight stream's load). Some epilogues keep a few bytes of stack: the call frame of the IEEE division's
-  slow path (``__fdiv_rn``, the activation quantization's, bit-exact with act_prep's), outside that loop;
+  longest loop with the weight stream's load). Some epilogues keep a few bytes of stack: the call frame of the IEEE
+  division's slow path (``__fdiv_rn``, the activation quantization's, bit-exact with act_prep's), outside that loop;
 - the epilogues for the next linear (KernelConfig.gemv_then) compiled with their ordering: the RMSNorm variants
   (THEN_NORM) count their blocks with an atomic after a GPU-scope fence (ATOMG, MEMBAR ... GPU), the SiLU·gate
   variants (THEN_SILU) meet a block's row pairs behind a barrier (BAR.SYNC);

@@ -145,8 +145,8 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, pre_ptr, norm_ptr, a_ptr, y_ptr, R, K, st
     THEN_SILU: xn [1, N/2] = SiLU(f) · g of the two halves f, g of W·x (each program takes the rows of both halves
     for BLOCK_R / 2 outputs, interleaved; y is not written, only its dtype read); THEN_NORM (with RESIDUAL, N
     outputs): after the residual add, the last program to finish (an acq_rel counter in cnt, which it resets)
-    writes RMSNorm(y) · nw into xn, as act_prep would (rows over NB in chunks of NB). Either then quantized for the next linear
-    as act_prep would (TQ_PRE: times tq_pre; TQ_AFMT: int8 / fp8 by the scale tq_a; xn int8 / float8)."""
+    writes RMSNorm(y) · nw into xn, as act_prep would (rows over NB in chunks of NB). Either then quantized for the
+    next linear as act_prep would (TQ_PRE: times tq_pre; TQ_AFMT: int8 / fp8 by the scale tq_a; xn int8 / float8)."""
     dt: tl.constexpr = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if THEN == 1:

@@ -131,8 +131,9 @@ __device__ __forceinline__ void norm_by_last_block(const half* y, const ThenArgs
   if (!last) return;
   __threadfence();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const bool vec = N % 8 == 0 && ((reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(then.nw) |
-                                   reinterpret_cast<uintptr_t>(then.xn) | reinterpret_cast<uintptr_t>(then.pre)) & 15) == 0;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(then.nw) |
+                         reinterpret_cast<uintptr_t>(then.xn) | reinterpret_cast<uintptr_t>(then.pre);
+  const bool vec = N % 8 == 0 && (addr & 15) == 0;
   const int n8 = vec ? N / 8 : 0;  // 16-byte chunks; elements from 8 * n8 on take the scalar loop
   const uint4* y8 = reinterpret_cast<const uint4*>(y);
   const uint4 zero = make_uint4(0, 0, 0, 0);
