@@ -20,6 +20,7 @@ check, outputs poisoned with NaN where the kernel writes into a given buffer):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import zlib
 
 import pytest
@@ -388,8 +389,9 @@ def test_compiled_gemv_epilogue_does_the_next_linears_prologue(algo):
     """The compiled GEMVs' then_silu / then_norm (KernelConfig.gemv_then), every tile: SiLU · gate of the output's
     halves against act_prep(silu) of the plain call's output (N = 92: a block's pairs past N / 2), and RMSNorm of the
     residual sum by the last block against act_prep(norm) of that sum (float32 statistics in another order: within
-    a rounding), the residual the same bits as the plain call's, three calls in a row and replays of a CUDA graph
-    with the counter left at zero; both also quantized for a SmoothQuant or FP8 linear next (then_quant), against
+    a rounding; N = 92 through its 2-byte loop, N = 2056 through its 16-byte loads, two rounds, the second partial),
+    the residual the same bits as the plain call's, three calls in a row and replays of a CUDA graph with the
+    counter left at zero; both also quantized for a SmoothQuant or FP8 linear next (then_quant), against
     act_prep's quantization."""
     from quant.hardware import fp8_refusal
     from quant.runtime import cuda_ext
@@ -400,11 +402,11 @@ def test_compiled_gemv_epilogue_does_the_next_linears_prologue(algo):
 
     if algo == "FP8" and fp8_refusal(0):
         pytest.skip(fp8_refusal(0))
-    dtype, out, inp = torch.float16, 92, 576
+    dtype, inp = torch.float16, 576
     gen = torch.Generator().manual_seed(len(algo))
-    tensors = {k: v.to(DEV) for k, v in _layout(algo, gen, out, inp, 64).items()}
-    nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
-    for tile in cuda_ext.GEMV_TILES:
+    for out, tile in itertools.product((92, 2056), cuda_ext.GEMV_TILES):
+        tensors = {k: v.to(DEV) for k, v in _layout(algo, gen, out, inp, 64).items()}
+        nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
         kw = {"w8g": frozenset({algo}), "w8g_tile": tile} if algo in W8G else {"w4g_rows": (1, 1), "w4g_tile": tile}
         h = make_linear(algo, tensors, dtype=dtype, device=DEV, group_size=64,
                         kernels=KernelConfig(gemv_then=True, **kw))
@@ -412,22 +414,24 @@ def test_compiled_gemv_epilogue_does_the_next_linears_prologue(algo):
         x = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
         y = h.fused(x)
         got = h.fused(x, then_silu=True)
-        assert got.shape == (1, out // 2) and rel(got, ck.act_prep(y, silu=True)) <= 2e-3, tile
+        assert got.shape == (1, out // 2) and rel(got, ck.act_prep(y, silu=True)) <= 2e-3, (out, tile)
         res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
         plain = h.fused(x, residual=res.clone())
         for _ in range(3):
             r = res.clone()
             xn = h.fused(x, residual=r, then_norm=nw, eps=1e-5)
-            assert torch.equal(r, plain) and not h.then_counter.any(), tile
-            assert rel(xn, ck.act_prep(plain, norm=nw, eps=1e-5)) <= 2e-3, tile
+            assert torch.equal(r, plain) and not h.then_counter.any(), (out, tile)
+            assert rel(xn, ck.act_prep(plain, norm=nw, eps=1e-5)) <= 2e-3, (out, tile)
         # quantized for a SmoothQuant / FP8 linear next (then_quant: its pre-quant scale, its static scale)
         a = torch.tensor([0.02], device=DEV)
         pre = (1 + 0.2 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
         for afmt in (ck.A_INT8, ck.A_FP8):
             got = h.fused(x, then_silu=True, then_quant=(pre[: out // 2], a, afmt))
-            _same_quantized(got, ck.act_prep(y, silu=True, prequant=pre[: out // 2], act_scale=a, afmt=afmt), tile)
+            want = ck.act_prep(y, silu=True, prequant=pre[: out // 2], act_scale=a, afmt=afmt)
+            _same_quantized(got, want, (out, tile))
             got = h.fused(x, residual=res.clone(), then_norm=nw, eps=1e-5, then_quant=(pre, a, afmt))
-            _same_quantized(got, ck.act_prep(plain, norm=nw, eps=1e-5, prequant=pre, act_scale=a, afmt=afmt), tile)
+            want = ck.act_prep(plain, norm=nw, eps=1e-5, prequant=pre, act_scale=a, afmt=afmt)
+            _same_quantized(got, want, (out, tile))
     graph, r = torch.cuda.CUDAGraph(), res.clone()
     with torch.cuda.graph(graph):
         xn = h.fused(x, residual=r, then_norm=nw, eps=1e-5)
