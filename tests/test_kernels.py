@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from quant.runtime.linear import HANDLERS, make_linear
-from quant.runtime.schemes.base import fp8_gemm_is_native, pack_int4_rows, unpack_int4_rows
+from quant.runtime.schemes.base import pack_int4_rows, unpack_int4_rows
 from quant.runtime.schemes.w4a16_awq import W4A16AWQLinear
 
 FP8 = torch.float8_e4m3fn
@@ -135,7 +135,7 @@ def test_handler_matches_float64_reference(algo, dtype):
     t = layout(algo, w, gen)
     h = make_linear(algo, t, dtype=dtype, device=CPU, group_size=64)
     assert h.kernel == EXPECTED_KERNEL[algo]
-    assert h.emulated == (algo == "FP8" and not fp8_gemm_is_native())
+    assert h.emulated == (algo == "FP8")
     # dequantized_weight() is exactly q · s of the stored layout
     wd = h.dequantized_weight()
     assert wd.shape == (out, inp) and wd.dtype == torch.float32
@@ -156,6 +156,21 @@ def test_handler_matches_float64_reference(algo, dtype):
     y3 = h(x3)
     assert y3.shape == (2, 5, out)
     assert rel_err(y3.reshape(10, out), reference(algo, t, x3.reshape(10, inp), wd)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_fp8_on_cpu_is_atens_scaled_mm_without_onednn(dtype):
+    """FP8Linear off CUDA gives torch._scaled_mm's numbers bit for bit (ATen's own CPU path: both operands upcast
+    to float32, each times its scale), without handing the GEMM to oneDNN, whose reference FP8 matmul (AMX CPUs)
+    takes seconds per call."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"fp8-aten/{dtype}".encode()))
+    t = layout("FP8", torch.randn(96, 192, generator=gen) * 0.05, gen)
+    h = make_linear("FP8", t, dtype=dtype, device=CPU)
+    x = activations(gen, 7, 192).to(dtype)
+    with torch.backends.mkldnn.flags(enabled=False):  # ATen's path, whatever this CPU has
+        want = torch._scaled_mm(h.quantize_input(x), h.weight_t, scale_a=h.act_scale, scale_b=h.weight_scale,
+                                out_dtype=dtype)
+    assert torch.equal(h(x), want)
 
 
 def test_int4_unpack_hand_built_example():

@@ -29,7 +29,6 @@ import torch
 
 from quant.checkpoint import Checkpoint, load_checkpoint
 from quant.runtime.kv_cache import QuantizedKVCache
-from quant.runtime.schemes.base import fp8_gemm_is_native
 from quant.runtime.torch_runtime import TorchRuntime
 from tests.conftest import rel
 
@@ -186,7 +185,7 @@ def test_describe_names_the_kernel_and_kv_mode(built, request):
     _, _, kv, _, kernel, *_ = CASES[request.node.callspec.params["built"]]
     info = built["rt"].describe()
     assert info["kernels"] == [kernel]
-    linear_emulated = kernel.endswith("scaled_mm") and not fp8_gemm_is_native()
+    linear_emulated = kernel.endswith("scaled_mm")
     assert info["emulated"] == (linear_emulated or kv is not None)
     assert ("kv_cache" in info["emulated_parts"]) == (kv is not None)
     assert info["kv_cache"] == ("float32" if kv is None else f"{kv.lower()} (dequantize on read)")

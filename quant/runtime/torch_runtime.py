@@ -45,7 +45,7 @@ from quant.names import LINEARS
 from quant.runtime import rope
 from quant.runtime.kv_cache import KV_STORAGE, KVCache, QuantizedKVCache, kv_cache_mode
 from quant.runtime.linear import concat_linear_tensors, make_linear
-from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig, _Handler, fp8_gemm_is_native
+from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig, _Handler
 from quant.runtime.schemes.dense import DenseLinear
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,7 +60,7 @@ def emulated_parts(quant_algo: str | None, kv_algo: str | None, device: str | to
     """What of a checkpoint of this format runs emulated on ``device``, known before building it (the search
     plans with it; :meth:`TorchRuntime.describe` reports what the loaded handlers actually run)."""
     parts = []
-    if quant_algo in FP8_GEMM_ALGOS and torch.device(device).type != "cuda" and not fp8_gemm_is_native():
+    if quant_algo in FP8_GEMM_ALGOS and torch.device(device).type != "cuda":
         parts.append("emulated-fp8")
     if kv_algo is not None and kv_cache_emulated(device):
         parts.append("kv_cache")

@@ -20,8 +20,8 @@ CPU kernel constraints found on torch 2.13: ``_weight_int8pack_mm`` needs the sc
 bfloat16 or float16 all run); ``_int_mm`` takes any M, K, N on CPU; ``_weight_int4pack_mm_for_cpu`` needs
 out-features divisible by 16 (we zero-pad the rows and slice the output) and a group of 32/64/128/256 (a larger
 multiple of 32 is fed as its largest such divisor with the scales repeated — exact; other groups are emulated);
-``_scaled_mm`` runs on CPU but, without AMX, ATen itself upcasts both operands to float32 (so FP8 is flagged
-emulated there).
+FP8 gets ``_scaled_mm``'s numbers from the float32 upcast ATen itself does on CPU, not from the op (which hands
+AMX CPUs' GEMMs to oneDNN's reference FP8 matmul, seconds a call): flagged emulated.
 
 On CUDA every format runs a real kernel (:mod:`quant.runtime.cuda_kernels`), chosen by the number of rows M:
 M = 1 (decode at batch 1) one Triton ``act_prep`` kernel (RMSNorm / SiLU·gate, pre-quant scale, SmoothQuant int8

@@ -20,15 +20,6 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def fp8_gemm_is_native() -> bool:
-    """Whether ``torch._scaled_mm`` on this CPU runs oneDNN's FP8 GEMM rather than ATen's float32 upcast.
-
-    ATen (torch 2.13, ``_scaled_mm_out_cpu``) takes the oneDNN path only with mkldnn enabled and AMX-INT8.
-    """
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and amx is not None and amx())
-
-
 def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
     """int8 [out/2, in] (two signed int4 per byte, even out-row in the low nibble) → int8 [out, in] in [-8, 7]."""
     low = torch.bitwise_right_shift(torch.bitwise_left_shift(packed, 4), 4)  # arithmetic shift sign-extends

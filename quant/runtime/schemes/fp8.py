@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from quant.runtime.schemes.base import (DEFAULT_KERNELS, FP8_E4M3, FP8_MAX, KernelConfig, _cuda_kernels, _Handler,
-                                        _round_up, fp8_gemm_is_native)
+                                        _round_up)
 
 
 class FP8Linear(_Handler):
@@ -21,9 +21,11 @@ class FP8Linear(_Handler):
             self.weight_t = tensors["weight"].to(device).t().contiguous()  # float8_e4m3fn [in, out]
         self.weight_scale = tensors["weights_scaling_factor"].to(device=device, dtype=torch.float32).reshape(())
         self.act_scale = tensors["activation_scaling_factor"].to(device=device, dtype=torch.float32).reshape(())
-        self.kernel = "scaled_mm" if self.native else "emulated-fp8"
-        # Without AMX, ATen's CPU _scaled_mm upcasts both operands to float32 itself: same numbers, no FP8 GEMM.
-        self.emulated = not (self.native and fp8_gemm_is_native())
+        # Off CUDA: the numbers of ATen's CPU _scaled_mm, by the float32 upcast it does itself where it does not
+        # hand the GEMM to oneDNN (bit for bit: tests/test_kernels.py). oneDNN takes it on AMX CPUs, which have no
+        # FP8 units: its reference matmul took 4.2 s where the upcast took 0.03 s (160 x 576 x 1536, Xeon with
+        # AMX, 2026-12-05), and the suite's FP8 tests ran for tens of minutes.
+        self.kernel, self.emulated = ("scaled_mm" if self.native else "emulated-fp8"), True
         if self.cuda:
             self.kernel, self.emulated = "triton-fp8-gemv|scaled_mm", False
             self.out_scale = (self.act_scale * self.weight_scale).reshape(1).contiguous()
@@ -65,9 +67,6 @@ class FP8Linear(_Handler):
 
     def _mm(self, x):
         qx = self.quantize_input(x)
-        if self.native:
-            return torch._scaled_mm(qx, self.weight_t, scale_a=self.act_scale, scale_b=self.weight_scale,
-                                    out_dtype=self.dtype)
         y = (qx.float() * self.act_scale) @ (self.weight_t.float() * self.weight_scale)
         return y.to(self.dtype)
 
