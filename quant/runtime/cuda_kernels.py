@@ -441,9 +441,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, wfmt: int, out: torch.Tensor | Non
 # yields them; offset binary q + 8.
 # (BLOCK_N, KW, warps, stages) per row tile (rows padded to 16, 32, 64), all with the packing's KW, W4K_KW. Row tile
 # 16: the fastest at batch 1 of ``python -m experiments.kernel_bench --sweep`` on an H200 (LLaMa-2-7B layer shapes;
-# on Llama-3-8B's, (32, 64, 2, 4) was 0.2 % faster). Row tiles 32 and 64, not yet timed: that tile spills 117
-# registers at 32 rows and needs 312 KiB of shared memory at 64 (an H200 gives a block 227), so these are KW-64 tiles
-# chosen by the untimed-tile rule above from experiments/gpu/sass_loop.py --sweep-w4k (results/gpu/kernels, stage 5).
+# on Llama-3-8B's, (32, 64, 2, 4) was 0.2 % faster). Row tiles 32 and 64: that tile spills 117 registers at 32 rows
+# and needs 312 KiB of shared memory at 64 (an H200 gives a block 227), so these are KW-64 tiles chosen by the
+# untimed-tile rule above from experiments/gpu/sass_loop.py --sweep-w4k (results/gpu/kernels, stage 5); timed end to
+# end only as a whole (batch 32: 0.87× FP16 against tinygemm's 0.43×, stage 7), not against other tiles.
 W4K_KW = 64
 W4K_TILES = {16: (32, 64, 4, 4), 32: (64, 64, 8, 4), 64: (32, 64, 4, 2)}
 W4K_MAX_M = 64  # rows of one program (the weights are read once for all of them); KernelConfig.w4k_rows' bound
@@ -637,7 +638,9 @@ WQ_MM_CONFIG_32 = {W_INT8: (64, 128, 4, 4), W_INT4: (32, 128, 4, 4), A_INT8: (32
 # stages). Each warp's x fragments then serve more output channels: W8A16 0.08–0.11 warp-instructions per weight in
 # the loop against 0.13–0.23 on WQ_MM_CONFIG's tiles (sm_90, experiments/gpu/sass_loop.py); chosen by the
 # untimed-tile rule (above W4K_TILES). Too few tiles for the o / down projections' 4096 channels alone (32
-# programs), hence K split with them (wq_fill_split). Not yet timed.
+# programs), hence K split with them (wq_fill_split). Timed end to end against the narrow tiles (stage 7: W8A16
+# ahead at batches 4 and 32, 0.02 behind at 16; SmoothQuant behind at 16 and 32, so only W8A16 takes them by
+# default), not against other wide tiles.
 WQ_WIDE_CONFIG = {A_FLOAT: {16: (128, 128, 2, 4), 32: (128, 128, 2, 4), 64: (128, 128, 4, 4)},
                   A_INT8: {16: (128, 256, 2, 4), 32: (128, 128, 2, 4), 64: (128, 256, 4, 4)}}
 # SmoothQuant prefill through Triton (BM, BR, BK, warps, stages): ~960 int8 TOP/s at 1024 rows on the 7B shapes,
