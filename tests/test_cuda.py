@@ -839,19 +839,9 @@ def _one_step_logits(rt, ids):
         st.ids.fill_(ids[P])
         st.pos.fill_(P)
         st.slot.fill_(P)
-        captured = {}
-        orig = rt.lm_head_linear.fused
-
-        def spy(h, **kw):
-            captured["logits"] = orig(h, **kw)
-            return captured["logits"]
-
-        rt.lm_head_linear.fused = spy
-        try:
-            rt._decode_body(st)
-        finally:
-            del rt.lm_head_linear.fused
-        return captured["logits"][0].float()
+        st.logits = torch.empty(1, rt.vocab, dtype=rt.dtype, device=DEV)
+        rt._decode_body(st)
+        return st.logits[0].float()
 
 
 @cuda
