@@ -25,10 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.bench import KERNEL_VARIANTS
 from experiments.evaluate import DEFAULTS, Candidate, EvalSettings, add_trust_remote_code_arg, resolve_compute_dtype, \
     resolve_device, summarize
-from experiments.stats import mean_ci
 from quant.atomic import atomic_write_json, ensure_writable_dir
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.recipes import parse_recipe_arg
@@ -42,6 +40,7 @@ REFERENCE = {"gemv": frozenset(), "w8g": frozenset(), "w4g_rows": None, "int4_ke
 
 def kernel_configs(variants: list[str]) -> dict:
     """name → KernelConfig: "reference" first, then each variant ("default" or a bench KERNEL_VARIANTS name)."""
+    from experiments.bench import KERNEL_VARIANTS
     from quant.runtime.schemes.base import DEFAULT_KERNELS
 
     configs = {"reference": dataclasses.replace(DEFAULT_KERNELS, **REFERENCE)}
@@ -55,6 +54,8 @@ def paired(ref: list[float], got: list[float]) -> dict:
     diffs = [g - r for g, r in zip(got, ref)]
     if not any(diffs):
         return {"mean": 0.0, "ci": [0.0, 0.0], "n": len(diffs)}
+    from experiments.stats import mean_ci
+
     m, lo, hi = mean_ci(diffs)
     return {"mean": m, "ci": [lo, hi], "n": len(diffs)}
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                              + ", ".join(DEFAULT_RECIPES) + ")")
     parser.add_argument("--variants", default="default",
                         help="comma-separated kernel configurations to compare with the reference: default, or "
-                             "any of " + ", ".join(KERNEL_VARIANTS))
+                             "any experiments.bench kernel variant (its KERNEL_VARIANTS: nothen, w4k16, wqplain, …)")
     parser.add_argument("--dataset", default=d["dataset"], help="aclsum | cnn_dailymail | a local file or folder")
     parser.add_argument("--split", default=d["split"])
     parser.add_argument("--num-samples", type=positive_int, default=d["num_samples"], help="articles summarized")
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-input-len", type=positive_int, default=d["max_input_len"])
     parser.add_argument("--max-output-len", type=positive_int, default=d["max_output_len"])
     parser.add_argument("--batch-size", type=positive_int, default=d["batch_size"])
-    parser.add_argument("--ppl-docs", type=int, default=20, help="held-out documents scored (0: none)")
+    parser.add_argument("--ppl-docs", type=int, default=20,
+                        help="held-out documents scored, on CUDA through the decode step (0: none)")
     parser.add_argument("--ppl-seq-len", type=positive_int, default=512)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    from experiments.bench import KERNEL_VARIANTS  # (torch: after the flags are read, so --help stays light)
+
     unknown = [v for v in variants if v != "default" and v not in KERNEL_VARIANTS]
     if not variants or unknown or len(set(variants)) != len(variants):
         raise UserError(f"--variants: distinct names from default, {', '.join(KERNEL_VARIANTS)}; got {args.variants!r}")

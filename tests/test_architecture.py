@@ -177,7 +177,7 @@ def test_tests_set_kernels_through_the_config():
 HEAVY = ("torch", "transformers", "optuna", "modelopt", "datasets", "matplotlib", "safetensors", "triton", "numpy",
          "scipy", "gguf", "rouge_score")
 LIGHT_CLIS = ("quant.search", "quant.build", "experiments.evaluate", "experiments.plot", "experiments.recipe_table",
-              "experiments.regret", "calibration")
+              "experiments.regret", "experiments.kernel_quality", "calibration")
 STARTUP_BUDGET_S = 2.5  # the best of three runs; a loaded CI box has room
 
 
