@@ -7,7 +7,7 @@
 # brings back 8 files of a call: two shapes and every stage write more, so split the stages over calls.
 # WHEELS (default .whl; .whl15 has the same and more), KB_FLAGS (default --sweep-w4g; --sweep-w8g times the
 # 8-bit GEMV's tiles), E2E_RECIPES, E2E_BATCHES, E2E_INPUTS (default 512), E2E_FLAGS (more experiments.bench flags,
-# e.g. --profile: each recipe's decode step per kernel), KEEP_GOING=1 (time even after a failed
+# e.g. --profile: each recipe's decode step per kernel), E2E_LIMIT (s per shape, default 240), KEEP_GOING=1 (time even after a failed
 # GEMV test, to see whether a fix is worth it; the table is then not a result).
 set -uo pipefail
 [ "${PACK:-0}" = 1 ] && trap "bash $PWD/experiments/gpu/pack.sh" EXIT  # one archive of $OUT (pack.sh)
@@ -60,7 +60,7 @@ PY
     done ;;
   e2e)
     for shape in $SHAPES; do
-      timeout 240 python3 -m experiments.bench --shape $shape --recipes ${E2E_RECIPES:-fp16,int4_awq,int8_wo,int8_wo@triton8,smoothquant,smoothquant@triton8,fp8,fp8@triton8} \
+      timeout ${E2E_LIMIT:-240} python3 -m experiments.bench --shape $shape --recipes ${E2E_RECIPES:-fp16,int4_awq,int8_wo,int8_wo@triton8,smoothquant,smoothquant@triton8,fp8,fp8@triton8} \
         --batch-sizes ${E2E_BATCHES:-1,4,8,16} --input-lens ${E2E_INPUTS:-512} --no-hf --rounds 5 ${E2E_FLAGS:-} \
         --out "$OUT/e2e-w4g-$shape.json" \
         > "$OUT/e2e-w4g-$shape.log" 2>&1
