@@ -380,6 +380,62 @@ def test_int4_w4g_off_or_unavailable_leaves_the_other_kernels(monkeypatch):
     assert h.w4g is None and h.gemv_unavailable.endswith("(test)") and h.tinygemm is not None
 
 
+@cuda
+@pytest.mark.parametrize("out, inp", [(92, 576), (2056, 11008)])
+def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
+    """The compiled INT4 GEMV's persistent form (KernelConfig.w4g_persistent; cuda_ext.w4a16_gemv grid=) against
+    its one-block-per-row-block form, every tile, bit for bit: on 1 and 3 blocks (each block many row blocks; K =
+    11008 in several lane rounds, so the next step's loads cross rounds and row blocks) and on the GPU-sized grid;
+    with the pre-quant scale staged once per block, SiLU·gate (a block's pairs met per row block) and the residual
+    add + RMSNorm (the last of the persistent blocks counted, the counter left zero), in a CUDA graph as decode runs
+    it, and through the handler; more than one row is refused."""
+    from quant.runtime import cuda_ext
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    dtype, group = torch.float16, 64
+    gen = torch.Generator().manual_seed(out + inp)
+    tensors = {k: v.to(DEV) for k, v in _layout("W4A16_AWQ", gen, out, inp, group).items()}
+    x = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
+    res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
+    nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
+    cnt = torch.zeros(1, dtype=torch.int32, device=DEV)
+    for tile in cuda_ext.GEMV_TILES:
+        h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
+                        kernels=KernelConfig(w4g_tile=tile))
+        assert h.w4g is not None, h.gemv_unavailable
+
+        def call(grid, **kw):
+            return cuda_ext.w4a16_gemv(x, h.w4g, h.scales, group=group, tile=tile, grid=grid, **kw)
+
+        for kw in ({}, {"prequant": h.prequant}, {"then_silu": True}, {"prequant": h.prequant, "then_silu": True}):
+            want = call(0, **kw)
+            for grid in (1, 3, -1):
+                assert torch.equal(call(grid, **kw), want), (tile, grid, sorted(kw))
+        for pre in (None, h.prequant):
+            r0 = res.clone()
+            want = call(0, residual=r0, then_norm=nw, counter=cnt, eps=1e-5, prequant=pre)
+            for grid in (1, 3, -1):
+                r = res.clone()
+                got = call(grid, residual=r, then_norm=nw, counter=cnt, eps=1e-5, prequant=pre)
+                assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any(), (tile, grid, pre is None)
+    graph, r = torch.cuda.CUDAGraph(), res.clone()
+    with torch.cuda.graph(graph):
+        got = call(-1, residual=r, then_norm=nw, counter=cnt, eps=1e-5, prequant=h.prequant)
+    for _ in range(3):
+        r.copy_(res)
+        graph.replay()
+        assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any()
+    hp = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
+                     kernels=KernelConfig(w4g_rows=(1, 4), w4g_persistent=True))  # 3 rows: the other form
+    h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
+                    kernels=KernelConfig(w4g_rows=(1, 4)))
+    assert torch.equal(hp(x), h(x)) and torch.equal(hp(x.repeat(3, 1)), h(x.repeat(3, 1)))
+    with pytest.raises(RuntimeError, match="one row unless 0"):
+        cuda_ext.w4a16_gemv(x.repeat(2, 1), h.w4g, h.scales, group=group, grid=-1)
+
+
 W8G = ["W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"]
 
 

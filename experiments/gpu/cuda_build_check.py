@@ -36,7 +36,8 @@ ARCH = "-gencode=arch=compute_90,code=sm_90"
 # the weight stream's load (gemv_common.cuh load_stream: ld.global.nc.L1::no_allocate.L2::256B.v4), which marks the
 # main loop: a short stream loop can be shorter than an epilogue's
 STREAM_LOAD = "LDG.E.NA.LTC256B.128.CONSTANT"
-TEMPLATE = {"w8_gemv_kernel": ("F", "M", "R", "U", "THEN"), "w4a16_gemv_kernel": ("M", "R", "U", "PRO", "THEN")}
+TEMPLATE = {"w8_gemv_kernel": ("F", "M", "R", "U", "THEN"), "w4a16_gemv_kernel": ("M", "R", "U", "PRO", "THEN"),
+            "w4a16_gemv_persistent": ("R", "U", "PRO", "THEN")}
 THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
 
 

@@ -7,7 +7,7 @@
 
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre, int then,
-                              const gemv::ThenArgs& t, cudaStream_t stream);
+                              const gemv::ThenArgs& t, int grid, cudaStream_t stream);
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const gemv::ThenArgs& t,
                            cudaStream_t stream);
@@ -52,11 +52,12 @@ static gemv::ThenArgs then_args(const char* fn, int64_t then, int64_t M, int64_t
 
 // x [M, K] float16, w int32 [N, K / 8] (cuda_ext.pack_w4g), s float16 [N, K / group]; out [M, N] float16: written,
 // or added to in place when accumulate. prequant float16 [K]: the input is x * prequant (one row; an empty tensor:
-// none). then ... then_afmt: then_args. Returns out.
+// none). then ... then_afmt: then_args. grid (one row only unless 0): 0 one block per row block; -1 the persistent
+// kernel on as many blocks as fit the GPU at once; n > 0 on at most n blocks. Returns out.
 torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
                          bool accumulate, int64_t tile, torch::Tensor prequant, int64_t then, torch::Tensor nw,
                          torch::Tensor xn, torch::Tensor cnt, double eps, torch::Tensor then_pre, torch::Tensor then_a,
-                         int64_t then_afmt) {
+                         int64_t then_afmt, int64_t grid) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w4a16_gemv: tensors on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
@@ -66,6 +67,8 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.size(1) == K,
               "w4a16_gemv: x [M, K], rows 16-byte aligned");
   TORCH_CHECK(M >= 1 && M <= 4 && (!pre || M == 1), "w4a16_gemv: 1-4 rows, one with prequant; got ", M);
+  TORCH_CHECK(grid >= -1 && grid <= (1 << 30) && (grid == 0 || M == 1), "w4a16_gemv: grid -1, 0 or n > 0, one row "
+              "unless 0; got ", grid, " with ", M, " rows");
   TORCH_CHECK(!pre || K * 2 <= 48 * 1024, "w4a16_gemv: prequant stages K <= 24576 in shared memory");
   TORCH_CHECK(K % 32 == 0 && w.is_contiguous(), "w4a16_gemv: w [N, K / 8], K % 32 == 0");
   TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && K % group == 0, "w4a16_gemv: group a power of two >= 32");
@@ -83,7 +86,8 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   const cudaError_t err = w4a16_gemv_launch(
       static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
       out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), gshift, accumulate,
-      pre ? prequant.data_ptr() : nullptr, static_cast<int>(then), t, at::cuda::getCurrentCUDAStream());
+      pre ? prequant.data_ptr() : nullptr, static_cast<int>(then), t, static_cast<int>(grid),
+      at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: ", cudaGetErrorString(err));
   return out;
 }

@@ -35,19 +35,20 @@ __device__ __forceinline__ void load_chunks(uint4 (&wv)[U][R], const uint4* w, c
   }
 }
 
-// The weight row of slot r of this warp. THEN_SILU: a block's P = WARPS * R / 2 slots [0, P) are first-half rows
-// (outputs p of f), slots [P, 2P) their partners p + N/2 (g), so that each pair meets in one block; else the
-// warp's R consecutive rows. Past the end: a valid row, whose result is not stored.
+// The weight row of slot r of this warp in row block vb (blockIdx.x, or a persistent block's current one).
+// THEN_SILU: a block's P = WARPS * R / 2 slots [0, P) are first-half rows (outputs p of f), slots [P, 2P) their
+// partners p + N/2 (g), so that each pair meets in one block; else the warp's R consecutive rows. Past the end: a
+// valid row, whose result is not stored.
 template <int R, int THEN>
-__device__ __forceinline__ int weight_row(int r, int N) {
+__device__ __forceinline__ int weight_row(int r, int N, int vb) {
   const int warp = threadIdx.x >> 5;
   if constexpr (THEN == THEN_SILU) {
     constexpr int P = WARPS * R / 2;
     const int i = warp * R + r;
-    const int p = min(static_cast<int>(blockIdx.x) * P + i % P, N / 2 - 1);
+    const int p = min(vb * P + i % P, N / 2 - 1);
     return i < P ? p : p + N / 2;
   } else {
-    return min((static_cast<int>(blockIdx.x) * WARPS + warp) * R + r, N - 1);
+    return min((vb * WARPS + warp) * R + r, N - 1);
   }
 }
 
@@ -92,19 +93,21 @@ __device__ __forceinline__ void store_act8(const ThenArgs& t, int j, uint4 x8, c
   static_cast<uint2*>(t.xn)[j] = q;
 }
 
-// THEN_SILU's store: v[r], this warp's finished outputs (scale applied), meet their partners in shared memory;
-// result [N/2] = SiLU(f) * g with f and g rounded to float16 first, as the unfused GEMV + act_prep round them.
+// THEN_SILU's store of row block vb: v[r], this warp's finished outputs (scale applied), meet their partners in
+// shared memory; result [N/2] = SiLU(f) * g with f and g rounded to float16 first, as the unfused GEMV + act_prep
+// round them. The first barrier lets a persistent block reuse tot for its next row block.
 template <int R>
-__device__ __forceinline__ void store_silu_pairs(const float (&v)[R], const ThenArgs& then, int N) {
+__device__ __forceinline__ void store_silu_pairs(const float (&v)[R], const ThenArgs& then, int N, int vb) {
   constexpr int P = WARPS * R / 2;
   __shared__ float tot[2 * P];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
   if (lane == 0) {
 #pragma unroll
     for (int r = 0; r < R; ++r) tot[warp * R + r] = v[r];
   }
   __syncthreads();
-  const int t = threadIdx.x, p = blockIdx.x * P + t;
+  const int t = threadIdx.x, p = vb * P + t;
   if (t < P && p < N / 2) {
     const float a = __half2float(__float2half_rn(tot[t]));
     store_act(then, p, __hmul(__float2half_rn(a / (1.f + __expf(-a))), __float2half_rn(tot[t + P])));

@@ -62,76 +62,59 @@ __device__ __forceinline__ void stage_row(uint4* xs, const half* x, const half* 
   __syncthreads();
 }
 
-// M activation rows, R weight rows per warp, U chunks of 32 k per lane in flight; PRO_PREQUANT: M == 1, the row
-// staged in shared memory (K * 2 bytes, dynamic); THEN (M == 1): the epilogue's work for the next linear
-// (gemv_common.cuh).
-template <int M, int R, int U, int PRO, int THEN>
-__global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
-    const half* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const half* __restrict__ s,
-    half* __restrict__ y, int64_t ldy, int N, int K, int gshift, bool accumulate, const half* __restrict__ pre,
-    ThenArgs then) {
-  extern __shared__ uint4 xs[];
-  const int lane = threadIdx.x & 31;
-  const int n0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * R;  // warps past N compute a valid row, store none
-  const int C = K >> 5;                 // 32-weight chunks per row (uint4 per row)
-  const int G = K >> gshift;            // scales per row
-  const int cshift = gshift - 5;        // chunk -> group
-  int rows[R];
+// One lane round: chunks c0 + 32u + lane (u < U) of the R rows, already loaded into wv, against x (or the staged
+// row), into acc[m][r] (float32, the group scale applied once per chunk).
+template <int M, int R, int U, int PRO>
+__device__ __forceinline__ void mac_round(const uint4 (&wv)[U][R], const half* x, int64_t ldx, const uint4* xs,
+                                          const half* s, const int (&rows)[R], int C, int G, int cshift, int c0,
+                                          int lane, float (&acc)[M][R]) {
 #pragma unroll
-  for (int r = 0; r < R; ++r) rows[r] = gemv::weight_row<R, THEN>(r, N);
-  float acc[M][R];
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + u * 32 + lane;
+    if (c >= C) break;
+    float part[M][R];
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+    for (int m = 0; m < M; ++m)
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
-
-  uint4 wv[U][R];
-  load_chunks(wv, w, rows, C, 0, lane);  // the first weights on their way while the block stages x
-  if (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K);
-
-  for (int c0 = 0; c0 < C; c0 += 32 * U) {
-    if (c0 > 0) load_chunks(wv, w, rows, C, c0, lane);
+      for (int r = 0; r < R; ++r) part[m][r] = 0.f;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + u * 32 + lane;
-      if (c >= C) break;
-      float part[M][R];
+    for (int j = 0; j < 4; ++j) {
+      half2 xv[M][4];
 #pragma unroll
-      for (int m = 0; m < M; ++m)
-#pragma unroll
-        for (int r = 0; r < R; ++r) part[m][r] = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        half2 xv[M][4];
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const uint4 xr = PRO != PRO_GLOBAL ? xs[j * C + c]
-                                             : __ldg(reinterpret_cast<const uint4*>(x + m * ldx + c * 32 + j * 8));
-          xv[m][0] = as_h2(xr.x); xv[m][1] = as_h2(xr.y); xv[m][2] = as_h2(xr.z); xv[m][3] = as_h2(xr.w);
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          half2 d[4];
-          dequant_word(word(wv[u][r], j), d);
-#pragma unroll
-          for (int m = 0; m < M; ++m) {
-            half2 a = __hmul2(d[0], xv[m][0]);
-            a = __hfma2(d[1], xv[m][1], a);
-            a = __hfma2(d[2], xv[m][2], a);
-            a = __hfma2(d[3], xv[m][3], a);
-            const float2 f = __half22float2(a);
-            part[m][r] += f.x + f.y;
-          }
-        }
+      for (int m = 0; m < M; ++m) {
+        const uint4 xr = PRO != PRO_GLOBAL ? xs[j * C + c]
+                                           : __ldg(reinterpret_cast<const uint4*>(x + m * ldx + c * 32 + j * 8));
+        xv[m][0] = as_h2(xr.x); xv[m][1] = as_h2(xr.y); xv[m][2] = as_h2(xr.z); xv[m][3] = as_h2(xr.w);
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const float sc = __half2float(s[(int64_t)rows[r] * G + (c >> cshift)]);
+        half2 d[4];
+        dequant_word(word(wv[u][r], j), d);
 #pragma unroll
-        for (int m = 0; m < M; ++m) acc[m][r] = fmaf(sc, part[m][r], acc[m][r]);
+        for (int m = 0; m < M; ++m) {
+          half2 a = __hmul2(d[0], xv[m][0]);
+          a = __hfma2(d[1], xv[m][1], a);
+          a = __hfma2(d[2], xv[m][2], a);
+          a = __hfma2(d[3], xv[m][3], a);
+          const float2 f = __half22float2(a);
+          part[m][r] += f.x + f.y;
+        }
       }
     }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float sc = __half2float(s[(int64_t)rows[r] * G + (c >> cshift)]);
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[m][r] = fmaf(sc, part[m][r], acc[m][r]);
+    }
   }
+}
+
+// Row block vb done: the lanes' sums reduced, then stored by lane 0 (added to y when accumulating) or, THEN_SILU,
+// met with their partners (store_silu_pairs); acc is left zero for the next row block.
+template <int M, int R, int THEN>
+__device__ __forceinline__ void finish_rows(float (&acc)[M][R], half* y, int64_t ldy, int N, bool accumulate,
+                                            const ThenArgs& then, int vb, int lane) {
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -142,10 +125,9 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
       acc[m][r] = v;
     }
   if constexpr (THEN == THEN_SILU) {
-    gemv::store_silu_pairs<R>(acc[0], then, N);
-    return;
-  }
-  if (lane == 0) {
+    gemv::store_silu_pairs<R>(acc[0], then, N, vb);
+  } else if (lane == 0) {
+    const int n0 = (vb * WARPS + (threadIdx.x >> 5)) * R;  // warps past N computed a valid row: stored none
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -156,6 +138,93 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
           *out = __float2half_rn(accumulate ? __half2float(*out) + acc[m][r] : acc[m][r]);
         }
       }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+}
+
+// M activation rows, R weight rows per warp, U chunks of 32 k per lane in flight; one block per row block;
+// PRO_PREQUANT: M == 1, the row staged in shared memory (K * 2 bytes, dynamic); THEN (M == 1): the epilogue's work
+// for the next linear (gemv_common.cuh).
+template <int M, int R, int U, int PRO, int THEN>
+__global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
+    const half* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const half* __restrict__ s,
+    half* __restrict__ y, int64_t ldy, int N, int K, int gshift, bool accumulate, const half* __restrict__ pre,
+    ThenArgs then) {
+  extern __shared__ uint4 xs[];
+  const int lane = threadIdx.x & 31;
+  const int C = K >> 5;                 // 32-weight chunks per row (uint4 per row)
+  const int G = K >> gshift;            // scales per row
+  int rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) rows[r] = gemv::weight_row<R, THEN>(r, N, blockIdx.x);
+  float acc[M][R];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+
+  uint4 wv[U][R];
+  load_chunks(wv, w, rows, C, 0, lane);  // the first weights on their way while the block stages x
+  if (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K);
+  for (int c0 = 0; c0 < C; c0 += 32 * U) {
+    if (c0 > 0) load_chunks(wv, w, rows, C, c0, lane);
+    mac_round<M, R, U, PRO>(wv, x, ldx, xs, s, rows, C, G, gshift - 5, c0, lane, acc);
+  }
+  finish_rows<M, R, THEN>(acc, y, ldy, N, accumulate, then, blockIdx.x, lane);
+  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N);
+}
+
+// The persistent form, one row (KernelConfig.w4g_persistent): gridDim.x blocks walk the NB row blocks (vb =
+// blockIdx.x, + gridDim.x, ...) and each row block's lane rounds as one sequence of steps, loading step i + 1's
+// weights before computing step i, so a warp's loads overlap its own arithmetic (the one-block-per-row-block form
+// waits on each round's loads; at 7B's K = 4096 a warp has a single round, so nothing of its own to overlap). x
+// (PRO_PREQUANT: x * pre) is staged once per block. The same sums in the same order as w4a16_gemv_kernel: the
+// results are bit for bit its. THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store.
+template <int R, int U, int PRO, int THEN>
+__global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
+    const half* __restrict__ x, const uint4* __restrict__ w, const half* __restrict__ s, half* __restrict__ y,
+    int N, int K, int gshift, bool accumulate, const half* __restrict__ pre, ThenArgs then, int NB) {
+  extern __shared__ uint4 xs[];
+  const int lane = threadIdx.x & 31;
+  const int C = K >> 5, G = K >> gshift;
+  const int rounds = (C + 32 * U - 1) / (32 * U);
+  int vb = blockIdx.x, round = 0;
+  int rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) rows[r] = gemv::weight_row<R, THEN>(r, N, vb);
+  float acc[1][R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[0][r] = 0.f;
+  uint4 cur[U][R], nxt[U][R];
+  load_chunks(cur, w, rows, C, 0, lane);
+  if (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K);
+  while (true) {  // vb, round and so every branch below are the same for the whole block
+    int nvb = vb, nround = round + 1;
+    if (nround == rounds) {
+      nround = 0;
+      nvb += gridDim.x;
+    }
+    const bool more = nvb < NB;
+    int nrows[R];
+    if (more) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) nrows[r] = gemv::weight_row<R, THEN>(r, N, nvb);
+      load_chunks(nxt, w, nrows, C, nround * 32 * U, lane);
+    }
+    mac_round<1, R, U, PRO>(cur, x, 0, xs, s, rows, C, G, gshift - 5, round * 32 * U, lane, acc);
+    if (nround == 0) finish_rows<1, R, THEN>(acc, y, 0, N, accumulate, then, vb, lane);
+    if (!more) break;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r) cur[u][r] = nxt[u][r];
+#pragma unroll
+    for (int r = 0; r < R; ++r) rows[r] = nrows[r];
+    vb = nvb;
+    round = nround;
   }
   if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N);
 }
@@ -168,6 +237,7 @@ struct Args {
   bool accumulate;
   int then;
   ThenArgs then_args;
+  int grid;  // 0: one block per row block; -1: persistent, as many blocks as fit at once; > 0: persistent, at most
   cudaStream_t stream;
 };
 
@@ -177,6 +247,25 @@ cudaError_t launch(const Args& a) {
   const int blocks = THEN == THEN_SILU ? (a.N / 2 + WARPS * R / 2 - 1) / (WARPS * R / 2)
                                        : ((a.N + R - 1) / R + WARPS - 1) / WARPS;
   const size_t smem = PRO == PRO_GLOBAL ? 0 : a.K * sizeof(half);
+  if constexpr (M == 1) {
+    if (a.grid != 0) {
+      const auto kernel = w4a16_gemv_persistent<R, U, PRO, THEN>;
+      int grid = a.grid;
+      if (grid < 0) {  // every block resident at once: SMs x blocks an SM holds (registers, shared memory)
+        int dev = 0, sms = 0, per_sm = 0;
+        cudaError_t err = cudaGetDevice(&dev);
+        if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, smem);
+        if (err != cudaSuccess) return err;
+        grid = sms * per_sm > 0 ? sms * per_sm : 1;
+      }
+      kernel<<<grid < blocks ? grid : blocks, WARPS * 32, smem, a.stream>>>(
+          static_cast<const half*>(a.x), static_cast<const uint4*>(a.w), static_cast<const half*>(a.s),
+          static_cast<half*>(a.y), a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre), a.then_args,
+          blocks);
+      return cudaGetLastError();
+    }
+  }
   w4a16_gemv_kernel<M, R, U, PRO, THEN><<<blocks, WARPS * 32, smem, a.stream>>>(
       static_cast<const half*>(a.x), a.ldx, static_cast<const uint4*>(a.w), static_cast<const half*>(a.s),
       static_cast<half*>(a.y), a.ldy, a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre),
@@ -214,11 +303,13 @@ cudaError_t launch_one_row(int tile, const Args& a) {
 // group scales; y [M, ldy] float16. pre [K] float16 (x * pre is the input) or null: M == 1 and K * 2 bytes of
 // shared memory (<= 48 KiB); with more rows the pre-quant scale must already be applied. then (gemv::Then) other
 // than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs); THEN_SILU: N even, xn [N/2], y unused, not
-// accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned that is 0 (and is left 0).
+// accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned that is 0 (and is left 0). grid (Args): M == 1
+// unless 0.
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre, int then,
-                              const ThenArgs& t, cudaStream_t stream) {
-  const Args a{x, w, s, pre, y, ldx, ldy, N, K, gshift, accumulate, then, t, stream};
+                              const ThenArgs& t, int grid, cudaStream_t stream) {
+  const Args a{x, w, s, pre, y, ldx, ldy, N, K, gshift, accumulate, then, t, grid, stream};
+  if (grid != 0 && M != 1) return cudaErrorInvalidValue;
   if (pre != nullptr) return M == 1 ? launch_one_row<PRO_PREQUANT>(tile, a) : cudaErrorInvalidValue;
   if (M == 1) return launch_one_row<PRO_GLOBAL>(tile, a);
   if (then != THEN_NONE) return cudaErrorInvalidValue;

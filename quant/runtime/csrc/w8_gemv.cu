@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
   const int C = K >> 4;  // 16-weight chunks per row (uint4 per row)
   int rows[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) rows[r] = gemv::weight_row<R, THEN>(r, N);
+  for (int r = 0; r < R; ++r) rows[r] = gemv::weight_row<R, THEN>(r, N, blockIdx.x);
   Acc<F> acc[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
     float v[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) v[r] = row_scale<F>(s, rows[r]) * total[0][r];
-    gemv::store_silu_pairs<R>(v, then, N);
+    gemv::store_silu_pairs<R>(v, then, N, blockIdx.x);
     return;
   }
   if (lane == 0) {

@@ -83,6 +83,10 @@ class KernelConfig:
     w4g_rows: tuple[int, int] | None = (1, 1)
     # Its (weight rows per warp, chunks in flight per lane), one of cuda_ext.GEMV_TILES; None: cuda_ext.W4G_TILE.
     w4g_tile: tuple[int, int] | None = None
+    # Its persistent form at one row: as many blocks as the GPU holds at once walk the row blocks, each warp loading
+    # its next weights before computing the current ones (w4a16_gemv.cu), the same bits. Off until measured faster
+    # end to end (experiments.bench RECIPE@w4gp).
+    w4g_persistent: bool = False
     # At one row with no RMSNorm / SiLU·gate in front: the pre-quant scale inside the GEMV instead of an act_prep
     # launch (RMSNorm and SiLU·gate stay in act_prep: inside the GEMV, every block recomputing them, they measured
     # slower end to end on an H200).
