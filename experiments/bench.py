@@ -130,7 +130,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # batch (``@attnsplit``: a reduce launch and a RoPE launch per layer), or batch 1 with each linear's epilogue doing
 # the next one's RMSNorm, SiLU·gate and activation quantization (the default) or not (``fp16@nothen``, …: an act_prep
 # launch before each linear that needs one), or INT4's batch-1 GEMV in its persistent form (``int4_awq@w4gp``; on
-# tiles of (2, 2): ``@w4gp22``, the same registers double-buffered as (2, 4) single)
+# tiles of (2, 2): ``@w4gp22``, the same registers double-buffered as (2, 4) single), or the 8-bit formats' (``@w8gp``)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERNELS},
                    "w4g-unfused": {"w4g_fuse": False}, "w4k16": {"w4k_rows": (2, 16)},
                    "triton8": {"w8g": frozenset()},
@@ -142,7 +142,8 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERN
                    "attnfused": {"attn_fused_batch": None},
                    "attnsplit": {"attn_fused_reduce": False, "attn_rope_fused": False},
                    "nothen": {"gemv_then": False}, "w4gp": {"w4g_persistent": True},
-                   "w4gp22": {"w4g_persistent": True, "w4g_tile": (2, 2)}}
+                   "w4gp22": {"w4g_persistent": True, "w4g_tile": (2, 2)},
+                   "w8gp": {"w8g_persistent": DEFAULT_KERNELS.w8g}}
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):

@@ -57,6 +57,12 @@ VARIANTS = {
     "int4 w4g": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4))),
     "int4 w4g unfused": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4), w4g_fuse=False)),
     "int4 default": ("W4A16_AWQ", KernelConfig()),
+    # the compiled GEMVs' persistent form at one row (KernelConfig.w4g_persistent / w8g_persistent)
+    "int4 w4g persistent": ("W4A16_AWQ", KernelConfig(w4g_persistent=True)),
+    "int8_wo persistent": ("W8A16", KernelConfig(w8g_persistent=frozenset({"W8A16"}))),
+    "smoothquant persistent": ("W8A8_SQ_PER_CHANNEL",
+                               KernelConfig(w8g_persistent=frozenset({"W8A8_SQ_PER_CHANNEL"}))),
+    "fp8 persistent": ("FP8", KernelConfig(w8g_persistent=frozenset({"FP8"}))),
 }
 SWEEP = list(itertools.product((16, 32, 64), (16, 32, 64), (2, 4), (2, 4)))  # (BLOCK_N, KW, warps, stages)
 

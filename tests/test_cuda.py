@@ -380,15 +380,44 @@ def test_int4_w4g_off_or_unavailable_leaves_the_other_kernels(monkeypatch):
     assert h.w4g is None and h.gemv_unavailable.endswith("(test)") and h.tinygemm is not None
 
 
+def _persistent_gives_the_same_bits(call, res, nw, cnt, tag, inputs=({},)):
+    """call(grid, **kw) → a compiled GEMV's result on one row. Its persistent form (grid 1, 3: each block many row
+    blocks; -1: the GPU-sized grid) against the one-block-per-row-block form (grid 0), bit for bit, for each of
+    ``inputs`` (extra keyword arguments): plain (not with then_quant), SiLU·gate (a block's pairs met per row block),
+    and the residual add + RMSNorm (the last of the persistent blocks counted, the counter left zero). Returns the
+    last RMSNorm case's (result, residual after) for a graph replay to compare with."""
+    for kw in inputs:
+        for then in ({"then_silu": True},) if "then_quant" in kw else ({}, {"then_silu": True}):
+            want = call(0, **kw, **then)
+            for grid in (1, 3, -1):
+                assert torch.equal(call(grid, **kw, **then), want), (tag, grid, sorted(kw), sorted(then))
+        r0 = res.clone()
+        want = call(0, residual=r0, then_norm=nw, counter=cnt, eps=1e-5, **kw)
+        for grid in (1, 3, -1):
+            r = res.clone()
+            got = call(grid, residual=r, then_norm=nw, counter=cnt, eps=1e-5, **kw)
+            assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any(), (tag, grid, sorted(kw))
+    return want, r0
+
+
+def _persistent_in_a_graph(call, res, nw, cnt, want, r0, **kw):
+    """The GPU-sized persistent grid captured in a CUDA graph, as decode runs it: three replays, the same bits."""
+    graph, r = torch.cuda.CUDAGraph(), res.clone()
+    with torch.cuda.graph(graph):
+        got = call(-1, residual=r, then_norm=nw, counter=cnt, eps=1e-5, **kw)
+    for _ in range(3):
+        r.copy_(res)
+        graph.replay()
+        assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any()
+
+
 @cuda
 @pytest.mark.parametrize("out, inp", [(92, 576), (2056, 11008)])
 def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
     """The compiled INT4 GEMV's persistent form (KernelConfig.w4g_persistent; cuda_ext.w4a16_gemv grid=) against
-    its one-block-per-row-block form, every tile, bit for bit: on 1 and 3 blocks (each block many row blocks; K =
-    11008 in several lane rounds, so the next step's loads cross rounds and row blocks) and on the GPU-sized grid;
-    with the pre-quant scale staged once per block, SiLU·gate (a block's pairs met per row block) and the residual
-    add + RMSNorm (the last of the persistent blocks counted, the counter left zero), in a CUDA graph as decode runs
-    it, and through the handler; more than one row is refused."""
+    its one-block-per-row-block form, every tile, bit for bit (_persistent_gives_the_same_bits; K = 11008 in several
+    lane rounds, so the next step's loads cross rounds and row blocks), with and without the pre-quant scale (staged
+    once per block), in a CUDA graph, and through the handler; more than one row is refused."""
     from quant.runtime import cuda_ext
     from quant.runtime.linear import make_linear
     from quant.runtime.schemes.base import KernelConfig
@@ -409,24 +438,8 @@ def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
         def call(grid, **kw):
             return cuda_ext.w4a16_gemv(x, h.w4g, h.scales, group=group, tile=tile, grid=grid, **kw)
 
-        for kw in ({}, {"prequant": h.prequant}, {"then_silu": True}, {"prequant": h.prequant, "then_silu": True}):
-            want = call(0, **kw)
-            for grid in (1, 3, -1):
-                assert torch.equal(call(grid, **kw), want), (tile, grid, sorted(kw))
-        for pre in (None, h.prequant):
-            r0 = res.clone()
-            want = call(0, residual=r0, then_norm=nw, counter=cnt, eps=1e-5, prequant=pre)
-            for grid in (1, 3, -1):
-                r = res.clone()
-                got = call(grid, residual=r, then_norm=nw, counter=cnt, eps=1e-5, prequant=pre)
-                assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any(), (tile, grid, pre is None)
-    graph, r = torch.cuda.CUDAGraph(), res.clone()
-    with torch.cuda.graph(graph):
-        got = call(-1, residual=r, then_norm=nw, counter=cnt, eps=1e-5, prequant=h.prequant)
-    for _ in range(3):
-        r.copy_(res)
-        graph.replay()
-        assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any()
+        want, r0 = _persistent_gives_the_same_bits(call, res, nw, cnt, tile, ({}, {"prequant": h.prequant}))
+    _persistent_in_a_graph(call, res, nw, cnt, want, r0, prequant=h.prequant)
     hp = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
                      kernels=KernelConfig(w4g_rows=(1, 4), w4g_persistent=True))  # 3 rows: the other form
     h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
@@ -437,6 +450,55 @@ def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
 
 
 W8G = ["W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"]
+
+
+@cuda
+@pytest.mark.parametrize("algo", W8G)
+def test_w8g_persistent_gives_the_same_bits(algo):
+    """The compiled 8-bit GEMV's persistent form (KernelConfig.w8g_persistent; cuda_ext.w8_gemv grid=) against its
+    one-block-per-row-block form, bit for bit (_persistent_gives_the_same_bits), every tile, N = 92 / K = 576 and
+    N = 2056 / K = 11008 (43 lane rounds at the narrowest tile), also with the result quantized for a SmoothQuant
+    linear next, in a CUDA graph, and through the handler; more than one row is refused."""
+    from quant.hardware import fp8_refusal
+    from quant.runtime import cuda_ext
+    from quant.runtime import cuda_kernels as ck
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    if algo == "FP8" and fp8_refusal(0):
+        pytest.skip(fp8_refusal(0))
+    gen = torch.Generator().manual_seed(len(algo) + 1)
+    e4m3 = torch.float8_e4m3fn
+    for out, inp in ((92, 576), (2056, 11008)):
+        if algo == "FP8":
+            w = (torch.randn(out, inp, generator=gen) * 2).to(e4m3)
+            x = (torch.randn(1, inp, generator=gen) * 4).to(e4m3)
+            scale = torch.tensor([1e-3])
+        else:
+            w = torch.randint(-127, 128, (out, inp), generator=gen, dtype=torch.int8)
+            x = (activations(gen, 1, inp) * 3).half() if algo == "W8A16" else \
+                torch.randint(-127, 128, (1, inp), generator=gen, dtype=torch.int8)
+            scale = (torch.rand(out, generator=gen) * 1e-3).to(torch.float16 if algo == "W8A16" else torch.float32)
+        w, x, scale = w.to(DEV), x.to(DEV), scale.to(DEV)
+        res = torch.randn(1, out, generator=gen).half().to(DEV)
+        nw = (1 + 0.1 * torch.randn(out, generator=gen)).half().to(DEV)
+        cnt = torch.zeros(1, dtype=torch.int32, device=DEV)
+        quant = (None, torch.tensor([0.02], device=DEV), ck.A_INT8)
+        for tile in cuda_ext.GEMV_TILES:
+            def call(grid, **kw):
+                return cuda_ext.w8_gemv(x, w, scale, fmt=algo, tile=tile, grid=grid, **kw)
+
+            want, r0 = _persistent_gives_the_same_bits(call, res, nw, cnt, (out, tile), ({}, {"then_quant": quant}))
+    _persistent_in_a_graph(call, res, nw, cnt, want, r0, then_quant=quant)
+    with pytest.raises(RuntimeError, match="one row unless 0"):
+        cuda_ext.w8_gemv(x.repeat(2, 1), w, scale, fmt=algo, grid=-1)
+    tensors = {k: v.to(DEV) for k, v in _layout(algo, gen, 2056, 576, 64).items()}
+    hp, h = (make_linear(algo, tensors, dtype=torch.float16, device=DEV, group_size=64,
+                         kernels=KernelConfig(w8g=frozenset({algo}), w8g_persistent=frozenset(p)))
+             for p in ({algo}, ()))
+    xs = (activations(gen, 3, 576) * 3).half().to(DEV)
+    assert "-cuda" in hp.kernel and torch.equal(hp(xs[:1]), h(xs[:1])) and torch.equal(hp(xs), h(xs))
 
 
 @cuda

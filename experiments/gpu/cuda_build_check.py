@@ -37,7 +37,7 @@ ARCH = "-gencode=arch=compute_90,code=sm_90"
 # main loop: a short stream loop can be shorter than an epilogue's
 STREAM_LOAD = "LDG.E.NA.LTC256B.128.CONSTANT"
 TEMPLATE = {"w8_gemv_kernel": ("F", "M", "R", "U", "THEN"), "w4a16_gemv_kernel": ("M", "R", "U", "PRO", "THEN"),
-            "w4a16_gemv_persistent": ("R", "U", "PRO", "THEN")}
+            "w4a16_gemv_persistent": ("R", "U", "PRO", "THEN"), "w8_gemv_persistent": ("F", "R", "U", "THEN")}
 THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
 
 

@@ -10,7 +10,7 @@ cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const
                               const gemv::ThenArgs& t, int grid, cudaStream_t stream);
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const gemv::ThenArgs& t,
-                           cudaStream_t stream);
+                           int grid, cudaStream_t stream);
 
 // The epilogue's work for the next linear (gemv_then.h), one row: then 0 none; 1 SiLU * gate of y's halves into xn
 // [1, N / 2] (out unused); 2 RMSNorm of y after the residual add (accumulate) into xn [1, N], weight nw float16 [N],
@@ -67,8 +67,8 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.size(1) == K,
               "w4a16_gemv: x [M, K], rows 16-byte aligned");
   TORCH_CHECK(M >= 1 && M <= 4 && (!pre || M == 1), "w4a16_gemv: 1-4 rows, one with prequant; got ", M);
-  TORCH_CHECK(grid >= -1 && grid <= (1 << 30) && (grid == 0 || M == 1), "w4a16_gemv: grid -1, 0 or n > 0, one row "
-              "unless 0; got ", grid, " with ", M, " rows");
+  TORCH_CHECK(grid >= -1 && grid < (1LL << 31) && (grid == 0 || M == 1),
+              "w4a16_gemv: grid -1, 0 or n > 0, one row unless 0; got ", grid, " with ", M, " rows");
   TORCH_CHECK(!pre || K * 2 <= 48 * 1024, "w4a16_gemv: prequant stages K <= 24576 in shared memory");
   TORCH_CHECK(K % 32 == 0 && w.is_contiguous(), "w4a16_gemv: w [N, K / 8], K % 32 == 0");
   TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && K % group == 0, "w4a16_gemv: group a power of two >= 32");
@@ -94,10 +94,11 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
 
 // fmt 0 (W8A16): x float16, w int8, s float16 [N]; 1 (W8A8): x int8, w int8, s float32 [N]; 2 (FP8): x and w
 // float8_e4m3fn, s float32 [1]. x [M, K], w [N, K] (the checkpoint's layout); out [M, N] float16: written, or added
-// to in place when accumulate. then ... then_afmt: then_args. Returns out.
+// to in place when accumulate. then ... then_afmt: then_args. grid: as w4a16_gemv's. Returns out.
 torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t fmt, torch::Tensor out,
                       bool accumulate, int64_t tile, int64_t then, torch::Tensor nw, torch::Tensor xn,
-                      torch::Tensor cnt, double eps, torch::Tensor then_pre, torch::Tensor then_a, int64_t then_afmt) {
+                      torch::Tensor cnt, double eps, torch::Tensor then_pre, torch::Tensor then_a, int64_t then_afmt,
+                      int64_t grid) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w8_gemv: tensors on one CUDA device");
   TORCH_CHECK(fmt >= 0 && fmt <= 2, "w8_gemv: format 0-2, got ", fmt);
@@ -111,6 +112,8 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && (x.stride(0) * x.element_size()) % 16 == 0 && x.size(1) == K,
               "w8_gemv: x [M, K], rows 16-byte aligned");
   TORCH_CHECK(M >= 1 && M <= 4, "w8_gemv: 1-4 rows; got ", M);
+  TORCH_CHECK(grid >= -1 && grid < (1LL << 31) && (grid == 0 || M == 1),
+              "w8_gemv: grid -1, 0 or n > 0, one row unless 0; got ", grid, " with ", M, " rows");
   TORCH_CHECK(K % 16 == 0 && w.dim() == 2 && w.is_contiguous(), "w8_gemv: w [N, K] contiguous, K % 16 == 0");
   TORCH_CHECK(s.is_contiguous() && s.numel() == (fmt == 2 ? 1 : N), "w8_gemv: s [N] (FP8: [1])");
   const gemv::ThenArgs t = then_args("w8_gemv", then, M, N, out, accumulate, nw, xn, cnt, eps, then_pre, then_a,
@@ -121,7 +124,7 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   const cudaError_t err = w8_gemv_launch(
       static_cast<int>(fmt), static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(),
       s.data_ptr(), out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), accumulate,
-      static_cast<int>(then), t, at::cuda::getCurrentCUDAStream());
+      static_cast<int>(then), t, static_cast<int>(grid), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w8_gemv: ", cudaGetErrorString(err));
   return out;
 }

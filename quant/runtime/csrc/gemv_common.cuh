@@ -35,6 +35,23 @@ __device__ __forceinline__ void load_chunks(uint4 (&wv)[U][R], const uint4* w, c
   }
 }
 
+// The persistent form's grid (host): requested > 0 caps it; -1 takes every block the GPU holds at once (SMs x the
+// blocks of this kernel an SM fits: registers, shared memory); never more than the row blocks, never 0.
+template <class Kernel>
+cudaError_t persistent_grid(Kernel kernel, size_t smem, int requested, int blocks, int& grid) {
+  grid = requested;
+  if (grid < 0) {
+    int dev = 0, sms = 0, per_sm = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, smem);
+    if (err != cudaSuccess) return err;
+    grid = sms * per_sm;
+  }
+  grid = grid < 1 ? 1 : grid < blocks ? grid : blocks;
+  return cudaSuccess;
+}
+
 // The weight row of slot r of this warp in row block vb (blockIdx.x, or a persistent block's current one).
 // THEN_SILU: a block's P = WARPS * R / 2 slots [0, P) are first-half rows (outputs p of f), slots [P, 2P) their
 // partners p + N/2 (g), so that each pair meets in one block; else the warp's R consecutive rows. Past the end: a
@@ -49,6 +66,45 @@ __device__ __forceinline__ int weight_row(int r, int N, int vb) {
     return i < P ? p : p + N / 2;
   } else {
     return min((vb * WARPS + warp) * R + r, N - 1);
+  }
+}
+
+// The persistent form's walk (one activation row; KernelConfig.w4g_persistent / w8g_persistent): gridDim.x blocks
+// take the NB row blocks vb = blockIdx.x, + gridDim.x, ..., each row block's lane rounds (32 * U chunks of its C a
+// row) as one sequence of steps, the weights of step i + 1 loaded before step i is computed: mac(cur, rows, c0), then
+// finish(vb) after a row block's last round. On entry cur and rows hold step 0's (the caller loads them first, so
+// that it can stage x meanwhile). vb and the round are the same across a block, so finish may hold a barrier. The
+// steps are the one-block-per-row-block form's rounds in its order: the same sums, the same bits.
+template <int R, int U, int THEN, class Mac, class Finish>
+__device__ __forceinline__ void walk_row_blocks(const uint4* w, int N, int C, int NB, int lane, uint4 (&cur)[U][R],
+                                                int (&rows)[R], Mac&& mac, Finish&& finish) {
+  const int rounds = (C + 32 * U - 1) / (32 * U);
+  int vb = blockIdx.x, round = 0;
+  uint4 nxt[U][R];
+  int nrows[R];
+  while (true) {
+    int nvb = vb, nround = round + 1;
+    if (nround == rounds) {
+      nround = 0;
+      nvb += gridDim.x;
+    }
+    const bool more = nvb < NB;
+    if (more) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) nrows[r] = weight_row<R, THEN>(r, N, nvb);
+      load_chunks(nxt, w, nrows, C, nround * 32 * U, lane);
+    }
+    mac(cur, rows, round * 32 * U);
+    if (nround == 0) finish(vb);
+    if (!more) return;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r) cur[u][r] = nxt[u][r];
+#pragma unroll
+    for (int r = 0; r < R; ++r) rows[r] = nrows[r];
+    vb = nvb;
+    round = nround;
   }
 }
 

@@ -177,12 +177,10 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
   if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N);
 }
 
-// The persistent form, one row (KernelConfig.w4g_persistent): gridDim.x blocks walk the NB row blocks (vb =
-// blockIdx.x, + gridDim.x, ...) and each row block's lane rounds as one sequence of steps, loading step i + 1's
-// weights before computing step i, so a warp's loads overlap its own arithmetic (the one-block-per-row-block form
-// waits on each round's loads; at 7B's K = 4096 a warp has a single round, so nothing of its own to overlap). x
-// (PRO_PREQUANT: x * pre) is staged once per block. The same sums in the same order as w4a16_gemv_kernel: the
-// results are bit for bit its. THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store.
+// The persistent form, one row (KernelConfig.w4g_persistent): gemv::walk_row_blocks over the NB row blocks, so a
+// warp's loads overlap its own arithmetic (the one-block-per-row-block form waits on each round's loads; at 7B's K
+// = 4096 a warp has a single round, nothing of its own to overlap). x (PRO_PREQUANT: x * pre) is staged once per
+// block. THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store.
 template <int R, int U, int PRO, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
     const half* __restrict__ x, const uint4* __restrict__ w, const half* __restrict__ s, half* __restrict__ y,
@@ -190,42 +188,21 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
   extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
   const int C = K >> 5, G = K >> gshift;
-  const int rounds = (C + 32 * U - 1) / (32 * U);
-  int vb = blockIdx.x, round = 0;
   int rows[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) rows[r] = gemv::weight_row<R, THEN>(r, N, vb);
+  for (int r = 0; r < R; ++r) rows[r] = gemv::weight_row<R, THEN>(r, N, blockIdx.x);
   float acc[1][R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[0][r] = 0.f;
-  uint4 cur[U][R], nxt[U][R];
+  uint4 cur[U][R];
   load_chunks(cur, w, rows, C, 0, lane);
   if (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K);
-  while (true) {  // vb, round and so every branch below are the same for the whole block
-    int nvb = vb, nround = round + 1;
-    if (nround == rounds) {
-      nround = 0;
-      nvb += gridDim.x;
-    }
-    const bool more = nvb < NB;
-    int nrows[R];
-    if (more) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) nrows[r] = gemv::weight_row<R, THEN>(r, N, nvb);
-      load_chunks(nxt, w, nrows, C, nround * 32 * U, lane);
-    }
-    mac_round<1, R, U, PRO>(cur, x, 0, xs, s, rows, C, G, gshift - 5, round * 32 * U, lane, acc);
-    if (nround == 0) finish_rows<1, R, THEN>(acc, y, 0, N, accumulate, then, vb, lane);
-    if (!more) break;
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int r = 0; r < R; ++r) cur[u][r] = nxt[u][r];
-#pragma unroll
-    for (int r = 0; r < R; ++r) rows[r] = nrows[r];
-    vb = nvb;
-    round = nround;
-  }
+  gemv::walk_row_blocks<R, U, THEN>(
+      w, N, C, NB, lane, cur, rows,
+      [&](const uint4 (&wv)[U][R], const int (&rw)[R], int c0) {
+        mac_round<1, R, U, PRO>(wv, x, 0, xs, s, rw, C, G, gshift - 5, c0, lane, acc);
+      },
+      [&](int vb) { finish_rows<1, R, THEN>(acc, y, 0, N, accumulate, then, vb, lane); });
   if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N);
 }
 
@@ -250,16 +227,10 @@ cudaError_t launch(const Args& a) {
   if constexpr (M == 1) {
     if (a.grid != 0) {
       const auto kernel = w4a16_gemv_persistent<R, U, PRO, THEN>;
-      int grid = a.grid;
-      if (grid < 0) {  // every block resident at once: SMs x blocks an SM holds (registers, shared memory)
-        int dev = 0, sms = 0, per_sm = 0;
-        cudaError_t err = cudaGetDevice(&dev);
-        if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, smem);
-        if (err != cudaSuccess) return err;
-        grid = sms * per_sm > 0 ? sms * per_sm : 1;
-      }
-      kernel<<<grid < blocks ? grid : blocks, WARPS * 32, smem, a.stream>>>(
+      int grid = 0;
+      const cudaError_t err = gemv::persistent_grid(kernel, smem, a.grid, blocks, grid);
+      if (err != cudaSuccess) return err;
+      kernel<<<grid, WARPS * 32, smem, a.stream>>>(
           static_cast<const half*>(a.x), static_cast<const uint4*>(a.w), static_cast<const half*>(a.s),
           static_cast<half*>(a.y), a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre), a.then_args,
           blocks);

@@ -104,42 +104,32 @@ __device__ __forceinline__ float row_scale(const void* s, int n) {
   return F == F_W8A16 ? __half2float(static_cast<const half*>(s)[n]) : static_cast<const float*>(s)[F == F_FP8 ? 0 : n];
 }
 
-// M activation rows, R weight rows per warp, U chunks of 16 k per lane in flight; THEN (M == 1): the epilogue's
-// work for the next linear (gemv_common.cuh).
-template <int F, int M, int R, int U, int THEN>
-__global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
-    const void* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const void* __restrict__ s,
-    half* __restrict__ y, int64_t ldy, int N, int K, bool accumulate, ThenArgs then) {
-  const int lane = threadIdx.x & 31;
-  const int n0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * R;  // warps past N compute a valid row, store none
-  const int C = K >> 4;  // 16-weight chunks per row (uint4 per row)
-  int rows[R];
+// One lane round: chunks c0 + 32u + lane (u < U) of the R rows, already loaded into wv, against x's M rows.
+template <int F, int M, int R, int U>
+__device__ __forceinline__ void mac_round(const uint4 (&wv)[U][R], const void* x, int64_t ldx, int C, int c0,
+                                          int lane, Acc<F> (&acc)[M][R]) {
 #pragma unroll
-  for (int r = 0; r < R; ++r) rows[r] = gemv::weight_row<R, THEN>(r, N, blockIdx.x);
-  Acc<F> acc[M][R];
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + u * 32 + lane;
+    if (c >= C) break;
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+    for (int m = 0; m < M; ++m) {
+      Chunk<F> xc;
+      load_x<F>(x, ldx, m, c, xc);
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = 0;
-
-  uint4 wv[U][R];
-  for (int c0 = 0; c0 < C; c0 += 32 * U) {
-    load_chunks(wv, w, rows, C, c0, lane);
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + u * 32 + lane;
-      if (c >= C) break;
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        Chunk<F> xc;
-        load_x<F>(x, ldx, m, c, xc);
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[m][r] = dot_word<F>(word(wv[u][r], j), xc, j, acc[m][r]);
-      }
+        for (int j = 0; j < 4; ++j) acc[m][r] = dot_word<F>(word(wv[u][r], j), xc, j, acc[m][r]);
     }
   }
+}
+
+// Row block vb done: the lanes' sums reduced, scaled and stored by lane 0 (added to y when accumulating) or,
+// THEN_SILU, met with their partners (store_silu_pairs); acc is left zero for the next row block.
+template <int F, int M, int R, int THEN>
+__device__ __forceinline__ void finish_rows(Acc<F> (&acc)[M][R], const int (&rows)[R], const void* s, half* y,
+                                            int64_t ldy, int N, bool accumulate, const ThenArgs& then, int vb,
+                                            int lane) {
   float total[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -149,15 +139,15 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
       total[m][r] = static_cast<float>(v);
+      acc[m][r] = 0;
     }
   if constexpr (THEN == THEN_SILU) {
     float v[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) v[r] = row_scale<F>(s, rows[r]) * total[0][r];
-    gemv::store_silu_pairs<R>(v, then, N, blockIdx.x);
-    return;
-  }
-  if (lane == 0) {
+    gemv::store_silu_pairs<R>(v, then, N, vb);
+  } else if (lane == 0) {
+    const int n0 = (vb * WARPS + (threadIdx.x >> 5)) * R;  // warps past N computed a valid row: stored none
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int n = n0 + r;
@@ -171,6 +161,55 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
       }
     }
   }
+}
+
+// M activation rows, R weight rows per warp, U chunks of 16 k per lane in flight; one block per row block; THEN
+// (M == 1): the epilogue's work for the next linear (gemv_common.cuh).
+template <int F, int M, int R, int U, int THEN>
+__global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
+    const void* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const void* __restrict__ s,
+    half* __restrict__ y, int64_t ldy, int N, int K, bool accumulate, ThenArgs then) {
+  const int lane = threadIdx.x & 31;
+  const int C = K >> 4;  // 16-weight chunks per row (uint4 per row)
+  int rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) rows[r] = gemv::weight_row<R, THEN>(r, N, blockIdx.x);
+  Acc<F> acc[M][R];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = 0;
+
+  uint4 wv[U][R];
+  for (int c0 = 0; c0 < C; c0 += 32 * U) {
+    load_chunks(wv, w, rows, C, c0, lane);
+    mac_round<F, M, R, U>(wv, x, ldx, C, c0, lane, acc);
+  }
+  finish_rows<F, M, R, THEN>(acc, rows, s, y, ldy, N, accumulate, then, blockIdx.x, lane);
+  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N);
+}
+
+// The persistent form, one row (KernelConfig.w8g_persistent): gemv::walk_row_blocks over the NB row blocks, a
+// warp's next round loaded while it computes the current one (the one-block-per-row-block form waits on each of its
+// K / (512 U) rounds). THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store.
+template <int F, int R, int U, int THEN>
+__global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
+    const void* __restrict__ x, const uint4* __restrict__ w, const void* __restrict__ s, half* __restrict__ y, int N,
+    int K, bool accumulate, ThenArgs then, int NB) {
+  const int lane = threadIdx.x & 31;
+  const int C = K >> 4;
+  int rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) rows[r] = gemv::weight_row<R, THEN>(r, N, blockIdx.x);
+  Acc<F> acc[1][R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[0][r] = 0;
+  uint4 cur[U][R];
+  load_chunks(cur, w, rows, C, 0, lane);
+  gemv::walk_row_blocks<R, U, THEN>(
+      w, N, C, NB, lane, cur, rows,
+      [&](const uint4 (&wv)[U][R], const int (&)[R], int c0) { mac_round<F, 1, R, U>(wv, x, 0, C, c0, lane, acc); },
+      [&](int vb) { finish_rows<F, 1, R, THEN>(acc, rows, s, y, 0, N, accumulate, then, vb, lane); });
   if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N);
 }
 
@@ -182,6 +221,7 @@ struct Args {
   bool accumulate;
   int then;
   ThenArgs then_args;
+  int grid;  // as w4a16_gemv.cu's: 0 one block per row block; -1 persistent on what fits at once; > 0 at most
   cudaStream_t stream;
 };
 
@@ -190,6 +230,17 @@ cudaError_t launch(const Args& a) {
   // THEN_SILU: a block's warps take P = WARPS * R / 2 outputs' row pairs; else R rows each
   const int blocks = THEN == THEN_SILU ? (a.N / 2 + WARPS * R / 2 - 1) / (WARPS * R / 2)
                                        : ((a.N + R - 1) / R + WARPS - 1) / WARPS;
+  if constexpr (M == 1) {
+    if (a.grid != 0) {
+      const auto kernel = w8_gemv_persistent<F, R, U, THEN>;
+      int grid = 0;
+      const cudaError_t err = gemv::persistent_grid(kernel, 0, a.grid, blocks, grid);
+      if (err != cudaSuccess) return err;
+      kernel<<<grid, WARPS * 32, 0, a.stream>>>(a.x, static_cast<const uint4*>(a.w), a.s, static_cast<half*>(a.y),
+                                                 a.N, a.K, a.accumulate, a.then_args, blocks);
+      return cudaGetLastError();
+    }
+  }
   w8_gemv_kernel<F, M, R, U, THEN><<<blocks, WARPS * 32, 0, a.stream>>>(
       a.x, a.ldx, static_cast<const uint4*>(a.w), a.s, static_cast<half*>(a.y), a.ldy, a.N, a.K, a.accumulate,
       a.then_args);
@@ -231,11 +282,12 @@ cudaError_t launch_rows(int tile, int M, const Args& a) {
 // aligned with row strides ldx (elements, so that rows stay 16-byte aligned) and K bytes; s as the format says;
 // y [M, ldy] float16. then (gemv::Then) other than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs);
 // THEN_SILU: N even, xn [N/2], y unused, not accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned
-// that is 0 (and is left 0).
+// that is 0 (and is left 0). grid (Args): M == 1 unless 0.
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const ThenArgs& t,
-                           cudaStream_t stream) {
-  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, then, t, stream};
+                           int grid, cudaStream_t stream) {
+  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, then, t, grid, stream};
+  if (grid != 0 && M != 1) return cudaErrorInvalidValue;
   switch (fmt) {
     case F_W8A16: return launch_rows<F_W8A16>(tile, M, a);
     case F_W8A8: return launch_rows<F_W8A8>(tile, M, a);

@@ -100,6 +100,9 @@ class KernelConfig:
     # Its (weight rows per warp, chunks in flight per lane), one of cuda_ext.GEMV_TILES; None: the format's
     # cuda_ext.W8G_TILES entry.
     w8g_tile: tuple[int, int] | None = None
+    # Formats whose batch-1 row takes that GEMV's persistent form (as w4g_persistent). Empty until measured faster
+    # end to end (experiments.bench RECIPE@w8gp).
+    w8g_persistent: frozenset[str] = frozenset()
     # Weight-only formats ("W8A16", "W4A16_AWQ") whose prefill (more than 64 rows) multiplies the stored weights
     # through the tl.dot kernel, dequantized in registers (cuda_kernels.WQ_PREFILL_CONFIG), instead of writing a
     # float16 copy of each weight per call for cuBLAS. Empty: on an H200 (7B, experiments.bench RECIPE@wqprefill)
@@ -153,8 +156,10 @@ class KernelConfig:
             raise ValueError(f"wq_prefill takes W8A16 and W4A16_AWQ; got {sorted(self.wq_prefill)}")
         if self.attn_fused_batch is not None and self.attn_fused_batch < 1:
             raise ValueError(f"attn_fused_batch must be >= 1 or None (every batch), got {self.attn_fused_batch}")
-        if self.w8g - set(cuda_ext.W8_FORMATS):
-            raise ValueError(f"w8g takes the 8-bit formats {', '.join(cuda_ext.W8_FORMATS)}; got {sorted(self.w8g)}")
+        for name in ("w8g", "w8g_persistent"):
+            if getattr(self, name) - set(cuda_ext.W8_FORMATS):
+                raise ValueError(f"{name} takes the 8-bit formats {', '.join(cuda_ext.W8_FORMATS)}; got "
+                                 f"{sorted(getattr(self, name))}")
         if self.int4_kernel not in INT4_KERNELS:
             raise ValueError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {self.int4_kernel!r}")
         unknown = set(self.gemv) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
@@ -293,8 +298,9 @@ class _Handler:
 
     def _w8g_gemv(self, x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None, eps: float = 1e-6,
                   **then) -> torch.Tensor:
+        grid = -1 if self.algo_key in self.kernels.w8g_persistent and x.shape[0] == 1 else 0
         return cuda_ext.w8_gemv(x, self.weight, scale, fmt=self.algo_key, residual=residual,
-                                tile=self.kernels.w8g_tile, eps=eps, **then)
+                                tile=self.kernels.w8g_tile, eps=eps, grid=grid, **then)
 
     def _ck_gemv(self, *args, **kwargs) -> torch.Tensor:
         """The batch-1 GEMV kernel with this handler's kernel options."""
