@@ -401,22 +401,25 @@ def _persistent_gives_the_same_bits(call, res, nw, cnt, tag, inputs=({},)):
 
 
 def _persistent_in_a_graph(call, res, nw, cnt, want, r0, **kw):
-    """The GPU-sized persistent grid captured in a CUDA graph, as decode runs it: three replays, the same bits."""
-    graph, r = torch.cuda.CUDAGraph(), res.clone()
-    with torch.cuda.graph(graph):
-        got = call(-1, residual=r, then_norm=nw, counter=cnt, eps=1e-5, **kw)
-    for _ in range(3):
-        r.copy_(res)
-        graph.replay()
-        assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any()
+    """The persistent grid captured in a CUDA graph, as decode runs it, GPU-sized and of 3 blocks (several row
+    blocks each): three replays, the same bits."""
+    for grid in (-1, 3):
+        graph, r = torch.cuda.CUDAGraph(), res.clone()
+        with torch.cuda.graph(graph):
+            got = call(grid, residual=r, then_norm=nw, counter=cnt, eps=1e-5, **kw)
+        for _ in range(3):
+            r.copy_(res)
+            graph.replay()
+            assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any(), grid
 
 
 @cuda
-@pytest.mark.parametrize("out, inp", [(92, 576), (2056, 11008)])
+@pytest.mark.parametrize("out, inp", [(92, 576), (2056, 11008), (22016, 576)])
 def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
     """The compiled INT4 GEMV's persistent form (KernelConfig.w4g_persistent; cuda_ext.w4a16_gemv grid=) against
     its one-block-per-row-block form, every tile, bit for bit (_persistent_gives_the_same_bits; K = 11008 in several
-    lane rounds, so the next step's loads cross rounds and row blocks), with and without the pre-quant scale (staged
+    lane rounds, so the next step's loads cross rounds and row blocks; N = 22016, fc‖gate's, more row blocks than
+    an H200 holds at once, so the GPU-sized grid walks several too), with and without the pre-quant scale (staged
     once per block), in a CUDA graph, and through the handler; more than one row is refused."""
     from quant.runtime import cuda_ext
     from quant.runtime.linear import make_linear
@@ -456,9 +459,10 @@ W8G = ["W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"]
 @pytest.mark.parametrize("algo", W8G)
 def test_w8g_persistent_gives_the_same_bits(algo):
     """The compiled 8-bit GEMV's persistent form (KernelConfig.w8g_persistent; cuda_ext.w8_gemv grid=) against its
-    one-block-per-row-block form, bit for bit (_persistent_gives_the_same_bits), every tile, N = 92 / K = 576 and
-    N = 2056 / K = 11008 (43 lane rounds at the narrowest tile), also with the result quantized for a SmoothQuant
-    linear next, in a CUDA graph, and through the handler; more than one row is refused."""
+    one-block-per-row-block form, bit for bit (_persistent_gives_the_same_bits), every tile, N = 92 / K = 576,
+    N = 2056 / K = 11008 (22 lane rounds at the narrowest tile) and N = 22016 / K = 576 (more row blocks than the
+    GPU holds at once), also with the result quantized for a SmoothQuant linear next, in a CUDA graph, and through
+    the handler; more than one row is refused."""
     from quant.hardware import fp8_refusal
     from quant.runtime import cuda_ext
     from quant.runtime import cuda_kernels as ck
@@ -470,7 +474,7 @@ def test_w8g_persistent_gives_the_same_bits(algo):
         pytest.skip(fp8_refusal(0))
     gen = torch.Generator().manual_seed(len(algo) + 1)
     e4m3 = torch.float8_e4m3fn
-    for out, inp in ((92, 576), (2056, 11008)):
+    for out, inp in ((92, 576), (2056, 11008), (22016, 576)):
         if algo == "FP8":
             w = (torch.randn(out, inp, generator=gen) * 2).to(e4m3)
             x = (torch.randn(1, inp, generator=gen) * 4).to(e4m3)

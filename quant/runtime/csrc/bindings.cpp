@@ -70,7 +70,7 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   TORCH_CHECK(grid >= -1 && grid < (1LL << 31) && (grid == 0 || M == 1),
               "w4a16_gemv: grid -1, 0 or n > 0, one row unless 0; got ", grid, " with ", M, " rows");
   TORCH_CHECK(!pre || K * 2 <= 48 * 1024, "w4a16_gemv: prequant stages K <= 24576 in shared memory");
-  TORCH_CHECK(K % 32 == 0 && w.is_contiguous(), "w4a16_gemv: w [N, K / 8], K % 32 == 0");
+  TORCH_CHECK(K > 0 && K % 32 == 0 && w.is_contiguous(), "w4a16_gemv: w [N, K / 8], K % 32 == 0, K > 0");
   TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && K % group == 0, "w4a16_gemv: group a power of two >= 32");
   TORCH_CHECK(s.is_contiguous() && s.size(0) == N && s.size(1) * group == K, "w4a16_gemv: s [N, K / group]");
   const gemv::ThenArgs t = then_args("w4a16_gemv", then, M, N, out, accumulate, nw, xn, cnt, eps, then_pre, then_a,
@@ -114,7 +114,8 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   TORCH_CHECK(M >= 1 && M <= 4, "w8_gemv: 1-4 rows; got ", M);
   TORCH_CHECK(grid >= -1 && grid < (1LL << 31) && (grid == 0 || M == 1),
               "w8_gemv: grid -1, 0 or n > 0, one row unless 0; got ", grid, " with ", M, " rows");
-  TORCH_CHECK(K % 16 == 0 && w.dim() == 2 && w.is_contiguous(), "w8_gemv: w [N, K] contiguous, K % 16 == 0");
+  TORCH_CHECK(K > 0 && K % 16 == 0 && w.dim() == 2 && w.is_contiguous(),
+              "w8_gemv: w [N, K] contiguous, K % 16 == 0, K > 0");
   TORCH_CHECK(s.is_contiguous() && s.numel() == (fmt == 2 ? 1 : N), "w8_gemv: s [N] (FP8: [1])");
   const gemv::ThenArgs t = then_args("w8_gemv", then, M, N, out, accumulate, nw, xn, cnt, eps, then_pre, then_a,
                                       then_afmt);

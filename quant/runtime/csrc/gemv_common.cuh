@@ -36,7 +36,7 @@ __device__ __forceinline__ void load_chunks(uint4 (&wv)[U][R], const uint4* w, c
 }
 
 // The persistent form's grid (host): requested > 0 caps it; -1 takes every block the GPU holds at once (SMs x the
-// blocks of this kernel an SM fits: registers, shared memory); never more than the row blocks, never 0.
+// blocks of this kernel an SM fits: registers, shared memory), at least 1; never more than the row blocks.
 template <class Kernel>
 cudaError_t persistent_grid(Kernel kernel, size_t smem, int requested, int blocks, int& grid) {
   grid = requested;

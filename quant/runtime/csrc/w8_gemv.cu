@@ -156,8 +156,10 @@ __device__ __forceinline__ void finish_rows(Acc<F> (&acc)[M][R], const int (&row
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         half* out = y + m * ldy + n;
-        const float v = sc * total[m][r];
-        *out = __float2half_rn(accumulate ? __half2float(*out) + v : v);
+        // rounded explicitly: a contraction into one FFMA, which nvcc chose for some tiles and not others, would
+        // make the bits depend on the tile and the compiler
+        const float v = __fmul_rn(sc, total[m][r]);
+        *out = __float2half_rn(accumulate ? __fadd_rn(__half2float(*out), v) : v);
       }
     }
   }
