@@ -133,6 +133,12 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     return ret
 
 
+def grid(persistent: bool, rows: int) -> int:
+    """The ``grid`` a handler passes to :func:`w4a16_gemv` / :func:`w8_gemv`: the persistent form on what the GPU
+    holds at once (-1) where it is chosen and the call has one row (the kernels take it for one row only), else 0."""
+    return -1 if persistent and rows == 1 else 0
+
+
 def fuses(rows: int, inp: int) -> bool:
     """Whether the GEMV can apply the pre-quant scale itself: one row, staged whole in 48 KiB of shared memory."""
     return rows == 1 and inp * 2 <= 48 * 1024

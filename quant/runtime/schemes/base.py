@@ -298,9 +298,9 @@ class _Handler:
 
     def _w8g_gemv(self, x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None, eps: float = 1e-6,
                   **then) -> torch.Tensor:
-        grid = -1 if self.algo_key in self.kernels.w8g_persistent and x.shape[0] == 1 else 0
         return cuda_ext.w8_gemv(x, self.weight, scale, fmt=self.algo_key, residual=residual,
-                                tile=self.kernels.w8g_tile, eps=eps, grid=grid, **then)
+                                tile=self.kernels.w8g_tile, eps=eps,
+                                grid=cuda_ext.grid(self.algo_key in self.kernels.w8g_persistent, x.shape[0]), **then)
 
     def _ck_gemv(self, *args, **kwargs) -> torch.Tensor:
         """The batch-1 GEMV kernel with this handler's kernel options."""

@@ -113,17 +113,14 @@ class W4A16AWQLinear(_Handler):
                                       tile=self.w4k_tile)
 
     def _w4g_mm(self, x, norm, eps, silu, residual=None, **then):
+        grid = cuda_ext.grid(self.kernels.w4g_persistent, x.shape[0])
         if norm is None and not silu and self.prequant is not None and self.kernels.w4g_fuse \
                 and cuda_ext.fuses(x.shape[0], self.inp):
             return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
-                                       tile=self.w4g_tile, prequant=self.prequant, eps=eps, grid=self._w4g_grid(x),
-                                       **then)
+                                       tile=self.w4g_tile, prequant=self.prequant, eps=eps, grid=grid, **then)
         x = self._prep(x, norm, eps, silu, prequant=self.prequant)
         return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile,
-                                   eps=eps, grid=self._w4g_grid(x), **then)
-
-    def _w4g_grid(self, x) -> int:
-        return -1 if self.kernels.w4g_persistent and x.shape[0] == 1 else 0
+                                   eps=eps, grid=grid, **then)
 
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
