@@ -37,7 +37,8 @@ ARCH = "-gencode=arch=compute_90,code=sm_90"
 # main loop: a short stream loop can be shorter than an epilogue's
 STREAM_LOAD = "LDG.E.NA.LTC256B.128.CONSTANT"
 TEMPLATE = {"w8_gemv_kernel": ("F", "M", "R", "U", "THEN"), "w4a16_gemv_kernel": ("M", "R", "U", "PRO", "THEN"),
-            "w4a16_gemv_persistent": ("R", "U", "PRO", "THEN"), "w8_gemv_persistent": ("F", "R", "U", "THEN")}
+            "w4a16_gemv_persistent": ("R", "U", "PRO", "THEN"), "w8_gemv_persistent": ("F", "R", "U", "THEN"),
+            "w4a16_mma_kernel": ("ROWS", "P", "PRE", "THEN")}
 THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
 
 
@@ -52,7 +53,7 @@ def kernels(sass: str, res: str) -> list[dict]:
         kind = next((k for k in TEMPLATE if k in name), None)
         if kind is None:
             continue
-        args = [int(a) for a in re.findall(r"Li(\d+)E", name.split(kind, 1)[1])[:len(TEMPLATE[kind])]]
+        args = [int(a) for a in re.findall(r"L[ib](\d+)E", name.split(kind, 1)[1])[:len(TEMPLATE[kind])]]
         ops = set(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", body))
         regs, stack = usage.get(name, (-1, -1))
         loop = main_loop(body, STREAM_LOAD)
@@ -75,6 +76,12 @@ def check_kernels(cubin: Path) -> list[str]:
             fails.append(f"{tag}: the RMSNorm epilogue without its GPU fence and atomic count")
         if then in (THEN_SILU, THEN_NORM) and not any(o.startswith("BAR.SYNC") for o in k["ops"]):
             fails.append(f"{tag}: the epilogue without its block barrier")
+        if k["kind"] == "w4a16_mma_kernel":  # tensor cores, and the K split's count after its fence
+            if not any(o.startswith("HMMA.16816.F32") for o in k["ops"]):
+                fails.append(f"{tag}: no m16n8k16 float32-accumulating HMMA")
+            if not (any(o.startswith("ATOMG") for o in k["ops"]) and any(o.startswith("MEMBAR") and "GPU" in o
+                                                                        for o in k["ops"])):
+                fails.append(f"{tag}: the K split's reduction without its GPU fence and atomic count")
     epi = [k for k in found if k["args"]["THEN"]]
     print(f"{cubin.stem}: {len(found)} kernels for sm_90 ({len(epi)} with an epilogue for the next linear), "
           f"registers {min(k['regs'] for k in found)}-{max(k['regs'] for k in found)}, "
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     fails = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for cu in ("w8_gemv.cu", "w4a16_gemv.cu"):
+        for cu in ("w8_gemv.cu", "w4a16_gemv.cu", "w4a16_mma.cu"):
             cubin = tmp / (cu + ".cubin")
             p = subprocess.run(["nvcc", "-O3", ARCH, "-cubin", str(CSRC / cu), "-o", str(cubin)], capture_output=True,
                                text=True, cwd=CSRC)

@@ -4,7 +4,9 @@
 (:func:`pack_w4g`): each lane streams 16 bytes of weights per load and turns them into float16 pairs in registers
 with one LOP3 per pair (``csrc/w4a16_gemv.cu`` states its layout and precision contract). :func:`w8_gemv` is the
 8-bit one (W8A16, SmoothQuant W8A8, FP8) on the checkpoint's own [N, K] layout: 16 weights per load, widened to
-float32 in registers (int32 DP4A sums for W8A8; ``csrc/w8_gemv.cu``).
+float32 in registers (int32 DP4A sums for W8A8; ``csrc/w8_gemv.cu``). :func:`w4a16_mma` is INT4 (W4A16) for 1–32
+rows on tensor cores, Marlin's way: a copy reordered at load (:func:`pack_w4m`) whose 16 bytes a lane are exactly its
+MMA fragments, dequantized in registers, the K split across blocks (``csrc/w4a16_mma.cu``).
 
 The build needs ``nvcc`` and ``ninja`` (the CUDA toolkit); it is cached under the suite's cache folder, keyed on the
 contents of ``csrc/`` and by PyTorch on the compiler flags, so a machine compiles it once and an edited source
@@ -53,7 +55,7 @@ def load():
         with quiet.held("torch.utils.cpp_extension"):  # the compiler's output shows with -v
             return cpp_extension.load(
                 name="quant_cuda_gemv",
-                sources=[str(CSRC / f) for f in ("bindings.cpp", "w4a16_gemv.cu", "w8_gemv.cu")],
+                sources=[str(CSRC / f) for f in ("bindings.cpp", "w4a16_gemv.cu", "w4a16_mma.cu", "w8_gemv.cu")],
                 build_directory=str(build), extra_cuda_cflags=["-O3", "-lineinfo"] + _arch_flags(),
                 extra_cflags=["-O3"], verbose=False)
     except Exception as exc:  # no toolkit, no compiler, a failed build: the reason, and the other kernels run
@@ -92,6 +94,88 @@ def unpack_w4g(w: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(u)
     out[..., list(_NIBBLE_K)] = u
     return (out - 8).reshape(n, kw * 8).to(torch.int8)
+
+
+W4M_TILE = 64  # output channels per tile of the tensor-core kernel (csrc/w4a16_mma.cu)
+W4M_MAX_ROWS = 32
+W4M_DEPTHS = (4, 8)  # steps loaded ahead per warp it is built for (8: up to 8 rows)
+
+
+def w4m_ok(out: int, inp: int, group: int, dtype: torch.dtype) -> bool:
+    """Whether the tensor-core kernel takes this linear: float16, N a multiple of 64, K of 16, group a power of two
+    ≥ 16 that divides K."""
+    return (dtype == torch.float16 and out % W4M_TILE == 0 and inp % 16 == 0 and group >= 16
+            and group & (group - 1) == 0 and inp % group == 0)
+
+
+def w4m_rows_of_tiles(n: int, device=None) -> torch.Tensor:
+    """The weight row each (tile, column) of the layout holds, flat [N]: tile t takes rows 32t..32t+31, then N/2 +
+    32t..N/2 + 32t + 31, so that fc‖gate's SiLU · gate pairs meet in one tile (csrc/w4a16_mma.cu's tile_row)."""
+    t = torch.arange(n // W4M_TILE, device=device).unsqueeze(1)
+    c = torch.arange(32, device=device)
+    return torch.cat((32 * t + c, n // 2 + 32 * t + c), dim=1).reshape(-1)
+
+
+def pack_w4m(q: torch.Tensor, scales: torch.Tensor, tiles_per_step: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """int q [N, K] in [-8, 7] and scales [N, K / group] → (int32 [N/64, K/16, 32, 4], float16 [N/64, K/group, 8, 8])
+    in the tensor-core kernel's layout (csrc/w4a16_mma.cu states it; the inverse: :func:`unpack_w4m`). Packed
+    ``tiles_per_step`` tiles at a time, so the int64 temporaries stay small."""
+    n, k = q.shape
+    rows = w4m_rows_of_tiles(n, q.device)
+
+    # [tile, i, o, g | ks, h, c, p]: column 16 i + 8 o + g of the tile, k = 16 ks + 8 h + 2 c + p
+    def pack(part: torch.Tensor) -> torch.Tensor:
+        u = (part.to(torch.int64) + 8).reshape(-1, 4, 2, 8, k // 16, 2, 4, 2)
+        # → [tile, ks, g, c, i, p, h, o]: lane 4 g + c, word i, nibble 4 p + 2 h + o
+        u = u.permute(0, 4, 3, 6, 1, 7, 5, 2).reshape(-1, k // 16, 32, 4, 8)
+        words = (u << (4 * torch.arange(8, device=q.device))).sum(-1)
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+    w = torch.cat([pack(q[part]) for part in rows.split(tiles_per_step * W4M_TILE)]).contiguous()
+    g = scales.shape[1]  # [tile, i, o, g, group] → [tile, group, g, (i, o)]
+    s = scales[rows].to(torch.float16).reshape(n // W4M_TILE, 4, 2, 8, g).permute(0, 4, 3, 1, 2)
+    return w, s.reshape(n // W4M_TILE, g, 8, 8).contiguous()
+
+
+def unpack_w4m(w: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`pack_w4m`: (int8 q [N, K], float16 scales [N, K / group])."""
+    tiles, steps = w.shape[:2]
+    n, groups = tiles * W4M_TILE, s.shape[1]
+    u = (w.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> (4 * torch.arange(8, device=w.device)) & 0xF
+    u = u.reshape(tiles, steps, 8, 4, 4, 2, 2, 2).permute(0, 4, 7, 2, 1, 6, 3, 5).reshape(n, steps * 16)
+    rows = w4m_rows_of_tiles(n, w.device)
+    q = torch.empty_like(u)
+    q[rows] = u - 8
+    sc = torch.empty(n, groups, dtype=s.dtype, device=s.device)
+    sc[rows] = s.reshape(tiles, groups, 8, 4, 2).permute(0, 3, 4, 2, 1).reshape(n, groups)
+    return q.to(torch.int8), sc
+
+
+def w4a16_mma(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, group: int, tile_counter: torch.Tensor,
+              residual: torch.Tensor | None = None, splits: int = 0, depth: int = 4,
+              prequant: torch.Tensor | None = None, then_silu: bool = False, then_norm: torch.Tensor | None = None,
+              counter: torch.Tensor | None = None, eps: float = 1e-6, then_quant: tuple | None = None) -> torch.Tensor:
+    """x [M ≤ 32, K] float16 → x · (q · s)ᵀ [M, N] on tensor cores, (w, s) from :func:`pack_w4m`; added to
+    ``residual`` in place (one rounding) when given. ``tile_counter``: int32 zeros [N / 64], left zero (the K split's).
+    ``splits``: 0 the kernel's rule (:func:`w4a16_mma_splits`), n > 0 that many; ``depth``: steps in flight per
+    warp (W4M_DEPTHS). ``prequant`` (one row): the input is x · prequant, rounded as act_prep rounds it.
+    ``then_silu`` / ``then_norm`` / ``counter`` / ``then_quant`` (one row): as :func:`w4a16_gemv`'s. The same bits on
+    every call for a given split."""
+    mod = load()
+    if isinstance(mod, str):
+        raise RuntimeError(mod)
+    out, then, ret = _then(x, w.shape[0] * W4M_TILE, residual, then_silu, then_norm, counter, eps, then_quant)
+    mod.w4a16_mma(x, w, s, group, out, residual is not None, tile_counter, splits, depth,
+                  _NONE if prequant is None else prequant, *then)
+    return ret
+
+
+def w4a16_mma_splits(rows: int, n: int, k: int, requested: int = 0) -> int:
+    """The K split :func:`w4a16_mma` takes for ``rows`` rows of an [n, k] weight on this GPU."""
+    mod = load()
+    if isinstance(mod, str):
+        raise RuntimeError(mod)
+    return mod.w4a16_mma_splits(rows, n, k, requested)
 
 
 def _then(x: torch.Tensor, n: int, residual, then_silu: bool, then_norm, counter, eps: float, then_quant):

@@ -11,6 +11,10 @@ cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const gemv::ThenArgs& t,
                            int grid, cudaStream_t stream);
+cudaError_t w4a16_mma_splits(int M, int N, int K, int requested, int& splits);
+cudaError_t w4a16_mma_launch(int M, const void* x, int64_t ldx, const void* w, const void* s, const void* pre, void* y,
+                             int64_t ldy, int N, int K, int gshift, bool accumulate, float* ws, unsigned* cnt,
+                             int splits, int depth, int then, const gemv::ThenArgs& t, cudaStream_t stream);
 
 // The epilogue's work for the next linear (gemv_then.h), one row: then 0 none; 1 SiLU * gate of y's halves into xn
 // [1, N / 2] (out unused); 2 RMSNorm of y after the residual add (accumulate) into xn [1, N], weight nw float16 [N],
@@ -130,7 +134,74 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   return out;
 }
 
+// The K split w4a16_mma takes for M rows of [N, K] on this GPU: requested > 0 (at most K / 16), or 0: its rule
+// (w4a16_mma.cu). For the tests and the benchmark's records.
+int64_t w4a16_mma_splits_of(int64_t M, int64_t N, int64_t K, int64_t requested) {
+  TORCH_CHECK(M >= 1 && M <= 32 && N > 0 && N % 64 == 0 && K > 0 && K % 16 == 0 && requested >= 0,
+              "w4a16_mma_splits: 1-32 rows, N % 64 == 0, K % 16 == 0, requested >= 0");
+  int splits = 0;
+  const cudaError_t err = w4a16_mma_splits(static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                                           static_cast<int>(requested), splits);
+  TORCH_CHECK(err == cudaSuccess, "w4a16_mma_splits: ", cudaGetErrorString(err));
+  return splits;
+}
+
+// x [M <= 32, K] float16; w int32 [N / 64, K / 16, 32, 4] and s float16 [N / 64, K / group, 8, 8] (cuda_ext.pack_w4m);
+// out [M, N] float16: written, or added to in place when accumulate. cnt int32 [N / 64] zeros, left zero (the K
+// split's tiles); splits 0 (the rule) or n; depth 4 or 8 (8: up to 8 rows). prequant float16 [K]: the input is
+// x * prequant (one row; an empty tensor: none). then ... then_afmt: then_args (one row). Returns out.
+torch::Tensor w4a16_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
+                        bool accumulate, torch::Tensor cnt, int64_t splits, int64_t depth, torch::Tensor prequant,
+                        int64_t then,
+                        torch::Tensor nw, torch::Tensor xn, torch::Tensor then_cnt, double eps, torch::Tensor then_pre,
+                        torch::Tensor then_a, int64_t then_afmt) {
+  TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device() &&
+              cnt.device() == x.device(), "w4a16_mma: tensors on one CUDA device");
+  TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
+              w.scalar_type() == at::kInt && cnt.scalar_type() == at::kInt,
+              "w4a16_mma: float16 x, s, out; int32 w and cnt");
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 32 && w.size(3) == 4 && w.is_contiguous(),
+              "w4a16_mma: w [N / 64, K / 16, 32, 4] (cuda_ext.pack_w4m)");
+  const int64_t M = x.size(0), N = w.size(0) * 64, K = w.size(1) * 16;
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 2 == 0 && x.size(1) == K &&
+              reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0, "w4a16_mma: x [M, K], rows 4-byte aligned");
+  TORCH_CHECK(M >= 1 && M <= 32, "w4a16_mma: 1-32 rows; got ", M);
+  TORCH_CHECK(K > 0 && group >= 16 && (group & (group - 1)) == 0 && K % group == 0,
+              "w4a16_mma: group a power of two >= 16 that divides K");
+  TORCH_CHECK(s.dim() == 4 && s.size(0) == N / 64 && s.size(1) * group == K && s.size(2) == 8 && s.size(3) == 8 &&
+              s.is_contiguous(), "w4a16_mma: s [N / 64, K / group, 8, 8] (cuda_ext.pack_w4m)");
+  TORCH_CHECK(cnt.is_contiguous() && cnt.numel() >= N / 64, "w4a16_mma: cnt int32 [N / 64]");
+  TORCH_CHECK(depth == 4 || (depth == 8 && M <= 8), "w4a16_mma: depth 4, or 8 up to 8 rows; got ", depth);
+  const bool pre = prequant.numel() > 0;
+  TORCH_CHECK(!pre || (M == 1 && prequant.device() == x.device() && prequant.scalar_type() == at::kHalf &&
+                       prequant.is_contiguous() && prequant.numel() == K &&
+                       reinterpret_cast<uintptr_t>(prequant.data_ptr()) % 4 == 0),
+              "w4a16_mma: prequant float16 [K], 4-byte aligned, with one row");
+  TORCH_CHECK(splits >= 0, "w4a16_mma: splits 0 (the rule) or n > 0");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(s.data_ptr()) % 16 == 0,
+              "w4a16_mma: w and s 16-byte aligned");
+  const gemv::ThenArgs t = then_args("w4a16_mma", then, M, N, out, accumulate, nw, xn, then_cnt, eps, then_pre,
+                                      then_a, then_afmt);
+  const c10::cuda::CUDAGuard guard(x.device());
+  int k_splits = 0;
+  cudaError_t err = w4a16_mma_splits(static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                                     static_cast<int>(splits), k_splits);
+  TORCH_CHECK(err == cudaSuccess, "w4a16_mma: ", cudaGetErrorString(err));
+  // the partial sums of a K split: from the caching allocator on this stream (a CUDA graph captures it)
+  const torch::Tensor ws = k_splits > 1 ? torch::empty({k_splits, M, N}, x.options().dtype(at::kFloat))
+                                        : torch::empty({0}, x.options().dtype(at::kFloat));
+  err = w4a16_mma_launch(static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
+                         pre ? prequant.data_ptr() : nullptr, out.data_ptr(),
+                         out.stride(0), static_cast<int>(N), static_cast<int>(K), __builtin_ctzll(group), accumulate,
+                         ws.data_ptr<float>(), static_cast<unsigned*>(cnt.data_ptr()), k_splits,
+                         static_cast<int>(depth), static_cast<int>(then), t, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "w4a16_mma: ", cudaGetErrorString(err));
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemv", &w4a16_gemv, "W4A16 GEMV, 1-4 rows (w4a16_gemv.cu)");
+  m.def("w4a16_mma", &w4a16_mma, "W4A16 on tensor cores, 1-32 rows (w4a16_mma.cu)");
+  m.def("w4a16_mma_splits", &w4a16_mma_splits_of, "the K split w4a16_mma takes (w4a16_mma.cu)");
   m.def("w8_gemv", &w8_gemv, "8-bit GEMV (W8A16, W8A8, FP8), 1-4 rows (w8_gemv.cu)");
 }

@@ -21,6 +21,28 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t and_or_1024(uint32_t a) {  // (a & MASK) | fp16x2(1024, 1024)
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "n"(MASK), "n"(0x64006400));
+  return r;
+}
+
+__device__ __forceinline__ half2 as_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
+__device__ __forceinline__ uint32_t as_u32(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+// INT4 (w4a16_gemv.cu, w4a16_mma.cu): one word of eight nibbles q + 8 -> 4 half2 of exact integers in [-8, 7]: (k0,k1), (k2,k3), (k4,k5), (k6,k7).
+__device__ __forceinline__ void dequant_word(uint32_t q, half2 (&d)[4]) {
+  const half2 sub = as_h2(0x64086408u);  // 1032 = 1024 + 8
+  const half2 mul = as_h2(0x2c002c00u);  // 1/16
+  const half2 add = as_h2(0xd480d480u);  // -72 = -(1024 / 16 + 8)
+  d[0] = __hsub2(as_h2(and_or_1024<0x000f000fu>(q)), sub);
+  d[1] = __hfma2(as_h2(and_or_1024<0x00f000f0u>(q)), mul, add);
+  q >>= 8;
+  d[2] = __hsub2(as_h2(and_or_1024<0x000f000fu>(q)), sub);
+  d[3] = __hfma2(as_h2(and_or_1024<0x00f000f0u>(q)), mul, add);
+}
+
 // U chunks of 16 bytes for each of R weight rows (C chunks per row), chunk c0 + 32u + lane for this lane, all
 // issued before any is used; chunks past the row read as zeros.
 template <int U, int R>
@@ -149,6 +171,13 @@ __device__ __forceinline__ void store_act8(const ThenArgs& t, int j, uint4 x8, c
   static_cast<uint2*>(t.xn)[j] = q;
 }
 
+// SiLU(f) * g of one output pair's float32 sums, f and g rounded to float16 first, as the unfused GEMV + act_prep
+// round them.
+__device__ __forceinline__ half silu_gate(float f, float g) {
+  const float a = __half2float(__float2half_rn(f));
+  return __hmul(__float2half_rn(a / (1.f + __expf(-a))), __float2half_rn(g));
+}
+
 // THEN_SILU's store of row block vb: v[r], this warp's finished outputs (scale applied), meet their partners in
 // shared memory; result [N/2] = SiLU(f) * g with f and g rounded to float16 first, as the unfused GEMV + act_prep
 // round them. The first barrier lets a persistent block reuse tot for its next row block.
@@ -165,13 +194,12 @@ __device__ __forceinline__ void store_silu_pairs(const float (&v)[R], const Then
   __syncthreads();
   const int t = threadIdx.x, p = vb * P + t;
   if (t < P && p < N / 2) {
-    const float a = __half2float(__float2half_rn(tot[t]));
-    store_act(then, p, __hmul(__float2half_rn(a / (1.f + __expf(-a))), __float2half_rn(tot[t + P])));
+    store_act(then, p, silu_gate(tot[t], tot[t + P]));
   }
 }
 
-// THEN_NORM, after every block stored its part of y [N]: the last block to finish (cnt, which it resets to 0 for the
-// next launch) writes nw * (y * rsqrt(mean(y^2) + eps)), float32 statistics, y * rstd rounded to float16 first
+// THEN_NORM, after each of `arrivals` blocks stored its part of y [N]: the last of them to finish (cnt, which it
+// resets to 0 for the next launch) writes nw * (y * rsqrt(mean(y^2) + eps)), float32 statistics, y * rstd rounded to float16 first
 // (act_prep's RMSNorm), through store_act. The other blocks' stores reach it through their fence before the count
 // and L2 loads (__ldcg) after it, CUDA's threadfence-reduction pattern.
 // This tail is serial (one block, after the whole GEMV), so latency counts: each thread issues NV 16-byte loads
@@ -179,13 +207,13 @@ __device__ __forceinline__ void store_silu_pairs(const float (&v)[R], const Then
 // 2-byte loads took ~15 us a norm on an H200 (2026-12-05 profile, 7B). NV = 2, not 4: the W8A16 kernel's registers
 // go 30 -> 48 (66 at 4, 7 blocks an SM: a second wave for 7B's 1024 blocks). A row whose length or pointers do not
 // allow 16-byte loads takes the scalar loop.
-__device__ __forceinline__ void norm_by_last_block(const half* y, const ThenArgs& then, int N) {
+__device__ __forceinline__ void norm_by_last_block(const half* y, const ThenArgs& then, int N, unsigned arrivals) {
   constexpr int T = WARPS * 32, NV = 2;
   __shared__ bool last;
   __shared__ float part[WARPS];
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(then.cnt, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) last = atomicAdd(then.cnt, 1u) == arrivals - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();

@@ -23,30 +23,9 @@
 namespace {
 
 using gemv::WARPS, gemv::load_chunks, gemv::word, gemv::ThenArgs, gemv::THEN_NONE, gemv::THEN_SILU, gemv::THEN_NORM;
+using gemv::as_h2, gemv::as_u32, gemv::dequant_word;
 
 enum Prologue { PRO_GLOBAL = 0, PRO_PREQUANT = 1 };  // PRO_GLOBAL: x read as given
-
-template <uint32_t MASK>
-__device__ __forceinline__ uint32_t and_or_1024(uint32_t a) {  // (a & MASK) | fp16x2(1024, 1024)
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "n"(MASK), "n"(0x64006400));
-  return r;
-}
-
-__device__ __forceinline__ half2 as_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
-__device__ __forceinline__ uint32_t as_u32(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-
-// One word -> 4 half2 of exact integers in [-8, 7]: (k0,k1), (k2,k3), (k4,k5), (k6,k7).
-__device__ __forceinline__ void dequant_word(uint32_t q, half2 (&d)[4]) {
-  const half2 sub = as_h2(0x64086408u);  // 1032 = 1024 + 8
-  const half2 mul = as_h2(0x2c002c00u);  // 1/16
-  const half2 add = as_h2(0xd480d480u);  // -72 = -(1024 / 16 + 8)
-  d[0] = __hsub2(as_h2(and_or_1024<0x000f000fu>(q)), sub);
-  d[1] = __hfma2(as_h2(and_or_1024<0x00f000f0u>(q)), mul, add);
-  q >>= 8;
-  d[2] = __hsub2(as_h2(and_or_1024<0x000f000fu>(q)), sub);
-  d[3] = __hfma2(as_h2(and_or_1024<0x00f000f0u>(q)), mul, add);
-}
 
 // The staged row x * pre in shared memory: the 16-byte unit j (k = 32c + 8j .. + 7) of chunk c sits at unit
 // j * C + c, so that the lanes of a warp, reading consecutive chunks' unit j, read consecutive 16 bytes (no bank
@@ -174,7 +153,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
     mac_round<M, R, U, PRO>(wv, x, ldx, xs, s, rows, C, G, gshift - 5, c0, lane, acc);
   }
   finish_rows<M, R, THEN>(acc, y, ldy, N, accumulate, then, blockIdx.x, lane);
-  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N);
+  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
 }
 
 // The persistent form, one row (KernelConfig.w4g_persistent): gemv::walk_row_blocks over the NB row blocks, so a
@@ -203,7 +182,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
         mac_round<1, R, U, PRO>(wv, x, 0, xs, s, rw, C, G, gshift - 5, c0, lane, acc);
       },
       [&](int vb) { finish_rows<1, R, THEN>(acc, y, 0, N, accumulate, then, vb, lane); });
-  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N);
+  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
 }
 
 struct Args {

@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
     mac_round<F, M, R, U>(wv, x, ldx, C, c0, lane, acc);
   }
   finish_rows<F, M, R, THEN>(acc, rows, s, y, ldy, N, accumulate, then, blockIdx.x, lane);
-  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N);
+  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
 }
 
 // The persistent form, one row (KernelConfig.w8g_persistent): gemv::walk_row_blocks over the NB row blocks, a
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
       w, N, C, NB, lane, cur, rows,
       [&](const uint4 (&wv)[U][R], const int (&)[R], int c0) { mac_round<F, 1, R, U>(wv, x, 0, C, c0, lane, acc); },
       [&](int vb) { finish_rows<F, 1, R, THEN>(acc, rows, s, y, 0, N, accumulate, then, vb, lane); });
-  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N);
+  if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
 }
 
 struct Args {

@@ -87,6 +87,13 @@ class KernelConfig:
     # its next weights before computing the current ones (w4a16_gemv.cu), the same bits. Off until measured faster
     # end to end (experiments.bench RECIPE@w4gp).
     w4g_persistent: bool = False
+    # INT4 rows (1–32) that take the tensor-core kernel (cuda_ext.w4a16_mma: float16, N a multiple of 64, on a copy
+    # whose 16 bytes a lane are its MMA fragments, made at load; ahead of w4g_rows, w4k_rows and tinygemm; batch 1
+    # with the gemv_then epilogues); None: off. Off until timed end to end against today's kernels (experiments.bench
+    # RECIPE@w4m, @w4m8).
+    w4m_rows: tuple[int, int] | None = None
+    # Its steps of 16 k loaded ahead per warp: 4, or 8 (up to 8 rows).
+    w4m_depth: int = 4
     # At one row with no RMSNorm / SiLU·gate in front: the pre-quant scale inside the GEMV instead of an act_prep
     # launch (RMSNorm and SiLU·gate stay in act_prep: inside the GEMV, every block recomputing them, they measured
     # slower end to end on an H200).
@@ -152,6 +159,13 @@ class KernelConfig:
                              f"got {self.w4k_rows}")
         if self.w4g_rows is not None and not 1 <= self.w4g_rows[0] <= self.w4g_rows[1] <= 4:
             raise ValueError(f"w4g_rows must be 1 <= low <= high <= 4 (the GEMV's rows) or None, got {self.w4g_rows}")
+        if self.w4m_rows is not None and not 1 <= self.w4m_rows[0] <= self.w4m_rows[1] <= cuda_ext.W4M_MAX_ROWS:
+            raise ValueError(f"w4m_rows must be 1 <= low <= high <= {cuda_ext.W4M_MAX_ROWS} (the kernel's rows) or "
+                             f"None, got {self.w4m_rows}")
+        if self.w4m_depth not in cuda_ext.W4M_DEPTHS or (
+                self.w4m_depth != 4 and self.w4m_rows is not None and self.w4m_rows[1] > 8):
+            raise ValueError(f"w4m_depth must be 4, or 8 with w4m_rows up to 8; got {self.w4m_depth} "
+                             f"with {self.w4m_rows}")
         if self.wq_prefill - {"W8A16", "W4A16_AWQ"}:
             raise ValueError(f"wq_prefill takes W8A16 and W4A16_AWQ; got {sorted(self.wq_prefill)}")
         if self.attn_fused_batch is not None and self.attn_fused_batch < 1:

@@ -45,6 +45,11 @@ class W4A16AWQLinear(_Handler):
             self.tinygemm = self.kpack = self.w4g = None
             self.kpack_at_1 = False  # batch 1 through the k-packed kernel (w4k_rows starting at 1)
             q = functools.cache(lambda: unpack_int4_rows(packed))  # the int4 values, for the copies made below
+            if kernels.w4m_rows is not None and cuda_ext.w4m_ok(out, inp, group, dtype) and self._extension_built():
+                # a copy in the tensor-core kernel's layout, for w4m_rows: it runs ahead of every kernel below
+                self.w4m = cuda_ext.pack_w4m(q(), self.scales)
+                self.w4m_rows = kernels.w4m_rows
+                self.w4m_counter = torch.zeros(out // cuda_ext.W4M_TILE, dtype=torch.int32, device=device)
             if kernels.w4g_rows is not None and cuda_ext.w4g_ok(inp, group, dtype) and self._extension_built():
                 # a copy in the GEMV's layout, for w4g_rows: it runs ahead of the kernels below
                 self.w4g, self.w4g_rows = cuda_ext.pack_w4g(q()), kernels.w4g_rows
@@ -67,8 +72,10 @@ class W4A16AWQLinear(_Handler):
                 self.kernel = "w4k-mma|" + self.kernel
             if self.w4g is not None:
                 self.kernel = "w4g-cuda|" + self.kernel
+            if self.w4m is not None:
+                self.kernel = "w4m-mma|" + self.kernel
             # batch 1 through the GEMV entry with one act_prep first (RMSNorm / SiLU·gate and the pre-quant scale)
-            self.own_prologue = self._w4g_takes(1) or self.kpack_at_1
+            self.own_prologue = self._w4m_takes(1) or self._w4g_takes(1) or self.kpack_at_1
         elif self.native and kgroup is not None:
             self.kernel, self.emulated, self.kernel_group = "int4pack_mm_cpu", False, kgroup
             q = unpack_int4_rows(packed)
@@ -87,18 +94,25 @@ class W4A16AWQLinear(_Handler):
     algo_key = "W4A16_AWQ"
     shared_inputs = ("prequant_scaling_factor",)
     w4g = None  # the compiled GEMV's copy (CUDA, float16), when built
+    w4m = None  # the tensor-core kernel's (weights, scales) (CUDA, float16), when built
 
     def _w4g_takes(self, rows: int) -> bool:
         return self.w4g is not None and self.w4g_rows[0] <= rows <= self.w4g_rows[1]
 
+    def _w4m_takes(self, rows: int) -> bool:
+        return self.w4m is not None and self.w4m_rows[0] <= rows <= self.w4m_rows[1]
+
     def _gemv_ok(self) -> bool:
-        return self._w4g_takes(1) or self.kpack_at_1 or (self.pow2_group and self.tinygemm is None)
+        return (self._w4m_takes(1) or self._w4g_takes(1) or self.kpack_at_1
+                or (self.pow2_group and self.tinygemm is None))
 
     def _gemv_then_ok(self) -> bool:
-        return not self.kpack_at_1 or self._w4g_takes(1)
+        return not self.kpack_at_1 or self._w4g_takes(1) or self._w4m_takes(1)
 
     def _gemv(self, x, *, norm, eps, silu, residual, **then):
         ck = _cuda_kernels()
+        if self._w4m_takes(1):
+            return self._w4m_mm(x, norm, eps, silu, residual, **then)
         if self._w4g_takes(1):
             return self._w4g_mm(x, norm, eps, silu, residual, **then)
         if self.kpack_at_1:
@@ -122,8 +136,20 @@ class W4A16AWQLinear(_Handler):
         return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile,
                                    eps=eps, grid=grid, **then)
 
+    def _w4m_mm(self, x, norm, eps, silu, residual=None, **then):
+        w, s = self.w4m
+        pre = None
+        if norm is None and not silu and x.shape[0] == 1:  # one row: the pre-quant scale in the kernel
+            pre = self.prequant
+        else:
+            x = self._prep(x, norm, eps, silu, prequant=self.prequant)
+        return cuda_ext.w4a16_mma(x, w, s, group=self.group, tile_counter=self.w4m_counter, residual=residual,
+                                  depth=self.kernels.w4m_depth, prequant=pre, eps=eps, **then)
+
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
+        if self._w4m_takes(x.shape[0]):
+            return self._w4m_mm(x, norm, eps, silu)
         if self._w4g_takes(x.shape[0]):
             return self._w4g_mm(x, norm, eps, silu)
         if self.kpack is not None and self.w4k_rows[0] <= x.shape[0] <= self.w4k_rows[1]:
@@ -156,6 +182,8 @@ class W4A16AWQLinear(_Handler):
 
     def _held(self):
         pre = () if self.prequant is None else (self.prequant,)
+        if self.cuda and self._w4m_takes(1):  # batch-1 decode reads the tensor-core kernel's copy
+            return *self.w4m, *pre
         if self.cuda and self._w4g_takes(1):  # batch-1 decode reads the GEMV's copy
             return self.w4g, self.scales, *pre
         if self.cuda and self.kpack_at_1:  # batch-1 decode reads the k-packed copy
