@@ -63,6 +63,9 @@ VARIANTS = {
     "smoothquant persistent": ("W8A8_SQ_PER_CHANNEL",
                                KernelConfig(w8g_persistent=frozenset({"W8A8_SQ_PER_CHANNEL"}))),
     "fp8 persistent": ("FP8", KernelConfig(w8g_persistent=frozenset({"FP8"}))),
+    # INT4 on tensor cores (KernelConfig.w4m_rows; csrc/w4a16_mma.cu), 4 or 8 steps loaded ahead per warp
+    "int4 w4m": ("W4A16_AWQ", KernelConfig(w4m_rows=(1, 32))),
+    "int4 w4m depth8": ("W4A16_AWQ", KernelConfig(w4m_rows=(1, 8), w4m_depth=8)),
 }
 SWEEP = list(itertools.product((16, 32, 64), (16, 32, 64), (2, 4), (2, 4)))  # (BLOCK_N, KW, warps, stages)
 

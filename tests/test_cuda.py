@@ -20,6 +20,7 @@ check, outputs poisoned with NaN where the kernel writes into a given buffer):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import zlib
 
@@ -378,6 +379,123 @@ def test_int4_w4g_off_or_unavailable_leaves_the_other_kernels(monkeypatch):
     h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=torch.float16, device=DEV,
                     group_size=64)
     assert h.w4g is None and h.gemv_unavailable.endswith("(test)") and h.tinygemm is not None
+
+
+@cuda
+@pytest.mark.parametrize("out, inp, group", [(64, 512, 32), (128, 1024, 128), (576, 576, 64), (960, 1536, 64),
+                                             (64, 11008, 128), (4096, 4096, 128)])
+def test_int4_w4m_matches_float64_reference(out, inp, group):
+    """The tensor-core INT4 kernel (cuda_ext.w4a16_mma, KernelConfig.w4m_rows) against the float64 reference on the
+    float16 dequantized weight (its precision contract: q · s rounded once, exact products, float32 sums): groups
+    32/64/128, hidden 576 and the default model's fc‖gate-like 960 × 1536, K = 11008 on one tile (the K split over up
+    to 688 steps), 7B's 4096²; 1–32 rows through its three row tiles (33 go to the other kernels), activations ×40;
+    RMSNorm / SiLU·gate in act_prep before it, the pre-quant scale in the kernel at one row (the same bits as
+    act_prep's), the residual added with one rounding. Called directly: depth 4 and 8, K splits of 1, 3 and the
+    kernel's rule, each the same bits on a second call and in a CUDA graph, the tile counters left zero."""
+    from quant.runtime import cuda_ext
+    from quant.runtime import cuda_kernels as ck
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(out + inp + group)
+    t = _layout("W4A16_AWQ", gen, out, inp, group)
+    h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV, group_size=group,
+                    kernels=KernelConfig(w4m_rows=(1, 32)))
+    assert h.kernel.startswith("w4m-mma"), h.gemv_unavailable or h.kernel
+    wd = h.dequantized_weight().cpu()
+    q, s = cuda_ext.unpack_w4m(*h.w4m)
+    assert torch.equal(q.cpu().float() * s.cpu().float().repeat_interleave(group, dim=1), wd)
+    w16 = wd.half().float()  # the kernel's weight
+    for m in (1, 2, 7, 8, 9, 16, 17, 32, 33):
+        for scale in (1, 40):
+            x = (activations(gen, m, inp) * scale).to(dtype)
+            err = rel(h(x.to(DEV)), _reference("W4A16_AWQ", t, x, w16 if m <= 32 else wd))
+            assert err <= (2e-3 if m <= 32 else 1e-2), (m, scale, err)
+    _check_int4_prologues(h, t, wd, gen, rows=(1, 5, 20), plain=True)
+    w, sc = h.w4m
+    cnt = h.w4m_counter
+    for m in (1, 5, 8, 12, 24):
+        x = (activations(gen, m, inp) * 3).to(dtype).to(DEV)
+        ref = x.double() @ w16.double().to(DEV).t()
+        for depth, splits in itertools.product((4, 8) if m <= 8 else (4,), (1, 3, 0)):
+            y = cuda_ext.w4a16_mma(x, w, sc, group=group, tile_counter=cnt, splits=splits, depth=depth)
+            assert rel(y, ref) <= 2e-3 and not cnt.any(), (m, depth, splits)
+            assert torch.equal(cuda_ext.w4a16_mma(x, w, sc, group=group, tile_counter=cnt, splits=splits,
+                                                  depth=depth), y), (m, depth, splits)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yg = cuda_ext.w4a16_mma(x, w, sc, group=group, tile_counter=cnt, splits=3)
+        for _ in range(2):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(yg, cuda_ext.w4a16_mma(x, w, sc, group=group, tile_counter=cnt, splits=3)), m
+            assert not cnt.any()
+    assert cuda_ext.w4a16_mma_splits(1, out, inp) >= 1 and cuda_ext.w4a16_mma_splits(1, out, inp, 10**6) == inp // 16
+    x1 = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
+    if h.prequant is not None:  # x · pre inside the kernel rounds as act_prep does
+        assert torch.equal(cuda_ext.w4a16_mma(x1, w, sc, group=group, tile_counter=cnt, prequant=h.prequant),
+                           cuda_ext.w4a16_mma(ck.act_prep(x1, prequant=h.prequant), w, sc, group=group,
+                                              tile_counter=cnt))
+    with pytest.raises(RuntimeError, match="1-32 rows"):
+        cuda_ext.w4a16_mma(torch.zeros(33, inp, dtype=dtype, device=DEV), w, sc, group=group, tile_counter=cnt)
+    with pytest.raises(RuntimeError, match="depth 4, or 8 up to 8 rows"):
+        cuda_ext.w4a16_mma(torch.zeros(9, inp, dtype=dtype, device=DEV), w, sc, group=group, tile_counter=cnt,
+                           depth=8)
+
+
+@cuda
+def test_int4_w4m_epilogues_do_the_next_linears_prologue():
+    """The tensor-core kernel's then_silu / then_norm at one row (KernelConfig.gemv_then): SiLU · gate of the output's
+    halves (the layout's tiles pair row p with N/2 + p) against act_prep(silu) of the plain output, RMSNorm of the
+    residual sum after the last tile against act_prep(norm), the residual the same bits as the plain call's, with the
+    K split on and off, quantized for a SmoothQuant linear next; three calls and CUDA-graph replays, every counter
+    left zero; the handler chains at one row only; a shape it cannot take (N = 96) leaves the other kernels."""
+    from quant.runtime import cuda_ext
+    from quant.runtime import cuda_kernels as ck
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    dtype, inp, out = torch.float16, 576, 2048
+    gen = torch.Generator().manual_seed(14)
+    tensors = {k: v.to(DEV) for k, v in _layout("W4A16_AWQ", gen, out, inp, 64).items()}
+    h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=64,
+                    kernels=KernelConfig(w4m_rows=(1, 32), gemv_then=True))
+    assert h.chains(1) and not h.chains(2) and h.kernel.startswith("w4m-mma"), h.gemv_unavailable or h.kernel
+    w, sc = h.w4m
+    nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
+    x = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
+    res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
+    a = torch.tensor([0.02], device=DEV)
+    for splits in (1, 4):
+        call = functools.partial(cuda_ext.w4a16_mma, x, w, sc, group=64, tile_counter=h.w4m_counter, splits=splits,
+                                 prequant=h.prequant, eps=1e-5)
+        y = call()
+        assert rel(call(then_silu=True), ck.act_prep(y, silu=True)) <= 2e-3, splits
+        plain = call(residual=res.clone())
+        for _ in range(3):
+            r = res.clone()
+            xn = call(residual=r, then_norm=nw, counter=h.then_counter)
+            assert torch.equal(r, plain) and not h.then_counter.any() and not h.w4m_counter.any(), splits
+            assert rel(xn, ck.act_prep(plain, norm=nw, eps=1e-5)) <= 2e-3, splits
+        got = call(residual=res.clone(), then_norm=nw, counter=h.then_counter, then_quant=(None, a, ck.A_INT8))
+        _same_quantized(got, ck.act_prep(plain, norm=nw, eps=1e-5, act_scale=a, afmt=ck.A_INT8), splits)
+        got = call(then_silu=True, then_quant=(None, a, ck.A_INT8))
+        _same_quantized(got, ck.act_prep(y, silu=True, act_scale=a, afmt=ck.A_INT8), splits)
+    graph, r = torch.cuda.CUDAGraph(), res.clone()
+    with torch.cuda.graph(graph):
+        xn = h.fused(x, residual=r, then_norm=nw, eps=1e-5)
+    for _ in range(3):
+        r.copy_(res)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(r, plain) and rel(xn, ck.act_prep(r, norm=nw, eps=1e-5)) <= 2e-3
+        assert not h.then_counter.any() and not h.w4m_counter.any()
+    t96 = {k: v.to(DEV) for k, v in _layout("W4A16_AWQ", gen, 96, inp, 64).items()}
+    h96 = make_linear("W4A16_AWQ", t96, dtype=dtype, device=DEV, group_size=64, kernels=KernelConfig(w4m_rows=(1, 32)))
+    assert h96.w4m is None and not h96.kernel.startswith("w4m")
 
 
 def _persistent_gives_the_same_bits(call, res, nw, cnt, tag, inputs=({},)):

@@ -79,3 +79,18 @@ def test_what_the_tensor_core_kernel_takes():
     assert not cuda_ext.w4m_ok(128, 520, 8, f16)  # K not a multiple of 16 / group below 16
     assert not cuda_ext.w4m_ok(128, 576, 128, f16)  # the group does not divide K
     assert not cuda_ext.w4m_ok(128, 512, 64, torch.bfloat16)
+
+
+def test_kernel_config_refuses_rows_or_depth_the_kernel_lacks():
+    from experiments.bench import KERNEL_VARIANTS
+    from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig
+
+    assert DEFAULT_KERNELS.w4m_rows is None  # off until timed end to end
+    with pytest.raises(ValueError, match="w4m_rows must be"):
+        KernelConfig(w4m_rows=(1, 33))
+    with pytest.raises(ValueError, match="w4m_depth must be 4, or 8 with w4m_rows up to 8"):
+        KernelConfig(w4m_rows=(1, 16), w4m_depth=8)
+    with pytest.raises(ValueError, match="w4m_depth must be"):
+        KernelConfig(w4m_depth=6)
+    for name in ("w4m", "w4m1", "w4m8"):  # the benchmark's variants are valid configurations
+        KernelConfig(**KERNEL_VARIANTS[name])
