@@ -16,10 +16,10 @@
 //
 // Work: block (t, split) of 4 warps takes tile t over the split-th of its K / 16 steps, each warp a contiguous
 // quarter of those, with P steps' weights, scales and activations loaded ahead per warp (a ring of registers: step
-// s + P is loaded into step s's registers once s is computed). The warps' sums meet in shared memory in warp order; with more than one
-// split, each block writes its float32 partial to ws [splits, M, N] and the last block of tile t to arrive (cnt[t],
-// CUDA's threadfence-reduction pattern; left 0 for the next launch) adds the partials in split order. So the sums
-// have a fixed order: the same bits on every run and under CUDA-graph replay, for a given splits.
+// s + P is loaded into step s's registers once s is computed). The warps' sums meet in shared memory in warp order;
+// with more than one split, each block writes its float32 partial to ws [splits, M, N] and the last block of tile t
+// to arrive (cnt[t], CUDA's threadfence-reduction pattern; left 0 for the next launch) adds the partials in split
+// order. So the sums have a fixed order: the same bits on every run and under CUDA-graph replay, for a given splits.
 //
 // Precision contract: each weight is (q - 8) * s rounded once to float16 (the dequantized float16 weight); products
 // with x are exact in the MMA and summed in float32; the residual is added in float32 and rounded to float16 once.
@@ -196,7 +196,8 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
 
   // this tile's outputs (the last block of the tile)
   if constexpr (THEN == THEN_SILU) {
-    if (threadIdx.x < 32) gemv::store_act(then, 32 * t + threadIdx.x, gemv::silu_gate(tot[threadIdx.x], tot[threadIdx.x + 32]));
+    const int p = threadIdx.x;
+    if (p < 32) gemv::store_act(then, 32 * t + p, gemv::silu_gate(tot[p], tot[p + 32]));
   } else {
     for (int j = threadIdx.x; j < M * TILE; j += WARPS * 32) {
       half* out = y + (j / TILE) * ldy + tile_row(t, j % TILE, N);
@@ -252,12 +253,10 @@ cudaError_t w4a16_mma_splits(int M, int N, int K, int requested, int& splits) {
     cudaError_t err = cudaGetDevice(&dev);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     if (err == cudaSuccess)
-      err = M <= 8    ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, w4a16_mma_kernel<8, 4, false, THEN_NONE>,
-                                                                       WARPS * 32, 0)
-            : M <= 16 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, w4a16_mma_kernel<16, 4, false, THEN_NONE>,
-                                                                       WARPS * 32, 0)
-                      : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, w4a16_mma_kernel<32, 4, false, THEN_NONE>,
-                                                                       WARPS * 32, 0);
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, M <= 8 ? w4a16_mma_kernel<8, 4, false, THEN_NONE>
+                   : M <= 16 ? w4a16_mma_kernel<16, 4, false, THEN_NONE> : w4a16_mma_kernel<32, 4, false, THEN_NONE>,
+          WARPS * 32, 0);
     if (err != cudaSuccess) return err;
     splits = sms * per_sm / (N / TILE);
   }
