@@ -404,6 +404,7 @@ def test_int4_w4m_matches_float64_reference(out, inp, group):
     h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV, group_size=group,
                     kernels=KernelConfig(w4m_rows=(1, 32)))
     assert h.kernel.startswith("w4m-mma"), h.gemv_unavailable or h.kernel
+    assert h.w4g is None  # every row the GEMV would take goes to this kernel: no copy for it
     wd = h.dequantized_weight().cpu()
     q, s = cuda_ext.unpack_w4m(*h.w4m)
     assert torch.equal(q.cpu().float() * s.cpu().float().repeat_interleave(group, dim=1), wd)

@@ -50,9 +50,13 @@ class W4A16AWQLinear(_Handler):
                 self.w4m = cuda_ext.pack_w4m(q(), self.scales)
                 self.w4m_rows = kernels.w4m_rows
                 self.w4m_counter = torch.zeros(out // cuda_ext.W4M_TILE, dtype=torch.int32, device=device)
-            if kernels.w4g_rows is not None and cuda_ext.w4g_ok(inp, group, dtype) and self._extension_built():
+            w4g_rows = kernels.w4g_rows
+            if w4g_rows is not None and self.w4m is not None and self.w4m_rows[0] <= w4g_rows[0] \
+                    and w4g_rows[1] <= self.w4m_rows[1]:
+                w4g_rows = None  # every row it would take goes to the tensor-core kernel: no copy
+            if w4g_rows is not None and cuda_ext.w4g_ok(inp, group, dtype) and self._extension_built():
                 # a copy in the GEMV's layout, for w4g_rows: it runs ahead of the kernels below
-                self.w4g, self.w4g_rows = cuda_ext.pack_w4g(q()), kernels.w4g_rows
+                self.w4g, self.w4g_rows = cuda_ext.pack_w4g(q()), w4g_rows
                 self.w4g_tile = kernels.w4g_tile or cuda_ext.W4G_TILE
             if kernels.int4_kernel == "kpack" and dtype == torch.float16:
                 ck = _cuda_kernels()
