@@ -433,7 +433,7 @@ def test_int4_w4m_matches_float64_reference(out, inp, group):
             torch.cuda.synchronize()
             assert torch.equal(yg, cuda_ext.w4a16_mma(x, w, sc, group=group, tile_counter=cnt, splits=3)), m
             assert not cnt.any()
-    assert cuda_ext.w4a16_mma_splits(1, out, inp) >= 1 and cuda_ext.w4a16_mma_splits(1, out, inp, 10**6) == inp // 16
+    assert cuda_ext.w4a16_mma_splits(1, out, inp) >= 1 and cuda_ext.w4a16_mma_splits(1, out, inp, 10**6) == inp // 64
     x1 = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
     if h.prequant is not None:  # x · pre inside the kernel rounds as act_prep does
         assert torch.equal(cuda_ext.w4a16_mma(x1, w, sc, group=group, tile_counter=cnt, prequant=h.prequant),
@@ -485,6 +485,9 @@ def test_int4_w4m_epilogues_do_the_next_linears_prologue():
         _same_quantized(got, ck.act_prep(plain, norm=nw, eps=1e-5, act_scale=a, afmt=ck.A_INT8), splits)
         got = call(then_silu=True, then_quant=(None, a, ck.A_INT8))
         _same_quantized(got, ck.act_prep(y, silu=True, act_scale=a, afmt=ck.A_INT8), splits)
+    # the handler's call, captured: the kernel's own split rule (splits=0), so its plain call is the comparison
+    plain = cuda_ext.w4a16_mma(x, w, sc, group=64, tile_counter=h.w4m_counter, prequant=h.prequant,
+                               residual=res.clone())
     graph, r = torch.cuda.CUDAGraph(), res.clone()
     with torch.cuda.graph(graph):
         xn = h.fused(x, residual=r, then_norm=nw, eps=1e-5)

@@ -157,10 +157,10 @@ def w4a16_mma(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, group: int, 
               counter: torch.Tensor | None = None, eps: float = 1e-6, then_quant: tuple | None = None) -> torch.Tensor:
     """x [M ≤ 32, K] float16 → x · (q · s)ᵀ [M, N] on tensor cores, (w, s) from :func:`pack_w4m`; added to
     ``residual`` in place (one rounding) when given. ``tile_counter``: int32 zeros [N / 64], left zero (the K split's).
-    ``splits``: 0 the kernel's rule (:func:`w4a16_mma_splits`), n > 0 that many; ``depth``: steps in flight per
-    warp (W4M_DEPTHS). ``prequant`` (one row): the input is x · prequant, rounded as act_prep rounds it.
-    ``then_silu`` / ``then_norm`` / ``counter`` / ``then_quant`` (one row): as :func:`w4a16_gemv`'s. The same bits on
-    every call for a given split."""
+    ``splits``: 0 the kernel's rule (:func:`w4a16_mma_splits`), n > 0 that many (at most K / 64); ``depth``: steps
+    loaded ahead per warp (W4M_DEPTHS). ``prequant`` (one row): the input is x · prequant, rounded as act_prep
+    rounds it. ``then_silu`` / ``then_norm`` / ``counter`` / ``then_quant`` (one row): as :func:`w4a16_gemv`'s. The
+    same bits on every call for a given split."""
     mod = load()
     if isinstance(mod, str):
         raise RuntimeError(mod)

@@ -134,7 +134,7 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   return out;
 }
 
-// The K split w4a16_mma takes for M rows of [N, K] on this GPU: requested > 0 (at most K / 16), or 0: its rule
+// The K split w4a16_mma takes for M rows of [N, K] on this GPU: requested > 0 (at most K / 64), or 0: its rule
 // (w4a16_mma.cu). For the tests and the benchmark's records.
 int64_t w4a16_mma_splits_of(int64_t M, int64_t N, int64_t K, int64_t requested) {
   TORCH_CHECK(M >= 1 && M <= 32 && N > 0 && N % 64 == 0 && K > 0 && K % 16 == 0 && requested >= 0,
@@ -160,8 +160,8 @@ torch::Tensor w4a16_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64
   TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
               w.scalar_type() == at::kInt && cnt.scalar_type() == at::kInt,
               "w4a16_mma: float16 x, s, out; int32 w and cnt");
-  TORCH_CHECK(w.dim() == 4 && w.size(2) == 32 && w.size(3) == 4 && w.is_contiguous(),
-              "w4a16_mma: w [N / 64, K / 16, 32, 4] (cuda_ext.pack_w4m)");
+  TORCH_CHECK(w.dim() == 4 && w.size(0) > 0 && w.size(2) == 32 && w.size(3) == 4 && w.is_contiguous(),
+              "w4a16_mma: w [N / 64, K / 16, 32, 4] (cuda_ext.pack_w4m), N > 0");
   const int64_t M = x.size(0), N = w.size(0) * 64, K = w.size(1) * 16;
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 2 == 0 && x.size(1) == K &&
               reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0, "w4a16_mma: x [M, K], rows 4-byte aligned");

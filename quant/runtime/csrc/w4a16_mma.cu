@@ -242,11 +242,12 @@ cudaError_t launch_one_row(int then, const Args& a) {
 
 }  // namespace
 
-// The K split (host): requested > 0 taken as it is (at most K / 16); 0 fills the GPU once, as many splits as make
-// the tiles' blocks fit on it at once (SMs x the blocks an SM holds of this kernel), at least 1. The same shape on
-// the same GPU gets the same splits, so the same bits.
+// The K split (host): requested > 0 taken as it is; 0 fills the GPU once, as many splits as make the tiles' blocks
+// fit on it at once (SMs x the blocks an SM holds of the plain depth-4 kernel for these rows: one query whatever the
+// depth, pre-quant scale or epilogue, so that those give the same sums), at least 1. Either way at most K / 64 (a
+// step for each warp) and 65535 (the grid's y). The same shape on the same GPU gets the same splits, so the same bits.
 cudaError_t w4a16_mma_splits(int M, int N, int K, int requested, int& splits) {
-  const int steps = K / 16;
+  const int most = K / (16 * WARPS) < 1 ? 1 : K / (16 * WARPS) < 65535 ? K / (16 * WARPS) : 65535;
   splits = requested;
   if (splits <= 0) {
     int dev = 0, sms = 0, per_sm = 0;
@@ -260,7 +261,7 @@ cudaError_t w4a16_mma_splits(int M, int N, int K, int requested, int& splits) {
     if (err != cudaSuccess) return err;
     splits = sms * per_sm / (N / TILE);
   }
-  splits = splits < 1 ? 1 : splits > steps ? steps : splits;
+  splits = splits < 1 ? 1 : splits > most ? most : splits;
   return cudaSuccess;
 }
 
