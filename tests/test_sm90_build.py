@@ -61,4 +61,5 @@ def test_compiled_gemvs_build_for_sm90_with_their_epilogues_ordered():
     assert any(line.startswith("w8_gemv.cu: 162 kernels for sm_90 (72 with an epilogue") for line in lines), lines
     assert any(line.startswith("w4a16_gemv.cu: 90 kernels for sm_90 (48 with an epilogue") for line in lines), lines
     assert any(line.startswith("w4a16_mma.cu: 14 kernels for sm_90 (8 with an epilogue") for line in lines), lines
+    assert any(line.startswith("w4a16_mma.cu: warp-instructions per weight") for line in lines), lines
     assert "bindings.cpp: well-formed" in "\n".join(lines) and not any("FAILED" in line for line in lines)

@@ -40,6 +40,10 @@ TEMPLATE = {"w8_gemv_kernel": ("F", "M", "R", "U", "THEN"), "w4a16_gemv_kernel":
             "w4a16_gemv_persistent": ("R", "U", "PRO", "THEN"), "w8_gemv_persistent": ("F", "R", "U", "THEN"),
             "w4a16_mma_kernel": ("ROWS", "P", "PRE", "THEN")}
 THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
+# The tensor-core INT4 kernel's steady loop (P steps of 16 k x 64 channels a warp), warp-instructions per weight at
+# most, per row tile: streaming INT4 at an H200's copy bandwidth takes ~8.4e12 weights/s of its ~1.05e12
+# warp-instructions/s, so 0.08 is ~2/3 of the issue rate (experiments/results/gpu/kernels, stage 9).
+W4M_PER_WEIGHT = {8: 0.08, 16: 0.09, 32: 0.12}
 
 
 def kernels(sass: str, res: str) -> list[dict]:
@@ -57,8 +61,11 @@ def kernels(sass: str, res: str) -> list[dict]:
         ops = set(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", body))
         regs, stack = usage.get(name, (-1, -1))
         loop = main_loop(body, STREAM_LOAD)
-        out.append({"kind": kind, "args": dict(zip(TEMPLATE[kind], args)), "regs": regs, "stack": stack, "ops": ops,
-                    "loop_spills": loop.count("LDL") + loop.count("STL")})
+        k = {"kind": kind, "args": dict(zip(TEMPLATE[kind], args)), "regs": regs, "stack": stack, "ops": ops,
+             "loop_spills": loop.count("LDL") + loop.count("STL")}
+        if kind == "w4a16_mma_kernel":  # its steady loop, beside the tail loop of the same steps
+            k["per_weight"] = len(main_loop(body, STREAM_LOAD, pick=min)) / (k["args"]["P"] * 16 * 64)
+        out.append(k)
     return out
 
 
@@ -82,11 +89,18 @@ def check_kernels(cubin: Path) -> list[str]:
             if not (any(o.startswith("ATOMG") for o in k["ops"]) and any(o.startswith("MEMBAR") and "GPU" in o
                                                                         for o in k["ops"])):
                 fails.append(f"{tag}: the K split's reduction without its GPU fence and atomic count")
+            if k["per_weight"] > W4M_PER_WEIGHT[k["args"]["ROWS"]]:
+                fails.append(f"{tag}: {k['per_weight']:.3f} warp-instructions per weight in its steady loop, more "
+                             f"than {W4M_PER_WEIGHT[k['args']['ROWS']]}")
     epi = [k for k in found if k["args"]["THEN"]]
     print(f"{cubin.stem}: {len(found)} kernels for sm_90 ({len(epi)} with an epilogue for the next linear), "
           f"registers {min(k['regs'] for k in found)}-{max(k['regs'] for k in found)}, "
           f"no spill in a main loop: {not any(k['loop_spills'] for k in found)}, stack ≤ "
           f"{max(k['stack'] for k in found)} bytes" if found else f"{cubin.stem}: nothing compiled")
+    mma = [k for k in found if "per_weight" in k]
+    if mma:
+        print(f"{cubin.stem}: warp-instructions per weight in the steady loop, by (rows, steps ahead, pre-quant "
+              f"scale, epilogue): " + ", ".join(f"{tuple(k['args'].values())} {k['per_weight']:.3f}" for k in mma))
     return fails
 
 

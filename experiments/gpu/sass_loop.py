@@ -53,10 +53,11 @@ def cubin_tool(kernel, tool: str, flag: str) -> str:
         return binary_tool(f.name, tool, flag)
 
 
-def main_loop(sass: str, marker: str | None = None) -> list[str]:
+def main_loop(sass: str, marker: str | None = None, pick=max) -> list[str]:
     """The opcodes of the longest loop (from a backward branch's target label to the branch); with ``marker``, of
     the longest loop holding an instruction that contains it (the weight stream's load, where an epilogue's loop can
-    be longer than a short stream loop)."""
+    be longer than a short stream loop). ``pick=min``: the shortest such loop instead (a steady-state loop beside
+    its longer tail loop of the same steps with their bounds checks)."""
     ins, labels, pending = [], {}, []
     for line in sass.splitlines():
         if m := re.match(r"^\s*(\.L_x_\d+):", line):
@@ -74,7 +75,7 @@ def main_loop(sass: str, marker: str | None = None) -> list[str]:
             if marker is not None and not any(marker in o for o in body):
                 continue
             loops.append([re.sub(r"^@!?U?P\w+\s+", "", o).split()[0].split(".")[0] for o in body])  # bare opcode
-    return max(loops, key=len) if loops else []
+    return pick(loops, key=len) if loops else []
 
 
 def variants(sweep_w4k: bool):
