@@ -63,6 +63,14 @@ def load():
         return f"the CUDA extension could not be built ({type(exc).__name__}: {last})"
 
 
+def _built():
+    """The compiled module; where it is not available, a RuntimeError with :func:`load`'s reason."""
+    mod = load()
+    if isinstance(mod, str):
+        raise RuntimeError(mod)
+    return mod
+
+
 def _arch_flags() -> list[str]:
     """This machine's GPUs' own instructions (sm_90 on an H200), unless TORCH_CUDA_ARCH_LIST says otherwise."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -161,9 +169,7 @@ def w4a16_mma(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, group: int, 
     loaded ahead per warp (W4M_DEPTHS). ``prequant`` (one row): the input is x · prequant, rounded as act_prep
     rounds it. ``then_silu`` / ``then_norm`` / ``counter`` / ``then_quant`` (one row): as :func:`w4a16_gemv`'s. The
     same bits on every call for a given split."""
-    mod = load()
-    if isinstance(mod, str):
-        raise RuntimeError(mod)
+    mod = _built()
     out, then, ret = _then(x, w.shape[0] * W4M_TILE, residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w4a16_mma(x, w, s, group, out, residual is not None, tile_counter, splits, depth,
                   _NONE if prequant is None else prequant, *then)
@@ -172,10 +178,7 @@ def w4a16_mma(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, group: int, 
 
 def w4a16_mma_splits(rows: int, n: int, k: int, requested: int = 0) -> int:
     """The K split :func:`w4a16_mma` takes for ``rows`` rows of an [n, k] weight on this GPU."""
-    mod = load()
-    if isinstance(mod, str):
-        raise RuntimeError(mod)
-    return mod.w4a16_mma_splits(rows, n, k, requested)
+    return _built().w4a16_mma_splits(rows, n, k, requested)
 
 
 def _then(x: torch.Tensor, n: int, residual, then_silu: bool, then_norm, counter, eps: float, then_quant):
@@ -208,9 +211,7 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     row only unless 0): 0 one block per row block; -1 the persistent kernel (KernelConfig.w4g_persistent) on as
     many blocks as the GPU holds at once; n > 0 on at most n blocks (the tests' way to give each block several row
     blocks). The same bits whichever."""
-    mod = load()
-    if isinstance(mod, str):
-        raise RuntimeError(mod)
+    mod = _built()
     out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w4a16_gemv(x, w, scales, group, out, residual is not None, GEMV_TILES.index(tuple(tile)),
                    _NONE if prequant is None else prequant, *then, grid)
@@ -242,9 +243,7 @@ def w8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, fmt: str,
     added to ``residual`` in place (one rounding) when given. ``tile``: one of GEMV_TILES (None: the format's
     W8G_TILES entry). ``then_silu`` / ``then_norm`` / ``then_quant`` / ``grid`` (KernelConfig.w8g_persistent): as
     :func:`w4a16_gemv`'s."""
-    mod = load()
-    if isinstance(mod, str):
-        raise RuntimeError(mod)
+    mod = _built()
     out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w8_gemv(x, w, scale, W8_FORMATS[fmt], out, residual is not None,
                 GEMV_TILES.index(tuple(tile or W8G_TILES[fmt])), *then, grid)

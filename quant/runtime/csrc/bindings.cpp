@@ -152,9 +152,8 @@ int64_t w4a16_mma_splits_of(int64_t M, int64_t N, int64_t K, int64_t requested) 
 // x * prequant (one row; an empty tensor: none). then ... then_afmt: then_args (one row). Returns out.
 torch::Tensor w4a16_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
                         bool accumulate, torch::Tensor cnt, int64_t splits, int64_t depth, torch::Tensor prequant,
-                        int64_t then,
-                        torch::Tensor nw, torch::Tensor xn, torch::Tensor then_cnt, double eps, torch::Tensor then_pre,
-                        torch::Tensor then_a, int64_t then_afmt) {
+                        int64_t then, torch::Tensor nw, torch::Tensor xn, torch::Tensor then_cnt, double eps,
+                        torch::Tensor then_pre, torch::Tensor then_a, int64_t then_afmt) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device() &&
               cnt.device() == x.device(), "w4a16_mma: tensors on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
@@ -191,8 +190,8 @@ torch::Tensor w4a16_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64
   const torch::Tensor ws = k_splits > 1 ? torch::empty({k_splits, M, N}, x.options().dtype(at::kFloat))
                                         : torch::empty({0}, x.options().dtype(at::kFloat));
   err = w4a16_mma_launch(static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
-                         pre ? prequant.data_ptr() : nullptr, out.data_ptr(),
-                         out.stride(0), static_cast<int>(N), static_cast<int>(K), __builtin_ctzll(group), accumulate,
+                         pre ? prequant.data_ptr() : nullptr, out.data_ptr(), out.stride(0), static_cast<int>(N),
+                         static_cast<int>(K), __builtin_ctzll(group), accumulate,
                          ws.data_ptr<float>(), static_cast<unsigned*>(cnt.data_ptr()), k_splits,
                          static_cast<int>(depth), static_cast<int>(then), t, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w4a16_mma: ", cudaGetErrorString(err));
