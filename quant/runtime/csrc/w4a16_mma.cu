@@ -14,38 +14,23 @@
 // too): float16 [N/64, K/group, 8, 8], [t][group][g][2 i + o] = the scale of column 16 i + 8 o + g, so a lane's
 // eight columns' scales are one 16-byte load.
 //
-// Work: block (t, split) of 4 warps takes tile t over the split-th of its K / 16 steps, each warp a contiguous
-// quarter of those, with P steps' weights, scales and activations loaded ahead per warp (a ring of registers: step
-// s + P is loaded into step s's registers once s is computed). The warps' sums meet in shared memory in warp order;
-// with more than one split, each block writes its float32 partial to ws [splits, M, N] and the last block of tile t
-// to arrive (cnt[t], CUDA's threadfence-reduction pattern; left 0 for the next launch) adds the partials in split
-// order. So the sums have a fixed order: the same bits on every run and under CUDA-graph replay, for a given splits.
+// Work (mma_common.cuh): block (t, split) of 4 warps takes tile t over the split-th of its K / 16 steps, each warp a
+// contiguous quarter of those, with P steps' weights, scales and activations loaded ahead per warp (mma::ring); the
+// warps' and splits' sums meet in a fixed order (mma::finish_tile): the same bits on every run and under CUDA-graph
+// replay, for a given splits.
 //
 // Precision contract: each weight is (q - 8) * s rounded once to float16 (the dequantized float16 weight); products
 // with x are exact in the MMA and summed in float32; the residual is added in float32 and rounded to float16 once.
 #include <cuda_fp16.h>
 #include <cstdint>
 
-#include "gemv_common.cuh"
+#include "mma_common.cuh"
 
 namespace {
 
 using gemv::as_h2, gemv::as_u32, gemv::dequant_word, gemv::word, gemv::load_stream, gemv::ThenArgs;
 using gemv::THEN_NONE, gemv::THEN_SILU, gemv::THEN_NORM;
-
-constexpr int WARPS = 4, TILE = 64;
-
-// The weight row that column c (0-63) of tile t holds (the layout's interleave of the two halves).
-__device__ __forceinline__ int tile_row(int t, int c, int N) {
-  return c < 32 ? 32 * t + c : N / 2 + 32 * t + (c - 32);
-}
-
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+using mma::WARPS, mma::TILE, mma::mma_16816;
 
 // Lane (g, c)'s B fragments of one step for NB groups of 8 activation rows, x pointing at the step's k = 2c of
 // row g (the PTX ISA's layout of B, 16 k x 8 rows: b0b1 k 2c, 2c + 1 of row g; b2b3 k 2c + 8, 2c + 9); rows from M
@@ -94,12 +79,10 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
     float* __restrict__ ws, unsigned* __restrict__ cnt, ThenArgs then) {
   constexpr int NB = ROWS / 8;
   __shared__ float red[WARPS][ROWS][TILE];
-  const int t = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+  const int t = blockIdx.x, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int KS = K >> 4;
-  const int b0 = static_cast<int>(static_cast<int64_t>(KS) * split / splits);
-  const int b1 = static_cast<int>(static_cast<int64_t>(KS) * (split + 1) / splits);
-  const int k0 = b0 + (b1 - b0) * warp / WARPS, n = b0 + (b1 - b0) * (warp + 1) / WARPS - k0;  // steps k0 .. + n
+  int k0, n;  // this warp's steps
+  mma::warp_steps(KS, k0, n);
 
   float acc[4][NB][4];
 #pragma unroll
@@ -121,90 +104,19 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
   unsigned kn = k0;
   uint4 wb[P], sb[P];
   uint32_t bb[P][NB][2];
-  auto load = [&](int p) {  // the next step into slot p
-    wb[p] = load_stream(wn);
-    sb[p] = __ldg(sp + ((kn >> sshift) << 3));
-    load_b<NB, PRE>(bb[p], xn, ldx, pn, ok);
-    wn += 32;
-    xn += 16;
-    if constexpr (PRE) pn += 16;
-    ++kn;
-  };
-  // Slot p's step, then (reload) the step P on into the same registers: P - 1 steps stay in flight while one is
-  // computed, and the ring needs no register copies (loading first would).
-  auto step = [&](int p, bool reload) {
-    mma_step<NB>(acc, wb[p], sb[p], bb[p]);
-    if (reload) load(p);
-  };
-#pragma unroll
-  for (int p = 0; p < P; ++p)
-    if (p < n) load(p);
-  int i = 0;
-  for (; i + 2 * P <= n; i += P) {  // every slot's step has a step P on to load
-#pragma unroll
-    for (int p = 0; p < P; ++p) step(p, true);
-  }
-  for (; i < n; i += P) {  // the last 1 .. 2P - 1 steps
-#pragma unroll
-    for (int p = 0; p < P; ++p)
-      if (i + p < n) step(p, i + p + P < n);
-  }
-
-  // the warps' sums, in warp order
-#pragma unroll
-  for (int r = 0; r < NB; ++r)
-#pragma unroll
-    for (int e2 = 0; e2 < 2; ++e2) {
-      const int row = 8 * r + 2 * c + e2;
-      if (row < M) {
-#pragma unroll
-        for (int i2 = 0; i2 < 4; ++i2) {
-          red[warp][row][16 * i2 + g] = acc[i2][r][e2];
-          red[warp][row][16 * i2 + 8 + g] = acc[i2][r][2 + e2];
-        }
-      }
-    }
-  __syncthreads();
-  float* tot = &red[0][0][0];  // [M][TILE]: each (row, column) read and rewritten by one thread
-  for (int j = threadIdx.x; j < M * TILE; j += WARPS * 32) {
-    const int row = j / TILE, col = j % TILE;
-    float v = red[0][row][col];
-#pragma unroll
-    for (int wi = 1; wi < WARPS; ++wi) v += red[wi][row][col];
-    if (splits == 1)
-      tot[j] = v;
-    else
-      ws[(static_cast<int64_t>(split) * M + row) * N + TILE * t + col] = v;
-  }
-  if (splits > 1) {
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(cnt + t, 1u) == static_cast<unsigned>(splits) - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int j = threadIdx.x; j < M * TILE; j += WARPS * 32) {
-      const int row = j / TILE, col = j % TILE;
-      float v = 0.f;
-      for (int q = 0; q < splits; ++q) v += __ldcg(ws + (static_cast<int64_t>(q) * M + row) * N + TILE * t + col);
-      tot[j] = v;
-    }
-    if (threadIdx.x == 0) cnt[t] = 0u;
-  }
-  __syncthreads();
-
-  // this tile's outputs (the last block of the tile)
-  if constexpr (THEN == THEN_SILU) {
-    const int p = threadIdx.x;
-    if (p < 32) gemv::store_act(then, 32 * t + p, gemv::silu_gate(tot[p], tot[p + 32]));
-  } else {
-    for (int j = threadIdx.x; j < M * TILE; j += WARPS * 32) {
-      half* out = y + (j / TILE) * ldy + tile_row(t, j % TILE, N);
-      *out = __float2half_rn(accumulate ? __fadd_rn(__half2float(*out), tot[j]) : tot[j]);
-    }
-    if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
-  }
+  mma::ring<P>(
+      n,
+      [&](int p) {
+        wb[p] = load_stream(wn);
+        sb[p] = __ldg(sp + ((kn >> sshift) << 3));
+        load_b<NB, PRE>(bb[p], xn, ldx, pn, ok);
+        wn += 32;
+        xn += 16;
+        if constexpr (PRE) pn += 16;
+        ++kn;
+      },
+      [&](int p) { mma_step<NB>(acc, wb[p], sb[p], bb[p]); });
+  mma::finish_tile<ROWS, THEN>(acc, red, M, N, y, ldy, accumulate, ws, cnt, then, [](float v, int) { return v; });
 }
 
 struct Args {
@@ -242,27 +154,13 @@ cudaError_t launch_one_row(int then, const Args& a) {
 
 }  // namespace
 
-// The K split (host): requested > 0 taken as it is; 0 fills the GPU once, as many splits as make the tiles' blocks
-// fit on it at once (SMs x the blocks an SM holds of the plain depth-4 kernel for these rows: one query whatever the
-// depth, pre-quant scale or epilogue, so that those give the same sums), at least 1. Either way at most K / 64 (a
-// step for each warp) and 65535 (the grid's y). The same shape on the same GPU gets the same splits, so the same bits.
+// The K split (host, mma::splits_for): at most K / 64 (a step for each warp); the occupancy of the plain depth-4
+// kernel for these rows decides the rule's count.
 cudaError_t w4a16_mma_splits(int M, int N, int K, int requested, int& splits) {
-  const int most = K / (16 * WARPS) < 1 ? 1 : K / (16 * WARPS) < 65535 ? K / (16 * WARPS) : 65535;
-  splits = requested;
-  if (splits <= 0) {
-    int dev = 0, sms = 0, per_sm = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (err == cudaSuccess)
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &per_sm, M <= 8 ? w4a16_mma_kernel<8, 4, false, THEN_NONE>
-                   : M <= 16 ? w4a16_mma_kernel<16, 4, false, THEN_NONE> : w4a16_mma_kernel<32, 4, false, THEN_NONE>,
-          WARPS * 32, 0);
-    if (err != cudaSuccess) return err;
-    splits = sms * per_sm / (N / TILE);
-  }
-  splits = splits < 1 ? 1 : splits > most ? most : splits;
-  return cudaSuccess;
+  return mma::splits_for(M <= 8    ? w4a16_mma_kernel<8, 4, false, THEN_NONE>
+                         : M <= 16 ? w4a16_mma_kernel<16, 4, false, THEN_NONE>
+                                   : w4a16_mma_kernel<32, 4, false, THEN_NONE>,
+                         N, K / (16 * WARPS), requested, splits);
 }
 
 // The contract of the launcher (checked by the binding): M in 1..32; N % 64 == 0; K % 16 == 0; group a power of two
