@@ -132,7 +132,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # launch before each linear that needs one), or INT4's batch-1 GEMV in its persistent form (``int4_awq@w4gp``; on
 # tiles of (2, 2): ``@w4gp22``, the same registers double-buffered as (2, 4) single), or the 8-bit formats' (``@w8gp``),
 # or INT4 on the tensor-core kernel (csrc/w4a16_mma.cu) at 1–32 rows (``int4_awq@w4m``), at batch 1 only
-# (``@w4m1``), or at 1–8 rows with 8 steps loaded ahead per warp (``@w4m8``)
+# (``@w4m1``), or at 1–8 rows with 8 steps loaded ahead per warp (``@w4m8``), or the 8-bit formats' batch 1 on their
+# tensor-core kernel (csrc/w8_mma.cu; ``int8_wo@w8m``, with 4 steps ahead ``@w8m4``)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERNELS},
                    "w4g-unfused": {"w4g_fuse": False}, "w4k16": {"w4k_rows": (2, 16)},
                    "triton8": {"w8g": frozenset()},
@@ -146,7 +147,8 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None} for k in INT4_KERN
                    "nothen": {"gemv_then": False}, "w4gp": {"w4g_persistent": True},
                    "w4gp22": {"w4g_persistent": True, "w4g_tile": (2, 2)},
                    "w8gp": {"w8g_persistent": DEFAULT_KERNELS.w8g}, "w4m": {"w4m_rows": (1, 32)},
-                   "w4m1": {"w4m_rows": (1, 1)}, "w4m8": {"w4m_rows": (1, 8), "w4m_depth": 8}}
+                   "w4m1": {"w4m_rows": (1, 1)}, "w4m8": {"w4m_rows": (1, 8), "w4m_depth": 8},
+                   "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4}}
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):

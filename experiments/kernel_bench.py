@@ -66,6 +66,10 @@ VARIANTS = {
     # INT4 on tensor cores (KernelConfig.w4m_rows; csrc/w4a16_mma.cu), 4 or 8 steps loaded ahead per warp
     "int4 w4m": ("W4A16_AWQ", KernelConfig(w4m_rows=(1, 32))),
     "int4 w4m depth8": ("W4A16_AWQ", KernelConfig(w4m_rows=(1, 8), w4m_depth=8)),
+    # the 8-bit formats on tensor cores at one row (KernelConfig.w8m; csrc/w8_mma.cu)
+    "int8_wo w8m": ("W8A16", KernelConfig(w8m=frozenset({"W8A16"}))),
+    "smoothquant w8m": ("W8A8_SQ_PER_CHANNEL", KernelConfig(w8m=frozenset({"W8A8_SQ_PER_CHANNEL"}))),
+    "fp8 w8m": ("FP8", KernelConfig(w8m=frozenset({"FP8"}))),
 }
 SWEEP = list(itertools.product((16, 32, 64), (16, 32, 64), (2, 4), (2, 4)))  # (BLOCK_N, KW, warps, stages)
 

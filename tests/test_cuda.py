@@ -696,6 +696,125 @@ def _same_quantized(got, want, tag):
 
 @cuda
 @pytest.mark.parametrize("algo", W8G)
+@pytest.mark.parametrize("out, inp", [(64, 512), (576, 576), (960, 1536), (64, 11008), (4096, 4096)])
+def test_w8m_matches_float64_reference(algo, out, inp):
+    """The 8-bit tensor-core kernel (cuda_ext.w8_mma, KernelConfig.w8m) at batch 1 through the handler and, called
+    directly, 1–8 rows on act_prep's output, against the float64 reference: hidden 576, the default model's 960 ×
+    1536, K = 11008 on one tile (the K split over 344 steps), 7B's 4096²; activations ×1/×40/×400; depth 2 and 4, K
+    splits 1, 3 and the rule, each the same bits on a second call and in a CUDA graph, the tile counters left zero;
+    the residual added with one rounding; within rounding of the compiled GEMV."""
+    from quant.hardware import fp8_refusal
+    from quant.runtime import cuda_ext
+    from quant.runtime import cuda_kernels as ck
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    if algo == "FP8" and fp8_refusal(0):
+        pytest.skip(fp8_refusal(0))
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(out * inp + len(algo) + 1)
+    t = _layout(algo, gen, out, inp, 64)
+    tensors = {k: v.to(DEV) for k, v in t.items()}
+    h = make_linear(algo, tensors, dtype=dtype, device=DEV, kernels=KernelConfig(w8m=frozenset({algo})))
+    assert h.w8g and h.kernel.startswith("w8m-mma"), h.gemv_unavailable or h.kernel
+    assert torch.equal(cuda_ext.unpack_w8m(h.w8m, algo), h.weight.view(torch.uint8))
+    g8 = make_linear(algo, tensors, dtype=dtype, device=DEV, kernels=KernelConfig(w8g=frozenset({algo})))
+    wd = h.dequantized_weight().cpu()
+    scale_of = h.scale if algo == "W8A16" else h.out_scale
+    for scale in (1, 40, 400):
+        x = (activations(gen, 1, inp) * scale).to(dtype)
+        y = h(x.to(DEV))
+        assert rel(y, _reference(algo, t, x, wd)) <= 1e-2, scale
+        assert rel(y, g8(x.to(DEV))) <= 2e-3, scale
+        res = torch.randn(1, out, generator=gen).to(dtype)
+        r = res.to(DEV).clone()
+        assert h.fused(x.to(DEV), residual=r) is r
+        assert rel(r, res.double() + y.double().cpu()) <= torch.finfo(dtype).eps, scale
+    cnt = h.w8m_counter
+    for m in (1, 3, 8):
+        xm = (activations(gen, m, inp) * 3).to(dtype)
+        q = xm.to(DEV) if algo == "W8A16" else ck.act_prep(
+            xm.to(DEV), prequant=h.prequant, act_scale=h.act_scale.reshape(1),
+            afmt=ck.A_INT8 if algo != "FP8" else ck.A_FP8)
+        ref = _reference(algo, t, xm, wd)
+        for depth, splits in itertools.product(cuda_ext.W8M_DEPTHS, (1, 3, 0)):
+            call = functools.partial(cuda_ext.w8_mma, q, h.w8m, scale_of, fmt=algo, tile_counter=cnt, splits=splits,
+                                     depth=depth)
+            y = call()
+            assert rel(y, ref) <= 1e-2 and not cnt.any(), (m, depth, splits)
+            assert torch.equal(call(), y), (m, depth, splits)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yg = cuda_ext.w8_mma(q, h.w8m, scale_of, fmt=algo, tile_counter=cnt, splits=3)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(yg, cuda_ext.w8_mma(q, h.w8m, scale_of, fmt=algo, tile_counter=cnt, splits=3))
+        assert not cnt.any(), m
+    assert cuda_ext.w8_mma_splits(algo, out, inp, 10**6) == max(1, inp // 128)
+    with pytest.raises(RuntimeError, match="1-8 rows"):
+        cuda_ext.w8_mma(q.new_zeros(9, inp), h.w8m, scale_of, fmt=algo, tile_counter=cnt)
+
+
+@cuda
+@pytest.mark.parametrize("algo", W8G)
+def test_w8m_epilogues_do_the_next_linears_prologue(algo):
+    """The 8-bit tensor-core kernel's then_silu / then_norm at one row (KernelConfig.gemv_then), with the K split on
+    and off: SiLU · gate of the output's halves against act_prep(silu) of the plain output, RMSNorm of the residual
+    sum after the last tile against act_prep(norm), the residual the same bits as the plain call's, quantized for a
+    SmoothQuant linear next; a CUDA graph of the handler's call, the counters left zero; a shape it cannot take (N =
+    96) keeps the compiled GEMV."""
+    from quant.hardware import fp8_refusal
+    from quant.runtime import cuda_ext
+    from quant.runtime import cuda_kernels as ck
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    if algo == "FP8" and fp8_refusal(0):
+        pytest.skip(fp8_refusal(0))
+    dtype, inp, out = torch.float16, 576, 2048
+    gen = torch.Generator().manual_seed(20 + len(algo))
+    tensors = {k: v.to(DEV) for k, v in _layout(algo, gen, out, inp, 64).items()}
+    h = make_linear(algo, tensors, dtype=dtype, device=DEV, kernels=KernelConfig(w8m=frozenset({algo})))
+    assert h.chains(1) and h.kernel.startswith("w8m-mma"), h.gemv_unavailable or h.kernel
+    x = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
+    q = x if algo == "W8A16" else ck.act_prep(x, prequant=h.prequant, act_scale=h.act_scale.reshape(1),
+                                              afmt=ck.A_INT8 if algo != "FP8" else ck.A_FP8)
+    s = h.scale if algo == "W8A16" else h.out_scale
+    nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
+    res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
+    a = torch.tensor([0.02], device=DEV)
+    for splits in (1, 4):
+        call = functools.partial(cuda_ext.w8_mma, q, h.w8m, s, fmt=algo, tile_counter=h.w8m_counter, splits=splits,
+                                 eps=1e-5)
+        y = call()
+        assert rel(call(then_silu=True), ck.act_prep(y, silu=True)) <= 2e-3, splits
+        plain = call(residual=res.clone())
+        for _ in range(3):
+            r = res.clone()
+            xn = call(residual=r, then_norm=nw, counter=h.then_counter)
+            assert torch.equal(r, plain) and not h.then_counter.any() and not h.w8m_counter.any(), splits
+            assert rel(xn, ck.act_prep(plain, norm=nw, eps=1e-5)) <= 2e-3, splits
+        got = call(residual=res.clone(), then_norm=nw, counter=h.then_counter, then_quant=(None, a, ck.A_INT8))
+        _same_quantized(got, ck.act_prep(plain, norm=nw, eps=1e-5, act_scale=a, afmt=ck.A_INT8), splits)
+    plain = cuda_ext.w8_mma(q, h.w8m, s, fmt=algo, tile_counter=h.w8m_counter, residual=res.clone())
+    graph, r = torch.cuda.CUDAGraph(), res.clone()
+    with torch.cuda.graph(graph):
+        xn = h.fused(q, residual=r, then_norm=nw, eps=1e-5)
+    for _ in range(3):
+        r.copy_(res)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(r, plain) and rel(xn, ck.act_prep(r, norm=nw, eps=1e-5)) <= 2e-3
+        assert not h.then_counter.any() and not h.w8m_counter.any()
+    t96 = {k: v.to(DEV) for k, v in _layout(algo, gen, 96, inp, 64).items()}
+    h96 = make_linear(algo, t96, dtype=dtype, device=DEV, kernels=KernelConfig(w8m=frozenset({algo})))
+    assert h96.w8m is None and h96.w8g and h96.kernel.startswith("w8g-cuda")
+
+
+@cuda
+@pytest.mark.parametrize("algo", W8G)
 @pytest.mark.parametrize("out, inp", [(64, 512), (80, 1024), (46, 4096), (96, 576), (64, 11008), (70, 528)])
 def test_w8g_matches_float64_reference(algo, out, inp):
     """The compiled 8-bit GEMV (cuda_ext.w8_gemv) at batch 1 and, called directly, 2–4 rows, on the stored weights:

@@ -4,9 +4,9 @@ more shared memory than an sm_90 block has (it could not launch there), fails he
 (experiments/gpu/triton_compile_check.py). The static cost table (experiments/gpu/sass_loop.py) is checked for what
 the runtime's comments rely on. The compiled CUDA GEMVs (quant/runtime/csrc) are built with nvcc for sm_90 and
 checked the same way (experiments/gpu/cuda_build_check.py: no spill in a main loop, the epilogues' fences and
-barriers, the tensor-core INT4 kernel's float32-accumulating HMMA and its K split's fenced count, the bindings
-well-formed). All run as subprocesses: this test session runs Triton's interpreter
-(tests/conftest.py), which replaces the kernels these compile. About 95 s on a 2-core box."""
+barriers, the tensor-core kernels' MMAs (float32-accumulating HMMA, int8 IMMA), their K split's fenced count and
+their steady loop's instructions per weight, the bindings well-formed). All run as subprocesses: this test session runs Triton's interpreter
+(tests/conftest.py), which replaces the kernels these compile. About 2 minutes on a 2-core box."""
 from __future__ import annotations
 
 import os
@@ -62,4 +62,5 @@ def test_compiled_gemvs_build_for_sm90_with_their_epilogues_ordered():
     assert any(line.startswith("w4a16_gemv.cu: 90 kernels for sm_90 (48 with an epilogue") for line in lines), lines
     assert any(line.startswith("w4a16_mma.cu: 14 kernels for sm_90 (8 with an epilogue") for line in lines), lines
     assert any(line.startswith("w4a16_mma.cu: warp-instructions per weight") for line in lines), lines
+    assert any(line.startswith("w8_mma.cu: 18 kernels for sm_90 (12 with an epilogue") for line in lines), lines
     assert "bindings.cpp: well-formed" in "\n".join(lines) and not any("FAILED" in line for line in lines)

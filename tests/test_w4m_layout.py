@@ -1,9 +1,9 @@
-"""The tensor-core INT4 kernel's layout (quant/runtime/cuda_ext.py pack_w4m, csrc/w4a16_mma.cu), checked on the CPU:
-the packing round-trips, and a lane-by-lane reading of the packed words and activations as the kernel reads them —
-its dequantization bit for bit (tests/test_w4g_layout.py's reading of dequant_word), its scale load, the PTX ISA's
-fragment tables of mma.m16n8k16's A, B and C operands (written here from the ISA, not from the packing code), and
-the kernel's store of the accumulators — gives x · (q · s)ᵀ for every output channel, over 1–3 groups of 8 rows. The
-kernel itself runs in tests/test_cuda.py."""
+"""The tensor-core kernels' layouts (quant/runtime/cuda_ext.py pack_w4m / pack_w8m, csrc/w4a16_mma.cu / w8_mma.cu),
+checked on the CPU: the packings round-trip, and a lane-by-lane reading of the packed words and activations as the
+kernels read them — INT4's dequantization bit for bit (tests/test_w4g_layout.py's reading of dequant_word), its scale
+load, W8A16's byte permute, the PTX ISA's fragment tables of mma.m16n8k16 and m16n8k32 (written here from the ISA,
+not from the packing code), and the accumulators' store — gives x · wᵀ for every output channel. The kernels
+themselves run in tests/test_cuda.py."""
 import numpy as np
 import pytest
 import torch
@@ -116,5 +116,84 @@ def test_kernel_config_refuses_rows_or_depth_the_kernel_lacks():
         KernelConfig(w4m_rows=(1, 16), w4m_depth=8)
     with pytest.raises(ValueError, match="w4m_depth must be"):
         KernelConfig(w4m_depth=6)
-    for name in ("w4m", "w4m1", "w4m8"):  # the benchmark's variants are valid configurations
+    for name in ("w4m", "w4m1", "w4m8", "w8m", "w8m4"):  # the benchmark's variants are valid configurations
         KernelConfig(**KERNEL_VARIANTS[name])
+    assert not DEFAULT_KERNELS.w8m  # off until timed end to end
+    with pytest.raises(ValueError, match="w8m takes the 8-bit formats"):
+        KernelConfig(w8m=frozenset({"W4A16_AWQ"}))
+    with pytest.raises(ValueError, match="w8m_depth must be one of"):
+        KernelConfig(w8m_depth=3)
+
+
+# -- the 8-bit formats' tensor-core kernel (csrc/w8_mma.cu, cuda_ext.pack_w8m) ----------------------------------------
+def _emulate_w8(x: np.ndarray, packed: np.ndarray, fmt: str) -> np.ndarray:
+    """csrc/w8_mma.cu's sums x · wᵀ (before the scale) in float64, lane by lane (one group of 8 rows). m16 tile i of
+    a step gives lane (g, c) the 16 bytes wv = words (x, y, z, w). W8A8: the PTX ISA's mma.m16n8k32 .s8 fragments —
+    A: a0..a3 row g, k 4c + j; a4..a7 row g + 8; a8..a11 row g, k 16 + 4c + j; a12..a15 row g + 8 (so the words in
+    order); B: b0..b3 k 4c + j of column g, b4..b7 k 16 + 4c + j. W8A16 / FP8: two mma.m16n8k16, MMA h with the
+    registers {bytes 0-1 of word 2h, of word 2h + 1, bytes 2-3 of word 2h, of word 2h + 1} as the ISA's a0a1 (row g, k
+    2c, 2c + 1), a2a3 (row g + 8), a4a5 (row g, k 8 + 2c, ..), a6a7 (row g + 8), and B b0b1 (k 2c, 2c + 1 of column
+    g) = x at 16h + 4c, + 1, b2b3 (k 8 + 2c, ..) = x at 16h + 4c + 2, + 3. The C fragment and the tile's store are
+    the INT4 kernel's (mma_common.cuh; _emulate above)."""
+    tiles, steps = packed.shape[:2]
+    n = 64 * tiles
+    if fmt == "W8A16":
+        vals = packed.astype(np.int64) - 128  # u = q + 128 permuted into 1024 + u, minus 1152
+    elif fmt == "FP8":
+        vals = torch.from_numpy(packed).view(torch.float8_e4m3fn).double().numpy()
+    else:
+        vals = packed.astype(np.int8).astype(np.int64)
+    m = x.shape[0]
+    xp = np.zeros((8, x.shape[1]))
+    xp[:m] = x
+    y = np.zeros((m, n))
+    for t in range(tiles):
+        tile = np.zeros((64, 8))  # [column, activation row]
+        for ks in range(steps):
+            for i in range(4):
+                if fmt == "W8A8_SQ_PER_CHANNEL":
+                    mmas = [(np.zeros((16, 32)), np.zeros((32, 8)))]
+                else:
+                    mmas = [(np.zeros((16, 16)), np.zeros((16, 8))) for _ in range(2)]
+                for lane in range(32):
+                    g, c = lane // 4, lane % 4
+                    word = vals[t, ks, i, lane].reshape(4, 4)  # [word, byte]
+                    row = xp[g, 32 * ks:32 * ks + 32]
+                    if fmt == "W8A8_SQ_PER_CHANNEL":
+                        a, b = mmas[0]
+                        for reg, (r, k) in enumerate(((g, 4 * c), (g + 8, 4 * c), (g, 16 + 4 * c), (g + 8, 16 + 4 * c))):
+                            a[r, k:k + 4] = word[reg]
+                        b[4 * c:4 * c + 4, g] = row[4 * c:4 * c + 4]
+                        b[16 + 4 * c:16 + 4 * c + 4, g] = row[16 + 4 * c:16 + 4 * c + 4]
+                        continue
+                    for h, (a, b) in enumerate(mmas):
+                        regs = (word[2 * h, 0:2], word[2 * h + 1, 0:2], word[2 * h, 2:4], word[2 * h + 1, 2:4])
+                        for reg, (r, k) in enumerate(((g, 2 * c), (g + 8, 2 * c), (g, 8 + 2 * c), (g + 8, 8 + 2 * c))):
+                            a[r, k:k + 2] = regs[reg]
+                        b[2 * c:2 * c + 2, g] = row[16 * h + 4 * c:16 * h + 4 * c + 2]
+                        b[8 + 2 * c:8 + 2 * c + 2, g] = row[16 * h + 4 * c + 2:16 * h + 4 * c + 4]
+                for a, b in mmas:
+                    tile[16 * i:16 * i + 16] += a @ b
+        for col in range(64):
+            r = 32 * t + col if col < 32 else n // 2 + 32 * t + col - 32
+            y[:, r] = tile[col, :m]
+    return y
+
+
+@pytest.mark.parametrize("fmt", ["W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"])
+def test_w8m_fragments_read_as_the_kernel_reads_them_give_the_product(fmt):
+    gen = torch.Generator().manual_seed(len(fmt))
+    n, k, m = 128, 96, 5
+    if fmt == "FP8":
+        w = (torch.randn(n, k, generator=gen) * 40).to(torch.float8_e4m3fn)
+        x = (torch.randn(m, k, generator=gen) * 40).to(torch.float8_e4m3fn)
+    else:
+        w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        w[0, :32] = torch.tensor([-128, 127] * 16, dtype=torch.int8)  # both ends at every byte position
+        x = (torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8) if fmt != "W8A16"
+             else torch.randn(m, k, generator=gen).half())
+    packed = cuda_ext.pack_w8m(w, fmt)
+    assert packed.shape == (2, 3, 4, 32, 16) and packed.dtype == torch.uint8
+    assert torch.equal(cuda_ext.unpack_w8m(packed, fmt), w.view(torch.uint8))
+    got = _emulate_w8(x.double().numpy(), packed.numpy(), fmt)
+    np.testing.assert_allclose(got, x.double().numpy() @ w.double().numpy().T, rtol=1e-12, atol=1e-9)

@@ -38,12 +38,13 @@ ARCH = "-gencode=arch=compute_90,code=sm_90"
 STREAM_LOAD = "LDG.E.NA.LTC256B.128.CONSTANT"
 TEMPLATE = {"w8_gemv_kernel": ("F", "M", "R", "U", "THEN"), "w4a16_gemv_kernel": ("M", "R", "U", "PRO", "THEN"),
             "w4a16_gemv_persistent": ("R", "U", "PRO", "THEN"), "w8_gemv_persistent": ("F", "R", "U", "THEN"),
-            "w4a16_mma_kernel": ("ROWS", "P", "PRE", "THEN")}
+            "w4a16_mma_kernel": ("ROWS", "P", "PRE", "THEN"), "w8_mma_kernel": ("F", "P", "THEN")}
 THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
 # The tensor-core INT4 kernel's steady loop (P steps of 16 k x 64 channels a warp), warp-instructions per weight at
 # most, per row tile: streaming INT4 at an H200's copy bandwidth takes ~8.4e12 weights/s of its ~1.05e12
 # warp-instructions/s, so 0.08 is ~2/3 of the issue rate (experiments/results/gpu/kernels, stage 9).
 W4M_PER_WEIGHT = {8: 0.08, 16: 0.09, 32: 0.12}
+W8M_PER_WEIGHT = 0.06  # the 8-bit one (P steps of 32 k x 64 channels), half INT4's bytes a weight: ~2/3 again
 
 
 def kernels(sass: str, res: str) -> list[dict]:
@@ -63,8 +64,9 @@ def kernels(sass: str, res: str) -> list[dict]:
         loop = main_loop(body, STREAM_LOAD)
         k = {"kind": kind, "args": dict(zip(TEMPLATE[kind], args)), "regs": regs, "stack": stack, "ops": ops,
              "loop_spills": loop.count("LDL") + loop.count("STL")}
-        if kind == "w4a16_mma_kernel":  # its steady loop, beside the tail loop of the same steps
-            k["per_weight"] = len(main_loop(body, STREAM_LOAD, pick=min)) / (k["args"]["P"] * 16 * 64)
+        if kind in ("w4a16_mma_kernel", "w8_mma_kernel"):  # the steady loop, beside the tail loop of the same steps
+            k_step = 16 if kind == "w4a16_mma_kernel" else 32
+            k["per_weight"] = len(main_loop(body, STREAM_LOAD, pick=min)) / (k["args"]["P"] * k_step * 64)
         out.append(k)
     return out
 
@@ -83,15 +85,17 @@ def check_kernels(cubin: Path) -> list[str]:
             fails.append(f"{tag}: the RMSNorm epilogue without its GPU fence and atomic count")
         if then in (THEN_SILU, THEN_NORM) and not any(o.startswith("BAR.SYNC") for o in k["ops"]):
             fails.append(f"{tag}: the epilogue without its block barrier")
-        if k["kind"] == "w4a16_mma_kernel":  # tensor cores, and the K split's count after its fence
-            if not any(o.startswith("HMMA.16816.F32") for o in k["ops"]):
-                fails.append(f"{tag}: no m16n8k16 float32-accumulating HMMA")
+        if k["kind"] in ("w4a16_mma_kernel", "w8_mma_kernel"):  # tensor cores, the K split's count after its fence
+            want = "IMMA.16832.S8" if k["kind"] == "w8_mma_kernel" and k["args"]["F"] == 1 else "HMMA.16816.F32"
+            if not any(o.startswith(want) for o in k["ops"]):
+                fails.append(f"{tag}: no {want}")
             if not (any(o.startswith("ATOMG") for o in k["ops"]) and any(o.startswith("MEMBAR") and "GPU" in o
                                                                         for o in k["ops"])):
                 fails.append(f"{tag}: the K split's reduction without its GPU fence and atomic count")
-            if k["per_weight"] > W4M_PER_WEIGHT[k["args"]["ROWS"]]:
+            most = W4M_PER_WEIGHT[k["args"]["ROWS"]] if "ROWS" in k["args"] else W8M_PER_WEIGHT
+            if k["per_weight"] > most:
                 fails.append(f"{tag}: {k['per_weight']:.3f} warp-instructions per weight in its steady loop, more "
-                             f"than {W4M_PER_WEIGHT[k['args']['ROWS']]}")
+                             f"than {most}")
     epi = [k for k in found if k["args"]["THEN"]]
     print(f"{cubin.stem}: {len(found)} kernels for sm_90 ({len(epi)} with an epilogue for the next linear), "
           f"registers {min(k['regs'] for k in found)}-{max(k['regs'] for k in found)}, "
@@ -99,8 +103,8 @@ def check_kernels(cubin: Path) -> list[str]:
           f"{max(k['stack'] for k in found)} bytes" if found else f"{cubin.stem}: nothing compiled")
     mma = [k for k in found if "per_weight" in k]
     if mma:
-        print(f"{cubin.stem}: warp-instructions per weight in the steady loop, by (rows, steps ahead, pre-quant "
-              f"scale, epilogue): " + ", ".join(f"{tuple(k['args'].values())} {k['per_weight']:.3f}" for k in mma))
+        print(f"{cubin.stem}: warp-instructions per weight in the steady loop, by its template arguments: "
+              + ", ".join(f"{tuple(k['args'].values())} {k['per_weight']:.3f}" for k in mma))
     return fails
 
 
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     fails = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for cu in ("w8_gemv.cu", "w4a16_gemv.cu", "w4a16_mma.cu"):
+        for cu in ("w8_gemv.cu", "w4a16_gemv.cu", "w4a16_mma.cu", "w8_mma.cu"):
             cubin = tmp / (cu + ".cubin")
             p = subprocess.run(["nvcc", "-O3", ARCH, "-cubin", str(CSRC / cu), "-o", str(cubin)], capture_output=True,
                                text=True, cwd=CSRC)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, the compiled INT4 and INT8 GEMVs and the tensor-core INT4 kernel: build, test, time. One call on the lent nvidia-h200 machine, from the repository
+# Issue 14, the compiled INT4 and INT8 GEMVs and the tensor-core kernels: build, test, time. One call on the lent nvidia-h200 machine, from the repository
 # root, with .whl (pydantic and its three dependencies, for python 3.12) carried; everything lands in $OUT.
 #   stages: build (timed, SASS instruction mix of the batch-1 kernel), tests/test_cuda.py, kernel_bench per shape
 #   (the GEMV's tiles swept at 1-4 rows, then every variant interleaved), the end-to-end bench per shape.
@@ -46,7 +46,7 @@ for fn in re.split(r"\n\s*Function : ", text)[1:]:
 PY
     fi ;;
   tests_w4g)  # the GEMV's own tests, first: a wrong kernel stops the call before any timing
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "w4g or w8g or w4m" 2>&1 | tail -30 > "$OUT/test_w4g.txt"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "w4g or w8g or w4m or w8m" 2>&1 | tail -30 > "$OUT/test_w4g.txt"
     tail -3 "$OUT/test_w4g.txt"; grep -q " passed" "$OUT/test_w4g.txt" && ! grep -q "failed" "$OUT/test_w4g.txt" || [ "${KEEP_GOING:-0}" = 1 ] || exit 1 ;;
   tests)
     timeout 300 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1

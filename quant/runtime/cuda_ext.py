@@ -6,7 +6,8 @@ with one LOP3 per pair (``csrc/w4a16_gemv.cu`` states its layout and precision c
 8-bit one (W8A16, SmoothQuant W8A8, FP8) on the checkpoint's own [N, K] layout: 16 weights per load, widened to
 float32 in registers (int32 DP4A sums for W8A8; ``csrc/w8_gemv.cu``). :func:`w4a16_mma` is INT4 (W4A16) for 1–32
 rows on tensor cores, Marlin's way: a copy reordered at load (:func:`pack_w4m`) whose 16 bytes a lane are exactly its
-MMA fragments, dequantized in registers, the K split across blocks (``csrc/w4a16_mma.cu``).
+MMA fragments, dequantized in registers, the K split across blocks (``csrc/w4a16_mma.cu``); :func:`w8_mma` the
+8-bit formats the same way for 1–8 rows (:func:`pack_w8m`, ``csrc/w8_mma.cu``).
 
 The build needs ``nvcc`` and ``ninja`` (the CUDA toolkit); it is cached under the suite's cache folder, keyed on the
 contents of ``csrc/`` and by PyTorch on the compiler flags, so a machine compiles it once and an edited source
@@ -55,7 +56,8 @@ def load():
         with quiet.held("torch.utils.cpp_extension"):  # the compiler's output shows with -v
             return cpp_extension.load(
                 name="quant_cuda_gemv",
-                sources=[str(CSRC / f) for f in ("bindings.cpp", "w4a16_gemv.cu", "w4a16_mma.cu", "w8_gemv.cu")],
+                sources=[str(CSRC / f) for f in ("bindings.cpp", "w4a16_gemv.cu", "w4a16_mma.cu", "w8_gemv.cu",
+                                                 "w8_mma.cu")],
                 build_directory=str(build), extra_cuda_cflags=["-O3", "-lineinfo"] + _arch_flags(),
                 extra_cflags=["-O3"], verbose=False)
     except Exception as exc:  # no toolkit, no compiler, a failed build: the reason, and the other kernels run
@@ -179,6 +181,60 @@ def w4a16_mma(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, group: int, 
 def w4a16_mma_splits(rows: int, n: int, k: int, requested: int = 0) -> int:
     """The K split :func:`w4a16_mma` takes for ``rows`` rows of an [n, k] weight on this GPU."""
     return _built().w4a16_mma_splits(rows, n, k, requested)
+
+
+W8M_MAX_ROWS = 8
+W8M_DEPTHS = (2, 4)  # steps of 32 k loaded ahead per warp it is built for
+
+
+def w8m_ok(out: int, inp: int, dtype: torch.dtype) -> bool:
+    """Whether the 8-bit tensor-core kernel takes this linear: float16 output, N a multiple of 64, K of 32."""
+    return dtype == torch.float16 and out % W4M_TILE == 0 and inp % 32 == 0
+
+
+def pack_w8m(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """8-bit weights [N, K] (int8, or float8_e4m3fn for FP8) → uint8 [N/64, K/32, 4, 32, 16] in the kernel's layout
+    (csrc/w8_mma.cu states it; the inverse: :func:`unpack_w8m`): each m16 tile's A fragments of mma.m16n8k32, lane
+    by lane; W8A16's bytes q ^ 0x80."""
+    n, k = w.shape
+    u = w.view(torch.uint8)[w4m_rows_of_tiles(n, w.device)]
+    if fmt == "W8A16":
+        u = u ^ 0x80
+    # [tile, i, o, g | ks, h, c, j]: column 16 i + 8 o + g of the tile, k = 32 ks + 16 h + 4 c + j
+    u = u.reshape(n // W4M_TILE, 4, 2, 8, k // 32, 2, 4, 4)
+    # → [tile, ks, i, g, c | h, o, j]: lane 4 g + c of m16 tile i, word 2 h + o, byte j
+    return u.permute(0, 4, 1, 3, 6, 5, 2, 7).reshape(n // W4M_TILE, k // 32, 4, 32, 16).contiguous()
+
+
+def unpack_w8m(p: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The inverse of :func:`pack_w8m`: the weights [N, K] as uint8 bytes (int8 / e4m3 by ``.view``)."""
+    tiles, steps = p.shape[:2]
+    n = tiles * W4M_TILE
+    u = p.reshape(tiles, steps, 4, 8, 4, 2, 2, 4).permute(0, 2, 6, 3, 1, 5, 4, 7).reshape(n, steps * 32)
+    if fmt == "W8A16":
+        u = u ^ 0x80
+    out = torch.empty_like(u)
+    out[w4m_rows_of_tiles(n, p.device)] = u
+    return out
+
+
+def w8_mma(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, fmt: str, tile_counter: torch.Tensor,
+           residual: torch.Tensor | None = None, splits: int = 0, depth: int = 2, then_silu: bool = False,
+           then_norm: torch.Tensor | None = None, counter: torch.Tensor | None = None, eps: float = 1e-6,
+           then_quant: tuple | None = None) -> torch.Tensor:
+    """x [M ≤ 8, K] (as :func:`w8_gemv`'s for ``fmt``), w from :func:`pack_w8m`, scale as :func:`w8_gemv`'s →
+    (x · wᵀ) · scale, float16 [M, N], on tensor cores; added to ``residual`` in place (one rounding) when given.
+    ``tile_counter``, ``splits`` (at most K / 128), ``then_*``: as :func:`w4a16_mma`'s; ``depth``: steps of 32 k loaded
+    ahead per warp (W8M_DEPTHS)."""
+    mod = _built()
+    out, then, ret = _then(x, w.shape[0] * W4M_TILE, residual, then_silu, then_norm, counter, eps, then_quant)
+    mod.w8_mma(x, w, scale, W8_FORMATS[fmt], out, residual is not None, tile_counter, splits, depth, *then)
+    return ret
+
+
+def w8_mma_splits(fmt: str, n: int, k: int, requested: int = 0) -> int:
+    """The K split :func:`w8_mma` takes for ``fmt`` and an [n, k] weight on this GPU."""
+    return _built().w8_mma_splits(W8_FORMATS[fmt], n, k, requested)
 
 
 def _then(x: torch.Tensor, n: int, residual, then_silu: bool, then_norm, counter, eps: float, then_quant):

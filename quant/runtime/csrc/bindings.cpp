@@ -15,6 +15,10 @@ cudaError_t w4a16_mma_splits(int M, int N, int K, int requested, int& splits);
 cudaError_t w4a16_mma_launch(int M, const void* x, int64_t ldx, const void* w, const void* s, const void* pre, void* y,
                              int64_t ldy, int N, int K, int gshift, bool accumulate, float* ws, unsigned* cnt,
                              int splits, int depth, int then, const gemv::ThenArgs& t, cudaStream_t stream);
+cudaError_t w8_mma_splits(int fmt, int N, int K, int requested, int& splits);
+cudaError_t w8_mma_launch(int fmt, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
+                          int64_t ldy, int N, int K, bool accumulate, float* ws, unsigned* cnt, int splits, int depth,
+                          int then, const gemv::ThenArgs& t, cudaStream_t stream);
 
 // The epilogue's work for the next linear (gemv_then.h), one row: then 0 none; 1 SiLU * gate of y's halves into xn
 // [1, N / 2] (out unused); 2 RMSNorm of y after the residual add (accumulate) into xn [1, N], weight nw float16 [N],
@@ -198,9 +202,66 @@ torch::Tensor w4a16_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64
   return out;
 }
 
+// The K split w8_mma takes for format fmt and [N, K] on this GPU: requested > 0 (at most K / 128), or 0: its rule.
+int64_t w8_mma_splits_of(int64_t fmt, int64_t N, int64_t K, int64_t requested) {
+  TORCH_CHECK(fmt >= 0 && fmt <= 2 && N > 0 && N % 64 == 0 && K > 0 && K % 32 == 0 && requested >= 0,
+              "w8_mma_splits: format 0-2, N % 64 == 0, K % 32 == 0, requested >= 0");
+  int splits = 0;
+  const cudaError_t err = w8_mma_splits(static_cast<int>(fmt), static_cast<int>(N), static_cast<int>(K),
+                                        static_cast<int>(requested), splits);
+  TORCH_CHECK(err == cudaSuccess, "w8_mma_splits: ", cudaGetErrorString(err));
+  return splits;
+}
+
+// fmt 0 (W8A16): x float16, s float16 [N]; 1 (W8A8): x int8, s float32 [N]; 2 (FP8): x float8_e4m3fn, s float32 [1].
+// x [M <= 8, K]; w uint8 [N / 64, K / 32, 4, 32, 16] (cuda_ext.pack_w8m); out [M, N] float16: written, or added to in
+// place when accumulate. cnt int32 [N / 64] zeros, left zero; splits 0 (the rule) or n; depth 2 or 4. then ...
+// then_afmt: then_args (one row). Returns out.
+torch::Tensor w8_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t fmt, torch::Tensor out, bool accumulate,
+                     torch::Tensor cnt, int64_t splits, int64_t depth, int64_t then, torch::Tensor nw, torch::Tensor xn,
+                     torch::Tensor then_cnt, double eps, torch::Tensor then_pre, torch::Tensor then_a,
+                     int64_t then_afmt) {
+  TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device() &&
+              cnt.device() == x.device(), "w8_mma: tensors on one CUDA device");
+  TORCH_CHECK(fmt >= 0 && fmt <= 2, "w8_mma: format 0-2, got ", fmt);
+  const at::ScalarType xt[] = {at::kHalf, at::kChar, at::kFloat8_e4m3fn};
+  const at::ScalarType st[] = {at::kHalf, at::kFloat, at::kFloat};
+  TORCH_CHECK(x.scalar_type() == xt[fmt] && s.scalar_type() == st[fmt] && out.scalar_type() == at::kHalf &&
+              w.scalar_type() == at::kByte && cnt.scalar_type() == at::kInt,
+              "w8_mma: dtypes of format ", fmt, ": x ", xt[fmt], ", s ", st[fmt], ", w uint8, out Half, cnt int32");
+  TORCH_CHECK(w.dim() == 5 && w.size(0) > 0 && w.size(2) == 4 && w.size(3) == 32 && w.size(4) == 16 &&
+              w.is_contiguous(), "w8_mma: w [N / 64, K / 32, 4, 32, 16] (cuda_ext.pack_w8m), N > 0");
+  const int64_t M = x.size(0), N = w.size(0) * 64, K = w.size(1) * 32;
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && (x.stride(0) * x.element_size()) % 16 == 0 && x.size(1) == K &&
+              reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "w8_mma: x [M, K], rows 16-byte aligned");
+  TORCH_CHECK(M >= 1 && M <= 8, "w8_mma: 1-8 rows; got ", M);
+  TORCH_CHECK(s.is_contiguous() && s.numel() == (fmt == 2 ? 1 : N), "w8_mma: s [N] (FP8: [1])");
+  TORCH_CHECK(cnt.is_contiguous() && cnt.numel() >= N / 64, "w8_mma: cnt int32 [N / 64]");
+  TORCH_CHECK(depth == 2 || depth == 4, "w8_mma: depth 2 or 4; got ", depth);
+  TORCH_CHECK(splits >= 0, "w8_mma: splits 0 (the rule) or n > 0");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, "w8_mma: w 16-byte aligned");
+  const gemv::ThenArgs t = then_args("w8_mma", then, M, N, out, accumulate, nw, xn, then_cnt, eps, then_pre, then_a,
+                                      then_afmt);
+  const c10::cuda::CUDAGuard guard(x.device());
+  int k_splits = 0;
+  cudaError_t err = w8_mma_splits(static_cast<int>(fmt), static_cast<int>(N), static_cast<int>(K),
+                                  static_cast<int>(splits), k_splits);
+  TORCH_CHECK(err == cudaSuccess, "w8_mma: ", cudaGetErrorString(err));
+  const torch::Tensor ws = k_splits > 1 ? torch::empty({k_splits, M, N}, x.options().dtype(at::kFloat))
+                                        : torch::empty({0}, x.options().dtype(at::kFloat));
+  err = w8_mma_launch(static_cast<int>(fmt), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(),
+                      s.data_ptr(), out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), accumulate,
+                      ws.data_ptr<float>(), static_cast<unsigned*>(cnt.data_ptr()), k_splits, static_cast<int>(depth),
+                      static_cast<int>(then), t, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "w8_mma: ", cudaGetErrorString(err));
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemv", &w4a16_gemv, "W4A16 GEMV, 1-4 rows (w4a16_gemv.cu)");
   m.def("w4a16_mma", &w4a16_mma, "W4A16 on tensor cores, 1-32 rows (w4a16_mma.cu)");
   m.def("w4a16_mma_splits", &w4a16_mma_splits_of, "the K split w4a16_mma takes (w4a16_mma.cu)");
+  m.def("w8_mma", &w8_mma, "the 8-bit formats on tensor cores, 1-8 rows (w8_mma.cu)");
+  m.def("w8_mma_splits", &w8_mma_splits_of, "the K split w8_mma takes (w8_mma.cu)");
   m.def("w8_gemv", &w8_gemv, "8-bit GEMV (W8A16, W8A8, FP8), 1-4 rows (w8_gemv.cu)");
 }

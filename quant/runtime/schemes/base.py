@@ -110,6 +110,12 @@ class KernelConfig:
     # Formats whose batch-1 row takes that GEMV's persistent form (as w4g_persistent). Empty until measured faster
     # end to end (experiments.bench RECIPE@w8gp).
     w8g_persistent: frozenset[str] = frozenset()
+    # 8-bit formats whose batch-1 row takes the tensor-core kernel instead (cuda_ext.w8_mma: float16 output, N a
+    # multiple of 64, K of 32, on a copy in the MMA's fragment layout made at load; the gemv_then epilogues), with
+    # w8m_depth steps of 32 k loaded ahead per warp (2 or 4). Empty until timed end to end (experiments.bench
+    # RECIPE@w8m, @w8m4).
+    w8m: frozenset[str] = frozenset()
+    w8m_depth: int = 2
     # Weight-only formats ("W8A16", "W4A16_AWQ") whose prefill (more than 64 rows) multiplies the stored weights
     # through the tl.dot kernel, dequantized in registers (cuda_kernels.WQ_PREFILL_CONFIG), instead of writing a
     # float16 copy of each weight per call for cuBLAS. Empty: on an H200 (7B, experiments.bench RECIPE@wqprefill)
@@ -170,7 +176,9 @@ class KernelConfig:
             raise ValueError(f"wq_prefill takes W8A16 and W4A16_AWQ; got {sorted(self.wq_prefill)}")
         if self.attn_fused_batch is not None and self.attn_fused_batch < 1:
             raise ValueError(f"attn_fused_batch must be >= 1 or None (every batch), got {self.attn_fused_batch}")
-        for name in ("w8g", "w8g_persistent"):
+        if self.w8m_depth not in cuda_ext.W8M_DEPTHS:
+            raise ValueError(f"w8m_depth must be one of {cuda_ext.W8M_DEPTHS}, got {self.w8m_depth}")
+        for name in ("w8g", "w8g_persistent", "w8m"):
             if getattr(self, name) - set(cuda_ext.W8_FORMATS):
                 raise ValueError(f"{name} takes the 8-bit formats {', '.join(cuda_ext.W8_FORMATS)}; got "
                                  f"{sorted(getattr(self, name))}")
@@ -287,11 +295,18 @@ class _Handler:
         return True
 
     w8g = False  # batch 1 takes the compiled 8-bit GEMV (the 8-bit formats, on CUDA: _setup_w8g)
+    w8m = None  # or the 8-bit tensor-core kernel, on this copy of the weights (cuda_ext.pack_w8m)
 
     def _setup_w8g(self, inp: int) -> None:
         """Whether batch 1 takes the compiled 8-bit GEMV: the kernel config lists this format, float16 output, K a
-        multiple of 16, and the extension built (else its reason is kept and the Triton GEMV runs)."""
-        if self.algo_key in self.kernels.w8g and cuda_ext.w8g_ok(inp, self.dtype) and self._extension_built():
+        multiple of 16, and the extension built (else its reason is kept and the Triton GEMV runs); or, where
+        KernelConfig.w8m lists it and the shape fits, the 8-bit tensor-core kernel in its place."""
+        out = self.weight.shape[0]
+        if self.algo_key in self.kernels.w8m and cuda_ext.w8m_ok(out, inp, self.dtype) and self._extension_built():
+            self.w8m = cuda_ext.pack_w8m(self.weight, self.algo_key)
+            self.w8m_counter = torch.zeros(out // cuda_ext.W4M_TILE, dtype=torch.int32, device=self.device)
+            self.w8g, self.kernel = True, "w8m-mma|" + self.kernel
+        elif self.algo_key in self.kernels.w8g and cuda_ext.w8g_ok(inp, self.dtype) and self._extension_built():
             self.w8g, self.kernel = True, "w8g-cuda|" + self.kernel
 
     # int32 zeros, one per output tile of 16 channels or more, when wq_wide lists the format: handed to wq_mm, whose
@@ -312,6 +327,9 @@ class _Handler:
 
     def _w8g_gemv(self, x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None, eps: float = 1e-6,
                   **then) -> torch.Tensor:
+        if self.w8m is not None:
+            return cuda_ext.w8_mma(x, self.w8m, scale, fmt=self.algo_key, tile_counter=self.w8m_counter,
+                                   residual=residual, depth=self.kernels.w8m_depth, eps=eps, **then)
         return cuda_ext.w8_gemv(x, self.weight, scale, fmt=self.algo_key, residual=residual,
                                 tile=self.kernels.w8g_tile, eps=eps,
                                 grid=cuda_ext.grid(self.algo_key in self.kernels.w8g_persistent, x.shape[0]), **then)
