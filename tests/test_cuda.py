@@ -701,8 +701,8 @@ def test_w8m_matches_float64_reference(algo, out, inp):
     """The 8-bit tensor-core kernel (cuda_ext.w8_mma, KernelConfig.w8m) at batch 1 through the handler and, called
     directly, 1–8 rows on act_prep's output, against the float64 reference: hidden 576, the default model's 960 ×
     1536, K = 11008 on one tile (the K split over 344 steps), 7B's 4096²; activations ×1/×40/×400; depth 2 and 4, K
-    splits 1, 3 and the rule, each the same bits on a second call and in a CUDA graph, the tile counters left zero;
-    the residual added with one rounding; within rounding of the compiled GEMV."""
+    splits 1, 3 and the rule, each the same bits on a second call, from rows longer than K and in a CUDA graph, the
+    tile counters left zero; the residual added with one rounding; within rounding of the compiled GEMV."""
     from quant.hardware import fp8_refusal
     from quant.runtime import cuda_ext
     from quant.runtime import cuda_kernels as ck
@@ -744,6 +744,10 @@ def test_w8m_matches_float64_reference(algo, out, inp):
             y = call()
             assert rel(y, ref) <= 1e-2 and not cnt.any(), (m, depth, splits)
             assert torch.equal(call(), y), (m, depth, splits)
+        wide = q.new_zeros(m, inp + 64)  # rows longer than K (a view): the same bits
+        wide[:, :inp] = q
+        assert torch.equal(cuda_ext.w8_mma(wide[:, :inp], h.w8m, scale_of, fmt=algo, tile_counter=cnt, splits=3),
+                           cuda_ext.w8_mma(q, h.w8m, scale_of, fmt=algo, tile_counter=cnt, splits=3)), m
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             yg = cuda_ext.w8_mma(q, h.w8m, scale_of, fmt=algo, tile_counter=cnt, splits=3)
@@ -759,8 +763,8 @@ def test_w8m_matches_float64_reference(algo, out, inp):
 @cuda
 @pytest.mark.parametrize("algo", W8G)
 def test_w8m_epilogues_do_the_next_linears_prologue(algo):
-    """The 8-bit tensor-core kernel's then_silu / then_norm at one row (KernelConfig.gemv_then), with the K split on
-    and off: SiLU · gate of the output's halves against act_prep(silu) of the plain output, RMSNorm of the residual
+    """The 8-bit tensor-core kernel's then_silu / then_norm at one row (KernelConfig.gemv_then), at both depths with
+    the K split on and off: SiLU · gate of the output's halves against act_prep(silu) of the plain output, RMSNorm of the residual
     sum after the last tile against act_prep(norm), the residual the same bits as the plain call's, quantized for a
     SmoothQuant linear next; a CUDA graph of the handler's call, the counters left zero; a shape it cannot take (N =
     96) keeps the compiled GEMV."""
@@ -785,9 +789,9 @@ def test_w8m_epilogues_do_the_next_linears_prologue(algo):
     nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
     res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
     a = torch.tensor([0.02], device=DEV)
-    for splits in (1, 4):
+    for depth, splits in itertools.product(cuda_ext.W8M_DEPTHS, (1, 4)):
         call = functools.partial(cuda_ext.w8_mma, q, h.w8m, s, fmt=algo, tile_counter=h.w8m_counter, splits=splits,
-                                 eps=1e-5)
+                                 depth=depth, eps=1e-5)
         y = call()
         assert rel(call(then_silu=True), ck.act_prep(y, silu=True)) <= 2e-3, splits
         plain = call(residual=res.clone())

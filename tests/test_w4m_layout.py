@@ -4,12 +4,15 @@ kernels read them — INT4's dequantization bit for bit (tests/test_w4g_layout.p
 load, W8A16's byte permute, the PTX ISA's fragment tables of mma.m16n8k16 and m16n8k32 (written here from the ISA,
 not from the packing code), and the accumulators' store — gives x · wᵀ for every output channel. The kernels
 themselves run in tests/test_cuda.py."""
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from quant.runtime import cuda_ext
-from tests.test_w4g_layout import _kernel_dequant
+from tests.test_w4g_layout import _byte_perm, _kernel_dequant
 
 
 def _rand(n: int, k: int, group: int, seed: int):
@@ -126,9 +129,13 @@ def test_kernel_config_refuses_rows_or_depth_the_kernel_lacks():
 
 
 # -- the 8-bit formats' tensor-core kernel (csrc/w8_mma.cu, cuda_ext.pack_w8m) ----------------------------------------
+# to_half2's byte-permute selectors for bytes 0-1 and 2-3, as the kernel's source has them
+W8A16_SELECTORS = tuple(int(s, 16) for s in reversed(re.search(
+    r"__byte_perm\(v, 0x64646464u, half \? (0x[0-9a-fA-F]+) : (0x[0-9a-fA-F]+)\)",
+    (Path(cuda_ext.__file__).parent / "csrc" / "w8_mma.cu").read_text()).groups()))
 def _emulate_w8(x: np.ndarray, packed: np.ndarray, fmt: str) -> np.ndarray:
     """csrc/w8_mma.cu's sums x · wᵀ (before the scale) in float64, lane by lane (one group of 8 rows). m16 tile i of
-    a step gives lane (g, c) the 16 bytes wv = words (x, y, z, w). W8A8: the PTX ISA's mma.m16n8k32 .s8 fragments —
+    a step gives lane (g, c) the 16 bytes wv = words (x, y, z, w), converted as the kernel's to_half2 does. W8A8: the PTX ISA's mma.m16n8k32 .s8 fragments —
     A: a0..a3 row g, k 4c + j; a4..a7 row g + 8; a8..a11 row g, k 16 + 4c + j; a12..a15 row g + 8 (so the words in
     order); B: b0..b3 k 4c + j of column g, b4..b7 k 16 + 4c + j. W8A16 / FP8: two mma.m16n8k16, MMA h with the
     registers {bytes 0-1 of word 2h, of word 2h + 1, bytes 2-3 of word 2h, of word 2h + 1} as the ISA's a0a1 (row g, k
@@ -137,12 +144,18 @@ def _emulate_w8(x: np.ndarray, packed: np.ndarray, fmt: str) -> np.ndarray:
     the INT4 kernel's (mma_common.cuh; _emulate above)."""
     tiles, steps = packed.shape[:2]
     n = 64 * tiles
-    if fmt == "W8A16":
-        vals = packed.astype(np.int64) - 128  # u = q + 128 permuted into 1024 + u, minus 1152
-    elif fmt == "FP8":
-        vals = torch.from_numpy(packed).view(torch.float8_e4m3fn).double().numpy()
-    else:
-        vals = packed.astype(np.int8).astype(np.int64)
+    vals = packed.astype(np.int8).astype(np.int64)  # W8A8: the bytes as they are
+    words = np.ascontiguousarray(packed).view(np.uint32)  # [.., 4] little-endian: byte j of word w is k 4c + j
+
+    def to_half2(word: int, half: int) -> list[float]:
+        """csrc/w8_mma.cu to_half2, bit for bit: W8A16 __byte_perm(word, 0x64646464, 0x5140 / 0x7362) as float16
+        pair minus 1152; FP8 the e4m3 bytes of the low / high 16 bits."""
+        if fmt == "W8A16":
+            bits = _byte_perm(int(word), 0x64646464, W8A16_SELECTORS[half])
+            pair = np.array([bits], dtype=np.uint32).view(np.float16) - np.float16(1152)
+            return [float(v) for v in pair]
+        two = torch.tensor([(int(word) >> (16 * half + 8 * j)) & 0xFF for j in range(2)], dtype=torch.uint8)
+        return two.view(torch.float8_e4m3fn).double().tolist()
     m = x.shape[0]
     xp = np.zeros((8, x.shape[1]))
     xp[:m] = x
@@ -158,6 +171,7 @@ def _emulate_w8(x: np.ndarray, packed: np.ndarray, fmt: str) -> np.ndarray:
                 for lane in range(32):
                     g, c = lane // 4, lane % 4
                     word = vals[t, ks, i, lane].reshape(4, 4)  # [word, byte]
+                    raw = words[t, ks, i, lane]
                     row = xp[g, 32 * ks:32 * ks + 32]
                     if fmt == "W8A8_SQ_PER_CHANNEL":
                         a, b = mmas[0]
@@ -167,7 +181,8 @@ def _emulate_w8(x: np.ndarray, packed: np.ndarray, fmt: str) -> np.ndarray:
                         b[16 + 4 * c:16 + 4 * c + 4, g] = row[16 + 4 * c:16 + 4 * c + 4]
                         continue
                     for h, (a, b) in enumerate(mmas):
-                        regs = (word[2 * h, 0:2], word[2 * h + 1, 0:2], word[2 * h, 2:4], word[2 * h + 1, 2:4])
+                        regs = (to_half2(raw[2 * h], 0), to_half2(raw[2 * h + 1], 0), to_half2(raw[2 * h], 1),
+                                to_half2(raw[2 * h + 1], 1))
                         for reg, (r, k) in enumerate(((g, 2 * c), (g + 8, 2 * c), (g, 8 + 2 * c), (g + 8, 8 + 2 * c))):
                             a[r, k:k + 2] = regs[reg]
                         b[2 * c:2 * c + 2, g] = row[16 * h + 4 * c:16 * h + 4 * c + 2]

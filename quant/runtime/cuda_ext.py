@@ -178,9 +178,9 @@ def w4a16_mma(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, group: int, 
     return ret
 
 
-def w4a16_mma_splits(rows: int, n: int, k: int, requested: int = 0) -> int:
-    """The K split :func:`w4a16_mma` takes for ``rows`` rows of an [n, k] weight on this GPU."""
-    return _built().w4a16_mma_splits(rows, n, k, requested)
+def w4a16_mma_splits(rows: int, n: int, k: int, requested: int = 0, depth: int = 4) -> int:
+    """The K split :func:`w4a16_mma` takes for ``rows`` rows of an [n, k] weight at ``depth`` on this GPU."""
+    return _built().w4a16_mma_splits(rows, depth, n, k, requested)
 
 
 W8M_MAX_ROWS = 8
@@ -232,9 +232,9 @@ def w8_mma(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, fmt: str, t
     return ret
 
 
-def w8_mma_splits(fmt: str, n: int, k: int, requested: int = 0) -> int:
-    """The K split :func:`w8_mma` takes for ``fmt`` and an [n, k] weight on this GPU."""
-    return _built().w8_mma_splits(W8_FORMATS[fmt], n, k, requested)
+def w8_mma_splits(fmt: str, n: int, k: int, requested: int = 0, depth: int = 2) -> int:
+    """The K split :func:`w8_mma` takes for ``fmt`` and an [n, k] weight at ``depth`` on this GPU."""
+    return _built().w8_mma_splits(W8_FORMATS[fmt], depth, n, k, requested)
 
 
 def _then(x: torch.Tensor, n: int, residual, then_silu: bool, then_norm, counter, eps: float, then_quant):

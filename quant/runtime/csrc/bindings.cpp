@@ -11,11 +11,11 @@ cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const gemv::ThenArgs& t,
                            int grid, cudaStream_t stream);
-cudaError_t w4a16_mma_splits(int M, int N, int K, int requested, int& splits);
+cudaError_t w4a16_mma_splits(int M, int depth, int N, int K, int requested, int& splits);
 cudaError_t w4a16_mma_launch(int M, const void* x, int64_t ldx, const void* w, const void* s, const void* pre, void* y,
                              int64_t ldy, int N, int K, int gshift, bool accumulate, float* ws, unsigned* cnt,
                              int splits, int depth, int then, const gemv::ThenArgs& t, cudaStream_t stream);
-cudaError_t w8_mma_splits(int fmt, int N, int K, int requested, int& splits);
+cudaError_t w8_mma_splits(int fmt, int depth, int N, int K, int requested, int& splits);
 cudaError_t w8_mma_launch(int fmt, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                           int64_t ldy, int N, int K, bool accumulate, float* ws, unsigned* cnt, int splits, int depth,
                           int then, const gemv::ThenArgs& t, cudaStream_t stream);
@@ -138,14 +138,15 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   return out;
 }
 
-// The K split w4a16_mma takes for M rows of [N, K] on this GPU: requested > 0 (at most K / 64), or 0: its rule
-// (w4a16_mma.cu). For the tests and the benchmark's records.
-int64_t w4a16_mma_splits_of(int64_t M, int64_t N, int64_t K, int64_t requested) {
-  TORCH_CHECK(M >= 1 && M <= 32 && N > 0 && N % 64 == 0 && K > 0 && K % 16 == 0 && requested >= 0,
-              "w4a16_mma_splits: 1-32 rows, N % 64 == 0, K % 16 == 0, requested >= 0");
+// The K split w4a16_mma takes for M rows of [N, K] at depth on this GPU: requested > 0 (at most K / 64), or 0: its
+// rule (w4a16_mma.cu). For the tests and the benchmark's records.
+int64_t w4a16_mma_splits_of(int64_t M, int64_t depth, int64_t N, int64_t K, int64_t requested) {
+  TORCH_CHECK(M >= 1 && M <= 32 && (depth == 4 || (depth == 8 && M <= 8)) && N > 0 && N % 64 == 0 && K > 0 &&
+              K % 16 == 0 && requested >= 0,
+              "w4a16_mma_splits: 1-32 rows, depth 4 (or 8 up to 8 rows), N % 64 == 0, K % 16 == 0, requested >= 0");
   int splits = 0;
-  const cudaError_t err = w4a16_mma_splits(static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
-                                           static_cast<int>(requested), splits);
+  const cudaError_t err = w4a16_mma_splits(static_cast<int>(M), static_cast<int>(depth), static_cast<int>(N),
+                                           static_cast<int>(K), static_cast<int>(requested), splits);
   TORCH_CHECK(err == cudaSuccess, "w4a16_mma_splits: ", cudaGetErrorString(err));
   return splits;
 }
@@ -187,8 +188,8 @@ torch::Tensor w4a16_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64
                                       then_a, then_afmt);
   const c10::cuda::CUDAGuard guard(x.device());
   int k_splits = 0;
-  cudaError_t err = w4a16_mma_splits(static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
-                                     static_cast<int>(splits), k_splits);
+  cudaError_t err = w4a16_mma_splits(static_cast<int>(M), static_cast<int>(depth), static_cast<int>(N),
+                                     static_cast<int>(K), static_cast<int>(splits), k_splits);
   TORCH_CHECK(err == cudaSuccess, "w4a16_mma: ", cudaGetErrorString(err));
   // the partial sums of a K split: from the caching allocator on this stream (a CUDA graph captures it)
   const torch::Tensor ws = k_splits > 1 ? torch::empty({k_splits, M, N}, x.options().dtype(at::kFloat))
@@ -202,13 +203,14 @@ torch::Tensor w4a16_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64
   return out;
 }
 
-// The K split w8_mma takes for format fmt and [N, K] on this GPU: requested > 0 (at most K / 128), or 0: its rule.
-int64_t w8_mma_splits_of(int64_t fmt, int64_t N, int64_t K, int64_t requested) {
-  TORCH_CHECK(fmt >= 0 && fmt <= 2 && N > 0 && N % 64 == 0 && K > 0 && K % 32 == 0 && requested >= 0,
-              "w8_mma_splits: format 0-2, N % 64 == 0, K % 32 == 0, requested >= 0");
+// The K split w8_mma takes for format fmt, depth and [N, K] on this GPU: requested > 0 (at most K / 128), or 0: its
+// rule.
+int64_t w8_mma_splits_of(int64_t fmt, int64_t depth, int64_t N, int64_t K, int64_t requested) {
+  TORCH_CHECK(fmt >= 0 && fmt <= 2 && (depth == 2 || depth == 4) && N > 0 && N % 64 == 0 && K > 0 && K % 32 == 0 &&
+              requested >= 0, "w8_mma_splits: format 0-2, depth 2 or 4, N % 64 == 0, K % 32 == 0, requested >= 0");
   int splits = 0;
-  const cudaError_t err = w8_mma_splits(static_cast<int>(fmt), static_cast<int>(N), static_cast<int>(K),
-                                        static_cast<int>(requested), splits);
+  const cudaError_t err = w8_mma_splits(static_cast<int>(fmt), static_cast<int>(depth), static_cast<int>(N),
+                                        static_cast<int>(K), static_cast<int>(requested), splits);
   TORCH_CHECK(err == cudaSuccess, "w8_mma_splits: ", cudaGetErrorString(err));
   return splits;
 }
@@ -244,8 +246,8 @@ torch::Tensor w8_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t 
                                       then_afmt);
   const c10::cuda::CUDAGuard guard(x.device());
   int k_splits = 0;
-  cudaError_t err = w8_mma_splits(static_cast<int>(fmt), static_cast<int>(N), static_cast<int>(K),
-                                  static_cast<int>(splits), k_splits);
+  cudaError_t err = w8_mma_splits(static_cast<int>(fmt), static_cast<int>(depth), static_cast<int>(N),
+                                  static_cast<int>(K), static_cast<int>(splits), k_splits);
   TORCH_CHECK(err == cudaSuccess, "w8_mma: ", cudaGetErrorString(err));
   const torch::Tensor ws = k_splits > 1 ? torch::empty({k_splits, M, N}, x.options().dtype(at::kFloat))
                                         : torch::empty({0}, x.options().dtype(at::kFloat));

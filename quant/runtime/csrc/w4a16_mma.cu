@@ -154,13 +154,16 @@ cudaError_t launch_one_row(int then, const Args& a) {
 
 }  // namespace
 
-// The K split (host, mma::splits_for): at most K / 64 (a step for each warp); the occupancy of the plain depth-4
-// kernel for these rows decides the rule's count.
-cudaError_t w4a16_mma_splits(int M, int N, int K, int requested, int& splits) {
+// The K split (host, mma::splits_for): at most K / 64 (a step for each warp); the occupancy of the plain kernel for
+// these rows at this depth decides the rule's count (its pre-quant scale and epilogues then split the same way).
+cudaError_t w4a16_mma_splits(int M, int depth, int N, int K, int requested, int& splits) {
+  const int most = K / (16 * WARPS);
+  if (M <= 8 && depth == 8)
+    return mma::splits_for(w4a16_mma_kernel<8, 8, false, THEN_NONE>, N, most, requested, splits);
   return mma::splits_for(M <= 8    ? w4a16_mma_kernel<8, 4, false, THEN_NONE>
                          : M <= 16 ? w4a16_mma_kernel<16, 4, false, THEN_NONE>
                                    : w4a16_mma_kernel<32, 4, false, THEN_NONE>,
-                         N, K / (16 * WARPS), requested, splits);
+                         N, most, requested, splits);
 }
 
 // The contract of the launcher (checked by the binding): M in 1..32; N % 64 == 0; K % 16 == 0; group a power of two

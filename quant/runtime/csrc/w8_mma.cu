@@ -87,12 +87,19 @@ __device__ __forceinline__ void mma_step(float (&acc)[4][1][4], int (&iacc)[4][4
         const uint32_t lo = h ? wv[i].z : wv[i].x, hi = h ? wv[i].w : wv[i].y;  // rows g and g + 8
         const uint32_t a[4] = {to_half2<FMT>(lo, 0), to_half2<FMT>(hi, 0), to_half2<FMT>(lo, 1),
                                to_half2<FMT>(hi, 1)};
-        if constexpr (FMT == W8A16)
-          mma_16816(acc[i][0], a, b[2 * h], b[2 * h + 1]);
-        else
-          mma_16816(acc[i][0], a, to_half2<FMT>(b[h], 0), to_half2<FMT>(b[h], 1));
+        mma_16816(acc[i][0], a, b[2 * h], b[2 * h + 1]);
       }
     }
+  }
+}
+
+// FP8's activations as float16 pairs once a step (b[0], b[1]: k 4c.. and 16 + 4c.. as e4m3 bytes) in the float16
+// MMAs' B order, as W8A16's load gives them; the other formats' as loaded.
+template <int FMT>
+__device__ __forceinline__ void b_operands(uint32_t (&b)[4]) {
+  if constexpr (FMT == FP8) {
+    const uint32_t b0 = b[0], b1 = b[1];
+    b[0] = to_half2<FMT>(b0, 0), b[1] = to_half2<FMT>(b0, 1), b[2] = to_half2<FMT>(b1, 0), b[3] = to_half2<FMT>(b1, 1);
   }
 }
 
@@ -128,7 +135,10 @@ __global__ void __launch_bounds__(WARPS * 32) w8_mma_kernel(
         wn += 128;
         xn += 32 * XB;
       },
-      [&](int p) { mma_step<FMT>(acc, iacc, wb[p], bb[p]); });
+      [&](int p) {
+        b_operands<FMT>(bb[p]);
+        mma_step<FMT>(acc, iacc, wb[p], bb[p]);
+      });
   if constexpr (FMT == W8A8) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -186,15 +196,19 @@ cudaError_t launch_depth(int depth, int then, const Args& a) {
 }  // namespace
 
 // The K split (host, mma::splits_for): at most K / 128 (a step for each warp); the occupancy of the format's plain
-// depth-2 kernel decides the rule's count.
-cudaError_t w8_mma_splits(int fmt, int N, int K, int requested, int& splits) {
+// kernel at this depth decides the rule's count (its epilogues then split the same way).
+cudaError_t w8_mma_splits(int fmt, int depth, int N, int K, int requested, int& splits) {
   const int most = K / (32 * WARPS);
+#define W8M_SPLITS(F) \
+  (depth == 4 ? mma::splits_for(w8_mma_kernel<F, 4, THEN_NONE>, N, most, requested, splits) \
+              : mma::splits_for(w8_mma_kernel<F, 2, THEN_NONE>, N, most, requested, splits))
   switch (fmt) {
-    case W8A16: return mma::splits_for(w8_mma_kernel<W8A16, 2, THEN_NONE>, N, most, requested, splits);
-    case W8A8: return mma::splits_for(w8_mma_kernel<W8A8, 2, THEN_NONE>, N, most, requested, splits);
-    case FP8: return mma::splits_for(w8_mma_kernel<FP8, 2, THEN_NONE>, N, most, requested, splits);
+    case W8A16: return W8M_SPLITS(W8A16);
+    case W8A8: return W8M_SPLITS(W8A8);
+    case FP8: return W8M_SPLITS(FP8);
     default: return cudaErrorInvalidValue;
   }
+#undef W8M_SPLITS
 }
 
 // The contract of the launcher (checked by the binding): fmt 0-2 with x, w, s as w8_mma.cu's header says; M in
