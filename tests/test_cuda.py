@@ -454,7 +454,6 @@ def test_int4_w4m_epilogues_do_the_next_linears_prologue():
     K split on and off, quantized for a SmoothQuant linear next; three calls and CUDA-graph replays, every counter
     left zero; the handler chains at one row only; a shape it cannot take (N = 96) leaves the other kernels."""
     from quant.runtime import cuda_ext
-    from quant.runtime import cuda_kernels as ck
     from quant.runtime.linear import make_linear
     from quant.runtime.schemes.base import KernelConfig
     from tests.test_kernels import activations
@@ -469,34 +468,12 @@ def test_int4_w4m_epilogues_do_the_next_linears_prologue():
     nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
     x = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
     res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
-    a = torch.tensor([0.02], device=DEV)
     for splits in (1, 4):
-        call = functools.partial(cuda_ext.w4a16_mma, x, w, sc, group=64, tile_counter=h.w4m_counter, splits=splits,
-                                 prequant=h.prequant, eps=1e-5)
-        y = call()
-        assert rel(call(then_silu=True), ck.act_prep(y, silu=True)) <= 2e-3, splits
-        plain = call(residual=res.clone())
-        for _ in range(3):
-            r = res.clone()
-            xn = call(residual=r, then_norm=nw, counter=h.then_counter)
-            assert torch.equal(r, plain) and not h.then_counter.any() and not h.w4m_counter.any(), splits
-            assert rel(xn, ck.act_prep(plain, norm=nw, eps=1e-5)) <= 2e-3, splits
-        got = call(residual=res.clone(), then_norm=nw, counter=h.then_counter, then_quant=(None, a, ck.A_INT8))
-        _same_quantized(got, ck.act_prep(plain, norm=nw, eps=1e-5, act_scale=a, afmt=ck.A_INT8), splits)
-        got = call(then_silu=True, then_quant=(None, a, ck.A_INT8))
-        _same_quantized(got, ck.act_prep(y, silu=True, act_scale=a, afmt=ck.A_INT8), splits)
-    # the handler's call, captured: the kernel's own split rule (splits=0), so its plain call is the comparison
-    plain = cuda_ext.w4a16_mma(x, w, sc, group=64, tile_counter=h.w4m_counter, prequant=h.prequant,
-                               residual=res.clone())
-    graph, r = torch.cuda.CUDAGraph(), res.clone()
-    with torch.cuda.graph(graph):
-        xn = h.fused(x, residual=r, then_norm=nw, eps=1e-5)
-    for _ in range(3):
-        r.copy_(res)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(r, plain) and rel(xn, ck.act_prep(r, norm=nw, eps=1e-5)) <= 2e-3
-        assert not h.then_counter.any() and not h.w4m_counter.any()
+        _check_mma_epilogues(functools.partial(cuda_ext.w4a16_mma, x, w, sc, group=64, tile_counter=h.w4m_counter,
+                                               splits=splits, prequant=h.prequant, eps=1e-5),
+                             h.then_counter, h.w4m_counter, res, nw, splits)
+    _check_mma_epilogues_in_a_graph(h, x, h.w4m_counter, res, nw, cuda_ext.w4a16_mma(
+        x, w, sc, group=64, tile_counter=h.w4m_counter, prequant=h.prequant, residual=res.clone()))
     t96 = {k: v.to(DEV) for k, v in _layout("W4A16_AWQ", gen, 96, inp, 64).items()}
     h96 = make_linear("W4A16_AWQ", t96, dtype=dtype, device=DEV, group_size=64, kernels=KernelConfig(w4m_rows=(1, 32)))
     assert h96.w4m is None and not h96.kernel.startswith("w4m")
@@ -694,6 +671,45 @@ def _same_quantized(got, want, tag):
     assert w.abs().max() > 10 * (1.0 if got.dtype == torch.int8 else 2.0 ** -6), tag  # not all zero
 
 
+def _check_mma_epilogues(call, then_counter, tile_counter, res, nw, tag):
+    """call(**kw) → a tensor-core kernel's result on one row at a fixed K split and depth: then_silu against
+    act_prep(silu) of the plain output; then_norm three times against act_prep(norm) of the plain residual sum, the
+    residual the same bits as the plain call's, both counters left zero; both quantized for a SmoothQuant linear next
+    (then_quant) against act_prep's quantization."""
+    from quant.runtime import cuda_kernels as ck
+
+    a = torch.tensor([0.02], device=DEV)
+    y = call()
+    assert rel(call(then_silu=True), ck.act_prep(y, silu=True)) <= 2e-3, tag
+    plain = call(residual=res.clone())
+    for _ in range(3):
+        r = res.clone()
+        xn = call(residual=r, then_norm=nw, counter=then_counter)
+        assert torch.equal(r, plain) and not then_counter.any() and not tile_counter.any(), tag
+        assert rel(xn, ck.act_prep(plain, norm=nw, eps=1e-5)) <= 2e-3, tag
+    got = call(residual=res.clone(), then_norm=nw, counter=then_counter, then_quant=(None, a, ck.A_INT8))
+    _same_quantized(got, ck.act_prep(plain, norm=nw, eps=1e-5, act_scale=a, afmt=ck.A_INT8), tag)
+    got = call(then_silu=True, then_quant=(None, a, ck.A_INT8))
+    _same_quantized(got, ck.act_prep(y, silu=True, act_scale=a, afmt=ck.A_INT8), tag)
+
+
+def _check_mma_epilogues_in_a_graph(h, x, tile_counter, res, nw, plain):
+    """The handler's one-row call with then_norm captured in a CUDA graph and replayed: the residual the same bits as
+    ``plain`` (the kernel called with its own split rule, splits=0, as the handler calls it), the norm within a
+    rounding of act_prep's, both counters left zero."""
+    from quant.runtime import cuda_kernels as ck
+
+    graph, r = torch.cuda.CUDAGraph(), res.clone()
+    with torch.cuda.graph(graph):
+        xn = h.fused(x, residual=r, then_norm=nw, eps=1e-5)
+    for _ in range(3):
+        r.copy_(res)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(r, plain) and rel(xn, ck.act_prep(r, norm=nw, eps=1e-5)) <= 2e-3
+        assert not h.then_counter.any() and not tile_counter.any()
+
+
 @cuda
 @pytest.mark.parametrize("algo", W8G)
 @pytest.mark.parametrize("out, inp", [(64, 512), (576, 576), (960, 1536), (64, 11008), (4096, 4096)])
@@ -788,30 +804,12 @@ def test_w8m_epilogues_do_the_next_linears_prologue(algo):
     s = h.scale if algo == "W8A16" else h.out_scale
     nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
     res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
-    a = torch.tensor([0.02], device=DEV)
     for depth, splits in itertools.product(cuda_ext.W8M_DEPTHS, (1, 4)):
-        call = functools.partial(cuda_ext.w8_mma, q, h.w8m, s, fmt=algo, tile_counter=h.w8m_counter, splits=splits,
-                                 depth=depth, eps=1e-5)
-        y = call()
-        assert rel(call(then_silu=True), ck.act_prep(y, silu=True)) <= 2e-3, splits
-        plain = call(residual=res.clone())
-        for _ in range(3):
-            r = res.clone()
-            xn = call(residual=r, then_norm=nw, counter=h.then_counter)
-            assert torch.equal(r, plain) and not h.then_counter.any() and not h.w8m_counter.any(), splits
-            assert rel(xn, ck.act_prep(plain, norm=nw, eps=1e-5)) <= 2e-3, splits
-        got = call(residual=res.clone(), then_norm=nw, counter=h.then_counter, then_quant=(None, a, ck.A_INT8))
-        _same_quantized(got, ck.act_prep(plain, norm=nw, eps=1e-5, act_scale=a, afmt=ck.A_INT8), splits)
-    plain = cuda_ext.w8_mma(q, h.w8m, s, fmt=algo, tile_counter=h.w8m_counter, residual=res.clone())
-    graph, r = torch.cuda.CUDAGraph(), res.clone()
-    with torch.cuda.graph(graph):
-        xn = h.fused(q, residual=r, then_norm=nw, eps=1e-5)
-    for _ in range(3):
-        r.copy_(res)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(r, plain) and rel(xn, ck.act_prep(r, norm=nw, eps=1e-5)) <= 2e-3
-        assert not h.then_counter.any() and not h.w8m_counter.any()
+        _check_mma_epilogues(functools.partial(cuda_ext.w8_mma, q, h.w8m, s, fmt=algo, tile_counter=h.w8m_counter,
+                                               splits=splits, depth=depth, eps=1e-5),
+                             h.then_counter, h.w8m_counter, res, nw, (depth, splits))
+    _check_mma_epilogues_in_a_graph(h, q, h.w8m_counter, res, nw, cuda_ext.w8_mma(
+        q, h.w8m, s, fmt=algo, tile_counter=h.w8m_counter, residual=res.clone()))
     t96 = {k: v.to(DEV) for k, v in _layout(algo, gen, 96, inp, 64).items()}
     h96 = make_linear(algo, t96, dtype=dtype, device=DEV, kernels=KernelConfig(w8m=frozenset({algo})))
     assert h96.w8m is None and h96.w8g and h96.kernel.startswith("w8g-cuda")

@@ -61,6 +61,22 @@ __device__ __forceinline__ void ring(int n, Load&& load, Step&& step) {
   }
 }
 
+// A launch's arguments (host): the kernels' own, the grid's K split, the stream. pre and gshift: INT4's (the pre-quant
+// scale or null; log2 of the group), unused by the 8-bit kernel.
+struct Args {
+  int M;
+  const void *x, *w, *s, *pre;
+  void* y;
+  int64_t ldx, ldy;
+  int N, K, gshift;
+  bool accumulate;
+  float* ws;
+  unsigned* cnt;
+  int splits;
+  gemv::ThenArgs then;
+  cudaStream_t stream;
+};
+
 // The K split (host): requested > 0 taken as it is; 0 fills the GPU once, as many splits as make the tiles' blocks
 // fit on it at once (SMs x the blocks an SM holds of `kernel`: the caller passes one instantiation whatever the
 // depth, pre-quant scale or epilogue, so that those give the same sums), at least 1. Either way at most `most` (a

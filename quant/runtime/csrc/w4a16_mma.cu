@@ -30,7 +30,7 @@ namespace {
 
 using gemv::as_h2, gemv::as_u32, gemv::dequant_word, gemv::word, gemv::load_stream, gemv::ThenArgs;
 using gemv::THEN_NONE, gemv::THEN_SILU, gemv::THEN_NORM;
-using mma::WARPS, mma::TILE, mma::mma_16816;
+using mma::WARPS, mma::TILE, mma::mma_16816, mma::Args;
 
 // Lane (g, c)'s B fragments of one step for NB groups of 8 activation rows, x pointing at the step's k = 2c of
 // row g (the PTX ISA's layout of B, 16 k x 8 rows: b0b1 k 2c, 2c + 1 of row g; b2b3 k 2c + 8, 2c + 9); rows from M
@@ -118,20 +118,6 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_mma_kernel(
       [&](int p) { mma_step<NB>(acc, wb[p], sb[p], bb[p]); });
   mma::finish_tile<ROWS, THEN>(acc, red, M, N, y, ldy, accumulate, ws, cnt, then, [](float v, int) { return v; });
 }
-
-struct Args {
-  int M;
-  const void *x, *w, *s, *pre;
-  void* y;
-  int64_t ldx, ldy;
-  int N, K, gshift;
-  bool accumulate;
-  float* ws;
-  unsigned* cnt;
-  int splits;
-  ThenArgs then;
-  cudaStream_t stream;
-};
 
 template <int ROWS, int P, bool PRE, int THEN>
 cudaError_t launch(const Args& a) {

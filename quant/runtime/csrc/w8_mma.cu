@@ -28,7 +28,7 @@ namespace {
 
 using gemv::as_h2, gemv::as_u32, gemv::load_stream, gemv::ThenArgs;
 using gemv::THEN_NONE, gemv::THEN_SILU, gemv::THEN_NORM;
-using mma::WARPS, mma::TILE, mma::mma_16816;
+using mma::WARPS, mma::TILE, mma::mma_16816, mma::Args;
 
 enum Fmt { W8A16 = 0, W8A8 = 1, FP8 = 2 };  // cuda_ext.W8_FORMATS
 
@@ -152,20 +152,6 @@ __global__ void __launch_bounds__(WARPS * 32) w8_mma_kernel(
   });
 }
 
-struct Args {
-  int M;
-  const void *x, *w, *s;
-  void* y;
-  int64_t ldx, ldy;
-  int N, K;
-  bool accumulate;
-  float* ws;
-  unsigned* cnt;
-  int splits;
-  ThenArgs then;
-  cudaStream_t stream;
-};
-
 template <int FMT, int P, int THEN>
 cudaError_t launch(const Args& a) {
   w8_mma_kernel<FMT, P, THEN><<<dim3(a.N / TILE, a.splits), WARPS * 32, 0, a.stream>>>(
@@ -218,7 +204,7 @@ cudaError_t w8_mma_splits(int fmt, int depth, int N, int K, int requested, int& 
 cudaError_t w8_mma_launch(int fmt, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                           int64_t ldy, int N, int K, bool accumulate, float* ws, unsigned* cnt, int splits, int depth,
                           int then, const ThenArgs& t, cudaStream_t stream) {
-  const Args a{M, x, w, s, y, ldx, ldy, N, K, accumulate, ws, cnt, splits, t, stream};
+  const Args a{M, x, w, s, nullptr, y, ldx, ldy, N, K, 0, accumulate, ws, cnt, splits, t, stream};
   if ((then != THEN_NONE && M != 1) || M < 1 || M > ROWS) return cudaErrorInvalidValue;
   switch (fmt) {
     case W8A16: return launch_depth<W8A16>(depth, then, a);
