@@ -33,6 +33,11 @@ def test_pack_round_trips_and_packs_in_steps():
     assert torch.equal(w1, w) and torch.equal(sp1, sp)
 
 
+def _tile_row(t: int, col: int, n: int) -> int:
+    """The weight row column col of tile t holds (csrc/mma_common.cuh tile_row, restated)."""
+    return 32 * t + col if col < 32 else n // 2 + 32 * t + col - 32
+
+
 def _emulate(x: np.ndarray, w: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
     """The kernel's sums in float64, lane by lane, through the PTX ISA's m16n8k16 fragment tables (groupID g = l // 4,
     threadID_in_group c = l % 4; a .f16x2 register holds its lower-indexed element in its low half), written here
@@ -46,7 +51,7 @@ def _emulate(x: np.ndarray, w: np.ndarray, s: np.ndarray, group: int) -> np.ndar
       k 2c + 8, 2c + 9.
     - C (16 x 8): c0, c1 at row g, columns 2c, 2c + 1; c2, c3 at row g + 8; the kernel stores c[e] of MMA (i, r) at
       red[activation row 8 r + 2c + e % 2][column 16 i + 8 (e // 2) + g].
-    Column col of a tile t is weight row 32 t + col below 32, else N / 2 + 32 t + col - 32."""
+    Column col of tile t is weight row _tile_row(t, col, N)."""
     tiles, steps = w.shape[:2]
     n, m = 64 * tiles, x.shape[0]
     nb = -(-m // 8)
@@ -82,8 +87,7 @@ def _emulate(x: np.ndarray, w: np.ndarray, s: np.ndarray, group: int) -> np.ndar
                     for e in range(4):
                         red[8 * r + 2 * c + e % 2, 16 * i + 8 * (e // 2) + g] = frag[e]
         for col in range(64):
-            row = 32 * t + col if col < 32 else n // 2 + 32 * t + col - 32
-            y[:, row] = red[:m, col]
+            y[:, _tile_row(t, col, n)] = red[:m, col]
     return y
 
 
@@ -190,8 +194,7 @@ def _emulate_w8(x: np.ndarray, packed: np.ndarray, fmt: str) -> np.ndarray:
                 for a, b in mmas:
                     tile[16 * i:16 * i + 16] += a @ b
         for col in range(64):
-            r = 32 * t + col if col < 32 else n // 2 + 32 * t + col - 32
-            y[:, r] = tile[col, :m]
+            y[:, _tile_row(t, col, n)] = tile[col, :m]
     return y
 
 

@@ -45,6 +45,7 @@ THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
 # warp-instructions/s, so 0.08 is ~2/3 of the issue rate (experiments/results/gpu/kernels, stage 9).
 W4M_PER_WEIGHT = {8: 0.08, 16: 0.09, 32: 0.12}
 W8M_PER_WEIGHT = 0.06  # the 8-bit one (P steps of 32 k x 64 channels), half INT4's bytes a weight: ~2/3 again
+MMA_K_STEP = {"w4a16_mma_kernel": 16, "w8_mma_kernel": 32}  # the tensor-core kernels' k per step
 
 
 def kernels(sass: str, res: str) -> list[dict]:
@@ -64,9 +65,8 @@ def kernels(sass: str, res: str) -> list[dict]:
         loop = main_loop(body, STREAM_LOAD)
         k = {"kind": kind, "args": dict(zip(TEMPLATE[kind], args)), "regs": regs, "stack": stack, "ops": ops,
              "loop_spills": loop.count("LDL") + loop.count("STL")}
-        if kind in ("w4a16_mma_kernel", "w8_mma_kernel"):  # the steady loop, beside the tail loop of the same steps
-            k_step = 16 if kind == "w4a16_mma_kernel" else 32
-            k["per_weight"] = len(main_loop(body, STREAM_LOAD, pick=min)) / (k["args"]["P"] * k_step * 64)
+        if kind in MMA_K_STEP:  # the steady loop, beside the tail loop of the same steps
+            k["per_weight"] = len(main_loop(body, STREAM_LOAD, pick=min)) / (k["args"]["P"] * MMA_K_STEP[kind] * 64)
         out.append(k)
     return out
 
@@ -85,7 +85,7 @@ def check_kernels(cubin: Path) -> list[str]:
             fails.append(f"{tag}: the RMSNorm epilogue without its GPU fence and atomic count")
         if then in (THEN_SILU, THEN_NORM) and not any(o.startswith("BAR.SYNC") for o in k["ops"]):
             fails.append(f"{tag}: the epilogue without its block barrier")
-        if k["kind"] in ("w4a16_mma_kernel", "w8_mma_kernel"):  # tensor cores, the K split's count after its fence
+        if "per_weight" in k:  # the tensor-core kernels: their MMA, the K split's count after its fence
             want = "IMMA.16832.S8" if k["kind"] == "w8_mma_kernel" and k["args"]["F"] == 1 else "HMMA.16816.F32"
             if not any(o.startswith(want) for o in k["ops"]):
                 fails.append(f"{tag}: no {want}")

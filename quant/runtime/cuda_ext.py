@@ -106,22 +106,28 @@ def unpack_w4g(w: torch.Tensor) -> torch.Tensor:
     return (out - 8).reshape(n, kw * 8).to(torch.int8)
 
 
-W4M_TILE = 64  # output channels per tile of the tensor-core kernel (csrc/w4a16_mma.cu)
+MMA_TILE = 64  # output channels per tile of the tensor-core kernels (csrc/mma_common.cuh TILE)
 W4M_MAX_ROWS = 32
 W4M_DEPTHS = (4, 8)  # steps loaded ahead per warp it is built for (8: up to 8 rows)
+
+
+def tile_counter(out: int, device) -> torch.Tensor:
+    """The int32 zeros a tensor-core kernel's K split counts on, one per tile (``tile_counter=``; left zero)."""
+    return torch.zeros(out // MMA_TILE, dtype=torch.int32, device=device)
 
 
 def w4m_ok(out: int, inp: int, group: int, dtype: torch.dtype) -> bool:
     """Whether the tensor-core kernel takes this linear: float16, N a multiple of 64, K of 16, group a power of two
     ≥ 16 that divides K."""
-    return (dtype == torch.float16 and out % W4M_TILE == 0 and inp % 16 == 0 and group >= 16
+    return (dtype == torch.float16 and out % MMA_TILE == 0 and inp % 16 == 0 and group >= 16
             and group & (group - 1) == 0 and inp % group == 0)
 
 
-def w4m_rows_of_tiles(n: int, device=None) -> torch.Tensor:
-    """The weight row each (tile, column) of the layout holds, flat [N]: tile t takes rows 32t..32t+31, then N/2 +
-    32t..N/2 + 32t + 31, so that fc‖gate's SiLU · gate pairs meet in one tile (csrc/w4a16_mma.cu's tile_row)."""
-    t = torch.arange(n // W4M_TILE, device=device).unsqueeze(1)
+def mma_tile_rows(n: int, device=None) -> torch.Tensor:
+    """The weight row each (tile, column) of the tensor-core kernels' layouts holds, flat [N]: tile t takes rows
+    32t..32t+31, then N/2 + 32t..N/2 + 32t + 31, so that fc‖gate's SiLU · gate pairs meet in one tile
+    (csrc/mma_common.cuh's tile_row)."""
+    t = torch.arange(n // MMA_TILE, device=device).unsqueeze(1)
     c = torch.arange(32, device=device)
     return torch.cat((32 * t + c, n // 2 + 32 * t + c), dim=1).reshape(-1)
 
@@ -131,7 +137,7 @@ def pack_w4m(q: torch.Tensor, scales: torch.Tensor, tiles_per_step: int = 16) ->
     in the tensor-core kernel's layout (csrc/w4a16_mma.cu states it; the inverse: :func:`unpack_w4m`). Packed
     ``tiles_per_step`` tiles at a time, so the int64 temporaries stay small."""
     n, k = q.shape
-    rows = w4m_rows_of_tiles(n, q.device)
+    rows = mma_tile_rows(n, q.device)
 
     # [tile, i, o, g | ks, h, c, p]: column 16 i + 8 o + g of the tile, k = 16 ks + 8 h + 2 c + p
     def pack(part: torch.Tensor) -> torch.Tensor:
@@ -141,19 +147,19 @@ def pack_w4m(q: torch.Tensor, scales: torch.Tensor, tiles_per_step: int = 16) ->
         words = (u << (4 * torch.arange(8, device=q.device))).sum(-1)
         return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
-    w = torch.cat([pack(q[part]) for part in rows.split(tiles_per_step * W4M_TILE)]).contiguous()
+    w = torch.cat([pack(q[part]) for part in rows.split(tiles_per_step * MMA_TILE)]).contiguous()
     g = scales.shape[1]  # [tile, i, o, g, group] → [tile, group, g, (i, o)]
-    s = scales[rows].to(torch.float16).reshape(n // W4M_TILE, 4, 2, 8, g).permute(0, 4, 3, 1, 2)
-    return w, s.reshape(n // W4M_TILE, g, 8, 8).contiguous()
+    s = scales[rows].to(torch.float16).reshape(n // MMA_TILE, 4, 2, 8, g).permute(0, 4, 3, 1, 2)
+    return w, s.reshape(n // MMA_TILE, g, 8, 8).contiguous()
 
 
 def unpack_w4m(w: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of :func:`pack_w4m`: (int8 q [N, K], float16 scales [N, K / group])."""
     tiles, steps = w.shape[:2]
-    n, groups = tiles * W4M_TILE, s.shape[1]
+    n, groups = tiles * MMA_TILE, s.shape[1]
     u = (w.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> (4 * torch.arange(8, device=w.device)) & 0xF
     u = u.reshape(tiles, steps, 8, 4, 4, 2, 2, 2).permute(0, 4, 7, 2, 1, 6, 3, 5).reshape(n, steps * 16)
-    rows = w4m_rows_of_tiles(n, w.device)
+    rows = mma_tile_rows(n, w.device)
     q = torch.empty_like(u)
     q[rows] = u - 8
     sc = torch.empty(n, groups, dtype=s.dtype, device=s.device)
@@ -172,7 +178,7 @@ def w4a16_mma(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, group: int, 
     rounds it. ``then_silu`` / ``then_norm`` / ``counter`` / ``then_quant`` (one row): as :func:`w4a16_gemv`'s. The
     same bits on every call for a given split."""
     mod = _built()
-    out, then, ret = _then(x, w.shape[0] * W4M_TILE, residual, then_silu, then_norm, counter, eps, then_quant)
+    out, then, ret = _then(x, w.shape[0] * MMA_TILE, residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w4a16_mma(x, w, s, group, out, residual is not None, tile_counter, splits, depth,
                   _NONE if prequant is None else prequant, *then)
     return ret
@@ -183,13 +189,12 @@ def w4a16_mma_splits(rows: int, n: int, k: int, requested: int = 0, depth: int =
     return _built().w4a16_mma_splits(rows, depth, n, k, requested)
 
 
-W8M_MAX_ROWS = 8
 W8M_DEPTHS = (2, 4)  # steps of 32 k loaded ahead per warp it is built for
 
 
 def w8m_ok(out: int, inp: int, dtype: torch.dtype) -> bool:
     """Whether the 8-bit tensor-core kernel takes this linear: float16 output, N a multiple of 64, K of 32."""
-    return dtype == torch.float16 and out % W4M_TILE == 0 and inp % 32 == 0
+    return dtype == torch.float16 and out % MMA_TILE == 0 and inp % 32 == 0
 
 
 def pack_w8m(w: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -197,24 +202,24 @@ def pack_w8m(w: torch.Tensor, fmt: str) -> torch.Tensor:
     (csrc/w8_mma.cu states it; the inverse: :func:`unpack_w8m`): each m16 tile's A fragments of mma.m16n8k32, lane
     by lane; W8A16's bytes q ^ 0x80."""
     n, k = w.shape
-    u = w.view(torch.uint8)[w4m_rows_of_tiles(n, w.device)]
+    u = w.view(torch.uint8)[mma_tile_rows(n, w.device)]
     if fmt == "W8A16":
         u = u ^ 0x80
     # [tile, i, o, g | ks, h, c, j]: column 16 i + 8 o + g of the tile, k = 32 ks + 16 h + 4 c + j
-    u = u.reshape(n // W4M_TILE, 4, 2, 8, k // 32, 2, 4, 4)
+    u = u.reshape(n // MMA_TILE, 4, 2, 8, k // 32, 2, 4, 4)
     # → [tile, ks, i, g, c | h, o, j]: lane 4 g + c of m16 tile i, word 2 h + o, byte j
-    return u.permute(0, 4, 1, 3, 6, 5, 2, 7).reshape(n // W4M_TILE, k // 32, 4, 32, 16).contiguous()
+    return u.permute(0, 4, 1, 3, 6, 5, 2, 7).reshape(n // MMA_TILE, k // 32, 4, 32, 16).contiguous()
 
 
 def unpack_w8m(p: torch.Tensor, fmt: str) -> torch.Tensor:
     """The inverse of :func:`pack_w8m`: the weights [N, K] as uint8 bytes (int8 / e4m3 by ``.view``)."""
     tiles, steps = p.shape[:2]
-    n = tiles * W4M_TILE
+    n = tiles * MMA_TILE
     u = p.reshape(tiles, steps, 4, 8, 4, 2, 2, 4).permute(0, 2, 6, 3, 1, 5, 4, 7).reshape(n, steps * 32)
     if fmt == "W8A16":
         u = u ^ 0x80
     out = torch.empty_like(u)
-    out[w4m_rows_of_tiles(n, p.device)] = u
+    out[mma_tile_rows(n, p.device)] = u
     return out
 
 
@@ -227,7 +232,7 @@ def w8_mma(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, fmt: str, t
     ``tile_counter``, ``splits`` (at most K / 128), ``then_*``: as :func:`w4a16_mma`'s; ``depth``: steps of 32 k loaded
     ahead per warp (W8M_DEPTHS)."""
     mod = _built()
-    out, then, ret = _then(x, w.shape[0] * W4M_TILE, residual, then_silu, then_norm, counter, eps, then_quant)
+    out, then, ret = _then(x, w.shape[0] * MMA_TILE, residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w8_mma(x, w, scale, W8_FORMATS[fmt], out, residual is not None, tile_counter, splits, depth, *then)
     return ret
 

@@ -58,6 +58,17 @@ static gemv::ThenArgs then_args(const char* fn, int64_t then, int64_t M, int64_t
                         static_cast<int>(afmt)};
 }
 
+// The 8-bit formats' activation and scale dtypes (w8_gemv.cu's and w8_mma.cu's format 0 W8A16, 1 W8A8, 2 FP8).
+static const at::ScalarType W8_X[] = {at::kHalf, at::kChar, at::kFloat8_e4m3fn};
+static const at::ScalarType W8_S[] = {at::kHalf, at::kFloat, at::kFloat};
+
+// The float32 partial sums [splits, M, N] of a tensor-core kernel's K split (none with one split): from the caching
+// allocator on this stream, so a CUDA graph captures it.
+static torch::Tensor split_partials(int splits, int64_t M, int64_t N, const torch::Tensor& x) {
+  return splits > 1 ? torch::empty({splits, M, N}, x.options().dtype(at::kFloat))
+                    : torch::empty({0}, x.options().dtype(at::kFloat));
+}
+
 // x [M, K] float16, w int32 [N, K / 8] (cuda_ext.pack_w4g), s float16 [N, K / group]; out [M, N] float16: written,
 // or added to in place when accumulate. prequant float16 [K]: the input is x * prequant (one row; an empty tensor:
 // none). then ... then_afmt: then_args. grid (one row only unless 0): 0 one block per row block; -1 the persistent
@@ -110,12 +121,10 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w8_gemv: tensors on one CUDA device");
   TORCH_CHECK(fmt >= 0 && fmt <= 2, "w8_gemv: format 0-2, got ", fmt);
-  const at::ScalarType xt[] = {at::kHalf, at::kChar, at::kFloat8_e4m3fn};
   const at::ScalarType wt[] = {at::kChar, at::kChar, at::kFloat8_e4m3fn};
-  const at::ScalarType st[] = {at::kHalf, at::kFloat, at::kFloat};
-  TORCH_CHECK(x.scalar_type() == xt[fmt] && w.scalar_type() == wt[fmt] && s.scalar_type() == st[fmt] &&
-              out.scalar_type() == at::kHalf, "w8_gemv: dtypes of format ", fmt, ": x ", xt[fmt], ", w ", wt[fmt],
-              ", s ", st[fmt], ", out Half");
+  TORCH_CHECK(x.scalar_type() == W8_X[fmt] && w.scalar_type() == wt[fmt] && s.scalar_type() == W8_S[fmt] &&
+              out.scalar_type() == at::kHalf, "w8_gemv: dtypes of format ", fmt, ": x ", W8_X[fmt], ", w ", wt[fmt],
+              ", s ", W8_S[fmt], ", out Half");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && (x.stride(0) * x.element_size()) % 16 == 0 && x.size(1) == K,
               "w8_gemv: x [M, K], rows 16-byte aligned");
@@ -191,9 +200,7 @@ torch::Tensor w4a16_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64
   cudaError_t err = w4a16_mma_splits(static_cast<int>(M), static_cast<int>(depth), static_cast<int>(N),
                                      static_cast<int>(K), static_cast<int>(splits), k_splits);
   TORCH_CHECK(err == cudaSuccess, "w4a16_mma: ", cudaGetErrorString(err));
-  // the partial sums of a K split: from the caching allocator on this stream (a CUDA graph captures it)
-  const torch::Tensor ws = k_splits > 1 ? torch::empty({k_splits, M, N}, x.options().dtype(at::kFloat))
-                                        : torch::empty({0}, x.options().dtype(at::kFloat));
+  const torch::Tensor ws = split_partials(k_splits, M, N, x);
   err = w4a16_mma_launch(static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
                          pre ? prequant.data_ptr() : nullptr, out.data_ptr(), out.stride(0), static_cast<int>(N),
                          static_cast<int>(K), __builtin_ctzll(group), accumulate,
@@ -226,11 +233,9 @@ torch::Tensor w8_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t 
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device() &&
               cnt.device() == x.device(), "w8_mma: tensors on one CUDA device");
   TORCH_CHECK(fmt >= 0 && fmt <= 2, "w8_mma: format 0-2, got ", fmt);
-  const at::ScalarType xt[] = {at::kHalf, at::kChar, at::kFloat8_e4m3fn};
-  const at::ScalarType st[] = {at::kHalf, at::kFloat, at::kFloat};
-  TORCH_CHECK(x.scalar_type() == xt[fmt] && s.scalar_type() == st[fmt] && out.scalar_type() == at::kHalf &&
+  TORCH_CHECK(x.scalar_type() == W8_X[fmt] && s.scalar_type() == W8_S[fmt] && out.scalar_type() == at::kHalf &&
               w.scalar_type() == at::kByte && cnt.scalar_type() == at::kInt,
-              "w8_mma: dtypes of format ", fmt, ": x ", xt[fmt], ", s ", st[fmt], ", w uint8, out Half, cnt int32");
+              "w8_mma: dtypes of format ", fmt, ": x ", W8_X[fmt], ", s ", W8_S[fmt], ", w uint8, out Half, cnt int32");
   TORCH_CHECK(w.dim() == 5 && w.size(0) > 0 && w.size(2) == 4 && w.size(3) == 32 && w.size(4) == 16 &&
               w.is_contiguous(), "w8_mma: w [N / 64, K / 32, 4, 32, 16] (cuda_ext.pack_w8m), N > 0");
   const int64_t M = x.size(0), N = w.size(0) * 64, K = w.size(1) * 32;
@@ -249,8 +254,7 @@ torch::Tensor w8_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t 
   cudaError_t err = w8_mma_splits(static_cast<int>(fmt), static_cast<int>(depth), static_cast<int>(N),
                                   static_cast<int>(K), static_cast<int>(splits), k_splits);
   TORCH_CHECK(err == cudaSuccess, "w8_mma: ", cudaGetErrorString(err));
-  const torch::Tensor ws = k_splits > 1 ? torch::empty({k_splits, M, N}, x.options().dtype(at::kFloat))
-                                        : torch::empty({0}, x.options().dtype(at::kFloat));
+  const torch::Tensor ws = split_partials(k_splits, M, N, x);
   err = w8_mma_launch(static_cast<int>(fmt), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(),
                       s.data_ptr(), out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), accumulate,
                       ws.data_ptr<float>(), static_cast<unsigned*>(cnt.data_ptr()), k_splits, static_cast<int>(depth),

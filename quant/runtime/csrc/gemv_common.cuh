@@ -31,7 +31,8 @@ __device__ __forceinline__ uint32_t and_or_1024(uint32_t a) {  // (a & MASK) | f
 __device__ __forceinline__ half2 as_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
 __device__ __forceinline__ uint32_t as_u32(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 
-// INT4 (w4a16_gemv.cu, w4a16_mma.cu): one word of eight nibbles q + 8 -> 4 half2 of exact integers in [-8, 7]: (k0,k1), (k2,k3), (k4,k5), (k6,k7).
+// INT4 (w4a16_gemv.cu, w4a16_mma.cu): one word of eight nibbles q + 8 -> 4 half2 of exact integers in [-8, 7], the
+// nibble pairs (0, 4), (1, 5), (2, 6), (3, 7) (which k or which MMA fragment each pair is, is the caller's layout).
 __device__ __forceinline__ void dequant_word(uint32_t q, half2 (&d)[4]) {
   const half2 sub = as_h2(0x64086408u);  // 1032 = 1024 + 8
   const half2 mul = as_h2(0x2c002c00u);  // 1/16
@@ -57,18 +58,26 @@ __device__ __forceinline__ void load_chunks(uint4 (&wv)[U][R], const uint4* w, c
   }
 }
 
-// The persistent form's grid (host): requested > 0 caps it; -1 takes every block the GPU holds at once (SMs x the
-// blocks of this kernel an SM fits: registers, shared memory), at least 1; never more than the row blocks.
+// The blocks of `kernel` (WARPS warps, smem bytes of dynamic shared memory) the current GPU holds at once (host): its
+// SMs x the blocks an SM fits (registers, shared memory).
+template <class Kernel>
+cudaError_t resident_blocks(Kernel kernel, size_t smem, int& blocks) {
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, smem);
+  blocks = sms * per_sm;
+  return err;
+}
+
+// The persistent form's grid (host): requested > 0 caps it; -1 takes every block the GPU holds at once
+// (resident_blocks), at least 1; never more than the row blocks.
 template <class Kernel>
 cudaError_t persistent_grid(Kernel kernel, size_t smem, int requested, int blocks, int& grid) {
   grid = requested;
   if (grid < 0) {
-    int dev = 0, sms = 0, per_sm = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, smem);
+    const cudaError_t err = resident_blocks(kernel, smem, grid);
     if (err != cudaSuccess) return err;
-    grid = sms * per_sm;
   }
   grid = grid < 1 ? 1 : grid < blocks ? grid : blocks;
   return cudaSuccess;
@@ -128,6 +137,16 @@ __device__ __forceinline__ void walk_row_blocks(const uint4* w, int N, int C, in
     vb = nvb;
     round = nround;
   }
+}
+
+// The 8-bit formats (cuda_ext.W8_FORMATS): x float16 / w int8 / s float16 [N]; x and w int8 / s float32 [N] (weight x
+// activation scale); x and w e4m3 / s float32 [1].
+enum Format { F_W8A16 = 0, F_W8A8 = 1, F_FP8 = 2 };
+
+// Format F's scale of weight row n, in float32.
+template <int F>
+__device__ __forceinline__ float row_scale(const void* s, int n) {
+  return F == F_W8A16 ? __half2float(static_cast<const half*>(s)[n]) : static_cast<const float*>(s)[F == F_FP8 ? 0 : n];
 }
 
 // xv quantized as the next linear's act_prep does: the division by the static scale a rounded to nearest, clamped,
@@ -199,8 +218,8 @@ __device__ __forceinline__ void store_silu_pairs(const float (&v)[R], const Then
 }
 
 // THEN_NORM, after each of `arrivals` blocks stored its part of y [N]: the last of them to finish (cnt, which it
-// resets to 0 for the next launch) writes nw * (y * rsqrt(mean(y^2) + eps)), float32 statistics, y * rstd rounded to float16 first
-// (act_prep's RMSNorm), through store_act. The other blocks' stores reach it through their fence before the count
+// resets to 0 for the next launch) writes nw * (y * rsqrt(mean(y^2) + eps)), float32 statistics, y * rstd rounded
+// to float16 first (act_prep's RMSNorm), through store_act. The other blocks' stores reach it through their fence before the count
 // and L2 loads (__ldcg) after it, CUDA's threadfence-reduction pattern.
 // This tail is serial (one block, after the whole GEMV), so latency counts: each thread issues NV 16-byte loads
 // before using any (y; then y, nw and pre), two L2 round trips per pass for a 4096-element row, where a loop of

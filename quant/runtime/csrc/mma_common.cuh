@@ -9,7 +9,8 @@
 
 namespace mma {
 
-constexpr int WARPS = 4, TILE = 64;  // warps per block; output channels per tile
+using gemv::WARPS;          // warps per block, as the GEMVs'
+constexpr int TILE = 64;  // output channels per tile
 
 // The weight row that column c (0-63) of tile t holds: rows 32t..32t+31, then N/2 + 32t..: fc||gate's SiLU * gate
 // pairs meet in one tile (cuda_ext.w4m_rows_of_tiles).
@@ -86,12 +87,10 @@ cudaError_t splits_for(Kernel kernel, int N, int most, int requested, int& split
   most = most < 1 ? 1 : most < 65535 ? most : 65535;
   splits = requested;
   if (splits <= 0) {
-    int dev = 0, sms = 0, per_sm = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, 0);
+    int resident = 0;
+    const cudaError_t err = gemv::resident_blocks(kernel, 0, resident);
     if (err != cudaSuccess) return err;
-    splits = sms * per_sm / (N / TILE);
+    splits = resident / (N / TILE);
   }
   splits = splits < 1 ? 1 : splits > most ? most : splits;
   return cudaSuccess;

@@ -129,7 +129,7 @@ cudaError_t launch(const Args& a) {
 }
 
 template <int P, bool PRE>
-cudaError_t launch_one_row(int then, const Args& a) {
+cudaError_t launch_then(int then, const Args& a) {
   switch (then) {
     case THEN_NONE: return launch<8, P, PRE, THEN_NONE>(a);
     case THEN_SILU: return launch<8, P, PRE, THEN_SILU>(a);
@@ -167,7 +167,7 @@ cudaError_t w4a16_mma_launch(int M, const void* x, int64_t ldx, const void* w, c
     if (depth != 4) return cudaErrorInvalidValue;
     return M > 16 ? launch<32, 4, false, THEN_NONE>(a) : launch<16, 4, false, THEN_NONE>(a);
   }
-  if (depth == 4) return pre ? launch_one_row<4, true>(then, a) : launch_one_row<4, false>(then, a);
-  if (depth == 8) return pre ? launch_one_row<8, true>(then, a) : launch_one_row<8, false>(then, a);
+  if (depth == 4) return pre ? launch_then<4, true>(then, a) : launch_then<4, false>(then, a);
+  if (depth == 8) return pre ? launch_then<8, true>(then, a) : launch_then<8, false>(then, a);
   return cudaErrorInvalidValue;
 }

@@ -23,8 +23,7 @@
 namespace {
 
 using gemv::WARPS, gemv::load_chunks, gemv::word, gemv::ThenArgs, gemv::THEN_NONE, gemv::THEN_SILU, gemv::THEN_NORM;
-
-enum Format { F_W8A16 = 0, F_W8A8 = 1, F_FP8 = 2 };
+using gemv::F_W8A16, gemv::F_W8A8, gemv::F_FP8, gemv::row_scale;
 
 // Byte b of a word of biased (unsigned) int8 weights as the float 2^23 + b: bytes [b, 0, 0, 0x4b].
 template <int B>
@@ -96,12 +95,6 @@ __device__ __forceinline__ Acc<F> dot_word(uint32_t q, const Chunk<F>& x, int j,
     for (int i = 0; i < 4; ++i) acc = fmaf(w[i], x.f[4 * j + i], acc);
   }
   return acc;
-}
-
-// Its scale of weight row n, in float32.
-template <int F>
-__device__ __forceinline__ float row_scale(const void* s, int n) {
-  return F == F_W8A16 ? __half2float(static_cast<const half*>(s)[n]) : static_cast<const float*>(s)[F == F_FP8 ? 0 : n];
 }
 
 // One lane round: chunks c0 + 32u + lane (u < U) of the R rows, already loaded into wv, against x's M rows.

@@ -29,8 +29,8 @@ namespace {
 using gemv::as_h2, gemv::as_u32, gemv::load_stream, gemv::ThenArgs;
 using gemv::THEN_NONE, gemv::THEN_SILU, gemv::THEN_NORM;
 using mma::WARPS, mma::TILE, mma::mma_16816, mma::Args;
-
-enum Fmt { W8A16 = 0, W8A8 = 1, FP8 = 2 };  // cuda_ext.W8_FORMATS
+using gemv::row_scale;
+constexpr int W8A16 = gemv::F_W8A16, W8A8 = gemv::F_W8A8, FP8 = gemv::F_FP8;
 
 constexpr int ROWS = 8;  // activation rows a block takes (one B fragment)
 
@@ -145,11 +145,8 @@ __global__ void __launch_bounds__(WARPS * 32) w8_mma_kernel(
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][0][e] = __int2float_rn(iacc[i][e]);
   }
-  mma::finish_tile<ROWS, THEN>(acc, red, M, N, y, ldy, accumulate, ws, cnt, then, [s](float v, int o) {
-    const float sc = FMT == W8A16 ? __half2float(static_cast<const half*>(s)[o])
-                                  : static_cast<const float*>(s)[FMT == FP8 ? 0 : o];
-    return __fmul_rn(sc, v);
-  });
+  mma::finish_tile<ROWS, THEN>(acc, red, M, N, y, ldy, accumulate, ws, cnt, then,
+                                [s](float v, int o) { return __fmul_rn(row_scale<FMT>(s, o), v); });
 }
 
 template <int FMT, int P, int THEN>

@@ -294,8 +294,10 @@ class _Handler:
         compiled ones do)."""
         return True
 
-    w8g = False  # batch 1 takes the compiled 8-bit GEMV (the 8-bit formats, on CUDA: _setup_w8g)
-    w8m = None  # or the 8-bit tensor-core kernel, on this copy of the weights (cuda_ext.pack_w8m)
+    # batch 1 takes a compiled 8-bit kernel (the 8-bit formats, on CUDA: _setup_w8g): the GEMV, or where w8m holds
+    # its copy of the weights (cuda_ext.pack_w8m), the tensor-core kernel
+    w8g = False
+    w8m = None
 
     def _setup_w8g(self, inp: int) -> None:
         """Whether batch 1 takes the compiled 8-bit GEMV: the kernel config lists this format, float16 output, K a
@@ -304,7 +306,7 @@ class _Handler:
         out = self.weight.shape[0]
         if self.algo_key in self.kernels.w8m and cuda_ext.w8m_ok(out, inp, self.dtype) and self._extension_built():
             self.w8m = cuda_ext.pack_w8m(self.weight, self.algo_key)
-            self.w8m_counter = torch.zeros(out // cuda_ext.W4M_TILE, dtype=torch.int32, device=self.device)
+            self.w8m_counter = cuda_ext.tile_counter(out, self.device)
             self.w8g, self.kernel = True, "w8m-mma|" + self.kernel
         elif self.algo_key in self.kernels.w8g and cuda_ext.w8g_ok(inp, self.dtype) and self._extension_built():
             self.w8g, self.kernel = True, "w8g-cuda|" + self.kernel

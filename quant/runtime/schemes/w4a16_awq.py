@@ -49,7 +49,7 @@ class W4A16AWQLinear(_Handler):
                 # a copy in the tensor-core kernel's layout, for w4m_rows: it runs ahead of every kernel below
                 self.w4m = cuda_ext.pack_w4m(q(), self.scales)
                 self.w4m_rows = kernels.w4m_rows
-                self.w4m_counter = torch.zeros(out // cuda_ext.W4M_TILE, dtype=torch.int32, device=device)
+                self.w4m_counter = cuda_ext.tile_counter(out, device)
             w4g_rows = kernels.w4g_rows
             if w4g_rows is not None and self.w4m is not None and self.w4m_rows[0] <= w4g_rows[0] \
                     and w4g_rows[1] <= self.w4m_rows[1]:
