@@ -13,7 +13,7 @@ using gemv::WARPS;          // warps per block, as the GEMVs'
 constexpr int TILE = 64;  // output channels per tile
 
 // The weight row that column c (0-63) of tile t holds: rows 32t..32t+31, then N/2 + 32t..: fc||gate's SiLU * gate
-// pairs meet in one tile (cuda_ext.w4m_rows_of_tiles).
+// pairs meet in one tile (cuda_ext.mma_tile_rows).
 __device__ __forceinline__ int tile_row(int t, int c, int N) {
   return c < 32 ? 32 * t + c : N / 2 + 32 * t + (c - 32);
 }
