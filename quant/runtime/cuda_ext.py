@@ -46,9 +46,15 @@ def load():
     """The compiled module, or the one-line reason it is not available (a ``str``)."""
     if not torch.cuda.is_available():
         return "no CUDA device"
-    # keyed on this code with csrc/ (__code_files__): PyTorch re-keys on the listed sources, not on their header
-    build = (cache_root() / "torch-extensions" /
-             f"torch{torch.__version__}-cuda{torch.version.cuda}-{code_hash('quant.runtime.cuda_ext')}")
+    # keyed on this code with csrc/ (__code_files__; PyTorch re-keys on the listed sources, not on their headers),
+    # PyTorch's and CUDA's versions and the target GPUs: a folder holds one build of one code for one machine kind
+    build = cache_root() / "torch-extensions" / build_key()
+    built = build / "quant_cuda_gemv.so"
+    if built.is_file():  # finished by an earlier process, or carried from a machine of the same key (experiments/gpu)
+        try:
+            return _import(built)
+        except ImportError:  # a link cut short: built again below
+            built.unlink()
     try:
         from torch.utils import cpp_extension
 
@@ -65,6 +71,24 @@ def load():
         return f"the CUDA extension could not be built ({type(exc).__name__}: {last})"
 
 
+def build_key() -> str:
+    """The build folder's name: this code with ``csrc/``, PyTorch's and CUDA's versions, the target GPUs (letters,
+    digits, '.', '-' and '_' alone)."""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "-".join(f"sm{a}{b}" for a, b in _capabilities())
+    key = f"torch{torch.__version__}-cuda{torch.version.cuda}-{arch}-{code_hash('quant.runtime.cuda_ext')}"
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in key)  # a name the device tool carries as is
+
+
+def _import(path: Path):
+    """The built module from its file, as PyTorch's loader imports it (torch's libraries already loaded)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quant_cuda_gemv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _built():
     """The compiled module; where it is not available, a RuntimeError with :func:`load`'s reason."""
     mod = load()
@@ -77,8 +101,11 @@ def _arch_flags() -> list[str]:
     """This machine's GPUs' own instructions (sm_90 on an H200), unless TORCH_CUDA_ARCH_LIST says otherwise."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return []
-    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-    return [f"-gencode=arch=compute_{a}{b},code=sm_{a}{b}" for a, b in caps]
+    return [f"-gencode=arch=compute_{a}{b},code=sm_{a}{b}" for a, b in _capabilities()]
+
+
+def _capabilities() -> list[tuple[int, int]]:
+    return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
 
 
 def w4g_ok(inp: int, group: int, dtype: torch.dtype) -> bool:
