@@ -535,7 +535,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type != "cuda":
         raise UserError(f"experiments.bench measures the CUDA path; --device {args.device} is not a CUDA device")
-    check_cuda(device)
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r.partition("@")[0] not in RECIPES or r.partition("@")[2] not in
                ("", *KERNEL_VARIANTS)]
@@ -545,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     peers = [x for x in args.peers.split(",") if x]
     if bad := [x for x in peers if x not in PEERS]:
         raise UserError(f"unknown peer(s) {', '.join(bad)} (choose from {', '.join(PEERS)})")
+    check_cuda(device)  # after the names: a typo is told on any machine
     fp8 = [r for r in recipes if RECIPES[r.partition("@")[0]][0] in FP8_GEMM_ALGOS or
            RECIPES[r.partition("@")[0]][1] == "FP8"]
     fp8 += [x for x in peers if PEERS[x].recipe == "fp8"]

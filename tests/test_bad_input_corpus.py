@@ -412,6 +412,9 @@ CASES = [
          lambda c: ["--remeasure-latency", "--out", c.p("table.json")], ("is not a recipe table",), setup=_junk_table),
     Case("bench-runtime-batch-sizes", "experiments.bench_runtime", ["--batch-sizes", "1,x"],
          ("--batch-sizes must be comma-separated positive integers",)),
+    # a kernel variant's typo is told before the device check, so on a machine without a GPU too
+    Case("bench-unknown-kernel-variant", "experiments.bench", ["--recipes", "fp16,int4_awq@w4mx", "--no-hf"],
+         ("unknown recipe(s) int4_awq@w4mx", "@w4m8")),
 ]
 
 
