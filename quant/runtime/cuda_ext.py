@@ -50,11 +50,13 @@ def load():
     # PyTorch's and CUDA's versions and the target GPUs: a folder holds one build of one code for one machine kind
     build = cache_root() / "torch-extensions" / build_key()
     built = build / "quant_cuda_gemv.so"
-    if built.is_file():  # finished by an earlier process, or carried from a machine of the same key (experiments/gpu)
+    # finished by an earlier process, or carried from a machine of the same key (experiments/gpu/ext_carry.sh);
+    # not while another process builds it (PyTorch's lock file), and one that does not import goes to the builder
+    if built.is_file() and not (build / "lock").exists():
         try:
             return _import(built)
-        except ImportError:  # a link cut short: built again below
-            built.unlink()
+        except ImportError:
+            pass
     try:
         from torch.utils import cpp_extension
 
