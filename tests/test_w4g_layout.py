@@ -97,3 +97,21 @@ def test_attention_fusions_follow_the_batch_limit():
     assert KernelConfig(attn_fused_batch=4).attn_fusions(5) == (False, False)
     with pytest.raises(ValueError, match="attn_fused_batch must be"):
         KernelConfig(attn_fused_batch=0)
+
+
+def test_the_extension_build_folder_names_code_torch_cuda_and_gpus(monkeypatch):
+    """cuda_ext.load imports a finished build from this folder without building (experiments/gpu/ext_carry.sh
+    carries one between machines), so its name must change with anything that changes the build, and must be a name
+    the device tool carries as is. TORCH_CUDA_ARCH_LIST stands in for the GPUs: this machine has none."""
+    import string
+
+    from quant.codehash import code_hash
+    from quant.runtime import cuda_ext
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
+    key = cuda_ext.build_key()
+    assert set(key) <= set(string.ascii_letters + string.digits + ".-_")
+    assert key.endswith("-9.0_PTX-" + code_hash("quant.runtime.cuda_ext"))
+    assert key.startswith(f"torch{torch.__version__.replace('+', '_')}-cuda{torch.version.cuda}-")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    assert cuda_ext.build_key() != key
