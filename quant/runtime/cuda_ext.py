@@ -9,9 +9,9 @@ rows on tensor cores, Marlin's way: a copy reordered at load (:func:`pack_w4m`) 
 MMA fragments, dequantized in registers, the K split across blocks (``csrc/w4a16_mma.cu``); :func:`w8_mma` the
 8-bit formats the same way for 1–8 rows (:func:`pack_w8m`, ``csrc/w8_mma.cu``).
 
-The build needs ``nvcc`` and ``ninja`` (the CUDA toolkit); it is cached under the suite's cache folder, keyed on the
-contents of ``csrc/`` and by PyTorch on the compiler flags, so a machine compiles it once and an edited source
-recompiles. Where it cannot be built, :func:`load` says why and the handlers keep their Triton / tinygemm kernels.
+The build needs ``nvcc`` and ``ninja`` (the CUDA toolkit); it is cached under the suite's cache folder in a folder
+named by :func:`build_key` (this code with ``csrc/``, PyTorch's and CUDA's versions, the GPUs), so a machine compiles
+it once, later processes import it as it is, and an edited source recompiles. Where it cannot be built, :func:`load` says why and the handlers keep their Triton / tinygemm kernels.
 """
 from __future__ import annotations
 
