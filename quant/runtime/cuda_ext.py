@@ -11,7 +11,8 @@ MMA fragments, dequantized in registers, the K split across blocks (``csrc/w4a16
 
 The build needs ``nvcc`` and ``ninja`` (the CUDA toolkit); it is cached under the suite's cache folder in a folder
 named by :func:`build_key` (this code with ``csrc/``, PyTorch's and CUDA's versions, the GPUs), so a machine compiles
-it once, later processes import it as it is, and an edited source recompiles. Where it cannot be built, :func:`load` says why and the handlers keep their Triton / tinygemm kernels.
+it once, later processes import it as it is, and an edited source recompiles. Where it cannot be built, :func:`load`
+says why and the handlers keep their Triton / tinygemm kernels.
 """
 from __future__ import annotations
 

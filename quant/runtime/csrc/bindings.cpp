@@ -196,12 +196,9 @@ torch::Tensor w4a16_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64
   const gemv::ThenArgs t = then_args("w4a16_mma", then, M, N, out, accumulate, nw, xn, then_cnt, eps, then_pre,
                                       then_a, then_afmt);
   const c10::cuda::CUDAGuard guard(x.device());
-  int k_splits = 0;
-  cudaError_t err = w4a16_mma_splits(static_cast<int>(M), static_cast<int>(depth), static_cast<int>(N),
-                                     static_cast<int>(K), static_cast<int>(splits), k_splits);
-  TORCH_CHECK(err == cudaSuccess, "w4a16_mma: ", cudaGetErrorString(err));
+  const int k_splits = static_cast<int>(w4a16_mma_splits_of(M, depth, N, K, splits));
   const torch::Tensor ws = split_partials(k_splits, M, N, x);
-  err = w4a16_mma_launch(static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
+  const cudaError_t err = w4a16_mma_launch(static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
                          pre ? prequant.data_ptr() : nullptr, out.data_ptr(), out.stride(0), static_cast<int>(N),
                          static_cast<int>(K), __builtin_ctzll(group), accumulate,
                          ws.data_ptr<float>(), static_cast<unsigned*>(cnt.data_ptr()), k_splits,
@@ -250,12 +247,9 @@ torch::Tensor w8_mma(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t 
   const gemv::ThenArgs t = then_args("w8_mma", then, M, N, out, accumulate, nw, xn, then_cnt, eps, then_pre, then_a,
                                       then_afmt);
   const c10::cuda::CUDAGuard guard(x.device());
-  int k_splits = 0;
-  cudaError_t err = w8_mma_splits(static_cast<int>(fmt), static_cast<int>(depth), static_cast<int>(N),
-                                  static_cast<int>(K), static_cast<int>(splits), k_splits);
-  TORCH_CHECK(err == cudaSuccess, "w8_mma: ", cudaGetErrorString(err));
+  const int k_splits = static_cast<int>(w8_mma_splits_of(fmt, depth, N, K, splits));
   const torch::Tensor ws = split_partials(k_splits, M, N, x);
-  err = w8_mma_launch(static_cast<int>(fmt), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(),
+  const cudaError_t err = w8_mma_launch(static_cast<int>(fmt), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(),
                       s.data_ptr(), out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), accumulate,
                       ws.data_ptr<float>(), static_cast<unsigned*>(cnt.data_ptr()), k_splits, static_cast<int>(depth),
                       static_cast<int>(then), t, at::cuda::getCurrentCUDAStream());
