@@ -240,7 +240,7 @@ def test_int4_kernels_match_float64_reference(kernel):
     from quant.runtime.schemes.base import KernelConfig
 
     for dtype in GPU_DTYPES:
-        _check_linear("W4A16_AWQ", dtype, KernelConfig(int4_kernel=kernel))
+        _check_linear("W4A16_AWQ", dtype, KernelConfig(int4_kernel=kernel, w4g_rows=None, w4m_rows=None))
 
 
 @cuda
@@ -258,7 +258,7 @@ def test_int4_kpack_matches_float64_reference(out, inp, group):
     gen = torch.Generator().manual_seed(out * inp + group)
     t = _layout("W4A16_AWQ", gen, out, inp, group)
     h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV, group_size=group,
-                    kernels=KernelConfig(int4_kernel="kpack", w4k_rows=(1, 64), w4g_rows=None))  # batch 1 too
+                    kernels=KernelConfig(int4_kernel="kpack", w4k_rows=(1, 64), w4g_rows=None, w4m_rows=None))
     assert h.kernel.startswith("w4k-mma") and h._gemv_ok()
     w, kw = h.kpack
     assert kw == ck.w4k_kw(inp, group, ck.W4K_KW)
@@ -298,7 +298,8 @@ def _check_int4_prologues(h, t, wd, gen, rows, plain=False, tag=()) -> torch.Ten
 @cuda
 def test_int4_kpack_falls_back_where_it_cannot_run():
     """Hidden 576 (the default model: no whole 128-wide tile) and bfloat16 keep the other kernels; by default
-    batch 1 takes the compiled GEMV (faster there, measured), 2–16 rows the k-packed kernel."""
+    batch 1 takes the compiled GEMV and 2–32 rows the tensor-core kernel (faster there, measured), 33–64 the
+    k-packed kernel."""
     from quant.runtime.linear import make_linear
     from quant.runtime.schemes.base import KernelConfig
 
@@ -311,8 +312,8 @@ def test_int4_kpack_falls_back_where_it_cannot_run():
     t = _layout("W4A16_AWQ", gen, 64, 512, 64)
     h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=torch.float16, device=DEV,
                     group_size=64)
-    assert h.kpack is not None and h.tinygemm is not None and h.w4g is not None and h._gemv_ok()
-    assert h.kernel.startswith("w4g-cuda|w4k-mma") and not h.kpack_at_1
+    assert h.kpack is not None and h.tinygemm is not None and h.w4g is not None and h.w4m is not None
+    assert h.kernel.startswith("w4m-mma|w4g-cuda|w4k-mma") and not h.kpack_at_1 and h._gemv_ok()
 
 
 @cuda
@@ -334,7 +335,7 @@ def test_int4_w4g_matches_float64_reference(out, inp, group):
     t = _layout("W4A16_AWQ", gen, out, inp, group)
     for tile in cuda_ext.GEMV_TILES:
         h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV,
-                        group_size=group, kernels=KernelConfig(w4g_rows=(1, 4), w4g_tile=tile))
+                        group_size=group, kernels=KernelConfig(w4g_rows=(1, 4), w4g_tile=tile, w4m_rows=None))
         assert h.kernel.startswith("w4g-cuda"), h.gemv_unavailable or h.kernel
         wd = h.dequantized_weight().cpu()
         assert torch.equal(cuda_ext.unpack_w4g(h.w4g).cpu().float() * h.scales.float().cpu().repeat_interleave(
@@ -348,7 +349,7 @@ def test_int4_w4g_matches_float64_reference(out, inp, group):
     # one row: the pre-quant scale in the GEMV, or in act_prep before it (always so behind RMSNorm / SiLU·gate)
     for fuse in (True, False):
         h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
-                        kernels=KernelConfig(w4g_rows=(1, 4), w4g_fuse=fuse))
+                        kernels=KernelConfig(w4g_rows=(1, 4), w4g_fuse=fuse, w4m_rows=None))
         hs = _check_int4_prologues(h, t, wd, gen, rows=(1, 3), plain=True, tag=(fuse,))
         if fuse:  # x · pre inside the kernel rounds as act_prep does: the same bits as with act_prep first
             from quant.runtime import cuda_kernels as ck
@@ -543,9 +544,9 @@ def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
         want, r0 = _persistent_gives_the_same_bits(call, res, nw, cnt, tile, ({}, {"prequant": h.prequant}))
     _persistent_in_a_graph(call, res, nw, cnt, want, r0, prequant=h.prequant)
     hp = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
-                     kernels=KernelConfig(w4g_rows=(1, 4), w4g_persistent=True))  # 3 rows: the other form
+                     kernels=KernelConfig(w4g_rows=(1, 4), w4g_persistent=True, w4m_rows=None))  # 3 rows: other form
     h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
-                    kernels=KernelConfig(w4g_rows=(1, 4)))
+                    kernels=KernelConfig(w4g_rows=(1, 4), w4m_rows=None))
     assert torch.equal(hp(x), h(x)) and torch.equal(hp(x.repeat(3, 1)), h(x.repeat(3, 1)))
     with pytest.raises(RuntimeError, match="one row unless 0"):
         cuda_ext.w4a16_gemv(x.repeat(2, 1), h.w4g, h.scales, group=group, grid=-1)

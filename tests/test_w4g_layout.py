@@ -115,3 +115,30 @@ def test_the_extension_build_folder_names_code_torch_cuda_and_gpus(monkeypatch):
     assert key.startswith(f"torch{torch.__version__.replace('+', '_')}-cuda{torch.version.cuda}-")
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     assert cuda_ext.build_key() != key
+
+
+def test_the_extension_links_the_shared_cxx_runtime_where_the_toolchain_would_not(tmp_path):
+    """cuda_ext.load links libstdc++ as the shared library PyTorch uses (cuda_ext.SHARED_CXX_RUNTIME). The lent GPU
+    image's toolchain linked the archive in instead, and every refusal of a binding then killed the process. Here
+    ``-static-libstdc++`` stands in for that toolchain: a tiny extension built with it and our flags must raise its
+    TORCH_CHECK as a RuntimeError whose message still has its number (a second, uninitialised runtime's iostreams
+    drop it) and must need libstdc++.so.6. A real build with this machine's compiler (~20 s)."""
+    import shutil
+    import subprocess
+
+    import pytest
+    from torch.utils import cpp_extension
+
+    from quant.runtime import cuda_ext
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    source = 'int64_t refuse(int64_t x) { TORCH_CHECK(x < 3, "rows 1-2; got ", x); return x; }'
+    m = cpp_extension.load_inline(
+        "cxx_runtime_probe", cpp_sources=source, functions=["refuse"], build_directory=str(tmp_path),
+        extra_ldflags=["-static-libstdc++"] + cuda_ext.SHARED_CXX_RUNTIME)
+    assert m.refuse(2) == 2
+    with pytest.raises(RuntimeError, match="rows 1-2; got 7"):
+        m.refuse(7)
+    needed = subprocess.run(["readelf", "-d", str(tmp_path / "cxx_runtime_probe.so")], capture_output=True, text=True)
+    assert "libstdc++.so.6" in needed.stdout

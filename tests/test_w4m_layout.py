@@ -116,14 +116,14 @@ def test_kernel_config_refuses_rows_or_depth_the_kernel_lacks():
     from experiments.bench import KERNEL_VARIANTS
     from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig
 
-    assert DEFAULT_KERNELS.w4m_rows is None  # off until timed end to end
+    assert DEFAULT_KERNELS.w4m_rows == (2, 32)  # timed end to end: the GEMV keeps batch 1
     with pytest.raises(ValueError, match="w4m_rows must be"):
         KernelConfig(w4m_rows=(1, 33))
     with pytest.raises(ValueError, match="w4m_depth must be 4, or 8 with w4m_rows up to 8"):
         KernelConfig(w4m_rows=(1, 16), w4m_depth=8)
     with pytest.raises(ValueError, match="w4m_depth must be"):
         KernelConfig(w4m_depth=6)
-    for name in ("w4m", "w4m1", "w4m8", "w8m", "w8m4"):  # the benchmark's variants are valid configurations
+    for name in ("w4m", "w4m1", "w4m8", "now4m", "w8m", "w8m4"):  # the benchmark's variants are valid configurations
         KernelConfig(**KERNEL_VARIANTS[name])
     assert not DEFAULT_KERNELS.w8m  # off until timed end to end
     with pytest.raises(ValueError, match="w8m takes the 8-bit formats"):

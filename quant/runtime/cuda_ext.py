@@ -42,6 +42,14 @@ THEN_NONE, THEN_SILU, THEN_NORM = 0, 1, 2  # csrc/gemv_then.h's Then (cuda_kerne
 ACT_QUANT_DTYPE = {1: torch.int8, 2: torch.float8_e4m3fn}
 
 
+# The C++ runtime linked as the shared library PyTorch itself uses, named by file so that no compiler spec or search
+# order picks the archive. The lent GPU image's build came out with libstdc++.a linked in (its __cxa_throw exported, no
+# libstdc++.so.6 needed) and each refusal of a binding (TORCH_CHECK) killed the process with a segmentation fault; a
+# build with the archive on a CPU machine drops the numbers from a refusal's message (the second runtime's iostreams
+# are never initialised). tests/test_w4g_layout.py builds that case.
+SHARED_CXX_RUNTIME = ["-l:libstdc++.so.6"]
+
+
 @functools.cache
 def load():
     """The compiled module, or the one-line reason it is not available (a ``str``)."""
@@ -68,7 +76,7 @@ def load():
                 sources=[str(CSRC / f) for f in ("bindings.cpp", "w4a16_gemv.cu", "w4a16_mma.cu", "w8_gemv.cu",
                                                  "w8_mma.cu")],
                 build_directory=str(build), extra_cuda_cflags=["-O3", "-lineinfo"] + _arch_flags(),
-                extra_cflags=["-O3"], verbose=False)
+                extra_cflags=["-O3"], extra_ldflags=SHARED_CXX_RUNTIME, verbose=False)
     except Exception as exc:  # no toolkit, no compiler, a failed build: the reason, and the other kernels run
         last = (str(exc).strip().splitlines() or [""])[-1][:200]
         return f"the CUDA extension could not be built ({type(exc).__name__}: {last})"

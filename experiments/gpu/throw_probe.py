@@ -1,0 +1,40 @@
+"""Which of the extension's refusals (TORCH_CHECK) reach Python as RuntimeError, and which crash: each case in its own
+process (a crash ends only that case). Run on a GPU machine with PYTHONPATH at the repository."""
+import subprocess
+import sys
+
+CASES = {
+    "splits_host_only": "cuda_ext.w4a16_mma_splits(33, 64, 64)",
+    "w4a16_gemv_cpu_tensor": "cuda_ext.w4a16_gemv(torch.zeros(1, 64, dtype=torch.float16), "
+                             "torch.zeros(64, 8, dtype=torch.int32), torch.ones(64, 2, dtype=torch.float16), group=32)",
+    "w4a16_gemv_grid_rows": "cuda_ext.w4a16_gemv(torch.zeros(2, 64, dtype=torch.float16, device='cuda'), "
+                            "torch.zeros(64, 8, dtype=torch.int32, device='cuda'), "
+                            "torch.ones(64, 2, dtype=torch.float16, device='cuda'), group=32, grid=-1)",
+    "w4a16_mma_33_rows": "cuda_ext.w4a16_mma(torch.zeros(33, 64, dtype=torch.float16, device='cuda'), "
+                         "torch.zeros(1, 4, 32, 4, dtype=torch.int32, device='cuda'), "
+                         "torch.ones(1, 2, 8, 8, dtype=torch.float16, device='cuda'), group=32, "
+                         "tile_counter=cuda_ext.tile_counter(64, 'cuda'))",
+    "torch_own_check": "torch.zeros(2, device='cuda').view(3)",
+}
+PRE = "import torch; from quant.runtime import cuda_ext; assert not isinstance(cuda_ext.load(), str), cuda_ext.load(); "
+for name, stmt in CASES.items():
+    code = PRE + f"\ntry:\n    {stmt}\n    print('no error')\nexcept RuntimeError as e:\n    print('RuntimeError:', str(e).splitlines()[0][:150])"
+    p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True)
+    print(f"{name}: rc {p.returncode}: {(p.stdout.strip() or p.stderr.strip().splitlines()[0] if p.stderr.strip() else '')}")
+    if p.returncode not in (0, 1):
+        print("   ", "\n    ".join(p.stderr.strip().splitlines()[:6]))
+
+# the toolchain that built it: a tiny CPU extension with the same loader, its link line and its libraries
+import os, tempfile  # noqa: E402
+print("CXX", os.environ.get("CXX"), "CC", os.environ.get("CC"), "LDFLAGS", os.environ.get("LDFLAGS"))
+for flags in ([], ["-l:libstdc++.so.6"]):  # as built, and with the shared C++ runtime named
+    d = tempfile.mkdtemp()
+    code = ("from torch.utils import cpp_extension\n"
+            f"m = cpp_extension.load_inline('thrower', cpp_sources='int64_t boom(int64_t x) {{ TORCH_CHECK(x < 3, \\\"too big: \\\", x); return x; }}', functions=['boom'], build_directory='{d}', extra_ldflags={flags!r})\n"
+            "try:\n    m.boom(5)\nexcept RuntimeError as e:\n    print('thrower: RuntimeError', str(e).splitlines()[0])\n")
+    p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True)
+    print(flags, "thrower rc", p.returncode, p.stdout.strip(), p.stderr.strip()[-300:])
+    print(subprocess.run(f"grep -E '^(cxx|ldflags) ' {d}/build.ninja; readelf -d {d}/thrower.so | grep NEEDED",
+                         shell=True, capture_output=True, text=True).stdout)
+print(subprocess.run("which c++ g++; c++ --version | head -1; readlink -f $(which c++); c++ -dumpspecs | grep -o 'static-libstdc[^ }]*' | sort -u; c++ -print-file-name=libstdc++.so; ls -l $(c++ -print-file-name=libstdc++.so)",
+                     shell=True, capture_output=True, text=True).stdout)
