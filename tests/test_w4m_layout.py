@@ -116,7 +116,7 @@ def test_kernel_config_refuses_rows_or_depth_the_kernel_lacks():
     from experiments.bench import KERNEL_VARIANTS
     from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig
 
-    assert DEFAULT_KERNELS.w4m_rows == (2, 32)  # timed end to end: the GEMV keeps batch 1
+    assert DEFAULT_KERNELS.w4m_rows == (2, 16)  # timed end to end: the GEMV keeps batch 1
     with pytest.raises(ValueError, match="w4m_rows must be"):
         KernelConfig(w4m_rows=(1, 33))
     with pytest.raises(ValueError, match="w4m_depth must be 4, or 8 with w4m_rows up to 8"):

@@ -89,11 +89,13 @@ class KernelConfig:
     w4g_persistent: bool = False
     # INT4 rows (1–32) that take the tensor-core kernel (cuda_ext.w4a16_mma: float16, N a multiple of 64, on a copy
     # whose 16 bytes a lane are its MMA fragments, made at load; ahead of w4g_rows, w4k_rows and tinygemm; batch 1
-    # with the gemv_then epilogues); None: off. Rows 2–32: end to end on an H100 (LLaMa-2-7B, input 512, interleaved,
-    # 2026-12-05, docs/architecture.md) it took batches 4 / 8 / 16 / 32 to 1.93 / 1.69 / 1.46 / 1.08× FP16 where the
-    # k-packed kernel took 1.53 / 1.48 / 1.41 / 1.02×; at batch 1 the GEMV stays (2.00× against its 1.70×). It costs
-    # one more copy of the weights (experiments.bench RECIPE@now4m: without it; @w4m: batch 1 too).
-    w4m_rows: tuple[int, int] | None = (2, 32)
+    # with the gemv_then epilogues); None: off. Rows 2–16: end to end on an H100 (input 512, interleaved, 2026-12-05,
+    # docs/architecture.md) it took batches 4 / 8 / 16 to 1.93 / 1.69 / 1.46× FP16 on LLaMa-2-7B and 1.91 / 1.74 /
+    # 1.48× on Llama-3-8B, where the k-packed kernel took 1.53 / 1.48 / 1.41× and 1.57 / 1.50 / 1.43×; at batch 32
+    # it won on 7B (1.08 vs 1.02×) and lost on 8B (1.04 vs 1.08×), so 17–64 stay on the k-packed kernel; at batch 1
+    # the GEMV stays (2.00× against its 1.70×). It costs one more copy of the weights (experiments.bench
+    # RECIPE@now4m: without it; @w4m: 1–32 rows).
+    w4m_rows: tuple[int, int] | None = (2, 16)
     # Its steps of 16 k loaded ahead per warp: 4, or 8 (up to 8 rows).
     w4m_depth: int = 4
     # At one row with no RMSNorm / SiLU·gate in front: the pre-quant scale inside the GEMV instead of an act_prep

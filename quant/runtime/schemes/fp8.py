@@ -13,10 +13,16 @@ class FP8Linear(_Handler):
     def __init__(self, tensors, dtype, device, *, kernels: KernelConfig = DEFAULT_KERNELS,
                  **_):
         super().__init__(dtype, device, kernels)
+        self.out = tensors["weight"].shape[0]
         if self.cuda:
-            # cuBLASLt FP8 wants B column-major: a view of the contiguous [out, in] weight (the GEMV reads rows).
+            # cuBLASLt FP8 wants B column-major: a view of the contiguous [out, in] weight (the GEMV reads rows). It
+            # also wants out-features in multiples of 16: other shapes get, once, a copy padded with zero rows for it.
             self.weight = tensors["weight"].to(device).contiguous()
             self.weight_t = self.weight.t()
+            if self.out % 16:
+                padded = torch.zeros(_round_up(self.out, 16), self.weight.shape[1], dtype=FP8_E4M3, device=device)
+                padded[: self.out] = self.weight
+                self.weight_t = padded.t()
         else:
             self.weight_t = tensors["weight"].to(device).t().contiguous()  # float8_e4m3fn [in, out]
         self.weight_scale = tensors["weights_scaling_factor"].to(device=device, dtype=torch.float32).reshape(())
@@ -56,9 +62,11 @@ class FP8Linear(_Handler):
         M = x.shape[0]
         qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale.reshape(1),
                         afmt=ck.A_FP8, rows=_round_up(M, 16))
+        if qx.shape[1] % 16:  # in-features cuBLASLt cannot take (x would need padding at every call): upcast
+            return self._mm_upcast(qx)[:M]
         y = torch._scaled_mm(qx, self.weight_t, scale_a=self.act_scale, scale_b=self.weight_scale,
                              out_dtype=self.dtype)
-        return y[:M] if y.shape[0] != M else y
+        return y[:M, : self.out]
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.prequant is not None:
@@ -66,12 +74,14 @@ class FP8Linear(_Handler):
         return (x.float() / self.act_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_E4M3)
 
     def _mm(self, x):
-        qx = self.quantize_input(x)
+        return self._mm_upcast(self.quantize_input(x))
+
+    def _mm_upcast(self, qx):
         y = (qx.float() * self.act_scale) @ (self.weight_t.float() * self.weight_scale)
-        return y.to(self.dtype)
+        return y[:, : self.out].to(self.dtype)
 
     def _held(self):
         return self.weight_t, self.weight_scale, self.act_scale
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.weight_t.t().float() * self.weight_scale
+        return self.weight_t.t()[: self.out].float() * self.weight_scale
