@@ -20,7 +20,7 @@ PRE = "import torch; from quant.runtime import cuda_ext; assert not isinstance(c
 for name, stmt in CASES.items():
     code = PRE + f"\ntry:\n    {stmt}\n    print('no error')\nexcept RuntimeError as e:\n    print('RuntimeError:', str(e).splitlines()[0][:150])"
     p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True)
-    print(f"{name}: rc {p.returncode}: {(p.stdout.strip() or p.stderr.strip().splitlines()[0] if p.stderr.strip() else '')}")
+    print(f"{name}: rc {p.returncode}: {p.stdout.strip() or (p.stderr.strip().splitlines() or [''])[0]}")
     if p.returncode not in (0, 1):
         print("   ", "\n    ".join(p.stderr.strip().splitlines()[:6]))
 

@@ -43,10 +43,10 @@ ACT_QUANT_DTYPE = {1: torch.int8, 2: torch.float8_e4m3fn}
 
 
 # The C++ runtime linked as the shared library PyTorch itself uses, named by file so that no compiler spec or search
-# order picks the archive. The lent GPU image's build came out with libstdc++.a linked in (its __cxa_throw exported, no
-# libstdc++.so.6 needed) and each refusal of a binding (TORCH_CHECK) killed the process with a segmentation fault; a
-# build with the archive on a CPU machine drops the numbers from a refusal's message (the second runtime's iostreams
-# are never initialised). tests/test_w4g_layout.py builds that case.
+# order picks the archive. The lent GPU image's compiler (CXX=/opt/gcc/bin/g++) links libstdc++.a in: a build without
+# this flag exported its own __cxa_throw and needed no libstdc++.so.6, and each refusal of a binding (TORCH_CHECK)
+# killed the process with a segmentation fault (experiments/results/gpu/kernels/throw-probe-h100.txt). On a CPU
+# machine such a build drops the numbers from a refusal's message; tests/test_w4g_layout.py builds that case.
 SHARED_CXX_RUNTIME = ["-l:libstdc++.so.6"]
 
 
