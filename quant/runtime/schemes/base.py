@@ -68,7 +68,7 @@ class KernelConfig:
     # (17–64 in tiles of 32 / 64 rows, each weight read once; their tiles chosen from the compiled code alone,
     # cuda_kernels.W4K_TILES). Rows 2–64: end to end on an H200 (7B, input 512, interleaved, 2026-12-05) batch 32
     # took 0.87× FP16 where tinygemm took 0.43×, batches 4 and 16 the same (experiments.bench RECIPE@w4k16 the
-    # old 2–16).
+    # old 2–16). Rows that w4g_rows or w4m_rows take (1 and 2–16 by default) go to those kernels first.
     int4_kernel: str = "kpack"
     w4k_rows: tuple[int, int] = (2, 64)
     # Per format (an ALGO_KEYS entry), overriding the GEMV kernel's tuned tables (cuda_kernels.GEMV_CVT and
