@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # The GPU scripts' exit trap when PACK=1: $OUT becomes one archive, out.tgz, because the device tool brings back at
 # most 8 files of a call and a call with several stages (or peers, each with its own record and log) writes more.
+# tar's exit 1 ("file changed as we read it": a bench stopped by `timeout` still saving its record, which it
+# writes whole by rename) keeps the archive; only a failed archive (2) leaves $OUT as it is.
 cd "$OUT" || exit 0
-tar czf /tmp/gpu-out.tgz . && find . -mindepth 1 -delete && mv /tmp/gpu-out.tgz out.tgz
+tar czf /tmp/gpu-out.tgz .; rc=$?
+[ $rc -le 1 ] && find . -mindepth 1 -delete && mv /tmp/gpu-out.tgz out.tgz
