@@ -312,7 +312,7 @@ def _check_int4_prologues(h, t, wd, gen, rows, plain=False, tag=()) -> torch.Ten
 def test_int4_kpack_falls_back_where_it_cannot_run():
     """Hidden 576 (the default model: no whole 128-wide tile) and bfloat16 keep the other kernels; by default
     batch 1 takes the compiled GEMV and 2–16 rows the tensor-core kernel (faster there, measured), 17–64 the
-    k-packed kernel."""
+    k-packed kernel, so no row is left to tinygemm and its copy is not made; it is where a row is left."""
     from quant.runtime.linear import make_linear
     from quant.runtime.schemes.base import KernelConfig
 
@@ -325,8 +325,15 @@ def test_int4_kpack_falls_back_where_it_cannot_run():
     t = _layout("W4A16_AWQ", gen, 64, 512, 64)
     h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=torch.float16, device=DEV,
                     group_size=64)
-    assert h.kpack is not None and h.tinygemm is not None and h.w4g is not None and h.w4m is not None
-    assert h.kernel.startswith("w4m-mma|w4g-cuda|w4k-mma") and not h.kpack_at_1 and h._gemv_ok()
+    assert h.kpack is not None and h.tinygemm is None and h.w4g is not None and h.w4m is not None
+    assert h.kernel == "w4m-mma|w4g-cuda|w4k-mma|triton-w4a16" and not h.kpack_at_1 and h._gemv_ok()
+    tensors = {k: v.to(DEV) for k, v in t.items()}
+    h = make_linear("W4A16_AWQ", tensors, dtype=torch.float16, device=DEV, group_size=64,
+                    kernels=KernelConfig(w4k_rows=(2, 32)))  # rows 33–64 left: tinygemm's copy serves them
+    assert h.tinygemm is not None and h.kernel.endswith("w4k-mma|tinygemm-w4a16|triton")
+    h = make_linear("W4A16_AWQ", tensors, dtype=torch.float16, device=DEV, group_size=64,
+                    kernels=KernelConfig(w4m_rows=(1, 16), w4g_rows=(1, 1), w4k_rows=(2, 16)))
+    assert h.w4g is None and h.kpack is None and h.tinygemm is not None  # all their rows on the tensor cores
 
 
 @cuda

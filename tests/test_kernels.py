@@ -212,6 +212,20 @@ def test_int4_kernel_shape_constraints(out, inp, group, kernel):
         assert rel_err(y, reference("W4A16_AWQ", t, x, wd)) <= 1e-5
 
 
+def test_int4_copy_made_only_for_rows_left_by_the_kernels_ahead():
+    """CUDA INT4 makes a copy of the weights per kernel; each is made only where some row up to 64 is left to it by
+    the kernels ahead (the rule is shared; the handlers are built on a GPU in tests/test_cuda.py). The defaults:
+    the GEMV at 1, tensor cores at 2–16, the k-packed kernel at 17–64, then nothing left for tinygemm."""
+    from quant.runtime.schemes.base import KernelConfig
+    from quant.runtime.schemes.w4a16_awq import _rows_left
+
+    k = KernelConfig()
+    assert _rows_left(k.w4g_rows, [k.w4m_rows]) and _rows_left(k.w4k_rows, [k.w4m_rows, k.w4g_rows])
+    assert not _rows_left((1, 64), [k.w4m_rows, k.w4g_rows, k.w4k_rows])
+    assert _rows_left((1, 64), [k.w4m_rows, k.w4g_rows, (2, 32)])  # 33–64 left
+    assert not _rows_left((1, 1), [(1, 16)]) and not _rows_left(None, []) and _rows_left((3, 3), [(1, 2), (4, 9)])
+
+
 def test_awq_group_size_must_match_scales():
     from quant.errors import UserError
 
