@@ -51,11 +51,12 @@ VARIANTS = {
     "smoothquant wqwide": ("W8A8_SQ_PER_CHANNEL", KernelConfig(wq_wide=frozenset({"W8A8_SQ_PER_CHANNEL"}))),
     "fp8 runtime": ("FP8", KernelConfig()),
     "fp8 triton": ("FP8", KernelConfig(w8g=frozenset())),
-    "int4 tinygemm": ("W4A16_AWQ", KernelConfig(int4_kernel="tinygemm", w4g_rows=None)),
-    "int4 triton (stored layout)": ("W4A16_AWQ", KernelConfig(int4_kernel="triton", w4g_rows=None)),
-    "int4 kpack": ("W4A16_AWQ", KernelConfig(int4_kernel="kpack", w4k_rows=(1, 64), w4g_rows=None)),
-    "int4 w4g": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4))),
-    "int4 w4g unfused": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4), w4g_fuse=False)),
+    # (each INT4 kernel alone at the rows it names: w4m_rows=None, else the tensor-core kernel takes 2–16)
+    "int4 tinygemm": ("W4A16_AWQ", KernelConfig(int4_kernel="tinygemm", w4g_rows=None, w4m_rows=None)),
+    "int4 triton (stored layout)": ("W4A16_AWQ", KernelConfig(int4_kernel="triton", w4g_rows=None, w4m_rows=None)),
+    "int4 kpack": ("W4A16_AWQ", KernelConfig(int4_kernel="kpack", w4k_rows=(1, 64), w4g_rows=None, w4m_rows=None)),
+    "int4 w4g": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4), w4m_rows=None)),
+    "int4 w4g unfused": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4), w4g_fuse=False, w4m_rows=None)),
     "int4 default": ("W4A16_AWQ", KernelConfig()),
     # the compiled GEMVs' persistent form at one row (KernelConfig.w4g_persistent / w8g_persistent)
     "int4 w4g persistent": ("W4A16_AWQ", KernelConfig(w4g_persistent=True)),
