@@ -7,8 +7,9 @@
 # .whl-peers, made here:
 #   python3 -m pip download --no-deps -d .whl-peers torchao==0.18.0   # abi3 wheel; torch >= 2.11
 #   python3 -m pip wheel --no-deps -w .whl-peers gemlite==0.6.0.post2   # sdist only; pure Python + Triton
-# WHEELS (default .whl15): a folder with .whl15's wheels but pulp and aclsum (unused here) leaves room in the
-# call's 64 MiB for .ext. SHAPES, RECIPES, PEERS, BATCHES, PEER_BATCHES, INPUTS, ROUNDS, PEER_TIMEOUT (env) narrow a call to its 10 minutes.
+# WHEELS (default .whl15): a folder of .whl15's wheels but pulp and aclsum (unused here) leaves room in a call's
+# 64 MiB for .ext. SHAPES, RECIPES, PEERS, BATCHES, PEER_BATCHES, INPUTS, ROUNDS, PEER_TIMEOUT (env) narrow a call
+# to its 10 minutes.
 # Each peer runs in its own process (bench-<shape>.<peer>.json / .log beside the shape's record): with the device
 # tool's 8 files a call, pack $OUT into one archive at the end of the command.
 set -uo pipefail
