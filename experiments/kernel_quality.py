@@ -9,8 +9,12 @@ KernelConfig's defaults; or any ``experiments.bench`` kernel variant, e.g. ``not
 summarizes the same articles and scores the same held-out documents (on CUDA through the batch-1 decode step, one
 true token at a time: TorchRuntime.decode_logits), so a variant is compared with the reference *paired*: the mean
 per-article ROUGE-1 difference and the mean per-document NLL difference (nats per token), each with a 95 %
-Student-t interval. A row is "unchanged" when both intervals hold 0 (or every summary is the same
-text and every document's NLL the same); the table says on how many articles and documents that rests.
+Student-t interval; the table says on how many articles and documents that rests. The verdict takes the run's
+tests together: each (row, metric) a paired two-sided t-test, all of them under Holm's step-down at a family-wise
+0.05 (:data:`FAMILY_ALPHA`). A run compares about twenty such pairs, so at 95 % each about one would read changed
+by chance alone; a row is CHANGED when one of its tests is rejected (its Holm-adjusted p in the table), and a
+row whose summaries and NLLs are all identical is unchanged. ``--from-record`` prints a record's table again
+under this rule, writing nothing.
 
 On a CPU the configurations run the same kernels (the CPU path has one per format), so every row is unchanged
 by construction: that run checks the machinery, not the kernels.
@@ -49,15 +53,19 @@ def kernel_configs(variants: list[str]) -> dict:
     return configs
 
 
+FAMILY_ALPHA = 0.05  # the chance, over a whole run, of calling any unchanged row changed
+
+
 def paired(ref: list[float], got: list[float]) -> dict:
-    """Mean of got − ref per item with its 95 % interval; identical lists give exactly 0 and [0, 0]."""
+    """Mean of got − ref per item with its 95 % interval and the paired t-test's two-sided p; identical lists give
+    exactly 0, [0, 0] and p 1."""
+    from experiments.stats import mean_ci, paired_t_p
+
     diffs = [g - r for g, r in zip(got, ref)]
     if not any(diffs):
-        return {"mean": 0.0, "ci": [0.0, 0.0], "n": len(diffs)}
-    from experiments.stats import mean_ci
-
+        return {"mean": 0.0, "ci": [0.0, 0.0], "n": len(diffs), "p": 1.0}
     m, lo, hi = mean_ci(diffs)
-    return {"mean": m, "ci": [lo, hi], "n": len(diffs)}
+    return {"mean": m, "ci": [lo, hi], "n": len(diffs), "p": paired_t_p(diffs)}
 
 
 def run_config(ckpt: Path, kernels, cand: Candidate, samples, docs: list[str], settings: EvalSettings) -> dict:
@@ -79,18 +87,31 @@ def run_config(ckpt: Path, kernels, cand: Candidate, samples, docs: list[str], s
 
 
 def compare(ref: dict, got: dict) -> dict:
-    """The paired differences of a configuration against the reference, and the verdict."""
-    rouge = paired(ref["per_article"], got["per_article"])
-    nll = paired(ref["doc_nll"], got["doc_nll"])
+    """The paired differences of a configuration against the reference (the verdict: :func:`judge`)."""
     same = sum(a == b for a, b in zip(ref["summaries"], got["summaries"]))
-    holds_zero = all(d["ci"][0] <= 0.0 <= d["ci"][1] for d in (rouge, nll) if d["n"])
-    return {"rouge1_diff": rouge, "nll_diff": nll, "same_summaries": same, "articles": len(ref["summaries"]),
-            "unchanged": holds_zero}
+    return {"rouge1_diff": paired(ref["per_article"], got["per_article"]),
+            "nll_diff": paired(ref["doc_nll"], got["doc_nll"]), "same_summaries": same,
+            "articles": len(ref["summaries"])}
+
+
+def judge(recipes: list[dict]) -> list[str]:
+    """Every comparison's verdict, in place, from all the run's tests together (module doc): ``p_holm`` (the
+    smallest Holm-adjusted p of its metrics) and ``unchanged``; returns the changed rows as ``recipe@variant``."""
+    tests = [(c, d) for r in recipes for c in r["versus_reference"].values()
+             for d in (c["rouge1_diff"], c["nll_diff"]) if d["n"]]
+    from experiments.stats import holm
+
+    adjusted = holm([d["p"] for _, d in tests])
+    for r in recipes:
+        for c in r["versus_reference"].values():
+            c["p_holm"] = min((a for (cc, _), a in zip(tests, adjusted) if cc is c), default=1.0)
+            c["unchanged"] = c["p_holm"] > FAMILY_ALPHA
+    return [f"{r['recipe']}@{n}" for r in recipes for n, c in r["versus_reference"].items() if not c["unchanged"]]
 
 
 def table(record: dict) -> str:
     head = ("| recipe | kernels | ROUGE-1 | Δ ROUGE-1 vs reference [95% CI] | same summaries | perplexity "
-            "| Δ NLL / token [95% CI] | verdict |\n|---|---|---|---|---|---|---|---|")
+            f"| Δ NLL / token [95% CI] | verdict (Holm p, family {FAMILY_ALPHA}) |\n|---|---|---|---|---|---|---|---|")
     rows = []
     for r in record["recipes"]:
         for name, c in r["configs"].items():
@@ -103,7 +124,7 @@ def table(record: dict) -> str:
             nll = f"{dn['mean']:+.5f} [{dn['ci'][0]:+.5f}, {dn['ci'][1]:+.5f}] on {dn['n']} docs" if dn["n"] else "-"
             rows.append(f"| {r['recipe']} | {name} | {c['rouge1']:.2f} | {dr['mean']:+.2f} [{dr['ci'][0]:+.2f}, "
                         f"{dr['ci'][1]:+.2f}] on {dr['n']} articles | {d['same_summaries']}/{d['articles']} | {ppl} "
-                        f"| {nll} | {'unchanged' if d['unchanged'] else 'CHANGED'} |")
+                        f"| {nll} | {'unchanged' if d['unchanged'] else 'CHANGED'} ({d['p_holm']:.3g}) |")
     return "\n".join([head, *rows])
 
 
@@ -134,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--out", type=Path, default=Path("results") / "kernel_quality.json", help="JSON record")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--from-record", type=Path, default=None, metavar="JSON",
+                        help="print a record's table again, its verdicts under this version's rule; runs nothing "
+                             "and writes nothing")
     args = parser.parse_args(argv)
+    if args.from_record is not None:
+        return reprint(args.from_record)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     from experiments.bench import KERNEL_VARIANTS  # (torch: after the flags are read, so --help stays light)
 
@@ -185,11 +211,29 @@ def main(argv: list[str] | None = None) -> int:
                                                            for n, c in runs.items() if n != "reference"}})
     finally:
         if record["recipes"]:  # what finished is kept, also on Ctrl-C / SIGTERM
+            record["family_alpha"] = FAMILY_ALPHA
+            changed = judge(record["recipes"])
             atomic_write_json(args.out, record)
     print(table(record))
     print(f"record: {args.out}")
-    changed = [f"{r['recipe']}@{n}" for r in record["recipes"] for n, v in r["versus_reference"].items()
-               if not v["unchanged"]]
+    if changed:
+        print("changed: " + ", ".join(changed), file=sys.stderr)
+    return 1 if changed else 0
+
+
+def reprint(path: Path) -> int:
+    """--from-record: the table of a record, every comparison recomputed from its per-item scores and judged."""
+    import json
+
+    try:
+        recipes = json.loads(path.read_text())["recipes"]
+        for r in recipes:
+            ref = r["configs"]["reference"]
+            r["versus_reference"] = {n: compare(ref, c) for n, c in r["configs"].items() if n != "reference"}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--from-record {path}: not a kernel_quality record ({type(e).__name__}: {e})") from None
+    changed = judge(recipes)
+    print(table({"recipes": recipes}))
     if changed:
         print("changed: " + ", ".join(changed), file=sys.stderr)
     return 1 if changed else 0

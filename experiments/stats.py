@@ -33,6 +33,30 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def paired_t_p(diffs) -> float:
+    """Two-sided p-value of the paired Student-t test that the mean difference is 0: 1.0 for fewer than two
+    differences or all of them 0 (no evidence either way), 0.0 for a constant non-zero difference."""
+    x = np.asarray(diffs, dtype=float)
+    if x.size < 2 or not x.any():
+        return 1.0
+    sd = float(x.std(ddof=1))
+    if sd == 0.0:
+        return 0.0
+    return float(2 * _st.t.sf(abs(float(x.mean())) / (sd / math.sqrt(x.size)), x.size - 1))
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjusted p-values, in the given order: the i-th smallest of m is multiplied by m - i + 1,
+    kept monotone, capped at 1. Rejecting where the adjusted value is at most alpha keeps the chance of any false
+    rejection in the family at most alpha, whatever the tests' dependence."""
+    p = np.asarray(pvalues, dtype=float)
+    order = np.argsort(p, kind="stable")
+    adj = np.minimum(1.0, np.maximum.accumulate(p[order] * (p.size - np.arange(p.size))))
+    out = np.empty_like(p)
+    out[order] = adj
+    return [float(v) for v in out]
+
+
 def one_sided_bound(values, confidence: float, *, upper: bool) -> float:
     """The one-sided Student-t bound of the mean at ``confidence`` (upper or lower); the mean for one value."""
     x = np.asarray(values, dtype=float)

@@ -245,3 +245,17 @@ def test_recorded_default_runs_replay_to_one_tie_set():
         assert v["fp16"] == v["int8_wo"] == "slower", run
     b = rec["runs"]["B"]
     assert ratio_ci(b["int4_gptq-g64"], b["int4_awq-g64"]).low > 1.0  # what the old rule read as "slower"
+
+
+def test_holm_adjusts_in_the_given_order_and_paired_t_p_is_the_t_test():
+    """Holm's step-down by hand: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 → 0.02, 0.03, 0.06, 0.04, kept
+    monotone (0.06); the paired p is scipy's one-sample t-test of the differences, with the degenerate cases."""
+    from scipy import stats as st
+
+    from experiments.stats import holm, paired_t_p
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([]) == []
+    diffs = [0.5, 1.0, 1.5, 0.2, 0.9, 1.3]
+    assert paired_t_p(diffs) == pytest.approx(st.ttest_1samp(diffs, 0.0).pvalue, rel=1e-12)
+    assert paired_t_p([0.0, 0.0]) == 1.0 and paired_t_p([2.0]) == 1.0 and paired_t_p([0.3, 0.3]) == 0.0
