@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if not device.startswith("cuda"):
         print(f"note: on {device} every kernel configuration runs the same kernels: this checks the machinery only",
               file=sys.stderr)
-    model, log = None, (lambda m: print(m, file=sys.stderr))
+    model, log, changed = None, (lambda m: print(m, file=sys.stderr)), []
     try:
         for recipe in recipes:
             cand = Candidate(settings, recipe, model=model, log=log)
@@ -230,10 +230,13 @@ def reprint(path: Path) -> int:
         for r in recipes:
             ref = r["configs"]["reference"]
             r["versus_reference"] = {n: compare(ref, c) for n, c in r["configs"].items() if n != "reference"}
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        changed = judge(recipes)
+        text = table({"recipes": recipes})
+    except OSError as e:
+        raise UserError(f"--from-record {path}: cannot read it ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--from-record {path}: not a kernel_quality record ({type(e).__name__}: {e})") from None
-    changed = judge(recipes)
-    print(table({"recipes": recipes}))
+    print(text)
     if changed:
         print("changed: " + ", ".join(changed), file=sys.stderr)
     return 1 if changed else 0

@@ -79,10 +79,14 @@ def test_from_record_prints_the_table_again_and_writes_nothing(tmp_path, capsys)
     out, err = capsys.readouterr()
     assert "| fp8 | default | 34.00 | +3.20 [" in out and "5/6 | 12.000 |" in out and "CHANGED" in out
     assert err.strip() == "changed: fp8@default" and sorted(tmp_path.iterdir()) == [rec]
-    (tmp_path / "bad.json").write_text('{"recipes": [{"recipe": "fp8"}]}')
-    assert main(["--from-record", str(tmp_path / "bad.json")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --from-record") and "not a kernel_quality record" in err[0]
+    for bad in ('{"recipes": [{"recipe": "fp8"}]}', json.dumps({"recipes": [{"recipe": "fp8", "configs": {
+            "reference": BASE, "default": BASE}}]}), "not json"):  # no configs; no ROUGE-1 to show; not JSON
+        (tmp_path / "bad.json").write_text(bad)
+        assert main(["--from-record", str(tmp_path / "bad.json")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --from-record") and "not a kernel_quality record" in err[0]
+    assert main(["--from-record", str(tmp_path / "none.json")]) == 2
+    assert capsys.readouterr().err.strip().endswith("none.json: cannot read it (No such file or directory)")
 
 
 @pytest.mark.parametrize("argv, needle", [
