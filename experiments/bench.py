@@ -64,6 +64,32 @@ INT4_BATCH_FLOOR = (4, 8, 16)  # INT4 never slower than FP16 at these batches
 PEER_TARGET = 1.5  # each format at batch 1 over the best peer row of that format
 
 
+class Budget:
+    """``--budget``: the whole command's wall-clock seconds (None: no limit). No engine or peer starts with less
+    than START_S left (a project recipe takes ~30-40 s at five batch sizes on an H100, a peer's compile minutes),
+    a peer's own process is stopped when it runs out, and END_S is kept for the table and the record."""
+
+    START_S, END_S = 60, 15
+
+    def __init__(self, seconds: int | None, clock=time.monotonic):
+        self.seconds, self.clock, self.started = seconds, clock, clock()
+
+    def left(self) -> float:
+        if self.seconds is None:
+            return float("inf")
+        return self.seconds - self.END_S - (self.clock() - self.started)
+
+    def refusal(self) -> str | None:
+        """Why nothing more may start (None: it may)."""
+        if self.left() >= self.START_S:
+            return None
+        return f"not started: {max(0.0, self.left()):.0f} s of --budget {self.seconds} s left"
+
+    def peer_limit(self, peer_timeout: int) -> tuple[float, str]:
+        """(seconds, the flag that set them) a peer's process may take."""
+        return min((float(peer_timeout), "--peer-timeout"), (self.left(), "--budget"))
+
+
 def _ints(text: str) -> list[int]:
     try:
         out = [int(x) for x in text.split(",") if x]
@@ -532,7 +558,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-m", default="1,8,32,1024,8192")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/bench_gpu.json"))
+    p.add_argument("--budget", type=positive_int, default=None, metavar="SECONDS",
+                   help="wall-clock seconds for the whole command: a peer's own process gets at most what is left, "
+                        f"and nothing starts with less than {Budget.START_S} s left (recorded as not started), so a "
+                        "limited machine ends the run with its table instead of killing it mid-peer")
     args = p.parse_args(argv)
+    budget = Budget(args.budget)
 
     device = torch.device(args.device)
     if device.type != "cuda":
@@ -632,6 +663,14 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
             save_rows()
 
+    def out_of_budget(key: str) -> bool:
+        """Whether too little of --budget is left to start ``key`` (then recorded as not started)."""
+        if (why := budget.refusal()) is None:
+            return False
+        record["failed"][key] = why
+        log(f"{key}: {why}")
+        return True
+
     def peer_process(peer: str) -> None:
         """One peer in a child ``experiments.bench`` beside its own FP16; its rows join this record, marked."""
         out = args.out.with_name(f"{args.out.stem}.{peer}.json")
@@ -642,12 +681,13 @@ def main(argv: list[str] | None = None) -> int:
                args.compute_dtype, "--no-hf", "--seed", str(args.seed), "--out", str(out)]
         log(f"{peer}: in its own process (log: {out.with_suffix('.log')})")
         out.unlink(missing_ok=True)
+        limit, why = budget.peer_limit(args.peer_timeout)
         with open(out.with_suffix(".log"), "w") as f:
             try:
-                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.peer_timeout).returncode
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=limit).returncode
                 end = f"exit {rc}"
             except subprocess.TimeoutExpired:
-                end = f"stopped after --peer-timeout {args.peer_timeout} s"
+                end = f"stopped after {limit:.0f} s ({why})"
         rows = merge_peer(record, json.loads(out.read_text()) if out.exists() else {}, peer, end)
         measured.extend(rows)
         for r in rows:
@@ -669,9 +709,13 @@ def main(argv: list[str] | None = None) -> int:
         if not others and not peers:
             time_cells(None, None, "fp16", None, 0, batch_sizes)  # fp16 alone
         for recipe in others:
+            if out_of_budget(recipe):
+                continue
             build = lambda r=recipe: build_runtime(args.shape, r, device, args.compute_dtype, args.seed)  # noqa: E731
             time_engine("quant-runtime", recipe, recipe, build, batch_sizes)
         for peer in peers:
+            if out_of_budget(peer):
+                continue
             if args.peer_process == "own":
                 peer_process(peer)
                 save_rows()

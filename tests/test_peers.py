@@ -157,3 +157,20 @@ def test_a_peer_from_its_own_process_joins_the_record_marked():
     merge_peer(record, {}, "torchao-int8wo", "stopped after --peer-timeout 900 s")
     assert record["failed"] == {"gemlite-a16w4": "ImportError: x",
                                 "torchao-int8wo": "its process ended (stopped after --peer-timeout 900 s) with no row"}
+
+
+def test_the_budget_stops_starting_work_and_caps_a_peer():
+    """--budget on a made-up clock (the bench itself needs a GPU): a peer's process gets the smaller of its own
+    limit and what is left; nothing starts with less than START_S left; no budget never refuses."""
+    from experiments.bench import Budget
+
+    now = [100.0]
+    b = Budget(600, clock=lambda: now[0])
+    assert b.refusal() is None and b.peer_limit(150) == (150.0, "--peer-timeout")
+    now[0] += 400  # 600 - 15 kept for the end - 400 = 185 s left
+    assert b.left() == pytest.approx(185.0) and b.peer_limit(900) == (pytest.approx(185.0), "--budget")
+    now[0] += 130  # 55 s left: below START_S
+    assert b.refusal() == "not started: 55 s of --budget 600 s left"
+    now[0] += 100
+    assert b.refusal() == "not started: 0 s of --budget 600 s left"
+    assert Budget(None).refusal() is None and Budget(None).peer_limit(900) == (900.0, "--peer-timeout")

@@ -9,7 +9,8 @@
 #   python3 -m pip wheel --no-deps -w .whl-peers gemlite==0.6.0.post2   # sdist only; pure Python + Triton
 # WHEELS (default .whl15): a folder of .whl15's wheels but pulp and aclsum (unused here) leaves room in a call's
 # 64 MiB for .ext. SHAPES, RECIPES, PEERS, BATCHES, PEER_BATCHES, INPUTS, ROUNDS, PEER_TIMEOUT (env) narrow a call
-# to its 10 minutes.
+# to its 10 minutes; BUDGET (seconds, per shape: experiments.bench --budget) ends a shape's run with its table
+# rather than under the call's `timeout`.
 # Each peer runs in its own process (bench-<shape>.<peer>.json / .log beside the shape's record): with the device
 # tool's 8 files a call, pack $OUT into one archive at the end of the command.
 set -uo pipefail
@@ -27,7 +28,8 @@ date -u +%FT%TZ >> "$OUT/gpu.txt"
 for shape in $SHAPES; do
   python3 -m experiments.bench --shape "$shape" --recipes "$RECIPES" --peers "$PEERS" \
       --batch-sizes "${BATCHES:-1,4,8,16,32}" --peer-batch-sizes "${PEER_BATCHES:-1}" --input-lens "${INPUTS:-512}" \
-      --rounds "${ROUNDS:-5}" --peer-timeout "${PEER_TIMEOUT:-900}" --no-hf --out "$OUT/bench-$shape.json" \
+      --rounds "${ROUNDS:-5}" --peer-timeout "${PEER_TIMEOUT:-900}" ${BUDGET:+--budget "$BUDGET"} --no-hf \
+      --out "$OUT/bench-$shape.json" \
       > "$OUT/bench-$shape.md" 2> "$OUT/bench-$shape.log"
   echo "$shape rc=$?"; tail -30 "$OUT/bench-$shape.md"
 done
