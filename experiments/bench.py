@@ -160,7 +160,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # or INT4 on the tensor-core kernel (csrc/w4a16_mma.cu) at 1–32 rows (``int4_awq@w4m``; the default takes it at
 # 2–16), at batch 1 only (``@w4m1``), at 1–8 rows with 8 steps loaded ahead per warp (``@w4m8``), or not at all
 # (``@now4m``: rows 2–64 on the k-packed kernel, the default before), or the 8-bit formats' batch 1 on their
-# tensor-core kernel (csrc/w8_mma.cu; ``int8_wo@w8m``, with 4 steps ahead ``@w8m4``)
+# tensor-core kernel (csrc/w8_mma.cu; ``int8_wo@w8m``, with 4 steps ahead ``@w8m4``), or INT4's prefill dequantizing
+# the k-packed copy and the stored layout not kept (``int4_awq@kprefill``: its TTFT and peak memory)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} for k in INT4_KERNELS},
                    "w4g-unfused": {"w4g_fuse": False}, "w4k16": {"w4k_rows": (2, 16)},
                    "triton8": {"w8g": frozenset()},
@@ -176,7 +177,8 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "w8gp": {"w8g_persistent": DEFAULT_KERNELS.w8g}, "w4m": {"w4m_rows": (1, 32)},
                    "w4m1": {"w4m_rows": (1, 1)}, "w4m8": {"w4m_rows": (1, 8), "w4m_depth": 8},
                    "now4m": {"w4m_rows": None},
-                   "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4}}
+                   "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4},
+                   "kprefill": {"w4k_prefill": True}}
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):

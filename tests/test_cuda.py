@@ -337,6 +337,34 @@ def test_int4_kpack_falls_back_where_it_cannot_run():
 
 
 @cuda
+@pytest.mark.parametrize("out, inp, group", [(128, 1024, 128), (64, 512, 32), (96, 768, 96)])
+def test_int4_prefill_from_the_k_packed_copy(out, inp, group):
+    """KernelConfig.w4k_prefill: more than 64 rows dequantize the k-packed copy, the same bits as prefill from the
+    stored layout, and where every row up to 64 has a kernel of its own (the defaults) the stored layout is not
+    kept; group 96 (no GEMV, tensor-core kernel or tinygemm: row 1 is left to the stored layout) keeps it. 1–64
+    rows still run their kernels; every count of rows against the float64 reference, activations ×40."""
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    gen = torch.Generator().manual_seed(out + inp + group)
+    t = _layout("W4A16_AWQ", gen, out, inp, group)
+    tensors = {k: v.to(DEV) for k, v in t.items()}
+    plain = make_linear("W4A16_AWQ", tensors, dtype=torch.float16, device=DEV, group_size=group)
+    h = make_linear("W4A16_AWQ", tensors, dtype=torch.float16, device=DEV, group_size=group,
+                    kernels=KernelConfig(w4k_prefill=True))
+    assert h.kprefill and (h.weight is None) == (group != 96) and "w4k-dequant" in h.kernel
+    wd = h.dequantized_weight().cpu()
+    assert torch.equal(wd, plain.dequantized_weight().cpu())
+    for m, scale in ((1, 1), (5, 40), (40, 1), (65, 1), (300, 1), (300, 40)):
+        x = (activations(gen, m, inp) * scale).to(torch.float16).to(DEV)
+        y = h(x)
+        assert rel(y, _reference("W4A16_AWQ", t, x.cpu(), wd)) <= 1e-2, (m, scale)
+        if m > 64:  # the same float16 weights, then the same cuBLAS call
+            assert torch.equal(y, plain(x)), (m, scale)
+
+
+@cuda
 @pytest.mark.parametrize("out, inp, group", [(64, 512, 32), (80, 1024, 128), (46, 4096, 128), (96, 576, 64),
                                              (64, 11008, 128)])
 def test_int4_w4g_matches_float64_reference(out, inp, group):

@@ -348,3 +348,16 @@ def test_w4k_tensor_core_kernel_to_64_rows(rows, group):
     from quant.runtime.schemes.base import W4K_MAX_M
 
     assert W4K_MAX_M == ck.W4K_MAX_M == 64  # KernelConfig's bound on w4k_rows, kept without importing Triton there
+
+
+@pytest.mark.parametrize("group, n, k", [(32, 40, 768), (128, 64, 1024), (96, 33, 768)])  # KW 32 / 64; N ragged
+def test_dequant_from_the_k_packed_copy_rounds_once(group, n, k):
+    """KernelConfig.w4k_prefill's weights: the k-packed copy back to q · s, in float32 and rounded once, the same
+    bits as from the stored layout."""
+    gen = _gen(f"dequant-k/{group}/{n}")
+    q = torch.randint(-8, 8, (n, k), generator=gen)
+    s = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).half()
+    kw = ck.w4k_kw(k, group, ck.W4K_KW)
+    assert kw == (64 if k == 1024 else 32)
+    want = (q.float() * s.float().repeat_interleave(group, dim=1)).half()
+    assert torch.equal(ck.dequant_int4_k(ck.pack_int4_k(q, kw), s, group, kw, torch.float16), want)

@@ -809,6 +809,35 @@ def dequant_int4(w: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch
 
 
 @triton.jit
+def _dequant_int4_k_kernel(w_ptr, s_ptr, out_ptr, N, stride_wn, stride_sn, stride_on, GROUP: tl.constexpr,
+                           KW: tl.constexpr, BLOCK_N: tl.constexpr):
+    # one k-packed tile (8 sub-blocks of KW values) of BLOCK_N rows a program; a sub-block lies within one group
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    t = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_j = tl.arange(0, KW)
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + t * KW + offs_j[None, :], mask=n_mask[:, None], other=0)
+    for o in tl.static_range(8):
+        k0 = t * 8 * KW + o * KW
+        q = ((words >> (4 * (o // 2 + 4 * (o % 2)))) & 0xF) - 8  # sub-block o in nibble W4K_NIBBLE[o]
+        s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n[:, None] * stride_on + k0 + offs_j[None, :],
+                 (q.to(tl.float32) * s[:, None]).to(dt), mask=n_mask[:, None])
+
+
+def dequant_int4_k(w: torch.Tensor, scales: torch.Tensor, group: int, kw: int, dtype: torch.dtype) -> torch.Tensor:
+    """The k-packed copy (:func:`pack_int4_k`, tile width ``kw``) back to q · s [N, K], in float32 and rounded once
+    to ``dtype``, as :func:`dequant_int4` does from the stored layout (KernelConfig.w4k_prefill)."""
+    N, K8 = w.shape
+    out = torch.empty(N, 8 * K8, dtype=dtype, device=w.device)
+    bn = 32
+    _dequant_int4_k_kernel[(triton.cdiv(N, bn), K8 // kw)](w, scales, out, N, w.stride(0), scales.stride(0),
+                                                          out.stride(0), GROUP=group, KW=kw, BLOCK_N=bn, num_warps=4)
+    return out
+
+
+@triton.jit
 def _dequant_int8_kernel(w_ptr, s_ptr, out_ptr, R, K, stride_wn, stride_on, BLOCK_R: tl.constexpr,
                          BLOCK_K: tl.constexpr):
     dt: tl.constexpr = out_ptr.dtype.element_ty

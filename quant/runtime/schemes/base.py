@@ -78,6 +78,10 @@ class KernelConfig:
     # The k-packed INT4 kernel's (BLOCK_N, KW, warps, stages) at every row tile; None: its tuned tile per row tile
     # (cuda_kernels.W4K_TILES).
     w4k_tile: tuple[int, int, int, int] | None = None
+    # INT4 prefill (more than 64 rows) dequantizes the k-packed copy (cuda_kernels.dequant_int4_k) rather than the
+    # stored layout, which is then not kept where every row up to 64 has a kernel of its own: one copy of the
+    # weights less (0.5 byte a weight). Off until its TTFT is measured (experiments.bench RECIPE@kprefill).
+    w4k_prefill: bool = False
     # INT4 rows (1–4) that take the compiled CUDA GEMV (cuda_ext.w4a16_gemv: float16, on a copy reordered at load,
     # ahead of w4k_rows and tinygemm); None: off. Where the extension cannot be built, the other kernels run.
     w4g_rows: tuple[int, int] | None = (1, 1)

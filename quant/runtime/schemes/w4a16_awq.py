@@ -75,6 +75,12 @@ class W4A16AWQLinear(_Handler):
                 if tg is not None:  # repacked once for tinygemm; the Triton layout stays for prefill
                     self.tinygemm = _TinygemmInt4(q(), self.scales, group, tg)
                     self.kernel = "tinygemm-w4a16|triton"
+                    taken.append((1, ck.WQ_MM_MAX_M))
+            self.kprefill = kernels.w4k_prefill and self.kpack is not None
+            if self.kprefill:  # prefill from the k-packed copy; the stored layout only where a row is left to it
+                self.kernel = "tinygemm-w4a16|w4k-dequant" if self.tinygemm is not None else "w4k-dequant"
+                if not _rows_left((1, ck.WQ_MM_MAX_M), taken):
+                    self.weight = None
             if self.kpack is not None:
                 self.kernel = "w4k-mma|" + self.kernel
             if self.w4g is not None:
@@ -102,6 +108,7 @@ class W4A16AWQLinear(_Handler):
     shared_inputs = ("prequant_scaling_factor",)
     w4g = None  # the compiled GEMV's copy (CUDA, float16), when built
     w4m = None  # the tensor-core kernel's (weights, scales) (CUDA, float16), when built
+    kprefill = False  # prefill dequantizes the k-packed copy (KernelConfig.w4k_prefill; CUDA)
 
     def _w4g_takes(self, rows: int) -> bool:
         return self.w4g is not None and self.w4g_rows[0] <= rows <= self.w4g_rows[1]
@@ -167,6 +174,9 @@ class W4A16AWQLinear(_Handler):
             return self.tinygemm(self._prep(x, norm, eps, silu, prequant=self.prequant,
                                             out_dtype=self.tinygemm.act_dtype))
         x = self._prep(x, norm, eps, silu, prequant=self.prequant)
+        if self.kprefill and x.shape[0] > ck.WQ_MM_MAX_M:  # KernelConfig.w4k_prefill
+            w, kw = self.kpack
+            return F.linear(x, ck.dequant_int4_k(w, self.scales, self.group, kw, self.dtype))
         if self.dtype != torch.float32 and self.pow2_group and (
                 x.shape[0] <= ck.WQ_MM_MAX_M or self.algo_key in self.kernels.wq_prefill):
             return ck.wq_mm(x, self.weight, self.scales, wfmt=ck.W_INT4, group=self.group)
@@ -185,7 +195,8 @@ class W4A16AWQLinear(_Handler):
         return F.linear(x.float(), self._dequantize_emulated()).to(self.dtype)
 
     def _dequantize_emulated(self) -> torch.Tensor:
-        return unpack_int4_rows(self.weight).float() * self.scales.float().repeat_interleave(self.group, dim=1)
+        q = _cuda_kernels().unpack_int4_k(*self.kpack) if self.weight is None else unpack_int4_rows(self.weight)
+        return q.float() * self.scales.float().repeat_interleave(self.group, dim=1)
 
     def _held(self):
         pre = () if self.prequant is None else (self.prequant,)
