@@ -18,8 +18,10 @@ rm -rf /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site ${WHEELS:-.whl15}/*.whl \
     .whl-peers/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export QUANT_SUITE_CACHE=${QUANT_SUITE_CACHE:-/root/qcache}
-# a build carried in .ext/ in, this call's build out (ext_carry.sh); PACK=1: then one archive of $OUT (pack.sh)
-source experiments/gpu/ext_carry.sh && ext_restore && trap 'ext_save; [ "${PACK:-0}" = 1 ] && bash experiments/gpu/pack.sh' EXIT
+# a build carried in .ext/ and inductor's cache in .inductor/ in, this call's out (ext_carry.sh); PACK=1: then one
+# archive of $OUT (pack.sh)
+source experiments/gpu/ext_carry.sh && ext_restore && inductor_restore \
+    && trap 'ext_save; inductor_save; [ "${PACK:-0}" = 1 ] && bash experiments/gpu/pack.sh' EXIT
 SHAPES=${SHAPES:-llama2-7b llama3-8b}
 RECIPES=${RECIPES:-fp16,int8_wo,int4_awq,fp8}
 PEERS=${PEERS:-hf-compile,torchao-int8wo,torchao-int4wo,torchao-fp8wo,gemlite-a16w4,gemlite-a16w8}
