@@ -1,0 +1,45 @@
+"""The GPU scripts (experiments/gpu/*.sh) run on the lent machine only, where a mistake costs a call of ten
+minutes. Here: every one parses, and the functions that carry a build or a cache from one call to the next
+(ext_carry.sh) do so on folders made here."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+GPU = Path(__file__).resolve().parent.parent / "experiments" / "gpu"
+
+
+@pytest.mark.parametrize("script", sorted(GPU.glob("*.sh")), ids=lambda p: p.name)
+def test_script_parses(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).stderr == ""
+
+
+def _carry(fn: str, cwd: Path, **env) -> str:
+    done = subprocess.run(["bash", "-c", f"source {GPU / 'ext_carry.sh'} && {fn}"], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, **{k: str(v) for k, v in env.items()}})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_inductor_cache_goes_out_with_one_call_and_in_with_the_next(tmp_path):
+    cache, out, nxt = tmp_path / "cache", tmp_path / "out", tmp_path / "next"
+    (cache / "fxgraph" / "ab").mkdir(parents=True)
+    (cache / "fxgraph" / "ab" / "entry").write_bytes(b"compiled")
+    said = _carry("inductor_save", tmp_path, TORCHINDUCTOR_CACHE_DIR=cache, OUT=out)
+    assert "returned in inductor/cache.tgz" in said and (out / "inductor" / "cache.tgz").is_file()
+    (nxt / ".inductor").mkdir(parents=True)  # what the next call carries in
+    shutil.copy(out / "inductor" / "cache.tgz", nxt / ".inductor" / "cache.tgz")
+    _carry("inductor_restore", nxt, TORCHINDUCTOR_CACHE_DIR=tmp_path / "cache2", OUT=out)
+    assert (tmp_path / "cache2" / "fxgraph" / "ab" / "entry").read_bytes() == b"compiled"
+    # over the limit: not returned (it would crowd the wheels and the build out of the next call's carry)
+    (cache / "big").write_bytes(os.urandom(3 << 20))
+    said = _carry("inductor_save", tmp_path, TORCHINDUCTOR_CACHE_DIR=cache, OUT=tmp_path / "out2",
+                  INDUCTOR_MAX_MB=1)
+    assert "over INDUCTOR_MAX_MB; not returned" in said and not (tmp_path / "out2" / "inductor").exists()
+    # nothing carried in: an empty cache folder, no error
+    _carry("inductor_restore", tmp_path / "out2", TORCHINDUCTOR_CACHE_DIR=tmp_path / "cache3", OUT=out)
+    assert (tmp_path / "cache3").is_dir() and not any((tmp_path / "cache3").iterdir())
