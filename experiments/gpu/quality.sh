@@ -34,7 +34,8 @@ case ${1:-} in
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt"; date -u +%FT%TZ >> "$OUT/gpu.txt"
     recipes=(); for r in ${RECIPES:-}; do recipes+=(--recipe "$r"); done
     timeout "${LIMIT:-540}" python3 -m experiments.kernel_quality "${recipes[@]}" \
-        --variants "${VARIANTS:-default,nothen}" --num-samples "${SAMPLES:-32}" --ppl-docs "${PPL_DOCS:-20}" --no-progress --out "$OUT/kernel_quality.json" \
+        --variants "${VARIANTS:-default,nothen}" --num-samples "${SAMPLES:-32}" --ppl-docs "${PPL_DOCS:-20}" \
+        --no-progress --out "$OUT/kernel_quality.json" \
         > "$OUT/kernel_quality.md" 2> "$OUT/kernel_quality.log"
     rc=$?
     ext_save
