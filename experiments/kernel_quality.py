@@ -94,19 +94,32 @@ def compare(ref: dict, got: dict) -> dict:
             "articles": len(ref["summaries"])}
 
 
+def versus_reference(configs: dict) -> dict:
+    """Each configuration of a recipe's run (name → :func:`run_config`'s result) compared with its reference."""
+    return {n: compare(configs["reference"], c) for n, c in configs.items() if n != "reference"}
+
+
 def judge(recipes: list[dict]) -> list[str]:
     """Every comparison's verdict, in place, from all the run's tests together (module doc): ``p_holm`` (the
     smallest Holm-adjusted p of its metrics) and ``unchanged``; returns the changed rows as ``recipe@variant``."""
-    tests = [(c, d) for r in recipes for c in r["versus_reference"].values()
-             for d in (c["rouge1_diff"], c["nll_diff"]) if d["n"]]
     from experiments.stats import holm
 
-    adjusted = holm([d["p"] for _, d in tests])
-    for r in recipes:
-        for c in r["versus_reference"].values():
-            c["p_holm"] = min((a for (cc, _), a in zip(tests, adjusted) if cc is c), default=1.0)
-            c["unchanged"] = c["p_holm"] > FAMILY_ALPHA
+    comparisons = [c for r in recipes for c in r["versus_reference"].values()]
+    tests = [(i, d["p"]) for i, c in enumerate(comparisons) for d in (c["rouge1_diff"], c["nll_diff"]) if d["n"]]
+    for c in comparisons:
+        c["p_holm"] = 1.0
+    for (i, _), adjusted in zip(tests, holm([p for _, p in tests])):
+        comparisons[i]["p_holm"] = min(comparisons[i]["p_holm"], adjusted)
+    for c in comparisons:
+        c["unchanged"] = c["p_holm"] > FAMILY_ALPHA
     return [f"{r['recipe']}@{n}" for r in recipes for n, c in r["versus_reference"].items() if not c["unchanged"]]
+
+
+def _verdict(changed: list[str]) -> int:
+    """The exit code (module doc), the changed rows named on stderr."""
+    if changed:
+        print("changed: " + ", ".join(changed), file=sys.stderr)
+    return 1 if changed else 0
 
 
 def table(record: dict) -> str:
@@ -207,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 cand.close()
             record["recipes"].append({"recipe": recipe.label, "configs": runs,
-                                      "versus_reference": {n: compare(runs["reference"], c)
-                                                           for n, c in runs.items() if n != "reference"}})
+                                      "versus_reference": versus_reference(runs)})
     finally:
         if record["recipes"]:  # what finished is kept, also on Ctrl-C / SIGTERM
             record["family_alpha"] = FAMILY_ALPHA
@@ -216,9 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(args.out, record)
     print(table(record))
     print(f"record: {args.out}")
-    if changed:
-        print("changed: " + ", ".join(changed), file=sys.stderr)
-    return 1 if changed else 0
+    return _verdict(changed)
 
 
 def reprint(path: Path) -> int:
@@ -228,8 +238,7 @@ def reprint(path: Path) -> int:
     try:
         recipes = json.loads(path.read_text())["recipes"]
         for r in recipes:
-            ref = r["configs"]["reference"]
-            r["versus_reference"] = {n: compare(ref, c) for n, c in r["configs"].items() if n != "reference"}
+            r["versus_reference"] = versus_reference(r["configs"])
         changed = judge(recipes)
         text = table({"recipes": recipes})
     except OSError as e:
@@ -237,9 +246,7 @@ def reprint(path: Path) -> int:
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--from-record {path}: not a kernel_quality record ({type(e).__name__}: {e})") from None
     print(text)
-    if changed:
-        print("changed: " + ", ".join(changed), file=sys.stderr)
-    return 1 if changed else 0
+    return _verdict(changed)
 
 
 if __name__ == "__main__":

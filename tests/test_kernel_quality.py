@@ -36,6 +36,7 @@ def test_every_configuration_on_the_same_articles_unchanged_on_cpu(tmp_path, cap
 
 BASE = {"per_article": [30.0, 40.0, 35.0, 20.0, 25.0, 33.0], "doc_nll": [2.0, 2.5, 3.0],
         "summaries": ["a", "b", "c", "d", "e", "f"]}
+SHIFTED_ROUGE1 = [33.0, 43.5, 38.0, 23.2, 28.1, 36.4]  # BASE's articles, every one about 3 points higher
 
 
 def _run(*gots) -> tuple[list[str], list[dict]]:
@@ -46,7 +47,7 @@ def _run(*gots) -> tuple[list[str], list[dict]]:
 def test_a_consistent_shift_is_changed_and_noise_around_zero_is_not():
     """The verdict's rule on made-up per-item scores (no model): a consistent shift is CHANGED, noise around zero
     is not, identical scores are unchanged with p 1, and an interval on one item bounds nothing."""
-    shifted = {**BASE, "per_article": [33.0, 43.5, 38.0, 23.2, 28.1, 36.4], "summaries": ["a", *"xyzuv"]}
+    shifted = {**BASE, "per_article": SHIFTED_ROUGE1, "summaries": ["a", *"xyzuv"]}
     noisy = {**BASE, "per_article": [31.0, 39.0, 36.0, 19.0, 25.5, 32.5]}
     changed, recipes = _run(shifted)
     assert changed == ["r0@v"] and recipes[0]["versus_reference"]["v"]["same_summaries"] == 1
@@ -70,7 +71,7 @@ def test_the_verdict_holds_the_false_alarm_rate_over_the_whole_run():
 
 def test_from_record_prints_the_table_again_and_writes_nothing(tmp_path, capsys):
     """--from-record recomputes every comparison from a record's per-item scores; a bad record is one line, exit 2."""
-    shifted = {**BASE, "per_article": [33.0, 43.5, 38.0, 23.2, 28.1, 36.4], "summaries": list("abcdez"),
+    shifted = {**BASE, "per_article": SHIFTED_ROUGE1, "summaries": list("abcdez"),
                "rouge1": 34.0, "perplexity": 12.0}
     ref = {**BASE, "rouge1": 31.0, "perplexity": 12.0}
     rec = tmp_path / "kq.json"
