@@ -82,7 +82,9 @@ class Budget:
     def refusal(self) -> str | None:
         """Why nothing more may start (None: it may)."""
         left = self.left()
-        return None if left >= self.START_S else f"not started: {max(0.0, left):.0f} s of --budget {self.seconds} s left"
+        if left >= self.START_S:
+            return None
+        return f"not started: {max(0.0, left):.0f} s of --budget {self.seconds} s left"
 
     def peer_limit(self, peer_timeout: int) -> tuple[float, str]:
         """(seconds, the flag that set them) a peer's process may take."""
