@@ -7,8 +7,9 @@
 # brings back 8 files of a call: two shapes and every stage write more, so split the stages over calls.
 # WHEELS (default .whl; .whl15 has the same and more), KB_FLAGS (default --sweep-w4g; --sweep-w8g times the
 # 8-bit GEMV's tiles), E2E_RECIPES, E2E_BATCHES, E2E_INPUTS (default 512), E2E_FLAGS (more experiments.bench flags,
-# e.g. --profile: each recipe's decode step per kernel), E2E_LIMIT (s per shape, default 240), KEEP_GOING=1 (time even after a failed
-# GEMV test, to see whether a fix is worth it; the table is then not a result).
+# e.g. --profile: each recipe's decode step per kernel), E2E_LIMIT (s per shape, default 240), E2E_NAME (the
+# record's name, default e2e-w4g: two e2e runs of one call keep both), TESTS_K (tests_w4g's pytest -k),
+# KEEP_GOING=1 (time even after a failed GEMV test, to see whether a fix is worth it; the table is then not a result).
 set -uo pipefail
 [ "${PACK:-0}" = 1 ] && trap "bash $PWD/experiments/gpu/pack.sh" EXIT  # one archive of $OUT (pack.sh)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl \
@@ -48,7 +49,7 @@ for fn in re.split(r"\n\s*Function : ", text)[1:]:
 PY
     fi ;;
   tests_w4g)  # the GEMV's own tests, first: a wrong kernel stops the call before any timing
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "w4g or w8g or w4m or w8m" 2>&1 | tail -30 > "$OUT/test_w4g.txt"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "${TESTS_K:-w4g or w8g or w4m or w8m}" 2>&1 | tail -30 > "$OUT/test_w4g.txt"
     tail -3 "$OUT/test_w4g.txt"; grep -q " passed" "$OUT/test_w4g.txt" && ! grep -q "failed" "$OUT/test_w4g.txt" || [ "${KEEP_GOING:-0}" = 1 ] || exit 1 ;;
   tests)
     timeout 300 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
@@ -64,9 +65,9 @@ PY
     for shape in $SHAPES; do
       timeout ${E2E_LIMIT:-240} python3 -m experiments.bench --shape $shape --recipes ${E2E_RECIPES:-fp16,int4_awq,int8_wo,int8_wo@triton8,smoothquant,smoothquant@triton8,fp8,fp8@triton8} \
         --batch-sizes ${E2E_BATCHES:-1,4,8,16} --input-lens ${E2E_INPUTS:-512} --no-hf --rounds 5 ${E2E_FLAGS:-} \
-        --out "$OUT/e2e-w4g-$shape.json" \
-        > "$OUT/e2e-w4g-$shape.log" 2>&1
-      tail -20 "$OUT/e2e-w4g-$shape.log"
+        --out "$OUT/${E2E_NAME:-e2e-w4g}-$shape.json" \
+        > "$OUT/${E2E_NAME:-e2e-w4g}-$shape.log" 2>&1
+      tail -20 "$OUT/${E2E_NAME:-e2e-w4g}-$shape.log"
     done ;;
   esac
 done
