@@ -156,13 +156,14 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # itself (``@attnrope``), or both (``fp16@attnfused``; the default does both at batch 1 only), or neither at any
 # batch (``@attnsplit``: a reduce launch and a RoPE launch per layer), or batch 1 with each linear's epilogue doing
 # the next one's RMSNorm, SiLU·gate and activation quantization (the default) or not (``fp16@nothen``, …: an act_prep
-# launch before each linear that needs one), or INT4's batch-1 GEMV in its persistent form (``int4_awq@w4gp``; on
-# tiles of (2, 2): ``@w4gp22``, the same registers double-buffered as (2, 4) single), or the 8-bit formats' (``@w8gp``),
+# launch before each linear that needs one), or INT4's batch-1 GEMV in its one-block-per-row-block form on tiles of
+# (2, 4) (``int4_awq@now4gp``; the default is its persistent form on (2, 2)), or persistent on (2, 4) (``@w4gp24``),
+# or the 8-bit formats' GEMV persistent (``@w8gp``),
 # or INT4 on the tensor-core kernel (csrc/w4a16_mma.cu) at 1–32 rows (``int4_awq@w4m``; the default takes it at
 # 2–16), at batch 1 only (``@w4m1``), at 1–8 rows with 8 steps loaded ahead per warp (``@w4m8``), or not at all
 # (``@now4m``: rows 2–64 on the k-packed kernel, the default before), or the 8-bit formats' batch 1 on their
-# tensor-core kernel (csrc/w8_mma.cu; ``int8_wo@w8m``, with 4 steps ahead ``@w8m4``), or INT4's prefill dequantizing
-# the k-packed copy and the stored layout not kept (``int4_awq@kprefill``: its TTFT and peak memory)
+# tensor-core kernel (csrc/w8_mma.cu; ``int8_wo@w8m``, with 4 steps ahead ``@w8m4``), or INT4's prefill from the
+# stored layout, kept beside the k-packed copy (``int4_awq@nokprefill``; the default dequantizes the k-packed copy)
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} for k in INT4_KERNELS},
                    "w4g-unfused": {"w4g_fuse": False}, "w4k16": {"w4k_rows": (2, 16)},
                    "triton8": {"w8g": frozenset()},
@@ -173,13 +174,13 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "attnrope": {"attn_fused_reduce": False, "attn_fused_batch": None},
                    "attnfused": {"attn_fused_batch": None},
                    "attnsplit": {"attn_fused_reduce": False, "attn_rope_fused": False},
-                   "nothen": {"gemv_then": False}, "w4gp": {"w4g_persistent": True},
-                   "w4gp22": {"w4g_persistent": True, "w4g_tile": (2, 2)},
+                   "nothen": {"gemv_then": False}, "now4gp": {"w4g_persistent": False, "w4g_tile": (2, 4)},
+                   "w4gp24": {"w4g_tile": (2, 4)},
                    "w8gp": {"w8g_persistent": DEFAULT_KERNELS.w8g}, "w4m": {"w4m_rows": (1, 32)},
                    "w4m1": {"w4m_rows": (1, 1)}, "w4m8": {"w4m_rows": (1, 8), "w4m_depth": 8},
                    "now4m": {"w4m_rows": None},
                    "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4},
-                   "kprefill": {"w4k_prefill": True}}
+                   "nokprefill": {"w4k_prefill": False}}
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):

@@ -326,7 +326,8 @@ def test_int4_kpack_falls_back_where_it_cannot_run():
     h = make_linear("W4A16_AWQ", {k: v.to(DEV) for k, v in t.items()}, dtype=torch.float16, device=DEV,
                     group_size=64)
     assert h.kpack is not None and h.tinygemm is None and h.w4g is not None and h.w4m is not None
-    assert h.kernel == "w4m-mma|w4g-cuda|w4k-mma|triton-w4a16" and not h.kpack_at_1 and h._gemv_ok()
+    assert h.kernel == "w4m-mma|w4g-cuda|w4k-mma|w4k-dequant" and not h.kpack_at_1 and h._gemv_ok()
+    assert h.weight is None  # prefill dequantizes the k-packed copy (KernelConfig.w4k_prefill)
     tensors = {k: v.to(DEV) for k, v in t.items()}
     h = make_linear("W4A16_AWQ", tensors, dtype=torch.float16, device=DEV, group_size=64,
                     kernels=KernelConfig(w4k_rows=(2, 32)))  # rows 33–64 left: tinygemm's copy serves them
@@ -337,12 +338,14 @@ def test_int4_kpack_falls_back_where_it_cannot_run():
 
 
 @cuda
-@pytest.mark.parametrize("out, inp, group", [(128, 1024, 128), (64, 512, 32), (96, 768, 96)])
-def test_int4_prefill_from_the_k_packed_copy(out, inp, group):
-    """KernelConfig.w4k_prefill: more than 64 rows dequantize the k-packed copy, the same bits as prefill from the
-    stored layout, and where every row up to 64 has a kernel of its own (the defaults) the stored layout is not
-    kept; group 96 (no GEMV, tensor-core kernel or tinygemm: row 1 is left to the stored layout) keeps it. 1–64
-    rows still run their kernels; every count of rows against the float64 reference, activations ×40."""
+@pytest.mark.parametrize("out, inp, group, gemv", [(128, 1024, 128, True), (64, 512, 32, True),
+                                                   (100, 768, 128, False)])
+def test_int4_prefill_from_the_k_packed_copy(out, inp, group, gemv):
+    """KernelConfig.w4k_prefill (the default): more than 64 rows dequantize the k-packed copy, the same bits as
+    prefill from the stored layout, and where every row up to 64 has a kernel of its own (the defaults) the stored
+    layout is not kept; without the GEMV and the tensor-core kernel, with 100 outputs (no tinygemm), row 1 is left
+    to the stored layout, which is kept. 1–64 rows still run their kernels; every count of rows against the
+    float64 reference, activations ×40."""
     from quant.runtime.linear import make_linear
     from quant.runtime.schemes.base import KernelConfig
     from tests.test_kernels import activations
@@ -350,10 +353,12 @@ def test_int4_prefill_from_the_k_packed_copy(out, inp, group):
     gen = torch.Generator().manual_seed(out + inp + group)
     t = _layout("W4A16_AWQ", gen, out, inp, group)
     tensors = {k: v.to(DEV) for k, v in t.items()}
-    plain = make_linear("W4A16_AWQ", tensors, dtype=torch.float16, device=DEV, group_size=group)
-    h = make_linear("W4A16_AWQ", tensors, dtype=torch.float16, device=DEV, group_size=group,
-                    kernels=KernelConfig(w4k_prefill=True))
-    assert h.kprefill and (h.weight is None) == (group != 96) and "w4k-dequant" in h.kernel
+    kernels = KernelConfig() if gemv else KernelConfig(w4g_rows=None, w4m_rows=None)
+    plain = make_linear("W4A16_AWQ", tensors, dtype=torch.float16, device=DEV, group_size=group,
+                        kernels=dataclasses.replace(kernels, w4k_prefill=False))
+    h = make_linear("W4A16_AWQ", tensors, dtype=torch.float16, device=DEV, group_size=group, kernels=kernels)
+    assert h.kprefill and (h.weight is None) == gemv and "w4k-dequant" in h.kernel
+    assert not plain.kprefill and plain.weight is not None
     wd = h.dequantized_weight().cpu()
     assert torch.equal(wd, plain.dequantized_weight().cpu())
     for m, scale in ((1, 1), (5, 40), (40, 1), (65, 1), (300, 1), (300, 40)):
@@ -594,7 +599,7 @@ def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
     hp = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
                      kernels=KernelConfig(w4g_rows=(1, 4), w4g_persistent=True, w4m_rows=None))  # 3 rows: other form
     h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
-                    kernels=KernelConfig(w4g_rows=(1, 4), w4m_rows=None))
+                    kernels=KernelConfig(w4g_rows=(1, 4), w4g_persistent=False, w4m_rows=None))
     assert torch.equal(hp(x), h(x)) and torch.equal(hp(x.repeat(3, 1)), h(x.repeat(3, 1)))
     with pytest.raises(RuntimeError, match="one row unless 0"):
         cuda_ext.w4a16_gemv(x.repeat(2, 1), h.w4g, h.scales, group=group, grid=-1)

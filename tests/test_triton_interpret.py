@@ -329,10 +329,10 @@ def test_dequant_kernels_round_once():
     assert torch.equal(ck.dequant_int4(t4["weight"], s4, 64, torch.float32), want)
 
 
-@pytest.mark.parametrize("rows,group", [(1, 32), (17, 128), (33, 64), (64, 128)])  # row tiles 16, 32, 64
+@pytest.mark.parametrize("rows,group", [(1, 32), (17, 128), (33, 64), (64, 128), (5, 256)])  # row tiles 16, 32, 64
 def test_w4k_tensor_core_kernel_to_64_rows(rows, group):
     """cuda_kernels.w4k_mm on the k-packed copy, its portable conversion (the PTX one: tests/test_cuda.py): the rows
-    padded to 16, 32 or 64, N not a multiple of the tile, one or two sub-blocks per group, residual added."""
+    padded to 16, 32 or 64, N not a multiple of the tile, one, two or four sub-blocks per group, residual added."""
     gen = _gen(f"w4k/{rows}/{group}")
     n, k = 80, 512
     q = torch.randint(-8, 8, (n, k), generator=gen)
@@ -350,7 +350,17 @@ def test_w4k_tensor_core_kernel_to_64_rows(rows, group):
     assert W4K_MAX_M == ck.W4K_MAX_M == 64  # KernelConfig's bound on w4k_rows, kept without importing Triton there
 
 
-@pytest.mark.parametrize("group, n, k", [(32, 40, 768), (128, 64, 1024), (96, 33, 768)])  # KW 32 / 64; N ragged
+def test_w4k_tiles_hold_whole_groups():
+    """The k-packed kernel scales each group inside a tile and starts every tile afresh, so a tile (8 · KW k) must
+    hold whole groups: groups of 96 (on an H200 the kernel dropped 2 of each tile's 8 sub-blocks: 36 % error at
+    5 rows) and groups wider than a tile get no tile width, and the other kernels serve them."""
+    assert ck.w4k_kw(768, 96, ck.W4K_KW) is None and ck.w4k_kw(576, 96, ck.W4K_KW) is None
+    assert ck.w4k_kw(4096, 1024, ck.W4K_KW) is None
+    assert ck.w4k_kw(768, 256, ck.W4K_KW) == 32 and ck.w4k_kw(4096, 128, ck.W4K_KW) == 64
+    assert ck.w4k_kw(768, 32, ck.W4K_KW) == 32 and ck.w4k_kw(96 * 16, 96 * 2, ck.W4K_KW) is None
+
+
+@pytest.mark.parametrize("group, n, k", [(32, 40, 768), (128, 64, 1024), (256, 33, 768)])  # KW 32 / 64; N ragged
 def test_dequant_from_the_k_packed_copy_rounds_once(group, n, k):
     """KernelConfig.w4k_prefill's weights: the k-packed copy back to q · s, in float32 and rounded once, the same
     bits as from the stored layout."""

@@ -473,9 +473,11 @@ mov.b32 {$6, $7}, r3;
 
 def w4k_kw(K: int, group: int, kw: int) -> int | None:
     """The tile width (words per row per tile) for K and group: the largest power of two ≤ ``kw``, ≥ 16 (a
-    tensor-core step), that divides K/8 into whole tiles and lies within one group; None if there is none."""
+    tensor-core step), that divides K/8 into whole tiles, each sub-block within one group and each tile of 8 · kw
+    k holding whole groups (_w4k_mm_kernel applies a scale per group inside a tile and starts each tile afresh);
+    None if there is none: groups of 96 (no power of two makes a tile of whole groups), or wider than a tile."""
     kw = min(kw, group)
-    while kw >= 16 and (K % (8 * kw) or group % kw):
+    while kw >= 16 and (K % (8 * kw) or group % kw or (8 * kw) % group):
         kw //= 2
     return kw if kw >= 16 else None
 
@@ -505,7 +507,7 @@ def _w4k_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, TILES, stride_xm, stride_wn
                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KW: tl.constexpr,
                    RESIDUAL: tl.constexpr, EVEN_N: tl.constexpr, CVT: tl.constexpr):
     dt: tl.constexpr = y_ptr.dtype.element_ty
-    SUBS: tl.constexpr = GROUP // KW  # sub-blocks per group (KW divides GROUP)
+    SUBS: tl.constexpr = GROUP // KW  # sub-blocks per group (KW divides GROUP, GROUP divides 8 · KW: w4k_kw)
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)  # every row in one program: each weight tile is read once for all of them
     m_mask = offs_m < M
@@ -550,7 +552,7 @@ def w4k_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group: int
     m, k = x.shape
     n = w.shape[0]
     assert m <= W4K_MAX_M and x.dtype == torch.float16 and x.stride(-1) == 1 and w.dtype == torch.int32
-    assert w.shape[1] * 8 == k and k % (8 * kw) == 0 and group % kw == 0 and scales.shape == (n, k // group)
+    assert w.shape[1] * 8 == k and w4k_kw(k, group, kw) == kw and scales.shape == (n, k // group)
     block_m = max(16, _pow2(m))
     block_n, _, warps, stages = tile or W4K_TILES[block_m]
     y = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)

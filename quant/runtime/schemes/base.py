@@ -80,17 +80,21 @@ class KernelConfig:
     w4k_tile: tuple[int, int, int, int] | None = None
     # INT4 prefill (more than 64 rows) dequantizes the k-packed copy (cuda_kernels.dequant_int4_k) rather than the
     # stored layout, which is then not kept where every row up to 64 has a kernel of its own: one copy of the
-    # weights less (0.5 byte a weight). Off until its TTFT is measured (experiments.bench RECIPE@kprefill).
-    w4k_prefill: bool = False
+    # weights less (0.5 byte a weight), the same bits. On an H200 (7B, input 512, interleaved, 2026-12-05) TTFT went
+    # from 0.49× to 0.74× FP16's and peak memory at batch 1 from 13.3 to 10.3 GiB, decode unchanged
+    # (experiments.bench RECIPE@nokprefill: the stored layout's prefill).
+    w4k_prefill: bool = True
     # INT4 rows (1–4) that take the compiled CUDA GEMV (cuda_ext.w4a16_gemv: float16, on a copy reordered at load,
     # ahead of w4k_rows and tinygemm); None: off. Where the extension cannot be built, the other kernels run.
     w4g_rows: tuple[int, int] | None = (1, 1)
     # Its (weight rows per warp, chunks in flight per lane), one of cuda_ext.GEMV_TILES; None: cuda_ext.W4G_TILE.
-    w4g_tile: tuple[int, int] | None = None
+    # (2, 2) with the persistent form: its registers double-buffered hold what (2, 4) holds single.
+    w4g_tile: tuple[int, int] | None = (2, 2)
     # Its persistent form at one row: as many blocks as the GPU holds at once walk the row blocks, each warp loading
-    # its next weights before computing the current ones (w4a16_gemv.cu), the same bits. Off until measured faster
-    # end to end (experiments.bench RECIPE@w4gp).
-    w4g_persistent: bool = False
+    # its next weights before computing the current ones (w4a16_gemv.cu), the same sums in the same order as the
+    # one-block-per-row-block form. On an H200 (7B, batch 1, interleaved, 2026-12-05) 1.81× FP16 on tile (2, 2)
+    # and 1.78× on (2, 4) against that form's 1.73× on (2, 4) (experiments.bench RECIPE@now4gp: that form).
+    w4g_persistent: bool = True
     # INT4 rows (1–32) that take the tensor-core kernel (cuda_ext.w4a16_mma: float16, N a multiple of 64, on a copy
     # whose 16 bytes a lane are its MMA fragments, made at load; ahead of w4g_rows, w4k_rows and tinygemm; batch 1
     # with the gemv_then epilogues); None: off. Rows 2–16: end to end on an H100 (input 512, interleaved, 2026-12-05,
