@@ -331,7 +331,7 @@ def test_int4_kpack_falls_back_where_it_cannot_run():
     tensors = {k: v.to(DEV) for k, v in t.items()}
     h = make_linear("W4A16_AWQ", tensors, dtype=torch.float16, device=DEV, group_size=64,
                     kernels=KernelConfig(w4k_rows=(2, 32)))  # rows 33–64 left: tinygemm's copy serves them
-    assert h.tinygemm is not None and h.kernel.endswith("w4k-mma|tinygemm-w4a16|triton")
+    assert h.tinygemm is not None and h.kernel.endswith("w4k-mma|tinygemm-w4a16|w4k-dequant")
     h = make_linear("W4A16_AWQ", tensors, dtype=torch.float16, device=DEV, group_size=64,
                     kernels=KernelConfig(w4m_rows=(1, 16), w4g_rows=(1, 1), w4k_rows=(2, 16)))
     assert h.w4g is None and h.kpack is None and h.tinygemm is not None  # all their rows on the tensor cores
