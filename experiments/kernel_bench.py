@@ -12,9 +12,11 @@ copy bandwidth measured at the start of the same run.
 ``--sweep`` first times the k-packed INT4 kernel's tiles (BLOCK_N, KW, warps, stages) at each batch size up to 64
 on the same weights, logs the fastest per batch size, and times the smallest batch size's fastest in the table as
 well (``int4 kpack*``, at every batch size); ``--sweep-w4g`` the same for the compiled
-GEMV's tiles (``int4 w4g*``). ``--sweep-w8g`` times each 8-bit ``… runtime`` variant (the compiled 8-bit GEMV, at
-its format's tile) at every other tile of cuda_ext.GEMV_TILES as variants of their own (``… w8g 2x4``),
-interleaved with the rest, prologues included.
+GEMV's tiles (``int4 w4g*``), at one row in both its forms (one block per row block, persistent). ``--sweep-w8g``
+times each 8-bit ``… runtime`` variant (the compiled 8-bit GEMV, at its format's tile) at every other tile of
+cuda_ext.GEMV_TILES as variants of their own (``… w8g 2x4``), interleaved with the rest, prologues included.
+``--per-linear`` also times each linear kind alone (qkv, o, gate_up, down: one graph of every layer's), in the same
+rounds, and prints a second table of µs a call and share of copy bandwidth per kind: which linear falls short.
 """
 from __future__ import annotations
 
@@ -166,9 +168,9 @@ def sweep_kpack(handlers: list, group: int, xs_by_m: dict, log) -> list[dict]:
 
 
 def sweep_w4g(handlers: list, group: int, xs_by_m: dict, log) -> list[dict]:
-    """The compiled INT4 GEMV over its tiles (cuda_ext.GEMV_TILES) at 1–4 rows, on the handlers' GEMV copies, as
-    the runtime launches it by default (at one row the pre-quant scale in the kernel; at more rows it is left
-    out)."""
+    """The compiled INT4 GEMV over its tiles (cuda_ext.GEMV_TILES) at 1–4 rows, at one row in both forms (grid 0:
+    one block per row block; -1: persistent), on the handlers' GEMV copies, as the runtime launches it by default
+    (at one row the pre-quant scale in the kernel; at more rows it is left out)."""
     from quant.runtime import cuda_ext
 
     rows = []
@@ -176,17 +178,25 @@ def sweep_w4g(handlers: list, group: int, xs_by_m: dict, log) -> list[dict]:
     for m, xs in sorted(xs_by_m.items()):
         if m > cuda_ext.GEMV_MAX_ROWS:
             continue
-        for tile in cuda_ext.GEMV_TILES:
-            def run(tile=tile):
+        for tile, persistent in itertools.product(cuda_ext.GEMV_TILES, (False, True) if m == 1 else (False,)):
+            def run(tile=tile, grid=cuda_ext.grid(persistent, m)):
                 for h in handlers:
-                    cuda_ext.w4a16_gemv(xs[h.inp], h.w4g, h.scales, group=group, tile=tile,
+                    cuda_ext.w4a16_gemv(xs[h.inp], h.w4g, h.scales, group=group, tile=tile, grid=grid,
                                         prequant=h.prequant if cuda_ext.fuses(m, h.inp) else None)
             g = graph(run)
             ms = statistics.median(time_graph(g) for _ in range(5))
-            rows.append({"M": m, "tile": list(tile), "ms": ms})
-            log(f"sweep w4g M={m} {tile}: {ms * 1e3:8.1f} us per step")
+            rows.append({"M": m, "tile": list(tile), "persistent": persistent, "ms": ms})
+            log(f"sweep w4g M={m} {tile}{' persistent' if persistent else ''}: {ms * 1e3:8.1f} us per step")
             del g
     return rows
+
+
+def by_kind(handlers: list, shape: str) -> dict[str, list]:
+    """A variant's handlers split by linear kind (layer_linears' names): build() appends each layer's linears in
+    layer_linears' order, so kind j is every len(kinds)-th handler from j."""
+    kinds = list(layer_linears(shape))
+    assert len(handlers) % len(kinds) == 0
+    return {kind: handlers[j::len(kinds)] for j, kind in enumerate(kinds)}
 
 
 @cli_entry
@@ -204,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sweep the compiled INT4 GEMV's tiles at 1-4 rows first (needs the 'int4 w4g' variant)")
     p.add_argument("--sweep-w8g", action="store_true",
                    help="time each 8-bit '… runtime' variant at every other tile of the compiled GEMV, interleaved")
+    p.add_argument("--per-linear", action="store_true",
+                   help="also time each linear kind alone (qkv, o, gate_up, down), in the same rounds")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/kernel_bench.json"))
     args = p.parse_args(argv)
@@ -253,24 +265,29 @@ def main(argv: list[str] | None = None) -> int:
                             f"{hs['int4 w4g'][0][0].gemv_unavailable or 'a shape or dtype it does not take'}")
         sw = {m: xs[m] for m in batch_sizes}
         record["sweep_w4g"] = sweep_w4g(hs["int4 w4g"], args.group, sw, log)
-        best = min((r for r in record["sweep_w4g"] if r["M"] == 1), key=lambda r: r["ms"])["tile"]
-        log(f"sweep w4g: fastest tile at 1 row {best}")
-        hs["int4 w4g*"] = build_like(hs["int4 w4g"], KernelConfig(w4g_rows=(1, 4), w4g_tile=tuple(best)))
-    graphs = {(v, m): graph(step_fn(hl, xs[m])) for v, hl in hs.items() for m in batch_sizes}
+        best = min((r for r in record["sweep_w4g"] if r["M"] == 1), key=lambda r: r["ms"])
+        log(f"sweep w4g: fastest tile at 1 row {best['tile']}{' persistent' if best['persistent'] else ''}")
+        hs["int4 w4g*"] = build_like(hs["int4 w4g"], KernelConfig(w4g_rows=(1, 4), w4g_tile=tuple(best["tile"]),
+                                                                  w4g_persistent=best["persistent"]))
+    # (variant, rows, part): part "step" is every linear of the step, else one kind's (--per-linear)
+    parts = {v: {"step": hl, **(by_kind(hl, args.shape) if args.per_linear else {})} for v, hl in hs.items()}
+    graphs = {(v, m, part): graph(step_fn(hl, xs[m])) for v in hs for m in batch_sizes
+              for part, hl in parts[v].items()}
     names = list(graphs)
     times: dict = {n: [] for n in names}
     for r in range(args.rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
             times[n].append(time_graph(graphs[n]))
     rows = []
-    for (v, m) in names:
-        ref = times[("fp16 cuBLAS", m)]
-        q = ratio_ci(ref, times[(v, m)])  # speed-up over fp16 cuBLAS: reference time / this time, paired by round
-        nbytes = sum(h.nbytes for h, _ in hs[v])
-        ms = statistics.median(times[(v, m)])
-        rows.append({"variant": v, "M": m, "ms": ms, "speedup": q.ratio, "ci": [q.low, q.high],
-                     "bytes": nbytes, "gbs": nbytes / ms / 1e6, "of_copy_bw": nbytes / ms / 1e6 / copy["gbs"],
-                     "kernel": hs[v][0][0].kernel, "rounds_ms": times[(v, m)]})
+    for (v, m, part) in names:
+        ref = times[("fp16 cuBLAS", m, part)]
+        q = ratio_ci(ref, times[(v, m, part)])  # speed-up over fp16 cuBLAS: its time / this time, paired by round
+        nbytes = sum(h.nbytes for h, _ in parts[v][part])
+        ms = statistics.median(times[(v, m, part)])
+        rows.append({"variant": v, "M": m, "part": part, "calls": len(parts[v][part]), "ms": ms,
+                     "speedup": q.ratio, "ci": [q.low, q.high], "bytes": nbytes, "gbs": nbytes / ms / 1e6,
+                     "of_copy_bw": nbytes / ms / 1e6 / copy["gbs"], "kernel": hs[v][0][0].kernel,
+                     "rounds_ms": times[(v, m, part)]})
     record["rows"] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")  # a reader never sees half a record
@@ -280,9 +297,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{copy['gbs']:.0f} GB/s; {record['gpu']['name']}")
     print("| variant | M | ms per step (linears) | × fp16 cuBLAS [95% CI] | GB/s | of copy BW | kernel |")
     print("|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["M"], -r["speedup"])):
+    for r in sorted((r for r in rows if r["part"] == "step"), key=lambda r: (r["M"], -r["speedup"])):
         print(f"| {r['variant']} | {r['M']} | {r['ms']:.3f} | {r['speedup']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] "
               f"| {r['gbs']:.0f} | {r['of_copy_bw'] * 100:.0f}% | {r['kernel']} |")
+    if args.per_linear:
+        print("\n| variant | M | linear | µs a call | MB a call | × fp16 cuBLAS [95% CI] | of copy BW |")
+        print("|---|---|---|---|---|---|---|")
+        for r in sorted((r for r in rows if r["part"] != "step"), key=lambda r: (r["M"], r["variant"])):
+            print(f"| {r['variant']} | {r['M']} | {r['part']} | {r['ms'] * 1e3 / r['calls']:.1f} | "
+                  f"{r['bytes'] / r['calls'] / 1e6:.1f} | {r['speedup']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | "
+                  f"{r['of_copy_bw'] * 100:.0f}% |")
     return 0
 
 

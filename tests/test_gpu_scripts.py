@@ -43,3 +43,24 @@ def test_inductor_cache_goes_out_with_one_call_and_in_with_the_next(tmp_path):
     # nothing carried in: an empty cache folder, no error
     _carry("inductor_restore", tmp_path / "out2", TORCHINDUCTOR_CACHE_DIR=tmp_path / "cache3", OUT=out)
     assert (tmp_path / "cache3").is_dir() and not any((tmp_path / "cache3").iterdir())
+
+
+def test_kernel_bench_splits_a_step_by_linear_kind(monkeypatch):
+    """kernel_bench --per-linear times each linear kind apart (by_kind): on handlers that build() makes for a tiny
+    LLaMa shape (random weights, CPU), every group holds each layer's linear of that kind and only those."""
+    import torch
+
+    from experiments import kernel_bench as kb
+    from quant.runtime.random_checkpoint import SHAPES
+    from quant.runtime.schemes.base import KernelConfig
+
+    monkeypatch.setitem(SHAPES, "tiny", {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+                                         "num_key_value_heads": 2})
+    hs = kb.build("tiny", 3, {"fp16": (None, KernelConfig()), "int8": ("W8A16", KernelConfig())}, 32,
+                  torch.device("cpu"), 0, lambda _: None)
+    for handlers in hs.values():
+        groups = kb.by_kind(handlers, "tiny")
+        assert list(groups) == ["qkv", "o", "gate_up", "down"]
+        for kind, group in groups.items():
+            assert len(group) == 3
+            assert {tuple(h.dequantized_weight().shape) for h, _ in group} == {kb.layer_linears("tiny")[kind]}
