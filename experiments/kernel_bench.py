@@ -167,27 +167,33 @@ def sweep_kpack(handlers: list, group: int, xs_by_m: dict, log) -> list[dict]:
     return rows
 
 
-def sweep_w4g(handlers: list, group: int, xs_by_m: dict, log) -> list[dict]:
+def sweep_w4g(handlers: list, group: int, xs_by_m: dict, shape: str, log) -> list[dict]:
     """The compiled INT4 GEMV over its tiles (cuda_ext.GEMV_TILES) at 1–4 rows, at one row in both forms (grid 0:
     one block per row block; -1: persistent), on the handlers' GEMV copies, as the runtime launches it by default
-    (at one row the pre-quant scale in the kernel; at more rows it is left out)."""
+    (at one row the pre-quant scale in the kernel; at more rows it is left out). At one row each linear kind is
+    timed alone too (µs a call: the best tile may differ between a wide linear and a narrow, long one)."""
     from quant.runtime import cuda_ext
 
     rows = []
-    handlers = [h for h, _ in handlers]
     for m, xs in sorted(xs_by_m.items()):
         if m > cuda_ext.GEMV_MAX_ROWS:
             continue
         for tile, persistent in itertools.product(cuda_ext.GEMV_TILES, (False, True) if m == 1 else (False,)):
-            def run(tile=tile, grid=cuda_ext.grid(persistent, m)):
-                for h in handlers:
-                    cuda_ext.w4a16_gemv(xs[h.inp], h.w4g, h.scales, group=group, tile=tile, grid=grid,
-                                        prequant=h.prequant if cuda_ext.fuses(m, h.inp) else None)
-            g = graph(run)
-            ms = statistics.median(time_graph(g) for _ in range(5))
-            rows.append({"M": m, "tile": list(tile), "persistent": persistent, "ms": ms})
-            log(f"sweep w4g M={m} {tile}{' persistent' if persistent else ''}: {ms * 1e3:8.1f} us per step")
-            del g
+            parts = {"step": handlers, **(by_kind(handlers, shape) if m == 1 else {})}
+            row = {"M": m, "tile": list(tile), "persistent": persistent}
+            for part, hl in parts.items():
+                def run(hl=hl, tile=tile, grid=cuda_ext.grid(persistent, m)):
+                    for h, _ in hl:
+                        cuda_ext.w4a16_gemv(xs[h.inp], h.w4g, h.scales, group=group, tile=tile, grid=grid,
+                                            prequant=h.prequant if cuda_ext.fuses(m, h.inp) else None)
+                g = graph(run)
+                ms = statistics.median(time_graph(g) for _ in range(5))
+                row["ms" if part == "step" else f"us_{part}"] = ms if part == "step" else ms * 1e3 / len(hl)
+                del g
+            rows.append(row)
+            kinds = "".join(f", {k[3:]} {v:.1f}" for k, v in row.items() if k.startswith("us_"))
+            log(f"sweep w4g M={m} {tile}{' persistent' if persistent else ''}: {row['ms'] * 1e3:8.1f} us per step"
+                + (f" (us a call{kinds})" if kinds else ""))
     return rows
 
 
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"the compiled INT4 GEMV is not available: "
                             f"{hs['int4 w4g'][0][0].gemv_unavailable or 'a shape or dtype it does not take'}")
         sw = {m: xs[m] for m in batch_sizes}
-        record["sweep_w4g"] = sweep_w4g(hs["int4 w4g"], args.group, sw, log)
+        record["sweep_w4g"] = sweep_w4g(hs["int4 w4g"], args.group, sw, args.shape, log)
         best = min((r for r in record["sweep_w4g"] if r["M"] == 1), key=lambda r: r["ms"])
         log(f"sweep w4g: fastest tile at 1 row {best['tile']}{' persistent' if best['persistent'] else ''}")
         hs["int4 w4g*"] = build_like(hs["int4 w4g"], KernelConfig(w4g_rows=(1, 4), w4g_tile=tuple(best["tile"]),
