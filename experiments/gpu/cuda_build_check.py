@@ -4,6 +4,8 @@ what their code must have, before any GPU time is spent on them:
 - both kernel files compile with ``nvcc`` for sm_90, no instantiation touching local memory in its main loop (the
   longest loop with the weight stream's load). Some epilogues keep a few bytes of stack: the call frame of the IEEE
   division's slow path (``__fdiv_rn``, the activation quantization's, bit-exact with act_prep's), outside that loop;
+- the persistent forms compiled for programmatic dependent launch (KernelConfig.gemv_pdl): the trigger (PREEXIT)
+  and the wait (ACQBULK), their first weight loads ahead of the wait (ptxas sank them below a plain one);
 - the epilogues for the next linear (KernelConfig.gemv_then) compiled with their ordering: the RMSNorm variants
   (THEN_NORM) count their blocks with an atomic after a GPU-scope fence (ATOMG, MEMBAR ... GPU), the SiLU·gate
   variants (THEN_SILU) meet a block's row pairs behind a barrier (BAR.SYNC);
@@ -63,8 +65,11 @@ def kernels(sass: str, res: str) -> list[dict]:
         ops = set(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", body))
         regs, stack = usage.get(name, (-1, -1))
         loop = main_loop(body, STREAM_LOAD)
+        seq = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", body)
+        first = {op: next((i for i, o in enumerate(seq) if o.startswith(op)), None)
+                 for op in ("PREEXIT", "ACQBULK", STREAM_LOAD)}
         k = {"kind": kind, "args": dict(zip(TEMPLATE[kind], args)), "regs": regs, "stack": stack, "ops": ops,
-             "loop_spills": loop.count("LDL") + loop.count("STL")}
+             "loop_spills": loop.count("LDL") + loop.count("STL"), "first": first}
         if kind in MMA_K_STEP:  # the steady loop, beside the tail loop of the same steps
             k["per_weight"] = len(main_loop(body, STREAM_LOAD, pick=min)) / (k["args"]["P"] * MMA_K_STEP[kind] * 64)
         out.append(k)
@@ -79,6 +84,14 @@ def check_kernels(cubin: Path) -> list[str]:
         tag = f"{k['kind']}{tuple(k['args'].values())}"
         if k["loop_spills"]:
             fails.append(f"{tag}: {k['loop_spills']} local-memory accesses (spills) in its main loop")
+        first = k["first"]
+        if k["kind"].endswith("_persistent") and not (
+                first["PREEXIT"] is not None and first["ACQBULK"] is not None
+                and first["PREEXIT"] < first["ACQBULK"] and first[STREAM_LOAD] < first["ACQBULK"]):
+            fails.append(f"{tag}: programmatic dependent launch without its trigger, or its first weight loads "
+                         f"not ahead of its wait (gemv_common.cuh wait_previous_grid)")
+        if not k["kind"].endswith("_persistent") and (first["PREEXIT"], first["ACQBULK"]) != (None, None):
+            fails.append(f"{tag}: a grid-dependency instruction outside the persistent forms")
         then = k["args"]["THEN"]
         if then == THEN_NORM and not (any(o.startswith("ATOMG") for o in k["ops"])
                                       and any(o.startswith("MEMBAR") and "GPU" in o for o in k["ops"])):

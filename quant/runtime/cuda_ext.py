@@ -300,7 +300,7 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
                residual: torch.Tensor | None = None, tile: tuple[int, int] = W4G_TILE,
                prequant: torch.Tensor | None = None, then_silu: bool = False, then_norm: torch.Tensor | None = None,
                counter: torch.Tensor | None = None, eps: float = 1e-6,
-               then_quant: tuple | None = None, grid: int = 0) -> torch.Tensor:
+               then_quant: tuple | None = None, grid: int = 0, pdl: bool = False) -> torch.Tensor:
     """x [M ≤ 4, K] float16 → x · (q · s)ᵀ [M, N]; added to ``residual`` in place (one rounding) when given.
     One row (:func:`fuses`) may bring the pre-quant scale: the input is then x · prequant, rounded as
     ``cuda_kernels.act_prep`` rounds it. One row may also end with the next linear's prologue, as
@@ -309,11 +309,13 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     act_scale [1], 1 int8 / 2 e4m3) that result quantized for the next linear, as act_prep would. ``grid`` (one
     row only unless 0): 0 one block per row block; -1 the persistent kernel (KernelConfig.w4g_persistent) on as
     many blocks as the GPU holds at once; n > 0 on at most n blocks (the tests' way to give each block several row
-    blocks). The same bits whichever."""
+    blocks). The same bits whichever. ``pdl`` (grid ≠ 0, compute capability ≥ 9.0; :func:`pdl`): the persistent
+    kernel launched with programmatic dependent launch, so that it starts, and loads its first weights, while the
+    kernel before it in the stream finishes (gemv_common.cuh); the same bits."""
     mod = _built()
     out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w4a16_gemv(x, w, scales, group, out, residual is not None, GEMV_TILES.index(tuple(tile)),
-                   _NONE if prequant is None else prequant, *then, grid)
+                   _NONE if prequant is None else prequant, *then, grid, pdl)
     return ret
 
 
@@ -321,6 +323,12 @@ def grid(persistent: bool, rows: int) -> int:
     """The ``grid`` a handler passes to :func:`w4a16_gemv` / :func:`w8_gemv`: the persistent form on what the GPU
     holds at once (-1) where it is chosen and the call has one row (the kernels take it for one row only), else 0."""
     return -1 if persistent and rows == 1 else 0
+
+
+def pdl(chosen: bool, grid: int, device: torch.device) -> bool:
+    """The ``pdl`` a handler passes with ``grid`` (:func:`grid`): where chosen (KernelConfig.gemv_pdl), for the
+    persistent form on a GPU of compute capability 9.0 or later (the kernels' grid-dependency instructions)."""
+    return chosen and grid != 0 and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def fuses(rows: int, inp: int) -> bool:
@@ -336,14 +344,14 @@ def w8g_ok(inp: int, dtype: torch.dtype) -> bool:
 def w8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, fmt: str,
             residual: torch.Tensor | None = None, tile: tuple[int, int] | None = None, then_silu: bool = False,
             then_norm: torch.Tensor | None = None, counter: torch.Tensor | None = None,
-            eps: float = 1e-6, then_quant: tuple | None = None, grid: int = 0) -> torch.Tensor:
+            eps: float = 1e-6, then_quant: tuple | None = None, grid: int = 0, pdl: bool = False) -> torch.Tensor:
     """x [M ≤ 4, K] (float16 for W8A16; int8 / e4m3 quantized by act_prep for W8A8 / FP8), w [N, K] int8 or e4m3,
     scale [N] (float16 for W8A16, float32 for W8A8) or [1] (FP8, float32) → (x · wᵀ) · scale, float16 [M, N];
     added to ``residual`` in place (one rounding) when given. ``tile``: one of GEMV_TILES (None: the format's
-    W8G_TILES entry). ``then_silu`` / ``then_norm`` / ``then_quant`` / ``grid`` (KernelConfig.w8g_persistent): as
-    :func:`w4a16_gemv`'s."""
+    W8G_TILES entry). ``then_silu`` / ``then_norm`` / ``then_quant`` / ``grid`` (KernelConfig.w8g_persistent) /
+    ``pdl``: as :func:`w4a16_gemv`'s."""
     mod = _built()
     out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w8_gemv(x, w, scale, W8_FORMATS[fmt], out, residual is not None,
-                GEMV_TILES.index(tuple(tile or W8G_TILES[fmt])), *then, grid)
+                GEMV_TILES.index(tuple(tile or W8G_TILES[fmt])), *then, grid, pdl)
     return ret

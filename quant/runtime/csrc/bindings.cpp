@@ -7,10 +7,10 @@
 
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre, int then,
-                              const gemv::ThenArgs& t, int grid, cudaStream_t stream);
+                              const gemv::ThenArgs& t, int grid, bool pdl, cudaStream_t stream);
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const gemv::ThenArgs& t,
-                           int grid, cudaStream_t stream);
+                           int grid, bool pdl, cudaStream_t stream);
 cudaError_t w4a16_mma_splits(int M, int depth, int N, int K, int requested, int& splits);
 cudaError_t w4a16_mma_launch(int M, const void* x, int64_t ldx, const void* w, const void* s, const void* pre, void* y,
                              int64_t ldy, int N, int K, int gshift, bool accumulate, float* ws, unsigned* cnt,
@@ -62,6 +62,15 @@ static gemv::ThenArgs then_args(const char* fn, int64_t then, int64_t M, int64_t
 static const at::ScalarType W8_X[] = {at::kHalf, at::kChar, at::kFloat8_e4m3fn};
 static const at::ScalarType W8_S[] = {at::kHalf, at::kFloat, at::kFloat};
 
+// Programmatic dependent launch (gemv_common.cuh launch_persistent) is for the persistent form on an sm_90 GPU.
+static void check_pdl(const char* name, bool pdl, int64_t grid, const torch::Tensor& x) {
+  TORCH_CHECK(!pdl || grid != 0, name, ": pdl with the persistent form only (grid != 0)");
+  int major = 0;
+  TORCH_CHECK(!pdl || (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()) ==
+                           cudaSuccess && major >= 9),
+              name, ": pdl needs compute capability 9.0 or later");
+}
+
 // The float32 partial sums [splits, M, N] of a tensor-core kernel's K split (none with one split): from the caching
 // allocator on this stream, so a CUDA graph captures it.
 static torch::Tensor split_partials(int splits, int64_t M, int64_t N, const torch::Tensor& x) {
@@ -72,11 +81,12 @@ static torch::Tensor split_partials(int splits, int64_t M, int64_t N, const torc
 // x [M, K] float16, w int32 [N, K / 8] (cuda_ext.pack_w4g), s float16 [N, K / group]; out [M, N] float16: written,
 // or added to in place when accumulate. prequant float16 [K]: the input is x * prequant (one row; an empty tensor:
 // none). then ... then_afmt: then_args. grid (one row only unless 0): 0 one block per row block; -1 the persistent
-// kernel on as many blocks as fit the GPU at once; n > 0 on at most n blocks. Returns out.
+// kernel on as many blocks as fit the GPU at once; n > 0 on at most n blocks. pdl: the persistent kernel launched
+// with programmatic dependent launch (check_pdl). Returns out.
 torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
                          bool accumulate, int64_t tile, torch::Tensor prequant, int64_t then, torch::Tensor nw,
                          torch::Tensor xn, torch::Tensor cnt, double eps, torch::Tensor then_pre, torch::Tensor then_a,
-                         int64_t then_afmt, int64_t grid) {
+                         int64_t then_afmt, int64_t grid, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w4a16_gemv: tensors on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
@@ -88,6 +98,7 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   TORCH_CHECK(M >= 1 && M <= 4 && (!pre || M == 1), "w4a16_gemv: 1-4 rows, one with prequant; got ", M);
   TORCH_CHECK(grid >= -1 && grid < (1LL << 31) && (grid == 0 || M == 1),
               "w4a16_gemv: grid -1, 0 or n > 0, one row unless 0; got ", grid, " with ", M, " rows");
+  check_pdl("w4a16_gemv", pdl, grid, x);
   TORCH_CHECK(!pre || K * 2 <= 48 * 1024, "w4a16_gemv: prequant stages K <= 24576 in shared memory");
   TORCH_CHECK(K > 0 && K % 32 == 0 && w.is_contiguous(), "w4a16_gemv: w [N, K / 8], K % 32 == 0, K > 0");
   TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && K % group == 0, "w4a16_gemv: group a power of two >= 32");
@@ -105,7 +116,7 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   const cudaError_t err = w4a16_gemv_launch(
       static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
       out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), gshift, accumulate,
-      pre ? prequant.data_ptr() : nullptr, static_cast<int>(then), t, static_cast<int>(grid),
+      pre ? prequant.data_ptr() : nullptr, static_cast<int>(then), t, static_cast<int>(grid), pdl,
       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: ", cudaGetErrorString(err));
   return out;
@@ -113,11 +124,11 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
 
 // fmt 0 (W8A16): x float16, w int8, s float16 [N]; 1 (W8A8): x int8, w int8, s float32 [N]; 2 (FP8): x and w
 // float8_e4m3fn, s float32 [1]. x [M, K], w [N, K] (the checkpoint's layout); out [M, N] float16: written, or added
-// to in place when accumulate. then ... then_afmt: then_args. grid: as w4a16_gemv's. Returns out.
+// to in place when accumulate. then ... then_afmt: then_args. grid and pdl: as w4a16_gemv's. Returns out.
 torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t fmt, torch::Tensor out,
                       bool accumulate, int64_t tile, int64_t then, torch::Tensor nw, torch::Tensor xn,
                       torch::Tensor cnt, double eps, torch::Tensor then_pre, torch::Tensor then_a, int64_t then_afmt,
-                      int64_t grid) {
+                      int64_t grid, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w8_gemv: tensors on one CUDA device");
   TORCH_CHECK(fmt >= 0 && fmt <= 2, "w8_gemv: format 0-2, got ", fmt);
@@ -131,6 +142,7 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   TORCH_CHECK(M >= 1 && M <= 4, "w8_gemv: 1-4 rows; got ", M);
   TORCH_CHECK(grid >= -1 && grid < (1LL << 31) && (grid == 0 || M == 1),
               "w8_gemv: grid -1, 0 or n > 0, one row unless 0; got ", grid, " with ", M, " rows");
+  check_pdl("w8_gemv", pdl, grid, x);
   TORCH_CHECK(K > 0 && K % 16 == 0 && w.dim() == 2 && w.is_contiguous(),
               "w8_gemv: w [N, K] contiguous, K % 16 == 0, K > 0");
   TORCH_CHECK(s.is_contiguous() && s.numel() == (fmt == 2 ? 1 : N), "w8_gemv: s [N] (FP8: [1])");
@@ -142,7 +154,7 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   const cudaError_t err = w8_gemv_launch(
       static_cast<int>(fmt), static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(),
       s.data_ptr(), out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), accumulate,
-      static_cast<int>(then), t, static_cast<int>(grid), at::cuda::getCurrentCUDAStream());
+      static_cast<int>(then), t, static_cast<int>(grid), pdl, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w8_gemv: ", cudaGetErrorString(err));
   return out;
 }

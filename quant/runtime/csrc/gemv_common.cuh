@@ -58,6 +58,46 @@ __device__ __forceinline__ void load_chunks(uint4 (&wv)[U][R], const uint4* w, c
   }
 }
 
+// Programmatic dependent launch (sm_90; KernelConfig.gemv_pdl), for the persistent forms. A kernel launched with it
+// (launch_persistent, pdl) may start while the kernel before it in the stream still runs: it issues its first
+// weight loads (weights are never written by a kernel) and then waits here for that kernel's grid to complete,
+// its writes visible, before it reads or writes anything else. A no-op in a grid launched without it. `loaded`, a
+// word of those loads, predicates the wait (both ways: it always waits): an acquire lets later loads move up but
+// earlier ones down, and ptxas did sink the weight loads below a plain wait; with the dependency they stay above.
+__device__ __forceinline__ void wait_previous_grid(uint32_t loaded) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("{\n .reg .pred p;\n setp.ne.u32 p, %0, 0;\n @p griddepcontrol.wait;\n @!p griddepcontrol.wait;\n}"
+               :: "r"(loaded) : "memory");
+#endif
+}
+// Lets the next kernel (launched with the attribute) start as soon as every block of this grid has run this or
+// exited: it then waits in wait_previous_grid, so running it first thing overlaps the next kernel's launch and
+// first loads with this one's work. The next kernel's blocks take SM slots only as they free up, and only after all
+// of this grid's blocks have started, so no block waits on one that cannot be scheduled.
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+// Launches a persistent form on grid blocks of WARPS warps (host), with programmatic stream serialization when pdl
+// (the previous kernel in the stream may still run when it starts: wait_previous_grid).
+template <class... Params, class... Args>
+cudaError_t launch_persistent(void (*kernel)(Params...), int grid, size_t smem, cudaStream_t stream, bool pdl,
+                              Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(WARPS * 32);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
 // The blocks of `kernel` (WARPS warps, smem bytes of dynamic shared memory) the current GPU holds at once (host): its
 // SMs x the blocks an SM fits (registers, shared memory).
 template <class Kernel>

@@ -159,7 +159,9 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
 // The persistent form, one row (KernelConfig.w4g_persistent): gemv::walk_row_blocks over the NB row blocks, so a
 // warp's loads overlap its own arithmetic (the one-block-per-row-block form waits on each round's loads; at 7B's K
 // = 4096 a warp has a single round, nothing of its own to overlap). x (PRO_PREQUANT: x * pre) is staged once per
-// block. THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store.
+// block. THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store. Launched with
+// programmatic dependent launch (gemv::launch_persistent), only the first weight loads come before
+// gemv::wait_previous_grid.
 template <int R, int U, int PRO, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
     const half* __restrict__ x, const uint4* __restrict__ w, const half* __restrict__ s, half* __restrict__ y,
@@ -173,8 +175,10 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
   float acc[1][R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[0][r] = 0.f;
+  gemv::allow_next_grid();
   uint4 cur[U][R];
   load_chunks(cur, w, rows, C, 0, lane);
+  gemv::wait_previous_grid(cur[0][0].x);
   if (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K);
   gemv::walk_row_blocks<R, U, THEN>(
       w, N, C, NB, lane, cur, rows,
@@ -194,6 +198,7 @@ struct Args {
   int then;
   ThenArgs then_args;
   int grid;  // 0: one block per row block; -1: persistent, as many blocks as fit at once; > 0: persistent, at most
+  bool pdl;  // the persistent form with programmatic dependent launch
   cudaStream_t stream;
 };
 
@@ -209,11 +214,8 @@ cudaError_t launch(const Args& a) {
       int grid = 0;
       const cudaError_t err = gemv::persistent_grid(kernel, smem, a.grid, blocks, grid);
       if (err != cudaSuccess) return err;
-      kernel<<<grid, WARPS * 32, smem, a.stream>>>(
-          static_cast<const half*>(a.x), static_cast<const uint4*>(a.w), static_cast<const half*>(a.s),
-          static_cast<half*>(a.y), a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre), a.then_args,
-          blocks);
-      return cudaGetLastError();
+      return gemv::launch_persistent(kernel, grid, smem, a.stream, a.pdl, a.x, a.w, a.s, a.y, a.N, a.K, a.gshift,
+                                     a.accumulate, a.pre, a.then_args, blocks);
     }
   }
   w4a16_gemv_kernel<M, R, U, PRO, THEN><<<blocks, WARPS * 32, smem, a.stream>>>(
@@ -254,12 +256,12 @@ cudaError_t launch_one_row(int tile, const Args& a) {
 // shared memory (<= 48 KiB); with more rows the pre-quant scale must already be applied. then (gemv::Then) other
 // than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs); THEN_SILU: N even, xn [N/2], y unused, not
 // accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned that is 0 (and is left 0). grid (Args): M == 1
-// unless 0.
+// unless 0; pdl: grid != 0, an sm_90 GPU.
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre, int then,
-                              const ThenArgs& t, int grid, cudaStream_t stream) {
-  const Args a{x, w, s, pre, y, ldx, ldy, N, K, gshift, accumulate, then, t, grid, stream};
-  if (grid != 0 && M != 1) return cudaErrorInvalidValue;
+                              const ThenArgs& t, int grid, bool pdl, cudaStream_t stream) {
+  const Args a{x, w, s, pre, y, ldx, ldy, N, K, gshift, accumulate, then, t, grid, pdl, stream};
+  if ((grid != 0 && M != 1) || (pdl && grid == 0)) return cudaErrorInvalidValue;
   if (pre != nullptr) return M == 1 ? launch_one_row<PRO_PREQUANT>(tile, a) : cudaErrorInvalidValue;
   if (M == 1) return launch_one_row<PRO_GLOBAL>(tile, a);
   if (then != THEN_NONE) return cudaErrorInvalidValue;

@@ -186,7 +186,9 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
 
 // The persistent form, one row (KernelConfig.w8g_persistent): gemv::walk_row_blocks over the NB row blocks, a
 // warp's next round loaded while it computes the current one (the one-block-per-row-block form waits on each of its
-// K / (512 U) rounds). THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store.
+// K / (512 U) rounds). THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store. Launched with
+// programmatic dependent launch (gemv::launch_persistent), only the first weight loads come before
+// gemv::wait_previous_grid.
 template <int F, int R, int U, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
     const void* __restrict__ x, const uint4* __restrict__ w, const void* __restrict__ s, half* __restrict__ y, int N,
@@ -199,8 +201,10 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
   Acc<F> acc[1][R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[0][r] = 0;
+  gemv::allow_next_grid();
   uint4 cur[U][R];
   load_chunks(cur, w, rows, C, 0, lane);
+  gemv::wait_previous_grid(cur[0][0].x);
   gemv::walk_row_blocks<R, U, THEN>(
       w, N, C, NB, lane, cur, rows,
       [&](const uint4 (&wv)[U][R], const int (&)[R], int c0) { mac_round<F, 1, R, U>(wv, x, 0, C, c0, lane, acc); },
@@ -217,6 +221,7 @@ struct Args {
   int then;
   ThenArgs then_args;
   int grid;  // as w4a16_gemv.cu's: 0 one block per row block; -1 persistent on what fits at once; > 0 at most
+  bool pdl;  // the persistent form with programmatic dependent launch
   cudaStream_t stream;
 };
 
@@ -231,9 +236,8 @@ cudaError_t launch(const Args& a) {
       int grid = 0;
       const cudaError_t err = gemv::persistent_grid(kernel, 0, a.grid, blocks, grid);
       if (err != cudaSuccess) return err;
-      kernel<<<grid, WARPS * 32, 0, a.stream>>>(a.x, static_cast<const uint4*>(a.w), a.s, static_cast<half*>(a.y),
-                                                 a.N, a.K, a.accumulate, a.then_args, blocks);
-      return cudaGetLastError();
+      return gemv::launch_persistent(kernel, grid, 0, a.stream, a.pdl, a.x, a.w, a.s, a.y, a.N, a.K, a.accumulate,
+                                     a.then_args, blocks);
     }
   }
   w8_gemv_kernel<F, M, R, U, THEN><<<blocks, WARPS * 32, 0, a.stream>>>(
@@ -277,12 +281,12 @@ cudaError_t launch_rows(int tile, int M, const Args& a) {
 // aligned with row strides ldx (elements, so that rows stay 16-byte aligned) and K bytes; s as the format says;
 // y [M, ldy] float16. then (gemv::Then) other than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs);
 // THEN_SILU: N even, xn [N/2], y unused, not accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned
-// that is 0 (and is left 0). grid (Args): M == 1 unless 0.
+// that is 0 (and is left 0). grid (Args): M == 1 unless 0; pdl: grid != 0, an sm_90 GPU.
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const ThenArgs& t,
-                           int grid, cudaStream_t stream) {
-  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, then, t, grid, stream};
-  if (grid != 0 && M != 1) return cudaErrorInvalidValue;
+                           int grid, bool pdl, cudaStream_t stream) {
+  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, then, t, grid, pdl, stream};
+  if ((grid != 0 && M != 1) || (pdl && grid == 0)) return cudaErrorInvalidValue;
   switch (fmt) {
     case F_W8A16: return launch_rows<F_W8A16>(tile, M, a);
     case F_W8A8: return launch_rows<F_W8A8>(tile, M, a);

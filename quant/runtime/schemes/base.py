@@ -119,9 +119,15 @@ class KernelConfig:
     # Its (weight rows per warp, chunks in flight per lane), one of cuda_ext.GEMV_TILES; None: the format's
     # cuda_ext.W8G_TILES entry.
     w8g_tile: tuple[int, int] | None = None
-    # Formats whose batch-1 row takes that GEMV's persistent form (as w4g_persistent). Empty until measured faster
-    # end to end (experiments.bench RECIPE@w8gp).
+    # Formats whose batch-1 row takes that GEMV's persistent form (as w4g_persistent). Empty: on an H200 (7B, batch 1,
+    # interleaved, 2026-12-05) it was no faster (int8_wo 1.42× against 1.48×, SmoothQuant and FP8 within 0.01;
+    # experiments.bench RECIPE@w8gp).
     w8g_persistent: frozenset[str] = frozenset()
+    # Formats whose persistent GEMV (w4g_persistent, w8g_persistent) is launched with programmatic dependent launch
+    # (compute capability ≥ 9.0): it starts, and issues its first weight loads, while the kernel before it finishes,
+    # then waits for that kernel's writes (csrc/gemv_common.cuh); the same bits. Empty until timed end to end
+    # (experiments.bench RECIPE@pdl; stage 2's attempt, before the persistent form, measured slower).
+    gemv_pdl: frozenset[str] = frozenset()
     # 8-bit formats whose batch-1 row takes the tensor-core kernel instead (cuda_ext.w8_mma: float16 output, N a
     # multiple of 64, K of 32, on a copy in the MMA's fragment layout made at load; the gemv_then epilogues), with
     # w8m_depth steps of 32 k loaded ahead per warp (2 or 4). Empty until timed end to end (experiments.bench
@@ -196,7 +202,7 @@ class KernelConfig:
                                  f"{sorted(getattr(self, name))}")
         if self.int4_kernel not in INT4_KERNELS:
             raise ValueError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {self.int4_kernel!r}")
-        unknown = set(self.gemv) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
+        unknown = set(self.gemv) | set(self.gemv_pdl) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
         if unknown - set(ALGO_KEYS):
             raise ValueError(f"unknown format(s) {sorted(unknown - set(ALGO_KEYS))}; known: {', '.join(ALGO_KEYS)}")
 
@@ -344,9 +350,10 @@ class _Handler:
         if self.w8m is not None:
             return cuda_ext.w8_mma(x, self.w8m, scale, fmt=self.algo_key, tile_counter=self.w8m_counter,
                                    residual=residual, depth=self.kernels.w8m_depth, eps=eps, **then)
+        grid = cuda_ext.grid(self.algo_key in self.kernels.w8g_persistent, x.shape[0])
         return cuda_ext.w8_gemv(x, self.weight, scale, fmt=self.algo_key, residual=residual,
-                                tile=self.kernels.w8g_tile, eps=eps,
-                                grid=cuda_ext.grid(self.algo_key in self.kernels.w8g_persistent, x.shape[0]), **then)
+                                tile=self.kernels.w8g_tile, eps=eps, grid=grid,
+                                pdl=cuda_ext.pdl(self.algo_key in self.kernels.gemv_pdl, grid, x.device), **then)
 
     def _ck_gemv(self, *args, **kwargs) -> torch.Tensor:
         """The batch-1 GEMV kernel with this handler's kernel options."""

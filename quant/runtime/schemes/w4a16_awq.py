@@ -142,13 +142,15 @@ class W4A16AWQLinear(_Handler):
 
     def _w4g_mm(self, x, norm, eps, silu, residual=None, **then):
         grid = cuda_ext.grid(self.kernels.w4g_persistent, x.shape[0])
+        pdl = cuda_ext.pdl(self.algo_key in self.kernels.gemv_pdl, grid, x.device)
         if norm is None and not silu and self.prequant is not None and self.kernels.w4g_fuse \
                 and cuda_ext.fuses(x.shape[0], self.inp):
             return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
-                                       tile=self.w4g_tile, prequant=self.prequant, eps=eps, grid=grid, **then)
+                                       tile=self.w4g_tile, prequant=self.prequant, eps=eps, grid=grid, pdl=pdl,
+                                       **then)
         x = self._prep(x, norm, eps, silu, prequant=self.prequant)
         return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile,
-                                   eps=eps, grid=grid, **then)
+                                   eps=eps, grid=grid, pdl=pdl, **then)
 
     def _w4m_mm(self, x, norm, eps, silu, residual=None, **then):
         w, s = self.w4m
