@@ -61,9 +61,10 @@ __device__ __forceinline__ void load_chunks(uint4 (&wv)[U][R], const uint4* w, c
 // Programmatic dependent launch (sm_90; KernelConfig.gemv_pdl), for the persistent forms. A kernel launched with it
 // (launch_persistent, pdl) may start while the kernel before it in the stream still runs: it issues its first
 // weight loads (weights are never written by a kernel) and then waits here for that kernel's grid to complete,
-// its writes visible, before it reads or writes anything else. A no-op in a grid launched without it. `loaded`, a
-// word of those loads, predicates the wait (both ways: it always waits): an acquire lets later loads move up but
-// earlier ones down, and ptxas did sink the weight loads below a plain wait; with the dependency they stay above.
+// its writes visible, before it reads or writes anything else. `loaded`, a word of those loads, predicates the
+// wait (both ways: it always waits): an acquire lets later loads move up but earlier ones down, and ptxas did sink
+// the weight loads below a plain wait; with the dependency they stay above. So the kernels call it only when
+// launched with it: otherwise it would hold the block until its first load returns.
 __device__ __forceinline__ void wait_previous_grid(uint32_t loaded) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("{\n .reg .pred p;\n setp.ne.u32 p, %0, 0;\n @p griddepcontrol.wait;\n @!p griddepcontrol.wait;\n}"

@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
 template <int R, int U, int PRO, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
     const half* __restrict__ x, const uint4* __restrict__ w, const half* __restrict__ s, half* __restrict__ y,
-    int N, int K, int gshift, bool accumulate, const half* __restrict__ pre, ThenArgs then, int NB) {
+    int N, int K, int gshift, bool accumulate, const half* __restrict__ pre, ThenArgs then, int NB, bool pdl) {
   extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
   const int C = K >> 5, G = K >> gshift;
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
   gemv::allow_next_grid();
   uint4 cur[U][R];
   load_chunks(cur, w, rows, C, 0, lane);
-  gemv::wait_previous_grid(cur[0][0].x);
+  if (pdl) gemv::wait_previous_grid(cur[0][0].x);  // (launched without it: no wait on the loads)
   if (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K);
   gemv::walk_row_blocks<R, U, THEN>(
       w, N, C, NB, lane, cur, rows,
@@ -215,7 +215,7 @@ cudaError_t launch(const Args& a) {
       const cudaError_t err = gemv::persistent_grid(kernel, smem, a.grid, blocks, grid);
       if (err != cudaSuccess) return err;
       return gemv::launch_persistent(kernel, grid, smem, a.stream, a.pdl, a.x, a.w, a.s, a.y, a.N, a.K, a.gshift,
-                                     a.accumulate, a.pre, a.then_args, blocks);
+                                     a.accumulate, a.pre, a.then_args, blocks, a.pdl);
     }
   }
   w4a16_gemv_kernel<M, R, U, PRO, THEN><<<blocks, WARPS * 32, smem, a.stream>>>(

@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
 template <int F, int R, int U, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
     const void* __restrict__ x, const uint4* __restrict__ w, const void* __restrict__ s, half* __restrict__ y, int N,
-    int K, bool accumulate, ThenArgs then, int NB) {
+    int K, bool accumulate, ThenArgs then, int NB, bool pdl) {
   const int lane = threadIdx.x & 31;
   const int C = K >> 4;
   int rows[R];
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
   gemv::allow_next_grid();
   uint4 cur[U][R];
   load_chunks(cur, w, rows, C, 0, lane);
-  gemv::wait_previous_grid(cur[0][0].x);
+  if (pdl) gemv::wait_previous_grid(cur[0][0].x);  // (launched without it: no wait on the loads)
   gemv::walk_row_blocks<R, U, THEN>(
       w, N, C, NB, lane, cur, rows,
       [&](const uint4 (&wv)[U][R], const int (&)[R], int c0) { mac_round<F, 1, R, U>(wv, x, 0, C, c0, lane, acc); },
@@ -237,7 +237,7 @@ cudaError_t launch(const Args& a) {
       const cudaError_t err = gemv::persistent_grid(kernel, 0, a.grid, blocks, grid);
       if (err != cudaSuccess) return err;
       return gemv::launch_persistent(kernel, grid, 0, a.stream, a.pdl, a.x, a.w, a.s, a.y, a.N, a.K, a.accumulate,
-                                     a.then_args, blocks);
+                                     a.then_args, blocks, a.pdl);
     }
   }
   w8_gemv_kernel<F, M, R, U, THEN><<<blocks, WARPS * 32, 0, a.stream>>>(
