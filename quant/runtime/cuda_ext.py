@@ -311,7 +311,7 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     act_scale [1], 1 int8 / 2 e4m3) that result quantized for the next linear, as act_prep would. ``grid`` (one
     row only unless 0): 0 one block per row block; -1 the persistent kernel (KernelConfig.w4g_persistent) on as
     many blocks as the GPU holds at once; n > 0 on at most n blocks (the tests' way to give each block several row
-    blocks). The same bits whichever. ``pdl`` (grid ≠ 0, compute capability ≥ 9.0; :func:`pdl`): the persistent
+    blocks). The same bits whichever. ``pdl`` (grid ≠ 0, compute capability ≥ 9.0: :func:`pdl_ok`): the persistent
     kernel launched with programmatic dependent launch, so that it starts, and loads its first weights, while the
     kernel before it in the stream finishes (gemv_common.cuh); the same bits."""
     mod = _built()
@@ -327,10 +327,10 @@ def grid(persistent: bool, rows: int) -> int:
     return -1 if persistent and rows == 1 else 0
 
 
-def pdl(chosen: bool, grid: int, device: torch.device) -> bool:
-    """The ``pdl`` a handler passes with ``grid`` (:func:`grid`): where chosen (KernelConfig.gemv_pdl), for the
-    persistent form on a GPU of compute capability 9.0 or later (the kernels' grid-dependency instructions)."""
-    return chosen and grid != 0 and torch.cuda.get_device_capability(device) >= (9, 0)
+def pdl_ok(device: torch.device) -> bool:
+    """Whether the GPU has the kernels' grid-dependency instructions (compute capability 9.0 or later), for
+    ``pdl``: a handler asks once, at load, where KernelConfig.gemv_pdl names its format."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def fuses(rows: int, inp: int) -> bool:

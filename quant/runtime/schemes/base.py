@@ -244,6 +244,9 @@ class _Handler:
         # the GEMV's then_norm counter (one int32 that every call leaves zero, so a CUDA graph can replay it)
         self.then_counter = torch.zeros(1, dtype=torch.int32, device=device) if self.cuda and kernels.gemv_then \
             else None
+        # this format's persistent GEMV launched with programmatic dependent launch (KernelConfig.gemv_pdl), where
+        # the GPU has it: decided here, not on every call
+        self.gemv_pdl = self.cuda and self.algo_key in kernels.gemv_pdl and cuda_ext.pdl_ok(self.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -353,7 +356,7 @@ class _Handler:
         grid = cuda_ext.grid(self.algo_key in self.kernels.w8g_persistent, x.shape[0])
         return cuda_ext.w8_gemv(x, self.weight, scale, fmt=self.algo_key, residual=residual,
                                 tile=self.kernels.w8g_tile, eps=eps, grid=grid,
-                                pdl=cuda_ext.pdl(self.algo_key in self.kernels.gemv_pdl, grid, x.device), **then)
+                                pdl=self.gemv_pdl and grid != 0, **then)
 
     def _ck_gemv(self, *args, **kwargs) -> torch.Tensor:
         """The batch-1 GEMV kernel with this handler's kernel options."""

@@ -142,7 +142,7 @@ class W4A16AWQLinear(_Handler):
 
     def _w4g_mm(self, x, norm, eps, silu, residual=None, **then):
         grid = cuda_ext.grid(self.kernels.w4g_persistent, x.shape[0])
-        pdl = cuda_ext.pdl(self.algo_key in self.kernels.gemv_pdl, grid, x.device)
+        pdl = self.gemv_pdl and grid != 0
         if norm is None and not silu and self.prequant is not None and self.kernels.w4g_fuse \
                 and cuda_ext.fuses(x.shape[0], self.inp):
             return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
