@@ -178,8 +178,8 @@ def sweep_w4g(handlers: list, group: int, xs_by_m: dict, shape: str, log) -> lis
     for m, xs in sorted(xs_by_m.items()):
         if m > cuda_ext.GEMV_MAX_ROWS:
             continue
+        parts = {"step": handlers, **(by_kind(handlers, shape) if m == 1 else {})}
         for tile, persistent in itertools.product(cuda_ext.GEMV_TILES, (False, True) if m == 1 else (False,)):
-            parts = {"step": handlers, **(by_kind(handlers, shape) if m == 1 else {})}
             row = {"M": m, "tile": list(tile), "persistent": persistent}
             for part, hl in parts.items():
                 def run(hl=hl, tile=tile, grid=cuda_ext.grid(persistent, m)):
