@@ -67,6 +67,11 @@ VARIANTS = {
     "smoothquant persistent": ("W8A8_SQ_PER_CHANNEL",
                                KernelConfig(w8g_persistent=frozenset({"W8A8_SQ_PER_CHANNEL"}))),
     "fp8 persistent": ("FP8", KernelConfig(w8g_persistent=frozenset({"FP8"}))),
+    # the persistent forms launched with programmatic dependent launch (KernelConfig.gemv_pdl): a graph of one kind's
+    # linears back to back is where a kernel's launch and first loads overlap the one before
+    "int4 pdl": ("W4A16_AWQ", KernelConfig(gemv_pdl=frozenset({"W4A16_AWQ"}))),
+    "int8_wo pdl": ("W8A16", KernelConfig(w8g_persistent=frozenset({"W8A16"}), gemv_pdl=frozenset({"W8A16"}))),
+    "fp8 pdl": ("FP8", KernelConfig(w8g_persistent=frozenset({"FP8"}), gemv_pdl=frozenset({"FP8"}))),
     # INT4 on tensor cores (KernelConfig.w4m_rows; csrc/w4a16_mma.cu), 4 or 8 steps loaded ahead per warp
     "int4 w4m": ("W4A16_AWQ", KernelConfig(w4m_rows=(1, 32))),
     "int4 w4m depth8": ("W4A16_AWQ", KernelConfig(w4m_rows=(1, 8), w4m_depth=8)),

@@ -672,6 +672,86 @@ def test_pdl_chain_gives_the_same_bits(algo):
 
 
 @cuda
+@pytest.mark.parametrize("prequant", [True, False], ids=["prequant", "no-prequant"])
+def test_int4_norm_prologue_gives_the_same_bits(prequant, tiny_folders, monkeypatch):
+    """KernelConfig.norm_prologue: INT4's persistent GEMV normalizes its own input (every block computes the residual
+    stream's RMSNorm while its first weights load), so the o / down projections before it end in the residual add
+    alone. A decode-like chain (o_proj, fc‖gate normalizing its input with SiLU·gate after, down_proj, qkv
+    normalizing its input; hidden 576, twice over), eagerly and replayed from a CUDA graph, gives the bits of the same
+    chain with the o / down GEMVs ending in the RMSNorm tail (then_norm) and fc‖gate / qkv reading its result, with
+    and without the pre-quant scale, on GPU-sized and small grids. In the runtime (tiny INT4 checkpoint): one decode
+    step's logits bit for bit and the generated tokens. The binding refuses norm where it is not built."""
+    from quant.runtime import cuda_ext
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from quant.runtime.torch_runtime import TorchRuntime
+    from tests.test_kernels import activations
+
+    algo, dtype, hidden, inter = "W4A16_AWQ", torch.float16, 576, 1536
+    gen = torch.Generator().manual_seed(11)
+    tensors = [{k: v.to(DEV) for k, v in _layout(algo, gen, out, inp, 64).items()
+                if prequant or k != "prequant_scaling_factor"}
+               for out, inp in ((hidden, hidden), (2 * inter, hidden), (hidden, inter), (3 * hidden, hidden))]
+    norms = [(1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(DEV) for _ in range(2)]
+    x0 = (activations(gen, 1, hidden) * 3).to(dtype).to(DEV)
+    res = torch.randn(1, hidden, generator=gen).to(dtype).to(DEV)
+
+    def chain(kernels: KernelConfig):
+        o, fg, down, qkv = (make_linear(algo, t, dtype=dtype, device=DEV, group_size=64, kernels=kernels)
+                            for t in tensors)
+        pro = fg.takes_norm(1)
+        assert pro == qkv.takes_norm(1) == bool(kernels.norm_prologue) and (fg.prequant is not None) == prequant
+        assert o.chains(1) and fg.chains(1) and down.chains(1), o.gemv_unavailable or o.kernel
+
+        def run(r):
+            x, outs = x0, []
+            for _ in range(2):
+                if pro:
+                    o.fused(x, residual=r)
+                    act = fg.fused(r, norm=norms[0], eps=1e-5, then_silu=True)
+                    down.fused(act, residual=r)
+                    q = qkv.fused(r, norm=norms[1], eps=1e-5)
+                else:
+                    act = fg.fused(o.fused(x, residual=r, then_norm=norms[0], eps=1e-5), then_silu=True)
+                    q = qkv.fused(down.fused(act, residual=r, then_norm=norms[1], eps=1e-5))
+                outs += [act, q, r.clone()]
+                x = q[:, :hidden].contiguous()
+            return outs
+        return run
+
+    want = chain(KernelConfig())(res.clone())
+    for grid_cap in (-1, 7):  # the GPU-sized grid; 7 blocks: each walks several row blocks, staging its row once
+        run = chain(KernelConfig(norm_prologue=frozenset({algo})))
+        with monkeypatch.context() as m:
+            m.setattr(cuda_ext, "grid", lambda persistent, rows: grid_cap if persistent and rows == 1 else 0)
+            got = run(res.clone())
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), grid_cap
+            r = res.clone()
+            run(r)  # warm-up outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                got = run(r)
+        for _ in range(2):
+            r.copy_(res)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), grid_cap
+    h = make_linear(algo, tensors[0], dtype=dtype, device=DEV, group_size=64)
+    with pytest.raises(RuntimeError, match="the persistent form"):
+        cuda_ext.w4a16_gemv(x0, h.w4g, h.scales, group=64, grid=0, norm=norms[0])
+    if not prequant:
+        return
+    ids = torch.randint(0, 1024, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    ref, rt = (TorchRuntime.from_dir(tiny_folders["int4_awq"], device="cuda", compute_dtype="float16", kernels=k)
+               for k in (KernelConfig(), dataclasses.replace(KernelConfig(), norm_prologue=frozenset({algo}))))
+    assert all(rt.layers[0][n].takes_norm(1) for n in ("attention.qkv", "mlp.fc_gate"))
+    assert not any(ref.layers[0][n].takes_norm(1) for n in ("attention.qkv", "mlp.fc_gate"))
+    for n in (2, 24, 39):
+        assert torch.equal(_one_step_logits(rt, ids[: n + 1]), _one_step_logits(ref, ids[: n + 1])), n
+    assert rt.generate([ids[:9]], 8, ignore_eos=True).tokens == ref.generate([ids[:9]], 8, ignore_eos=True).tokens
+
+
+@cuda
 @pytest.mark.parametrize("algo", W8G)
 def test_w8g_persistent_gives_the_same_bits(algo):
     """The compiled 8-bit GEMV's persistent form (KernelConfig.w8g_persistent; cuda_ext.w8_gemv grid=) against its

@@ -300,12 +300,15 @@ def _then(x: torch.Tensor, n: int, residual, then_silu: bool, then_norm, counter
 
 def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group: int,
                residual: torch.Tensor | None = None, tile: tuple[int, int] = W4G_TILE,
-               prequant: torch.Tensor | None = None, then_silu: bool = False, then_norm: torch.Tensor | None = None,
+               prequant: torch.Tensor | None = None, norm: torch.Tensor | None = None,
+               then_silu: bool = False, then_norm: torch.Tensor | None = None,
                counter: torch.Tensor | None = None, eps: float = 1e-6,
                then_quant: tuple | None = None, grid: int = 0, pdl: bool = False) -> torch.Tensor:
     """x [M ≤ 4, K] float16 → x · (q · s)ᵀ [M, N]; added to ``residual`` in place (one rounding) when given.
     One row (:func:`fuses`) may bring the pre-quant scale: the input is then x · prequant, rounded as
-    ``cuda_kernels.act_prep`` rounds it. One row may also end with the next linear's prologue, as
+    ``cuda_kernels.act_prep`` rounds it; and ``norm`` (KernelConfig.norm_prologue; grid ≠ 0, not with then_norm): the input
+    is RMSNorm(x) · norm (· prequant), every block computing the row's statistics as a ``then_norm`` epilogue
+    would have: the same bits as that epilogue followed by this GEMV. One row may also end with the next linear's prologue, as
     ``cuda_kernels.gemv`` does: ``then_silu`` returns SiLU · gate of y's halves, ``then_norm`` (with residual
     and counter, one int32 zero left zero) RMSNorm(residual + y) · then_norm; ``then_quant`` (prequant or None,
     act_scale [1], 1 int8 / 2 e4m3) that result quantized for the next linear, as act_prep would. ``grid`` (one
@@ -317,7 +320,7 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     mod = _built()
     out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w4a16_gemv(x, w, scales, group, out, residual is not None, GEMV_TILES.index(tuple(tile)),
-                   _NONE if prequant is None else prequant, *then, grid, pdl)
+                   _NONE if prequant is None else prequant, _NONE if norm is None else norm, *then, grid, pdl)
     return ret
 
 

@@ -301,10 +301,12 @@ class TorchRuntime:
                  next_lin: _Handler | None = None) -> torch.Tensor | None:
         """h += lin(x) (silu: of SiLU · gate of x's halves); returns RMSNorm(h) · next_norm, quantized for
         ``next_lin`` where it takes that (:meth:`_Handler.input_quant`), where lin's epilogue computes it
-        (``next_norm`` given and lin.chains), else None."""
-        if next_norm is not None and lin.chains(x.shape[0]):
+        (``next_norm`` given and lin.chains, unless ``next_lin`` normalizes its own input: _Handler.takes_norm),
+        else None."""
+        rows = x.shape[0]
+        if next_norm is not None and lin.chains(rows) and not (next_lin is not None and next_lin.takes_norm(rows)):
             return lin.fused(x, silu=silu, residual=h, then_norm=next_norm, eps=self.eps,
-                             **_quant_for(next_lin, x.shape[0]))
+                             **_quant_for(next_lin, rows))
         lin.fused(x, silu=silu, residual=h)
         return None
 

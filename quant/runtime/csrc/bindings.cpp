@@ -6,8 +6,9 @@
 #include "gemv_then.h"
 
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
-                              int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre, int then,
-                              const gemv::ThenArgs& t, int grid, bool pdl, cudaStream_t stream);
+                              int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
+                              const void* nw, float eps, int then, const gemv::ThenArgs& t, int grid, bool pdl,
+                              cudaStream_t stream);
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const gemv::ThenArgs& t,
                            int grid, bool pdl, cudaStream_t stream);
@@ -80,11 +81,13 @@ static torch::Tensor split_partials(int splits, int64_t M, int64_t N, const torc
 
 // x [M, K] float16, w int32 [N, K / 8] (cuda_ext.pack_w4g), s float16 [N, K / group]; out [M, N] float16: written,
 // or added to in place when accumulate. prequant float16 [K]: the input is x * prequant (one row; an empty tensor:
-// none). then ... then_afmt: then_args. grid (one row only unless 0): 0 one block per row block; -1 the persistent
+// none). norm float16 [K]: the input is RMSNorm(x) * norm (eps; then * prequant, if any), computed by every block
+// (one row, grid != 0, not with then 2; an empty tensor: none). then ... then_afmt: then_args. grid (one row only unless 0): 0 one block per row block; -1 the persistent
 // kernel on as many blocks as fit the GPU at once; n > 0 on at most n blocks. pdl: the persistent kernel launched
 // with programmatic dependent launch (check_pdl). Returns out.
 torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
-                         bool accumulate, int64_t tile, torch::Tensor prequant, int64_t then, torch::Tensor nw,
+                         bool accumulate, int64_t tile, torch::Tensor prequant, torch::Tensor norm, int64_t then,
+                         torch::Tensor nw,
                          torch::Tensor xn, torch::Tensor cnt, double eps, torch::Tensor then_pre, torch::Tensor then_a,
                          int64_t then_afmt, int64_t grid, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
@@ -92,7 +95,7 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
               w.scalar_type() == at::kInt, "w4a16_gemv: float16 x, s, out and int32 w");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1) * 8;
-  const bool pre = prequant.numel() > 0;
+  const bool pre = prequant.numel() > 0, prenorm = norm.numel() > 0;
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.size(1) == K,
               "w4a16_gemv: x [M, K], rows 16-byte aligned");
   TORCH_CHECK(M >= 1 && M <= 4 && (!pre || M == 1), "w4a16_gemv: 1-4 rows, one with prequant; got ", M);
@@ -100,6 +103,8 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
               "w4a16_gemv: grid -1, 0 or n > 0, one row unless 0; got ", grid, " with ", M, " rows");
   check_pdl("w4a16_gemv", pdl, grid, x);
   TORCH_CHECK(!pre || K * 2 <= 48 * 1024, "w4a16_gemv: prequant stages K <= 24576 in shared memory");
+  TORCH_CHECK(!prenorm || (M == 1 && grid != 0 && then != 2 && K * 2 <= 48 * 1024),
+              "w4a16_gemv: norm takes one row, the persistent form (grid != 0), K <= 24576, and no then_norm");
   TORCH_CHECK(K > 0 && K % 32 == 0 && w.is_contiguous(), "w4a16_gemv: w [N, K / 8], K % 32 == 0, K > 0");
   TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && K % group == 0, "w4a16_gemv: group a power of two >= 32");
   TORCH_CHECK(s.is_contiguous() && s.size(0) == N && s.size(1) * group == K, "w4a16_gemv: s [N, K / group]");
@@ -111,12 +116,16 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
                        prequant.is_contiguous() && prequant.numel() == K &&
                        reinterpret_cast<uintptr_t>(prequant.data_ptr()) % 16 == 0),
               "w4a16_gemv: prequant float16 [K], 16-byte aligned");
+  TORCH_CHECK(!prenorm || (norm.device() == x.device() && norm.scalar_type() == at::kHalf && norm.is_contiguous() &&
+                           norm.numel() == K && reinterpret_cast<uintptr_t>(norm.data_ptr()) % 16 == 0),
+              "w4a16_gemv: norm float16 [K], 16-byte aligned");
   const c10::cuda::CUDAGuard guard(x.device());
   const int gshift = __builtin_ctzll(group);
   const cudaError_t err = w4a16_gemv_launch(
       static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
       out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), gshift, accumulate,
-      pre ? prequant.data_ptr() : nullptr, static_cast<int>(then), t, static_cast<int>(grid), pdl,
+      pre ? prequant.data_ptr() : nullptr, prenorm ? norm.data_ptr() : nullptr, static_cast<float>(eps),
+      static_cast<int>(then), t, static_cast<int>(grid), pdl,
       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: ", cudaGetErrorString(err));
   return out;

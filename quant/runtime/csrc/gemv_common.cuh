@@ -258,30 +258,18 @@ __device__ __forceinline__ void store_silu_pairs(const float (&v)[R], const Then
   }
 }
 
-// THEN_NORM, after each of `arrivals` blocks stored its part of y [N]: the last of them to finish (cnt, which it
-// resets to 0 for the next launch) writes nw * (y * rsqrt(mean(y^2) + eps)), float32 statistics, y * rstd rounded
-// to float16 first (act_prep's RMSNorm), through store_act. The other blocks' stores reach it through their fence before the count
-// and L2 loads (__ldcg) after it, CUDA's threadfence-reduction pattern.
-// This tail is serial (one block, after the whole GEMV), so latency counts: each thread issues NV 16-byte loads
-// before using any (y; then y, nw and pre), two L2 round trips per pass for a 4096-element row, where a loop of
-// 2-byte loads took ~15 us a norm on an H200 (2026-12-05 profile, 7B). NV = 2, not 4: the W8A16 kernel's registers
-// go 30 -> 48 (66 at 4, 7 blocks an SM: a second wave for 7B's 1024 blocks). A row whose length or pointers do not
-// allow 16-byte loads takes the scalar loop.
-__device__ __forceinline__ void norm_by_last_block(const half* y, const ThenArgs& then, int N, unsigned arrivals) {
+// rsqrt(mean(y^2) + eps) of y [N] (written by other blocks or kernels: read from L2), float32 statistics, computed
+// by the whole block (WARPS warps) in one fixed order, so that the two places that normalize a row, a GEMV's
+// THEN_NORM tail and INT4's PRO_NORM prologue (w4a16_gemv.cu), give the same bits. `vec`: y loaded in 16-byte
+// chunks (N % 8 == 0, 16-byte aligned); the elements past 8 * (N / 8) of a vec row, or all of another, one by one.
+// Each thread issues NV 16-byte loads before using any: latency counts in both places (the tail is serial; the
+// prologue waits on it before its first arithmetic). NV = 2, not 4: the W8A16 kernel's registers go 30 -> 48 (66
+// at 4, 7 blocks an SM: a second wave for 7B's 1024 blocks). Called once per kernel (its partials' shared array).
+__device__ __forceinline__ float block_rstd(const half* y, int N, float eps, bool vec) {
   constexpr int T = WARPS * 32, NV = 2;
-  __shared__ bool last;
   __shared__ float part[WARPS];
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(then.cnt, 1u) == arrivals - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const uintptr_t addr = reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(then.nw) |
-                         reinterpret_cast<uintptr_t>(then.xn) | reinterpret_cast<uintptr_t>(then.pre);
-  const bool vec = N % 8 == 0 && (addr & 15) == 0;
-  const int n8 = vec ? N / 8 : 0;  // 16-byte chunks; elements from 8 * n8 on take the scalar loop
+  const int n8 = vec ? N / 8 : 0;
   const uint4* y8 = reinterpret_cast<const uint4*>(y);
   const uint4 zero = make_uint4(0, 0, 0, 0);
   float ss = 0.f;
@@ -310,7 +298,41 @@ __device__ __forceinline__ void norm_by_last_block(const half* y, const ThenArgs
   float total = 0.f;
 #pragma unroll
   for (int w = 0; w < WARPS; ++w) total += part[w];
-  const float rstd = rsqrtf(total / N + then.eps), a = then.afmt ? *then.a : 1.f;
+  return rsqrtf(total / N + eps);
+}
+
+// One 16-byte unit of the normalized row: g * (y * rstd rounded to float16), each product rounded (act_prep's
+// RMSNorm; block_rstd's rstd).
+__device__ __forceinline__ uint4 norm8(uint4 v, const uint4& g8, float rstd) {
+  half* h = reinterpret_cast<half*>(&v);
+  const half* g = reinterpret_cast<const half*>(&g8);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) h[k] = __hmul(g[k], __float2half_rn(__half2float(h[k]) * rstd));
+  return v;
+}
+
+// THEN_NORM, after each of `arrivals` blocks stored its part of y [N]: the last of them to finish (cnt, which it
+// resets to 0 for the next launch) writes nw * (y * rsqrt(mean(y^2) + eps)) (block_rstd, norm8) through store_act.
+// The other blocks' stores reach it through their fence before the count and L2 loads (__ldcg) after it, CUDA's
+// threadfence-reduction pattern. This tail is serial (one block, after the whole GEMV), so its loads go NV at a
+// time, as block_rstd's; a loop of 2-byte loads took ~15 us a norm on an H200 (2026-12-05 profile, 7B). A row whose
+// length or pointers do not allow 16-byte loads takes the scalar loop.
+__device__ __forceinline__ void norm_by_last_block(const half* y, const ThenArgs& then, int N, unsigned arrivals) {
+  constexpr int T = WARPS * 32, NV = 2;
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(then.cnt, 1u) == arrivals - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(then.nw) |
+                         reinterpret_cast<uintptr_t>(then.xn) | reinterpret_cast<uintptr_t>(then.pre);
+  const bool vec = N % 8 == 0 && (addr & 15) == 0;
+  const int n8 = vec ? N / 8 : 0;  // 16-byte chunks; elements from 8 * n8 on take the scalar loop
+  const float rstd = block_rstd(y, N, then.eps, vec), a = then.afmt ? *then.a : 1.f;
+  const uint4* y8 = reinterpret_cast<const uint4*>(y);
+  const uint4 zero = make_uint4(0, 0, 0, 0);
   const half* nw = static_cast<const half*>(then.nw);
   for (int j0 = threadIdx.x; j0 < n8; j0 += NV * T) {
     uint4 v[NV], w[NV], p[NV];
@@ -324,11 +346,7 @@ __device__ __forceinline__ void norm_by_last_block(const half* y, const ThenArgs
 #pragma unroll
     for (int u = 0; u < NV; ++u) {
       if (j0 + u * T >= n8) break;
-      half* h = reinterpret_cast<half*>(&v[u]);
-      const half* g = reinterpret_cast<const half*>(&w[u]);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) h[k] = __hmul(g[k], __float2half_rn(__half2float(h[k]) * rstd));
-      store_act8(then, j0 + u * T, v[u], p[u], a);
+      store_act8(then, j0 + u * T, norm8(v[u], w[u], rstd), p[u], a);
     }
   }
   for (int i = 8 * n8 + threadIdx.x; i < N; i += T)

@@ -8,9 +8,12 @@
 // non-caching loads, U chunks of R rows in flight before any arithmetic.
 //
 // One row (decode at batch 1) can bring the pre-quant scale along (PRO_PREQUANT): every block first writes x * pre
-// into shared memory, rounded as act_prep rounds it (cuda_kernels._prologue), which saves that launch. (RMSNorm and
-// SiLU * gate done the same way, every block recomputing them, measured slower end to end than one act_prep
-// launch; so did programmatic dependent launch: experiments/results/gpu/kernels.)
+// into shared memory, rounded as act_prep rounds it (cuda_kernels._prologue), which saves that launch; or the
+// residual stream's RMSNorm as well (PRO_NORM, KernelConfig.norm_prologue): every block computes the row's
+// statistics itself while its first weights are on their way, in place of the previous GEMV's serial THEN_NORM
+// tail, with the same bits (gemv::block_rstd, gemv::norm8). (In the Triton GEMV, where nothing overlaps them,
+// RMSNorm and SiLU * gate done that way measured slower end to end than one act_prep launch:
+// experiments/results/gpu/kernels.)
 //
 // Precision contract: products x * q are summed in half2 over one word (4 per half, |x * q| <= 8 |x|, so no
 // overflow below |x| ~ 2000), then in float32; the group scale is applied in float32 once per chunk; the residual
@@ -25,7 +28,8 @@ namespace {
 using gemv::WARPS, gemv::load_chunks, gemv::word, gemv::ThenArgs, gemv::THEN_NONE, gemv::THEN_SILU, gemv::THEN_NORM;
 using gemv::as_h2, gemv::as_u32, gemv::dequant_word;
 
-enum Prologue { PRO_GLOBAL = 0, PRO_PREQUANT = 1 };  // PRO_GLOBAL: x read as given
+// PRO_GLOBAL: x read as given; PRO_PREQUANT: x * pre staged; PRO_NORM: RMSNorm(x) * nw (* pre, if any) staged
+enum Prologue { PRO_GLOBAL = 0, PRO_PREQUANT = 1, PRO_NORM = 2 };
 
 // The staged row x * pre in shared memory: the 16-byte unit j (k = 32c + 8j .. + 7) of chunk c sits at unit
 // j * C + c, so that the lanes of a warp, reading consecutive chunks' unit j, read consecutive 16 bytes (no bank
@@ -39,6 +43,33 @@ __device__ __forceinline__ void stage_row(uint4* xs, const half* x, const half* 
                                             as_u32(__hmul2(as_h2(v.z), as_h2(p.z))), as_u32(__hmul2(as_h2(v.w), as_h2(p.w))));
   }
   __syncthreads();
+}
+
+// PRO_NORM's staging: xs as stage_row's, of (nw * (x * rstd rounded)) * pre (pre may be null), each product rounded,
+// as the previous GEMV's THEN_NORM tail and then PRO_PREQUANT (or act_prep) round them. x, nw, pre 16-byte
+// aligned, K % 32 == 0 (the binding's checks), so every load is 16 bytes wide (block_rstd's vec).
+__device__ __forceinline__ void stage_row_norm(uint4* xs, const half* x, const half* nw, const half* pre, int K,
+                                               float eps) {
+  const float rstd = gemv::block_rstd(x, K, eps, true);
+  const int C = K >> 5, units = K >> 3;
+  for (int u = threadIdx.x; u < units; u += WARPS * 32) {
+    uint4 v = gemv::norm8(__ldcg(reinterpret_cast<const uint4*>(x) + u),
+                          __ldg(reinterpret_cast<const uint4*>(nw) + u), rstd);
+    if (pre != nullptr) {
+      const uint4 p = __ldg(reinterpret_cast<const uint4*>(pre) + u);
+      v = make_uint4(as_u32(__hmul2(as_h2(v.x), as_h2(p.x))), as_u32(__hmul2(as_h2(v.y), as_h2(p.y))),
+                     as_u32(__hmul2(as_h2(v.z), as_h2(p.z))), as_u32(__hmul2(as_h2(v.w), as_h2(p.w))));
+    }
+    xs[(u & 3) * C + (u >> 2)] = v;
+  }
+  __syncthreads();
+}
+
+// The prologue's staging (PRO_PREQUANT, PRO_NORM), after the first weight loads were issued.
+template <int PRO>
+__device__ __forceinline__ void stage(uint4* xs, const half* x, const half* pre, const half* nw, int K, float eps) {
+  if constexpr (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K);
+  if constexpr (PRO == PRO_NORM) stage_row_norm(xs, x, nw, pre, K, eps);
 }
 
 // One lane round: chunks c0 + 32u + lane (u < U) of the R rows, already loaded into wv, against x (or the staged
@@ -125,13 +156,13 @@ __device__ __forceinline__ void finish_rows(float (&acc)[M][R], half* y, int64_t
 }
 
 // M activation rows, R weight rows per warp, U chunks of 32 k per lane in flight; one block per row block;
-// PRO_PREQUANT: M == 1, the row staged in shared memory (K * 2 bytes, dynamic); THEN (M == 1): the epilogue's work
-// for the next linear (gemv_common.cuh).
+// PRO_PREQUANT / PRO_NORM: M == 1, the row staged in shared memory (K * 2 bytes, dynamic; nw and eps PRO_NORM's);
+// THEN (M == 1): the epilogue's work for the next linear (gemv_common.cuh).
 template <int M, int R, int U, int PRO, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
     const half* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const half* __restrict__ s,
     half* __restrict__ y, int64_t ldy, int N, int K, int gshift, bool accumulate, const half* __restrict__ pre,
-    ThenArgs then) {
+    const half* __restrict__ nw, float eps, ThenArgs then) {
   extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
   const int C = K >> 5;                 // 32-weight chunks per row (uint4 per row)
@@ -147,7 +178,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
 
   uint4 wv[U][R];
   load_chunks(wv, w, rows, C, 0, lane);  // the first weights on their way while the block stages x
-  if (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K);
+  stage<PRO>(xs, x, pre, nw, K, eps);
   for (int c0 = 0; c0 < C; c0 += 32 * U) {
     if (c0 > 0) load_chunks(wv, w, rows, C, c0, lane);
     mac_round<M, R, U, PRO>(wv, x, ldx, xs, s, rows, C, G, gshift - 5, c0, lane, acc);
@@ -158,14 +189,15 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
 
 // The persistent form, one row (KernelConfig.w4g_persistent): gemv::walk_row_blocks over the NB row blocks, so a
 // warp's loads overlap its own arithmetic (the one-block-per-row-block form waits on each round's loads; at 7B's K
-// = 4096 a warp has a single round, nothing of its own to overlap). x (PRO_PREQUANT: x * pre) is staged once per
+// = 4096 a warp has a single round, nothing of its own to overlap). PRO_PREQUANT / PRO_NORM stage x once per
 // block. THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store. Launched with
 // programmatic dependent launch (gemv::launch_persistent), only the first weight loads come before
 // gemv::wait_previous_grid.
 template <int R, int U, int PRO, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
     const half* __restrict__ x, const uint4* __restrict__ w, const half* __restrict__ s, half* __restrict__ y,
-    int N, int K, int gshift, bool accumulate, const half* __restrict__ pre, ThenArgs then, int NB, bool pdl) {
+    int N, int K, int gshift, bool accumulate, const half* __restrict__ pre, const half* __restrict__ nw, float eps,
+    ThenArgs then, int NB, bool pdl) {
   extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
   const int C = K >> 5, G = K >> gshift;
@@ -179,7 +211,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
   uint4 cur[U][R];
   load_chunks(cur, w, rows, C, 0, lane);
   if (pdl) gemv::wait_previous_grid(cur[0][0].x);  // (launched without it: no wait on the loads)
-  if (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K);
+  stage<PRO>(xs, x, pre, nw, K, eps);
   gemv::walk_row_blocks<R, U, THEN>(
       w, N, C, NB, lane, cur, rows,
       [&](const uint4 (&wv)[U][R], const int (&rw)[R], int c0) {
@@ -190,11 +222,12 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
 }
 
 struct Args {
-  const void *x, *w, *s, *pre;
+  const void *x, *w, *s, *pre, *nw;  // nw: PRO_NORM's norm weight
   void* y;
   int64_t ldx, ldy;
   int N, K, gshift;
   bool accumulate;
+  float eps;  // PRO_NORM's
   int then;
   ThenArgs then_args;
   int grid;  // 0: one block per row block; -1: persistent, as many blocks as fit at once; > 0: persistent, at most
@@ -215,14 +248,17 @@ cudaError_t launch(const Args& a) {
       const cudaError_t err = gemv::persistent_grid(kernel, smem, a.grid, blocks, grid);
       if (err != cudaSuccess) return err;
       return gemv::launch_persistent(kernel, grid, smem, a.stream, a.pdl, a.x, a.w, a.s, a.y, a.N, a.K, a.gshift,
-                                     a.accumulate, a.pre, a.then_args, blocks, a.pdl);
+                                     a.accumulate, a.pre, a.nw, a.eps, a.then_args, blocks, a.pdl);
     }
   }
-  w4a16_gemv_kernel<M, R, U, PRO, THEN><<<blocks, WARPS * 32, smem, a.stream>>>(
-      static_cast<const half*>(a.x), a.ldx, static_cast<const uint4*>(a.w), static_cast<const half*>(a.s),
-      static_cast<half*>(a.y), a.ldy, a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre),
-      a.then_args);
-  return cudaGetLastError();
+  if constexpr (PRO == PRO_NORM) return cudaErrorInvalidValue;  // (built in the persistent form only)
+  else {
+    w4a16_gemv_kernel<M, R, U, PRO, THEN><<<blocks, WARPS * 32, smem, a.stream>>>(
+        static_cast<const half*>(a.x), a.ldx, static_cast<const uint4*>(a.w), static_cast<const half*>(a.s),
+        static_cast<half*>(a.y), a.ldy, a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre),
+        static_cast<const half*>(a.nw), a.eps, a.then_args);
+    return cudaGetLastError();
+  }
 }
 
 template <int M, int PRO, int THEN>
@@ -238,12 +274,16 @@ cudaError_t launch_tile(int tile, const Args& a) {
   }
 }
 
+// PRO_NORM is built in the persistent form only (the default at one row), and with the epilogues of the linears
+// that follow a norm only (qkv: none; fc||gate: SiLU * gate).
 template <int PRO>
 cudaError_t launch_one_row(int tile, const Args& a) {
   switch (a.then) {
     case THEN_NONE: return launch_tile<1, PRO, THEN_NONE>(tile, a);
     case THEN_SILU: return launch_tile<1, PRO, THEN_SILU>(tile, a);
-    case THEN_NORM: return launch_tile<1, PRO, THEN_NORM>(tile, a);
+    case THEN_NORM:
+      if constexpr (PRO == PRO_NORM) return cudaErrorInvalidValue;
+      else return launch_tile<1, PRO, THEN_NORM>(tile, a);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -253,15 +293,19 @@ cudaError_t launch_one_row(int tile, const Args& a) {
 // The contract of the launcher (checked by the binding): M in 1..4; K % 32 == 0; group a power of two >= 32 that
 // divides K; x, w and s 16-byte aligned with row strides ldx (elements, a multiple of 8) and K / 8 words and K /
 // group scales; y [M, ldy] float16. pre [K] float16 (x * pre is the input) or null: M == 1 and K * 2 bytes of
-// shared memory (<= 48 KiB); with more rows the pre-quant scale must already be applied. then (gemv::Then) other
+// shared memory (<= 48 KiB); with more rows the pre-quant scale must already be applied. nw [K] float16, 16-byte
+// aligned (RMSNorm(x) * nw, eps, then * pre if any, is the input) or null: M == 1, grid != 0, K * 2 bytes of
+// shared memory, then not THEN_NORM. then (gemv::Then) other
 // than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs); THEN_SILU: N even, xn [N/2], y unused, not
 // accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned that is 0 (and is left 0). grid (Args): M == 1
 // unless 0; pdl: grid != 0, an sm_90 GPU.
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
-                              int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre, int then,
-                              const ThenArgs& t, int grid, bool pdl, cudaStream_t stream) {
-  const Args a{x, w, s, pre, y, ldx, ldy, N, K, gshift, accumulate, then, t, grid, pdl, stream};
+                              int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
+                              const void* nw, float eps, int then, const ThenArgs& t, int grid, bool pdl,
+                              cudaStream_t stream) {
+  const Args a{x, w, s, pre, nw, y, ldx, ldy, N, K, gshift, accumulate, eps, then, t, grid, pdl, stream};
   if ((grid != 0 && M != 1) || (pdl && grid == 0)) return cudaErrorInvalidValue;
+  if (nw != nullptr) return M == 1 ? launch_one_row<PRO_NORM>(tile, a) : cudaErrorInvalidValue;
   if (pre != nullptr) return M == 1 ? launch_one_row<PRO_PREQUANT>(tile, a) : cudaErrorInvalidValue;
   if (M == 1) return launch_one_row<PRO_GLOBAL>(tile, a);
   if (then != THEN_NONE) return cudaErrorInvalidValue;

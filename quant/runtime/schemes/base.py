@@ -128,6 +128,13 @@ class KernelConfig:
     # then waits for that kernel's writes (csrc/gemv_common.cuh); the same bits. Empty until timed end to end
     # (experiments.bench RECIPE@pdl; stage 2's attempt, before the persistent form, measured slower).
     gemv_pdl: frozenset[str] = frozenset()
+    # Formats whose batch-1 GEMV normalizes its own input: the o / down projections before it end in the residual add
+    # alone, and every block of this one computes RMSNorm of the residual stream while its first weights are on
+    # their way (csrc/w4a16_gemv.cu PRO_NORM), instead of their serial THEN_NORM tail (one block, after the whole
+    # GEMV: ~4.5 µs a call on an H100, 2026-12-05 profile). INT4's compiled GEMV (w4g) in its persistent form only
+    # (w4g_persistent); the same bits.
+    # Empty until timed end to end (experiments.bench RECIPE@normpro).
+    norm_prologue: frozenset[str] = frozenset()
     # 8-bit formats whose batch-1 row takes the tensor-core kernel instead (cuda_ext.w8_mma: float16 output, N a
     # multiple of 64, K of 32, on a copy in the MMA's fragment layout made at load; the gemv_then epilogues), with
     # w8m_depth steps of 32 k loaded ahead per warp (2 or 4). Empty until timed end to end (experiments.bench
@@ -202,6 +209,8 @@ class KernelConfig:
                                  f"{sorted(getattr(self, name))}")
         if self.int4_kernel not in INT4_KERNELS:
             raise ValueError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {self.int4_kernel!r}")
+        if self.norm_prologue - {"W4A16_AWQ"}:
+            raise ValueError(f"norm_prologue takes W4A16_AWQ (the compiled INT4 GEMV); got {sorted(self.norm_prologue)}")
         unknown = set(self.gemv) | set(self.gemv_pdl) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
         if unknown - set(ALGO_KEYS):
             raise ValueError(f"unknown format(s) {sorted(unknown - set(ALGO_KEYS))}; known: {', '.join(ALGO_KEYS)}")
@@ -265,7 +274,8 @@ class _Handler:
         with ``then_quant`` (the next linear's :meth:`input_quant`) that quantized for it."""
         if self.cuda:
             if self._takes_gemv(x.shape[0]):
-                if not self.kernels.fuse_prologue and (norm is not None or silu) and not self.own_prologue:
+                if not self.kernels.fuse_prologue and (norm is not None or silu) and not self.own_prologue \
+                        and not (norm is not None and not silu and self.takes_norm(x.shape[0])):
                     x, norm, silu = self._prep(x, norm, eps, silu), None, False
                 if then:
                     assert self.chains(x.shape[0]), "then_silu / then_norm where chains() is False"
@@ -297,6 +307,11 @@ class _Handler:
         """Whether :meth:`fused` takes ``then_silu`` / ``then_norm`` at ``rows`` (KernelConfig.gemv_then): rows a
         batch-1 GEMV runs whose epilogue does them."""
         return self.then_counter is not None and self._takes_gemv(rows) and self._gemv_then_ok()
+
+    def takes_norm(self, rows: int) -> bool:
+        """Whether :meth:`fused` at ``rows`` takes ``norm`` inside its own GEMV (KernelConfig.norm_prologue), so that
+        the linear before it ends in the residual add, with no ``then_norm``."""
+        return False
 
     # 1 / 2: the format quantizes its input to int8 / e4m3 by a static act_scale after its prequant (SmoothQuant,
     # FP8), which a producer's epilogue may do for it (input_quant)

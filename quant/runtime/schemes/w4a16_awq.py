@@ -120,6 +120,13 @@ class W4A16AWQLinear(_Handler):
         return (self._w4m_takes(1) or self._w4g_takes(1) or self.kpack_at_1
                 or (self.pow2_group and self.tinygemm is None))
 
+    def takes_norm(self, rows: int) -> bool:
+        # (the compiled GEMV's persistent form only: cuda_ext.w4a16_gemv's norm)
+        return (rows == 1 and self.algo_key in self.kernels.norm_prologue and self.kernels.w4g_persistent
+                and self.then_counter is not None
+                and self._takes_gemv(1) and not self._w4m_takes(1) and self._w4g_takes(1)
+                and cuda_ext.fuses(1, self.inp))
+
     def _gemv_then_ok(self) -> bool:
         return not self.kpack_at_1 or self._w4g_takes(1) or self._w4m_takes(1)
 
@@ -143,6 +150,10 @@ class W4A16AWQLinear(_Handler):
     def _w4g_mm(self, x, norm, eps, silu, residual=None, **then):
         grid = cuda_ext.grid(self.kernels.w4g_persistent, x.shape[0])
         pdl = self.gemv_pdl and grid != 0
+        if norm is not None and not silu and self.takes_norm(x.shape[0]):
+            return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
+                                       tile=self.w4g_tile, prequant=self.prequant, norm=norm, eps=eps, grid=grid,
+                                       pdl=pdl, **then)
         if norm is None and not silu and self.prequant is not None and self.kernels.w4g_fuse \
                 and cuda_ext.fuses(x.shape[0], self.inp):
             return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
