@@ -156,13 +156,14 @@ __device__ __forceinline__ void finish_rows(float (&acc)[M][R], half* y, int64_t
 }
 
 // M activation rows, R weight rows per warp, U chunks of 32 k per lane in flight; one block per row block;
-// PRO_PREQUANT / PRO_NORM: M == 1, the row staged in shared memory (K * 2 bytes, dynamic; nw and eps PRO_NORM's);
-// THEN (M == 1): the epilogue's work for the next linear (gemv_common.cuh).
+// PRO_PREQUANT: M == 1, the row staged in shared memory (K * 2 bytes, dynamic); THEN (M == 1): the epilogue's work
+// for the next linear (gemv_common.cuh). (PRO_NORM: the persistent form only.)
 template <int M, int R, int U, int PRO, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
     const half* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const half* __restrict__ s,
     half* __restrict__ y, int64_t ldy, int N, int K, int gshift, bool accumulate, const half* __restrict__ pre,
-    const half* __restrict__ nw, float eps, ThenArgs then) {
+    ThenArgs then) {
+  static_assert(PRO != PRO_NORM, "PRO_NORM: the persistent form only");
   extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
   const int C = K >> 5;                 // 32-weight chunks per row (uint4 per row)
@@ -178,7 +179,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
 
   uint4 wv[U][R];
   load_chunks(wv, w, rows, C, 0, lane);  // the first weights on their way while the block stages x
-  stage<PRO>(xs, x, pre, nw, K, eps);
+  stage<PRO>(xs, x, pre, nullptr, K, 0.f);
   for (int c0 = 0; c0 < C; c0 += 32 * U) {
     if (c0 > 0) load_chunks(wv, w, rows, C, c0, lane);
     mac_round<M, R, U, PRO>(wv, x, ldx, xs, s, rows, C, G, gshift - 5, c0, lane, acc);
@@ -256,7 +257,7 @@ cudaError_t launch(const Args& a) {
     w4a16_gemv_kernel<M, R, U, PRO, THEN><<<blocks, WARPS * 32, smem, a.stream>>>(
         static_cast<const half*>(a.x), a.ldx, static_cast<const uint4*>(a.w), static_cast<const half*>(a.s),
         static_cast<half*>(a.y), a.ldy, a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre),
-        static_cast<const half*>(a.nw), a.eps, a.then_args);
+        a.then_args);
     return cudaGetLastError();
   }
 }
