@@ -608,6 +608,22 @@ def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
 W8G = ["W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"]
 
 
+def _same_bits_eagerly_and_replayed(run, res, want):
+    """``run(r)`` (a decode-like chain adding into the residual r in place, returning what it wrote) gives ``want``
+    bit for bit, eagerly and replayed from a CUDA graph, r starting from ``res`` each time."""
+    r = res.clone()
+    assert all(torch.equal(g, w) for g, w in zip(run(r), want))
+    run(r)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = run(r)
+    for _ in range(3):
+        r.copy_(res)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 @cuda
 @pytest.mark.parametrize("algo", ["W4A16_AWQ", *W8G])
 def test_pdl_chain_gives_the_same_bits(algo):
@@ -646,25 +662,11 @@ def test_pdl_chain_gives_the_same_bits(algo):
                 xn = o.fused(a, residual=r, then_norm=norms[0], eps=1e-5)
                 act = fg.fused(xn, then_silu=True)
                 a = down.fused(act, residual=r, then_norm=norms[1], eps=1e-5)
-                outs += [xn, act, a]
+                outs += [xn, act, a, r.clone()]
             return outs
         return run
 
-    want_r = res.clone()
-    want = chain(False)(want_r)
-    run = chain(True)
-    r = res.clone()
-    got = run(r)
-    assert torch.equal(r, want_r) and all(torch.equal(g, w) for g, w in zip(got, want))
-    graph, r = torch.cuda.CUDAGraph(), res.clone()
-    run(r)  # warm-up outside the capture
-    with torch.cuda.graph(graph):
-        got = run(r)
-    for _ in range(3):
-        r.copy_(res)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(r, want_r) and all(torch.equal(g, w) for g, w in zip(got, want))
+    _same_bits_eagerly_and_replayed(chain(True), res, chain(False)(res.clone()))
     if algo == "W4A16_AWQ":  # (both bindings refuse through one check, bindings.cpp check_pdl)
         h = make_linear(algo, tensors[0], dtype=dtype, device=DEV, group_size=64)
         with pytest.raises(RuntimeError, match="persistent form only"):
@@ -721,21 +723,9 @@ def test_int4_norm_prologue_gives_the_same_bits(prequant, tiny_folders, monkeypa
 
     want = chain(KernelConfig())(res.clone())
     for grid_cap in (-1, 7):  # the GPU-sized grid; 7 blocks: each walks several row blocks, staging its row once
-        run = chain(KernelConfig(norm_prologue=frozenset({algo})))
-        with monkeypatch.context() as m:
+        with monkeypatch.context() as m:  # (the handlers ask cuda_ext.grid on each call: at capture, not replay)
             m.setattr(cuda_ext, "grid", lambda persistent, rows: grid_cap if persistent and rows == 1 else 0)
-            got = run(res.clone())
-            assert all(torch.equal(g, w) for g, w in zip(got, want)), grid_cap
-            r = res.clone()
-            run(r)  # warm-up outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                got = run(r)
-        for _ in range(2):
-            r.copy_(res)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert all(torch.equal(g, w) for g, w in zip(got, want)), grid_cap
+            _same_bits_eagerly_and_replayed(chain(KernelConfig(norm_prologue=frozenset({algo}))), res, want)
     h = make_linear(algo, tensors[0], dtype=dtype, device=DEV, group_size=64)
     with pytest.raises(RuntimeError, match="the persistent form"):
         cuda_ext.w4a16_gemv(x0, h.w4g, h.scales, group=64, grid=0, norm=norms[0])
