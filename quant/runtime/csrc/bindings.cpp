@@ -82,9 +82,9 @@ static torch::Tensor split_partials(int splits, int64_t M, int64_t N, const torc
 // x [M, K] float16, w int32 [N, K / 8] (cuda_ext.pack_w4g), s float16 [N, K / group]; out [M, N] float16: written,
 // or added to in place when accumulate. prequant float16 [K]: the input is x * prequant (one row; an empty tensor:
 // none). norm float16 [K]: the input is RMSNorm(x) * norm (eps; then * prequant, if any), computed by every block
-// (one row, grid != 0, not with then 2; an empty tensor: none). then ... then_afmt: then_args. grid (one row only unless 0): 0 one block per row block; -1 the persistent
-// kernel on as many blocks as fit the GPU at once; n > 0 on at most n blocks. pdl: the persistent kernel launched
-// with programmatic dependent launch (check_pdl). Returns out.
+// (one row, grid != 0, not with then 2; an empty tensor: none). then ... then_afmt: then_args. grid (one row only
+// unless 0): 0 one block per row block; -1 the persistent kernel on as many blocks as fit the GPU at once; n > 0 on
+// at most n blocks. pdl: the persistent kernel launched with programmatic dependent launch (check_pdl). Returns out.
 torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
                          bool accumulate, int64_t tile, torch::Tensor prequant, torch::Tensor norm, int64_t then,
                          torch::Tensor nw,

@@ -211,7 +211,8 @@ class KernelConfig:
         if self.int4_kernel not in INT4_KERNELS:
             raise ValueError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {self.int4_kernel!r}")
         if self.norm_prologue - {"W4A16_AWQ"}:
-            raise ValueError(f"norm_prologue takes W4A16_AWQ (the compiled INT4 GEMV); got {sorted(self.norm_prologue)}")
+            raise ValueError(f"norm_prologue takes W4A16_AWQ (the compiled INT4 GEMV); got "
+                             f"{sorted(self.norm_prologue)}")
         unknown = set(self.gemv) | set(self.gemv_pdl) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
         if unknown - set(ALGO_KEYS):
             raise ValueError(f"unknown format(s) {sorted(unknown - set(ALGO_KEYS))}; known: {', '.join(ALGO_KEYS)}")
