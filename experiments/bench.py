@@ -157,10 +157,11 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # batch (``@attnsplit``: a reduce launch and a RoPE launch per layer), or batch 1 with each linear's epilogue doing
 # the next one's RMSNorm, SiLU·gate and activation quantization (the default) or not (``fp16@nothen``, …: an act_prep
 # launch before each linear that needs one), or INT4's batch-1 GEMV in its one-block-per-row-block form on tiles of
-# (2, 4) (``int4_awq@now4gp``; the default is its persistent form on (2, 2)), or persistent on (2, 4) (``@w4gp24``),
+# (2, 4) (``int4_awq@now4gp``; the default is its persistent form on (4, 1)), or persistent on (2, 4) or (2, 2)
+# (``@w4gp24``, ``@w4gp22``),
 # or the 8-bit formats' GEMV persistent (``@w8gp``), or the persistent GEMVs (the 8-bit ones made persistent) launched
-# with programmatic dependent launch (``@pdl``), or INT4's batch-1 GEMV normalizing its own input in place of the
-# previous GEMV's RMSNorm tail (``int4_awq@normpro``),
+# with programmatic dependent launch (``@pdl``), or the previous GEMV's RMSNorm tail in place of INT4's batch-1 GEMV
+# normalizing its own input (``int4_awq@nonormpro``),
 # or INT4 on the tensor-core kernel (csrc/w4a16_mma.cu) at 1–32 rows (``int4_awq@w4m``; the default takes it at
 # 2–16), at batch 1 only (``@w4m1``), at 1–8 rows with 8 steps loaded ahead per warp (``@w4m8``), or not at all
 # (``@now4m``: rows 2–64 on the k-packed kernel, the default before), or the 8-bit formats' batch 1 on their
@@ -177,10 +178,10 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "attnfused": {"attn_fused_batch": None},
                    "attnsplit": {"attn_fused_reduce": False, "attn_rope_fused": False},
                    "nothen": {"gemv_then": False}, "now4gp": {"w4g_persistent": False, "w4g_tile": (2, 4)},
-                   "w4gp24": {"w4g_tile": (2, 4)},
+                   "w4gp24": {"w4g_tile": (2, 4)}, "w4gp22": {"w4g_tile": (2, 2)},
                    "w8gp": {"w8g_persistent": DEFAULT_KERNELS.w8g},
                    "pdl": {"w8g_persistent": DEFAULT_KERNELS.w8g, "gemv_pdl": DEFAULT_KERNELS.w8g | {"W4A16_AWQ"}},
-                   "normpro": {"norm_prologue": frozenset({"W4A16_AWQ"})},
+                   "nonormpro": {"norm_prologue": frozenset()},
                    "w4m": {"w4m_rows": (1, 32)},
                    "w4m1": {"w4m_rows": (1, 1)}, "w4m8": {"w4m_rows": (1, 8), "w4m_depth": 8},
                    "now4m": {"w4m_rows": None},

@@ -92,7 +92,7 @@ def layer_linears(shape: str) -> dict[str, tuple[int, int]]:
 
 def build(shape: str, layers: int, variants: dict, group: int, device, seed: int, log) -> dict[str, list]:
     """label → [(handler, in-features) per linear of every layer]; a linear's float weights are quantized once per
-    format."""
+    format. The weights follow from `seed` alone: a variant built in a later call gets the same ones (the sweeps')."""
     gen = torch.Generator(device=device).manual_seed(seed)
     out: dict[str, list] = {v: [] for v in variants}
     for _ in range(layers):
@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"sweep: fastest tile at M={m} {r['tile']}")
         best = fastest[min(fastest)]["tile"]
         tuned = KernelConfig(int4_kernel="kpack", w4k_rows=(1, 64), w4k_tile=tuple(best))
-        hs["int4 kpack*"] = build_like(hs["int4 kpack"], tuned)
+        hs |= build(args.shape, args.layers, {"int4 kpack*": ("W4A16_AWQ", tuned)}, args.group, device, args.seed,
+                    log)
     if args.sweep_w4g and "int4 w4g" in hs:
         if hs["int4 w4g"][0][0].w4g is None:
             raise UserError(f"the compiled INT4 GEMV is not available: "
@@ -278,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         record["sweep_w4g"] = sweep_w4g(hs["int4 w4g"], args.group, sw, args.shape, log)
         best = min((r for r in record["sweep_w4g"] if r["M"] == 1), key=lambda r: r["ms"])
         log(f"sweep w4g: fastest tile at 1 row {best['tile']}{' persistent' if best['persistent'] else ''}")
-        hs["int4 w4g*"] = build_like(hs["int4 w4g"], KernelConfig(w4g_rows=(1, 4), w4g_tile=tuple(best["tile"]),
-                                                                  w4g_persistent=best["persistent"]))
+        tuned = KernelConfig(w4g_rows=(1, 4), w4g_tile=tuple(best["tile"]), w4g_persistent=best["persistent"])
+        hs |= build(args.shape, args.layers, {"int4 w4g*": ("W4A16_AWQ", tuned)}, args.group, device, args.seed,
+                    log)
     # (variant, rows, part): part "step" is every linear of the step, else one kind's (--per-linear)
     parts = {v: {"step": hl, **(by_kind(hl, args.shape) if args.per_linear else {})} for v, hl in hs.items()}
     graphs = {(v, m, part): graph(step_fn(hl, xs[m])) for v in hs for m in batch_sizes
@@ -319,18 +321,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['bytes'] / r['calls'] / 1e6:.1f} | {r['speedup']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | "
                   f"{r['of_copy_bw'] * 100:.0f}% |")
     return 0
-
-
-def build_like(handlers: list, kernels: KernelConfig) -> list:
-    """The same int4 weights under another kernel config (shares the stored tensors; repacks the k-packed copy)."""
-    out = []
-    for h, k in handlers:
-        t = {"weight": h.weight, "weights_scaling_factor": h.scales}
-        if h.prequant is not None:
-            t["prequant_scaling_factor"] = h.prequant
-        out.append((make_linear("W4A16_AWQ", t, dtype=h.dtype, device=h.device, group_size=h.group,
-                                kernels=kernels), k))
-    return out
 
 
 if __name__ == "__main__":

@@ -721,11 +721,12 @@ def test_int4_norm_prologue_gives_the_same_bits(prequant, tiny_folders, monkeypa
             return outs
         return run
 
-    want = chain(KernelConfig())(res.clone())
+    tail_k, pro_k = KernelConfig(norm_prologue=frozenset()), KernelConfig(norm_prologue=frozenset({algo}))  # default
+    want = chain(tail_k)(res.clone())
     for grid_cap in (-1, 7):  # the GPU-sized grid; 7 blocks: each walks several row blocks, staging its row once
         with monkeypatch.context() as m:  # (the handlers ask cuda_ext.grid on each call: at capture, not replay)
             m.setattr(cuda_ext, "grid", lambda persistent, rows: grid_cap if persistent and rows == 1 else 0)
-            _same_bits_eagerly_and_replayed(chain(KernelConfig(norm_prologue=frozenset({algo}))), res, want)
+            _same_bits_eagerly_and_replayed(chain(pro_k), res, want)
     h = make_linear(algo, tensors[0], dtype=dtype, device=DEV, group_size=64)
     with pytest.raises(RuntimeError, match="the persistent form"):
         cuda_ext.w4a16_gemv(x0, h.w4g, h.scales, group=64, grid=0, norm=norms[0])
@@ -733,7 +734,7 @@ def test_int4_norm_prologue_gives_the_same_bits(prequant, tiny_folders, monkeypa
         return
     ids = torch.randint(0, 1024, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     ref, rt = (TorchRuntime.from_dir(tiny_folders["int4_awq"], device="cuda", compute_dtype="float16", kernels=k)
-               for k in (KernelConfig(), dataclasses.replace(KernelConfig(), norm_prologue=frozenset({algo}))))
+               for k in (tail_k, pro_k))
     assert all(rt.layers[0][n].takes_norm(1) for n in ("attention.qkv", "mlp.fc_gate"))
     assert not any(ref.layers[0][n].takes_norm(1) for n in ("attention.qkv", "mlp.fc_gate"))
     for n in (2, 24, 39):

@@ -31,7 +31,7 @@ __code_files__ = ("csrc/*",)  # cache keys of results this code measured cover t
 # (weight rows per warp, 16-byte chunks per lane in flight), both GEMVs: the launchers' tile index is the position
 GEMV_TILES = ((1, 2), (1, 4), (2, 2), (2, 4), (4, 1), (4, 2))
 # the fastest tile at 1 row of the one-block-per-row-block form on the 7B and 8B shapes (experiments/results/gpu/
-# kernels); the persistent form, the default, runs KernelConfig.w4g_tile's (2, 2)
+# kernels); the persistent form, the default, runs KernelConfig.w4g_tile's
 W4G_TILE = (2, 4)
 W8_FORMATS = {"W8A16": 0, "W8A8_SQ_PER_CHANNEL": 1, "FP8": 2}  # algo key → the kernel's format (csrc/w8_gemv.cu)
 # per 8-bit format, the fastest tile at 1 row on the 7B shape (experiments/results/gpu/kernels, 2026-12-04 sweep)

@@ -88,8 +88,11 @@ class KernelConfig:
     # ahead of w4k_rows and tinygemm); None: off. Where the extension cannot be built, the other kernels run.
     w4g_rows: tuple[int, int] | None = (1, 1)
     # Its (weight rows per warp, chunks in flight per lane), one of cuda_ext.GEMV_TILES; None: cuda_ext.W4G_TILE.
-    # (2, 2) with the persistent form: its registers double-buffered hold what (2, 4) holds single.
-    w4g_tile: tuple[int, int] | None = (2, 2)
+    # (4, 1) with the persistent form (double-buffered registers: two chunks in flight a lane). Each linear kind
+    # timed alone on an H100 (experiments.kernel_bench --sweep-w4g --per-linear, 2026-12-06), all linears of a
+    # step: 1.713 ms on (4, 1) against 1.739 on (2, 2) for LLaMa-2-7B, 1.810 against 1.838 for Llama-3-8B; (2, 2)
+    # stays 0.3–0.4 µs a call faster on down_proj alone (K 11008 / 14336), too little for a tile per K.
+    w4g_tile: tuple[int, int] | None = (4, 1)
     # Its persistent form at one row: as many blocks as the GPU holds at once walk the row blocks, each warp loading
     # its next weights before computing the current ones (w4a16_gemv.cu), the same sums in the same order as the
     # one-block-per-row-block form. On an H200 (7B, batch 1, interleaved, 2026-12-05) 1.81× FP16 on tile (2, 2)
@@ -133,9 +136,10 @@ class KernelConfig:
     # alone, and every block of this one computes RMSNorm of the residual stream while its first weights are on
     # their way (csrc/w4a16_gemv.cu PRO_NORM), instead of their serial THEN_NORM tail (one block, after the whole
     # GEMV: ~4.5 µs a call on an H100, 2026-12-05 profile). INT4's compiled GEMV (w4g) in its persistent form only
-    # (w4g_persistent); the same bits.
-    # Empty until timed end to end (experiments.bench RECIPE@normpro).
-    norm_prologue: frozenset[str] = frozenset()
+    # (w4g_persistent); the same bits. End to end on an H100 (batch 1, input 512, interleaved, 2026-12-06) INT4 went
+    # from 2.11× to 2.20× FP16 on LLaMa-2-7B and from 2.07× to 2.18× on Llama-3-8B (experiments.bench
+    # RECIPE@nonormpro: the tail).
+    norm_prologue: frozenset[str] = frozenset({"W4A16_AWQ"})
     # 8-bit formats whose batch-1 row takes the tensor-core kernel instead (cuda_ext.w8_mma: float16 output, N a
     # multiple of 64, K of 32, on a copy in the MMA's fragment layout made at load; the gemv_then epilogues), with
     # w8m_depth steps of 32 k loaded ahead per warp (2 or 4). Empty until timed end to end (experiments.bench
