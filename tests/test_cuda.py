@@ -673,23 +673,33 @@ def test_pdl_chain_gives_the_same_bits(algo):
             cuda_ext.w4a16_gemv(x, h.w4g, h.scales, group=64, grid=0, pdl=True)
 
 
+NORM_PRO = {"W4A16_AWQ": "int4_awq", "W8A16": "int8_wo", "W8A8_SQ_PER_CHANNEL": "smoothquant", "FP8": "fp8"}
+
+
 @cuda
-@pytest.mark.parametrize("prequant", [True, False], ids=["prequant", "no-prequant"])
-def test_int4_norm_prologue_gives_the_same_bits(prequant, tiny_folders, monkeypatch):
-    """KernelConfig.norm_prologue: INT4's persistent GEMV normalizes its own input (every block computes the residual
-    stream's RMSNorm while its first weights load), so the o / down projections before it end in the residual add
-    alone. A decode-like chain (o_proj, fc‖gate normalizing its input with SiLU·gate after, down_proj, qkv
-    normalizing its input; hidden 576, twice over), eagerly and replayed from a CUDA graph, gives the bits of the same
-    chain with the o / down GEMVs ending in the RMSNorm tail (then_norm) and fc‖gate / qkv reading its result, with
-    and without the pre-quant scale, on GPU-sized and small grids. In the runtime (tiny INT4 checkpoint): one decode
-    step's logits bit for bit and the generated tokens. The binding refuses norm where it is not built."""
+@pytest.mark.parametrize("algo, prequant", [("W4A16_AWQ", True), ("W4A16_AWQ", False), ("W8A16", False),
+                                             ("W8A8_SQ_PER_CHANNEL", True), ("FP8", False)])
+def test_norm_prologue_gives_the_same_bits(algo, prequant, tiny_folders, monkeypatch):
+    """KernelConfig.norm_prologue: a batch-1 GEMV in its persistent form normalizes its own input (every block
+    computes the residual stream's RMSNorm while its first weights load; SmoothQuant and FP8 also quantize it), so
+    the o / down projections before it end in the residual add alone. A decode-like chain (o_proj, fc‖gate
+    normalizing its input with SiLU·gate after, down_proj, qkv normalizing its input; hidden 576, twice over),
+    eagerly and replayed from a CUDA graph, gives the bits of the same chain with the o / down GEMVs ending in the
+    RMSNorm tail (then_norm, quantizing for the next linear as the runtime asks: then_quant) and fc‖gate / qkv
+    reading its result, with and without the pre-quant scale, on GPU-sized and small grids. In the runtime (tiny
+    checkpoint of the format): one decode step's logits bit for bit. The bindings refuse norm where it is not built."""
     from quant.runtime import cuda_ext
     from quant.runtime.linear import make_linear
     from quant.runtime.schemes.base import KernelConfig
-    from quant.runtime.torch_runtime import TorchRuntime
+    from quant.runtime.torch_runtime import TorchRuntime, _quant_for
     from tests.test_kernels import activations
 
-    algo, dtype, hidden, inter = "W4A16_AWQ", torch.float16, 576, 1536
+    if algo == "FP8":
+        from quant.hardware import fp8_refusal
+
+        if fp8_refusal(0):
+            pytest.skip(fp8_refusal(0))
+    dtype, hidden, inter = torch.float16, 576, 1536
     gen = torch.Generator().manual_seed(11)
     tensors = [{k: v.to(DEV) for k, v in _layout(algo, gen, out, inp, 64).items()
                 if prequant or k != "prequant_scaling_factor"}
@@ -702,7 +712,8 @@ def test_int4_norm_prologue_gives_the_same_bits(prequant, tiny_folders, monkeypa
         o, fg, down, qkv = (make_linear(algo, t, dtype=dtype, device=DEV, group_size=64, kernels=kernels)
                             for t in tensors)
         pro = fg.takes_norm(1)
-        assert pro == qkv.takes_norm(1) == bool(kernels.norm_prologue) and (fg.prequant is not None) == prequant
+        assert pro == qkv.takes_norm(1) == bool(kernels.norm_prologue)
+        assert (getattr(fg, "prequant", None) is not None) == prequant
         assert o.chains(1) and fg.chains(1) and down.chains(1), o.gemv_unavailable or o.kernel
 
         def run(r):
@@ -710,18 +721,19 @@ def test_int4_norm_prologue_gives_the_same_bits(prequant, tiny_folders, monkeypa
             for _ in range(2):
                 if pro:
                     o.fused(x, residual=r)
-                    act = fg.fused(r, norm=norms[0], eps=1e-5, then_silu=True)
+                    act = fg.fused(r, norm=norms[0], eps=1e-5, then_silu=True, **_quant_for(down, 1))
                     down.fused(act, residual=r)
                     q = qkv.fused(r, norm=norms[1], eps=1e-5)
                 else:
-                    act = fg.fused(o.fused(x, residual=r, then_norm=norms[0], eps=1e-5), then_silu=True)
-                    q = qkv.fused(down.fused(act, residual=r, then_norm=norms[1], eps=1e-5))
+                    xn = o.fused(x, residual=r, then_norm=norms[0], eps=1e-5, **_quant_for(fg, 1))
+                    act = fg.fused(xn, then_silu=True, **_quant_for(down, 1))
+                    q = qkv.fused(down.fused(act, residual=r, then_norm=norms[1], eps=1e-5, **_quant_for(qkv, 1)))
                 outs += [act, q, r.clone()]
                 x = q[:, :hidden].contiguous()
             return outs
         return run
 
-    tail_k, pro_k = KernelConfig(norm_prologue=frozenset()), KernelConfig(norm_prologue=frozenset({algo}))  # default
+    tail_k, pro_k = KernelConfig(norm_prologue=frozenset()), KernelConfig(norm_prologue=frozenset({algo}))
     want = chain(tail_k)(res.clone())
     for grid_cap in (-1, 7):  # the GPU-sized grid; 7 blocks: each walks several row blocks, staging its row once
         with monkeypatch.context() as m:  # (the handlers ask cuda_ext.grid on each call: at capture, not replay)
@@ -729,11 +741,15 @@ def test_int4_norm_prologue_gives_the_same_bits(prequant, tiny_folders, monkeypa
             _same_bits_eagerly_and_replayed(chain(pro_k), res, want)
     h = make_linear(algo, tensors[0], dtype=dtype, device=DEV, group_size=64)
     with pytest.raises(RuntimeError, match="the persistent form"):
-        cuda_ext.w4a16_gemv(x0, h.w4g, h.scales, group=64, grid=0, norm=norms[0])
-    if not prequant:
+        if algo == "W4A16_AWQ":
+            cuda_ext.w4a16_gemv(x0, h.w4g, h.scales, group=64, grid=0, norm=norms[0])
+        else:
+            cuda_ext.w8_gemv(x0, h.weight, getattr(h, "out_scale", getattr(h, "scale", None)), fmt=algo, grid=0,
+                             norm=norms[0], act_scale=getattr(h, "act_scale", torch.ones(1, device=DEV)).reshape(1))
+    if not prequant and algo == "W4A16_AWQ":
         return
     ids = torch.randint(0, 1024, (40,), generator=torch.Generator().manual_seed(5)).tolist()
-    ref, rt = (TorchRuntime.from_dir(tiny_folders["int4_awq"], device="cuda", compute_dtype="float16", kernels=k)
+    ref, rt = (TorchRuntime.from_dir(tiny_folders[NORM_PRO[algo]], device="cuda", compute_dtype="float16", kernels=k)
                for k in (tail_k, pro_k))
     assert all(rt.layers[0][n].takes_norm(1) for n in ("attention.qkv", "mlp.fc_gate"))
     assert not any(ref.layers[0][n].takes_norm(1) for n in ("attention.qkv", "mlp.fc_gate"))

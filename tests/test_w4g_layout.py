@@ -74,9 +74,9 @@ def test_kernel_config_refuses_what_the_gemvs_cannot_take():
     with pytest.raises(ValueError, match="wq_prefill takes W8A16 and W4A16_AWQ"):
         KernelConfig(wq_prefill=frozenset({"FP8"}))  # FP8 and SmoothQuant prefill have their own GEMMs
     assert KernelConfig().w8g == {"W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"} and not KernelConfig().wq_prefill
-    with pytest.raises(ValueError, match="norm_prologue takes W4A16_AWQ"):
-        KernelConfig(norm_prologue=frozenset({"W8A16"}))  # (only INT4's GEMV has the prologue)
-    assert KernelConfig(norm_prologue=frozenset({"W4A16_AWQ"})).norm_prologue == {"W4A16_AWQ"}
+    with pytest.raises(ValueError, match="norm_prologue takes W4A16_AWQ and the 8-bit formats"):
+        KernelConfig(norm_prologue=frozenset({"W4A8_AWQ"}))  # (only the compiled GEMVs have the prologue)
+    assert KernelConfig(norm_prologue=frozenset({"W4A16_AWQ", "FP8"})).norm_prologue == {"W4A16_AWQ", "FP8"}
 
 
 def test_attention_fusions_follow_the_batch_limit():

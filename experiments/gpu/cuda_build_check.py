@@ -6,8 +6,8 @@ what their code must have, before any GPU time is spent on them:
   division's slow path (``__fdiv_rn``, the activation quantization's, bit-exact with act_prep's), outside that loop;
 - the persistent forms compiled for programmatic dependent launch (KernelConfig.gemv_pdl): the trigger (PREEXIT)
   and the wait (ACQBULK), their first weight loads ahead of the wait (ptxas sank them below a plain one);
-- INT4's norm prologue (KernelConfig.norm_prologue, PRO_NORM): its first weight loads issued ahead of the row's
-  L2 loads for the RMSNorm statistics, which they are meant to overlap;
+- the norm prologues (KernelConfig.norm_prologue; w4a16_gemv.cu's PRO_NORM, w8_gemv.cu's NORM): their first weight
+  loads issued ahead of the row's L2 loads for the RMSNorm statistics, which they are meant to overlap;
 - the epilogues for the next linear (KernelConfig.gemv_then) compiled with their ordering: the RMSNorm variants
   (THEN_NORM) count their blocks with an atomic after a GPU-scope fence (ATOMG, MEMBAR ... GPU), the SiLU·gate
   variants (THEN_SILU) meet a block's row pairs behind a barrier (BAR.SYNC);
@@ -41,10 +41,10 @@ ARCH = "-gencode=arch=compute_90,code=sm_90"
 # main loop: a short stream loop can be shorter than an epilogue's
 STREAM_LOAD = "LDG.E.NA.LTC256B.128.CONSTANT"
 TEMPLATE = {"w8_gemv_kernel": ("F", "M", "R", "U", "THEN"), "w4a16_gemv_kernel": ("M", "R", "U", "PRO", "THEN"),
-            "w4a16_gemv_persistent": ("R", "U", "PRO", "THEN"), "w8_gemv_persistent": ("F", "R", "U", "THEN"),
+            "w4a16_gemv_persistent": ("R", "U", "PRO", "THEN"), "w8_gemv_persistent": ("F", "R", "U", "THEN", "NORM"),
             "w4a16_mma_kernel": ("ROWS", "P", "PRE", "THEN"), "w8_mma_kernel": ("F", "P", "THEN")}
 THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
-PRO_NORM = 2  # w4a16_gemv.cu's Prologue
+PRO_NORM = 2  # w4a16_gemv.cu's Prologue (w8_gemv.cu's: NORM = 1)
 ROW_LOAD = "LDG.E.128.STRONG.GPU"  # the residual row's 16-byte L2 loads (__ldcg)
 # The tensor-core INT4 kernel's steady loop (P steps of 16 k x 64 channels a warp), warp-instructions per weight at
 # most, per row tile: streaming INT4 at an H200's copy bandwidth takes ~8.4e12 weights/s of its ~1.05e12
@@ -94,7 +94,7 @@ def check_kernels(cubin: Path) -> list[str]:
                 and first["PREEXIT"] < first["ACQBULK"] and first[STREAM_LOAD] < first["ACQBULK"]):
             fails.append(f"{tag}: programmatic dependent launch without its trigger, or its first weight loads "
                          f"not ahead of its wait (gemv_common.cuh wait_previous_grid)")
-        if k["args"].get("PRO") == PRO_NORM and not (
+        if (k["args"].get("PRO") == PRO_NORM or k["args"].get("NORM") == 1) and not (
                 first[ROW_LOAD] is not None and first[STREAM_LOAD] < first[ROW_LOAD]):
             fails.append(f"{tag}: the norm prologue's row loads not behind the first weight loads")
         if not k["kind"].endswith("_persistent") and (first["PREEXIT"], first["ACQBULK"]) != (None, None):

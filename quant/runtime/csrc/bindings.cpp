@@ -11,7 +11,8 @@ cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const
                               cudaStream_t stream);
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const gemv::ThenArgs& t,
-                           int grid, bool pdl, cudaStream_t stream);
+                           int grid, bool pdl, const void* nw, const void* pre, const float* act_scale, float eps,
+                           cudaStream_t stream);
 cudaError_t w4a16_mma_splits(int M, int depth, int N, int K, int requested, int& splits);
 cudaError_t w4a16_mma_launch(int M, const void* x, int64_t ldx, const void* w, const void* s, const void* pre, void* y,
                              int64_t ldy, int N, int K, int gshift, bool accumulate, float* ws, unsigned* cnt,
@@ -133,17 +134,22 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
 
 // fmt 0 (W8A16): x float16, w int8, s float16 [N]; 1 (W8A8): x int8, w int8, s float32 [N]; 2 (FP8): x and w
 // float8_e4m3fn, s float32 [1]. x [M, K], w [N, K] (the checkpoint's layout); out [M, N] float16: written, or added
-// to in place when accumulate. then ... then_afmt: then_args. grid and pdl: as w4a16_gemv's. Returns out.
+// to in place when accumulate. then ... then_afmt: then_args. grid and pdl: as w4a16_gemv's. norm float16 [K]
+// (or empty): x is the float16 residual stream [1, K] and the input is RMSNorm(x) * norm (eps), times prequant
+// (float16 [K] or empty) and quantized by act_scale (float32 [1]; W8A8, FP8) as act_prep would, computed by every
+// block of the persistent form (grid != 0), not with then 2. Returns out.
 torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t fmt, torch::Tensor out,
                       bool accumulate, int64_t tile, int64_t then, torch::Tensor nw, torch::Tensor xn,
                       torch::Tensor cnt, double eps, torch::Tensor then_pre, torch::Tensor then_a, int64_t then_afmt,
-                      int64_t grid, bool pdl) {
+                      int64_t grid, bool pdl, torch::Tensor norm, torch::Tensor prequant, torch::Tensor act_scale) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w8_gemv: tensors on one CUDA device");
   TORCH_CHECK(fmt >= 0 && fmt <= 2, "w8_gemv: format 0-2, got ", fmt);
   const at::ScalarType wt[] = {at::kChar, at::kChar, at::kFloat8_e4m3fn};
-  TORCH_CHECK(x.scalar_type() == W8_X[fmt] && w.scalar_type() == wt[fmt] && s.scalar_type() == W8_S[fmt] &&
-              out.scalar_type() == at::kHalf, "w8_gemv: dtypes of format ", fmt, ": x ", W8_X[fmt], ", w ", wt[fmt],
+  const bool prenorm = norm.numel() > 0, pre = prequant.numel() > 0;
+  const at::ScalarType xt = prenorm ? at::kHalf : W8_X[fmt];
+  TORCH_CHECK(x.scalar_type() == xt && w.scalar_type() == wt[fmt] && s.scalar_type() == W8_S[fmt] &&
+              out.scalar_type() == at::kHalf, "w8_gemv: dtypes of format ", fmt, ": x ", xt, ", w ", wt[fmt],
               ", s ", W8_S[fmt], ", out Half");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && (x.stride(0) * x.element_size()) % 16 == 0 && x.size(1) == K,
@@ -155,6 +161,19 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   TORCH_CHECK(K > 0 && K % 16 == 0 && w.dim() == 2 && w.is_contiguous(),
               "w8_gemv: w [N, K] contiguous, K % 16 == 0, K > 0");
   TORCH_CHECK(s.is_contiguous() && s.numel() == (fmt == 2 ? 1 : N), "w8_gemv: s [N] (FP8: [1])");
+  TORCH_CHECK(!prenorm || (M == 1 && grid != 0 && then != 2 && K * (fmt == 0 ? 2 : 1) <= 48 * 1024),
+              "w8_gemv: norm takes one row, the persistent form (grid != 0), K * its activation bytes <= 48 KiB, "
+              "and no then_norm");
+  TORCH_CHECK(!prenorm || (norm.device() == x.device() && norm.scalar_type() == at::kHalf && norm.is_contiguous() &&
+                           norm.numel() == K && reinterpret_cast<uintptr_t>(norm.data_ptr()) % 16 == 0),
+              "w8_gemv: norm float16 [K], 16-byte aligned");
+  TORCH_CHECK(!pre || (prenorm && fmt != 0 && prequant.device() == x.device() && prequant.scalar_type() == at::kHalf &&
+                       prequant.is_contiguous() && prequant.numel() == K &&
+                       reinterpret_cast<uintptr_t>(prequant.data_ptr()) % 16 == 0),
+              "w8_gemv: prequant (with norm, W8A8 / FP8) float16 [K], 16-byte aligned");
+  TORCH_CHECK(!prenorm || fmt == 0 || (act_scale.device() == x.device() && act_scale.scalar_type() == at::kFloat &&
+                                       act_scale.numel() == 1),
+              "w8_gemv: act_scale (with norm, W8A8 / FP8) float32 [1]");
   const gemv::ThenArgs t = then_args("w8_gemv", then, M, N, out, accumulate, nw, xn, cnt, eps, then_pre, then_a,
                                       then_afmt);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
@@ -163,7 +182,9 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   const cudaError_t err = w8_gemv_launch(
       static_cast<int>(fmt), static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(),
       s.data_ptr(), out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), accumulate,
-      static_cast<int>(then), t, static_cast<int>(grid), pdl, at::cuda::getCurrentCUDAStream());
+      static_cast<int>(then), t, static_cast<int>(grid), pdl, prenorm ? norm.data_ptr() : nullptr,
+      pre ? prequant.data_ptr() : nullptr, prenorm && fmt != 0 ? act_scale.data_ptr<float>() : nullptr,
+      static_cast<float>(eps), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w8_gemv: ", cudaGetErrorString(err));
   return out;
 }

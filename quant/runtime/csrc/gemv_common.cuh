@@ -210,25 +210,30 @@ __device__ __forceinline__ void store_act(const ThenArgs& t, int i, half xv) {
     static_cast<__nv_fp8_storage_t*>(t.xn)[i] = quant_e4m3(xv, *t.a);
 }
 
-// store_act of elements 8j .. 8j + 7 at once (xn, pre 16-byte aligned): pre8 their pre (ignored without pre), a the
-// static scale (ignored for float16): one 16- or 8-byte store.
-__device__ __forceinline__ void store_act8(const ThenArgs& t, int j, uint4 x8, const uint4& pre8, float a) {
+// Elements 8j .. 8j + 7 of a result, x8, as the next linear's act_prep would write them: times pre8 (has_pre), then
+// afmt 0: x8 itself; 1 / 2: quantized by the static scale a (quant_int8 / quant_e4m3) into the first 8 bytes.
+__device__ __forceinline__ uint4 act8(uint4 x8, const uint4& pre8, bool has_pre, int afmt, float a) {
   half* x = reinterpret_cast<half*>(&x8);
   const half* p = reinterpret_cast<const half*>(&pre8);
-  if (t.pre != nullptr) {
+  if (has_pre) {
 #pragma unroll
     for (int k = 0; k < 8; ++k) x[k] = __hmul(x[k], p[k]);
   }
-  if (t.afmt == 0) {
-    static_cast<uint4*>(t.xn)[j] = x8;
-    return;
-  }
-  uint2 q;
+  if (afmt == 0) return x8;
+  uint4 q = make_uint4(0, 0, 0, 0);
   uint8_t* b = reinterpret_cast<uint8_t*>(&q);
 #pragma unroll
   for (int k = 0; k < 8; ++k)
-    b[k] = t.afmt == 1 ? static_cast<uint8_t>(quant_int8(x[k], a)) : static_cast<uint8_t>(quant_e4m3(x[k], a));
-  static_cast<uint2*>(t.xn)[j] = q;
+    b[k] = afmt == 1 ? static_cast<uint8_t>(quant_int8(x[k], a)) : static_cast<uint8_t>(quant_e4m3(x[k], a));
+  return q;
+}
+
+// store_act of elements 8j .. 8j + 7 at once (xn, pre 16-byte aligned): pre8 their pre (ignored without pre), a the
+// static scale (ignored for float16): one 16- or 8-byte store.
+__device__ __forceinline__ void store_act8(const ThenArgs& t, int j, uint4 x8, const uint4& pre8, float a) {
+  const uint4 v = act8(x8, pre8, t.pre != nullptr, t.afmt, a);
+  if (t.afmt == 0) static_cast<uint4*>(t.xn)[j] = v;
+  else static_cast<uint2*>(t.xn)[j] = make_uint2(v.x, v.y);
 }
 
 // SiLU(f) * g of one output pair's float32 sums, f and g rounded to float16 first, as the unfused GEMV + act_prep
@@ -259,8 +264,8 @@ __device__ __forceinline__ void store_silu_pairs(const float (&v)[R], const Then
 }
 
 // rsqrt(mean(y^2) + eps) of y [N] (written by other blocks or kernels: read from L2), float32 statistics, computed
-// by the whole block (WARPS warps) in one fixed order, so that the two places that normalize a row, a GEMV's
-// THEN_NORM tail and INT4's PRO_NORM prologue (w4a16_gemv.cu), give the same bits. `vec`: y loaded in 16-byte
+// by the whole block (WARPS warps) in one fixed order, so that the places that normalize a row, a GEMV's THEN_NORM
+// tail and the PRO_NORM prologues (w4a16_gemv.cu, w8_gemv.cu), give the same bits. `vec`: y loaded in 16-byte
 // chunks (N % 8 == 0, 16-byte aligned); the elements past 8 * (N / 8) of a vec row, or all of another, one by one.
 // Each thread issues NV 16-byte loads before using any: latency counts in both places (the tail is serial; the
 // prologue waits on it before its first arithmetic). NV = 2, not 4: the W8A16 kernel's registers go 30 -> 48 (66

@@ -2,7 +2,11 @@
 //   F_W8A16  x float16 [M, K], q int8 [N, K],  s float16 [N]:  y[m, n] = s[n] * sum_k x[m, k] q[n, k]
 //   F_W8A8   x int8 [M, K],    q int8 [N, K],  s float32 [N]:  the same, sums exact in int32 (DP4A)
 //   F_FP8    x e4m3 [M, K],    q e4m3 [N, K],  s float32 [1]:  y[m, n] = s[0] * sum_k x[m, k] q[n, k]
-// (+ y[m, n] when accumulating). W8A8 and FP8 take activations already quantized (act_prep), as the Triton GEMV does.
+// (+ y[m, n] when accumulating). W8A8 and FP8 take activations already quantized (act_prep), as the Triton GEMV does;
+// or, one row in the persistent form (KernelConfig.norm_prologue), the float16 residual stream, whose RMSNorm (times
+// the norm weight, times the pre-quant scale, quantized by the static activation scale: act_prep's steps) every
+// block computes into shared memory while its first weights are on their way (PRO_NORM, as w4a16_gemv.cu's), in
+// place of the previous GEMV's serial THEN_NORM tail, with the same bits (gemv::block_rstd, gemv::norm8, gemv::act8).
 //
 // Weight layout: the checkpoint's own, [N, K] row-major (no copy is made). Each lane streams 16 bytes (16 weights of
 // one row) per chunk with non-caching loads, U chunks of R rows in flight before any arithmetic, as the W4A16 GEMV
@@ -47,28 +51,36 @@ struct Chunk {
   uint32_t q[4];
 };
 
+// One 16-byte unit of activations as the chunk's floats (W8A16: its half h, 8 float16; FP8: 16 e4m3) or words (W8A8).
 template <int F>
-__device__ __forceinline__ void load_x(const void* x, int64_t ldx, int m, int c, Chunk<F>& out) {
+__device__ __forceinline__ void unpack_x(const uint4& xr, int h, Chunk<F>& out) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t w = word(xr, i);
+    if constexpr (F == F_W8A16) {
+      const float2 f = __half22float2(*reinterpret_cast<const half2*>(&w));
+      out.f[h * 8 + 2 * i] = f.x;
+      out.f[h * 8 + 2 * i + 1] = f.y;
+    } else if constexpr (F == F_W8A8) {
+      out.q[i] = w;
+    } else {
+      fp8x4_to_float(w, out.f + 4 * i);
+    }
+  }
+}
+
+// Chunk c of row m: from x in global memory, or (STAGED, one row) from the row PRO_NORM staged in shared memory,
+// where W8A16's half h of chunk c sits at unit h * C + c (stage_norm), so that a warp's lanes read consecutive
+// 16 bytes.
+template <int F, bool STAGED>
+__device__ __forceinline__ void load_x(const void* x, int64_t ldx, int m, int c, int C, Chunk<F>& out) {
   if constexpr (F == F_W8A16) {
     const uint4* xp = reinterpret_cast<const uint4*>(static_cast<const half*>(x) + m * ldx + c * 16);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint4 xr = __ldg(xp + h);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint32_t w = word(xr, i);
-        const float2 f = __half22float2(*reinterpret_cast<const half2*>(&w));
-        out.f[h * 8 + 2 * i] = f.x;
-        out.f[h * 8 + 2 * i + 1] = f.y;
-      }
-    }
+    for (int h = 0; h < 2; ++h) unpack_x<F>(STAGED ? static_cast<const uint4*>(x)[h * C + c] : __ldg(xp + h), h, out);
   } else {
-    const uint4 xr = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(x) + m * ldx + c * 16));
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if constexpr (F == F_W8A8) out.q[i] = word(xr, i);
-      else fp8x4_to_float(word(xr, i), out.f + 4 * i);
-    }
+    const uint4* xp = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(x) + m * ldx + c * 16);
+    unpack_x<F>(STAGED ? static_cast<const uint4*>(x)[c] : __ldg(xp), 0, out);
   }
 }
 
@@ -98,7 +110,7 @@ __device__ __forceinline__ Acc<F> dot_word(uint32_t q, const Chunk<F>& x, int j,
 }
 
 // One lane round: chunks c0 + 32u + lane (u < U) of the R rows, already loaded into wv, against x's M rows.
-template <int F, int M, int R, int U>
+template <int F, int M, int R, int U, bool STAGED = false>
 __device__ __forceinline__ void mac_round(const uint4 (&wv)[U][R], const void* x, int64_t ldx, int C, int c0,
                                           int lane, Acc<F> (&acc)[M][R]) {
 #pragma unroll
@@ -108,7 +120,7 @@ __device__ __forceinline__ void mac_round(const uint4 (&wv)[U][R], const void* x
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       Chunk<F> xc;
-      load_x<F>(x, ldx, m, c, xc);
+      load_x<F, STAGED>(x, ldx, m, c, C, xc);
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -184,15 +196,38 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
   if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
 }
 
+// PRO_NORM's staging, one row: xs [K] of act8(nw * (x * rstd rounded), pre) in the format's activation type
+// (W8A16 float16, its 16-byte unit u at (u & 1) * C + (u >> 1), load_x's order; W8A8 int8 and FP8 e4m3 in order,
+// quantized by *a), each step rounded as the previous GEMV's THEN_NORM tail (norm_by_last_block, store_act8) rounds
+// it. x, nw, pre 16-byte aligned, K % 16 == 0 (the binding's checks): every load is 16 bytes wide.
+template <int F>
+__device__ __forceinline__ void stage_norm(uint4* xs, const half* x, const half* nw, const half* pre, const float* a,
+                                           int K, float eps) {
+  const float rstd = gemv::block_rstd(x, K, eps, true), as = F == F_W8A16 ? 1.f : *a;
+  const int C = K >> 4, units = K >> 3;
+  for (int u = threadIdx.x; u < units; u += WARPS * 32) {
+    const uint4 v = gemv::norm8(__ldcg(reinterpret_cast<const uint4*>(x) + u),
+                                __ldg(reinterpret_cast<const uint4*>(nw) + u), rstd);
+    const uint4 p = pre != nullptr ? __ldg(reinterpret_cast<const uint4*>(pre) + u) : make_uint4(0, 0, 0, 0);
+    const uint4 q = gemv::act8(v, p, pre != nullptr, F == F_W8A16 ? 0 : F == F_W8A8 ? 1 : 2, as);
+    if constexpr (F == F_W8A16) xs[(u & 1) * C + (u >> 1)] = q;
+    else reinterpret_cast<uint2*>(xs)[u] = make_uint2(q.x, q.y);
+  }
+  __syncthreads();
+}
+
 // The persistent form, one row (KernelConfig.w8g_persistent): gemv::walk_row_blocks over the NB row blocks, a
 // warp's next round loaded while it computes the current one (the one-block-per-row-block form waits on each of its
 // K / (512 U) rounds). THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store. Launched with
 // programmatic dependent launch (gemv::launch_persistent), only the first weight loads come before
-// gemv::wait_previous_grid.
-template <int F, int R, int U, int THEN>
+// gemv::wait_previous_grid. NORM (PRO_NORM): x is the float16 residual stream, staged normalized (stage_norm) after
+// the first weight loads.
+template <int F, int R, int U, int THEN, bool NORM>
 __global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
     const void* __restrict__ x, const uint4* __restrict__ w, const void* __restrict__ s, half* __restrict__ y, int N,
-    int K, bool accumulate, ThenArgs then, int NB, bool pdl) {
+    int K, bool accumulate, ThenArgs then, int NB, bool pdl, const half* __restrict__ nw,
+    const half* __restrict__ pre, const float* __restrict__ a, float eps) {
+  extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
   const int C = K >> 4;
   int rows[R];
@@ -205,9 +240,13 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
   uint4 cur[U][R];
   load_chunks(cur, w, rows, C, 0, lane);
   if (pdl) gemv::wait_previous_grid(cur[0][0].x);  // (launched without it: no wait on the loads)
+  if constexpr (NORM) stage_norm<F>(xs, static_cast<const half*>(x), nw, pre, a, K, eps);
   gemv::walk_row_blocks<R, U, THEN>(
       w, N, C, NB, lane, cur, rows,
-      [&](const uint4 (&wv)[U][R], const int (&)[R], int c0) { mac_round<F, 1, R, U>(wv, x, 0, C, c0, lane, acc); },
+      [&](const uint4 (&wv)[U][R], const int (&)[R], int c0) {
+        if constexpr (NORM) mac_round<F, 1, R, U, true>(wv, xs, 0, C, c0, lane, acc);
+        else mac_round<F, 1, R, U>(wv, x, 0, C, c0, lane, acc);
+      },
       [&](int vb) { finish_rows<F, 1, R, THEN>(acc, rows, s, y, 0, N, accumulate, then, vb, lane); });
   if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
 }
@@ -222,45 +261,59 @@ struct Args {
   ThenArgs then_args;
   int grid;  // as w4a16_gemv.cu's: 0 one block per row block; -1 persistent on what fits at once; > 0 at most
   bool pdl;  // the persistent form with programmatic dependent launch
+  const void *nw, *pre;  // PRO_NORM (nw not null): the norm weight, the pre-quant scale or null,
+  const float* act_scale;  // the static activation scale (W8A8, FP8),
+  float eps;  // and eps
   cudaStream_t stream;
 };
 
-template <int F, int M, int R, int U, int THEN>
+template <int F, int M, int R, int U, int THEN, bool NORM>
 cudaError_t launch(const Args& a) {
   // THEN_SILU: a block's warps take P = WARPS * R / 2 outputs' row pairs; else R rows each
   const int blocks = THEN == THEN_SILU ? (a.N / 2 + WARPS * R / 2 - 1) / (WARPS * R / 2)
                                        : ((a.N + R - 1) / R + WARPS - 1) / WARPS;
   if constexpr (M == 1) {
     if (a.grid != 0) {
-      const auto kernel = w8_gemv_persistent<F, R, U, THEN>;
+      const auto kernel = w8_gemv_persistent<F, R, U, THEN, NORM>;
+      const size_t smem = NORM ? a.K * (F == F_W8A16 ? sizeof(half) : 1) : 0;
       int grid = 0;
-      const cudaError_t err = gemv::persistent_grid(kernel, 0, a.grid, blocks, grid);
+      const cudaError_t err = gemv::persistent_grid(kernel, smem, a.grid, blocks, grid);
       if (err != cudaSuccess) return err;
-      return gemv::launch_persistent(kernel, grid, 0, a.stream, a.pdl, a.x, a.w, a.s, a.y, a.N, a.K, a.accumulate,
-                                     a.then_args, blocks, a.pdl);
+      return gemv::launch_persistent(kernel, grid, smem, a.stream, a.pdl, a.x, a.w, a.s, a.y, a.N, a.K,
+                                     a.accumulate, a.then_args, blocks, a.pdl, a.nw, a.pre, a.act_scale, a.eps);
     }
   }
-  w8_gemv_kernel<F, M, R, U, THEN><<<blocks, WARPS * 32, 0, a.stream>>>(
-      a.x, a.ldx, static_cast<const uint4*>(a.w), a.s, static_cast<half*>(a.y), a.ldy, a.N, a.K, a.accumulate,
-      a.then_args);
-  return cudaGetLastError();
+  if constexpr (NORM) return cudaErrorInvalidValue;  // (built in the persistent form only)
+  else {
+    w8_gemv_kernel<F, M, R, U, THEN><<<blocks, WARPS * 32, 0, a.stream>>>(
+        a.x, a.ldx, static_cast<const uint4*>(a.w), a.s, static_cast<half*>(a.y), a.ldy, a.N, a.K, a.accumulate,
+        a.then_args);
+    return cudaGetLastError();
+  }
 }
 
-template <int F, int M, int THEN>
+template <int F, int M, int THEN, bool NORM = false>
 cudaError_t launch_tile(int tile, const Args& a) {
   switch (tile) {  // (R, U): the tiles of cuda_ext.GEMV_TILES, in order
-    case 0: return launch<F, M, 1, 2, THEN>(a);
-    case 1: return launch<F, M, 1, 4, THEN>(a);
-    case 2: return launch<F, M, 2, 2, THEN>(a);
-    case 3: return launch<F, M, 2, 4, THEN>(a);
-    case 4: return launch<F, M, 4, 1, THEN>(a);
-    case 5: return launch<F, M, 4, 2, THEN>(a);
+    case 0: return launch<F, M, 1, 2, THEN, NORM>(a);
+    case 1: return launch<F, M, 1, 4, THEN, NORM>(a);
+    case 2: return launch<F, M, 2, 2, THEN, NORM>(a);
+    case 3: return launch<F, M, 2, 4, THEN, NORM>(a);
+    case 4: return launch<F, M, 4, 1, THEN, NORM>(a);
+    case 5: return launch<F, M, 4, 2, THEN, NORM>(a);
     default: return cudaErrorInvalidValue;
   }
 }
 
+// PRO_NORM is built in the persistent form only, and with the epilogues of the linears that follow a norm only
+// (qkv: none; fc||gate: SiLU * gate), as w4a16_gemv.cu's.
 template <int F>
 cudaError_t launch_rows(int tile, int M, const Args& a) {
+  if (a.nw != nullptr) {
+    if (M != 1 || a.grid == 0) return cudaErrorInvalidValue;
+    return a.then == THEN_NONE ? launch_tile<F, 1, THEN_NONE, true>(tile, a)
+         : a.then == THEN_SILU ? launch_tile<F, 1, THEN_SILU, true>(tile, a) : cudaErrorInvalidValue;
+  }
   if (a.then != THEN_NONE) {
     if (M != 1) return cudaErrorInvalidValue;
     return a.then == THEN_SILU ? launch_tile<F, 1, THEN_SILU>(tile, a)
@@ -281,11 +334,15 @@ cudaError_t launch_rows(int tile, int M, const Args& a) {
 // aligned with row strides ldx (elements, so that rows stay 16-byte aligned) and K bytes; s as the format says;
 // y [M, ldy] float16. then (gemv::Then) other than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs);
 // THEN_SILU: N even, xn [N/2], y unused, not accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned
-// that is 0 (and is left 0). grid (Args): M == 1 unless 0; pdl: grid != 0, an sm_90 GPU.
+// that is 0 (and is left 0). grid (Args): M == 1 unless 0; pdl: grid != 0, an sm_90 GPU. nw [K] float16 (PRO_NORM:
+// x float16 [1, K], the input act8(RMSNorm(x) * nw, pre) with eps, pre [K] float16 or null, act_scale float32 [1]
+// for W8A8 / FP8), all 16-byte aligned, or null: M == 1, grid != 0, K * (2 for W8A16, else 1) bytes of shared
+// memory (<= 48 KiB), then not THEN_NORM.
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const ThenArgs& t,
-                           int grid, bool pdl, cudaStream_t stream) {
-  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, then, t, grid, pdl, stream};
+                           int grid, bool pdl, const void* nw, const void* pre, const float* act_scale, float eps,
+                           cudaStream_t stream) {
+  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, then, t, grid, pdl, nw, pre, act_scale, eps, stream};
   if ((grid != 0 && M != 1) || (pdl && grid == 0)) return cudaErrorInvalidValue;
   switch (fmt) {
     case F_W8A16: return launch_rows<F_W8A16>(tile, M, a);

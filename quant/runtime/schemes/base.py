@@ -136,9 +136,11 @@ class KernelConfig:
     # alone, and every block of this one computes RMSNorm of the residual stream while its first weights are on
     # their way (csrc/w4a16_gemv.cu PRO_NORM), instead of their serial THEN_NORM tail (one block, after the whole
     # GEMV: ~4.5 µs a call on an H100, 2026-12-05 profile). INT4's compiled GEMV (w4g) in its persistent form only
-    # (w4g_persistent); the same bits. End to end on an H100 (batch 1, input 512, interleaved, 2026-12-06) INT4 went
-    # from 2.11× to 2.20× FP16 on LLaMa-2-7B and from 2.07× to 2.18× on Llama-3-8B (experiments.bench
-    # RECIPE@nonormpro: the tail).
+    # (w4g_persistent); the 8-bit GEMV (w8g; csrc/w8_gemv.cu PRO_NORM, quantizing the row for SmoothQuant and FP8
+    # too) takes its persistent form for those calls whatever w8g_persistent says. The same bits. End to end on an
+    # H100 (batch 1, input 512, interleaved, 2026-12-06) INT4 went from 2.11× to 2.20× FP16 on LLaMa-2-7B and from
+    # 2.07× to 2.18× on Llama-3-8B (experiments.bench RECIPE@nonormpro: the tail). The 8-bit formats: not timed yet
+    # (RECIPE@w8normpro).
     norm_prologue: frozenset[str] = frozenset({"W4A16_AWQ"})
     # 8-bit formats whose batch-1 row takes the tensor-core kernel instead (cuda_ext.w8_mma: float16 output, N a
     # multiple of 64, K of 32, on a copy in the MMA's fragment layout made at load; the gemv_then epilogues), with
@@ -214,8 +216,8 @@ class KernelConfig:
                                  f"{sorted(getattr(self, name))}")
         if self.int4_kernel not in INT4_KERNELS:
             raise ValueError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {self.int4_kernel!r}")
-        if self.norm_prologue - {"W4A16_AWQ"}:
-            raise ValueError(f"norm_prologue takes W4A16_AWQ (the compiled INT4 GEMV); got "
+        if self.norm_prologue - {"W4A16_AWQ", *cuda_ext.W8_FORMATS}:
+            raise ValueError(f"norm_prologue takes W4A16_AWQ and the 8-bit formats (the compiled GEMVs); got "
                              f"{sorted(self.norm_prologue)}")
         unknown = set(self.gemv) | set(self.gemv_pdl) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
         if unknown - set(ALGO_KEYS):
@@ -316,8 +318,10 @@ class _Handler:
 
     def takes_norm(self, rows: int) -> bool:
         """Whether :meth:`fused` at ``rows`` takes ``norm`` inside its own GEMV (KernelConfig.norm_prologue), so that
-        the linear before it ends in the residual add, with no ``then_norm``."""
-        return False
+        the linear before it ends in the residual add, with no ``then_norm``. Here: the 8-bit GEMV (w8g, not its
+        tensor-core kernel), whose call with ``norm`` takes the persistent form (_w8g_gemv)."""
+        return (rows == 1 and self.w8g and self.w8m is None and self.algo_key in self.kernels.norm_prologue
+                and self.then_counter is not None and self._takes_gemv(1) and cuda_ext.fuses(1, self.weight.shape[1]))
 
     # 1 / 2: the format quantizes its input to int8 / e4m3 by a static act_scale after its prequant (SmoothQuant,
     # FP8), which a producer's epilogue may do for it (input_quant)
@@ -370,14 +374,21 @@ class _Handler:
         return True
 
     def _w8g_gemv(self, x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None, eps: float = 1e-6,
-                  **then) -> torch.Tensor:
+                  norm: torch.Tensor | None = None, **then) -> torch.Tensor:
+        """The compiled 8-bit kernel at batch 1 on x as the format takes it (quantized for W8A8 / FP8), or, with
+        ``norm`` (where :meth:`takes_norm`), on the float16 residual stream, which the GEMV's persistent form
+        normalizes (and quantizes) itself."""
         if self.w8m is not None:
             return cuda_ext.w8_mma(x, self.w8m, scale, fmt=self.algo_key, tile_counter=self.w8m_counter,
                                    residual=residual, depth=self.kernels.w8m_depth, eps=eps, **then)
-        grid = cuda_ext.grid(self.algo_key in self.kernels.w8g_persistent, x.shape[0])
+        pro = {}
+        if norm is not None:
+            pro = {"norm": norm, "prequant": self.prequant, "act_scale": self.act_scale.reshape(1)} \
+                if self.input_afmt else {"norm": norm}
+        grid = cuda_ext.grid(self.algo_key in self.kernels.w8g_persistent or norm is not None, x.shape[0])
         return cuda_ext.w8_gemv(x, self.weight, scale, fmt=self.algo_key, residual=residual,
                                 tile=self.kernels.w8g_tile, eps=eps, grid=grid,
-                                pdl=self.gemv_pdl and grid != 0, **then)
+                                pdl=self.gemv_pdl and grid != 0, **pro, **then)
 
     def _ck_gemv(self, *args, **kwargs) -> torch.Tensor:
         """The batch-1 GEMV kernel with this handler's kernel options."""

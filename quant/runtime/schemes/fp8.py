@@ -45,6 +45,8 @@ class FP8Linear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual, **then):
         ck = _cuda_kernels()
+        if norm is not None and not silu and self.takes_norm(x.shape[0]):  # the GEMV normalizes and quantizes x
+            return self._w8g_gemv(x, self.out_scale, residual, eps, norm=norm, **then)
         if not self.kernels.fuse_prologue or self.prequant is not None or self.w8g or x.dtype == FP8_E4M3:
             # quantize, then fp8 × fp8 (e4m3 x: quantized by the previous linear's epilogue, input_quant)
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale.reshape(1),

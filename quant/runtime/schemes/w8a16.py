@@ -32,6 +32,8 @@ class W8A16Linear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual, **then):
         if self.w8g:
+            if norm is not None and not silu and self.takes_norm(x.shape[0]):  # the GEMV normalizes x itself
+                return self._w8g_gemv(x, self.scale, residual, eps, norm=norm, **then)
             return self._w8g_gemv(self._prep(x, norm, eps, silu), self.scale, residual, eps, **then)
         ck = _cuda_kernels()
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT8, wscale=self.scale, scale_mode=ck.S_CHANNEL, norm=norm,

@@ -37,6 +37,8 @@ class W8A8SQLinear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual, **then):
         ck = _cuda_kernels()
+        if norm is not None and not silu and self.takes_norm(x.shape[0]):  # the GEMV normalizes and quantizes x
+            return self._w8g_gemv(x, self.out_scale, residual, eps, norm=norm, **then)
         if not self.kernels.fuse_prologue or self.w8g or x.dtype == torch.int8:  # quantize once, then int8 × int8
             # (int8 x: quantized by the previous linear's epilogue, input_quant)
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale, afmt=ck.A_INT8)
