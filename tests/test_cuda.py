@@ -744,8 +744,8 @@ def test_norm_prologue_gives_the_same_bits(algo, prequant, tiny_folders, monkeyp
         if algo == "W4A16_AWQ":
             cuda_ext.w4a16_gemv(x0, h.w4g, h.scales, group=64, grid=0, norm=norms[0])
         else:
-            cuda_ext.w8_gemv(x0, h.weight, getattr(h, "out_scale", getattr(h, "scale", None)), fmt=algo, grid=0,
-                             norm=norms[0], act_scale=getattr(h, "act_scale", torch.ones(1, device=DEV)).reshape(1))
+            cuda_ext.w8_gemv(x0, h.weight, h.w8g_scale, fmt=algo, grid=0, norm=norms[0],
+                             act_scale=getattr(h, "act_scale", torch.ones(1, device=DEV)).reshape(1))
     if not prequant and algo == "W4A16_AWQ":
         return
     ids = torch.randint(0, 1024, (40,), generator=torch.Generator().manual_seed(5)).tolist()

@@ -64,6 +64,13 @@ static gemv::ThenArgs then_args(const char* fn, int64_t then, int64_t M, int64_t
 static const at::ScalarType W8_X[] = {at::kHalf, at::kChar, at::kFloat8_e4m3fn};
 static const at::ScalarType W8_S[] = {at::kHalf, at::kFloat, at::kFloat};
 
+// Whether t is a float16 [K] vector on x's device that the kernels may load 16 bytes at a time (a prologue's
+// pre-quant scale or norm weight).
+static bool half_vector(const torch::Tensor& t, int64_t K, const torch::Tensor& x) {
+  return t.device() == x.device() && t.scalar_type() == at::kHalf && t.is_contiguous() && t.numel() == K &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
 // Programmatic dependent launch (gemv_common.cuh launch_persistent) is for the persistent form on an sm_90 GPU.
 static void check_pdl(const char* name, bool pdl, int64_t grid, const torch::Tensor& x) {
   TORCH_CHECK(!pdl || grid != 0, name, ": pdl with the persistent form only (grid != 0)");
@@ -88,9 +95,8 @@ static torch::Tensor split_partials(int splits, int64_t M, int64_t N, const torc
 // at most n blocks. pdl: the persistent kernel launched with programmatic dependent launch (check_pdl). Returns out.
 torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
                          bool accumulate, int64_t tile, torch::Tensor prequant, torch::Tensor norm, int64_t then,
-                         torch::Tensor nw,
-                         torch::Tensor xn, torch::Tensor cnt, double eps, torch::Tensor then_pre, torch::Tensor then_a,
-                         int64_t then_afmt, int64_t grid, bool pdl) {
+                         torch::Tensor nw, torch::Tensor xn, torch::Tensor cnt, double eps, torch::Tensor then_pre,
+                         torch::Tensor then_a, int64_t then_afmt, int64_t grid, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w4a16_gemv: tensors on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
@@ -113,13 +119,8 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
                                       then_afmt);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
               "w4a16_gemv: x and w 16-byte aligned");
-  TORCH_CHECK(!pre || (prequant.device() == x.device() && prequant.scalar_type() == at::kHalf &&
-                       prequant.is_contiguous() && prequant.numel() == K &&
-                       reinterpret_cast<uintptr_t>(prequant.data_ptr()) % 16 == 0),
-              "w4a16_gemv: prequant float16 [K], 16-byte aligned");
-  TORCH_CHECK(!prenorm || (norm.device() == x.device() && norm.scalar_type() == at::kHalf && norm.is_contiguous() &&
-                           norm.numel() == K && reinterpret_cast<uintptr_t>(norm.data_ptr()) % 16 == 0),
-              "w4a16_gemv: norm float16 [K], 16-byte aligned");
+  TORCH_CHECK(!pre || half_vector(prequant, K, x), "w4a16_gemv: prequant float16 [K], 16-byte aligned");
+  TORCH_CHECK(!prenorm || half_vector(norm, K, x), "w4a16_gemv: norm float16 [K], 16-byte aligned");
   const c10::cuda::CUDAGuard guard(x.device());
   const int gshift = __builtin_ctzll(group);
   const cudaError_t err = w4a16_gemv_launch(
@@ -164,12 +165,8 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
   TORCH_CHECK(!prenorm || (M == 1 && grid != 0 && then != 2 && K * (fmt == 0 ? 2 : 1) <= 48 * 1024),
               "w8_gemv: norm takes one row, the persistent form (grid != 0), K * its activation bytes <= 48 KiB, "
               "and no then_norm");
-  TORCH_CHECK(!prenorm || (norm.device() == x.device() && norm.scalar_type() == at::kHalf && norm.is_contiguous() &&
-                           norm.numel() == K && reinterpret_cast<uintptr_t>(norm.data_ptr()) % 16 == 0),
-              "w8_gemv: norm float16 [K], 16-byte aligned");
-  TORCH_CHECK(!pre || (prenorm && fmt != 0 && prequant.device() == x.device() && prequant.scalar_type() == at::kHalf &&
-                       prequant.is_contiguous() && prequant.numel() == K &&
-                       reinterpret_cast<uintptr_t>(prequant.data_ptr()) % 16 == 0),
+  TORCH_CHECK(!prenorm || half_vector(norm, K, x), "w8_gemv: norm float16 [K], 16-byte aligned");
+  TORCH_CHECK(!pre || (prenorm && fmt != 0 && half_vector(prequant, K, x)),
               "w8_gemv: prequant (with norm, W8A8 / FP8) float16 [K], 16-byte aligned");
   TORCH_CHECK(!prenorm || fmt == 0 || (act_scale.device() == x.device() && act_scale.scalar_type() == at::kFloat &&
                                        act_scale.numel() == 1),

@@ -31,6 +31,12 @@ __device__ __forceinline__ uint32_t and_or_1024(uint32_t a) {  // (a & MASK) | f
 __device__ __forceinline__ half2 as_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
 __device__ __forceinline__ uint32_t as_u32(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 
+// Eight float16 products a * b, each rounded (the prologues' x * pre).
+__device__ __forceinline__ uint4 hmul8(const uint4& a, const uint4& b) {
+  return make_uint4(as_u32(__hmul2(as_h2(a.x), as_h2(b.x))), as_u32(__hmul2(as_h2(a.y), as_h2(b.y))),
+                    as_u32(__hmul2(as_h2(a.z), as_h2(b.z))), as_u32(__hmul2(as_h2(a.w), as_h2(b.w))));
+}
+
 // INT4 (w4a16_gemv.cu, w4a16_mma.cu): one word of eight nibbles q + 8 -> 4 half2 of exact integers in [-8, 7], the
 // nibble pairs (0, 4), (1, 5), (2, 6), (3, 7) (which k or which MMA fragment each pair is, is the caller's layout).
 __device__ __forceinline__ void dequant_word(uint32_t q, half2 (&d)[4]) {
@@ -210,16 +216,11 @@ __device__ __forceinline__ void store_act(const ThenArgs& t, int i, half xv) {
     static_cast<__nv_fp8_storage_t*>(t.xn)[i] = quant_e4m3(xv, *t.a);
 }
 
-// Elements 8j .. 8j + 7 of a result, x8, as the next linear's act_prep would write them: times pre8 (has_pre), then
-// afmt 0: x8 itself; 1 / 2: quantized by the static scale a (quant_int8 / quant_e4m3) into the first 8 bytes.
-__device__ __forceinline__ uint4 act8(uint4 x8, const uint4& pre8, bool has_pre, int afmt, float a) {
-  half* x = reinterpret_cast<half*>(&x8);
-  const half* p = reinterpret_cast<const half*>(&pre8);
-  if (has_pre) {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) x[k] = __hmul(x[k], p[k]);
-  }
+// Eight float16 values x8 in the next linear's activation type, as its act_prep would write them: afmt 0 x8 itself;
+// 1 / 2 quantized by the static scale a (quant_int8 / quant_e4m3) into the first 8 bytes.
+__device__ __forceinline__ uint4 quant8(uint4 x8, int afmt, float a) {
   if (afmt == 0) return x8;
+  const half* x = reinterpret_cast<const half*>(&x8);
   uint4 q = make_uint4(0, 0, 0, 0);
   uint8_t* b = reinterpret_cast<uint8_t*>(&q);
 #pragma unroll
@@ -231,7 +232,13 @@ __device__ __forceinline__ uint4 act8(uint4 x8, const uint4& pre8, bool has_pre,
 // store_act of elements 8j .. 8j + 7 at once (xn, pre 16-byte aligned): pre8 their pre (ignored without pre), a the
 // static scale (ignored for float16): one 16- or 8-byte store.
 __device__ __forceinline__ void store_act8(const ThenArgs& t, int j, uint4 x8, const uint4& pre8, float a) {
-  const uint4 v = act8(x8, pre8, t.pre != nullptr, t.afmt, a);
+  half* x = reinterpret_cast<half*>(&x8);
+  const half* p = reinterpret_cast<const half*>(&pre8);
+  if (t.pre != nullptr) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] = __hmul(x[k], p[k]);
+  }
+  const uint4 v = quant8(x8, t.afmt, a);
   if (t.afmt == 0) static_cast<uint4*>(t.xn)[j] = v;
   else static_cast<uint2*>(t.xn)[j] = make_uint2(v.x, v.y);
 }
@@ -314,6 +321,22 @@ __device__ __forceinline__ uint4 norm8(uint4 v, const uint4& g8, float rstd) {
 #pragma unroll
   for (int k = 0; k < 8; ++k) h[k] = __hmul(g[k], __float2half_rn(__half2float(h[k]) * rstd));
   return v;
+}
+
+// A PRO_NORM prologue's staging of the row (w4a16_gemv.cu, w8_gemv.cu): each 16-byte unit u of x [K] (the residual
+// stream, written by the previous kernel: read from L2) as quant8((nw * (x * rstd rounded)) * pre, afmt, a), each step
+// rounded as the previous GEMV's THEN_NORM tail (norm_by_last_block, store_act8) rounds it, handed to store(u, unit)
+// (the kernel's shared-memory layout); then a barrier. x, nw, pre (or null) 16-byte aligned, K % 8 == 0.
+template <class Store>
+__device__ __forceinline__ void stage_norm(const half* x, const half* nw, const half* pre, int K, float eps,
+                                           int afmt, float a, Store&& store) {
+  const float rstd = block_rstd(x, K, eps, true);
+  for (int u = threadIdx.x; u < (K >> 3); u += WARPS * 32) {
+    uint4 v = norm8(__ldcg(reinterpret_cast<const uint4*>(x) + u), __ldg(reinterpret_cast<const uint4*>(nw) + u), rstd);
+    if (pre != nullptr) v = hmul8(v, __ldg(reinterpret_cast<const uint4*>(pre) + u));
+    store(u, quant8(v, afmt, a));
+  }
+  __syncthreads();
 }
 
 // THEN_NORM, after each of `arrivals` blocks stored its part of y [N]: the last of them to finish (cnt, which it

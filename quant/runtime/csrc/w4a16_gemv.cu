@@ -11,7 +11,7 @@
 // into shared memory, rounded as act_prep rounds it (cuda_kernels._prologue), which saves that launch; or the
 // residual stream's RMSNorm as well (PRO_NORM, KernelConfig.norm_prologue): every block computes the row's
 // statistics itself while its first weights are on their way, in place of the previous GEMV's serial THEN_NORM
-// tail, with the same bits (gemv::block_rstd, gemv::norm8). (In the Triton GEMV, where nothing overlaps them,
+// tail, with the same bits (gemv::stage_norm). (In the Triton GEMV, where nothing overlaps them,
 // RMSNorm and SiLU * gate done that way measured slower end to end than one act_prep launch:
 // experiments/results/gpu/kernels.)
 //
@@ -37,30 +37,8 @@ enum Prologue { PRO_GLOBAL = 0, PRO_PREQUANT = 1, PRO_NORM = 2 };
 __device__ __forceinline__ void stage_row(uint4* xs, const half* x, const half* pre, int K) {
   const int C = K >> 5, units = K >> 3;
   for (int u = threadIdx.x; u < units; u += WARPS * 32) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(x) + u);
-    const uint4 p = __ldg(reinterpret_cast<const uint4*>(pre) + u);
-    xs[(u & 3) * C + (u >> 2)] = make_uint4(as_u32(__hmul2(as_h2(v.x), as_h2(p.x))), as_u32(__hmul2(as_h2(v.y), as_h2(p.y))),
-                                            as_u32(__hmul2(as_h2(v.z), as_h2(p.z))), as_u32(__hmul2(as_h2(v.w), as_h2(p.w))));
-  }
-  __syncthreads();
-}
-
-// PRO_NORM's staging: xs as stage_row's, of (nw * (x * rstd rounded)) * pre (pre may be null), each product rounded,
-// as the previous GEMV's THEN_NORM tail and then PRO_PREQUANT (or act_prep) round them. x, nw, pre 16-byte
-// aligned, K % 32 == 0 (the binding's checks), so every load is 16 bytes wide (block_rstd's vec).
-__device__ __forceinline__ void stage_row_norm(uint4* xs, const half* x, const half* nw, const half* pre, int K,
-                                               float eps) {
-  const float rstd = gemv::block_rstd(x, K, eps, true);
-  const int C = K >> 5, units = K >> 3;
-  for (int u = threadIdx.x; u < units; u += WARPS * 32) {
-    uint4 v = gemv::norm8(__ldcg(reinterpret_cast<const uint4*>(x) + u),
-                          __ldg(reinterpret_cast<const uint4*>(nw) + u), rstd);
-    if (pre != nullptr) {
-      const uint4 p = __ldg(reinterpret_cast<const uint4*>(pre) + u);
-      v = make_uint4(as_u32(__hmul2(as_h2(v.x), as_h2(p.x))), as_u32(__hmul2(as_h2(v.y), as_h2(p.y))),
-                     as_u32(__hmul2(as_h2(v.z), as_h2(p.z))), as_u32(__hmul2(as_h2(v.w), as_h2(p.w))));
-    }
-    xs[(u & 3) * C + (u >> 2)] = v;
+    xs[(u & 3) * C + (u >> 2)] = gemv::hmul8(__ldg(reinterpret_cast<const uint4*>(x) + u),
+                                             __ldg(reinterpret_cast<const uint4*>(pre) + u));
   }
   __syncthreads();
 }
@@ -69,7 +47,9 @@ __device__ __forceinline__ void stage_row_norm(uint4* xs, const half* x, const h
 template <int PRO>
 __device__ __forceinline__ void stage(uint4* xs, const half* x, const half* pre, const half* nw, int K, float eps) {
   if constexpr (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K);
-  if constexpr (PRO == PRO_NORM) stage_row_norm(xs, x, nw, pre, K, eps);
+  // PRO_NORM: xs as stage_row's, of (nw * (x * rstd rounded)) * pre, as the tail and then PRO_PREQUANT round them
+  if constexpr (PRO == PRO_NORM)
+    gemv::stage_norm(x, nw, pre, K, eps, 0, 1.f, [&](int u, const uint4& v) { xs[(u & 3) * (K >> 5) + (u >> 2)] = v; });
 }
 
 // One lane round: chunks c0 + 32u + lane (u < U) of the R rows, already loaded into wv, against x (or the staged

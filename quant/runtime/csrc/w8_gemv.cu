@@ -6,7 +6,7 @@
 // or, one row in the persistent form (KernelConfig.norm_prologue), the float16 residual stream, whose RMSNorm (times
 // the norm weight, times the pre-quant scale, quantized by the static activation scale: act_prep's steps) every
 // block computes into shared memory while its first weights are on their way (PRO_NORM, as w4a16_gemv.cu's), in
-// place of the previous GEMV's serial THEN_NORM tail, with the same bits (gemv::block_rstd, gemv::norm8, gemv::act8).
+// place of the previous GEMV's serial THEN_NORM tail, with the same bits (gemv::stage_norm).
 //
 // Weight layout: the checkpoint's own, [N, K] row-major (no copy is made). Each lane streams 16 bytes (16 weights of
 // one row) per chunk with non-caching loads, U chunks of R rows in flight before any arithmetic, as the W4A16 GEMV
@@ -70,7 +70,7 @@ __device__ __forceinline__ void unpack_x(const uint4& xr, int h, Chunk<F>& out) 
 }
 
 // Chunk c of row m: from x in global memory, or (STAGED, one row) from the row PRO_NORM staged in shared memory,
-// where W8A16's half h of chunk c sits at unit h * C + c (stage_norm), so that a warp's lanes read consecutive
+// where W8A16's half h of chunk c sits at unit h * C + c (gemv::stage_norm), so that a warp's lanes read consecutive
 // 16 bytes.
 template <int F, bool STAGED>
 __device__ __forceinline__ void load_x(const void* x, int64_t ldx, int m, int c, int C, Chunk<F>& out) {
@@ -196,32 +196,13 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
   if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
 }
 
-// PRO_NORM's staging, one row: xs [K] of act8(nw * (x * rstd rounded), pre) in the format's activation type
-// (W8A16 float16, its 16-byte unit u at (u & 1) * C + (u >> 1), load_x's order; W8A8 int8 and FP8 e4m3 in order,
-// quantized by *a), each step rounded as the previous GEMV's THEN_NORM tail (norm_by_last_block, store_act8) rounds
-// it. x, nw, pre 16-byte aligned, K % 16 == 0 (the binding's checks): every load is 16 bytes wide.
-template <int F>
-__device__ __forceinline__ void stage_norm(uint4* xs, const half* x, const half* nw, const half* pre, const float* a,
-                                           int K, float eps) {
-  const float rstd = gemv::block_rstd(x, K, eps, true), as = F == F_W8A16 ? 1.f : *a;
-  const int C = K >> 4, units = K >> 3;
-  for (int u = threadIdx.x; u < units; u += WARPS * 32) {
-    const uint4 v = gemv::norm8(__ldcg(reinterpret_cast<const uint4*>(x) + u),
-                                __ldg(reinterpret_cast<const uint4*>(nw) + u), rstd);
-    const uint4 p = pre != nullptr ? __ldg(reinterpret_cast<const uint4*>(pre) + u) : make_uint4(0, 0, 0, 0);
-    const uint4 q = gemv::act8(v, p, pre != nullptr, F == F_W8A16 ? 0 : F == F_W8A8 ? 1 : 2, as);
-    if constexpr (F == F_W8A16) xs[(u & 1) * C + (u >> 1)] = q;
-    else reinterpret_cast<uint2*>(xs)[u] = make_uint2(q.x, q.y);
-  }
-  __syncthreads();
-}
-
 // The persistent form, one row (KernelConfig.w8g_persistent): gemv::walk_row_blocks over the NB row blocks, a
 // warp's next round loaded while it computes the current one (the one-block-per-row-block form waits on each of its
 // K / (512 U) rounds). THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store. Launched with
 // programmatic dependent launch (gemv::launch_persistent), only the first weight loads come before
-// gemv::wait_previous_grid. NORM (PRO_NORM): x is the float16 residual stream, staged normalized (stage_norm) after
-// the first weight loads.
+// gemv::wait_previous_grid. NORM (PRO_NORM): x is the float16 residual stream, staged normalized (gemv::stage_norm)
+// after the first weight loads: the row in the format's activation type, W8A16's unit u at load_x's
+// (u & 1) * C + (u >> 1).
 template <int F, int R, int U, int THEN, bool NORM>
 __global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
     const void* __restrict__ x, const uint4* __restrict__ w, const void* __restrict__ s, half* __restrict__ y, int N,
@@ -240,7 +221,12 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
   uint4 cur[U][R];
   load_chunks(cur, w, rows, C, 0, lane);
   if (pdl) gemv::wait_previous_grid(cur[0][0].x);  // (launched without it: no wait on the loads)
-  if constexpr (NORM) stage_norm<F>(xs, static_cast<const half*>(x), nw, pre, a, K, eps);
+  if constexpr (NORM)
+    gemv::stage_norm(static_cast<const half*>(x), nw, pre, K, eps, F == F_W8A16 ? 0 : F == F_W8A8 ? 1 : 2,
+                     F == F_W8A16 ? 1.f : *a, [&](int u, const uint4& v) {
+                       if constexpr (F == F_W8A16) xs[(u & 1) * C + (u >> 1)] = v;
+                       else reinterpret_cast<uint2*>(xs)[u] = make_uint2(v.x, v.y);
+                     });
   gemv::walk_row_blocks<R, U, THEN>(
       w, N, C, NB, lane, cur, rows,
       [&](const uint4 (&wv)[U][R], const int (&)[R], int c0) {
@@ -335,7 +321,7 @@ cudaError_t launch_rows(int tile, int M, const Args& a) {
 // y [M, ldy] float16. then (gemv::Then) other than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs);
 // THEN_SILU: N even, xn [N/2], y unused, not accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned
 // that is 0 (and is left 0). grid (Args): M == 1 unless 0; pdl: grid != 0, an sm_90 GPU. nw [K] float16 (PRO_NORM:
-// x float16 [1, K], the input act8(RMSNorm(x) * nw, pre) with eps, pre [K] float16 or null, act_scale float32 [1]
+// x float16 [1, K], the input quant8(RMSNorm(x) * nw * pre) with eps, pre [K] float16 or null, act_scale float32 [1]
 // for W8A8 / FP8), all 16-byte aligned, or null: M == 1, grid != 0, K * (2 for W8A16, else 1) bytes of shared
 // memory (<= 48 KiB), then not THEN_NORM.
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,

@@ -282,12 +282,13 @@ class _Handler:
         with ``then_quant`` (the next linear's :meth:`input_quant`) that quantized for it."""
         if self.cuda:
             if self._takes_gemv(x.shape[0]):
-                if not self.kernels.fuse_prologue and (norm is not None or silu) and not self.own_prologue \
-                        and not (norm is not None and not silu and self.takes_norm(x.shape[0])):
-                    x, norm, silu = self._prep(x, norm, eps, silu), None, False
                 if then:
                     assert self.chains(x.shape[0]), "then_silu / then_norm where chains() is False"
                     then = {**then, "counter": self.then_counter}
+                if norm is not None and not silu and self.takes_norm(x.shape[0]):
+                    return self._normed_gemv(x, norm, eps, residual, **then)
+                if not self.kernels.fuse_prologue and (norm is not None or silu) and not self.own_prologue:
+                    x, norm, silu = self._prep(x, norm, eps, silu), None, False
                 return self._gemv(x, norm=norm, eps=eps, silu=silu, residual=residual, **then)
             y = self._mm_cuda(x, norm=norm, eps=eps, silu=silu)
             if residual is None and y.dtype != self.dtype:  # (tinygemm computes in bf16)
@@ -317,11 +318,17 @@ class _Handler:
         return self.then_counter is not None and self._takes_gemv(rows) and self._gemv_then_ok()
 
     def takes_norm(self, rows: int) -> bool:
-        """Whether :meth:`fused` at ``rows`` takes ``norm`` inside its own GEMV (KernelConfig.norm_prologue), so that
-        the linear before it ends in the residual add, with no ``then_norm``. Here: the 8-bit GEMV (w8g, not its
-        tensor-core kernel), whose call with ``norm`` takes the persistent form (_w8g_gemv)."""
+        """Whether :meth:`fused` at ``rows`` takes ``norm`` inside its own GEMV (KernelConfig.norm_prologue:
+        :meth:`_normed_gemv`), so that the linear before it ends in the residual add, with no ``then_norm``. Here:
+        the 8-bit GEMV (w8g, not its tensor-core kernel)."""
         return (rows == 1 and self.w8g and self.w8m is None and self.algo_key in self.kernels.norm_prologue
                 and self.then_counter is not None and self._takes_gemv(1) and cuda_ext.fuses(1, self.weight.shape[1]))
+
+    def _normed_gemv(self, x: torch.Tensor, norm: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                     **then) -> torch.Tensor:
+        """The batch-1 GEMV on the float16 residual stream x, normalizing it itself (where :meth:`takes_norm`). Here:
+        the 8-bit GEMV (_w8g_gemv)."""
+        return self._w8g_gemv(x, residual, eps, norm=norm, **then)
 
     # 1 / 2: the format quantizes its input to int8 / e4m3 by a static act_scale after its prequant (SmoothQuant,
     # FP8), which a producer's epilogue may do for it (input_quant)
@@ -345,7 +352,7 @@ class _Handler:
     w8g = False
     w8m = None
 
-    def _setup_w8g(self, inp: int) -> None:
+    def _setup_w8g(self, inp: int, scale: torch.Tensor) -> None:
         """Whether batch 1 takes the compiled 8-bit GEMV: the kernel config lists this format, float16 output, K a
         multiple of 16, and the extension built (else its reason is kept and the Triton GEMV runs); or, where
         KernelConfig.w8m lists it and the shape fits, the 8-bit tensor-core kernel in its place."""
@@ -356,6 +363,7 @@ class _Handler:
             self.w8g, self.kernel = True, "w8m-mma|" + self.kernel
         elif self.algo_key in self.kernels.w8g and cuda_ext.w8g_ok(inp, self.dtype) and self._extension_built():
             self.w8g, self.kernel = True, "w8g-cuda|" + self.kernel
+        self.w8g_scale = scale  # what the 8-bit kernels scale their sums by (per channel or per tensor)
 
     # int32 zeros, one per output tile of 16 channels or more, when wq_wide lists the format: handed to wq_mm, whose
     # 2–64-row calls then take the wide tiles with K split (its split programs' counter)
@@ -373,20 +381,19 @@ class _Handler:
             return False
         return True
 
-    def _w8g_gemv(self, x: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None, eps: float = 1e-6,
+    def _w8g_gemv(self, x: torch.Tensor, residual: torch.Tensor | None, eps: float = 1e-6,
                   norm: torch.Tensor | None = None, **then) -> torch.Tensor:
         """The compiled 8-bit kernel at batch 1 on x as the format takes it (quantized for W8A8 / FP8), or, with
         ``norm`` (where :meth:`takes_norm`), on the float16 residual stream, which the GEMV's persistent form
-        normalizes (and quantizes) itself."""
+        normalizes (and quantizes as act_prep would) itself."""
         if self.w8m is not None:
-            return cuda_ext.w8_mma(x, self.w8m, scale, fmt=self.algo_key, tile_counter=self.w8m_counter,
+            return cuda_ext.w8_mma(x, self.w8m, self.w8g_scale, fmt=self.algo_key, tile_counter=self.w8m_counter,
                                    residual=residual, depth=self.kernels.w8m_depth, eps=eps, **then)
-        pro = {}
-        if norm is not None:
-            pro = {"norm": norm, "prequant": self.prequant, "act_scale": self.act_scale.reshape(1)} \
-                if self.input_afmt else {"norm": norm}
+        pro = {} if norm is None else {"norm": norm}
+        if norm is not None and self.input_afmt:
+            pro.update(prequant=self.prequant, act_scale=self.act_scale.reshape(1))
         grid = cuda_ext.grid(self.algo_key in self.kernels.w8g_persistent or norm is not None, x.shape[0])
-        return cuda_ext.w8_gemv(x, self.weight, scale, fmt=self.algo_key, residual=residual,
+        return cuda_ext.w8_gemv(x, self.weight, self.w8g_scale, fmt=self.algo_key, residual=residual,
                                 tile=self.kernels.w8g_tile, eps=eps, grid=grid,
                                 pdl=self.gemv_pdl and grid != 0, **pro, **then)
 

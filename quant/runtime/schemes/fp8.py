@@ -35,7 +35,7 @@ class FP8Linear(_Handler):
         if self.cuda:
             self.kernel, self.emulated = "triton-fp8-gemv|scaled_mm", False
             self.out_scale = (self.act_scale * self.weight_scale).reshape(1).contiguous()
-            self._setup_w8g(self.weight.shape[1])
+            self._setup_w8g(self.weight.shape[1], self.out_scale)
 
     algo_key = "FP8"
     shared_inputs = ("activation_scaling_factor", "weights_scaling_factor")
@@ -45,14 +45,12 @@ class FP8Linear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual, **then):
         ck = _cuda_kernels()
-        if norm is not None and not silu and self.takes_norm(x.shape[0]):  # the GEMV normalizes and quantizes x
-            return self._w8g_gemv(x, self.out_scale, residual, eps, norm=norm, **then)
         if not self.kernels.fuse_prologue or self.prequant is not None or self.w8g or x.dtype == FP8_E4M3:
             # quantize, then fp8 × fp8 (e4m3 x: quantized by the previous linear's epilogue, input_quant)
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale.reshape(1),
                             afmt=ck.A_FP8)
             if self.w8g:
-                return self._w8g_gemv(qx, self.out_scale, residual, eps, **then)
+                return self._w8g_gemv(qx, residual, eps, **then)
             return self._ck_gemv(qx, self.weight, wfmt=ck.W_FP8, wscale=self.out_scale, scale_mode=ck.S_SCALAR,
                                  residual=residual, out_dtype=self.dtype, **then)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_FP8, afmt=ck.A_FP8, act_scale=self.act_scale.reshape(1),

@@ -127,6 +127,11 @@ class W4A16AWQLinear(_Handler):
                 and self._takes_gemv(1) and not self._w4m_takes(1) and self._w4g_takes(1)
                 and cuda_ext.fuses(1, self.inp))
 
+    def _normed_gemv(self, x, norm, eps, residual, **then):
+        return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile,
+                                   prequant=self.prequant, norm=norm, eps=eps, grid=cuda_ext.grid(True, 1),
+                                   pdl=self.gemv_pdl, **then)
+
     def _gemv_then_ok(self) -> bool:
         return not self.kpack_at_1 or self._w4g_takes(1) or self._w4m_takes(1)
 
@@ -150,10 +155,6 @@ class W4A16AWQLinear(_Handler):
     def _w4g_mm(self, x, norm, eps, silu, residual=None, **then):
         grid = cuda_ext.grid(self.kernels.w4g_persistent, x.shape[0])
         pdl = self.gemv_pdl and grid != 0
-        if norm is not None and not silu and self.takes_norm(x.shape[0]):
-            return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
-                                       tile=self.w4g_tile, prequant=self.prequant, norm=norm, eps=eps, grid=grid,
-                                       pdl=pdl, **then)
         if norm is None and not silu and self.prequant is not None and self.kernels.w4g_fuse \
                 and cuda_ext.fuses(x.shape[0], self.inp):
             return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,

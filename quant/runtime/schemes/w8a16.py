@@ -19,7 +19,7 @@ class W8A16Linear(_Handler):
         self.kernel, self.emulated = ("int8pack_mm", False) if self.native else ("emulated-int8", True)
         if self.cuda:
             self.kernel, self.emulated = "triton-w8a16", False
-            self._setup_w8g(self.weight.shape[1])
+            self._setup_w8g(self.weight.shape[1], self.scale)
             self.cvt = int(kernels.wq_cvt and dtype == torch.float16)
             self._setup_wq_wide()
 
@@ -32,9 +32,7 @@ class W8A16Linear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual, **then):
         if self.w8g:
-            if norm is not None and not silu and self.takes_norm(x.shape[0]):  # the GEMV normalizes x itself
-                return self._w8g_gemv(x, self.scale, residual, eps, norm=norm, **then)
-            return self._w8g_gemv(self._prep(x, norm, eps, silu), self.scale, residual, eps, **then)
+            return self._w8g_gemv(self._prep(x, norm, eps, silu), residual, eps, **then)
         ck = _cuda_kernels()
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT8, wscale=self.scale, scale_mode=ck.S_CHANNEL, norm=norm,
                              eps=eps, silu=silu, residual=residual, **then)

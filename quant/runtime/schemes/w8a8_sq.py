@@ -27,7 +27,7 @@ class W8A8SQLinear(_Handler):
         self.kernel, self.emulated = ("int_mm", False) if self.native else ("emulated-int8-gemm", True)
         if self.cuda:
             self.kernel, self.emulated = "triton-w8a8", False
-            self._setup_w8g(self.weight.shape[1])
+            self._setup_w8g(self.weight.shape[1], self.out_scale)
             self._setup_wq_wide()
 
     algo_key = "W8A8_SQ_PER_CHANNEL"
@@ -37,13 +37,11 @@ class W8A8SQLinear(_Handler):
 
     def _gemv(self, x, *, norm, eps, silu, residual, **then):
         ck = _cuda_kernels()
-        if norm is not None and not silu and self.takes_norm(x.shape[0]):  # the GEMV normalizes and quantizes x
-            return self._w8g_gemv(x, self.out_scale, residual, eps, norm=norm, **then)
         if not self.kernels.fuse_prologue or self.w8g or x.dtype == torch.int8:  # quantize once, then int8 × int8
             # (int8 x: quantized by the previous linear's epilogue, input_quant)
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale, afmt=ck.A_INT8)
             if self.w8g:
-                return self._w8g_gemv(qx, self.out_scale, residual, eps, **then)
+                return self._w8g_gemv(qx, residual, eps, **then)
             return self._ck_gemv(qx, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8_IN, wscale=self.out_scale,
                                  scale_mode=ck.S_CHANNEL, residual=residual, out_dtype=self.dtype, **then)
         return self._ck_gemv(x, self.weight, wfmt=ck.W_INT8, afmt=ck.A_INT8, prequant=self.prequant,
