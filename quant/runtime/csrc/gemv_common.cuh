@@ -270,17 +270,41 @@ __device__ __forceinline__ void store_silu_pairs(const float (&v)[R], const Then
   }
 }
 
-// rsqrt(mean(y^2) + eps) of y [N] (written by other blocks or kernels: read from L2), float32 statistics, computed
-// by the whole block (WARPS warps) in one fixed order, so that the places that normalize a row, a GEMV's THEN_NORM
-// tail and the PRO_NORM prologues (w4a16_gemv.cu, w8_gemv.cu), give the same bits. `vec`: y loaded in 16-byte
-// chunks (N % 8 == 0, 16-byte aligned); the elements past 8 * (N / 8) of a vec row, or all of another, one by one.
-// Each thread issues NV 16-byte loads before using any: latency counts in both places (the tail is serial; the
-// prologue waits on it before its first arithmetic). NV = 2, not 4: the W8A16 kernel's registers go 30 -> 48 (66
-// at 4, 7 blocks an SM: a second wave for 7B's 1024 blocks). Called once per kernel (its partials' shared array).
-__device__ __forceinline__ float block_rstd(const half* y, int N, float eps, bool vec) {
-  constexpr int T = WARPS * 32, NV = 2;
+// ss += the squares of the eight float16 values of v, in order (float32). block_rstd's and stage_norm's one order.
+__device__ __forceinline__ void add_squares(const uint4& v, float& ss) {
+  const half2* h = reinterpret_cast<const half2*>(&v);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __half22float2(h[k]);
+    ss = fmaf(f.y, f.y, fmaf(f.x, f.x, ss));
+  }
+}
+
+// rsqrt(sum / N + eps), sum the block's (WARPS warps) partial sums ss, reduced in one fixed order. Called once per
+// kernel (its partials' shared array).
+__device__ __forceinline__ float block_rsqrt_mean(float ss, int N, float eps) {
   __shared__ float part[WARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (lane == 0) part[warp] = ss;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) total += part[w];
+  return rsqrtf(total / N + eps);
+}
+
+// rsqrt(mean(y^2) + eps) of y [N] (written by other blocks or kernels: read from L2), float32 statistics, computed
+// by the whole block (WARPS warps) in one fixed order: thread t sums the 16-byte units t, t + T, t + 2T, ... in turn
+// (add_squares), then block_rsqrt_mean; so that the places that normalize a row, a GEMV's THEN_NORM tail and the
+// PRO_NORM prologues (w4a16_gemv.cu, w8_gemv.cu; stage_norm, which keeps that order), give the same bits. `vec`: y
+// loaded in 16-byte chunks (N % 8 == 0, 16-byte aligned); the elements past 8 * (N / 8) of a vec row, or all of
+// another, one by one. Each thread issues NV 16-byte loads before using any: latency counts in both places (the tail
+// is serial; the prologue waits on it before its first arithmetic). NV = 2, not 4: the W8A16 kernel's registers go
+// 30 -> 48 (66 at 4, 7 blocks an SM: a second wave for 7B's 1024 blocks).
+__device__ __forceinline__ float block_rstd(const half* y, int N, float eps, bool vec) {
+  constexpr int T = WARPS * 32, NV = 2;
   const int n8 = vec ? N / 8 : 0;
   const uint4* y8 = reinterpret_cast<const uint4*>(y);
   const uint4 zero = make_uint4(0, 0, 0, 0);
@@ -290,27 +314,13 @@ __device__ __forceinline__ float block_rstd(const half* y, int N, float eps, boo
 #pragma unroll
     for (int u = 0; u < NV; ++u) v[u] = j0 + u * T < n8 ? __ldcg(y8 + j0 + u * T) : zero;
 #pragma unroll
-    for (int u = 0; u < NV; ++u) {
-      const half2* h = reinterpret_cast<const half2*>(&v[u]);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 f = __half22float2(h[k]);
-        ss = fmaf(f.y, f.y, fmaf(f.x, f.x, ss));
-      }
-    }
+    for (int u = 0; u < NV; ++u) add_squares(v[u], ss);
   }
   for (int i = 8 * n8 + threadIdx.x; i < N; i += T) {
     const float h = __half2float(__ldcg(y + i));
     ss = fmaf(h, h, ss);
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (lane == 0) part[warp] = ss;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int w = 0; w < WARPS; ++w) total += part[w];
-  return rsqrtf(total / N + eps);
+  return block_rsqrt_mean(ss, N, eps);
 }
 
 // One 16-byte unit of the normalized row: g * (y * rstd rounded to float16), each product rounded (act_prep's
@@ -323,18 +333,58 @@ __device__ __forceinline__ uint4 norm8(uint4 v, const uint4& g8, float rstd) {
   return v;
 }
 
+// A row of up to HELD * WARPS * 32 16-byte units (K <= 4096) is staged from registers: each thread issues all its
+// loads of x and nw at once, one L2 round trip before the statistics, in place of block_rstd's K / 2048 dependent
+// rounds and then a loop over x again (the prologue cost ~2-3 us a call: stage 15's profile). Longer rows take that
+// way. 4, not more: the INT4 kernel's registers went 64 -> 72 with it (7 blocks an SM, not 8).
+constexpr int HELD = 4;
+
 // A PRO_NORM prologue's staging of the row (w4a16_gemv.cu, w8_gemv.cu): each 16-byte unit u of x [K] (the residual
 // stream, written by the previous kernel: read from L2) as quant8((nw * (x * rstd rounded)) * pre, afmt, a), each step
-// rounded as the previous GEMV's THEN_NORM tail (norm_by_last_block, store_act8) rounds it, handed to store(u, unit)
-// (the kernel's shared-memory layout); then a barrier. x, nw, pre (or null) 16-byte aligned, K % 8 == 0.
+// rounded as the previous GEMV's THEN_NORM tail (norm_by_last_block, store_act8) rounds it, rstd summed in
+// block_rstd's order; handed to store(u, unit) (the kernel's shared-memory layout); then a barrier. x, nw, pre (or
+// null) 16-byte aligned, K % 8 == 0.
 template <class Store>
 __device__ __forceinline__ void stage_norm(const half* x, const half* nw, const half* pre, int K, float eps,
                                            int afmt, float a, Store&& store) {
-  const float rstd = block_rstd(x, K, eps, true);
-  for (int u = threadIdx.x; u < (K >> 3); u += WARPS * 32) {
-    uint4 v = norm8(__ldcg(reinterpret_cast<const uint4*>(x) + u), __ldg(reinterpret_cast<const uint4*>(nw) + u), rstd);
-    if (pre != nullptr) v = hmul8(v, __ldg(reinterpret_cast<const uint4*>(pre) + u));
-    store(u, quant8(v, afmt, a));
+  constexpr int T = WARPS * 32;
+  const int units = K >> 3;
+  const uint4 *x8 = reinterpret_cast<const uint4*>(x), *nw8 = reinterpret_cast<const uint4*>(nw),
+              *pre8 = reinterpret_cast<const uint4*>(pre);
+  if (units <= HELD * T) {
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    uint4 v[HELD], g[HELD];
+#pragma unroll
+    for (int h = 0; h < HELD; ++h) {
+      const int u = threadIdx.x + h * T;
+      v[h] = u < units ? __ldcg(x8 + u) : zero;
+      g[h] = u < units ? __ldg(nw8 + u) : zero;
+    }
+    float ss = 0.f;  // zeros past the row add nothing, as block_rstd's
+#pragma unroll
+    for (int h = 0; h < HELD; ++h) add_squares(v[h], ss);
+    const float rstd = block_rsqrt_mean(ss, K, eps);
+#pragma unroll
+    for (int h = 0; h < HELD; ++h) v[h] = norm8(v[h], g[h], rstd);
+    if (pre != nullptr) {  // (loaded here, not with x: 16 registers fewer at the peak)
+#pragma unroll
+      for (int h = 0; h < HELD; ++h) g[h] = threadIdx.x + h * T < units ? __ldg(pre8 + threadIdx.x + h * T) : zero;
+#pragma unroll
+      for (int h = 0; h < HELD; ++h) v[h] = hmul8(v[h], g[h]);
+    }
+#pragma unroll
+    for (int h = 0; h < HELD; ++h) {
+      const int u = threadIdx.x + h * T;
+      if (u >= units) break;
+      store(u, quant8(v[h], afmt, a));
+    }
+  } else {
+    const float rstd = block_rstd(x, K, eps, true);
+    for (int u = threadIdx.x; u < units; u += T) {
+      uint4 r = norm8(__ldcg(x8 + u), __ldg(nw8 + u), rstd);
+      if (pre != nullptr) r = hmul8(r, __ldg(pre8 + u));
+      store(u, quant8(r, afmt, a));
+    }
   }
   __syncthreads();
 }
