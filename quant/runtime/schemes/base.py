@@ -138,9 +138,11 @@ class KernelConfig:
     # GEMV: ~4.5 µs a call on an H100, 2026-12-05 profile). INT4's compiled GEMV (w4g) in its persistent form only
     # (w4g_persistent); the 8-bit GEMV (w8g; csrc/w8_gemv.cu PRO_NORM, quantizing the row for SmoothQuant and FP8
     # too) takes its persistent form for those calls whatever w8g_persistent says. The same bits. End to end on an
-    # H100 (batch 1, input 512, interleaved, 2026-12-06) INT4 went from 2.11× to 2.20× FP16 on LLaMa-2-7B and from
-    # 2.07× to 2.18× on Llama-3-8B (experiments.bench RECIPE@nonormpro: the tail). The 8-bit formats: not timed yet
-    # (RECIPE@w8normpro).
+    # H200 (batch 1, input 512, interleaved, 2026-12-06, the row staged from registers) INT4 went from 1.84× to
+    # 1.95× FP16 on LLaMa-2-7B and from 1.79× to 1.95× on Llama-3-8B (experiments.bench RECIPE@nonormpro: the tail).
+    # The 8-bit formats, same run (RECIPE@w8normpro): slower or level, so off: INT8 weight-only 1.48 → 1.46 / 1.51 →
+    # 1.46 (7B / 8B), FP8 1.53 → 1.46 / 1.49 → 1.47, SmoothQuant 1.54 → 1.52 / 1.49 → 1.52 (their prologue also
+    # brings the persistent form, by itself no faster for them).
     norm_prologue: frozenset[str] = frozenset({"W4A16_AWQ"})
     # 8-bit formats whose batch-1 row takes the tensor-core kernel instead (cuda_ext.w8_mma: float16 output, N a
     # multiple of 64, K of 32, on a copy in the MMA's fragment layout made at load; the gemv_then epilogues), with
