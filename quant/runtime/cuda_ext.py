@@ -310,12 +310,11 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     then_norm): the input is RMSNorm(x) · norm (· prequant), every block computing the row's statistics as a
     ``then_norm`` epilogue would have: the same bits as that epilogue followed by this GEMV. One row may also end
     with the next linear's prologue, as ``cuda_kernels.gemv`` does: ``then_silu`` returns SiLU · gate of y's
-    halves, ``then_norm`` (with residual and counter, one int32 zero left zero) RMSNorm(residual + y) ·
-    then_norm; ``then_quant`` (prequant or None,
-    act_scale [1], 1 int8 / 2 e4m3) that result quantized for the next linear, as act_prep would. ``grid`` (one
-    row only unless 0): 0 one block per row block; -1 the persistent kernel (KernelConfig.w4g_persistent) on as
-    many blocks as the GPU holds at once; n > 0 on at most n blocks (the tests' way to give each block several row
-    blocks). The same bits whichever. ``pdl`` (grid ≠ 0, compute capability ≥ 9.0: :func:`pdl_ok`): the persistent
+    halves, ``then_norm`` (with residual and counter, one int32 zero left zero) RMSNorm(residual + y) · then_norm;
+    ``then_quant`` (prequant or None, act_scale [1], 1 int8 / 2 e4m3) that result quantized for the next linear,
+    as act_prep would. ``grid`` (one row only unless 0): 0 one block per row block; -1 the persistent kernel
+    (KernelConfig.w4g_persistent) on as many blocks as the GPU holds at once; n > 0 on at most n blocks (the
+    tests' way to give each block several row blocks). The same bits whichever. ``pdl`` (grid ≠ 0, compute capability ≥ 9.0: :func:`pdl_ok`): the persistent
     kernel launched with programmatic dependent launch, so that it starts, and loads its first weights, while the
     kernel before it in the stream finishes (gemv_common.cuh); the same bits."""
     mod = _built()
