@@ -1363,6 +1363,32 @@ def test_decode_step_logits_equal_prefill_logits(tiny_folders):
             assert max(rel(dl[t], full[t]) for t in range(40)) <= bound.get(recipe, 2e-2), recipe
 
 
+
+@cuda
+@pytest.mark.parametrize("recipe", ["fp16", "int8_wo", "int4_awq", "smoothquant_kv_int8"])
+def test_attention_early_and_pdl_give_the_same_bits(recipe, tiny_folders):
+    """KernelConfig.attn_early / attn_pdl: decode attention's split kernel loads each split's first keys / values
+    before q and, with PDL, is launched while the qkv GEMV before it runs (the Triton GEMV, the compiled 8-bit one,
+    INT4's persistent one, which lets dependents start first thing), waiting for it before reading q. One decode step's
+    logits bit for bit against the default at prompt lengths of one and several splits, and the tokens generated
+    under the CUDA graph."""
+    from quant.runtime.schemes.base import KernelConfig
+    from quant.runtime.torch_runtime import TorchRuntime, _DecodeState
+
+    ids = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(6)).tolist()
+    ref, early, pdl = (TorchRuntime.from_dir(tiny_folders[recipe], device="cuda", compute_dtype="float16", kernels=k)
+                       for k in (KernelConfig(), KernelConfig(attn_early=True), KernelConfig(attn_pdl=True)))
+    st = _DecodeState(pdl, None, 1, 40, 2, True, (-1,), 0)
+    assert st.attn.pdl and st.attn.early and st.rope_fused  # (sm_90: every GPU tests/test_cuda.py runs on)
+    for n in (2, 24, 299):
+        want = _one_step_logits(ref, ids[: n + 1])
+        assert torch.equal(_one_step_logits(early, ids[: n + 1]), want), n
+        assert torch.equal(_one_step_logits(pdl, ids[: n + 1]), want), n
+    tokens = ref.generate([ids[:9]], 12, ignore_eos=True).tokens
+    assert early.generate([ids[:9]], 12, ignore_eos=True).tokens == tokens
+    for _ in range(3):  # the graph replayed: launched with PDL each time
+        assert pdl.generate([ids[:9]], 12, ignore_eos=True).tokens == tokens
+
 @cuda
 def test_decode_with_each_linear_doing_the_next_ones_prologue(tiny_folders):
     """KernelConfig.gemv_then: at batch 1 the fc‖gate GEMV writes SiLU · gate and the o / down GEMVs RMSNorm of the

@@ -51,6 +51,25 @@ def compile_one(fn, types: dict, const: dict, div16: tuple[str, ...] = DIV16, **
                           target=TARGET, options=options)
 
 
+# the attention kernel's strides and head counts, multiples of 16 at the 7B / 8B shapes (as the JIT specializes them)
+ATTN_DIV16 = ("stride_qb", "stride_cb", "stride_ch", "stride_ct", "stride_mb", "stride_ob", "H", "KVH")
+
+
+def loads_before_wait(nbytes: int, warps: int = 4):
+    """A check of a compiled kernel: its SASS issues ``nbytes`` (each thread's share, in 16-byte loads) before its
+    first griddepcontrol.wait (ACQBULK), so that they overlap the kernel before; None when it does, else why not."""
+    def check(k) -> str | None:
+        from sass_loop import cubin_tool
+
+        sass = cubin_tool(k, "cuobjdump", "-sass")
+        if "ACQBULK" not in sass:
+            return "a griddepcontrol.wait (ACQBULK)"
+        before = len(re.findall(r"LDG[.]E[.]128", sass.split("ACQBULK", 1)[0]))
+        want = nbytes // 16 // (32 * warps)
+        return None if before == want else f"its {want} 16-byte loads a thread before the wait ({before} there)"
+    return check
+
+
 def main() -> int:
     failed = 0
     attn = {"q_ptr": "*fp16", "mask_ptr": "*u8", "slot_ptr": "*i64", "scale_ptr": "*fp32", "m_ptr": "*fp32",
@@ -66,6 +85,12 @@ def main() -> int:
                 jobs.append((f"attention kv={kv} fused_reduce={fused} rope={rope}", ck._attn_split_kernel,
                              {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]}, const, {"num_warps": 4},
                              "atom.global.gpu.acq_rel" if fused else None))
+    for kv in (0, 1):  # KernelConfig.attn_pdl: the first block's cache loads all issued before the grid wait
+        const = dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=kv, FUSED_REDUCE=True, NSPLIT_P2=16, ROPE=True,
+                     EARLY=True, GDC=True)
+        jobs.append((f"attention early + grid wait kv={kv}", ck._attn_split_kernel,
+                     {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]}, const,
+                     {"num_warps": 4, "div16": ATTN_DIV16}, loads_before_wait(2 * 64 * 128 * (2 if kv == 0 else 1))))
     for afmt, out in ((ck.A_INT8, "*i8"), (ck.A_FP8, "*fp8e4nv")):  # the combine quantizing for the o_proj next
         jobs.append((f"attention fused_reduce rope quantized afmt={afmt}", ck._attn_split_kernel,
                      {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "out_ptr": out},
@@ -115,6 +140,8 @@ def main() -> int:
     for name, fn, types, const, options, must in jobs:
         try:
             k = compile_one(fn, types, const, **options)
+            if callable(must):  # a check of the compiled code: None, or what it lacks
+                must = must(k)
             ok = (must is None or must in k.asm["ptx"]) and k.metadata.shared <= MAX_SHARED
             if k.metadata.shared > MAX_SHARED:
                 must = f"a block's shared memory: it needs {k.metadata.shared} bytes, sm_90 gives {MAX_SHARED}"

@@ -945,7 +945,8 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
                        pos_ptr, freq_ptr, rcp_ptr, KVH, oq_pre_ptr, oq_a_ptr,
                        GQA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
                        KV_QUANT: tl.constexpr, FUSED_REDUCE: tl.constexpr, NSPLIT_P2: tl.constexpr,
-                       ROPE: tl.constexpr, OQ_PRE: tl.constexpr = False, OQ_AFMT: tl.constexpr = 0):
+                       ROPE: tl.constexpr, OQ_PRE: tl.constexpr = False, OQ_AFMT: tl.constexpr = 0,
+                       EARLY: tl.constexpr = False, GDC: tl.constexpr = False):
     """One program per (row b, head h, split of SPLIT keys): the split's softmax statistics (max m, sum l) and
     unnormalized output. FUSED_REDUCE: the (b, h)'s last program to finish (an acq_rel counter; it resets it for
     the next launch) combines every split in split order, as _attn_reduce_kernel does, and one launch is saved.
@@ -954,7 +955,10 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     the cache's quantization when KV_QUANT) instead of reading the cache there, and its program of the first head
     of each KV group writes them to the cache — the RoPE / cache-write launch is saved. OQ_PRE / OQ_AFMT (with
     FUSED_REDUCE): the output quantized for the next linear as act_prep would (times oq_pre, int8 / fp8 by oq_a;
-    KernelConfig.gemv_then's then_quant), out int8 / float8."""
+    KernelConfig.gemv_then's then_quant), out int8 / float8. EARLY (KernelConfig.attn_pdl): the split's first block
+    of cached keys / values and its key mask are loaded before anything the kernel before writes (q_ptr's row),
+    then GDC waits for that kernel's grid (griddepcontrol.wait: launched with programmatic dependent launch, this
+    kernel may start while the qkv GEMV still runs); the same arithmetic in the same order, so the same bits."""
     dt: tl.constexpr = q_ptr.dtype.element_ty
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -965,10 +969,16 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     lo = sp * SPLIT
     hi = tl.minimum(lo + SPLIT, cur)
     offs_d = tl.arange(0, D)
-    if KV_QUANT != 0:
-        kv_scale = tl.load(scale_ptr)
+    kv_scale = tl.load(scale_ptr) if KV_QUANT != 0 else 1.0
+    slot = cur - 1
+    if EARLY:  # (nothing above reads what the kernel before writes: slot, mask and cache are older)
+        base = b * stride_cb + kvh * stride_ch
+        offs_t0 = lo + tl.arange(0, BLOCK_T)
+        k0, v0, valid0 = _attn_kv_block(k_ptr, v_ptr, mask_ptr + b * stride_mb, base, offs_t0, hi, slot, stride_ct,
+                                        offs_d, ROPE)
+        if GDC:
+            tl.extra.cuda.gdc_wait()
     if ROPE:
-        slot = cur - 1
         row = q_ptr + b * stride_qb
         cos, sin = _rope_cos_sin(tl.load(pos_ptr + b), freq_ptr, offs_d, D, dt)  # the same angles for q and k
         q = _rope_vec(row + h * D, cos, sin, offs_d, D, dt).to(tl.float32) * sm_scale
@@ -985,35 +995,22 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
             k_st, v_st = k_new, v_new
     else:
         q = tl.load(q_ptr + b * stride_qb + h * D + offs_d).to(tl.float32) * sm_scale
+        k_new, v_new = q, q  # (unused without ROPE)
     m_i = -float("inf")
     l_i = 0.0
     acc = tl.zeros([D], tl.float32)
     base = b * stride_cb + kvh * stride_ch
-    for t0 in range(lo, hi, BLOCK_T):
+    start = lo
+    if EARLY:
+        m_i, l_i, acc = _attn_block(q, k0, v0, valid0, offs_t0, slot, k_new, v_new, kv_scale, m_i, l_i, acc, dt,
+                                    KV_QUANT, ROPE)
+        start = lo + BLOCK_T
+    for t0 in range(start, hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        t_mask = offs_t < hi
-        valid = t_mask & (tl.load(mask_ptr + b * stride_mb + offs_t, mask=t_mask, other=0) != 0)
-        kp = base + offs_t[:, None] * stride_ct + offs_d[None, :]
-        ld_mask = t_mask
-        if ROPE:
-            ld_mask = t_mask & (offs_t != slot)  # written by this launch: taken from qkv below, not read back
-        k = tl.load(k_ptr + kp, mask=ld_mask[:, None], other=0.0)
-        v = tl.load(v_ptr + kp, mask=ld_mask[:, None], other=0.0)
-        if KV_QUANT != 0:
-            k = (k.to(tl.float32) * kv_scale).to(dt)
-            v = (v.to(tl.float32) * kv_scale).to(dt)
-        if ROPE:
-            k = tl.where((offs_t == slot)[:, None], k_new[None, :], k)
-            v = tl.where((offs_t == slot)[:, None], v_new[None, :], v)
-        s = tl.sum(q[None, :] * k.to(tl.float32), axis=1)
-        s = tl.where(valid, s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp(s - m_use)
-        alpha = tl.exp(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        m_i = m_new
+        k, v, valid = _attn_kv_block(k_ptr, v_ptr, mask_ptr + b * stride_mb, base, offs_t, hi, slot, stride_ct,
+                                     offs_d, ROPE)
+        m_i, l_i, acc = _attn_block(q, k, v, valid, offs_t, slot, k_new, v_new, kv_scale, m_i, l_i, acc, dt,
+                                    KV_QUANT, ROPE)
     if ROPE:  # after the loop, which must not have read the slot (a test in Triton's interpreter checks it)
         if mine & (h % GQA == 0):
             tl.store(k_ptr + cp, k_st)
@@ -1026,6 +1023,42 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
         if _last_to_finish(cnt_ptr + bh, NSPLIT):
             _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, b, h, NSPLIT, stride_ob, NSPLIT_P2, D, ".cg", dt,
                           oq_pre_ptr, oq_a_ptr, OQ_PRE, OQ_AFMT)
+
+
+@triton.jit
+def _attn_kv_block(k_ptr, v_ptr, mask_row, base, offs_t, hi, slot, stride_ct, offs_d, ROPE: tl.constexpr):
+    """One block of keys of the split kernel as stored (masked past ``hi``; with ROPE, not the slot, which this
+    launch writes) and which of them are real tokens."""
+    t_mask = offs_t < hi
+    valid = t_mask & (tl.load(mask_row + offs_t, mask=t_mask, other=0) != 0)
+    kp = base + offs_t[:, None] * stride_ct + offs_d[None, :]
+    ld_mask = t_mask
+    if ROPE:
+        ld_mask = t_mask & (offs_t != slot)  # written by this launch: taken from qkv below, not read back
+    k = tl.load(k_ptr + kp, mask=ld_mask[:, None], other=0.0)
+    v = tl.load(v_ptr + kp, mask=ld_mask[:, None], other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def _attn_block(q, k, v, valid, offs_t, slot, k_new, v_new, kv_scale, m_i, l_i, acc, dt: tl.constexpr,
+                KV_QUANT: tl.constexpr, ROPE: tl.constexpr):
+    """The online softmax over one block of keys: (m, l, acc) updated."""
+    if KV_QUANT != 0:
+        k = (k.to(tl.float32) * kv_scale).to(dt)
+        v = (v.to(tl.float32) * kv_scale).to(dt)
+    if ROPE:
+        k = tl.where((offs_t == slot)[:, None], k_new[None, :], k)
+        v = tl.where((offs_t == slot)[:, None], v_new[None, :], v)
+    s = tl.sum(q[None, :] * k.to(tl.float32), axis=1)
+    s = tl.where(valid, s, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+    p = tl.exp(s - m_use)
+    alpha = tl.exp(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -1072,12 +1105,17 @@ class DecodeAttention:
     """Static workspace for split-KV decode attention of one (batch, heads, max_len) shape (graph-capturable)."""
 
     def __init__(self, batch: int, n_heads: int, n_kv: int, head_dim: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device, fused_reduce: bool = False):
+                 device: torch.device, fused_reduce: bool = False, early: bool = False, pdl: bool = False):
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         self.nsplit, self.split = attn_splits(batch, n_heads, max_len, n_sm)
         # fused_reduce: the last split of each (row, head) combines them (no second launch); the counters are
         # left at zero by every launch
         self.fused_reduce = fused_reduce
+        # early: each split's first keys / values loaded before q (the kernel's EARLY); pdl: with the RoPE fusion
+        # (only then does the kernel before write nothing that those loads read: rope_cache_write writes the slot),
+        # launched with programmatic dependent launch on an sm_90+ GPU, waiting for the qkv GEMV after those loads
+        self.early = early or pdl
+        self.pdl = pdl and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
         self.count = torch.zeros(batch * n_heads, dtype=torch.int32, device=device)
         self.B, self.H, self.KVH, self.D = batch, n_heads, n_kv, head_dim
         self.m = torch.empty(batch * n_heads * self.nsplit, dtype=torch.float32, device=device)
@@ -1101,6 +1139,7 @@ class DecodeAttention:
             out = torch.empty(B, H * D, dtype=_AFMT_DTYPE.get(afmt, q.dtype), device=q.device)
         pos, freq, rcp = rope if rope is not None else (self.m, self.m, None)
         mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
+        pdl = self.pdl and rope is not None
         _attn_split_kernel[(B * H, self.nsplit)](
             q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l, self.o,
             self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -1108,7 +1147,8 @@ class DecodeAttention:
             pre if pre is not None else self.m, a if a is not None else self.m,
             GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=ATTN_BLOCK_T, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
             FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None,
-            OQ_PRE=pre is not None, OQ_AFMT=afmt, num_warps=4)
+            OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=self.early, GDC=pdl, num_warps=4,
+            **({"launch_pdl": True} if pdl else {}))
         if not self.fused_reduce:
             _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),
                                           NSPLIT_P2=_pow2(self.nsplit), D=D, num_warps=1)

@@ -591,7 +591,8 @@ class _DecodeState:
         self.cache = rt._new_cache(B, total)
         fused_reduce, self.rope_fused = rt.kernels.attn_fusions(B)
         self.attn = DecodeAttention(B, rt.n_heads, rt.n_kv, rt.head_dim, total, rt.dtype, dev,
-                                    fused_reduce=fused_reduce)
+                                    fused_reduce=fused_reduce, early=rt.kernels.attn_early,
+                                    pdl=rt.kernels.attn_pdl and self.rope_fused)
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
         self.slot = torch.zeros((), dtype=torch.long, device=dev)

@@ -177,6 +177,14 @@ class KernelConfig:
     attn_fused_reduce: bool = True
     attn_rope_fused: bool = True
     attn_fused_batch: int | None = 1
+    # Decode attention's split kernel loading each split's first keys / values (and their mask) before it reads q
+    # (attn_early: the cache loads then overlap q's, where they waited for q's RoPE before); attn_pdl (implies it):
+    # where RoPE is fused (attn_rope_fused, up to attn_fused_batch), launched with programmatic dependent launch
+    # (compute capability >= 9.0), so that those loads are issued while the qkv GEMV before still runs, and it waits
+    # for that GEMV's writes before reading q. The same bits. Off until timed end to end (experiments.bench
+    # RECIPE@attnearly, @attnpdl).
+    attn_early: bool = False
+    attn_pdl: bool = False
     # Batch-1 decode: each linear's epilogue does the next linear's prologue, so that the step launches no act_prep
     # between linears (3 per layer, 4 for SmoothQuant / FP8): fc‖gate writes SiLU(fc) · gate, the o / down
     # projections after the residual add RMSNorm of the residual stream (their last program to finish, so no
