@@ -49,7 +49,7 @@ from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, see
 from quant.hardware import FP8_GEMM_ALGOS, fp8_refusal
 from quant.runtime.linear import make_linear
 from quant.runtime.random_checkpoint import RECIPES, SHAPES, _quantize, random_checkpoint, random_config
-from quant.runtime.schemes.base import DEFAULT_KERNELS, INT4_KERNELS
+from quant.runtime.schemes.base import ALGO_KEYS, DEFAULT_KERNELS, INT4_KERNELS
 from quant.runtime.torch_runtime import TorchRuntime, check_cuda
 
 # What the benchmark reports against: decode speed-up over the project's FP16 at batch 1 (a quarter of FP16's
@@ -154,9 +154,9 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # (``smoothquant@wqwide``; the default takes them for W8A16 only), or decode
 # attention at every batch combining its splits in its last program (``@attnreduce``), doing RoPE + the cache write
 # itself (``@attnrope``), or both (``fp16@attnfused``; the default does both at batch 1 only), or neither at any
-# batch (``@attnsplit``: a reduce launch and a RoPE launch per layer), or its split kernel loading the cache before q
-# (``@attnearly``) and, where RoPE is fused, launched with programmatic dependent launch (``@attnpdl``), or batch 1
-# with each linear's epilogue doing
+# batch (``@attnsplit``: a reduce launch and a RoPE launch per layer), or its split kernel launched with programmatic
+# dependent launch behind every format's qkv linear (``@attnpdl``) or none (``@noattnpdl``; the default: INT4's), or
+# batch 1 with each linear's epilogue doing
 # the next one's RMSNorm, SiLU·gate and activation quantization (the default) or not (``fp16@nothen``, …: an act_prep
 # launch before each linear that needs one), or INT4's batch-1 GEMV in its one-block-per-row-block form on tiles of
 # (2, 4) (``int4_awq@now4gp``; the default is its persistent form on (4, 1)), or persistent on (2, 4) or (2, 2)
@@ -180,7 +180,7 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "attnrope": {"attn_fused_reduce": False, "attn_fused_batch": None},
                    "attnfused": {"attn_fused_batch": None},
                    "attnsplit": {"attn_fused_reduce": False, "attn_rope_fused": False},
-                   "attnearly": {"attn_early": True}, "attnpdl": {"attn_pdl": True},
+                   "noattnpdl": {"attn_pdl": frozenset()}, "attnpdl": {"attn_pdl": frozenset(ALGO_KEYS)},
                    "nothen": {"gemv_then": False}, "now4gp": {"w4g_persistent": False, "w4g_tile": (2, 4)},
                    "w4gp24": {"w4g_tile": (2, 4)}, "w4gp22": {"w4g_tile": (2, 2)},
                    "w8gp": {"w8g_persistent": DEFAULT_KERNELS.w8g},

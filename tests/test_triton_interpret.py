@@ -209,9 +209,9 @@ def test_attention_with_rope_and_cache_write_in_the_same_launch(kv):
 
 @pytest.mark.parametrize("kv,rope", [(None, True), ("INT8", True), (None, False)])
 def test_attention_loading_the_cache_before_q_gives_the_same_bits(kv, rope):
-    """KernelConfig.attn_early / attn_pdl: the split kernel loads each split's first block of keys / values before
-    it reads q (EARLY; the grid wait between them is a GPU instruction, tests/test_cuda.py and
-    experiments/gpu/triton_compile_check.py). Against the kernel without it: the same output and cache bits, with
+    """KernelConfig.attn_pdl: the split kernel loads each split's first block of keys / values before it reads q
+    (EARLY; the launch with programmatic dependent launch and the grid wait between them are the GPU's,
+    tests/test_cuda.py and experiments/gpu/triton_compile_check.py). Against the kernel without it: the same output and cache bits, with
     splits of one block (two past the slot: empty) and with one split of several blocks (the peeled first block,
     then the loop)."""
     from quant.runtime import rope as rope_mod
@@ -233,8 +233,8 @@ def test_attention_loading_the_cache_before_q_gives_the_same_bits(kv, rope):
                  QuantizedKVCache(1, B, KVH, L, D, torch.float16, torch.device("cpu"), algo=kv,
                                   scales=[torch.tensor(0.05)]))
             c.update(0, 0, *hist)  # the slot too: read where RoPE is not fused, overwritten where it is
-            att = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"), fused_reduce=True,
-                                     early=early)
+            att = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"), fused_reduce=True)
+            assert not att.pdl_ok  # (a CPU tensor: the kernel's early loads, no PDL launch)
             if nsplit:  # (the workspace, sized for more splits, holds these)
                 att.nsplit, att.split = ck.attn_splits(B, H, L, n_sm=2)
                 assert att.nsplit == nsplit and att.split > ck.ATTN_BLOCK_T
@@ -242,12 +242,10 @@ def test_attention_loading_the_cache_before_q_gives_the_same_bits(kv, rope):
                 assert att.nsplit * att.split > L and (att.nsplit - 2) * att.split > slot  # two splits empty
             extra = dict(rope=(pos, freq, c.rcp[0:1] if kv else None)) if rope else {}
             outs.append(att(q, c.k[0], c.v[0], mask, torch.tensor(slot), kv_scale=c.scale[0:1] if kv else None,
-                            kv_algo=kv, **extra))
+                            kv_algo=kv, pdl=early, **extra))
             caches.append(c)
         assert torch.equal(outs[0], outs[1]) and bool(torch.isfinite(outs[1].float()).all())
         assert torch.equal(caches[0].k[0], caches[1].k[0]) and torch.equal(caches[0].v[0], caches[1].v[0])
-    pdl = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"), pdl=True)
-    assert pdl.early and not pdl.pdl  # early loads anywhere; the PDL launch on an sm_90+ GPU only
 
 def test_batch1_gemv_prologues_and_residual():
     """The GEMV's own prologue on the row (RMSNorm; SiLU·gate; SmoothQuant's pre-quant scale and int8

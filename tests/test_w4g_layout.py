@@ -100,6 +100,8 @@ def test_attention_fusions_follow_the_batch_limit():
     assert KernelConfig(attn_fused_batch=4).attn_fusions(5) == (False, False)
     with pytest.raises(ValueError, match="attn_fused_batch must be"):
         KernelConfig(attn_fused_batch=0)
+    with pytest.raises(ValueError, match="unknown format"):  # attn_pdl names formats, as gemv_pdl does
+        KernelConfig(attn_pdl=frozenset({"W4A16"}))
 
 
 def test_the_extension_build_folder_names_code_torch_cuda_and_gpus(monkeypatch):

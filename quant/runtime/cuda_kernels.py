@@ -1105,17 +1105,13 @@ class DecodeAttention:
     """Static workspace for split-KV decode attention of one (batch, heads, max_len) shape (graph-capturable)."""
 
     def __init__(self, batch: int, n_heads: int, n_kv: int, head_dim: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device, fused_reduce: bool = False, early: bool = False, pdl: bool = False):
+                 device: torch.device, fused_reduce: bool = False):
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         self.nsplit, self.split = attn_splits(batch, n_heads, max_len, n_sm)
         # fused_reduce: the last split of each (row, head) combines them (no second launch); the counters are
         # left at zero by every launch
         self.fused_reduce = fused_reduce
-        # early: each split's first keys / values loaded before q (the kernel's EARLY); pdl: with the RoPE fusion
-        # (only then does the kernel before write nothing that those loads read: rope_cache_write writes the slot),
-        # launched with programmatic dependent launch on an sm_90+ GPU, waiting for the qkv GEMV after those loads
-        self.early = early or pdl
-        self.pdl = pdl and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+        self.pdl_ok = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
         self.count = torch.zeros(batch * n_heads, dtype=torch.int32, device=device)
         self.B, self.H, self.KVH, self.D = batch, n_heads, n_kv, head_dim
         self.m = torch.empty(batch * n_heads * self.nsplit, dtype=torch.float32, device=device)
@@ -1126,12 +1122,14 @@ class DecodeAttention:
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
                  slot: torch.Tensor, kv_scale: torch.Tensor | None = None, kv_algo: str | None = None,
                  out: torch.Tensor | None = None, *, rope: tuple | None = None,
-                 then_quant: tuple | None = None) -> torch.Tensor:
+                 then_quant: tuple | None = None, pdl: bool = False) -> torch.Tensor:
         """q [B, H·D]; caches [B, KVH, max_len, D]; key_mask [B, ≥ max_len] bool; → [B, H·D] in q's dtype.
         ``rope=(positions, inv_freq, kv_rcp)``: q is instead the token's qkv [B, (H + 2·KVH)·D], rotated here and
         its k / v written to the cache at ``slot`` (rope_cache_write's work, in the same launch). ``then_quant``
         (prequant or None, act_scale [1], A_INT8 / A_FP8; with fused_reduce): the output quantized for the next
-        linear, as act_prep would (int8 / float8)."""
+        linear, as act_prep would (int8 / float8). ``pdl`` (KernelConfig.attn_pdl): the kernel's EARLY cache loads and,
+        with ``rope`` (only then does the kernel before write nothing those loads read: rope_cache_write writes the
+        slot) on an sm_90+ GPU, the launch with programmatic dependent launch, waiting for that kernel after them."""
         B, H, D = self.B, self.H, self.D
         pre, a, afmt = then_quant or (None, None, A_FLOAT)
         assert then_quant is None or self.fused_reduce
@@ -1139,7 +1137,7 @@ class DecodeAttention:
             out = torch.empty(B, H * D, dtype=_AFMT_DTYPE.get(afmt, q.dtype), device=q.device)
         pos, freq, rcp = rope if rope is not None else (self.m, self.m, None)
         mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
-        pdl = self.pdl and rope is not None
+        launch_pdl = pdl and rope is not None and self.pdl_ok
         _attn_split_kernel[(B * H, self.nsplit)](
             q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l, self.o,
             self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -1147,8 +1145,8 @@ class DecodeAttention:
             pre if pre is not None else self.m, a if a is not None else self.m,
             GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=ATTN_BLOCK_T, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
             FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None,
-            OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=self.early, GDC=pdl, num_warps=4,
-            **({"launch_pdl": True} if pdl else {}))
+            OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, num_warps=4,
+            **({"launch_pdl": True} if launch_pdl else {}))
         if not self.fused_reduce:
             _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),
                                           NSPLIT_P2=_pow2(self.nsplit), D=D, num_warps=1)

@@ -323,8 +323,10 @@ class TorchRuntime:
             # o_proj's input quantized by the attention's combine where it takes that (gemv_then, SmoothQuant / FP8)
             oq = _quant_for(layer["attention.dense"], st.attn.B) if st.attn.fused_reduce else {}
             if st.rope_fused:
+                lin = layer["attention.qkv"]
                 attn = st.attn(qkv, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale,
-                               kv_algo=self.kv_algo, rope=(st.pos, self.freq_dev, rcp), **oq)
+                               kv_algo=self.kv_algo, rope=(st.pos, self.freq_dev, rcp),
+                               pdl=lin.algo_key in self.kernels.attn_pdl and not lin.gemv_pdl, **oq)
             else:
                 q = ck.rope_cache_write(qkv, st.pos, st.slot, self.freq_dev, cache.k[i], cache.v[i], self.n_heads,
                                         self.n_kv, self.head_dim, kv_rcp=rcp, kv_algo=self.kv_algo)
@@ -591,8 +593,7 @@ class _DecodeState:
         self.cache = rt._new_cache(B, total)
         fused_reduce, self.rope_fused = rt.kernels.attn_fusions(B)
         self.attn = DecodeAttention(B, rt.n_heads, rt.n_kv, rt.head_dim, total, rt.dtype, dev,
-                                    fused_reduce=fused_reduce, early=rt.kernels.attn_early,
-                                    pdl=rt.kernels.attn_pdl and self.rope_fused)
+                                    fused_reduce=fused_reduce)
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
         self.slot = torch.zeros((), dtype=torch.long, device=dev)
