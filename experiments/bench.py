@@ -164,7 +164,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # or the 8-bit formats' GEMV persistent (``@w8gp``), or the persistent GEMVs (the 8-bit ones made persistent) launched
 # with programmatic dependent launch (``@pdl``), or the previous GEMV's RMSNorm tail in place of INT4's batch-1 GEMV
 # normalizing its own input (``int4_awq@nonormpro``), or the 8-bit formats' batch-1 GEMVs normalizing theirs
-# (``int8_wo@w8normpro``; persistent for those calls),
+# (``int8_wo@w8normpro``; persistent for those calls) and attention launched with PDL behind that qkv GEMV, which
+# lets it start early as INT4's does (``@w8normpdl``),
 # or INT4 on the tensor-core kernel (csrc/w4a16_mma.cu) at 1–32 rows (``int4_awq@w4m``; the default takes it at
 # 2–16), at batch 1 only (``@w4m1``), at 1–8 rows with 8 steps loaded ahead per warp (``@w4m8``), or not at all
 # (``@now4m``: rows 2–64 on the k-packed kernel, the default before), or the 8-bit formats' batch 1 on their
@@ -187,6 +188,8 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "pdl": {"w8g_persistent": DEFAULT_KERNELS.w8g, "gemv_pdl": DEFAULT_KERNELS.w8g | {"W4A16_AWQ"}},
                    "nonormpro": {"norm_prologue": frozenset()},
                    "w8normpro": {"norm_prologue": DEFAULT_KERNELS.norm_prologue | DEFAULT_KERNELS.w8g},
+                   "w8normpdl": {"norm_prologue": DEFAULT_KERNELS.norm_prologue | DEFAULT_KERNELS.w8g,
+                                 "attn_pdl": DEFAULT_KERNELS.attn_pdl | DEFAULT_KERNELS.w8g},
                    "w4m": {"w4m_rows": (1, 32)},
                    "w4m1": {"w4m_rows": (1, 1)}, "w4m8": {"w4m_rows": (1, 8), "w4m_depth": 8},
                    "now4m": {"w4m_rows": None},

@@ -102,6 +102,8 @@ def test_attention_fusions_follow_the_batch_limit():
         KernelConfig(attn_fused_batch=0)
     with pytest.raises(ValueError, match="unknown format"):  # attn_pdl names formats, as gemv_pdl does
         KernelConfig(attn_pdl=frozenset({"W4A16"}))
+    for v in ("attnpdl", "noattnpdl", "w8normpdl"):  # the benchmark's variants are valid configurations
+        dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
 
 
 def test_the_extension_build_folder_names_code_torch_cuda_and_gpus(monkeypatch):
