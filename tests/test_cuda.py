@@ -1363,7 +1363,6 @@ def test_decode_step_logits_equal_prefill_logits(tiny_folders):
             assert max(rel(dl[t], full[t]) for t in range(40)) <= bound.get(recipe, 2e-2), recipe
 
 
-
 @cuda
 @pytest.mark.parametrize("recipe", ["fp16", "int8_wo", "int4_awq", "smoothquant_kv_int8"])
 def test_attention_with_pdl_gives_the_same_bits(recipe, tiny_folders):
@@ -1385,6 +1384,7 @@ def test_attention_with_pdl_gives_the_same_bits(recipe, tiny_folders):
     tokens = ref.generate([ids[:9]], 12, ignore_eos=True).tokens
     for _ in range(3):  # the graph replayed: launched with PDL each time
         assert pdl.generate([ids[:9]], 12, ignore_eos=True).tokens == tokens
+
 
 @cuda
 def test_decode_with_each_linear_doing_the_next_ones_prologue(tiny_folders):

@@ -206,14 +206,13 @@ def test_attention_with_rope_and_cache_write_in_the_same_launch(kv):
     assert torch.equal(got, want)
 
 
-
 @pytest.mark.parametrize("kv,rope", [(None, True), ("INT8", True), (None, False)])
 def test_attention_loading_the_cache_before_q_gives_the_same_bits(kv, rope):
     """KernelConfig.attn_pdl: the split kernel loads each split's first block of keys / values before it reads q
-    (EARLY; the launch with programmatic dependent launch and the grid wait between them are the GPU's,
-    tests/test_cuda.py and experiments/gpu/triton_compile_check.py). Against the kernel without it: the same output and cache bits, with
-    splits of one block (two past the slot: empty) and with one split of several blocks (the peeled first block,
-    then the loop)."""
+    (EARLY; the launch with programmatic dependent launch and the grid wait between them are the GPU's:
+    tests/test_cuda.py, experiments/gpu/triton_compile_check.py). Against the kernel without it: the same output
+    and cache bits, with splits of one block (two past the slot: empty) and with one split of several blocks (the
+    peeled first block, then the loop)."""
     from quant.runtime import rope as rope_mod
     from quant.runtime.kv_cache import KVCache, QuantizedKVCache
 

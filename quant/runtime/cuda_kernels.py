@@ -972,7 +972,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     kv_scale = tl.load(scale_ptr) if KV_QUANT != 0 else 1.0
     slot = cur - 1
     if EARLY:  # (nothing above reads what the kernel before writes: slot, mask and cache are older)
-        base = b * stride_cb + kvh * stride_ch
+        base = b * stride_cb + kvh * stride_ch  # (and again below, where the kernel without EARLY computes it)
         offs_t0 = lo + tl.arange(0, BLOCK_T)
         k0, v0, valid0 = _attn_kv_block(k_ptr, v_ptr, mask_ptr + b * stride_mb, base, offs_t0, hi, slot, stride_ct,
                                         offs_d, ROPE)

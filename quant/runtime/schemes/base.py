@@ -184,9 +184,10 @@ class KernelConfig:
     # qkv GEMV launched with it itself, gemv_pdl): the kernel loads each split's first keys / values before it reads
     # q and waits for the qkv GEMV's writes in between, so those loads are issued while that GEMV finishes. The same
     # bits. Only INT4's GEMV (its persistent form) lets the next kernel start as it starts; the others let it start
-    # as they end. End to end on an H100 (batch 1, input 512, interleaved, 2026-12-06): INT4 2.29 -> 2.35x FP16
-    # (LLaMa-2-7B) and 2.23 -> 2.27x (Llama-3-8B); FP16 0.99 / 1.00x and INT8 weight-only 1.61 -> 1.60 / 1.60 -> 1.61
-    # with it, so INT4 only (experiments.bench RECIPE@noattnpdl: off; @attnpdl: every format). Not yet timed on an H200.
+    # as they end. End to end on an H100 (batch 1, input 512, interleaved, 2026-12-06): INT4 2.29 → 2.35× FP16
+    # (LLaMa-2-7B) and 2.23 → 2.27× (Llama-3-8B); FP16 0.99 / 1.00× and INT8 weight-only 1.61 → 1.60 / 1.60 → 1.61
+    # with it, so INT4 only (experiments.bench RECIPE@noattnpdl: off; @attnpdl: every format). Not yet timed on an
+    # H200.
     attn_pdl: frozenset[str] = frozenset({"W4A16_AWQ"})
     # Batch-1 decode: each linear's epilogue does the next linear's prologue, so that the step launches no act_prep
     # between linears (3 per layer, 4 for SmoothQuant / FP8): fc‖gate writes SiLU(fc) · gate, the o / down
@@ -232,7 +233,8 @@ class KernelConfig:
         if self.norm_prologue - {"W4A16_AWQ", *cuda_ext.W8_FORMATS}:
             raise ValueError(f"norm_prologue takes W4A16_AWQ and the 8-bit formats (the compiled GEMVs); got "
                              f"{sorted(self.norm_prologue)}")
-        unknown = set(self.gemv) | set(self.gemv_pdl) | set(self.attn_pdl) | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)}
+        unknown = (set(self.gemv) | set(self.gemv_pdl) | set(self.attn_pdl)
+                   | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)})
         if unknown - set(ALGO_KEYS):
             raise ValueError(f"unknown format(s) {sorted(unknown - set(ALGO_KEYS))}; known: {', '.join(ALGO_KEYS)}")
 
