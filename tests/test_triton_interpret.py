@@ -170,27 +170,38 @@ def test_split_kv_decode_attention_matches_float64_softmax(kv, fused):
             assert rel(out[b, h * D:(h + 1) * D], ref) <= 5e-3, (b, h)
 
 
+def _decode_token(key: str, L: int):
+    """One decode token's inputs at slot 130 of a cache of L: 2 rows, 4 heads on 2 KV heads of 64, row 0 left-padded
+    by 7 (its position lags the slot); the generator, to draw the history from next."""
+    from quant.runtime import rope
+
+    gen = _gen(key)
+    B, H, KVH, D, slot = 2, 4, 2, 64, 130
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, :7] = False
+    qkv = (torch.randn(B, (H + 2 * KVH) * D, generator=gen) * 2).half()
+    return gen, (B, H, KVH, D, slot), rope.inv_freq(D, 10000.0, None), torch.tensor([slot - 7, slot]), mask, qkv
+
+
+def _kv_cache(kv: str | None, B: int, KVH: int, L: int, D: int):
+    from quant.runtime.kv_cache import KVCache, QuantizedKVCache
+
+    if kv is None:
+        return KVCache(1, B, KVH, L, D, torch.float16, torch.device("cpu"))
+    return QuantizedKVCache(1, B, KVH, L, D, torch.float16, torch.device("cpu"), algo=kv, scales=[torch.tensor(0.05)])
+
+
 @pytest.mark.parametrize("kv", [None, "INT8"])
 def test_attention_with_rope_and_cache_write_in_the_same_launch(kv):
     """``DecodeAttention(rope=...)`` (KernelConfig.attn_rope_fused): the token's qkv rotated, its k / v written to
     the cache at the slot and attended to, in the split kernel — against rope_cache_write then attention: the
     same cache contents and the same output (left padding: positions lag the slot; GQA; int8 cache)."""
-    from quant.runtime import rope
-    from quant.runtime.kv_cache import KVCache, QuantizedKVCache
-
-    gen = _gen(f"rope-attn/{kv}")
-    B, H, KVH, D, L, slot = 2, 4, 2, 64, 160, 130
-    freq = rope.inv_freq(D, 10000.0, None)
-    pos = torch.tensor([slot - 7, slot])
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[0, :7] = False
-    qkv = (torch.randn(B, (H + 2 * KVH) * D, generator=gen) * 2).half()
+    L = 160
+    gen, (B, H, KVH, D, slot), freq, pos, mask, qkv = _decode_token(f"rope-attn/{kv}", L)
     hist_k, hist_v = (torch.randn(B, KVH, slot, D, generator=gen).half() for _ in range(2))
     caches = []
     for _ in range(2):
-        c = (KVCache(1, B, KVH, L, D, torch.float16, torch.device("cpu")) if kv is None else
-             QuantizedKVCache(1, B, KVH, L, D, torch.float16, torch.device("cpu"), algo=kv,
-                              scales=[torch.tensor(0.05)]))
+        c = _kv_cache(kv, B, KVH, L, D)
         c.update(0, 0, hist_k, hist_v)
         caches.append(c)
     quant = dict(kv_scale=caches[0].scale[0:1], kv_algo=kv) if kv else {}
@@ -213,24 +224,14 @@ def test_attention_loading_the_cache_before_q_gives_the_same_bits(kv, rope):
     tests/test_cuda.py, experiments/gpu/triton_compile_check.py). Against the kernel without it: the same output
     and cache bits, with splits of one block (two past the slot: empty) and with one split of several blocks (the
     peeled first block, then the loop)."""
-    from quant.runtime import rope as rope_mod
-    from quant.runtime.kv_cache import KVCache, QuantizedKVCache
-
-    gen = _gen(f"early-attn/{kv}/{rope}")
-    B, H, KVH, D, L, slot = 2, 4, 2, 64, 260, 130
-    freq = rope_mod.inv_freq(D, 10000.0, None)
-    pos = torch.tensor([slot - 7, slot])
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[0, :7] = False
-    qkv = (torch.randn(B, (H + 2 * KVH) * D, generator=gen) * 2).half()
+    L = 260
+    gen, (B, H, KVH, D, slot), freq, pos, mask, qkv = _decode_token(f"early-attn/{kv}/{rope}", L)
     hist = [torch.randn(B, KVH, slot + 1, D, generator=gen).half() for _ in range(2)]
     q = qkv if rope else qkv[:, :H * D].contiguous()
     for nsplit in (None, 1):
         outs, caches = [], []
         for early in (False, True):
-            c = (KVCache(1, B, KVH, L, D, torch.float16, torch.device("cpu")) if kv is None else
-                 QuantizedKVCache(1, B, KVH, L, D, torch.float16, torch.device("cpu"), algo=kv,
-                                  scales=[torch.tensor(0.05)]))
+            c = _kv_cache(kv, B, KVH, L, D)
             c.update(0, 0, *hist)  # the slot too: read where RoPE is not fused, overwritten where it is
             att = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"), fused_reduce=True)
             assert not att.pdl_ok  # (a CPU tensor: the kernel's early loads, no PDL launch)
