@@ -143,8 +143,9 @@ class KernelConfig:
     # The 8-bit formats, same run (RECIPE@w8normpro): slower or level, so off: INT8 weight-only 1.48 → 1.46 / 1.51 →
     # 1.46 (7B / 8B), FP8 1.53 → 1.46 / 1.49 → 1.47, SmoothQuant 1.54 → 1.52 / 1.49 → 1.52 (their prologue also
     # brings the persistent form, by itself no faster for them). On an H100 (two runs, 2026-12-06) INT8 weight-only
-    # went the other way, 1.61 → 1.70 (7B) and 1.60 → 1.66 / 1.67 (8B), the persistent form alone level: off until a
-    # second H200 run says whether this is a per-card choice.
+    # went the other way, 1.61 → 1.70 (7B) and 1.60 → 1.66 / 1.67 (8B), the persistent form alone level, and 1.72 /
+    # 1.68 with attention PDL-launched behind it (RECIPE@w8normpdl): off until a second H200 run says whether this is
+    # a per-card choice.
     norm_prologue: frozenset[str] = frozenset({"W4A16_AWQ"})
     # 8-bit formats whose batch-1 row takes the tensor-core kernel instead (cuda_ext.w8_mma: float16 output, N a
     # multiple of 64, K of 32, on a copy in the MMA's fragment layout made at load; the gemv_then epilogues), with
