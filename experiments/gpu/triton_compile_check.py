@@ -55,7 +55,7 @@ def compile_one(fn, types: dict, const: dict, div16: tuple[str, ...] = DIV16, **
 ATTN_DIV16 = ("stride_qb", "stride_cb", "stride_ch", "stride_ct", "stride_mb", "stride_ob", "H", "KVH")
 
 
-def loads_before_wait(nbytes: int, warps: int = 4):
+def loads_before_wait(nbytes: int):
     """A check of a compiled kernel: its SASS issues ``nbytes`` (each thread's share, in 16-byte loads) before its
     first griddepcontrol.wait (ACQBULK), so that they overlap the kernel before; None when it does, else why not."""
     def check(k) -> str | None:
@@ -65,7 +65,7 @@ def loads_before_wait(nbytes: int, warps: int = 4):
         if "ACQBULK" not in sass:
             return "a griddepcontrol.wait (ACQBULK)"
         before = len(re.findall(r"LDG[.]E[.]128", sass.split("ACQBULK", 1)[0]))
-        want = nbytes // 16 // (32 * warps)
+        want = nbytes // 16 // (32 * k.metadata.num_warps)
         return None if before == want else f"its {want} 16-byte loads a thread before the wait ({before} there)"
     return check
 

@@ -314,9 +314,10 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     ``then_quant`` (prequant or None, act_scale [1], 1 int8 / 2 e4m3) that result quantized for the next linear,
     as act_prep would. ``grid`` (one row only unless 0): 0 one block per row block; -1 the persistent kernel
     (KernelConfig.w4g_persistent) on as many blocks as the GPU holds at once; n > 0 on at most n blocks (the
-    tests' way to give each block several row blocks). The same bits whichever. ``pdl`` (grid ≠ 0, compute capability ≥ 9.0: :func:`pdl_ok`): the persistent
-    kernel launched with programmatic dependent launch, so that it starts, and loads its first weights, while the
-    kernel before it in the stream finishes (gemv_common.cuh); the same bits."""
+    tests' way to give each block several row blocks). The same bits whichever. ``pdl`` (grid ≠ 0, compute
+    capability ≥ 9.0: :func:`pdl_ok`): the persistent kernel launched with programmatic dependent launch, so that
+    it starts, and loads its first weights, while the kernel before it in the stream finishes (gemv_common.cuh);
+    the same bits."""
     mod = _built()
     out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w4a16_gemv(x, w, scales, group, out, residual is not None, GEMV_TILES.index(tuple(tile)),
@@ -332,7 +333,8 @@ def grid(persistent: bool, rows: int) -> int:
 
 def pdl_ok(device: torch.device) -> bool:
     """Whether the GPU has the kernels' grid-dependency instructions (compute capability 9.0 or later), for
-    ``pdl``: a handler asks once, at load, where KernelConfig.gemv_pdl names its format."""
+    ``pdl``: a handler asks once, at load, where KernelConfig.gemv_pdl names its format; decode attention
+    (cuda_kernels.DecodeAttention, KernelConfig.attn_pdl) once per decode state."""
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 

@@ -34,7 +34,7 @@ import triton.language as tl
 
 # THEN: the GEMV's epilogue for the next linear (KernelConfig.gemv_then): none, SiLU · gate of the two output
 # halves, or RMSNorm of the residual sum; the same codes as the compiled GEMVs'
-from quant.runtime.cuda_ext import ACT_QUANT_DTYPE, THEN_NONE, THEN_NORM, THEN_SILU
+from quant.runtime.cuda_ext import ACT_QUANT_DTYPE, THEN_NONE, THEN_NORM, THEN_SILU, pdl_ok
 
 # weight formats (WFMT) and activation formats (AFMT) of the fused GEMV
 W_FLOAT, W_INT8, W_INT4, W_FP8 = 0, 1, 2, 3
@@ -1111,7 +1111,7 @@ class DecodeAttention:
         # fused_reduce: the last split of each (row, head) combines them (no second launch); the counters are
         # left at zero by every launch
         self.fused_reduce = fused_reduce
-        self.pdl_ok = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+        self.pdl_ok = device.type == "cuda" and pdl_ok(device)
         self.count = torch.zeros(batch * n_heads, dtype=torch.int32, device=device)
         self.B, self.H, self.KVH, self.D = batch, n_heads, n_kv, head_dim
         self.m = torch.empty(batch * n_heads * self.nsplit, dtype=torch.float32, device=device)

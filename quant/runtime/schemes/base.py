@@ -184,8 +184,8 @@ class KernelConfig:
     # launch (compute capability >= 9.0; where RoPE is fused: attn_rope_fused, up to attn_fused_batch; not behind a
     # qkv GEMV launched with it itself, gemv_pdl): the kernel loads each split's first keys / values before it reads
     # q and waits for the qkv GEMV's writes in between, so those loads are issued while that GEMV finishes. The same
-    # bits. Only INT4's GEMV (its persistent form) lets the next kernel start as it starts; the others let it start
-    # as they end. End to end on an H100 (batch 1, input 512, interleaved, 2026-12-06): INT4 2.29 → 2.35× FP16
+    # bits. Only the compiled GEMVs' persistent forms (INT4's by default; the 8-bit ones under norm_prologue or
+    # w8g_persistent) let the next kernel start as they start; the others let it start as they end. End to end on an H100 (batch 1, input 512, interleaved, 2026-12-06): INT4 2.29 → 2.35× FP16
     # (LLaMa-2-7B) and 2.23 → 2.27× (Llama-3-8B); FP16 0.99 / 1.00× and INT8 weight-only 1.61 → 1.60 / 1.60 → 1.61
     # with it, so INT4 only (experiments.bench RECIPE@noattnpdl: off; @attnpdl: every format). Not yet timed on an
     # H200.
