@@ -49,7 +49,7 @@ from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, see
 from quant.hardware import FP8_GEMM_ALGOS, fp8_refusal
 from quant.runtime.linear import make_linear
 from quant.runtime.random_checkpoint import RECIPES, SHAPES, _quantize, random_checkpoint, random_config
-from quant.runtime.schemes.base import ALGO_KEYS, DEFAULT_KERNELS, INT4_KERNELS
+from quant.runtime.schemes.base import ALGO_KEYS, CARD_KERNELS, DEFAULT_KERNELS, INT4_KERNELS, card_kernels
 from quant.runtime.torch_runtime import TorchRuntime, check_cuda
 
 # What the benchmark reports against: decode speed-up over the project's FP16 at batch 1 (a quarter of FP16's
@@ -113,7 +113,7 @@ def environment(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
                        "memory_gib": round(props.total_memory / 2**30, 1), "sms": props.multi_processor_count,
-                       "cuda": torch.version.cuda}
+                       "cuda": torch.version.cuda, "card_kernels": card_kernels(device)[0]}
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem",
                                   "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
@@ -170,7 +170,9 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # 2–16), at batch 1 only (``@w4m1``), at 1–8 rows with 8 steps loaded ahead per warp (``@w4m8``), or not at all
 # (``@now4m``: rows 2–64 on the k-packed kernel, the default before), or the 8-bit formats' batch 1 on their
 # tensor-core kernel (csrc/w8_mma.cu; ``int8_wo@w8m``, with 4 steps ahead ``@w8m4``), or INT4's prefill from the
-# stored layout, kept beside the k-packed copy (``int4_awq@nokprefill``; the default dequantizes the k-packed copy)
+# stored layout, kept beside the k-packed copy (``int4_awq@nokprefill``; the default dequantizes the k-packed copy),
+# or KernelConfig's defaults where this card's CARD_KERNELS entry changes them (``int8_wo@nocard``). Every variant
+# changes the card's defaults (schemes.base.card_kernels), which the unadorned recipe runs.
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} for k in INT4_KERNELS},
                    "w4g-unfused": {"w4g_fuse": False}, "w4k16": {"w4k_rows": (2, 16)},
                    "triton8": {"w8g": frozenset()},
@@ -194,7 +196,8 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "w4m1": {"w4m_rows": (1, 1)}, "w4m8": {"w4m_rows": (1, 8), "w4m_depth": 8},
                    "now4m": {"w4m_rows": None},
                    "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4},
-                   "nokprefill": {"w4k_prefill": False}}
+                   "nokprefill": {"w4k_prefill": False},
+                   "nocard": {f: getattr(DEFAULT_KERNELS, f) for _, fields in CARD_KERNELS for f in fields}}
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):
@@ -203,7 +206,7 @@ def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, see
     algo, kv = RECIPES[name]
     ckpt = random_checkpoint(random_config(shape, algo, kv, group_size=group), device=device, seed=seed,
                              path=f"<random {shape} {name}>")
-    kernels = dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[kernel]) if kernel else DEFAULT_KERNELS
+    kernels = dataclasses.replace(card_kernels(device)[1], **KERNEL_VARIANTS[kernel]) if kernel else None
     try:
         rt = TorchRuntime(ckpt, device=device, compute_dtype=dtype, kernels=kernels)
     finally:

@@ -42,14 +42,18 @@ REFERENCE = {"gemv": frozenset(), "w8g": frozenset(), "w4g_rows": None, "w4m_row
              "attn_fused_reduce": False, "attn_rope_fused": False, "gemv_then": False}
 
 
-def kernel_configs(variants: list[str]) -> dict:
-    """name → KernelConfig: "reference" first, then each variant ("default" or a bench KERNEL_VARIANTS name)."""
-    from experiments.bench import KERNEL_VARIANTS
-    from quant.runtime.schemes.base import DEFAULT_KERNELS
+def kernel_configs(variants: list[str], device: str) -> dict:
+    """name → KernelConfig: "reference" first, then each variant ("default": the device's, schemes.base.card_kernels;
+    or a bench KERNEL_VARIANTS name, which changes those)."""
+    import torch
 
-    configs = {"reference": dataclasses.replace(DEFAULT_KERNELS, **REFERENCE)}
+    from experiments.bench import KERNEL_VARIANTS
+    from quant.runtime.schemes.base import card_kernels
+
+    base = card_kernels(torch.device(device))[1]
+    configs = {"reference": dataclasses.replace(base, **REFERENCE)}
     for v in variants:
-        configs[v] = DEFAULT_KERNELS if v == "default" else dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
+        configs[v] = base if v == "default" else dataclasses.replace(base, **KERNEL_VARIANTS[v])
     return configs
 
 
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = load_samples(settings.dataset, split=settings.split, num_samples=settings.num_samples,
                            seed=settings.seed)
     docs = heldout_texts(num_docs=settings.ppl_docs, seed=settings.seed) if settings.ppl_docs else []
-    configs = kernel_configs(variants)
+    configs = kernel_configs(variants, device)
     record = {"device": device, "compute_dtype": settings.compute_dtype, "articles": len(samples),
               "documents": len(docs), "nll_logits": "decode step" if device.startswith("cuda") else "forward pass",
               "reference": {k: str(v) for k, v in REFERENCE.items()},

@@ -106,6 +106,30 @@ def test_attention_fusions_follow_the_batch_limit():
         dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
 
 
+def test_a_card_takes_its_measured_departures_from_the_defaults(monkeypatch):
+    """schemes.base.CARD_KERNELS: the runtime's kernel choice when it is given none is the defaults with the entry of
+    the card it runs on, matched by the CUDA device's name; other cards and the CPU take the defaults, and
+    experiments.bench's ``@nocard`` gives a card the defaults back. This machine has no GPU: the device name is the
+    one boundary stood in for (torch.cuda.get_device_name)."""
+    import dataclasses
+
+    from experiments.bench import KERNEL_VARIANTS
+    from quant.runtime.schemes import base
+
+    assert base.card_kernels(torch.device("cpu")) == (None, base.DEFAULT_KERNELS)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert base.card_kernels(cuda) == (None, base.DEFAULT_KERNELS)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    card, config = base.card_kernels(cuda)
+    assert card == "H100 80GB HBM3" and config != base.DEFAULT_KERNELS
+    assert config.norm_prologue == config.attn_pdl == {"W4A16_AWQ", "W8A16", "W8A8_SQ_PER_CHANNEL"}  # FP8 not
+    for name, fields in base.CARD_KERNELS:  # each entry is a valid configuration that @nocard undoes
+        changed = dataclasses.replace(base.DEFAULT_KERNELS, **fields)
+        assert changed != base.DEFAULT_KERNELS, name
+        assert dataclasses.replace(changed, **KERNEL_VARIANTS["nocard"]) == base.DEFAULT_KERNELS
+
+
 def test_the_extension_build_folder_names_code_torch_cuda_and_gpus(monkeypatch):
     """cuda_ext.load imports a finished build from this folder without building (experiments/gpu/ext_carry.sh
     carries one between machines), so its name must change with anything that changes the build, and must be a name

@@ -45,7 +45,7 @@ from quant.names import LINEARS
 from quant.runtime import rope
 from quant.runtime.kv_cache import KV_STORAGE, KVCache, QuantizedKVCache, kv_cache_mode
 from quant.runtime.linear import concat_linear_tensors, make_linear
-from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig, _Handler
+from quant.runtime.schemes.base import KernelConfig, _Handler, card_kernels
 from quant.runtime.schemes.dense import DenseLinear
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,12 +85,14 @@ class TorchRuntime:
     name = "torch"
 
     def __init__(self, ckpt: Checkpoint, *, device: str | torch.device = "cpu", compute_dtype: str = "float32",
-                 kernels: KernelConfig = DEFAULT_KERNELS):
-        """``kernels``: which kernel each CUDA path takes (the CPU path has one per format)."""
-        self.kernels = kernels
+                 kernels: KernelConfig | None = None):
+        """``kernels``: which kernel each CUDA path takes (the CPU path has one per format); None: the defaults,
+        with this card's departures from them (schemes.base.CARD_KERNELS)."""
         if compute_dtype not in COMPUTE_DTYPES:
             raise UserError(f"compute dtype {compute_dtype!r} not supported (choose from {', '.join(COMPUTE_DTYPES)})")
         self.device = _parse_device(device)
+        card, card_config = card_kernels(self.device)
+        self.kernels, self.kernel_card = (card_config, card) if kernels is None else (kernels, None)
         self.dtype = COMPUTE_DTYPES[compute_dtype]
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -565,7 +567,7 @@ class TorchRuntime:
 
     def describe(self) -> dict:
         """Kernels the linears run (and why a kernel they would take is missing), whether any part is an emulation
-        (and which), and the KV cache mode."""
+        (and which), the KV cache mode, and on CUDA the card whose kernel choices it took (schemes.base.CARD_KERNELS)."""
         handlers = [h for layer in self.layers for h in _linears(layer)]
         kernels = sorted({h.kernel for h in handlers})
         missing = sorted({h.gemv_unavailable for h in handlers if h.gemv_unavailable is not None})
@@ -578,6 +580,7 @@ class TorchRuntime:
                 "emulated": bool(parts), "emulated_parts": parts,
                 "kv_cache": kv_cache_mode(self.kv_algo, self.dtype, self.device),
                 **({"gpu": torch.cuda.get_device_name(self.device), "cuda_graphs": self.cuda_graphs,
+                    **({"card_kernels": self.kernel_card} if self.kernel_card else {}),
                     "attention": "flash/efficient SDPA (prefill), triton split-KV (decode)"} if self.cuda else {})}
 
 

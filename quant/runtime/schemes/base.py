@@ -1,6 +1,7 @@
 """What every format's handler shares: the base class, the kernel choice (:class:`KernelConfig`), int4 packing."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -47,8 +48,9 @@ ALGO_KEYS = ("dense", "W8A16", "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ", "FP8")
 class KernelConfig:
     """Which kernel each CUDA path takes: a value handed to the runtime (``TorchRuntime(..., kernels=)``) and on to
     every handler, never a module global. The defaults were chosen with ``python -m experiments.bench --sweep``
-    on an H200; the benchmark and the tests make variants with :func:`dataclasses.replace`. The CPU path has one
-    kernel per format and ignores this."""
+    on an H200; a card that measured otherwise changes them in :data:`CARD_KERNELS`, which the runtime applies when
+    it is given no config. The benchmark and the tests make variants with :func:`dataclasses.replace`. The CPU path
+    has one kernel per format and ignores this."""
 
     # Formats whose batch-1 rows take the fused Triton GEMV (else a prologue kernel, then the M > 1 path:
     # cuBLAS / _int_mm / _scaled_mm / tl.dot).
@@ -144,8 +146,8 @@ class KernelConfig:
     # 1.46 (7B / 8B), FP8 1.53 → 1.46 / 1.49 → 1.47, SmoothQuant 1.54 → 1.52 / 1.49 → 1.52 (their prologue also
     # brings the persistent form, by itself no faster for them). On an H100 (two runs, 2026-12-06) INT8 weight-only
     # went the other way, 1.61 → 1.70 (7B) and 1.60 → 1.66 / 1.67 (8B), the persistent form alone level, and 1.72 /
-    # 1.68 with attention PDL-launched behind it (RECIPE@w8normpdl): off until a second H200 run says whether this is
-    # a per-card choice.
+    # 1.68 with attention PDL-launched behind it (RECIPE@w8normpdl): on there for INT8 weight-only and SmoothQuant
+    # (CARD_KERNELS).
     norm_prologue: frozenset[str] = frozenset({"W4A16_AWQ"})
     # 8-bit formats whose batch-1 row takes the tensor-core kernel instead (cuda_ext.w8_mma: float16 output, N a
     # multiple of 64, K of 32, on a copy in the MMA's fragment layout made at load; the gemv_then epilogues), with
@@ -187,8 +189,8 @@ class KernelConfig:
     # bits. Only the compiled GEMVs' persistent forms (INT4's by default; the 8-bit ones under norm_prologue or
     # w8g_persistent) let the next kernel start as they start; the others let it start as they end. End to end on an H100 (batch 1, input 512, interleaved, 2026-12-06): INT4 2.29 → 2.35× FP16
     # (LLaMa-2-7B) and 2.23 → 2.27× (Llama-3-8B); FP16 0.99 / 1.00× and INT8 weight-only 1.61 → 1.60 / 1.60 → 1.61
-    # with it, so INT4 only (experiments.bench RECIPE@noattnpdl: off; @attnpdl: every format). Not yet timed on an
-    # H200.
+    # with it, so INT4 only (experiments.bench RECIPE@noattnpdl: off; @attnpdl: every format); on an H100 the 8-bit
+    # formats whose GEMV normalizes its input take it too (CARD_KERNELS). Not yet timed on an H200.
     attn_pdl: frozenset[str] = frozenset({"W4A16_AWQ"})
     # Batch-1 decode: each linear's epilogue does the next linear's prologue, so that the step launches no act_prep
     # between linears (3 per layer, 4 for SmoothQuant / FP8): fc‖gate writes SiLU(fc) · gate, the o / down
@@ -251,6 +253,30 @@ class KernelConfig:
 
 
 DEFAULT_KERNELS = KernelConfig()
+
+# Where a card measured a different fastest choice than the H200 that KernelConfig's defaults were chosen on: (part of
+# the CUDA device's name, the fields it changes). Only cards named here were measured; any other takes the defaults.
+CARD_KERNELS: tuple[tuple[str, dict], ...] = (
+    # The H100 SXM (80 GB HBM3): INT8 weight-only and SmoothQuant's batch-1 GEMVs normalize their own input
+    # (norm_prologue), and attention is PDL-launched behind their qkv GEMV (attn_pdl), as INT4's. End to end
+    # (batch 1, input 512, interleaved, 2026-12-06, experiments/results/gpu/kernels stage 17: RECIPE@w8normpro and
+    # @w8normpdl against the defaults): INT8 weight-only 1.61 → 1.72 / 1.72 (LLaMa-2-7B, two runs) and 1.60 → 1.68
+    # (Llama-3-8B); SmoothQuant 1.62 → 1.64 (7B), 1.56 → 1.62 (8B). FP8 stays: 1.63 → 1.60 / 1.61 (7B). The H200's
+    # one run had the prologue slower (norm_prologue's comment). experiments.bench RECIPE@nocard: the defaults.
+    ("H100 80GB HBM3", {"norm_prologue": frozenset({"W4A16_AWQ", "W8A16", "W8A8_SQ_PER_CHANNEL"}),
+                        "attn_pdl": frozenset({"W4A16_AWQ", "W8A16", "W8A8_SQ_PER_CHANNEL"})}),
+)
+
+
+def card_kernels(device: torch.device) -> tuple[str | None, KernelConfig]:
+    """(the CARD_KERNELS entry of this device, or None; the KernelConfig its runtime takes unless told otherwise):
+    DEFAULT_KERNELS with the first entry whose name is part of the CUDA device's name."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for card, fields in CARD_KERNELS:
+            if card in name:
+                return card, dataclasses.replace(DEFAULT_KERNELS, **fields)
+    return None, DEFAULT_KERNELS
 
 
 def _round_up(n: int, m: int) -> int:
