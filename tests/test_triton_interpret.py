@@ -412,3 +412,54 @@ def test_dequant_from_the_k_packed_copy_rounds_once(group, n, k):
     assert kw == (64 if k == 1024 else 32)
     want = (q.float() * s.float().repeat_interleave(group, dim=1)).half()
     assert torch.equal(ck.dequant_int4_k(ck.pack_int4_k(q, kw), s, group, kw, torch.float16), want)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4-k"])
+def test_weight_only_prefill_in_l2_sized_blocks(fmt):
+    """KernelConfig.wo_prefill_chunk_mib: the weight dequantized and multiplied in blocks of rows through one buffer
+    (1 MiB of float16 at K 4096: 128 rows, so two whole blocks and a ragged one of 44) gives the float64 reference's
+    product and the whole weight's, for every dequantization that prefill takes (int8; int4 from the stored layout,
+    whose byte rows hold two output rows, and from the k-packed copy)."""
+    gen = _gen(f"wochunk/{fmt}")
+    n, k, group = 300, 4096, 128
+    x = activations(gen, 70, k).half()
+    if fmt == "int8":
+        t = layout("W8A16", torch.randn(n, k, generator=gen) * 0.05, gen)
+        s = t["weights_scaling_factor"].half().reshape(-1)  # held in the compute dtype, as the handler does
+        want = (t["weight"].float() * s.float()[:, None]).half()
+
+        def deq(r0, r1, out):
+            return ck.dequant_int8(t["weight"][r0:r1], s[r0:r1], torch.float16, out)
+    else:
+        q = torch.randint(-8, 8, (n, k), generator=gen)
+        s = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).half()
+        want = (q.float() * s.float().repeat_interleave(group, dim=1)).half()
+        if fmt == "int4":
+            from quant.runtime.schemes.base import pack_int4_rows
+
+            w = pack_int4_rows(q)
+
+            def deq(r0, r1, out):
+                return ck.dequant_int4(w[r0 // 2:r1 // 2], s[r0:r1], group, torch.float16, out)
+        else:
+            kw = ck.w4k_kw(k, group, ck.W4K_KW)
+            w = ck.pack_int4_k(q, kw)
+
+            def deq(r0, r1, out):
+                return ck.dequant_int4_k(w[r0:r1], s[r0:r1], group, kw, torch.float16, out)
+    blocks = []
+
+    def logged(r0, r1, out):
+        blocks.append((r0, r1))
+        got = deq(r0, r1, out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, want[r0:r1])  # into the buffer, exact
+        return got
+
+    whole = ck.dequant_linear(x, logged, n, k, None)
+    assert blocks == [(0, n)]
+    blocks.clear()
+    chunked = ck.dequant_linear(x, logged, n, k, 1)
+    assert blocks == [(0, 128), (128, 256), (256, 300)]
+    ref = x.double() @ want.double().t()
+    assert chunked.shape == whole.shape == (70, n) and rel(chunked, ref) <= 1e-2 and rel(whole, ref) <= 1e-2
+    assert rel(chunked, whole) <= 1e-3
