@@ -187,34 +187,6 @@ def test_weight_only_prefill_in_registers_matches_float64_reference(algo, group)
 
 
 @cuda
-@pytest.mark.parametrize("algo, kprefill", [("W8A16", False), ("W4A16_AWQ", True), ("W4A16_AWQ", False)])
-def test_weight_only_prefill_in_l2_sized_blocks_matches_float64_reference(algo, kprefill):
-    """KernelConfig.wo_prefill_chunk_mib: prefill's weight dequantized and multiplied 128 rows at a time (1 MiB of
-    float16 at K 4096) through one buffer, the last block ragged, against the float64 reference and the whole weight
-    at once; INT4 from the k-packed copy (float16) and from the stored layout; float16 and bfloat16."""
-    from quant.runtime.linear import make_linear
-    from quant.runtime.schemes.base import KernelConfig
-    from tests.test_kernels import activations
-
-    gen = torch.Generator().manual_seed(zlib.crc32(f"wochunk/{algo}/{kprefill}".encode()))
-    out, inp, group = 300, 4096, 128
-    t = _layout(algo, gen, out, inp, group)
-    for dtype in GPU_DTYPES:
-        h = {chunk: make_linear(algo, {k: v.to(DEV) for k, v in t.items()}, dtype=dtype, device=DEV,
-                                group_size=group, kernels=KernelConfig(wo_prefill_chunk_mib=chunk,
-                                                                       w4k_prefill=kprefill))
-             for chunk in (None, 1)}
-        assert getattr(h[1], "kprefill", False) == (kprefill and dtype == torch.float16)  # (a float16 copy)
-        wd = h[None].dequantized_weight().cpu()
-        for m, scale in ((65, 1), (300, 40)):
-            x = (activations(gen, m, inp) * scale).to(dtype).to(DEV)
-            y, whole = h[1](x), h[None](x)
-            assert y.shape == (m, out) and y.dtype == dtype and bool(torch.isfinite(y).all())
-            err = rel(y, _reference(algo, t, x.cpu(), wd))
-            assert err <= 1e-2 and rel(y, whole) <= 1e-3, f"{algo} {dtype} M={m} ×{scale}: {err:.2e}"
-
-
-@cuda
 @pytest.mark.parametrize("cvt", [0, 1])
 @pytest.mark.parametrize("algo", ["W8A16", "FP8"])
 def test_gemv_weight_conversions_match_float64_reference(algo, cvt):

@@ -800,11 +800,9 @@ def _dequant_int4_kernel(w_ptr, s_ptr, out_ptr, R, K, stride_wn, stride_sn, stri
     tl.store(out_ptr + (2 * offs_r + 1)[:, None] * stride_on + offs_k[None, :], hi.to(dt), mask=mask)
 
 
-def dequant_int4(w: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """The stored layout (two output rows a byte row) to q · s [2R, K] in ``dtype`` (into ``out`` if given)."""
+def dequant_int4(w: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
     R, K = w.shape
-    out = torch.empty(2 * R, K, dtype=dtype, device=w.device) if out is None else out
+    out = torch.empty(2 * R, K, dtype=dtype, device=w.device)
     br, bk = 16, 128
     grid = (triton.cdiv(R, br), triton.cdiv(K, bk))
     _dequant_int4_kernel[grid](w, scales, out, R, K, w.stride(0), scales.stride(0), out.stride(0), GROUP=group,
@@ -830,12 +828,11 @@ def _dequant_int4_k_kernel(w_ptr, s_ptr, out_ptr, N, stride_wn, stride_sn, strid
                  (q.to(tl.float32) * s[:, None]).to(dt), mask=n_mask[:, None])
 
 
-def dequant_int4_k(w: torch.Tensor, scales: torch.Tensor, group: int, kw: int, dtype: torch.dtype,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_int4_k(w: torch.Tensor, scales: torch.Tensor, group: int, kw: int, dtype: torch.dtype) -> torch.Tensor:
     """The k-packed copy (:func:`pack_int4_k`, tile width ``kw``) back to q · s [N, K], in float32 and rounded once
     to ``dtype``, as :func:`dequant_int4` does from the stored layout (KernelConfig.w4k_prefill)."""
     N, K8 = w.shape
-    out = torch.empty(N, 8 * K8, dtype=dtype, device=w.device) if out is None else out
+    out = torch.empty(N, 8 * K8, dtype=dtype, device=w.device)
     bn = 32
     _dequant_int4_k_kernel[(triton.cdiv(N, bn), K8 // kw)](w, scales, out, N, w.stride(0), scales.stride(0),
                                                           out.stride(0), GROUP=group, KW=kw, BLOCK_N=bn, num_warps=4)
@@ -854,35 +851,14 @@ def _dequant_int8_kernel(w_ptr, s_ptr, out_ptr, R, K, stride_wn, stride_on, BLOC
     tl.store(out_ptr + offs_r[:, None] * stride_on + offs_k[None, :], (q * s[:, None]).to(dt), mask=mask)
 
 
-def dequant_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """q · s per output channel, rounded once to ``dtype`` (1 byte read, 2 written per weight)."""
     R, K = w.shape
-    out = torch.empty(R, K, dtype=dtype, device=w.device) if out is None else out
+    out = torch.empty(R, K, dtype=dtype, device=w.device)
     br, bk = 16, 256
     _dequant_int8_kernel[(triton.cdiv(R, br), triton.cdiv(K, bk))](w, scale, out, R, K, w.stride(0), out.stride(0),
                                                                    BLOCK_R=br, BLOCK_K=bk, num_warps=4)
     return out
-
-
-PREFILL_CHUNK_ROWS = 128  # a block's rows: a multiple of cuBLAS's tiles, even (the stored INT4 layout's row pairs)
-
-
-def dequant_linear(x: torch.Tensor, dequant, n: int, k: int, chunk_mib: int | None) -> torch.Tensor:
-    """y = x · Wᵀ [M, n] for a weight [n, k] that ``dequant(r0, r1, out)`` writes, rows r0..r1 as q · s in x's dtype,
-    into ``out`` [r1 − r0, k] and returns. ``chunk_mib`` None: the whole weight at once, then one GEMM (the float16
-    copy goes to memory and is read back); else blocks of about that many MiB through one buffer, each block's GEMM
-    run as soon as it is written, while it is still in L2 (KernelConfig.wo_prefill_chunk_mib)."""
-    rows = n if chunk_mib is None else max(PREFILL_CHUNK_ROWS, (chunk_mib << 20) // (2 * k) // PREFILL_CHUNK_ROWS
-                                           * PREFILL_CHUNK_ROWS)
-    buf = torch.empty(min(rows, n), k, dtype=x.dtype, device=x.device)
-    if rows >= n:
-        return torch.mm(x, dequant(0, n, buf).t())
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    for r0 in range(0, n, rows):
-        r1 = min(r0 + rows, n)
-        torch.mm(x, dequant(r0, r1, buf[: r1 - r0]).t(), out=y[:, r0:r1])  # (cuBLAS writes the strided columns)
-    return y
 
 
 # -- decode: RoPE + KV cache write --------------------------------------------------------------------------------------

@@ -160,12 +160,6 @@ class KernelConfig:
     # float16 copy of each weight per call for cuBLAS. Empty: on an H200 (7B, experiments.bench RECIPE@wqprefill)
     # it took TTFT from 0.73× to 0.53× FP16's (int8) and from 0.48× to 0.26× (int4) at input 512.
     wq_prefill: frozenset[str] = frozenset()
-    # The other weight-only prefill (INT8 weight-only and INT4 above 64 rows, not wq_prefill): dequantize the weight
-    # in blocks of about this many MiB of the compute dtype through one buffer, each block multiplied by cuBLAS as
-    # soon as it is written, while it is still in L2 (50 MB on an H100 / H200), instead of the whole float16 copy
-    # written to memory and read back (cuda_kernels.dequant_linear); None: the whole weight. Off until timed end
-    # to end (experiments.bench RECIPE@wochunk8 / 16 / 32, TTFT).
-    wo_prefill_chunk_mib: int | None = None
     # The int8 formats' tl.dot kernel at 2–64 rows (cuda_kernels.wq_mm). Compiled for sm_90, its loop issues, per
     # weight, 0.18–0.32 warp-instructions for W8A16 (Triton's int8 → half: one I2F per weight) and 0.04–0.09 for
     # SmoothQuant (int8 × int8), on tiles of 32 output channels whose o / down projections launch 128 programs on
@@ -229,9 +223,6 @@ class KernelConfig:
                              f"with {self.w4m_rows}")
         if self.wq_prefill - {"W8A16", "W4A16_AWQ"}:
             raise ValueError(f"wq_prefill takes W8A16 and W4A16_AWQ; got {sorted(self.wq_prefill)}")
-        if self.wo_prefill_chunk_mib is not None and self.wo_prefill_chunk_mib < 1:
-            raise ValueError(f"wo_prefill_chunk_mib must be >= 1 or None (the whole weight), "
-                             f"got {self.wo_prefill_chunk_mib}")
         if self.attn_fused_batch is not None and self.attn_fused_batch < 1:
             raise ValueError(f"attn_fused_batch must be >= 1 or None (every batch), got {self.attn_fused_batch}")
         if self.w8m_depth not in cuda_ext.W8M_DEPTHS:

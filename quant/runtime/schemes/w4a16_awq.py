@@ -188,19 +188,15 @@ class W4A16AWQLinear(_Handler):
             return self.tinygemm(self._prep(x, norm, eps, silu, prequant=self.prequant,
                                             out_dtype=self.tinygemm.act_dtype))
         x = self._prep(x, norm, eps, silu, prequant=self.prequant)
-        chunk = self.kernels.wo_prefill_chunk_mib
         if self.kprefill and x.shape[0] > ck.WQ_MM_MAX_M:  # KernelConfig.w4k_prefill
             w, kw = self.kpack
-            return ck.dequant_linear(x, lambda r0, r1, out: ck.dequant_int4_k(
-                w[r0:r1], self.scales[r0:r1], self.group, kw, self.dtype, out), self.out, self.inp, chunk)
+            return F.linear(x, ck.dequant_int4_k(w, self.scales, self.group, kw, self.dtype))
         if self.dtype != torch.float32 and self.pow2_group and (
                 x.shape[0] <= ck.WQ_MM_MAX_M or self.algo_key in self.kernels.wq_prefill):
             return ck.wq_mm(x, self.weight, self.scales, wfmt=ck.W_INT4, group=self.group)
         # prefill: dequantize to the compute dtype once per call (q · s rounded to it), then cuBLAS
-        if self.pow2_group:  # (the stored layout holds output rows r, r + 1 in byte row r // 2)
-            return ck.dequant_linear(x, lambda r0, r1, out: ck.dequant_int4(
-                self.weight[r0 // 2:r1 // 2], self.scales[r0:r1], self.group, self.dtype, out), self.out, self.inp,
-                chunk)
+        if self.pow2_group:
+            return F.linear(x, ck.dequant_int4(self.weight, self.scales, self.group, self.dtype))
         return F.linear(x, self.dequantized_weight().to(self.dtype))
 
     def _mm(self, x):

@@ -44,9 +44,7 @@ class W8A16Linear(_Handler):
             return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, cvt=self.cvt, counter=self.wq_counter)
         # prefill: one GEMM on the weight dequantized to the compute dtype (TRT-LLM's weight-only GEMM also
         # dequantizes before the MMA). Scaling after the GEMM overflows float16: x · q is 1/scale (~10³) times y.
-        return ck.dequant_linear(x, lambda r0, r1, out: ck.dequant_int8(self.weight[r0:r1], self.scale[r0:r1],
-                                                                         self.dtype, out),
-                                 *self.weight.shape, self.kernels.wo_prefill_chunk_mib)
+        return F.linear(x, ck.dequant_int8(self.weight, self.scale, self.dtype))
 
     def _held(self):
         return self.weight, self.scale
