@@ -269,8 +269,10 @@ CARD_KERNELS: tuple[tuple[str, dict], ...] = (
     # (norm_prologue), and attention is PDL-launched behind their qkv GEMV (attn_pdl), as INT4's. End to end
     # (batch 1, input 512, interleaved, 2026-12-06, experiments/results/gpu/kernels stage 17: RECIPE@w8normpro and
     # @w8normpdl against the defaults): INT8 weight-only 1.61 → 1.72 / 1.72 (LLaMa-2-7B, two runs) and 1.60 → 1.68
-    # (Llama-3-8B); SmoothQuant 1.62 → 1.64 (7B), 1.56 → 1.62 (8B). FP8 stays: 1.63 → 1.60 / 1.61 (7B). The H200's
-    # one run had the prologue slower (norm_prologue's comment). experiments.bench RECIPE@nocard: the defaults.
+    # (Llama-3-8B); SmoothQuant 1.62 → 1.64 (7B), 1.56 → 1.62 (8B). Confirmed with this entry against
+    # RECIPE@nocard (the defaults; stage 18): INT8 weight-only 1.73 against 1.62 (7B), 1.69 against 1.61 (8B);
+    # SmoothQuant 1.64 against 1.62, 1.62 against 1.57. FP8 stays out: 1.63 → 1.60 / 1.61 (7B; 1.57 → 1.60 on 8B).
+    # The H200's one run had the prologue slower (norm_prologue's comment).
     ("H100 80GB HBM3", {"norm_prologue": frozenset({"W4A16_AWQ", "W8A16", "W8A8_SQ_PER_CHANNEL"}),
                         "attn_pdl": frozenset({"W4A16_AWQ", "W8A16", "W8A8_SQ_PER_CHANNEL"})}),
 )
