@@ -114,8 +114,8 @@ def test_attention_fusions_follow_the_batch_limit():
 def test_a_card_takes_its_measured_departures_from_the_defaults(monkeypatch):
     """schemes.base.CARD_KERNELS: the runtime's kernel choice when it is given none is the defaults with the entry of
     the card it runs on, matched by the CUDA device's name; other cards and the CPU take the defaults, and
-    experiments.bench's ``@nocard`` gives a card the defaults back. This machine has no GPU: the device name is the
-    one boundary stood in for (torch.cuda.get_device_name)."""
+    experiments.bench's ``@nocard`` gives a card the defaults back. This machine has no GPU: the device is the one
+    boundary stood in for (torch.cuda.is_available, get_device_name); with none, CUDA takes the defaults."""
     import dataclasses
 
     from experiments.bench import KERNEL_VARIANTS
@@ -123,6 +123,9 @@ def test_a_card_takes_its_measured_departures_from_the_defaults(monkeypatch):
 
     assert base.card_kernels(torch.device("cpu")) == (None, base.DEFAULT_KERNELS)
     cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert base.card_kernels(cuda) == (None, base.DEFAULT_KERNELS)  # (the caller refuses it: check_cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert base.card_kernels(cuda) == (None, base.DEFAULT_KERNELS)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")

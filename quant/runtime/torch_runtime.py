@@ -91,20 +91,18 @@ class TorchRuntime:
         if compute_dtype not in COMPUTE_DTYPES:
             raise UserError(f"compute dtype {compute_dtype!r} not supported (choose from {', '.join(COMPUTE_DTYPES)})")
         self.device = _parse_device(device)
-        card, card_config = card_kernels(self.device)
-        self.kernels, self.kernel_card = (card_config, card) if kernels is None else (kernels, None)
         self.dtype = COMPUTE_DTYPES[compute_dtype]
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             check_cuda(self.device, ckpt)
-            try:
-                self._load(ckpt)
-            except torch.cuda.OutOfMemoryError:
-                raise UserError(f"out of GPU memory loading checkpoint {ckpt.path} "
-                                f"({ckpt.weight_bytes() / 2**30:.1f} GiB as stored) on {self.device} "
-                                f"({_gpu_memory(self.device)})") from None
-        else:
+        card, card_config = card_kernels(self.device)
+        self.kernels, self.kernel_card = (card_config, card) if kernels is None else (kernels, None)
+        try:
             self._load(ckpt)
+        except torch.cuda.OutOfMemoryError:  # (only a GPU raises it)
+            raise UserError(f"out of GPU memory loading checkpoint {ckpt.path} "
+                            f"({ckpt.weight_bytes() / 2**30:.1f} GiB as stored) on {self.device} "
+                            f"({_gpu_memory(self.device)})") from None
 
     def _load(self, ckpt: Checkpoint) -> None:
         self.checkpoint_path = ckpt.path

@@ -280,8 +280,9 @@ CARD_KERNELS: tuple[tuple[str, dict], ...] = (
 
 def card_kernels(device: torch.device) -> tuple[str | None, KernelConfig]:
     """(the CARD_KERNELS entry of this device, or None; the KernelConfig its runtime takes unless told otherwise):
-    DEFAULT_KERNELS with the first entry whose name is part of the CUDA device's name."""
-    if device.type == "cuda":
+    DEFAULT_KERNELS with the first entry whose name is part of the CUDA device's name. No GPU to ask (a CPU device,
+    or CUDA asked for where there is none, which the caller refuses in its own words): the defaults."""
+    if device.type == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name(device)
         for card, fields in CARD_KERNELS:
             if card in name:
