@@ -35,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 from experiments.gpu.sass_loop import binary_tool, main_loop
+from quant.runtime.cuda_ext import W8_FORMATS
 
 CSRC = Path(__file__).resolve().parents[2] / "quant" / "runtime" / "csrc"
 ARCH = "-gencode=arch=compute_90,code=sm_90"
@@ -49,7 +50,6 @@ THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
 PRO_NORM = 2  # w4a16_gemv.cu's Prologue (w8_gemv.cu's: NORM = 1)
 ROW_LOAD = "LDG.E.128.STRONG.GPU"  # the residual row's 16-byte L2 loads (__ldcg)
 PREFETCH = "CCTL.E.PF1"  # gemv_common.cuh prefetch_l1 (KernelConfig.gemv_prefetch)
-F_FP8 = 2  # w8_gemv.cu's format with one scale for every row: nothing to prefetch
 # The tensor-core INT4 kernel's steady loop (P steps of 16 k x 64 channels a warp), warp-instructions per weight at
 # most, per row tile: streaming INT4 at an H200's copy bandwidth takes ~8.4e12 weights/s of its ~1.05e12
 # warp-instructions/s, so 0.08 is ~2/3 of the issue rate (experiments/results/gpu/kernels, stage 9).
@@ -98,8 +98,8 @@ def check_kernels(cubin: Path) -> list[str]:
                 and first["PREEXIT"] < first["ACQBULK"] and first[STREAM_LOAD] < first["ACQBULK"]):
             fails.append(f"{tag}: programmatic dependent launch without its trigger, or its first weight loads "
                          f"not ahead of its wait (gemv_common.cuh wait_previous_grid)")
-        if k["kind"] in ("w4a16_gemv_kernel", "w4a16_gemv_persistent", "w8_gemv_kernel", "w8_gemv_persistent") \
-                and k["args"].get("F") != F_FP8 and (first[PREFETCH] is None or (
+        # every GEMV (the kinds but the tensor-core ones), but FP8's: one scale for every row, nothing to prefetch
+        if k["kind"] not in MMA_K_STEP and k["args"].get("F") != W8_FORMATS["FP8"] and (first[PREFETCH] is None or (
                     first["ACQBULK"] is not None and first[PREFETCH] > first["ACQBULK"])):
             fails.append(f"{tag}: the scales' prefetch missing, or behind the PDL wait rather than with the first "
                          f"weight loads (gemv_common.cuh prefetch_l1)")
