@@ -72,9 +72,6 @@ VARIANTS = {
     "int4 pdl": ("W4A16_AWQ", KernelConfig(gemv_pdl=frozenset({"W4A16_AWQ"}))),
     "int8_wo pdl": ("W8A16", KernelConfig(w8g_persistent=frozenset({"W8A16"}), gemv_pdl=frozenset({"W8A16"}))),
     "fp8 pdl": ("FP8", KernelConfig(w8g_persistent=frozenset({"FP8"}), gemv_pdl=frozenset({"FP8"}))),
-    # the scales requested into L1 with the weights (KernelConfig.gemv_prefetch)
-    "int4 prefetch": ("W4A16_AWQ", KernelConfig(gemv_prefetch=frozenset({"W4A16_AWQ"}))),
-    "int8_wo prefetch": ("W8A16", KernelConfig(gemv_prefetch=frozenset({"W8A16"}))),
     # INT4 on tensor cores (KernelConfig.w4m_rows; csrc/w4a16_mma.cu), 4 or 8 steps loaded ahead per warp
     "int4 w4m": ("W4A16_AWQ", KernelConfig(w4m_rows=(1, 32))),
     "int4 w4m depth8": ("W4A16_AWQ", KernelConfig(w4m_rows=(1, 8), w4m_depth=8)),

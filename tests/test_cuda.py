@@ -624,77 +624,53 @@ def _same_bits_eagerly_and_replayed(run, res, want):
         assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def _decode_chain(algo, **config):
-    """run(r) for _same_bits_eagerly_and_replayed: a decode-like chain of batch-1 linears of ``algo`` built with
-    KernelConfig(gemv_then=True, **config), each reading what the one before wrote (o_proj with the residual's
-    RMSNorm, gate‖up with SiLU·gate, down_proj with the next RMSNorm, twice over), and what it wrote; the same
-    weights, input and residual for every config."""
-    from quant.runtime.linear import make_linear
-    from quant.runtime.schemes.base import KernelConfig
-    from tests.test_kernels import activations
-
-    dtype, hidden, inter = torch.float16, 512, 1024
-    gen = torch.Generator().manual_seed(len(algo) + 7)
-    tensors = [{k: v.to(DEV) for k, v in _layout(algo, gen, out, inp, 64).items()}
-               for out, inp in ((hidden, hidden), (2 * inter, hidden), (hidden, inter))]
-    norms = [(1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(DEV) for _ in range(2)]
-    x = (activations(gen, 1, hidden) * 3).to(dtype).to(DEV)
-    kernels = KernelConfig(gemv_then=True, **config)
-    o, fg, down = (make_linear(algo, t, dtype=dtype, device=DEV, group_size=64, kernels=kernels) for t in tensors)
-    assert o.chains(1) and fg.chains(1) and down.chains(1), o.gemv_unavailable or o.kernel
-
-    def run(r):
-        a, outs = x, []
-        for _ in range(2):
-            xn = o.fused(a, residual=r, then_norm=norms[0], eps=1e-5)
-            act = fg.fused(xn, then_silu=True)
-            a = down.fused(act, residual=r, then_norm=norms[1], eps=1e-5)
-            outs += [xn, act, a, r.clone()]
-        return outs
-    return run, torch.randn(1, hidden, generator=gen).to(dtype).to(DEV)
-
-
 @cuda
 @pytest.mark.parametrize("algo", ["W4A16_AWQ", *W8G])
 def test_pdl_chain_gives_the_same_bits(algo):
     """KernelConfig.gemv_pdl: the persistent GEMVs launched with programmatic dependent launch start while the
-    kernel before them runs, load their first weights, and only then wait for it. A decode-like chain
-    (_decode_chain), eagerly and replayed from a CUDA graph, gives the bits of the same chain launched without it;
-    INT4's one-block-per-row-block form with pdl is refused."""
+    kernel before them runs, load their first weights, and only then wait for it. A decode-like chain in which each
+    linear reads what the one before wrote (o_proj with the residual's RMSNorm, gate‖up with SiLU·gate, down_proj
+    with the next RMSNorm, twice over), eagerly and replayed from a CUDA graph, gives the bits of the same chain
+    launched without it; INT4's one-block-per-row-block form with pdl is refused."""
     from quant.hardware import fp8_refusal
     from quant.runtime import cuda_ext
     from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
 
     if algo == "FP8" and fp8_refusal(0):
         pytest.skip(fp8_refusal(0))
     if torch.cuda.get_device_capability(DEV) < (9, 0):
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    dtype, hidden, inter = torch.float16, 512, 1024
+    gen = torch.Generator().manual_seed(len(algo) + 7)
+    tensors = [{k: v.to(DEV) for k, v in _layout(algo, gen, out, inp, 64).items()}
+               for out, inp in ((hidden, hidden), (2 * inter, hidden), (hidden, inter))]
     persistent = {"w8g_persistent": frozenset({algo})} if algo in W8G else {}
-    run, res = _decode_chain(algo, gemv_pdl=frozenset({algo}), **persistent)
-    _same_bits_eagerly_and_replayed(run, res, _decode_chain(algo, **persistent)[0](res.clone()))
+    norms = [(1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(DEV) for _ in range(2)]
+    x = (activations(gen, 1, hidden) * 3).to(dtype).to(DEV)
+    res = torch.randn(1, hidden, generator=gen).to(dtype).to(DEV)
+
+    def chain(pdl: bool):
+        kernels = KernelConfig(gemv_then=True, gemv_pdl=frozenset({algo}) if pdl else frozenset(), **persistent)
+        o, fg, down = (make_linear(algo, t, dtype=dtype, device=DEV, group_size=64, kernels=kernels) for t in tensors)
+        assert o.chains(1) and fg.chains(1) and down.chains(1), o.gemv_unavailable or o.kernel
+
+        def run(r):
+            a, outs = x, []
+            for _ in range(2):
+                xn = o.fused(a, residual=r, then_norm=norms[0], eps=1e-5)
+                act = fg.fused(xn, then_silu=True)
+                a = down.fused(act, residual=r, then_norm=norms[1], eps=1e-5)
+                outs += [xn, act, a, r.clone()]
+            return outs
+        return run
+
+    _same_bits_eagerly_and_replayed(chain(True), res, chain(False)(res.clone()))
     if algo == "W4A16_AWQ":  # (both bindings refuse through one check, bindings.cpp check_pdl)
-        h = make_linear(algo, {k: v.to(DEV) for k, v in _layout(algo, torch.Generator(), 64, 512, 64).items()},
-                        dtype=torch.float16, device=DEV, group_size=64)
+        h = make_linear(algo, tensors[0], dtype=dtype, device=DEV, group_size=64)
         with pytest.raises(RuntimeError, match="persistent form only"):
-            cuda_ext.w4a16_gemv(torch.zeros(1, 512, dtype=torch.float16, device=DEV), h.w4g, h.scales, group=64,
-                                grid=0, pdl=True)
-
-
-@cuda
-@pytest.mark.parametrize("algo", ["W4A16_AWQ", *W8G])
-@pytest.mark.parametrize("persistent", [True, False])
-def test_gemv_prefetch_gives_the_same_bits(algo, persistent):
-    """KernelConfig.gemv_prefetch: the compiled GEMVs request their scales into L1 with their weights (no arithmetic
-    changes). The decode-like chain (_decode_chain) in either form, eagerly and replayed from a CUDA graph, gives the
-    bits of the same chain without it."""
-    from quant.hardware import fp8_refusal
-
-    if algo == "FP8" and fp8_refusal(0):
-        pytest.skip(fp8_refusal(0))
-    form = {"w8g_persistent": frozenset({algo}) if persistent else frozenset()} if algo in W8G \
-        else {"w4g_persistent": persistent}
-    run, res = _decode_chain(algo, gemv_prefetch=frozenset({algo}), **form)
-    _same_bits_eagerly_and_replayed(run, res, _decode_chain(algo, **form)[0](res.clone()))
+            cuda_ext.w4a16_gemv(x, h.w4g, h.scales, group=64, grid=0, pdl=True)
 
 
 NORM_PRO = {"W4A16_AWQ": "int4_awq", "W8A16": "int8_wo", "W8A8_SQ_PER_CHANNEL": "smoothquant", "FP8": "fp8"}

@@ -6,8 +6,6 @@ what their code must have, before any GPU time is spent on them:
   division's slow path (``__fdiv_rn``, the activation quantization's, bit-exact with act_prep's), outside that loop;
 - the persistent forms compiled for programmatic dependent launch (KernelConfig.gemv_pdl): the trigger (PREEXIT)
   and the wait (ACQBULK), their first weight loads ahead of the wait (ptxas sank them below a plain one);
-- the GEMVs' scale prefetch (KernelConfig.gemv_prefetch): in every INT4 and per-row-scaled 8-bit GEMV, ahead of the
-  persistent forms' PDL wait, with their first weight loads;
 - the norm prologues (KernelConfig.norm_prologue; w4a16_gemv.cu's PRO_NORM, w8_gemv.cu's NORM): their first weight
   loads issued ahead of the row's L2 loads for the RMSNorm statistics, which they are meant to overlap;
 - the epilogues for the next linear (KernelConfig.gemv_then) compiled with their ordering: the RMSNorm variants
@@ -35,7 +33,6 @@ import tempfile
 from pathlib import Path
 
 from experiments.gpu.sass_loop import binary_tool, main_loop
-from quant.runtime.cuda_ext import W8_FORMATS
 
 CSRC = Path(__file__).resolve().parents[2] / "quant" / "runtime" / "csrc"
 ARCH = "-gencode=arch=compute_90,code=sm_90"
@@ -49,7 +46,6 @@ TEMPLATE = {"w8_gemv_kernel": ("F", "M", "R", "U", "THEN"), "w4a16_gemv_kernel":
 THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
 PRO_NORM = 2  # w4a16_gemv.cu's Prologue (w8_gemv.cu's: NORM = 1)
 ROW_LOAD = "LDG.E.128.STRONG.GPU"  # the residual row's 16-byte L2 loads (__ldcg)
-PREFETCH = "CCTL.E.PF1"  # gemv_common.cuh prefetch_l1 (KernelConfig.gemv_prefetch)
 # The tensor-core INT4 kernel's steady loop (P steps of 16 k x 64 channels a warp), warp-instructions per weight at
 # most, per row tile: streaming INT4 at an H200's copy bandwidth takes ~8.4e12 weights/s of its ~1.05e12
 # warp-instructions/s, so 0.08 is ~2/3 of the issue rate (experiments/results/gpu/kernels, stage 9).
@@ -75,7 +71,7 @@ def kernels(sass: str, res: str) -> list[dict]:
         loop = main_loop(body, STREAM_LOAD)
         seq = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", body)
         first = {op: next((i for i, o in enumerate(seq) if o.startswith(op)), None)
-                 for op in ("PREEXIT", "ACQBULK", STREAM_LOAD, ROW_LOAD, PREFETCH)}
+                 for op in ("PREEXIT", "ACQBULK", STREAM_LOAD, ROW_LOAD)}
         k = {"kind": kind, "args": dict(zip(TEMPLATE[kind], args)), "regs": regs, "stack": stack, "ops": ops,
              "loop_spills": loop.count("LDL") + loop.count("STL"), "first": first}
         if kind in MMA_K_STEP:  # the steady loop, beside the tail loop of the same steps
@@ -98,11 +94,6 @@ def check_kernels(cubin: Path) -> list[str]:
                 and first["PREEXIT"] < first["ACQBULK"] and first[STREAM_LOAD] < first["ACQBULK"]):
             fails.append(f"{tag}: programmatic dependent launch without its trigger, or its first weight loads "
                          f"not ahead of its wait (gemv_common.cuh wait_previous_grid)")
-        # every GEMV (the kinds but the tensor-core ones), but FP8's: one scale for every row, nothing to prefetch
-        if k["kind"] not in MMA_K_STEP and k["args"].get("F") != W8_FORMATS["FP8"] and (first[PREFETCH] is None or (
-                    first["ACQBULK"] is not None and first[PREFETCH] > first["ACQBULK"])):
-            fails.append(f"{tag}: the scales' prefetch missing, or behind the PDL wait rather than with the first "
-                         f"weight loads (gemv_common.cuh prefetch_l1)")
         if (k["args"].get("PRO") == PRO_NORM or k["args"].get("NORM") == 1) and not (
                 first[ROW_LOAD] is not None and first[STREAM_LOAD] < first[ROW_LOAD]):
             fails.append(f"{tag}: the norm prologue's row loads not behind the first weight loads")

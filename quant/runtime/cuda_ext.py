@@ -303,8 +303,7 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
                prequant: torch.Tensor | None = None, norm: torch.Tensor | None = None,
                then_silu: bool = False, then_norm: torch.Tensor | None = None,
                counter: torch.Tensor | None = None, eps: float = 1e-6,
-               then_quant: tuple | None = None, grid: int = 0, pdl: bool = False,
-               prefetch: bool = False) -> torch.Tensor:
+               then_quant: tuple | None = None, grid: int = 0, pdl: bool = False) -> torch.Tensor:
     """x [M ≤ 4, K] float16 → x · (q · s)ᵀ [M, N]; added to ``residual`` in place (one rounding) when given.
     One row (:func:`fuses`) may bring the pre-quant scale: the input is then x · prequant, rounded as
     ``cuda_kernels.act_prep`` rounds it; and ``norm`` (KernelConfig.norm_prologue; grid ≠ 0, not with
@@ -318,13 +317,11 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     tests' way to give each block several row blocks). The same bits whichever. ``pdl`` (grid ≠ 0, compute
     capability ≥ 9.0: :func:`pdl_ok`): the persistent kernel launched with programmatic dependent launch, so that
     it starts, and loads its first weights, while the kernel before it in the stream finishes (gemv_common.cuh);
-    the same bits. ``prefetch`` (KernelConfig.gemv_prefetch): each step's scales requested into L1 with its
-    weights, not first loaded after their arithmetic (gemv_common.cuh prefetch_l1); the same bits."""
+    the same bits."""
     mod = _built()
     out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w4a16_gemv(x, w, scales, group, out, residual is not None, GEMV_TILES.index(tuple(tile)),
-                   _NONE if prequant is None else prequant, _NONE if norm is None else norm, *then, grid, pdl,
-                   prefetch)
+                   _NONE if prequant is None else prequant, _NONE if norm is None else norm, *then, grid, pdl)
     return ret
 
 
@@ -356,18 +353,18 @@ def w8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, fmt: str,
             then_norm: torch.Tensor | None = None, counter: torch.Tensor | None = None,
             eps: float = 1e-6, then_quant: tuple | None = None, grid: int = 0, pdl: bool = False,
             norm: torch.Tensor | None = None, prequant: torch.Tensor | None = None,
-            act_scale: torch.Tensor | None = None, prefetch: bool = False) -> torch.Tensor:
+            act_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M ≤ 4, K] (float16 for W8A16; int8 / e4m3 quantized by act_prep for W8A8 / FP8), w [N, K] int8 or e4m3,
     scale [N] (float16 for W8A16, float32 for W8A8) or [1] (FP8, float32) → (x · wᵀ) · scale, float16 [M, N];
     added to ``residual`` in place (one rounding) when given. ``tile``: one of GEMV_TILES (None: the format's
     W8G_TILES entry). ``then_silu`` / ``then_norm`` / ``then_quant`` / ``grid`` (KernelConfig.w8g_persistent) /
-    ``pdl`` / ``prefetch`` (of the row scales): as :func:`w4a16_gemv`'s. ``norm`` (KernelConfig.norm_prologue;
-    grid ≠ 0, not with then_norm): x is the float16 residual stream [1, K] and the input RMSNorm(x) · norm, times
-    ``prequant`` and quantized by ``act_scale`` (float32 [1]) for W8A8 / FP8 as act_prep does, every block
-    computing it: the same bits as a then_norm epilogue with that then_quant followed by this GEMV."""
+    ``pdl``: as :func:`w4a16_gemv`'s. ``norm`` (KernelConfig.norm_prologue; grid ≠ 0, not with then_norm): x is the
+    float16 residual stream [1, K] and the input RMSNorm(x) · norm, times ``prequant`` and quantized by
+    ``act_scale`` (float32 [1]) for W8A8 / FP8 as act_prep does, every block computing it: the same bits as a
+    then_norm epilogue with that then_quant followed by this GEMV."""
     mod = _built()
     out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w8_gemv(x, w, scale, W8_FORMATS[fmt], out, residual is not None,
                 GEMV_TILES.index(tuple(tile or W8G_TILES[fmt])), *then, grid, pdl,
-                *(_NONE if t is None else t for t in (norm, prequant, act_scale)), prefetch)
+                *(_NONE if t is None else t for t in (norm, prequant, act_scale)))
     return ret

@@ -8,11 +8,11 @@
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
                               const void* nw, float eps, int then, const gemv::ThenArgs& t, int grid, bool pdl,
-                              bool pf, cudaStream_t stream);
+                              cudaStream_t stream);
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const gemv::ThenArgs& t,
                            int grid, bool pdl, const void* nw, const void* pre, const float* act_scale, float eps,
-                           bool pf, cudaStream_t stream);
+                           cudaStream_t stream);
 cudaError_t w4a16_mma_splits(int M, int depth, int N, int K, int requested, int& splits);
 cudaError_t w4a16_mma_launch(int M, const void* x, int64_t ldx, const void* w, const void* s, const void* pre, void* y,
                              int64_t ldy, int N, int K, int gshift, bool accumulate, float* ws, unsigned* cnt,
@@ -92,12 +92,11 @@ static torch::Tensor split_partials(int splits, int64_t M, int64_t N, const torc
 // none). norm float16 [K]: the input is RMSNorm(x) * norm (eps; then * prequant, if any), computed by every block
 // (one row, grid != 0, not with then 2; an empty tensor: none). then ... then_afmt: then_args. grid (one row only
 // unless 0): 0 one block per row block; -1 the persistent kernel on as many blocks as fit the GPU at once; n > 0 on
-// at most n blocks. pdl: the persistent kernel launched with programmatic dependent launch (check_pdl). prefetch:
-// the scales requested with the weights (gemv::prefetch_l1), the same bits. Returns out.
+// at most n blocks. pdl: the persistent kernel launched with programmatic dependent launch (check_pdl). Returns out.
 torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
                          bool accumulate, int64_t tile, torch::Tensor prequant, torch::Tensor norm, int64_t then,
                          torch::Tensor nw, torch::Tensor xn, torch::Tensor cnt, double eps, torch::Tensor then_pre,
-                         torch::Tensor then_a, int64_t then_afmt, int64_t grid, bool pdl, bool prefetch) {
+                         torch::Tensor then_a, int64_t then_afmt, int64_t grid, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w4a16_gemv: tensors on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
@@ -128,7 +127,7 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
       static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
       out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), gshift, accumulate,
       pre ? prequant.data_ptr() : nullptr, prenorm ? norm.data_ptr() : nullptr, static_cast<float>(eps),
-      static_cast<int>(then), t, static_cast<int>(grid), pdl, prefetch,
+      static_cast<int>(then), t, static_cast<int>(grid), pdl,
       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: ", cudaGetErrorString(err));
   return out;
@@ -136,15 +135,14 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
 
 // fmt 0 (W8A16): x float16, w int8, s float16 [N]; 1 (W8A8): x int8, w int8, s float32 [N]; 2 (FP8): x and w
 // float8_e4m3fn, s float32 [1]. x [M, K], w [N, K] (the checkpoint's layout); out [M, N] float16: written, or added
-// to in place when accumulate. then ... then_afmt: then_args. grid, pdl, prefetch: as w4a16_gemv's. norm float16 [K]
+// to in place when accumulate. then ... then_afmt: then_args. grid and pdl: as w4a16_gemv's. norm float16 [K]
 // (or empty): x is the float16 residual stream [1, K] and the input is RMSNorm(x) * norm (eps), times prequant
 // (float16 [K] or empty) and quantized by act_scale (float32 [1]; W8A8, FP8) as act_prep would, computed by every
 // block of the persistent form (grid != 0), not with then 2. Returns out.
 torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t fmt, torch::Tensor out,
                       bool accumulate, int64_t tile, int64_t then, torch::Tensor nw, torch::Tensor xn,
                       torch::Tensor cnt, double eps, torch::Tensor then_pre, torch::Tensor then_a, int64_t then_afmt,
-                      int64_t grid, bool pdl, torch::Tensor norm, torch::Tensor prequant, torch::Tensor act_scale,
-                      bool prefetch) {
+                      int64_t grid, bool pdl, torch::Tensor norm, torch::Tensor prequant, torch::Tensor act_scale) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w8_gemv: tensors on one CUDA device");
   TORCH_CHECK(fmt >= 0 && fmt <= 2, "w8_gemv: format 0-2, got ", fmt);
@@ -183,7 +181,7 @@ torch::Tensor w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t
       s.data_ptr(), out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), accumulate,
       static_cast<int>(then), t, static_cast<int>(grid), pdl, prenorm ? norm.data_ptr() : nullptr,
       pre ? prequant.data_ptr() : nullptr, prenorm && fmt != 0 ? act_scale.data_ptr<float>() : nullptr,
-      static_cast<float>(eps), prefetch, at::cuda::getCurrentCUDAStream());
+      static_cast<float>(eps), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w8_gemv: ", cudaGetErrorString(err));
   return out;
 }

@@ -64,12 +64,6 @@ __device__ __forceinline__ void load_chunks(uint4 (&wv)[U][R], const uint4* w, c
   }
 }
 
-// The L1 line holding p requested now (CCTL.E.PF1), for a load issued later (KernelConfig.gemv_prefetch). The GEMVs
-// load a row's scales only after the arithmetic on its weights (where ptxas places those loads), so each row
-// block's first scale load would start a memory round trip of its own there, after the weights' one; requested
-// with the weights, it overlaps theirs. (Scales are never written by a kernel: before a PDL wait is safe.)
-__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
-
 // Programmatic dependent launch (sm_90; KernelConfig.gemv_pdl), for the persistent forms. A kernel launched with it
 // (launch_persistent, pdl) may start while the kernel before it in the stream still runs: it issues its first
 // weight loads (weights are never written by a kernel) and then waits here for that kernel's grid to complete,
@@ -158,11 +152,10 @@ __device__ __forceinline__ int weight_row(int r, int N, int vb) {
 // row) as one sequence of steps, the weights of step i + 1 loaded before step i is computed: mac(cur, rows, c0), then
 // finish(vb) after a row block's last round. On entry cur and rows hold step 0's (the caller loads them first, so
 // that it can stage x meanwhile). vb and the round are the same across a block, so finish may hold a barrier. The
-// steps are the one-block-per-row-block form's rounds in its order: the same sums, the same bits. loaded(rows, c0)
-// follows each step's weight loads (where a kernel requests what that step will load late: prefetch_l1).
-template <int R, int U, int THEN, class Mac, class Finish, class Loaded>
+// steps are the one-block-per-row-block form's rounds in its order: the same sums, the same bits.
+template <int R, int U, int THEN, class Mac, class Finish>
 __device__ __forceinline__ void walk_row_blocks(const uint4* w, int N, int C, int NB, int lane, uint4 (&cur)[U][R],
-                                                int (&rows)[R], Mac&& mac, Finish&& finish, Loaded&& loaded) {
+                                                int (&rows)[R], Mac&& mac, Finish&& finish) {
   const int rounds = (C + 32 * U - 1) / (32 * U);
   int vb = blockIdx.x, round = 0;
   uint4 nxt[U][R];
@@ -178,7 +171,6 @@ __device__ __forceinline__ void walk_row_blocks(const uint4* w, int N, int C, in
 #pragma unroll
       for (int r = 0; r < R; ++r) nrows[r] = weight_row<R, THEN>(r, N, nvb);
       load_chunks(nxt, w, nrows, C, nround * 32 * U, lane);
-      loaded(nrows, nround * 32 * U);
     }
     mac(cur, rows, round * 32 * U);
     if (nround == 0) finish(vb);

@@ -100,20 +100,6 @@ __device__ __forceinline__ void mac_round(const uint4 (&wv)[U][R], const half* x
   }
 }
 
-// PF (KernelConfig.gemv_prefetch): the scales of the chunks that load_chunks(.., rows, C, c0, lane) loaded,
-// requested into L1 with them (gemv::prefetch_l1): mac_round loads them only after its arithmetic.
-template <int U, int R>
-__device__ __forceinline__ void prefetch_scales(const half* s, const int (&rows)[R], int C, int G, int cshift, int c0,
-                                                int lane) {
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int c = c0 + u * 32 + lane;
-    if (c >= C) break;
-#pragma unroll
-    for (int r = 0; r < R; ++r) gemv::prefetch_l1(s + (int64_t)rows[r] * G + (c >> cshift));
-  }
-}
-
 // Row block vb done: the lanes' sums reduced, then stored by lane 0 (added to y when accumulating) or, THEN_SILU,
 // met with their partners (store_silu_pairs); acc is left zero for the next row block.
 template <int M, int R, int THEN>
@@ -151,12 +137,12 @@ __device__ __forceinline__ void finish_rows(float (&acc)[M][R], half* y, int64_t
 
 // M activation rows, R weight rows per warp, U chunks of 32 k per lane in flight; one block per row block;
 // PRO_PREQUANT: M == 1, the row staged in shared memory (K * 2 bytes, dynamic); THEN (M == 1): the epilogue's work
-// for the next linear (gemv_common.cuh). (PRO_NORM: the persistent form only.) pf: prefetch_scales.
+// for the next linear (gemv_common.cuh). (PRO_NORM: the persistent form only.)
 template <int M, int R, int U, int PRO, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
     const half* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const half* __restrict__ s,
     half* __restrict__ y, int64_t ldy, int N, int K, int gshift, bool accumulate, const half* __restrict__ pre,
-    ThenArgs then, bool pf) {
+    ThenArgs then) {
   static_assert(PRO != PRO_NORM, "PRO_NORM: the persistent form only");
   extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
@@ -173,13 +159,9 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
 
   uint4 wv[U][R];
   load_chunks(wv, w, rows, C, 0, lane);  // the first weights on their way while the block stages x
-  if (pf) prefetch_scales<U, R>(s, rows, C, G, gshift - 5, 0, lane);
   stage<PRO>(xs, x, pre, nullptr, K, 0.f);
   for (int c0 = 0; c0 < C; c0 += 32 * U) {
-    if (c0 > 0) {
-      load_chunks(wv, w, rows, C, c0, lane);
-      if (pf) prefetch_scales<U, R>(s, rows, C, G, gshift - 5, c0, lane);
-    }
+    if (c0 > 0) load_chunks(wv, w, rows, C, c0, lane);
     mac_round<M, R, U, PRO>(wv, x, ldx, xs, s, rows, C, G, gshift - 5, c0, lane, acc);
   }
   finish_rows<M, R, THEN>(acc, y, ldy, N, accumulate, then, blockIdx.x, lane);
@@ -191,12 +173,12 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
 // = 4096 a warp has a single round, nothing of its own to overlap). PRO_PREQUANT / PRO_NORM stage x once per
 // block. THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store. Launched with
 // programmatic dependent launch (gemv::launch_persistent), only the first weight loads come before
-// gemv::wait_previous_grid. pf: prefetch_scales after every step's weight loads.
+// gemv::wait_previous_grid.
 template <int R, int U, int PRO, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
     const half* __restrict__ x, const uint4* __restrict__ w, const half* __restrict__ s, half* __restrict__ y,
     int N, int K, int gshift, bool accumulate, const half* __restrict__ pre, const half* __restrict__ nw, float eps,
-    ThenArgs then, int NB, bool pdl, bool pf) {
+    ThenArgs then, int NB, bool pdl) {
   extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
   const int C = K >> 5, G = K >> gshift;
@@ -209,7 +191,6 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
   gemv::allow_next_grid();
   uint4 cur[U][R];
   load_chunks(cur, w, rows, C, 0, lane);
-  if (pf) prefetch_scales<U, R>(s, rows, C, G, gshift - 5, 0, lane);
   if (pdl) gemv::wait_previous_grid(cur[0][0].x);  // (launched without it: no wait on the loads)
   stage<PRO>(xs, x, pre, nw, K, eps);
   gemv::walk_row_blocks<R, U, THEN>(
@@ -217,10 +198,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
       [&](const uint4 (&wv)[U][R], const int (&rw)[R], int c0) {
         mac_round<1, R, U, PRO>(wv, x, 0, xs, s, rw, C, G, gshift - 5, c0, lane, acc);
       },
-      [&](int vb) { finish_rows<1, R, THEN>(acc, y, 0, N, accumulate, then, vb, lane); },
-      [&](const int (&rw)[R], int c0) {
-        if (pf) prefetch_scales<U, R>(s, rw, C, G, gshift - 5, c0, lane);
-      });
+      [&](int vb) { finish_rows<1, R, THEN>(acc, y, 0, N, accumulate, then, vb, lane); });
   if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
 }
 
@@ -235,7 +213,6 @@ struct Args {
   ThenArgs then_args;
   int grid;  // 0: one block per row block; -1: persistent, as many blocks as fit at once; > 0: persistent, at most
   bool pdl;  // the persistent form with programmatic dependent launch
-  bool pf;   // prefetch_scales
   cudaStream_t stream;
 };
 
@@ -252,7 +229,7 @@ cudaError_t launch(const Args& a) {
       const cudaError_t err = gemv::persistent_grid(kernel, smem, a.grid, blocks, grid);
       if (err != cudaSuccess) return err;
       return gemv::launch_persistent(kernel, grid, smem, a.stream, a.pdl, a.x, a.w, a.s, a.y, a.N, a.K, a.gshift,
-                                     a.accumulate, a.pre, a.nw, a.eps, a.then_args, blocks, a.pdl, a.pf);
+                                     a.accumulate, a.pre, a.nw, a.eps, a.then_args, blocks, a.pdl);
     }
   }
   if constexpr (PRO == PRO_NORM) return cudaErrorInvalidValue;  // (built in the persistent form only)
@@ -260,7 +237,7 @@ cudaError_t launch(const Args& a) {
     w4a16_gemv_kernel<M, R, U, PRO, THEN><<<blocks, WARPS * 32, smem, a.stream>>>(
         static_cast<const half*>(a.x), a.ldx, static_cast<const uint4*>(a.w), static_cast<const half*>(a.s),
         static_cast<half*>(a.y), a.ldy, a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre),
-        a.then_args, a.pf);
+        a.then_args);
     return cudaGetLastError();
   }
 }
@@ -302,12 +279,12 @@ cudaError_t launch_one_row(int tile, const Args& a) {
 // shared memory, then not THEN_NORM. then (gemv::Then) other
 // than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs); THEN_SILU: N even, xn [N/2], y unused, not
 // accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned that is 0 (and is left 0). grid (Args): M == 1
-// unless 0; pdl: grid != 0, an sm_90 GPU. pf: the scales prefetched (prefetch_scales), the same bits.
+// unless 0; pdl: grid != 0, an sm_90 GPU.
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
-                              const void* nw, float eps, int then, const ThenArgs& t, int grid, bool pdl, bool pf,
+                              const void* nw, float eps, int then, const ThenArgs& t, int grid, bool pdl,
                               cudaStream_t stream) {
-  const Args a{x, w, s, pre, nw, y, ldx, ldy, N, K, gshift, accumulate, eps, then, t, grid, pdl, pf, stream};
+  const Args a{x, w, s, pre, nw, y, ldx, ldy, N, K, gshift, accumulate, eps, then, t, grid, pdl, stream};
   if ((grid != 0 && M != 1) || (pdl && grid == 0)) return cudaErrorInvalidValue;
   if (nw != nullptr) return M == 1 ? launch_one_row<PRO_NORM>(tile, a) : cudaErrorInvalidValue;
   if (pre != nullptr) return M == 1 ? launch_one_row<PRO_PREQUANT>(tile, a) : cudaErrorInvalidValue;

@@ -170,24 +170,12 @@ __device__ __forceinline__ void finish_rows(Acc<F> (&acc)[M][R], const int (&row
   }
 }
 
-// pf (KernelConfig.gemv_prefetch): the scales of the rows that finish_rows loads (row_scale) after the row block's
-// arithmetic, requested into L1 with its first weights (gemv::prefetch_l1). FP8's one scale serves every row.
-template <int F, int R>
-__device__ __forceinline__ void prefetch_row_scales(const void* s, const int (&rows)[R]) {
-  if constexpr (F != F_FP8) {
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-      gemv::prefetch_l1(F == F_W8A16 ? static_cast<const void*>(static_cast<const half*>(s) + rows[r])
-                                     : static_cast<const void*>(static_cast<const float*>(s) + rows[r]));
-  }
-}
-
 // M activation rows, R weight rows per warp, U chunks of 16 k per lane in flight; one block per row block; THEN
-// (M == 1): the epilogue's work for the next linear (gemv_common.cuh). pf: prefetch_row_scales.
+// (M == 1): the epilogue's work for the next linear (gemv_common.cuh).
 template <int F, int M, int R, int U, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
     const void* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const void* __restrict__ s,
-    half* __restrict__ y, int64_t ldy, int N, int K, bool accumulate, ThenArgs then, bool pf) {
+    half* __restrict__ y, int64_t ldy, int N, int K, bool accumulate, ThenArgs then) {
   const int lane = threadIdx.x & 31;
   const int C = K >> 4;  // 16-weight chunks per row (uint4 per row)
   int rows[R];
@@ -200,7 +188,6 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
     for (int r = 0; r < R; ++r) acc[m][r] = 0;
 
   uint4 wv[U][R];
-  if (pf) prefetch_row_scales<F, R>(s, rows);
   for (int c0 = 0; c0 < C; c0 += 32 * U) {
     load_chunks(wv, w, rows, C, c0, lane);
     mac_round<F, M, R, U>(wv, x, ldx, C, c0, lane, acc);
@@ -215,12 +202,12 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_kernel(
 // programmatic dependent launch (gemv::launch_persistent), only the first weight loads come before
 // gemv::wait_previous_grid. NORM (PRO_NORM): x is the float16 residual stream, staged normalized (gemv::stage_norm)
 // after the first weight loads: the row in the format's activation type, W8A16's unit u at load_x's
-// (u & 1) * C + (u >> 1). pf: prefetch_row_scales with the first row block's first weight loads.
+// (u & 1) * C + (u >> 1).
 template <int F, int R, int U, int THEN, bool NORM>
 __global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
     const void* __restrict__ x, const uint4* __restrict__ w, const void* __restrict__ s, half* __restrict__ y, int N,
     int K, bool accumulate, ThenArgs then, int NB, bool pdl, const half* __restrict__ nw,
-    const half* __restrict__ pre, const float* __restrict__ a, float eps, bool pf) {
+    const half* __restrict__ pre, const float* __restrict__ a, float eps) {
   extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
   const int C = K >> 4;
@@ -233,7 +220,6 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
   gemv::allow_next_grid();
   uint4 cur[U][R];
   load_chunks(cur, w, rows, C, 0, lane);
-  if (pf) prefetch_row_scales<F, R>(s, rows);
   if (pdl) gemv::wait_previous_grid(cur[0][0].x);  // (launched without it: no wait on the loads)
   if constexpr (NORM)
     gemv::stage_norm(static_cast<const half*>(x), nw, pre, K, eps, F == F_W8A16 ? 0 : F == F_W8A8 ? 1 : 2,
@@ -247,8 +233,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_gemv_persistent(
         if constexpr (NORM) mac_round<F, 1, R, U, true>(wv, xs, 0, C, c0, lane, acc);
         else mac_round<F, 1, R, U>(wv, x, 0, C, c0, lane, acc);
       },
-      [&](int vb) { finish_rows<F, 1, R, THEN>(acc, rows, s, y, 0, N, accumulate, then, vb, lane); },
-      [](const int (&)[R], int) {});  // (a prefetch here too spilled W8A8's (4, 1) main loop)
+      [&](int vb) { finish_rows<F, 1, R, THEN>(acc, rows, s, y, 0, N, accumulate, then, vb, lane); });
   if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
 }
 
@@ -265,7 +250,6 @@ struct Args {
   const void *nw, *pre;  // PRO_NORM (nw not null): the norm weight, the pre-quant scale or null,
   const float* act_scale;  // the static activation scale (W8A8, FP8),
   float eps;  // and eps
-  bool pf;    // the row scales prefetched (prefetch_row_scales)
   cudaStream_t stream;
 };
 
@@ -282,14 +266,14 @@ cudaError_t launch(const Args& a) {
       const cudaError_t err = gemv::persistent_grid(kernel, smem, a.grid, blocks, grid);
       if (err != cudaSuccess) return err;
       return gemv::launch_persistent(kernel, grid, smem, a.stream, a.pdl, a.x, a.w, a.s, a.y, a.N, a.K,
-                                     a.accumulate, a.then_args, blocks, a.pdl, a.nw, a.pre, a.act_scale, a.eps, a.pf);
+                                     a.accumulate, a.then_args, blocks, a.pdl, a.nw, a.pre, a.act_scale, a.eps);
     }
   }
   if constexpr (NORM) return cudaErrorInvalidValue;  // (built in the persistent form only)
   else {
     w8_gemv_kernel<F, M, R, U, THEN><<<blocks, WARPS * 32, 0, a.stream>>>(
         a.x, a.ldx, static_cast<const uint4*>(a.w), a.s, static_cast<half*>(a.y), a.ldy, a.N, a.K, a.accumulate,
-        a.then_args, a.pf);
+        a.then_args);
     return cudaGetLastError();
   }
 }
@@ -339,12 +323,12 @@ cudaError_t launch_rows(int tile, int M, const Args& a) {
 // that is 0 (and is left 0). grid (Args): M == 1 unless 0; pdl: grid != 0, an sm_90 GPU. nw [K] float16 (PRO_NORM:
 // x float16 [1, K], the input quant8(RMSNorm(x) * nw * pre) with eps, pre [K] float16 or null, act_scale float32 [1]
 // for W8A8 / FP8), all 16-byte aligned, or null: M == 1, grid != 0, K * (2 for W8A16, else 1) bytes of shared
-// memory (<= 48 KiB), then not THEN_NORM. pf: the row scales prefetched (prefetch_row_scales), the same bits.
+// memory (<= 48 KiB), then not THEN_NORM.
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const ThenArgs& t,
                            int grid, bool pdl, const void* nw, const void* pre, const float* act_scale, float eps,
-                           bool pf, cudaStream_t stream) {
-  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, then, t, grid, pdl, nw, pre, act_scale, eps, pf, stream};
+                           cudaStream_t stream) {
+  const Args a{x, w, s, y, ldx, ldy, N, K, accumulate, then, t, grid, pdl, nw, pre, act_scale, eps, stream};
   if ((grid != 0 && M != 1) || (pdl && grid == 0)) return cudaErrorInvalidValue;
   switch (fmt) {
     case F_W8A16: return launch_rows<F_W8A16>(tile, M, a);

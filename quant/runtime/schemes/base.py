@@ -149,12 +149,6 @@ class KernelConfig:
     # 1.68 with attention PDL-launched behind it (RECIPE@w8normpdl): on there for INT8 weight-only and SmoothQuant
     # (CARD_KERNELS).
     norm_prologue: frozenset[str] = frozenset({"W4A16_AWQ"})
-    # Formats whose compiled batch-1 GEMVs (w4g, w8g) request each step's scales into L1 as they load its weights
-    # (csrc/gemv_common.cuh prefetch_l1). ptxas places the scale loads after the arithmetic on those weights (the
-    # INT4 persistent kernel's SASS: four LDG.E.U16 after the round's HFMA2s), so a row block's first scale load, a
-    # miss, starts a memory round trip of its own once that arithmetic is done; the 8-bit GEMVs load their row
-    # scales after the whole row. The same bits. Empty until timed end to end (experiments.bench RECIPE@prefetch).
-    gemv_prefetch: frozenset[str] = frozenset()
     # 8-bit formats whose batch-1 row takes the tensor-core kernel instead (cuda_ext.w8_mma: float16 output, N a
     # multiple of 64, K of 32, on a copy in the MMA's fragment layout made at load; the gemv_then epilogues), with
     # w8m_depth steps of 32 k loaded ahead per warp (2 or 4). Empty until timed end to end (experiments.bench
@@ -240,10 +234,9 @@ class KernelConfig:
                                  f"{sorted(getattr(self, name))}")
         if self.int4_kernel not in INT4_KERNELS:
             raise ValueError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {self.int4_kernel!r}")
-        for name in ("norm_prologue", "gemv_prefetch"):
-            if getattr(self, name) - {"W4A16_AWQ", *cuda_ext.W8_FORMATS}:
-                raise ValueError(f"{name} takes W4A16_AWQ and the 8-bit formats (the compiled GEMVs); got "
-                                 f"{sorted(getattr(self, name))}")
+        if self.norm_prologue - {"W4A16_AWQ", *cuda_ext.W8_FORMATS}:
+            raise ValueError(f"norm_prologue takes W4A16_AWQ and the 8-bit formats (the compiled GEMVs); got "
+                             f"{sorted(self.norm_prologue)}")
         unknown = (set(self.gemv) | set(self.gemv_pdl) | set(self.attn_pdl)
                    | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)})
         if unknown - set(ALGO_KEYS):
@@ -317,7 +310,6 @@ class _Handler:
         # this format's persistent GEMV launched with programmatic dependent launch (KernelConfig.gemv_pdl), where
         # the GPU has it: decided here, not on every call
         self.gemv_pdl = self.cuda and self.algo_key in kernels.gemv_pdl and cuda_ext.pdl_ok(self.device)
-        self.gemv_prefetch = self.algo_key in kernels.gemv_prefetch
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -449,7 +441,7 @@ class _Handler:
         grid = cuda_ext.grid(self.algo_key in self.kernels.w8g_persistent or norm is not None, x.shape[0])
         return cuda_ext.w8_gemv(x, self.weight, self.w8g_scale, fmt=self.algo_key, residual=residual,
                                 tile=self.kernels.w8g_tile, eps=eps, grid=grid,
-                                pdl=self.gemv_pdl and grid != 0, prefetch=self.gemv_prefetch, **pro, **then)
+                                pdl=self.gemv_pdl and grid != 0, **pro, **then)
 
     def _ck_gemv(self, *args, **kwargs) -> torch.Tensor:
         """The batch-1 GEMV kernel with this handler's kernel options."""
