@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -198,6 +199,25 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4},
                    "nokprefill": {"w4k_prefill": False},
                    "nocard": {f: getattr(DEFAULT_KERNELS, f) for _, fields in CARD_KERNELS for f in fields}}
+# ``@attnBxSwW``: decode attention's split kernel on the tile (B keys a loop step, S keys a split, W warps;
+# KernelConfig.attn_tile), e.g. ``fp16@attn32x64w2``
+_ATTN_TILE_VARIANT = re.compile(r"attn(\d+)x(\d+)w(\d+)")
+
+
+def kernel_variant(name: str) -> dict:
+    """The KernelConfig fields a variant name changes (KERNEL_VARIANTS, or an ``attnBxSwW`` tile); KeyError if
+    it names none. The tile's own limits are KernelConfig's to check."""
+    if m := _ATTN_TILE_VARIANT.fullmatch(name):
+        return {"attn_tile": tuple(int(g) for g in m.groups())}
+    return KERNEL_VARIANTS[name]
+
+
+def known_variant(name: str) -> bool:
+    """Whether ``name`` is a variant KernelConfig takes (the empty name: none, the defaults)."""
+    try:
+        return not name or bool(dataclasses.replace(DEFAULT_KERNELS, **kernel_variant(name)))
+    except (KeyError, ValueError):
+        return False
 
 
 def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, seed: int, group: int = 128):
@@ -206,7 +226,7 @@ def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, see
     algo, kv = RECIPES[name]
     ckpt = random_checkpoint(random_config(shape, algo, kv, group_size=group), device=device, seed=seed,
                              path=f"<random {shape} {name}>")
-    kernels = dataclasses.replace(card_kernels(device)[1], **KERNEL_VARIANTS[kernel]) if kernel else None
+    kernels = dataclasses.replace(card_kernels(device)[1], **kernel_variant(kernel)) if kernel else None
     try:
         rt = TorchRuntime(ckpt, device=device, compute_dtype=dtype, kernels=kernels)
     finally:
@@ -590,11 +610,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         raise UserError(f"experiments.bench measures the CUDA path; --device {args.device} is not a CUDA device")
     recipes = [r for r in args.recipes.split(",") if r]
-    unknown = [r for r in recipes if r.partition("@")[0] not in RECIPES or r.partition("@")[2] not in
-               ("", *KERNEL_VARIANTS)]
+    unknown = [r for r in recipes if r.partition("@")[0] not in RECIPES or not known_variant(r.partition("@")[2])]
     if unknown:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)}; a kernel "
-                        f"variant may follow: @{', @'.join(KERNEL_VARIANTS)})")
+                        f"variant may follow: @{', @'.join(KERNEL_VARIANTS)}, or @attnBxSwW, an attention tile)")
     peers = [x for x in args.peers.split(",") if x]
     if bad := [x for x in peers if x not in PEERS]:
         raise UserError(f"unknown peer(s) {', '.join(bad)} (choose from {', '.join(PEERS)})")

@@ -47,13 +47,13 @@ def kernel_configs(variants: list[str], device: str) -> dict:
     or a bench KERNEL_VARIANTS name, which changes those)."""
     import torch
 
-    from experiments.bench import KERNEL_VARIANTS
+    from experiments.bench import kernel_variant
     from quant.runtime.schemes.base import card_kernels
 
     base = card_kernels(torch.device(device))[1]
     configs = {"reference": dataclasses.replace(base, **REFERENCE)}
     for v in variants:
-        configs[v] = base if v == "default" else dataclasses.replace(base, **KERNEL_VARIANTS[v])
+        configs[v] = base if v == "default" else dataclasses.replace(base, **kernel_variant(v))
     return configs
 
 
@@ -179,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_record is not None:
         return reprint(args.from_record)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    from experiments.bench import KERNEL_VARIANTS  # (torch: after the flags are read, so --help stays light)
+    from experiments.bench import KERNEL_VARIANTS, known_variant  # (torch: after the flags are read: --help light)
 
-    unknown = [v for v in variants if v != "default" and v not in KERNEL_VARIANTS]
+    unknown = [v for v in variants if v != "default" and not known_variant(v)]
     if not variants or unknown or len(set(variants)) != len(variants):
-        raise UserError(f"--variants: distinct names from default, {', '.join(KERNEL_VARIANTS)}; got {args.variants!r}")
+        raise UserError(f"--variants: distinct names from default, {', '.join(KERNEL_VARIANTS)}, attnBxSwW; "
+                        f"got {args.variants!r}")
     if args.ppl_docs < 0:
         raise UserError("--ppl-docs must be >= 0")
     recipes = [parse_recipe_arg(r) for r in (args.recipe or DEFAULT_RECIPES)]

@@ -415,6 +415,8 @@ CASES = [
     # a kernel variant's typo is told before the device check, so on a machine without a GPU too
     Case("bench-unknown-kernel-variant", "experiments.bench", ["--recipes", "fp16,int4_awq@w4mx", "--no-hf"],
          ("unknown recipe(s) int4_awq@w4mx", "@w4m8")),
+    Case("bench-attention-tile-out-of-range", "experiments.bench", ["--recipes", "fp16@attn48x64w4", "--no-hf"],
+         ("unknown recipe(s) fp16@attn48x64w4", "@attnBxSwW")),
 ]
 
 

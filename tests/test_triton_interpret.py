@@ -130,17 +130,19 @@ def test_batch1_gemv_portable_conversion_matches_float64_reference(fmt):
     assert y.shape == (1, 72) and rel(y, ref) <= 1e-2
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reduce-kernel", "fused-reduce"])
+@pytest.mark.parametrize("fused,tile", [(False, None), (True, None), (True, (16, 48, 2)), (False, (128, 0, 8))],
+                         ids=["reduce-kernel", "fused-reduce", "fused-reduce-16x48w2", "reduce-kernel-128w8"])
 @pytest.mark.parametrize("kv", [None, "INT8"])
-def test_split_kv_decode_attention_matches_float64_softmax(kv, fused):
+def test_split_kv_decode_attention_matches_float64_softmax(kv, fused, tile):
     """GQA (4 heads on 2 KV heads), a masked (left-padded) prefix, several splits, the int8 KV cache; the splits
     combined by a second kernel or by each (row, head)'s last program, whose counters are zero again after a call
-    (a graph replays the launch), and which may quantize for the o_proj next. The interpreter runs programs one at a time: GPU concurrency is
-    tests/test_cuda.py's."""
+    (a graph replays the launch), and which may quantize for the o_proj next; at the default tile and at others
+    (KernelConfig.attn_tile: splits of several loop steps, and one step wider than a split's keys). The interpreter
+    runs programs one at a time: GPU concurrency is tests/test_cuda.py's."""
     gen = _gen(f"attn/{kv}")
     B, H, KVH, D, L, cur = 2, 4, 2, 64, 200, 151
-    att = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"), fused_reduce=fused)
-    assert att.nsplit > 1
+    att = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"), fused_reduce=fused, tile=tile)
+    assert att.nsplit > 1 and att.split == {None: 64, (16, 48, 2): 48, (128, 0, 8): 128}[tile]
     q = torch.randn(B, H * D, generator=gen).half()
     k = torch.randn(B, KVH, L, D, generator=gen)
     v = torch.randn(B, KVH, L, D, generator=gen)
@@ -237,7 +239,7 @@ def test_attention_loading_the_cache_before_q_gives_the_same_bits(kv, rope):
             assert not att.pdl_ok  # (a CPU tensor: the kernel's early loads, no PDL launch)
             if nsplit:  # (the workspace, sized for more splits, holds these)
                 att.nsplit, att.split = ck.attn_splits(B, H, L, n_sm=2)
-                assert att.nsplit == nsplit and att.split > ck.ATTN_BLOCK_T
+                assert att.nsplit == nsplit and att.split > ck.ATTN_TILE[0]
             else:
                 assert att.nsplit * att.split > L and (att.nsplit - 2) * att.split > slot  # two splits empty
             extra = dict(rope=(pos, freq, c.rcp[0:1] if kv else None)) if rope else {}

@@ -106,6 +106,23 @@ def test_attention_fusions_follow_the_batch_limit():
         dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
 
 
+def test_attention_tile_is_checked_and_named_by_the_benchmark():
+    """KernelConfig.attn_tile: (keys a loop step, keys a split, warps) within what the split kernel takes; the
+    benchmark's ``@attnBxSwW`` names any tile and refuses one KernelConfig refuses."""
+    import pytest
+
+    from experiments.bench import kernel_variant, known_variant
+    from quant.runtime.schemes.base import KernelConfig
+
+    assert KernelConfig(attn_tile=(32, 128, 2)).attn_tile == (32, 128, 2) and KernelConfig().attn_tile is None
+    for bad in ((48, 0, 4), (64, -1, 4), (64, 0, 3), (64, 0)):
+        with pytest.raises(ValueError, match="attn_tile must be"):
+            KernelConfig(attn_tile=bad)
+    assert kernel_variant("attn32x128w2") == {"attn_tile": (32, 128, 2)}
+    assert known_variant("attn16x0w1") and known_variant("") and known_variant("nocard")
+    assert not known_variant("attn48x64w4") and not known_variant("attn32x64") and not known_variant("bogus")
+
+
 def test_a_card_takes_its_measured_departures_from_the_defaults(monkeypatch):
     """schemes.base.CARD_KERNELS: the runtime's kernel choice when it is given none is the defaults with the entry of
     the card it runs on, matched by the CUDA device's name; other cards and the CPU take the defaults, and

@@ -2,7 +2,8 @@
 # Issue 14, the compiled INT4 and INT8 GEMVs and the tensor-core kernels: build, test, time. One call on the lent nvidia-h200 machine, from the repository
 # root, with .whl (pydantic and its three dependencies, for python 3.12) carried; everything lands in $OUT.
 #   stages: build (timed, SASS instruction mix of the batch-1 kernel), tests/test_cuda.py, kernel_bench per shape
-#   (the GEMV's tiles swept at 1-4 rows, then every variant interleaved), the end-to-end bench per shape.
+#   (the GEMV's tiles swept at 1-4 rows, then every variant interleaved), attn (experiments.attn_bench per shape:
+#   decode attention's tiles), the end-to-end bench per shape.
 # STAGES (env) picks a subset: "build tests_w4g kb tests e2e" by default; SHAPES the shapes. The device tool
 # brings back 8 files of a call: two shapes and every stage write more, so split the stages over calls.
 # WHEELS (default .whl; .whl15 has the same and more), KB_FLAGS (default --sweep-w4g; --sweep-w8g times the
@@ -60,6 +61,12 @@ PY
         --variants "$KB_VARIANTS" \
         --out "$OUT/kb-w4g-$shape.json" > "$OUT/kb-w4g-$shape.log" 2>&1
       tail -32 "$OUT/kb-w4g-$shape.log"
+    done ;;
+  attn)  # decode attention alone over its split kernel's tiles (ATTN_FLAGS, default --sweep)
+    for shape in $SHAPES; do
+      timeout 280 python3 -m experiments.attn_bench --shape $shape ${ATTN_FLAGS:---sweep} \
+        --out "$OUT/attn-$shape.json" > "$OUT/attn-$shape.log" 2>&1
+      tail -24 "$OUT/attn-$shape.log"
     done ;;
   e2e)
     for shape in $SHAPES; do

@@ -1090,14 +1090,21 @@ def _attn_reduce_kernel(m_ptr, l_ptr, o_ptr, out_ptr, H, NSPLIT, stride_ob, NSPL
                   out_ptr.dtype.element_ty, m_ptr, m_ptr, False, 0)
 
 
-ATTN_BLOCK_T = 64
+# The split kernel's default tile (KernelConfig.attn_tile): (keys a loop step, keys a split — 0: as many splits as
+# fill the card twice over —, warps a program)
+ATTN_TILE = (64, 0, 4)
 
 
-def attn_splits(batch: int, n_heads: int, max_len: int, n_sm: int = 132) -> tuple[int, int]:
-    """(number of splits, keys per split): enough programs to fill the card twice over."""
-    blocks = triton.cdiv(max_len, ATTN_BLOCK_T)
-    nsplit = max(1, min(blocks, triton.cdiv(2 * n_sm, batch * n_heads)))
-    split = triton.cdiv(blocks, nsplit) * ATTN_BLOCK_T
+def attn_splits(batch: int, n_heads: int, max_len: int, n_sm: int = 132, block_t: int = ATTN_TILE[0],
+                split_keys: int = 0) -> tuple[int, int]:
+    """(number of splits, keys per split): ``split_keys`` keys a split (rounded up to whole loop steps of
+    ``block_t``) or, with 0, enough programs to fill the card twice over."""
+    blocks = triton.cdiv(max_len, block_t)
+    if split_keys:
+        split = triton.cdiv(split_keys, block_t) * block_t
+    else:
+        nsplit = max(1, min(blocks, triton.cdiv(2 * n_sm, batch * n_heads)))
+        split = triton.cdiv(blocks, nsplit) * block_t
     return triton.cdiv(max_len, split), split
 
 
@@ -1105,9 +1112,11 @@ class DecodeAttention:
     """Static workspace for split-KV decode attention of one (batch, heads, max_len) shape (graph-capturable)."""
 
     def __init__(self, batch: int, n_heads: int, n_kv: int, head_dim: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device, fused_reduce: bool = False):
+                 device: torch.device, fused_reduce: bool = False, tile: tuple[int, int, int] | None = None):
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-        self.nsplit, self.split = attn_splits(batch, n_heads, max_len, n_sm)
+        # tile: (keys a loop step, keys a split or 0, warps) as KernelConfig.attn_tile; None: ATTN_TILE
+        self.block_t, split_keys, self.warps = tile or ATTN_TILE
+        self.nsplit, self.split = attn_splits(batch, n_heads, max_len, n_sm, self.block_t, split_keys)
         # fused_reduce: the last split of each (row, head) combines them (no second launch); the counters are
         # left at zero by every launch
         self.fused_reduce = fused_reduce
@@ -1143,9 +1152,9 @@ class DecodeAttention:
             self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             mask.stride(0), self.count, out, out.stride(0), pos, freq, rcp if rcp is not None else self.m, self.KVH,
             pre if pre is not None else self.m, a if a is not None else self.m,
-            GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=ATTN_BLOCK_T, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
+            GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=self.block_t, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
             FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None,
-            OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, num_warps=4,
+            OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, num_warps=self.warps,
             **({"launch_pdl": True} if launch_pdl else {}))
         if not self.fused_reduce:
             _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),

@@ -182,6 +182,9 @@ class KernelConfig:
     attn_fused_reduce: bool = True
     attn_rope_fused: bool = True
     attn_fused_batch: int | None = 1
+    # Its split kernel's tile: (keys a loop step, a power of two 16–256; keys a split, 0: as many splits as fill the
+    # card twice over; warps a program, 1–16); None: cuda_kernels.ATTN_TILE.
+    attn_tile: tuple[int, int, int] | None = None
     # Formats whose qkv linear is followed by decode attention's split kernel launched with programmatic dependent
     # launch (compute capability >= 9.0; where RoPE is fused: attn_rope_fused, up to attn_fused_batch; not behind a
     # qkv GEMV launched with it itself, gemv_pdl): the kernel loads each split's first keys / values before it reads
@@ -224,6 +227,11 @@ class KernelConfig:
                              f"with {self.w4m_rows}")
         if self.wq_prefill - {"W8A16", "W4A16_AWQ"}:
             raise ValueError(f"wq_prefill takes W8A16 and W4A16_AWQ; got {sorted(self.wq_prefill)}")
+        if self.attn_tile is not None and not (
+                len(self.attn_tile) == 3 and self.attn_tile[0] in (16, 32, 64, 128, 256) and self.attn_tile[1] >= 0
+                and self.attn_tile[2] in (1, 2, 4, 8, 16)):
+            raise ValueError(f"attn_tile must be (keys a step: a power of two 16-256, keys a split >= 0, warps 1-16) "
+                             f"or None, got {self.attn_tile}")
         if self.attn_fused_batch is not None and self.attn_fused_batch < 1:
             raise ValueError(f"attn_fused_batch must be >= 1 or None (every batch), got {self.attn_fused_batch}")
         if self.w8m_depth not in cuda_ext.W8M_DEPTHS:

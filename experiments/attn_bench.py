@@ -1,0 +1,158 @@
+"""``python -m experiments.attn_bench``: batch-1 decode attention alone, over its split kernel's tiles, timed interleaved.
+
+For a shape (``llama2-7b``, ``llama3-8b``), every layer's KV cache (distinct, so that a step streams them from
+memory as decode does, not from the L2), allocated for ``--context`` + ``--new`` keys as the runtime's decode state
+is, and one decode token at ``--context`` + ``--new`` / 2 (the middle of the generation). Per tile of the split
+kernel (KernelConfig.attn_tile: keys a loop step, keys a split, warps), one CUDA graph of every layer's call made as
+the runtime makes it at batch 1 (cuda_kernels.DecodeAttention, RoPE and the cache write in the launch, the splits
+combined by the last program). A peer in the same rounds: torch's ``scaled_dot_product_attention`` over the same
+caches cut at the token (attention only: its RoPE and cache write are not in it). Rounds replay every graph in a
+rotating order; each tile's time is divided by the default tile's (cuda_kernels.ATTN_TILE) of the same round, and
+the mean log ratio's t interval gives the ratio's CI (experiments/stats.py). Bandwidth: the keys and values a call
+reads / time, as a share of the device-to-device copy bandwidth measured at the start of the run. Every tile's
+output is compared with the default tile's (max |difference|: other splits sum in another order).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from experiments.bench import copy_bandwidth, environment
+from experiments.kernel_bench import graph, time_graph
+from experiments.stats import ratio_ci
+from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
+from quant.runtime.random_checkpoint import SHAPES
+from quant.runtime.schemes.base import KernelConfig
+from quant.runtime.torch_runtime import check_cuda
+
+# the tiles --sweep times besides the default: (keys a loop step, keys a split or 0, warps)
+SWEEP = [(b, s, w) for b, s, w in itertools.product((16, 32, 64, 128), (0, 64, 128, 256), (1, 2, 4, 8))
+         if s == 0 or s >= b]
+PEER = "torch sdpa"
+
+
+def parse_tiles(text: str) -> list[tuple[int, int, int]]:
+    """``BxSwW,…`` (as experiments.bench's ``@attnBxSwW``) → tiles KernelConfig takes."""
+    from experiments.bench import kernel_variant
+
+    tiles = []
+    for t in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            tile = kernel_variant(f"attn{t}")["attn_tile"]
+            KernelConfig(attn_tile=tile)
+        except (KeyError, ValueError):
+            raise UserError(f"--tiles: {t!r} is not a tile BxSwW (B keys a step: a power of two 16-256, S keys a "
+                            f"split or 0, W warps 1-16)") from None
+        tiles.append(tile)
+    return tiles
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m experiments.attn_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama2-7b", choices=["llama2-7b", "llama3-8b"])
+    p.add_argument("--context", type=positive_int, default=512, help="prompt keys already in the cache")
+    p.add_argument("--new", type=positive_int, default=64, help="new tokens the cache is allocated for")
+    p.add_argument("--tiles", default="", help="tiles BxSwW to time besides the default, comma-separated")
+    p.add_argument("--sweep", action="store_true", help=f"time the {len(SWEEP)} tiles of a sweep as well")
+    p.add_argument("--no-peer", action="store_true", help=f"leave out the {PEER} row")
+    p.add_argument("--rounds", type=positive_int, default=30)
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results/attn_bench.json"))
+    args = p.parse_args(argv)
+    from quant.runtime import cuda_kernels as ck
+    from quant.runtime import rope
+
+    default = ck.ATTN_TILE
+    tiles = list(dict.fromkeys([default, *parse_tiles(args.tiles), *(SWEEP if args.sweep else [])]))
+    device = torch.device("cuda")
+    check_cuda(device)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    d = SHAPES[args.shape]
+    H, KVH, L = d["num_attention_heads"], d["num_key_value_heads"], d["num_hidden_layers"]
+    D = d["hidden_size"] // H
+    total, slot = args.context + args.new, args.context + args.new // 2
+    record = {"command": "python -m experiments.attn_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "shape": args.shape, "layers": L, "heads": H,
+              "kv_heads": KVH, "head_dim": D, "allocated": total, "keys_read": slot + 1, **environment(device)}
+    record["copy_bandwidth"] = copy = copy_bandwidth(device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    ks = [torch.randn(1, KVH, total, D, generator=gen, device=device).half() for _ in range(L)]
+    vs = [torch.randn(1, KVH, total, D, generator=gen, device=device).half() for _ in range(L)]
+    qkv = torch.randn(1, (H + 2 * KVH) * D, generator=gen, device=device).half()
+    mask = torch.ones(1, total, dtype=torch.bool, device=device)
+    pos, slot_t = torch.tensor([slot], device=device), torch.tensor(slot, device=device)
+    freq = rope.inv_freq(D, 10000.0, None).to(device)
+    nbytes = 2 * KVH * (slot + 1) * D * 2 * L  # keys and values a step reads, every layer
+
+    runs, outs, info = {}, {}, {}
+    for tile in tiles:
+        name = "default" if tile == default else "x".join(map(str, tile[:2])) + f"w{tile[2]}"
+        att = ck.DecodeAttention(1, H, KVH, D, total, torch.float16, device, fused_reduce=True, tile=tile)
+        out = outs[name] = torch.empty(L, H * D, dtype=torch.float16, device=device)
+
+        def run(att=att, out=out):
+            for i in range(L):
+                att(qkv, ks[i], vs[i], mask, slot_t, rope=(pos, freq, None), out=out[i:i + 1])
+        try:
+            runs[name] = graph(run)
+        except Exception as exc:  # a tile that does not compile or launch (registers, shared memory) is reported
+            log(f"{name} {tile}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        info[name] = {"tile": list(tile), "nsplit": att.nsplit, "split": att.split, "programs": H * att.nsplit}
+        log(f"{name}: tile {tile}, {att.nsplit} splits of {att.split} keys")
+    if "default" not in runs:
+        raise UserError("the default tile did not run (see the log)")
+    if not args.no_peer:
+        q = qkv[:, :H * D].view(1, H, 1, D)
+        sdpa_out = torch.empty(L, 1, H, 1, D, dtype=torch.float16, device=device)
+
+        def run_sdpa():
+            for i in range(L):
+                sdpa_out[i] = F.scaled_dot_product_attention(q, ks[i][:, :, :slot + 1], vs[i][:, :, :slot + 1],
+                                                             enable_gqa=KVH != H)
+        runs[PEER] = graph(run_sdpa)
+    torch.cuda.synchronize()
+    names = list(runs)
+    times: dict = {n: [] for n in names}
+    for r in range(args.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            times[n].append(time_graph(runs[n]))
+    rows = []
+    for n in names:
+        q = ratio_ci(times["default"], times[n])  # speed-up over the default tile: its time / this time, by round
+        ms = statistics.median(times[n])
+        diff = (outs[n].float() - outs["default"].float()).abs().max().item() if n in outs else None
+        rows.append({"name": n, **info.get(n, {}), "us_a_call": ms * 1e3 / L, "speedup": q.ratio,
+                     "ci": [q.low, q.high], "gbs": nbytes / ms / 1e6, "of_copy_bw": nbytes / ms / 1e6 / copy["gbs"],
+                     "max_abs_diff": diff, "rounds_ms": times[n]})
+    record["rows"] = rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")  # a reader never sees half a record
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(args.out)
+    print(f"{args.shape}: {H} heads on {KVH} KV heads of {D}, {L} layers, {slot + 1} keys read of {total} "
+          f"allocated, batch 1; default tile {default}; {args.rounds} interleaved rounds; copy bandwidth "
+          f"{copy['gbs']:.0f} GB/s; {record['gpu']['name']}")
+    print("| tile | splits × keys | µs a call | × default [95% CI] | GB/s | of copy BW | max abs diff to default |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: -r["speedup"]):
+        split = f"{r['nsplit']} × {r['split']}" if "nsplit" in r else "–"
+        diff = "–" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
+        print(f"| {r['name']} | {split} | {r['us_a_call']:.2f} | {r['speedup']:.2f} [{r['ci'][0]:.2f}, "
+              f"{r['ci'][1]:.2f}] | {r['gbs']:.0f} | {r['of_copy_bw'] * 100:.0f}% | {diff} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
