@@ -415,6 +415,8 @@ CASES = [
     # a kernel variant's typo is told before the device check, so on a machine without a GPU too
     Case("bench-unknown-kernel-variant", "experiments.bench", ["--recipes", "fp16,int4_awq@w4mx", "--no-hf"],
          ("unknown recipe(s) int4_awq@w4mx", "@w4m8")),
+    Case("attn-bench-tile-out-of-range", "experiments.attn_bench", ["--tiles", "64x0w4,48x0w4"],
+         ("--tiles: '48x0w4' is not a tile BxSwW",)),
     Case("bench-attention-tile-out-of-range", "experiments.bench", ["--recipes", "fp16@attn48x64w4", "--no-hf"],
          ("unknown recipe(s) fp16@attn48x64w4", "@attnBxSwW")),
 ]
