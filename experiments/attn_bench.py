@@ -33,8 +33,7 @@ from quant.runtime.schemes.base import KernelConfig
 from quant.runtime.torch_runtime import check_cuda
 
 # the tiles --sweep times besides the default: (keys a loop step, keys a split or 0, warps)
-SWEEP = [(b, s, w) for b, s, w in itertools.product((16, 32, 64, 128), (0, 64, 128, 256), (1, 2, 4, 8))
-         if s == 0 or s >= b]
+SWEEP = [*itertools.product((16, 32, 64), (0, 64, 128, 256), (1, 2, 4)), (64, 0, 8), (128, 0, 4), (128, 128, 4)]
 PEER = "torch sdpa"
 
 

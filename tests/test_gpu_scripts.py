@@ -64,3 +64,22 @@ def test_kernel_bench_splits_a_step_by_linear_kind(monkeypatch):
         for kind, group in groups.items():
             assert len(group) == 3
             assert {tuple(h.dequantized_weight().shape) for h, _ in group} == {kb.layer_linears("tiny")[kind]}
+
+
+def test_attn_pick_names_the_fastest_tile_above_the_default_or_none(tmp_path):
+    """attn_pick.py (w4g.sh's attn_e2e stage): the fastest tile whose interval lies above the default's, as a bench
+    variant; none when every interval reaches 1 (then the stage times nothing end to end)."""
+    import json
+    import sys
+
+    def pick(rows) -> str:
+        (tmp_path / "r.json").write_text(json.dumps({"rows": rows}))
+        return subprocess.run([sys.executable, str(GPU / "attn_pick.py"), str(tmp_path / "r.json")],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    default = {"name": "default", "tile": [64, 0, 4], "speedup": 1.0, "ci": [1.0, 1.0]}
+    peer = {"name": "torch sdpa", "speedup": 3.0, "ci": [2.9, 3.1]}  # (no tile: not a choice)
+    fast = {"name": "32x64w2", "tile": [32, 64, 2], "speedup": 1.3, "ci": [1.2, 1.4]}
+    faster_but_unsure = {"name": "16x0w1", "tile": [16, 0, 1], "speedup": 1.5, "ci": [0.9, 2.1]}
+    assert pick([default, peer, fast, faster_but_unsure]) == "attn32x64w2"
+    assert pick([default, peer, faster_but_unsure]) == ""

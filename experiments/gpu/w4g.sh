@@ -3,7 +3,7 @@
 # root, with .whl (pydantic and its three dependencies, for python 3.12) carried; everything lands in $OUT.
 #   stages: build (timed, SASS instruction mix of the batch-1 kernel), tests/test_cuda.py, kernel_bench per shape
 #   (the GEMV's tiles swept at 1-4 rows, then every variant interleaved), attn (experiments.attn_bench per shape:
-#   decode attention's tiles), the end-to-end bench per shape.
+#   decode attention's tiles; attn_e2e: its fastest tile end to end), the end-to-end bench per shape.
 # STAGES (env) picks a subset: "build tests_w4g kb tests e2e" by default; SHAPES the shapes. The device tool
 # brings back 8 files of a call: two shapes and every stage write more, so split the stages over calls.
 # WHEELS (default .whl; .whl15 has the same and more), KB_FLAGS (default --sweep-w4g; --sweep-w8g times the
@@ -67,6 +67,13 @@ PY
       timeout 280 python3 -m experiments.attn_bench --shape $shape ${ATTN_FLAGS:---sweep} \
         --out "$OUT/attn-$shape.json" > "$OUT/attn-$shape.log" 2>&1
       tail -24 "$OUT/attn-$shape.log"
+    done ;;
+  attn_e2e)  # the attn stage's fastest tile per shape (attn_pick.py) end to end beside the default
+    for shape in $SHAPES; do
+      v=$(python3 experiments/gpu/attn_pick.py "$OUT/attn-$shape.json")
+      [ -n "$v" ] || { echo "$shape: no tile faster than the default"; continue; }
+      PACK=0 SHAPES=$shape STAGES=e2e E2E_NAME=attn-e2e E2E_RECIPES=fp16,fp16@$v,int4_awq,int4_awq@$v,int8_wo,int8_wo@$v \
+        bash experiments/gpu/w4g.sh
     done ;;
   e2e)
     for shape in $SHAPES; do
