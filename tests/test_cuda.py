@@ -1258,6 +1258,16 @@ def test_decode_rope_cache_write_and_attention(kv):
     assert rel(got, out) <= 2e-3
     for a, b in ((c2.k[0].cpu(), c.k[0].cpu()), (c2.v[0].cpu(), c.v[0].cpu())):  # FMA contraction may differ
         assert bool(((a.float() - b.float()).abs() <= step(b)).all())
+    # the split kernel's other tiles (KernelConfig.attn_tile: other splits, so other sums; one warp to eight),
+    # against float64, each launch's bits the same, the counters left at zero
+    for tile in ((16, 48, 1), (32, 128, 2), (128, 0, 8)):
+        c3 = new_cache(DEV)
+        c3.update(0, 0, hist_k.to(DEV), hist_v.to(DEV))
+        att = ck.DecodeAttention(B, H, KVH, D, L, dtype, DEV, fused_reduce=True, tile=tile)
+        runs = [att(qkv.to(DEV), c3.k[0], c3.v[0], key_mask.to(DEV), slot_t, kv_scale=c3.scale[0:1] if kv else None,
+                    kv_algo=kv, rope=(pos.to(DEV), freq.to(DEV), c3.rcp[0:1] if kv else None)) for _ in range(5)]
+        assert rel(runs[0], o_ref.transpose(1, 2).reshape(B, H * D)) <= 1e-2, tile
+        assert all(torch.equal(r, runs[0]) for r in runs) and not att.count.any(), tile
 
 
 @cuda
