@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.bench import copy_bandwidth, environment
-from experiments.kernel_bench import graph, time_graph
+from experiments.kernel_bench import graph, interleaved
 from experiments.stats import ratio_ci
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.runtime.random_checkpoint import SHAPES
@@ -122,13 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                                                              enable_gqa=KVH != H)
         runs[PEER] = graph(run_sdpa)
     torch.cuda.synchronize()
-    names = list(runs)
-    times: dict = {n: [] for n in names}
-    for r in range(args.rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            times[n].append(time_graph(runs[n]))
+    times = interleaved(runs, args.rounds)
     rows = []
-    for n in names:
+    for n in runs:
         q = ratio_ci(times["default"], times[n])  # speed-up over the default tile: its time / this time, by round
         ms = statistics.median(times[n])
         diff = (outs[n].float() - outs["default"].float()).abs().max().item() if n in outs else None

@@ -134,6 +134,17 @@ def time_graph(g: torch.cuda.CUDAGraph, reps: int = 3) -> float:
     return a.elapsed_time(b) / reps  # ms
 
 
+def interleaved(graphs: dict, rounds: int) -> dict[object, list[float]]:
+    """name → ms of each round: every round replays every graph, the order rotating by one a round, so that the
+    machine's drift falls on all of them alike (ratios paired by round cancel it)."""
+    names = list(graphs)
+    times: dict = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            times[n].append(time_graph(graphs[n]))
+    return times
+
+
 def step_fn(handlers: list, xs: dict[int, torch.Tensor]):
     def run():
         for h, k in handlers:
@@ -286,13 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parts = {v: {"step": hl, **(by_kind(hl, args.shape) if args.per_linear else {})} for v, hl in hs.items()}
     graphs = {(v, m, part): graph(step_fn(hl, xs[m])) for v in hs for m in batch_sizes
               for part, hl in parts[v].items()}
-    names = list(graphs)
-    times: dict = {n: [] for n in names}
-    for r in range(args.rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            times[n].append(time_graph(graphs[n]))
+    times = interleaved(graphs, args.rounds)
     rows = []
-    for (v, m, part) in names:
+    for (v, m, part) in graphs:
         ref = times[("fp16 cuBLAS", m, part)]
         q = ratio_ci(ref, times[(v, m, part)])  # speed-up over fp16 cuBLAS: its time / this time, paired by round
         nbytes = sum(h.nbytes for h, _ in parts[v][part])
