@@ -128,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     times = interleaved(runs, args.rounds)
     rows = []
     for n in runs:
-        q = ratio_ci(times["default"], times[n])  # speed-up over the default tile: its time / this time, by round
+        ratio = ratio_ci(times["default"], times[n])  # speed-up over the default tile: its time / this, by round
         ms = statistics.median(times[n])
         diff = (outs[n].float() - outs["default"].float()).abs().max().item() if n in outs else None
-        rows.append({"name": n, **info.get(n, {}), "us_a_call": ms * 1e3 / L, "speedup": q.ratio,
-                     "ci": [q.low, q.high], "gbs": nbytes / ms / 1e6, "of_copy_bw": nbytes / ms / 1e6 / copy["gbs"],
+        rows.append({"name": n, **info.get(n, {}), "us_a_call": ms * 1e3 / L, "speedup": ratio.ratio,
+                     "ci": [ratio.low, ratio.high], "gbs": nbytes / ms / 1e6, "of_copy_bw": nbytes / ms / 1e6 / copy["gbs"],
                      "max_abs_diff": diff, "rounds_ms": times[n]})
     record["rows"] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
