@@ -1,4 +1,4 @@
-"""``python -m experiments.attn_bench``: batch-1 decode attention alone, over its split kernel's tiles, timed interleaved.
+"""``python -m experiments.attn_bench``: batch-1 decode attention alone, its split kernel's tiles timed interleaved.
 
 For a shape (``llama2-7b``, ``llama3-8b``), every layer's KV cache (distinct, so that a step streams them from
 memory as decode does, not from the L2), allocated for ``--context`` + ``--new`` keys as the runtime's decode state
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         ms = statistics.median(times[n])
         diff = (outs[n].float() - outs["default"].float()).abs().max().item() if n in outs else None
         rows.append({"name": n, **info.get(n, {}), "us_a_call": ms * 1e3 / L, "speedup": ratio.ratio,
-                     "ci": [ratio.low, ratio.high], "gbs": nbytes / ms / 1e6, "of_copy_bw": nbytes / ms / 1e6 / copy["gbs"],
+                     "ci": [ratio.low, ratio.high], "gbs": nbytes / ms / 1e6,
+                     "of_copy_bw": nbytes / ms / 1e6 / copy["gbs"],
                      "max_abs_diff": diff, "rounds_ms": times[n]})
     record["rows"] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
