@@ -15,7 +15,6 @@ output is compared with the default tile's (max |difference|: other splits sum i
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -24,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiments.bench import copy_bandwidth, environment
+from experiments.bench import copy_bandwidth, environment, kernel_variant
 from experiments.kernel_bench import graph, interleaved
 from experiments.stats import ratio_ci
+from quant.atomic import atomic_write_json, ensure_writable_dir
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.runtime.random_checkpoint import SHAPES
 from quant.runtime.schemes.base import KernelConfig
@@ -39,16 +39,15 @@ PEER = "torch sdpa"
 
 def parse_tiles(text: str) -> list[tuple[int, int, int]]:
     """``BxSwW,…`` (as experiments.bench's ``@attnBxSwW``) → tiles KernelConfig takes."""
-    from experiments.bench import kernel_variant
-
     tiles = []
     for t in (t.strip() for t in text.split(",") if t.strip()):
         try:
             tile = kernel_variant(f"attn{t}")["attn_tile"]
-            KernelConfig(attn_tile=tile)
-        except (KeyError, ValueError):
-            raise UserError(f"--tiles: {t!r} is not a tile BxSwW (B keys a step: a power of two 16-256, S keys a "
-                            f"split or 0, W warps 1-16)") from None
+            KernelConfig(attn_tile=tile)  # (its limits, in one place)
+        except KeyError:
+            raise UserError(f"--tiles: {t!r} is not a tile BxSwW (B keys a step, S keys a split, W warps)") from None
+        except ValueError as exc:
+            raise UserError(f"--tiles: {t!r} is not a tile BxSwW: {exc}") from None
         tiles.append(tile)
     return tiles
 
@@ -71,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     default = ck.ATTN_TILE
     tiles = list(dict.fromkeys([default, *parse_tiles(args.tiles), *(SWEEP if args.sweep else [])]))
+    if args.out.exists() and not args.out.is_file():
+        raise UserError(f"--out {args.out} exists and is not a regular file")
+    ensure_writable_dir(args.out.parent, "the folder of --out")  # before the GPU's minutes, not after them
     device = torch.device("cuda")
     check_cuda(device)
 
@@ -136,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                      "of_copy_bw": nbytes / ms / 1e6 / copy["gbs"],
                      "max_abs_diff": diff, "rounds_ms": times[n]})
     record["rows"] = rows
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")  # a reader never sees half a record
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(args.out)
+    atomic_write_json(args.out, record)  # a reader never sees half a record
     print(f"{args.shape}: {H} heads on {KVH} KV heads of {D}, {L} layers, {slot + 1} keys read of {total} "
           f"allocated, batch 1; default tile {default}; {args.rounds} interleaved rounds; copy bandwidth "
           f"{copy['gbs']:.0f} GB/s; {record['gpu']['name']}")

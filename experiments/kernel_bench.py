@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 
 from experiments.bench import _ints, copy_bandwidth, environment
 from experiments.stats import ratio_ci
+from quant.atomic import atomic_write_json, ensure_writable_dir
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.runtime.linear import make_linear
 from quant.runtime.random_checkpoint import SHAPES, _quantize
@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     if not labels or any(v not in VARIANTS for v in labels) or labels[0] != "fp16 cuBLAS":
         raise UserError(f"--variants: a comma-separated list from {', '.join(VARIANTS)}, 'fp16 cuBLAS' first")
     batch_sizes = _ints(args.batch_sizes)
+    if args.out.exists() and not args.out.is_file():
+        raise UserError(f"--out {args.out} exists and is not a regular file")
+    ensure_writable_dir(args.out.parent, "the folder of --out")  # before the GPU's minutes, not after them
     device = torch.device("cuda")
     check_cuda(device)
 
@@ -309,10 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                      "of_copy_bw": nbytes / ms / 1e6 / copy["gbs"], "kernel": hs[v][0][0].kernel,
                      "rounds_ms": times[(v, m, part)]})
     record["rows"] = rows
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")  # a reader never sees half a record
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(args.out)
+    atomic_write_json(args.out, record)  # a reader never sees half a record
     print(f"{args.shape}, {args.layers} layers, group {args.group}; {args.rounds} interleaved rounds; copy bandwidth "
           f"{copy['gbs']:.0f} GB/s; {record['gpu']['name']}")
     print("| variant | M | ms per step (linears) | × fp16 cuBLAS [95% CI] | GB/s | of copy BW | kernel |")
