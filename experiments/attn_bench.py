@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from experiments.bench import copy_bandwidth, environment, kernel_variant
 from experiments.kernel_bench import graph, interleaved
 from experiments.stats import ratio_ci
-from quant.atomic import atomic_write_json, ensure_writable_dir
+from quant.atomic import atomic_write_json, ensure_writable_file
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.runtime.random_checkpoint import SHAPES
 from quant.runtime.schemes.base import KernelConfig
@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     default = ck.ATTN_TILE
     tiles = list(dict.fromkeys([default, *parse_tiles(args.tiles), *(SWEEP if args.sweep else [])]))
-    if args.out.exists() and not args.out.is_file():
-        raise UserError(f"--out {args.out} exists and is not a regular file")
-    ensure_writable_dir(args.out.parent, "the folder of --out")  # before the GPU's minutes, not after them
+    ensure_writable_file(args.out)  # before the GPU's minutes, not after them
     device = torch.device("cuda")
     check_cuda(device)
 

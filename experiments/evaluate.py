@@ -20,7 +20,7 @@ from experiments import environment
 from experiments.device_use import DeviceUse, device_identity
 from experiments.prompts import PromptBuilder
 from quant import faults
-from quant.atomic import atomic_write_json, ensure_writable_dir
+from quant.atomic import atomic_write_json, ensure_writable_file
 from quant.cache_budget import add_cache_budget_arg, apply_cache_budget_arg
 from quant.backends import backend_device, resolve_backend
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
@@ -397,9 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             load_checkpoint(args.checkpoint)
     label = recipe.label if args.checkpoint is None else args.checkpoint.name
     out = args.out or Path("results") / f"eval-{label}-{Path(settings.dataset).stem}.json"
-    if out.exists() and not out.is_file():
-        raise UserError(f"--out {out} exists and is not a regular file")
-    ensure_writable_dir(out.parent, "the folder of --out")  # before minutes of evaluation, not after them
+    ensure_writable_file(out)  # before minutes of evaluation, not after them
     backend.announce()  # every input checked: the choice of backend is news, not noise before an error
     record = evaluate(settings, recipe, calib=calib_spec_from_args(args), checkpoint=args.checkpoint,
                       log=lambda m: print(m, file=sys.stderr), backend=backend)

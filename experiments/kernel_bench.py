@@ -31,7 +31,7 @@ import torch
 
 from experiments.bench import _ints, copy_bandwidth, environment
 from experiments.stats import ratio_ci
-from quant.atomic import atomic_write_json, ensure_writable_dir
+from quant.atomic import atomic_write_json, ensure_writable_file
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.runtime.linear import make_linear
 from quant.runtime.random_checkpoint import SHAPES, _quantize
@@ -245,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if not labels or any(v not in VARIANTS for v in labels) or labels[0] != "fp16 cuBLAS":
         raise UserError(f"--variants: a comma-separated list from {', '.join(VARIANTS)}, 'fp16 cuBLAS' first")
     batch_sizes = _ints(args.batch_sizes)
-    if args.out.exists() and not args.out.is_file():
-        raise UserError(f"--out {args.out} exists and is not a regular file")
-    ensure_writable_dir(args.out.parent, "the folder of --out")  # before the GPU's minutes, not after them
+    ensure_writable_file(args.out)  # before the GPU's minutes, not after them
     device = torch.device("cuda")
     check_cuda(device)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from experiments.evaluate import DEFAULTS, Candidate, EvalSettings, add_trust_remote_code_arg, resolve_compute_dtype, \
     resolve_device, summarize
-from quant.atomic import atomic_write_json, ensure_writable_dir
+from quant.atomic import atomic_write_json, ensure_writable_file
 from quant.errors import ArgumentParser, UserError, cli_entry, positive_int, seed_int
 from quant.recipes import parse_recipe_arg
 
@@ -188,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ppl_docs < 0:
         raise UserError("--ppl-docs must be >= 0")
     recipes = [parse_recipe_arg(r) for r in (args.recipe or DEFAULT_RECIPES)]
-    if args.out.exists() and not args.out.is_file():
-        raise UserError(f"--out {args.out} exists and is not a regular file")
-    ensure_writable_dir(args.out.parent, "the folder of --out")  # before minutes of work, not after them
+    ensure_writable_file(args.out)  # before minutes of work, not after them
     device = resolve_device(args.device)
     settings = EvalSettings(model=args.model, dataset=args.dataset, split=args.split, num_samples=args.num_samples,
                             seed=args.seed, max_input_len=args.max_input_len, max_output_len=args.max_output_len,

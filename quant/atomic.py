@@ -93,6 +93,16 @@ def ensure_writable_dir(folder: Path, what: str) -> Path:
     return folder
 
 
+def ensure_writable_file(path: Path, flag: str = "--out") -> Path:
+    """Before any long work: the record ``path`` that ``flag`` names can be written (not a folder or device there;
+    its folder writable, :func:`ensure_writable_dir`): one line, exit status 2 if not."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise UserError(f"{flag} {path} exists and is not a regular file")
+    ensure_writable_dir(path.parent, f"the folder of {flag}")
+    return path
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
