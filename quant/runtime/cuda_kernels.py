@@ -1091,7 +1091,9 @@ def _attn_reduce_kernel(m_ptr, l_ptr, o_ptr, out_ptr, H, NSPLIT, stride_ob, NSPL
 
 
 # The split kernel's default tile (KernelConfig.attn_tile): (keys a loop step, keys a split — 0: as many splits as
-# fill the card twice over —, warps a program)
+# fill the card twice over —, warps a program). On an H100 (batch 1, 545 keys, 2026-12-06; experiments.attn_bench
+# --sweep, experiments/results/gpu/kernels stage 20) none of 39 tiles was faster end to end: the best alone, 1.01×
+# (7B) and 1.05× (8B), gave FP16, INT4 and INT8 weight-only the same or less.
 ATTN_TILE = (64, 0, 4)
 
 
