@@ -72,7 +72,7 @@ PY
     for shape in $SHAPES; do
       v=$(python3 experiments/gpu/attn_pick.py "$OUT/attn-$shape.json")
       [ -n "$v" ] || { echo "$shape: no tile faster than the default"; continue; }
-      PACK=0 SHAPES=$shape STAGES=e2e E2E_NAME=attn-e2e E2E_RECIPES=fp16,fp16@$v,int4_awq,int4_awq@$v,int8_wo,int8_wo@$v \
+      PACK=0 SHAPES=$shape STAGES=e2e E2E_NAME=attntile-e2e E2E_RECIPES=fp16,fp16@$v,int4_awq,int4_awq@$v,int8_wo,int8_wo@$v \
         bash experiments/gpu/w4g.sh
     done ;;
   e2e)
