@@ -1398,7 +1398,7 @@ def test_attention_with_pdl_gives_the_same_bits(recipe, tiny_folders):
 
 @cuda
 @pytest.mark.parametrize("w4m_rows", [None, (1, 16)])
-def test_then_prescale_gives_the_same_bits(w4m_rows, tiny_folders):
+def test_then_prescale_gives_the_same_bits(w4m_rows, tiny_folders, monkeypatch):
     """KernelConfig.then_prescale: INT4 AWQ's o / down projections take x · pre from the kernel before (decode
     attention's combine, fc‖gate's SiLU · gate epilogue) and read it as it is, on the compiled GEMV and on the
     tensor-core kernel at one row. One decode step's logits bit for bit against it off, at prompt lengths of one
@@ -1416,8 +1416,12 @@ def test_then_prescale_gives_the_same_bits(w4m_rows, tiny_folders):
         assert pre is lin.prequant and act is None and afmt == 0 and ref.layers[0][name].input_quant(1) is None
         assert lin._w4m_takes(1) == (w4m_rows is not None), name
         assert rt.layers[0][name].input_quant(2) is None  # (batch 1 only)
+    prepped = []  # the linears a decode step hands their input as prepped
+    real = type(lin)._gemv_prepped
+    monkeypatch.setattr(type(lin), "_gemv_prepped", lambda h, *a, **k: prepped.append(h) or real(h, *a, **k))
     for n in (2, 24, 299):
         assert torch.equal(_one_step_logits(rt, ids[: n + 1]), _one_step_logits(ref, ids[: n + 1])), n
+    assert prepped == [lay[n] for lay in rt.layers for n in ("attention.dense", "mlp.proj")] * 3
     tokens = ref.generate([ids[:9]], 12, ignore_eos=True).tokens
     for _ in range(3):  # the graph replayed
         assert rt.generate([ids[:9]], 12, ignore_eos=True).tokens == tokens
