@@ -179,8 +179,9 @@ class W4A16AWQLinear(_Handler):
                                    eps=eps, grid=grid, pdl=pdl, **then)
 
     def _w4m_mm(self, x, norm, eps, silu, residual=None, prepped=False, **then):
+        # prepped: x carries the pre-quant scale already (input_quant)
         w, s = self.w4m
-        pre = None  # prepped: x carries the pre-quant scale already (input_quant)
+        pre = None
         if norm is None and not silu and x.shape[0] == 1:  # one row: the pre-quant scale in the kernel
             pre = None if prepped else self.prequant
         else:
