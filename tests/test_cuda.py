@@ -1401,8 +1401,9 @@ def test_attention_with_pdl_gives_the_same_bits(recipe, tiny_folders):
 def test_then_prescale_gives_the_same_bits(w4m_rows, tiny_folders, monkeypatch):
     """KernelConfig.then_prescale: INT4 AWQ's o / down projections take x · pre from the kernel before (decode
     attention's combine, fc‖gate's SiLU · gate epilogue) and read it as it is, on the compiled GEMV and on the
-    tensor-core kernel at one row. One decode step's logits bit for bit against it off, at prompt lengths of one
-    and several attention splits, and the tokens generated under the CUDA graph, replayed."""
+    tensor-core kernel at one row, where qkv / fc‖gate (which do not normalize their own input there) also take it
+    from the linear before's then_norm epilogue. One decode step's logits bit for bit against it off, at prompt
+    lengths of one and several attention splits, and the tokens generated under the CUDA graph, replayed."""
     from quant.runtime.schemes.base import KernelConfig
     from quant.runtime.torch_runtime import TorchRuntime
 
@@ -1421,7 +1422,10 @@ def test_then_prescale_gives_the_same_bits(w4m_rows, tiny_folders, monkeypatch):
     monkeypatch.setattr(type(lin), "_gemv_prepped", lambda h, *a, **k: prepped.append(h) or real(h, *a, **k))
     for n in (2, 24, 299):
         assert torch.equal(_one_step_logits(rt, ids[: n + 1]), _one_step_logits(ref, ids[: n + 1])), n
-    assert prepped == [lay[n] for lay in rt.layers for n in ("attention.dense", "mlp.proj")] * 3
+    w4m = w4m_rows is not None  # (w4g: qkv / fc‖gate normalize their input themselves, takes_norm)
+    takers = [lay[n] for i, lay in enumerate(rt.layers) for n, on in (
+        ("attention.qkv", w4m and i > 0), ("attention.dense", True), ("mlp.fc_gate", w4m), ("mlp.proj", True)) if on]
+    assert prepped == takers * 3
     tokens = ref.generate([ids[:9]], 12, ignore_eos=True).tokens
     for _ in range(3):  # the graph replayed
         assert rt.generate([ids[:9]], 12, ignore_eos=True).tokens == tokens

@@ -117,10 +117,11 @@ class KernelConfig:
     w4g_fuse: bool = True
     # Formats (W4A16_AWQ) whose batch-1 input the kernel before multiplies by this linear's pre-quant scale in its
     # epilogue (then_quant without quantization: decode attention's combine for o_proj, fc‖gate's SiLU · gate for
-    # down_proj), so that the compiled GEMV (w4g, w4m) reads its row from global memory as it is, with no staging
-    # of x · pre in shared memory and no barrier before its first multiply (down_proj's 11008–14336 k: several
-    # dependent L2 round trips a block). The same bits (both round x, then x · pre, to float16). Empty until timed
-    # end to end (experiments.bench RECIPE@prescale).
+    # down_proj, and the then_norm epilogue for qkv / fc‖gate where they do not normalize their own input), so that the
+    # compiled GEMV (w4g, w4m) reads its row from global memory as it is, with no staging of x · pre in shared memory
+    # and no barrier before its first multiply (down_proj's 11008–14336 k: several dependent L2 round trips a block).
+    # The same bits (both round x, then x · pre, to float16). Empty until timed end to end (experiments.bench
+    # RECIPE@prescale).
     then_prescale: frozenset[str] = frozenset()
     # 8-bit formats (keys of cuda_ext.W8_FORMATS) whose batch-1 rows take the compiled CUDA GEMV (cuda_ext.w8_gemv,
     # float16 output, on the stored [N, K] weights: no copy) instead of the Triton one; SmoothQuant and FP8
