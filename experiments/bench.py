@@ -190,7 +190,6 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "w8gp": {"w8g_persistent": DEFAULT_KERNELS.w8g},
                    "pdl": {"w8g_persistent": DEFAULT_KERNELS.w8g, "gemv_pdl": DEFAULT_KERNELS.w8g | {"W4A16_AWQ"}},
                    "nonormpro": {"norm_prologue": frozenset()},
-                   "prescale": {"then_prescale": frozenset({"W4A16_AWQ"})},
                    "w8normpro": {"norm_prologue": DEFAULT_KERNELS.norm_prologue | DEFAULT_KERNELS.w8g},
                    "w8normpdl": {"norm_prologue": DEFAULT_KERNELS.norm_prologue | DEFAULT_KERNELS.w8g,
                                  "attn_pdl": DEFAULT_KERNELS.attn_pdl | DEFAULT_KERNELS.w8g},

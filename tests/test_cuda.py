@@ -1397,41 +1397,6 @@ def test_attention_with_pdl_gives_the_same_bits(recipe, tiny_folders):
 
 
 @cuda
-@pytest.mark.parametrize("w4m_rows", [None, (1, 16)])
-def test_then_prescale_gives_the_same_bits(w4m_rows, tiny_folders, monkeypatch):
-    """KernelConfig.then_prescale: INT4 AWQ's o / down projections take x · pre from the kernel before (decode
-    attention's combine, fc‖gate's SiLU · gate epilogue) and read it as it is, on the compiled GEMV and on the
-    tensor-core kernel at one row, where qkv / fc‖gate (which do not normalize their own input there) also take it
-    from the linear before's then_norm epilogue. One decode step's logits bit for bit against it off, at prompt
-    lengths of one and several attention splits, and the tokens generated under the CUDA graph, replayed."""
-    from quant.runtime.schemes.base import KernelConfig
-    from quant.runtime.torch_runtime import TorchRuntime
-
-    ids = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(8)).tolist()
-    off = KernelConfig(w4m_rows=w4m_rows)
-    ref, rt = (TorchRuntime.from_dir(tiny_folders["int4_awq"], device="cuda", compute_dtype="float16", kernels=k)
-               for k in (off, dataclasses.replace(off, then_prescale=frozenset({"W4A16_AWQ"}))))
-    for name in ("attention.dense", "mlp.proj"):
-        lin = rt.layers[0][name]
-        pre, act, afmt = lin.input_quant(1)
-        assert pre is lin.prequant and act is None and afmt == 0 and ref.layers[0][name].input_quant(1) is None
-        assert lin._w4m_takes(1) == (w4m_rows is not None), name
-        assert rt.layers[0][name].input_quant(2) is None  # (batch 1 only)
-    prepped = []  # the linears a decode step hands their input as prepped
-    real = type(lin)._gemv_prepped
-    monkeypatch.setattr(type(lin), "_gemv_prepped", lambda h, *a, **k: prepped.append(h) or real(h, *a, **k))
-    for n in (2, 24, 299):
-        assert torch.equal(_one_step_logits(rt, ids[: n + 1]), _one_step_logits(ref, ids[: n + 1])), n
-    w4m = w4m_rows is not None  # (w4g: qkv / fc‖gate normalize their input themselves, takes_norm)
-    takers = [lay[n] for i, lay in enumerate(rt.layers) for n, on in (
-        ("attention.qkv", w4m and i > 0), ("attention.dense", True), ("mlp.fc_gate", w4m), ("mlp.proj", True)) if on]
-    assert prepped == takers * 3
-    tokens = ref.generate([ids[:9]], 12, ignore_eos=True).tokens
-    for _ in range(3):  # the graph replayed
-        assert rt.generate([ids[:9]], 12, ignore_eos=True).tokens == tokens
-
-
-@cuda
 def test_decode_with_each_linear_doing_the_next_ones_prologue(tiny_folders):
     """KernelConfig.gemv_then: at batch 1 the fc‖gate GEMV writes SiLU · gate and the o / down GEMVs RMSNorm of the
     residual stream (their last program), so that no act_prep runs between linears. On the compiled GEMVs, then on

@@ -77,8 +77,6 @@ def test_kernel_config_refuses_what_the_gemvs_cannot_take():
     with pytest.raises(ValueError, match="norm_prologue takes W4A16_AWQ and the 8-bit formats"):
         KernelConfig(norm_prologue=frozenset({"W4A8_AWQ"}))  # (only the compiled GEMVs have the prologue)
     assert KernelConfig(norm_prologue=frozenset({"W4A16_AWQ", "FP8"})).norm_prologue == {"W4A16_AWQ", "FP8"}
-    with pytest.raises(ValueError, match="then_prescale takes W4A16_AWQ"):
-        KernelConfig(then_prescale=frozenset({"W8A8_SQ_PER_CHANNEL"}))  # (its epilogue quantizes: input_quant)
 
 
 def test_attention_fusions_follow_the_batch_limit():

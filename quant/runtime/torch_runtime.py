@@ -286,32 +286,28 @@ class TorchRuntime:
         if "mlp.fc_gate" in layer:
             fg = layer["mlp.fc_gate"]
             if next_norm is not None and fg.chains(h.shape[0]):
-                q = _quant_for(proj, h.shape[0])
-                act = self._linear_in(fg, h, xn, post, then_silu=True, **q)
-                return self._add_out(proj, act, h, next_norm, next_lin=next_lin, prepped=bool(q))
+                act = self._linear_in(fg, h, xn, post, then_silu=True, **_quant_for(proj, h.shape[0]))
+                return self._add_out(proj, act, h, next_norm, next_lin=next_lin)
             return self._add_out(proj, self._linear_in(fg, h, xn, post), h, next_norm, silu=True, next_lin=next_lin)
         x = xn if xn is not None else self._rmsnorm(h, post)
         return self._add_out(proj, torch.cat((layer["mlp.fc"].fused(x), layer["mlp.gate"].fused(x)), dim=-1), h,
                              next_norm, silu=True, next_lin=next_lin)
 
     def _linear_in(self, lin: _Handler, h: torch.Tensor, xn: torch.Tensor | None, norm: torch.Tensor, **then):
-        """lin(RMSNorm(h) · norm), that input being ``xn`` where the previous linear's epilogue computed it (as
-        lin's input_quant asked: _add_out)."""
-        if xn is not None:
-            return lin.fused(xn, prepped=bool(_quant_for(lin, xn.shape[0])), **then)
-        return lin.fused(h, norm=norm, eps=self.eps, **then)
+        """lin(RMSNorm(h) · norm), that input being ``xn`` where the previous linear's epilogue computed it."""
+        return lin.fused(xn, **then) if xn is not None else lin.fused(h, norm=norm, eps=self.eps, **then)
 
     def _add_out(self, lin: _Handler, x: torch.Tensor, h: torch.Tensor, next_norm, silu: bool = False,
-                 next_lin: _Handler | None = None, prepped: bool = False) -> torch.Tensor | None:
-        """h += lin(x) (silu: of SiLU · gate of x's halves; prepped: x as lin's input_quant asked, by the kernel
-        before); returns RMSNorm(h) · next_norm, quantized for ``next_lin`` where it takes that
-        (:meth:`_Handler.input_quant`), where lin's epilogue computes it (``next_norm`` given and lin.chains, unless
-        ``next_lin`` normalizes its own input: _Handler.takes_norm), else None."""
+                 next_lin: _Handler | None = None) -> torch.Tensor | None:
+        """h += lin(x) (silu: of SiLU · gate of x's halves); returns RMSNorm(h) · next_norm, quantized for
+        ``next_lin`` where it takes that (:meth:`_Handler.input_quant`), where lin's epilogue computes it
+        (``next_norm`` given and lin.chains, unless ``next_lin`` normalizes its own input: _Handler.takes_norm),
+        else None."""
         rows = x.shape[0]
         if next_norm is not None and lin.chains(rows) and not (next_lin is not None and next_lin.takes_norm(rows)):
-            return lin.fused(x, silu=silu, residual=h, then_norm=next_norm, eps=self.eps, prepped=prepped,
+            return lin.fused(x, silu=silu, residual=h, then_norm=next_norm, eps=self.eps,
                              **_quant_for(next_lin, rows))
-        lin.fused(x, silu=silu, residual=h, prepped=prepped)
+        lin.fused(x, silu=silu, residual=h)
         return None
 
     def _decode_body(self, st: "_DecodeState") -> None:
@@ -337,7 +333,7 @@ class TorchRuntime:
                 attn = st.attn(q, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale, kv_algo=self.kv_algo,
                                **oq)
             xn = self._add_out(layer["attention.dense"], attn, h, layer["post_layernorm"],
-                               next_lin=layer.get("mlp.fc_gate"), prepped=bool(oq))
+                               next_lin=layer.get("mlp.fc_gate"))
             nxt_layer = self.layers[i + 1] if i + 1 < len(self.layers) else None
             xn = self._mlp(layer, h, xn, next_norm=nxt_layer["input_layernorm"] if nxt_layer else self.ln_f,
                            next_lin=nxt_layer["attention.qkv"] if nxt_layer else self.lm_head_linear)
@@ -614,9 +610,8 @@ class _DecodeState:
 
 
 def _quant_for(lin: _Handler | None, rows: int) -> dict:
-    """``then_quant`` for the linear before ``lin``: its input quantized (or, KernelConfig.then_prescale, times its
-    pre-quant scale) in that linear's epilogue where it takes it (SmoothQuant, FP8, INT4 AWQ at batch 1 under
-    KernelConfig.gemv_then), else nothing; that linear's call then says ``prepped``."""
+    """``then_quant`` for the linear before ``lin``: its input quantized in that linear's epilogue where it takes
+    it (SmoothQuant, FP8 at batch 1 under KernelConfig.gemv_then), else nothing."""
     q = lin.input_quant(rows) if lin is not None else None
     return {} if q is None else {"then_quant": q}
 

@@ -115,14 +115,6 @@ class KernelConfig:
     # launch (RMSNorm and SiLU·gate stay in act_prep: inside the GEMV, every block recomputing them, they measured
     # slower end to end on an H200).
     w4g_fuse: bool = True
-    # Formats (W4A16_AWQ) whose batch-1 input the kernel before multiplies by this linear's pre-quant scale in its
-    # epilogue (then_quant without quantization: decode attention's combine for o_proj, fc‖gate's SiLU · gate for
-    # down_proj, and the then_norm epilogue for qkv / fc‖gate where they do not normalize their own input), so that the
-    # compiled GEMV (w4g, w4m) reads its row from global memory as it is, with no staging of x · pre in shared memory
-    # and no barrier before its first multiply (down_proj's 11008–14336 k: several dependent L2 round trips a block).
-    # The same bits (both round x, then x · pre, to float16). Empty until timed end to end (experiments.bench
-    # RECIPE@prescale).
-    then_prescale: frozenset[str] = frozenset()
     # 8-bit formats (keys of cuda_ext.W8_FORMATS) whose batch-1 rows take the compiled CUDA GEMV (cuda_ext.w8_gemv,
     # float16 output, on the stored [N, K] weights: no copy) instead of the Triton one; SmoothQuant and FP8
     # quantize the row in act_prep first. All three by default: on an H200 (7B linears, each format's best tile)
@@ -250,9 +242,6 @@ class KernelConfig:
                                  f"{sorted(getattr(self, name))}")
         if self.int4_kernel not in INT4_KERNELS:
             raise ValueError(f"int4_kernel must be one of {', '.join(INT4_KERNELS)}, got {self.int4_kernel!r}")
-        if self.then_prescale - {"W4A16_AWQ"}:
-            raise ValueError(f"then_prescale takes W4A16_AWQ (the formats whose float16 input has a pre-quant scale); "
-                             f"got {sorted(self.then_prescale)}")
         if self.norm_prologue - {"W4A16_AWQ", *cuda_ext.W8_FORMATS}:
             raise ValueError(f"norm_prologue takes W4A16_AWQ and the 8-bit formats (the compiled GEMVs); got "
                              f"{sorted(self.norm_prologue)}")
@@ -338,22 +327,18 @@ class _Handler:
 
     # -- the CUDA path: y = W · f(x) (+ residual in place) ------------------------------------------------------
     def fused(self, x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
-              residual: torch.Tensor | None = None, prepped: bool = False, **then) -> torch.Tensor:
+              residual: torch.Tensor | None = None, **then) -> torch.Tensor:
         """x [M, K] (silu: [M, 2K], SiLU(x[:, :K]) · x[:, K:]); norm: RMSNorm x first (float32 statistics, as the
         runtime's ``_rmsnorm``); residual [M, N]: add y to it in place and return it. On CUDA the small-M case
         is one fused kernel; elsewhere these are the runtime's own tensor ops. ``then`` (only where
         :meth:`chains`): the next linear's prologue in this one's epilogue, ``then_silu=True`` (return SiLU ·
         gate of y's two halves) or ``then_norm=w`` (with residual: return RMSNorm(residual) · w after the add),
-        with ``then_quant`` (the next linear's :meth:`input_quant`) that quantized for it. ``prepped``: x is what
-        this linear's :meth:`input_quant` describes, made by the kernel before (no norm, no silu)."""
+        with ``then_quant`` (the next linear's :meth:`input_quant`) that quantized for it."""
         if self.cuda:
             if self._takes_gemv(x.shape[0]):
                 if then:
                     assert self.chains(x.shape[0]), "then_silu / then_norm where chains() is False"
                     then = {**then, "counter": self.then_counter}
-                if prepped:
-                    assert norm is None and not silu and self.input_quant(x.shape[0]) is not None
-                    return self._gemv_prepped(x, eps, residual, **then)
                 if norm is not None and not silu and self.takes_norm(x.shape[0]):
                     return self._normed_gemv(x, norm, eps, residual, **then)
                 if not self.kernels.fuse_prologue and (norm is not None or silu) and not self.own_prologue:
@@ -410,10 +395,6 @@ class _Handler:
         if self.input_afmt and self.then_counter is not None and self._takes_gemv(rows):
             return self.prequant, self.act_scale.reshape(1), self.input_afmt
         return None
-
-    def _gemv_prepped(self, x: torch.Tensor, eps: float, residual: torch.Tensor | None, **then) -> torch.Tensor:
-        """The batch-1 GEMV on x as :meth:`input_quant` describes it (the quantized formats take it by its dtype)."""
-        return self._gemv(x, norm=None, eps=eps, silu=False, residual=residual, **then)
 
     def _gemv_then_ok(self) -> bool:
         """Whether this format's batch-1 kernel has the then_silu / then_norm epilogue (the Triton GEMV and the

@@ -135,19 +135,6 @@ class W4A16AWQLinear(_Handler):
     def _gemv_then_ok(self) -> bool:
         return not self.kpack_at_1 or self._w4g_takes(1) or self._w4m_takes(1)
 
-    def input_quant(self, rows: int) -> tuple | None:
-        # KernelConfig.then_prescale: the kernel before writes x · pre (float16), which the compiled kernels take
-        # as they take an input without pre-quant scale (_gemv_prepped)
-        if (rows == 1 and self.algo_key in self.kernels.then_prescale and self.prequant is not None
-                and self.then_counter is not None and self._takes_gemv(1)
-                and (self._w4m_takes(1) or self._w4g_takes(1))):
-            return self.prequant, None, 0
-        return None
-
-    def _gemv_prepped(self, x, eps, residual, **then):
-        mm = self._w4m_mm if self._w4m_takes(1) else self._w4g_mm
-        return mm(x, None, eps, False, residual, prepped=True, **then)
-
     def _gemv(self, x, *, norm, eps, silu, residual, **then):
         ck = _cuda_kernels()
         if self._w4m_takes(1):
@@ -165,25 +152,23 @@ class W4A16AWQLinear(_Handler):
         return _cuda_kernels().w4k_mm(x, w, self.scales, group=self.group, kw=kw, residual=residual,
                                       tile=self.w4k_tile)
 
-    def _w4g_mm(self, x, norm, eps, silu, residual=None, prepped=False, **then):
-        # prepped: x carries the pre-quant scale already (input_quant)
+    def _w4g_mm(self, x, norm, eps, silu, residual=None, **then):
         grid = cuda_ext.grid(self.kernels.w4g_persistent, x.shape[0])
         pdl = self.gemv_pdl and grid != 0
-        pre = None if prepped else self.prequant
-        if norm is None and not silu and pre is not None and self.kernels.w4g_fuse \
+        if norm is None and not silu and self.prequant is not None and self.kernels.w4g_fuse \
                 and cuda_ext.fuses(x.shape[0], self.inp):
             return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
-                                       tile=self.w4g_tile, prequant=pre, eps=eps, grid=grid, pdl=pdl, **then)
-        x = self._prep(x, norm, eps, silu, prequant=pre)
+                                       tile=self.w4g_tile, prequant=self.prequant, eps=eps, grid=grid, pdl=pdl,
+                                       **then)
+        x = self._prep(x, norm, eps, silu, prequant=self.prequant)
         return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile,
                                    eps=eps, grid=grid, pdl=pdl, **then)
 
-    def _w4m_mm(self, x, norm, eps, silu, residual=None, prepped=False, **then):
-        # prepped: x carries the pre-quant scale already (input_quant)
+    def _w4m_mm(self, x, norm, eps, silu, residual=None, **then):
         w, s = self.w4m
         pre = None
         if norm is None and not silu and x.shape[0] == 1:  # one row: the pre-quant scale in the kernel
-            pre = None if prepped else self.prequant
+            pre = self.prequant
         else:
             x = self._prep(x, norm, eps, silu, prequant=self.prequant)
         return cuda_ext.w4a16_mma(x, w, s, group=self.group, tile_counter=self.w4m_counter, residual=residual,
