@@ -75,6 +75,19 @@ PY
       PACK=0 SHAPES=$shape STAGES=e2e E2E_NAME=attntile-e2e E2E_RECIPES=fp16,fp16@$v,int4_awq,int4_awq@$v,int8_wo,int8_wo@$v \
         bash experiments/gpu/w4g.sh
     done ;;
+  ncu)  # Nsight Compute on one layer's INT4 GEMVs alone (kernel_bench, batch 1): speed of light, occupancy, launch,
+        # warp stalls, memory, per kernel, where the machine has ncu and lets it read the counters (NCU_KERNELS: the
+        # kernels' regex, NCU_COUNT: how many launches)
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1)
+    [ -n "$NCU" ] || { echo "no ncu on this machine" | tee "$OUT/ncu.txt"; continue; }
+    for shape in $SHAPES; do
+      timeout 240 "$NCU" --target-processes all -k "regex:${NCU_KERNELS:-w4a16_gemv}" -c "${NCU_COUNT:-8}" \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --csv --page details \
+        python3 -m experiments.kernel_bench --shape $shape --layers 1 --batch-sizes 1 --rounds 2 \
+        --variants "fp16 cuBLAS,int4 default" > "$OUT/ncu-$shape.csv" 2> "$OUT/ncu-$shape.err"
+      echo "$shape: $(wc -l < "$OUT/ncu-$shape.csv") lines"; tail -3 "$OUT/ncu-$shape.err"
+    done ;;
   e2e)
     for shape in $SHAPES; do
       timeout ${E2E_LIMIT:-240} python3 -m experiments.bench --shape $shape --recipes ${E2E_RECIPES:-fp16,int4_awq,int8_wo,int8_wo@triton8,smoothquant,smoothquant@triton8,fp8,fp8@triton8} \
