@@ -50,7 +50,8 @@ for fn in re.split(r"\n\s*Function : ", text)[1:]:
 PY
     fi ;;
   tests_w4g)  # the GEMV's own tests, first: a wrong kernel stops the call before any timing
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "${TESTS_K:-w4g or w8g or w4m or w8m}" 2>&1 | tail -30 > "$OUT/test_w4g.txt"
+    timeout 200 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_cuda.py \
+      -k "${TESTS_K:-w4g or w8g or w4m or w8m}" > "$OUT/test_w4g.txt" 2>&1
     tail -3 "$OUT/test_w4g.txt"; grep -q " passed" "$OUT/test_w4g.txt" && ! grep -q "failed" "$OUT/test_w4g.txt" || [ "${KEEP_GOING:-0}" = 1 ] || exit 1 ;;
   tests)
     timeout 300 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
