@@ -187,7 +187,6 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "noattnpdl": {"attn_pdl": frozenset()}, "attnpdl": {"attn_pdl": frozenset(ALGO_KEYS)},
                    "nothen": {"gemv_then": False}, "now4gp": {"w4g_persistent": False, "w4g_tile": (2, 4)},
                    "w4gp24": {"w4g_tile": (2, 4)}, "w4gp22": {"w4g_tile": (2, 2)},
-                   "w4gs2": {"w4g_split": 2}, "w4gs4": {"w4g_split": 4},
                    "w8gp": {"w8g_persistent": DEFAULT_KERNELS.w8g},
                    "pdl": {"w8g_persistent": DEFAULT_KERNELS.w8g, "gemv_pdl": DEFAULT_KERNELS.w8g | {"W4A16_AWQ"}},
                    "nonormpro": {"norm_prologue": frozenset()},

@@ -60,9 +60,6 @@ VARIANTS = {
     "int4 w4g": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4), w4m_rows=None)),
     "int4 w4g unfused": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4), w4g_fuse=False, w4m_rows=None)),
     "int4 default": ("W4A16_AWQ", KernelConfig()),
-    # its split-K form at one row where the row blocks underfill the GPU (KernelConfig.w4g_split)
-    "int4 split2": ("W4A16_AWQ", KernelConfig(w4g_split=2)),
-    "int4 split4": ("W4A16_AWQ", KernelConfig(w4g_split=4)),
     # the compiled GEMVs' other form at one row: INT4's one block per row block (its default is persistent), the
     # 8-bit formats' persistent (KernelConfig.w4g_persistent / w8g_persistent)
     "int4 w4g per row block": ("W4A16_AWQ", KernelConfig(w4g_persistent=False, w4g_tile=(2, 4))),

@@ -605,74 +605,6 @@ def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
         cuda_ext.w4a16_gemv(x.repeat(2, 1), h.w4g, h.scales, group=group, grid=-1)
 
 
-@cuda
-@pytest.mark.parametrize("out, inp, group", [(92, 576, 64), (2056, 11008, 128), (4096, 4096, 32)])
-def test_int4_w4g_split_matches_float64_reference(out, inp, group):
-    """The compiled INT4 GEMV's split-K form (KernelConfig.w4g_split; cuda_ext.w4a16_gemv split=): every tile, 2 and
-    4 groups, against the float64 reference (x as given, and x · pre staged; the residual added in place; large
-    activations), close to the plain form, the same bits on every call and replayed from a CUDA graph (its sums
-    meet in one fixed order). K = 11008 deals 11 lane rounds unevenly among the groups; N = 92 and 2056 leave the
-    last row block part empty. The handler takes it for one row only, where the row blocks leave the GPU
-    underfilled (cuda_ext.splits); its contract's refusals."""
-    from quant.runtime import cuda_ext
-    from quant.runtime.linear import make_linear
-    from quant.runtime.schemes.base import KernelConfig
-    from tests.test_kernels import activations
-
-    dtype = torch.float16
-    gen = torch.Generator().manual_seed(out + inp + group)
-    t = _layout("W4A16_AWQ", gen, out, inp, group)
-    tensors = {k: v.to(DEV) for k, v in t.items()}
-    res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
-    for tile in cuda_ext.GEMV_TILES:
-        h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
-                        kernels=KernelConfig(w4g_tile=tile, w4g_split=4, w4m_rows=None))
-        split_here = cuda_ext.splits(4, out, inp, tile, DEV)  # (the kernel itself takes any shape)
-        assert h.w4g_split == split_here and (split_here == 4 or out * inp == 4096 * 4096 and tile[0] < 4), tile
-        wd = h.dequantized_weight().cpu()
-        for scale in (1, 40):
-            x = (activations(gen, 1, inp) * scale).to(dtype).to(DEV)
-            xp = x * h.prequant  # x · pre, rounded as the kernel stages it
-            ref = xp.cpu().double() @ wd.double().t()
-            for split in (2, 4):
-                for pre in (False, True):
-                    def call(**kw):
-                        return cuda_ext.w4a16_gemv(x if pre else xp, h.w4g, h.scales, group=group, tile=tile,
-                                                   prequant=h.prequant if pre else None, grid=-1, **kw)
-                    tag = (tile, scale, split, pre)
-                    got = call(split=split)
-                    assert rel(got, ref) <= 1e-2 and rel(got, call()) <= 2e-3, tag
-                    assert torch.equal(call(split=split), got), tag
-                    r, rp = res.clone(), res.clone()
-                    call(split=split, residual=r)
-                    call(residual=rp)
-                    assert rel(r, res.cpu().double() + ref) <= 1e-2 and rel(r, rp) <= 1e-3, tag
-            assert torch.equal(h(x), cuda_ext.w4a16_gemv(x, h.w4g, h.scales, group=group, tile=tile, grid=-1,
-                                                         prequant=h.prequant, split=split_here)), tile  # the handler's
-    want = cuda_ext.w4a16_gemv(xp, h.w4g, h.scales, group=group, tile=tile, grid=-1, split=4)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = cuda_ext.w4a16_gemv(xp, h.w4g, h.scales, group=group, tile=tile, grid=-1, split=4)
-    for _ in range(3):
-        got.zero_()
-        graph.replay()
-        assert torch.equal(got, want)
-    # more rows take the other forms
-    plain, hs = (make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
-                             kernels=KernelConfig(w4g_rows=(1, 4), w4g_split=k, w4m_rows=None)) for k in (1, 2))
-    x3 = activations(gen, 3, inp).to(dtype).to(DEV)
-    assert hs.w4g_split == 2 and torch.equal(hs(x3), plain(x3))
-    # a linear whose row blocks fill 4 an SM keeps the plain forms, as does one whose x does not fit shared memory
-    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    assert cuda_ext.splits(4, 4 * sms * 16, 4096, (4, 1), DEV) == 1 and cuda_ext.splits(4, 4096, 4096, (4, 1), DEV) == 4
-    assert cuda_ext.splits(4, 4096, 32768, (4, 1), DEV) == 1 and cuda_ext.splits(1, 4096, 4096, (4, 1), DEV) == 1
-    for kw in ({"then_silu": True, "split": 2}, {"split": 3}, {"split": 2, "pdl": True}):
-        with pytest.raises(RuntimeError, match="split 1, or 2 / 4"):
-            cuda_ext.w4a16_gemv(xp, h.w4g, h.scales, group=group, tile=tile, grid=-1, **kw)
-    with pytest.raises(RuntimeError, match="split 1, or 2 / 4"):
-        cuda_ext.w4a16_gemv(xp.repeat(2, 1), h.w4g, h.scales, group=group, tile=tile, split=2)
-
-
 W8G = ["W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"]
 
 
@@ -1498,34 +1430,6 @@ def test_decode_with_each_linear_doing_the_next_ones_prologue(tiny_folders):
         assert [rt.generate([p], 8, ignore_eos=True).tokens[0] for p in prompts] == gen, recipe
         assert not any(bool(h.then_counter.any()) for lay in rt.layers for h in lay.values()
                        if getattr(h, "then_counter", None) is not None), recipe
-
-
-@cuda
-def test_int4_w4g_split_in_decode(tiny_folders, monkeypatch):
-    """KernelConfig.w4g_split in decode at batch 1: o_proj and down_proj (no epilogue under the norm prologue) take
-    the split-K form in every layer; qkv and fc‖gate (their norm prologue) and the last down_proj (its then_norm
-    epilogue for the final norm) the plain one. One step's logits close to the plain forms' at prompt lengths of one
-    and several attention splits; the generated tokens the same replayed from the CUDA graph and eagerly."""
-    from quant.runtime import cuda_ext
-    from quant.runtime.schemes.base import KernelConfig
-    from quant.runtime.torch_runtime import TorchRuntime
-
-    ids = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(5)).tolist()
-    ref, rt = (TorchRuntime.from_dir(tiny_folders["int4_awq"], device="cuda", compute_dtype="float16", kernels=k)
-               for k in (KernelConfig(), KernelConfig(w4g_split=4)))
-    splits = []  # the split of each INT4 GEMV call
-    real = cuda_ext.w4a16_gemv
-    monkeypatch.setattr(cuda_ext, "w4a16_gemv", lambda *a, **k: splits.append(k.get("split", 1)) or real(*a, **k))
-    for n in (2, 24, 299):
-        want = _one_step_logits(ref, ids[: n + 1])
-        splits.clear()
-        err = rel(_one_step_logits(rt, ids[: n + 1]), want)
-        assert err <= 1e-2, (n, err)
-        assert splits == [1, 4, 1, 4] * (len(rt.layers) - 1) + [1, 4, 1, 1], splits  # qkv, o, fc‖gate, down
-    tokens = rt.generate([ids[:9]], 12, ignore_eos=True).tokens
-    assert rt.generate([ids[:9]], 12, ignore_eos=True).tokens == tokens
-    rt.cuda_graphs = False
-    assert rt.generate([ids[:9]], 12, ignore_eos=True).tokens == tokens
 
 
 def _one_step_logits(rt, ids):

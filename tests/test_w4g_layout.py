@@ -70,8 +70,6 @@ def test_kernel_config_refuses_what_the_gemvs_cannot_take():
         KernelConfig(w8g=frozenset({"W4A16_AWQ"}))
     with pytest.raises(ValueError, match="w4g_rows must be"):
         KernelConfig(w4g_rows=(1, 5))
-    with pytest.raises(ValueError, match=r"w4g_split must be one of \(1, 2, 4\), got 3"):
-        KernelConfig(w4g_split=3)  # (the kernel's groups of warps a row block)
     assert KernelConfig(w8g=frozenset({"W8A16", "FP8"})).w8g == {"W8A16", "FP8"}
     with pytest.raises(ValueError, match="wq_prefill takes W8A16 and W4A16_AWQ"):
         KernelConfig(wq_prefill=frozenset({"FP8"}))  # FP8 and SmoothQuant prefill have their own GEMMs

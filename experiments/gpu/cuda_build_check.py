@@ -41,8 +41,7 @@ ARCH = "-gencode=arch=compute_90,code=sm_90"
 # main loop: a short stream loop can be shorter than an epilogue's
 STREAM_LOAD = "LDG.E.NA.LTC256B.128.CONSTANT"
 TEMPLATE = {"w8_gemv_kernel": ("F", "M", "R", "U", "THEN"), "w4a16_gemv_kernel": ("M", "R", "U", "PRO", "THEN"),
-            "w4a16_gemv_persistent": ("R", "U", "PRO", "THEN"), "w4a16_gemv_split": ("R", "U", "S"),
-            "w8_gemv_persistent": ("F", "R", "U", "THEN", "NORM"),
+            "w4a16_gemv_persistent": ("R", "U", "PRO", "THEN"), "w8_gemv_persistent": ("F", "R", "U", "THEN", "NORM"),
             "w4a16_mma_kernel": ("ROWS", "P", "PRE", "THEN"), "w8_mma_kernel": ("F", "P", "THEN")}
 THEN_SILU, THEN_NORM = 1, 2  # gemv_then.h's Then
 PRO_NORM = 2  # w4a16_gemv.cu's Prologue (w8_gemv.cu's: NORM = 1)
@@ -100,7 +99,7 @@ def check_kernels(cubin: Path) -> list[str]:
             fails.append(f"{tag}: the norm prologue's row loads not behind the first weight loads")
         if not k["kind"].endswith("_persistent") and (first["PREEXIT"], first["ACQBULK"]) != (None, None):
             fails.append(f"{tag}: a grid-dependency instruction outside the persistent forms")
-        then = k["args"].get("THEN", 0)  # (the split-K form: none)
+        then = k["args"]["THEN"]
         if then == THEN_NORM and not (any(o.startswith("ATOMG") for o in k["ops"])
                                       and any(o.startswith("MEMBAR") and "GPU" in o for o in k["ops"])):
             fails.append(f"{tag}: the RMSNorm epilogue without its GPU fence and atomic count")
@@ -117,7 +116,7 @@ def check_kernels(cubin: Path) -> list[str]:
             if k["per_weight"] > most:
                 fails.append(f"{tag}: {k['per_weight']:.3f} warp-instructions per weight in its steady loop, more "
                              f"than {most}")
-    epi = [k for k in found if k["args"].get("THEN")]
+    epi = [k for k in found if k["args"]["THEN"]]
     print(f"{cubin.stem}: {len(found)} kernels for sm_90 ({len(epi)} with an epilogue for the next linear), "
           f"registers {min(k['regs'] for k in found)}-{max(k['regs'] for k in found)}, "
           f"no spill in a main loop: {not any(k['loop_spills'] for k in found)}, stack ≤ "

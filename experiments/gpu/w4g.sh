@@ -3,7 +3,8 @@
 # root, with .whl (pydantic and its three dependencies, for python 3.12) carried; everything lands in $OUT.
 #   stages: build (timed, SASS instruction mix of the batch-1 kernel), tests/test_cuda.py, kernel_bench per shape
 #   (the GEMV's tiles swept at 1-4 rows, then every variant interleaved), attn (experiments.attn_bench per shape:
-#   decode attention's tiles; attn_e2e: its fastest tile end to end), the end-to-end bench per shape.
+#   decode attention's tiles; attn_e2e: its fastest tile end to end), ncu (Nsight Compute on one layer's INT4
+#   GEMVs), the end-to-end bench per shape.
 # STAGES (env) picks a subset: "build tests_w4g kb tests e2e" by default; SHAPES the shapes. The device tool
 # brings back 8 files of a call: two shapes and every stage write more, so split the stages over calls.
 # WHEELS (default .whl; .whl15 has the same and more), KB_FLAGS (default --sweep-w4g; --sweep-w8g times the
@@ -78,7 +79,8 @@ PY
     done ;;
   ncu)  # Nsight Compute on one layer's INT4 GEMVs alone (kernel_bench, batch 1): speed of light, occupancy, launch,
         # warp stalls, memory, per kernel, where the machine has ncu and lets it read the counters (NCU_KERNELS: the
-        # kernels' regex, NCU_COUNT: how many launches)
+        # kernels' regex, NCU_COUNT: how many launches, NCU_VARIANTS: kernel_bench's variants). ncu runs the SMs at
+        # base clock: compare its kernels with each other, not its durations with the benches'
     NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1)
     [ -n "$NCU" ] || { echo "no ncu on this machine" | tee "$OUT/ncu.txt"; continue; }
     for shape in $SHAPES; do
@@ -86,7 +88,7 @@ PY
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section MemoryWorkloadAnalysis --csv --page details \
         python3 -m experiments.kernel_bench --shape $shape --layers 1 --batch-sizes 1 --rounds 2 \
-        --variants "fp16 cuBLAS,int4 default" > "$OUT/ncu-$shape.csv" 2> "$OUT/ncu-$shape.err"
+        --variants "${NCU_VARIANTS:-fp16 cuBLAS,int4 default}" > "$OUT/ncu-$shape.csv" 2> "$OUT/ncu-$shape.err"
       echo "$shape: $(wc -l < "$OUT/ncu-$shape.csv") lines"; tail -3 "$OUT/ncu-$shape.err"
     done ;;
   e2e)

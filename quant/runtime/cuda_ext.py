@@ -37,8 +37,6 @@ W8_FORMATS = {"W8A16": 0, "W8A8_SQ_PER_CHANNEL": 1, "FP8": 2}  # algo key → th
 # per 8-bit format, the fastest tile at 1 row on the 7B shape (experiments/results/gpu/kernels, 2026-12-04 sweep)
 W8G_TILES = {"W8A16": (1, 2), "W8A8_SQ_PER_CHANNEL": (2, 2), "FP8": (2, 2)}
 GEMV_MAX_ROWS = 4
-GEMV_WARPS = 4  # warps a block of the GEMVs' one-row forms (csrc/gemv_common.cuh WARPS)
-W4G_SPLITS = (1, 2, 4)  # the INT4 GEMV's split-K groups (KernelConfig.w4g_split; 1: none)
 _NIBBLE_K = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a word holds k offset _NIBBLE_K[p] (the kernel's dequantization)
 _NONE = torch.empty(0)  # "no pre-quant scale" / "no then tensor" to the binding
 THEN_NONE, THEN_SILU, THEN_NORM = 0, 1, 2  # csrc/gemv_then.h's Then (cuda_kernels' THEN_* the same)
@@ -305,7 +303,7 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
                prequant: torch.Tensor | None = None, norm: torch.Tensor | None = None,
                then_silu: bool = False, then_norm: torch.Tensor | None = None,
                counter: torch.Tensor | None = None, eps: float = 1e-6,
-               then_quant: tuple | None = None, grid: int = 0, pdl: bool = False, split: int = 1) -> torch.Tensor:
+               then_quant: tuple | None = None, grid: int = 0, pdl: bool = False) -> torch.Tensor:
     """x [M ≤ 4, K] float16 → x · (q · s)ᵀ [M, N]; added to ``residual`` in place (one rounding) when given.
     One row (:func:`fuses`) may bring the pre-quant scale: the input is then x · prequant, rounded as
     ``cuda_kernels.act_prep`` rounds it; and ``norm`` (KernelConfig.norm_prologue; grid ≠ 0, not with
@@ -319,14 +317,11 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     tests' way to give each block several row blocks). The same bits whichever. ``pdl`` (grid ≠ 0, compute
     capability ≥ 9.0: :func:`pdl_ok`): the persistent kernel launched with programmatic dependent launch, so that
     it starts, and loads its first weights, while the kernel before it in the stream finishes (gemv_common.cuh);
-    the same bits. ``split`` 2 / 4 (KernelConfig.w4g_split; one row, no norm, no then, no pdl, K ≤ 24576: see
-    :func:`splits`): the split-K form, whatever ``grid``, ``split`` groups of warps a row block dealing its K among
-    them; deterministic, not the other forms' bits."""
+    the same bits."""
     mod = _built()
     out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w4a16_gemv(x, w, scales, group, out, residual is not None, GEMV_TILES.index(tuple(tile)),
-                   _NONE if prequant is None else prequant, _NONE if norm is None else norm, *then, grid, pdl,
-                   split)
+                   _NONE if prequant is None else prequant, _NONE if norm is None else norm, *then, grid, pdl)
     return ret
 
 
@@ -341,16 +336,6 @@ def pdl_ok(device: torch.device) -> bool:
     ``pdl``: a handler asks once, at load, where KernelConfig.gemv_pdl names its format; decode attention
     (cuda_kernels.DecodeAttention, KernelConfig.attn_pdl) once per decode state."""
     return torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-def splits(requested: int, out: int, inp: int, tile: tuple[int, int], device: torch.device) -> int:
-    """The ``split`` a W4A16 linear [out, inp] passes to :func:`w4a16_gemv` at one row (KernelConfig.w4g_split):
-    ``requested`` where its row blocks (``tile``'s rows a warp, GEMV_WARPS warps a block) number fewer than 4 an
-    SM, so that the plain forms leave the GPU underfilled, and x fits shared memory; else 1."""
-    if requested == 1 or not fuses(1, inp):
-        return 1
-    blocks = -(-out // (tile[0] * GEMV_WARPS))
-    return requested if blocks < 4 * torch.cuda.get_device_properties(device).multi_processor_count else 1
 
 
 def fuses(rows: int, inp: int) -> bool:

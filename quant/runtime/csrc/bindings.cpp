@@ -8,7 +8,7 @@
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
                               const void* nw, float eps, int then, const gemv::ThenArgs& t, int grid, bool pdl,
-                              int split, cudaStream_t stream);
+                              cudaStream_t stream);
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const gemv::ThenArgs& t,
                            int grid, bool pdl, const void* nw, const void* pre, const float* act_scale, float eps,
@@ -92,12 +92,11 @@ static torch::Tensor split_partials(int splits, int64_t M, int64_t N, const torc
 // none). norm float16 [K]: the input is RMSNorm(x) * norm (eps; then * prequant, if any), computed by every block
 // (one row, grid != 0, not with then 2; an empty tensor: none). then ... then_afmt: then_args. grid (one row only
 // unless 0): 0 one block per row block; -1 the persistent kernel on as many blocks as fit the GPU at once; n > 0 on
-// at most n blocks. pdl: the persistent kernel launched with programmatic dependent launch (check_pdl). split 2 / 4:
-// the split-K form (one row, then 0, no norm, no pdl; any grid). Returns out.
+// at most n blocks. pdl: the persistent kernel launched with programmatic dependent launch (check_pdl). Returns out.
 torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
                          bool accumulate, int64_t tile, torch::Tensor prequant, torch::Tensor norm, int64_t then,
                          torch::Tensor nw, torch::Tensor xn, torch::Tensor cnt, double eps, torch::Tensor then_pre,
-                         torch::Tensor then_a, int64_t then_afmt, int64_t grid, bool pdl, int64_t split) {
+                         torch::Tensor then_a, int64_t then_afmt, int64_t grid, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w4a16_gemv: tensors on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
@@ -113,9 +112,6 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   TORCH_CHECK(!pre || K * 2 <= 48 * 1024, "w4a16_gemv: prequant stages K <= 24576 in shared memory");
   TORCH_CHECK(!prenorm || (M == 1 && grid != 0 && then != 2 && K * 2 <= 48 * 1024),
               "w4a16_gemv: norm takes one row, the persistent form (grid != 0), K <= 24576, and no then_norm");
-  TORCH_CHECK(split == 1 || ((split == 2 || split == 4) && M == 1 && then == 0 && !prenorm && !pdl &&
-                              K * 2 <= 48 * 1024),
-              "w4a16_gemv: split 1, or 2 / 4 on one row with no then, no norm, no pdl and K <= 24576; got ", split);
   TORCH_CHECK(K > 0 && K % 32 == 0 && w.is_contiguous(), "w4a16_gemv: w [N, K / 8], K % 32 == 0, K > 0");
   TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && K % group == 0, "w4a16_gemv: group a power of two >= 32");
   TORCH_CHECK(s.is_contiguous() && s.size(0) == N && s.size(1) * group == K, "w4a16_gemv: s [N, K / group]");
@@ -131,7 +127,7 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
       static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
       out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), gshift, accumulate,
       pre ? prequant.data_ptr() : nullptr, prenorm ? norm.data_ptr() : nullptr, static_cast<float>(eps),
-      static_cast<int>(then), t, static_cast<int>(grid), pdl, static_cast<int>(split),
+      static_cast<int>(then), t, static_cast<int>(grid), pdl,
       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: ", cudaGetErrorString(err));
   return out;

@@ -31,15 +31,14 @@ using gemv::as_h2, gemv::as_u32, gemv::dequant_word;
 // PRO_GLOBAL: x read as given; PRO_PREQUANT: x * pre staged; PRO_NORM: RMSNorm(x) * nw (* pre, if any) staged
 enum Prologue { PRO_GLOBAL = 0, PRO_PREQUANT = 1, PRO_NORM = 2 };
 
-// The staged row x * pre (pre null: x) in shared memory, by the block's T threads: the 16-byte unit j (k = 32c + 8j
-// .. + 7) of chunk c sits at unit j * C + c, so that the lanes of a warp, reading consecutive chunks' unit j, read
-// consecutive 16 bytes (no bank conflicts).
-template <int T = WARPS * 32>
+// The staged row x * pre in shared memory: the 16-byte unit j (k = 32c + 8j .. + 7) of chunk c sits at unit
+// j * C + c, so that the lanes of a warp, reading consecutive chunks' unit j, read consecutive 16 bytes (no bank
+// conflicts).
 __device__ __forceinline__ void stage_row(uint4* xs, const half* x, const half* pre, int K) {
   const int C = K >> 5, units = K >> 3;
-  for (int u = threadIdx.x; u < units; u += T) {
-    const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x) + u);
-    xs[(u & 3) * C + (u >> 2)] = pre ? gemv::hmul8(xv, __ldg(reinterpret_cast<const uint4*>(pre) + u)) : xv;
+  for (int u = threadIdx.x; u < units; u += WARPS * 32) {
+    xs[(u & 3) * C + (u >> 2)] = gemv::hmul8(__ldg(reinterpret_cast<const uint4*>(x) + u),
+                                             __ldg(reinterpret_cast<const uint4*>(pre) + u));
   }
   __syncthreads();
 }
@@ -203,60 +202,6 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
   if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
 }
 
-// The split-K form, one row, no epilogue (KernelConfig.w4g_split; the linears whose row blocks leave the GPU
-// underfilled: at N = 4096, o_proj and down_proj, 256 row blocks of WARPS warps for 132 SMs, ~8 warps an SM, which
-// Nsight Compute measured at 31-45 % of DRAM bandwidth against 53-64 % for qkv and gate||up). A block of S * WARPS
-// warps takes one row block: its S groups of WARPS warps deal the row block's lane rounds among them, round i to
-// group i % S (each with the next round's weights loaded before it computes one), and their sums meet in shared
-// memory in one fixed order (group 0's, 1's, ...): S times the warps streaming, the row (x, or x * pre) staged once
-// a block. Deterministic, and the precision contract above; not the other forms' bits (another order of the float32
-// sums).
-template <int R, int U, int S>
-__global__ void __launch_bounds__(S * WARPS * 32) w4a16_gemv_split(
-    const half* __restrict__ x, const uint4* __restrict__ w, const half* __restrict__ s, half* __restrict__ y,
-    int N, int K, int gshift, bool accumulate, const half* __restrict__ pre) {
-  extern __shared__ uint4 xs[];
-  __shared__ float part[S][WARPS][R];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = warp % WARPS, grp = warp / WARPS;
-  const int C = K >> 5, G = K >> gshift, n0 = (blockIdx.x * WARPS + g) * R;
-  const int rounds = (C + 32 * U - 1) / (32 * U);
-  int rows[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) rows[r] = min(n0 + r, N - 1);
-  float acc[1][R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[0][r] = 0.f;
-  uint4 cur[U][R];
-  if (grp < rounds) load_chunks(cur, w, rows, C, grp * 32 * U, lane);  // on their way while the block stages x
-  stage_row<S * WARPS * 32>(xs, x, pre, K);
-  for (int round = grp; round < rounds; round += S) {
-    uint4 nxt[U][R];
-    if (round + S < rounds) load_chunks(nxt, w, rows, C, (round + S) * 32 * U, lane);
-    mac_round<1, R, U, PRO_PREQUANT>(cur, x, 0, xs, s, rows, C, G, gshift - 5, round * 32 * U, lane, acc);
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int r = 0; r < R; ++r) cur[u][r] = nxt[u][r];
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    float v = acc[0][r];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) part[grp][g][r] = v;
-  }
-  __syncthreads();
-  if (grp == 0 && lane == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float v = part[0][g][r];
-#pragma unroll
-      for (int q = 1; q < S; ++q) v += part[q][g][r];
-      if (n0 + r < N) y[n0 + r] = __float2half_rn(accumulate ? __half2float(y[n0 + r]) + v : v);
-    }
-  }
-}
-
 struct Args {
   const void *x, *w, *s, *pre, *nw;  // nw: PRO_NORM's norm weight
   void* y;
@@ -268,25 +213,11 @@ struct Args {
   ThenArgs then_args;
   int grid;  // 0: one block per row block; -1: persistent, as many blocks as fit at once; > 0: persistent, at most
   bool pdl;  // the persistent form with programmatic dependent launch
-  int split;  // > 1: the split-K form with S = split (one row, THEN_NONE, no norm, no pdl)
   cudaStream_t stream;
 };
 
-template <int R, int U, int S>
-cudaError_t launch_split(const Args& a) {
-  const int blocks = ((a.N + R - 1) / R + WARPS - 1) / WARPS;
-  w4a16_gemv_split<R, U, S><<<blocks, S * WARPS * 32, a.K * sizeof(half), a.stream>>>(
-      static_cast<const half*>(a.x), static_cast<const uint4*>(a.w), static_cast<const half*>(a.s),
-      static_cast<half*>(a.y), a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre));
-  return cudaGetLastError();
-}
-
 template <int M, int R, int U, int PRO, int THEN>
 cudaError_t launch(const Args& a) {
-  if constexpr (M == 1 && THEN == THEN_NONE && PRO != PRO_NORM) {
-    if (a.split == 2) return launch_split<R, U, 2>(a);
-    if (a.split == 4) return launch_split<R, U, 4>(a);
-  }
   // THEN_SILU: a block's warps take P = WARPS * R / 2 outputs' row pairs; else R rows each
   const int blocks = THEN == THEN_SILU ? (a.N / 2 + WARPS * R / 2 - 1) / (WARPS * R / 2)
                                        : ((a.N + R - 1) / R + WARPS - 1) / WARPS;
@@ -348,20 +279,16 @@ cudaError_t launch_one_row(int tile, const Args& a) {
 // shared memory, then not THEN_NORM. then (gemv::Then) other
 // than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs); THEN_SILU: N even, xn [N/2], y unused, not
 // accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned that is 0 (and is left 0). grid (Args): M == 1
-// unless 0; pdl: grid != 0, an sm_90 GPU. split 1, or 2 / 4 (the split-K form, whatever grid): M == 1, THEN_NONE,
-// no nw, no pdl, K * 2 bytes of shared memory.
+// unless 0; pdl: grid != 0, an sm_90 GPU.
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
                               const void* nw, float eps, int then, const ThenArgs& t, int grid, bool pdl,
-                              int split, cudaStream_t stream) {
-  const Args a{x, w, s, pre, nw, y, ldx, ldy, N, K, gshift, accumulate, eps, then, t, grid, pdl, split, stream};
+                              cudaStream_t stream) {
+  const Args a{x, w, s, pre, nw, y, ldx, ldy, N, K, gshift, accumulate, eps, then, t, grid, pdl, stream};
   if ((grid != 0 && M != 1) || (pdl && grid == 0)) return cudaErrorInvalidValue;
-  if (split != 1 && (M != 1 || then != THEN_NONE || nw != nullptr || pdl || (split != 2 && split != 4)))
-    return cudaErrorInvalidValue;
   if (nw != nullptr) return M == 1 ? launch_one_row<PRO_NORM>(tile, a) : cudaErrorInvalidValue;
   if (pre != nullptr) return M == 1 ? launch_one_row<PRO_PREQUANT>(tile, a) : cudaErrorInvalidValue;
-  if (M == 1) return split > 1 ? launch_tile<1, PRO_PREQUANT, THEN_NONE>(tile, a)  // (x staged as it is)
-                               : launch_one_row<PRO_GLOBAL>(tile, a);
+  if (M == 1) return launch_one_row<PRO_GLOBAL>(tile, a);
   if (then != THEN_NONE) return cudaErrorInvalidValue;
   switch (M) {
     case 2: return launch_tile<2, PRO_GLOBAL, THEN_NONE>(tile, a);

@@ -100,12 +100,6 @@ class KernelConfig:
     # one-block-per-row-block form. On an H200 (7B, batch 1, interleaved, 2026-12-05) 1.81× FP16 on tile (2, 2)
     # and 1.78× on (2, 4) against that form's 1.73× on (2, 4) (experiments.bench RECIPE@now4gp: that form).
     w4g_persistent: bool = True
-    # Its split-K form at one row (cuda_ext.splits: 2 or 4 groups of warps a row block dealing its K among them;
-    # 1: off), where a call has no RMSNorm prologue, no epilogue and no PDL, for the linears whose row blocks leave
-    # the GPU underfilled (fewer than 4 an SM: o_proj and down_proj at N = 4096, at 31-45 % of DRAM bandwidth
-    # under Nsight Compute on an H100, 2026-12-06, against 53-64 % for qkv and gate‖up). Off until timed end to end
-    # (experiments.bench RECIPE@w4gs2 / @w4gs4).
-    w4g_split: int = 1
     # INT4 rows (1–32) that take the tensor-core kernel (cuda_ext.w4a16_mma: float16, N a multiple of 64, on a copy
     # whose 16 bytes a lane are its MMA fragments, made at load; ahead of w4g_rows, w4k_rows and tinygemm; batch 1
     # with the gemv_then epilogues); None: off. Rows 2–16: end to end on an H100 (input 512, interleaved, 2026-12-05,
@@ -224,8 +218,6 @@ class KernelConfig:
                              f"got {self.w4k_rows}")
         if self.w4g_rows is not None and not 1 <= self.w4g_rows[0] <= self.w4g_rows[1] <= 4:
             raise ValueError(f"w4g_rows must be 1 <= low <= high <= 4 (the GEMV's rows) or None, got {self.w4g_rows}")
-        if self.w4g_split not in cuda_ext.W4G_SPLITS:
-            raise ValueError(f"w4g_split must be one of {cuda_ext.W4G_SPLITS}, got {self.w4g_split}")
         if self.w4m_rows is not None and not 1 <= self.w4m_rows[0] <= self.w4m_rows[1] <= cuda_ext.W4M_MAX_ROWS:
             raise ValueError(f"w4m_rows must be 1 <= low <= high <= {cuda_ext.W4M_MAX_ROWS} (the kernel's rows) or "
                              f"None, got {self.w4m_rows}")

@@ -59,7 +59,6 @@ class W4A16AWQLinear(_Handler):
                 # a copy in the GEMV's layout, for w4g_rows: it runs ahead of the kernels below
                 self.w4g, self.w4g_rows = cuda_ext.pack_w4g(q()), kernels.w4g_rows
                 self.w4g_tile = kernels.w4g_tile or cuda_ext.W4G_TILE
-                self.w4g_split = cuda_ext.splits(kernels.w4g_split, out, inp, self.w4g_tile, self.device)
                 taken.append(self.w4g_rows)
             ck = _cuda_kernels()
             if kernels.int4_kernel == "kpack" and dtype == torch.float16 and _rows_left(kernels.w4k_rows, taken):
@@ -108,7 +107,6 @@ class W4A16AWQLinear(_Handler):
     algo_key = "W4A16_AWQ"
     shared_inputs = ("prequant_scaling_factor",)
     w4g = None  # the compiled GEMV's copy (CUDA, float16), when built
-    w4g_split = 1  # its split-K groups at one row (cuda_ext.splits)
     w4m = None  # the tensor-core kernel's (weights, scales) (CUDA, float16), when built
     kprefill = False  # prefill dequantizes the k-packed copy (KernelConfig.w4k_prefill; CUDA)
 
@@ -157,15 +155,14 @@ class W4A16AWQLinear(_Handler):
     def _w4g_mm(self, x, norm, eps, silu, residual=None, **then):
         grid = cuda_ext.grid(self.kernels.w4g_persistent, x.shape[0])
         pdl = self.gemv_pdl and grid != 0
-        split = self.w4g_split if x.shape[0] == 1 and not then and not pdl else 1  # (its form's contract)
         if norm is None and not silu and self.prequant is not None and self.kernels.w4g_fuse \
                 and cuda_ext.fuses(x.shape[0], self.inp):
             return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
                                        tile=self.w4g_tile, prequant=self.prequant, eps=eps, grid=grid, pdl=pdl,
-                                       split=split, **then)
+                                       **then)
         x = self._prep(x, norm, eps, silu, prequant=self.prequant)
         return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile,
-                                   eps=eps, grid=grid, pdl=pdl, split=split, **then)
+                                   eps=eps, grid=grid, pdl=pdl, **then)
 
     def _w4m_mm(self, x, norm, eps, silu, residual=None, **then):
         w, s = self.w4m
