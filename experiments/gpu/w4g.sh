@@ -79,14 +79,15 @@ PY
     done ;;
   ncu)  # Nsight Compute on one layer's INT4 GEMVs alone (kernel_bench, batch 1): speed of light, occupancy, launch,
         # warp stalls, memory, per kernel, where the machine has ncu and lets it read the counters (NCU_KERNELS: the
-        # kernels' regex, NCU_COUNT: how many launches, NCU_VARIANTS: kernel_bench's variants). ncu runs the SMs at
+        # kernels' regex, NCU_COUNT: how many launches, NCU_VARIANTS: kernel_bench's variants, NCU_PAGE=raw: every
+        # metric the sections collected, the warp stall reasons among them). ncu runs the SMs at
         # base clock: compare its kernels with each other, not its durations with the benches'
     NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1)
     [ -n "$NCU" ] || { echo "no ncu on this machine" | tee "$OUT/ncu.txt"; continue; }
     for shape in $SHAPES; do
       timeout 240 "$NCU" --target-processes all -k "regex:${NCU_KERNELS:-w4a16_gemv}" -c "${NCU_COUNT:-8}" \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section MemoryWorkloadAnalysis --csv --page details \
+        --section MemoryWorkloadAnalysis --csv --page "${NCU_PAGE:-details}" \
         python3 -m experiments.kernel_bench --shape $shape --layers 1 --batch-sizes 1 --rounds 2 \
         --variants "${NCU_VARIANTS:-fp16 cuBLAS,int4 default}" > "$OUT/ncu-$shape.csv" 2> "$OUT/ncu-$shape.err"
       echo "$shape: $(wc -l < "$OUT/ncu-$shape.csv") lines"; tail -3 "$OUT/ncu-$shape.err"
