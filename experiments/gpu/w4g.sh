@@ -80,8 +80,8 @@ PY
   ncu)  # Nsight Compute on one layer's INT4 GEMVs alone (kernel_bench, batch 1): speed of light, occupancy, launch,
         # warp stalls, memory, per kernel, where the machine has ncu and lets it read the counters (NCU_KERNELS: the
         # kernels' regex, NCU_COUNT: how many launches, NCU_VARIANTS: kernel_bench's variants, NCU_PAGE=raw: every
-        # metric the sections collected, the warp stall reasons among them). ncu runs the SMs at
-        # base clock: compare its kernels with each other, not its durations with the benches'
+        # metric the sections collected, the warp stall reasons among them). ncu runs the SMs at base clock: compare
+        # its kernels with each other, not its durations with the benches'
     NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1)
     [ -n "$NCU" ] || { echo "no ncu on this machine" | tee "$OUT/ncu.txt"; continue; }
     for shape in $SHAPES; do
