@@ -11,6 +11,8 @@ what their code must have, before any GPU time is spent on them:
 - the epilogues for the next linear (KernelConfig.gemv_then) compiled with their ordering: the RMSNorm variants
   (THEN_NORM) count their blocks with an atomic after a GPU-scope fence (ATOMG, MEMBAR ... GPU), the SiLU·gate
   variants (THEN_SILU) meet a block's row pairs behind a barrier (BAR.SYNC);
+- a report, not a check: the persistent GEMVs' loop in warp-instructions a weight (the row block's finish counted
+  in, so an upper bound), the number that caps a GEMV below copy bandwidth where the SMs' issue rate runs out;
 - the bindings are well-formed C++ against the installed torch's headers. ATen's CUDA context header needs the
   cuSPARSE / cuBLAS headers, which a CPU machine lacks, so CUDA's runtime header and two declarations stand in for
   it (the stream getter and the device guard): the only part not built as on the GPU.
@@ -51,6 +53,10 @@ ROW_LOAD = "LDG.E.128.STRONG.GPU"  # the residual row's 16-byte L2 loads (__ldcg
 # warp-instructions/s, so 0.08 is ~2/3 of the issue rate (experiments/results/gpu/kernels, stage 9).
 W4M_PER_WEIGHT = {8: 0.08, 16: 0.09, 32: 0.12}
 W8M_PER_WEIGHT = 0.06  # the 8-bit one (P steps of 32 k x 64 channels), half INT4's bytes a weight: ~2/3 again
+# The GEMVs' persistent forms: weights in a lane's 16-byte chunk, for their static warp-instructions a weight (a
+# report, not a check: Nsight Compute counted 0.11 executed for INT4 on an H100, experiments/results/gpu/kernels
+# stage 21, where streaming at an H200's copy bandwidth leaves ~0.125 at the SMs' full issue rate)
+GEMV_WEIGHTS_A_CHUNK = {"w4a16_gemv_persistent": 32, "w8_gemv_persistent": 16}
 MMA_K_STEP = {"w4a16_mma_kernel": 16, "w8_mma_kernel": 32}  # the tensor-core kernels' k per step
 
 
@@ -76,6 +82,10 @@ def kernels(sass: str, res: str) -> list[dict]:
              "loop_spills": loop.count("LDL") + loop.count("STL"), "first": first}
         if kind in MMA_K_STEP:  # the steady loop, beside the tail loop of the same steps
             k["per_weight"] = len(main_loop(body, STREAM_LOAD, pick=min)) / (k["args"]["P"] * MMA_K_STEP[kind] * 64)
+        if kind in GEMV_WEIGHTS_A_CHUNK:  # the persistent walk: one lane round of R x U chunks a lane a pass, with
+            # the row block's finish (taken once a row block) in the loop as compiled: an upper bound
+            a = k["args"]
+            k["gemv_per_weight"] = len(loop) / (a["R"] * a["U"] * 32 * GEMV_WEIGHTS_A_CHUNK[kind])
         out.append(k)
     return out
 
@@ -121,6 +131,13 @@ def check_kernels(cubin: Path) -> list[str]:
           f"registers {min(k['regs'] for k in found)}-{max(k['regs'] for k in found)}, "
           f"no spill in a main loop: {not any(k['loop_spills'] for k in found)}, stack ≤ "
           f"{max(k['stack'] for k in found)} bytes" if found else f"{cubin.stem}: nothing compiled")
+    gemv = [k for k in found if "gemv_per_weight" in k and not k["args"]["THEN"] and not k["args"].get("NORM")
+            and k["args"].get("PRO", 1) == 1]  # (no epilogue; INT4: x · pre staged)
+    if gemv:
+        print(f"{cubin.stem}: persistent GEMV loop, warp-instructions a weight (at most), by "
+              + ("(R, U)" if "F" not in gemv[0]["args"] else "(format, R, U)") + ": "
+              + ", ".join(f"{tuple(v for n, v in k['args'].items() if n in ('F', 'R', 'U'))} "
+                          f"{k['gemv_per_weight']:.3f}" for k in gemv))
     mma = [k for k in found if "per_weight" in k]
     if mma:
         print(f"{cubin.stem}: warp-instructions per weight in the steady loop, by its template arguments: "
