@@ -134,10 +134,9 @@ def check_kernels(cubin: Path) -> list[str]:
     gemv = [k for k in found if "gemv_per_weight" in k and not k["args"]["THEN"] and not k["args"].get("NORM")
             and k["args"].get("PRO", 1) == 1]  # (no epilogue; INT4: x · pre staged)
     if gemv:
-        print(f"{cubin.stem}: persistent GEMV loop, warp-instructions a weight (at most), by "
-              + ("(R, U)" if "F" not in gemv[0]["args"] else "(format, R, U)") + ": "
-              + ", ".join(f"{tuple(v for n, v in k['args'].items() if n in ('F', 'R', 'U'))} "
-                          f"{k['gemv_per_weight']:.3f}" for k in gemv))
+        names = [n for n in gemv[0]["args"] if n in ("F", "R", "U")]  # (F: the 8-bit GEMV's format)
+        print(f"{cubin.stem}: persistent GEMV loop, warp-instructions a weight (at most), by ({', '.join(names)}): "
+              + ", ".join(f"{tuple(k['args'][n] for n in names)} {k['gemv_per_weight']:.3f}" for k in gemv))
     mma = [k for k in found if "per_weight" in k]
     if mma:
         print(f"{cubin.stem}: warp-instructions per weight in the steady loop, by its template arguments: "
