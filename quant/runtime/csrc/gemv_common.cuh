@@ -77,6 +77,12 @@ __device__ __forceinline__ void wait_previous_grid(uint32_t loaded) {
                :: "r"(loaded) : "memory");
 #endif
 }
+// Asks L2 for `bytes` (a multiple of 16) from p (16-byte aligned) on, not waiting for them (sm_90's bulk prefetch).
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
+#endif
+}
 // Lets the next kernel (launched with the attribute) start as soon as every block of this grid has run this or
 // exited: it then waits in wait_previous_grid, so running it first thing overlaps the next kernel's launch and
 // first loads with this one's work. The next kernel's blocks take SM slots only as they free up, and only after all

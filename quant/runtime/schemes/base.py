@@ -136,6 +136,11 @@ class KernelConfig:
     # With it, such a GEMV's grid is spread over the SMs (csrc/gemv_common.cuh spread_smem), and decode attention
     # lets o_proj's GEMV start as it starts (cuda_kernels._attn_split_kernel TRIGGER).
     gemv_pdl: frozenset[str] = frozenset()
+    # INT4's PDL-launched GEMV (gemv_pdl) also asks L2 for the rest of each block's first row block of weights
+    # before it waits for the kernel before (csrc/w4a16_gemv.cu), so that o_proj's, started while decode attention
+    # runs (bound by its latency, not by DRAM), streams its weights meanwhile. Off until timed
+    # (experiments.bench RECIPE@pdlpf).
+    pdl_prefetch: bool = False
     # Formats whose batch-1 GEMV normalizes its own input: the o / down projections before it end in the residual add
     # alone, and every block of this one computes RMSNorm of the residual stream while its first weights are on
     # their way (csrc/w4a16_gemv.cu PRO_NORM), instead of their serial THEN_NORM tail (one block, after the whole
@@ -321,6 +326,7 @@ class _Handler:
         # this format's persistent GEMV launched with programmatic dependent launch (KernelConfig.gemv_pdl), where
         # the GPU has it: decided here, not on every call
         self.gemv_pdl = self.cuda and self.algo_key in kernels.gemv_pdl and cuda_ext.pdl_ok(self.device)
+        self.gemv_prefetch = self.gemv_pdl and kernels.pdl_prefetch  # (INT4's GEMV)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
