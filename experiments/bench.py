@@ -163,8 +163,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # (2, 4) (``int4_awq@now4gp``; the default is its persistent form on (4, 1)), or persistent on (2, 4) or (2, 2)
 # (``@w4gp24``, ``@w4gp22``),
 # or the 8-bit formats' GEMV persistent (``@w8gp``), or the persistent GEMVs (the 8-bit ones made persistent) launched
-# with programmatic dependent launch (``@pdl``), INT4's with its first row block prefetched into L2 before its wait
-# too (``int4_awq@pdlpf``), or the previous GEMV's RMSNorm tail in place of INT4's batch-1 GEMV
+# with programmatic dependent launch (``@pdl``), or the previous GEMV's RMSNorm tail in place of INT4's batch-1 GEMV
 # normalizing its own input (``int4_awq@nonormpro``), or the 8-bit formats' batch-1 GEMVs normalizing theirs
 # (``int8_wo@w8normpro``; persistent for those calls) and attention launched with PDL behind that qkv GEMV, which
 # lets it start early as INT4's does (``@w8normpdl``),
@@ -190,7 +189,6 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "w4gp24": {"w4g_tile": (2, 4)}, "w4gp22": {"w4g_tile": (2, 2)},
                    "w8gp": {"w8g_persistent": DEFAULT_KERNELS.w8g},
                    "pdl": {"w8g_persistent": DEFAULT_KERNELS.w8g, "gemv_pdl": DEFAULT_KERNELS.w8g | {"W4A16_AWQ"}},
-                   "pdlpf": {"gemv_pdl": frozenset({"W4A16_AWQ"}), "pdl_prefetch": True},
                    "nonormpro": {"norm_prologue": frozenset()},
                    "w8normpro": {"norm_prologue": DEFAULT_KERNELS.norm_prologue | DEFAULT_KERNELS.w8g},
                    "w8normpdl": {"norm_prologue": DEFAULT_KERNELS.norm_prologue | DEFAULT_KERNELS.w8g,

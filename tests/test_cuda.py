@@ -1374,29 +1374,21 @@ def test_decode_step_logits_equal_prefill_logits(tiny_folders):
 
 
 @cuda
-@pytest.mark.parametrize("recipe, gemv_pdl", [("fp16", False), ("int8_wo", False), ("int4_awq", False),
-                                              ("smoothquant_kv_int8", False), ("int4_awq", True),
-                                              ("int4_awq", "prefetch")])
-def test_attention_with_pdl_gives_the_same_bits(recipe, gemv_pdl, tiny_folders):
+@pytest.mark.parametrize("recipe", ["fp16", "int8_wo", "int4_awq", "smoothquant_kv_int8"])
+def test_attention_with_pdl_gives_the_same_bits(recipe, tiny_folders):
     """KernelConfig.attn_pdl: decode attention's split kernel loads each split's first keys / values before q and is
     launched with programmatic dependent launch while the qkv GEMV before it runs (the Triton GEMV, the compiled 8-bit
     one, INT4's persistent one, which lets dependents start first thing), waiting for it before reading q. One decode
     step's logits bit for bit against it off, at prompt lengths of one and several splits, and the tokens generated
-    under the CUDA graph, replayed. With gemv_pdl every persistent GEMV of the step is PDL-launched too (its grid
-    spread over the SMs) and attention lets o_proj's start as it starts: every launch of a layer in one chain;
-    "prefetch": each GEMV block also asks L2 for its first row block's weights before its wait (pdl_prefetch)."""
+    under the CUDA graph, replayed."""
     from quant.runtime.schemes.base import ALGO_KEYS, KernelConfig
     from quant.runtime.torch_runtime import TorchRuntime, _DecodeState
 
     ids = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(6)).tolist()
-    on = KernelConfig(attn_pdl=frozenset(ALGO_KEYS), gemv_pdl=frozenset({"W4A16_AWQ"} if gemv_pdl else ()),
-                      pdl_prefetch=gemv_pdl == "prefetch")
     ref, pdl = (TorchRuntime.from_dir(tiny_folders[recipe], device="cuda", compute_dtype="float16", kernels=k)
-                for k in (KernelConfig(attn_pdl=frozenset()), on))
+                for k in (KernelConfig(attn_pdl=frozenset()), KernelConfig(attn_pdl=frozenset(ALGO_KEYS))))
     st = _DecodeState(pdl, None, 1, 40, 2, True, (-1,), 0)
     assert st.attn.pdl_ok and st.rope_fused  # (sm_90: every GPU tests/test_cuda.py runs on)
-    dense = pdl.layers[0]["attention.dense"]
-    assert (dense.gemv_pdl, dense.gemv_prefetch) == (bool(gemv_pdl), gemv_pdl == "prefetch")
     for n in (2, 24, 299):
         assert torch.equal(_one_step_logits(pdl, ids[: n + 1]), _one_step_logits(ref, ids[: n + 1])), n
     tokens = ref.generate([ids[:9]], 12, ignore_eos=True).tokens

@@ -5,8 +5,7 @@ what their code must have, before any GPU time is spent on them:
   longest loop with the weight stream's load). Some epilogues keep a few bytes of stack: the call frame of the IEEE
   division's slow path (``__fdiv_rn``, the activation quantization's, bit-exact with act_prep's), outside that loop;
 - the persistent forms compiled for programmatic dependent launch (KernelConfig.gemv_pdl): the trigger (PREEXIT)
-  and the wait (ACQBULK), their first weight loads ahead of the wait (ptxas sank them below a plain one); INT4's
-  L2 prefetch of the first row block (UBLKPF, KernelConfig.pdl_prefetch) ahead of it too;
+  and the wait (ACQBULK), their first weight loads ahead of the wait (ptxas sank them below a plain one);
 - the norm prologues (KernelConfig.norm_prologue; w4a16_gemv.cu's PRO_NORM, w8_gemv.cu's NORM): their first weight
   loads issued ahead of the row's L2 loads for the RMSNorm statistics, which they are meant to overlap;
 - the epilogues for the next linear (KernelConfig.gemv_then) compiled with their ordering: the RMSNorm variants
@@ -78,7 +77,7 @@ def kernels(sass: str, res: str) -> list[dict]:
         loop = main_loop(body, STREAM_LOAD)
         seq = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", body)
         first = {op: next((i for i, o in enumerate(seq) if o.startswith(op)), None)
-                 for op in ("PREEXIT", "ACQBULK", STREAM_LOAD, ROW_LOAD, "UBLKPF")}
+                 for op in ("PREEXIT", "ACQBULK", STREAM_LOAD, ROW_LOAD)}
         k = {"kind": kind, "args": dict(zip(TEMPLATE[kind], args)), "regs": regs, "stack": stack, "ops": ops,
              "loop_spills": loop.count("LDL") + loop.count("STL"), "first": first}
         if kind in MMA_K_STEP:  # the steady loop, beside the tail loop of the same steps
@@ -105,9 +104,6 @@ def check_kernels(cubin: Path) -> list[str]:
                 and first["PREEXIT"] < first["ACQBULK"] and first[STREAM_LOAD] < first["ACQBULK"]):
             fails.append(f"{tag}: programmatic dependent launch without its trigger, or its first weight loads "
                          f"not ahead of its wait (gemv_common.cuh wait_previous_grid)")
-        if k["kind"] == "w4a16_gemv_persistent" and not (first["UBLKPF"] or 1e9) < (first["ACQBULK"] or -1):
-            fails.append(f"{tag}: no L2 prefetch of the first row block ahead of its wait (pdl 2: KernelConfig."
-                         f"pdl_prefetch)")
         if (k["args"].get("PRO") == PRO_NORM or k["args"].get("NORM") == 1) and not (
                 first[ROW_LOAD] is not None and first[STREAM_LOAD] < first[ROW_LOAD]):
             fails.append(f"{tag}: the norm prologue's row loads not behind the first weight loads")

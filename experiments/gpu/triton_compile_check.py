@@ -91,11 +91,6 @@ def main() -> int:
         jobs.append((f"attention early + grid wait kv={kv}", ck._attn_split_kernel,
                      {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]}, const,
                      {"num_warps": 4, "div16": ATTN_DIV16}, loads_before_wait(2 * 64 * 128 * (2 if kv == 0 else 1))))
-    # KernelConfig.gemv_pdl: o_proj's PDL-launched GEMV let start as the attention starts
-    jobs.append(("attention early + grid wait + trigger", ck._attn_split_kernel,
-                 {**attn, "k_ptr": cache[0], "v_ptr": cache[0]},
-                 dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=16, ROPE=True,
-                      EARLY=True, GDC=True, TRIGGER=True), {"num_warps": 4}, "griddepcontrol.launch_dependents"))
     for afmt, out in ((ck.A_INT8, "*i8"), (ck.A_FP8, "*fp8e4nv")):  # the combine quantizing for the o_proj next
         jobs.append((f"attention fused_reduce rope quantized afmt={afmt}", ck._attn_split_kernel,
                      {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "out_ptr": out},

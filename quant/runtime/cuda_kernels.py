@@ -946,7 +946,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
                        GQA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
                        KV_QUANT: tl.constexpr, FUSED_REDUCE: tl.constexpr, NSPLIT_P2: tl.constexpr,
                        ROPE: tl.constexpr, OQ_PRE: tl.constexpr = False, OQ_AFMT: tl.constexpr = 0,
-                       EARLY: tl.constexpr = False, GDC: tl.constexpr = False, TRIGGER: tl.constexpr = False):
+                       EARLY: tl.constexpr = False, GDC: tl.constexpr = False):
     """One program per (row b, head h, split of SPLIT keys): the split's softmax statistics (max m, sum l) and
     unnormalized output. FUSED_REDUCE: the (b, h)'s last program to finish (an acq_rel counter; it resets it for
     the next launch) combines every split in split order, as _attn_reduce_kernel does, and one launch is saved.
@@ -958,11 +958,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     KernelConfig.gemv_then's then_quant), out int8 / float8. EARLY (KernelConfig.attn_pdl): the split's first block
     of cached keys / values and its key mask are loaded before anything the kernel before writes (q_ptr's row),
     then GDC waits for that kernel's grid (griddepcontrol.wait: launched with programmatic dependent launch, this
-    kernel may start while the qkv GEMV still runs); the same arithmetic in the same order, so the same bits.
-    TRIGGER: the kernel after it, if launched with programmatic dependent launch (o_proj's GEMV under
-    KernelConfig.gemv_pdl), may start first thing, as the persistent GEMVs let theirs (it waits for this grid)."""
-    if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
+    kernel may start while the qkv GEMV still runs); the same arithmetic in the same order, so the same bits."""
     dt: tl.constexpr = q_ptr.dtype.element_ty
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -1137,16 +1133,14 @@ class DecodeAttention:
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
                  slot: torch.Tensor, kv_scale: torch.Tensor | None = None, kv_algo: str | None = None,
                  out: torch.Tensor | None = None, *, rope: tuple | None = None,
-                 then_quant: tuple | None = None, pdl: bool = False, trigger: bool = False) -> torch.Tensor:
+                 then_quant: tuple | None = None, pdl: bool = False) -> torch.Tensor:
         """q [B, H·D]; caches [B, KVH, max_len, D]; key_mask [B, ≥ max_len] bool; → [B, H·D] in q's dtype.
         ``rope=(positions, inv_freq, kv_rcp)``: q is instead the token's qkv [B, (H + 2·KVH)·D], rotated here and
         its k / v written to the cache at ``slot`` (rope_cache_write's work, in the same launch). ``then_quant``
         (prequant or None, act_scale [1], A_INT8 / A_FP8; with fused_reduce): the output quantized for the next
         linear, as act_prep would (int8 / float8). ``pdl`` (KernelConfig.attn_pdl): the kernel's EARLY cache loads and,
         with ``rope`` (only then does the kernel before write nothing those loads read: rope_cache_write writes the
-        slot) on an sm_90+ GPU, the launch with programmatic dependent launch, waiting for that kernel after them.
-        ``trigger`` (on an sm_90+ GPU): the next kernel, where launched with programmatic dependent launch, may start
-        as this one starts."""
+        slot) on an sm_90+ GPU, the launch with programmatic dependent launch, waiting for that kernel after them."""
         B, H, D = self.B, self.H, self.D
         pre, a, afmt = then_quant or (None, None, A_FLOAT)
         assert then_quant is None or self.fused_reduce
@@ -1162,8 +1156,7 @@ class DecodeAttention:
             pre if pre is not None else self.m, a if a is not None else self.m,
             GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=self.block_t, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
             FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None,
-            OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, TRIGGER=trigger and self.pdl_ok,
-            num_warps=self.warps,
+            OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, num_warps=self.warps,
             **({"launch_pdl": True} if launch_pdl else {}))
         if not self.fused_reduce:
             _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),

@@ -326,8 +326,7 @@ class TorchRuntime:
                 lin = layer["attention.qkv"]
                 attn = st.attn(qkv, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale,
                                kv_algo=self.kv_algo, rope=(st.pos, self.freq_dev, rcp),
-                               pdl=lin.algo_key in self.kernels.attn_pdl,
-                               trigger=layer["attention.dense"].gemv_pdl, **oq)
+                               pdl=lin.algo_key in self.kernels.attn_pdl and not lin.gemv_pdl, **oq)
             else:
                 q = ck.rope_cache_write(qkv, st.pos, st.slot, self.freq_dev, cache.k[i], cache.v[i], self.n_heads,
                                         self.n_kv, self.head_dim, kv_rcp=rcp, kv_algo=self.kv_algo)

@@ -7,7 +7,7 @@
 
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
-                              const void* nw, float eps, int then, const gemv::ThenArgs& t, int grid, int pdl,
+                              const void* nw, float eps, int then, const gemv::ThenArgs& t, int grid, bool pdl,
                               cudaStream_t stream);
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const gemv::ThenArgs& t,
@@ -92,12 +92,11 @@ static torch::Tensor split_partials(int splits, int64_t M, int64_t N, const torc
 // none). norm float16 [K]: the input is RMSNorm(x) * norm (eps; then * prequant, if any), computed by every block
 // (one row, grid != 0, not with then 2; an empty tensor: none). then ... then_afmt: then_args. grid (one row only
 // unless 0): 0 one block per row block; -1 the persistent kernel on as many blocks as fit the GPU at once; n > 0 on
-// at most n blocks. pdl: 1 the persistent kernel launched with programmatic dependent launch (check_pdl); 2 that, and
-// each block's first row block of weights prefetched into L2 before its wait; 0 neither. Returns out.
+// at most n blocks. pdl: the persistent kernel launched with programmatic dependent launch (check_pdl). Returns out.
 torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
                          bool accumulate, int64_t tile, torch::Tensor prequant, torch::Tensor norm, int64_t then,
                          torch::Tensor nw, torch::Tensor xn, torch::Tensor cnt, double eps, torch::Tensor then_pre,
-                         torch::Tensor then_a, int64_t then_afmt, int64_t grid, int64_t pdl) {
+                         torch::Tensor then_a, int64_t then_afmt, int64_t grid, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w4a16_gemv: tensors on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
@@ -109,8 +108,7 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
   TORCH_CHECK(M >= 1 && M <= 4 && (!pre || M == 1), "w4a16_gemv: 1-4 rows, one with prequant; got ", M);
   TORCH_CHECK(grid >= -1 && grid < (1LL << 31) && (grid == 0 || M == 1),
               "w4a16_gemv: grid -1, 0 or n > 0, one row unless 0; got ", grid, " with ", M, " rows");
-  TORCH_CHECK(pdl >= 0 && pdl <= 2, "w4a16_gemv: pdl 0, 1 or 2; got ", pdl);
-  check_pdl("w4a16_gemv", pdl != 0, grid, x);
+  check_pdl("w4a16_gemv", pdl, grid, x);
   TORCH_CHECK(!pre || K * 2 <= 48 * 1024, "w4a16_gemv: prequant stages K <= 24576 in shared memory");
   TORCH_CHECK(!prenorm || (M == 1 && grid != 0 && then != 2 && K * 2 <= 48 * 1024),
               "w4a16_gemv: norm takes one row, the persistent form (grid != 0), K <= 24576, and no then_norm");
@@ -129,7 +127,7 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
       static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
       out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), gshift, accumulate,
       pre ? prequant.data_ptr() : nullptr, prenorm ? norm.data_ptr() : nullptr, static_cast<float>(eps),
-      static_cast<int>(then), t, static_cast<int>(grid), static_cast<int>(pdl),
+      static_cast<int>(then), t, static_cast<int>(grid), pdl,
       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: ", cudaGetErrorString(err));
   return out;

@@ -77,12 +77,6 @@ __device__ __forceinline__ void wait_previous_grid(uint32_t loaded) {
                :: "r"(loaded) : "memory");
 #endif
 }
-// Asks L2 for `bytes` (a multiple of 16) from p (16-byte aligned) on, not waiting for them (sm_90's bulk prefetch).
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
-#endif
-}
 // Lets the next kernel (launched with the attribute) start as soon as every block of this grid has run this or
 // exited: it then waits in wait_previous_grid, so running it first thing overlaps the next kernel's launch and
 // first loads with this one's work. The next kernel's blocks take SM slots only as they free up, and only after all
@@ -93,45 +87,11 @@ __device__ __forceinline__ void allow_next_grid() {
 #endif
 }
 
-// The dynamic shared memory that spreads a grid of `kernel` (WARPS warps, smem bytes its own) over the SMs as a
-// launch on an idle GPU does, at most ceil(grid / SMs) blocks an SM (host). Launched with programmatic dependent
-// launch, a grid's blocks take the slots that free up while the kernel before it still runs: a grid smaller than
-// the GPU holds (o / down at N = 4096: 256 blocks) could otherwise land on the few SMs freed first, up to 7 blocks
-// each, and stream from a fraction of them. More shared memory a block than the SM holds cap + 1 times does it
-// (the carveout set to shared memory, so that cap blocks still fit); where it cannot, smem as it was.
-template <class Kernel>
-cudaError_t spread_smem(Kernel kernel, int grid, size_t& smem) {
-  int dev = 0, sms = 0, per_sm = 0, reserved = 0, optin = 0, fit = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, WARPS * 32, smem);
-  if (err != cudaSuccess) return err;
-  const int cap = (grid + sms - 1) / sms;
-  if (fit <= cap) return cudaSuccess;
-  cudaFuncAttributes fa;
-  if ((err = cudaFuncGetAttributes(&fa, kernel)) != cudaSuccess) return err;
-  const long need = per_sm / (cap + 1) + 128 - reserved - static_cast<long>(fa.sharedSizeBytes);
-  if (need <= static_cast<long>(smem) || need + static_cast<long>(fa.sharedSizeBytes) > optin) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(need));
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, WARPS * 32, need);
-  if (err == cudaSuccess && fit == cap) smem = need;
-  return err;
-}
-
 // Launches a persistent form on grid blocks of WARPS warps (host), with programmatic stream serialization when pdl
-// (the previous kernel in the stream may still run when it starts: wait_previous_grid; spread_smem spreads it).
+// (the previous kernel in the stream may still run when it starts: wait_previous_grid).
 template <class... Params, class... Args>
 cudaError_t launch_persistent(void (*kernel)(Params...), int grid, size_t smem, cudaStream_t stream, bool pdl,
                               Args... args) {
-  if (pdl) {
-    const cudaError_t err = spread_smem(kernel, grid, smem);
-    if (err != cudaSuccess) return err;
-  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(WARPS * 32);

@@ -172,15 +172,13 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
 // warp's loads overlap its own arithmetic (the one-block-per-row-block form waits on each round's loads; at 7B's K
 // = 4096 a warp has a single round, nothing of its own to overlap). PRO_PREQUANT / PRO_NORM stage x once per
 // block. THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store. Launched with
-// programmatic dependent launch (gemv::launch_persistent; pdl != 0), only the first weight loads come before
-// gemv::wait_previous_grid; pdl 2 also asks L2 for the rest of the block's first row block there (prefetch_l2),
-// so that a block started early, while the kernel before is bound by its latency (decode attention), streams its
-// weights from DRAM meanwhile.
+// programmatic dependent launch (gemv::launch_persistent), only the first weight loads come before
+// gemv::wait_previous_grid.
 template <int R, int U, int PRO, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
     const half* __restrict__ x, const uint4* __restrict__ w, const half* __restrict__ s, half* __restrict__ y,
     int N, int K, int gshift, bool accumulate, const half* __restrict__ pre, const half* __restrict__ nw, float eps,
-    ThenArgs then, int NB, int pdl) {
+    ThenArgs then, int NB, bool pdl) {
   extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
   const int C = K >> 5, G = K >> gshift;
@@ -193,14 +191,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
   gemv::allow_next_grid();
   uint4 cur[U][R];
   load_chunks(cur, w, rows, C, 0, lane);
-  if (pdl) {  // (launched without it: no wait on the loads)
-    if (pdl == 2) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (lane == r) gemv::prefetch_l2(w + (int64_t)rows[r] * C, static_cast<uint32_t>(C) * 16u);
-    }
-    gemv::wait_previous_grid(cur[0][0].x);
-  }
+  if (pdl) gemv::wait_previous_grid(cur[0][0].x);  // (launched without it: no wait on the loads)
   stage<PRO>(xs, x, pre, nw, K, eps);
   gemv::walk_row_blocks<R, U, THEN>(
       w, N, C, NB, lane, cur, rows,
@@ -221,7 +212,7 @@ struct Args {
   int then;
   ThenArgs then_args;
   int grid;  // 0: one block per row block; -1: persistent, as many blocks as fit at once; > 0: persistent, at most
-  int pdl;   // the persistent form with programmatic dependent launch: 1; and the L2 prefetch: 2
+  bool pdl;  // the persistent form with programmatic dependent launch
   cudaStream_t stream;
 };
 
@@ -237,7 +228,7 @@ cudaError_t launch(const Args& a) {
       int grid = 0;
       const cudaError_t err = gemv::persistent_grid(kernel, smem, a.grid, blocks, grid);
       if (err != cudaSuccess) return err;
-      return gemv::launch_persistent(kernel, grid, smem, a.stream, a.pdl != 0, a.x, a.w, a.s, a.y, a.N, a.K, a.gshift,
+      return gemv::launch_persistent(kernel, grid, smem, a.stream, a.pdl, a.x, a.w, a.s, a.y, a.N, a.K, a.gshift,
                                      a.accumulate, a.pre, a.nw, a.eps, a.then_args, blocks, a.pdl);
     }
   }
@@ -285,16 +276,16 @@ cudaError_t launch_one_row(int tile, const Args& a) {
 // group scales; y [M, ldy] float16. pre [K] float16 (x * pre is the input) or null: M == 1 and K * 2 bytes of
 // shared memory (<= 48 KiB); with more rows the pre-quant scale must already be applied. nw [K] float16, 16-byte
 // aligned (RMSNorm(x) * nw, eps, then * pre if any, is the input) or null: M == 1, grid != 0, K * 2 bytes of
-// shared memory, then not THEN_NORM. pdl 0 / 1 / 2 (Args). then (gemv::Then) other
+// shared memory, then not THEN_NORM. then (gemv::Then) other
 // than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs); THEN_SILU: N even, xn [N/2], y unused, not
 // accumulate; THEN_NORM: accumulate, nw and xn [N], cnt one unsigned that is 0 (and is left 0). grid (Args): M == 1
 // unless 0; pdl: grid != 0, an sm_90 GPU.
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
-                              const void* nw, float eps, int then, const ThenArgs& t, int grid, int pdl,
+                              const void* nw, float eps, int then, const ThenArgs& t, int grid, bool pdl,
                               cudaStream_t stream) {
   const Args a{x, w, s, pre, nw, y, ldx, ldy, N, K, gshift, accumulate, eps, then, t, grid, pdl, stream};
-  if ((grid != 0 && M != 1) || (pdl && grid == 0) || pdl < 0 || pdl > 2) return cudaErrorInvalidValue;
+  if ((grid != 0 && M != 1) || (pdl && grid == 0)) return cudaErrorInvalidValue;
   if (nw != nullptr) return M == 1 ? launch_one_row<PRO_NORM>(tile, a) : cudaErrorInvalidValue;
   if (pre != nullptr) return M == 1 ? launch_one_row<PRO_PREQUANT>(tile, a) : cudaErrorInvalidValue;
   if (M == 1) return launch_one_row<PRO_GLOBAL>(tile, a);

@@ -133,14 +133,7 @@ class KernelConfig:
     # then waits for that kernel's writes (csrc/gemv_common.cuh); the same bits. Empty: end to end on an H100 (7B,
     # batch 1, interleaved, 2026-12-05; experiments.bench RECIPE@pdl) INT4 went 2.09× → 1.86× FP16, INT8 weight-only
     # and FP8 lost 0.03–0.05, SmoothQuant gained 0.05 (stage 2's attempt, before the persistent form, was slower too).
-    # With it, such a GEMV's grid is spread over the SMs (csrc/gemv_common.cuh spread_smem), and decode attention
-    # lets o_proj's GEMV start as it starts (cuda_kernels._attn_split_kernel TRIGGER).
     gemv_pdl: frozenset[str] = frozenset()
-    # INT4's PDL-launched GEMV (gemv_pdl) also asks L2 for the rest of each block's first row block of weights
-    # before it waits for the kernel before (csrc/w4a16_gemv.cu), so that o_proj's, started while decode attention
-    # runs (bound by its latency, not by DRAM), streams its weights meanwhile. Off until timed
-    # (experiments.bench RECIPE@pdlpf).
-    pdl_prefetch: bool = False
     # Formats whose batch-1 GEMV normalizes its own input: the o / down projections before it end in the residual add
     # alone, and every block of this one computes RMSNorm of the residual stream while its first weights are on
     # their way (csrc/w4a16_gemv.cu PRO_NORM), instead of their serial THEN_NORM tail (one block, after the whole
@@ -193,11 +186,10 @@ class KernelConfig:
     # card twice over; warps a program, 1–16); None: cuda_kernels.ATTN_TILE.
     attn_tile: tuple[int, int, int] | None = None
     # Formats whose qkv linear is followed by decode attention's split kernel launched with programmatic dependent
-    # launch (compute capability >= 9.0; where RoPE is fused: attn_rope_fused, up to attn_fused_batch): the kernel
-    # loads each split's first keys / values before it reads q and waits for the qkv GEMV's writes in between, so
-    # those loads are issued while that GEMV finishes. The same bits. Those loads read what earlier steps wrote (the
-    # keys before the slot, the mask, the slot): a step's first kernel (the embedding) is launched without PDL, so
-    # no chain of PDL launches (gemv_pdl too) reaches back past it. Only the compiled GEMVs' persistent forms (INT4's by default; the 8-bit ones under norm_prologue or
+    # launch (compute capability >= 9.0; where RoPE is fused: attn_rope_fused, up to attn_fused_batch; not behind a
+    # qkv GEMV launched with it itself, gemv_pdl): the kernel loads each split's first keys / values before it reads
+    # q and waits for the qkv GEMV's writes in between, so those loads are issued while that GEMV finishes. The same
+    # bits. Only the compiled GEMVs' persistent forms (INT4's by default; the 8-bit ones under norm_prologue or
     # w8g_persistent) let the next kernel start as they start; the others let it start as they end. End to end on an
     # H100 (batch 1, input 512, interleaved, 2026-12-06): INT4 2.29 → 2.35× FP16 (LLaMa-2-7B) and 2.23 → 2.27×
     # (Llama-3-8B); FP16 0.99 / 1.00× and INT8 weight-only 1.61 → 1.60 / 1.60 → 1.61 with it, so INT4 only
@@ -326,7 +318,6 @@ class _Handler:
         # this format's persistent GEMV launched with programmatic dependent launch (KernelConfig.gemv_pdl), where
         # the GPU has it: decided here, not on every call
         self.gemv_pdl = self.cuda and self.algo_key in kernels.gemv_pdl and cuda_ext.pdl_ok(self.device)
-        self.gemv_prefetch = self.gemv_pdl and kernels.pdl_prefetch  # (INT4's GEMV)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -130,7 +130,7 @@ class W4A16AWQLinear(_Handler):
     def _normed_gemv(self, x, norm, eps, residual, **then):
         return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile,
                                    prequant=self.prequant, norm=norm, eps=eps, grid=cuda_ext.grid(True, 1),
-                                   pdl=self.gemv_pdl, prefetch=self.gemv_prefetch, **then)
+                                   pdl=self.gemv_pdl, **then)
 
     def _gemv_then_ok(self) -> bool:
         return not self.kpack_at_1 or self._w4g_takes(1) or self._w4m_takes(1)
@@ -155,15 +155,14 @@ class W4A16AWQLinear(_Handler):
     def _w4g_mm(self, x, norm, eps, silu, residual=None, **then):
         grid = cuda_ext.grid(self.kernels.w4g_persistent, x.shape[0])
         pdl = self.gemv_pdl and grid != 0
-        pf = {"pdl": pdl, "prefetch": pdl and self.gemv_prefetch}
         if norm is None and not silu and self.prequant is not None and self.kernels.w4g_fuse \
                 and cuda_ext.fuses(x.shape[0], self.inp):
             return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
-                                       tile=self.w4g_tile, prequant=self.prequant, eps=eps, grid=grid, **pf,
+                                       tile=self.w4g_tile, prequant=self.prequant, eps=eps, grid=grid, pdl=pdl,
                                        **then)
         x = self._prep(x, norm, eps, silu, prequant=self.prequant)
         return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile,
-                                   eps=eps, grid=grid, **pf, **then)
+                                   eps=eps, grid=grid, pdl=pdl, **then)
 
     def _w4m_mm(self, x, norm, eps, silu, residual=None, **then):
         w, s = self.w4m
