@@ -243,6 +243,18 @@ __device__ __forceinline__ void store_act8(const ThenArgs& t, int j, uint4 x8, c
   else static_cast<uint2*>(t.xn)[j] = make_uint2(v.x, v.y);
 }
 
+// Lane 0's view of the rows it stores at the end of a row block: res[m][r] = y[m][n0 + r] as float32 for rows n0 + r
+// < N (the residual it adds to), all loaded before any is used, so that the loads go out together and their L2
+// round trip overlaps the warp's reduction. (Loaded one by one beside their stores, nvcc kept each behind the
+// previous row's store: R serial round trips at the end of every row block.)
+template <int M, int R>
+__device__ __forceinline__ void load_rows(float (&res)[M][R], const half* y, int64_t ldy, int n0, int N) {
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) res[m][r] = n0 + r < N ? __half2float(y[m * ldy + n0 + r]) : 0.f;
+}
+
 // SiLU(f) * g of one output pair's float32 sums, f and g rounded to float16 first, as the unfused GEMV + act_prep
 // round them.
 __device__ __forceinline__ half silu_gate(float f, float g) {

@@ -105,6 +105,9 @@ __device__ __forceinline__ void mac_round(const uint4 (&wv)[U][R], const half* x
 template <int M, int R, int THEN>
 __device__ __forceinline__ void finish_rows(float (&acc)[M][R], half* y, int64_t ldy, int N, bool accumulate,
                                             const ThenArgs& then, int vb, int lane) {
+  const int n0 = (vb * WARPS + (threadIdx.x >> 5)) * R;  // warps past N computed a valid row: stored none
+  float res[M][R];
+  if (THEN != THEN_SILU && accumulate && lane == 0) gemv::load_rows(res, y, ldy, n0, N);
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -117,17 +120,11 @@ __device__ __forceinline__ void finish_rows(float (&acc)[M][R], half* y, int64_t
   if constexpr (THEN == THEN_SILU) {
     gemv::store_silu_pairs<R>(acc[0], then, N, vb);
   } else if (lane == 0) {
-    const int n0 = (vb * WARPS + (threadIdx.x >> 5)) * R;  // warps past N computed a valid row: stored none
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int n = n0 + r;
-        if (n < N) {
-          half* out = y + m * ldy + n;
-          *out = __float2half_rn(accumulate ? __half2float(*out) + acc[m][r] : acc[m][r]);
-        }
-      }
+      for (int r = 0; r < R; ++r)
+        if (n0 + r < N) y[m * ldy + n0 + r] = __float2half_rn(accumulate ? res[m][r] + acc[m][r] : acc[m][r]);
   }
 #pragma unroll
   for (int m = 0; m < M; ++m)

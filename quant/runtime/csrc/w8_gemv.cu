@@ -135,6 +135,13 @@ template <int F, int M, int R, int THEN>
 __device__ __forceinline__ void finish_rows(Acc<F> (&acc)[M][R], const int (&rows)[R], const void* s, half* y,
                                             int64_t ldy, int N, bool accumulate, const ThenArgs& then, int vb,
                                             int lane) {
+  const int n0 = (vb * WARPS + (threadIdx.x >> 5)) * R;  // warps past N computed a valid row: stored none
+  float res[M][R], sc[R];
+  if (THEN != THEN_SILU && lane == 0) {  // (loaded before the reduction: gemv::load_rows)
+    if (accumulate) gemv::load_rows(res, y, ldy, n0, N);
+#pragma unroll
+    for (int r = 0; r < R; ++r) sc[r] = n0 + r < N ? row_scale<F>(s, n0 + r) : 0.f;
+  }
   float total[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -152,19 +159,15 @@ __device__ __forceinline__ void finish_rows(Acc<F> (&acc)[M][R], const int (&row
     for (int r = 0; r < R; ++r) v[r] = row_scale<F>(s, rows[r]) * total[0][r];
     gemv::store_silu_pairs<R>(v, then, N, vb);
   } else if (lane == 0) {
-    const int n0 = (vb * WARPS + (threadIdx.x >> 5)) * R;  // warps past N computed a valid row: stored none
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int n = n0 + r;
-      if (n >= N) continue;
-      const float sc = row_scale<F>(s, n);
+      if (n0 + r >= N) continue;
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        half* out = y + m * ldy + n;
         // rounded explicitly: a contraction into one FFMA, which nvcc chose for some tiles and not others, would
         // make the bits depend on the tile and the compiler
-        const float v = __fmul_rn(sc, total[m][r]);
-        *out = __float2half_rn(accumulate ? __fadd_rn(__half2float(*out), v) : v);
+        const float v = __fmul_rn(sc[r], total[m][r]);
+        y[m * ldy + n0 + r] = __float2half_rn(accumulate ? __fadd_rn(res[m][r], v) : v);
       }
     }
   }
