@@ -371,8 +371,6 @@ __device__ __forceinline__ void stage_norm(const half* x, const half* nw, const 
       const int u = threadIdx.x + h * T;
       v[h] = u < units ? __ldcg(x8 + u) : zero;
       g[h] = u < units ? __ldg(nw8 + u) : zero;
-      // pre, loaded after the statistics (below), asked of L1 now: its L2 round trip overlaps x's and nw's
-      if (pre != nullptr && u < units) asm volatile("prefetch.global.L1 [%0];" :: "l"(pre8 + u));
     }
     float ss = 0.f;  // zeros past the row add nothing, as block_rstd's
 #pragma unroll
