@@ -11,9 +11,17 @@ rotating order; each tile's time is divided by the default tile's (cuda_kernels.
 the mean log ratio's t interval gives the ratio's CI (experiments/stats.py). Bandwidth: the keys and values a call
 reads / time, as a share of the device-to-device copy bandwidth measured at the start of the run. Every tile's
 output is compared with the default tile's (max |difference|: other splits sum in another order).
+
+``--trace``: where a call's time goes. The default tile's graph again, its kernel built with TRACE (each program
+stamps %globaltimer and %clock64 at the phases of cuda_kernels.ATTN_PHASES, each once the value it follows is known),
+replayed ``--trace-replays`` times. Printed: each phase's time from the call's first program's entry (median, 90th
+percentile and last over every program of every call), each phase's time from the program's previous one, the
+combine, the call's span, and the gap from one call's last program to the next call's first (the launch between
+two kernels of a graph); and the traced call's time × the untraced one's (interleaved rounds), the stamps' cost.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import sys
@@ -62,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help=f"time the {len(SWEEP)} tiles of a sweep as well")
     p.add_argument("--no-peer", action="store_true", help=f"leave out the {PEER} row")
     p.add_argument("--rounds", type=positive_int, default=30)
+    p.add_argument("--trace", action="store_true", help="stamp the default tile's phases and print where a call's "
+                   "time goes")
+    p.add_argument("--trace-replays", type=positive_int, default=20, help="graph replays the trace pools")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/attn_bench.json"))
     args = p.parse_args(argv)
@@ -136,6 +147,24 @@ def main(argv: list[str] | None = None) -> int:
                      "of_copy_bw": nbytes / ms / 1e6 / copy["gbs"],
                      "max_abs_diff": diff, "rounds_ms": times[n]})
     record["rows"] = rows
+    if args.trace:
+        tr = torch.zeros(L, H * info["default"]["nsplit"], len(ck.ATTN_PHASES), 2, dtype=torch.int64, device=device)
+        att = ck.DecodeAttention(1, H, KVH, D, total, torch.float16, device, fused_reduce=True, tile=default)
+        out_t = torch.empty(L, H * D, dtype=torch.float16, device=device)
+
+        def run_traced():
+            for i in range(L):
+                att(qkv, ks[i], vs[i], mask, slot_t, rope=(pos, freq, None), out=out_t[i:i + 1], trace=tr[i])
+        g = graph(run_traced)
+        stamps = []
+        for _ in range(args.trace_replays):
+            tr.zero_()
+            g.replay()
+            stamps.append(tr.cpu())
+        cost = interleaved({"default": runs["default"], "traced": g}, args.rounds)
+        record["trace"] = summary = trace_summary(torch.stack(stamps), ck.ATTN_PHASES)
+        summary["traced_x_untraced"] = dataclasses.asdict(ratio_ci(cost["traced"], cost["default"]))
+        summary["same_output"] = bool(torch.equal(out_t, outs["default"]))
     atomic_write_json(args.out, record)  # a reader never sees half a record
     print(f"{args.shape}: {H} heads on {KVH} KV heads of {D}, {L} layers, {slot + 1} keys read of {total} "
           f"allocated, batch 1; default tile {default}; {args.rounds} interleaved rounds; copy bandwidth "
@@ -147,7 +176,61 @@ def main(argv: list[str] | None = None) -> int:
         diff = "–" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
         print(f"| {r['name']} | {split} | {r['us_a_call']:.2f} | {r['speedup']:.2f} [{r['ci'][0]:.2f}, "
               f"{r['ci'][1]:.2f}] | {r['gbs']:.0f} | {r['of_copy_bw'] * 100:.0f}% | {diff} |")
+    if args.trace:
+        print_trace(record["trace"])
     return 0
+
+
+def _pct(values: torch.Tensor, q: float) -> float:
+    return float(torch.quantile(values.double(), q)) if values.numel() else float("nan")
+
+
+def trace_summary(stamps: torch.Tensor, phases: tuple[str, ...]) -> dict:
+    """stamps int64 [replays, calls, programs, phases, 2] (%globaltimer ns, %clock64 cycles; 0 where a program did not
+    reach a phase: only each (row, head)'s last program combines) → the trace's table (print_trace). Times are from
+    each call's first entry; a program's step from its previous phase is in ns and in its SM's cycles. The first call
+    of a replay has no gap before it (the host launched the graph)."""
+    ns, clk = stamps[..., 0], stamps[..., 1]
+    reached = ns > 0
+    start = ns[..., 0].min(dim=-1).values  # [replays, calls]
+    last = torch.where(reached, ns, torch.zeros_like(ns)).amax(dim=(-1, -2))  # a call's last stamp
+    since = ns - start[..., None, None]
+    rows = []
+    for k, name in enumerate(phases):
+        at = since[..., k][reached[..., k]]
+        row = {"phase": name, "programs": int(at.numel()), "from_start_ns": [_pct(at, .5), _pct(at, .9),
+                                                                             float(at.max()) if at.numel() else 0.]}
+        if k:
+            both = reached[..., k] & reached[..., k - 1]
+            step = (ns[..., k] - ns[..., k - 1])[both]
+            cyc = (clk[..., k] - clk[..., k - 1])[both]
+            row.update(step_ns=[_pct(step, .5), _pct(step, .9)], step_cycles=[_pct(cyc, .5), _pct(cyc, .9)])
+        rows.append(row)
+    gaps = (start[:, 1:] - last[:, :-1]).flatten()
+    span = (last - start).flatten()
+    whole = reached[..., -1]  # programs that stamped every phase: the clock's rate over their whole run
+    dns, dclk = (ns[..., -1] - ns[..., 0])[whole], (clk[..., -1] - clk[..., 0])[whole]
+    steps = ns.diff(dim=-2).abs()  # the globaltimer's resolution: the smallest step it shows between two programs
+    return {"replays": stamps.shape[0], "calls": stamps.shape[1], "programs": stamps.shape[2], "rows": rows,
+            "span_ns": [_pct(span, .5), _pct(span, .9)], "gap_ns": [_pct(gaps, .5), _pct(gaps, .9)],
+            "clock_ghz": _pct(dclk.double() / dns.double(), .5) if dns.numel() else float("nan"),
+            "timer_step_ns": float(steps[steps > 0].min()) if bool((steps > 0).any()) else float("nan")}
+
+
+def print_trace(t: dict) -> None:
+    print(f"\ntrace: {t['replays']} replays × {t['calls']} calls × {t['programs']} programs; call span median "
+          f"{t['span_ns'][0]:.0f} ns (p90 {t['span_ns'][1]:.0f}); gap to the next call's first entry median "
+          f"{t['gap_ns'][0]:.0f} ns (p90 {t['gap_ns'][1]:.0f}); SM clock {t['clock_ghz']:.2f} GHz; globaltimer step "
+          f"{t['timer_step_ns']:.0f} ns; traced × untraced {t['traced_x_untraced']['ratio']:.3f}; same output: "
+          f"{t['same_output']}")
+    print("| phase | programs | from the call's start: median / p90 / last (ns) | from the phase before: median / p90 "
+          "(ns) | (cycles) |")
+    print("|---|---|---|---|---|")
+    for r in t["rows"]:
+        step = (f"{r['step_ns'][0]:.0f} / {r['step_ns'][1]:.0f} | {r['step_cycles'][0]:.0f} / "
+                f"{r['step_cycles'][1]:.0f}") if "step_ns" in r else "– | –"
+        f = r["from_start_ns"]
+        print(f"| {r['phase']} | {r['programs']} | {f[0]:.0f} / {f[1]:.0f} / {f[2]:.0f} | {step} |")
 
 
 if __name__ == "__main__":

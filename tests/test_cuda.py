@@ -1268,6 +1268,24 @@ def test_decode_rope_cache_write_and_attention(kv):
                     kv_algo=kv, rope=(pos.to(DEV), freq.to(DEV), c3.rcp[0:1] if kv else None)) for _ in range(5)]
         assert rel(runs[0], o_ref.transpose(1, 2).reshape(B, H * D)) <= 1e-2, tile
         assert all(torch.equal(r, runs[0]) for r in runs) and not att.count.any(), tile
+    # traced (experiments.attn_bench --trace): the same output and cache bits; every program stamps its phases in
+    # order (a stamp hoisted above the load it follows would break it), each (row, head)'s one combining program
+    # after every counter of its splits
+    outs, caches = [], []
+    for trace in (None, torch.zeros(B * H * fused.nsplit, len(ck.ATTN_PHASES), 2, dtype=torch.int64, device=DEV)):
+        c4 = new_cache(DEV)
+        c4.update(0, 0, hist_k.to(DEV), hist_v.to(DEV))
+        outs.append(fused(qkv.to(DEV), c4.k[0], c4.v[0], key_mask.to(DEV), slot_t, kv_algo=kv, trace=trace,
+                          kv_scale=c4.scale[0:1] if kv else None,
+                          rope=(pos.to(DEV), freq.to(DEV), c4.rcp[0:1] if kv else None)))
+        caches.append((c4.k[0].cpu(), c4.v[0].cpu()))
+    assert torch.equal(outs[0], outs[1]) and all(torch.equal(a, b) for a, b in zip(*caches))
+    ns, clk = trace.cpu().view(B * H, fused.nsplit, len(ck.ATTN_PHASES), 2).unbind(-1)
+    assert bool((ns[..., :-1] > 0).all()) and bool((ns[..., :-1].diff(dim=-1) >= 0).all())
+    assert bool((clk[..., :-1].diff(dim=-1) > 0).all())
+    combined = ns[..., -1] > 0
+    assert combined.sum(dim=1).tolist() == [1] * (B * H)
+    assert bool((ns[..., -1].amax(dim=1)[:, None] >= ns[..., -2]).all())
 
 
 @cuda

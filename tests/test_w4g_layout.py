@@ -193,3 +193,26 @@ def test_the_extension_links_the_shared_cxx_runtime_where_the_toolchain_would_no
         m.refuse(7)
     needed = subprocess.run(["readelf", "-d", str(tmp_path / "cxx_runtime_probe.so")], capture_output=True, text=True)
     assert "libstdc++.so.6" in needed.stdout
+
+
+def test_attention_trace_summary_reads_phases_gaps_and_clock_from_stamps():
+    """experiments.attn_bench --trace's table from stamps made here (the traced kernel runs on the GPU only: its
+    stamps are inline PTX, which Triton's interpreter does not run): two calls of two programs, the second program
+    of each call the combining one; times from the call's first entry, steps from the phase before, the gap between
+    the calls, the clock's rate from the cycles."""
+    import torch
+
+    from experiments.attn_bench import trace_summary
+
+    phases = ("entry", "slot", "q", "kv", "counter", "combined")
+    ns = torch.tensor([[[1000, 1500, 1700, 3000, 3500, 0], [1100, 1600, 1800, 3100, 3600, 4000]],
+                       [[5000, 5400, 5600, 6900, 7400, 0], [5040, 5500, 5640, 7000, 7600, 8200]]])
+    clk = torch.where(ns > 0, 2 * (ns - 900) + 77, 0)  # a 2 GHz clock, started elsewhere
+    t = trace_summary(torch.stack([ns, clk], dim=-1)[None], phases)
+    assert (t["replays"], t["calls"], t["programs"]) == (1, 2, 2)
+    rows = {r["phase"]: r for r in t["rows"]}
+    assert rows["entry"]["from_start_ns"][2] == 100 and rows["combined"]["programs"] == 2
+    assert rows["combined"]["from_start_ns"][2] == 3200 and rows["combined"]["step_ns"][0] == 500
+    assert rows["slot"]["step_ns"][0] == 480 and rows["slot"]["step_cycles"][0] == 960  # 400, 460, 500, 500
+    assert t["gap_ns"] == [1000.0, 1000.0] and t["span_ns"][0] == 3100
+    assert abs(t["clock_ghz"] - 2.0) < 1e-9 and t["timer_step_ns"] == 40

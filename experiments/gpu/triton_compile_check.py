@@ -96,6 +96,10 @@ def main() -> int:
                      {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "out_ptr": out},
                      dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=16, ROPE=True,
                           OQ_PRE=True, OQ_AFMT=afmt), {"num_warps": 4}, "atom.global.gpu.acq_rel"))
+    jobs.append(("attention traced (attn_bench --trace)", ck._attn_split_kernel,  # the stamps' predicated reads
+                 {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "trace_ptr": "*i64"},
+                 dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=16, ROPE=True,
+                      TRACE=True), {"num_warps": 4}, "@!p mov.u64 %rd"))
     for wfmt, w in ((ck.W_INT8, "*i8"), (ck.W_INT4, "*u8")):
         bm, br, bk, warps, stages = ck.WQ_PREFILL_CONFIG[wfmt]
         jobs.append((f"wq_mm prefill wfmt={wfmt}", ck._wq_mm_kernel, {**WQ_TYPES, "w_ptr": w},

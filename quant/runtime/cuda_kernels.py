@@ -946,7 +946,8 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
                        GQA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
                        KV_QUANT: tl.constexpr, FUSED_REDUCE: tl.constexpr, NSPLIT_P2: tl.constexpr,
                        ROPE: tl.constexpr, OQ_PRE: tl.constexpr = False, OQ_AFMT: tl.constexpr = 0,
-                       EARLY: tl.constexpr = False, GDC: tl.constexpr = False):
+                       EARLY: tl.constexpr = False, GDC: tl.constexpr = False, trace_ptr=None,
+                       TRACE: tl.constexpr = False):
     """One program per (row b, head h, split of SPLIT keys): the split's softmax statistics (max m, sum l) and
     unnormalized output. FUSED_REDUCE: the (b, h)'s last program to finish (an acq_rel counter; it resets it for
     the next launch) combines every split in split order, as _attn_reduce_kernel does, and one launch is saved.
@@ -958,14 +959,21 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     KernelConfig.gemv_then's then_quant), out int8 / float8. EARLY (KernelConfig.attn_pdl): the split's first block
     of cached keys / values and its key mask are loaded before anything the kernel before writes (q_ptr's row),
     then GDC waits for that kernel's grid (griddepcontrol.wait: launched with programmatic dependent launch, this
-    kernel may start while the qkv GEMV still runs); the same arithmetic in the same order, so the same bits."""
+    kernel may start while the qkv GEMV still runs); the same arithmetic in the same order, so the same bits.
+    TRACE (with FUSED_REDUCE; experiments.attn_bench --trace): each program stamps the times it reaches its phases
+    into trace_ptr (_stamp, ATTN_PHASES); the arithmetic is unchanged."""
     dt: tl.constexpr = q_ptr.dtype.element_ty
     bh = tl.program_id(0)
     sp = tl.program_id(1)
+    idx = bh * NSPLIT + sp
+    if TRACE:
+        _stamp(trace_ptr, idx, 0, bh)
     b = bh // H
     h = bh % H
     kvh = h // GQA
     cur = tl.load(slot_ptr) + 1  # keys 0..slot
+    if TRACE:
+        _stamp(trace_ptr, idx, 1, cur)
     lo = sp * SPLIT
     hi = tl.minimum(lo + SPLIT, cur)
     offs_d = tl.arange(0, D)
@@ -996,6 +1004,8 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     else:
         q = tl.load(q_ptr + b * stride_qb + h * D + offs_d).to(tl.float32) * sm_scale
         k_new, v_new = q, q  # (unused without ROPE)
+    if TRACE:
+        _stamp(trace_ptr, idx, 2, tl.sum(q, axis=0))
     m_i = -float("inf")
     l_i = 0.0
     acc = tl.zeros([D], tl.float32)
@@ -1015,14 +1025,41 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
         if mine & (h % GQA == 0):
             tl.store(k_ptr + cp, k_st)
             tl.store(v_ptr + cp, v_st)
-    idx = bh * NSPLIT + sp
+    if TRACE:
+        _stamp(trace_ptr, idx, 3, l_i + tl.sum(acc, axis=0))
     tl.store(m_ptr + idx, m_i)
     tl.store(l_ptr + idx, l_i)
     tl.store(o_ptr + idx * D + offs_d, acc)
     if FUSED_REDUCE:
-        if _last_to_finish(cnt_ptr + bh, NSPLIT):
-            _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, b, h, NSPLIT, stride_ob, NSPLIT_P2, D, ".cg", dt,
-                          oq_pre_ptr, oq_a_ptr, OQ_PRE, OQ_AFMT)
+        last = _last_to_finish(cnt_ptr + bh, NSPLIT)
+        if TRACE:
+            _stamp(trace_ptr, idx, 4, last)
+        if last:
+            out = _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, b, h, NSPLIT, stride_ob, NSPLIT_P2, D, ".cg", dt,
+                                oq_pre_ptr, oq_a_ptr, OQ_PRE, OQ_AFMT)
+            if TRACE:
+                _stamp(trace_ptr, idx, 5, tl.sum(out.to(tl.float32), axis=0))
+
+
+# The phases a traced split program stamps (TRACE), in order: each stamp is taken once the value it names is known.
+ATTN_PHASES = ("entry", "slot loaded", "q ready", "keys and values done", "counter returned", "combined")
+_NPHASES = tl.constexpr(len(ATTN_PHASES))
+# %globaltimer (ns) and %clock64 (its SM's cycles), each read under a predicate computed from $2, so that neither
+# read can be issued before that value exists (an unpredicated read may be scheduled ahead of the loads it follows)
+_STAMP_ASM = tl.constexpr("""{ .reg .pred p; setp.ne.b32 p, $2, 0;
+@p mov.u64 $0, %globaltimer; @!p mov.u64 $0, %globaltimer; @p mov.u64 $1, %clock64; @!p mov.u64 $1, %clock64; }""")
+
+
+@triton.jit
+def _stamp(trace_ptr, idx, phase: tl.constexpr, dep):
+    """Trace builds: program ``idx``'s time at ``phase`` of ATTN_PHASES (trace_ptr int64 [programs, phases, 2]:
+    ns of %globaltimer, then cycles of %clock64), read once ``dep`` is known."""
+    bits = dep.to(tl.float32).to(tl.int32, bitcast=True)
+    ns, clk = tl.inline_asm_elementwise(_STAMP_ASM, "=l,=l,r", [bits], dtype=(tl.int64, tl.int64), is_pure=False,
+                                        pack=1)
+    at = trace_ptr + (idx * _NPHASES + phase) * 2
+    tl.store(at, ns)
+    tl.store(at + 1, clk)
 
 
 @triton.jit
@@ -1080,6 +1117,7 @@ def _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, bh, b, h, NSPLIT, stride_ob, NSP
     out = (tl.sum(o * w[:, None], axis=0) / l_sum).to(dt)
     res = _act_quant(out, h * D + offs_d, offs_d < D, pre_ptr, a_ptr, HAS_PRE, AFMT)
     _store_act(out_ptr + b * stride_ob + h * D, offs_d, offs_d < D, res, AFMT)
+    return out
 
 
 @triton.jit
@@ -1133,15 +1171,19 @@ class DecodeAttention:
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
                  slot: torch.Tensor, kv_scale: torch.Tensor | None = None, kv_algo: str | None = None,
                  out: torch.Tensor | None = None, *, rope: tuple | None = None,
-                 then_quant: tuple | None = None, pdl: bool = False) -> torch.Tensor:
+                 then_quant: tuple | None = None, pdl: bool = False, trace: torch.Tensor | None = None) -> torch.Tensor:
         """q [B, H·D]; caches [B, KVH, max_len, D]; key_mask [B, ≥ max_len] bool; → [B, H·D] in q's dtype.
         ``rope=(positions, inv_freq, kv_rcp)``: q is instead the token's qkv [B, (H + 2·KVH)·D], rotated here and
         its k / v written to the cache at ``slot`` (rope_cache_write's work, in the same launch). ``then_quant``
         (prequant or None, act_scale [1], A_INT8 / A_FP8; with fused_reduce): the output quantized for the next
         linear, as act_prep would (int8 / float8). ``pdl`` (KernelConfig.attn_pdl): the kernel's EARLY cache loads and,
         with ``rope`` (only then does the kernel before write nothing those loads read: rope_cache_write writes the
-        slot) on an sm_90+ GPU, the launch with programmatic dependent launch, waiting for that kernel after them."""
+        slot) on an sm_90+ GPU, the launch with programmatic dependent launch, waiting for that kernel after them.
+        ``trace`` (int64 [B·H·nsplit, len(ATTN_PHASES), 2], with fused_reduce): a traced launch, each program's stamps
+        written there (experiments.attn_bench --trace); the same output."""
         B, H, D = self.B, self.H, self.D
+        assert trace is None or (self.fused_reduce and trace.dtype == torch.int64
+                                 and trace.numel() == B * H * self.nsplit * len(ATTN_PHASES) * 2)
         pre, a, afmt = then_quant or (None, None, A_FLOAT)
         assert then_quant is None or self.fused_reduce
         if out is None:
@@ -1156,7 +1198,8 @@ class DecodeAttention:
             pre if pre is not None else self.m, a if a is not None else self.m,
             GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=self.block_t, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
             FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None,
-            OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, num_warps=self.warps,
+            OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, trace_ptr=trace,
+            TRACE=trace is not None, num_warps=self.warps,
             **({"launch_pdl": True} if launch_pdl else {}))
         if not self.fused_reduce:
             _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),
