@@ -70,6 +70,30 @@ def loads_before_wait(nbytes: int):
     return check
 
 
+def loads_before_first_use(nloads: int):
+    """A check of a compiled kernel: its first ``nloads`` 16-byte loads (LDG.E.128: a block of cached keys and values)
+    are all issued before any instruction reads what one of them loaded, so that they cost one memory round trip,
+    not one each (ptxas may interleave a load with the use of the one before, stage 23); None when they are."""
+    def check(k) -> str | None:
+        from sass_loop import cubin_tool
+
+        pending, issued = set(), 0
+        for line in cubin_tool(k, "cuobjdump", "-sass").splitlines():
+            m = re.match(r"\s*/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);", line)
+            if not m:
+                continue
+            op, regs = m.group(1), [int(r) for r in re.findall(r"\bR(\d+)\b", m.group(2))]
+            if op.startswith("LDG.E.128"):
+                pending |= set(range(regs[0], regs[0] + 4))
+                issued += 1
+                continue
+            reads = regs if op.startswith(("ST", "RED", "ATOM")) else regs[1:]  # (a store's first operand is read)
+            if pending & set(reads):
+                break
+        return None if issued >= nloads else f"its {nloads} 16-byte loads before the first use of one ({issued})"
+    return check
+
+
 def main() -> int:
     failed = 0
     attn = {"q_ptr": "*fp16", "mask_ptr": "*u8", "slot_ptr": "*i64", "scale_ptr": "*fp32", "m_ptr": "*fp32",
@@ -96,6 +120,11 @@ def main() -> int:
                      {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "out_ptr": out},
                      dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=16, ROPE=True,
                           OQ_PRE=True, OQ_AFMT=afmt), {"num_warps": 4}, "atom.global.gpu.acq_rel"))
+XX
+        jobs.append((f"attention's block loads kv={kv}", ck._attn_split_kernel,
+                     {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]},
+                     dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=kv, FUSED_REDUCE=True, NSPLIT_P2=16,
+                          ROPE=True), {"num_warps": 4, "div16": ATTN_DIV16}, loads_before_first_use(n)))
     jobs.append(("attention traced (attn_bench --trace)", ck._attn_split_kernel,  # the stamps' predicated reads
                  {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "trace_ptr": "*i64"},
                  dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=16, ROPE=True,
