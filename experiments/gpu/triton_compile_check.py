@@ -120,7 +120,9 @@ def main() -> int:
                      {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "out_ptr": out},
                      dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=16, ROPE=True,
                           OQ_PRE=True, OQ_AFMT=afmt), {"num_warps": 4}, "atom.global.gpu.acq_rel"))
-XX
+    # the default tile's block (64 keys of 128, 4 warps) in one round trip: float16's 16 loads a thread; the int8 /
+    # fp8 caches' 8 are compiled with 6 / 7 of them before the first use (before SLOT_BRANCH: 4, 2 and 2)
+    for kv, n in ((0, 16), (1, 6), (2, 7)):
         jobs.append((f"attention's block loads kv={kv}", ck._attn_split_kernel,
                      {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]},
                      dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=kv, FUSED_REDUCE=True, NSPLIT_P2=16,
