@@ -133,14 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         runs["every program"] = graph(run_every)
         info["every program"] = {"tile": list(default), "nsplit": att.nsplit, "split": att.split,
                                  "programs": H * att.nsplit}
-        att = ck.DecodeAttention(1, H, KVH, D, total, torch.float16, device, fused_reduce=True, tile=default)
-        out = outs["early"] = torch.empty(L, H * D, dtype=torch.float16, device=device)
-
-        def run_early(att=att, out=out):  # the keys / values loaded before q, launched with PDL (attn_pdl's form)
-            for i in range(L):
-                att(qkv, ks[i], vs[i], mask, slot_t, rope=(pos, freq, None), out=out[i:i + 1], pdl=True)
-        runs["early"] = graph(run_early)
-        info["early"] = dict(info["every program"])
     if "default" not in runs:
         raise UserError("the default tile did not run (see the log)")
     if not args.no_peer:
