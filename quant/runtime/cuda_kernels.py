@@ -1044,8 +1044,9 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
 # The phases a traced split program stamps (TRACE), in order: each stamp is taken once the value it names is known.
 ATTN_PHASES = ("entry", "slot loaded", "q ready", "keys and values done", "counter returned", "combined")
 _NPHASES = tl.constexpr(len(ATTN_PHASES))
-# %globaltimer (ns) and %clock64 (its SM's cycles), each read under a predicate computed from $2, so that neither
-# read can be issued before that value exists (an unpredicated read may be scheduled ahead of the loads it follows)
+# %globaltimer (ns) and %clock64 (its SM's cycles) behind a test of $2, the value the stamp follows. ptxas compiles
+# the predicated reads to plain reads and a select after that test; a warp issues in order, so the reads wait for
+# the value (checked in the SASS, stage 23, and by test_decode_rope_cache_write_and_attention's ordered stamps)
 _STAMP_ASM = tl.constexpr("""{ .reg .pred p; setp.ne.b32 p, $2, 0;
 @p mov.u64 $0, %globaltimer; @!p mov.u64 $0, %globaltimer; @p mov.u64 $1, %clock64; @!p mov.u64 $1, %clock64; }""")
 
