@@ -122,7 +122,7 @@ def main() -> int:
                           OQ_PRE=True, OQ_AFMT=afmt), {"num_warps": 4}, "atom.global.gpu.acq_rel"))
     # attn_pdl's early form: the default tile's first block (64 keys of 128, 4 warps; 16 / 8 / 8 loads a thread for
     # float16 / int8 / fp8 caches) in one round trip. The form without it issues only 4 / 2 / 2 of them before the
-    # first use (2026-12-07, Triton 3.9): its K / V phase waits on several (experiments/results/gpu/kernels stage 23).
+    # first use (2026-12-07, Triton 3.9; experiments/results/gpu/kernels stage 23).
     for kv, n in ((0, 16), (1, 8), (2, 8)):
         jobs.append((f"attention early: its first block's loads together kv={kv}", ck._attn_split_kernel,
                      {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]},
