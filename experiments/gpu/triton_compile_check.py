@@ -121,8 +121,8 @@ def main() -> int:
                      dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=16, ROPE=True,
                           OQ_PRE=True, OQ_AFMT=afmt), {"num_warps": 4}, "atom.global.gpu.acq_rel"))
     # attn_pdl's early form: the default tile's first block (64 keys of 128, 4 warps; 16 / 8 / 8 loads a thread for
-    # float16 / int8 / fp8 caches) in one round trip. The form without it issues only 4 / 2 / 2 of them before the
-    # first use (2026-12-07, Triton 3.9; experiments/results/gpu/kernels stage 23).
+    # float16 / int8 / fp8 caches) in one round trip. The form without it issues 16 / 2 / 2 of them before the first
+    # use with Triton 3.6 (the GPU image's), 4 / 2 / 2 with Triton 3.9 (experiments/results/gpu/kernels stage 23).
     for kv, n in ((0, 16), (1, 8), (2, 8)):
         jobs.append((f"attention early: its first block's loads together kv={kv}", ck._attn_split_kernel,
                      {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]},
