@@ -4,7 +4,7 @@
 #   stages: build (timed, SASS instruction mix of the batch-1 kernel), tests/test_cuda.py, kernel_bench per shape
 #   (the GEMV's tiles swept at 1-4 rows, then every variant interleaved), attn (experiments.attn_bench per shape:
 #   decode attention's tiles; attn_e2e: its fastest tile end to end), ncu (Nsight Compute on one layer's INT4
-#   GEMVs), the end-to-end bench per shape.
+#   GEMVs), attn_ncu (Nsight Compute's stalls per instruction of decode attention), the end-to-end bench per shape.
 # STAGES (env) picks a subset: "build tests_w4g kb tests e2e" by default; SHAPES the shapes. The device tool
 # brings back 8 files of a call: two shapes and every stage write more, so split the stages over calls.
 # WHEELS (default .whl; .whl15 has the same and more), KB_FLAGS (default --sweep-w4g; --sweep-w8g times the
@@ -91,6 +91,20 @@ PY
         python3 -m experiments.kernel_bench --shape $shape --layers 1 --batch-sizes 1 --rounds 2 \
         --variants "${NCU_VARIANTS:-fp16 cuBLAS,int4 default}" > "$OUT/ncu-$shape.csv" 2> "$OUT/ncu-$shape.err"
       echo "$shape: $(wc -l < "$OUT/ncu-$shape.csv") lines"; tail -3 "$OUT/ncu-$shape.err"
+    done ;;
+  attn_ncu)  # Nsight Compute on decode attention's split kernel alone (attn_bench's default tile, one launch past
+             # the warm-up): warp-stall samples per SASS instruction (the source page) and the kernel's summary
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1)
+    [ -n "$NCU" ] || { echo "no ncu on this machine" | tee "$OUT/ncu-attn.txt"; continue; }
+    for shape in $SHAPES; do
+      timeout 200 "$NCU" --target-processes all -k "regex:_attn_split_kernel" -s 40 -c 1 --section SourceCounters \
+        --section WarpStateStats --section InstructionStats -f -o /tmp/ncu-attn-$shape \
+        python3 -m experiments.attn_bench --shape $shape --no-peer --rounds 1 --out /tmp/ncu-attn-$shape.json \
+        > "$OUT/ncu-attn-$shape.err" 2>&1
+      "$NCU" --import /tmp/ncu-attn-$shape.ncu-rep --page source --print-source sass --csv \
+        > "$OUT/ncu-attn-src-$shape.csv"
+      "$NCU" --import /tmp/ncu-attn-$shape.ncu-rep --page details --csv > "$OUT/ncu-attn-$shape.csv"
+      echo "$shape: $(wc -l < "$OUT/ncu-attn-src-$shape.csv") instruction lines"; tail -2 "$OUT/ncu-attn-$shape.err"
     done ;;
   e2e)
     for shape in $SHAPES; do
