@@ -53,6 +53,12 @@ def cubin_tool(kernel, tool: str, flag: str) -> str:
         return binary_tool(f.name, tool, flag)
 
 
+# One instruction line of ``cuobjdump -sass``: its address and its text (predicate, opcode, operands), and the
+# predicate (``@P0``, ``@!UP1``) that may lead the text.
+INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+PREDICATE = re.compile(r"^@!?U?P\w+\s+")
+
+
 def main_loop(sass: str, marker: str | None = None, pick=max) -> list[str]:
     """The opcodes of the longest loop (from a backward branch's target label to the branch); with ``marker``, of
     the longest loop holding an instruction that contains it (the weight stream's load, where an epilogue's loop can
@@ -62,7 +68,7 @@ def main_loop(sass: str, marker: str | None = None, pick=max) -> list[str]:
     for line in sass.splitlines():
         if m := re.match(r"^\s*(\.L_x_\d+):", line):
             pending.append(m.group(1))
-        elif m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line):
+        elif m := INSTRUCTION.match(line):
             addr = int(m.group(1), 16)
             labels.update((p, addr) for p in pending)
             pending = []
@@ -74,7 +80,7 @@ def main_loop(sass: str, marker: str | None = None, pick=max) -> list[str]:
             body = [o for a, o in ins if start <= a <= addr]
             if marker is not None and not any(marker in o for o in body):
                 continue
-            loops.append([re.sub(r"^@!?U?P\w+\s+", "", o).split()[0].split(".")[0] for o in body])  # bare opcode
+            loops.append([PREDICATE.sub("", o).split()[0].split(".")[0] for o in body])  # bare opcode
     return pick(loops, key=len) if loops else []
 
 

@@ -75,14 +75,14 @@ def loads_before_first_use(nloads: int):
     are all issued before any instruction reads what one of them loaded, so that they cost one memory round trip,
     not one each (ptxas may interleave a load with the use of the one before, stage 23); None when they are."""
     def check(k) -> str | None:
-        from sass_loop import cubin_tool
+        from sass_loop import INSTRUCTION, PREDICATE, cubin_tool
 
         pending, issued = set(), 0
         for line in cubin_tool(k, "cuobjdump", "-sass").splitlines():
-            m = re.match(r"\s*/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);", line)
-            if not m:
+            if not (m := INSTRUCTION.match(line)):
                 continue
-            op, regs = m.group(1), [int(r) for r in re.findall(r"\bR(\d+)\b", m.group(2))]
+            op, _, operands = PREDICATE.sub("", m.group(2)).partition(" ")
+            regs = [int(r) for r in re.findall(r"\bR(\d+)\b", operands)]
             if op.startswith("LDG.E.128"):
                 pending |= set(range(regs[0], regs[0] + 4))
                 issued += 1
