@@ -193,7 +193,7 @@ def trace_summary(stamps: torch.Tensor, phases: tuple[str, ...]) -> dict:
     ns, clk = stamps[..., 0], stamps[..., 1]
     reached = ns > 0
     start = ns[..., 0].min(dim=-1).values  # [replays, calls]
-    last = torch.where(reached, ns, torch.zeros_like(ns)).amax(dim=(-1, -2))  # a call's last stamp
+    last = ns.amax(dim=(-1, -2))  # a call's last stamp (a phase not reached is 0)
     since = ns - start[..., None, None]
     rows = []
     for k, name in enumerate(phases):
