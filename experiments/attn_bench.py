@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", action="store_true", help="stamp the default tile's phases and print where a call's "
                    "time goes")
     p.add_argument("--ab-slot-branch", action="store_true", help="EXPERIMENT")
+    p.add_argument("--grouped-tiles", default="", help="EXPERIMENT: tiles BxSwW of the grouped kernel to time")
     p.add_argument("--trace-replays", type=positive_int, default=20, help="graph replays the trace pools")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/attn_bench.json"))
@@ -107,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = 2 * KVH * (slot + 1) * D * 2 * L  # keys and values a step reads, every layer
 
     runs, outs, info = {}, {}, {}
-    for tile in tiles:
-        name = "default" if tile == default else "x".join(map(str, tile[:2])) + f"w{tile[2]}"
-        att = ck.DecodeAttention(1, H, KVH, D, total, torch.float16, device, fused_reduce=True, tile=tile)
+    variants = [(tile, False) for tile in tiles] + [(t, True) for t in parse_tiles(args.grouped_tiles)]
+    for tile, grouped in variants:
+        name = "default" if tile == default and not grouped else "x".join(map(str, tile[:2])) + f"w{tile[2]}"
+        name = f"grouped {name}" if grouped else name
+        att = ck.DecodeAttention(1, H, KVH, D, total, torch.float16, device, fused_reduce=True, tile=tile,
+                                 grouped=grouped)
         out = outs[name] = torch.empty(L, H * D, dtype=torch.float16, device=device)
 
         def run(att=att, out=out):
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # a tile that does not compile or launch (registers, shared memory) is reported
             log(f"{name} {tile}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
-        info[name] = {"tile": list(tile), "nsplit": att.nsplit, "split": att.split, "programs": H * att.nsplit}
+        info[name] = {"tile": list(tile), "nsplit": att.nsplit, "split": att.split,
+                      "programs": (KVH if grouped else H) * att.nsplit}
         log(f"{name}: tile {tile}, {att.nsplit} splits of {att.split} keys")
     if args.ab_slot_branch:  # EXPERIMENT: the default tile with the token's k / v substituted in every program
         att = ck.DecodeAttention(1, H, KVH, D, total, torch.float16, device, fused_reduce=True, tile=default)

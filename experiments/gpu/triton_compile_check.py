@@ -3,7 +3,8 @@ PTX and runs its own ptxas, so a kernel that does not compile (a type change acr
 or an atomic without the intended ordering shows here before any GPU time is spent. Speed and results need the GPU
 (tests/test_cuda.py) or Triton's interpreter (tests/test_triton_interpret.py).
 
-    python experiments/gpu/triton_compile_check.py      # prints one line per kernel variant; exit 1 on a failure
+    python experiments/gpu/triton_compile_check.py [NAME]  # one line per kernel variant (those whose name holds
+                                                          # NAME); exit 1 on a failure
 """
 from __future__ import annotations
 
@@ -133,6 +134,18 @@ def main() -> int:
                  {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "trace_ptr": "*i64"},
                  dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=16, ROPE=True,
                       TRACE=True), {"num_warps": 4}, "@!p mov.u64 %rd"))
+    for kv in (0, 1, 2):  # the grouped kernel (KernelConfig.attn_grouped): its two products on tensor cores
+        for gqa, rope, tile in ((1, True, (16, 32, 4)), (4, True, (16, 32, 4)), (4, False, (64, 64, 8)),
+                                (8, True, (32, 64, 1))):
+            const = dict(GQA=gqa, GP=max(16, gqa), SPLIT=tile[1], BLOCK_T=tile[0], D=128, KV_QUANT=kv,
+                         FUSED_REDUCE=True, NSPLIT_P2=32, ROPE=rope)
+            jobs.append((f"attention grouped kv={kv} gqa={gqa} rope={rope} tile={tile}", ck._attn_group_kernel,
+                         {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]}, const,
+                         {"num_warps": tile[2], "div16": ATTN_DIV16}, "mma.sync"))
+    jobs.append(("attention grouped quantized afmt=1", ck._attn_group_kernel,
+                 {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "out_ptr": "*i8"},
+                 dict(GQA=4, GP=16, SPLIT=32, BLOCK_T=16, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=32,
+                      ROPE=True, OQ_PRE=True, OQ_AFMT=ck.A_INT8), {"num_warps": 4}, "atom.global.gpu.acq_rel"))
     for wfmt, w in ((ck.W_INT8, "*i8"), (ck.W_INT4, "*u8")):
         bm, br, bk, warps, stages = ck.WQ_PREFILL_CONFIG[wfmt]
         jobs.append((f"wq_mm prefill wfmt={wfmt}", ck._wq_mm_kernel, {**WQ_TYPES, "w_ptr": w},
@@ -174,7 +187,8 @@ def main() -> int:
                      {"qkv_ptr": "*fp16", "pos_ptr": "*i64", "slot_ptr": "*i64", "freq_ptr": "*fp32",
                       "q_ptr": "*fp16", "k_ptr": cache[kv], "v_ptr": cache[kv], "rcp_ptr": "*fp32"},
                      dict(HALF=64, KV_QUANT=kv), {"num_warps": 1}, None))
-    for name, fn, types, const, options, must in jobs:
+    only = sys.argv[1] if len(sys.argv) > 1 else ""  # (a substring of the jobs' names to compile only those)
+    for name, fn, types, const, options, must in (j for j in jobs if only in j[0]):
         try:
             k = compile_one(fn, types, const, **options)
             if callable(must):  # a check of the compiled code: None, or what it lacks
