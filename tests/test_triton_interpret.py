@@ -255,7 +255,8 @@ def test_grouped_decode_attention_against_float64_and_the_split_kernel(kv):
     and split, its sums on tensor cores (p rounded to float16). Against float64 (left padding, int8 cache), the
     splits combined by a second kernel and by the last program (counters left at zero; SmoothQuant's quantized
     output: act_prep's bits of its own output); with RoPE and the cache write in the launch, the same output and
-    cache bits as rope_cache_write before it, and the same cache bits as the split kernel's."""
+    cache bits as rope_cache_write before it (also in attn_pdl's early form), and the same cache bits as the split
+    kernel's."""
     L = 160
     for H in (4, 8):
         gen, (B, _, KVH, D, slot), freq, pos, mask, _ = _decode_token(f"grouped-attn/{kv}/{H}", L)
@@ -293,6 +294,7 @@ def test_grouped_decode_attention_against_float64_and_the_split_kernel(kv):
         rope = dict(rope=(pos, freq, rcp))
         c = caches[1]
         assert torch.equal(att(qkv, c.k[0], c.v[0], mask, s, **rope, **quant), out)
+        assert torch.equal(att(qkv, c.k[0], c.v[0], mask, s, pdl=True, **rope, **quant), out)  # attn_pdl's form
         split = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"), fused_reduce=True)
         split(qkv, caches[2].k[0], caches[2].v[0], mask, s, **rope, **quant)
         for x in ("k", "v"):

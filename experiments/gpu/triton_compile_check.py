@@ -142,6 +142,12 @@ def main() -> int:
             jobs.append((f"attention grouped kv={kv} gqa={gqa} rope={rope} tile={tile}", ck._attn_group_kernel,
                          {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]}, const,
                          {"num_warps": tile[2], "div16": ATTN_DIV16}, "mma.sync"))
+    for kv in (0, 1):
+        jobs.append((f"attention grouped early + grid wait kv={kv}", ck._attn_group_kernel,
+                     {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]},
+                     dict(GQA=4, GP=16, SPLIT=32, BLOCK_T=16, D=128, KV_QUANT=kv, FUSED_REDUCE=True, NSPLIT_P2=32,
+                          ROPE=True, EARLY=True, GDC=True), {"num_warps": 4, "div16": ATTN_DIV16},
+                     loads_before_wait(2 * 16 * 128 * (2 if kv == 0 else 1))))
     jobs.append(("attention grouped quantized afmt=1", ck._attn_group_kernel,
                  {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "out_ptr": "*i8"},
                  dict(GQA=4, GP=16, SPLIT=32, BLOCK_T=16, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=32,

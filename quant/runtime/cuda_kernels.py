@@ -1054,13 +1054,13 @@ def _attn_group_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
                        GQA: tl.constexpr, GP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
                        D: tl.constexpr, KV_QUANT: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                        NSPLIT_P2: tl.constexpr, ROPE: tl.constexpr, OQ_PRE: tl.constexpr = False,
-                       OQ_AFMT: tl.constexpr = 0):
+                       OQ_AFMT: tl.constexpr = 0, EARLY: tl.constexpr = False, GDC: tl.constexpr = False):
     """_attn_split_kernel's work with one program per (row b, KV head, split): the GQA query heads sharing the KV
     head are GP rows (padded to ≥ 16 with zero rows) of one tensor-core product per block, q·kᵀ (fp32 sums of exact
     products, then × sm_scale) and p·v (p rounded to the cache's dtype, as FlashAttention does), so the block's
     keys and values are read once for the group and its sums take no shuffles. The same m / l / o workspace per
     (b, h, split) as _attn_split_kernel's, combined by _attn_combine per head (the group's last program, FUSED_REDUCE,
-    or _attn_reduce_kernel). ROPE, KV_QUANT, OQ_PRE / OQ_AFMT as there."""
+    or _attn_reduce_kernel). ROPE, KV_QUANT, OQ_PRE / OQ_AFMT, EARLY / GDC as there."""
     dt: tl.constexpr = q_ptr.dtype.element_ty
     bk = tl.program_id(0)
     sp = tl.program_id(1)
@@ -1076,6 +1076,13 @@ def _attn_group_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     kv_scale = tl.load(scale_ptr) if KV_QUANT != 0 else 1.0
     slot = cur - 1
     mine = (lo <= slot) & (slot < hi)  # this split holds the token's own key (ROPE: not read from the cache)
+    base = b * stride_cb + kvh * stride_ch
+    if EARLY:  # (nothing above reads what the kernel before writes)
+        offs_t0 = lo + tl.arange(0, BLOCK_T)
+        k0, v0, valid0 = _attn_kv_block(k_ptr, v_ptr, mask_ptr + b * stride_mb, base, offs_t0, hi, slot, stride_ct,
+                                        offs_d, ROPE)
+        if GDC:
+            tl.extra.cuda.gdc_wait()
     if ROPE:
         row = q_ptr + b * stride_qb
         cos, sin = _rope_cos_sin(tl.load(pos_ptr + b), freq_ptr, offs_d, D, dt)
@@ -1104,27 +1111,17 @@ def _attn_group_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     m_i = tl.full([GP], -float("inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    base = b * stride_cb + kvh * stride_ch
-    for t0 in range(lo, hi, BLOCK_T):
+    start = lo
+    if EARLY:
+        m_i, l_i, acc = _attn_group_block(q, k0, v0, valid0, offs_t0, slot, k_new, v_new, kv_scale, sm_scale, m_i,
+                                          l_i, acc, dt, KV_QUANT, ROPE, mine)
+        start = lo + BLOCK_T
+    for t0 in range(start, hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         k, v, valid = _attn_kv_block(k_ptr, v_ptr, mask_ptr + b * stride_mb, base, offs_t, hi, slot, stride_ct,
                                      offs_d, ROPE)
-        if KV_QUANT != 0:
-            k = (k.to(tl.float32) * kv_scale).to(dt)
-            v = (v.to(tl.float32) * kv_scale).to(dt)
-        if ROPE:
-            if mine:
-                k = tl.where((offs_t == slot)[:, None], k_new[None, :], k)
-                v = tl.where((offs_t == slot)[:, None], v_new[None, :], v)
-        s = tl.dot(q, tl.trans(k)) * sm_scale
-        s = tl.where(valid[None, :], s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp(s - m_use[:, None])
-        alpha = tl.exp(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
-        m_i = m_new
+        m_i, l_i, acc = _attn_group_block(q, k, v, valid, offs_t, slot, k_new, v_new, kv_scale, sm_scale, m_i, l_i,
+                                          acc, dt, KV_QUANT, ROPE, mine)
     if ROPE:  # after the loop, which must not have read the slot
         if mine:
             cp = b * stride_cb + kvh * stride_ch + slot * stride_ct + offs_d
@@ -1140,6 +1137,28 @@ def _attn_group_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
                 h = kvh * GQA + g
                 _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, b * H + h, b, h, NSPLIT, stride_ob, NSPLIT_P2, D, ".cg",
                               dt, oq_pre_ptr, oq_a_ptr, OQ_PRE, OQ_AFMT)
+
+
+@triton.jit
+def _attn_group_block(q, k, v, valid, offs_t, slot, k_new, v_new, kv_scale, sm_scale, m_i, l_i, acc,
+                      dt: tl.constexpr, KV_QUANT: tl.constexpr, ROPE: tl.constexpr, mine):
+    """_attn_block for a group of query rows q [GP, D]: (m, l [GP], acc [GP, D]) updated over one block of keys."""
+    if KV_QUANT != 0:
+        k = (k.to(tl.float32) * kv_scale).to(dt)
+        v = (v.to(tl.float32) * kv_scale).to(dt)
+    if ROPE:
+        if mine:
+            k = tl.where((offs_t == slot)[:, None], k_new[None, :], k)
+            v = tl.where((offs_t == slot)[:, None], v_new[None, :], v)
+    s = tl.dot(q, tl.trans(k)) * sm_scale
+    s = tl.where(valid[None, :], s, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+    p = tl.exp(s - m_use[:, None])
+    alpha = tl.exp(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
+    return m_new, l_i, acc
 
 # The phases a traced split program stamps (TRACE), in order: each stamp is taken once the value it names is known.
 ATTN_PHASES = ("entry", "slot loaded", "q ready", "keys and values done", "counter returned", "combined")
@@ -1298,7 +1317,8 @@ class DecodeAttention:
             out = torch.empty(B, H * D, dtype=_AFMT_DTYPE.get(afmt, q.dtype), device=q.device)
         pos, freq, rcp = rope if rope is not None else (self.m, self.m, None)
         mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
-        if self.grouped:  # (no early form: pdl does not apply)
+        launch_pdl = pdl and rope is not None and self.pdl_ok
+        if self.grouped:
             assert trace is None
             KVH = self.KVH
             _attn_group_kernel[(B * KVH, self.nsplit)](
@@ -1309,9 +1329,8 @@ class DecodeAttention:
                 a if a is not None else self.m, GQA=H // KVH, GP=max(16, _pow2(H // KVH)), SPLIT=self.split,
                 BLOCK_T=self.block_t, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo], FUSED_REDUCE=self.fused_reduce,
                 NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None, OQ_PRE=pre is not None, OQ_AFMT=afmt,
-                num_warps=self.warps)
+                EARLY=pdl, GDC=launch_pdl, num_warps=self.warps, **({"launch_pdl": True} if launch_pdl else {}))
         else:
-            launch_pdl = pdl and rope is not None and self.pdl_ok
             _attn_split_kernel[(B * H, self.nsplit)](
                 q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l,
                 self.o, self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1),

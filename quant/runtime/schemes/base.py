@@ -186,7 +186,7 @@ class KernelConfig:
     # card twice over; warps a program, 1–16); None: cuda_kernels.ATTN_TILE.
     attn_tile: tuple[int, int, int] | None = None
     # EXPERIMENT: decode attention's grouped kernel (cuda_kernels._attn_group_kernel: a program per KV head's query
-    # heads and split, their sums on tensor cores; no early PDL form, attn_pdl does not apply to it).
+    # heads and split, their sums on tensor cores; attn_pdl as for the split kernel).
     attn_grouped: bool = False
     # Formats whose qkv linear is followed by decode attention's split kernel launched with programmatic dependent
     # launch (compute capability >= 9.0; where RoPE is fused: attn_rope_fused, up to attn_fused_batch; not behind a
