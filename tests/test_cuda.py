@@ -1414,15 +1414,17 @@ def test_attention_with_pdl_gives_the_same_bits(recipe, tiny_folders):
     from quant.runtime.torch_runtime import TorchRuntime, _DecodeState
 
     ids = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(6)).tolist()
-    ref, pdl = (TorchRuntime.from_dir(tiny_folders[recipe], device="cuda", compute_dtype="float16", kernels=k)
-                for k in (KernelConfig(attn_pdl=frozenset()), KernelConfig(attn_pdl=frozenset(ALGO_KEYS))))
-    st = _DecodeState(pdl, None, 1, 40, 2, True, (-1,), 0)
-    assert st.attn.pdl_ok and st.rope_fused  # (sm_90: every GPU tests/test_cuda.py runs on)
-    for n in (2, 24, 299):
-        assert torch.equal(_one_step_logits(pdl, ids[: n + 1]), _one_step_logits(ref, ids[: n + 1])), n
-    tokens = ref.generate([ids[:9]], 12, ignore_eos=True).tokens
-    for _ in range(3):  # the graph replayed: launched with PDL each time
-        assert pdl.generate([ids[:9]], 12, ignore_eos=True).tokens == tokens
+    for grouped in (False, True):  # the split kernel, the grouped one (KernelConfig.attn_grouped)
+        ref, pdl = (TorchRuntime.from_dir(tiny_folders[recipe], device="cuda", compute_dtype="float16",
+                                          kernels=KernelConfig(attn_pdl=k, attn_grouped=grouped))
+                    for k in (frozenset(), frozenset(ALGO_KEYS)))
+        st = _DecodeState(pdl, None, 1, 40, 2, True, (-1,), 0)
+        assert st.attn.pdl_ok and st.rope_fused and st.attn.grouped == grouped  # (sm_90: every GPU here)
+        for n in (2, 24, 299):
+            assert torch.equal(_one_step_logits(pdl, ids[: n + 1]), _one_step_logits(ref, ids[: n + 1])), n
+        tokens = ref.generate([ids[:9]], 12, ignore_eos=True).tokens
+        for _ in range(3):  # the graph replayed: launched with PDL each time
+            assert pdl.generate([ids[:9]], 12, ignore_eos=True).tokens == tokens
 
 
 @cuda
