@@ -1046,7 +1046,6 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
                 _stamp(trace_ptr, idx, 5, tl.sum(out.to(tl.float32), axis=0))
 
 
-
 @triton.jit
 def _attn_group_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr, l_ptr, o_ptr, sm_scale,
                        H, NSPLIT, stride_qb, stride_cb, stride_ch, stride_ct, stride_mb, cnt_ptr, out_ptr, stride_ob,
@@ -1159,6 +1158,7 @@ def _attn_group_block(q, k, v, valid, offs_t, slot, k_new, v_new, kv_scale, sm_s
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
     return m_new, l_i, acc
+
 
 # The phases a traced split program stamps (TRACE), in order: each stamp is taken once the value it names is known.
 ATTN_PHASES = ("entry", "slot loaded", "q ready", "keys and values done", "counter returned", "combined")
