@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=positive_int, default=30)
     p.add_argument("--trace", action="store_true", help="stamp the default tile's phases and print where a call's "
                    "time goes")
-    p.add_argument("--ab-slot-branch", action="store_true", help="EXPERIMENT")
     p.add_argument("--grouped-tiles", default="", help="EXPERIMENT: tiles BxSwW of the grouped kernel to time")
     p.add_argument("--trace-replays", type=positive_int, default=20, help="graph replays the trace pools")
     p.add_argument("--seed", type=seed_int, default=0)
@@ -127,25 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         info[name] = {"tile": list(tile), "nsplit": att.nsplit, "split": att.split,
                       "programs": (KVH if grouped else H) * att.nsplit}
         log(f"{name}: tile {tile}, {att.nsplit} splits of {att.split} keys")
-    if args.ab_slot_branch:  # EXPERIMENT: the default tile with the token's k / v substituted in every program
-        att = ck.DecodeAttention(1, H, KVH, D, total, torch.float16, device, fused_reduce=True, tile=default)
-        att.slot_branch = False
-        out = outs["every program"] = torch.empty(L, H * D, dtype=torch.float16, device=device)
-
-        def run_every(att=att, out=out):
-            for i in range(L):
-                att(qkv, ks[i], vs[i], mask, slot_t, rope=(pos, freq, None), out=out[i:i + 1])
-        runs["every program"] = graph(run_every)
-        info["every program"] = {"tile": list(default), "nsplit": att.nsplit, "split": att.split,
-                                 "programs": H * att.nsplit}
-        att = ck.DecodeAttention(1, H, KVH, D, total, torch.float16, device, fused_reduce=True, tile=default)
-        out = outs["early"] = torch.empty(L, H * D, dtype=torch.float16, device=device)
-
-        def run_early(att=att, out=out):  # the keys / values loaded before q, launched with PDL (attn_pdl's form)
-            for i in range(L):
-                att(qkv, ks[i], vs[i], mask, slot_t, rope=(pos, freq, None), out=out[i:i + 1], pdl=True)
-        runs["early"] = graph(run_early)
-        info["early"] = dict(info["every program"])
     if "default" not in runs:
         raise UserError("the default tile did not run (see the log)")
     if not args.no_peer:

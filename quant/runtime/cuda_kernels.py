@@ -947,7 +947,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
                        KV_QUANT: tl.constexpr, FUSED_REDUCE: tl.constexpr, NSPLIT_P2: tl.constexpr,
                        ROPE: tl.constexpr, OQ_PRE: tl.constexpr = False, OQ_AFMT: tl.constexpr = 0,
                        EARLY: tl.constexpr = False, GDC: tl.constexpr = False, trace_ptr=None,
-                       TRACE: tl.constexpr = False, SLOT_BRANCH: tl.constexpr = True):
+                       TRACE: tl.constexpr = False):
     """One program per (row b, head h, split of SPLIT keys): the split's softmax statistics (max m, sum l) and
     unnormalized output. FUSED_REDUCE: the (b, h)'s last program to finish (an acq_rel counter; it resets it for
     the next launch) combines every split in split order, as _attn_reduce_kernel does, and one launch is saved.
@@ -991,24 +991,19 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
         cos, sin = _rope_cos_sin(tl.load(pos_ptr + b), freq_ptr, offs_d, D, dt)  # the same angles for q and k
         q = _rope_vec(row + h * D, cos, sin, offs_d, D, dt).to(tl.float32) * sm_scale
         mine = (lo <= slot) & (slot < hi)  # this split holds the token's own key
+        k_new = _rope_vec(row + (H + kvh) * D, cos, sin, offs_d, D, dt)
+        v_new = tl.load(row + (H + KVH + kvh) * D + offs_d)
         cp = b * stride_cb + kvh * stride_ch + slot * stride_ct + offs_d
-        if mine | (not SLOT_BRANCH):  # only that split needs the token's k / v (SLOT_BRANCH: the others skip it)
-            k_new = _rope_vec(row + (H + kvh) * D, cos, sin, offs_d, D, dt)
-            v_new = tl.load(row + (H + KVH + kvh) * D + offs_d)
-            if KV_QUANT != 0:
-                rcp = tl.load(rcp_ptr)
-                k_st, v_st = _kv_quant(k_new, rcp, KV_QUANT), _kv_quant(v_new, rcp, KV_QUANT)
-                k_new = (k_st.to(tl.float32) * kv_scale).to(dt)
-                v_new = (v_st.to(tl.float32) * kv_scale).to(dt)
-            else:
-                k_st, v_st = k_new, v_new
+        if KV_QUANT != 0:
+            rcp = tl.load(rcp_ptr)
+            k_st, v_st = _kv_quant(k_new, rcp, KV_QUANT), _kv_quant(v_new, rcp, KV_QUANT)
+            k_new = (k_st.to(tl.float32) * kv_scale).to(dt)
+            v_new = (v_st.to(tl.float32) * kv_scale).to(dt)
         else:
-            k_new, v_new = tl.zeros([D], dt), tl.zeros([D], dt)
-            k_st, v_st = tl.zeros([D], k_ptr.dtype.element_ty), tl.zeros([D], k_ptr.dtype.element_ty)
+            k_st, v_st = k_new, v_new
     else:
         q = tl.load(q_ptr + b * stride_qb + h * D + offs_d).to(tl.float32) * sm_scale
         k_new, v_new = q, q  # (unused without ROPE)
-        mine = False
     if TRACE:
         _stamp(trace_ptr, idx, 2, tl.sum(q, axis=0))
     m_i = -float("inf")
@@ -1018,14 +1013,14 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     start = lo
     if EARLY:
         m_i, l_i, acc = _attn_block(q, k0, v0, valid0, offs_t0, slot, k_new, v_new, kv_scale, m_i, l_i, acc, dt,
-                                    KV_QUANT, ROPE, mine | (not SLOT_BRANCH))
+                                    KV_QUANT, ROPE)
         start = lo + BLOCK_T
     for t0 in range(start, hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         k, v, valid = _attn_kv_block(k_ptr, v_ptr, mask_ptr + b * stride_mb, base, offs_t, hi, slot, stride_ct,
                                      offs_d, ROPE)
         m_i, l_i, acc = _attn_block(q, k, v, valid, offs_t, slot, k_new, v_new, kv_scale, m_i, l_i, acc, dt,
-                                    KV_QUANT, ROPE, mine | (not SLOT_BRANCH))
+                                    KV_QUANT, ROPE)
     if ROPE:  # after the loop, which must not have read the slot (a test in Triton's interpreter checks it)
         if mine & (h % GQA == 0):
             tl.store(k_ptr + cp, k_st)
@@ -1199,16 +1194,14 @@ def _attn_kv_block(k_ptr, v_ptr, mask_row, base, offs_t, hi, slot, stride_ct, of
 
 @triton.jit
 def _attn_block(q, k, v, valid, offs_t, slot, k_new, v_new, kv_scale, m_i, l_i, acc, dt: tl.constexpr,
-                KV_QUANT: tl.constexpr, ROPE: tl.constexpr, mine):
-    """The online softmax over one block of keys: (m, l, acc) updated. ``mine`` (with ROPE): the program's split
-    holds the slot, whose k / v (not read from the cache) are k_new / v_new."""
+                KV_QUANT: tl.constexpr, ROPE: tl.constexpr):
+    """The online softmax over one block of keys: (m, l, acc) updated."""
     if KV_QUANT != 0:
         k = (k.to(tl.float32) * kv_scale).to(dt)
         v = (v.to(tl.float32) * kv_scale).to(dt)
     if ROPE:
-        if mine:
-            k = tl.where((offs_t == slot)[:, None], k_new[None, :], k)
-            v = tl.where((offs_t == slot)[:, None], v_new[None, :], v)
+        k = tl.where((offs_t == slot)[:, None], k_new[None, :], k)
+        v = tl.where((offs_t == slot)[:, None], v_new[None, :], v)
     s = tl.sum(q[None, :] * k.to(tl.float32), axis=1)
     s = tl.where(valid, s, -float("inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -1293,7 +1286,6 @@ class DecodeAttention:
         self.l = torch.empty_like(self.m)
         self.o = torch.empty(batch * n_heads * self.nsplit, head_dim, dtype=torch.float32, device=device)
         self.sm_scale = 1.0 / math.sqrt(head_dim)
-        self.slot_branch = True  # EXPERIMENT (attn_bench --ab-slot-branch): False substitutes in every program
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
                  slot: torch.Tensor, kv_scale: torch.Tensor | None = None, kv_algo: str | None = None,
@@ -1340,7 +1332,7 @@ class DecodeAttention:
                 GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=self.block_t, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
                 FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None,
                 OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, trace_ptr=trace,
-                TRACE=trace is not None, SLOT_BRANCH=self.slot_branch, num_warps=self.warps,
+                TRACE=trace is not None, num_warps=self.warps,
                 **({"launch_pdl": True} if launch_pdl else {}))
         if not self.fused_reduce:
             _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),
