@@ -18,6 +18,9 @@ replayed ``--trace-replays`` times. Printed: each phase's time from the call's f
 percentile and last over every program of every call), each phase's time from the program's previous one, the
 combine, the call's span, and the gap from one call's last program to the next call's first (the launch between
 two kernels of a graph); and the traced call's time × the untraced one's (interleaved rounds), the stamps' cost.
+
+``--grouped-tiles`` (EXPERIMENT, KernelConfig.attn_grouped): the grouped kernel (a program per KV head's query heads
+and split, cuda_kernels._attn_group_kernel) at those tiles, rows ``grouped BxSwW`` of the same rounds.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ SWEEP = [*itertools.product((16, 32, 64), (0, 64, 128, 256), (1, 2, 4)), (64, 0,
 PEER = "torch sdpa"
 
 
-def parse_tiles(text: str) -> list[tuple[int, int, int]]:
+def parse_tiles(text: str, option: str = "--tiles") -> list[tuple[int, int, int]]:
     """``BxSwW,…`` (as experiments.bench's ``@attnBxSwW``) → tiles KernelConfig takes."""
     tiles = []
     for t in (t.strip() for t in text.split(",") if t.strip()):
@@ -53,9 +56,9 @@ def parse_tiles(text: str) -> list[tuple[int, int, int]]:
             tile = kernel_variant(f"attn{t}")["attn_tile"]
             KernelConfig(attn_tile=tile)  # (its limits, in one place)
         except KeyError:
-            raise UserError(f"--tiles: {t!r} is not a tile BxSwW (B keys a step, S keys a split, W warps)") from None
+            raise UserError(f"{option}: {t!r} is not a tile BxSwW (B keys a step, S keys a split, W warps)") from None
         except ValueError as exc:
-            raise UserError(f"--tiles: {t!r} is not a tile BxSwW: {exc}") from None
+            raise UserError(f"{option}: {t!r} is not a tile BxSwW: {exc}") from None
         tiles.append(tile)
     return tiles
 
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=positive_int, default=30)
     p.add_argument("--trace", action="store_true", help="stamp the default tile's phases and print where a call's "
                    "time goes")
-    p.add_argument("--grouped-tiles", default="", help="EXPERIMENT: tiles BxSwW of the grouped kernel to time")
+    p.add_argument("--grouped-tiles", default="", help="EXPERIMENT: tiles BxSwW of the grouped kernel to time, "
+                   "comma-separated")
     p.add_argument("--trace-replays", type=positive_int, default=20, help="graph replays the trace pools")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/attn_bench.json"))
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     default = ck.ATTN_TILE
     tiles = list(dict.fromkeys([default, *parse_tiles(args.tiles), *(SWEEP if args.sweep else [])]))
+    grouped_tiles = list(dict.fromkeys(parse_tiles(args.grouped_tiles, "--grouped-tiles")))
     ensure_writable_file(args.out)  # before the GPU's minutes, not after them
     device = torch.device("cuda")
     check_cuda(device)
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = 2 * KVH * (slot + 1) * D * 2 * L  # keys and values a step reads, every layer
 
     runs, outs, info = {}, {}, {}
-    variants = [(tile, False) for tile in tiles] + [(t, True) for t in parse_tiles(args.grouped_tiles)]
+    variants = [(tile, False) for tile in tiles] + [(t, True) for t in grouped_tiles]
     for tile, grouped in variants:
         name = "default" if tile == default and not grouped else "x".join(map(str, tile[:2])) + f"w{tile[2]}"
         name = f"grouped {name}" if grouped else name
