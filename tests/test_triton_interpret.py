@@ -193,6 +193,15 @@ def _kv_cache(kv: str | None, B: int, KVH: int, L: int, D: int):
     return QuantizedKVCache(1, B, KVH, L, D, torch.float16, torch.device("cpu"), algo=kv, scales=[torch.tensor(0.05)])
 
 
+def _caches_with_history(n: int, kv: str | None, gen, B: int, KVH: int, L: int, D: int, slot: int) -> list:
+    """``n`` caches holding the same history of ``slot`` keys / values, drawn from ``gen``."""
+    hist_k, hist_v = (torch.randn(B, KVH, slot, D, generator=gen).half() for _ in range(2))
+    caches = [_kv_cache(kv, B, KVH, L, D) for _ in range(n)]
+    for c in caches:
+        c.update(0, 0, hist_k, hist_v)
+    return caches
+
+
 @pytest.mark.parametrize("kv", [None, "INT8"])
 def test_attention_with_rope_and_cache_write_in_the_same_launch(kv):
     """``DecodeAttention(rope=...)`` (KernelConfig.attn_rope_fused): the token's qkv rotated, its k / v written to
@@ -200,12 +209,7 @@ def test_attention_with_rope_and_cache_write_in_the_same_launch(kv):
     same cache contents and the same output (left padding: positions lag the slot; GQA; int8 cache)."""
     L = 160
     gen, (B, H, KVH, D, slot), freq, pos, mask, qkv = _decode_token(f"rope-attn/{kv}", L)
-    hist_k, hist_v = (torch.randn(B, KVH, slot, D, generator=gen).half() for _ in range(2))
-    caches = []
-    for _ in range(2):
-        c = _kv_cache(kv, B, KVH, L, D)
-        c.update(0, 0, hist_k, hist_v)
-        caches.append(c)
+    caches = _caches_with_history(2, kv, gen, B, KVH, L, D, slot)
     quant = dict(kv_scale=caches[0].scale[0:1], kv_algo=kv) if kv else {}
     att = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"))
     s = torch.tensor(slot)
@@ -261,12 +265,7 @@ def test_grouped_decode_attention_against_float64_and_the_split_kernel(kv):
     for H in (4, 8):
         gen, (B, _, KVH, D, slot), freq, pos, mask, _ = _decode_token(f"grouped-attn/{kv}/{H}", L)
         qkv = (torch.randn(B, (H + 2 * KVH) * D, generator=gen) * 2).half()
-        hist_k, hist_v = (torch.randn(B, KVH, slot, D, generator=gen).half() for _ in range(2))
-        caches = []
-        for _ in range(3):
-            c = _kv_cache(kv, B, KVH, L, D)
-            c.update(0, 0, hist_k, hist_v)
-            caches.append(c)
+        caches = _caches_with_history(3, kv, gen, B, KVH, L, D, slot)
         quant = dict(kv_scale=caches[0].scale[0:1], kv_algo=kv) if kv else {}
         rcp = caches[0].rcp[0:1] if kv else None
         s = torch.tensor(slot)

@@ -991,16 +991,8 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
         cos, sin = _rope_cos_sin(tl.load(pos_ptr + b), freq_ptr, offs_d, D, dt)  # the same angles for q and k
         q = _rope_vec(row + h * D, cos, sin, offs_d, D, dt).to(tl.float32) * sm_scale
         mine = (lo <= slot) & (slot < hi)  # this split holds the token's own key
-        k_new = _rope_vec(row + (H + kvh) * D, cos, sin, offs_d, D, dt)
-        v_new = tl.load(row + (H + KVH + kvh) * D + offs_d)
+        k_new, v_new, k_st, v_st = _token_kv(row, cos, sin, offs_d, H, KVH, kvh, rcp_ptr, kv_scale, D, dt, KV_QUANT)
         cp = b * stride_cb + kvh * stride_ch + slot * stride_ct + offs_d
-        if KV_QUANT != 0:
-            rcp = tl.load(rcp_ptr)
-            k_st, v_st = _kv_quant(k_new, rcp, KV_QUANT), _kv_quant(v_new, rcp, KV_QUANT)
-            k_new = (k_st.to(tl.float32) * kv_scale).to(dt)
-            v_new = (v_st.to(tl.float32) * kv_scale).to(dt)
-        else:
-            k_st, v_st = k_new, v_new
     else:
         q = tl.load(q_ptr + b * stride_qb + h * D + offs_d).to(tl.float32) * sm_scale
         k_new, v_new = q, q  # (unused without ROPE)
@@ -1040,6 +1032,23 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
             if TRACE:
                 _stamp(trace_ptr, idx, 5, tl.sum(out.to(tl.float32), axis=0))
 
+
+
+@triton.jit
+def _token_kv(row, cos, sin, offs_d, H, KVH, kvh, rcp_ptr, kv_scale, D: tl.constexpr, dt: tl.constexpr,
+              KV_QUANT: tl.constexpr):
+    """The decode token's k (rotated) and v of KV head kvh from its qkv row, as attended to (through the cache's
+    quantization when KV_QUANT) and as stored in the cache: (k, v, k stored, v stored)."""
+    k_new = _rope_vec(row + (H + kvh) * D, cos, sin, offs_d, D, dt)
+    v_new = tl.load(row + (H + KVH + kvh) * D + offs_d)
+    if KV_QUANT != 0:
+        rcp = tl.load(rcp_ptr)
+        k_st, v_st = _kv_quant(k_new, rcp, KV_QUANT), _kv_quant(v_new, rcp, KV_QUANT)
+        k_new = (k_st.to(tl.float32) * kv_scale).to(dt)
+        v_new = (v_st.to(tl.float32) * kv_scale).to(dt)
+    else:
+        k_st, v_st = k_new, v_new
+    return k_new, v_new, k_st, v_st
 
 @triton.jit
 def _attn_group_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr, l_ptr, o_ptr, sm_scale,
@@ -1087,15 +1096,8 @@ def _attn_group_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
         q = tl.where((offs_d < HALF)[None, :], x * cos[None, :] - partner * sin[None, :],
                      x * cos[None, :] + partner * sin[None, :]).to(dt)  # _rope_vec's rounding, per head
         if mine:
-            k_new = _rope_vec(row + (H + kvh) * D, cos, sin, offs_d, D, dt)
-            v_new = tl.load(row + (H + KVH + kvh) * D + offs_d)
-            if KV_QUANT != 0:
-                rcp = tl.load(rcp_ptr)
-                k_st, v_st = _kv_quant(k_new, rcp, KV_QUANT), _kv_quant(v_new, rcp, KV_QUANT)
-                k_new = (k_st.to(tl.float32) * kv_scale).to(dt)
-                v_new = (v_st.to(tl.float32) * kv_scale).to(dt)
-            else:
-                k_st, v_st = k_new, v_new
+            k_new, v_new, k_st, v_st = _token_kv(row, cos, sin, offs_d, H, KVH, kvh, rcp_ptr, kv_scale, D, dt,
+                                                 KV_QUANT)
         else:
             k_new, v_new = tl.zeros([D], dt), tl.zeros([D], dt)
             k_st, v_st = tl.zeros([D], k_ptr.dtype.element_ty), tl.zeros([D], k_ptr.dtype.element_ty)
