@@ -5,9 +5,9 @@ import json
 import sys
 
 grouped = sys.argv[2:] == ["grouped"]
+# tile rows only (named BxSwW, or "grouped BxSwW"), not the default's or a peer's
 rows = [r for r in json.load(open(sys.argv[1]))["rows"] if "tile" in r and r["name"] != "default"
-        and r["name"].startswith("grouped ") == grouped and r["name"].split()[-1][0].isdigit()
-        and (grouped or r["ci"][0] > 1)]
+        and r["name"].startswith("grouped ") == grouped and (grouped or r["ci"][0] > 1)]
 if rows:
     b, s, w = max(rows, key=lambda r: r["speedup"])["tile"]
     print(f"attn{'g' if grouped else ''}{b}x{s}w{w}")
