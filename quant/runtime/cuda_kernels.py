@@ -1179,6 +1179,8 @@ def _stamp(trace_ptr, idx, phase: tl.constexpr, dep):
     tl.store(at + 1, clk)
 
 
+
+
 @triton.jit
 def _attn_kv_block(k_ptr, v_ptr, mask_row, base, offs_t, hi, slot, stride_ct, offs_d, ROPE: tl.constexpr):
     """One block of keys of the split kernel as stored (masked past ``hi``; with ROPE, not the slot, which this
@@ -1312,30 +1314,19 @@ class DecodeAttention:
         pos, freq, rcp = rope if rope is not None else (self.m, self.m, None)
         mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
         launch_pdl = pdl and rope is not None and self.pdl_ok
+        args = (q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l, self.o,
+                self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                mask.stride(0), self.count, out, out.stride(0), pos, freq, rcp if rcp is not None else self.m,
+                self.KVH, pre if pre is not None else self.m, a if a is not None else self.m)
+        consts = dict(GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=self.block_t, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
+                      FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None,
+                      OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, num_warps=self.warps,
+                      **({"launch_pdl": True} if launch_pdl else {}))
         if self.grouped:
             assert trace is None
-            KVH = self.KVH
-            _attn_group_kernel[(B * KVH, self.nsplit)](
-                q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l,
-                self.o, self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1),
-                k_cache.stride(2), mask.stride(0), self.count, out, out.stride(0), pos, freq,
-                rcp if rcp is not None else self.m, KVH, pre if pre is not None else self.m,
-                a if a is not None else self.m, GQA=H // KVH, GP=max(16, _pow2(H // KVH)), SPLIT=self.split,
-                BLOCK_T=self.block_t, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo], FUSED_REDUCE=self.fused_reduce,
-                NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None, OQ_PRE=pre is not None, OQ_AFMT=afmt,
-                EARLY=pdl, GDC=launch_pdl, num_warps=self.warps, **({"launch_pdl": True} if launch_pdl else {}))
+            _attn_group_kernel[(B * self.KVH, self.nsplit)](*args, GP=max(16, _pow2(H // self.KVH)), **consts)
         else:
-            _attn_split_kernel[(B * H, self.nsplit)](
-                q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l,
-                self.o, self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1),
-                k_cache.stride(2), mask.stride(0), self.count, out, out.stride(0), pos, freq,
-                rcp if rcp is not None else self.m, self.KVH, pre if pre is not None else self.m,
-                a if a is not None else self.m,
-                GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=self.block_t, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
-                FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None,
-                OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, trace_ptr=trace,
-                TRACE=trace is not None, num_warps=self.warps,
-                **({"launch_pdl": True} if launch_pdl else {}))
+            _attn_split_kernel[(B * H, self.nsplit)](*args, trace_ptr=trace, TRACE=trace is not None, **consts)
         if not self.fused_reduce:
             _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),
                                           NSPLIT_P2=_pow2(self.nsplit), D=D, num_warps=1)
