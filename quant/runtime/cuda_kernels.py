@@ -1179,8 +1179,6 @@ def _stamp(trace_ptr, idx, phase: tl.constexpr, dep):
     tl.store(at + 1, clk)
 
 
-
-
 @triton.jit
 def _attn_kv_block(k_ptr, v_ptr, mask_row, base, offs_t, hi, slot, stride_ct, offs_d, ROPE: tl.constexpr):
     """One block of keys of the split kernel as stored (masked past ``hi``; with ROPE, not the slot, which this
