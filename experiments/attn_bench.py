@@ -1,11 +1,13 @@
 """``python -m experiments.attn_bench``: batch-1 decode attention alone, its split kernel's tiles timed interleaved.
 
-For a shape (``llama2-7b``, ``llama3-8b``), every layer's KV cache (distinct, so that a step streams them from
-memory as decode does, not from the L2), allocated for ``--context`` + ``--new`` keys as the runtime's decode state
-is, and one decode token at ``--context`` + ``--new`` / 2 (the middle of the generation). Per tile of the split
-kernel (KernelConfig.attn_tile: keys a loop step, keys a split, warps), one CUDA graph of every layer's call made as
-the runtime makes it at batch 1 (cuda_kernels.DecodeAttention, RoPE and the cache write in the launch, the splits
-combined by the last program). A peer in the same rounds: torch's ``scaled_dot_product_attention`` over the same
+For a shape (``llama2-7b``, ``llama3-8b``), every layer's KV cache, allocated for ``--context`` + ``--new`` keys as
+the runtime's decode state is, and one decode token at ``--context`` + ``--new`` / 2 (the middle of the generation).
+The calls cycle over as many sets of the layers' caches (each distinct) as make their keys and values at least 3×
+the GPU's L2, so that every call reads them from memory, as in a decode step, where a layer's weights pass through
+the L2 between two of its attention calls (one set of Llama-3-8B's caches is only 1.5× an H100's L2). Per tile of the split kernel (KernelConfig.attn_tile: keys a loop step, keys a split, warps), one CUDA
+graph of those calls made as the runtime makes them at batch 1 (cuda_kernels.DecodeAttention, RoPE and the cache
+write in the launch, the splits combined by the last program; ``--pdl``: in attn_pdl's early form, each launch
+overlapping the one before as it does the qkv GEMV's, the form INT4 and, on an H100, the 8-bit formats run). A peer in the same rounds: torch's ``scaled_dot_product_attention`` over the same
 caches cut at the token (attention only: its RoPE and cache write are not in it). Rounds replay every graph in a
 rotating order; each tile's time is divided by the default tile's (cuda_kernels.ATTN_TILE) of the same round, and
 the mean log ratio's t interval gives the ratio's CI (experiments/stats.py). Bandwidth: the keys and values a call
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                    "time goes")
     p.add_argument("--grouped-tiles", default="", help="EXPERIMENT: tiles BxSwW of the grouped kernel to time, "
                    "comma-separated")
+    p.add_argument("--pdl", action="store_true", help="the calls in attn_pdl's early form, launched with "
+                   "programmatic dependent launch (as INT4's attention runs)")
     p.add_argument("--trace-replays", type=positive_int, default=20, help="graph replays the trace pools")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/attn_bench.json"))
@@ -103,13 +107,17 @@ def main(argv: list[str] | None = None) -> int:
               "kv_heads": KVH, "head_dim": D, "allocated": total, "keys_read": slot + 1, **environment(device)}
     record["copy_bandwidth"] = copy = copy_bandwidth(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    ks = [torch.randn(1, KVH, total, D, generator=gen, device=device).half() for _ in range(L)]
-    vs = [torch.randn(1, KVH, total, D, generator=gen, device=device).half() for _ in range(L)]
+    ks = [torch.randn(1, KVH, total, D, generator=gen, device=device).half() for _ in range(calls)]
+    vs = [torch.randn(1, KVH, total, D, generator=gen, device=device).half() for _ in range(calls)]
     qkv = torch.randn(1, (H + 2 * KVH) * D, generator=gen, device=device).half()
     mask = torch.ones(1, total, dtype=torch.bool, device=device)
     pos, slot_t = torch.tensor([slot], device=device), torch.tensor(slot, device=device)
     freq = rope.inv_freq(D, 10000.0, None).to(device)
-    nbytes = 2 * KVH * (slot + 1) * D * 2 * L  # keys and values a step reads, every layer
+    per_call = 2 * KVH * (slot + 1) * D * 2  # the keys and values a call reads
+    sets = -(-3 * torch.cuda.get_device_properties(device).L2_cache_size // (2 * KVH * total * D * 2 * L))
+    calls = L * sets  # (a graph's; each call's caches distinct: see the docstring)
+    record.update(cache_sets=sets, calls_a_replay=calls, pdl=args.pdl)
+    nbytes = per_call * calls
 
     runs, outs, info = {}, {}, {}
     variants = [(tile, False) for tile in tiles] + [(t, True) for t in grouped_tiles]
@@ -118,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         name = f"grouped {name}" if grouped else name
         att = ck.DecodeAttention(1, H, KVH, D, total, torch.float16, device, fused_reduce=True, tile=tile,
                                  grouped=grouped)
-        out = outs[name] = torch.empty(L, H * D, dtype=torch.float16, device=device)
+        out = outs[name] = torch.empty(calls, H * D, dtype=torch.float16, device=device)
 
         def run(att=att, out=out):
-            for i in range(L):
-                att(qkv, ks[i], vs[i], mask, slot_t, rope=(pos, freq, None), out=out[i:i + 1])
+            for i in range(calls):
+                att(qkv, ks[i], vs[i], mask, slot_t, rope=(pos, freq, None), out=out[i:i + 1], pdl=args.pdl)
         try:
             runs[name] = graph(run)
         except Exception as exc:  # a tile that does not compile or launch (registers, shared memory) is reported
@@ -135,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("the default tile did not run (see the log)")
     if not args.no_peer:
         q = qkv[:, :H * D].view(1, H, 1, D)
-        sdpa_out = torch.empty(L, 1, H, 1, D, dtype=torch.float16, device=device)
+        sdpa_out = torch.empty(calls, 1, H, 1, D, dtype=torch.float16, device=device)
 
         def run_sdpa():
-            for i in range(L):
+            for i in range(calls):
                 sdpa_out[i] = F.scaled_dot_product_attention(q, ks[i][:, :, :slot + 1], vs[i][:, :, :slot + 1],
                                                              enable_gqa=KVH != H)
         try:
@@ -152,19 +160,21 @@ def main(argv: list[str] | None = None) -> int:
         ratio = ratio_ci(times["default"], times[n])  # speed-up over the default tile: its time / this, by round
         ms = statistics.median(times[n])
         diff = (outs[n].float() - outs["default"].float()).abs().max().item() if n in outs else None
-        rows.append({"name": n, **info.get(n, {}), "us_a_call": ms * 1e3 / L, "speedup": ratio.ratio,
+        rows.append({"name": n, **info.get(n, {}), "us_a_call": ms * 1e3 / calls, "speedup": ratio.ratio,
                      "ci": [ratio.low, ratio.high], "gbs": nbytes / ms / 1e6,
                      "of_copy_bw": nbytes / ms / 1e6 / copy["gbs"],
                      "max_abs_diff": diff, "rounds_ms": times[n]})
     record["rows"] = rows
     if args.trace:
-        tr = torch.zeros(L, H * info["default"]["nsplit"], len(ck.ATTN_PHASES), 2, dtype=torch.int64, device=device)
+        tr = torch.zeros(calls, H * info["default"]["nsplit"], len(ck.ATTN_PHASES), 2, dtype=torch.int64,
+                         device=device)
         att = ck.DecodeAttention(1, H, KVH, D, total, torch.float16, device, fused_reduce=True, tile=default)
-        out_t = torch.empty(L, H * D, dtype=torch.float16, device=device)
+        out_t = torch.empty(calls, H * D, dtype=torch.float16, device=device)
 
         def run_traced():
-            for i in range(L):
-                att(qkv, ks[i], vs[i], mask, slot_t, rope=(pos, freq, None), out=out_t[i:i + 1], trace=tr[i])
+            for i in range(calls):
+                att(qkv, ks[i], vs[i], mask, slot_t, rope=(pos, freq, None), out=out_t[i:i + 1], trace=tr[i],
+                    pdl=args.pdl)
         g = graph(run_traced)
         stamps = []
         for _ in range(args.trace_replays):
@@ -176,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         summary["traced_x_untraced"] = dataclasses.asdict(ratio_ci(cost["traced"], cost["default"]))
         summary["same_output"] = bool(torch.equal(out_t, outs["default"]))
     atomic_write_json(args.out, record)  # a reader never sees half a record
-    print(f"{args.shape}: {H} heads on {KVH} KV heads of {D}, {L} layers, {slot + 1} keys read of {total} "
-          f"allocated, batch 1; default tile {default}; {args.rounds} interleaved rounds; copy bandwidth "
+    print(f"{args.shape}: {H} heads on {KVH} KV heads of {D}, {L} layers × {sets} cache sets, {slot + 1} keys read of "
+          f"{total} allocated, batch 1{', attn_pdl form' if args.pdl else ''}; default tile {default}; {args.rounds} "
+          f"interleaved rounds; copy bandwidth "
           f"{copy['gbs']:.0f} GB/s; {record['gpu']['name']}")
     print("| tile | splits × keys | µs a call | × default [95% CI] | GB/s | of copy BW | max abs diff to default |")
     print("|---|---|---|---|---|---|---|")
