@@ -4,15 +4,17 @@ For a shape (``llama2-7b``, ``llama3-8b``), every layer's KV cache, allocated fo
 the runtime's decode state is, and one decode token at ``--context`` + ``--new`` / 2 (the middle of the generation).
 The calls cycle over as many sets of the layers' caches (each distinct) as make their keys and values at least 3×
 the GPU's L2, so that every call reads them from memory, as in a decode step, where a layer's weights pass through
-the L2 between two of its attention calls (one set of Llama-3-8B's caches is only 1.5× an H100's L2). Per tile of the split kernel (KernelConfig.attn_tile: keys a loop step, keys a split, warps), one CUDA
-graph of those calls made as the runtime makes them at batch 1 (cuda_kernels.DecodeAttention, RoPE and the cache
-write in the launch, the splits combined by the last program; ``--pdl``: in attn_pdl's early form, each launch
-overlapping the one before as it does the qkv GEMV's, the form INT4 and, on an H100, the 8-bit formats run). A peer in the same rounds: torch's ``scaled_dot_product_attention`` over the same
-caches cut at the token (attention only: its RoPE and cache write are not in it). Rounds replay every graph in a
-rotating order; each tile's time is divided by the default tile's (cuda_kernels.ATTN_TILE) of the same round, and
-the mean log ratio's t interval gives the ratio's CI (experiments/stats.py). Bandwidth: the keys and values a call
-reads / time, as a share of the device-to-device copy bandwidth measured at the start of the run. Every tile's
-output is compared with the default tile's (max |difference|: other splits sum in another order).
+the L2 between two of its attention calls (one set of Llama-3-8B's caches is only 1.5× an H100's L2). Per tile of
+the split kernel (KernelConfig.attn_tile: keys a loop step, keys a split, warps), one CUDA graph of those calls made
+as the runtime makes them at batch 1 (cuda_kernels.DecodeAttention, RoPE and the cache write in the launch, the
+splits combined by the last program; ``--pdl``: in attn_pdl's early form, each launch overlapping the one before as
+it does the qkv GEMV's, the form INT4 and, on an H100, the 8-bit formats run). A peer in the same rounds: torch's
+``scaled_dot_product_attention`` over the same caches cut at the token (attention only: its RoPE and cache write are
+not in it). Rounds replay every graph in a rotating order; each tile's time is divided by the default tile's
+(cuda_kernels.ATTN_TILE) of the same round, and the mean log ratio's t interval gives the ratio's CI
+(experiments/stats.py). Bandwidth: the keys and values a call reads / time, as a share of the device-to-device copy
+bandwidth measured at the start of the run. Every tile's output is compared with the default tile's (max
+|difference|: other splits sum in another order).
 
 ``--trace``: where a call's time goes. The default tile's graph again, its kernel built with TRACE (each program
 stamps %globaltimer and %clock64 at the phases of cuda_kernels.ATTN_PHASES, each once the value it follows is known),
