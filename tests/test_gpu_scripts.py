@@ -69,7 +69,7 @@ def test_kernel_bench_splits_a_step_by_linear_kind(monkeypatch):
 def test_attn_pick_names_the_fastest_tile_above_the_default_or_none(tmp_path):
     """attn_pick.py (w4g.sh's attn_e2e stage): the fastest tile whose interval lies above the default's, as a bench
     variant; none when every interval reaches 1 (then the stage times nothing end to end). With ``grouped``: the
-    grouped kernel's fastest tile."""
+    grouped kernel's fastest tile. Never a tile whose output is wrong.
     import json
     import sys
 
@@ -92,3 +92,9 @@ def test_attn_pick_names_the_fastest_tile_above_the_default_or_none(tmp_path):
     assert pick(rows, "grouped") == "attng64x0w8" and pick(rows) == "attn32x64w2"
     assert pick([default, peer, slow_grouped], "grouped") == "attng16x0w4"
     assert pick([default, peer, fast], "grouped") == ""
+    # a tile whose output is wrong (NaN, or far from the default's) is never picked, however fast
+    nan_grouped = {**fast_grouped, "name": "grouped 32x0w2", "tile": [32, 0, 2], "speedup": 3.0,
+                   "max_abs_diff": float("nan")}
+    off = {**fast, "name": "16x64w1", "tile": [16, 64, 1], "speedup": 1.6, "max_abs_diff": 0.5}
+    assert pick([default, fast, off, slow_grouped, nan_grouped], "grouped") == "attng16x0w4"
+    assert pick([default, fast, off, slow_grouped, nan_grouped]) == "attn32x64w2"
