@@ -69,7 +69,7 @@ def test_kernel_bench_splits_a_step_by_linear_kind(monkeypatch):
 def test_attn_pick_names_the_fastest_tile_above_the_default_or_none(tmp_path):
     """attn_pick.py (w4g.sh's attn_e2e stage): the fastest tile whose interval lies above the default's, as a bench
     variant; none when every interval reaches 1 (then the stage times nothing end to end). With ``grouped``: the
-    grouped kernel's fastest tile. Never a tile whose output is wrong.
+    grouped kernel's fastest tile. Never a tile whose output is wrong."""
     import json
     import sys
 
