@@ -22,9 +22,6 @@ replayed ``--trace-replays`` times. Printed: each phase's time from the call's f
 percentile and last over every program of every call), each phase's time from the program's previous one, the
 combine, the call's span, and the gap from one call's last program to the next call's first (the launch between
 two kernels of a graph); and the traced call's time × the untraced one's (interleaved rounds), the stamps' cost.
-
-``--grouped-tiles`` (EXPERIMENT, KernelConfig.attn_grouped): the grouped kernel (a program per KV head's query heads
-and split, cuda_kernels._attn_group_kernel) at those tiles, rows ``grouped BxSwW`` of the same rounds.
 """
 from __future__ import annotations
 
@@ -52,7 +49,7 @@ SWEEP = [*itertools.product((16, 32, 64), (0, 64, 128, 256), (1, 2, 4)), (64, 0,
 PEER = "torch sdpa"
 
 
-def parse_tiles(text: str, option: str = "--tiles") -> list[tuple[int, int, int]]:
+def parse_tiles(text: str) -> list[tuple[int, int, int]]:
     """``BxSwW,…`` (as experiments.bench's ``@attnBxSwW``) → tiles KernelConfig takes."""
     tiles = []
     for t in (t.strip() for t in text.split(",") if t.strip()):
@@ -60,9 +57,9 @@ def parse_tiles(text: str, option: str = "--tiles") -> list[tuple[int, int, int]
             tile = kernel_variant(f"attn{t}")["attn_tile"]
             KernelConfig(attn_tile=tile)  # (its limits, in one place)
         except KeyError:
-            raise UserError(f"{option}: {t!r} is not a tile BxSwW (B keys a step, S keys a split, W warps)") from None
+            raise UserError(f"--tiles: {t!r} is not a tile BxSwW (B keys a step, S keys a split, W warps)") from None
         except ValueError as exc:
-            raise UserError(f"{option}: {t!r} is not a tile BxSwW: {exc}") from None
+            raise UserError(f"--tiles: {t!r} is not a tile BxSwW: {exc}") from None
         tiles.append(tile)
     return tiles
 
@@ -79,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=positive_int, default=30)
     p.add_argument("--trace", action="store_true", help="stamp the default tile's phases and print where a call's "
                    "time goes")
-    p.add_argument("--grouped-tiles", default="", help="EXPERIMENT: tiles BxSwW of the grouped kernel to time, "
-                   "comma-separated")
     p.add_argument("--pdl", action="store_true", help="the calls in attn_pdl's early form, launched with "
                    "programmatic dependent launch (as INT4's attention runs)")
     p.add_argument("--trace-replays", type=positive_int, default=20, help="graph replays the trace pools")
@@ -92,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
 
     default = ck.ATTN_TILE
     tiles = list(dict.fromkeys([default, *parse_tiles(args.tiles), *(SWEEP if args.sweep else [])]))
-    grouped_tiles = list(dict.fromkeys(parse_tiles(args.grouped_tiles, "--grouped-tiles")))
     ensure_writable_file(args.out)  # before the GPU's minutes, not after them
     device = torch.device("cuda")
     check_cuda(device)
@@ -109,25 +103,22 @@ def main(argv: list[str] | None = None) -> int:
               "kv_heads": KVH, "head_dim": D, "allocated": total, "keys_read": slot + 1, **environment(device)}
     record["copy_bandwidth"] = copy = copy_bandwidth(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    per_call = 2 * KVH * (slot + 1) * D * 2  # the keys and values a call reads
+    sets = -(-3 * torch.cuda.get_device_properties(device).L2_cache_size // (2 * KVH * total * D * 2 * L))
+    calls = L * sets  # (a graph's; each call's caches distinct: see the docstring)
+    record.update(cache_sets=sets, calls_a_replay=calls, pdl=args.pdl)
+    nbytes = per_call * calls
     ks = [torch.randn(1, KVH, total, D, generator=gen, device=device).half() for _ in range(calls)]
     vs = [torch.randn(1, KVH, total, D, generator=gen, device=device).half() for _ in range(calls)]
     qkv = torch.randn(1, (H + 2 * KVH) * D, generator=gen, device=device).half()
     mask = torch.ones(1, total, dtype=torch.bool, device=device)
     pos, slot_t = torch.tensor([slot], device=device), torch.tensor(slot, device=device)
     freq = rope.inv_freq(D, 10000.0, None).to(device)
-    per_call = 2 * KVH * (slot + 1) * D * 2  # the keys and values a call reads
-    sets = -(-3 * torch.cuda.get_device_properties(device).L2_cache_size // (2 * KVH * total * D * 2 * L))
-    calls = L * sets  # (a graph's; each call's caches distinct: see the docstring)
-    record.update(cache_sets=sets, calls_a_replay=calls, pdl=args.pdl)
-    nbytes = per_call * calls
 
     runs, outs, info = {}, {}, {}
-    variants = [(tile, False) for tile in tiles] + [(t, True) for t in grouped_tiles]
-    for tile, grouped in variants:
-        name = "default" if tile == default and not grouped else "x".join(map(str, tile[:2])) + f"w{tile[2]}"
-        name = f"grouped {name}" if grouped else name
-        att = ck.DecodeAttention(1, H, KVH, D, total, torch.float16, device, fused_reduce=True, tile=tile,
-                                 grouped=grouped)
+    for tile in tiles:
+        name = "default" if tile == default else "x".join(map(str, tile[:2])) + f"w{tile[2]}"
+        att = ck.DecodeAttention(1, H, KVH, D, total, torch.float16, device, fused_reduce=True, tile=tile)
         out = outs[name] = torch.empty(calls, H * D, dtype=torch.float16, device=device)
 
         def run(att=att, out=out):
@@ -138,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # a tile that does not compile or launch (registers, shared memory) is reported
             log(f"{name} {tile}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
-        info[name] = {"tile": list(tile), "nsplit": att.nsplit, "split": att.split,
-                      "programs": (KVH if grouped else H) * att.nsplit}
+        info[name] = {"tile": list(tile), "nsplit": att.nsplit, "split": att.split, "programs": H * att.nsplit}
         log(f"{name}: tile {tile}, {att.nsplit} splits of {att.split} keys")
     if "default" not in runs:
         raise UserError("the default tile did not run (see the log)")
@@ -190,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(args.out, record)  # a reader never sees half a record
     print(f"{args.shape}: {H} heads on {KVH} KV heads of {D}, {L} layers × {sets} cache sets, {slot + 1} keys read of "
           f"{total} allocated, batch 1{', attn_pdl form' if args.pdl else ''}; default tile {default}; {args.rounds} "
-          f"interleaved rounds; copy bandwidth "
-          f"{copy['gbs']:.0f} GB/s; {record['gpu']['name']}")
+          f"interleaved rounds; copy bandwidth {copy['gbs']:.0f} GB/s; {record['gpu']['name']}")
     print("| tile | splits × keys | µs a call | × default [95% CI] | GB/s | of copy BW | max abs diff to default |")
     print("|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: -r["speedup"]):

@@ -202,7 +202,6 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
 # ``@attnBxSwW``: decode attention's split kernel on the tile (B keys a loop step, S keys a split, W warps;
 # KernelConfig.attn_tile), e.g. ``fp16@attn32x64w2``
 _ATTN_TILE_VARIANT = re.compile(r"attn(\d+)x(\d+)w(\d+)")
-_ATTN_GROUP_VARIANT = re.compile(r"attng(\d+)x(\d+)w(\d+)")  # EXPERIMENT: KernelConfig.attn_grouped on that tile
 
 
 def kernel_variant(name: str) -> dict:
@@ -210,8 +209,6 @@ def kernel_variant(name: str) -> dict:
     it names none. The tile's own limits are KernelConfig's to check."""
     if m := _ATTN_TILE_VARIANT.fullmatch(name):
         return {"attn_tile": tuple(int(g) for g in m.groups())}
-    if m := _ATTN_GROUP_VARIANT.fullmatch(name):
-        return {"attn_tile": tuple(int(g) for g in m.groups()), "attn_grouped": True}
     return KERNEL_VARIANTS[name]
 
 

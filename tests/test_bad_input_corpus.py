@@ -417,8 +417,6 @@ CASES = [
          ("unknown recipe(s) int4_awq@w4mx", "@w4m8")),
     Case("attn-bench-tile-out-of-range", "experiments.attn_bench", ["--tiles", "64x0w4,48x0w4"],
          ("--tiles: '48x0w4' is not a tile BxSwW",)),
-    Case("attn-bench-grouped-tile-out-of-range", "experiments.attn_bench", ["--grouped-tiles", "16x0w3"],
-         ("--grouped-tiles: '16x0w3' is not a tile BxSwW",)),
     Case("attn-bench-out-under-a-file", "experiments.attn_bench", ["--out", "afile/x.json"],
          ("is a file, not a folder",), setup=_file_in_the_way),  # told before the GPU's minutes
     Case("bench-attention-tile-out-of-range", "experiments.bench", ["--recipes", "fp16@attn48x64w4", "--no-hf"],

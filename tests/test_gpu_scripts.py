@@ -68,14 +68,14 @@ def test_kernel_bench_splits_a_step_by_linear_kind(monkeypatch):
 
 def test_attn_pick_names_the_fastest_tile_above_the_default_or_none(tmp_path):
     """attn_pick.py (w4g.sh's attn_e2e stage): the fastest tile whose interval lies above the default's, as a bench
-    variant; none when every interval reaches 1 (then the stage times nothing end to end). With ``grouped``: the
-    grouped kernel's fastest tile. Never a tile whose output is wrong."""
+    variant; none when every interval reaches 1 (then the stage times nothing end to end); never a tile whose output
+    is wrong."""
     import json
     import sys
 
-    def pick(rows, *extra) -> str:
+    def pick(rows) -> str:
         (tmp_path / "r.json").write_text(json.dumps({"rows": rows}))
-        return subprocess.run([sys.executable, str(GPU / "attn_pick.py"), str(tmp_path / "r.json"), *extra],
+        return subprocess.run([sys.executable, str(GPU / "attn_pick.py"), str(tmp_path / "r.json")],
                               capture_output=True, text=True, check=True).stdout.strip()
 
     default = {"name": "default", "tile": [64, 0, 4], "speedup": 1.0, "ci": [1.0, 1.0]}
@@ -84,17 +84,8 @@ def test_attn_pick_names_the_fastest_tile_above_the_default_or_none(tmp_path):
     faster_but_unsure = {"name": "16x0w1", "tile": [16, 0, 1], "speedup": 1.5, "ci": [0.9, 2.1]}
     assert pick([default, peer, fast, faster_but_unsure]) == "attn32x64w2"
     assert pick([default, peer, faster_but_unsure]) == ""
-    # the grouped kernel's rows (EXPERIMENT, attn_bench --grouped-tiles): its fastest tile, whatever its interval;
-    # never a split-kernel tile, and the split kernel's pick never a grouped one
-    slow_grouped = {"name": "grouped 16x0w4", "tile": [16, 0, 4], "speedup": 0.8, "ci": [0.7, 0.9]}
-    fast_grouped = {"name": "grouped 64x0w8", "tile": [64, 0, 8], "speedup": 2.0, "ci": [1.9, 2.1]}
-    rows = [default, peer, fast, slow_grouped, fast_grouped]
-    assert pick(rows, "grouped") == "attng64x0w8" and pick(rows) == "attn32x64w2"
-    assert pick([default, peer, slow_grouped], "grouped") == "attng16x0w4"
-    assert pick([default, peer, fast], "grouped") == ""
     # a tile whose output is wrong (NaN, or far from the default's) is never picked, however fast
-    nan_grouped = {**fast_grouped, "name": "grouped 32x0w2", "tile": [32, 0, 2], "speedup": 3.0,
-                   "max_abs_diff": float("nan")}
+    nan = {**fast, "name": "32x0w2", "tile": [32, 0, 2], "speedup": 3.0, "max_abs_diff": float("nan")}
     off = {**fast, "name": "16x64w1", "tile": [16, 64, 1], "speedup": 1.6, "max_abs_diff": 0.5}
-    assert pick([default, fast, off, slow_grouped, nan_grouped], "grouped") == "attng16x0w4"
-    assert pick([default, fast, off, slow_grouped, nan_grouped]) == "attn32x64w2"
+    assert pick([default, peer, fast, nan, off]) == "attn32x64w2"
+    assert pick([default, nan, off]) == ""

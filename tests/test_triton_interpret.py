@@ -193,15 +193,6 @@ def _kv_cache(kv: str | None, B: int, KVH: int, L: int, D: int):
     return QuantizedKVCache(1, B, KVH, L, D, torch.float16, torch.device("cpu"), algo=kv, scales=[torch.tensor(0.05)])
 
 
-def _caches_with_history(n: int, kv: str | None, gen, B: int, KVH: int, L: int, D: int, slot: int) -> list:
-    """``n`` caches holding the same history of ``slot`` keys / values, drawn from ``gen``."""
-    hist_k, hist_v = (torch.randn(B, KVH, slot, D, generator=gen).half() for _ in range(2))
-    caches = [_kv_cache(kv, B, KVH, L, D) for _ in range(n)]
-    for c in caches:
-        c.update(0, 0, hist_k, hist_v)
-    return caches
-
-
 @pytest.mark.parametrize("kv", [None, "INT8"])
 def test_attention_with_rope_and_cache_write_in_the_same_launch(kv):
     """``DecodeAttention(rope=...)`` (KernelConfig.attn_rope_fused): the token's qkv rotated, its k / v written to
@@ -209,7 +200,12 @@ def test_attention_with_rope_and_cache_write_in_the_same_launch(kv):
     same cache contents and the same output (left padding: positions lag the slot; GQA; int8 cache)."""
     L = 160
     gen, (B, H, KVH, D, slot), freq, pos, mask, qkv = _decode_token(f"rope-attn/{kv}", L)
-    caches = _caches_with_history(2, kv, gen, B, KVH, L, D, slot)
+    hist_k, hist_v = (torch.randn(B, KVH, slot, D, generator=gen).half() for _ in range(2))
+    caches = []
+    for _ in range(2):
+        c = _kv_cache(kv, B, KVH, L, D)
+        c.update(0, 0, hist_k, hist_v)
+        caches.append(c)
     quant = dict(kv_scale=caches[0].scale[0:1], kv_algo=kv) if kv else {}
     att = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"))
     s = torch.tensor(slot)
@@ -252,54 +248,6 @@ def test_attention_loading_the_cache_before_q_gives_the_same_bits(kv, rope):
             caches.append(c)
         assert torch.equal(outs[0], outs[1]) and bool(torch.isfinite(outs[1].float()).all())
         assert torch.equal(caches[0].k[0], caches[1].k[0]) and torch.equal(caches[0].v[0], caches[1].v[0])
-
-@pytest.mark.parametrize("kv", [None, "INT8"])
-def test_grouped_decode_attention_against_float64_and_the_split_kernel(kv):
-    """KernelConfig.attn_grouped: a program per KV head's query heads (2 and 4 heads a group, padded to 16 rows)
-    and split, its sums on tensor cores (p rounded to float16). Against float64 (left padding, int8 cache), the
-    splits combined by a second kernel and by the last program (counters left at zero; SmoothQuant's quantized
-    output: act_prep's bits of its own output); with RoPE and the cache write in the launch, the same output and
-    cache bits as rope_cache_write before it (also in attn_pdl's early form), and the same cache bits as the split
-    kernel's."""
-    L = 160
-    for H in (4, 8):
-        gen, (B, _, KVH, D, slot), freq, pos, mask, _ = _decode_token(f"grouped-attn/{kv}/{H}", L)
-        qkv = (torch.randn(B, (H + 2 * KVH) * D, generator=gen) * 2).half()
-        caches = _caches_with_history(3, kv, gen, B, KVH, L, D, slot)
-        quant = dict(kv_scale=caches[0].scale[0:1], kv_algo=kv) if kv else {}
-        rcp = caches[0].rcp[0:1] if kv else None
-        s = torch.tensor(slot)
-        c = caches[0]
-        q = ck.rope_cache_write(qkv, pos, s, freq, c.k[0], c.v[0], H, KVH, D, kv_rcp=rcp, kv_algo=kv)
-        kf, vf = ((x[0].double() * c.scale[0].double()) if kv else x[0].double() for x in (c.k, c.v))
-        outs = []
-        for fused in (False, True):
-            att = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"), fused_reduce=fused,
-                                     tile=(16, 0, 4), grouped=True)
-            assert att.nsplit > 1
-            outs.append(att(q, c.k[0], c.v[0], mask, s, **quant))
-            assert not att.count.any()
-        out = outs[1]
-        assert rel(outs[0], out) <= 1e-3
-        for b in range(B):
-            for h in range(H):
-                sc = kf[b, h // (H // KVH), :slot + 1] @ q[b, h * D:(h + 1) * D].double() / math.sqrt(D)
-                sc[~mask[b, :slot + 1]] = -math.inf
-                ref = torch.softmax(sc, 0) @ vf[b, h // (H // KVH), :slot + 1]
-                assert rel(out[b, h * D:(h + 1) * D], ref) <= 5e-3, (H, b, h)
-        pre, a = (1 + 0.2 * torch.randn(H * D, generator=gen)).half(), torch.tensor([0.004])
-        got = att(q, c.k[0], c.v[0], mask, s, then_quant=(pre, a, ck.A_INT8), **quant)
-        assert torch.equal(got, ck.act_prep(out, prequant=pre, act_scale=a, afmt=ck.A_INT8))
-        rope = dict(rope=(pos, freq, rcp))
-        c = caches[1]
-        assert torch.equal(att(qkv, c.k[0], c.v[0], mask, s, **rope, **quant), out)
-        assert torch.equal(att(qkv, c.k[0], c.v[0], mask, s, pdl=True, **rope, **quant), out)  # attn_pdl's form
-        split = ck.DecodeAttention(B, H, KVH, D, L, torch.float16, torch.device("cpu"), fused_reduce=True)
-        split(qkv, caches[2].k[0], caches[2].v[0], mask, s, **rope, **quant)
-        for x in ("k", "v"):
-            assert torch.equal(getattr(caches[1], x)[0], getattr(caches[0], x)[0])
-            assert torch.equal(getattr(caches[2], x)[0], getattr(caches[0], x)[0])
-
 
 def test_batch1_gemv_prologues_and_residual():
     """The GEMV's own prologue on the row (RMSNorm; SiLU·gate; SmoothQuant's pre-quant scale and int8

@@ -134,24 +134,6 @@ def main() -> int:
                  {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "trace_ptr": "*i64"},
                  dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=16, ROPE=True,
                       TRACE=True), {"num_warps": 4}, "@!p mov.u64 %rd"))
-    for kv in (0, 1, 2):  # the grouped kernel (KernelConfig.attn_grouped): its two products on tensor cores
-        for gqa, rope, tile in ((1, True, (16, 32, 4)), (4, True, (16, 32, 4)), (4, False, (64, 64, 8)),
-                                (8, True, (32, 64, 1))):
-            const = dict(GQA=gqa, GP=max(16, gqa), SPLIT=tile[1], BLOCK_T=tile[0], D=128, KV_QUANT=kv,
-                         FUSED_REDUCE=True, NSPLIT_P2=32, ROPE=rope)
-            jobs.append((f"attention grouped kv={kv} gqa={gqa} rope={rope} tile={tile}", ck._attn_group_kernel,
-                         {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]}, const,
-                         {"num_warps": tile[2], "div16": ATTN_DIV16}, "mma.sync"))
-    for kv in (0, 1):
-        jobs.append((f"attention grouped early + grid wait kv={kv}", ck._attn_group_kernel,
-                     {**attn, "k_ptr": cache[kv], "v_ptr": cache[kv]},
-                     dict(GQA=4, GP=16, SPLIT=32, BLOCK_T=16, D=128, KV_QUANT=kv, FUSED_REDUCE=True, NSPLIT_P2=32,
-                          ROPE=True, EARLY=True, GDC=True), {"num_warps": 4, "div16": ATTN_DIV16},
-                     loads_before_wait(2 * 16 * 128 * (2 if kv == 0 else 1))))
-    jobs.append(("attention grouped quantized afmt=1", ck._attn_group_kernel,
-                 {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "out_ptr": "*i8"},
-                 dict(GQA=4, GP=16, SPLIT=32, BLOCK_T=16, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=32,
-                      ROPE=True, OQ_PRE=True, OQ_AFMT=ck.A_INT8), {"num_warps": 4}, "atom.global.gpu.acq_rel"))
     for wfmt, w in ((ck.W_INT8, "*i8"), (ck.W_INT4, "*u8")):
         bm, br, bk, warps, stages = ck.WQ_PREFILL_CONFIG[wfmt]
         jobs.append((f"wq_mm prefill wfmt={wfmt}", ck._wq_mm_kernel, {**WQ_TYPES, "w_ptr": w},

@@ -991,8 +991,16 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
         cos, sin = _rope_cos_sin(tl.load(pos_ptr + b), freq_ptr, offs_d, D, dt)  # the same angles for q and k
         q = _rope_vec(row + h * D, cos, sin, offs_d, D, dt).to(tl.float32) * sm_scale
         mine = (lo <= slot) & (slot < hi)  # this split holds the token's own key
-        k_new, v_new, k_st, v_st = _token_kv(row, cos, sin, offs_d, H, KVH, kvh, rcp_ptr, kv_scale, D, dt, KV_QUANT)
+        k_new = _rope_vec(row + (H + kvh) * D, cos, sin, offs_d, D, dt)
+        v_new = tl.load(row + (H + KVH + kvh) * D + offs_d)
         cp = b * stride_cb + kvh * stride_ch + slot * stride_ct + offs_d
+        if KV_QUANT != 0:
+            rcp = tl.load(rcp_ptr)
+            k_st, v_st = _kv_quant(k_new, rcp, KV_QUANT), _kv_quant(v_new, rcp, KV_QUANT)
+            k_new = (k_st.to(tl.float32) * kv_scale).to(dt)
+            v_new = (v_st.to(tl.float32) * kv_scale).to(dt)
+        else:
+            k_st, v_st = k_new, v_new
     else:
         q = tl.load(q_ptr + b * stride_qb + h * D + offs_d).to(tl.float32) * sm_scale
         k_new, v_new = q, q  # (unused without ROPE)
@@ -1031,130 +1039,6 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
                                 oq_pre_ptr, oq_a_ptr, OQ_PRE, OQ_AFMT)
             if TRACE:
                 _stamp(trace_ptr, idx, 5, tl.sum(out.to(tl.float32), axis=0))
-
-
-
-@triton.jit
-def _token_kv(row, cos, sin, offs_d, H, KVH, kvh, rcp_ptr, kv_scale, D: tl.constexpr, dt: tl.constexpr,
-              KV_QUANT: tl.constexpr):
-    """The decode token's k (rotated) and v of KV head kvh from its qkv row, as attended to (through the cache's
-    quantization when KV_QUANT) and as stored in the cache: (k, v, k stored, v stored)."""
-    k_new = _rope_vec(row + (H + kvh) * D, cos, sin, offs_d, D, dt)
-    v_new = tl.load(row + (H + KVH + kvh) * D + offs_d)
-    if KV_QUANT != 0:
-        rcp = tl.load(rcp_ptr)
-        k_st, v_st = _kv_quant(k_new, rcp, KV_QUANT), _kv_quant(v_new, rcp, KV_QUANT)
-        k_new = (k_st.to(tl.float32) * kv_scale).to(dt)
-        v_new = (v_st.to(tl.float32) * kv_scale).to(dt)
-    else:
-        k_st, v_st = k_new, v_new
-    return k_new, v_new, k_st, v_st
-
-@triton.jit
-def _attn_group_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr, l_ptr, o_ptr, sm_scale,
-                       H, NSPLIT, stride_qb, stride_cb, stride_ch, stride_ct, stride_mb, cnt_ptr, out_ptr, stride_ob,
-                       pos_ptr, freq_ptr, rcp_ptr, KVH, oq_pre_ptr, oq_a_ptr,
-                       GQA: tl.constexpr, GP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
-                       D: tl.constexpr, KV_QUANT: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                       NSPLIT_P2: tl.constexpr, ROPE: tl.constexpr, OQ_PRE: tl.constexpr = False,
-                       OQ_AFMT: tl.constexpr = 0, EARLY: tl.constexpr = False, GDC: tl.constexpr = False):
-    """_attn_split_kernel's work with one program per (row b, KV head, split): the GQA query heads sharing the KV
-    head are GP rows (padded to ≥ 16 with zero rows) of one tensor-core product per block, q·kᵀ (fp32 sums of exact
-    products, then × sm_scale) and p·v (p rounded to the cache's dtype, as FlashAttention does), so the block's
-    keys and values are read once for the group and its sums take no shuffles. The same m / l / o workspace per
-    (b, h, split) as _attn_split_kernel's, combined by _attn_combine per head (the group's last program, FUSED_REDUCE,
-    or _attn_reduce_kernel). ROPE, KV_QUANT, OQ_PRE / OQ_AFMT, EARLY / GDC as there."""
-    dt: tl.constexpr = q_ptr.dtype.element_ty
-    bk = tl.program_id(0)
-    sp = tl.program_id(1)
-    b = bk // KVH
-    kvh = bk % KVH
-    cur = tl.load(slot_ptr) + 1  # keys 0..slot
-    lo = sp * SPLIT
-    hi = tl.minimum(lo + SPLIT, cur)
-    offs_d = tl.arange(0, D)
-    offs_g = tl.arange(0, GP)
-    g_mask = offs_g < GQA
-    heads = kvh * GQA + offs_g
-    kv_scale = tl.load(scale_ptr) if KV_QUANT != 0 else 1.0
-    slot = cur - 1
-    mine = (lo <= slot) & (slot < hi)  # this split holds the token's own key (ROPE: not read from the cache)
-    base = b * stride_cb + kvh * stride_ch
-    if EARLY:  # (nothing above reads what the kernel before writes)
-        offs_t0 = lo + tl.arange(0, BLOCK_T)
-        k0, v0, valid0 = _attn_kv_block(k_ptr, v_ptr, mask_ptr + b * stride_mb, base, offs_t0, hi, slot, stride_ct,
-                                        offs_d, ROPE)
-        if GDC:
-            tl.extra.cuda.gdc_wait()
-    if ROPE:
-        row = q_ptr + b * stride_qb
-        cos, sin = _rope_cos_sin(tl.load(pos_ptr + b), freq_ptr, offs_d, D, dt)
-        HALF: tl.constexpr = D // 2
-        qp = row + heads[:, None] * D
-        x = tl.load(qp + offs_d[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
-        partner = tl.load(qp + ((offs_d + HALF) % D)[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
-        q = tl.where((offs_d < HALF)[None, :], x * cos[None, :] - partner * sin[None, :],
-                     x * cos[None, :] + partner * sin[None, :]).to(dt)  # _rope_vec's rounding, per head
-        if mine:
-            k_new, v_new, k_st, v_st = _token_kv(row, cos, sin, offs_d, H, KVH, kvh, rcp_ptr, kv_scale, D, dt,
-                                                 KV_QUANT)
-        else:
-            k_new, v_new = tl.zeros([D], dt), tl.zeros([D], dt)
-            k_st, v_st = tl.zeros([D], k_ptr.dtype.element_ty), tl.zeros([D], k_ptr.dtype.element_ty)
-    else:
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * D + offs_d[None, :], mask=g_mask[:, None], other=0.0)
-        k_new, v_new = tl.zeros([D], dt), tl.zeros([D], dt)
-    m_i = tl.full([GP], -float("inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
-    start = lo
-    if EARLY:
-        m_i, l_i, acc = _attn_group_block(q, k0, v0, valid0, offs_t0, slot, k_new, v_new, kv_scale, sm_scale, m_i,
-                                          l_i, acc, dt, KV_QUANT, ROPE, mine)
-        start = lo + BLOCK_T
-    for t0 in range(start, hi, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        k, v, valid = _attn_kv_block(k_ptr, v_ptr, mask_ptr + b * stride_mb, base, offs_t, hi, slot, stride_ct,
-                                     offs_d, ROPE)
-        m_i, l_i, acc = _attn_group_block(q, k, v, valid, offs_t, slot, k_new, v_new, kv_scale, sm_scale, m_i, l_i,
-                                          acc, dt, KV_QUANT, ROPE, mine)
-    if ROPE:  # after the loop, which must not have read the slot
-        if mine:
-            cp = b * stride_cb + kvh * stride_ch + slot * stride_ct + offs_d
-            tl.store(k_ptr + cp, k_st)
-            tl.store(v_ptr + cp, v_st)
-    idx = (b * H + heads) * NSPLIT + sp
-    tl.store(m_ptr + idx, m_i, mask=g_mask)
-    tl.store(l_ptr + idx, l_i, mask=g_mask)
-    tl.store(o_ptr + idx[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
-    if FUSED_REDUCE:
-        if _last_to_finish(cnt_ptr + bk, NSPLIT):
-            for g in tl.static_range(GQA):
-                h = kvh * GQA + g
-                _attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, b * H + h, b, h, NSPLIT, stride_ob, NSPLIT_P2, D, ".cg",
-                              dt, oq_pre_ptr, oq_a_ptr, OQ_PRE, OQ_AFMT)
-
-
-@triton.jit
-def _attn_group_block(q, k, v, valid, offs_t, slot, k_new, v_new, kv_scale, sm_scale, m_i, l_i, acc,
-                      dt: tl.constexpr, KV_QUANT: tl.constexpr, ROPE: tl.constexpr, mine):
-    """_attn_block for a group of query rows q [GP, D]: (m, l [GP], acc [GP, D]) updated over one block of keys."""
-    if KV_QUANT != 0:
-        k = (k.to(tl.float32) * kv_scale).to(dt)
-        v = (v.to(tl.float32) * kv_scale).to(dt)
-    if ROPE:
-        if mine:
-            k = tl.where((offs_t == slot)[:, None], k_new[None, :], k)
-            v = tl.where((offs_t == slot)[:, None], v_new[None, :], v)
-    s = tl.dot(q, tl.trans(k)) * sm_scale
-    s = tl.where(valid[None, :], s, -float("inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-    p = tl.exp(s - m_use[:, None])
-    alpha = tl.exp(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
-    return m_new, l_i, acc
 
 
 # The phases a traced split program stamps (TRACE), in order: each stamp is taken once the value it names is known.
@@ -1269,15 +1153,11 @@ class DecodeAttention:
     """Static workspace for split-KV decode attention of one (batch, heads, max_len) shape (graph-capturable)."""
 
     def __init__(self, batch: int, n_heads: int, n_kv: int, head_dim: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device, fused_reduce: bool = False, tile: tuple[int, int, int] | None = None,
-                 grouped: bool = False):
+                 device: torch.device, fused_reduce: bool = False, tile: tuple[int, int, int] | None = None):
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         # tile: (keys a loop step, keys a split or 0, warps) as KernelConfig.attn_tile; None: ATTN_TILE
         self.block_t, split_keys, self.warps = tile or ATTN_TILE
-        # grouped (EXPERIMENT): _attn_group_kernel, a program per KV head's query group and split
-        self.grouped = grouped
-        self.nsplit, self.split = attn_splits(batch, n_kv if grouped else n_heads, max_len, n_sm, self.block_t,
-                                              split_keys)
+        self.nsplit, self.split = attn_splits(batch, n_heads, max_len, n_sm, self.block_t, split_keys)
         # fused_reduce: the last split of each (row, head) combines them (no second launch); the counters are
         # left at zero by every launch
         self.fused_reduce = fused_reduce
@@ -1312,19 +1192,16 @@ class DecodeAttention:
         pos, freq, rcp = rope if rope is not None else (self.m, self.m, None)
         mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
         launch_pdl = pdl and rope is not None and self.pdl_ok
-        args = (q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l, self.o,
-                self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                mask.stride(0), self.count, out, out.stride(0), pos, freq, rcp if rcp is not None else self.m,
-                self.KVH, pre if pre is not None else self.m, a if a is not None else self.m)
-        consts = dict(GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=self.block_t, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
-                      FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None,
-                      OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, num_warps=self.warps,
-                      **({"launch_pdl": True} if launch_pdl else {}))
-        if self.grouped:
-            assert trace is None
-            _attn_group_kernel[(B * self.KVH, self.nsplit)](*args, GP=max(16, _pow2(H // self.KVH)), **consts)
-        else:
-            _attn_split_kernel[(B * H, self.nsplit)](*args, trace_ptr=trace, TRACE=trace is not None, **consts)
+        _attn_split_kernel[(B * H, self.nsplit)](
+            q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l, self.o,
+            self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            mask.stride(0), self.count, out, out.stride(0), pos, freq, rcp if rcp is not None else self.m, self.KVH,
+            pre if pre is not None else self.m, a if a is not None else self.m,
+            GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=self.block_t, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
+            FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None,
+            OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, trace_ptr=trace,
+            TRACE=trace is not None, num_warps=self.warps,
+            **({"launch_pdl": True} if launch_pdl else {}))
         if not self.fused_reduce:
             _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),
                                           NSPLIT_P2=_pow2(self.nsplit), D=D, num_warps=1)

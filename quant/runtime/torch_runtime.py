@@ -594,8 +594,7 @@ class _DecodeState:
         self.cache = rt._new_cache(B, total)
         fused_reduce, self.rope_fused = rt.kernels.attn_fusions(B)
         self.attn = DecodeAttention(B, rt.n_heads, rt.n_kv, rt.head_dim, total, rt.dtype, dev,
-                                    fused_reduce=fused_reduce, tile=rt.kernels.attn_tile,
-                                    grouped=rt.kernels.attn_grouped)
+                                    fused_reduce=fused_reduce, tile=rt.kernels.attn_tile)
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
         self.slot = torch.zeros((), dtype=torch.long, device=dev)

@@ -185,9 +185,6 @@ class KernelConfig:
     # Its split kernel's tile: (keys a loop step, a power of two 16–256; keys a split, 0: as many splits as fill the
     # card twice over; warps a program, 1–16); None: cuda_kernels.ATTN_TILE.
     attn_tile: tuple[int, int, int] | None = None
-    # EXPERIMENT: decode attention's grouped kernel (cuda_kernels._attn_group_kernel: a program per KV head's query
-    # heads and split, their sums on tensor cores; attn_pdl as for the split kernel).
-    attn_grouped: bool = False
     # Formats whose qkv linear is followed by decode attention's split kernel launched with programmatic dependent
     # launch (compute capability >= 9.0; where RoPE is fused: attn_rope_fused, up to attn_fused_batch; not behind a
     # qkv GEMV launched with it itself, gemv_pdl): the kernel loads each split's first keys / values before it reads
