@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     record["copy_bandwidth"] = copy = copy_bandwidth(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     per_call = 2 * KVH * (slot + 1) * D * 2  # the keys and values a call reads
-    sets = -(-3 * torch.cuda.get_device_properties(device).L2_cache_size // (2 * KVH * total * D * 2 * L))
+    set_bytes = 2 * KVH * total * D * 2 * L  # one set of the layers' caches
+    sets = max(1, -(-3 * torch.cuda.get_device_properties(device).L2_cache_size // set_bytes))
     calls = L * sets  # (a graph's; each call's caches distinct: see the docstring)
     record.update(cache_sets=sets, calls_a_replay=calls, pdl=args.pdl)
     nbytes = per_call * calls
