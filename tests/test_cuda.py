@@ -1415,35 +1415,6 @@ def test_attention_with_pdl_gives_the_same_bits(recipe, tiny_folders):
 
 
 @cuda
-@pytest.mark.parametrize("recipe", ["fp16", "int8_wo", "int4_awq", "smoothquant_kv_int8", "fp8_kv_fp8"])
-def test_attention_prefetch_gives_the_same_bits(recipe, tiny_folders):
-    """KernelConfig.attn_prefetch: decode attention asks L2 for o_proj's weights (cp.async.bulk.prefetch.L2), at its
-    programs' start or after their keys and values, with attention PDL-launched or not. A prefetch reads nothing into
-    registers, so one decode step's logits are bit for bit those without it, at prompt lengths of one and several
-    splits, and so are the tokens generated under the CUDA graph, replayed. What o_proj streams is named: INT4 its
-    GEMV's copy and scales, the others their weight."""
-    from quant.runtime.schemes.base import ALGO_KEYS, KernelConfig
-    from quant.runtime.torch_runtime import TorchRuntime
-
-    ids = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(7)).tolist()
-    every = frozenset(ALGO_KEYS)
-    ref = TorchRuntime.from_dir(tiny_folders[recipe], device="cuda", compute_dtype="float16", kernels=KernelConfig())
-    dense = ref.layers[0]["attention.dense"]
-    stream = dense.decode_stream(1)
-    want = (dense.w4g, dense.scales) if recipe == "int4_awq" else (dense.weight,)
-    assert len(stream) == len(want) and all(a is b for a, b in zip(stream, want)), recipe
-    for at, pdl in ((1, frozenset()), (2, frozenset()), (2, every)):
-        base, rt = (TorchRuntime.from_dir(tiny_folders[recipe], device="cuda", compute_dtype="float16", kernels=k)
-                    for k in (KernelConfig(attn_pdl=pdl),
-                              KernelConfig(attn_pdl=pdl, attn_prefetch=every, attn_prefetch_at=at)))
-        for n in (2, 24, 299):
-            assert torch.equal(_one_step_logits(rt, ids[: n + 1]), _one_step_logits(base, ids[: n + 1])), (at, n)
-        tokens = base.generate([ids[:9]], 12, ignore_eos=True).tokens
-        for _ in range(3):  # the graph replayed
-            assert rt.generate([ids[:9]], 12, ignore_eos=True).tokens == tokens, at
-
-
-@cuda
 def test_decode_with_each_linear_doing_the_next_ones_prologue(tiny_folders):
     """KernelConfig.gemv_then: at batch 1 the fc‖gate GEMV writes SiLU · gate and the o / down GEMVs RMSNorm of the
     residual stream (their last program), so that no act_prep runs between linears. On the compiled GEMVs, then on

@@ -102,14 +102,8 @@ def test_attention_fusions_follow_the_batch_limit():
         KernelConfig(attn_fused_batch=0)
     with pytest.raises(ValueError, match="unknown format"):  # attn_pdl names formats, as gemv_pdl does
         KernelConfig(attn_pdl=frozenset({"W4A16"}))
-    for v in ("attnpdl", "noattnpdl", "w8normpdl", "opf", "opfe"):  # the benchmark's variants are valid
+    for v in ("attnpdl", "noattnpdl", "w8normpdl"):  # the benchmark's variants are valid configurations
         dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
-    # attn_prefetch (o_proj's weights asked of L2 by attention) names formats; where each program asks: 1 or 2
-    assert not DEFAULT_KERNELS.attn_prefetch and KERNEL_VARIANTS["opfe"]["attn_prefetch_at"] == 1
-    with pytest.raises(ValueError, match="unknown format"):
-        KernelConfig(attn_prefetch=frozenset({"int4"}))
-    with pytest.raises(ValueError, match="attn_prefetch_at must be"):
-        KernelConfig(attn_prefetch_at=3)
 
 
 def test_attention_tile_is_checked_and_named_by_the_benchmark():

@@ -95,23 +95,6 @@ def loads_before_first_use(nloads: int):
     return check
 
 
-def prefetch_at(at: int):
-    """A check of a compiled kernel: its two bulk L2 prefetches (UBLKPF, KernelConfig.attn_prefetch) come before its
-    first 16-byte load of keys / values (at 1) or after its last one (at 2: behind the loads it must not delay)."""
-    def check(k) -> str | None:
-        from sass_loop import cubin_tool
-
-        sass = cubin_tool(k, "cuobjdump", "-sass")
-        ops = re.findall(r"UBLKPF|LDG[.]E[.]128 ", sass)  # (not the combine's LDG.E.128.STRONG.GPU of partials)
-        pf = [i for i, o in enumerate(ops) if o == "UBLKPF"]
-        ld = [i for i, o in enumerate(ops) if o != "UBLKPF"]
-        if len(pf) != 2 or not ld:
-            return f"two bulk L2 prefetches and the cache loads ({len(pf)}, {len(ld)} there)"
-        ok = max(pf) < min(ld) if at == 1 else min(pf) > max(ld)
-        return None if ok else f"its prefetches {'before' if at == 1 else 'after'} the keys' and values' loads"
-    return check
-
-
 def main() -> int:
     failed = 0
     attn = {"q_ptr": "*fp16", "mask_ptr": "*u8", "slot_ptr": "*i64", "scale_ptr": "*fp32", "m_ptr": "*fp32",
@@ -147,14 +130,6 @@ def main() -> int:
                      dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=kv, FUSED_REDUCE=True, NSPLIT_P2=16,
                           ROPE=True, EARLY=True, GDC=True), {"num_warps": 4, "div16": ATTN_DIV16},
                      loads_before_first_use(n)))
-    for at in (1, 2):  # KernelConfig.attn_prefetch: o_proj's weights asked of L2, plain and early forms
-        for early in (False, True):
-            jobs.append((f"attention prefetch at={at} early={early}", ck._attn_split_kernel,
-                         {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "pf0_ptr": "*i32", "pf1_ptr": "*fp16",
-                          "pf0_bytes": "i64", "pf1_bytes": "i64"},
-                         dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=16,
-                              ROPE=True, EARLY=early, GDC=early, PREFETCH=at, PF_THREADS=128),
-                         {"num_warps": 4, "div16": ATTN_DIV16}, prefetch_at(at)))
     jobs.append(("attention traced (attn_bench --trace)", ck._attn_split_kernel,  # the stamps' predicated reads
                  {**attn, "k_ptr": cache[0], "v_ptr": cache[0], "trace_ptr": "*i64"},
                  dict(GQA=4, SPLIT=64, BLOCK_T=64, D=128, KV_QUANT=0, FUSED_REDUCE=True, NSPLIT_P2=16, ROPE=True,

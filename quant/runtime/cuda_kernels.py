@@ -947,8 +947,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
                        KV_QUANT: tl.constexpr, FUSED_REDUCE: tl.constexpr, NSPLIT_P2: tl.constexpr,
                        ROPE: tl.constexpr, OQ_PRE: tl.constexpr = False, OQ_AFMT: tl.constexpr = 0,
                        EARLY: tl.constexpr = False, GDC: tl.constexpr = False, trace_ptr=None,
-                       TRACE: tl.constexpr = False, pf0_ptr=None, pf0_bytes=0, pf1_ptr=None, pf1_bytes=0,
-                       PREFETCH: tl.constexpr = 0, PF_THREADS: tl.constexpr = 128):
+                       TRACE: tl.constexpr = False):
     """One program per (row b, head h, split of SPLIT keys): the split's softmax statistics (max m, sum l) and
     unnormalized output. FUSED_REDUCE: the (b, h)'s last program to finish (an acq_rel counter; it resets it for
     the next launch) combines every split in split order, as _attn_reduce_kernel does, and one launch is saved.
@@ -962,10 +961,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     then GDC waits for that kernel's grid (griddepcontrol.wait: launched with programmatic dependent launch, this
     kernel may start while the qkv GEMV still runs); the same arithmetic in the same order, so the same bits.
     TRACE (with FUSED_REDUCE; experiments.attn_bench --trace): each program stamps the times it reaches its phases
-    into trace_ptr (_stamp, ATTN_PHASES); the arithmetic is unchanged. PREFETCH (KernelConfig.attn_prefetch; 1: at
-    the program's start, 2: once its keys and values are in): the programs ask L2 for the pf0_bytes at pf0_ptr and
-    the pf1_bytes at pf1_ptr, one slice each (_prefetch_l2): the next linear's weights, streamed while this
-    latency-bound kernel leaves memory idle; nothing is read, so the same bits. PF_THREADS: 32 × num_warps."""
+    into trace_ptr (_stamp, ATTN_PHASES); the arithmetic is unchanged."""
     dt: tl.constexpr = q_ptr.dtype.element_ty
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -983,8 +979,6 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
     offs_d = tl.arange(0, D)
     kv_scale = tl.load(scale_ptr) if KV_QUANT != 0 else 1.0
     slot = cur - 1
-    if PREFETCH == 1:
-        _prefetch_l2(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, idx, tl.num_programs(0) * NSPLIT, PF_THREADS)
     if EARLY:  # (nothing above reads what the kernel before writes: slot, mask and cache are older)
         base = b * stride_cb + kvh * stride_ch  # (and again below, where the kernel without EARLY computes it)
         offs_t0 = lo + tl.arange(0, BLOCK_T)
@@ -1031,8 +1025,6 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, slot_ptr, scale_ptr, m_ptr
         if mine & (h % GQA == 0):
             tl.store(k_ptr + cp, k_st)
             tl.store(v_ptr + cp, v_st)
-    if PREFETCH == 2:
-        _prefetch_l2(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, idx, tl.num_programs(0) * NSPLIT, PF_THREADS)
     if TRACE:
         _stamp(trace_ptr, idx, 3, l_i + tl.sum(acc, axis=0))
     tl.store(m_ptr + idx, m_i)
@@ -1069,36 +1061,6 @@ def _stamp(trace_ptr, idx, phase: tl.constexpr, dep):
     at = trace_ptr + (idx * _NPHASES + phase) * 2
     tl.store(at, ns)
     tl.store(at + 1, clk)
-
-
-# One bulk request for L2 (sm_90: cp.async.bulk.prefetch.L2) of $3 bytes at $1, where $2 (a flag) is non-zero. The
-# operands of the bulk instruction are uniform registers, so ptxas issues it once per distinct lane: with one lane of
-# each warp flagged, once a warp
-_PREFETCH_ASM = tl.constexpr("""{ .reg .pred p; setp.ne.b32 p, $2, 0;
-@p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }""")
-
-
-@triton.jit
-def _prefetch_l2(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, idx, programs, PF_THREADS: tl.constexpr):
-    """Program ``idx`` of ``programs``: each of its warps asks L2 for its slice (16-byte multiples) of the two byte
-    ranges, from the first lane of the warp."""
-    t = tl.arange(0, PF_THREADS)
-    warps = programs * (PF_THREADS // 32)
-    w = (idx * (PF_THREADS // 32) + t // 32).to(tl.int64)
-    lead = (t % 32) == 0
-    _prefetch_slice(pf0_ptr, pf0_bytes, w, warps, lead)
-    _prefetch_slice(pf1_ptr, pf1_bytes, w, warps, lead)
-
-
-@triton.jit
-def _prefetch_slice(ptr, nbytes, w, warps, lead):
-    n = nbytes.to(tl.int64)
-    chunk = (n + warps * 16 - 1) // (warps * 16) * 16
-    start = w * chunk
-    size = tl.minimum(tl.maximum(n - start, 0), chunk)
-    tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l,r,r",
-                              [ptr.to(tl.pointer_type(tl.uint8)) + start, (lead & (size > 0)).to(tl.int32),
-                               size.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -1172,9 +1134,6 @@ def _attn_reduce_kernel(m_ptr, l_ptr, o_ptr, out_ptr, H, NSPLIT, stride_ob, NSPL
 # --sweep, experiments/results/gpu/kernels stage 20) none of 39 tiles was faster end to end: the best alone, 1.01×
 # (7B) and 1.05× (8B), gave FP16, INT4 and INT8 weight-only the same or less.
 ATTN_TILE = (64, 0, 4)
-# The most bytes of the next linear's weights decode attention asks L2 for (KernelConfig.attn_prefetch): a third of an
-# H100's or H200's 50 MB L2, so that the prefetch does not evict what it was meant for, or the caches' keys
-ATTN_PREFETCH_MAX = 16 << 20
 
 
 def attn_splits(batch: int, n_heads: int, max_len: int, n_sm: int = 132, block_t: int = ATTN_TILE[0],
@@ -1194,8 +1153,7 @@ class DecodeAttention:
     """Static workspace for split-KV decode attention of one (batch, heads, max_len) shape (graph-capturable)."""
 
     def __init__(self, batch: int, n_heads: int, n_kv: int, head_dim: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device, fused_reduce: bool = False, tile: tuple[int, int, int] | None = None,
-                 prefetch_at: int = 2):
+                 device: torch.device, fused_reduce: bool = False, tile: tuple[int, int, int] | None = None):
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         # tile: (keys a loop step, keys a split or 0, warps) as KernelConfig.attn_tile; None: ATTN_TILE
         self.block_t, split_keys, self.warps = tile or ATTN_TILE
@@ -1203,7 +1161,6 @@ class DecodeAttention:
         # fused_reduce: the last split of each (row, head) combines them (no second launch); the counters are
         # left at zero by every launch
         self.fused_reduce = fused_reduce
-        self.prefetch_at = prefetch_at  # where a call given ``prefetch`` asks for it (KernelConfig.attn_prefetch_at)
         self.pdl_ok = device.type == "cuda" and pdl_ok(device)
         self.count = torch.zeros(batch * n_heads, dtype=torch.int32, device=device)
         self.B, self.H, self.KVH, self.D = batch, n_heads, n_kv, head_dim
@@ -1215,8 +1172,7 @@ class DecodeAttention:
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
                  slot: torch.Tensor, kv_scale: torch.Tensor | None = None, kv_algo: str | None = None,
                  out: torch.Tensor | None = None, *, rope: tuple | None = None,
-                 then_quant: tuple | None = None, pdl: bool = False, trace: torch.Tensor | None = None,
-                 prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+                 then_quant: tuple | None = None, pdl: bool = False, trace: torch.Tensor | None = None) -> torch.Tensor:
         """q [B, H·D]; caches [B, KVH, max_len, D]; key_mask [B, ≥ max_len] bool; → [B, H·D] in q's dtype.
         ``rope=(positions, inv_freq, kv_rcp)``: q is instead the token's qkv [B, (H + 2·KVH)·D], rotated here and
         its k / v written to the cache at ``slot`` (rope_cache_write's work, in the same launch). ``then_quant``
@@ -1225,9 +1181,7 @@ class DecodeAttention:
         with ``rope`` (only then does the kernel before write nothing those loads read: rope_cache_write writes the
         slot) on an sm_90+ GPU, the launch with programmatic dependent launch, waiting for that kernel after them.
         ``trace`` (int64 [B·H·nsplit, len(ATTN_PHASES), 2], with fused_reduce): a traced launch, each program's stamps
-        written there (experiments.attn_bench --trace); the same output. ``prefetch`` (up to two contiguous CUDA
-        tensors, KernelConfig.attn_prefetch: the next linear's weights): asked of L2 by the programs, the first
-        ATTN_PREFETCH_MAX bytes of them in order; the same output."""
+        written there (experiments.attn_bench --trace); the same output."""
         B, H, D = self.B, self.H, self.D
         assert trace is None or (self.fused_reduce and trace.dtype == torch.int64
                                  and trace.numel() == B * H * self.nsplit * len(ATTN_PHASES) * 2)
@@ -1238,13 +1192,6 @@ class DecodeAttention:
         pos, freq, rcp = rope if rope is not None else (self.m, self.m, None)
         mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
         launch_pdl = pdl and rope is not None and self.pdl_ok
-        assert len(prefetch) <= 2 and all(t.is_contiguous() for t in prefetch)
-        pf, left = [], ATTN_PREFETCH_MAX
-        for t in prefetch:
-            n = min(t.numel() * t.element_size(), left) // 16 * 16
-            pf.append((t, n))
-            left -= n
-        pf += [(self.m, 0)] * (2 - len(pf))
         _attn_split_kernel[(B * H, self.nsplit)](
             q, k_cache, v_cache, mask, slot, kv_scale if kv_scale is not None else self.m, self.m, self.l, self.o,
             self.sm_scale, H, self.nsplit, q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -1253,8 +1200,7 @@ class DecodeAttention:
             GQA=H // self.KVH, SPLIT=self.split, BLOCK_T=self.block_t, D=D, KV_QUANT=KV_QUANT_MODE[kv_algo],
             FUSED_REDUCE=self.fused_reduce, NSPLIT_P2=_pow2(self.nsplit), ROPE=rope is not None,
             OQ_PRE=pre is not None, OQ_AFMT=afmt, EARLY=pdl, GDC=launch_pdl, trace_ptr=trace,
-            TRACE=trace is not None, pf0_ptr=pf[0][0], pf0_bytes=pf[0][1], pf1_ptr=pf[1][0], pf1_bytes=pf[1][1],
-            PREFETCH=self.prefetch_at if prefetch else 0, PF_THREADS=32 * self.warps, num_warps=self.warps,
+            TRACE=trace is not None, num_warps=self.warps,
             **({"launch_pdl": True} if launch_pdl else {}))
         if not self.fused_reduce:
             _attn_reduce_kernel[(B * H,)](self.m, self.l, self.o, out, H, self.nsplit, out.stride(0),

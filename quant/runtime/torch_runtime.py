@@ -320,23 +320,19 @@ class TorchRuntime:
         for i, layer in enumerate(self.layers):
             qkv = self._linear_in(layer["attention.qkv"], h, xn, layer["input_layernorm"])
             rcp, scale = (cache.rcp[i:i + 1], cache.scale[i:i + 1]) if quant else (None, None)
-            dense = layer["attention.dense"]
-            # o_proj's input quantized by the attention's combine where it takes that (gemv_then, SmoothQuant / FP8),
-            # and its weights asked of L2 by attention where KernelConfig.attn_prefetch lists its format
-            akw = _quant_for(dense, st.attn.B) if st.attn.fused_reduce else {}
-            if dense.algo_key in self.kernels.attn_prefetch:
-                akw["prefetch"] = dense.decode_stream(st.attn.B)
+            # o_proj's input quantized by the attention's combine where it takes that (gemv_then, SmoothQuant / FP8)
+            oq = _quant_for(layer["attention.dense"], st.attn.B) if st.attn.fused_reduce else {}
             if st.rope_fused:
                 lin = layer["attention.qkv"]
                 attn = st.attn(qkv, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale,
                                kv_algo=self.kv_algo, rope=(st.pos, self.freq_dev, rcp),
-                               pdl=lin.algo_key in self.kernels.attn_pdl and not lin.gemv_pdl, **akw)
+                               pdl=lin.algo_key in self.kernels.attn_pdl and not lin.gemv_pdl, **oq)
             else:
                 q = ck.rope_cache_write(qkv, st.pos, st.slot, self.freq_dev, cache.k[i], cache.v[i], self.n_heads,
                                         self.n_kv, self.head_dim, kv_rcp=rcp, kv_algo=self.kv_algo)
                 attn = st.attn(q, cache.k[i], cache.v[i], st.key_mask, st.slot, kv_scale=scale, kv_algo=self.kv_algo,
-                               **akw)
-            xn = self._add_out(dense, attn, h, layer["post_layernorm"],
+                               **oq)
+            xn = self._add_out(layer["attention.dense"], attn, h, layer["post_layernorm"],
                                next_lin=layer.get("mlp.fc_gate"))
             nxt_layer = self.layers[i + 1] if i + 1 < len(self.layers) else None
             xn = self._mlp(layer, h, xn, next_norm=nxt_layer["input_layernorm"] if nxt_layer else self.ln_f,
@@ -598,8 +594,7 @@ class _DecodeState:
         self.cache = rt._new_cache(B, total)
         fused_reduce, self.rope_fused = rt.kernels.attn_fusions(B)
         self.attn = DecodeAttention(B, rt.n_heads, rt.n_kv, rt.head_dim, total, rt.dtype, dev,
-                                    fused_reduce=fused_reduce, tile=rt.kernels.attn_tile,
-                                    prefetch_at=rt.kernels.attn_prefetch_at)
+                                    fused_reduce=fused_reduce, tile=rt.kernels.attn_tile)
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
         self.slot = torch.zeros((), dtype=torch.long, device=dev)

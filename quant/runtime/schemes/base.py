@@ -196,14 +196,6 @@ class KernelConfig:
     # (experiments.bench RECIPE@noattnpdl: off; @attnpdl: every format); on an H100 the 8-bit formats whose GEMV
     # normalizes its input take it too (CARD_KERNELS). Not yet timed on an H200.
     attn_pdl: frozenset[str] = frozenset({"W4A16_AWQ"})
-    # Formats whose o_proj weights decode attention asks L2 for (cp.async.bulk.prefetch.L2, each program a slice; at
-    # most cuda_kernels.ATTN_PREFETCH_MAX bytes): attention is bound by latency and leaves memory mostly idle (on an
-    # H100 it moves 2.4–8.4 MB a call in 8–10 µs, stage 23), while o_proj right after it pays a memory round trip
-    # per weight round it would rather have from L2. attn_prefetch_at: where each program asks, 1 at its start, 2 once
-    # its keys and values are in (behind its own loads). The same bits. Empty until measured end to end
-    # (experiments.bench RECIPE@opf, @opfe).
-    attn_prefetch: frozenset[str] = frozenset()
-    attn_prefetch_at: int = 2
     # Batch-1 decode: each linear's epilogue does the next linear's prologue, so that the step launches no act_prep
     # between linears (3 per layer, 4 for SmoothQuant / FP8): fc‖gate writes SiLU(fc) · gate, the o / down
     # projections after the residual add RMSNorm of the residual stream (their last program to finish, so no
@@ -253,10 +245,7 @@ class KernelConfig:
         if self.norm_prologue - {"W4A16_AWQ", *cuda_ext.W8_FORMATS}:
             raise ValueError(f"norm_prologue takes W4A16_AWQ and the 8-bit formats (the compiled GEMVs); got "
                              f"{sorted(self.norm_prologue)}")
-        if self.attn_prefetch_at not in (1, 2):
-            raise ValueError(f"attn_prefetch_at must be 1 (a program's start) or 2 (after its keys and values), "
-                             f"got {self.attn_prefetch_at}")
-        unknown = (set(self.gemv) | set(self.gemv_pdl) | set(self.attn_pdl) | set(self.attn_prefetch)
+        unknown = (set(self.gemv) | set(self.gemv_pdl) | set(self.attn_pdl)
                    | {k for k, _ in (*self.gemv_cvt, *self.gemv_tile)})
         if unknown - set(ALGO_KEYS):
             raise ValueError(f"unknown format(s) {sorted(unknown - set(ALGO_KEYS))}; known: {', '.join(ALGO_KEYS)}")
@@ -372,12 +361,6 @@ class _Handler:
 
     def _gemv_ok(self) -> bool:
         return True
-
-    def decode_stream(self, rows: int) -> tuple[torch.Tensor, ...]:
-        """The tensors this linear's CUDA kernel streams from memory at ``rows`` rows (at most two, largest first),
-        for a kernel before it to ask L2 for (KernelConfig.attn_prefetch); () where not known. Here: the weight as
-        stored, which the dense and 8-bit formats' kernels read at every row count but their tensor-core copies."""
-        return () if self.w8m is not None and rows == 1 else (self.weight,)
 
     def _takes_gemv(self, rows: int) -> bool:
         """Whether ``rows`` rows (on CUDA) take this format's batch-1 GEMV entry (``_gemv``)."""

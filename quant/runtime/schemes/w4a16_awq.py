@@ -120,10 +120,6 @@ class W4A16AWQLinear(_Handler):
         return (self._w4m_takes(1) or self._w4g_takes(1) or self.kpack_at_1
                 or (self.pow2_group and self.tinygemm is None))
 
-    def decode_stream(self, rows: int) -> tuple[torch.Tensor, ...]:
-        # the compiled GEMV's copy and the group scales; the other kernels' copies are not named here
-        return (self.w4g, self.scales) if self._w4g_takes(rows) and not self._w4m_takes(rows) else ()
-
     def takes_norm(self, rows: int) -> bool:
         # (the compiled GEMV's persistent form only: cuda_ext.w4a16_gemv's norm)
         return (rows == 1 and self.algo_key in self.kernels.norm_prologue and self.kernels.w4g_persistent
