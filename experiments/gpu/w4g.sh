@@ -4,7 +4,8 @@
 #   stages: build (timed, SASS instruction mix of the batch-1 kernel), tests/test_cuda.py, kernel_bench per shape
 #   (the GEMV's tiles swept at 1-4 rows, then every variant interleaved), attn (experiments.attn_bench per shape:
 #   decode attention's tiles; attn_e2e: its fastest tile end to end), ncu (Nsight Compute on one layer's INT4
-#   GEMVs), attn_ncu (Nsight Compute's stalls per instruction of decode attention), the end-to-end bench per shape.
+#   GEMVs), gemv_ncu / attn_ncu (Nsight Compute's stalls per instruction of INT4's o / down GEMV, of decode
+#   attention), the end-to-end bench per shape.
 # STAGES (env) picks a subset: "build tests_w4g kb tests e2e" by default; SHAPES the shapes. The device tool
 # brings back 8 files of a call: two shapes and every stage write more, so split the stages over calls.
 # WHEELS (default .whl; .whl15 has the same and more), KB_FLAGS (default --sweep-w4g; --sweep-w8g times the
@@ -92,6 +93,28 @@ PY
         --variants "${NCU_VARIANTS:-fp16 cuBLAS,int4 default}" > "$OUT/ncu-$shape.csv" 2> "$OUT/ncu-$shape.err"
       echo "$shape: $(wc -l < "$OUT/ncu-$shape.csv") lines"; tail -3 "$OUT/ncu-$shape.err"
     done ;;
+  gemv_ncu)  # Nsight Compute's warp-stall samples per SASS instruction of INT4's o and down GEMV (kernel_bench, one
+             # layer, batch 1: its launches of the persistent (4, 1) GEMV with x · pre staged run qkv, o, gate_up,
+             # down in that order, twice before the graph (after FP16 cuBLAS's); the second run's o and down are
+             # profiled), summarized by experiments/gpu/ncu_source.py
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1)
+    [ -n "$NCU" ] || { echo "no ncu on this machine" | tee "$OUT/ncu-gemv.txt"; continue; }
+    for shape in $SHAPES; do
+      for pick in "o 5" "down 7"; do
+        set -- $pick
+        timeout 200 "$NCU" --target-processes all --kernel-name-base demangled \
+          -k "regex:w4a16_gemv_persistent<4, 1, 1, 0>" -s "$2" -c 1 --section SourceCounters \
+          --section WarpStateStats -f -o "/tmp/ncu-gemv-$1-$shape" \
+          python3 -m experiments.kernel_bench --shape $shape --layers 1 --batch-sizes 1 --rounds 1 \
+          --variants "fp16 cuBLAS,int4 default" --out "/tmp/ncu-gemv-$shape.json" > "$OUT/ncu-gemv-$1-$shape.err" 2>&1
+        "$NCU" --import "/tmp/ncu-gemv-$1-$shape.ncu-rep" --page source --print-source sass --csv \
+          > "/tmp/ncu-gemv-src-$1-$shape.csv"
+        "$NCU" --import "/tmp/ncu-gemv-$1-$shape.ncu-rep" --page details --csv > "$OUT/ncu-gemv-$1-$shape.csv"
+        gzip -c "/tmp/ncu-gemv-src-$1-$shape.csv" > "$OUT/ncu-gemv-src-$1-$shape.csv.gz"
+        python3 experiments/gpu/ncu_source.py "/tmp/ncu-gemv-src-$1-$shape.csv" > "$OUT/ncu-gemv-$1-$shape.txt" 2>&1
+        echo "$shape $1:"; head -40 "$OUT/ncu-gemv-$1-$shape.txt"; tail -2 "$OUT/ncu-gemv-$1-$shape.err"
+      done
+    done ;;
   attn_ncu)  # Nsight Compute on decode attention's split kernel alone (attn_bench's default tile, one launch past
              # the warm-up): warp-stall samples per SASS instruction (the source page) and the kernel's summary
     NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1)
@@ -104,7 +127,8 @@ PY
       "$NCU" --import /tmp/ncu-attn-$shape.ncu-rep --page source --print-source sass --csv \
         > "$OUT/ncu-attn-src-$shape.csv"
       "$NCU" --import /tmp/ncu-attn-$shape.ncu-rep --page details --csv > "$OUT/ncu-attn-$shape.csv"
-      echo "$shape: $(wc -l < "$OUT/ncu-attn-src-$shape.csv") instruction lines"; tail -2 "$OUT/ncu-attn-$shape.err"
+      python3 experiments/gpu/ncu_source.py "$OUT/ncu-attn-src-$shape.csv" > "$OUT/ncu-attn-$shape.txt" 2>&1
+      echo "$shape:"; head -40 "$OUT/ncu-attn-$shape.txt"; tail -2 "$OUT/ncu-attn-$shape.err"
     done ;;
   e2e)
     for shape in $SHAPES; do
