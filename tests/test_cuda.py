@@ -605,6 +605,51 @@ def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
         cuda_ext.w4a16_gemv(x.repeat(2, 1), h.w4g, h.scales, group=group, grid=-1)
 
 
+@cuda
+@pytest.mark.parametrize("out, inp", [(92, 576), (2056, 11008), (264, 14336)])
+def test_int4_w4g_cp_stage_gives_the_same_bits(out, inp):
+    """KernelConfig.w4g_cp_stage: the compiled INT4 GEMV's pre-quant staging (x · pre into shared memory, once a
+    block) through cp.async, against the staging through registers, bit for bit: every tile, both forms (one block
+    per row block; persistent on 1, 3 and the GPU-sized grid), plain, SiLU·gate and the residual add + RMSNorm, in a
+    CUDA graph, and through the handler. K = 14336 (Llama-3-8B's down_proj) stages 56 KiB, past the 48 KiB a kernel
+    takes without asking."""
+    from quant.runtime import cuda_ext
+    from quant.runtime.linear import make_linear
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    dtype, group = torch.float16, 128
+    gen = torch.Generator().manual_seed(out * 7 + inp)
+    tensors = {k: v.to(DEV) for k, v in _layout("W4A16_AWQ", gen, out, inp, group).items()}
+    x = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
+    res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
+    nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
+    cnt = torch.zeros(1, dtype=torch.int32, device=DEV)
+    for tile in cuda_ext.GEMV_TILES:
+        h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
+                        kernels=KernelConfig(w4g_tile=tile))
+        for grid in (0, 1, 3, -1):
+            def call(cp, **kw):
+                return cuda_ext.w4a16_gemv(x, h.w4g, h.scales, group=group, tile=tile, grid=grid,
+                                           prequant=h.prequant, cp_stage=cp, **kw)
+            assert torch.equal(call(True), call(False)), (tile, grid)
+            assert torch.equal(call(True, then_silu=True), call(False, then_silu=True)), (tile, grid)
+            r0, r = res.clone(), res.clone()
+            want = call(False, residual=r0, then_norm=nw, counter=cnt, eps=1e-5)
+            got = call(True, residual=r, then_norm=nw, counter=cnt, eps=1e-5)
+            assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any(), (tile, grid)
+    graph, r = torch.cuda.CUDAGraph(), res.clone()
+    with torch.cuda.graph(graph):
+        got = call(True, residual=r, then_norm=nw, counter=cnt, eps=1e-5)
+    for _ in range(3):
+        r.copy_(res)
+        graph.replay()
+        assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any()
+    ref, cp = (make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
+                           kernels=KernelConfig(w4g_cp_stage=c)) for c in (False, True))
+    assert torch.equal(cp(x), ref(x))
+
+
 W8G = ["W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"]
 
 

@@ -303,7 +303,8 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
                prequant: torch.Tensor | None = None, norm: torch.Tensor | None = None,
                then_silu: bool = False, then_norm: torch.Tensor | None = None,
                counter: torch.Tensor | None = None, eps: float = 1e-6,
-               then_quant: tuple | None = None, grid: int = 0, pdl: bool = False) -> torch.Tensor:
+               then_quant: tuple | None = None, grid: int = 0, pdl: bool = False,
+               cp_stage: bool = False) -> torch.Tensor:
     """x [M ≤ 4, K] float16 → x · (q · s)ᵀ [M, N]; added to ``residual`` in place (one rounding) when given.
     One row (:func:`fuses`) may bring the pre-quant scale: the input is then x · prequant, rounded as
     ``cuda_kernels.act_prep`` rounds it; and ``norm`` (KernelConfig.norm_prologue; grid ≠ 0, not with
@@ -317,11 +318,13 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     tests' way to give each block several row blocks). The same bits whichever. ``pdl`` (grid ≠ 0, compute
     capability ≥ 9.0: :func:`pdl_ok`): the persistent kernel launched with programmatic dependent launch, so that
     it starts, and loads its first weights, while the kernel before it in the stream finishes (gemv_common.cuh);
-    the same bits."""
+    the same bits. ``cp_stage`` (with prequant; KernelConfig.w4g_cp_stage): x and prequant staged through cp.async,
+    all in flight at once; the same bits."""
     mod = _built()
     out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w4a16_gemv(x, w, scales, group, out, residual is not None, GEMV_TILES.index(tuple(tile)),
-                   _NONE if prequant is None else prequant, _NONE if norm is None else norm, *then, grid, pdl)
+                   _NONE if prequant is None else prequant, _NONE if norm is None else norm, *then, grid, pdl,
+                   cp_stage)
     return ret
 
 

@@ -17,6 +17,14 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return v;
 }
 
+// 16 bytes global -> shared without registers (cp.async, sm_80+; L2 only, past L1): many in flight from one thread,
+// visible to it after cp_async_wait_all, to the block after that and a barrier.
+__device__ __forceinline__ void cp_async16(uint4* smem, const uint4* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
@@ -103,6 +111,13 @@ cudaError_t launch_persistent(void (*kernel)(Params...), int grid, size_t smem, 
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
+// Lets `kernel` take smem bytes of dynamic shared memory where that is over the 48 KiB every kernel may (host).
+template <class Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t smem) {
+  return smem <= 48 * 1024 ? cudaSuccess
+                           : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
 }
 
 // The blocks of `kernel` (WARPS warps, smem bytes of dynamic shared memory) the current GPU holds at once (host): its

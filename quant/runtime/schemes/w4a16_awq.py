@@ -159,7 +159,7 @@ class W4A16AWQLinear(_Handler):
                 and cuda_ext.fuses(x.shape[0], self.inp):
             return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
                                        tile=self.w4g_tile, prequant=self.prequant, eps=eps, grid=grid, pdl=pdl,
-                                       **then)
+                                       cp_stage=self.kernels.w4g_cp_stage, **then)
         x = self._prep(x, norm, eps, silu, prequant=self.prequant)
         return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile,
                                    eps=eps, grid=grid, pdl=pdl, **then)
