@@ -618,7 +618,7 @@ def test_int4_w4g_cp_stage_gives_the_same_bits(out, inp):
     from quant.runtime.schemes.base import KernelConfig
     from tests.test_kernels import activations
 
-    dtype, group = torch.float16, 128
+    dtype, group = torch.float16, 64
     gen = torch.Generator().manual_seed(out * 7 + inp)
     tensors = {k: v.to(DEV) for k, v in _layout("W4A16_AWQ", gen, out, inp, group).items()}
     x = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
