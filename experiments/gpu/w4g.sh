@@ -96,7 +96,7 @@ PY
   gemv_ncu)  # Nsight Compute's warp-stall samples per SASS instruction of INT4's o and down GEMV (kernel_bench, one
              # layer, batch 1: its launches of the persistent (4, 1) GEMV with x · pre staged run qkv, o, gate_up,
              # down in that order, twice before the graph (after FP16 cuBLAS's); the second run's o and down are
-             # profiled), summarized by experiments/gpu/ncu_source.py
+             # profiled), summarized by experiments/gpu/ncu_source.py; NCU_VARIANT: kernel_bench's INT4 variant
     NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1)
     [ -n "$NCU" ] || { echo "no ncu on this machine" | tee "$OUT/ncu-gemv.txt"; continue; }
     for shape in $SHAPES; do
@@ -106,7 +106,8 @@ PY
           -k "regex:w4a16_gemv_persistent<\(int\)4, \(int\)1, \(int\)1, \(int\)0>" -s "$2" -c 1 --section SourceCounters \
           --section WarpStateStats -f -o "/tmp/ncu-gemv-$1-$shape" \
           python3 -m experiments.kernel_bench --shape $shape --layers 1 --batch-sizes 1 --rounds 1 \
-          --variants "fp16 cuBLAS,int4 default" --out "/tmp/ncu-gemv-$shape.json" > "$OUT/ncu-gemv-$1-$shape.err" 2>&1
+          --variants "fp16 cuBLAS,${NCU_VARIANT:-int4 default}" --out "/tmp/ncu-gemv-$shape.json" \
+          > "$OUT/ncu-gemv-$1-$shape.err" 2>&1
         "$NCU" --import "/tmp/ncu-gemv-$1-$shape.ncu-rep" --page source --print-source sass --csv \
           > "/tmp/ncu-gemv-src-$1-$shape.csv"
         "$NCU" --import "/tmp/ncu-gemv-$1-$shape.ncu-rep" --page details --csv > "$OUT/ncu-gemv-$1-$shape.csv"

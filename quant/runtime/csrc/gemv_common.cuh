@@ -17,14 +17,6 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return v;
 }
 
-// 16 bytes global -> shared without registers (cp.async, sm_80+; L2 only, past L1): many in flight from one thread,
-// visible to it after cp_async_wait_all, to the block after that and a barrier.
-__device__ __forceinline__ void cp_async16(uint4* smem, const uint4* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
 __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
@@ -113,13 +105,6 @@ cudaError_t launch_persistent(void (*kernel)(Params...), int grid, size_t smem, 
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 
-// Lets `kernel` take smem bytes of dynamic shared memory where that is over the 48 KiB every kernel may (host).
-template <class Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t smem) {
-  return smem <= 48 * 1024 ? cudaSuccess
-                           : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-}
-
 // The blocks of `kernel` (WARPS warps, smem bytes of dynamic shared memory) the current GPU holds at once (host): its
 // SMs x the blocks an SM fits (registers, shared memory).
 template <class Kernel>
@@ -168,9 +153,15 @@ __device__ __forceinline__ int weight_row(int r, int N, int vb) {
 // finish(vb) after a row block's last round. On entry cur and rows hold step 0's (the caller loads them first, so
 // that it can stage x meanwhile). vb and the round are the same across a block, so finish may hold a barrier. The
 // steps are the one-block-per-row-block form's rounds in its order: the same sums, the same bits.
-template <int R, int U, int THEN, class Mac, class Finish>
+// ahead(rows, c0), where given, is called with step i + 1's rows and first chunk right after its weights' loads, for
+// what else the step needs loaded ahead (w4a16_gemv.cu's group scales).
+template <int R>
+struct NoAhead {
+  __device__ __forceinline__ void operator()(const int (&)[R], int) const {}
+};
+template <int R, int U, int THEN, class Mac, class Finish, class Ahead = NoAhead<R>>
 __device__ __forceinline__ void walk_row_blocks(const uint4* w, int N, int C, int NB, int lane, uint4 (&cur)[U][R],
-                                                int (&rows)[R], Mac&& mac, Finish&& finish) {
+                                                int (&rows)[R], Mac&& mac, Finish&& finish, Ahead&& ahead = Ahead{}) {
   const int rounds = (C + 32 * U - 1) / (32 * U);
   int vb = blockIdx.x, round = 0;
   uint4 nxt[U][R];
@@ -186,6 +177,7 @@ __device__ __forceinline__ void walk_row_blocks(const uint4* w, int N, int C, in
 #pragma unroll
       for (int r = 0; r < R; ++r) nrows[r] = weight_row<R, THEN>(r, N, nvb);
       load_chunks(nxt, w, nrows, C, nround * 32 * U, lane);
+      ahead(nrows, nround * 32 * U);
     }
     mac(cur, rows, round * 32 * U);
     if (nround == 0) finish(vb);

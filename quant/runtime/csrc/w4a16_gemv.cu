@@ -33,27 +33,34 @@ enum Prologue { PRO_GLOBAL = 0, PRO_PREQUANT = 1, PRO_NORM = 2 };
 
 // The staged row x * pre in shared memory: the 16-byte unit j (k = 32c + 8j .. + 7) of chunk c sits at unit
 // j * C + c, so that the lanes of a warp, reading consecutive chunks' unit j, read consecutive 16 bytes (no bank
-// conflicts). cp (KernelConfig.w4g_cp_stage): x and pre copied into shared memory with cp.async (pre K * 2 bytes
-// past x's), every unit of both in flight at once, then multiplied in place by the thread that copied them; else
-// loaded through registers, which nvcc issues four units at a time: a memory round trip per four units a thread (at
-// down_proj's K = 11008, ~5 one after the other).
-__device__ __forceinline__ void stage_row(uint4* xs, const half* x, const half* pre, int K, bool cp) {
+// conflicts). batch (KernelConfig.w4g_stage_batch): a thread's loads of x and pre issued STAGE_BATCH units at a time,
+// all before any is used; else the plain loop, which nvcc issues four units at a time: a memory round trip per four
+// units a thread, ~5 one after the other at down_proj's K = 11008 (Nsight Compute, experiments/results/gpu/kernels
+// stage 26).
+constexpr int STAGE_BATCH = 8;
+__device__ __forceinline__ void stage_row(uint4* xs, const half* x, const half* pre, int K, bool batch) {
+  constexpr int T = WARPS * 32;
   const int C = K >> 5, units = K >> 3;
   const uint4 *x8 = reinterpret_cast<const uint4*>(x), *p8 = reinterpret_cast<const uint4*>(pre);
-  if (cp) {
-    uint4* ps = xs + units;
-    for (int u = threadIdx.x; u < units; u += WARPS * 32) {
-      gemv::cp_async16(xs + (u & 3) * C + (u >> 2), x8 + u);
-      gemv::cp_async16(ps + (u & 3) * C + (u >> 2), p8 + u);
-    }
-    gemv::cp_async_wait_all();
-    for (int u = threadIdx.x; u < units; u += WARPS * 32) {
-      const int i = (u & 3) * C + (u >> 2);
-      xs[i] = gemv::hmul8(xs[i], ps[i]);
+  if (batch) {
+    for (int u0 = threadIdx.x; u0 < units; u0 += STAGE_BATCH * T) {
+      uint4 a[STAGE_BATCH], b[STAGE_BATCH];
+#pragma unroll
+      for (int h = 0; h < STAGE_BATCH; ++h) {
+        const int u = u0 + h * T;
+        if (u < units) {
+          a[h] = __ldg(x8 + u);
+          b[h] = __ldg(p8 + u);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < STAGE_BATCH; ++h) {
+        const int u = u0 + h * T;
+        if (u < units) xs[(u & 3) * C + (u >> 2)] = gemv::hmul8(a[h], b[h]);
+      }
     }
   } else {
-    for (int u = threadIdx.x; u < units; u += WARPS * 32)
-      xs[(u & 3) * C + (u >> 2)] = gemv::hmul8(__ldg(x8 + u), __ldg(p8 + u));
+    for (int u = threadIdx.x; u < units; u += T) xs[(u & 3) * C + (u >> 2)] = gemv::hmul8(__ldg(x8 + u), __ldg(p8 + u));
   }
   __syncthreads();
 }
@@ -61,19 +68,33 @@ __device__ __forceinline__ void stage_row(uint4* xs, const half* x, const half* 
 // The prologue's staging (PRO_PREQUANT, PRO_NORM), after the first weight loads were issued.
 template <int PRO>
 __device__ __forceinline__ void stage(uint4* xs, const half* x, const half* pre, const half* nw, int K, float eps,
-                                      bool cp) {
-  if constexpr (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K, cp);
+                                      bool batch) {
+  if constexpr (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K, batch);
   // PRO_NORM: xs as stage_row's, of (nw * (x * rstd rounded)) * pre, as the tail and then PRO_PREQUANT round them
   if constexpr (PRO == PRO_NORM)
     gemv::stage_norm(x, nw, pre, K, eps, 0, 1.f, [&](int u, const uint4& v) { xs[(u & 3) * (K >> 5) + (u >> 2)] = v; });
 }
 
+// The group scales of a lane round (chunks c0 + 32u + lane of the R rows; zero past the row), loaded a round ahead
+// of their use (SA: KernelConfig.w4g_scale_ahead), as the weights are: otherwise each round waits on its own scales'
+// loads, which ptxas sinks to their use (Nsight Compute: ~16 % of down_proj's warp time on an H100, stage 26).
+template <int U, int R>
+__device__ __forceinline__ void load_scales(half (&sv)[U][R], const half* s, const int (&rows)[R], int C, int G,
+                                            int cshift, int c0, int lane) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + u * 32 + lane;
+#pragma unroll
+    for (int r = 0; r < R; ++r) sv[u][r] = c < C ? __ldg(s + (int64_t)rows[r] * G + (c >> cshift)) : __float2half(0.f);
+  }
+}
+
 // One lane round: chunks c0 + 32u + lane (u < U) of the R rows, already loaded into wv, against x (or the staged
-// row), into acc[m][r] (float32, the group scale applied once per chunk).
-template <int M, int R, int U, int PRO>
+// row), into acc[m][r] (float32, the group scale applied once per chunk: loaded here, or SA given in sv).
+template <int M, int R, int U, int PRO, bool SA = false>
 __device__ __forceinline__ void mac_round(const uint4 (&wv)[U][R], const half* x, int64_t ldx, const uint4* xs,
                                           const half* s, const int (&rows)[R], int C, int G, int cshift, int c0,
-                                          int lane, float (&acc)[M][R]) {
+                                          int lane, float (&acc)[M][R], const half (*sv)[R] = nullptr) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int c = c0 + u * 32 + lane;
@@ -109,7 +130,7 @@ __device__ __forceinline__ void mac_round(const uint4 (&wv)[U][R], const half* x
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const float sc = __half2float(s[(int64_t)rows[r] * G + (c >> cshift)]);
+      const float sc = __half2float(SA ? sv[u][r] : s[(int64_t)rows[r] * G + (c >> cshift)]);
 #pragma unroll
       for (int m = 0; m < M; ++m) acc[m][r] = fmaf(sc, part[m][r], acc[m][r]);
     }
@@ -155,7 +176,7 @@ template <int M, int R, int U, int PRO, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
     const half* __restrict__ x, int64_t ldx, const uint4* __restrict__ w, const half* __restrict__ s,
     half* __restrict__ y, int64_t ldy, int N, int K, int gshift, bool accumulate, const half* __restrict__ pre,
-    ThenArgs then, bool cp) {
+    ThenArgs then, bool batch) {
   static_assert(PRO != PRO_NORM, "PRO_NORM: the persistent form only");
   extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
@@ -172,7 +193,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
 
   uint4 wv[U][R];
   load_chunks(wv, w, rows, C, 0, lane);  // the first weights on their way while the block stages x
-  stage<PRO>(xs, x, pre, nullptr, K, 0.f, cp);
+  stage<PRO>(xs, x, pre, nullptr, K, 0.f, batch);
   for (int c0 = 0; c0 < C; c0 += 32 * U) {
     if (c0 > 0) load_chunks(wv, w, rows, C, c0, lane);
     mac_round<M, R, U, PRO>(wv, x, ldx, xs, s, rows, C, G, gshift - 5, c0, lane, acc);
@@ -187,11 +208,11 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
 // block. THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store. Launched with
 // programmatic dependent launch (gemv::launch_persistent), only the first weight loads come before
 // gemv::wait_previous_grid.
-template <int R, int U, int PRO, int THEN>
+template <int R, int U, int PRO, int THEN, bool SA>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
     const half* __restrict__ x, const uint4* __restrict__ w, const half* __restrict__ s, half* __restrict__ y,
     int N, int K, int gshift, bool accumulate, const half* __restrict__ pre, const half* __restrict__ nw, float eps,
-    ThenArgs then, int NB, bool pdl, bool cp) {
+    ThenArgs then, int NB, bool pdl, bool batch) {
   extern __shared__ uint4 xs[];
   const int lane = threadIdx.x & 31;
   const int C = K >> 5, G = K >> gshift;
@@ -203,15 +224,26 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
   for (int r = 0; r < R; ++r) acc[0][r] = 0.f;
   gemv::allow_next_grid();
   uint4 cur[U][R];
+  half sc[U][R], scn[U][R];  // SA: this step's group scales and the next step's
   load_chunks(cur, w, rows, C, 0, lane);
+  if constexpr (SA) load_scales(sc, s, rows, C, G, gshift - 5, 0, lane);
   if (pdl) gemv::wait_previous_grid(cur[0][0].x);  // (launched without it: no wait on the loads)
-  stage<PRO>(xs, x, pre, nw, K, eps, cp);
+  stage<PRO>(xs, x, pre, nw, K, eps, batch);
   gemv::walk_row_blocks<R, U, THEN>(
       w, N, C, NB, lane, cur, rows,
       [&](const uint4 (&wv)[U][R], const int (&rw)[R], int c0) {
-        mac_round<1, R, U, PRO>(wv, x, 0, xs, s, rw, C, G, gshift - 5, c0, lane, acc);
+        mac_round<1, R, U, PRO, SA>(wv, x, 0, xs, s, rw, C, G, gshift - 5, c0, lane, acc, sc);
+        if constexpr (SA) {
+#pragma unroll
+          for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int r = 0; r < R; ++r) sc[u][r] = scn[u][r];
+        }
       },
-      [&](int vb) { finish_rows<1, R, THEN>(acc, y, 0, N, accumulate, then, vb, lane); });
+      [&](int vb) { finish_rows<1, R, THEN>(acc, y, 0, N, accumulate, then, vb, lane); },
+      [&](const int (&nrows)[R], int c0) {
+        if constexpr (SA) load_scales(scn, s, nrows, C, G, gshift - 5, c0, lane);
+      });
   if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
 }
 
@@ -226,35 +258,33 @@ struct Args {
   ThenArgs then_args;
   int grid;  // 0: one block per row block; -1: persistent, as many blocks as fit at once; > 0: persistent, at most
   bool pdl;  // the persistent form with programmatic dependent launch
-  bool cp;   // PRO_PREQUANT staged through cp.async (stage_row)
+  bool batch;  // PRO_PREQUANT's staging loads issued STAGE_BATCH units a thread at a time (stage_row)
+  bool sa;     // the persistent form on tile (4, 1): the group scales loaded a step ahead (load_scales)
   cudaStream_t stream;
 };
 
-template <int M, int R, int U, int PRO, int THEN>
+template <int M, int R, int U, int PRO, int THEN, bool SA = false>
 cudaError_t launch(const Args& a) {
   // THEN_SILU: a block's warps take P = WARPS * R / 2 outputs' row pairs; else R rows each
   const int blocks = THEN == THEN_SILU ? (a.N / 2 + WARPS * R / 2 - 1) / (WARPS * R / 2)
                                        : ((a.N + R - 1) / R + WARPS - 1) / WARPS;
-  const size_t smem = PRO == PRO_GLOBAL ? 0 : (PRO == PRO_PREQUANT && a.cp ? 2 : 1) * a.K * sizeof(half);
+  const size_t smem = PRO == PRO_GLOBAL ? 0 : a.K * sizeof(half);
   if constexpr (M == 1) {
     if (a.grid != 0) {
-      const auto kernel = w4a16_gemv_persistent<R, U, PRO, THEN>;
-      cudaError_t err = gemv::allow_smem(kernel, smem);
+      const auto kernel = w4a16_gemv_persistent<R, U, PRO, THEN, SA>;
       int grid = 0;
-      if (err == cudaSuccess) err = gemv::persistent_grid(kernel, smem, a.grid, blocks, grid);
+      const cudaError_t err = gemv::persistent_grid(kernel, smem, a.grid, blocks, grid);
       if (err != cudaSuccess) return err;
       return gemv::launch_persistent(kernel, grid, smem, a.stream, a.pdl, a.x, a.w, a.s, a.y, a.N, a.K, a.gshift,
-                                     a.accumulate, a.pre, a.nw, a.eps, a.then_args, blocks, a.pdl, a.cp);
+                                     a.accumulate, a.pre, a.nw, a.eps, a.then_args, blocks, a.pdl, a.batch);
     }
   }
   if constexpr (PRO == PRO_NORM) return cudaErrorInvalidValue;  // (built in the persistent form only)
   else {
-    const cudaError_t err = gemv::allow_smem(w4a16_gemv_kernel<M, R, U, PRO, THEN>, smem);
-    if (err != cudaSuccess) return err;
     w4a16_gemv_kernel<M, R, U, PRO, THEN><<<blocks, WARPS * 32, smem, a.stream>>>(
         static_cast<const half*>(a.x), a.ldx, static_cast<const uint4*>(a.w), static_cast<const half*>(a.s),
         static_cast<half*>(a.y), a.ldy, a.N, a.K, a.gshift, a.accumulate, static_cast<const half*>(a.pre),
-        a.then_args, a.cp);
+        a.then_args, a.batch);
     return cudaGetLastError();
   }
 }
@@ -266,7 +296,7 @@ cudaError_t launch_tile(int tile, const Args& a) {
     case 1: return launch<M, 1, 4, PRO, THEN>(a);
     case 2: return launch<M, 2, 2, PRO, THEN>(a);
     case 3: return launch<M, 2, 4, PRO, THEN>(a);
-    case 4: return launch<M, 4, 1, PRO, THEN>(a);
+    case 4: return a.sa ? launch<M, 4, 1, PRO, THEN, true>(a) : launch<M, 4, 1, PRO, THEN>(a);
     case 5: return launch<M, 4, 2, PRO, THEN>(a);
     default: return cudaErrorInvalidValue;
   }
@@ -291,8 +321,7 @@ cudaError_t launch_one_row(int tile, const Args& a) {
 // The contract of the launcher (checked by the binding): M in 1..4; K % 32 == 0; group a power of two >= 32 that
 // divides K; x, w and s 16-byte aligned with row strides ldx (elements, a multiple of 8) and K / 8 words and K /
 // group scales; y [M, ldy] float16. pre [K] float16 (x * pre is the input) or null: M == 1 and K * 2 bytes of
-// shared memory (<= 48 KiB; twice that with cp, KernelConfig.w4g_cp_stage); with more rows the pre-quant scale must
-// already be applied. nw [K] float16, 16-byte
+// shared memory (<= 48 KiB); with more rows the pre-quant scale must already be applied. nw [K] float16, 16-byte
 // aligned (RMSNorm(x) * nw, eps, then * pre if any, is the input) or null: M == 1, grid != 0, K * 2 bytes of
 // shared memory, then not THEN_NORM. then (gemv::Then) other
 // than THEN_NONE: M == 1, the result in t.xn (gemv::ThenArgs); THEN_SILU: N even, xn [N/2], y unused, not
@@ -301,8 +330,8 @@ cudaError_t launch_one_row(int tile, const Args& a) {
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
                               const void* nw, float eps, int then, const ThenArgs& t, int grid, bool pdl,
-                              bool cp, cudaStream_t stream) {
-  const Args a{x, w, s, pre, nw, y, ldx, ldy, N, K, gshift, accumulate, eps, then, t, grid, pdl, cp, stream};
+                              bool batch, bool sa, cudaStream_t stream) {
+  const Args a{x, w, s, pre, nw, y, ldx, ldy, N, K, gshift, accumulate, eps, then, t, grid, pdl, batch, sa, stream};
   if ((grid != 0 && M != 1) || (pdl && grid == 0)) return cudaErrorInvalidValue;
   if (nw != nullptr) return M == 1 ? launch_one_row<PRO_NORM>(tile, a) : cudaErrorInvalidValue;
   if (pre != nullptr) return M == 1 ? launch_one_row<PRO_PREQUANT>(tile, a) : cudaErrorInvalidValue;
