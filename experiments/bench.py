@@ -172,8 +172,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # (``@now4m``: rows 2–64 on the k-packed kernel, the default before), or the 8-bit formats' batch 1 on their
 # tensor-core kernel (csrc/w8_mma.cu; ``int8_wo@w8m``, with 4 steps ahead ``@w8m4``), or INT4's prefill from the
 # stored layout, kept beside the k-packed copy (``int4_awq@nokprefill``; the default dequantizes the k-packed copy),
-# or INT4's pre-quant staging loads issued eight units a thread at a time (``int4_awq@w4gsb``), its group scales
-# loaded a step ahead (``@w4gsa``), or both (``@w4gsbsa``),
+# or INT4's pre-quant staging loads issued four units a thread at a time, as nvcc does the plain loop
+# (``int4_awq@now4gsb``; the default issues eight),
 # or KernelConfig's defaults where this card's CARD_KERNELS entry changes them (``int8_wo@nocard``). Every variant
 # changes the card's defaults (schemes.base.card_kernels), which the unadorned recipe runs.
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} for k in INT4_KERNELS},
@@ -199,8 +199,7 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "w4m1": {"w4m_rows": (1, 1)}, "w4m8": {"w4m_rows": (1, 8), "w4m_depth": 8},
                    "now4m": {"w4m_rows": None},
                    "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4},
-                   "nokprefill": {"w4k_prefill": False}, "w4gsb": {"w4g_stage_batch": True},
-                   "w4gsa": {"w4g_scale_ahead": True}, "w4gsbsa": {"w4g_stage_batch": True, "w4g_scale_ahead": True},
+                   "nokprefill": {"w4k_prefill": False}, "now4gsb": {"w4g_stage_batch": False},
                    "nocard": {f: getattr(DEFAULT_KERNELS, f) for _, fields in CARD_KERNELS for f in fields}}
 # ``@attnBxSwW``: decode attention's split kernel on the tile (B keys a loop step, S keys a split, W warps;
 # KernelConfig.attn_tile), e.g. ``fp16@attn32x64w2``

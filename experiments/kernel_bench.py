@@ -60,9 +60,7 @@ VARIANTS = {
     "int4 w4g": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4), w4m_rows=None)),
     "int4 w4g unfused": ("W4A16_AWQ", KernelConfig(w4g_rows=(1, 4), w4g_fuse=False, w4m_rows=None)),
     "int4 default": ("W4A16_AWQ", KernelConfig()),
-    "int4 stagebatch": ("W4A16_AWQ", KernelConfig(w4g_stage_batch=True)),  # its staging loads 8 units at a time
-    "int4 scaleahead": ("W4A16_AWQ", KernelConfig(w4g_scale_ahead=True)),  # its group scales a step ahead
-    "int4 sb+sa": ("W4A16_AWQ", KernelConfig(w4g_stage_batch=True, w4g_scale_ahead=True)),
+    "int4 plain staging": ("W4A16_AWQ", KernelConfig(w4g_stage_batch=False)),  # staging loads 4 units at a time
     # the compiled GEMVs' other form at one row: INT4's one block per row block (its default is persistent), the
     # 8-bit formats' persistent (KernelConfig.w4g_persistent / w8g_persistent)
     "int4 w4g per row block": ("W4A16_AWQ", KernelConfig(w4g_persistent=False, w4g_tile=(2, 4))),

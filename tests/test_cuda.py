@@ -607,14 +607,12 @@ def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
 
 @cuda
 @pytest.mark.parametrize("out, inp", [(92, 576), (2056, 11008), (264, 14336)])
-def test_int4_w4g_stage_batch_and_scale_ahead_give_the_same_bits(out, inp):
-    """KernelConfig.w4g_stage_batch (the compiled INT4 GEMV's pre-quant staging loads issued eight units a thread at
-    a time) and w4g_scale_ahead (its persistent form on tile (4, 1) loading each step's group scales a step ahead),
-    alone and together, against neither, bit for bit: every tile (the scales ahead only on (4, 1)), both forms (one
-    block per row block; persistent on 1, 3 and the GPU-sized grid), plain, SiLU·gate and the residual add +
-    RMSNorm, with the pre-quant scale and with the norm prologue (persistent only), in a CUDA graph, and through the
-    handler. K = 576 (part of one batch), 11008 and 14336 (two batches, the second partial; steps crossing row
-    blocks)."""
+def test_int4_w4g_stage_batch_gives_the_same_bits(out, inp):
+    """KernelConfig.w4g_stage_batch: the compiled INT4 GEMV's pre-quant staging (x · pre into shared memory, once a
+    block) with its loads issued eight units a thread at a time, against the plain loop, bit for bit: every tile,
+    both forms (one block per row block; persistent on 1, 3 and the GPU-sized grid), plain, SiLU·gate and the
+    residual add + RMSNorm, in a CUDA graph, and through the handler. K = 576 (part of one batch), 11008 and 14336
+    (the shapes' down_proj: two batches, the second partial)."""
     from quant.runtime import cuda_ext
     from quant.runtime.linear import make_linear
     from quant.runtime.schemes.base import KernelConfig
@@ -626,44 +624,30 @@ def test_int4_w4g_stage_batch_and_scale_ahead_give_the_same_bits(out, inp):
     x = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
     res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
     nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
-    norm_in = (1 + 0.1 * torch.randn(inp, generator=gen)).to(dtype).to(DEV)
     cnt = torch.zeros(1, dtype=torch.int32, device=DEV)
     for tile in cuda_ext.GEMV_TILES:
         h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
                         kernels=KernelConfig(w4g_tile=tile))
-        for grid, pro in itertools.product((0, 1, 3, -1), ("prequant", "norm")):
-            if pro == "norm" and grid == 0:
-                continue  # (the norm prologue: the persistent form only)
-            inputs = {"prequant": h.prequant, **({"norm": norm_in} if pro == "norm" else {})}
-
-            def call(sb, sa, **kw):
-                return cuda_ext.w4a16_gemv(x, h.w4g, h.scales, group=group, tile=tile, grid=grid, stage_batch=sb,
-                                           scale_ahead=sa, **inputs, **kw)
-            for sb, sa in ((True, False), (False, True), (True, True)):
-                tag = (tile, grid, pro, sb, sa)
-                assert torch.equal(call(sb, sa), call(False, False)), tag
-                assert torch.equal(call(sb, sa, then_silu=True), call(False, False, then_silu=True)), tag
-                if pro == "norm":
-                    continue  # (not with then_norm)
-                r0, r = res.clone(), res.clone()
-                want = call(False, False, residual=r0, then_norm=nw, counter=cnt, eps=1e-5)
-                got = call(sb, sa, residual=r, then_norm=nw, counter=cnt, eps=1e-5)
-                assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any(), tag
-    graph, r = torch.cuda.CUDAGraph(), res.clone()  # (tile (4, 1), the GPU-sized grid, the pre-quant scale)
-    h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group, kernels=KernelConfig())
-    r0 = res.clone()
-    want = cuda_ext.w4a16_gemv(x, h.w4g, h.scales, group=group, grid=-1, prequant=h.prequant, residual=r0,
-                               then_norm=nw, counter=cnt, eps=1e-5)
+        for grid in (0, 1, 3, -1):
+            def call(sb, **kw):
+                return cuda_ext.w4a16_gemv(x, h.w4g, h.scales, group=group, tile=tile, grid=grid,
+                                           prequant=h.prequant, stage_batch=sb, **kw)
+            assert torch.equal(call(True), call(False)), (tile, grid)
+            assert torch.equal(call(True, then_silu=True), call(False, then_silu=True)), (tile, grid)
+            r0, r = res.clone(), res.clone()
+            want = call(False, residual=r0, then_norm=nw, counter=cnt, eps=1e-5)
+            got = call(True, residual=r, then_norm=nw, counter=cnt, eps=1e-5)
+            assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any(), (tile, grid)
+    graph, r = torch.cuda.CUDAGraph(), res.clone()  # (the last tile, the GPU-sized grid)
     with torch.cuda.graph(graph):
-        got = cuda_ext.w4a16_gemv(x, h.w4g, h.scales, group=group, grid=-1, prequant=h.prequant, residual=r,
-                                  then_norm=nw, counter=cnt, eps=1e-5, stage_batch=True, scale_ahead=True)
+        got = call(True, residual=r, then_norm=nw, counter=cnt, eps=1e-5)
     for _ in range(3):
         r.copy_(res)
         graph.replay()
         assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any()
-    ref, new = (make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
-                            kernels=KernelConfig(w4g_stage_batch=c, w4g_scale_ahead=c)) for c in (False, True))
-    assert torch.equal(new(x), ref(x))
+    plain, batched = (make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
+                                  kernels=KernelConfig(w4g_stage_batch=c)) for c in (False, True))
+    assert torch.equal(batched(x), plain(x))
 
 
 W8G = ["W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"]

@@ -304,7 +304,7 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
                then_silu: bool = False, then_norm: torch.Tensor | None = None,
                counter: torch.Tensor | None = None, eps: float = 1e-6,
                then_quant: tuple | None = None, grid: int = 0, pdl: bool = False,
-               stage_batch: bool = False, scale_ahead: bool = False) -> torch.Tensor:
+               stage_batch: bool = True) -> torch.Tensor:
     """x [M ≤ 4, K] float16 → x · (q · s)ᵀ [M, N]; added to ``residual`` in place (one rounding) when given.
     One row (:func:`fuses`) may bring the pre-quant scale: the input is then x · prequant, rounded as
     ``cuda_kernels.act_prep`` rounds it; and ``norm`` (KernelConfig.norm_prologue; grid ≠ 0, not with
@@ -319,14 +319,12 @@ def w4a16_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, group:
     capability ≥ 9.0: :func:`pdl_ok`): the persistent kernel launched with programmatic dependent launch, so that
     it starts, and loads its first weights, while the kernel before it in the stream finishes (gemv_common.cuh);
     the same bits. ``stage_batch`` (with prequant; KernelConfig.w4g_stage_batch): x and prequant loaded for the
-    staging eight units a thread at a time, all before any is used; ``scale_ahead`` (KernelConfig.w4g_scale_ahead;
-    the persistent form on tile (4, 1)): each step's group scales loaded a step ahead, with its weights; the same
-    bits."""
+    staging eight units a thread at a time, all before any is used (else four at a time); the same bits."""
     mod = _built()
     out, then, ret = _then(x, w.shape[0], residual, then_silu, then_norm, counter, eps, then_quant)
     mod.w4a16_gemv(x, w, scales, group, out, residual is not None, GEMV_TILES.index(tuple(tile)),
                    _NONE if prequant is None else prequant, _NONE if norm is None else norm, *then, grid, pdl,
-                   stage_batch, scale_ahead)
+                   stage_batch)
     return ret
 
 

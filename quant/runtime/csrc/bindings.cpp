@@ -8,7 +8,7 @@
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
                               const void* nw, float eps, int then, const gemv::ThenArgs& t, int grid, bool pdl,
-                              bool batch, bool sa, cudaStream_t stream);
+                              bool batch, cudaStream_t stream);
 cudaError_t w8_gemv_launch(int fmt, int tile, int M, const void* x, int64_t ldx, const void* w, const void* s,
                            void* y, int64_t ldy, int N, int K, bool accumulate, int then, const gemv::ThenArgs& t,
                            int grid, bool pdl, const void* nw, const void* pre, const float* act_scale, float eps,
@@ -94,13 +94,11 @@ static torch::Tensor split_partials(int splits, int64_t M, int64_t N, const torc
 // unless 0): 0 one block per row block; -1 the persistent kernel on as many blocks as fit the GPU at once; n > 0 on
 // at most n blocks. pdl: the persistent kernel launched with programmatic dependent launch (check_pdl).
 // stage_batch (with prequant): x and prequant loaded for staging 8 units a thread at a time
-// (KernelConfig.w4g_stage_batch). scale_ahead: the persistent form on tile (4, 1) loads each step's group scales a
-// step ahead (KernelConfig.w4g_scale_ahead). Returns out.
+// (KernelConfig.w4g_stage_batch). Returns out.
 torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t group, torch::Tensor out,
                          bool accumulate, int64_t tile, torch::Tensor prequant, torch::Tensor norm, int64_t then,
                          torch::Tensor nw, torch::Tensor xn, torch::Tensor cnt, double eps, torch::Tensor then_pre,
-                         torch::Tensor then_a, int64_t then_afmt, int64_t grid, bool pdl, bool stage_batch,
-                         bool scale_ahead) {
+                         torch::Tensor then_a, int64_t then_afmt, int64_t grid, bool pdl, bool stage_batch) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device() && s.device() == x.device() && out.device() == x.device(),
               "w4a16_gemv: tensors on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf && s.scalar_type() == at::kHalf && out.scalar_type() == at::kHalf &&
@@ -131,7 +129,7 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, int6
       static_cast<int>(tile), static_cast<int>(M), x.data_ptr(), x.stride(0), w.data_ptr(), s.data_ptr(),
       out.data_ptr(), out.stride(0), static_cast<int>(N), static_cast<int>(K), gshift, accumulate,
       pre ? prequant.data_ptr() : nullptr, prenorm ? norm.data_ptr() : nullptr, static_cast<float>(eps),
-      static_cast<int>(then), t, static_cast<int>(grid), pdl, stage_batch, scale_ahead,
+      static_cast<int>(then), t, static_cast<int>(grid), pdl, stage_batch,
       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "w4a16_gemv: ", cudaGetErrorString(err));
   return out;

@@ -153,15 +153,9 @@ __device__ __forceinline__ int weight_row(int r, int N, int vb) {
 // finish(vb) after a row block's last round. On entry cur and rows hold step 0's (the caller loads them first, so
 // that it can stage x meanwhile). vb and the round are the same across a block, so finish may hold a barrier. The
 // steps are the one-block-per-row-block form's rounds in its order: the same sums, the same bits.
-// ahead(rows, c0), where given, is called with step i + 1's rows and first chunk right after its weights' loads, for
-// what else the step needs loaded ahead (w4a16_gemv.cu's group scales).
-template <int R>
-struct NoAhead {
-  __device__ __forceinline__ void operator()(const int (&)[R], int) const {}
-};
-template <int R, int U, int THEN, class Mac, class Finish, class Ahead = NoAhead<R>>
+template <int R, int U, int THEN, class Mac, class Finish>
 __device__ __forceinline__ void walk_row_blocks(const uint4* w, int N, int C, int NB, int lane, uint4 (&cur)[U][R],
-                                                int (&rows)[R], Mac&& mac, Finish&& finish, Ahead&& ahead = Ahead{}) {
+                                                int (&rows)[R], Mac&& mac, Finish&& finish) {
   const int rounds = (C + 32 * U - 1) / (32 * U);
   int vb = blockIdx.x, round = 0;
   uint4 nxt[U][R];
@@ -177,7 +171,6 @@ __device__ __forceinline__ void walk_row_blocks(const uint4* w, int N, int C, in
 #pragma unroll
       for (int r = 0; r < R; ++r) nrows[r] = weight_row<R, THEN>(r, N, nvb);
       load_chunks(nxt, w, nrows, C, nround * 32 * U, lane);
-      ahead(nrows, nround * 32 * U);
     }
     mac(cur, rows, round * 32 * U);
     if (nround == 0) finish(vb);

@@ -75,26 +75,12 @@ __device__ __forceinline__ void stage(uint4* xs, const half* x, const half* pre,
     gemv::stage_norm(x, nw, pre, K, eps, 0, 1.f, [&](int u, const uint4& v) { xs[(u & 3) * (K >> 5) + (u >> 2)] = v; });
 }
 
-// The group scales of a lane round (chunks c0 + 32u + lane of the R rows; zero past the row), loaded a round ahead
-// of their use (SA: KernelConfig.w4g_scale_ahead), as the weights are: otherwise each round waits on its own scales'
-// loads, which ptxas sinks to their use (Nsight Compute: ~16 % of down_proj's warp time on an H100, stage 26).
-template <int U, int R>
-__device__ __forceinline__ void load_scales(half (&sv)[U][R], const half* s, const int (&rows)[R], int C, int G,
-                                            int cshift, int c0, int lane) {
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int c = c0 + u * 32 + lane;
-#pragma unroll
-    for (int r = 0; r < R; ++r) sv[u][r] = c < C ? __ldg(s + (int64_t)rows[r] * G + (c >> cshift)) : __float2half(0.f);
-  }
-}
-
 // One lane round: chunks c0 + 32u + lane (u < U) of the R rows, already loaded into wv, against x (or the staged
-// row), into acc[m][r] (float32, the group scale applied once per chunk: loaded here, or SA given in sv).
-template <int M, int R, int U, int PRO, bool SA = false>
+// row), into acc[m][r] (float32, the group scale applied once per chunk).
+template <int M, int R, int U, int PRO>
 __device__ __forceinline__ void mac_round(const uint4 (&wv)[U][R], const half* x, int64_t ldx, const uint4* xs,
                                           const half* s, const int (&rows)[R], int C, int G, int cshift, int c0,
-                                          int lane, float (&acc)[M][R], const half (*sv)[R] = nullptr) {
+                                          int lane, float (&acc)[M][R]) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int c = c0 + u * 32 + lane;
@@ -130,7 +116,7 @@ __device__ __forceinline__ void mac_round(const uint4 (&wv)[U][R], const half* x
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const float sc = __half2float(SA ? sv[u][r] : s[(int64_t)rows[r] * G + (c >> cshift)]);
+      const float sc = __half2float(s[(int64_t)rows[r] * G + (c >> cshift)]);
 #pragma unroll
       for (int m = 0; m < M; ++m) acc[m][r] = fmaf(sc, part[m][r], acc[m][r]);
     }
@@ -208,7 +194,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_kernel(
 // block. THEN_NORM counts the physical blocks (gridDim.x), each once, after its last store. Launched with
 // programmatic dependent launch (gemv::launch_persistent), only the first weight loads come before
 // gemv::wait_previous_grid.
-template <int R, int U, int PRO, int THEN, bool SA>
+template <int R, int U, int PRO, int THEN>
 __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
     const half* __restrict__ x, const uint4* __restrict__ w, const half* __restrict__ s, half* __restrict__ y,
     int N, int K, int gshift, bool accumulate, const half* __restrict__ pre, const half* __restrict__ nw, float eps,
@@ -224,26 +210,15 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_gemv_persistent(
   for (int r = 0; r < R; ++r) acc[0][r] = 0.f;
   gemv::allow_next_grid();
   uint4 cur[U][R];
-  half sc[U][R], scn[U][R];  // SA: this step's group scales and the next step's
   load_chunks(cur, w, rows, C, 0, lane);
-  if constexpr (SA) load_scales(sc, s, rows, C, G, gshift - 5, 0, lane);
   if (pdl) gemv::wait_previous_grid(cur[0][0].x);  // (launched without it: no wait on the loads)
   stage<PRO>(xs, x, pre, nw, K, eps, batch);
   gemv::walk_row_blocks<R, U, THEN>(
       w, N, C, NB, lane, cur, rows,
       [&](const uint4 (&wv)[U][R], const int (&rw)[R], int c0) {
-        mac_round<1, R, U, PRO, SA>(wv, x, 0, xs, s, rw, C, G, gshift - 5, c0, lane, acc, sc);
-        if constexpr (SA) {
-#pragma unroll
-          for (int u = 0; u < U; ++u)
-#pragma unroll
-            for (int r = 0; r < R; ++r) sc[u][r] = scn[u][r];
-        }
+        mac_round<1, R, U, PRO>(wv, x, 0, xs, s, rw, C, G, gshift - 5, c0, lane, acc);
       },
-      [&](int vb) { finish_rows<1, R, THEN>(acc, y, 0, N, accumulate, then, vb, lane); },
-      [&](const int (&nrows)[R], int c0) {
-        if constexpr (SA) load_scales(scn, s, nrows, C, G, gshift - 5, c0, lane);
-      });
+      [&](int vb) { finish_rows<1, R, THEN>(acc, y, 0, N, accumulate, then, vb, lane); });
   if constexpr (THEN == THEN_NORM) gemv::norm_by_last_block(y, then, N, gridDim.x);
 }
 
@@ -259,11 +234,10 @@ struct Args {
   int grid;  // 0: one block per row block; -1: persistent, as many blocks as fit at once; > 0: persistent, at most
   bool pdl;  // the persistent form with programmatic dependent launch
   bool batch;  // PRO_PREQUANT's staging loads issued STAGE_BATCH units a thread at a time (stage_row)
-  bool sa;     // the persistent form on tile (4, 1): the group scales loaded a step ahead (load_scales)
   cudaStream_t stream;
 };
 
-template <int M, int R, int U, int PRO, int THEN, bool SA = false>
+template <int M, int R, int U, int PRO, int THEN>
 cudaError_t launch(const Args& a) {
   // THEN_SILU: a block's warps take P = WARPS * R / 2 outputs' row pairs; else R rows each
   const int blocks = THEN == THEN_SILU ? (a.N / 2 + WARPS * R / 2 - 1) / (WARPS * R / 2)
@@ -271,7 +245,7 @@ cudaError_t launch(const Args& a) {
   const size_t smem = PRO == PRO_GLOBAL ? 0 : a.K * sizeof(half);
   if constexpr (M == 1) {
     if (a.grid != 0) {
-      const auto kernel = w4a16_gemv_persistent<R, U, PRO, THEN, SA>;
+      const auto kernel = w4a16_gemv_persistent<R, U, PRO, THEN>;
       int grid = 0;
       const cudaError_t err = gemv::persistent_grid(kernel, smem, a.grid, blocks, grid);
       if (err != cudaSuccess) return err;
@@ -296,7 +270,7 @@ cudaError_t launch_tile(int tile, const Args& a) {
     case 1: return launch<M, 1, 4, PRO, THEN>(a);
     case 2: return launch<M, 2, 2, PRO, THEN>(a);
     case 3: return launch<M, 2, 4, PRO, THEN>(a);
-    case 4: return a.sa ? launch<M, 4, 1, PRO, THEN, true>(a) : launch<M, 4, 1, PRO, THEN>(a);
+    case 4: return launch<M, 4, 1, PRO, THEN>(a);
     case 5: return launch<M, 4, 2, PRO, THEN>(a);
     default: return cudaErrorInvalidValue;
   }
@@ -330,8 +304,8 @@ cudaError_t launch_one_row(int tile, const Args& a) {
 cudaError_t w4a16_gemv_launch(int tile, int M, const void* x, int64_t ldx, const void* w, const void* s, void* y,
                               int64_t ldy, int N, int K, int gshift, bool accumulate, const void* pre,
                               const void* nw, float eps, int then, const ThenArgs& t, int grid, bool pdl,
-                              bool batch, bool sa, cudaStream_t stream) {
-  const Args a{x, w, s, pre, nw, y, ldx, ldy, N, K, gshift, accumulate, eps, then, t, grid, pdl, batch, sa, stream};
+                              bool batch, cudaStream_t stream) {
+  const Args a{x, w, s, pre, nw, y, ldx, ldy, N, K, gshift, accumulate, eps, then, t, grid, pdl, batch, stream};
   if ((grid != 0 && M != 1) || (pdl && grid == 0)) return cudaErrorInvalidValue;
   if (nw != nullptr) return M == 1 ? launch_one_row<PRO_NORM>(tile, a) : cudaErrorInvalidValue;
   if (pre != nullptr) return M == 1 ? launch_one_row<PRO_PREQUANT>(tile, a) : cudaErrorInvalidValue;

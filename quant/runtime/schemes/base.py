@@ -102,14 +102,12 @@ class KernelConfig:
     w4g_persistent: bool = True
     # Its pre-quant staging (o_proj, down_proj: x · pre into shared memory once a block) with a thread's loads of x
     # and pre issued eight units at a time, all before any is used, instead of the plain loop that nvcc issues four
-    # units at a time: Nsight Compute's stall samples put ~17 % of down_proj's warp time in that staging on an H100
-    # (7B: ~5 round trips one after the other at K 11008; experiments/results/gpu/kernels stage 26). The same
-    # bits. Off until timed end to end (experiments.bench RECIPE@w4gsb).
-    w4g_stage_batch: bool = False
-    # Its persistent form on tile (4, 1): each step's group scales loaded a step ahead, with its weights, instead of in
-    # the step that uses them, which ptxas sinks to their use (~16 % of down_proj's warp time, ~6 % of o_proj's, in
-    # the same samples). The same bits. Off until timed end to end (experiments.bench RECIPE@w4gsa; both: @w4gsbsa).
-    w4g_scale_ahead: bool = False
+    # units at a time: ~5 memory round trips one after the other at down_proj's K = 11008, where Nsight Compute's
+    # stall samples put ~17 % of its warp time on an H100. The same bits. End to end on an H100 (batch 1, input 512,
+    # two interleaved runs, 2026-12-07; experiments/results/gpu/kernels stage 26) INT4 went from 2.154 / 2.156 to
+    # 2.140 / 2.143 ms a token on LLaMa-2-7B (2.40 → 2.42× FP16) and from 2.450 / 2.450 to 2.438 / 2.443 on
+    # Llama-3-8B (2.31 → 2.32×): small, but in all four pairings (experiments.bench RECIPE@now4gsb: the plain loop).
+    w4g_stage_batch: bool = True
     # INT4 rows (1–32) that take the tensor-core kernel (cuda_ext.w4a16_mma: float16, N a multiple of 64, on a copy
     # whose 16 bytes a lane are its MMA fragments, made at load; ahead of w4g_rows, w4k_rows and tinygemm; batch 1
     # with the gemv_then epilogues); None: off. Rows 2–16: end to end on an H100 (input 512, interleaved, 2026-12-05,

@@ -130,7 +130,7 @@ class W4A16AWQLinear(_Handler):
     def _normed_gemv(self, x, norm, eps, residual, **then):
         return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile,
                                    prequant=self.prequant, norm=norm, eps=eps, grid=cuda_ext.grid(True, 1),
-                                   pdl=self.gemv_pdl, scale_ahead=self.kernels.w4g_scale_ahead, **then)
+                                   pdl=self.gemv_pdl, **then)
 
     def _gemv_then_ok(self) -> bool:
         return not self.kpack_at_1 or self._w4g_takes(1) or self._w4m_takes(1)
@@ -159,11 +159,10 @@ class W4A16AWQLinear(_Handler):
                 and cuda_ext.fuses(x.shape[0], self.inp):
             return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual,
                                        tile=self.w4g_tile, prequant=self.prequant, eps=eps, grid=grid, pdl=pdl,
-                                       stage_batch=self.kernels.w4g_stage_batch,
-                                       scale_ahead=self.kernels.w4g_scale_ahead, **then)
+                                       stage_batch=self.kernels.w4g_stage_batch, **then)
         x = self._prep(x, norm, eps, silu, prequant=self.prequant)
         return cuda_ext.w4a16_gemv(x, self.w4g, self.scales, group=self.group, residual=residual, tile=self.w4g_tile,
-                                   eps=eps, grid=grid, pdl=pdl, scale_ahead=self.kernels.w4g_scale_ahead, **then)
+                                   eps=eps, grid=grid, pdl=pdl, **then)
 
     def _w4m_mm(self, x, norm, eps, silu, residual=None, **then):
         w, s = self.w4m
