@@ -566,6 +566,19 @@ def _persistent_in_a_graph(call, res, nw, cnt, want, r0, **kw):
             assert torch.equal(r, r0) and torch.equal(got, want) and not cnt.any(), grid
 
 
+def _w4g_case(seed: int, out: int, inp: int, group: int):
+    """An INT4 linear's checkpoint tensors [out, inp], one float16 row of activations (large ones among them), a
+    residual row and an RMSNorm weight [out], and a then_norm counter at zero, all on the GPU."""
+    from tests.test_kernels import activations
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {k: v.to(DEV) for k, v in _layout("W4A16_AWQ", gen, out, inp, group).items()}
+    x = (activations(gen, 1, inp) * 3).to(torch.float16).to(DEV)
+    res = torch.randn(1, out, generator=gen).to(torch.float16).to(DEV)
+    nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(torch.float16).to(DEV)
+    return tensors, x, res, nw, torch.zeros(1, dtype=torch.int32, device=DEV)
+
+
 @cuda
 @pytest.mark.parametrize("out, inp", [(92, 576), (2056, 11008), (22016, 576)])
 def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
@@ -577,15 +590,9 @@ def test_int4_w4g_persistent_gives_the_same_bits(out, inp):
     from quant.runtime import cuda_ext
     from quant.runtime.linear import make_linear
     from quant.runtime.schemes.base import KernelConfig
-    from tests.test_kernels import activations
 
     dtype, group = torch.float16, 64
-    gen = torch.Generator().manual_seed(out + inp)
-    tensors = {k: v.to(DEV) for k, v in _layout("W4A16_AWQ", gen, out, inp, group).items()}
-    x = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
-    res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
-    nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
-    cnt = torch.zeros(1, dtype=torch.int32, device=DEV)
+    tensors, x, res, nw, cnt = _w4g_case(out + inp, out, inp, group)
     for tile in cuda_ext.GEMV_TILES:
         h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
                         kernels=KernelConfig(w4g_tile=tile))
@@ -616,15 +623,9 @@ def test_int4_w4g_stage_batch_gives_the_same_bits(out, inp):
     from quant.runtime import cuda_ext
     from quant.runtime.linear import make_linear
     from quant.runtime.schemes.base import KernelConfig
-    from tests.test_kernels import activations
 
     dtype, group = torch.float16, 64
-    gen = torch.Generator().manual_seed(out * 7 + inp)
-    tensors = {k: v.to(DEV) for k, v in _layout("W4A16_AWQ", gen, out, inp, group).items()}
-    x = (activations(gen, 1, inp) * 3).to(dtype).to(DEV)
-    res = torch.randn(1, out, generator=gen).to(dtype).to(DEV)
-    nw = (1 + 0.1 * torch.randn(out, generator=gen)).to(dtype).to(DEV)
-    cnt = torch.zeros(1, dtype=torch.int32, device=DEV)
+    tensors, x, res, nw, cnt = _w4g_case(out * 7 + inp, out, inp, group)
     for tile in cuda_ext.GEMV_TILES:
         h = make_linear("W4A16_AWQ", tensors, dtype=dtype, device=DEV, group_size=group,
                         kernels=KernelConfig(w4g_tile=tile))
