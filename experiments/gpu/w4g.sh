@@ -103,8 +103,8 @@ PY
       for pick in "o 5" "down 7"; do
         set -- $pick
         timeout 200 "$NCU" --target-processes all --kernel-name-base demangled \
-          -k "regex:w4a16_gemv_persistent<\(int\)4, \(int\)1, \(int\)1, \(int\)0>" -s "$2" -c 1 --section SourceCounters \
-          --section WarpStateStats -f -o "/tmp/ncu-gemv-$1-$shape" \
+          -k "regex:w4a16_gemv_persistent<\(int\)4, \(int\)1, \(int\)1, \(int\)0>" -s "$2" -c 1 \
+          --section SourceCounters --section WarpStateStats -f -o "/tmp/ncu-gemv-$1-$shape" \
           python3 -m experiments.kernel_bench --shape $shape --layers 1 --batch-sizes 1 --rounds 1 \
           --variants "fp16 cuBLAS,${NCU_VARIANT:-int4 default}" --out "/tmp/ncu-gemv-$shape.json" \
           > "$OUT/ncu-gemv-$1-$shape.err" 2>&1
