@@ -89,3 +89,34 @@ def test_attn_pick_names_the_fastest_tile_above_the_default_or_none(tmp_path):
     off = {**fast, "name": "16x64w1", "tile": [16, 64, 1], "speedup": 1.6, "max_abs_diff": 0.5}
     assert pick([default, peer, fast, nan, off]) == "attn32x64w2"
     assert pick([default, nan, off]) == ""
+
+
+def test_ncu_source_summarizes_stall_samples_per_instruction(tmp_path):
+    """ncu_source.py (w4g.sh's gemv_ncu and attn_ncu stages) on an export shaped as Nsight Compute writes it (a
+    kernel-name line, then the per-instruction table): the instructions by share of samples, the shares by opcode
+    (predicate dropped) and by stall reason; exit 1 with the file's first lines where it has no sample column, 2
+    where it cannot be read."""
+    import sys
+
+    def run(path):
+        return subprocess.run([sys.executable, str(GPU / "ncu_source.py"), str(path), "--top", "2"],
+                              capture_output=True, text=True)
+
+    (tmp_path / "src.csv").write_text(
+        '"Kernel Name","void k(int)",\n'
+        '"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)",'
+        '"stall_long_sb","stall_barrier"\n'
+        '"0x10","LDG.E.128 R4, desc[UR4][R2.64]","10","8","0","0"\n'
+        '"0x20","@P0 HFMA2 R1, R2, R3, R4","30","20","25","0"\n'
+        '"0x30","BAR.SYNC.DEFER_BLOCKING 0x0","1,060","60","0","60"\n')
+    out = run(tmp_path / "src.csv")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "3 instructions, 1100 warp-stall samples"
+    assert "0x30" in lines[2] and "96.4 %" in lines[2] and "0x20" in lines[3] and len(lines) == 6
+    assert lines[4] == "by opcode: BAR 96.4 %, HFMA2 2.7 %, LDG 0.9 %"
+    assert lines[5] == "by stall reason: stall_barrier 5.5 %, stall_long_sb 2.3 %"
+    (tmp_path / "other.csv").write_text("no table here\n")
+    bad = run(tmp_path / "other.csv")
+    assert bad.returncode == 1 and "no table here" in bad.stderr and bad.stdout == ""
+    assert run(tmp_path / "missing.csv").returncode == 2
