@@ -106,7 +106,8 @@ class KernelConfig:
     # stall samples put ~17 % of its warp time on an H100. The same bits. End to end on an H100 (batch 1, input 512,
     # two interleaved runs, 2026-12-07; experiments/results/gpu/kernels stage 26) INT4 went from 2.154 / 2.156 to
     # 2.140 / 2.143 ms a token on LLaMa-2-7B (2.40 → 2.42× FP16) and from 2.450 / 2.450 to 2.438 / 2.443 on
-    # Llama-3-8B (2.31 → 2.32×): small, but in all four pairings (experiments.bench RECIPE@now4gsb: the plain loop).
+    # Llama-3-8B (2.31 → 2.32×): small, but in all four pairings, and in a third run (experiments.bench
+    # RECIPE@now4gsb: the plain loop). Not yet timed on an H200.
     w4g_stage_batch: bool = True
     # INT4 rows (1–32) that take the tensor-core kernel (cuda_ext.w4a16_mma: float16, N a multiple of 64, on a copy
     # whose 16 bytes a lane are its MMA fragments, made at load; ahead of w4g_rows, w4k_rows and tinygemm; batch 1
