@@ -103,7 +103,7 @@ class KernelConfig:
     # Its pre-quant staging (o_proj, down_proj: x · pre into shared memory once a block) with a thread's loads of x
     # and pre issued eight units at a time, all before any is used, instead of the plain loop that nvcc issues four
     # units at a time: ~5 memory round trips one after the other at down_proj's K = 11008, where Nsight Compute's
-    # stall samples put ~17 % of its warp time on an H100. The same bits. End to end on an H100 (batch 1, input 512,
+    # stall samples put ~18 % of its warp time on an H100. The same bits. End to end on an H100 (batch 1, input 512,
     # two interleaved runs, 2026-12-07; experiments/results/gpu/kernels stage 26) INT4 went from 2.154 / 2.156 to
     # 2.140 / 2.143 ms a token on LLaMa-2-7B (2.40 → 2.42× FP16) and from 2.450 / 2.450 to 2.438 / 2.443 on
     # Llama-3-8B (2.31 → 2.32×): small, but in all four pairings, and in a third run (experiments.bench
