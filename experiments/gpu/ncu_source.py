@@ -17,6 +17,7 @@ import csv
 import sys
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
+NOT_ISSUED = "Warp Stall Sampling (Not-issued Samples)"
 
 
 def rows(path: str) -> tuple[list[str], list[dict]]:
@@ -53,8 +54,7 @@ def summarize(header: list[str], table: list[dict], top: int) -> list[str]:
         by_op[op.split(".")[0]] += number(r[SAMPLES])
     out.append("by opcode: " + ", ".join(f"{k} {100 * v / total:.1f} %" for k, v in by_op.most_common(12)))
     # the stall reasons, where the export has a column of each (names vary with the ncu version)
-    reasons = [c for c in header if c.lower().startswith(("stall_", "warp stall sampling (all samples):"))
-               or "stall" in c.lower() and c not in (SAMPLES, "Warp Stall Sampling (Not-issued Samples)")]
+    reasons = [c for c in header if "stall" in c.lower() and c not in (SAMPLES, NOT_ISSUED)]
     sums = {c: sum(number(r.get(c)) for r in table) for c in reasons}
     if sums:
         out.append("by stall reason: " + ", ".join(f"{c} {100 * v / total:.1f} %"

@@ -25,6 +25,11 @@ KB_BATCHES=${KB_BATCHES:-1,4,8,16}
 SHAPES=${SHAPES:-llama2-7b llama3-8b}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader > "$OUT/gpu.txt"
 date -u +%FT%TZ >> "$OUT/gpu.txt"
+# The Nsight Compute stages' ncu (in $NCU), or "no ncu on this machine" into the file $1 and a non-zero return
+find_ncu() {
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1)
+  [ -n "$NCU" ] || { echo "no ncu on this machine" | tee "$1"; return 1; }
+}
 for stage in $STAGES; do
   case $stage in
   build)
@@ -83,8 +88,7 @@ PY
         # kernels' regex, NCU_COUNT: how many launches, NCU_VARIANTS: kernel_bench's variants, NCU_PAGE=raw: every
         # metric the sections collected, the warp stall reasons among them). ncu runs the SMs at base clock: compare
         # its kernels with each other, not its durations with the benches'
-    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1)
-    [ -n "$NCU" ] || { echo "no ncu on this machine" | tee "$OUT/ncu.txt"; continue; }
+    find_ncu "$OUT/ncu.txt" || continue
     for shape in $SHAPES; do
       timeout 240 "$NCU" --target-processes all -k "regex:${NCU_KERNELS:-w4a16_gemv}" -c "${NCU_COUNT:-8}" \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
@@ -97,8 +101,7 @@ PY
              # layer, batch 1: its launches of the persistent (4, 1) GEMV with x · pre staged run qkv, o, gate_up,
              # down in that order, twice before the graph (after FP16 cuBLAS's); the second run's o and down are
              # profiled), summarized by experiments/gpu/ncu_source.py; NCU_VARIANT: kernel_bench's INT4 variant
-    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1)
-    [ -n "$NCU" ] || { echo "no ncu on this machine" | tee "$OUT/ncu-gemv.txt"; continue; }
+    find_ncu "$OUT/ncu-gemv.txt" || continue
     for shape in $SHAPES; do
       for pick in "o 5" "down 7"; do
         set -- $pick
@@ -118,8 +121,7 @@ PY
     done ;;
   attn_ncu)  # Nsight Compute on decode attention's split kernel alone (attn_bench's default tile, one launch past
              # the warm-up): warp-stall samples per SASS instruction (the source page) and the kernel's summary
-    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1)
-    [ -n "$NCU" ] || { echo "no ncu on this machine" | tee "$OUT/ncu-attn.txt"; continue; }
+    find_ncu "$OUT/ncu-attn.txt" || continue
     for shape in $SHAPES; do
       timeout 200 "$NCU" --target-processes all -k "regex:_attn_split_kernel" -s 40 -c 1 --section SourceCounters \
         --section WarpStateStats --section InstructionStats -f -o /tmp/ncu-attn-$shape \

@@ -38,6 +38,8 @@ enum Prologue { PRO_GLOBAL = 0, PRO_PREQUANT = 1, PRO_NORM = 2 };
 // units a thread, ~5 one after the other at down_proj's K = 11008 (Nsight Compute, experiments/results/gpu/kernels
 // stage 26).
 constexpr int STAGE_BATCH = 8;
+// Where unit u of the row (chunk u >> 2, its 16 bytes j = u & 3) sits in the staged row of C chunks
+__device__ __forceinline__ int staged_at(int u, int C) { return (u & 3) * C + (u >> 2); }
 __device__ __forceinline__ void stage_row(uint4* xs, const half* x, const half* pre, int K, bool batch) {
   constexpr int T = WARPS * 32;
   const int C = K >> 5, units = K >> 3;
@@ -56,11 +58,11 @@ __device__ __forceinline__ void stage_row(uint4* xs, const half* x, const half* 
 #pragma unroll
       for (int h = 0; h < STAGE_BATCH; ++h) {
         const int u = u0 + h * T;
-        if (u < units) xs[(u & 3) * C + (u >> 2)] = gemv::hmul8(a[h], b[h]);
+        if (u < units) xs[staged_at(u, C)] = gemv::hmul8(a[h], b[h]);
       }
     }
   } else {
-    for (int u = threadIdx.x; u < units; u += T) xs[(u & 3) * C + (u >> 2)] = gemv::hmul8(__ldg(x8 + u), __ldg(p8 + u));
+    for (int u = threadIdx.x; u < units; u += T) xs[staged_at(u, C)] = gemv::hmul8(__ldg(x8 + u), __ldg(p8 + u));
   }
   __syncthreads();
 }
@@ -72,7 +74,7 @@ __device__ __forceinline__ void stage(uint4* xs, const half* x, const half* pre,
   if constexpr (PRO == PRO_PREQUANT) stage_row(xs, x, pre, K, batch);
   // PRO_NORM: xs as stage_row's, of (nw * (x * rstd rounded)) * pre, as the tail and then PRO_PREQUANT round them
   if constexpr (PRO == PRO_NORM)
-    gemv::stage_norm(x, nw, pre, K, eps, 0, 1.f, [&](int u, const uint4& v) { xs[(u & 3) * (K >> 5) + (u >> 2)] = v; });
+    gemv::stage_norm(x, nw, pre, K, eps, 0, 1.f, [&](int u, const uint4& v) { xs[staged_at(u, K >> 5)] = v; });
 }
 
 // One lane round: chunks c0 + 32u + lane (u < U) of the R rows, already loaded into wv, against x (or the staged
