@@ -7,14 +7,16 @@ the stall reasons the export has columns for.
 
     python experiments/gpu/ncu_source.py FILE.csv [--top N]
 
-Exit codes: 0 printed; 1 the file has no per-instruction sample column (its header is printed); 2 bad arguments.
+Exit codes: 0 printed; 1 the file has no per-instruction sample column (its first lines are printed); 2 bad
+arguments, or a file it cannot read (one line).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import csv
 import sys
+
+from quant.errors import ArgumentParser, UserError, cli_entry, positive_int
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
 NOT_ISSUED = "Warp Stall Sampling (Not-issued Samples)"
@@ -62,16 +64,16 @@ def summarize(header: list[str], table: list[dict], top: int) -> list[str]:
     return out
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="ncu_source.py", description=__doc__.split("\n\n")[0])
     p.add_argument("csv")
-    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--top", type=positive_int, default=25, help="instructions listed")
     args = p.parse_args(argv)
     try:
         header, table = rows(args.csv)
     except OSError as e:
-        print(f"ncu_source: cannot read {args.csv}: {e.strerror}", file=sys.stderr)
-        return 2
+        raise UserError(f"cannot read {args.csv}: {e.strerror}") from None
     if not table:
         print(f"ncu_source: no '{SAMPLES}' column in {args.csv}; its first lines:", *header, sep="\n", file=sys.stderr)
         return 1
