@@ -22,9 +22,9 @@ it measured).
 
 Recipes are those of :mod:`quant.runtime.random_checkpoint`; ``int4_awq@VARIANT`` picks W4A16 kernels other than the
 default (:data:`KERNEL_VARIANTS`; targets take a recipe's best variant). ``--profile`` adds, per recipe, the device time
-of each kernel in one batch-1 decode step (eager, from the PyTorch profiler) — where the step's time goes.
+of each kernel in one batch-1 decode step and in the prefill (eager, from the PyTorch profiler) — where the time goes.
 
-``--sweep`` times the per-format linear kernels alone on the 7B layer shapes (configs, alternatives) instead.
+``--sweep`` times the per-format linear kernels alone on ``--shape``'s layer shapes (configs, alternatives) instead.
 Its ``do_bench`` times include the host's launch of each call, which for kernels of 10–50 µs (Triton's Python
 launcher especially) is most of it: use it to compare large-M kernels, and ``--profile`` for decode kernels.
 """
@@ -174,6 +174,9 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # stored layout, kept beside the k-packed copy (``int4_awq@nokprefill``; the default dequantizes the k-packed copy),
 # or INT4's pre-quant staging loads issued four units a thread at a time, as nvcc does the plain loop
 # (``int4_awq@now4gsb``; the default issues eight),
+# or prefill's tl.dot GEMM taking its output tiles in groups of 8 tiles of x's rows (``smoothquant@pg8``), or
+# SmoothQuant's prefill through cuBLASLt (``@sqintmm``) or on another tile (``@sqpBMxBRxBKwWsS``, ``g8`` after it:
+# grouped too), or FP8's prefill with cuBLASLt's fast accumulation (``fp8@fastacc``),
 # or KernelConfig's defaults where this card's CARD_KERNELS entry changes them (``int8_wo@nocard``). Every variant
 # changes the card's defaults (schemes.base.card_kernels), which the unadorned recipe runs.
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} for k in INT4_KERNELS},
@@ -200,17 +203,24 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "now4m": {"w4m_rows": None},
                    "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4},
                    "nokprefill": {"w4k_prefill": False}, "now4gsb": {"w4g_stage_batch": False},
+                   "pg8": {"prefill_group": 8}, "sqintmm": {"sq_prefill_gemm": "int_mm"},
+                   "fastacc": {"fp8_fast_accum": True},
                    "nocard": {f: getattr(DEFAULT_KERNELS, f) for _, fields in CARD_KERNELS for f in fields}}
 # ``@attnBxSwW``: decode attention's split kernel on the tile (B keys a loop step, S keys a split, W warps;
 # KernelConfig.attn_tile), e.g. ``fp16@attn32x64w2``
 _ATTN_TILE_VARIANT = re.compile(r"attn(\d+)x(\d+)w(\d+)")
+# ``@sqpBMxBRxBKwWsS[gG]``: SmoothQuant's prefill GEMM on that tile (KernelConfig.sq_prefill_tile), its output tiles
+# in groups of G tiles of x's rows (prefill_group), e.g. ``smoothquant@sqp128x256x128w8s3g8``
+_SQ_TILE_VARIANT = re.compile(r"sqp(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:g(\d+))?")
 
 
 def kernel_variant(name: str) -> dict:
-    """The KernelConfig fields a variant name changes (KERNEL_VARIANTS, or an ``attnBxSwW`` tile); KeyError if
-    it names none. The tile's own limits are KernelConfig's to check."""
+    """The KernelConfig fields a variant name changes (KERNEL_VARIANTS, or an ``attnBxSwW`` / ``sqp…`` tile);
+    KeyError if it names none. The tile's own limits are KernelConfig's to check."""
     if m := _ATTN_TILE_VARIANT.fullmatch(name):
         return {"attn_tile": tuple(int(g) for g in m.groups())}
+    if m := _SQ_TILE_VARIANT.fullmatch(name):
+        return {"sq_prefill_tile": tuple(int(g) for g in m.groups()[:5]), "prefill_group": int(m.group(6) or 0)}
     return KERNEL_VARIANTS[name]
 
 
@@ -239,7 +249,8 @@ def build_runtime(shape: str, recipe: str, device: torch.device, dtype: str, see
 
 def profile_decode(rt, prompts: list[list[int]], steps: int = 4, top: int = 14) -> dict:
     """Per-kernel device time of one decode step, eager (no graph: the kernels are the graph's): a profile of
-    prefill + ``steps`` decode steps minus one of the prefill alone, per kernel name, divided by ``steps``."""
+    prefill + ``steps`` decode steps minus one of the prefill alone, per kernel name, divided by ``steps``; and
+    (``prefill``) that of the prefill alone (with its first token's step: TTFT's kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
     def kernels(n: int) -> tuple[dict, list[float]]:
@@ -269,7 +280,10 @@ def profile_decode(rt, prompts: list[list[int]], steps: int = 4, top: int = 14) 
         if c - c0 > 0:
             rows.append({"kernel": k[:120], "calls_per_step": (c - c0) / steps, "us_per_step": (t - t0) / steps})
     rows.sort(key=lambda r: -r["us_per_step"])
-    return {"steps": steps, "eager_step_ms": [x * 1e3 for x in eager_steps],
+    first = sorted(({"kernel": k[:120], "calls": c, "us": t} for k, (c, t) in pre.items()), key=lambda r: -r["us"])
+    return {"prefill": {"kernel_us": sum(r["us"] for r in first), "launches": sum(r["calls"] for r in first),
+                        "top": first[:top]},
+            "steps": steps, "eager_step_ms": [x * 1e3 for x in eager_steps],
             "kernel_us_per_step": sum(r["us_per_step"] for r in rows),
             "launches_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:top]}
 
@@ -496,18 +510,25 @@ GEMV_SWEEP = {  # (BLOCK_R, BLOCK_K, num_warps) of the batch-1 GEMV
     "W8A8_SQ_PER_CHANNEL": [(4, 1024, 4), (8, 1024, 4), (2, 2048, 4), (8, 512, 4)],
 }
 WQ_SWEEP = [(16, 128, 4, 4), (16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (16, 512, 4, 3), (64, 128, 4, 4)]
-INT8_GEMM_SWEEP = [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4), (128, 128, 64, 4, 4)]
+# SmoothQuant's prefill tiles (BM, BR, BK, warps, stages), each in both program orders (KernelConfig.prefill_group)
+INT8_GEMM_SWEEP = [(128, 128, 64, 4, 4), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4),
+                   (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 128, 4, 4), (128, 256, 128, 8, 4)]
+SWEEP_ALGOS = (None, "W8A16", "W4A16_AWQ", "FP8", "W8A8_SQ_PER_CHANNEL")
 
 
-def sweep(device: torch.device, log, ms: list[int]) -> list[dict]:
-    """Each format's linear kernels alone on the 7B layer shapes: Triton configs vs the library path."""
+def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
+          algos: tuple[str | None, ...] = SWEEP_ALGOS) -> list[dict]:
+    """Each format's linear kernels alone on the layer shapes of ``shape``: Triton configs vs the library path."""
     import triton
 
     from quant.runtime import cuda_kernels as ck
+    from quant.runtime.random_checkpoint import SHAPES
 
-    shapes = {"qkv": (12288, 4096), "dense": (4096, 4096), "fc_gate": (22016, 4096), "proj": (4096, 11008),
-              "lm_head": (32000, 4096)}
-    algos = [None, "W8A16", "W4A16_AWQ", "FP8", "W8A8_SQ_PER_CHANNEL"]
+    c = SHAPES[shape]
+    H, head = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
+    shapes = {"qkv": ((c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * head, H), "dense": (H, H),
+              "fc_gate": (2 * c["intermediate_size"], H), "proj": (H, c["intermediate_size"]),
+              "lm_head": (c["vocab_size"], H)}
     wf = {None: ck.W_FLOAT, "W8A16": ck.W_INT8, "W4A16_AWQ": ck.W_INT4, "FP8": ck.W_FP8,
           "W8A8_SQ_PER_CHANNEL": ck.W_INT8}
     out = []
@@ -563,10 +584,16 @@ def sweep(device: torch.device, log, ms: list[int]) -> list[dict]:
                 elif M > ck.WQ_MM_MAX_M and algo == "W8A8_SQ_PER_CHANNEL":
                     xa = (x * 10).clamp(-127, 127).to(torch.int8)
                     bench("int_mm only", lambda: torch._int_mm(xa, h.weight_t), algo, name, N, K, M, nbytes)
-                    for cfg in INT8_GEMM_SWEEP:
-                        bench(f"triton-int8{cfg}", lambda: ck.wq_mm(xa, h.weight, h.out_scale, wfmt=ck.W_INT8,
-                                                                  afmt=ck.A_INT8, dtype=torch.float16, config=cfg),
+                    for cfg, group in itertools.product(INT8_GEMM_SWEEP, (0, 8)):
+                        bench(f"triton-int8{cfg}" + f" g{group}" * bool(group),
+                              lambda: ck.wq_mm(xa, h.weight, h.out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8,
+                                               dtype=torch.float16, config=cfg, group_m=group),
                               algo, name, N, K, M, nbytes)
+                elif M > ck.WQ_MM_MAX_M and algo == "FP8":  # the other accumulation (KernelConfig.fp8_fast_accum)
+                    base = h.kernels
+                    h.kernels = dataclasses.replace(base, fp8_fast_accum=not base.fp8_fast_accum)
+                    bench(f"fast_accum={h.kernels.fp8_fast_accum}", lambda: h.fused(x), algo, name, N, K, M, nbytes)
+                    h.kernels = base
                 del x
             del h
             torch.cuda.empty_cache()
@@ -596,9 +623,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-batch-sizes", default="1", help="HF generate baseline batch sizes ('' or --no-hf: none)")
     p.add_argument("--hf-output-len", type=positive_int, default=32)
     p.add_argument("--no-hf", action="store_true")
-    p.add_argument("--profile", action="store_true", help="per-kernel profile of eager b1 decode per recipe")
-    p.add_argument("--sweep", action="store_true", help="time the linear kernels alone (7B shapes) and exit")
+    p.add_argument("--profile", action="store_true", help="per-kernel profile of eager b1 prefill and decode per recipe")
+    p.add_argument("--sweep", action="store_true", help="time the linear kernels alone (--shape's layers) and exit")
     p.add_argument("--sweep-m", default="1,8,32,1024,8192")
+    p.add_argument("--sweep-formats", default="",
+                   help="the formats --sweep times, comma-separated (fp16 and quant_algo names; default: all)")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/bench_gpu.json"))
     p.add_argument("--budget", type=positive_int, default=None, metavar="SECONDS",
@@ -615,10 +644,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in recipes if r.partition("@")[0] not in RECIPES or not known_variant(r.partition("@")[2])]
     if unknown:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)}; a kernel "
-                        f"variant may follow: @{', @'.join(KERNEL_VARIANTS)}, or @attnBxSwW, an attention tile)")
+                        f"variant may follow: @{', @'.join(KERNEL_VARIANTS)}, or @attnBxSwW, an attention tile, or @sqpBMxBRxBKwWsS[gG], SmoothQuant's prefill tile)")
     peers = [x for x in args.peers.split(",") if x]
     if bad := [x for x in peers if x not in PEERS]:
         raise UserError(f"unknown peer(s) {', '.join(bad)} (choose from {', '.join(PEERS)})")
+    names = {a or "fp16": a for a in SWEEP_ALGOS}
+    if bad := [f for f in args.sweep_formats.split(",") if f and f not in names]:
+        raise UserError(f"unknown --sweep-formats {', '.join(bad)} (choose from {', '.join(names)})")
+    sweep_formats = tuple(names[f] for f in args.sweep_formats.split(",") if f) or SWEEP_ALGOS
     check_cuda(device)  # after the names: a typo is told on any machine
     fp8 = [r for r in recipes if RECIPES[r.partition("@")[0]][0] in FP8_GEMM_ALGOS or
            RECIPES[r.partition("@")[0]][1] == "FP8"]
@@ -650,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     record["copy_bandwidth"] = copy = copy_bandwidth(device)
     log(f"copy bandwidth: {copy['gbs']:.0f} GB/s (read + write, {copy['bytes'] / 2**30:.0f} GiB)")
     if args.sweep:
-        record["sweep"] = sweep(device, log, _ints(args.sweep_m))
+        record["sweep"] = sweep(device, log, _ints(args.sweep_m), args.shape, sweep_formats)
         save()
         return 0
     ref_times: dict[tuple[int, int], dict] = {}  # (input, batch) → the fp16 reference's rounds, all pairings

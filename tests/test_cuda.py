@@ -1148,6 +1148,30 @@ def _check_linear(algo, dtype, kernels=None, out=96, inp=320):
         assert err <= 1e-2, f"{algo} {dtype} M={m}: {err:.2e}"
 
 
+@cuda
+def test_prefill_tiles_program_order_and_fp8_accumulation():
+    """KernelConfig.sq_prefill_tile / prefill_group: SmoothQuant's int8 prefill sums exactly in int32, so each tile
+    of the benchmark's sweep and either program order give the default's bits (300 and 1100 rows; N and K not
+    multiples of the tiles). fp8_fast_accum: FP8's prefill against the float64 reference, as every path."""
+    from experiments.bench import INT8_GEMM_SWEEP
+    from quant.hardware import fp8_refusal
+    from quant.runtime.schemes.base import KernelConfig
+    from tests.test_kernels import activations
+
+    gen, t, h, wd = _fp16_linear("W8A8_SQ_PER_CHANNEL", "sqtiles", inp=1000, out=200)
+    for m in (300, 1100):
+        x = activations(gen, m, 1000).half().to(DEV)
+        want = h(x)
+        assert rel(want, _reference("W8A8_SQ_PER_CHANNEL", t, x.cpu(), wd)) <= 1e-2
+        for tile in INT8_GEMM_SWEEP:
+            for group in (0, 8):
+                h.kernels = KernelConfig(sq_prefill_tile=tile, prefill_group=group)
+                assert torch.equal(h(x), want), (m, tile, group)
+    if fp8_refusal(0):
+        pytest.skip(fp8_refusal(0))
+    _check_linear("FP8", torch.float16, kernels=KernelConfig(fp8_fast_accum=True))
+
+
 def _fp16_linear(algo, key: str, *, inp: int, out: int = 64, group: int = 64, kernels=None):
     """(generator, checkpoint tensors, float16 handler on the GPU, its dequantized weight) for one random linear."""
     from quant.runtime.linear import make_linear

@@ -95,6 +95,24 @@ def test_smoothquant_int8_gemm_is_exact_in_int32():
     assert rel(y, exact) <= 1e-3  # only the final rounding to float16
 
 
+@pytest.mark.parametrize("group", [2, 8])
+def test_prefill_gemm_in_grouped_order_gives_the_same_bits(group):
+    """KernelConfig.prefill_group: the programs take the output tiles in groups of x's row tiles (5 row tiles here:
+    the last group short when 2) and every tile is still computed once, as in the plain order: the same bits,
+    with the residual added once."""
+    gen = _gen(f"sqgroup/{group}")
+    t = layout("W8A8_SQ_PER_CHANNEL", torch.randn(48, 128, generator=gen) * 0.05, gen)
+    qx = torch.randint(-128, 128, (70, 128), generator=gen, dtype=torch.int8)
+    out_scale = torch.rand(48, generator=gen) * 1e-4
+    res = torch.randn(70, 48, generator=gen).half()
+    config = (16, 16, 64, 1, 1)  # 5 × 3 output tiles
+    ys = [ck.wq_mm(qx, t["weight"], out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8, dtype=torch.float16,
+                   residual=res.clone(), config=config, group_m=g) for g in (0, group)]
+    assert torch.equal(ys[0], ys[1])
+    exact = (qx.double() @ t["weight"].double().t()) * out_scale.double() + res.double()
+    assert rel(ys[1], exact) <= 1e-3
+
+
 def test_act_prep_rmsnorm_and_silu_gate():
     gen = _gen("prep")
     x = activations(gen, 3, 96).half()

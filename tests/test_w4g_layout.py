@@ -123,6 +123,31 @@ def test_attention_tile_is_checked_and_named_by_the_benchmark():
     assert not known_variant("attn48x64w4") and not known_variant("attn32x64") and not known_variant("bogus")
 
 
+def test_prefill_tile_and_order_are_checked_and_named_by_the_benchmark():
+    """KernelConfig.sq_prefill_tile / prefill_group / fp8_fast_accum: SmoothQuant's prefill tile is five positive
+    values (four powers of two), the grouping non-negative; the benchmark's ``@sqp…`` names a tile (with ``g``, the
+    grouping too) and refuses one KernelConfig refuses, and its fixed prefill variants are valid configurations."""
+    import dataclasses
+
+    import pytest
+
+    from experiments.bench import KERNEL_VARIANTS, kernel_variant, known_variant
+    from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig
+
+    assert KernelConfig(sq_prefill_tile=(128, 256, 128, 8, 3)).sq_prefill_tile == (128, 256, 128, 8, 3)
+    for bad in ((128, 96, 64, 4, 4), (128, 128, 64, 4, 0), (128, 128, 64, 4)):
+        with pytest.raises(ValueError, match="sq_prefill_tile must be"):
+            KernelConfig(sq_prefill_tile=bad)
+    with pytest.raises(ValueError, match="prefill_group must be"):
+        KernelConfig(prefill_group=-1)
+    assert kernel_variant("sqp128x256x128w8s3") == {"sq_prefill_tile": (128, 256, 128, 8, 3), "prefill_group": 0}
+    assert kernel_variant("sqp64x128x128w4s4g8") == {"sq_prefill_tile": (64, 128, 128, 4, 4), "prefill_group": 8}
+    assert known_variant("sqp128x128x64w4s4g8") and not known_variant("sqp128x96x64w4s4")
+    assert not known_variant("sqp128x128x64w4")
+    for v in ("pg8", "sqintmm", "fastacc"):
+        dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
+
+
 def test_a_card_takes_its_measured_departures_from_the_defaults(monkeypatch):
     """schemes.base.CARD_KERNELS: the runtime's kernel choice when it is given none is the defaults with the entry of
     the card it runs on, matched by the CUDA device's name; other cards and the CPU take the defaults, and

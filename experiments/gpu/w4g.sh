@@ -3,7 +3,8 @@
 # root, with .whl (pydantic and its three dependencies, for python 3.12) carried; everything lands in $OUT.
 #   stages: build (timed, SASS instruction mix of the batch-1 kernel), tests/test_cuda.py, kernel_bench per shape
 #   (the GEMV's tiles swept at 1-4 rows, then every variant interleaved), attn (experiments.attn_bench per shape:
-#   decode attention's tiles; attn_e2e: its fastest tile end to end), ncu (Nsight Compute on one layer's INT4
+#   decode attention's tiles; attn_e2e: its fastest tile end to end), sweep (experiments.bench --sweep: the
+#   linears alone at prefill's rows, SmoothQuant's prefill tiles), ncu (Nsight Compute on one layer's INT4
 #   GEMVs), gemv_ncu / attn_ncu (Nsight Compute's stalls per instruction of INT4's o / down GEMV, of decode
 #   attention), the end-to-end bench per shape.
 # STAGES (env) picks a subset: "build tests_w4g kb tests e2e" by default; SHAPES the shapes. The device tool
@@ -69,6 +70,13 @@ PY
         --variants "$KB_VARIANTS" \
         --out "$OUT/kb-w4g-$shape.json" > "$OUT/kb-w4g-$shape.log" 2>&1
       tail -32 "$OUT/kb-w4g-$shape.log"
+    done ;;
+  sweep)  # each format's linears alone at prefill's rows (experiments.bench --sweep: SWEEP_M rows, SWEEP_FORMATS)
+    for shape in $SHAPES; do
+      timeout ${SWEEP_LIMIT:-200} python3 -m experiments.bench --sweep --shape $shape --sweep-m ${SWEEP_M:-1024} \
+        --sweep-formats ${SWEEP_FORMATS:-fp16,W8A8_SQ_PER_CHANNEL,FP8} \
+        --out "$OUT/sweep-$shape.json" > "$OUT/sweep-$shape.log" 2>&1
+      grep "^sweep" "$OUT/sweep-$shape.log" | tail -60
     done ;;
   attn)  # decode attention alone over its split kernel's tiles (ATTN_FLAGS, default --sweep)
     for shape in $SHAPES; do

@@ -569,14 +569,26 @@ def _wq_mm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, st
                   part_ptr, cnt_ptr, K_SPLIT,
                   WFMT: tl.constexpr, AFMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr, CVT: tl.constexpr = 0,
-                  SPLIT: tl.constexpr = 1):
+                  SPLIT: tl.constexpr = 1, GROUP_M: tl.constexpr = 0):
     """SPLIT > 1 (int8 weights): program (r, m, s) sums k in [s · K_SPLIT, (s + 1) · K_SPLIT), stores its partial
     (float32; int32 for int8 x, exact) in part [SPLIT, M, R], and the last of a tile's SPLIT programs to finish (an
     acq_rel counter in cnt, which it resets for the next call) adds the partials in split order and stores y: more
-    programs than tiles, for linears whose tiles alone leave SMs idle, the same result whichever finishes last."""
+    programs than tiles, for linears whose tiles alone leave SMs idle, the same result whichever finishes last.
+    GROUP_M > 0 (SPLIT 1): the programs, in launch order, take the output tiles GROUP_M tiles of x's rows at a time,
+    those fastest, so that the programs resident together share each weight tile (read from memory once, not once
+    per tile of rows) while x's rows stay in L2; 0: x's tile slowest. Which program computes a tile changes, not
+    how."""
     dt: tl.constexpr = y_ptr.dtype.element_ty
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
+    if GROUP_M > 0:
+        num_r = tl.num_programs(0)
+        pid = pid_m * num_r + pid_r  # the launch order: axis 0 fastest
+        in_group = GROUP_M * num_r
+        first_m = (pid // in_group) * GROUP_M
+        size_m = tl.minimum(tl.num_programs(1) - first_m, GROUP_M)
+        pid_m = first_m + (pid % in_group) % size_m
+        pid_r = (pid % in_group) // size_m
     k_lo = tl.multiple_of(tl.program_id(2) * K_SPLIT, BLOCK_K)  # (K_SPLIT: whole K tiles)
     k_hi = K
     if SPLIT > 1:
@@ -657,7 +669,7 @@ WQ_PREFILL_CONFIG = {W_INT8: (128, 128, 64, 4, 4), W_INT4: (128, 64, 64, 8, 3)} 
 def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, group: int = 0, afmt: int = A_FLOAT,
           dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,
           config: tuple[int, ...] | None = None, cvt: int = 0, counter: torch.Tensor | None = None,
-          split: int | None = None) -> torch.Tensor:
+          split: int | None = None, group_m: int = 0) -> torch.Tensor:
     """y [M, N] = x @ dequant(W)ᵀ · scale for int8 (per-channel scale) or int4 AWQ (group scales) weights, x in
     fp16/bf16; or, afmt=A_INT8, int8 x @ int8 Wᵀ in int32 times the per-channel ``wscale`` (= a · s). ``config``
     None: the tuned tile for M rows (above WQ_MM_MAX_M the prefill tiles, INT8_GEMM_CONFIG / WQ_PREFILL_CONFIG).
@@ -666,7 +678,9 @@ def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, 
     ``counter`` (int8 weights; KernelConfig.wq_wide): at most WQ_MM_MAX_M rows run on the wide tiles
     (WQ_WIDE_CONFIG) with K cut into ``split`` ranges of whole K tiles (None: wq_fill_split for the device), one
     program each, their partials added by the last (the kernel's docstring). The counter: int32 zeros, one per
-    output tile, which every call leaves zero again (held by the caller, so a CUDA graph can replay it)."""
+    output tile, which every call leaves zero again (held by the caller, so a CUDA graph can replay it).
+    ``group_m`` > 0, above WQ_MM_MAX_M rows (prefill): the output tiles in groups of that many tiles of x's rows,
+    those fastest (the kernel's GROUP_M); the same result."""
     M, K = x.shape
     R = w.shape[0]
     N = 2 * R if wfmt == W_INT4 else R
@@ -704,8 +718,8 @@ def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, 
                                    wscale.stride(0) if wscale.dim() == 2 else 0, y.stride(0),
                                    part, part if counter is None else counter, k_split,
                                    WFMT=wfmt, AFMT=afmt, GROUP=max(group, 1), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
-                                   RESIDUAL=residual is not None, CVT=cvt, SPLIT=split, num_warps=warps,
-                                   num_stages=stages)
+                                   RESIDUAL=residual is not None, CVT=cvt, SPLIT=split,
+                                   GROUP_M=group_m if M > WQ_MM_MAX_M else 0, num_warps=warps, num_stages=stages)
     return y
 
 

@@ -61,6 +61,15 @@ class KernelConfig:
     fuse_prologue: bool = False
     # SmoothQuant above 64 rows (prefill): "triton" (tl.dot int8, epilogue fused) or "int_mm" (cuBLASLt).
     sq_prefill_gemm: str = "triton"
+    # Its tile (BM, BR, BK, warps, stages); None: cuda_kernels.INT8_GEMM_CONFIG.
+    sq_prefill_tile: tuple[int, int, int, int, int] | None = None
+    # The tl.dot prefill (SmoothQuant's "triton"; wq_prefill's formats): the output tiles taken in groups of this
+    # many tiles of x's rows, those fastest, so that the programs resident together share each weight tile
+    # (cuda_kernels.wq_mm group_m); 0: x's row tile slowest, each weight tile read once per tile of rows.
+    prefill_group: int = 0
+    # FP8 prefill: cuBLASLt's fast accumulation in _scaled_mm (use_fast_accum: partial sums kept in the tensor
+    # cores' own precision between promotions, as TensorRT-LLM's FP8 GEMMs do).
+    fp8_fast_accum: bool = False
     # W4A16 for 1–64 rows: "tinygemm" (aten._weight_int4pack_mm, repacked at load: int4 through tensor cores),
     # "triton" (the GEMV / tl.dot on the stored layout, nibble → float on the CUDA cores), or "kpack" (float16, the
     # rows of ``w4k_rows``: int4 → half2 in registers, tensor cores, on a k-packed copy made at load,
@@ -222,6 +231,13 @@ class KernelConfig:
             raise ValueError(f"wq_wide takes W8A16 and W8A8_SQ_PER_CHANNEL; got {sorted(self.wq_wide)}")
         if self.sq_prefill_gemm not in ("triton", "int_mm"):
             raise ValueError(f"sq_prefill_gemm must be 'triton' or 'int_mm', got {self.sq_prefill_gemm!r}")
+        if self.sq_prefill_tile is not None and not (
+                len(self.sq_prefill_tile) == 5 and all(v > 0 and v & (v - 1) == 0 for v in self.sq_prefill_tile[:4])
+                and self.sq_prefill_tile[4] >= 1):
+            raise ValueError(f"sq_prefill_tile must be (BM, BR, BK, warps: powers of two, stages >= 1) or None, "
+                             f"got {self.sq_prefill_tile}")
+        if self.prefill_group < 0:
+            raise ValueError(f"prefill_group must be >= 0 (0: off), got {self.prefill_group}")
         if not 1 <= self.w4k_rows[0] <= self.w4k_rows[1] <= W4K_MAX_M:
             raise ValueError(f"w4k_rows must be 1 <= low <= high <= {W4K_MAX_M} (the kernel's rows), "
                              f"got {self.w4k_rows}")

@@ -65,7 +65,7 @@ class FP8Linear(_Handler):
         if qx.shape[1] % 16:  # in-features cuBLASLt cannot take (x would need padding at every call): upcast
             return self._mm_upcast(qx)[:M]
         y = torch._scaled_mm(qx, self.weight_t, scale_a=self.act_scale, scale_b=self.weight_scale,
-                             out_dtype=self.dtype)
+                             out_dtype=self.dtype, use_fast_accum=self.kernels.fp8_fast_accum)
         return y[:M, : self.out]
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -193,7 +193,8 @@ class W4A16AWQLinear(_Handler):
             return F.linear(x, ck.dequant_int4_k(w, self.scales, self.group, kw, self.dtype))
         if self.dtype != torch.float32 and self.pow2_group and (
                 x.shape[0] <= ck.WQ_MM_MAX_M or self.algo_key in self.kernels.wq_prefill):
-            return ck.wq_mm(x, self.weight, self.scales, wfmt=ck.W_INT4, group=self.group)
+            return ck.wq_mm(x, self.weight, self.scales, wfmt=ck.W_INT4, group=self.group,
+                            group_m=self.kernels.prefill_group)
         # prefill: dequantize to the compute dtype once per call (q · s rounded to it), then cuBLAS
         if self.pow2_group:
             return F.linear(x, ck.dequant_int4(self.weight, self.scales, self.group, self.dtype))

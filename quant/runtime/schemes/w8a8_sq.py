@@ -57,7 +57,9 @@ class W8A8SQLinear(_Handler):
                 qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale,
                                 afmt=ck.A_INT8)
                 return ck.wq_mm(qx, self.weight, self.out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8, dtype=self.dtype,
-                                residual=residual, counter=self.wq_counter)
+                                residual=residual, counter=self.wq_counter,
+                                config=self.kernels.sq_prefill_tile if M > ck.WQ_MM_MAX_M else None,
+                                group_m=self.kernels.prefill_group)
             # cuBLASLt int8 (more than 16 rows: pad to a multiple of 8, ≥ 32; padding rows are never read back)
             qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale,
                             afmt=ck.A_INT8, rows=max(32, _round_up(M, 8)))
