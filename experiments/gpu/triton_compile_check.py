@@ -9,6 +9,7 @@ or an atomic without the intended ordering shows here before any GPU time is spe
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import re
 import sys
@@ -19,6 +20,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
+from experiments.bench import INT8_GEMM_SWEEP  # noqa: E402
 from quant.runtime import cuda_kernels as ck  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -139,6 +141,10 @@ def main() -> int:
         jobs.append((f"wq_mm prefill wfmt={wfmt}", ck._wq_mm_kernel, {**WQ_TYPES, "w_ptr": w},
                      dict(WFMT=wfmt, AFMT=0, GROUP=128, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False),
                      {"num_warps": warps, "num_stages": stages}, None))
+    for (bm, br, bk, warps, stages), group in itertools.product(INT8_GEMM_SWEEP, (0, 8)):  # SmoothQuant's prefill
+        jobs.append((f"sq prefill tile {(bm, br, bk, warps, stages)} group_m={group}", ck._wq_mm_kernel, SQ_TYPES,
+                     dict(WFMT=ck.W_INT8, AFMT=ck.A_INT8, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True,
+                          GROUP_M=group), {"num_warps": warps, "num_stages": stages}, "wgmma"))
     for bm, table in ((16, ck.WQ_MM_CONFIG), (32, ck.WQ_MM_CONFIG_32), (64, ck.WQ_MM_CONFIG_32)):  # W8A16, cvt=1
         br, bk, warps, stages = table[ck.W_INT8]
         jobs.append((f"wq_mm int8 byte-permute rows<={bm}", ck._wq_mm_kernel, WQ_TYPES,
