@@ -9,7 +9,6 @@ or an atomic without the intended ordering shows here before any GPU time is spe
 from __future__ import annotations
 
 import inspect
-import itertools
 import os
 import re
 import sys
@@ -141,7 +140,8 @@ def main() -> int:
         jobs.append((f"wq_mm prefill wfmt={wfmt}", ck._wq_mm_kernel, {**WQ_TYPES, "w_ptr": w},
                      dict(WFMT=wfmt, AFMT=0, GROUP=128, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=False),
                      {"num_warps": warps, "num_stages": stages}, None))
-    for (bm, br, bk, warps, stages), group in itertools.product(INT8_GEMM_SWEEP, (0, 8)):  # SmoothQuant's prefill
+    # SmoothQuant's prefill: the default tile in the plain order, and every tile of the sweep grouped
+    for (bm, br, bk, warps, stages), group in [(ck.INT8_GEMM_CONFIG, 0), *((t, 8) for t in INT8_GEMM_SWEEP)]:
         jobs.append((f"sq prefill tile {(bm, br, bk, warps, stages)} group_m={group}", ck._wq_mm_kernel, SQ_TYPES,
                      dict(WFMT=ck.W_INT8, AFMT=ck.A_INT8, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True,
                           GROUP_M=group), {"num_warps": warps, "num_stages": stages}, "wgmma"))
