@@ -174,9 +174,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # stored layout, kept beside the k-packed copy (``int4_awq@nokprefill``; the default dequantizes the k-packed copy),
 # or INT4's pre-quant staging loads issued four units a thread at a time, as nvcc does the plain loop
 # (``int4_awq@now4gsb``; the default issues eight),
-# or prefill's tl.dot GEMM taking its output tiles in groups of 8 tiles of x's rows (``smoothquant@pg8``), or
-# SmoothQuant's prefill through cuBLASLt (``@sqintmm``) or on another tile (``@sqpBMxBRxBKwWsS``, ``g8`` after it:
-# grouped too), or FP8's prefill with cuBLASLt's fast accumulation (``fp8@fastacc``),
+# or prefill's tl.dot GEMM taking its output tiles in the plain order (``smoothquant@nopg``; the default groups them
+# by 8 tiles of x's rows), or SmoothQuant's prefill through cuBLASLt (``@sqintmm``) or on another tile
+# (``@sqpBMxBRxBKwWsS``, in the plain order; ``g8`` after it: grouped), or FP8's prefill with cuBLASLt's fast
+# accumulation (``fp8@fastacc``),
 # or KernelConfig's defaults where this card's CARD_KERNELS entry changes them (``int8_wo@nocard``). Every variant
 # changes the card's defaults (schemes.base.card_kernels), which the unadorned recipe runs.
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} for k in INT4_KERNELS},
@@ -203,7 +204,7 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "now4m": {"w4m_rows": None},
                    "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4},
                    "nokprefill": {"w4k_prefill": False}, "now4gsb": {"w4g_stage_batch": False},
-                   "pg8": {"prefill_group": 8}, "sqintmm": {"sq_prefill_gemm": "int_mm"},
+                   "nopg": {"prefill_group": 0}, "sqintmm": {"sq_prefill_gemm": "int_mm"},
                    "fastacc": {"fp8_fast_accum": True},
                    "nocard": {f: getattr(DEFAULT_KERNELS, f) for _, fields in CARD_KERNELS for f in fields}}
 # ``@attnBxSwW``: decode attention's split kernel on the tile (B keys a loop step, S keys a split, W warps;

@@ -65,10 +65,18 @@ class KernelConfig:
     sq_prefill_tile: tuple[int, int, int, int, int] | None = None
     # The tl.dot prefill (SmoothQuant's "triton"; wq_prefill's formats): the output tiles taken in groups of this
     # many tiles of x's rows, those fastest, so that the programs resident together share each weight tile
-    # (cuda_kernels.wq_mm group_m); 0: x's row tile slowest, each weight tile read once per tile of rows.
-    prefill_group: int = 0
-    # FP8 prefill: cuBLASLt's fast accumulation in _scaled_mm (use_fast_accum: partial sums kept in the tensor
-    # cores' own precision between promotions, as TensorRT-LLM's FP8 GEMMs do).
+    # (cuda_kernels.wq_mm group_m); 0: x's row tile slowest, each weight tile read from memory once per tile of
+    # rows. The same bits. With the tile of cuda_kernels.INT8_GEMM_CONFIG, SmoothQuant's TTFT at input 1024, batch
+    # 1, on an H100 (5 interleaved rounds, 2026-12-07; experiments/results/gpu/kernels stage 27) went from 1.02× FP16
+    # to 1.18× on LLaMa-2-7B (two runs) and from 0.98× to 1.22× on Llama-3-8B; grouping alone, on the tile before,
+    # 1.17× / 1.19× (experiments.bench RECIPE@nopg: the plain order; @sqp128x128x64w4s4: the tile before). Not yet
+    # timed on an H200.
+    prefill_group: int = 8
+    # FP8 prefill: cuBLASLt's fast accumulation in _scaled_mm (use_fast_accum: the tensor cores' partial sums are not
+    # promoted to float32 along K). Off: on an H100 (same run) TTFT × FP16 at input 1024 went 1.39–1.40 → 1.42–1.43
+    # (7B) and 1.46 → 1.50 (8B), but the GEMM's error against float64 grew from 1.3e-4 to 1.3e-3 – 2.9e-3 (K 4096 –
+    # 14336, M 1024, relative), and the default model's quality on CUDA was not measured with it
+    # (experiments.bench RECIPE@fastacc: on).
     fp8_fast_accum: bool = False
     # W4A16 for 1–64 rows: "tinygemm" (aten._weight_int4pack_mm, repacked at load: int4 through tensor cores),
     # "triton" (the GEMV / tl.dot on the stored layout, nibble → float on the CUDA cores), or "kpack" (float16, the
