@@ -659,10 +659,11 @@ WQ_WIDE_CONFIG = {A_FLOAT: {16: (128, 128, 2, 4), 32: (128, 128, 2, 4), 64: (128
                   A_INT8: {16: (128, 256, 2, 4), 32: (128, 128, 2, 4), 64: (128, 256, 4, 4)}}
 # SmoothQuant prefill through Triton (BM, BR, BK, warps, stages), with its output tiles grouped
 # (KernelConfig.prefill_group): each of the 7B layer's four linears alone at 1024 rows on an H100 (experiments.bench
-# --sweep, 2026-12-07, experiments/results/gpu/kernels stage 27) 425 µs a layer, 910–1080 int8 TOP/s, against 527
-# for the tile before, (128, 128, 64, 4, 4) in the plain order, 521 for torch._int_mm (cuBLASLt) and 569 for cuBLAS
-# fp16; (128, 128, 64, 4, 4) grouped was as fast alone (425) and 1–3 % slower end to end.
-INT8_GEMM_CONFIG = (128, 256, 128, 8, 4)
+# --sweep, 2026-12-07, experiments/results/gpu/kernels stage 27) 425 µs a layer, 890–1085 int8 TOP/s, against 527
+# in the plain order, 521 for torch._int_mm (cuBLASLt) and 569 for cuBLAS fp16. (128, 256, 128, 8, 4) grouped was as
+# fast alone and 1–3 % faster end to end at 1024 rows, but it makes half the programs: at 512 rows o / down would
+# run 64 of them on 132 SMs. Below 1024 rows it was not timed; this tile is kept for them.
+INT8_GEMM_CONFIG = (128, 128, 64, 4, 4)
 # Weight-only prefill (more than WQ_MM_MAX_M rows) through the same kernel, weights dequantized in registers instead
 # of a whole float16 copy written per linear per call (KernelConfig.wq_prefill); (BM, BR, BK, warps, stages), BR in
 # stored rows (INT4: two output channels each), BK at most the INT4 group. SmoothQuant's tile, not yet swept.

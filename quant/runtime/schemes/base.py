@@ -66,10 +66,10 @@ class KernelConfig:
     # The tl.dot prefill (SmoothQuant's "triton"; wq_prefill's formats): the output tiles taken in groups of this
     # many tiles of x's rows, those fastest, so that the programs resident together share each weight tile
     # (cuda_kernels.wq_mm group_m); 0: x's row tile slowest, each weight tile read from memory once per tile of
-    # rows. The same bits. With the tile of cuda_kernels.INT8_GEMM_CONFIG, SmoothQuant's TTFT at input 1024, batch
-    # 1, on an H100 (5 interleaved rounds, 2026-12-07; experiments/results/gpu/kernels stage 27) went from 1.02× FP16
-    # to 1.18× on LLaMa-2-7B (two runs) and from 0.98× to 1.22× on Llama-3-8B; grouping alone, on the tile before,
-    # 1.17× / 1.19× (experiments.bench RECIPE@nopg: the plain order; @sqp128x128x64w4s4: the tile before). Not yet
+    # rows. The same bits. SmoothQuant's TTFT at input 1024, batch 1, on an H100 (5 interleaved rounds, 2026-12-07;
+    # experiments/results/gpu/kernels stage 27) went from 1.02× FP16 to 1.17× on LLaMa-2-7B (two runs) and from
+    # 0.98× to 1.19× on Llama-3-8B (experiments.bench RECIPE@nopg: the plain order; on the larger tile
+    # @sqp128x256x128w8s4g8, 1.18× / 1.22×: cuda_kernels.INT8_GEMM_CONFIG says why it is not the default). Not yet
     # timed on an H200.
     prefill_group: int = 8
     # FP8 prefill: cuBLASLt's fast accumulation in _scaled_mm (use_fast_accum: the tensor cores' partial sums are not
