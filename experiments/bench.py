@@ -624,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-batch-sizes", default="1", help="HF generate baseline batch sizes ('' or --no-hf: none)")
     p.add_argument("--hf-output-len", type=positive_int, default=32)
     p.add_argument("--no-hf", action="store_true")
-    p.add_argument("--profile", action="store_true", help="per-kernel profile of eager b1 prefill and decode per recipe")
+    p.add_argument("--profile", action="store_true",
+                   help="per-kernel profile of eager b1 prefill and decode per recipe")
     p.add_argument("--sweep", action="store_true", help="time the linear kernels alone (--shape's layers) and exit")
     p.add_argument("--sweep-m", default="1,8,32,1024,8192")
     p.add_argument("--sweep-formats", default="",
@@ -645,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in recipes if r.partition("@")[0] not in RECIPES or not known_variant(r.partition("@")[2])]
     if unknown:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)}; a kernel "
-                        f"variant may follow: @{', @'.join(KERNEL_VARIANTS)}, or @attnBxSwW, an attention tile, or @sqpBMxBRxBKwWsS[gG], SmoothQuant's prefill tile)")
+                        f"variant may follow: @{', @'.join(KERNEL_VARIANTS)}, or @attnBxSwW, an attention tile, or "
+                        f"@sqpBMxBRxBKwWsS[gG], SmoothQuant's prefill tile)")
     peers = [x for x in args.peers.split(",") if x]
     if bad := [x for x in peers if x not in PEERS]:
         raise UserError(f"unknown peer(s) {', '.join(bad)} (choose from {', '.join(PEERS)})")
