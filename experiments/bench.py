@@ -177,7 +177,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # or prefill's tl.dot GEMM taking its output tiles in the plain order (``smoothquant@nopg``; the default groups them
 # by 8 tiles of x's rows), or SmoothQuant's prefill through cuBLASLt (``@sqintmm``) or on another tile
 # (``@sqpBMxBRxBKwWsS``, in the plain order; ``g8`` after it: grouped), or FP8's prefill with cuBLASLt's fast
-# accumulation (``fp8@fastacc``),
+# accumulation (``fp8@fastacc``), or prefill's RoPE and cache write in one kernel (``fp16@prerope``),
 # or KernelConfig's defaults where this card's CARD_KERNELS entry changes them (``int8_wo@nocard``). Every variant
 # changes the card's defaults (schemes.base.card_kernels), which the unadorned recipe runs.
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} for k in INT4_KERNELS},
@@ -205,7 +205,7 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4},
                    "nokprefill": {"w4k_prefill": False}, "now4gsb": {"w4g_stage_batch": False},
                    "nopg": {"prefill_group": 0}, "sqintmm": {"sq_prefill_gemm": "int_mm"},
-                   "fastacc": {"fp8_fast_accum": True},
+                   "fastacc": {"fp8_fast_accum": True}, "prerope": {"prefill_rope": True},
                    "nocard": {f: getattr(DEFAULT_KERNELS, f) for _, fields in CARD_KERNELS for f in fields}}
 # ``@attnBxSwW``: decode attention's split kernel on the tile (B keys a loop step, S keys a split, W warps;
 # KernelConfig.attn_tile), e.g. ``fp16@attn32x64w2``

@@ -1462,6 +1462,26 @@ def test_decode_step_logits_equal_prefill_logits(tiny_folders):
 
 
 @cuda
+@pytest.mark.parametrize("recipe", ["fp16", "fp16_kv_int8", "fp8_kv_fp8"])
+def test_prefill_rope_in_one_kernel(recipe, tiny_folders):
+    """KernelConfig.prefill_rope: the prefill's RoPE and cache write by rope_cache_write (one rounding, decode's)
+    against torch's ops: the prefill's logits and the decode steps after it, unquantized and quantized caches."""
+    from quant.runtime.schemes.base import KernelConfig
+    from quant.runtime.torch_runtime import TorchRuntime
+
+    ids = torch.randint(0, 1024, (70,), generator=torch.Generator().manual_seed(5)).tolist()
+    bound = {"fp8_kv_fp8": 0.1, "fp16_kv_int8": 0.06}.get(recipe, 2e-2)
+    rts = [TorchRuntime.from_dir(tiny_folders[recipe], device="cuda", compute_dtype="float16",
+                                 kernels=KernelConfig(prefill_rope=on)) for on in (False, True)]
+    base, fused = (rt.logits(ids) for rt in rts)
+    assert rel(fused, base) <= bound, (recipe, rel(fused, base))
+    for n in (3, 69):
+        assert rel(_one_step_logits(rts[1], ids[: n + 1]), base[n]) <= bound, (recipe, n)
+    prompts = [ids[:9], ids[:23]]
+    assert rts[0].generate(prompts, 6, ignore_eos=True).tokens == rts[1].generate(prompts, 6, ignore_eos=True).tokens
+
+
+@cuda
 @pytest.mark.parametrize("recipe", ["fp16", "int8_wo", "int4_awq", "smoothquant_kv_int8"])
 def test_attention_with_pdl_gives_the_same_bits(recipe, tiny_folders):
     """KernelConfig.attn_pdl: decode attention's split kernel loads each split's first keys / values before q and is

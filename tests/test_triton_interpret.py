@@ -377,6 +377,41 @@ def test_rope_cache_write_matches_the_cpu_rope():
     assert torch.equal(vc[:, :, slot], v.view(B, KVH, D)) and not kc[:, :, :slot].any()
 
 
+@pytest.mark.parametrize("kv", [None, "INT8"])
+def test_rope_cache_write_for_prefill_stores_each_token_at_its_slot(kv):
+    """KernelConfig.prefill_rope: T tokens of each cache row (2 rows, 5 tokens from slot 3): q rotated as
+    quant.runtime.rope does, k rotated and v stored at slots 3..7 of their row (quantized as the cache stores them
+    when INT8), nothing else written."""
+    from quant.runtime import rope
+    from quant.runtime.kv_cache import QuantizedKVCache
+
+    gen = _gen(f"rope-prefill/{kv}")
+    B, T, start, H, KVH, D, L = 2, 5, 3, 4, 2, 64, 12
+    freq = rope.inv_freq(D, 10000.0, None)
+    qkv = (torch.randn(B * T, (H + 2 * KVH) * D, generator=gen) * 2).half()
+    pos = torch.arange(start, start + T).repeat(B) - torch.tensor([0, 2]).repeat_interleave(T)  # row 1 left-padded
+    cache = QuantizedKVCache(1, B, KVH, L, D, torch.float16, torch.device("cpu"), algo=kv,
+                             scales=[torch.tensor(0.05)]) if kv else None
+    kc = cache.k[0] if kv else torch.zeros(B, KVH, L, D).half()
+    vc = cache.v[0] if kv else torch.zeros(B, KVH, L, D).half()
+    q = ck.rope_cache_write(qkv, pos, start, freq, kc, vc, H, KVH, D, kv_algo=kv,
+                            kv_rcp=cache.rcp[0:1] if kv else None)
+    cos, sin = rope.cos_sin(pos.view(B, T), freq, torch.float16)
+    qr, kr, v = qkv.view(B, T, -1).split((H * D, KVH * D, KVH * D), dim=-1)
+    q_ref = rope.apply(qr.view(B, T, H, D).transpose(1, 2), cos, sin).transpose(1, 2).reshape(B * T, H * D)
+    k_ref = rope.apply(kr.view(B, T, KVH, D).transpose(1, 2), cos, sin)
+    v_ref = v.view(B, T, KVH, D).transpose(1, 2)
+    assert rel(q, q_ref) <= 2e-3
+    if kv:
+        k_got, v_got = cache.read(0, start + T)
+        assert torch.equal(vc[:, :, start:start + T], cache.quantize(0, v_ref))
+        assert rel(k_got[:, :, start:], k_ref) <= 2e-2  # one int8 step at most here and there
+    else:
+        assert rel(kc[:, :, start:start + T], k_ref) <= 2e-3 and torch.equal(vc[:, :, start:start + T], v_ref)
+    assert not kc[:, :, :start].float().any() and not kc[:, :, start + T:].float().any()
+    assert not vc[:, :, :start].float().any() and not vc[:, :, start + T:].float().any()
+
+
 def test_dequant_kernels_round_once():
     """Prefill's dequantized weights (the default path without KernelConfig.wq_prefill): q · s in float32, one
     rounding to the compute dtype."""

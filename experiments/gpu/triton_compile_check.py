@@ -181,6 +181,10 @@ def main() -> int:
                      {"qkv_ptr": "*fp16", "pos_ptr": "*i64", "slot_ptr": "*i64", "freq_ptr": "*fp32",
                       "q_ptr": "*fp16", "k_ptr": cache[kv], "v_ptr": cache[kv], "rcp_ptr": "*fp32"},
                      dict(HALF=64, KV_QUANT=kv), {"num_warps": 1}, None))
+        jobs.append((f"rope_cache_write prefill kv={kv}", ck._rope_cache_kernel,  # KernelConfig.prefill_rope
+                     {"qkv_ptr": "*fp16", "pos_ptr": "*i64", "slot_ptr": "*i64", "freq_ptr": "*fp32",
+                      "q_ptr": "*fp16", "k_ptr": cache[kv], "v_ptr": cache[kv], "rcp_ptr": "*fp32"},
+                     dict(HALF=64, KV_QUANT=kv, PREFILL=True), {"num_warps": 1}, None))
     only = sys.argv[1] if len(sys.argv) > 1 else ""  # (a substring of the jobs' names to compile only those)
     for name, fn, types, const, options, must in (j for j in jobs if only in j[0]):
         try:

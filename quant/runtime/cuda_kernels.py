@@ -900,10 +900,11 @@ def _rope_vec(x_ptr, c, s, offs_d, D: tl.constexpr, dt: tl.constexpr):
 
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, pos_ptr, slot_ptr, freq_ptr, q_ptr, k_ptr, v_ptr, rcp_ptr,
-                       H, KVH, stride_qkv, stride_qb, stride_cb, stride_ch, stride_ct,
-                       HALF: tl.constexpr, KV_QUANT: tl.constexpr):
+                       H, KVH, stride_qkv, stride_qb, stride_cb, stride_ch, stride_ct, T=1, START=0,
+                       HALF: tl.constexpr = 64, KV_QUANT: tl.constexpr = 0, PREFILL: tl.constexpr = False):
     """One program per (token b, head): q heads 0..H-1 are rotated into q_ptr [B, H·D]; kv heads H..H+KVH-1 rotate
-    k and store k, v at cache slot ``*slot_ptr`` (quantized with the reciprocal scale when KV_QUANT)."""
+    k and store k, v at cache slot ``*slot_ptr`` (quantized with the reciprocal scale when KV_QUANT). PREFILL: the
+    rows are T tokens of each cache row in turn, token b at cache row b // T, slot START + b % T."""
     dt: tl.constexpr = qkv_ptr.dtype.element_ty
     pid = tl.program_id(0)
     b = pid // (H + KVH)
@@ -917,7 +918,10 @@ def _rope_cache_kernel(qkv_ptr, pos_ptr, slot_ptr, freq_ptr, q_ptr, k_ptr, v_ptr
     else:
         j = hh - H
         v = tl.load(qkv_ptr + b * stride_qkv + (H + KVH + j) * D + offs_d)
-        cp = b * stride_cb + j * stride_ch + tl.load(slot_ptr) * stride_ct + offs_d
+        if PREFILL:
+            cp = (b // T) * stride_cb + j * stride_ch + (START + b % T) * stride_ct + offs_d
+        else:
+            cp = b * stride_cb + j * stride_ch + tl.load(slot_ptr) * stride_ct + offs_d
         if KV_QUANT == 0:
             tl.store(k_ptr + cp, out)
             tl.store(v_ptr + cp, v)
@@ -941,18 +945,23 @@ def _kv_quant(x, rcp, KV_QUANT: tl.constexpr):
 KV_QUANT_MODE = {None: 0, "INT8": 1, "FP8": 2}
 
 
-def rope_cache_write(qkv: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, inv_freq: torch.Tensor,
+def rope_cache_write(qkv: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor | int, inv_freq: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, head_dim: int,
                      kv_rcp: torch.Tensor | None = None, kv_algo: str | None = None,
                      q_out: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [B, (H + 2·KVH)·D] of one decode token per row; positions [B] int; slot: 0-d int tensor (device);
-    k_cache/v_cache [B, KVH, max_len, D] of one layer. Returns rotated q [B, H·D]."""
+    k_cache/v_cache [B, KVH, max_len, D] of one layer. Returns rotated q [B, H·D]. ``slot`` an int (prefill,
+    KernelConfig.prefill_rope): qkv holds T = rows / B tokens of each cache row in turn, stored at slots slot..slot+T-1,
+    positions [rows]."""
     B = qkv.shape[0]
+    prefill = isinstance(slot, int)
     q = q_out if q_out is not None else torch.empty(B, n_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     _rope_cache_kernel[(B * (n_heads + n_kv),)](
-        qkv, positions, slot, inv_freq, q, k_cache, v_cache, kv_rcp if kv_rcp is not None else inv_freq,
+        qkv, positions, positions if prefill else slot, inv_freq, q, k_cache, v_cache,
+        kv_rcp if kv_rcp is not None else inv_freq,
         n_heads, n_kv, qkv.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HALF=head_dim // 2, KV_QUANT=KV_QUANT_MODE[kv_algo], num_warps=1)
+        B // k_cache.shape[0] if prefill else 1, slot if prefill else 0,
+        HALF=head_dim // 2, KV_QUANT=KV_QUANT_MODE[kv_algo], PREFILL=prefill, num_warps=1)
     return q
 
 

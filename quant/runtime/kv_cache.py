@@ -38,6 +38,10 @@ class KVCache:
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
+        return self.read(layer, end)
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots 0..end-1 of one layer in the compute dtype (views here)."""
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     @property
@@ -76,6 +80,9 @@ class QuantizedKVCache(KVCache):
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = self.quantize(layer, k)
         self.v[layer, :, :, start:end] = self.quantize(layer, v)
+        return self.read(layer, end)
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.dequantize(layer, self.k[layer, :, :, :end]),
                 self.dequantize(layer, self.v[layer, :, :, :end]))
 

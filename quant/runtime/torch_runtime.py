@@ -253,7 +253,14 @@ class TorchRuntime:
         B, T = ids.shape
         hidden = self.embedding.shape[1]
         h = F.embedding(ids, self.embedding).reshape(B * T, hidden)
-        cos, sin = rope.cos_sin(positions, self.freq_dev, self.dtype)  # (no host copy: graph-capturable)
+        # RoPE and the cache write: one kernel (KernelConfig.prefill_rope) or torch ops on cos / sin tables
+        fused_rope = self.kernels.prefill_rope
+        if fused_rope:
+            from quant.runtime import cuda_kernels as ck
+
+            pos = positions.reshape(-1)
+        else:
+            cos, sin = rope.cos_sin(positions, self.freq_dev, self.dtype)  # (no host copy: graph-capturable)
         # No padding and a fresh cache: plain causal attention (FlashAttention); else the CPU path's mask.
         if causal is None:
             causal = bool(key_mask.all())
@@ -262,11 +269,18 @@ class TorchRuntime:
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for i, layer in enumerate(self.layers):
             qkv = layer["attention.qkv"].fused(h, norm=layer["input_layernorm"], eps=self.eps)
-            q, k, v = qkv.view(B, T, -1).split((q_dim, kv_dim, kv_dim), dim=-1)
-            q = rope.apply(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = rope.apply(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
-            v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-            k_all, v_all = cache.update(i, start, k, v)
+            if fused_rope:  # q rotated, k rotated and v stored into the cache by one kernel, then read back
+                q = ck.rope_cache_write(qkv, pos, start, self.freq_dev, cache.k[i], cache.v[i], self.n_heads,
+                                        self.n_kv, self.head_dim, kv_algo=self.kv_algo,
+                                        kv_rcp=cache.rcp[i:i + 1] if self.kv_algo is not None else None)
+                q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+                k_all, v_all = cache.read(i, start + T)
+            else:
+                q, k, v = qkv.view(B, T, -1).split((q_dim, kv_dim, kv_dim), dim=-1)
+                q = rope.apply(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+                k = rope.apply(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+                v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+                k_all, v_all = cache.update(i, start, k, v)
             attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=allowed, is_causal=causal,
                                                   enable_gqa=self.n_kv != self.n_heads)
             layer["attention.dense"].fused(attn.transpose(1, 2).reshape(B * T, q_dim), residual=h)
