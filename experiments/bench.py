@@ -177,7 +177,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # or prefill's tl.dot GEMM taking its output tiles in the plain order (``smoothquant@nopg``; the default groups them
 # by 8 tiles of x's rows), or SmoothQuant's prefill through cuBLASLt (``@sqintmm``) or on another tile
 # (``@sqpBMxBRxBKwWsS``, in the plain order; ``g8`` after it: grouped), or FP8's prefill with cuBLASLt's fast
-# accumulation (``fp8@fastacc``), or prefill's RoPE and cache write in one kernel (``fp16@prerope``),
+# accumulation (``fp8@fastacc``), or prefill's RoPE and cache write in torch ops (``fp16@noprerope``; the default:
+# one kernel),
 # or KernelConfig's defaults where this card's CARD_KERNELS entry changes them (``int8_wo@nocard``). Every variant
 # changes the card's defaults (schemes.base.card_kernels), which the unadorned recipe runs.
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} for k in INT4_KERNELS},
@@ -205,7 +206,7 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4},
                    "nokprefill": {"w4k_prefill": False}, "now4gsb": {"w4g_stage_batch": False},
                    "nopg": {"prefill_group": 0}, "sqintmm": {"sq_prefill_gemm": "int_mm"},
-                   "fastacc": {"fp8_fast_accum": True}, "prerope": {"prefill_rope": True},
+                   "fastacc": {"fp8_fast_accum": True}, "noprerope": {"prefill_rope": False},
                    "nocard": {f: getattr(DEFAULT_KERNELS, f) for _, fields in CARD_KERNELS for f in fields}}
 # ``@attnBxSwW``: decode attention's split kernel on the tile (B keys a loop step, S keys a split, W warps;
 # KernelConfig.attn_tile), e.g. ``fp16@attn32x64w2``
@@ -404,39 +405,66 @@ def merge_peer(record: dict, child: dict, peer: str, end: str) -> list[dict]:
     return rows
 
 
+def same_variant_fp16(rows: list[dict]) -> list[dict]:
+    """``rows`` with each quantized ``recipe@kernel`` row's speed-ups taken over ``fp16@kernel`` where that row was
+    measured at the same batch and input (both over FP16, so the quotient; its interval from the two intervals'
+    ends, as a peer's): a kernel variant that speeds FP16 as much (the prefill's RoPE, say) is not the format's
+    gain. A row so divided names its divisor in ``over``."""
+    fp16 = {(r["engine"], r["recipe"].partition("@")[2], r["batch_size"], r["input_len"]): r for r in rows
+            if r["recipe"].partition("@")[0] == "fp16"}
+    out = []
+    for r in rows:
+        recipe, _, kernel = r["recipe"].partition("@")
+        f = fp16.get((r["engine"], kernel, r["batch_size"], r["input_len"])) if kernel and recipe != "fp16" else None
+        if f is not None:
+            r = {**r, "over": f["recipe"]}
+            for key in ("speedup", "ttft_speedup"):
+                if key in r and key in f:
+                    (lo, hi), (flo, fhi) = r[key + "_ci"], f[key + "_ci"]
+                    r[key], r[key + "_ci"] = r[key] / f[key], [lo / fhi, hi / flo]
+        out.append(r)
+    return out
+
+
 def targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, from the rows of this run: speed-ups over FP16 from interleaved rounds (with the
-    interval's low end beside the point value), batch 1 unless a target names its batch."""
-    def best(engine, recipe, P, B=1, by="speedup"):
+    interval's low end beside the point value), batch 1 unless a target names its batch. A recipe's best kernel
+    variant counts, over FP16 with the same variant where that was measured (:func:`same_variant_fp16`); each
+    target names the row it took (``row``, and ``over`` where the FP16 was a variant)."""
+    raw, rows = rows, same_variant_fp16(rows)
+
+    def best(engine, recipe, P, B=1, by="speedup", among=None):
         """A recipe's row at (P, B); of its kernel variants (recipe@kernel) the one with the highest ``by``."""
-        cands = [r for r in rows if r["engine"] == engine and r["recipe"].partition("@")[0] == recipe
+        cands = [r for r in (among or rows) if r["engine"] == engine and r["recipe"].partition("@")[0] == recipe
                  and r["batch_size"] == B and r["input_len"] == P]
         return max(cands, key=lambda r: r.get(by, 0.0)) if cands else None
 
     out = []
 
-    def add(target, measured, required, low=None):
-        out.append({"target": target, "measured": measured, "required": required, "ci_low": low})
+    def add(target, measured, required, low=None, row=None):
+        out.append({"target": target, "measured": measured, "required": required, "ci_low": low,
+                    "row": row["recipe"] if row else None, "over": row.get("over", "fp16") if row else None})
 
     lens = sorted({r["input_len"] for r in rows if r["engine"] == "quant-runtime"})
     for P in lens:
         if f := best("quant-runtime", "fp16", P):
             add(f"fp16 b1 decode, in {P}: fraction of copy-bandwidth roofline", f["roofline_fraction"],
-                FP16_ROOFLINE_TARGET)
+                FP16_ROOFLINE_TARGET, row={"recipe": f["recipe"], "over": "copy bandwidth"})
             if hf := best("hf-generate-eager", "fp16", P):
                 add(f"fp16 b1 decode, in {P}: × HF eager generate", f["decode_tok_s"] / hf["decode_tok_s"],
                     HF_SPEEDUP_TARGET)
         for recipe, need in TARGETS.items():
             if (r := best("quant-runtime", recipe, P)) and "speedup" in r:
-                add(f"{recipe} b1 decode, in {P}: × fp16", r["speedup"], need, r["speedup_ci"][0])
+                add(f"{recipe} b1 decode, in {P}: × fp16", r["speedup"], need, r["speedup_ci"][0], r)
         for B in INT4_BATCH_FLOOR:
             if (r := best("quant-runtime", "int4_awq", P, B)) and "speedup" in r:
-                add(f"int4_awq b{B} decode, in {P}: × fp16", r["speedup"], 1.0, r["speedup_ci"][0])
+                add(f"int4_awq b{B} decode, in {P}: × fp16", r["speedup"], 1.0, r["speedup_ci"][0], r)
         # a peer whose CUDA graphs inductor skipped is not on its fast path: no target against it
         for peer in sorted({r["engine"] for r in rows if r["engine"] in PEERS and not r.get("cuda_graph_skips")}):
-            # FP16 is the reference itself: 1× exactly, and the quotient's interval is the peer's alone
+            # FP16 is the reference itself: 1× exactly, and the quotient's interval is the peer's alone. Both over
+            # the same FP16 (the peer's reference): our rows undivided
             ours = ({"speedup": 1.0, "speedup_ci": [1.0, 1.0]} if PEERS[peer].recipe == "fp16"
-                    else best("quant-runtime", PEERS[peer].recipe, P))
+                    else best("quant-runtime", PEERS[peer].recipe, P, among=raw))
             theirs = best(peer, PEERS[peer].recipe, P)
             if ours and theirs and "speedup" in ours and "speedup" in theirs:
                 add(f"{PEERS[peer].recipe} b1 decode, in {P}: × {peer} (both over fp16)",
@@ -445,7 +473,8 @@ def targets(rows: list[dict]) -> list[dict]:
         P = max(lens)
         for recipe, need in PREFILL_TARGETS.items():
             if (r := best("quant-runtime", recipe, P, by="ttft_speedup")) and "ttft_speedup" in r:
-                add(f"{recipe} b1 prefill (TTFT), in {P}: × fp16", r["ttft_speedup"], need, r["ttft_speedup_ci"][0])
+                add(f"{recipe} b1 prefill (TTFT), in {P}: × fp16", r["ttft_speedup"], need, r["ttft_speedup_ci"][0],
+                    r)
     for t in out:
         t["met"] = t["measured"] >= t["required"]
         t["shortfall"] = 0.0 if t["met"] else 1 - t["measured"] / t["required"]
@@ -454,8 +483,10 @@ def targets(rows: list[dict]) -> list[dict]:
 
 def crossover(rows: list[dict], recipe: str = "int4_awq") -> dict:
     """Per input length, the smallest batch at which ``recipe``'s best variant is slower than FP16 (its speed-up's
-    interval wholly below 1), or None where it never is among the batches measured."""
+    interval wholly below 1; over FP16 with the same variant where measured), or None where it never is among the
+    batches measured."""
     out = {}
+    rows = same_variant_fp16(rows)
     for P in sorted({r["input_len"] for r in rows if r["recipe"].partition("@")[0] == recipe}):
         by_batch = {}
         for r in rows:
@@ -493,12 +524,14 @@ def table(rows: list[dict], tgts: list[dict], copy: dict | None) -> str:
         lines.append("int4_awq slower than fp16 (interval below 1) from batch: " + ", ".join(
             f"input {P}: {B if B else 'never, among those measured'}" for P, B in cross.items()))
     if tgts:
-        lines += ["", "| target | measured | interval low | required | met | short by |", "|---|---|---|---|---|---|"]
+        lines += ["", "| target | measured | interval low | required | met | short by | row / over |",
+                  "|---|---|---|---|---|---|---|"]
         for t in tgts:
             short = "" if t["met"] else f"{t['shortfall']:.0%}"
             low = "–" if t["ci_low"] is None else f"{t['ci_low']:.2f}"
+            src = f"{t['row']} / {t['over']}" if t.get("row") else "–"
             lines.append(f"| {t['target']} | {t['measured']:.2f} | {low} | {t['required']:.2f} | "
-                         f"{'yes' if t['met'] else 'NO'} | {short} |")
+                         f"{'yes' if t['met'] else 'NO'} | {short} | {src} |")
     return "\n".join(lines)
 
 

@@ -37,9 +37,10 @@ from quant.recipes import parse_recipe_arg
 
 # the recipes checked by default: each weight format's batch-1 path (the default model's hidden 576 takes group 64)
 DEFAULT_RECIPES = ("fp16", "int8_wo", "smoothquant", "fp8", "int4_awq:group_size=64")
-# KernelConfig fields of the reference: every batch-1 row through the M > 1 kernels, attention unfused
+# KernelConfig fields of the reference: every batch-1 row through the M > 1 kernels, attention unfused, the
+# prefill's RoPE in torch ops
 REFERENCE = {"gemv": frozenset(), "w8g": frozenset(), "w4g_rows": None, "w4m_rows": None, "int4_kernel": "tinygemm",
-             "attn_fused_reduce": False, "attn_rope_fused": False, "gemv_then": False}
+             "attn_fused_reduce": False, "attn_rope_fused": False, "gemv_then": False, "prefill_rope": False}
 
 
 def kernel_configs(variants: list[str], device: str) -> dict:

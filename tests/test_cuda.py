@@ -1465,7 +1465,10 @@ def test_decode_step_logits_equal_prefill_logits(tiny_folders):
 @pytest.mark.parametrize("recipe", ["fp16", "fp16_kv_int8", "fp8_kv_fp8"])
 def test_prefill_rope_in_one_kernel(recipe, tiny_folders):
     """KernelConfig.prefill_rope: the prefill's RoPE and cache write by rope_cache_write (one rounding, decode's)
-    against torch's ops: the prefill's logits and the decode steps after it, unquantized and quantized caches."""
+    against torch's ops: the prefill's logits and the decode steps after it, unquantized and quantized caches; the
+    tokens generated, where the cache keeps what the two roundings give alike (float16, int8: e4m3's 3 mantissa bits
+    flip some stored keys with the rounding, and a tiny random model's top two logits lie close enough for that to
+    change a token, as it did on an H100)."""
     from quant.runtime.schemes.base import KernelConfig
     from quant.runtime.torch_runtime import TorchRuntime
 
@@ -1477,8 +1480,10 @@ def test_prefill_rope_in_one_kernel(recipe, tiny_folders):
     assert rel(fused, base) <= bound, (recipe, rel(fused, base))
     for n in (3, 69):
         assert rel(_one_step_logits(rts[1], ids[: n + 1]), base[n]) <= bound, (recipe, n)
-    prompts = [ids[:9], ids[:23]]
-    assert rts[0].generate(prompts, 6, ignore_eos=True).tokens == rts[1].generate(prompts, 6, ignore_eos=True).tokens
+    if recipe != "fp8_kv_fp8":
+        prompts = [ids[:9], ids[:23]]
+        assert rts[0].generate(prompts, 6, ignore_eos=True).tokens == rts[1].generate(prompts, 6,
+                                                                                      ignore_eos=True).tokens
 
 
 @cuda

@@ -115,6 +115,32 @@ def test_targets_crossover_and_peers_from_rows():
     assert not t["met"] and t["required"] == 1.5
 
 
+def test_a_variant_that_speeds_fp16_too_is_taken_over_fp16_with_it():
+    """A kernel variant measured on FP16 as well (here ``@fast``: TTFT × 1.2 on FP16) counts for a format only by
+    what it gains beyond FP16's own gain: SmoothQuant@fast's 1.5× over plain FP16 is 1.25× over fp16@fast; a variant
+    without an FP16 row (``@sqonly``) stays over plain FP16. Peers are compared undivided (both over one FP16)."""
+    from experiments.bench import same_variant_fp16, table, targets
+
+    ref = [0.004] * 5
+    rows = [_row("quant-runtime", "fp16@fast", 1, ref, ref, ttft=0.025),
+            _row("quant-runtime", "smoothquant", 1, [0.0025] * 5, ref, ttft=0.025),
+            _row("quant-runtime", "smoothquant@fast", 1, [0.0025] * 5, ref, ttft=0.02)]
+    sq = next(r for r in same_variant_fp16(rows) if r["recipe"] == "smoothquant@fast")
+    assert sq["ttft_speedup"] == pytest.approx(1.25) and sq["over"] == "fp16@fast"
+    assert sq["ttft_speedup_ci"][0] <= 1.25 <= sq["ttft_speedup_ci"][1]
+    got = {t["target"]: t for t in targets(rows)}["smoothquant b1 prefill (TTFT), in 512: × fp16"]
+    assert got["measured"] == pytest.approx(1.25) and not got["met"]
+    assert (got["row"], got["over"]) == ("smoothquant@fast", "fp16@fast")
+    assert "| smoothquant@fast / fp16@fast |" in table(rows, targets(rows), None)
+    rows.append(_row("quant-runtime", "smoothquant@sqonly", 1, [0.0025] * 5, ref, ttft=0.022))
+    got = {t["target"]: t for t in targets(rows)}["smoothquant b1 prefill (TTFT), in 512: × fp16"]
+    assert got["measured"] == pytest.approx(0.03 / 0.022)
+    assert (got["row"], got["over"]) == ("smoothquant@sqonly", "fp16")
+    # decode: the variant's own FP16 row is as fast as FP16, so the quotient is the row's own speed-up
+    dec = {t["target"]: t for t in targets(rows)}["smoothquant b1 decode, in 512: × fp16"]
+    assert dec["measured"] == pytest.approx(1.6)
+
+
 def test_a_peer_whose_cuda_graphs_were_skipped_is_marked_and_kept_out_of_the_targets():
     """Inductor's own skip counter, read the way HFPeer.describe reads it: a graph compiled for CUDA graphs
     (``reduce-overhead``) on a CPU tensor is one inductor cannot capture, the case it counts. A peer row carrying

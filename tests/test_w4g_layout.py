@@ -144,7 +144,7 @@ def test_prefill_tile_and_order_are_checked_and_named_by_the_benchmark():
     assert kernel_variant("sqp64x128x128w4s4g8") == {"sq_prefill_tile": (64, 128, 128, 4, 4), "prefill_group": 8}
     assert known_variant("sqp128x128x64w4s4g8") and not known_variant("sqp128x96x64w4s4")
     assert not known_variant("sqp128x128x64w4")
-    for v in ("nopg", "sqintmm", "fastacc", "prerope"):
+    for v in ("nopg", "sqintmm", "fastacc", "noprerope"):
         dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
 
 

@@ -74,11 +74,12 @@ class KernelConfig:
     prefill_group: int = 8
     # Prefill (the CUDA path's forward over T tokens): q and k rotated and k, v stored into the KV cache by one kernel
     # (cuda_kernels.rope_cache_write with a slot per token, decode's RoPE), instead of torch ops on cos / sin tables
-    # and a copy into the cache. Those took ~5.2 ms of FP16's 25.3 ms of prefill kernels at input 1024 on an H100
-    # (7B, 448 launches; experiments/results/gpu/kernels stage 27); the kernel moves ~50 MB a layer. Rounds once, as
-    # decode does (torch's ops round each step). Off: built, not yet timed on a GPU (experiments.bench
-    # RECIPE@prerope).
-    prefill_rope: bool = False
+    # and a copy into the cache (~5.2 ms of FP16's 25.3 ms of prefill kernels at input 1024 on an H100, 7B, 448
+    # launches). It rounds once, as decode does (torch's ops round each step). On an H100 (2026-12-07, 5 interleaved
+    # rounds; experiments/results/gpu/kernels stage 28) it shortened the TTFT of every recipe at inputs 512 / 1024
+    # and batches 1 / 8 on both shapes: FP16 × 1.17–1.19 (7B) and 1.08–1.12 (8B), SmoothQuant / FP8 / INT4 more;
+    # decode unchanged. Off (experiments.bench RECIPE@noprerope): the torch ops, the CPU path's arithmetic.
+    prefill_rope: bool = True
     # FP8 prefill: cuBLASLt's fast accumulation in _scaled_mm (use_fast_accum: the tensor cores' partial sums are not
     # promoted to float32 along K). Off: on an H100 (same run) TTFT × FP16 at input 1024 went 1.39–1.40 → 1.42–1.43
     # (7B) and 1.46 → 1.50 (8B), but the GEMM's error against float64 grew from 1.3e-4 to 1.3e-3 – 2.9e-3 (K 4096 –
