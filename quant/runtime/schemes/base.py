@@ -77,7 +77,7 @@ class KernelConfig:
     # and a copy into the cache (~5.2 ms of FP16's 25.3 ms of prefill kernels at input 1024 on an H100, 7B, 448
     # launches). It rounds once, as decode does (torch's ops round each step). On an H100 (2026-12-07, 5 interleaved
     # rounds; experiments/results/gpu/kernels stage 28) it shortened the TTFT of every recipe at inputs 512 / 1024
-    # and batches 1 / 8 on both shapes: FP16 × 1.17–1.19 (7B) and 1.08–1.12 (8B), SmoothQuant / FP8 / INT4 more;
+    # and batches 1 / 8 on both shapes: FP16 × 1.13–1.19 (7B) and 1.08–1.12 (8B), SmoothQuant / FP8 / INT4 more;
     # decode unchanged. Off (experiments.bench RECIPE@noprerope): the torch ops, the CPU path's arithmetic.
     prefill_rope: bool = True
     # FP8 prefill: cuBLASLt's fast accumulation in _scaled_mm (use_fast_accum: the tensor cores' partial sums are not
