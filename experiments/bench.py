@@ -214,15 +214,20 @@ _ATTN_TILE_VARIANT = re.compile(r"attn(\d+)x(\d+)w(\d+)")
 # ``@sqpBMxBRxBKwWsS[gG]``: SmoothQuant's prefill GEMM on that tile (KernelConfig.sq_prefill_tile), its output tiles
 # in groups of G tiles of x's rows (prefill_group), e.g. ``smoothquant@sqp128x256x128w8s3g8``
 _SQ_TILE_VARIANT = re.compile(r"sqp(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:g(\d+))?")
+# ``@wqtBRxBMxBKwWsS``: the weight-only formats' prefill through cuda_kernels.wq_prefill_mm (KernelConfig.wq_prefill)
+# on that tile (wq_prefill_tile), e.g. ``int8_wo@wqt128x128x64w4s4``
+_WQ_TILE_VARIANT = re.compile(r"wqt(\d+)x(\d+)x(\d+)w(\d+)s(\d+)")
 
 
 def kernel_variant(name: str) -> dict:
-    """The KernelConfig fields a variant name changes (KERNEL_VARIANTS, or an ``attnBxSwW`` / ``sqp…`` tile);
+    """The KernelConfig fields a variant name changes (KERNEL_VARIANTS, or an ``attnBxSwW`` / ``sqp…`` / ``wqt…`` tile);
     KeyError if it names none. The tile's own limits are KernelConfig's to check."""
     if m := _ATTN_TILE_VARIANT.fullmatch(name):
         return {"attn_tile": tuple(int(g) for g in m.groups())}
     if m := _SQ_TILE_VARIANT.fullmatch(name):
         return {"sq_prefill_tile": tuple(int(g) for g in m.groups()[:5]), "prefill_group": int(m.group(6) or 0)}
+    if m := _WQ_TILE_VARIANT.fullmatch(name):
+        return {**KERNEL_VARIANTS["wqprefill"], "wq_prefill_tile": tuple(int(g) for g in m.groups())}
     return KERNEL_VARIANTS[name]
 
 
@@ -547,6 +552,10 @@ WQ_SWEEP = [(16, 128, 4, 4), (16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), 
 # SmoothQuant's prefill tiles (BM, BR, BK, warps, stages), each in both program orders (KernelConfig.prefill_group)
 INT8_GEMM_SWEEP = [(128, 128, 64, 4, 4), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4),
                    (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 128, 4, 4), (128, 256, 128, 8, 4)]
+# The weight-only prefill kernel's tiles (BLOCK_R stored rows, BLOCK_M, BLOCK_K, warps, stages), each in the plain
+# order (g1) and grouped (g8); INT4's BLOCK_K is cut to its group
+WQ_PREFILL_SWEEP = [(128, 128, 64, 4, 4), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                    (64, 128, 64, 4, 4), (64, 256, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 128, 4, 3)]
 SWEEP_ALGOS = (None, "W8A16", "W4A16_AWQ", "FP8", "W8A8_SQ_PER_CHANNEL")
 
 
@@ -587,7 +596,8 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                 continue
             w = torch.randn(N, K, generator=gen, device=device) * K ** -0.5
             pre = torch.exp(0.3 * torch.randn(K, generator=gen, device=device)).half()
-            h = make_linear(algo, _quantize(algo, w, pre, 128), dtype=torch.float16, device=device, group_size=128)
+            t = _quantize(algo, w, pre, 128)
+            h = make_linear(algo, t, dtype=torch.float16, device=device, group_size=128)
             del w
             nbytes = h.nbytes
             for M in ms:
@@ -623,13 +633,20 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                               lambda: ck.wq_mm(xa, h.weight, h.out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8,
                                                dtype=torch.float16, config=cfg, group_m=group),
                               algo, name, N, K, M, nbytes)
+                elif M > ck.WQ_MM_MAX_M and algo in ("W8A16", "W4A16_AWQ"):  # KernelConfig.wq_prefill's kernel
+                    ws = h.scale if algo == "W8A16" else h.scales
+                    wq = t["weight"].to(device)  # the stored layout (INT4's handler may keep only its k-packed copy)
+                    for cfg, group in itertools.product(WQ_PREFILL_SWEEP, (1, 8)):
+                        bench(f"wqt{cfg} g{group}", lambda: ck.wq_prefill_mm(x, wq, ws, wfmt=wf[algo], group=128,
+                                                                            config=cfg, group_m=group),
+                              algo, name, N, K, M, nbytes)
                 elif M > ck.WQ_MM_MAX_M and algo == "FP8":  # the other accumulation (KernelConfig.fp8_fast_accum)
                     base = h.kernels
                     h.kernels = dataclasses.replace(base, fp8_fast_accum=not base.fp8_fast_accum)
                     bench(f"fast_accum={h.kernels.fp8_fast_accum}", lambda: h.fused(x), algo, name, N, K, M, nbytes)
                     h.kernels = base
                 del x
-            del h
+            del h, t
             torch.cuda.empty_cache()
     return out
 

@@ -79,6 +79,33 @@ def test_wq_mm_int4_prefill_matches_float64_reference(group):
     assert rel(y, x.double() @ wd.double().t()) <= 1e-2
 
 
+
+@pytest.mark.parametrize("fmt,group", [("W8A16", 0), ("W4A16_AWQ", 32), ("W4A16_AWQ", 128)])
+def test_weight_only_prefill_with_the_weight_as_a_operand(fmt, group):
+    """wq_prefill_mm (KernelConfig.wq_prefill): the swapped product yᵀ = dequant(W) · xᵀ on three tiles of x's rows
+    (130) and of channels, K 200 (int8: no whole K tile) / 256, with a residual added in place; INT4's weight is
+    q · s rounded to float16, as the dequantize-then-cuBLAS path rounds it, so the float64 product of that weight is
+    the reference."""
+    gen = _gen(f"wqt/{fmt}/{group}")
+    k = 200 if fmt == "W8A16" else 256
+    t = layout(fmt, torch.randn(160, k, generator=gen) * 0.05, gen, group=max(group, 64))
+    if fmt == "W8A16":
+        wd = exact_dequantized(fmt, t, torch.float16).double()
+        wfmt, scale = ck.W_INT8, t["weights_scaling_factor"].half()
+    else:
+        t = layout(fmt, torch.randn(160, k, generator=gen) * 0.05, gen, group=group)
+        wd = exact_dequantized(fmt, t, torch.float16, group).half().double()  # q · s in float16
+        wfmt, scale = ck.W_INT4, t["weights_scaling_factor"].half()
+    x = activations(gen, 130, k).half()
+    res = torch.randn(130, 160, generator=gen).half()
+    y = ck.wq_prefill_mm(x, t["weight"], scale, wfmt=wfmt, group=group, residual=res.clone(),
+                         config=(64, 64, 64, 4, 2), group_m=2)
+    assert y.shape == (130, 160) and y.dtype == torch.float16
+    assert rel(y, res.double() + x.double() @ wd.t()) <= 2e-3
+    plain = ck.wq_prefill_mm(x, t["weight"], scale, wfmt=wfmt, group=group, config=(64, 64, 64, 4, 2), group_m=1)
+    assert torch.equal(plain, ck.wq_prefill_mm(x, t["weight"], scale, wfmt=wfmt, group=group,
+                                               config=(64, 64, 64, 4, 2), group_m=2))  # the order: the same bits
+
 def test_smoothquant_int8_gemm_is_exact_in_int32():
     """int8 × int8 through tl.dot sums exactly in int32; the epilogue scales by a · s per channel."""
     gen = _gen("sq")

@@ -9,6 +9,7 @@ or an atomic without the intended ordering shows here before any GPU time is spe
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import re
 import sys
@@ -19,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from experiments.bench import INT8_GEMM_SWEEP  # noqa: E402
+from experiments.bench import INT8_GEMM_SWEEP, WQ_PREFILL_SWEEP  # noqa: E402
 from quant.runtime import cuda_kernels as ck  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -96,6 +97,13 @@ def loads_before_first_use(nloads: int):
     return check
 
 
+def wgmma_a_from_registers(k) -> str | None:
+    """None when the kernel's wgmma takes its A operand from registers (``{%r…}`` before B's descriptor), as the
+    weight-only prefill's dequantized weight must be; else what it lacks."""
+    ok = re.search(r"wgmma\.mma_async[^\n]*\}, \{%r\d+(,%r\d+)*\}, %rd\d+", k.asm["ptx"])
+    return None if ok else "wgmma with A from registers"
+
+
 def main() -> int:
     failed = 0
     attn = {"q_ptr": "*fp16", "mask_ptr": "*u8", "slot_ptr": "*i64", "scale_ptr": "*fp32", "m_ptr": "*fp32",
@@ -145,6 +153,13 @@ def main() -> int:
         jobs.append((f"sq prefill tile {(bm, br, bk, warps, stages)} group_m={group}", ck._wq_mm_kernel, SQ_TYPES,
                      dict(WFMT=ck.W_INT8, AFMT=ck.A_INT8, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True,
                           GROUP_M=group), {"num_warps": warps, "num_stages": stages}, "wgmma"))
+    # the weight-only prefill (KernelConfig.wq_prefill): every tile of the sweep, wgmma taking the weight from registers
+    for (br, bm, bk, warps, stages), (wfmt, w) in itertools.product(
+            dict.fromkeys([*ck.WQ_PREFILL_T_CONFIG.values(), *WQ_PREFILL_SWEEP]), ((ck.W_INT8, "*i8"), (ck.W_INT4, "*i8"))):
+        jobs.append((f"wq_prefill_mm wfmt={wfmt} tile {(br, bm, bk, warps, stages)}", ck._wq_prefill_t_kernel,
+                     {**WQ_TYPES, "w_ptr": w}, dict(WFMT=wfmt, GROUP=128, BLOCK_R=br, BLOCK_M=bm, BLOCK_K=bk, GROUP_M=8,
+                                                    EVEN_K=True, RESIDUAL=True),
+                     {"num_warps": warps, "num_stages": stages}, wgmma_a_from_registers))
     for bm, table in ((16, ck.WQ_MM_CONFIG), (32, ck.WQ_MM_CONFIG_32), (64, ck.WQ_MM_CONFIG_32)):  # W8A16, cvt=1
         br, bk, warps, stages = table[ck.W_INT8]
         jobs.append((f"wq_mm int8 byte-permute rows<={bm}", ck._wq_mm_kernel, WQ_TYPES,

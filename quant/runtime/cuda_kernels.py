@@ -727,6 +727,101 @@ def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, 
     return y
 
 
+
+# -- weight-only prefill: the weight as the tensor cores' A operand, dequantized in registers -------------------------
+@triton.jit
+def _wq_prefill_t_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, stride_wsn, stride_ym,
+                         WFMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                         RESIDUAL: tl.constexpr):
+    """yᵀ tile [BLOCK_R channels, BLOCK_M rows] = dequant(W) · xᵀ: the weight tile, converted in registers, is the
+    MMA's A operand (on sm_90 wgmma takes A from registers, B from shared memory), x's tile the B operand as loaded.
+    Putting the dequantized weight on the B side instead makes it go through shared memory once more (wq_mm above,
+    KernelConfig.wq_prefill before stage 28). W8A16: int8 → float exactly, the channel's scale on the float32 sum;
+    W4A16 (stored layout: byte r holds channels 2r (low nibble) and 2r + 1 at the same k): q · s rounded to x's dtype,
+    as the dequantize-then-cuBLAS path rounds it, BLOCK_K within one group. The programs take the output tiles
+    GROUP_M tiles of x's rows at a time, those fastest (as _wq_mm_kernel's GROUP_M)."""
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_r = tl.cdiv(R, BLOCK_R)
+    num_m = tl.cdiv(M, BLOCK_M)
+    in_group = GROUP_M * num_r
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_r = (pid % in_group) // size_m
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = offs_r < R
+    m_mask = offs_m < M
+    acc = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
+    acc2 = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xp = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
+        wp = w_ptr + offs_r[:, None] * stride_wn + offs_k[None, :]
+        if EVEN_K:
+            xt = tl.load(xp, mask=m_mask[None, :], other=0.0)
+            p = tl.load(wp, mask=r_mask[:, None], other=0)
+        else:
+            k_mask = offs_k < K
+            xt = tl.load(xp, mask=m_mask[None, :] & k_mask[:, None], other=0.0)
+            p = tl.load(wp, mask=r_mask[:, None] & k_mask[None, :], other=0)
+        if WFMT == 2:
+            p = p.to(tl.int32)
+            g = k0 // GROUP
+            se = tl.load(ws_ptr + (2 * offs_r) * stride_wsn + g, mask=r_mask, other=0.0).to(dt)
+            so = tl.load(ws_ptr + (2 * offs_r + 1) * stride_wsn + g, mask=r_mask, other=0.0).to(dt)
+            acc = tl.dot(((p << 28) >> 28).to(dt) * se[:, None], xt, acc)
+            acc2 = tl.dot((p >> 4).to(dt) * so[:, None], xt, acc2)
+        else:
+            acc = tl.dot(p.to(dt), xt, acc)
+    yp = y_ptr + offs_m[None, :] * stride_ym
+    ym = r_mask[:, None] & m_mask[None, :]
+    if WFMT == 2:
+        ye = acc.to(dt)
+        yo = acc2.to(dt)
+        if RESIDUAL:
+            ye = tl.load(yp + 2 * offs_r[:, None], mask=ym, other=0.0) + ye
+            yo = tl.load(yp + 2 * offs_r[:, None] + 1, mask=ym, other=0.0) + yo
+        tl.store(yp + 2 * offs_r[:, None], ye, mask=ym)
+        tl.store(yp + 2 * offs_r[:, None] + 1, yo, mask=ym)
+    else:
+        yv = (acc * tl.load(ws_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[:, None]).to(dt)
+        if RESIDUAL:
+            yv = tl.load(yp + offs_r[:, None], mask=ym, other=0.0) + yv
+        tl.store(yp + offs_r[:, None], yv, mask=ym)
+
+
+# (BLOCK_R in stored rows (INT4: two channels each), BLOCK_M, BLOCK_K, warps, stages) per weight format. wgmma's A
+# operand is 64 rows a warp group: BLOCK_R ≥ 64 · warps / 4. Not yet timed (experiments.bench --sweep times these
+# beside cuBLAS and the dequantize-then-cuBLAS path).
+WQ_PREFILL_T_CONFIG = {W_INT8: (128, 128, 64, 4, 4), W_INT4: (64, 128, 64, 4, 3)}
+
+
+def wq_prefill_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, group: int = 0,
+                  residual: torch.Tensor | None = None, config: tuple[int, int, int, int, int] | None = None,
+                  group_m: int = 8) -> torch.Tensor:
+    """y [M, N] = x @ dequant(W)ᵀ for float16 / bfloat16 x [M, K] and int8 (per-channel ``wscale`` [N]) or the
+    stored int4 AWQ layout (``wscale`` [N, K/group]) through :func:`_wq_prefill_t_kernel`; ``residual`` [M, N]: y
+    added in place. ``config``: (BLOCK_R, BLOCK_M, BLOCK_K, warps, stages), None: WQ_PREFILL_T_CONFIG; INT4's
+    BLOCK_K is cut to the group. ``group_m``: x's row tiles taken together (≥ 1)."""
+    M, K = x.shape
+    R = w.shape[0]
+    N = 2 * R if wfmt == W_INT4 else R
+    br, bm, bk, warps, stages = config or WQ_PREFILL_T_CONFIG[wfmt]
+    if wfmt == W_INT4:
+        bk = min(bk, group)
+        assert group % bk == 0 and K % group == 0
+    y = residual if residual is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(R, br) * triton.cdiv(M, bm),)
+    _wq_prefill_t_kernel[grid](x, w, wscale, y, M, R, K, x.stride(0), w.stride(0),
+                               wscale.stride(0) if wscale.dim() == 2 else 0, y.stride(0),
+                               WFMT=wfmt, GROUP=max(group, 1), BLOCK_R=br, BLOCK_M=bm, BLOCK_K=bk,
+                               GROUP_M=max(group_m, 1), EVEN_K=K % bk == 0, RESIDUAL=residual is not None,
+                               num_warps=warps, num_stages=stages)
+    return y
+
 def wq_fill_split(tiles: int, sms: int, rows: int = 1, k: int = 1 << 30) -> int:
     """Splits of K for wq_mm so that ``tiles`` output tiles make at least two programs per SM: at most 8, and at
     most k / (16 · rows), which keeps the float32 partials (splits · rows · 4 bytes per output channel) within a

@@ -77,7 +77,7 @@ class KernelConfig:
     # and a copy into the cache (~5.2 ms of FP16's 25.3 ms of prefill kernels at input 1024 on an H100, 7B, 448
     # launches). It rounds once, as decode does (torch's ops round each step). On an H100 (2026-12-07, 5 interleaved
     # rounds; experiments/results/gpu/kernels stage 28) it shortened the TTFT of every recipe at inputs 512 / 1024
-    # and batches 1 / 8 on both shapes: FP16 × 1.13–1.19 (7B) and 1.08–1.12 (8B), SmoothQuant / FP8 / INT4 more;
+    # and batches 1 / 8 on both shapes: FP16 × 1.13–1.19 (7B) and 1.08–1.12 (8B), FP8 and SmoothQuant more;
     # decode unchanged. Off (experiments.bench RECIPE@noprerope): the torch ops, the CPU path's arithmetic.
     prefill_rope: bool = True
     # FP8 prefill: cuBLASLt's fast accumulation in _scaled_mm (use_fast_accum: the tensor cores' partial sums are not
@@ -190,10 +190,14 @@ class KernelConfig:
     w8m: frozenset[str] = frozenset()
     w8m_depth: int = 2
     # Weight-only formats ("W8A16", "W4A16_AWQ") whose prefill (more than 64 rows) multiplies the stored weights
-    # through the tl.dot kernel, dequantized in registers (cuda_kernels.WQ_PREFILL_CONFIG), instead of writing a
-    # float16 copy of each weight per call for cuBLAS. Empty: on an H200 (7B, experiments.bench RECIPE@wqprefill)
-    # it took TTFT from 0.73× to 0.53× FP16's (int8) and from 0.48× to 0.26× (int4) at input 512.
+    # through cuda_kernels.wq_prefill_mm, dequantized in registers as the tensor cores' A operand (the product
+    # transposed), instead of writing a float16 copy of each weight per call for cuBLAS; INT4 then keeps its stored
+    # layout for it (no k-packed prefill). Its tile: wq_prefill_tile (BLOCK_R, BLOCK_M, BLOCK_K, warps, stages), None
+    # = cuda_kernels.WQ_PREFILL_T_CONFIG. Empty: not yet timed on a GPU (experiments.bench RECIPE@wqprefill,
+    # @wqtBRxBMxBKwWsS). The form before it (stage 4, the dequantized weight as the B operand) took TTFT on an H200
+    # (7B, input 512) from 0.73× to 0.53× FP16's (int8) and from 0.48× to 0.26× (int4).
     wq_prefill: frozenset[str] = frozenset()
+    wq_prefill_tile: tuple[int, int, int, int, int] | None = None
     # The int8 formats' tl.dot kernel at 2–64 rows (cuda_kernels.wq_mm). Compiled for sm_90, its loop issues, per
     # weight, 0.18–0.32 warp-instructions for W8A16 (Triton's int8 → half: one I2F per weight) and 0.04–0.09 for
     # SmoothQuant (int8 × int8), on tiles of 32 output channels whose o / down projections launch 128 programs on
@@ -268,6 +272,11 @@ class KernelConfig:
                              f"with {self.w4m_rows}")
         if self.wq_prefill - {"W8A16", "W4A16_AWQ"}:
             raise ValueError(f"wq_prefill takes W8A16 and W4A16_AWQ; got {sorted(self.wq_prefill)}")
+        if self.wq_prefill_tile is not None and not (
+                len(self.wq_prefill_tile) == 5 and all(v > 0 and v & (v - 1) == 0 for v in self.wq_prefill_tile[:4])
+                and self.wq_prefill_tile[0] >= 16 * self.wq_prefill_tile[3] and self.wq_prefill_tile[4] >= 1):
+            raise ValueError(f"wq_prefill_tile must be (BLOCK_R, BLOCK_M, BLOCK_K, warps: powers of two, BLOCK_R >= "
+                             f"16 · warps, stages >= 1) or None, got {self.wq_prefill_tile}")
         if self.attn_tile is not None and not (
                 len(self.attn_tile) == 3 and self.attn_tile[0] in (16, 32, 64, 128, 256) and self.attn_tile[1] >= 0
                 and self.attn_tile[2] in (1, 2, 4, 8, 16)):

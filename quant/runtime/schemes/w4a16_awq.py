@@ -76,7 +76,8 @@ class W4A16AWQLinear(_Handler):
                     self.tinygemm = _TinygemmInt4(q(), self.scales, group, tg)
                     self.kernel = "tinygemm-w4a16|triton"
                     taken.append((1, ck.WQ_MM_MAX_M))
-            self.kprefill = kernels.w4k_prefill and self.kpack is not None
+            # prefill from the k-packed copy, unless wq_prefill takes it (the stored layout's tensor-core kernel)
+            self.kprefill = kernels.w4k_prefill and self.kpack is not None and self.algo_key not in kernels.wq_prefill
             if self.kprefill:  # prefill from the k-packed copy; the stored layout only where a row is left to it
                 self.kernel = "tinygemm-w4a16|w4k-dequant" if self.tinygemm is not None else "w4k-dequant"
                 if not _rows_left((1, ck.WQ_MM_MAX_M), taken):
@@ -191,10 +192,12 @@ class W4A16AWQLinear(_Handler):
         if self.kprefill and x.shape[0] > ck.WQ_MM_MAX_M:  # KernelConfig.w4k_prefill
             w, kw = self.kpack
             return F.linear(x, ck.dequant_int4_k(w, self.scales, self.group, kw, self.dtype))
-        if self.dtype != torch.float32 and self.pow2_group and (
-                x.shape[0] <= ck.WQ_MM_MAX_M or self.algo_key in self.kernels.wq_prefill):
-            return ck.wq_mm(x, self.weight, self.scales, wfmt=ck.W_INT4, group=self.group,
-                            group_m=self.kernels.prefill_group)
+        if self.dtype != torch.float32 and self.pow2_group:
+            if x.shape[0] <= ck.WQ_MM_MAX_M:
+                return ck.wq_mm(x, self.weight, self.scales, wfmt=ck.W_INT4, group=self.group)
+            if self.algo_key in self.kernels.wq_prefill:
+                return ck.wq_prefill_mm(x, self.weight, self.scales, wfmt=ck.W_INT4, group=self.group,
+                                        config=self.kernels.wq_prefill_tile, group_m=self.kernels.prefill_group)
         # prefill: dequantize to the compute dtype once per call (q · s rounded to it), then cuBLAS
         if self.pow2_group:
             return F.linear(x, ck.dequant_int4(self.weight, self.scales, self.group, self.dtype))

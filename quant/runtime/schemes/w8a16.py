@@ -40,9 +40,11 @@ class W8A16Linear(_Handler):
     def _mm_cuda(self, x, *, norm, eps, silu):
         ck = _cuda_kernels()
         x = self._prep(x, norm, eps, silu)
-        if self.dtype != torch.float32 and (x.shape[0] <= ck.WQ_MM_MAX_M or self.algo_key in self.kernels.wq_prefill):
-            return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, cvt=self.cvt, counter=self.wq_counter,
-                            group_m=self.kernels.prefill_group)
+        if self.dtype != torch.float32 and x.shape[0] <= ck.WQ_MM_MAX_M:
+            return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, cvt=self.cvt, counter=self.wq_counter)
+        if self.dtype != torch.float32 and self.algo_key in self.kernels.wq_prefill:
+            return ck.wq_prefill_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, config=self.kernels.wq_prefill_tile,
+                                    group_m=self.kernels.prefill_group)
         # prefill: one GEMM on the weight dequantized to the compute dtype (TRT-LLM's weight-only GEMM also
         # dequantizes before the MMA). Scaling after the GEMM overflows float16: x · q is 1/scale (~10³) times y.
         return F.linear(x, ck.dequant_int8(self.weight, self.scale, self.dtype))
