@@ -794,9 +794,12 @@ def _wq_prefill_t_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride
 
 
 # (BLOCK_R in stored rows (INT4: two channels each), BLOCK_M, BLOCK_K, warps, stages) per weight format. wgmma's A
-# operand is 64 rows a warp group: BLOCK_R ≥ 64 · warps / 4. Not yet timed (experiments.bench --sweep times these
-# beside cuBLAS and the dequantize-then-cuBLAS path).
-WQ_PREFILL_T_CONFIG = {W_INT8: (128, 128, 64, 4, 4), W_INT4: (64, 128, 64, 4, 3)}
+# operand is 64 rows a warp group: BLOCK_R ≥ 64 · warps / 4. The fastest of experiments.bench --sweep's 8 tiles per
+# format on an H100 (7B layer, 1024 rows, 2026-12-07, experiments/results/gpu/kernels stage 28): W8A16 840 µs a
+# layer (~525 TFLOP/s where the linear is not fc‖gate) against 789 for dequantize-then-cuBLAS; INT4 1186 against 802
+# (its two accumulators and a float16 multiply per weight per tile of rows: ~350 TFLOP/s). cuBLAS's own float16 GEMM
+# runs at 680–735 there: the dequantization saved does not pay for the slower GEMM.
+WQ_PREFILL_T_CONFIG = {W_INT8: (128, 256, 64, 8, 3), W_INT4: (64, 128, 64, 4, 4)}
 
 
 def wq_prefill_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, group: int = 0,

@@ -193,8 +193,10 @@ class KernelConfig:
     # through cuda_kernels.wq_prefill_mm, dequantized in registers as the tensor cores' A operand (the product
     # transposed), instead of writing a float16 copy of each weight per call for cuBLAS; INT4 then keeps its stored
     # layout for it (no k-packed prefill). Its tile: wq_prefill_tile (BLOCK_R, BLOCK_M, BLOCK_K, warps, stages), None
-    # = cuda_kernels.WQ_PREFILL_T_CONFIG. Empty: not yet timed on a GPU (experiments.bench RECIPE@wqprefill,
-    # @wqtBRxBMxBKwWsS). The form before it (stage 4, the dequantized weight as the B operand) took TTFT on an H200
+    # = cuda_kernels.WQ_PREFILL_T_CONFIG. Empty: the linears alone on an H100 (7B, 1024 rows; experiments.bench
+    # --sweep) took 840 µs a layer (W8A16, its fastest tile) and 1186 (INT4) against 789 / 802 for the dequantize-
+    # then-cuBLAS default (cuda_kernels.WQ_PREFILL_T_CONFIG says why). experiments.bench RECIPE@wqprefill,
+    # @wqtBRxBMxBKwWsS. The form before it (stage 4, the dequantized weight as the B operand) took TTFT on an H200
     # (7B, input 512) from 0.73× to 0.53× FP16's (int8) and from 0.48× to 0.26× (int4).
     wq_prefill: frozenset[str] = frozenset()
     wq_prefill_tile: tuple[int, int, int, int, int] | None = None
