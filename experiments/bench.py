@@ -176,7 +176,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # (``int4_awq@now4gsb``; the default issues eight),
 # or prefill's tl.dot GEMM taking its output tiles in the plain order (``smoothquant@nopg``; the default groups them
 # by 8 tiles of x's rows), or SmoothQuant's prefill through cuBLASLt (``@sqintmm``) or on another tile
-# (``@sqpBMxBRxBKwWsS``, in the plain order; ``g8`` after it: grouped), or FP8's prefill with cuBLASLt's fast
+# (``@sqpBMxBRxBKwWsS``, in the plain order; ``g8`` after it: grouped) or on the persistent TMA GEMM (``@sqtma``;
+# on another tile, grouped: ``@sqtmaBMxBRxBKwWsS``), or FP8's prefill with cuBLASLt's fast
 # accumulation (``fp8@fastacc``), or prefill's RoPE and cache write in torch ops (``fp16@noprerope``; the default:
 # one kernel),
 # or KernelConfig's defaults where this card's CARD_KERNELS entry changes them (``int8_wo@nocard``). Every variant
@@ -206,6 +207,7 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4},
                    "nokprefill": {"w4k_prefill": False}, "now4gsb": {"w4g_stage_batch": False},
                    "nopg": {"prefill_group": 0}, "sqintmm": {"sq_prefill_gemm": "int_mm"},
+                   "sqtma": {"sq_prefill_gemm": "tma"},
                    "fastacc": {"fp8_fast_accum": True}, "noprerope": {"prefill_rope": False},
                    "nocard": {f: getattr(DEFAULT_KERNELS, f) for _, fields in CARD_KERNELS for f in fields}}
 # ``@attnBxSwW``: decode attention's split kernel on the tile (B keys a loop step, S keys a split, W warps;
@@ -214,18 +216,23 @@ _ATTN_TILE_VARIANT = re.compile(r"attn(\d+)x(\d+)w(\d+)")
 # ``@sqpBMxBRxBKwWsS[gG]``: SmoothQuant's prefill GEMM on that tile (KernelConfig.sq_prefill_tile), its output tiles
 # in groups of G tiles of x's rows (prefill_group), e.g. ``smoothquant@sqp128x256x128w8s3g8``
 _SQ_TILE_VARIANT = re.compile(r"sqp(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:g(\d+))?")
+# ``@sqtmaBMxBNxBKwWsS``: SmoothQuant's prefill on the persistent TMA GEMM (sq_prefill_gemm "tma") on that tile,
+# grouped as the default (prefill_group), e.g. ``smoothquant@sqtma128x256x128w8s3``
+_SQ_TMA_VARIANT = re.compile(r"sqtma(\d+)x(\d+)x(\d+)w(\d+)s(\d+)")
 # ``@wqtBRxBMxBKwWsS``: the weight-only formats' prefill through cuda_kernels.wq_prefill_mm (KernelConfig.wq_prefill)
 # on that tile (wq_prefill_tile), e.g. ``int8_wo@wqt128x128x64w4s4``
 _WQ_TILE_VARIANT = re.compile(r"wqt(\d+)x(\d+)x(\d+)w(\d+)s(\d+)")
 
 
 def kernel_variant(name: str) -> dict:
-    """The KernelConfig fields a variant name changes (KERNEL_VARIANTS, or an ``attnBxSwW`` / ``sqp…`` / ``wqt…`` tile);
-    KeyError if it names none. The tile's own limits are KernelConfig's to check."""
+    """The KernelConfig fields a variant name changes (KERNEL_VARIANTS, or an ``attnBxSwW`` / ``sqp…`` / ``sqtma…`` /
+    ``wqt…`` tile); KeyError if it names none. The tile's own limits are KernelConfig's to check."""
     if m := _ATTN_TILE_VARIANT.fullmatch(name):
         return {"attn_tile": tuple(int(g) for g in m.groups())}
     if m := _SQ_TILE_VARIANT.fullmatch(name):
         return {"sq_prefill_tile": tuple(int(g) for g in m.groups()[:5]), "prefill_group": int(m.group(6) or 0)}
+    if m := _SQ_TMA_VARIANT.fullmatch(name):
+        return {"sq_prefill_gemm": "tma", "sq_prefill_tile": tuple(int(g) for g in m.groups())}
     if m := _WQ_TILE_VARIANT.fullmatch(name):
         return {**KERNEL_VARIANTS["wqprefill"], "wq_prefill_tile": tuple(int(g) for g in m.groups())}
     return KERNEL_VARIANTS[name]
@@ -632,6 +639,10 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                         bench(f"triton-int8{cfg}" + f" g{group}" * bool(group),
                               lambda: ck.wq_mm(xa, h.weight, h.out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8,
                                                dtype=torch.float16, config=cfg, group_m=group),
+                              algo, name, N, K, M, nbytes)
+                    for cfg in INT8_GEMM_SWEEP:  # the persistent TMA GEMM (KernelConfig.sq_prefill_gemm "tma")
+                        bench(f"tma-int8{cfg} g8", lambda: ck.i8_tma_mm(xa, h.weight, h.out_scale, dtype=torch.float16,
+                                                                        config=cfg, group_m=8),
                               algo, name, N, K, M, nbytes)
                 elif M > ck.WQ_MM_MAX_M and algo in ("W8A16", "W4A16_AWQ"):  # KernelConfig.wq_prefill's kernel
                     ws = h.scale if algo == "W8A16" else h.scales

@@ -1150,23 +1150,30 @@ def _check_linear(algo, dtype, kernels=None, out=96, inp=320):
 
 @cuda
 def test_prefill_tiles_program_order_and_fp8_accumulation():
-    """KernelConfig.sq_prefill_tile / prefill_group: SmoothQuant's int8 prefill sums exactly in int32, so each tile
-    of the benchmark's sweep and either program order give the default's bits (300 and 1100 rows; N and K not
-    multiples of the tiles). fp8_fast_accum: FP8's prefill against the float64 reference, as every path."""
+    """KernelConfig.sq_prefill_tile / prefill_group / sq_prefill_gemm: SmoothQuant's int8 prefill sums exactly in
+    int32, so each tile of the benchmark's sweep, in either program order and on the persistent TMA GEMM, gives the
+    default's bits (300 and 1100 rows; N and K not multiples of the tiles: K 1000, and for TMA, whose rows must be
+    whole 16 bytes, 1008; at 1000 it falls back to tl.dot). fp8_fast_accum: FP8's prefill against the float64
+    reference, as every path."""
     from experiments.bench import INT8_GEMM_SWEEP
     from quant.hardware import fp8_refusal
+    from quant.runtime import cuda_kernels as ck
     from quant.runtime.schemes.base import KernelConfig
     from tests.test_kernels import activations
 
-    gen, t, h, wd = _fp16_linear("W8A8_SQ_PER_CHANNEL", "sqtiles", inp=1000, out=200)
-    for m in (300, 1100):
-        x = activations(gen, m, 1000).half().to(DEV)
-        want = h(x)
-        assert rel(want, _reference("W8A8_SQ_PER_CHANNEL", t, x.cpu(), wd)) <= 1e-2
-        for tile in INT8_GEMM_SWEEP:
-            for group in (0, 8):
-                h.kernels = KernelConfig(sq_prefill_tile=tile, prefill_group=group)
-                assert torch.equal(h(x), want), (m, tile, group)
+    for inp in (1000, 1008):
+        gen, t, h, wd = _fp16_linear("W8A8_SQ_PER_CHANNEL", f"sqtiles/{inp}", inp=inp, out=200)
+        assert ck.i8_tma_ok(h.weight, h.weight) == (inp == 1008)
+        base = h.kernels
+        for m in (300, 1100):
+            x = activations(gen, m, inp).half().to(DEV)
+            h.kernels = base
+            want = h(x)
+            assert rel(want, _reference("W8A8_SQ_PER_CHANNEL", t, x.cpu(), wd)) <= 1e-2
+            for tile in INT8_GEMM_SWEEP:
+                for gemm, group in (("triton", 0), ("triton", 8), ("tma", 8)):
+                    h.kernels = KernelConfig(sq_prefill_gemm=gemm, sq_prefill_tile=tile, prefill_group=group)
+                    assert torch.equal(h(x), want), (inp, m, tile, gemm, group)
     if fp8_refusal(0):
         pytest.skip(fp8_refusal(0))
     _check_linear("FP8", torch.float16, kernels=KernelConfig(fp8_fast_accum=True))

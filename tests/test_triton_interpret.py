@@ -88,12 +88,11 @@ def test_weight_only_prefill_with_the_weight_as_a_operand(fmt, group):
     the reference."""
     gen = _gen(f"wqt/{fmt}/{group}")
     k = 200 if fmt == "W8A16" else 256
-    t = layout(fmt, torch.randn(160, k, generator=gen) * 0.05, gen, group=max(group, 64))
+    t = layout(fmt, torch.randn(160, k, generator=gen) * 0.05, gen, group=group or 64)
     if fmt == "W8A16":
         wd = exact_dequantized(fmt, t, torch.float16).double()
         wfmt, scale = ck.W_INT8, t["weights_scaling_factor"].half()
     else:
-        t = layout(fmt, torch.randn(160, k, generator=gen) * 0.05, gen, group=group)
         wd = exact_dequantized(fmt, t, torch.float16, group).half().double()  # q · s in float16
         wfmt, scale = ck.W_INT4, t["weights_scaling_factor"].half()
     x = activations(gen, 130, k).half()
@@ -139,6 +138,27 @@ def test_prefill_gemm_in_grouped_order_gives_the_same_bits(group):
     exact = (qx.double() @ t["weight"].double().t()) * out_scale.double() + res.double()
     assert rel(ys[1], exact) <= 1e-3
 
+
+
+@pytest.mark.parametrize("programs", [1, 4, 15])
+def test_persistent_tma_int8_gemm_gives_the_same_bits(programs):
+    """i8_tma_mm (KernelConfig.sq_prefill_gemm "tma"): x and W through TMA descriptors (K 208: the last K tile read
+    past the end as zeros; 70 rows, 48 channels: 5 × 3 tiles), one resident program walking all 15 tiles, four
+    walking several each with the epilogue's counter apart from the loads', or one each: the bits of wq_mm's
+    int8 GEMM, the residual added once."""
+    gen = _gen(f"sqtma/{programs}")
+    t = layout("W8A8_SQ_PER_CHANNEL", torch.randn(48, 208, generator=gen) * 0.05, gen)
+    qx = torch.randint(-128, 128, (70, 208), generator=gen, dtype=torch.int8)
+    out_scale = torch.rand(48, generator=gen) * 1e-4
+    res = torch.randn(70, 48, generator=gen).half()
+    config = (16, 16, 64, 1, 1)
+    want = ck.wq_mm(qx, t["weight"], out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8, dtype=torch.float16,
+                    residual=res.clone(), config=config, group_m=2)
+    got = ck.i8_tma_mm(qx, t["weight"], out_scale, dtype=torch.float16, residual=res.clone(), config=config,
+                       group_m=2, programs=programs)
+    assert torch.equal(got, want)
+    exact = (qx.double() @ t["weight"].double().t()) * out_scale.double() + res.double()
+    assert rel(got, exact) <= 1e-3
 
 def test_act_prep_rmsnorm_and_silu_gate():
     gen = _gen("prep")

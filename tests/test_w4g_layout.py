@@ -124,9 +124,11 @@ def test_attention_tile_is_checked_and_named_by_the_benchmark():
 
 
 def test_prefill_tile_and_order_are_checked_and_named_by_the_benchmark():
-    """KernelConfig.sq_prefill_tile / prefill_group / fp8_fast_accum: SmoothQuant's prefill tile is five positive
-    values (four powers of two), the grouping non-negative; the benchmark's ``@sqp…`` names a tile (with ``g``, the
-    grouping too) and refuses one KernelConfig refuses, and its fixed prefill variants are valid configurations."""
+    """KernelConfig.sq_prefill_tile / prefill_group / sq_prefill_gemm / wq_prefill_tile / fp8_fast_accum:
+    SmoothQuant's prefill tile is five positive values (four powers of two), the grouping non-negative, the GEMM one
+    of three; the benchmark's ``@sqp…`` names a tile (with ``g``, the grouping too), ``@sqtma…`` one of the TMA GEMM,
+    ``@wqt…`` one of the weight-only prefill (and refuses one without a warp group's rows), and its fixed prefill
+    variants are valid configurations."""
     import dataclasses
 
     import pytest
@@ -144,7 +146,14 @@ def test_prefill_tile_and_order_are_checked_and_named_by_the_benchmark():
     assert kernel_variant("sqp64x128x128w4s4g8") == {"sq_prefill_tile": (64, 128, 128, 4, 4), "prefill_group": 8}
     assert known_variant("sqp128x128x64w4s4g8") and not known_variant("sqp128x96x64w4s4")
     assert not known_variant("sqp128x128x64w4")
-    for v in ("nopg", "sqintmm", "fastacc", "noprerope"):
+    assert kernel_variant("sqtma128x256x128w8s3") == {"sq_prefill_gemm": "tma",
+                                                      "sq_prefill_tile": (128, 256, 128, 8, 3)}
+    assert kernel_variant("wqt128x256x64w8s3") == {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"}),
+                                                   "wq_prefill_tile": (128, 256, 64, 8, 3)}
+    assert not known_variant("wqt128x256x64w16s3")  # BLOCK_R below 16 · warps: no warp group's 64 rows
+    with pytest.raises(ValueError, match="sq_prefill_gemm must be"):
+        KernelConfig(sq_prefill_gemm="cutlass")
+    for v in ("nopg", "sqintmm", "sqtma", "fastacc", "noprerope", "wqprefill"):
         dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
 
 

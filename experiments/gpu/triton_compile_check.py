@@ -153,6 +153,13 @@ def main() -> int:
         jobs.append((f"sq prefill tile {(bm, br, bk, warps, stages)} group_m={group}", ck._wq_mm_kernel, SQ_TYPES,
                      dict(WFMT=ck.W_INT8, AFMT=ck.A_INT8, GROUP=1, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, RESIDUAL=True,
                           GROUP_M=group), {"num_warps": warps, "num_stages": stages}, "wgmma"))
+    # SmoothQuant's persistent TMA GEMM (KernelConfig.sq_prefill_gemm "tma") on every tile of the sweep
+    for bm, bn, bk, warps, stages in dict.fromkeys([ck.INT8_GEMM_CONFIG, *INT8_GEMM_SWEEP]):
+        jobs.append((f"sq prefill tma tile {(bm, bn, bk, warps, stages)}", ck._i8_tma_kernel,
+                     {"x_desc": f"tensordesc<i8[{bm}, {bk}]>", "w_desc": f"tensordesc<i8[{bn}, {bk}]>",
+                      "ws_ptr": "*fp32", "y_ptr": "*fp16"},
+                     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, RESIDUAL=True),
+                     {"num_warps": warps, "num_stages": stages}, "cp.async.bulk.tensor"))
     # the weight-only prefill (KernelConfig.wq_prefill): every tile of the sweep, wgmma taking the weight from registers
     for (br, bm, bk, warps, stages), (wfmt, w) in itertools.product(
             dict.fromkeys([*ck.WQ_PREFILL_T_CONFIG.values(), *WQ_PREFILL_SWEEP]), ((ck.W_INT8, "*i8"), (ck.W_INT4, "*i8"))):

@@ -825,6 +825,75 @@ def wq_prefill_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfm
                                num_warps=warps, num_stages=stages)
     return y
 
+
+# -- SmoothQuant's prefill GEMM fed by the tensor memory accelerator, persistent ---------------------------------------
+@triton.jit
+def _tile_of(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Output tile ``tile`` in launch order → (its tile of x's rows, its tile of channels): GROUP_M tiles of rows at
+    a time, those fastest (as _wq_mm_kernel's GROUP_M)."""
+    in_group = GROUP_M * num_n
+    first_m = (tile // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % in_group) % size_m, (tile % in_group) // size_m
+
+
+@triton.jit
+def _i8_tma_kernel(x_desc, w_desc, ws_ptr, y_ptr, M, N, K, stride_ym, num_progs, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, RESIDUAL: tl.constexpr):
+    """y = (x · Wᵀ in int32) · ws[n] (+ y: residual) for int8 x [M, K] and W [N, K], each read through a TMA
+    descriptor (tiles [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K]; out of bounds read as zeros, which add nothing). The
+    ``num_progs`` programs stay resident and walk the output tiles in _tile_of's order, so that the pipeline loads a
+    tile's first K steps while the one before it finishes; the epilogue is _wq_mm_kernel's (same bits: int32 sums
+    are exact in any order). The tile counter is kept twice (the loads' and the epilogue's), as Triton's persistent
+    tutorial does for its pipeliner."""
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tile_c = tl.program_id(0) - num_progs
+    for tile in tl.range(tl.program_id(0), num_m * num_n, num_progs, flatten=True):
+        pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        for ki in range(k_tiles):
+            a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            b = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        tile_c += num_progs
+        pid_m, pid_n = _tile_of(tile_c, num_m, num_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _gemv_store(acc, y_ptr, ws_ptr, offs_m, offs_m < M, offs_n, offs_n < N, stride_ym, dt, 1, RESIDUAL)
+
+
+def i8_tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`i8_tma_mm` takes these operands: TMA wants 16-byte aligned bases and row strides, rows whole."""
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (x, w))
+
+
+def i8_tma_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, dtype: torch.dtype,
+              residual: torch.Tensor | None = None, config: tuple[int, int, int, int, int] | None = None,
+              group_m: int = 8, programs: int | None = None) -> torch.Tensor:
+    """SmoothQuant's int8 GEMM y [M, N] = (x [M, K] · w [N, K]ᵀ) · wscale [N] (float32, = a · s) in ``dtype``,
+    residual [M, N]: added in place; through :func:`_i8_tma_kernel` (KernelConfig.sq_prefill_gemm "tma").
+    ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), None: INT8_GEMM_CONFIG; ``programs``: the resident
+    programs, None: one per SM (at most one per tile). The same result as :func:`wq_mm` with afmt=A_INT8."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = x.shape
+    N = w.shape[0]
+    assert x.dtype == w.dtype == torch.int8 and w.shape[1] == K and i8_tma_ok(x, w)
+    bm, bn, bk, warps, stages = config or INT8_GEMM_CONFIG
+    y = residual if residual is not None else torch.empty(M, N, dtype=dtype, device=x.device)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if programs is None:
+        programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else tiles
+    programs = max(1, min(programs, tiles))
+    _i8_tma_kernel[(programs,)](TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
+                                wscale, y, M, N, K, y.stride(0), programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                GROUP_M=max(group_m, 1), RESIDUAL=residual is not None, num_warps=warps,
+                                num_stages=stages)
+    return y
+
 def wq_fill_split(tiles: int, sms: int, rows: int = 1, k: int = 1 << 30) -> int:
     """Splits of K for wq_mm so that ``tiles`` output tiles make at least two programs per SM: at most 8, and at
     most k / (16 · rows), which keeps the float32 partials (splits · rows · 4 bytes per output channel) within a

@@ -59,9 +59,11 @@ class KernelConfig:
     # recomputes them for the whole row) or in one act_prep kernel before it (False: faster for SmoothQuant
     # and FP8 on an H200, whose per-element division and fp8 rounding per program cost more than a launch).
     fuse_prologue: bool = False
-    # SmoothQuant above 64 rows (prefill): "triton" (tl.dot int8, epilogue fused) or "int_mm" (cuBLASLt).
+    # SmoothQuant above 64 rows (prefill): "triton" (tl.dot int8, epilogue fused), "tma" (the same epilogue on a
+    # persistent GEMM whose operands come through TMA descriptors, cuda_kernels.i8_tma_mm; built, not yet timed on a
+    # GPU: experiments.bench RECIPE@sqtma) or "int_mm" (cuBLASLt).
     sq_prefill_gemm: str = "triton"
-    # Its tile (BM, BR, BK, warps, stages); None: cuda_kernels.INT8_GEMM_CONFIG.
+    # Its tile (BM, BR, BK, warps, stages) for "triton" / "tma"; None: cuda_kernels.INT8_GEMM_CONFIG.
     sq_prefill_tile: tuple[int, int, int, int, int] | None = None
     # The tl.dot prefill (SmoothQuant's "triton"; wq_prefill's formats): the output tiles taken in groups of this
     # many tiles of x's rows, those fastest, so that the programs resident together share each weight tile
@@ -251,8 +253,8 @@ class KernelConfig:
     def __post_init__(self) -> None:
         if self.wq_wide - {"W8A16", "W8A8_SQ_PER_CHANNEL"}:
             raise ValueError(f"wq_wide takes W8A16 and W8A8_SQ_PER_CHANNEL; got {sorted(self.wq_wide)}")
-        if self.sq_prefill_gemm not in ("triton", "int_mm"):
-            raise ValueError(f"sq_prefill_gemm must be 'triton' or 'int_mm', got {self.sq_prefill_gemm!r}")
+        if self.sq_prefill_gemm not in ("triton", "tma", "int_mm"):
+            raise ValueError(f"sq_prefill_gemm must be 'triton', 'tma' or 'int_mm', got {self.sq_prefill_gemm!r}")
         if self.sq_prefill_tile is not None and not (
                 len(self.sq_prefill_tile) == 5 and all(v > 0 and v & (v - 1) == 0 for v in self.sq_prefill_tile[:4])
                 and self.sq_prefill_tile[4] >= 1):

@@ -52,10 +52,13 @@ class W8A8SQLinear(_Handler):
         if self.cuda and not self._takes_gemv(x.shape[0]):
             ck = _cuda_kernels()
             M = x.shape[0]
-            if M <= ck.WQ_MM_MAX_M or self.kernels.sq_prefill_gemm == "triton":
+            if M <= ck.WQ_MM_MAX_M or self.kernels.sq_prefill_gemm in ("triton", "tma"):
                 # int8 × int8 → int32 through tl.dot, (a · s) and the residual add fused into its epilogue
                 qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale,
                                 afmt=ck.A_INT8)
+                if M > ck.WQ_MM_MAX_M and self.kernels.sq_prefill_gemm == "tma" and ck.i8_tma_ok(qx, self.weight):
+                    return ck.i8_tma_mm(qx, self.weight, self.out_scale, dtype=self.dtype, residual=residual,
+                                        config=self.kernels.sq_prefill_tile, group_m=self.kernels.prefill_group)
                 return ck.wq_mm(qx, self.weight, self.out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8, dtype=self.dtype,
                                 residual=residual, counter=self.wq_counter,
                                 config=self.kernels.sq_prefill_tile if M > ck.WQ_MM_MAX_M else None,
