@@ -727,6 +727,15 @@ def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, 
     return y
 
 
+@triton.jit
+def _tile_of(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Output tile ``tile`` in launch order → (its tile of x's rows, its tile of channels): GROUP_M tiles of rows at
+    a time, those fastest (as _wq_mm_kernel's GROUP_M; the prefill kernels below)."""
+    in_group = GROUP_M * num_n
+    first_m = (tile // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % in_group) % size_m, (tile % in_group) // size_m
+
 
 # -- weight-only prefill: the weight as the tensor cores' A operand, dequantized in registers -------------------------
 @triton.jit
@@ -739,17 +748,10 @@ def _wq_prefill_t_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride
     Putting the dequantized weight on the B side instead makes it go through shared memory once more (wq_mm above,
     KernelConfig.wq_prefill before stage 28). W8A16: int8 → float exactly, the channel's scale on the float32 sum;
     W4A16 (stored layout: byte r holds channels 2r (low nibble) and 2r + 1 at the same k): q · s rounded to x's dtype,
-    as the dequantize-then-cuBLAS path rounds it, BLOCK_K within one group. The programs take the output tiles
-    GROUP_M tiles of x's rows at a time, those fastest (as _wq_mm_kernel's GROUP_M)."""
+    as the dequantize-then-cuBLAS path rounds it, BLOCK_K within one group. The programs take the output tiles in
+    _tile_of's order."""
     dt: tl.constexpr = y_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_r = tl.cdiv(R, BLOCK_R)
-    num_m = tl.cdiv(M, BLOCK_M)
-    in_group = GROUP_M * num_r
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_r = (pid % in_group) // size_m
+    pid_m, pid_r = _tile_of(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(R, BLOCK_R), GROUP_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = offs_r < R
@@ -828,16 +830,6 @@ def wq_prefill_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfm
 
 # -- SmoothQuant's prefill GEMM fed by the tensor memory accelerator, persistent ---------------------------------------
 @triton.jit
-def _tile_of(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    """Output tile ``tile`` in launch order → (its tile of x's rows, its tile of channels): GROUP_M tiles of rows at
-    a time, those fastest (as _wq_mm_kernel's GROUP_M)."""
-    in_group = GROUP_M * num_n
-    first_m = (tile // in_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (tile % in_group) % size_m, (tile % in_group) // size_m
-
-
-@triton.jit
 def _i8_tma_kernel(x_desc, w_desc, ws_ptr, y_ptr, M, N, K, stride_ym, num_progs, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, RESIDUAL: tl.constexpr):
     """y = (x · Wᵀ in int32) · ws[n] (+ y: residual) for int8 x [M, K] and W [N, K], each read through a TMA
@@ -893,6 +885,7 @@ def i8_tma_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, dtype: 
                                 GROUP_M=max(group_m, 1), RESIDUAL=residual is not None, num_warps=warps,
                                 num_stages=stages)
     return y
+
 
 def wq_fill_split(tiles: int, sms: int, rows: int = 1, k: int = 1 << 30) -> int:
     """Splits of K for wq_mm so that ``tiles`` output tiles make at least two programs per SM: at most 8, and at
