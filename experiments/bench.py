@@ -21,8 +21,9 @@ batch from which INT4 is slower than FP16, and the targets; writes JSON after ea
 it measured).
 
 Recipes are those of :mod:`quant.runtime.random_checkpoint`; ``int4_awq@VARIANT`` picks W4A16 kernels other than the
-default (:data:`KERNEL_VARIANTS`; targets take a recipe's best variant). ``--profile`` adds, per recipe, the device time
-of each kernel in one batch-1 decode step and in the prefill (eager, from the PyTorch profiler) — where the time goes.
+default (:data:`KERNEL_VARIANTS`; targets take a recipe's best variant, over ``fp16@VARIANT`` where that was run too).
+``--profile`` adds, per recipe, the device time of each kernel in one batch-1 decode step and in the prefill (eager,
+from the PyTorch profiler) — where the time goes.
 
 ``--sweep`` times the per-format linear kernels alone on ``--shape``'s layer shapes (configs, alternatives) instead.
 Its ``do_bench`` times include the host's launch of each call, which for kernels of 10–50 µs (Triton's Python
