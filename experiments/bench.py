@@ -708,8 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in recipes if r.partition("@")[0] not in RECIPES or not known_variant(r.partition("@")[2])]
     if unknown:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)}; a kernel "
-                        f"variant may follow: @{', @'.join(KERNEL_VARIANTS)}, or @attnBxSwW, an attention tile, or "
-                        f"@sqpBMxBRxBKwWsS[gG], SmoothQuant's prefill tile)")
+                        f"variant may follow: @{', @'.join(KERNEL_VARIANTS)}, or @attnBxSwW, an attention tile, "
+                        f"@sqpBMxBRxBKwWsS[gG] / @sqtmaBMxBNxBKwWsS, SmoothQuant's prefill tile, or "
+                        f"@wqtBRxBMxBKwWsS, the weight-only prefill's)")
     peers = [x for x in args.peers.split(",") if x]
     if bad := [x for x in peers if x not in PEERS]:
         raise UserError(f"unknown peer(s) {', '.join(bad)} (choose from {', '.join(PEERS)})")

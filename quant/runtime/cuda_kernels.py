@@ -778,21 +778,11 @@ def _wq_prefill_t_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride
             acc2 = tl.dot((p >> 4).to(dt) * so[:, None], xt, acc2)
         else:
             acc = tl.dot(p.to(dt), xt, acc)
-    yp = y_ptr + offs_m[None, :] * stride_ym
-    ym = r_mask[:, None] & m_mask[None, :]
-    if WFMT == 2:
-        ye = acc.to(dt)
-        yo = acc2.to(dt)
-        if RESIDUAL:
-            ye = tl.load(yp + 2 * offs_r[:, None], mask=ym, other=0.0) + ye
-            yo = tl.load(yp + 2 * offs_r[:, None] + 1, mask=ym, other=0.0) + yo
-        tl.store(yp + 2 * offs_r[:, None], ye, mask=ym)
-        tl.store(yp + 2 * offs_r[:, None] + 1, yo, mask=ym)
+    if WFMT == 2:  # _wq_mm_kernel's epilogues on the product turned back to [rows, channels]
+        _gemv_store(tl.trans(acc), y_ptr, ws_ptr, offs_m, m_mask, 2 * offs_r, r_mask, stride_ym, dt, 0, RESIDUAL)
+        _gemv_store(tl.trans(acc2), y_ptr, ws_ptr, offs_m, m_mask, 2 * offs_r + 1, r_mask, stride_ym, dt, 0, RESIDUAL)
     else:
-        yv = (acc * tl.load(ws_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)[:, None]).to(dt)
-        if RESIDUAL:
-            yv = tl.load(yp + offs_r[:, None], mask=ym, other=0.0) + yv
-        tl.store(yp + offs_r[:, None], yv, mask=ym)
+        _gemv_store(tl.trans(acc), y_ptr, ws_ptr, offs_m, m_mask, offs_r, r_mask, stride_ym, dt, 1, RESIDUAL)
 
 
 # (BLOCK_R in stored rows (INT4: two channels each), BLOCK_M, BLOCK_K, warps, stages) per weight format. wgmma's A

@@ -34,6 +34,11 @@ def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
     return ((q[0::2] & 0xF) | (q[1::2] << 4)).to(torch.uint8).view(torch.int8)
 
 
+def _gemm_tile(tile: tuple) -> bool:
+    """A prefill GEMM's tile as KernelConfig takes it: four powers of two (three block sizes, warps), stages >= 1."""
+    return len(tile) == 5 and all(v > 0 and v & (v - 1) == 0 for v in tile[:4]) and tile[4] >= 1
+
+
 def _cuda_kernels():
     from quant.runtime import cuda_kernels
 
@@ -255,9 +260,7 @@ class KernelConfig:
             raise ValueError(f"wq_wide takes W8A16 and W8A8_SQ_PER_CHANNEL; got {sorted(self.wq_wide)}")
         if self.sq_prefill_gemm not in ("triton", "tma", "int_mm"):
             raise ValueError(f"sq_prefill_gemm must be 'triton', 'tma' or 'int_mm', got {self.sq_prefill_gemm!r}")
-        if self.sq_prefill_tile is not None and not (
-                len(self.sq_prefill_tile) == 5 and all(v > 0 and v & (v - 1) == 0 for v in self.sq_prefill_tile[:4])
-                and self.sq_prefill_tile[4] >= 1):
+        if self.sq_prefill_tile is not None and not _gemm_tile(self.sq_prefill_tile):
             raise ValueError(f"sq_prefill_tile must be (BM, BR, BK, warps: powers of two, stages >= 1) or None, "
                              f"got {self.sq_prefill_tile}")
         if self.prefill_group < 0:
@@ -277,8 +280,7 @@ class KernelConfig:
         if self.wq_prefill - {"W8A16", "W4A16_AWQ"}:
             raise ValueError(f"wq_prefill takes W8A16 and W4A16_AWQ; got {sorted(self.wq_prefill)}")
         if self.wq_prefill_tile is not None and not (
-                len(self.wq_prefill_tile) == 5 and all(v > 0 and v & (v - 1) == 0 for v in self.wq_prefill_tile[:4])
-                and self.wq_prefill_tile[0] >= 16 * self.wq_prefill_tile[3] and self.wq_prefill_tile[4] >= 1):
+                _gemm_tile(self.wq_prefill_tile) and self.wq_prefill_tile[0] >= 16 * self.wq_prefill_tile[3]):
             raise ValueError(f"wq_prefill_tile must be (BLOCK_R, BLOCK_M, BLOCK_K, warps: powers of two, BLOCK_R >= "
                              f"16 · warps, stages >= 1) or None, got {self.wq_prefill_tile}")
         if self.attn_tile is not None and not (
