@@ -187,6 +187,7 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "w4g-unfused": {"w4g_fuse": False}, "w4k16": {"w4k_rows": (2, 16)},
                    "triton8": {"w8g": frozenset()},
                    "wqprefill": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"})},
+                   "wqtma": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"}), "wq_prefill_tma": True},
                    "wqplain": {"wq_cvt": False, "wq_wide": frozenset()}, "wqnarrow": {"wq_wide": frozenset()},
                    "wqwide": {"wq_cvt": True, "wq_wide": frozenset({"W8A16", "W8A8_SQ_PER_CHANNEL"})},
                    "attnreduce": {"attn_rope_fused": False, "attn_fused_batch": None},
@@ -221,13 +222,13 @@ _SQ_TILE_VARIANT = re.compile(r"sqp(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:g(\d+))?")
 # grouped as the default (prefill_group), e.g. ``smoothquant@sqtma128x256x128w8s3``
 _SQ_TMA_VARIANT = re.compile(r"sqtma(\d+)x(\d+)x(\d+)w(\d+)s(\d+)")
 # ``@wqtBRxBMxBKwWsS``: the weight-only formats' prefill through cuda_kernels.wq_prefill_mm (KernelConfig.wq_prefill)
-# on that tile (wq_prefill_tile), e.g. ``int8_wo@wqt128x128x64w4s4``
-_WQ_TILE_VARIANT = re.compile(r"wqt(\d+)x(\d+)x(\d+)w(\d+)s(\d+)")
+# on that tile (wq_prefill_tile), e.g. ``int8_wo@wqt128x128x64w4s4``; ``@wqtmaBRxBMxBKwWsS``: its persistent TMA form
+_WQ_TILE_VARIANT = re.compile(r"wqt(ma)?(\d+)x(\d+)x(\d+)w(\d+)s(\d+)")
 
 
 def kernel_variant(name: str) -> dict:
     """The KernelConfig fields a variant name changes (KERNEL_VARIANTS, or an ``attnBxSwW`` / ``sqp…`` / ``sqtma…`` /
-    ``wqt…`` tile); KeyError if it names none. The tile's own limits are KernelConfig's to check."""
+    ``wqt…`` / ``wqtma…`` tile); KeyError if it names none. The tile's own limits are KernelConfig's to check."""
     if m := _ATTN_TILE_VARIANT.fullmatch(name):
         return {"attn_tile": tuple(int(g) for g in m.groups())}
     if m := _SQ_TILE_VARIANT.fullmatch(name):
@@ -235,7 +236,8 @@ def kernel_variant(name: str) -> dict:
     if m := _SQ_TMA_VARIANT.fullmatch(name):
         return {"sq_prefill_gemm": "tma", "sq_prefill_tile": tuple(int(g) for g in m.groups())}
     if m := _WQ_TILE_VARIANT.fullmatch(name):
-        return {**KERNEL_VARIANTS["wqprefill"], "wq_prefill_tile": tuple(int(g) for g in m.groups())}
+        return {**KERNEL_VARIANTS["wqtma" if m.group(1) else "wqprefill"],
+                "wq_prefill_tile": tuple(int(g) for g in m.groups()[1:])}
     return KERNEL_VARIANTS[name]
 
 
@@ -561,7 +563,7 @@ WQ_SWEEP = [(16, 128, 4, 4), (16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), 
 INT8_GEMM_SWEEP = [(128, 128, 64, 4, 4), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4),
                    (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 128, 4, 4), (128, 256, 128, 8, 4)]
 # The weight-only prefill kernel's tiles (BLOCK_R stored rows, BLOCK_M, BLOCK_K, warps, stages), each in the plain
-# order (g1) and grouped (g8); INT4's BLOCK_K is cut to its group
+# order (g1) and grouped (g8), and on its persistent TMA form (grouped); INT4's BLOCK_K is cut to its group
 WQ_PREFILL_SWEEP = [(128, 128, 64, 4, 4), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
                     (64, 128, 64, 4, 4), (64, 256, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 128, 4, 3)]
 SWEEP_ALGOS = (None, "W8A16", "W4A16_AWQ", "FP8", "W8A8_SQ_PER_CHANNEL")
@@ -652,6 +654,10 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                         bench(f"wqt{cfg} g{group}", lambda: ck.wq_prefill_mm(x, wq, ws, wfmt=wf[algo], group=128,
                                                                             config=cfg, group_m=group),
                               algo, name, N, K, M, nbytes)
+                    for cfg in WQ_PREFILL_SWEEP:  # KernelConfig.wq_prefill_tma
+                        bench(f"wqtma{cfg} g8", lambda: ck.wq_prefill_mm(x, wq, ws, wfmt=wf[algo], group=128,
+                                                                        config=cfg, group_m=8, tma=True),
+                              algo, name, N, K, M, nbytes)
                 elif M > ck.WQ_MM_MAX_M and algo == "FP8":  # the other accumulation (KernelConfig.fp8_fast_accum)
                     base = h.kernels
                     h.kernels = dataclasses.replace(base, fp8_fast_accum=not base.fp8_fast_accum)
@@ -710,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)}; a kernel "
                         f"variant may follow: @{', @'.join(KERNEL_VARIANTS)}, or @attnBxSwW, an attention tile, "
                         f"@sqpBMxBRxBKwWsS[gG] / @sqtmaBMxBNxBKwWsS, SmoothQuant's prefill tile, or "
-                        f"@wqtBRxBMxBKwWsS, the weight-only prefill's)")
+                        f"@wqt[ma]BRxBMxBKwWsS, the weight-only prefill's)")
     peers = [x for x in args.peers.split(",") if x]
     if bad := [x for x in peers if x not in PEERS]:
         raise UserError(f"unknown peer(s) {', '.join(bad)} (choose from {', '.join(PEERS)})")

@@ -1163,7 +1163,7 @@ def test_prefill_tiles_program_order_and_fp8_accumulation():
 
     for inp in (1000, 1008):
         gen, t, h, wd = _fp16_linear("W8A8_SQ_PER_CHANNEL", f"sqtiles/{inp}", inp=inp, out=200)
-        assert ck.i8_tma_ok(h.weight, h.weight) == (inp == 1008)
+        assert ck.tma_ok(h.weight, h.weight) == (inp == 1008)
         base = h.kernels
         for m in (300, 1100):
             x = activations(gen, m, inp).half().to(DEV)
@@ -1186,7 +1186,8 @@ def test_weight_only_prefill_with_the_weight_in_registers(algo, group):
     """KernelConfig.wq_prefill (cuda_kernels.wq_prefill_mm, the dequantized weight as wgmma's A operand): the
     handler's prefill at 300 and 1100 rows (K 576 and 1024: the default model's hidden size, N not a multiple of the
     tiles) against the float64 reference and against the default path (dequantize, then cuBLAS), on every tile of
-    the benchmark's sweep in both program orders, with the residual added in place."""
+    the benchmark's sweep in both program orders and on the persistent TMA form (wq_prefill_tma, grouped), with the
+    residual added in place."""
     from experiments.bench import WQ_PREFILL_SWEEP
     from quant.runtime.schemes.base import DEFAULT_KERNELS
     from tests.test_kernels import activations
@@ -1199,13 +1200,14 @@ def test_weight_only_prefill_with_the_weight_in_registers(algo, group):
         wants = [h.fused(x, residual=res.clone()) for x, res in xs]
         refs = [res.double().cpu() + _reference(algo, t, x.cpu(), wd) for x, res in xs]
         assert all(rel(want, ref) <= 1e-2 for want, ref in zip(wants, refs))
-        for tile, order in itertools.product(WQ_PREFILL_SWEEP, (0, 8)):
+        for tile, (order, tma) in itertools.product(WQ_PREFILL_SWEEP, ((0, False), (8, False), (8, True))):
             # (a handler built with the choice: INT4 keeps its stored layout for this prefill only then)
             h = _fp16_linear(algo, key, inp=inp, out=200, group=group, kernels=dataclasses.replace(
-                DEFAULT_KERNELS, wq_prefill=frozenset({algo}), wq_prefill_tile=tile, prefill_group=order))[2]
+                DEFAULT_KERNELS, wq_prefill=frozenset({algo}), wq_prefill_tile=tile, prefill_group=order,
+                wq_prefill_tma=tma))[2]
             for (x, res), want, ref in zip(xs, wants, refs):
                 got = h.fused(x, residual=res.clone())
-                assert rel(got, ref) <= 1e-2 and rel(got, want) <= 5e-3, (inp, x.shape[0], tile, order)
+                assert rel(got, ref) <= 1e-2 and rel(got, want) <= 5e-3, (inp, x.shape[0], tile, order, tma)
 
 def _fp16_linear(algo, key: str, *, inp: int, out: int = 64, group: int = 64, kernels=None):
     """(generator, checkpoint tensors, float16 handler on the GPU, its dequantized weight) for one random linear."""

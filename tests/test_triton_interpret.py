@@ -105,6 +105,39 @@ def test_weight_only_prefill_with_the_weight_as_a_operand(fmt, group):
     assert torch.equal(plain, ck.wq_prefill_mm(x, t["weight"], scale, wfmt=wfmt, group=group,
                                                config=(64, 64, 64, 4, 2), group_m=2))  # the order: the same bits
 
+
+@pytest.mark.parametrize("fmt,group", [("W8A16", 0), ("W4A16_AWQ", 32), ("W4A16_AWQ", 64)])
+def test_persistent_tma_weight_only_prefill(fmt, group):
+    """wq_prefill_mm with tma (KernelConfig.wq_prefill_tma): x and the stored weight through TMA descriptors (K 208
+    for int8: the last K tile read past the end as zeros; 130 rows, 160 channels: 3 × 3 tiles of 64 rows and 64
+    stored rows, INT4's 128 channels a tile in one accumulator, the nibbles interleaved), one resident program
+    walking all tiles or four walking several: the float64 product of the dequantized weight plus the residual,
+    added once, the same bits either way; operands TMA cannot read (rows not whole 16 bytes) take the other
+    kernel."""
+    gen = _gen(f"wqtma/{fmt}/{group}")
+    k = 208 if fmt == "W8A16" else 256
+    out = 160
+    t = layout(fmt, torch.randn(out, k, generator=gen) * 0.05, gen, group=group or 64)
+    if fmt == "W8A16":
+        wd = exact_dequantized(fmt, t, torch.float16).double()
+        wfmt = ck.W_INT8
+    else:
+        wd = exact_dequantized(fmt, t, torch.float16, group).half().double()  # q · s in float16
+        wfmt = ck.W_INT4
+    scale = t["weights_scaling_factor"].half()
+    x = activations(gen, 130, k).half()
+    res = torch.randn(130, out, generator=gen).half()
+    assert ck.tma_ok(x, t["weight"])
+    ys = [ck.wq_prefill_mm(x, t["weight"], scale, wfmt=wfmt, group=group, residual=res.clone(),
+                           config=(64, 64, 64, 4, 2), group_m=2, tma=True, programs=p) for p in (1, 4)]
+    assert ys[0].shape == (130, out) and torch.equal(ys[0], ys[1])
+    assert rel(ys[0], res.double() + x.double() @ wd.t()) <= 2e-3
+    if fmt == "W8A16":  # int8 rows of 200 bytes are not whole 16 bytes: TMA cannot read them, tl.dot takes them
+        w200 = t["weight"][:, :200].contiguous()
+        assert not ck.tma_ok(x[:, :200], w200)
+        y = ck.wq_prefill_mm(x[:, :200], w200, scale, wfmt=wfmt, config=(64, 64, 64, 4, 2), tma=True)
+        assert rel(y, x[:, :200].double() @ wd[:, :200].t()) <= 2e-3
+
 def test_smoothquant_int8_gemm_is_exact_in_int32():
     """int8 × int8 through tl.dot sums exactly in int32; the epilogue scales by a · s per channel."""
     gen = _gen("sq")

@@ -127,8 +127,8 @@ def test_prefill_tile_and_order_are_checked_and_named_by_the_benchmark():
     """KernelConfig.sq_prefill_tile / prefill_group / sq_prefill_gemm / wq_prefill_tile / fp8_fast_accum:
     SmoothQuant's prefill tile is five positive values (four powers of two), the grouping non-negative, the GEMM one
     of three; the benchmark's ``@sqp…`` names a tile (with ``g``, the grouping too), ``@sqtma…`` one of the TMA GEMM,
-    ``@wqt…`` one of the weight-only prefill (and refuses one without a warp group's rows), and its fixed prefill
-    variants are valid configurations."""
+    ``@wqt…`` / ``@wqtma…`` one of the weight-only prefill (and refuses one without a warp group's rows), its fixed
+    prefill variants are valid configurations."""
     import dataclasses
 
     import pytest
@@ -150,6 +150,8 @@ def test_prefill_tile_and_order_are_checked_and_named_by_the_benchmark():
                                                       "sq_prefill_tile": (128, 256, 128, 8, 3)}
     assert kernel_variant("wqt128x256x64w8s3") == {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"}),
                                                    "wq_prefill_tile": (128, 256, 64, 8, 3)}
+    assert kernel_variant("wqtma64x128x64w4s4") == {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"}),
+                                                    "wq_prefill_tma": True, "wq_prefill_tile": (64, 128, 64, 4, 4)}
     assert not known_variant("wqt128x256x64w16s3")  # BLOCK_R below 16 · warps: no warp group's 64 rows
     with pytest.raises(ValueError, match="sq_prefill_gemm must be"):
         KernelConfig(sq_prefill_gemm="cutlass")

@@ -167,6 +167,14 @@ def main() -> int:
                      {**WQ_TYPES, "w_ptr": w}, dict(WFMT=wfmt, GROUP=128, BLOCK_R=br, BLOCK_M=bm, BLOCK_K=bk, GROUP_M=8,
                                                     EVEN_K=True, RESIDUAL=True),
                      {"num_warps": warps, "num_stages": stages}, wgmma_a_from_registers))
+        # its persistent TMA form (KernelConfig.wq_prefill_tma): TMA loads and the weight from registers
+        jobs.append((f"wq_prefill_mm tma wfmt={wfmt} tile {(br, bm, bk, warps, stages)}", ck._wq_tma_kernel,
+                     {"x_desc": f"tensordesc<fp16[{bm}, {bk}]>", "w_desc": f"tensordesc<i8[{br}, {bk}]>",
+                      "ws_ptr": "*fp16", "y_ptr": "*fp16"},
+                     dict(WFMT=wfmt, GROUP=128, BLOCK_R=br, BLOCK_M=bm, BLOCK_K=bk, GROUP_M=8, RESIDUAL=True),
+                     {"num_warps": warps, "num_stages": stages},
+                     lambda k: wgmma_a_from_registers(k) or (
+                         None if "cp.async.bulk.tensor" in k.asm["ptx"] else "TMA loads")))
     for bm, table in ((16, ck.WQ_MM_CONFIG), (32, ck.WQ_MM_CONFIG_32), (64, ck.WQ_MM_CONFIG_32)):  # W8A16, cvt=1
         br, bk, warps, stages = table[ck.W_INT8]
         jobs.append((f"wq_mm int8 byte-permute rows<={bm}", ck._wq_mm_kernel, WQ_TYPES,

@@ -796,11 +796,14 @@ WQ_PREFILL_T_CONFIG = {W_INT8: (128, 256, 64, 8, 3), W_INT4: (64, 128, 64, 4, 4)
 
 def wq_prefill_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, group: int = 0,
                   residual: torch.Tensor | None = None, config: tuple[int, int, int, int, int] | None = None,
-                  group_m: int = 8) -> torch.Tensor:
+                  group_m: int = 8, tma: bool = False, programs: int | None = None) -> torch.Tensor:
     """y [M, N] = x @ dequant(W)ᵀ for float16 / bfloat16 x [M, K] and int8 (per-channel ``wscale`` [N]) or the
     stored int4 AWQ layout (``wscale`` [N, K/group]) through :func:`_wq_prefill_t_kernel`; ``residual`` [M, N]: y
     added in place. ``config``: (BLOCK_R, BLOCK_M, BLOCK_K, warps, stages), None: WQ_PREFILL_T_CONFIG; INT4's
-    BLOCK_K is cut to the group. ``group_m``: x's row tiles taken together (≥ 1)."""
+    BLOCK_K is cut to the group. ``group_m``: x's row tiles taken together (≥ 1). ``tma`` (KernelConfig.
+    wq_prefill_tma): through the persistent :func:`_wq_tma_kernel` instead where :func:`tma_ok` takes the operands,
+    ``programs`` of it resident (None: one per SM, at most one per tile); the same result up to the order of the
+    float32 sums (INT4: one accumulator there, two here)."""
     M, K = x.shape
     R = w.shape[0]
     N = 2 * R if wfmt == W_INT4 else R
@@ -809,7 +812,16 @@ def wq_prefill_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfm
         bk = min(bk, group)
         assert group % bk == 0 and K % group == 0
     y = residual if residual is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(R, br) * triton.cdiv(M, bm),)
+    tiles = triton.cdiv(R, br) * triton.cdiv(M, bm)
+    if tma and tma_ok(x, w):
+        programs = max(1, min(programs or _sms(x, tiles), tiles))
+        _wq_tma_kernel[(programs,)](_descriptor(x, [bm, bk]), _descriptor(w, [br, bk]), wscale, y, M, R, K,
+                                    wscale.stride(0) if wscale.dim() == 2 else 0, y.stride(0), programs,
+                                    WFMT=wfmt, GROUP=max(group, 1), BLOCK_R=br, BLOCK_M=bm, BLOCK_K=bk,
+                                    GROUP_M=max(group_m, 1), RESIDUAL=residual is not None, num_warps=warps,
+                                    num_stages=stages)
+        return y
+    grid = (tiles,)
     _wq_prefill_t_kernel[grid](x, w, wscale, y, M, R, K, x.stride(0), w.stride(0),
                                wscale.stride(0) if wscale.dim() == 2 else 0, y.stride(0),
                                WFMT=wfmt, GROUP=max(group, 1), BLOCK_R=br, BLOCK_M=bm, BLOCK_K=bk,
@@ -847,9 +859,23 @@ def _i8_tma_kernel(x_desc, w_desc, ws_ptr, y_ptr, M, N, K, stride_ym, num_progs,
         _gemv_store(acc, y_ptr, ws_ptr, offs_m, offs_m < M, offs_n, offs_n < N, stride_ym, dt, 1, RESIDUAL)
 
 
-def i8_tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether :func:`i8_tma_mm` takes these operands: TMA wants 16-byte aligned bases and row strides, rows whole."""
-    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (x, w))
+def tma_ok(*operands: torch.Tensor) -> bool:
+    """Whether the TMA kernels (:func:`i8_tma_mm`; :func:`wq_prefill_mm` with ``tma``) take these 2-D operands: TMA
+    wants 16-byte aligned bases and row strides, rows whole."""
+    return all(t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in operands)
+
+
+def _descriptor(t: torch.Tensor, block: list[int]):
+    """A TMA descriptor of 2-D ``t`` read in ``block`` tiles (Triton's interpreter reads one too)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, block)
+
+
+def _sms(x: torch.Tensor, tiles: int) -> int:
+    """A persistent kernel's resident programs by default: one per SM (on the CPU, one per tile)."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else tiles
 
 
 def i8_tma_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, dtype: torch.dtype,
@@ -859,22 +885,55 @@ def i8_tma_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, dtype: 
     residual [M, N]: added in place; through :func:`_i8_tma_kernel` (KernelConfig.sq_prefill_gemm "tma").
     ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), None: INT8_GEMM_CONFIG; ``programs``: the resident
     programs, None: one per SM (at most one per tile). The same result as :func:`wq_mm` with afmt=A_INT8."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     M, K = x.shape
     N = w.shape[0]
-    assert x.dtype == w.dtype == torch.int8 and w.shape[1] == K and i8_tma_ok(x, w)
+    assert x.dtype == w.dtype == torch.int8 and w.shape[1] == K and tma_ok(x, w)
     bm, bn, bk, warps, stages = config or INT8_GEMM_CONFIG
     y = residual if residual is not None else torch.empty(M, N, dtype=dtype, device=x.device)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    if programs is None:
-        programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else tiles
-    programs = max(1, min(programs, tiles))
-    _i8_tma_kernel[(programs,)](TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
-                                wscale, y, M, N, K, y.stride(0), programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                GROUP_M=max(group_m, 1), RESIDUAL=residual is not None, num_warps=warps,
-                                num_stages=stages)
+    programs = max(1, min(programs or _sms(x, tiles), tiles))
+    _i8_tma_kernel[(programs,)](_descriptor(x, [bm, bk]), _descriptor(w, [bn, bk]), wscale, y, M, N, K, y.stride(0),
+                                programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=max(group_m, 1),
+                                RESIDUAL=residual is not None, num_warps=warps, num_stages=stages)
     return y
+
+
+@triton.jit
+def _wq_tma_kernel(x_desc, w_desc, ws_ptr, y_ptr, M, R, K, stride_wsn, stride_ym, num_progs, WFMT: tl.constexpr,
+                   GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr, RESIDUAL: tl.constexpr):
+    """_wq_prefill_t_kernel's product (yᵀ = dequant(W) · xᵀ, the converted weight as wgmma's A operand) with x's
+    [BLOCK_M, BLOCK_K] and W's stored [BLOCK_R, BLOCK_K] tiles read through TMA descriptors (past the ends: zeros)
+    by ``num_progs`` resident programs walking the output tiles as _i8_tma_kernel does. INT4: the two nibbles of a
+    byte are interleaved in registers (tl.join), so that row 2i of the A operand is channel 2(r + i), 2i + 1 channel
+    2(r + i) + 1, and one accumulator of 2·BLOCK_R channels takes both (the other kernel keeps two)."""
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    CH: tl.constexpr = 2 * BLOCK_R if WFMT == 2 else BLOCK_R  # output channels a tile
+    N = 2 * R if WFMT == 2 else R
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_r = tl.cdiv(R, BLOCK_R)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tile_c = tl.program_id(0) - num_progs
+    for tile in tl.range(tl.program_id(0), num_m * num_r, num_progs, flatten=True):
+        pid_m, pid_r = _tile_of(tile, num_m, num_r, GROUP_M)
+        offs_c = pid_r * CH + tl.arange(0, CH)
+        acc = tl.zeros([CH, BLOCK_M], tl.float32)
+        for ki in range(k_tiles):
+            xt = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K]).T
+            p = w_desc.load([pid_r * BLOCK_R, ki * BLOCK_K])
+            if WFMT == 2:  # q · s rounded to x's dtype, as the dequantize-then-cuBLAS path rounds it
+                p = p.to(tl.int32)
+                q = tl.reshape(tl.permute(tl.join((p << 28) >> 28, p >> 4), (0, 2, 1)), (CH, BLOCK_K))
+                s = tl.load(ws_ptr + offs_c * stride_wsn + (ki * BLOCK_K) // GROUP, mask=offs_c < N, other=0.0)
+                acc = tl.dot(q.to(dt) * s.to(dt)[:, None], xt, acc)
+            else:
+                acc = tl.dot(p.to(dt), xt, acc)
+        tile_c += num_progs
+        pid_m, pid_r = _tile_of(tile_c, num_m, num_r, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_c = pid_r * CH + tl.arange(0, CH)
+        _gemv_store(tl.trans(acc), y_ptr, ws_ptr, offs_m, offs_m < M, offs_c, offs_c < N, stride_ym, dt,
+                    0 if WFMT == 2 else 1, RESIDUAL)
 
 
 def wq_fill_split(tiles: int, sms: int, rows: int = 1, k: int = 1 << 30) -> int:

@@ -207,6 +207,10 @@ class KernelConfig:
     # (7B, input 512) from 0.73× to 0.53× FP16's (int8) and from 0.48× to 0.26× (int4).
     wq_prefill: frozenset[str] = frozenset()
     wq_prefill_tile: tuple[int, int, int, int, int] | None = None
+    # wq_prefill through the persistent, TMA-fed form of that kernel (cuda_kernels.wq_prefill_mm tma: INT4 with one
+    # accumulator) where the operands allow; built, not yet timed on a GPU (experiments.bench RECIPE@wqtma,
+    # @wqtmaBRxBMxBKwWsS).
+    wq_prefill_tma: bool = False
     # The int8 formats' tl.dot kernel at 2–64 rows (cuda_kernels.wq_mm). Compiled for sm_90, its loop issues, per
     # weight, 0.18–0.32 warp-instructions for W8A16 (Triton's int8 → half: one I2F per weight) and 0.04–0.09 for
     # SmoothQuant (int8 × int8), on tiles of 32 output channels whose o / down projections launch 128 programs on

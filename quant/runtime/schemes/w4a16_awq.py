@@ -197,7 +197,8 @@ class W4A16AWQLinear(_Handler):
                 return ck.wq_mm(x, self.weight, self.scales, wfmt=ck.W_INT4, group=self.group)
             if self.algo_key in self.kernels.wq_prefill:
                 return ck.wq_prefill_mm(x, self.weight, self.scales, wfmt=ck.W_INT4, group=self.group,
-                                        config=self.kernels.wq_prefill_tile, group_m=self.kernels.prefill_group)
+                                        config=self.kernels.wq_prefill_tile, group_m=self.kernels.prefill_group,
+                                        tma=self.kernels.wq_prefill_tma)
         # prefill: dequantize to the compute dtype once per call (q · s rounded to it), then cuBLAS
         if self.pow2_group:
             return F.linear(x, ck.dequant_int4(self.weight, self.scales, self.group, self.dtype))

@@ -44,7 +44,7 @@ class W8A16Linear(_Handler):
             return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, cvt=self.cvt, counter=self.wq_counter)
         if self.dtype != torch.float32 and self.algo_key in self.kernels.wq_prefill:
             return ck.wq_prefill_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, config=self.kernels.wq_prefill_tile,
-                                    group_m=self.kernels.prefill_group)
+                                    group_m=self.kernels.prefill_group, tma=self.kernels.wq_prefill_tma)
         # prefill: one GEMM on the weight dequantized to the compute dtype (TRT-LLM's weight-only GEMM also
         # dequantizes before the MMA). Scaling after the GEMM overflows float16: x · q is 1/scale (~10³) times y.
         return F.linear(x, ck.dequant_int8(self.weight, self.scale, self.dtype))

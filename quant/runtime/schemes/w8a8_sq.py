@@ -56,7 +56,7 @@ class W8A8SQLinear(_Handler):
                 # int8 × int8 → int32 through tl.dot, (a · s) and the residual add fused into its epilogue
                 qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale,
                                 afmt=ck.A_INT8)
-                if M > ck.WQ_MM_MAX_M and self.kernels.sq_prefill_gemm == "tma" and ck.i8_tma_ok(qx, self.weight):
+                if M > ck.WQ_MM_MAX_M and self.kernels.sq_prefill_gemm == "tma" and ck.tma_ok(qx, self.weight):
                     return ck.i8_tma_mm(qx, self.weight, self.out_scale, dtype=self.dtype, residual=residual,
                                         config=self.kernels.sq_prefill_tile, group_m=self.kernels.prefill_group)
                 return ck.wq_mm(qx, self.weight, self.out_scale, wfmt=ck.W_INT8, afmt=ck.A_INT8, dtype=self.dtype,
