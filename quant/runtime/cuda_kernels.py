@@ -581,14 +581,8 @@ def _wq_mm_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, M, R, K, stride_xm, stride_wn, st
     dt: tl.constexpr = y_ptr.dtype.element_ty
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
-    if GROUP_M > 0:
-        num_r = tl.num_programs(0)
-        pid = pid_m * num_r + pid_r  # the launch order: axis 0 fastest
-        in_group = GROUP_M * num_r
-        first_m = (pid // in_group) * GROUP_M
-        size_m = tl.minimum(tl.num_programs(1) - first_m, GROUP_M)
-        pid_m = first_m + (pid % in_group) % size_m
-        pid_r = (pid % in_group) // size_m
+    if GROUP_M > 0:  # (the launch order: axis 0 fastest)
+        pid_m, pid_r = _tile_of(pid_m * tl.num_programs(0) + pid_r, tl.num_programs(1), tl.num_programs(0), GROUP_M)
     k_lo = tl.multiple_of(tl.program_id(2) * K_SPLIT, BLOCK_K)  # (K_SPLIT: whole K tiles)
     k_hi = K
     if SPLIT > 1:
@@ -730,7 +724,7 @@ def wq_mm(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, *, wfmt: int, 
 @triton.jit
 def _tile_of(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """Output tile ``tile`` in launch order → (its tile of x's rows, its tile of channels): GROUP_M tiles of rows at
-    a time, those fastest (as _wq_mm_kernel's GROUP_M; the prefill kernels below)."""
+    a time, those fastest (the prefill kernels' GROUP_M)."""
     in_group = GROUP_M * num_n
     first_m = (tile // in_group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
