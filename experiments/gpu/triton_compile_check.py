@@ -4,7 +4,8 @@ or an atomic without the intended ordering shows here before any GPU time is spe
 (tests/test_cuda.py) or Triton's interpreter (tests/test_triton_interpret.py).
 
     python experiments/gpu/triton_compile_check.py [NAME]  # one line per kernel variant (those whose name holds
-                                                          # NAME); exit 1 on a failure
+                                                          # NAME): its cubin's size, registers a thread and
+                                                          # stack bytes (spills); exit 1 on a failure
 """
 from __future__ import annotations
 
@@ -52,6 +53,24 @@ def compile_one(fn, types: dict, const: dict, div16: tuple[str, ...] = DIV16, **
              if n not in const and (sig[n].startswith("*") or n in div16)}
     return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                           target=TARGET, options=options)
+
+
+def resources(k) -> str:
+    """The cubin's registers a thread and stack bytes (where ptxas spills), as ``cuobjdump -res-usage`` reads them
+    (Triton's own cuobjdump); "" where it cannot."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        try:
+            out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                                 text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"; {m[1]} registers, {m[2]} stack bytes" if m else ""
 
 
 # the attention kernel's strides and head counts, multiples of 16 at the 7B / 8B shapes (as the JIT specializes them)
@@ -227,7 +246,7 @@ def main() -> int:
             mma = "wgmma" if "wgmma" in k.asm["ptx"] else "mma" if "mma.sync" in k.asm["ptx"] else "-"
             atoms = sorted(set(re.findall(r"atom[.][a-z0-9_.]+", k.asm["ptx"])))
             print(f"{name}: {'compiled' if ok else 'compiled WITHOUT ' + must}, to a cubin of "
-                  f"{len(k.asm['cubin'])} bytes; {mma}; atomics {atoms or 'none'}")
+                  f"{len(k.asm['cubin'])} bytes{resources(k)}; {mma}; atomics {atoms or 'none'}")
             failed += not ok
         except Exception as exc:
             print(f"{name}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")

@@ -208,8 +208,8 @@ class KernelConfig:
     wq_prefill: frozenset[str] = frozenset()
     wq_prefill_tile: tuple[int, int, int, int, int] | None = None
     # wq_prefill through the persistent, TMA-fed form of that kernel (cuda_kernels.wq_prefill_mm tma: INT4 with one
-    # accumulator) where the operands allow; built, not yet timed on a GPU (experiments.bench RECIPE@wqtma,
-    # @wqtmaBRxBMxBKwWsS).
+    # accumulator) where the operands allow. Off: the same sweep on an H200 took 1003 µs a layer (W8A16, its fastest
+    # tile) and 1377 (INT4) against 726 / 798 for the default (experiments.bench RECIPE@wqtma, @wqtmaBRxBMxBKwWsS).
     wq_prefill_tma: bool = False
     # The int8 formats' tl.dot kernel at 2–64 rows (cuda_kernels.wq_mm). Compiled for sm_90, its loop issues, per
     # weight, 0.18–0.32 warp-instructions for W8A16 (Triton's int8 → half: one I2F per weight) and 0.04–0.09 for
