@@ -13,7 +13,9 @@
 # 8-bit GEMV's tiles), E2E_RECIPES, E2E_BATCHES, E2E_INPUTS (default 512), E2E_FLAGS (more experiments.bench flags,
 # e.g. --profile: each recipe's decode step per kernel), E2E_LIMIT (s per shape, default 240), E2E_NAME (the
 # record's name, default e2e-w4g: two e2e runs of one call keep both), TESTS_K (tests_w4g's pytest -k),
-# KEEP_GOING=1 (time even after a failed GEMV test, to see whether a fix is worth it; the table is then not a result).
+# KEEP_GOING=1 (time even after a failed GEMV test, to see whether a fix is worth it; the table is then not a result),
+# BUDGET (seconds for the whole script: each step's timeout is cut to what is left, so that a call returns its files
+# before the device's limit; a stage that would start with under 20 s left is skipped, and says so).
 set -uo pipefail
 [ "${PACK:-0}" = 1 ] && trap "bash $PWD/experiments/gpu/pack.sh" EXIT  # one archive of $OUT (pack.sh)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl \
@@ -21,6 +23,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export QUANT_SUITE_CACHE=${QUANT_SUITE_CACHE:-/root/qcache}
 source experiments/gpu/ext_carry.sh && ext_restore  # a build carried in .ext/ (ext_carry.sh)
 STAGES=${STAGES:-build tests_w4g kb tests e2e}
+export DEADLINE=${DEADLINE:-$(( $(date +%s) + ${BUDGET:-86400} ))}  # (exported: attn_e2e runs this script again)
+lim() { local l=$(( DEADLINE - $(date +%s) - 10 )); echo $(( l < 1 ? 1 : l < $1 ? l : $1 )); }  # $1, cut to what is left
 KB_VARIANTS=${KB_VARIANTS:-fp16 cuBLAS,fp16 runtime,int4 tinygemm,int4 kpack,int4 w4g,int4 w4g unfused,int4 default,int8_wo runtime,int8_wo triton,smoothquant runtime,smoothquant triton,fp8 runtime,fp8 triton}
 KB_BATCHES=${KB_BATCHES:-1,4,8,16}
 SHAPES=${SHAPES:-llama2-7b llama3-8b}
@@ -32,6 +36,7 @@ find_ncu() {
   [ -n "$NCU" ] || { echo "no ncu on this machine" | tee "$1"; return 1; }
 }
 for stage in $STAGES; do
+  [ "$(lim 20)" -ge 20 ] || { echo "budget spent: stage $stage and those after it not run"; break; }
   case $stage in
   build)
     python3 - <<'PY' 2>&1 | tee "$OUT/build.log"
@@ -58,29 +63,29 @@ for fn in re.split(r"\n\s*Function : ", text)[1:]:
 PY
     fi ;;
   tests_w4g)  # the GEMV's own tests, first: a wrong kernel stops the call before any timing
-    timeout 200 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_cuda.py \
+    timeout $(lim 200) python3 -m pytest -v -rf --tb=short -p no:cacheprovider tests/test_cuda.py \
       -k "${TESTS_K:-w4g or w8g or w4m or w8m}" > "$OUT/test_w4g.txt" 2>&1
     tail -3 "$OUT/test_w4g.txt"; grep -q " passed" "$OUT/test_w4g.txt" && ! grep -q "failed" "$OUT/test_w4g.txt" || [ "${KEEP_GOING:-0}" = 1 ] || exit 1 ;;
   tests)
-    timeout 300 python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
+    timeout $(lim 300) python3 -m pytest -v -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
     tail -3 "$OUT/test_cuda.txt" ;;
   kb)
     for shape in $SHAPES; do
-      timeout 240 python3 -m experiments.kernel_bench --shape $shape --batch-sizes $KB_BATCHES ${KB_FLAGS:---sweep-w4g} \
+      timeout $(lim 240) python3 -m experiments.kernel_bench --shape $shape --batch-sizes $KB_BATCHES ${KB_FLAGS:---sweep-w4g} \
         --variants "$KB_VARIANTS" \
         --out "$OUT/kb-w4g-$shape.json" > "$OUT/kb-w4g-$shape.log" 2>&1
       tail -32 "$OUT/kb-w4g-$shape.log"
     done ;;
   sweep)  # each format's linears alone at prefill's rows (experiments.bench --sweep: SWEEP_M rows, SWEEP_FORMATS)
     for shape in $SHAPES; do
-      timeout ${SWEEP_LIMIT:-200} python3 -m experiments.bench --sweep --shape $shape --sweep-m ${SWEEP_M:-1024} \
+      timeout $(lim ${SWEEP_LIMIT:-200}) python3 -m experiments.bench --sweep --shape $shape --sweep-m ${SWEEP_M:-1024} \
         --sweep-formats ${SWEEP_FORMATS:-fp16,W8A8_SQ_PER_CHANNEL,FP8} \
         --out "$OUT/sweep-$shape.json" > "$OUT/sweep-$shape.log" 2>&1
       grep "^sweep" "$OUT/sweep-$shape.log" | tail -60
     done ;;
   attn)  # decode attention alone over its split kernel's tiles (ATTN_FLAGS, default --sweep)
     for shape in $SHAPES; do
-      timeout 280 python3 -m experiments.attn_bench --shape $shape ${ATTN_FLAGS:---sweep} \
+      timeout $(lim 280) python3 -m experiments.attn_bench --shape $shape ${ATTN_FLAGS:---sweep} \
         --out "$OUT/attn-$shape.json" > "$OUT/attn-$shape.log" 2>&1
       tail -24 "$OUT/attn-$shape.log"
     done ;;
@@ -98,7 +103,7 @@ PY
         # its kernels with each other, not its durations with the benches'
     find_ncu "$OUT/ncu.txt" || continue
     for shape in $SHAPES; do
-      timeout 240 "$NCU" --target-processes all -k "regex:${NCU_KERNELS:-w4a16_gemv}" -c "${NCU_COUNT:-8}" \
+      timeout $(lim 240) "$NCU" --target-processes all -k "regex:${NCU_KERNELS:-w4a16_gemv}" -c "${NCU_COUNT:-8}" \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section MemoryWorkloadAnalysis --csv --page "${NCU_PAGE:-details}" \
         python3 -m experiments.kernel_bench --shape $shape --layers 1 --batch-sizes 1 --rounds 2 \
@@ -113,7 +118,7 @@ PY
     for shape in $SHAPES; do
       for pick in "o 5" "down 7"; do
         set -- $pick
-        timeout 200 "$NCU" --target-processes all --kernel-name-base demangled \
+        timeout $(lim 200) "$NCU" --target-processes all --kernel-name-base demangled \
           -k "regex:w4a16_gemv_persistent<\(int\)4, \(int\)1, \(int\)1, \(int\)0>" -s "$2" -c 1 \
           --section SourceCounters --section WarpStateStats -f -o "/tmp/ncu-gemv-$1-$shape" \
           python3 -m experiments.kernel_bench --shape $shape --layers 1 --batch-sizes 1 --rounds 1 \
@@ -131,7 +136,7 @@ PY
              # the warm-up): warp-stall samples per SASS instruction (the source page) and the kernel's summary
     find_ncu "$OUT/ncu-attn.txt" || continue
     for shape in $SHAPES; do
-      timeout 200 "$NCU" --target-processes all -k "regex:_attn_split_kernel" -s 40 -c 1 --section SourceCounters \
+      timeout $(lim 200) "$NCU" --target-processes all -k "regex:_attn_split_kernel" -s 40 -c 1 --section SourceCounters \
         --section WarpStateStats --section InstructionStats -f -o /tmp/ncu-attn-$shape \
         python3 -m experiments.attn_bench --shape $shape --no-peer --rounds 1 --out /tmp/ncu-attn-$shape.json \
         > "$OUT/ncu-attn-$shape.err" 2>&1
@@ -143,7 +148,7 @@ PY
     done ;;
   e2e)
     for shape in $SHAPES; do
-      timeout ${E2E_LIMIT:-240} python3 -m experiments.bench --shape $shape --recipes ${E2E_RECIPES:-fp16,int4_awq,int8_wo,int8_wo@triton8,smoothquant,smoothquant@triton8,fp8,fp8@triton8} \
+      timeout $(lim ${E2E_LIMIT:-240}) python3 -m experiments.bench --shape $shape --recipes ${E2E_RECIPES:-fp16,int4_awq,int8_wo,int8_wo@triton8,smoothquant,smoothquant@triton8,fp8,fp8@triton8} \
         --batch-sizes ${E2E_BATCHES:-1,4,8,16} --input-lens ${E2E_INPUTS:-512} --no-hf --rounds 5 ${E2E_FLAGS:-} \
         --out "$OUT/${E2E_NAME:-e2e-w4g}-$shape.json" \
         > "$OUT/${E2E_NAME:-e2e-w4g}-$shape.log" 2>&1
