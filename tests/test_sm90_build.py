@@ -72,3 +72,6 @@ def test_compiled_gemvs_build_for_sm90_with_their_epilogues_ordered():
     cost = {(int(r), int(u)): float(v) for r, u, v in re.findall(r"\((\d), (\d)\) (\d\.\d+)", w4)}
     assert set(cost) == set(GEMV_TILES) and 0.11 <= cost[(4, 1)] < 0.2, w4
     assert "bindings.cpp: well-formed" in "\n".join(lines) and not any("FAILED" in line for line in lines)
+    # the CUTLASS prefill GEMM (csrc/cutlass; make install brings CUTLASS's headers): both kernels, no spill
+    assert "cutlass/wq_gemm.cu: compiled for sm_90a, 2 kernels" in "\n".join(lines), lines
+    assert "csrc/cutlass/bindings.cpp: well-formed" in "\n".join(lines), lines

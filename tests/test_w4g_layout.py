@@ -73,6 +73,8 @@ def test_kernel_config_refuses_what_the_gemvs_cannot_take():
     assert KernelConfig(w8g=frozenset({"W8A16", "FP8"})).w8g == {"W8A16", "FP8"}
     with pytest.raises(ValueError, match="wq_prefill takes W8A16 and W4A16_AWQ"):
         KernelConfig(wq_prefill=frozenset({"FP8"}))  # FP8 and SmoothQuant prefill have their own GEMMs
+    with pytest.raises(ValueError, match="wq_prefill_cutlass takes W8A16 and W4A16_AWQ"):
+        KernelConfig(wq_prefill_cutlass=frozenset({"W8A8_SQ_PER_CHANNEL"}))
     assert KernelConfig().w8g == {"W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"} and not KernelConfig().wq_prefill
     with pytest.raises(ValueError, match="norm_prologue takes W4A16_AWQ and the 8-bit formats"):
         KernelConfig(norm_prologue=frozenset({"W4A8_AWQ"}))  # (only the compiled GEMVs have the prologue)
@@ -155,7 +157,7 @@ def test_prefill_tile_and_order_are_checked_and_named_by_the_benchmark():
     assert not known_variant("wqt128x256x64w16s3")  # BLOCK_R below 16 · warps: no warp group's 64 rows
     with pytest.raises(ValueError, match="sq_prefill_gemm must be"):
         KernelConfig(sq_prefill_gemm="cutlass")
-    for v in ("nopg", "sqintmm", "sqtma", "fastacc", "noprerope", "wqprefill"):
+    for v in ("nopg", "sqintmm", "sqtma", "fastacc", "noprerope", "wqprefill", "wqcutlass"):
         dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
 
 
@@ -252,3 +254,26 @@ def test_attention_trace_summary_reads_phases_gaps_and_clock_from_stamps():
     assert rows["slot"]["step_ns"][0] == 480 and rows["slot"]["step_cycles"][0] == 960  # 400, 460, 500, 500
     assert t["gap_ns"] == [1000.0, 1000.0] and t["span_ns"][0] == 3100
     assert abs(t["clock_ghz"] - 2.0) < 1e-9 and t["timer_step_ns"] == 40
+
+
+def test_cutlass_prefill_layout_and_what_it_takes():
+    """cuda_ext.pack_int4_cutlass writes CUTLASS's int4b_t along K (csrc/cutlass/wq_gemm.cu): two k a byte, the
+    even one in the low nibble, two's complement; each (q0, q1) pair checked byte for byte against that rule, every
+    int4 value at both nibbles. wq_gemm_ok keeps to the kernel's contract: float16, 16-byte rows for TMA (K % 16
+    for int8, % 32 for int4; N % 8), one scale a channel or groups of a multiple of the 64-k tile."""
+    from quant.runtime.cuda_ext import pack_int4_cutlass, wq_gemm_ok
+
+    values = torch.arange(-8, 8, dtype=torch.int8)
+    q = torch.stack((values.repeat_interleave(16), values.repeat(16)), dim=1).reshape(2, 256)  # every (q0, q1)
+    p = pack_int4_cutlass(q)
+    assert p.dtype == torch.int8 and p.shape == (2, 128)
+    want = [((hi & 0xF) << 4) | (lo & 0xF) for lo, hi in q.reshape(-1, 2).tolist()]
+    assert p.view(torch.uint8).reshape(-1).tolist() == want
+    assert pack_int4_cutlass(torch.tensor([[1, -2]])).tolist() == [[-31]]  # 0xE1: -2 high, 1 low
+    f16 = torch.float16
+    assert wq_gemm_ok(960, 576, 576, f16, 8) and wq_gemm_ok(4096, 4096, 128, f16, 4)
+    assert wq_gemm_ok(4096, 576, 64, f16, 4)
+    assert not wq_gemm_ok(960, 576, 576, torch.bfloat16, 8)  # (one instantiation: float16)
+    assert not wq_gemm_ok(4096, 4096, 32, f16, 4)  # groups smaller than the kernel's K tile
+    assert not wq_gemm_ok(4096, 4104, 4104, f16, 8) and not wq_gemm_ok(4100, 4096, 4096, f16, 8)
+    assert not wq_gemm_ok(4096, 4112, 4112, f16, 4)  # int4 rows of 2056 bytes: not whole 16 bytes

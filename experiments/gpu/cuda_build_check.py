@@ -144,11 +144,45 @@ def check_kernels(cubin: Path) -> list[str]:
     return fails
 
 
-def check_bindings(tmp: Path) -> list[str]:
-    """bindings.cpp well-formed against torch's headers, ATen's CUDA context stood in for (module docstring)."""
+def check_cutlass(tmp: Path) -> list[str]:
+    """csrc/cutlass (KernelConfig.wq_prefill_cutlass) built with CUTLASS's headers as cuda_ext.load_cutlass builds
+    it: both weight types' kernels on float16 wgmma with float32 sums (HGMMA ...F32), nothing spilled (no stack),
+    its bindings well-formed. Without the nvidia-cutlass package a line says so (make install installs it)."""
+    from quant.runtime.cuda_ext import cutlass_flags, cutlass_root
+
+    src = CSRC / "cutlass"
+    root = cutlass_root()
+    if root is None:
+        print("cutlass/wq_gemm.cu: not checked: CUTLASS's headers are not installed (the nvidia-cutlass package)")
+        return []
+    cubin = tmp / "wq_gemm.cubin"
+    p = subprocess.run(["nvcc", "-O3", *cutlass_flags(root), "-cubin", str(src / "wq_gemm.cu"), "-o", str(cubin)],
+                       capture_output=True, text=True, cwd=src)
+    if p.returncode != 0:
+        print("cutlass/wq_gemm.cu: does not compile")
+        return [f"cutlass/wq_gemm.cu: nvcc failed: {(p.stderr.strip().splitlines() or [''])[0][:300]}"]
+    res = re.findall(r"Function (\S+):\s*REG:(\d+) STACK:(\d+)", binary_tool(str(cubin), "cuobjdump", "-res-usage"))
+    sass = binary_tool(str(cubin), "cuobjdump", "-sass")
+    kernels = [f for f in re.split(r"\n\s*Function : ", sass)[1:] if "HGMMA" in f]
+    fails = [f"cutlass/wq_gemm.cu: {len(res)} kernels, {len(kernels)} with HGMMA; want the int8 and int4 ones"] \
+        if len(res) != 2 or len(kernels) != 2 else []
+    fails += [f"cutlass/wq_gemm.cu: a kernel's MMA is not float16 in, float32 sums: {set(m)}"
+              for m in (re.findall(r"HGMMA\.\w+\.(\w+)", k) for k in kernels) if set(m) != {"F32"}]
+    fails += [f"cutlass/wq_gemm.cu: {stack} bytes of stack (spills) in {name[:80]}" for name, _, stack in res
+              if stack != "0"]
+    print(f"cutlass/wq_gemm.cu: compiled for sm_90a, {len(res)} kernels, registers "
+          f"{sorted({int(r) for _, r, _ in res})}, stack {sorted({int(s) for _, _, s in res})}")
+    return fails + check_bindings(tmp, src, "quant_cuda_cutlass")
+
+
+def check_bindings(tmp: Path, src_dir: Path = CSRC, name: str = "quant_cuda_gemv") -> list[str]:
+    """``src_dir``'s bindings.cpp well-formed against torch's headers, ATen's CUDA context stood in for (module
+    docstring)."""
     import torch
 
-    src = (CSRC / "bindings.cpp").read_text()
+    tmp = tmp / name
+    tmp.mkdir()
+    src = (src_dir / "bindings.cpp").read_text()
     stand_in = ("#include <cuda_runtime.h>\n#include <torch/extension.h>\n"
                 "namespace at::cuda { inline cudaStream_t getCurrentCUDAStream() { return nullptr; } }\n"
                 "namespace c10::cuda { struct CUDAGuard { explicit CUDAGuard(c10::Device) {} }; }\n")
@@ -156,20 +190,22 @@ def check_bindings(tmp: Path) -> list[str]:
     if head not in src:
         return ["bindings.cpp: its includes changed; update this check's stand-in"]
     (tmp / "bindings.cpp").write_text(src.replace(head, stand_in))
-    shutil.copy(CSRC / "gemv_then.h", tmp / "gemv_then.h")
+    for header in src_dir.glob("*.h"):
+        shutil.copy(header, tmp / header.name)
     inc = Path(torch.__file__).parent / "include"
     # the CUDA headers where nvcc itself finds them (its INCLUDES; nvcc may be a wrapper script elsewhere)
     dry = subprocess.run(["nvcc", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True,
                          text=True).stderr
     cuda_inc = next(iter(re.findall(r'INCLUDES="-I([^"]+)"', dry)), "/usr/local/cuda/include")
-    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=quant_cuda_gemv", f"-I{inc}",
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", f"-DTORCH_EXTENSION_NAME={name}", f"-I{inc}",
            f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{cuda_inc}",
            f"-I{sysconfig.get_paths()['include']}", str(tmp / "bindings.cpp")]
     p = subprocess.run(cmd, capture_output=True, text=True)
     errors = [line for line in p.stderr.splitlines() if "error" in line]
-    print(f"bindings.cpp: {'well-formed' if p.returncode == 0 else 'does not compile'} against torch "
+    where = f"{src_dir.relative_to(CSRC.parent)}/bindings.cpp"
+    print(f"{where}: {'well-formed' if p.returncode == 0 else 'does not compile'} against torch "
           f"{torch.__version__}'s headers")
-    return [] if p.returncode == 0 else [f"bindings.cpp: {e}" for e in errors[:5]] or ["bindings.cpp: g++ failed"]
+    return [] if p.returncode == 0 else [f"{where}: {e}" for e in errors[:5]] or [f"{where}: g++ failed"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             fails += check_kernels(cubin)
         fails += check_bindings(tmp)
+        fails += check_cutlass(tmp)
     for f in fails:
         print("FAILED " + f)
     return 1 if fails else 0

@@ -1,5 +1,5 @@
 # Sourced by the GPU scripts: the compiled extension from one call to the next. Each call gets a bare machine, and
-# the build takes a minute or more of the ten, so a call brings its build back ($OUT/ext/KEY/quant_cuda_gemv.so)
+# the build takes a minute or more of the ten, so a call brings its build back ($OUT/ext/KEY/quant_cuda_*.so)
 # and the next carries it in .ext/ (git-ignored; here: mkdir -p .ext && cp -r FILES_AT/ext/. .ext/; pack.sh
 # leaves ext/ beside its archive). cuda_ext.load() takes a build only from the folder named by cuda_ext.build_key
 # (this code with csrc/, PyTorch's and CUDA's versions, the GPUs); another code's build is never used, and it builds
@@ -9,9 +9,9 @@ ext_restore() {
 }
 ext_save() {
   local so key
-  for so in "$QUANT_SUITE_CACHE"/torch-extensions/*/quant_cuda_gemv.so; do
+  for so in "$QUANT_SUITE_CACHE"/torch-extensions/*/quant_cuda_*.so; do  # (the GEMVs'; CUTLASS's, if built)
     key=$(basename "$(dirname "$so")")
-    [ -f "$so" ] && [ ! -f ".ext/$key/quant_cuda_gemv.so" ] || continue  # none built, or carried in
+    [ -f "$so" ] && [ ! -f ".ext/$key/$(basename "$so")" ] || continue  # none built, or carried in
     mkdir -p "$OUT/ext/$key" && cp "$so" "$OUT/ext/$key/"
   done
 }

@@ -56,20 +56,10 @@ def compile_one(fn, types: dict, const: dict, div16: tuple[str, ...] = DIV16, **
 
 
 def resources(k) -> str:
-    """The cubin's registers a thread and stack bytes (where ptxas spills), as ``cuobjdump -res-usage`` reads them
-    (Triton's own cuobjdump); "" where it cannot."""
-    import subprocess
-    import tempfile
+    """The cubin's registers a thread and stack bytes (where ptxas spills), as ``cuobjdump -res-usage`` reads them."""
+    from experiments.gpu.sass_loop import cubin_tool  # (sass_loop imports this module)
 
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        try:
-            out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
-                                 text=True, timeout=60).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", cubin_tool(k, "cuobjdump", "-res-usage"))
     return f"; {m[1]} registers, {m[2]} stack bytes" if m else ""
 
 

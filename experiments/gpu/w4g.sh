@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14, the compiled INT4 and INT8 GEMVs and the tensor-core kernels: build, test, time. One call on the lent nvidia-h200 machine, from the repository
-# root, with .whl (pydantic and its three dependencies, for python 3.12) carried; everything lands in $OUT.
+# root, with .whl (pydantic and its four dependencies for python 3.12; nvidia-cutlass==4.2.0.0, whose C++ headers
+# csrc/cutlass builds against) carried; everything lands in $OUT.
 #   stages: build (timed, SASS instruction mix of the batch-1 kernel), tests/test_cuda.py, kernel_bench per shape
 #   (the GEMV's tiles swept at 1-4 rows, then every variant interleaved), attn (experiments.attn_bench per shape:
 #   decode attention's tiles; attn_e2e: its fastest tile end to end), sweep (experiments.bench --sweep: the
@@ -45,6 +46,9 @@ t = time.time()
 from quant.runtime import cuda_ext
 m = cuda_ext.load()
 print("extension:", m if isinstance(m, str) else m.__file__, f"in {time.time() - t:.1f} s; torch", torch.__version__)
+t = time.time()
+m = cuda_ext.load_cutlass()  # (KernelConfig.wq_prefill_cutlass's; CUTLASS's headers: nvidia-cutlass in WHEELS)
+print("CUTLASS extension:", m if isinstance(m, str) else m.__file__, f"in {time.time() - t:.1f} s")
 PY
     ext_save
     so=$(ls "$QUANT_SUITE_CACHE"/torch-extensions/*/quant_cuda_gemv*.so 2>/dev/null | head -1)

@@ -27,7 +27,8 @@ from quant.codehash import code_hash
 from quant.paths import cache_root
 
 CSRC = Path(__file__).parent / "csrc"
-__code_files__ = ("csrc/*",)  # cache keys of results this code measured cover the CUDA sources (quant.codehash)
+# cache keys of results this code measured cover the CUDA sources (quant.codehash)
+__code_files__ = ("csrc/*", "csrc/cutlass/*")
 # (weight rows per warp, 16-byte chunks per lane in flight), both GEMVs: the launchers' tile index is the position
 GEMV_TILES = ((1, 2), (1, 4), (2, 2), (2, 4), (4, 1), (4, 2))
 # the fastest tile at 1 row of the one-block-per-row-block form on the 7B and 8B shapes (experiments/results/gpu/
@@ -42,6 +43,7 @@ _NONE = torch.empty(0)  # "no pre-quant scale" / "no then tensor" to the binding
 THEN_NONE, THEN_SILU, THEN_NORM = 0, 1, 2  # csrc/gemv_then.h's Then (cuda_kernels' THEN_* the same)
 # quantized activations' dtype per format code (csrc/gemv_then.h's afmt; cuda_kernels' A_INT8 / A_FP8)
 ACT_QUANT_DTYPE = {1: torch.int8, 2: torch.float8_e4m3fn}
+CUTLASS_VERSION = "4.2.0.0"  # the nvidia-cutlass package whose C++ headers load_cutlass builds against
 
 
 # The C++ runtime linked as the shared library PyTorch itself uses, named by file so that no compiler spec or search
@@ -57,15 +59,61 @@ def load():
     """The compiled module, or the one-line reason it is not available (a ``str``)."""
     if not torch.cuda.is_available():
         return "no CUDA device"
+    return _load("quant_cuda_gemv", build_key(), [CSRC / f for f in ("bindings.cpp", "w4a16_gemv.cu", "w4a16_mma.cu",
+                                                                     "w8_gemv.cu", "w8_mma.cu")], _arch_flags())
+
+
+@functools.cache
+def load_cutlass():
+    """The CUTLASS weight-only GEMM's module (``csrc/cutlass``: :func:`wq_gemm`), or the one-line reason it is not
+    available. Its own build (CUTLASS's templates take a minute or more to compile), made only where a KernelConfig
+    asks for it (``wq_prefill_cutlass``), for Hopper's sm_90a alone, with the headers of the ``nvidia-cutlass``
+    package."""
+    from importlib import metadata
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if _capabilities() != [(9, 0)]:
+        return f"CUTLASS's mixed-input GEMM is built for Hopper (sm_90a); these GPUs are {_capabilities()}"
+    root = cutlass_root()
+    if root is None:
+        return f"CUTLASS's headers are not installed (pip install --no-deps nvidia-cutlass=={CUTLASS_VERSION})"
+    try:
+        version = metadata.version("nvidia-cutlass")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return _load("quant_cuda_cutlass", build_key(f"sm90a-cutlass{version}"),
+                 [CSRC / "cutlass" / f for f in ("bindings.cpp", "wq_gemm.cu")], cutlass_flags(root))
+
+
+def cutlass_root() -> Path | None:
+    """The ``nvidia-cutlass`` package's C++ sources (``include/``, ``tools/util/include``), or None without it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")  # (found, not imported: it imports cuda-python)
+    root = Path(next(iter(spec.submodule_search_locations or ()), "")) / "source" if spec else None
+    return root if root is not None and (root / "include" / "cutlass" / "cutlass.h").is_file() else None
+
+
+def cutlass_flags(root: Path) -> list[str]:
+    """nvcc's flags for csrc/cutlass (also experiments/gpu/cuda_build_check.py's): Hopper's arch-specific sm_90a
+    (wgmma, TMA), CUTLASS's headers."""
+    return ["-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG",
+            f"-I{root / 'include'}", f"-I{root / 'tools' / 'util' / 'include'}"]
+
+
+def _load(name: str, key: str, sources: list[Path], cuda_flags: list[str]):
+    """Extension ``name`` from its build folder ``key`` under the cache, built there from ``sources`` first where
+    it is not (or does not import); or the one-line reason it cannot be built."""
     # keyed on this code with csrc/ (__code_files__; PyTorch re-keys on the listed sources, not on their headers),
     # PyTorch's and CUDA's versions and the target GPUs: a folder holds one build of one code for one machine kind
-    build = cache_root() / "torch-extensions" / build_key()
-    built = build / "quant_cuda_gemv.so"
+    build = cache_root() / "torch-extensions" / key
+    built = build / f"{name}.so"
     # finished by an earlier process, or carried from a machine of the same key (experiments/gpu/ext_carry.sh);
     # not while another process builds it (PyTorch's lock file), and one that does not import goes to the builder
     if built.is_file() and not (build / "lock").exists():
         try:
-            return _import(built)
+            return _import(name, built)
         except ImportError:
             pass
     try:
@@ -73,30 +121,27 @@ def load():
 
         build.mkdir(parents=True, exist_ok=True)
         with quiet.held("torch.utils.cpp_extension"):  # the compiler's output shows with -v
-            return cpp_extension.load(
-                name="quant_cuda_gemv",
-                sources=[str(CSRC / f) for f in ("bindings.cpp", "w4a16_gemv.cu", "w4a16_mma.cu", "w8_gemv.cu",
-                                                 "w8_mma.cu")],
-                build_directory=str(build), extra_cuda_cflags=["-O3", "-lineinfo"] + _arch_flags(),
-                extra_cflags=["-O3"], extra_ldflags=SHARED_CXX_RUNTIME, verbose=False)
+            return cpp_extension.load(name=name, sources=[str(f) for f in sources], build_directory=str(build),
+                                      extra_cuda_cflags=["-O3", "-lineinfo"] + cuda_flags, extra_cflags=["-O3"],
+                                      extra_ldflags=SHARED_CXX_RUNTIME, verbose=False)
     except Exception as exc:  # no toolkit, no compiler, a failed build: the reason, and the other kernels run
         last = (str(exc).strip().splitlines() or [""])[-1][:200]
-        return f"the CUDA extension could not be built ({type(exc).__name__}: {last})"
+        return f"the CUDA extension {name} could not be built ({type(exc).__name__}: {last})"
 
 
-def build_key() -> str:
-    """The build folder's name: this code with ``csrc/``, PyTorch's and CUDA's versions, the target GPUs (letters,
-    digits, '.', '-' and '_' alone)."""
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "-".join(f"sm{a}{b}" for a, b in _capabilities())
+def build_key(arch: str | None = None) -> str:
+    """The build folder's name: this code with ``csrc/``, PyTorch's and CUDA's versions, the target GPUs (``arch``,
+    else TORCH_CUDA_ARCH_LIST or this machine's; letters, digits, '.', '-' and '_' alone)."""
+    arch = arch or os.environ.get("TORCH_CUDA_ARCH_LIST") or "-".join(f"sm{a}{b}" for a, b in _capabilities())
     key = f"torch{torch.__version__}-cuda{torch.version.cuda}-{arch}-{code_hash('quant.runtime.cuda_ext')}"
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in key)  # a name the device tool carries as is
 
 
-def _import(path: Path):
+def _import(name: str, path: Path):
     """The built module from its file, as PyTorch's loader imports it (torch's libraries already loaded)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("quant_cuda_gemv", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -371,3 +416,29 @@ def w8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, fmt: str,
                 GEMV_TILES.index(tuple(tile or W8G_TILES[fmt])), *then, grid, pdl,
                 *(_NONE if t is None else t for t in (norm, prequant, act_scale)))
     return ret
+
+
+def wq_gemm_ok(out: int, inp: int, group: int, dtype: torch.dtype, bits: int) -> bool:
+    """Whether :func:`wq_gemm` takes this linear (csrc/cutlass/wq_gemm.cu's contract): float16, TMA's 16-byte rows
+    (K a multiple of 16 for int8, 32 for int4; N of 8), a scale a channel (``group`` == K) or groups of a multiple
+    of 64 (the kernel's K tile) dividing K."""
+    return (dtype == torch.float16 and inp % (16 if bits == 8 else 32) == 0 and out % 8 == 0
+            and (group == inp or (group % 64 == 0 and inp % group == 0)))
+
+
+def pack_int4_cutlass(q: torch.Tensor) -> torch.Tensor:
+    """int [N, K] in [-8, 7] → int8 [N, K / 2]: two k a byte, the even one in the low nibble (CUTLASS's int4b_t
+    along K, two's complement), the layout :func:`wq_gemm` reads."""
+    q = q.to(torch.int16)
+    return (((q[:, 1::2] & 0xF) << 4) | (q[:, 0::2] & 0xF)).to(torch.uint8).view(torch.int8).contiguous()
+
+
+def wq_gemm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, bits: int, group: int) -> torch.Tensor:
+    """y [M, N] = x [M, K] · (q · s)ᵀ through CUTLASS's Hopper mixed-input GEMM (KernelConfig.wq_prefill_cutlass):
+    w int8 [N, K] (bits 8) or :func:`pack_int4_cutlass`'s [N, K / 2] (bits 4); s float16 [K / group, N] (N
+    contiguous). q · s is rounded to float16 before the MMA, as the dequantize-then-cuBLAS path rounds it; float32
+    sums."""
+    mod = load_cutlass()
+    if isinstance(mod, str):
+        raise RuntimeError(mod)
+    return mod.wq_gemm(x.contiguous(), w, s, bits, group)

@@ -211,6 +211,12 @@ class KernelConfig:
     # accumulator) where the operands allow. Off: the same sweep on an H200 took 1003 µs a layer (W8A16, its fastest
     # tile) and 1377 (INT4) against 726 / 798 for the default (experiments.bench RECIPE@wqtma, @wqtmaBRxBMxBKwWsS).
     wq_prefill_tma: bool = False
+    # Weight-only formats ("W8A16", "W4A16_AWQ") whose prefill (more than 64 rows; float16, on Hopper) multiplies
+    # the weights through CUTLASS's mixed-input GEMM (cuda_ext.wq_gemm: TMA-fed, warp-specialized, the weight
+    # converted and scaled in registers before the tensor cores; csrc/cutlass) instead of a float16 copy for cuBLAS.
+    # INT4 keeps a K-packed copy for it (cuda_ext.pack_int4_cutlass). Ahead of wq_prefill where both list a format.
+    # Built and compiled for sm_90a here, not yet run on a GPU: off (experiments.bench RECIPE@wqcutlass).
+    wq_prefill_cutlass: frozenset[str] = frozenset()
     # The int8 formats' tl.dot kernel at 2–64 rows (cuda_kernels.wq_mm). Compiled for sm_90, its loop issues, per
     # weight, 0.18–0.32 warp-instructions for W8A16 (Triton's int8 → half: one I2F per weight) and 0.04–0.09 for
     # SmoothQuant (int8 × int8), on tiles of 32 output channels whose o / down projections launch 128 programs on
@@ -281,8 +287,9 @@ class KernelConfig:
                 self.w4m_depth != 4 and self.w4m_rows is not None and self.w4m_rows[1] > 8):
             raise ValueError(f"w4m_depth must be 4, or 8 with w4m_rows up to 8; got {self.w4m_depth} "
                              f"with {self.w4m_rows}")
-        if self.wq_prefill - {"W8A16", "W4A16_AWQ"}:
-            raise ValueError(f"wq_prefill takes W8A16 and W4A16_AWQ; got {sorted(self.wq_prefill)}")
+        for name in ("wq_prefill", "wq_prefill_cutlass"):
+            if getattr(self, name) - {"W8A16", "W4A16_AWQ"}:
+                raise ValueError(f"{name} takes W8A16 and W4A16_AWQ; got {sorted(getattr(self, name))}")
         if self.wq_prefill_tile is not None and not (
                 _gemm_tile(self.wq_prefill_tile) and self.wq_prefill_tile[0] >= 16 * self.wq_prefill_tile[3]):
             raise ValueError(f"wq_prefill_tile must be (BLOCK_R, BLOCK_M, BLOCK_K, warps: powers of two, BLOCK_R >= "
@@ -487,13 +494,20 @@ class _Handler:
         if self.algo_key in self.kernels.wq_wide and self.dtype != torch.float32:
             self.wq_counter = torch.zeros(-(-self.weight.shape[0] // 16), dtype=torch.int32, device=self.device)
 
-    def _extension_built(self) -> bool:
-        """Whether the compiled kernels (cuda_ext) are there; if not, their reason is kept (describe() shows it)."""
-        built = cuda_ext.load()
+    def _extension_built(self, load=cuda_ext.load) -> bool:
+        """Whether the compiled kernels (cuda_ext; ``load``: which build) are there; if not, their reason is kept
+        (describe() shows it)."""
+        built = load()
         if isinstance(built, str):
             self.gemv_unavailable = built
             return False
         return True
+
+    def _cutlass_takes(self, out: int, inp: int, group: int, bits: int) -> bool:
+        """Whether prefill goes through CUTLASS's mixed-input GEMM (KernelConfig.wq_prefill_cutlass)."""
+        return (self.algo_key in self.kernels.wq_prefill_cutlass and cuda_ext.wq_gemm_ok(out, inp, group, self.dtype,
+                                                                                        bits)
+                and self._extension_built(cuda_ext.load_cutlass))
 
     def _w8g_gemv(self, x: torch.Tensor, residual: torch.Tensor | None, eps: float = 1e-6,
                   norm: torch.Tensor | None = None, **then) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quant.runtime import cuda_ext
 from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig, _cuda_kernels, _Handler
 
 
@@ -22,8 +23,13 @@ class W8A16Linear(_Handler):
             self._setup_w8g(self.weight.shape[1], self.scale)
             self.cvt = int(kernels.wq_cvt and dtype == torch.float16)
             self._setup_wq_wide()
+            out, inp = self.weight.shape
+            self.cutlass = self._cutlass_takes(out, inp, inp, 8)  # (one scale a channel: a group of K)
+            if self.cutlass:
+                self.kernel = "cutlass-prefill|" + self.kernel
 
     algo_key = "W8A16"
+    cutlass = False  # prefill through cuda_ext.wq_gemm (KernelConfig.wq_prefill_cutlass; CUDA)
 
     def _mm(self, x):
         if self.native:
@@ -42,6 +48,8 @@ class W8A16Linear(_Handler):
         x = self._prep(x, norm, eps, silu)
         if self.dtype != torch.float32 and x.shape[0] <= ck.WQ_MM_MAX_M:
             return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, cvt=self.cvt, counter=self.wq_counter)
+        if self.cutlass:
+            return cuda_ext.wq_gemm(x, self.weight, self.scale, bits=8, group=x.shape[1])
         if self.dtype != torch.float32 and self.algo_key in self.kernels.wq_prefill:
             return ck.wq_prefill_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, config=self.kernels.wq_prefill_tile,
                                     group_m=self.kernels.prefill_group, tma=self.kernels.wq_prefill_tma)
