@@ -10,7 +10,7 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 .PHONY: run test install
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch first: an unpinned resolution would pull the multi-GB CUDA build.
