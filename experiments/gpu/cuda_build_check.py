@@ -13,6 +13,9 @@ what their code must have, before any GPU time is spent on them:
   variants (THEN_SILU) meet a block's row pairs behind a barrier (BAR.SYNC);
 - a report, not a check: the persistent GEMVs' loop in warp-instructions a weight (the row block's finish counted
   in, so an upper bound), the number that caps a GEMV below copy bandwidth where the SMs' issue rate runs out;
+- the CUTLASS prefill GEMM (csrc/cutlass, KernelConfig.wq_prefill_cutlass) compiles for sm_90a with PyTorch's own
+  nvcc flags: its int8 and int4 kernels on float16 wgmma with float32 sums, no stack (where the nvidia-cutlass
+  package is installed, as make install does);
 - the bindings are well-formed C++ against the installed torch's headers. ATen's CUDA context header needs the
   cuSPARSE / cuBLAS headers, which a CPU machine lacks, so CUDA's runtime header and two declarations stand in for
   it (the stream getter and the device guard): the only part not built as on the GPU.
@@ -145,9 +148,10 @@ def check_kernels(cubin: Path) -> list[str]:
 
 
 def check_cutlass(tmp: Path) -> list[str]:
-    """csrc/cutlass (KernelConfig.wq_prefill_cutlass) built with CUTLASS's headers as cuda_ext.load_cutlass builds
-    it: both weight types' kernels on float16 wgmma with float32 sums (HGMMA ...F32), nothing spilled (no stack),
-    its bindings well-formed. Without the nvidia-cutlass package a line says so (make install installs it)."""
+    """csrc/cutlass (KernelConfig.wq_prefill_cutlass) built with CUTLASS's headers and PyTorch's nvcc flags, as
+    cuda_ext.load_cutlass builds it: both weight types' kernels on float16 wgmma with float32 sums (HGMMA ...F32),
+    nothing spilled (no stack), its bindings well-formed. Without the nvidia-cutlass package a line says so (make
+    install installs it)."""
     from quant.runtime.cuda_ext import cutlass_flags, cutlass_root
 
     src = CSRC / "cutlass"
@@ -156,8 +160,10 @@ def check_cutlass(tmp: Path) -> list[str]:
         print("cutlass/wq_gemm.cu: not checked: CUTLASS's headers are not installed (the nvidia-cutlass package)")
         return []
     cubin = tmp / "wq_gemm.cubin"
-    p = subprocess.run(["nvcc", "-O3", *cutlass_flags(root), "-cubin", str(src / "wq_gemm.cu"), "-o", str(cubin)],
-                       capture_output=True, text=True, cwd=src)
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # (what PyTorch's builder adds: no half operators)
+
+    p = subprocess.run(["nvcc", *COMMON_NVCC_FLAGS, "-O3", *cutlass_flags(root), "-cubin", str(src / "wq_gemm.cu"),
+                        "-o", str(cubin)], capture_output=True, text=True, cwd=src)
     if p.returncode != 0:
         print("cutlass/wq_gemm.cu: does not compile")
         return [f"cutlass/wq_gemm.cu: nvcc failed: {(p.stderr.strip().splitlines() or [''])[0][:300]}"]
