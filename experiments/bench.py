@@ -661,8 +661,9 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                         bench(f"wqtma{cfg} g8", lambda: ck.wq_prefill_mm(x, wq, ws, wfmt=wf[algo], group=128,
                                                                         config=cfg, group_m=8, tma=True),
                               algo, name, N, K, M, nbytes)
-                    if isinstance(cuda_ext.load_cutlass(), str):  # KernelConfig.wq_prefill_cutlass
-                        log(f"sweep {algo} {name} M={M} cutlass: {cuda_ext.load_cutlass()}")
+                    cutlass = cuda_ext.load_cutlass()  # KernelConfig.wq_prefill_cutlass's build, or why not
+                    if isinstance(cutlass, str):
+                        log(f"sweep {algo} {name} M={M} cutlass: {cutlass}")
                     elif algo == "W8A16":
                         bench("cutlass", lambda: cuda_ext.wq_gemm(x, wq, ws, bits=8, group=K), algo, name, N, K, M,
                               nbytes)

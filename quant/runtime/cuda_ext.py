@@ -147,8 +147,8 @@ def _import(name: str, path: Path):
     return module
 
 
-def _built():
-    """The compiled module; where it is not available, a RuntimeError with :func:`load`'s reason."""
+def _built(load=load):
+    """The compiled module (``load``: which build); where it is not available, a RuntimeError with its reason."""
     mod = load()
     if isinstance(mod, str):
         raise RuntimeError(mod)
@@ -438,7 +438,4 @@ def wq_gemm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, bits: int, gro
     w int8 [N, K] (bits 8) or :func:`pack_int4_cutlass`'s [N, K / 2] (bits 4); s float16 [K / group, N] (N
     contiguous). q · s is rounded to float16 before the MMA, as the dequantize-then-cuBLAS path rounds it; float32
     sums."""
-    mod = load_cutlass()
-    if isinstance(mod, str):
-        raise RuntimeError(mod)
-    return mod.wq_gemm(x.contiguous(), w, s, bits, group)
+    return _built(load_cutlass).wq_gemm(x.contiguous(), w, s, bits, group)
