@@ -571,8 +571,11 @@ SWEEP_ALGOS = (None, "W8A16", "W4A16_AWQ", "FP8", "W8A8_SQ_PER_CHANNEL")
 
 
 def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
-          algos: tuple[str | None, ...] = SWEEP_ALGOS) -> list[dict]:
-    """Each format's linear kernels alone on the layer shapes of ``shape``: Triton configs vs the library path."""
+          algos: tuple[str | None, ...] = SWEEP_ALGOS, variants: tuple[str, ...] = ()) -> list[dict]:
+    """Each format's linear kernels alone on the layer shapes of ``shape``: Triton configs vs the library path.
+
+    ``variants``: the row labels' starts to time (e.g. ``("auto", "cutlass")``); empty: every row. A row left out is
+    neither compiled nor run, so a short device call times what it needs."""
     import triton
 
     from quant.runtime import cuda_ext
@@ -591,6 +594,8 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
     gen = torch.Generator(device=device).manual_seed(0)
 
     def bench(label, fn, algo, name, N, K, M, nbytes):
+        if variants and not label.startswith(variants):
+            return
         try:
             t = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e-3
         except Exception as exc:  # a config that does not compile/run is reported, not fatal
@@ -661,8 +666,9 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                         bench(f"wqtma{cfg} g8", lambda: ck.wq_prefill_mm(x, wq, ws, wfmt=wf[algo], group=128,
                                                                         config=cfg, group_m=8, tma=True),
                               algo, name, N, K, M, nbytes)
-                    cutlass = cuda_ext.load_cutlass()  # KernelConfig.wq_prefill_cutlass's build, or why not
-                    if isinstance(cutlass, str):
+                    if variants and not "cutlass".startswith(variants):
+                        pass  # (not asked for: not built)
+                    elif isinstance(cutlass := cuda_ext.load_cutlass(), str):  # wq_prefill_cutlass's build, or why not
                         log(f"sweep {algo} {name} M={M} cutlass: {cutlass}")
                     elif algo == "W8A16":
                         bench("cutlass", lambda: cuda_ext.wq_gemm(x, wq, ws, bits=8, group=K), algo, name, N, K, M,
@@ -712,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-m", default="1,8,32,1024,8192")
     p.add_argument("--sweep-formats", default="",
                    help="the formats --sweep times, comma-separated (fp16 and quant_algo names; default: all)")
+    p.add_argument("--sweep-variants", default="",
+                   help="the rows --sweep times, comma-separated starts of their labels (e.g. auto,cutlass,wqt; "
+                        "default: all)")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/bench_gpu.json"))
     p.add_argument("--budget", type=positive_int, default=None, metavar="SECONDS",
@@ -769,7 +778,10 @@ def main(argv: list[str] | None = None) -> int:
     record["copy_bandwidth"] = copy = copy_bandwidth(device)
     log(f"copy bandwidth: {copy['gbs']:.0f} GB/s (read + write, {copy['bytes'] / 2**30:.0f} GiB)")
     if args.sweep:
-        record["sweep"] = sweep(device, log, _ints(args.sweep_m), args.shape, sweep_formats)
+        variants = tuple(v for v in args.sweep_variants.split(",") if v)
+        record["sweep"] = sweep(device, log, _ints(args.sweep_m), args.shape, sweep_formats, variants)
+        if variants and not record["sweep"]:  # (a typo: nothing to save)
+            raise UserError(f"no sweep row's label starts with {', '.join(variants)} (see a full sweep's labels)")
         save()
         return 0
     ref_times: dict[tuple[int, int], dict] = {}  # (input, batch) → the fp16 reference's rounds, all pairings

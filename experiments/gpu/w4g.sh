@@ -80,10 +80,11 @@ PY
         --out "$OUT/kb-w4g-$shape.json" > "$OUT/kb-w4g-$shape.log" 2>&1
       tail -32 "$OUT/kb-w4g-$shape.log"
     done ;;
-  sweep)  # each format's linears alone at prefill's rows (experiments.bench --sweep: SWEEP_M rows, SWEEP_FORMATS)
+  sweep)  # each format's linears alone at prefill's rows (experiments.bench --sweep: SWEEP_M rows, SWEEP_FORMATS,
+          # SWEEP_VARIANTS the rows' label starts, e.g. auto,cutlass; default all)
     for shape in $SHAPES; do
       timeout $(lim ${SWEEP_LIMIT:-200}) python3 -m experiments.bench --sweep --shape $shape --sweep-m ${SWEEP_M:-1024} \
-        --sweep-formats ${SWEEP_FORMATS:-fp16,W8A8_SQ_PER_CHANNEL,FP8} \
+        --sweep-formats ${SWEEP_FORMATS:-fp16,W8A8_SQ_PER_CHANNEL,FP8} --sweep-variants "${SWEEP_VARIANTS:-}" \
         --out "$OUT/sweep-$shape.json" > "$OUT/sweep-$shape.log" 2>&1
       grep "^sweep" "$OUT/sweep-$shape.log" | tail -60
     done ;;
