@@ -150,7 +150,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # (``kpack``: the default before the GEMV took batch 1), the GEMV with the pre-quant scale in act_prep, the
 # k-packed tensor-core kernel at 2–16 rows instead of 2–64 (``int4_awq@w4k16``), or the
 # 8-bit formats' batch 1 on the Triton GEMV instead of the compiled one (``int8_wo@triton8``, ``fp8@triton8``, …),
-# or the weight-only prefill through the tl.dot kernel (``int8_wo@wqprefill``, ``int4_awq@wqprefill``), or W8A16's
+# or the weight-only prefill through the tl.dot kernel (``int8_wo@wqprefill``, ``int4_awq@wqprefill``) or CUTLASS's
+# mixed-input GEMM (``@wqcutlass``; on cuda_ext.WQ_GEMM_TILES[T], at most M rows: ``@wqcutlassT[mM]``), or W8A16's
 # 2–64-row tl.dot kernel on Triton's int8 conversion and 32-channel tiles (``int8_wo@wqplain``), or converting by
 # byte permute on those tiles (``int8_wo@wqnarrow``), or both int8 formats on the wide tiles with K split
 # (``smoothquant@wqwide``; the default takes them for W8A16 only), or decode
@@ -225,11 +226,13 @@ _SQ_TMA_VARIANT = re.compile(r"sqtma(\d+)x(\d+)x(\d+)w(\d+)s(\d+)")
 # ``@wqtBRxBMxBKwWsS``: the weight-only formats' prefill through cuda_kernels.wq_prefill_mm (KernelConfig.wq_prefill)
 # on that tile (wq_prefill_tile), e.g. ``int8_wo@wqt128x128x64w4s4``; ``@wqtmaBRxBMxBKwWsS``: its persistent TMA form
 _WQ_TILE_VARIANT = re.compile(r"wqt(ma)?(\d+)x(\d+)x(\d+)w(\d+)s(\d+)")
+_WQ_CUTLASS_VARIANT = re.compile(r"wqcutlass(\d)(?:m(\d+))?")
 
 
 def kernel_variant(name: str) -> dict:
     """The KernelConfig fields a variant name changes (KERNEL_VARIANTS, or an ``attnBxSwW`` / ``sqp…`` / ``sqtma…`` /
-    ``wqt…`` / ``wqtma…`` tile); KeyError if it names none. The tile's own limits are KernelConfig's to check."""
+    ``wqt…`` / ``wqtma…`` / ``wqcutlassT[mM]`` tile); KeyError if it names none. The tile's own limits are
+    KernelConfig's to check."""
     if m := _ATTN_TILE_VARIANT.fullmatch(name):
         return {"attn_tile": tuple(int(g) for g in m.groups())}
     if m := _SQ_TILE_VARIANT.fullmatch(name):
@@ -239,6 +242,9 @@ def kernel_variant(name: str) -> dict:
     if m := _WQ_TILE_VARIANT.fullmatch(name):
         return {**KERNEL_VARIANTS["wqtma" if m.group(1) else "wqprefill"],
                 "wq_prefill_tile": tuple(int(g) for g in m.groups()[1:])}
+    if m := _WQ_CUTLASS_VARIANT.fullmatch(name):
+        return {**KERNEL_VARIANTS["wqcutlass"], "wq_cutlass_tile": int(m.group(1)),
+                "wq_cutlass_max_m": m.group(2) and int(m.group(2))}
     return KERNEL_VARIANTS[name]
 
 
@@ -670,13 +676,12 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                         pass  # (not asked for: not built)
                     elif isinstance(cutlass := cuda_ext.load_cutlass(), str):  # wq_prefill_cutlass's build, or why not
                         log(f"sweep {algo} {name} M={M} cutlass: {cutlass}")
-                    elif algo == "W8A16":
-                        bench("cutlass", lambda: cuda_ext.wq_gemm(x, wq, ws, bits=8, group=K), algo, name, N, K, M,
-                              nbytes)
-                    else:
-                        wc, sc = cuda_ext.pack_int4_cutlass(unpack_int4_rows(wq)), ws.t().contiguous()
-                        bench("cutlass", lambda: cuda_ext.wq_gemm(x, wc, sc, bits=4, group=128), algo, name, N, K, M,
-                              nbytes)
+                    else:  # each tile of cuda_ext.WQ_GEMM_TILES
+                        wc, sc, bits, g = (wq, ws, 8, K) if algo == "W8A16" else (
+                            cuda_ext.pack_int4_cutlass(unpack_int4_rows(wq)), ws.t().contiguous(), 4, 128)
+                        for i, tile in enumerate(cuda_ext.WQ_GEMM_TILES):
+                            bench(f"cutlass{tile}", lambda: cuda_ext.wq_gemm(x, wc, sc, bits=bits, group=g, tile=i),
+                                  algo, name, N, K, M, nbytes)
                         del wc, sc
                 elif M > ck.WQ_MM_MAX_M and algo == "FP8":  # the other accumulation (KernelConfig.fp8_fast_accum)
                     base = h.kernels
@@ -739,7 +744,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)}; a kernel "
                         f"variant may follow: @{', @'.join(KERNEL_VARIANTS)}, or @attnBxSwW, an attention tile, "
                         f"@sqpBMxBRxBKwWsS[gG] / @sqtmaBMxBNxBKwWsS, SmoothQuant's prefill tile, or "
-                        f"@wqt[ma]BRxBMxBKwWsS, the weight-only prefill's)")
+                        f"@wqt[ma]BRxBMxBKwWsS, the weight-only prefill's, or @wqcutlassT[mM], its CUTLASS tile T "
+                        f"up to M rows)")
     peers = [x for x in args.peers.split(",") if x]
     if bad := [x for x in peers if x not in PEERS]:
         raise UserError(f"unknown peer(s) {', '.join(bad)} (choose from {', '.join(PEERS)})")

@@ -1212,26 +1212,32 @@ def test_weight_only_prefill_with_the_weight_in_registers(algo, group):
 @cuda
 @pytest.mark.parametrize("algo,group", [("W8A16", 0), ("W4A16_AWQ", 64), ("W4A16_AWQ", 128)])
 def test_weight_only_prefill_through_cutlass(algo, group):
-    """KernelConfig.wq_prefill_cutlass (cuda_ext.wq_gemm: CUTLASS's Hopper mixed-input GEMM, csrc/cutlass): the
-    handler takes it (its build needs nvidia-cutlass's headers: a missing build fails here, with the reason) and
-    its prefill at 300 and 1100 rows (K 576 and 1024: the default model's hidden size; N 200, not a multiple of the
-    128-channel tile) matches the float64 reference and the default path (dequantize, then cuBLAS), with large
-    activations (x · q beyond float16 before an int8 scale) and the residual added."""
+    """KernelConfig.wq_prefill_cutlass (cuda_ext.wq_gemm: CUTLASS's Hopper mixed-input GEMM, csrc/cutlass) on each
+    tile: the handler takes it (its build needs nvidia-cutlass's headers: a missing build fails here, with the
+    reason) and its prefill at 300 rows, and the default past wq_cutlass_max_m at 1100 (K 576 and 1024: the default
+    model's hidden size; N 200, not a multiple of the 128-channel tile), match the float64 reference and the default
+    path (dequantize, then cuBLAS), with large activations (x · q beyond float16 before an int8 scale) and the
+    residual added."""
     from quant.runtime.schemes.base import DEFAULT_KERNELS
     from tests.test_kernels import activations
 
-    kernels = dataclasses.replace(DEFAULT_KERNELS, wq_prefill_cutlass=frozenset({algo}))
+    from quant.runtime.cuda_ext import WQ_GEMM_TILES
+
     for inp in (i for i in (576, 1024) if i % max(group, 1) == 0):
         key = f"cutlass/{algo}/{group}/{inp}"
         gen, t, h, wd = _fp16_linear(algo, key, inp=inp, out=200, group=group or 64)
-        hc = _fp16_linear(algo, key, inp=inp, out=200, group=group or 64, kernels=kernels)[2]
-        assert hc.cutlass, hc.gemv_unavailable  # (W8A16: True; INT4: its (weight, scales))
-        for m in (300, 1100):
-            x = (activations(gen, m, inp) * 10).half().to(DEV)
-            res = torch.randn(m, 200, generator=gen).half().to(DEV)
-            ref = res.double().cpu() + _reference(algo, t, x.cpu(), wd)
-            want, got = h.fused(x, residual=res.clone()), hc.fused(x, residual=res.clone())
-            assert rel(want, ref) <= 1e-2 and rel(got, ref) <= 1e-2 and rel(got, want) <= 5e-3, (inp, m)
+        for tile in range(len(WQ_GEMM_TILES)):  # (the cluster of 2: 200 channels are an odd number of CTAs)
+            kernels = dataclasses.replace(DEFAULT_KERNELS, wq_prefill_cutlass=frozenset({algo}), wq_cutlass_tile=tile,
+                                          wq_cutlass_max_m=1000)
+            hc = _fp16_linear(algo, key, inp=inp, out=200, group=group or 64, kernels=kernels)[2]
+            assert hc.cutlass, hc.gemv_unavailable  # (W8A16: True; INT4: its (weight, scales))
+            for m in (300, 1100):  # (1100: past wq_cutlass_max_m, the default path)
+                x = (activations(gen, m, inp) * 10).half().to(DEV)
+                res = torch.randn(m, 200, generator=gen).half().to(DEV)
+                ref = res.double().cpu() + _reference(algo, t, x.cpu(), wd)
+                want, got = h.fused(x, residual=res.clone()), hc.fused(x, residual=res.clone())
+                assert rel(want, ref) <= 1e-2 and rel(got, ref) <= 1e-2 and rel(got, want) <= 5e-3, (inp, m, tile)
+                assert m < 1000 or torch.equal(got, want), (inp, m, tile)  # past max_m: the default's own bits
 
 
 def _fp16_linear(algo, key: str, *, inp: int, out: int = 64, group: int = 64, kernels=None):

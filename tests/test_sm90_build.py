@@ -66,12 +66,13 @@ def test_compiled_gemvs_build_for_sm90_with_their_epilogues_ordered():
     assert any(line.startswith("w8_mma.cu: 18 kernels for sm_90 (12 with an epilogue") for line in lines), lines
     # the INT4 GEMV's loop reported for every tile, as an upper bound of what Nsight Compute counted executed on an
     # H100 for the default tile (0.11 warp-instructions a weight, experiments/results/gpu/kernels stage 21)
-    from quant.runtime.cuda_ext import GEMV_TILES
+    from quant.runtime.cuda_ext import GEMV_TILES, WQ_GEMM_TILES
 
     w4 = next(line for line in lines if line.startswith("w4a16_gemv.cu: persistent GEMV loop"))
     cost = {(int(r), int(u)): float(v) for r, u, v in re.findall(r"\((\d), (\d)\) (\d\.\d+)", w4)}
     assert set(cost) == set(GEMV_TILES) and 0.11 <= cost[(4, 1)] < 0.2, w4
     assert "bindings.cpp: well-formed" in "\n".join(lines) and not any("FAILED" in line for line in lines)
-    # the CUTLASS prefill GEMM (csrc/cutlass; make install brings CUTLASS's headers): both kernels, no spill
-    assert "cutlass/wq_gemm.cu: compiled for sm_90a, 2 kernels" in "\n".join(lines), lines
+    # the CUTLASS prefill GEMM (csrc/cutlass; make install brings CUTLASS's headers): both formats' kernels on each
+    # of its tiles, no spill
+    assert f"cutlass/wq_gemm.cu: compiled for sm_90a, {2 * len(WQ_GEMM_TILES)} kernels" in "\n".join(lines), lines
     assert "csrc/cutlass/bindings.cpp: well-formed" in "\n".join(lines), lines

@@ -14,8 +14,8 @@ what their code must have, before any GPU time is spent on them:
 - a report, not a check: the persistent GEMVs' loop in warp-instructions a weight (the row block's finish counted
   in, so an upper bound), the number that caps a GEMV below copy bandwidth where the SMs' issue rate runs out;
 - the CUTLASS prefill GEMM (csrc/cutlass, KernelConfig.wq_prefill_cutlass) compiles for sm_90a with PyTorch's own
-  nvcc flags: its int8 and int4 kernels on float16 wgmma with float32 sums, no stack (where the nvidia-cutlass
-  package is installed, as make install does);
+  nvcc flags: its int8 and int4 kernels of each tile on float16 wgmma with float32 sums, no stack (where the
+  nvidia-cutlass package is installed, as make install does);
 - the bindings are well-formed C++ against the installed torch's headers. ATen's CUDA context header needs the
   cuSPARSE / cuBLAS headers, which a CPU machine lacks, so CUDA's runtime header and two declarations stand in for
   it (the stream getter and the device guard): the only part not built as on the GPU.
@@ -149,10 +149,10 @@ def check_kernels(cubin: Path) -> list[str]:
 
 def check_cutlass(tmp: Path) -> list[str]:
     """csrc/cutlass (KernelConfig.wq_prefill_cutlass) built with CUTLASS's headers and PyTorch's nvcc flags, as
-    cuda_ext.load_cutlass builds it: both weight types' kernels on float16 wgmma with float32 sums (HGMMA ...F32),
-    nothing spilled (no stack), its bindings well-formed. Without the nvidia-cutlass package a line says so (make
-    install installs it)."""
-    from quant.runtime.cuda_ext import cutlass_flags, cutlass_root
+    cuda_ext.load_cutlass builds it: both weight types' kernels of every tile (cuda_ext.WQ_GEMM_TILES) on float16
+    wgmma with float32 sums (HGMMA ...F32), nothing spilled (no stack), its bindings well-formed. Without the
+    nvidia-cutlass package a line says so (make install installs it)."""
+    from quant.runtime.cuda_ext import WQ_GEMM_TILES, cutlass_flags, cutlass_root
 
     src = CSRC / "cutlass"
     root = cutlass_root()
@@ -170,8 +170,9 @@ def check_cutlass(tmp: Path) -> list[str]:
     res = re.findall(r"Function (\S+):\s*REG:(\d+) STACK:(\d+)", binary_tool(str(cubin), "cuobjdump", "-res-usage"))
     sass = binary_tool(str(cubin), "cuobjdump", "-sass")
     kernels = [f for f in re.split(r"\n\s*Function : ", sass)[1:] if "HGMMA" in f]
-    fails = [f"cutlass/wq_gemm.cu: {len(res)} kernels, {len(kernels)} with HGMMA; want the int8 and int4 ones"] \
-        if len(res) != 2 or len(kernels) != 2 else []
+    want = 2 * len(WQ_GEMM_TILES)
+    fails = [f"cutlass/wq_gemm.cu: {len(res)} kernels, {len(kernels)} with HGMMA; want the int8 and int4 ones of "
+             f"each of the {len(WQ_GEMM_TILES)} tiles"] if len(res) != want or len(kernels) != want else []
     fails += [f"cutlass/wq_gemm.cu: a kernel's MMA is not float16 in, float32 sums: {set(m)}"
               for m in (re.findall(r"HGMMA\.\w+\.(\w+)", k) for k in kernels) if set(m) != {"F32"}]
     fails += [f"cutlass/wq_gemm.cu: {stack} bytes of stack (spills) in {name[:80]}" for name, _, stack in res

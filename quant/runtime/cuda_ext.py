@@ -433,9 +433,15 @@ def pack_int4_cutlass(q: torch.Tensor) -> torch.Tensor:
     return (((q[:, 1::2] & 0xF) << 4) | (q[:, 0::2] & 0xF)).to(torch.uint8).view(torch.int8).contiguous()
 
 
-def wq_gemm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, bits: int, group: int) -> torch.Tensor:
+# wq_gemm's tiles, csrc/cutlass/wq_gemm.cu's WQ_TILE order: (weight channels, x rows, CTAs of a cluster along the
+# channels), k 64. Wider in rows, the weight converted in registers feeds twice the MMAs.
+WQ_GEMM_TILES = ((128, 128, 1), (128, 256, 1), (128, 256, 2))
+
+
+def wq_gemm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, bits: int, group: int,
+            tile: int = 0) -> torch.Tensor:
     """y [M, N] = x [M, K] · (q · s)ᵀ through CUTLASS's Hopper mixed-input GEMM (KernelConfig.wq_prefill_cutlass):
     w int8 [N, K] (bits 8) or :func:`pack_int4_cutlass`'s [N, K / 2] (bits 4); s float16 [K / group, N] (N
-    contiguous). q · s is rounded to float16 before the MMA, as the dequantize-then-cuBLAS path rounds it; float32
-    sums."""
-    return _built(load_cutlass).wq_gemm(x.contiguous(), w, s, bits, group)
+    contiguous); ``tile`` an index of :data:`WQ_GEMM_TILES`. q · s is rounded to float16 before the MMA, as the
+    dequantize-then-cuBLAS path rounds it; float32 sums."""
+    return _built(load_cutlass).wq_gemm(x.contiguous(), w, s, bits, group, tile)

@@ -215,8 +215,14 @@ class KernelConfig:
     # the weights through CUTLASS's mixed-input GEMM (cuda_ext.wq_gemm: TMA-fed, warp-specialized, the weight
     # converted and scaled in registers before the tensor cores; csrc/cutlass) instead of a float16 copy for cuBLAS.
     # INT4 keeps a K-packed copy for it (cuda_ext.pack_int4_cutlass). Ahead of wq_prefill where both list a format.
-    # Built and compiled for sm_90a here, not yet run on a GPU: off (experiments.bench RECIPE@wqcutlass).
+    # Off: on an H100 (7B, 1024 rows, 2026-12-07) its 128 × 128 tile took 735 µs a layer (W8A16) and 794 (INT4)
+    # against 789 / 790 for the default and 573 for FP16 (experiments.bench RECIPE@wqcutlass, @wqcutlassT[mM]).
+    # wq_cutlass_tile: an index of cuda_ext.WQ_GEMM_TILES; wq_cutlass_max_m: the most rows it takes (None: any
+    # prefill) — past them the default's float16 copy of the weight, written once a call, costs less than
+    # converting it in every tile.
     wq_prefill_cutlass: frozenset[str] = frozenset()
+    wq_cutlass_tile: int = 0
+    wq_cutlass_max_m: int | None = None
     # The int8 formats' tl.dot kernel at 2–64 rows (cuda_kernels.wq_mm). Compiled for sm_90, its loop issues, per
     # weight, 0.18–0.32 warp-instructions for W8A16 (Triton's int8 → half: one I2F per weight) and 0.04–0.09 for
     # SmoothQuant (int8 × int8), on tiles of 32 output channels whose o / down projections launch 128 programs on
@@ -290,6 +296,11 @@ class KernelConfig:
         for name in ("wq_prefill", "wq_prefill_cutlass"):
             if getattr(self, name) - {"W8A16", "W4A16_AWQ"}:
                 raise ValueError(f"{name} takes W8A16 and W4A16_AWQ; got {sorted(getattr(self, name))}")
+        if not 0 <= self.wq_cutlass_tile < len(cuda_ext.WQ_GEMM_TILES) or (
+                self.wq_cutlass_max_m is not None and self.wq_cutlass_max_m < 1):
+            raise ValueError(f"wq_cutlass_tile must index cuda_ext.WQ_GEMM_TILES (0-{len(cuda_ext.WQ_GEMM_TILES) - 1}) "
+                             f"and wq_cutlass_max_m be >= 1 or None; got {self.wq_cutlass_tile}, "
+                             f"{self.wq_cutlass_max_m}")
         if self.wq_prefill_tile is not None and not (
                 _gemm_tile(self.wq_prefill_tile) and self.wq_prefill_tile[0] >= 16 * self.wq_prefill_tile[3]):
             raise ValueError(f"wq_prefill_tile must be (BLOCK_R, BLOCK_M, BLOCK_K, warps: powers of two, BLOCK_R >= "
@@ -508,6 +519,13 @@ class _Handler:
         return (self.algo_key in self.kernels.wq_prefill_cutlass and cuda_ext.wq_gemm_ok(out, inp, group, self.dtype,
                                                                                         bits)
                 and self._extension_built(cuda_ext.load_cutlass))
+
+    def _cutlass_mm(self, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bits: int, group: int):
+        """x's prefill through CUTLASS (where _cutlass_takes said so), or None past wq_cutlass_max_m's rows."""
+        m, cap = x.shape[0], self.kernels.wq_cutlass_max_m
+        if m <= _cuda_kernels().WQ_MM_MAX_M or (cap is not None and m > cap):
+            return None
+        return cuda_ext.wq_gemm(x, w, s, bits=bits, group=group, tile=self.kernels.wq_cutlass_tile)
 
     def _w8g_gemv(self, x: torch.Tensor, residual: torch.Tensor | None, eps: float = 1e-6,
                   norm: torch.Tensor | None = None, **then) -> torch.Tensor:

@@ -79,10 +79,9 @@ class W4A16AWQLinear(_Handler):
             if self._cutlass_takes(out, inp, group, 4):  # prefill through CUTLASS, on its own copy
                 self.cutlass = cuda_ext.pack_int4_cutlass(q()), self.scales.t().contiguous()
                 self.kernel = "cutlass-prefill|" + self.kernel
-            # prefill from the k-packed copy, unless wq_prefill takes it (the stored layout's tensor-core kernel)
-            # or CUTLASS does
-            self.kprefill = (kernels.w4k_prefill and self.kpack is not None and self.algo_key not in kernels.wq_prefill
-                             and self.cutlass is None)
+            # prefill (past CUTLASS's rows, where it takes them) from the k-packed copy, unless wq_prefill takes it
+            # (the stored layout's tensor-core kernel)
+            self.kprefill = (kernels.w4k_prefill and self.kpack is not None and self.algo_key not in kernels.wq_prefill)
             if self.kprefill:  # prefill from the k-packed copy; the stored layout only where a row is left to it
                 self.kernel = "tinygemm-w4a16|w4k-dequant" if self.tinygemm is not None else "w4k-dequant"
                 if not _rows_left((1, ck.WQ_MM_MAX_M), taken):
@@ -195,8 +194,8 @@ class W4A16AWQLinear(_Handler):
             return self.tinygemm(self._prep(x, norm, eps, silu, prequant=self.prequant,
                                             out_dtype=self.tinygemm.act_dtype))
         x = self._prep(x, norm, eps, silu, prequant=self.prequant)
-        if self.cutlass is not None and x.shape[0] > ck.WQ_MM_MAX_M:  # KernelConfig.wq_prefill_cutlass
-            return cuda_ext.wq_gemm(x, *self.cutlass, bits=4, group=self.group)
+        if self.cutlass is not None and (y := self._cutlass_mm(x, *self.cutlass, 4, self.group)) is not None:
+            return y
         if self.kprefill and x.shape[0] > ck.WQ_MM_MAX_M:  # KernelConfig.w4k_prefill
             w, kw = self.kpack
             return F.linear(x, ck.dequant_int4_k(w, self.scales, self.group, kw, self.dtype))

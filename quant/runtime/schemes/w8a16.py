@@ -48,8 +48,8 @@ class W8A16Linear(_Handler):
         x = self._prep(x, norm, eps, silu)
         if self.dtype != torch.float32 and x.shape[0] <= ck.WQ_MM_MAX_M:
             return ck.wq_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, cvt=self.cvt, counter=self.wq_counter)
-        if self.cutlass:
-            return cuda_ext.wq_gemm(x, self.weight, self.scale, bits=8, group=x.shape[1])
+        if self.cutlass and (y := self._cutlass_mm(x, self.weight, self.scale, 8, x.shape[1])) is not None:
+            return y
         if self.dtype != torch.float32 and self.algo_key in self.kernels.wq_prefill:
             return ck.wq_prefill_mm(x, self.weight, self.scale, wfmt=ck.W_INT8, config=self.kernels.wq_prefill_tile,
                                     group_m=self.kernels.prefill_group, tma=self.kernels.wq_prefill_tma)

@@ -7,9 +7,9 @@
 #include "wq_gemm.h"
 
 // y [M, N] float16 = x [M, K] float16 · (q · s)ᵀ: w int8 [N, K] (bits 8) or its int4 values two a byte along K, low
-// nibble first ([N, K / 2], bits 4); s float16 [K / group, N].
+// nibble first ([N, K / 2], bits 4); s float16 [K / group, N]; tile: which of wq_gemm.h's kWqGemmTiles.
 torch::Tensor wq_gemm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s, int64_t bits,
-                      int64_t group) {
+                      int64_t group, int64_t tile) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.scalar_type() == torch::kHalf && x.is_contiguous(),
               "wq_gemm: x must be contiguous float16 [M, K] on the GPU");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
@@ -17,19 +17,21 @@ torch::Tensor wq_gemm(const torch::Tensor& x, const torch::Tensor& w, const torc
   TORCH_CHECK(w.device() == x.device() && w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.is_contiguous() &&
                   w.size(1) * (bits == 4 ? 2 : 1) == k,
               "wq_gemm: w must be contiguous int8 [N, K] (bits 8) or [N, K / 2] (bits 4) beside x");
+  TORCH_CHECK(tile >= 0 && tile < kWqGemmTiles, "wq_gemm: tile ", tile, " is not one of the ", kWqGemmTiles);
   TORCH_CHECK(group > 0 && k % group == 0, "wq_gemm: group ", group, " does not divide K ", k);
   TORCH_CHECK(s.device() == x.device() && s.scalar_type() == torch::kHalf && s.is_contiguous() &&
                   s.numel() == (k / group) * n,
               "wq_gemm: s must be contiguous float16 [K / group, N]");
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({m, n}, x.options());
-  const WqGemmProblem p{static_cast<int>(bits), static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
-                        static_cast<int>(group), x.data_ptr(), w.data_ptr(), s.data_ptr(), y.data_ptr()};
+  const WqGemmProblem p{static_cast<int>(bits), static_cast<int>(tile), static_cast<int>(m), static_cast<int>(n),
+                        static_cast<int>(k), static_cast<int>(group), x.data_ptr(), w.data_ptr(), s.data_ptr(),
+                        y.data_ptr()};
   const size_t bytes = wq_gemm_workspace(p);
   auto workspace = torch::empty({static_cast<int64_t>(bytes)}, x.options().dtype(torch::kUInt8));
   const int rc = wq_gemm_run(p, workspace.data_ptr(), bytes, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(rc == 0, "wq_gemm: CUTLASS ", rc == 1 ? "cannot take" : "failed on", " M ", m, " N ", n, " K ", k,
-              " group ", group, " (code ", rc, ")");
+              " group ", group, " tile ", tile, " (code ", rc, ")");
   return y;
 }
 

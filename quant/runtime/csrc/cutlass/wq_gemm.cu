@@ -27,32 +27,39 @@ using namespace cute;
 namespace {
 
 using Half = cutlass::half_t;
-using TileShape = Shape<_128, _128, _64>;  // (channels, rows, k): 64 k of float16 = 128 bytes, TMA's whole lines
-using ClusterShape = Shape<_1, _1, _1>;
-
 constexpr int kAlignH = 128 / cutlass::sizeof_bits<Half>::value;  // 16 bytes of float16
-// (y of the transposed product: column-major yᵀ [N, M], alpha 1 and beta 0: C is not read)
-using Epilogue = cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-    Half, cutlass::layout::ColumnMajor, kAlignH, Half, cutlass::layout::ColumnMajor, kAlignH,
-    cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
-
-// The mainloop per weight type: the weight with its scale type as the register-sourced operand (its 16-byte
-// alignment in elements), x K-major. (Built outside a template: GCC 12 mis-parses the builders' nested types there.)
 template <class Q>
 constexpr int kAlignQ = 128 / cutlass::sizeof_bits<Q>::value;
-#define WQ_MAINLOOP(Q)                                                                                             \
-  cutlass::gemm::collective::CollectiveBuilder<                                                                  \
+
+// One tile (WQ_GEMM_TILES in wq_gemm.h): (channels, rows, k) of the transposed product on a cluster of CM CTAs
+// along the channels (which share x's tile: TMA multicasts it). k 64: float16's 128-byte TMA lines, and INT4's
+// groups of 64 stay whole. The epilogue writes the column-major yᵀ (alpha 1, beta 0: C is not read); the mainloop
+// takes the weight with its scale type as the register-sourced operand (its 16-byte alignment in elements), x
+// K-major. (Built outside a template: GCC 12 mis-parses the builders' nested types there.)
+#define WQ_TILE(NAME, TM, TN, CM)                                                                                  \
+  namespace NAME {                                                                                                 \
+  using TileShape = Shape<Int<TM>, Int<TN>, _64>;                                                                \
+  using ClusterShape = Shape<Int<CM>, _1, _1>;                                                                   \
+  using Epilogue = cutlass::epilogue::collective::CollectiveBuilder<                                             \
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,                              \
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Half, cutlass::layout::ColumnMajor, kAlignH, \
+      Half, cutlass::layout::ColumnMajor, kAlignH, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp; \
+  WQ_MAINLOOP(Int8, int8_t)                                                                                      \
+  WQ_MAINLOOP(Int4, cutlass::int4b_t)                                                                            \
+  }
+#define WQ_MAINLOOP(NAME, Q)                                                                                       \
+  using Mainloop##NAME = cutlass::gemm::collective::CollectiveBuilder<                                           \
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<Q, Half>, cutlass::layout::RowMajor,     \
       kAlignQ<Q>, Half, cutlass::layout::ColumnMajor, kAlignH, float, TileShape, ClusterShape,                  \
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(Epilogue::SharedStorage))>,     \
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp
-using MainloopInt8 = WQ_MAINLOOP(int8_t);
-using MainloopInt4 = WQ_MAINLOOP(cutlass::int4b_t);
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+WQ_TILE(t0, 128, 128, 1)  // (the order of WQ_GEMM_TILES)
+WQ_TILE(t1, 128, 256, 1)
+WQ_TILE(t2, 128, 256, 2)
+#undef WQ_TILE
 #undef WQ_MAINLOOP
 
-template <class Q, class Mainloop>
+template <class Q, class Mainloop, class Epilogue>
 struct WqGemm {
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -74,33 +81,39 @@ struct WqGemm {
          p.group},
         {{1.0f, 0.0f}, y, dY, y, dY}};
   }
+
+  static size_t workspace(const WqGemmProblem& p) { return Gemm::get_workspace_size(arguments(p)); }
+
+  static int run(const WqGemmProblem& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    Gemm gemm;
+    auto args = arguments(p);
+    if (Gemm::get_workspace_size(args) > workspace_bytes) return 2;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
+    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 3;
+    return gemm.run(stream) == cutlass::Status::kSuccess ? 0 : 4;
+  }
 };
 
-template <class G>
-int run(const WqGemmProblem& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  typename G::Gemm gemm;
-  auto args = G::arguments(p);
-  if (G::Gemm::get_workspace_size(args) > workspace_bytes) return 2;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
-  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 3;
-  return gemm.run(stream) == cutlass::Status::kSuccess ? 0 : 4;
+// f(WqGemm<...>{}) for the problem's weight type and tile (p.tile < WQ_GEMM_TILES, checked by the caller)
+template <class F>
+auto dispatch(const WqGemmProblem& p, F&& f) {
+#define WQ_CASE(T)                                                                                                 \
+  if (p.tile == T)                                                                                                 \
+    return p.bits == 8 ? f(WqGemm<int8_t, t##T::MainloopInt8, t##T::Epilogue>{})                                \
+                       : f(WqGemm<cutlass::int4b_t, t##T::MainloopInt4, t##T::Epilogue>{});
+  WQ_CASE(1)
+  WQ_CASE(2)
+#undef WQ_CASE
+  return p.bits == 8 ? f(WqGemm<int8_t, t0::MainloopInt8, t0::Epilogue>{})
+                     : f(WqGemm<cutlass::int4b_t, t0::MainloopInt4, t0::Epilogue>{});
 }
-
-template <class G>
-size_t workspace(const WqGemmProblem& p) {
-  return G::Gemm::get_workspace_size(G::arguments(p));
-}
-
-using GemmInt8 = WqGemm<int8_t, MainloopInt8>;
-using GemmInt4 = WqGemm<cutlass::int4b_t, MainloopInt4>;
 
 }  // namespace
 
 size_t wq_gemm_workspace(const WqGemmProblem& p) {
-  return p.bits == 8 ? workspace<GemmInt8>(p) : workspace<GemmInt4>(p);
+  return dispatch(p, [&](auto g) { return decltype(g)::workspace(p); });
 }
 
 int wq_gemm_run(const WqGemmProblem& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  return p.bits == 8 ? run<GemmInt8>(p, workspace, workspace_bytes, stream)
-                     : run<GemmInt4>(p, workspace, workspace_bytes, stream);
+  return dispatch(p, [&](auto g) { return decltype(g)::run(p, workspace, workspace_bytes, stream); });
 }

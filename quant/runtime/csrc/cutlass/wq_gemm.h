@@ -5,8 +5,12 @@
 
 #include <cuda_runtime.h>
 
+// The tiles wq_gemm.cu instantiates, in its WQ_TILE order (quant/runtime/cuda_ext.py WQ_GEMM_TILES names them)
+constexpr int kWqGemmTiles = 3;
+
 struct WqGemmProblem {
   int bits;  // 8: int8 weight; 4: int4 (cutlass::int4b_t, K-packed)
+  int tile;  // [0, kWqGemmTiles)
   int m, n, k, group;  // x's rows, channels, K, k a scale (== k: one a channel)
   const void* x;  // float16 [m, k]
   const void* w;  // [n, k] int8, or [n, k / 2] bytes
