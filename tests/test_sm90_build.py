@@ -74,5 +74,5 @@ def test_compiled_gemvs_build_for_sm90_with_their_epilogues_ordered():
     assert "bindings.cpp: well-formed" in "\n".join(lines) and not any("FAILED" in line for line in lines)
     # the CUTLASS prefill GEMM (csrc/cutlass; make install brings CUTLASS's headers): both formats' kernels on each
     # of its tiles, no spill
-    assert f"cutlass/wq_gemm.cu: compiled for sm_90a, {2 * len(WQ_GEMM_TILES)} kernels" in "\n".join(lines), lines
+    assert f"cutlass/wq_gemm: compiled for sm_90a, {2 * len(WQ_GEMM_TILES)} kernels" in "\n".join(lines), lines
     assert "csrc/cutlass/bindings.cpp: well-formed" in "\n".join(lines), lines

@@ -257,7 +257,7 @@ def test_attention_trace_summary_reads_phases_gaps_and_clock_from_stamps():
 
 
 def test_cutlass_prefill_layout_and_what_it_takes():
-    """cuda_ext.pack_int4_cutlass writes CUTLASS's int4b_t along K (csrc/cutlass/wq_gemm.cu): two k a byte, the
+    """cuda_ext.pack_int4_cutlass writes CUTLASS's int4b_t along K (csrc/cutlass/wq_gemm.cuh): two k a byte, the
     even one in the low nibble, two's complement; each (q0, q1) pair checked byte for byte against that rule, every
     int4 value at both nibbles. wq_gemm_ok keeps to the kernel's contract: float16, 16-byte rows for TMA (K % 16
     for int8, % 32 for int4; N % 8), one scale a channel or groups of a multiple of the 64-k tile."""

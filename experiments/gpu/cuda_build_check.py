@@ -152,32 +152,38 @@ def check_cutlass(tmp: Path) -> list[str]:
     cuda_ext.load_cutlass builds it: both weight types' kernels of every tile (cuda_ext.WQ_GEMM_TILES) on float16
     wgmma with float32 sums (HGMMA ...F32), nothing spilled (no stack), its bindings well-formed. Without the
     nvidia-cutlass package a line says so (make install installs it)."""
-    from quant.runtime.cuda_ext import WQ_GEMM_TILES, cutlass_flags, cutlass_root
+    from quant.runtime.cuda_ext import WQ_GEMM_TILES, cutlass_flags, cutlass_root, cutlass_tile_sources
 
     src = CSRC / "cutlass"
     root = cutlass_root()
     if root is None:
-        print("cutlass/wq_gemm.cu: not checked: CUTLASS's headers are not installed (the nvidia-cutlass package)")
+        print("cutlass/wq_gemm: not checked: CUTLASS's headers are not installed (the nvidia-cutlass package)")
         return []
-    cubin = tmp / "wq_gemm.cubin"
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # (what PyTorch's builder adds: no half operators)
 
-    p = subprocess.run(["nvcc", *COMMON_NVCC_FLAGS, "-O3", *cutlass_flags(root), "-cubin", str(src / "wq_gemm.cu"),
-                        "-o", str(cubin)], capture_output=True, text=True, cwd=src)
-    if p.returncode != 0:
-        print("cutlass/wq_gemm.cu: does not compile")
-        return [f"cutlass/wq_gemm.cu: nvcc failed: {(p.stderr.strip().splitlines() or [''])[0][:300]}"]
-    res = re.findall(r"Function (\S+):\s*REG:(\d+) STACK:(\d+)", binary_tool(str(cubin), "cuobjdump", "-res-usage"))
-    sass = binary_tool(str(cubin), "cuobjdump", "-sass")
-    kernels = [f for f in re.split(r"\n\s*Function : ", sass)[1:] if "HGMMA" in f]
+    files = cutlass_tile_sources()
+    procs = [subprocess.Popen(["nvcc", *COMMON_NVCC_FLAGS, "-O3", *cutlass_flags(root), "-cubin", str(f), "-o",
+                               str(tmp / f"{f.stem}.cubin")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=src) for f in files]  # (in parallel, as ninja builds them)
+    for f, p in zip(files, procs):
+        err = p.communicate()[1]
+        if p.returncode != 0:
+            print(f"cutlass/{f.name}: does not compile")
+            return [f"cutlass/{f.name}: nvcc failed: {(err.strip().splitlines() or [''])[0][:300]}"]
+    res, kernels = [], []
+    for f in files:
+        cubin = str(tmp / f"{f.stem}.cubin")
+        res += re.findall(r"Function (\S+):\s*REG:(\d+) STACK:(\d+)", binary_tool(cubin, "cuobjdump", "-res-usage"))
+        kernels += [k for k in re.split(r"\n\s*Function : ", binary_tool(cubin, "cuobjdump", "-sass"))[1:]
+                    if "HGMMA" in k]
     want = 2 * len(WQ_GEMM_TILES)
-    fails = [f"cutlass/wq_gemm.cu: {len(res)} kernels, {len(kernels)} with HGMMA; want the int8 and int4 ones of "
+    fails = [f"cutlass/wq_gemm: {len(res)} kernels, {len(kernels)} with HGMMA; want the int8 and int4 ones of "
              f"each of the {len(WQ_GEMM_TILES)} tiles"] if len(res) != want or len(kernels) != want else []
-    fails += [f"cutlass/wq_gemm.cu: a kernel's MMA is not float16 in, float32 sums: {set(m)}"
+    fails += [f"cutlass/wq_gemm: a kernel's MMA is not float16 in, float32 sums: {set(m)}"
               for m in (re.findall(r"HGMMA\.\w+\.(\w+)", k) for k in kernels) if set(m) != {"F32"}]
-    fails += [f"cutlass/wq_gemm.cu: {stack} bytes of stack (spills) in {name[:80]}" for name, _, stack in res
+    fails += [f"cutlass/wq_gemm: {stack} bytes of stack (spills) in {name[:80]}" for name, _, stack in res
               if stack != "0"]
-    print(f"cutlass/wq_gemm.cu: compiled for sm_90a, {len(res)} kernels, registers "
+    print(f"cutlass/wq_gemm: compiled for sm_90a, {len(res)} kernels, registers "
           f"{sorted({int(r) for _, r, _ in res})}, stack {sorted({int(s) for _, _, s in res})}")
     return fails + check_bindings(tmp, src, "quant_cuda_cutlass")
 

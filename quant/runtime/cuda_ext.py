@@ -44,6 +44,10 @@ THEN_NONE, THEN_SILU, THEN_NORM = 0, 1, 2  # csrc/gemv_then.h's Then (cuda_kerne
 # quantized activations' dtype per format code (csrc/gemv_then.h's afmt; cuda_kernels' A_INT8 / A_FP8)
 ACT_QUANT_DTYPE = {1: torch.int8, 2: torch.float8_e4m3fn}
 CUTLASS_VERSION = "4.2.0.0"  # the nvidia-cutlass package whose C++ headers load_cutlass builds against
+# wq_gemm's tiles, T each instantiated by csrc/cutlass/wq_gemm_tT.cu (wq_gemm.h lists them): (weight channels,
+# x rows, CTAs of a cluster along the channels), k 64. Wider in rows, the weight converted in registers feeds twice
+# the MMAs.
+WQ_GEMM_TILES = ((128, 128, 1), (128, 256, 1), (128, 256, 2))
 
 
 # The C++ runtime linked as the shared library PyTorch itself uses, named by file so that no compiler spec or search
@@ -83,7 +87,12 @@ def load_cutlass():
     except metadata.PackageNotFoundError:
         version = "unknown"
     return _load("quant_cuda_cutlass", build_key(f"sm90a-cutlass{version}"),
-                 [CSRC / "cutlass" / f for f in ("bindings.cpp", "wq_gemm.cu")], cutlass_flags(root))
+                 [CSRC / "cutlass" / "bindings.cpp", *cutlass_tile_sources()], cutlass_flags(root))
+
+
+def cutlass_tile_sources() -> list[Path]:
+    """csrc/cutlass's one file per tile of :data:`WQ_GEMM_TILES` (built in parallel: CUTLASS's templates are slow)."""
+    return [CSRC / "cutlass" / f"wq_gemm_t{i}.cu" for i in range(len(WQ_GEMM_TILES))]
 
 
 def cutlass_root() -> Path | None:
@@ -419,7 +428,7 @@ def w8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, fmt: str,
 
 
 def wq_gemm_ok(out: int, inp: int, group: int, dtype: torch.dtype, bits: int) -> bool:
-    """Whether :func:`wq_gemm` takes this linear (csrc/cutlass/wq_gemm.cu's contract): float16, TMA's 16-byte rows
+    """Whether :func:`wq_gemm` takes this linear (csrc/cutlass/wq_gemm.cuh's contract): float16, TMA's 16-byte rows
     (K a multiple of 16 for int8, 32 for int4; N of 8), a scale a channel (``group`` == K) or groups of a multiple
     of 64 (the kernel's K tile) dividing K."""
     return (dtype == torch.float16 and inp % (16 if bits == 8 else 32) == 0 and out % 8 == 0
@@ -431,11 +440,6 @@ def pack_int4_cutlass(q: torch.Tensor) -> torch.Tensor:
     along K, two's complement), the layout :func:`wq_gemm` reads."""
     q = q.to(torch.int16)
     return (((q[:, 1::2] & 0xF) << 4) | (q[:, 0::2] & 0xF)).to(torch.uint8).view(torch.int8).contiguous()
-
-
-# wq_gemm's tiles, csrc/cutlass/wq_gemm.cu's WQ_TILE order: (weight channels, x rows, CTAs of a cluster along the
-# channels), k 64. Wider in rows, the weight converted in registers feeds twice the MMAs.
-WQ_GEMM_TILES = ((128, 128, 1), (128, 256, 1), (128, 256, 2))
 
 
 def wq_gemm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, bits: int, group: int,

@@ -1,4 +1,4 @@
-// Python binding of the CUTLASS weight-only GEMM (wq_gemm.cu): its own extension, built only where a KernelConfig
+// Python binding of the CUTLASS weight-only GEMM (wq_gemm.cuh): its own extension, built only where a KernelConfig
 // asks for it (quant/runtime/cuda_ext.py load_cutlass), as CUTLASS's templates take a minute or more to compile.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,9 +27,9 @@ torch::Tensor wq_gemm(const torch::Tensor& x, const torch::Tensor& w, const torc
   const WqGemmProblem p{static_cast<int>(bits), static_cast<int>(tile), static_cast<int>(m), static_cast<int>(n),
                         static_cast<int>(k), static_cast<int>(group), x.data_ptr(), w.data_ptr(), s.data_ptr(),
                         y.data_ptr()};
-  const size_t bytes = wq_gemm_workspace(p);
+  const size_t bytes = kWqGemmWorkspace[tile](p);
   auto workspace = torch::empty({static_cast<int64_t>(bytes)}, x.options().dtype(torch::kUInt8));
-  const int rc = wq_gemm_run(p, workspace.data_ptr(), bytes, at::cuda::getCurrentCUDAStream());
+  const int rc = kWqGemmRun[tile](p, workspace.data_ptr(), bytes, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(rc == 0, "wq_gemm: CUTLASS ", rc == 1 ? "cannot take" : "failed on", " M ", m, " N ", n, " K ", k,
               " group ", group, " tile ", tile, " (code ", rc, ")");
   return y;

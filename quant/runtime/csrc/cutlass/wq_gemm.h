@@ -1,12 +1,9 @@
-// The CUTLASS weight-only GEMM's C++ interface (wq_gemm.cu states the contract), free of CUTLASS's and torch's
+// The CUTLASS weight-only GEMM's C++ interface (wq_gemm.cuh states the contract), free of CUTLASS's and torch's
 // headers so that the bindings compile without either.
 #pragma once
 #include <cstddef>
 
 #include <cuda_runtime.h>
-
-// The tiles wq_gemm.cu instantiates, in its WQ_TILE order (quant/runtime/cuda_ext.py WQ_GEMM_TILES names them)
-constexpr int kWqGemmTiles = 3;
 
 struct WqGemmProblem {
   int bits;  // 8: int8 weight; 4: int4 (cutlass::int4b_t, K-packed)
@@ -18,6 +15,17 @@ struct WqGemmProblem {
   void* y;  // float16 [m, n]
 };
 
-size_t wq_gemm_workspace(const WqGemmProblem& p);
-// 0: done; 1: CUTLASS cannot take the problem; 2: workspace too small; 3, 4: initialize / launch failed
-int wq_gemm_run(const WqGemmProblem& p, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// Tile T's (wq_gemm_tT.cu; cuda_ext.WQ_GEMM_TILES[T] says which): its workspace's bytes; its run on `stream`:
+// 0 done, 1 CUTLASS cannot take the problem, 2 workspace too small, 3 / 4 initialize / launch failed
+#define WQ_GEMM_DECLARE(T)                                                \
+  size_t wq_gemm_workspace_t##T(const WqGemmProblem& p);                  \
+  int wq_gemm_run_t##T(const WqGemmProblem& p, void* workspace, size_t bytes, cudaStream_t stream);
+WQ_GEMM_DECLARE(0)
+WQ_GEMM_DECLARE(1)
+WQ_GEMM_DECLARE(2)
+#undef WQ_GEMM_DECLARE
+inline constexpr size_t (*kWqGemmWorkspace[])(const WqGemmProblem&) = {wq_gemm_workspace_t0, wq_gemm_workspace_t1,
+                                                                      wq_gemm_workspace_t2};
+inline constexpr int (*kWqGemmRun[])(const WqGemmProblem&, void*, size_t, cudaStream_t) = {
+    wq_gemm_run_t0, wq_gemm_run_t1, wq_gemm_run_t2};
+constexpr int kWqGemmTiles = sizeof(kWqGemmRun) / sizeof(kWqGemmRun[0]);
