@@ -216,7 +216,9 @@ class KernelConfig:
     # converted and scaled in registers before the tensor cores; csrc/cutlass) instead of a float16 copy for cuBLAS.
     # INT4 keeps a K-packed copy for it (cuda_ext.pack_int4_cutlass). Ahead of wq_prefill where both list a format.
     # Off: on an H100 (7B, 1024 rows, 2026-12-07) its 128 × 128 tile took 735 µs a layer (W8A16) and 794 (INT4)
-    # against 789 / 790 for the default and 573 for FP16 (experiments.bench RECIPE@wqcutlass, @wqcutlassT[mM]).
+    # against 789 / 790 for the default and 573 for FP16; end to end (input 1024) W8A16's TTFT × FP16 0.82 against
+    # the default's 0.76 at batch 1 but 0.77 against 0.97 at batch 8 (experiments.bench RECIPE@wqcutlass,
+    # @wqcutlassT[mM]; experiments/results/gpu/kernels stage 30).
     # wq_cutlass_tile: an index of cuda_ext.WQ_GEMM_TILES; wq_cutlass_max_m: the most rows it takes (None: any
     # prefill) — past them the default's float16 copy of the weight, written once a call, costs less than
     # converting it in every tile.
