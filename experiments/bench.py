@@ -599,8 +599,11 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
     out = []
     gen = torch.Generator(device=device).manual_seed(0)
 
+    def wanted(label: str) -> bool:
+        return not variants or label.startswith(variants)
+
     def bench(label, fn, algo, name, N, K, M, nbytes):
-        if variants and not label.startswith(variants):
+        if not wanted(label):
             return
         try:
             t = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e-3
@@ -672,7 +675,7 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                         bench(f"wqtma{cfg} g8", lambda: ck.wq_prefill_mm(x, wq, ws, wfmt=wf[algo], group=128,
                                                                         config=cfg, group_m=8, tma=True),
                               algo, name, N, K, M, nbytes)
-                    if variants and not "cutlass".startswith(variants):
+                    if not wanted("cutlass"):
                         pass  # (not asked for: not built)
                     elif isinstance(cutlass := cuda_ext.load_cutlass(), str):  # wq_prefill_cutlass's build, or why not
                         log(f"sweep {algo} {name} M={M} cutlass: {cutlass}")

@@ -163,7 +163,7 @@ def check_cutlass(tmp: Path) -> list[str]:
 
     files = cutlass_tile_sources()
     procs = [subprocess.Popen(["nvcc", *COMMON_NVCC_FLAGS, "-O3", *cutlass_flags(root), "-cubin", str(f), "-o",
-                               str(tmp / f"{f.stem}.cubin")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               str(tmp / f"{f.stem}.cubin")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, cwd=src) for f in files]  # (in parallel, as ninja builds them)
     for f, p in zip(files, procs):
         err = p.communicate()[1]

@@ -82,8 +82,10 @@ struct WqGemm {
       kAlignQ<Q>, Half, cutlass::layout::ColumnMajor, kAlignH, float, TileShape, ClusterShape,                  \
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(Epilogue::SharedStorage))>,     \
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+// (Its types in an unnamed namespace: each wq_gemm_tT.cu defines the same names for its own tile.)
 #define WQ_GEMM_DEFINE(T, TM, TN, CM)                                                                              \
   namespace wq {                                                                                                   \
+  namespace {                                                                                                      \
   using TileShape = Shape<Int<TM>, Int<TN>, _64>;                                                                \
   using ClusterShape = Shape<Int<CM>, _1, _1>;                                                                   \
   using Epilogue = cutlass::epilogue::collective::CollectiveBuilder<                                             \
@@ -94,6 +96,7 @@ struct WqGemm {
   WQ_MAINLOOP(Int4, cutlass::int4b_t)                                                                            \
   using Int8 = WqGemm<int8_t, MainloopInt8, Epilogue>;                                                           \
   using Int4 = WqGemm<cutlass::int4b_t, MainloopInt4, Epilogue>;                                                 \
+  }                                                                                                                \
   }                                                                                                                \
   size_t wq_gemm_workspace_t##T(const WqGemmProblem& p) {                                                          \
     return p.bits == 8 ? wq::Int8::workspace(p) : wq::Int4::workspace(p);                                          \
