@@ -18,6 +18,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("QUANT_SUITE_CACHE", str(REPO / ".cache" / "test"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The commands the tests start import this tree's packages, whichever tree the environment's editable install maps:
+# a virtual environment shared with another clone would otherwise run that clone's code from any working folder
+# outside this one (and key its caches on that code), so a test of this tree could pass or fail on the other's.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 # Without a GPU, the runtime's Triton kernels run in Triton's interpreter (tests/test_triton_interpret.py); Triton
 # reads this when a kernel is defined, so it is set before any test imports one.
 if importlib.util.find_spec("triton") is not None:
