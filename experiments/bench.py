@@ -151,8 +151,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # k-packed tensor-core kernel at 2–16 rows instead of 2–64 (``int4_awq@w4k16``), or the
 # 8-bit formats' batch 1 on the Triton GEMV instead of the compiled one (``int8_wo@triton8``, ``fp8@triton8``, …),
 # or the weight-only prefill through the tl.dot kernel (``int8_wo@wqprefill``, ``int4_awq@wqprefill``) or CUTLASS's
-# mixed-input GEMM (``@wqcutlass``; on cuda_ext.WQ_GEMM_TILES[T], at most M rows: ``@wqcutlassT[mM]``), or W8A16's
-# 2–64-row tl.dot kernel on Triton's int8 conversion and 32-channel tiles (``int8_wo@wqplain``), or converting by
+# mixed-input GEMM (``@wqcutlass``; on cuda_ext.WQ_GEMM_TILES[T], at most M rows: ``@wqcutlassT[mM]``), or their
+# default prefill with each weight's float16 copy written on a second stream during the GEMM before (``@wqahead``),
+# or W8A16's 2–64-row tl.dot kernel on Triton's int8 conversion and 32-channel tiles (``int8_wo@wqplain``), or
+# converting by
 # byte permute on those tiles (``int8_wo@wqnarrow``), or both int8 formats on the wide tiles with K split
 # (``smoothquant@wqwide``; the default takes them for W8A16 only), or decode
 # attention at every batch combining its splits in its last program (``@attnreduce``), doing RoPE + the cache write
@@ -190,6 +192,7 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "wqprefill": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"})},
                    "wqtma": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"}), "wq_prefill_tma": True},
                    "wqcutlass": {"wq_prefill_cutlass": frozenset({"W8A16", "W4A16_AWQ"})},
+                   "wqahead": {"wq_prefill_ahead": frozenset({"W8A16", "W4A16_AWQ"})},
                    "wqplain": {"wq_cvt": False, "wq_wide": frozenset()}, "wqnarrow": {"wq_wide": frozenset()},
                    "wqwide": {"wq_cvt": True, "wq_wide": frozenset({"W8A16", "W8A8_SQ_PER_CHANNEL"})},
                    "attnreduce": {"attn_rope_fused": False, "attn_fused_batch": None},
@@ -694,7 +697,43 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                 del x
             del h, t
             torch.cuda.empty_cache()
+        if algo in ("W8A16", "W4A16_AWQ") and wanted("layer"):
+            _sweep_layer(bench, algo, shapes, [M for M in ms if M > ck.WQ_MM_MAX_M], gen, device)
     return out
+
+
+def _sweep_layer(bench, algo: str, shapes: dict, ms: list[int], gen, device: torch.device) -> None:
+    """A weight-only layer's four linears (qkv, dense, fc‖gate, proj) in a forward's order, as one row, at prefill's
+    rows: ``layer default`` (each float16 copy written on the GEMMs' stream) and ``layer ahead``
+    (KernelConfig.wq_prefill_ahead: each written on a second stream during the GEMM before; the chain wraps round
+    from proj to qkv, as the next layer's qkv follows in a forward, so every copy but the first call's is ahead)."""
+    from quant.runtime.schemes.base import DequantAhead
+
+    names = ("qkv", "dense", "fc_gate", "proj")
+    hs = []
+    for name in names:
+        N, K = shapes[name]
+        w = torch.randn(N, K, generator=gen, device=device) * K ** -0.5
+        pre = torch.exp(0.3 * torch.randn(K, generator=gen, device=device)).half()
+        hs.append(make_linear(algo, _quantize(algo, w, pre, 128), dtype=torch.float16, device=device, group_size=128))
+    nbytes, flop_n_k = sum(h.nbytes for h in hs), sum(shapes[n][0] * shapes[n][1] for n in names)
+    for M in ms:
+        xs = [torch.randn(M, shapes[n][1], generator=gen, device=device).half() for n in names]
+
+        def layer():
+            for h, x in zip(hs, xs):
+                h.fused(x)
+
+        # (N · K of the four as one: the row's TFLOP/s are the layer's)
+        bench("layer default", layer, algo, "layer", flop_n_k, 1, M, nbytes)
+        ahead = DequantAhead([*hs, hs[0]], device, torch.float16)
+        bench("layer ahead", layer, algo, "layer", flop_n_k, 1, M, nbytes)
+        ahead.settle()
+        for h in hs:
+            h.ahead = None
+        del ahead, xs
+    del hs
+    torch.cuda.empty_cache()
 
 
 @cli_entry

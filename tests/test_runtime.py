@@ -178,3 +178,95 @@ def test_decode_logits_is_refused_off_cuda(default_setup):
     _, _, rt, _ = default_setup
     with pytest.raises(UserError, match="decode_logits runs the CUDA decode step"):
         rt.decode_logits([1, 2, 3])
+
+
+def test_dequant_ahead_hands_each_linear_its_own_copy_in_stream_order(monkeypatch):
+    """KernelConfig.wq_prefill_ahead's protocol (schemes.base.DequantAhead), on CPU: CUDA's streams and events cannot
+    run here, so torch.cuda's Stream, Event, current_stream and stream are replaced by fakes that log each operation
+    with its stream (this test's mock boundary; tests/test_cuda.py checks the bits on a GPU). Each take returns the
+    copy of the linear that asked, from the buffer written ahead when the linear before it was that linear's
+    predecessor, else written on the caller's stream; the next copy is written on the second stream only after it
+    waits for the caller's (so for the GEMM that last read that buffer), into the other buffer, and the caller waits
+    for its event before using it or writing over it; settle leaves no copy in flight."""
+    from quant.runtime.schemes.base import DequantAhead
+
+    log, current = [], ["main"]
+
+    class Stream:
+        def __init__(self, device=None):
+            self.name = "side"
+
+        def wait_stream(self, other):
+            log.append(("wait_stream", self.name, other.name))
+
+        def wait_event(self, ev):
+            log.append(("wait_event", self.name, ev.index))
+
+    class Event:
+        count = 0
+
+        def __init__(self):
+            self.index, Event.count = Event.count, Event.count + 1
+
+        def record(self, stream):
+            log.append(("record", stream.name, self.index))
+
+    class use:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            current.append(self.stream.name)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    def current_stream(device=None):
+        s = Stream()
+        s.name = current[-1]
+        return s
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "stream", use)
+
+    class Linear:
+        def __init__(self, name, value, shape):
+            self.name, self.value, self.shape = name, value, shape
+
+        def prefill_shape(self):
+            return self.shape
+
+        def prefill_dequant(self, buffer):
+            w = buffer[:self.shape[0] * self.shape[1]].view(self.shape).fill_(self.value)
+            log.append(("dequant", current[-1], self.name, 0 if buffer is ahead.buffers[0] else 1))
+            return w
+
+    chain = [Linear("a", 1.0, (2, 3)), Linear("b", 2.0, (4, 5)), Linear("c", 3.0, (3, 3))]
+    ahead = DequantAhead(chain, torch.device("cpu"), torch.float32)
+    assert [b.numel() for b in ahead.buffers] == [20, 20] and all(h.ahead is ahead for h in chain)
+
+    for h in chain:  # (each copy read at once, as its GEMM would: here the next copy overwrites it without waiting)
+        x = ahead.take(h)
+        assert x.shape == h.shape and x.unique().tolist() == [h.value]
+    assert log == [("dequant", "main", "a", 1),  # the first: nothing was written ahead
+                   ("wait_stream", "side", "main"), ("dequant", "side", "b", 0), ("record", "side", 0),
+                   ("wait_event", "main", 0),  # b's copy, before b's GEMM uses it
+                   ("wait_stream", "side", "main"), ("dequant", "side", "c", 1), ("record", "side", 1),
+                   ("wait_event", "main", 1)]
+    assert ahead.pending is None  # c is the last: nothing in flight
+
+    log.clear()
+    ahead.take(chain[0])
+    assert ahead.pending is chain[1]
+    x = ahead.take(chain[2])  # b took another path: its copy is waited for, then c's written on the caller's stream
+    assert x.unique().tolist() == [3.0] and ahead.pending is None
+    assert log[-2:] == [("wait_event", "main", 1), ("dequant", "main", "c", 1)]
+
+    log.clear()
+    ahead.take(chain[1])
+    ahead.settle()  # the end of a forward
+    assert ahead.pending is None and log[-1] == ("wait_event", "main", 1)
+    ahead.settle()
+    assert log[-1] == ("wait_event", "main", 1) and len(log) == 5

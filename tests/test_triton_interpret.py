@@ -494,15 +494,22 @@ def test_rope_cache_write_for_prefill_stores_each_token_at_its_slot(kv):
 
 def test_dequant_kernels_round_once():
     """Prefill's dequantized weights (the default path without KernelConfig.wq_prefill): q · s in float32, one
-    rounding to the compute dtype."""
+    rounding to the compute dtype; the same into the front of a larger buffer (``out``: KernelConfig.wq_prefill_ahead's
+    buffers), the rest of it untouched."""
     gen = _gen("dequant")
     t8 = layout("W8A16", torch.randn(48, 96, generator=gen) * 0.05, gen)
     s8 = t8["weights_scaling_factor"].float()
-    assert torch.equal(ck.dequant_int8(t8["weight"], s8, torch.float16), (t8["weight"].float() * s8[:, None]).half())
+    want8 = (t8["weight"].float() * s8[:, None]).half()
+    assert torch.equal(ck.dequant_int8(t8["weight"], s8, torch.float16), want8)
     t4 = layout("W4A16_AWQ", torch.randn(48, 128, generator=gen) * 0.05, gen, group=64)
     s4 = t4["weights_scaling_factor"].float()
     want = exact_dequantized("W4A16_AWQ", {**t4, "weights_scaling_factor": s4}, torch.float32, 64)
     assert torch.equal(ck.dequant_int4(t4["weight"], s4, 64, torch.float32), want)
+    for fn, ref in ((lambda out: ck.dequant_int8(t8["weight"], s8, torch.float16, out=out), want8),
+                    (lambda out: ck.dequant_int4(t4["weight"], s4, 64, torch.float32, out=out), want)):
+        buf = torch.full((ref.numel() + 100,), 7.0, dtype=ref.dtype)
+        y = fn(buf[:ref.numel()].view(ref.shape))
+        assert torch.equal(y, ref) and y.data_ptr() == buf.data_ptr() and (buf[ref.numel():] == 7).all()
 
 
 @pytest.mark.parametrize("rows,group", [(1, 32), (17, 128), (33, 64), (64, 128), (5, 256)])  # row tiles 16, 32, 64
@@ -547,3 +554,7 @@ def test_dequant_from_the_k_packed_copy_rounds_once(group, n, k):
     assert kw == (64 if k == 1024 else 32)
     want = (q.float() * s.float().repeat_interleave(group, dim=1)).half()
     assert torch.equal(ck.dequant_int4_k(ck.pack_int4_k(q, kw), s, group, kw, torch.float16), want)
+    buf = torch.zeros(n * k + 64, dtype=torch.float16)  # (KernelConfig.wq_prefill_ahead's buffers)
+    assert torch.equal(ck.dequant_int4_k(ck.pack_int4_k(q, kw), s, group, kw, torch.float16,
+                                         out=buf[:n * k].view(n, k)), want)
+    assert torch.equal(buf[:n * k].view(n, k), want) and not buf[n * k:].any()

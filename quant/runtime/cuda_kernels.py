@@ -1021,9 +1021,10 @@ def _dequant_int4_kernel(w_ptr, s_ptr, out_ptr, R, K, stride_wn, stride_sn, stri
     tl.store(out_ptr + (2 * offs_r + 1)[:, None] * stride_on + offs_k[None, :], hi.to(dt), mask=mask)
 
 
-def dequant_int4(w: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+def dequant_int4(w: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     R, K = w.shape
-    out = torch.empty(2 * R, K, dtype=dtype, device=w.device)
+    out = out if out is not None else torch.empty(2 * R, K, dtype=dtype, device=w.device)
     br, bk = 16, 128
     grid = (triton.cdiv(R, br), triton.cdiv(K, bk))
     _dequant_int4_kernel[grid](w, scales, out, R, K, w.stride(0), scales.stride(0), out.stride(0), GROUP=group,
@@ -1049,11 +1050,12 @@ def _dequant_int4_k_kernel(w_ptr, s_ptr, out_ptr, N, stride_wn, stride_sn, strid
                  (q.to(tl.float32) * s[:, None]).to(dt), mask=n_mask[:, None])
 
 
-def dequant_int4_k(w: torch.Tensor, scales: torch.Tensor, group: int, kw: int, dtype: torch.dtype) -> torch.Tensor:
+def dequant_int4_k(w: torch.Tensor, scales: torch.Tensor, group: int, kw: int, dtype: torch.dtype,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """The k-packed copy (:func:`pack_int4_k`, tile width ``kw``) back to q · s [N, K], in float32 and rounded once
     to ``dtype``, as :func:`dequant_int4` does from the stored layout (KernelConfig.w4k_prefill)."""
     N, K8 = w.shape
-    out = torch.empty(N, 8 * K8, dtype=dtype, device=w.device)
+    out = out if out is not None else torch.empty(N, 8 * K8, dtype=dtype, device=w.device)
     bn = 32
     _dequant_int4_k_kernel[(triton.cdiv(N, bn), K8 // kw)](w, scales, out, N, w.stride(0), scales.stride(0),
                                                           out.stride(0), GROUP=group, KW=kw, BLOCK_N=bn, num_warps=4)
@@ -1072,10 +1074,11 @@ def _dequant_int8_kernel(w_ptr, s_ptr, out_ptr, R, K, stride_wn, stride_on, BLOC
     tl.store(out_ptr + offs_r[:, None] * stride_on + offs_k[None, :], (q * s[:, None]).to(dt), mask=mask)
 
 
-def dequant_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequant_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """q · s per output channel, rounded once to ``dtype`` (1 byte read, 2 written per weight)."""
     R, K = w.shape
-    out = torch.empty(R, K, dtype=dtype, device=w.device)
+    out = out if out is not None else torch.empty(R, K, dtype=dtype, device=w.device)
     br, bk = 16, 256
     _dequant_int8_kernel[(triton.cdiv(R, br), triton.cdiv(K, bk))](w, scale, out, R, K, w.stride(0), out.stride(0),
                                                                    BLOCK_R=br, BLOCK_K=bk, num_warps=4)

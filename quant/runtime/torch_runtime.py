@@ -45,7 +45,7 @@ from quant.names import LINEARS
 from quant.runtime import rope
 from quant.runtime.kv_cache import KV_STORAGE, KVCache, QuantizedKVCache, kv_cache_mode
 from quant.runtime.linear import concat_linear_tensors, make_linear
-from quant.runtime.schemes.base import KernelConfig, _Handler, card_kernels
+from quant.runtime.schemes.base import DequantAhead, KernelConfig, _Handler, card_kernels
 from quant.runtime.schemes.dense import DenseLinear
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -160,12 +160,23 @@ class TorchRuntime:
         self.weight_bytes = nbytes(self.lm_head) + nbytes(self.ln_f) + sum(
             nbytes(layer["input_layernorm"]) + nbytes(layer["post_layernorm"])
             + sum(h.nbytes for h in _linears(layer)) for layer in self.layers)
+        self.ahead = self._dequant_ahead() if self.cuda else None
         if self.cuda:
             self.lm_head_linear = DenseLinear({"weight": self.lm_head}, self.dtype, self.device,
                                               kernels=self.kernels)  # shares the tensor
             self.freq_dev = self.freq.to(self.device)
             self.cuda_graphs = True  # False: decode steps run eagerly (same kernels; for tests and profiles)
             self._state = None  # the decode state (static cache, buffers, graph) of the last (batch, length)
+
+    def _dequant_ahead(self) -> DequantAhead | None:
+        """KernelConfig.wq_prefill_ahead's DequantAhead over the linears whose format it lists and whose prefill
+        writes a weight copy, in the order a forward calls them; None where there is none."""
+        order = (*LINEARS[:-1], "mlp.fc_gate", LINEARS[-1])  # (fc‖gate, where stacked, is where fc and gate were)
+        chain = [layer[n] for layer in self.layers for n in order if n in layer
+                 and layer[n].algo_key in self.kernels.wq_prefill_ahead and layer[n].prefill_shape() is not None]
+        for h in chain:
+            h.kernel = "prefill-ahead|" + h.kernel
+        return DequantAhead(chain, self.device, self.dtype) if chain else None
 
     def free_decode_state(self) -> None:
         """Free the static KV cache, buffers and CUDA graph kept for the last (batch, length); the next generate
@@ -288,6 +299,8 @@ class TorchRuntime:
         if last_only:
             h = h.view(B, T, hidden)[:, -1]
         logits = self.lm_head_linear.fused(h.contiguous(), norm=self.ln_f, eps=self.eps)
+        if self.ahead is not None:
+            self.ahead.settle()
         return logits.view(B, 1 if last_only else T, -1)
 
     def _mlp(self, layer: dict, h: torch.Tensor, xn: torch.Tensor | None = None, next_norm=None,
@@ -352,6 +365,8 @@ class TorchRuntime:
             xn = self._mlp(layer, h, xn, next_norm=nxt_layer["input_layernorm"] if nxt_layer else self.ln_f,
                            next_lin=nxt_layer["attention.qkv"] if nxt_layer else self.lm_head_linear)
         logits = self._linear_in(self.lm_head_linear, h, xn, self.ln_f)
+        if self.ahead is not None:  # (rows past 64 take the weight-only prefill's path)
+            self.ahead.settle()
         if st.logits is not None:
             st.logits.copy_(logits)
         nxt = logits.argmax(-1)
@@ -592,6 +607,7 @@ class TorchRuntime:
                 "emulated": bool(parts), "emulated_parts": parts,
                 "kv_cache": kv_cache_mode(self.kv_algo, self.dtype, self.device),
                 **({"gpu": torch.cuda.get_device_name(self.device), "cuda_graphs": self.cuda_graphs,
+                    **({"prefill_ahead_bytes": self.ahead.nbytes} if self.ahead is not None else {}),
                     **({"card_kernels": self.kernel_card} if self.kernel_card else {}),
                     "attention": "flash/efficient SDPA (prefill), triton split-KV (decode)"} if self.cuda else {})}
 

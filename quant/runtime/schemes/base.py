@@ -225,6 +225,13 @@ class KernelConfig:
     wq_prefill_cutlass: frozenset[str] = frozenset()
     wq_cutlass_tile: int = 0
     wq_cutlass_max_m: int | None = None
+    # Weight-only formats ("W8A16", "W4A16_AWQ") whose prefill's float16 copy of a weight (the default path: one
+    # dequantizing kernel, then cuBLAS) is written one linear ahead, on a second stream, while the GEMM before it runs
+    # (DequantAhead): the copy is bound by memory (2.5–3 bytes moved a weight), a GEMM of 1024 rows or more by its
+    # tensor cores, so each can take what the other leaves. Costs two buffers of the largest weight in float16. The same
+    # bits as without. Empty until timed end to end (experiments.bench RECIPE@wqahead): the default's copies took
+    # 216 µs of a 7B layer's 789 at 1024 rows on an H100, FP16's GEMMs 573 (stage 30).
+    wq_prefill_ahead: frozenset[str] = frozenset()
     # The int8 formats' tl.dot kernel at 2–64 rows (cuda_kernels.wq_mm). Compiled for sm_90, its loop issues, per
     # weight, 0.18–0.32 warp-instructions for W8A16 (Triton's int8 → half: one I2F per weight) and 0.04–0.09 for
     # SmoothQuant (int8 × int8), on tiles of 32 output channels whose o / down projections launch 128 programs on
@@ -295,7 +302,7 @@ class KernelConfig:
                 self.w4m_depth != 4 and self.w4m_rows is not None and self.w4m_rows[1] > 8):
             raise ValueError(f"w4m_depth must be 4, or 8 with w4m_rows up to 8; got {self.w4m_depth} "
                              f"with {self.w4m_rows}")
-        for name in ("wq_prefill", "wq_prefill_cutlass"):
+        for name in ("wq_prefill", "wq_prefill_cutlass", "wq_prefill_ahead"):
             if getattr(self, name) - {"W8A16", "W4A16_AWQ"}:
                 raise ValueError(f"{name} takes W8A16 and W4A16_AWQ; got {sorted(getattr(self, name))}")
         if not 0 <= self.wq_cutlass_tile < len(cuda_ext.WQ_GEMM_TILES) or (
@@ -529,6 +536,24 @@ class _Handler:
             return None
         return cuda_ext.wq_gemm(x, w, s, bits=bits, group=group, tile=self.kernels.wq_cutlass_tile)
 
+    # the runtime's DequantAhead, where KernelConfig.wq_prefill_ahead lists this format and prefill_shape is not None
+    ahead: DequantAhead | None = None
+
+    def prefill_shape(self) -> tuple[int, int] | None:
+        """The shape of the weight copy in the compute dtype that this format's default prefill writes for cuBLAS
+        (prefill_dequant), or None where its prefill writes none."""
+        return None
+
+    def prefill_dequant(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """That copy, q · s in float32 rounded once to the compute dtype, written into the front of ``buffer`` (flat,
+        the compute dtype) where given, else into a tensor of its own."""
+        raise NotImplementedError
+
+    def _prefill_weight(self) -> torch.Tensor:
+        """prefill_dequant's copy for this call's GEMM: DequantAhead's, written while the linear before ran, where
+        the runtime has one for this linear."""
+        return self.ahead.take(self) if self.ahead is not None else self.prefill_dequant()
+
     def _w8g_gemv(self, x: torch.Tensor, residual: torch.Tensor | None, eps: float = 1e-6,
                   norm: torch.Tensor | None = None, **then) -> torch.Tensor:
         """The compiled 8-bit kernel at batch 1 on x as the format takes it (quantized for W8A8 / FP8), or, with
@@ -571,3 +596,58 @@ class _Handler:
 
     def dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
+
+
+def buffer_view(buffer: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    """The front of a flat buffer as a contiguous ``shape`` (prefill_dequant's ``out``); None for None."""
+    return None if buffer is None else buffer[:shape[0] * shape[1]].view(shape)
+
+
+class DequantAhead:
+    """KernelConfig.wq_prefill_ahead on one runtime's weight-only linears (``chain``, in the order a forward calls
+    them): each one's float16 copy for the prefill's GEMM is written on a second stream while the GEMM before it runs.
+
+    take(lin), where lin's GEMM needs its copy: the copy written ahead when it is lin's, else (the first linear of a
+    forward, or one whose predecessor took another path) written now on the caller's stream; then the next linear's
+    copy is started on the second stream into the other of two buffers of the largest weight, after the caller's
+    stream reaches this point, so after the GEMM that last read that buffer. A copy started is waited for by the
+    caller's stream at the next take or settle(), used or not: a forward settles at its end, so that a CUDA graph
+    captured around it joins the second stream, and no copy outlives the forward that started it."""
+
+    def __init__(self, chain: list[_Handler], device: torch.device, dtype: torch.dtype):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        numel = max(a * b for a, b in (h.prefill_shape() for h in chain))
+        self.buffers = [torch.empty(numel, dtype=dtype, device=device) for _ in range(2)]
+        self.events = [torch.cuda.Event(), torch.cuda.Event()]
+        self.after = dict(zip(chain, chain[1:]))
+        self.slot = 0  # the buffer of the copy the last take returned
+        self.pending: _Handler | None = None  # whose copy the second stream is writing (into the other buffer)
+        for h in chain:
+            h.ahead = self
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(*self.buffers)
+
+    def take(self, lin: _Handler) -> torch.Tensor:
+        main = torch.cuda.current_stream(self.device)
+        ahead = self.pending
+        self.settle()
+        self.slot ^= 1  # the buffer written ahead, or written now
+        buf = self.buffers[self.slot]
+        w = buffer_view(buf, lin.prefill_shape()) if ahead is lin else lin.prefill_dequant(buf)
+        nxt = self.after.get(lin)
+        if nxt is not None:
+            self.stream.wait_stream(main)
+            with torch.cuda.stream(self.stream):
+                nxt.prefill_dequant(self.buffers[self.slot ^ 1])
+                self.events[self.slot ^ 1].record(self.stream)
+            self.pending = nxt
+        return w
+
+    def settle(self) -> None:
+        """The caller's stream waits for the copy in flight, if any (the end of a forward: see the class)."""
+        if self.pending is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.events[self.slot ^ 1])
+            self.pending = None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from quant.errors import UserError
 from quant.runtime import cuda_ext
 from quant.runtime.schemes.base import (DEFAULT_KERNELS, INT4_KERNEL_GROUPS, INT4_KERNEL_ROW_MULTIPLE, KernelConfig,
-                                        _cuda_kernels, _Handler, unpack_int4_rows)
+                                        _cuda_kernels, _Handler, buffer_view, unpack_int4_rows)
 
 
 class W4A16AWQLinear(_Handler):
@@ -197,8 +197,7 @@ class W4A16AWQLinear(_Handler):
         if self.cutlass is not None and (y := self._cutlass_mm(x, *self.cutlass, 4, self.group)) is not None:
             return y
         if self.kprefill and x.shape[0] > ck.WQ_MM_MAX_M:  # KernelConfig.w4k_prefill
-            w, kw = self.kpack
-            return F.linear(x, ck.dequant_int4_k(w, self.scales, self.group, kw, self.dtype))
+            return F.linear(x, self._prefill_weight())
         if self.dtype != torch.float32 and self.pow2_group:
             if x.shape[0] <= ck.WQ_MM_MAX_M:
                 return ck.wq_mm(x, self.weight, self.scales, wfmt=ck.W_INT4, group=self.group)
@@ -208,8 +207,18 @@ class W4A16AWQLinear(_Handler):
                                         tma=self.kernels.wq_prefill_tma)
         # prefill: dequantize to the compute dtype once per call (q · s rounded to it), then cuBLAS
         if self.pow2_group:
-            return F.linear(x, ck.dequant_int4(self.weight, self.scales, self.group, self.dtype))
+            return F.linear(x, self._prefill_weight())
         return F.linear(x, self.dequantized_weight().to(self.dtype))
+
+    def prefill_shape(self) -> tuple[int, int] | None:
+        return (self.out, self.inp) if self.kprefill or (self.cuda and self.pow2_group) else None
+
+    def prefill_dequant(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        ck, out = _cuda_kernels(), buffer_view(buffer, (self.out, self.inp))
+        if self.kprefill:  # from the k-packed copy (the stored layout may not be kept)
+            w, kw = self.kpack
+            return ck.dequant_int4_k(w, self.scales, self.group, kw, self.dtype, out=out)
+        return ck.dequant_int4(self.weight, self.scales, self.group, self.dtype, out=out)
 
     def _mm(self, x):
         if self.prequant is not None:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from quant.runtime import cuda_ext
-from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig, _cuda_kernels, _Handler
+from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig, _cuda_kernels, _Handler, buffer_view
 
 
 class W8A16Linear(_Handler):
@@ -55,7 +55,14 @@ class W8A16Linear(_Handler):
                                     group_m=self.kernels.prefill_group, tma=self.kernels.wq_prefill_tma)
         # prefill: one GEMM on the weight dequantized to the compute dtype (TRT-LLM's weight-only GEMM also
         # dequantizes before the MMA). Scaling after the GEMM overflows float16: x · q is 1/scale (~10³) times y.
-        return F.linear(x, ck.dequant_int8(self.weight, self.scale, self.dtype))
+        return F.linear(x, self._prefill_weight())
+
+    def prefill_shape(self) -> tuple[int, int] | None:
+        return tuple(self.weight.shape) if self.cuda else None
+
+    def prefill_dequant(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        return _cuda_kernels().dequant_int8(self.weight, self.scale, self.dtype,
+                                            out=buffer_view(buffer, tuple(self.weight.shape)))
 
     def _held(self):
         return self.weight, self.scale
