@@ -152,7 +152,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # 8-bit formats' batch 1 on the Triton GEMV instead of the compiled one (``int8_wo@triton8``, ``fp8@triton8``, …),
 # or the weight-only prefill through the tl.dot kernel (``int8_wo@wqprefill``, ``int4_awq@wqprefill``) or CUTLASS's
 # mixed-input GEMM (``@wqcutlass``; on cuda_ext.WQ_GEMM_TILES[T], at most M rows: ``@wqcutlassT[mM]``), or their
-# default prefill with each weight's float16 copy written on a second stream during the GEMM before (``@wqahead``),
+# default prefill with each weight's float16 copy written on a second stream during the GEMM before (``@wqahead``;
+# two linears ahead: ``@wqahead2``),
 # or W8A16's 2–64-row tl.dot kernel on Triton's int8 conversion and 32-channel tiles (``int8_wo@wqplain``), or
 # converting by
 # byte permute on those tiles (``int8_wo@wqnarrow``), or both int8 formats on the wide tiles with K split
@@ -193,6 +194,7 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "wqtma": {"wq_prefill": frozenset({"W8A16", "W4A16_AWQ"}), "wq_prefill_tma": True},
                    "wqcutlass": {"wq_prefill_cutlass": frozenset({"W8A16", "W4A16_AWQ"})},
                    "wqahead": {"wq_prefill_ahead": frozenset({"W8A16", "W4A16_AWQ"})},
+                   "wqahead2": {"wq_prefill_ahead": frozenset({"W8A16", "W4A16_AWQ"}), "wq_ahead_depth": 2},
                    "wqplain": {"wq_cvt": False, "wq_wide": frozenset()}, "wqnarrow": {"wq_wide": frozenset()},
                    "wqwide": {"wq_cvt": True, "wq_wide": frozenset({"W8A16", "W8A8_SQ_PER_CHANNEL"})},
                    "attnreduce": {"attn_rope_fused": False, "attn_fused_batch": None},
@@ -704,9 +706,10 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
 
 def _sweep_layer(bench, algo: str, shapes: dict, ms: list[int], gen, device: torch.device) -> None:
     """A weight-only layer's four linears (qkv, dense, fc‖gate, proj) in a forward's order, as one row, at prefill's
-    rows: ``layer default`` (each float16 copy written on the GEMMs' stream) and ``layer ahead``
-    (KernelConfig.wq_prefill_ahead: each written on a second stream during the GEMM before; the chain wraps round
-    from proj to qkv, as the next layer's qkv follows in a forward, so every copy but the first call's is ahead)."""
+    rows: ``layer default`` (each float16 copy written on the GEMMs' stream) and ``layer aheadD``
+    (KernelConfig.wq_prefill_ahead: each written on a second stream during the GEMMs before, D linears ahead; the
+    chain wraps round from proj to qkv, as the next layer's qkv follows in a forward, so every copy but the first
+    call's is ahead)."""
     from quant.runtime.schemes.base import DequantAhead
 
     names = ("qkv", "dense", "fc_gate", "proj")
@@ -726,12 +729,14 @@ def _sweep_layer(bench, algo: str, shapes: dict, ms: list[int], gen, device: tor
 
         # (N · K of the four as one: the row's TFLOP/s are the layer's)
         bench("layer default", layer, algo, "layer", flop_n_k, 1, M, nbytes)
-        ahead = DequantAhead([*hs, hs[0]], device, torch.float16)
-        bench("layer ahead", layer, algo, "layer", flop_n_k, 1, M, nbytes)
-        ahead.settle()
-        for h in hs:
-            h.ahead = None
-        del ahead, xs
+        for depth in (1, 2):
+            ahead = DequantAhead([*hs, hs[0]], device, torch.float16, depth)
+            bench(f"layer ahead{depth}", layer, algo, "layer", flop_n_k, 1, M, nbytes)
+            ahead.settle()
+            for h in hs:
+                h.ahead = None
+            del ahead
+        del xs
     del hs
     torch.cuda.empty_cache()
 

@@ -1579,31 +1579,32 @@ def test_attention_with_pdl_gives_the_same_bits(recipe, tiny_folders):
 
 @cuda
 @pytest.mark.parametrize("recipe", ["int8_wo", "int4_awq"])
-def test_prefill_weight_copies_written_ahead_give_the_same_bits(recipe, tiny_folders):
+@pytest.mark.parametrize("depth", [1, 2])
+def test_prefill_weight_copies_written_ahead_give_the_same_bits(recipe, depth, tiny_folders):
     """KernelConfig.wq_prefill_ahead: each weight-only linear's float16 copy for the prefill's cuBLAS GEMM written on
-    a second stream while the linear before it runs (DequantAhead), against it off, bit for bit: the logits of a
-    70-token prefill run eagerly; the KV caches that generate leaves with its prefill captured and replayed (prompts
-    of 40 and 90 tokens, masked) and with 72 rows a decode step (past 64 rows decode takes the prefill's path, under
-    the decode graph); and the tokens. No copy is left in flight after a forward."""
+    a second stream while the linears before it run (DequantAhead, one or two ahead), against it off, bit for bit:
+    the logits of a 70-token prefill run eagerly; the KV caches that generate leaves with its prefill captured and
+    replayed (prompts of 40 and 90 tokens, masked) and with 72 rows a decode step (past 64 rows decode takes the
+    prefill's path, under the decode graph); and the tokens. No copy is left in flight after a forward."""
     from quant.runtime.schemes.base import KernelConfig
     from quant.runtime.torch_runtime import TorchRuntime, _linears
 
     ids = torch.randint(0, 1024, (160,), generator=torch.Generator().manual_seed(8)).tolist()
     ref, ahead = (TorchRuntime.from_dir(tiny_folders[recipe], device="cuda", compute_dtype="float16",
-                                        kernels=KernelConfig(wq_prefill_ahead=formats))
+                                        kernels=KernelConfig(wq_prefill_ahead=formats, wq_ahead_depth=depth))
                   for formats in (frozenset(), frozenset({"W8A16", "W4A16_AWQ"})))
     assert ref.ahead is None and ahead.ahead is not None
     assert len(ahead.ahead.after) == sum(len(_linears(layer)) for layer in ahead.layers) - 1  # each one's successor
     assert all(k.startswith("prefill-ahead|") for k in ahead.describe()["kernels"])
     assert torch.equal(ahead.logits(ids[:70]), ref.logits(ids[:70]))
-    assert ahead.ahead.pending is None
+    assert not ahead.ahead.queue and len(ahead.ahead.buffers) == depth + 1
     for prompts in ([ids[:40], ids[50:140]], [ids[i:i + 9] for i in range(72)]):
         for _ in range(2):  # the prefill's graph captured, then replayed
             tokens = [rt.generate(prompts, 4, ignore_eos=True).tokens for rt in (ref, ahead)]
             assert tokens[0] == tokens[1]
             for a, b in ((ref._state.cache.k, ahead._state.cache.k), (ref._state.cache.v, ahead._state.cache.v)):
                 assert torch.equal(a, b)
-        assert ahead.ahead.pending is None
+        assert not ahead.ahead.queue
 
 
 @cuda

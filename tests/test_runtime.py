@@ -184,10 +184,10 @@ def test_dequant_ahead_hands_each_linear_its_own_copy_in_stream_order(monkeypatc
     """KernelConfig.wq_prefill_ahead's protocol (schemes.base.DequantAhead), on CPU: CUDA's streams and events cannot
     run here, so torch.cuda's Stream, Event, current_stream and stream are replaced by fakes that log each operation
     with its stream (this test's mock boundary; tests/test_cuda.py checks the bits on a GPU). Each take returns the
-    copy of the linear that asked, from the buffer written ahead when the linear before it was that linear's
-    predecessor, else written on the caller's stream; the next copy is written on the second stream only after it
-    waits for the caller's (so for the GEMM that last read that buffer), into the other buffer, and the caller waits
-    for its event before using it or writing over it; settle leaves no copy in flight."""
+    copy of the linear that asked: written ahead where the copies in flight begin with it, else written on the
+    caller's stream after those are waited for; copies are started on the second stream, up to ``depth`` ahead, each
+    after it waits for the caller's stream, into the ring's next buffer, never one whose GEMM is not yet enqueued; the
+    caller waits for a copy's event before using it; settle leaves none in flight."""
     from quant.runtime.schemes.base import DequantAhead
 
     log, current = [], ["main"]
@@ -203,10 +203,8 @@ def test_dequant_ahead_hands_each_linear_its_own_copy_in_stream_order(monkeypatc
             log.append(("wait_event", self.name, ev.index))
 
     class Event:
-        count = 0
-
         def __init__(self):
-            self.index, Event.count = Event.count, Event.count + 1
+            self.index = None  # (set below: its buffer's index)
 
         def record(self, stream):
             log.append(("record", stream.name, self.index))
@@ -240,33 +238,57 @@ def test_dequant_ahead_hands_each_linear_its_own_copy_in_stream_order(monkeypatc
 
         def prefill_dequant(self, buffer):
             w = buffer[:self.shape[0] * self.shape[1]].view(self.shape).fill_(self.value)
-            log.append(("dequant", current[-1], self.name, 0 if buffer is ahead.buffers[0] else 1))
+            log.append(("dequant", current[-1], self.name, next(i for i, b in enumerate(ahead.buffers) if b is buffer)))
             return w
 
-    chain = [Linear("a", 1.0, (2, 3)), Linear("b", 2.0, (4, 5)), Linear("c", 3.0, (3, 3))]
-    ahead = DequantAhead(chain, torch.device("cpu"), torch.float32)
-    assert [b.numel() for b in ahead.buffers] == [20, 20] and all(h.ahead is ahead for h in chain)
+    def make(chain, depth):
+        made = DequantAhead(chain, torch.device("cpu"), torch.float32, depth)
+        for i, ev in enumerate(made.events):
+            ev.index = i
+        return made
 
-    for h in chain:  # (each copy read at once, as its GEMM would: here the next copy overwrites it without waiting)
-        x = ahead.take(h)
-        assert x.shape == h.shape and x.unique().tolist() == [h.value]
-    assert log == [("dequant", "main", "a", 1),  # the first: nothing was written ahead
-                   ("wait_stream", "side", "main"), ("dequant", "side", "b", 0), ("record", "side", 0),
-                   ("wait_event", "main", 0),  # b's copy, before b's GEMM uses it
-                   ("wait_stream", "side", "main"), ("dequant", "side", "c", 1), ("record", "side", 1),
-                   ("wait_event", "main", 1)]
-    assert ahead.pending is None  # c is the last: nothing in flight
+    def take_all(chain):
+        for h in chain:  # (each copy read at once, as its GEMM would be: here nothing waits, so later copies
+            x = ahead.take(h)  # overwrite it)
+            assert x.shape == h.shape and x.unique().tolist() == [h.value]
+
+    a, b, c, d = (Linear(n, float(i), (i + 2, 3)) for i, n in enumerate("abcd"))
+    ahead = make([a, b, c], 1)
+    assert [t.numel() for t in ahead.buffers] == [12, 12] and all(h.ahead is ahead for h in (a, b, c))
+    side = [("wait_stream", "side", "main")]
+    take_all([a, b, c])
+    assert log == [("dequant", "main", "a", 0),  # the first: nothing was written ahead
+                   *side, ("dequant", "side", "b", 1), ("record", "side", 1),
+                   ("wait_event", "main", 1),  # b's copy, before b's GEMM uses it
+                   *side, ("dequant", "side", "c", 0), ("record", "side", 0),
+                   ("wait_event", "main", 0)]
+    assert not ahead.queue  # c is the last: nothing in flight
 
     log.clear()
-    ahead.take(chain[0])
-    assert ahead.pending is chain[1]
-    x = ahead.take(chain[2])  # b took another path: its copy is waited for, then c's written on the caller's stream
-    assert x.unique().tolist() == [3.0] and ahead.pending is None
-    assert log[-2:] == [("wait_event", "main", 1), ("dequant", "main", "c", 1)]
+    ahead.take(a)
+    assert [h for h, _ in ahead.queue] == [b]
+    x = ahead.take(c)  # b took another path: its copy is waited for, then c's written on the caller's stream
+    assert x.unique().tolist() == [2.0] and not ahead.queue
+    assert log[-2:] == [("wait_event", "main", 0), ("dequant", "main", "c", 1)]
 
     log.clear()
-    ahead.take(chain[1])
+    ahead.take(b)
     ahead.settle()  # the end of a forward
-    assert ahead.pending is None and log[-1] == ("wait_event", "main", 1)
+    assert not ahead.queue and log == [("dequant", "main", "b", 0), *side, ("dequant", "side", "c", 1),
+                                        ("record", "side", 1), ("wait_event", "main", 1)]
     ahead.settle()
-    assert log[-1] == ("wait_event", "main", 1) and len(log) == 5
+    assert len(log) == 5
+
+    log.clear()
+    ahead = make([a, b, c, d], 2)  # two ahead: three buffers
+    take_all([a, b, c, d])
+    assert log == [("dequant", "main", "a", 0),
+                   *side, ("dequant", "side", "b", 1), ("record", "side", 1),
+                   *side, ("dequant", "side", "c", 2), ("record", "side", 2),
+                   ("wait_event", "main", 1),
+                   *side, ("dequant", "side", "d", 0), ("record", "side", 0),  # a's buffer: its GEMM is enqueued
+                   ("wait_event", "main", 2), ("wait_event", "main", 0)]
+    log.clear()
+    ahead.take(a)
+    ahead.settle()  # b and c in flight: the last one's event covers both
+    assert log[-1] == ("wait_event", "main", 0) and not ahead.queue

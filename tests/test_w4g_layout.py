@@ -77,6 +77,8 @@ def test_kernel_config_refuses_what_the_gemvs_cannot_take():
         KernelConfig(wq_prefill_cutlass=frozenset({"W8A8_SQ_PER_CHANNEL"}))
     with pytest.raises(ValueError, match="wq_prefill_ahead takes W8A16 and W4A16_AWQ"):
         KernelConfig(wq_prefill_ahead=frozenset({"FP8"}))  # (FP8's prefill writes no weight copy)
+    with pytest.raises(ValueError, match="wq_ahead_depth must be 1, 2 or 3"):
+        KernelConfig(wq_ahead_depth=0)
     assert KernelConfig().w8g == {"W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"} and not KernelConfig().wq_prefill
     with pytest.raises(ValueError, match="norm_prologue takes W4A16_AWQ and the 8-bit formats"):
         KernelConfig(norm_prologue=frozenset({"W4A8_AWQ"}))  # (only the compiled GEMVs have the prologue)
@@ -159,7 +161,7 @@ def test_prefill_tile_and_order_are_checked_and_named_by_the_benchmark():
     assert not known_variant("wqt128x256x64w16s3")  # BLOCK_R below 16 · warps: no warp group's 64 rows
     with pytest.raises(ValueError, match="sq_prefill_gemm must be"):
         KernelConfig(sq_prefill_gemm="cutlass")
-    for v in ("nopg", "sqintmm", "sqtma", "fastacc", "noprerope", "wqprefill", "wqcutlass", "wqahead"):
+    for v in ("nopg", "sqintmm", "sqtma", "fastacc", "noprerope", "wqprefill", "wqcutlass", "wqahead", "wqahead2"):
         dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
 
 

@@ -176,7 +176,7 @@ class TorchRuntime:
                  and layer[n].algo_key in self.kernels.wq_prefill_ahead and layer[n].prefill_shape() is not None]
         for h in chain:
             h.kernel = "prefill-ahead|" + h.kernel
-        return DequantAhead(chain, self.device, self.dtype) if chain else None
+        return DequantAhead(chain, self.device, self.dtype, self.kernels.wq_ahead_depth) if chain else None
 
     def free_decode_state(self) -> None:
         """Free the static KV cache, buffers and CUDA graph kept for the last (batch, length); the next generate

@@ -1,6 +1,7 @@
 """What every format's handler shares: the base class, the kernel choice (:class:`KernelConfig`), int4 packing."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -231,7 +232,11 @@ class KernelConfig:
     # tensor cores, so each can take what the other leaves. Costs two buffers of the largest weight in float16. The same
     # bits as without. Empty until timed end to end (experiments.bench RECIPE@wqahead): the default's copies took
     # 216 µs of a 7B layer's 789 at 1024 rows on an H100, FP16's GEMMs 573 (stage 30).
+    # wq_ahead_depth: how many linears ahead the copies run (1–3; depth + 1 buffers). 2 lets fc‖gate's copy, the
+    # largest, start during qkv's GEMM and attention rather than during o's GEMM alone (7B at 1024 rows on an H100,
+    # estimated from stage 30's rows: copy ~100 µs, o's GEMM 50). experiments.bench RECIPE@wqahead2.
     wq_prefill_ahead: frozenset[str] = frozenset()
+    wq_ahead_depth: int = 1
     # The int8 formats' tl.dot kernel at 2–64 rows (cuda_kernels.wq_mm). Compiled for sm_90, its loop issues, per
     # weight, 0.18–0.32 warp-instructions for W8A16 (Triton's int8 → half: one I2F per weight) and 0.04–0.09 for
     # SmoothQuant (int8 × int8), on tiles of 32 output channels whose o / down projections launch 128 programs on
@@ -305,6 +310,8 @@ class KernelConfig:
         for name in ("wq_prefill", "wq_prefill_cutlass", "wq_prefill_ahead"):
             if getattr(self, name) - {"W8A16", "W4A16_AWQ"}:
                 raise ValueError(f"{name} takes W8A16 and W4A16_AWQ; got {sorted(getattr(self, name))}")
+        if self.wq_ahead_depth not in (1, 2, 3):
+            raise ValueError(f"wq_ahead_depth must be 1, 2 or 3, got {self.wq_ahead_depth}")
         if not 0 <= self.wq_cutlass_tile < len(cuda_ext.WQ_GEMM_TILES) or (
                 self.wq_cutlass_max_m is not None and self.wq_cutlass_max_m < 1):
             raise ValueError(f"wq_cutlass_tile must index cuda_ext.WQ_GEMM_TILES (0-{len(cuda_ext.WQ_GEMM_TILES) - 1}) "
@@ -605,24 +612,26 @@ def buffer_view(buffer: torch.Tensor | None, shape: tuple[int, int]) -> torch.Te
 
 class DequantAhead:
     """KernelConfig.wq_prefill_ahead on one runtime's weight-only linears (``chain``, in the order a forward calls
-    them): each one's float16 copy for the prefill's GEMM is written on a second stream while the GEMM before it runs.
+    them): each one's float16 copy for the prefill's GEMM is written on a second stream while the GEMMs before it run,
+    up to ``depth`` linears ahead, in a ring of depth + 1 buffers of the largest weight.
 
     take(lin), where lin's GEMM needs its copy: the copy written ahead when it is lin's, else (the first linear of a
-    forward, or one whose predecessor took another path) written now on the caller's stream; then the next linear's
-    copy is started on the second stream into the other of two buffers of the largest weight, after the caller's
-    stream reaches this point, so after the GEMM that last read that buffer. A copy started is waited for by the
-    caller's stream at the next take or settle(), used or not: a forward settles at its end, so that a CUDA graph
-    captured around it joins the second stream, and no copy outlives the forward that started it."""
+    forward, or one whose predecessor took another path) written now on the caller's stream; then copies are started
+    on the second stream until ``depth`` are in flight, each after the caller's stream reaches this point. A buffer is
+    taken again only depth + 1 copies later, in a later take, so after the caller enqueued the GEMM that read it,
+    which the second stream waits for. Copies started are waited for by the caller's stream when taken, or, used or
+    not, at settle(): a forward settles at its end, so that a CUDA graph captured around it joins the second stream,
+    and no copy outlives the forward that started it."""
 
-    def __init__(self, chain: list[_Handler], device: torch.device, dtype: torch.dtype):
-        self.device = device
+    def __init__(self, chain: list[_Handler], device: torch.device, dtype: torch.dtype, depth: int = 1):
+        self.device, self.depth = device, depth
         self.stream = torch.cuda.Stream(device)
         numel = max(a * b for a, b in (h.prefill_shape() for h in chain))
-        self.buffers = [torch.empty(numel, dtype=dtype, device=device) for _ in range(2)]
-        self.events = [torch.cuda.Event(), torch.cuda.Event()]
+        self.buffers = [torch.empty(numel, dtype=dtype, device=device) for _ in range(depth + 1)]
+        self.events = [torch.cuda.Event() for _ in self.buffers]
         self.after = dict(zip(chain, chain[1:]))
-        self.slot = 0  # the buffer of the copy the last take returned
-        self.pending: _Handler | None = None  # whose copy the second stream is writing (into the other buffer)
+        self.slot = 0  # the ring's next buffer
+        self.queue: collections.deque[tuple[_Handler, int]] = collections.deque()  # in flight: (linear, buffer)
         for h in chain:
             h.ahead = self
 
@@ -630,24 +639,32 @@ class DequantAhead:
     def nbytes(self) -> int:
         return _nbytes(*self.buffers)
 
+    def _next_buffer(self) -> int:
+        b, self.slot = self.slot, (self.slot + 1) % len(self.buffers)
+        return b
+
     def take(self, lin: _Handler) -> torch.Tensor:
         main = torch.cuda.current_stream(self.device)
-        ahead = self.pending
-        self.settle()
-        self.slot ^= 1  # the buffer written ahead, or written now
-        buf = self.buffers[self.slot]
-        w = buffer_view(buf, lin.prefill_shape()) if ahead is lin else lin.prefill_dequant(buf)
-        nxt = self.after.get(lin)
-        if nxt is not None:
+        if self.queue and self.queue[0][0] is lin:
+            _, b = self.queue.popleft()
+            main.wait_event(self.events[b])
+            w = buffer_view(self.buffers[b], lin.prefill_shape())
+        else:
+            self.settle()
+            w = lin.prefill_dequant(self.buffers[self._next_buffer()])
+        last = self.queue[-1][0] if self.queue else lin
+        while len(self.queue) < self.depth and (last := self.after.get(last)) is not None:
+            b = self._next_buffer()
             self.stream.wait_stream(main)
             with torch.cuda.stream(self.stream):
-                nxt.prefill_dequant(self.buffers[self.slot ^ 1])
-                self.events[self.slot ^ 1].record(self.stream)
-            self.pending = nxt
+                last.prefill_dequant(self.buffers[b])
+                self.events[b].record(self.stream)
+            self.queue.append((last, b))
         return w
 
     def settle(self) -> None:
-        """The caller's stream waits for the copy in flight, if any (the end of a forward: see the class)."""
-        if self.pending is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.events[self.slot ^ 1])
-            self.pending = None
+        """The caller's stream waits for the copies in flight, if any (the last: the second stream runs them in
+        order), which are then dropped (the end of a forward: see the class)."""
+        if self.queue:
+            torch.cuda.current_stream(self.device).wait_event(self.events[self.queue[-1][1]])
+            self.queue.clear()
