@@ -626,11 +626,7 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
         for name, (N, K) in shapes.items():
             if name == "lm_head" and algo is not None:
                 continue
-            w = torch.randn(N, K, generator=gen, device=device) * K ** -0.5
-            pre = torch.exp(0.3 * torch.randn(K, generator=gen, device=device)).half()
-            t = _quantize(algo, w, pre, 128)
-            h = make_linear(algo, t, dtype=torch.float16, device=device, group_size=128)
-            del w
+            t, h = _sweep_linear(algo, N, K, gen, device)
             nbytes = h.nbytes
             for M in ms:
                 x = torch.randn(M, K, generator=gen, device=device).half()
@@ -704,6 +700,14 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
     return out
 
 
+def _sweep_linear(algo: str | None, N: int, K: int, gen, device: torch.device):
+    """(the checkpoint tensors, the handler) of a random [N, K] linear in ``algo``'s format (group 128, float16)."""
+    w = torch.randn(N, K, generator=gen, device=device) * K ** -0.5
+    pre = torch.exp(0.3 * torch.randn(K, generator=gen, device=device)).half()
+    t = _quantize(algo, w, pre, 128)
+    return t, make_linear(algo, t, dtype=torch.float16, device=device, group_size=128)
+
+
 def _sweep_layer(bench, algo: str, shapes: dict, ms: list[int], gen, device: torch.device) -> None:
     """A weight-only layer's four linears (qkv, dense, fc‖gate, proj) in a forward's order, as one row, at prefill's
     rows: ``layer default`` (each float16 copy written on the GEMMs' stream) and ``layer aheadD``
@@ -713,12 +717,7 @@ def _sweep_layer(bench, algo: str, shapes: dict, ms: list[int], gen, device: tor
     from quant.runtime.schemes.base import DequantAhead
 
     names = ("qkv", "dense", "fc_gate", "proj")
-    hs = []
-    for name in names:
-        N, K = shapes[name]
-        w = torch.randn(N, K, generator=gen, device=device) * K ** -0.5
-        pre = torch.exp(0.3 * torch.randn(K, generator=gen, device=device)).half()
-        hs.append(make_linear(algo, _quantize(algo, w, pre, 128), dtype=torch.float16, device=device, group_size=128))
+    hs = [_sweep_linear(algo, *shapes[name], gen, device)[1] for name in names]
     nbytes, flop_n_k = sum(h.nbytes for h in hs), sum(shapes[n][0] * shapes[n][1] for n in names)
     for M in ms:
         xs = [torch.randn(M, shapes[n][1], generator=gen, device=device).half() for n in names]
