@@ -182,7 +182,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # or prefill's tl.dot GEMM taking its output tiles in the plain order (``smoothquant@nopg``; the default groups them
 # by 8 tiles of x's rows), or SmoothQuant's prefill through cuBLASLt (``@sqintmm``) or on another tile
 # (``@sqpBMxBRxBKwWsS``, in the plain order; ``g8`` after it: grouped) or on the persistent TMA GEMM (``@sqtma``;
-# on another tile, grouped: ``@sqtmaBMxBRxBKwWsS``), or FP8's prefill with cuBLASLt's fast
+# on another tile, grouped: ``@sqtmaBMxBRxBKwWsS``) or CUTLASS's int8 GEMM (``@sqcutlass``), or FP8's prefill with
+# cuBLASLt's fast
 # accumulation (``fp8@fastacc``), or prefill's RoPE and cache write in torch ops (``fp16@noprerope``; the default:
 # one kernel),
 # or KernelConfig's defaults where this card's CARD_KERNELS entry changes them (``int8_wo@nocard``). Every variant
@@ -216,7 +217,7 @@ KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} 
                    "w8m": {"w8m": DEFAULT_KERNELS.w8g}, "w8m4": {"w8m": DEFAULT_KERNELS.w8g, "w8m_depth": 4},
                    "nokprefill": {"w4k_prefill": False}, "now4gsb": {"w4g_stage_batch": False},
                    "nopg": {"prefill_group": 0}, "sqintmm": {"sq_prefill_gemm": "int_mm"},
-                   "sqtma": {"sq_prefill_gemm": "tma"},
+                   "sqtma": {"sq_prefill_gemm": "tma"}, "sqcutlass": {"sq_prefill_gemm": "cutlass"},
                    "fastacc": {"fp8_fast_accum": True}, "noprerope": {"prefill_rope": False},
                    "nocard": {f: getattr(DEFAULT_KERNELS, f) for _, fields in CARD_KERNELS for f in fields}}
 # ``@attnBxSwW``: decode attention's split kernel on the tile (B keys a loop step, S keys a split, W warps;
@@ -664,6 +665,13 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                     for cfg in INT8_GEMM_SWEEP:  # the persistent TMA GEMM (KernelConfig.sq_prefill_gemm "tma")
                         bench(f"tma-int8{cfg} g8", lambda: ck.i8_tma_mm(xa, h.weight, h.out_scale, dtype=torch.float16,
                                                                         config=cfg, group_m=8),
+                              algo, name, N, K, M, nbytes)
+                    if not wanted("cutlass"):
+                        pass  # (not asked for: not built)
+                    elif isinstance(cutlass := cuda_ext.load_cutlass(), str):  # sq_prefill_gemm "cutlass"
+                        log(f"sweep {algo} {name} M={M} cutlass: {cutlass}")
+                    else:
+                        bench("cutlass-int8", lambda: cuda_ext.sq_gemm(xa, h.weight, h.out_scale),
                               algo, name, N, K, M, nbytes)
                 elif M > ck.WQ_MM_MAX_M and algo in ("W8A16", "W4A16_AWQ"):  # KernelConfig.wq_prefill's kernel
                     ws = h.scale if algo == "W8A16" else h.scales

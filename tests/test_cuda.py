@@ -1240,6 +1240,34 @@ def test_weight_only_prefill_through_cutlass(algo, group):
                 assert m < 1000 or torch.equal(got, want), (inp, m, tile)  # past max_m: the default's own bits
 
 
+@cuda
+def test_smoothquant_prefill_through_cutlass():
+    """KernelConfig.sq_prefill_gemm "cutlass" (cuda_ext.sq_gemm: CUTLASS's Hopper int8 GEMM, csrc/cutlass/sq_gemm.cu):
+    the handler takes it (its build needs nvidia-cutlass's headers: a missing build fails here, with the reason) and
+    its prefill gives the default tl.dot path's bits, with and without the residual (int32 sums are exact and the
+    epilogue rounds as the tl.dot one does), within the float64 bound, at 100, 300 and 1100 rows (N 200 and 264: not
+    multiples of the 128-channel tile, an odd number of 2-CTA clusters; K 576, the default model's hidden size, and
+    1008); at K 1000 (rows not whole 16 bytes) the handler keeps the tl.dot path."""
+    from quant.runtime.schemes.base import DEFAULT_KERNELS
+    from tests.test_kernels import activations
+
+    kernels = dataclasses.replace(DEFAULT_KERNELS, sq_prefill_gemm="cutlass")
+    for inp, out in ((576, 200), (1008, 264), (1000, 200)):
+        key = f"sqcutlass/{inp}/{out}"
+        gen, t, h, wd = _fp16_linear("W8A8_SQ_PER_CHANNEL", key, inp=inp, out=out)
+        hc = _fp16_linear("W8A8_SQ_PER_CHANNEL", key, inp=inp, out=out, kernels=kernels)[2]
+        assert hc.cutlass == (inp % 16 == 0), hc.gemv_unavailable
+        for m in (100, 300, 1100):
+            x = activations(gen, m, inp).half().to(DEV)
+            res = torch.randn(m, out, generator=gen).half().to(DEV)
+            want, got = h.fused(x), hc.fused(x)
+            assert torch.equal(got, want), (inp, m)
+            assert rel(got, _reference("W8A8_SQ_PER_CHANNEL", t, x.cpu(), wd)) <= 1e-2, (inp, m)
+            r1, r2 = res.clone(), res.clone()
+            hc.fused(x, residual=r2)  # (in place)
+            assert torch.equal(h.fused(x, residual=r1), r2) and not torch.equal(r2, res), (inp, m)
+
+
 def _fp16_linear(algo, key: str, *, inp: int, out: int = 64, group: int = 64, kernels=None):
     """(generator, checkpoint tensors, float16 handler on the GPU, its dequantized weight) for one random linear."""
     from quant.runtime.linear import make_linear

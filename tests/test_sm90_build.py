@@ -72,7 +72,8 @@ def test_compiled_gemvs_build_for_sm90_with_their_epilogues_ordered():
     cost = {(int(r), int(u)): float(v) for r, u, v in re.findall(r"\((\d), (\d)\) (\d\.\d+)", w4)}
     assert set(cost) == set(GEMV_TILES) and 0.11 <= cost[(4, 1)] < 0.2, w4
     assert "bindings.cpp: well-formed" in "\n".join(lines) and not any("FAILED" in line for line in lines)
-    # the CUTLASS prefill GEMM (csrc/cutlass; make install brings CUTLASS's headers): both formats' kernels on each
-    # of its tiles, no spill
+    # the CUTLASS prefill GEMMs (csrc/cutlass; make install brings CUTLASS's headers): both weight-only formats'
+    # kernels on each of its tiles, SmoothQuant's with and without the residual, no spill
     assert f"cutlass/wq_gemm: compiled for sm_90a, {2 * len(WQ_GEMM_TILES)} kernels" in "\n".join(lines), lines
+    assert "cutlass/sq_gemm: compiled for sm_90a, 2 kernels" in "\n".join(lines), lines
     assert "csrc/cutlass/bindings.cpp: well-formed" in "\n".join(lines), lines

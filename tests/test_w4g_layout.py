@@ -160,8 +160,9 @@ def test_prefill_tile_and_order_are_checked_and_named_by_the_benchmark():
                                                     "wq_prefill_tma": True, "wq_prefill_tile": (64, 128, 64, 4, 4)}
     assert not known_variant("wqt128x256x64w16s3")  # BLOCK_R below 16 · warps: no warp group's 64 rows
     with pytest.raises(ValueError, match="sq_prefill_gemm must be"):
-        KernelConfig(sq_prefill_gemm="cutlass")
-    for v in ("nopg", "sqintmm", "sqtma", "fastacc", "noprerope", "wqprefill", "wqcutlass", "wqahead", "wqahead2"):
+        KernelConfig(sq_prefill_gemm="cublas")
+    for v in ("nopg", "sqintmm", "sqtma", "fastacc", "noprerope", "wqprefill", "wqcutlass", "wqahead", "wqahead2",
+              "sqcutlass"):
         dataclasses.replace(DEFAULT_KERNELS, **KERNEL_VARIANTS[v])
 
 

@@ -13,9 +13,10 @@ what their code must have, before any GPU time is spent on them:
   variants (THEN_SILU) meet a block's row pairs behind a barrier (BAR.SYNC);
 - a report, not a check: the persistent GEMVs' loop in warp-instructions a weight (the row block's finish counted
   in, so an upper bound), the number that caps a GEMV below copy bandwidth where the SMs' issue rate runs out;
-- the CUTLASS prefill GEMM (csrc/cutlass, KernelConfig.wq_prefill_cutlass) compiles for sm_90a with PyTorch's own
-  nvcc flags: its int8 and int4 kernels of each tile on float16 wgmma with float32 sums, no stack (where the
-  nvidia-cutlass package is installed, as make install does);
+- the CUTLASS prefill GEMMs (csrc/cutlass, KernelConfig.wq_prefill_cutlass, sq_prefill_gemm "cutlass") compile for
+  sm_90a with PyTorch's own nvcc flags: the weight-only one's int8 and int4 kernels of each tile on float16 wgmma
+  with float32 sums, SmoothQuant's two on int8 wgmma, no stack (where the nvidia-cutlass package is installed, as
+  make install does);
 - the bindings are well-formed C++ against the installed torch's headers. ATen's CUDA context header needs the
   cuSPARSE / cuBLAS headers, which a CPU machine lacks, so CUDA's runtime header and two declarations stand in for
   it (the stream getter and the device guard): the only part not built as on the GPU.
@@ -148,20 +149,21 @@ def check_kernels(cubin: Path) -> list[str]:
 
 
 def check_cutlass(tmp: Path) -> list[str]:
-    """csrc/cutlass (KernelConfig.wq_prefill_cutlass) built with CUTLASS's headers and PyTorch's nvcc flags, as
-    cuda_ext.load_cutlass builds it: both weight types' kernels of every tile (cuda_ext.WQ_GEMM_TILES) on float16
-    wgmma with float32 sums (HGMMA ...F32), nothing spilled (no stack), its bindings well-formed. Without the
-    nvidia-cutlass package a line says so (make install installs it)."""
-    from quant.runtime.cuda_ext import WQ_GEMM_TILES, cutlass_flags, cutlass_root, cutlass_tile_sources
+    """csrc/cutlass (KernelConfig.wq_prefill_cutlass, sq_prefill_gemm "cutlass") built with CUTLASS's headers and
+    PyTorch's nvcc flags, as cuda_ext.load_cutlass builds it: the weight-only GEMM's two weight types on every tile
+    (cuda_ext.WQ_GEMM_TILES) on float16 wgmma with float32 sums (HGMMA ...F32), the SmoothQuant GEMM's two epilogues
+    (with and without the residual) on int8 wgmma (IGMMA ...S8.S8), nothing spilled (no stack), the bindings
+    well-formed. Without the nvidia-cutlass package a line says so (make install installs it)."""
+    from quant.runtime.cuda_ext import WQ_GEMM_TILES, cutlass_flags, cutlass_root, cutlass_sources
 
     src = CSRC / "cutlass"
     root = cutlass_root()
     if root is None:
-        print("cutlass/wq_gemm: not checked: CUTLASS's headers are not installed (the nvidia-cutlass package)")
+        print("cutlass: not checked: CUTLASS's headers are not installed (the nvidia-cutlass package)")
         return []
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # (what PyTorch's builder adds: no half operators)
 
-    files = cutlass_tile_sources()
+    files = cutlass_sources()
     procs = [subprocess.Popen(["nvcc", *COMMON_NVCC_FLAGS, "-O3", *cutlass_flags(root), "-cubin", str(f), "-o",
                                str(tmp / f"{f.stem}.cubin")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, cwd=src) for f in files]  # (in parallel, as ninja builds them)
@@ -170,21 +172,27 @@ def check_cutlass(tmp: Path) -> list[str]:
         if p.returncode != 0:
             print(f"cutlass/{f.name}: does not compile")
             return [f"cutlass/{f.name}: nvcc failed: {(err.strip().splitlines() or [''])[0][:300]}"]
-    res, kernels = [], []
-    for f in files:
-        cubin = str(tmp / f"{f.stem}.cubin")
-        res += re.findall(r"Function (\S+):\s*REG:(\d+) STACK:(\d+)", binary_tool(cubin, "cuobjdump", "-res-usage"))
-        kernels += [k for k in re.split(r"\n\s*Function : ", binary_tool(cubin, "cuobjdump", "-sass"))[1:]
-                    if "HGMMA" in k]
-    want = 2 * len(WQ_GEMM_TILES)
-    fails = [f"cutlass/wq_gemm: {len(res)} kernels, {len(kernels)} with HGMMA; want the int8 and int4 ones of "
-             f"each of the {len(WQ_GEMM_TILES)} tiles"] if len(res) != want or len(kernels) != want else []
-    fails += [f"cutlass/wq_gemm: a kernel's MMA is not float16 in, float32 sums: {set(m)}"
-              for m in (re.findall(r"HGMMA\.\w+\.(\w+)", k) for k in kernels) if set(m) != {"F32"}]
-    fails += [f"cutlass/wq_gemm: {stack} bytes of stack (spills) in {name[:80]}" for name, _, stack in res
-              if stack != "0"]
-    print(f"cutlass/wq_gemm: compiled for sm_90a, {len(res)} kernels, registers "
-          f"{sorted({int(r) for _, r, _ in res})}, stack {sorted({int(s) for _, _, s in res})}")
+    fails = []
+    # (name, its files, kernels wanted, the MMA its kernels must run, that MMA's types: the pattern, what it finds)
+    for name, group, want, mma, types, found in (
+            ("wq_gemm", [f for f in files if f.stem.startswith("wq_gemm")], 2 * len(WQ_GEMM_TILES), "HGMMA",
+             r"HGMMA\.\w+\.(\w+)", {"F32"}),
+            ("sq_gemm", [f for f in files if f.stem == "sq_gemm"], 2, "IGMMA", r"IGMMA\.\w+\.(\w+\.\w+)", {"S8.S8"})):
+        res, kernels = [], []
+        for f in group:
+            cubin = str(tmp / f"{f.stem}.cubin")
+            res += re.findall(r"Function (\S+):\s*REG:(\d+) STACK:(\d+)",
+                              binary_tool(cubin, "cuobjdump", "-res-usage"))
+            kernels += [k for k in re.split(r"\n\s*Function : ", binary_tool(cubin, "cuobjdump", "-sass"))[1:]
+                        if mma in k]
+        if len(res) != want or len(kernels) != want:
+            fails.append(f"cutlass/{name}: {len(res)} kernels, {len(kernels)} with {mma}; want {want}")
+        fails += [f"cutlass/{name}: a kernel's MMA is not {mma} {found}: {set(m)}"
+                  for m in (re.findall(types, k) for k in kernels) if set(m) != found]
+        fails += [f"cutlass/{name}: {stack} bytes of stack (spills) in {fn[:80]}" for fn, _, stack in res
+                  if stack != "0"]
+        print(f"cutlass/{name}: compiled for sm_90a, {len(res)} kernels, registers "
+              f"{sorted({int(r) for _, r, _ in res})}, stack {sorted({int(s) for _, _, s in res})}")
     return fails + check_bindings(tmp, src, "quant_cuda_cutlass")
 
 

@@ -69,16 +69,16 @@ def load():
 
 @functools.cache
 def load_cutlass():
-    """The CUTLASS weight-only GEMM's module (``csrc/cutlass``: :func:`wq_gemm`), or the one-line reason it is not
-    available. Its own build (CUTLASS's templates take a minute or more to compile), made only where a KernelConfig
-    asks for it (``wq_prefill_cutlass``), for Hopper's sm_90a alone, with the headers of the ``nvidia-cutlass``
-    package."""
+    """The CUTLASS GEMMs' module (``csrc/cutlass``: :func:`wq_gemm`, :func:`sq_gemm`), or the one-line reason it is
+    not available. Its own build (CUTLASS's templates take a minute or more to compile), made only where a
+    KernelConfig asks for one (``wq_prefill_cutlass``, ``sq_prefill_gemm`` "cutlass"), for Hopper's sm_90a alone,
+    with the headers of the ``nvidia-cutlass`` package."""
     from importlib import metadata
 
     if not torch.cuda.is_available():
         return "no CUDA device"
     if _capabilities() != [(9, 0)]:
-        return f"CUTLASS's mixed-input GEMM is built for Hopper (sm_90a); these GPUs are {_capabilities()}"
+        return f"the CUTLASS GEMMs are built for Hopper (sm_90a); these GPUs are {_capabilities()}"
     root = cutlass_root()
     if root is None:
         return f"CUTLASS's headers are not installed (pip install --no-deps nvidia-cutlass=={CUTLASS_VERSION})"
@@ -87,12 +87,14 @@ def load_cutlass():
     except metadata.PackageNotFoundError:
         version = "unknown"
     return _load("quant_cuda_cutlass", build_key(f"sm90a-cutlass{version}"),
-                 [CSRC / "cutlass" / "bindings.cpp", *cutlass_tile_sources()], cutlass_flags(root))
+                 [CSRC / "cutlass" / "bindings.cpp", *cutlass_sources()], cutlass_flags(root))
 
 
-def cutlass_tile_sources() -> list[Path]:
-    """csrc/cutlass's one file per tile of :data:`WQ_GEMM_TILES` (built in parallel: CUTLASS's templates are slow)."""
-    return [CSRC / "cutlass" / f"wq_gemm_t{i}.cu" for i in range(len(WQ_GEMM_TILES))]
+def cutlass_sources() -> list[Path]:
+    """csrc/cutlass's kernel files: one per tile of :data:`WQ_GEMM_TILES`, and the SmoothQuant GEMM's (built in
+    parallel: CUTLASS's templates are slow)."""
+    return [*(CSRC / "cutlass" / f"wq_gemm_t{i}.cu" for i in range(len(WQ_GEMM_TILES))),
+            CSRC / "cutlass" / "sq_gemm.cu"]
 
 
 def cutlass_root() -> Path | None:
@@ -433,6 +435,19 @@ def wq_gemm_ok(out: int, inp: int, group: int, dtype: torch.dtype, bits: int) ->
     of 64 (the kernel's K tile) dividing K."""
     return (dtype == torch.float16 and inp % (16 if bits == 8 else 32) == 0 and out % 8 == 0
             and (group == inp or (group % 64 == 0 and inp % group == 0)))
+
+
+def sq_gemm_ok(out: int, inp: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`sq_gemm` takes this linear (csrc/cutlass/sq_gemm.cu's contract): float16 out, TMA's 16-byte
+    rows (K a multiple of 16, N of 8)."""
+    return dtype == torch.float16 and inp % 16 == 0 and out % 8 == 0
+
+
+def sq_gemm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """SmoothQuant's prefill y [M, N] = (x [M, K] · w [N, K]ᵀ in int32) · s [N] (float32: activation scale · weight
+    scale) rounded to float16, through CUTLASS's Hopper int8 GEMM (KernelConfig.sq_prefill_gemm "cutlass"); with
+    ``residual`` [M, N]: residual + y in float16, in place (returned). The tl.dot path's arithmetic, the same bits."""
+    return _built(load_cutlass).sq_gemm(x.contiguous(), w, s, residual)
 
 
 def pack_int4_cutlass(q: torch.Tensor) -> torch.Tensor:

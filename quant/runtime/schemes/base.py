@@ -67,7 +67,10 @@ class KernelConfig:
     fuse_prologue: bool = False
     # SmoothQuant above 64 rows (prefill): "triton" (tl.dot int8, epilogue fused), "tma" (the same epilogue on a
     # persistent GEMM whose operands come through TMA descriptors, cuda_kernels.i8_tma_mm; built, not yet timed on a
-    # GPU: experiments.bench RECIPE@sqtma) or "int_mm" (cuBLASLt).
+    # GPU: experiments.bench RECIPE@sqtma), "cutlass" (CUTLASS's Hopper int8 GEMM, warp-specialized ping-pong, the
+    # same epilogue as an EVT, cuda_ext.sq_gemm; float16, on Hopper, else "triton"; built, not yet run on a GPU:
+    # RECIPE@sqcutlass) or "int_mm" (cuBLASLt). Why CUTLASS: at 1024 rows on an H100 (7B layer, stage 27) FP8's
+    # cuBLASLt GEMMs took 383 µs a layer and the int8 tl.dot 425, on tensor cores of the same peak rate.
     sq_prefill_gemm: str = "triton"
     # Its tile (BM, BR, BK, warps, stages) for "triton" / "tma"; None: cuda_kernels.INT8_GEMM_CONFIG.
     sq_prefill_tile: tuple[int, int, int, int, int] | None = None
@@ -288,8 +291,9 @@ class KernelConfig:
     def __post_init__(self) -> None:
         if self.wq_wide - {"W8A16", "W8A8_SQ_PER_CHANNEL"}:
             raise ValueError(f"wq_wide takes W8A16 and W8A8_SQ_PER_CHANNEL; got {sorted(self.wq_wide)}")
-        if self.sq_prefill_gemm not in ("triton", "tma", "int_mm"):
-            raise ValueError(f"sq_prefill_gemm must be 'triton', 'tma' or 'int_mm', got {self.sq_prefill_gemm!r}")
+        if self.sq_prefill_gemm not in ("triton", "tma", "cutlass", "int_mm"):
+            raise ValueError(f"sq_prefill_gemm must be 'triton', 'tma', 'cutlass' or 'int_mm', "
+                             f"got {self.sq_prefill_gemm!r}")
         if self.sq_prefill_tile is not None and not _gemm_tile(self.sq_prefill_tile):
             raise ValueError(f"sq_prefill_tile must be (BM, BR, BK, warps: powers of two, stages >= 1) or None, "
                              f"got {self.sq_prefill_tile}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from quant.runtime import cuda_ext
 from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig, _cuda_kernels, _Handler, _round_up
 
 
@@ -29,8 +30,14 @@ class W8A8SQLinear(_Handler):
             self.kernel, self.emulated = "triton-w8a8", False
             self._setup_w8g(self.weight.shape[1], self.out_scale)
             self._setup_wq_wide()
+            out, inp = self.weight.shape
+            self.cutlass = (kernels.sq_prefill_gemm == "cutlass" and cuda_ext.sq_gemm_ok(out, inp, dtype)
+                            and self._extension_built(cuda_ext.load_cutlass))
+            if self.cutlass:
+                self.kernel = "cutlass-prefill|" + self.kernel
 
     algo_key = "W8A8_SQ_PER_CHANNEL"
+    cutlass = False  # prefill through cuda_ext.sq_gemm (KernelConfig.sq_prefill_gemm "cutlass"; CUDA, where built)
     shared_inputs = ("prequant_scaling_factor", "activation_scaling_factor")
     own_prologue = True
     input_afmt = 1
@@ -52,10 +59,13 @@ class W8A8SQLinear(_Handler):
         if self.cuda and not self._takes_gemv(x.shape[0]):
             ck = _cuda_kernels()
             M = x.shape[0]
-            if M <= ck.WQ_MM_MAX_M or self.kernels.sq_prefill_gemm in ("triton", "tma"):
-                # int8 × int8 → int32 through tl.dot, (a · s) and the residual add fused into its epilogue
+            if M <= ck.WQ_MM_MAX_M or self.kernels.sq_prefill_gemm != "int_mm":
+                # int8 × int8 → int32 through tl.dot (or CUTLASS), (a · s) and the residual add fused into its
+                # epilogue
                 qx = self._prep(x, norm, eps, silu, prequant=self.prequant, act_scale=self.act_scale,
                                 afmt=ck.A_INT8)
+                if M > ck.WQ_MM_MAX_M and self.cutlass:
+                    return cuda_ext.sq_gemm(qx, self.weight, self.out_scale, residual=residual)
                 if M > ck.WQ_MM_MAX_M and self.kernels.sq_prefill_gemm == "tma" and ck.tma_ok(qx, self.weight):
                     return ck.i8_tma_mm(qx, self.weight, self.out_scale, dtype=self.dtype, residual=residual,
                                         config=self.kernels.sq_prefill_tile, group_m=self.kernels.prefill_group)

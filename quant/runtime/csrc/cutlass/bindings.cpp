@@ -1,9 +1,10 @@
-// Python binding of the CUTLASS weight-only GEMM (wq_gemm.cuh): its own extension, built only where a KernelConfig
-// asks for it (quant/runtime/cuda_ext.py load_cutlass), as CUTLASS's templates take a minute or more to compile.
+// Python bindings of the CUTLASS GEMMs (wq_gemm.cuh, sq_gemm.cu): their own extension, built only where a KernelConfig
+// asks for one (quant/runtime/cuda_ext.py load_cutlass), as CUTLASS's templates take a minute or more to compile.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include "sq_gemm.h"
 #include "wq_gemm.h"
 
 // y [M, N] float16 = x [M, K] float16 · (q · s)ᵀ: w int8 [N, K] (bits 8) or its int4 values two a byte along K, low
@@ -35,6 +36,36 @@ torch::Tensor wq_gemm(const torch::Tensor& x, const torch::Tensor& w, const torc
   return y;
 }
 
+// y [M, N] float16 = (x [M, K] int8 · w [N, K]ᵀ int8 in int32) · s [N] float32, rounded to float16; with residual
+// (float16 [M, N]): residual + y, in place, and residual returned.
+torch::Tensor sq_gemm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s,
+                      const c10::optional<torch::Tensor>& residual) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.scalar_type() == torch::kInt8 && x.is_contiguous(),
+              "sq_gemm: x must be contiguous int8 [M, K] on the GPU");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  TORCH_CHECK(w.device() == x.device() && w.dim() == 2 && w.scalar_type() == torch::kInt8 && w.is_contiguous() &&
+                  w.size(1) == k,
+              "sq_gemm: w must be contiguous int8 [N, K] beside x");
+  TORCH_CHECK(s.device() == x.device() && s.scalar_type() == torch::kFloat && s.is_contiguous() && s.numel() == n,
+              "sq_gemm: s must be contiguous float32 [N]");
+  if (residual) {
+    TORCH_CHECK(residual->device() == x.device() && residual->scalar_type() == torch::kHalf &&
+                    residual->is_contiguous() && residual->size(0) == m && residual->size(1) == n,
+                "sq_gemm: residual must be contiguous float16 [M, N]");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = residual ? *residual : torch::empty({m, n}, x.options().dtype(torch::kHalf));
+  const SqGemmProblem p{static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), x.data_ptr(), w.data_ptr(),
+                        s.data_ptr(), y.data_ptr(), residual.has_value()};
+  const size_t bytes = sq_gemm_workspace(p);
+  auto workspace = torch::empty({static_cast<int64_t>(bytes)}, x.options().dtype(torch::kUInt8));
+  const int rc = sq_gemm_run(p, workspace.data_ptr(), bytes, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(rc == 0, "sq_gemm: CUTLASS ", rc == 1 ? "cannot take" : "failed on", " M ", m, " N ", n, " K ", k,
+              " (code ", rc, ")");
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wq_gemm", &wq_gemm, "weight-only GEMM through CUTLASS's Hopper mixed-input kernel");
+  m.def("sq_gemm", &sq_gemm, "SmoothQuant's int8 GEMM through CUTLASS's Hopper kernel");
 }
