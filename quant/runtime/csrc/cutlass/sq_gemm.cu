@@ -22,6 +22,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
+#include "gemm_run.cuh"
 #include "sq_gemm.h"
 
 using namespace cute;
@@ -83,12 +84,7 @@ struct SqGemm {
   static size_t workspace(const SqGemmProblem& p) { return Gemm::get_workspace_size(arguments(p)); }
 
   static int run(const SqGemmProblem& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-    Gemm gemm;
-    auto args = arguments(p);
-    if (Gemm::get_workspace_size(args) > workspace_bytes) return 2;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 3;
-    return gemm.run(stream) == cutlass::Status::kSuccess ? 0 : 4;
+    return run_gemm<Gemm>(arguments(p), workspace, workspace_bytes, stream);
   }
 };
 

@@ -14,7 +14,6 @@ struct SqGemmProblem {
   bool residual;
 };
 
-// Its workspace's bytes; its run on `stream`: 0 done, 1 CUTLASS cannot take the problem, 2 workspace too small,
-// 3 / 4 initialize / launch failed (wq_gemm.h's codes)
+// Its workspace's bytes; its run on `stream` (0 done; the other codes: gemm_run.cuh)
 size_t sq_gemm_workspace(const SqGemmProblem& p);
 int sq_gemm_run(const SqGemmProblem& p, void* workspace, size_t bytes, cudaStream_t stream);

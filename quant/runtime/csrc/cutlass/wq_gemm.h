@@ -15,8 +15,8 @@ struct WqGemmProblem {
   void* y;  // float16 [m, n]
 };
 
-// Tile T's (wq_gemm_tT.cu; cuda_ext.WQ_GEMM_TILES[T] says which): its workspace's bytes; its run on `stream`:
-// 0 done, 1 CUTLASS cannot take the problem, 2 workspace too small, 3 / 4 initialize / launch failed
+// Tile T's (wq_gemm_tT.cu; cuda_ext.WQ_GEMM_TILES[T] says which): its workspace's bytes; its run on `stream`
+// (0 done; the other codes: gemm_run.cuh)
 #define WQ_GEMM_DECLARE(T)                                                \
   size_t wq_gemm_workspace_t##T(const WqGemmProblem& p);                  \
   int wq_gemm_run_t##T(const WqGemmProblem& p, void* workspace, size_t bytes, cudaStream_t stream);
