@@ -153,10 +153,9 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # or the weight-only prefill through the tl.dot kernel (``int8_wo@wqprefill``, ``int4_awq@wqprefill``) or CUTLASS's
 # mixed-input GEMM (``@wqcutlass``; on cuda_ext.WQ_GEMM_TILES[T], at most M rows: ``@wqcutlassT[mM]``), or their
 # default prefill with each weight's float16 copy written on a second stream during the GEMM before (``@wqahead``;
-# two linears ahead: ``@wqahead2``),
-# or W8A16's 2–64-row tl.dot kernel on Triton's int8 conversion and 32-channel tiles (``int8_wo@wqplain``), or
-# converting by
-# byte permute on those tiles (``int8_wo@wqnarrow``), or both int8 formats on the wide tiles with K split
+# two linears ahead: ``@wqahead2``), or W8A16's 2–64-row tl.dot kernel on Triton's int8 conversion and 32-channel
+# tiles (``int8_wo@wqplain``), or converting by byte permute on those tiles (``int8_wo@wqnarrow``), or both int8
+# formats on the wide tiles with K split
 # (``smoothquant@wqwide``; the default takes them for W8A16 only), or decode
 # attention at every batch combining its splits in its last program (``@attnreduce``), doing RoPE + the cache write
 # itself (``@attnrope``), or both (``fp16@attnfused``; the default does both at batch 1 only), or neither at any
@@ -183,9 +182,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) 
 # by 8 tiles of x's rows), or SmoothQuant's prefill through cuBLASLt (``@sqintmm``) or on another tile
 # (``@sqpBMxBRxBKwWsS``, in the plain order; ``g8`` after it: grouped) or on the persistent TMA GEMM (``@sqtma``;
 # on another tile, grouped: ``@sqtmaBMxBRxBKwWsS``) or CUTLASS's int8 GEMM (``@sqcutlass``), or FP8's prefill with
-# cuBLASLt's fast
-# accumulation (``fp8@fastacc``), or prefill's RoPE and cache write in torch ops (``fp16@noprerope``; the default:
-# one kernel),
+# cuBLASLt's fast accumulation (``fp8@fastacc``), or prefill's RoPE and cache write in torch ops
+# (``fp16@noprerope``; the default: one kernel),
 # or KernelConfig's defaults where this card's CARD_KERNELS entry changes them (``int8_wo@nocard``). Every variant
 # changes the card's defaults (schemes.base.card_kernels), which the unadorned recipe runs.
 KERNEL_VARIANTS = {**{k: {"int4_kernel": k, "w4g_rows": None, "w4m_rows": None} for k in INT4_KERNELS},
