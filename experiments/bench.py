@@ -606,6 +606,16 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
     def wanted(label: str) -> bool:
         return not variants or label.startswith(variants)
 
+    def cutlass_rows(algo, name, M) -> bool:
+        """Whether the CUTLASS rows are asked for and the CUTLASS build is there (else why not is logged); a row
+        left out is not built."""
+        if not wanted("cutlass"):
+            return False
+        if isinstance(built := cuda_ext.load_cutlass(), str):
+            log(f"sweep {algo} {name} M={M} cutlass: {built}")
+            return False
+        return True
+
     def bench(label, fn, algo, name, N, K, M, nbytes):
         if not wanted(label):
             return
@@ -664,11 +674,7 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                         bench(f"tma-int8{cfg} g8", lambda: ck.i8_tma_mm(xa, h.weight, h.out_scale, dtype=torch.float16,
                                                                         config=cfg, group_m=8),
                               algo, name, N, K, M, nbytes)
-                    if not wanted("cutlass"):
-                        pass  # (not asked for: not built)
-                    elif isinstance(cutlass := cuda_ext.load_cutlass(), str):  # sq_prefill_gemm "cutlass"
-                        log(f"sweep {algo} {name} M={M} cutlass: {cutlass}")
-                    else:
+                    if cutlass_rows(algo, name, M):  # KernelConfig.sq_prefill_gemm "cutlass"
                         bench("cutlass-int8", lambda: cuda_ext.sq_gemm(xa, h.weight, h.out_scale),
                               algo, name, N, K, M, nbytes)
                 elif M > ck.WQ_MM_MAX_M and algo in ("W8A16", "W4A16_AWQ"):  # KernelConfig.wq_prefill's kernel
@@ -682,11 +688,7 @@ def sweep(device: torch.device, log, ms: list[int], shape: str = "llama2-7b",
                         bench(f"wqtma{cfg} g8", lambda: ck.wq_prefill_mm(x, wq, ws, wfmt=wf[algo], group=128,
                                                                         config=cfg, group_m=8, tma=True),
                               algo, name, N, K, M, nbytes)
-                    if not wanted("cutlass"):
-                        pass  # (not asked for: not built)
-                    elif isinstance(cutlass := cuda_ext.load_cutlass(), str):  # wq_prefill_cutlass's build, or why not
-                        log(f"sweep {algo} {name} M={M} cutlass: {cutlass}")
-                    else:  # each tile of cuda_ext.WQ_GEMM_TILES
+                    if cutlass_rows(algo, name, M):  # KernelConfig.wq_prefill_cutlass: each of its tiles
                         wc, sc, bits, g = (wq, ws, 8, K) if algo == "W8A16" else (
                             cuda_ext.pack_int4_cutlass(unpack_int4_rows(wq)), ws.t().contiguous(), 4, 128)
                         for i, tile in enumerate(cuda_ext.WQ_GEMM_TILES):
@@ -737,9 +739,7 @@ def _sweep_layer(bench, algo: str, shapes: dict, ms: list[int], gen, device: tor
         for depth in (1, 2):
             ahead = DequantAhead([*hs, hs[0]], device, torch.float16, depth)
             bench(f"layer ahead{depth}", layer, algo, "layer", flop_n_k, 1, M, nbytes)
-            ahead.settle()
-            for h in hs:
-                h.ahead = None
+            ahead.release()
             del ahead
         del xs
     del hs

@@ -232,8 +232,8 @@ class KernelConfig:
     # Weight-only formats ("W8A16", "W4A16_AWQ") whose prefill's float16 copy of a weight (the default path: one
     # dequantizing kernel, then cuBLAS) is written one linear ahead, on a second stream, while the GEMM before it runs
     # (DequantAhead): the copy is bound by memory (2.5–3 bytes moved a weight), a GEMM of 1024 rows or more by its
-    # tensor cores, so each can take what the other leaves. Costs two buffers of the largest weight in float16. The same
-    # bits as without. Empty until timed end to end (experiments.bench RECIPE@wqahead): the default's copies took
+    # tensor cores, so each can take what the other leaves. Costs wq_ahead_depth + 1 buffers of the largest weight in
+    # float16. The same bits as without. Empty until timed end to end (experiments.bench RECIPE@wqahead): the default's copies took
     # 216 µs of a 7B layer's 789 at 1024 rows on an H100, FP16's GEMMs 573 (stage 30).
     # wq_ahead_depth: how many linears ahead the copies run (1–3; depth + 1 buffers). 2 lets fc‖gate's copy, the
     # largest, start during qkv's GEMM and attention rather than during o's GEMM alone (7B at 1024 rows on an H100,
@@ -555,9 +555,9 @@ class _Handler:
         (prefill_dequant), or None where its prefill writes none."""
         return None
 
-    def prefill_dequant(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """That copy, q · s in float32 rounded once to the compute dtype, written into the front of ``buffer`` (flat,
-        the compute dtype) where given, else into a tensor of its own."""
+    def prefill_dequant(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """That copy, q · s in float32 rounded once to the compute dtype, written into ``out`` (contiguous, of
+        prefill_shape) where given, else into a tensor of its own."""
         raise NotImplementedError
 
     def _prefill_weight(self) -> torch.Tensor:
@@ -609,11 +609,6 @@ class _Handler:
         raise NotImplementedError
 
 
-def buffer_view(buffer: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
-    """The front of a flat buffer as a contiguous ``shape`` (prefill_dequant's ``out``); None for None."""
-    return None if buffer is None else buffer[:shape[0] * shape[1]].view(shape)
-
-
 class DequantAhead:
     """KernelConfig.wq_prefill_ahead on one runtime's weight-only linears (``chain``, in the order a forward calls
     them): each one's float16 copy for the prefill's GEMM is written on a second stream while the GEMMs before it run,
@@ -633,42 +628,51 @@ class DequantAhead:
         numel = max(a * b for a, b in (h.prefill_shape() for h in chain))
         self.buffers = [torch.empty(numel, dtype=dtype, device=device) for _ in range(depth + 1)]
         self.events = [torch.cuda.Event() for _ in self.buffers]
+        self.linears = tuple(dict.fromkeys(chain))
         self.after = dict(zip(chain, chain[1:]))
         self.slot = 0  # the ring's next buffer
-        self.queue: collections.deque[tuple[_Handler, int]] = collections.deque()  # in flight: (linear, buffer)
-        for h in chain:
+        # in flight, in chain order: (linear, its copy, the event recorded after it)
+        self.queue: collections.deque[tuple[_Handler, torch.Tensor, torch.cuda.Event]] = collections.deque()
+        for h in self.linears:
             h.ahead = self
+
+    def release(self) -> None:
+        """Settle, and hand the linears back to their own copies (prefill_dequant on the caller's stream)."""
+        self.settle()
+        for h in self.linears:
+            h.ahead = None
 
     @property
     def nbytes(self) -> int:
         return _nbytes(*self.buffers)
 
-    def _next_buffer(self) -> int:
+    def _next_buffer(self, lin: _Handler) -> torch.Tensor:
+        """The ring's next buffer, its front viewed as lin's copy."""
         b, self.slot = self.slot, (self.slot + 1) % len(self.buffers)
-        return b
+        rows, cols = lin.prefill_shape()
+        return self.buffers[b][:rows * cols].view(rows, cols)
 
     def take(self, lin: _Handler) -> torch.Tensor:
         main = torch.cuda.current_stream(self.device)
         if self.queue and self.queue[0][0] is lin:
-            _, b = self.queue.popleft()
-            main.wait_event(self.events[b])
-            w = buffer_view(self.buffers[b], lin.prefill_shape())
+            _, w, event = self.queue.popleft()
+            main.wait_event(event)
         else:
             self.settle()
-            w = lin.prefill_dequant(self.buffers[self._next_buffer()])
+            w = lin.prefill_dequant(self._next_buffer(lin))
         last = self.queue[-1][0] if self.queue else lin
         while len(self.queue) < self.depth and (last := self.after.get(last)) is not None:
-            b = self._next_buffer()
+            event = self.events[self.slot]
             self.stream.wait_stream(main)
             with torch.cuda.stream(self.stream):
-                last.prefill_dequant(self.buffers[b])
-                self.events[b].record(self.stream)
-            self.queue.append((last, b))
+                copy = last.prefill_dequant(self._next_buffer(last))
+                event.record(self.stream)
+            self.queue.append((last, copy, event))
         return w
 
     def settle(self) -> None:
         """The caller's stream waits for the copies in flight, if any (the last: the second stream runs them in
         order), which are then dropped (the end of a forward: see the class)."""
         if self.queue:
-            torch.cuda.current_stream(self.device).wait_event(self.events[self.queue[-1][1]])
+            torch.cuda.current_stream(self.device).wait_event(self.queue[-1][2])
             self.queue.clear()

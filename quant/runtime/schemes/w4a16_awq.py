@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from quant.errors import UserError
 from quant.runtime import cuda_ext
 from quant.runtime.schemes.base import (DEFAULT_KERNELS, INT4_KERNEL_GROUPS, INT4_KERNEL_ROW_MULTIPLE, KernelConfig,
-                                        _cuda_kernels, _Handler, buffer_view, unpack_int4_rows)
+                                        _cuda_kernels, _Handler, unpack_int4_rows)
 
 
 class W4A16AWQLinear(_Handler):
@@ -213,8 +213,8 @@ class W4A16AWQLinear(_Handler):
     def prefill_shape(self) -> tuple[int, int] | None:
         return (self.out, self.inp) if self.kprefill or (self.cuda and self.pow2_group) else None
 
-    def prefill_dequant(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        ck, out = _cuda_kernels(), buffer_view(buffer, (self.out, self.inp))
+    def prefill_dequant(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        ck = _cuda_kernels()
         if self.kprefill:  # from the k-packed copy (the stored layout may not be kept)
             w, kw = self.kpack
             return ck.dequant_int4_k(w, self.scales, self.group, kw, self.dtype, out=out)

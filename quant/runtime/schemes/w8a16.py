@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from quant.runtime import cuda_ext
-from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig, _cuda_kernels, _Handler, buffer_view
+from quant.runtime.schemes.base import DEFAULT_KERNELS, KernelConfig, _cuda_kernels, _Handler
 
 
 class W8A16Linear(_Handler):
@@ -60,9 +60,8 @@ class W8A16Linear(_Handler):
     def prefill_shape(self) -> tuple[int, int] | None:
         return tuple(self.weight.shape) if self.cuda else None
 
-    def prefill_dequant(self, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        return _cuda_kernels().dequant_int8(self.weight, self.scale, self.dtype,
-                                            out=buffer_view(buffer, tuple(self.weight.shape)))
+    def prefill_dequant(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        return _cuda_kernels().dequant_int8(self.weight, self.scale, self.dtype, out=out)
 
     def _held(self):
         return self.weight, self.scale

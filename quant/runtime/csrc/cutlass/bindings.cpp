@@ -7,6 +7,19 @@
 #include "sq_gemm.h"
 #include "wq_gemm.h"
 
+// Problem p of a CUTLASS GEMM (its workspace and run functions: wq_gemm.h, sq_gemm.h) on the current stream, with a
+// workspace of its own on `device`; a refusal or failure is one error naming the GEMM and `problem()` (called then
+// only: no string is built on the prefill's path).
+template <class P, class Describe>
+void run_cutlass(const char* gemm, size_t (*workspace_bytes)(const P&),
+                 int (*run)(const P&, void*, size_t, cudaStream_t), const P& p, const torch::Device& device,
+                 Describe problem) {
+  const size_t bytes = workspace_bytes(p);
+  auto workspace = torch::empty({static_cast<int64_t>(bytes)}, torch::dtype(torch::kUInt8).device(device));
+  const int rc = run(p, workspace.data_ptr(), bytes, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(rc == 0, gemm, ": CUTLASS ", rc == 1 ? "cannot take" : "failed on", " ", problem(), " (code ", rc, ")");
+}
+
 // y [M, N] float16 = x [M, K] float16 · (q · s)ᵀ: w int8 [N, K] (bits 8) or its int4 values two a byte along K, low
 // nibble first ([N, K / 2], bits 4); s float16 [K / group, N]; tile: which of wq_gemm.h's kWqGemmTiles.
 torch::Tensor wq_gemm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& s, int64_t bits,
@@ -28,11 +41,8 @@ torch::Tensor wq_gemm(const torch::Tensor& x, const torch::Tensor& w, const torc
   const WqGemmProblem p{static_cast<int>(bits), static_cast<int>(tile), static_cast<int>(m), static_cast<int>(n),
                         static_cast<int>(k), static_cast<int>(group), x.data_ptr(), w.data_ptr(), s.data_ptr(),
                         y.data_ptr()};
-  const size_t bytes = kWqGemmWorkspace[tile](p);
-  auto workspace = torch::empty({static_cast<int64_t>(bytes)}, x.options().dtype(torch::kUInt8));
-  const int rc = kWqGemmRun[tile](p, workspace.data_ptr(), bytes, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(rc == 0, "wq_gemm: CUTLASS ", rc == 1 ? "cannot take" : "failed on", " M ", m, " N ", n, " K ", k,
-              " group ", group, " tile ", tile, " (code ", rc, ")");
+  run_cutlass("wq_gemm", kWqGemmWorkspace[tile], kWqGemmRun[tile], p, x.device(),
+              [&] { return c10::str("M ", m, " N ", n, " K ", k, " group ", group, " tile ", tile); });
   return y;
 }
 
@@ -57,11 +67,8 @@ torch::Tensor sq_gemm(const torch::Tensor& x, const torch::Tensor& w, const torc
   auto y = residual ? *residual : torch::empty({m, n}, x.options().dtype(torch::kHalf));
   const SqGemmProblem p{static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), x.data_ptr(), w.data_ptr(),
                         s.data_ptr(), y.data_ptr(), residual.has_value()};
-  const size_t bytes = sq_gemm_workspace(p);
-  auto workspace = torch::empty({static_cast<int64_t>(bytes)}, x.options().dtype(torch::kUInt8));
-  const int rc = sq_gemm_run(p, workspace.data_ptr(), bytes, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(rc == 0, "sq_gemm: CUTLASS ", rc == 1 ? "cannot take" : "failed on", " M ", m, " N ", n, " K ", k,
-              " (code ", rc, ")");
+  run_cutlass("sq_gemm", sq_gemm_workspace, sq_gemm_run, p, x.device(),
+              [&] { return c10::str("M ", m, " N ", n, " K ", k); });
   return y;
 }
 
